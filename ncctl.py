@@ -1,0 +1,3281 @@
+#!/usr/bin/env python3
+"""nc — the LiteKube network controller as one program.
+
+A private layer-3 overlay network (a VPN) between edge nodes and a cloud server:
+TUN devices joined by mutual-TLS tunnels, stable overlay IPs kept in sqlite, a
+gRPC control plane with bootstrap tokens, and an admin CLI.
+
+    nc server [--config server.yml]     the cloud side
+    nc client --join J --work-dir D     an edge node
+    nc adm ...                          administration
+    nc version
+
+The file reads top-down; each section only uses the sections above it:
+
+     1. constants and errors         8. network server
+     2. config                       9. network client
+     3. store (sqlite)              10. gRPC services
+     4. address pool                11. server assembly
+     5. pki                         12. join and admin commands
+     6. tun and routes              13. logging and main
+     7. wire protocol
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import logging.handlers
+import os
+import queue
+import random
+import re
+import secrets
+import select
+import signal
+import socket
+import sqlite3
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("nc")
+
+# ============================================================================
+# 1. Constants and errors
+#    Ports, states, status codes, and the NcError family whose message is
+#    exactly what the user reads on stderr.
+# ============================================================================
+
+VERSION = "0.3.0"
+
+DEFAULT_BOOTSTRAP_PORT = 6439
+DEFAULT_GRPC_PORT = 6440
+DEFAULT_NETWORK_PORT = 6441
+DEFAULT_NETWORK_ADDR = "10.1.1.1/24"
+DEFAULT_MTU = 1400
+DEFAULT_TOKEN_LIFE_MIN = 10
+DEFAULT_SERVER_WORK_DIR = "/var/lib/nc"
+DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
+
+# The server's own identity: bound to its overlay IP, held by the admin cert.
+# Nine characters on purpose, so no generated 16-character node-token collides.
+RESERVED_NODE_TOKEN = "reserverd"
+NODE_TOKEN_LEN = 16
+TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+# network_mgr.state values, as the original defines them.
+STATE_IDLE = -1
+STATE_INIT = 1
+STATE_CONNECTED = 3
+STATE_NAMES = {STATE_IDLE: "idle", STATE_INIT: "init", STATE_CONNECTED: "connected"}
+
+# gRPC response codes are strings in the original contract.
+CODE_OK = "200"
+CODE_BAD_REQUEST = "400"
+CODE_SERVER_ERROR = "500"
+
+# Every server certificate carries this DNS name, so clients verify the server
+# by name and keep working when its underlay address changes.
+SERVER_TLS_NAME = "nc-server"
+NEVER_EXPIRES = "9999-12-31 23:59:59"
+TOKEN_SWEEP_INTERVAL_S = 600.0
+CACHE_SYNC_INTERVAL_S = 30.0
+RPC_TIMEOUT_S = 10.0
+
+
+class NcError(Exception):
+    """An error the user can act on; str(error) is the one line printed on stderr."""
+
+    exit_code = 1
+
+
+class ConfigError(NcError):
+    exit_code = 2
+
+
+class UsageError(NcError):
+    exit_code = 2
+
+
+class StoreError(NcError):
+    pass
+
+
+class PkiError(NcError):
+    pass
+
+
+class TokenRefused(NcError):
+    """A bootstrap or node token the server will not accept."""
+
+
+class RemoteError(NcError):
+    """The server could not be reached or answered with an error."""
+
+
+class TunError(NcError):
+    pass
+
+
+class ProtocolError(NcError):
+    """Bytes on the wire that do not follow the nc frame protocol."""
+
+
+# ============================================================================
+# 2. Config
+#    Dataclasses whose defaults are the embedded defaults, loaded from the
+#    original YAML layout (camelCase keys) and validated field by field.
+# ============================================================================
+
+
+def camel(name: str) -> str:
+    """grpc_port -> grpcPort: the YAML key of a config attribute."""
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    ip: str = ""  # advertised underlay address; empty: detected at start
+    port: int = DEFAULT_NETWORK_PORT
+    grpc_port: int = DEFAULT_GRPC_PORT
+    bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
+    network_addr: str = DEFAULT_NETWORK_ADDR
+    network_cert_dir: str = ""  # empty: <tlsDir>/network
+    grpc_cert_dir: str = ""  # empty: <tlsDir>/grpc
+    work_dir: str = DEFAULT_SERVER_WORK_DIR
+    db_path: str = ""  # empty: <workDir>/nc.db
+    log_dir: str = ""  # empty: <workDir>/logs
+    tls_dir: str = ""  # empty: <workDir>/tls
+    debug: bool = False
+    mtu: int = DEFAULT_MTU
+    interconnection: bool = True
+    gateway: bool = False  # forward and NAT node traffic out of the uplink
+    keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
+
+    def resolve(self) -> ServerConfig:
+        """Fill derived paths from workDir/tlsDir."""
+        work = Path(self.work_dir)
+        self.tls_dir = self.tls_dir or str(work / "tls")
+        self.grpc_cert_dir = self.grpc_cert_dir or str(Path(self.tls_dir) / "grpc")
+        self.network_cert_dir = self.network_cert_dir or str(Path(self.tls_dir) / "network")
+        self.db_path = self.db_path or str(work / "nc.db")
+        self.log_dir = self.log_dir or str(work / "logs")
+        return self
+
+    @property
+    def admin_dir(self) -> Path:
+        return Path(self.tls_dir) / "admin"
+
+    @property
+    def overlay(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Interface(self.network_addr).network
+
+    @property
+    def server_overlay_ip(self) -> ipaddress.IPv4Address:
+        return self.overlay.network_address + 1
+
+
+@dataclasses.dataclass
+class ClientConfig:
+    server_addr: str = ""  # the server's underlay address
+    port: int = DEFAULT_NETWORK_PORT
+    token: str = ""  # this node's node-token
+    network_cert_dir: str = ""  # empty: <workDir>/tls/network
+    work_dir: str = DEFAULT_CLIENT_WORK_DIR
+    log_dir: str = ""  # empty: <workDir>/logs
+    debug: bool = False
+    mtu: int = DEFAULT_MTU
+    redirect_gateway: bool = False  # send all traffic through the tunnel
+
+    def resolve(self) -> ClientConfig:
+        work = Path(self.work_dir)
+        self.network_cert_dir = self.network_cert_dir or str(work / "tls" / "network")
+        self.log_dir = self.log_dir or str(work / "logs")
+        return self
+
+    @property
+    def grpc_cert_dir(self) -> Path:
+        return Path(self.work_dir) / "tls" / "grpc"
+
+
+PORT_FIELDS = {"port", "grpc_port", "bootstrap_port"}
+PATH_FIELDS = {"network_cert_dir", "grpc_cert_dir", "work_dir", "db_path", "log_dir", "tls_dir"}
+
+
+def load_config(path: str | None, mode: str) -> Any:
+    """Read a server.yml / client.yml; None gives the embedded defaults."""
+    cls = ServerConfig if mode == "server" else ClientConfig
+    if path is None:
+        return cls().resolve()
+    import yaml
+
+    where = Path(path)
+    try:
+        doc = yaml.safe_load(where.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass an existing --config or omit it") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    return config_from_doc(doc, path, mode, where.parent)
+
+
+def config_from_doc(doc: Any, path: str, mode: str, base: Path) -> Any:
+    cls = ServerConfig if mode == "server" else ClientConfig
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'mode: {mode}' and a '{mode}:' map")
+    for key in doc:
+        if key not in ("mode", mode):
+            raise ConfigError(f"{path}: unknown top-level field '{key}'; expected only 'mode' and '{mode}'")
+    if doc.get("mode", mode) != mode:
+        raise ConfigError(f"{path}: mode is '{doc.get('mode')}', expected '{mode}'; use a {mode}.yml here")
+    section = doc.get(mode) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: '{mode}' must be a map of fields")
+    fields = {camel(f.name): f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        field = fields.get(key)
+        if field is None:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{path}: {mode}.{key}: unknown field; known fields are {known}")
+        if value is None:
+            continue  # an empty value means "use the default"
+        values[field.name] = check_field(path, mode, key, field, value, base)
+    config = cls(**values)
+    check_config(config, path, mode)
+    return config.resolve()
+
+
+def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value: Any, base: Path) -> Any:
+    where = f"{path}: {mode}.{key}"
+    default = field.default
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}; the default is {default}")
+        if field.name in PORT_FIELDS and not 1 <= value <= 65535:
+            raise ConfigError(f"{where}: port {value} is out of range; use 1-65535 (default {default})")
+        return value
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    text = str(value)
+    if field.name in PATH_FIELDS and text and not os.path.isabs(text):
+        text = str((base / text).resolve())  # relative paths are relative to the config file
+    return text
+
+
+def check_config(config: Any, path: str, mode: str) -> None:
+    """Cross-field and format checks; the message names the field and the fix."""
+    where = f"{path}: {mode}"
+    if not 576 <= config.mtu <= 65535:
+        raise ConfigError(f"{where}.mtu: {config.mtu} is out of range; use 576-65535 (default {DEFAULT_MTU})")
+    if isinstance(config, ServerConfig):
+        try:
+            iface = ipaddress.IPv4Interface(config.network_addr)
+        except ValueError:
+            raise ConfigError(
+                f"{where}.networkAddr: {config.network_addr!r} is not an IPv4 CIDR; write it like {DEFAULT_NETWORK_ADDR}"
+            ) from None
+        if not 8 <= iface.network.prefixlen <= 30:
+            raise ConfigError(f"{where}.networkAddr: prefix /{iface.network.prefixlen} is unsupported; use /8 to /30")
+        if config.ip:
+            check_ip(config.ip, f"{where}.ip")
+        ports = [config.port, config.grpc_port, config.bootstrap_port]
+        if len(set(ports)) != 3:
+            raise ConfigError(f"{where}: port, grpcPort and bootstrapPort must differ, got {ports}")
+        if not 1 <= config.keepalive <= 3600:
+            raise ConfigError(f"{where}.keepalive: use 1-3600 seconds (default 10)")
+    else:
+        if config.token and not valid_node_token(config.token):
+            raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
+
+
+def check_ip(text: str, where: str) -> None:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not an IP address") from None
+
+
+def valid_node_token(token: str) -> bool:
+    return token == RESERVED_NODE_TOKEN or (len(token) == NODE_TOKEN_LEN and all(c in TOKEN_ALPHABET for c in token))
+
+
+def client_yaml(config: ClientConfig) -> str:
+    """The client.yml a join writes: the original layout, every field present."""
+    import yaml
+
+    body = {camel(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
+    return yaml.safe_dump({"mode": "client", "client": body}, sort_keys=False)
+
+
+# ============================================================================
+# 3. Store
+#    sqlite: the design document's tables and triggers verbatim, then
+#    versioned migrations. Every SQL statement of nc lives in this section.
+# ============================================================================
+
+DESIGN_SCHEMA = """
+create table if not exists "network_mgr" (
+		"id" integer primary key autoincrement,
+		"token" text not null unique,
+		"state" integer not null,
+		"bind_ip" text not null default "",
+		"create_time" timestamp default (datetime(CURRENT_TIMESTAMP, 'localtime')),
+    "update_time"    timestamp default (datetime(CURRENT_TIMESTAMP, 'localtime'))
+);
+
+create table if not exists "token_mgr" (
+		"id" integer primary key autoincrement,
+		"token" text not null unique,
+		"expire_time" timestamp default (datetime(CURRENT_TIMESTAMP, 'localtime')),
+		"create_time" timestamp default (datetime(CURRENT_TIMESTAMP, 'localtime')),
+    "update_time"    timestamp default (datetime(CURRENT_TIMESTAMP, 'localtime'))
+);
+
+CREATE TRIGGER if not exists update_time_trigger UPDATE OF id,token,state,bind_ip,create_time ON network_mgr
+BEGIN
+	UPDATE network_mgr SET update_time=datetime(CURRENT_TIMESTAMP, 'localtime') WHERE id=OLD.id;
+END;
+
+CREATE TRIGGER if not exists update_time_trigger2 UPDATE OF id,token,create_time,expire_time ON token_mgr
+BEGIN
+  UPDATE token_mgr SET update_time=datetime(CURRENT_TIMESTAMP, 'localtime') WHERE id=OLD.id;
+END;
+"""
+
+# Migration N brings PRAGMA user_version from N-1 to N. Append only.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: single-use bootstrap tokens; one address per node; LRU lookups by update_time
+        "ALTER TABLE token_mgr ADD COLUMN single_use integer not null default 0",
+        "ALTER TABLE token_mgr ADD COLUMN uses integer not null default 0",
+        "CREATE UNIQUE INDEX IF NOT EXISTS network_mgr_bind_ip ON network_mgr(bind_ip) WHERE bind_ip != ''",
+        "CREATE INDEX IF NOT EXISTS network_mgr_idle ON network_mgr(state, update_time, id)",
+    ],
+]
+
+NOW_SQL = "datetime(CURRENT_TIMESTAMP, 'localtime')"
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeRow:
+    token: str
+    state: int
+    bind_ip: str
+    create_time: str
+    update_time: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BootstrapTokenRow:
+    token: str
+    expire_time: str
+    create_time: str
+    single_use: bool
+    uses: int
+
+
+class Store:
+    """One sqlite connection shared by the server's threads, serialized by a lock.
+
+    WAL lets `sqlite3` readers in and survives a killed process; synchronous=FULL
+    makes a committed join survive power loss too.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"{path}: cannot open the database: {e}; restore it from a backup or move it away"
+            ) from None
+        self._lock = threading.RLock()
+        self.migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back whole on any error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- schema ---------------------------------------------------------------
+
+    def migrate(self) -> None:
+        try:
+            with self.transaction() as db:
+                for statement in split_sql(DESIGN_SCHEMA):
+                    db.execute(statement)
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                if version > len(MIGRATIONS):
+                    raise StoreError(
+                        f"{self.path}: schema version {version} is newer than this nc knows ({len(MIGRATIONS)}); "
+                        "run a newer nc"
+                    )
+                for number in range(version + 1, len(MIGRATIONS) + 1):
+                    for statement in MIGRATIONS[number - 1]:
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {number}")
+                    log.info("database %s migrated to schema version %d", self.path, number)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.path}: not a usable nc database ({e}); move it away to start fresh") from None
+
+    def schema_version(self) -> int:
+        return self._query("PRAGMA user_version")[0][0]
+
+    # -- bootstrap tokens -------------------------------------------------------
+
+    def add_bootstrap_token(self, token: str, life_minutes: int, single_use: bool) -> str:
+        """Store a new token; returns its expire_time."""
+        with self.transaction() as db:
+            if life_minutes < 0:
+                expire = NEVER_EXPIRES
+            else:
+                expire = db.execute(
+                    f"SELECT datetime(CURRENT_TIMESTAMP, 'localtime', '+{int(life_minutes)} minutes')"
+                ).fetchone()[0]
+            db.execute(
+                "INSERT INTO token_mgr (token, expire_time, single_use) VALUES (?, ?, ?)",
+                (token, expire, int(single_use)),
+            )
+        return expire
+
+    def bootstrap_tokens_with_id(self, token_id: str) -> list[BootstrapTokenRow]:
+        """Rows whose token starts with '<id>.' (lookup by the public part only)."""
+        rows = self._query(
+            "SELECT token, expire_time, create_time, single_use, uses FROM token_mgr WHERE substr(token, 1, ?) = ?",
+            (len(token_id) + 1, token_id + "."),
+        )
+        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+
+    def list_bootstrap_tokens(self) -> list[BootstrapTokenRow]:
+        rows = self._query("SELECT token, expire_time, create_time, single_use, uses FROM token_mgr ORDER BY id")
+        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+
+    def delete_bootstrap_token(self, token: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM token_mgr WHERE token = ?", (token,)).rowcount > 0
+
+    def delete_expired_bootstrap_tokens(self) -> int:
+        with self.transaction() as db:
+            return db.execute(f"DELETE FROM token_mgr WHERE expire_time <= {NOW_SQL}").rowcount
+
+    def is_expired(self, expire_time: str) -> bool:
+        return bool(self._query(f"SELECT ? <= {NOW_SQL}", (expire_time,))[0][0])
+
+    def admit_node(self, bootstrap_token: str, node_token: str) -> None:
+        """Atomically re-check the bootstrap token, count its use, and add the node.
+
+        Raises TokenRefused when the token stopped being valid since it was checked.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                f"SELECT single_use, uses, expire_time <= {NOW_SQL} FROM token_mgr WHERE token = ?",
+                (bootstrap_token,),
+            ).fetchone()
+            if row is None:
+                raise TokenRefused("bootstrap token is unknown or was deleted")
+            single_use, uses, expired = row
+            if expired:
+                raise TokenRefused("bootstrap token has expired; ask the administrator for a new one")
+            if single_use and uses > 0:
+                raise TokenRefused("bootstrap token was single-use and has already been used")
+            db.execute("UPDATE token_mgr SET uses = uses + 1 WHERE token = ?", (bootstrap_token,))
+            db.execute(
+                "INSERT INTO network_mgr (token, state, bind_ip) VALUES (?, ?, '')",
+                (node_token, STATE_IDLE),
+            )
+
+    # -- nodes ------------------------------------------------------------------
+
+    def node(self, token: str) -> NodeRow | None:
+        rows = self._query(
+            "SELECT token, state, bind_ip, create_time, update_time FROM network_mgr WHERE token = ?", (token,)
+        )
+        return NodeRow(*rows[0]) if rows else None
+
+    def nodes(self) -> list[NodeRow]:
+        rows = self._query("SELECT token, state, bind_ip, create_time, update_time FROM network_mgr ORDER BY id")
+        return [NodeRow(*r) for r in rows]
+
+    def bindings_oldest_first(self) -> list[NodeRow]:
+        """Every node with an address, least recently updated first (LRU order)."""
+        rows = self._query(
+            "SELECT token, state, bind_ip, create_time, update_time FROM network_mgr "
+            "WHERE bind_ip != '' ORDER BY update_time, id"
+        )
+        return [NodeRow(*r) for r in rows]
+
+    def node_token_exists(self, token: str) -> bool:
+        return bool(self._query("SELECT 1 FROM network_mgr WHERE token = ?", (token,)))
+
+    def ensure_reserved_node(self, server_ip: str) -> bool:
+        """Insert or re-bind the reserved node-token; True when the row changed."""
+        with self.transaction() as db:
+            row = db.execute("SELECT bind_ip FROM network_mgr WHERE token = ?", (RESERVED_NODE_TOKEN,)).fetchone()
+            if row is not None and row[0] == server_ip:
+                return False
+            # Whoever held the server's address under an older networkAddr gives it up.
+            db.execute(
+                "UPDATE network_mgr SET bind_ip = '' WHERE bind_ip = ? AND token != ?", (server_ip, RESERVED_NODE_TOKEN)
+            )
+            if row is None:
+                db.execute(
+                    "INSERT INTO network_mgr (token, state, bind_ip) VALUES (?, ?, ?)",
+                    (RESERVED_NODE_TOKEN, STATE_CONNECTED, server_ip),
+                )
+            else:
+                db.execute("UPDATE network_mgr SET bind_ip = ? WHERE token = ?", (server_ip, RESERVED_NODE_TOKEN))
+            return True
+
+    def reset_states(self, reserved_state: int) -> int:
+        """At start (and stop) nothing is connected until the data plane says so."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE network_mgr SET state = ? WHERE token = ? AND state != ?",
+                (reserved_state, RESERVED_NODE_TOKEN, reserved_state),
+            )
+            return db.execute(
+                "UPDATE network_mgr SET state = ? WHERE token != ? AND state != ?",
+                (STATE_IDLE, RESERVED_NODE_TOKEN, STATE_IDLE),
+            ).rowcount
+
+    def set_state(self, token: str, state: int) -> bool:
+        with self.transaction() as db:
+            return db.execute("UPDATE network_mgr SET state = ? WHERE token = ?", (state, token)).rowcount > 0
+
+    def bind(self, token: str, ip: str, evict: str | None) -> None:
+        """Bind ip to token in one transaction, first deleting the evicted node's row."""
+        with self.transaction() as db:
+            if evict is not None:
+                db.execute("DELETE FROM network_mgr WHERE token = ?", (evict,))
+            if db.execute("UPDATE network_mgr SET bind_ip = ? WHERE token = ?", (ip, token)).rowcount != 1:
+                raise TokenRefused("node-token is not registered")
+
+    def delete_node(self, token: str) -> bool:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM network_mgr WHERE token = ?", (token,)).rowcount > 0
+
+
+def split_sql(script: str) -> list[str]:
+    """Split a script into statements, keeping trigger bodies (BEGIN ... END;) whole."""
+    statements, current = [], []
+    for line in script.splitlines():
+        current.append(line)
+        text = "\n".join(current).strip()
+        if text.endswith(";") and sqlite3.complete_statement(text):
+            statements.append(text)
+            current = []
+    if "\n".join(current).strip():
+        statements.append("\n".join(current).strip())
+    return statements
+
+
+# ============================================================================
+# 4. Address pool
+#    The in-memory cache over network_mgr bindings: O(1) allocation, LRU
+#    reclaim of the longest-idle node, and the thread that keeps it in sync.
+# ============================================================================
+
+
+class PoolExhausted(NcError):
+    pass
+
+
+class AddressPool:
+    """Which overlay addresses are bound to which node-tokens, and in what LRU order.
+
+    Pure bookkeeping, no I/O. Free addresses are found by a cursor over the
+    never-used range plus a list of released ones, so a /8 costs no memory up
+    front and no allocation scans the table.
+    """
+
+    def __init__(self, network: ipaddress.IPv4Network) -> None:
+        self.network = network
+        self.server_ip = int(network.network_address) + 1
+        self._first = self.server_ip + 1
+        self._last = int(network.broadcast_address) - 1
+        self._cursor = self._first
+        self._released: list[int] = []
+        self._token_of: dict[int, str] = {}
+        self._ip_of: dict[str, int] = {}
+        self._idle: collections.OrderedDict[str, None] = collections.OrderedDict()  # oldest first
+
+    @property
+    def capacity(self) -> int:
+        return self._last - self._first + 1
+
+    def __len__(self) -> int:
+        return len(self._ip_of)
+
+    def ip_of(self, token: str) -> ipaddress.IPv4Address | None:
+        value = self._ip_of.get(token)
+        return None if value is None else ipaddress.IPv4Address(value)
+
+    def token_of(self, ip: ipaddress.IPv4Address) -> str | None:
+        return self._token_of.get(int(ip))
+
+    def in_range(self, ip: ipaddress.IPv4Address) -> bool:
+        return self._first <= int(ip) <= self._last
+
+    def load(self, token: str, ip: ipaddress.IPv4Address, idle: bool) -> bool:
+        """Record an existing binding (from the store); False if it cannot be kept."""
+        value = int(ip)
+        if not self.in_range(ip) or value in self._token_of or token in self._ip_of:
+            return False
+        self._token_of[value] = token
+        self._ip_of[token] = value
+        if idle:
+            self._idle[token] = None
+        return True
+
+    def choose(self) -> tuple[ipaddress.IPv4Address, str | None]:
+        """The address for a new binding, and the node-token that must lose it (LRU) if any.
+
+        Does not change the pool: the caller persists first, then calls assign().
+        """
+        while self._released:
+            value = self._released[-1]
+            if value not in self._token_of and self._first <= value <= self._last:
+                return ipaddress.IPv4Address(value), None
+            self._released.pop()
+        while self._cursor <= self._last:
+            if self._cursor not in self._token_of:
+                return ipaddress.IPv4Address(self._cursor), None
+            self._cursor += 1
+        if not self._idle:
+            raise PoolExhausted(f"overlay {self.network} is full and every node is connected")
+        victim = next(iter(self._idle))
+        return ipaddress.IPv4Address(self._ip_of[victim]), victim
+
+    def assign(self, token: str, ip: ipaddress.IPv4Address, evicted: str | None) -> None:
+        if evicted is not None:
+            self.release(evicted)
+        value = int(ip)
+        if self._released and self._released[-1] == value:
+            self._released.pop()
+        if value == self._cursor:
+            self._cursor += 1
+        self._token_of[value] = token
+        self._ip_of[token] = value
+        self._idle[token] = None  # bound but not yet connected
+
+    def release(self, token: str) -> None:
+        value = self._ip_of.pop(token, None)
+        self._idle.pop(token, None)
+        if value is not None:
+            del self._token_of[value]
+            self._released.append(value)
+
+    def mark_connected(self, token: str) -> None:
+        self._idle.pop(token, None)
+
+    def mark_idle(self, token: str) -> None:
+        """The node just went idle: it becomes the most recently used idle binding."""
+        if token in self._ip_of:
+            self._idle.pop(token, None)
+            self._idle[token] = None
+
+    def tokens(self) -> set[str]:
+        return set(self._ip_of)
+
+
+class Bindings:
+    """Node-token -> overlay IP, kept in the store and mirrored in an AddressPool.
+
+    The lock makes choose/persist/assign one step, so concurrent connects never
+    share an address. Everything above this class asks here, never the pool.
+    """
+
+    def __init__(self, store: Store, network: ipaddress.IPv4Network) -> None:
+        self.store = store
+        self.network = network
+        self._lock = threading.Lock()
+        self.pool = AddressPool(network)
+        self.reload()
+
+    def reload(self) -> None:
+        """Rebuild the pool from the store (start, and the periodic sync)."""
+        pool = AddressPool(self.network)
+        dropped = []
+        for row in self.store.bindings_oldest_first():
+            if row.token == RESERVED_NODE_TOKEN:
+                continue
+            try:
+                ip = ipaddress.IPv4Address(row.bind_ip)
+            except ValueError:
+                dropped.append(row)
+                continue
+            if not pool.load(row.token, ip, idle=row.state != STATE_CONNECTED):
+                dropped.append(row)
+        with self._lock:
+            connected = {t for t in self.pool.tokens() if t not in self.pool._idle}
+            for token in connected:
+                pool.mark_connected(token)
+            self.pool = pool
+        for row in dropped:
+            log.warning(
+                "node %s: stored address %r is outside %s; it gets a new one", row.token, row.bind_ip, self.network
+            )
+            self.store.bind(row.token, "", None)
+
+    def ip_for(self, token: str) -> ipaddress.IPv4Address:
+        """The node's address: its existing binding, a free one, or the longest-idle node's."""
+        with self._lock:
+            ip = self.pool.ip_of(token)
+            if ip is not None:
+                return ip
+            ip, victim = self.pool.choose()
+            self.store.bind(token, str(ip), victim)
+            self.pool.assign(token, ip, victim)
+        if victim is not None:
+            log.warning(
+                "overlay %s is full: node %s lost %s (idle longest) to node %s", self.network, victim, ip, token
+            )
+        log.info("node %s bound to %s", token, ip)
+        return ip
+
+    def forget(self, token: str) -> bool:
+        """Unregister: delete the row and free the address."""
+        with self._lock:
+            self.pool.release(token)
+            return self.store.delete_node(token)
+
+    def connected(self, token: str) -> None:
+        with self._lock:
+            self.pool.mark_connected(token)
+
+    def idle(self, token: str) -> None:
+        with self._lock:
+            self.pool.mark_idle(token)
+
+
+class CacheSync(threading.Thread):
+    """Re-reads the store into the pool periodically, so edits made with the
+    sqlite3 shell (or a crashed transaction) cannot leave the cache stale."""
+
+    def __init__(self, bindings: Bindings, stop: threading.Event, interval: float = CACHE_SYNC_INTERVAL_S) -> None:
+        super().__init__(name="cache-sync", daemon=True)
+        self.bindings, self.stop, self.interval = bindings, stop, interval
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.bindings.reload()
+            except Exception:
+                log.exception("cache sync failed; retrying in %.0f s", self.interval)
+
+
+class TokenSweeper(threading.Thread):
+    """Deletes expired bootstrap tokens every ten minutes (GetToken also checks expiry)."""
+
+    def __init__(self, store: Store, stop: threading.Event, interval: float = TOKEN_SWEEP_INTERVAL_S) -> None:
+        super().__init__(name="token-sweeper", daemon=True)
+        self.store, self.stop, self.interval = store, stop, interval
+
+    def run(self) -> None:
+        while True:
+            try:
+                swept = self.store.delete_expired_bootstrap_tokens()
+                if swept:
+                    log.info("deleted %d expired bootstrap token(s)", swept)
+            except Exception:
+                log.exception("expired-token sweep failed")
+            if self.stop.wait(self.interval):
+                return
+
+
+# ============================================================================
+# 5. PKI
+#    Two CAs (gRPC and network), server certificates, the admin identity and
+#    per-node client certificates; EC P-256, files written 0600 atomically.
+# ============================================================================
+
+CA_LIFE = datetime.timedelta(days=365 * 20)
+LEAF_LIFE = datetime.timedelta(days=365 * 10)
+
+
+def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write a file atomically (temp file, fsync, rename) with the given mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class CertPair:
+    cert_pem: bytes
+    key_pem: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeCredentials:
+    grpc_ca: bytes
+    grpc: CertPair
+    network_ca: bytes
+    network: CertPair
+
+
+def new_key() -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def cert_pem(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def spki_pin(cert: Any) -> str:
+    """sha256:<hex> of the certificate's SubjectPublicKeyInfo (kubeadm's CA hash idea)."""
+    from cryptography.hazmat.primitives import serialization
+
+    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def build_cert(
+    subject_cn: str,
+    key: Any,
+    issuer: Any | None,
+    issuer_key: Any,
+    *,
+    ca: bool = False,
+    server: bool = False,
+    client: bool = False,
+    ips: tuple[str, ...] = (),
+) -> Any:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "litekube-nc"),
+            x509.NameAttribute(NameOID.COMMON_NAME, subject_cn),
+        ]
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer is not None else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + (CA_LIFE if ca else LEAF_LIFE))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+    else:
+        builder = builder.add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        )
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+        )
+    if server:
+        sans: list[Any] = [x509.DNSName(SERVER_TLS_NAME), x509.DNSName("localhost")]
+        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ips)]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def load_cert_file(path: Path) -> Any:
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError:
+        raise PkiError(
+            f"{path}: not a PEM certificate (corrupt?); restore it or remove the whole directory to start over"
+        ) from None
+    except OSError as e:
+        raise PkiError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def load_key_file(path: Path) -> Any:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise PkiError(f"{path}: not an unencrypted PEM private key (corrupt?); restore it") from None
+    except OSError as e:
+        raise PkiError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def same_public_key(cert: Any, key: Any) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt)
+
+
+class CertAuthority:
+    """One CA directory: ca.crt/ca.key plus the server's server.crt/server.key."""
+
+    def __init__(self, directory: Path, label: str) -> None:
+        self.dir = directory
+        self.label = label
+        self.cert: Any = None
+        self.key: Any = None
+
+    @property
+    def ca_path(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def server_cert_path(self) -> Path:
+        return self.dir / "server.crt"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.dir / "server.key"
+
+    def load_or_create(self) -> None:
+        cert_path, key_path = self.ca_path, self.dir / "ca.key"
+        if cert_path.exists() or key_path.exists():
+            if not (cert_path.exists() and key_path.exists()):
+                missing = key_path if cert_path.exists() else cert_path
+                raise PkiError(
+                    f"{missing}: missing while its pair exists; restore it (a new CA would lock out every node)"
+                )
+            self.cert, self.key = load_cert_file(cert_path), load_key_file(key_path)
+            if not same_public_key(self.cert, self.key):
+                raise PkiError(f"{key_path} does not match {cert_path}; restore the matching pair")
+            return
+        self.key = new_key()
+        self.cert = build_cert(f"litekube-nc {self.label} CA", self.key, None, self.key, ca=True)
+        write_private(key_path, key_pem(self.key))
+        write_private(cert_path, cert_pem(self.cert), 0o644)
+        log.info("created %s CA in %s", self.label, self.dir)
+
+    def issue(self, cn: str, *, server: bool = False, client: bool = False, ips: tuple[str, ...] = ()) -> CertPair:
+        key = new_key()
+        cert = build_cert(cn, key, self.cert, self.key, server=server, client=client, ips=ips)
+        return CertPair(cert_pem(cert), key_pem(key))
+
+    def ensure_server_cert(self, ips: tuple[str, ...]) -> None:
+        """Reuse server.crt when it matches this CA and covers ips, else issue one."""
+        from cryptography import x509
+
+        cert_path, key_path = self.server_cert_path, self.server_key_path
+        if cert_path.exists() and key_path.exists():
+            cert, key = load_cert_file(cert_path), load_key_file(key_path)
+            if not same_public_key(cert, key):
+                raise PkiError(f"{key_path} does not match {cert_path}; restore the pair or remove both")
+            if cert.issuer != self.cert.subject:
+                raise PkiError(f"{cert_path} was not issued by {self.ca_path}; remove server.crt/server.key to reissue")
+            try:
+                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                covered = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+            except x509.ExtensionNotFound:
+                covered = set()
+            if set(ips) <= covered:
+                return
+            for old in (cert_path, key_path):
+                os.replace(old, old.with_name(old.name + ".old"))
+            log.warning(
+                "%s did not cover %s; issued a new one (old kept as *.old)",
+                cert_path,
+                ", ".join(sorted(set(ips) - covered)),
+            )
+        elif cert_path.exists() or key_path.exists():
+            raise PkiError(f"{cert_path} and {key_path} must both exist; restore the missing one or remove both")
+        pair = self.issue(SERVER_TLS_NAME, server=True, ips=ips)
+        write_private(key_path, pair.key_pem)
+        write_private(cert_path, pair.cert_pem, 0o644)
+
+    def server_chain_pem(self) -> bytes:
+        """Server certificate followed by the CA, so a joining node can check the pin."""
+        return self.server_cert_path.read_bytes() + self.ca_path.read_bytes()
+
+
+class Pki:
+    """The server's certificate material."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.grpc = CertAuthority(Path(config.grpc_cert_dir), "gRPC")
+        self.network = CertAuthority(Path(config.network_cert_dir), "network")
+        self.admin_dir = config.admin_dir
+
+    def ensure(self, server_ips: tuple[str, ...]) -> None:
+        for authority in (self.grpc, self.network):
+            authority.load_or_create()
+            authority.ensure_server_cert(server_ips)
+        self.ensure_admin()
+
+    def ensure_admin(self) -> None:
+        """The admin identity (node-token `reserverd`) that `nc adm` uses on this host."""
+        cert_path, key_path, ca_path = (
+            self.admin_dir / "client.crt",
+            self.admin_dir / "client.key",
+            self.admin_dir / "ca.crt",
+        )
+        if cert_path.exists() and key_path.exists():
+            cert, key = load_cert_file(cert_path), load_key_file(key_path)
+            if not same_public_key(cert, key):
+                raise PkiError(f"{key_path} does not match {cert_path}; restore the pair or remove both")
+            if cert.issuer == self.grpc.cert.subject:
+                if not ca_path.exists():
+                    write_private(ca_path, cert_pem(self.grpc.cert), 0o644)
+                return
+            raise PkiError(f"{cert_path} was not issued by {self.grpc.ca_path}; remove the admin directory to reissue")
+        pair = self.grpc.issue(RESERVED_NODE_TOKEN, client=True)
+        write_private(key_path, pair.key_pem)
+        write_private(cert_path, pair.cert_pem)
+        write_private(ca_path, cert_pem(self.grpc.cert), 0o644)
+        log.info("created admin credentials in %s", self.admin_dir)
+
+    def ca_pin(self) -> str:
+        return spki_pin(self.grpc.cert)
+
+    def issue_node(self, node_token: str) -> NodeCredentials:
+        return NodeCredentials(
+            grpc_ca=cert_pem(self.grpc.cert),
+            grpc=self.grpc.issue(node_token, client=True),
+            network_ca=cert_pem(self.network.cert),
+            network=self.network.issue(node_token, client=True),
+        )
+
+
+def cert_common_name(der_or_pem: bytes) -> str:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    if der_or_pem.startswith(b"-----"):
+        cert = x509.load_pem_x509_certificate(der_or_pem)
+    else:
+        cert = x509.load_der_x509_certificate(der_or_pem)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+# ============================================================================
+# 6. TUN and routes
+#    The kernel side: TUN devices (ioctls), addresses and routes through the
+#    `ip` command, and the server's optional NAT gateway. Whatever is added
+#    here is recorded and removed again by the same object.
+# ============================================================================
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+TUN_READ_SIZE = 65536
+
+
+def run_ip(*args: str) -> str:
+    return run_tool("ip", *args)
+
+
+def run_tool(tool: str, *args: str) -> str:
+    try:
+        done = subprocess.run([tool, *args], capture_output=True, text=True, timeout=15)
+    except FileNotFoundError:
+        package = "iproute2" if tool == "ip" else tool
+        raise TunError(f"the `{tool}` command is missing; install {package}") from None
+    if done.returncode != 0:
+        raise TunError(f"{tool} {' '.join(args)}: {done.stderr.strip() or 'failed'}")
+    return done.stdout
+
+
+class Tun:
+    """A TUN device owned by this process: the kernel removes it, with its
+    addresses and routes, when the file descriptor closes (also on SIGKILL)."""
+
+    def __init__(self, name: str) -> None:
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise TunError(f"/dev/net/tun: {e.strerror}; run as root on a kernel with TUN support") from None
+        try:
+            result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EBUSY:
+                raise TunError(f"interface {name} already exists and is in use (is another nc running?)") from None
+            raise TunError(f"cannot create TUN device {name}: {e.strerror}") from None
+        self.fd = fd
+        self.name = result[:16].rstrip(b"\0").decode()
+
+    def configure(self, address: ipaddress.IPv4Interface, mtu: int) -> None:
+        """Address (which also routes its prefix here), MTU, up; no IPv6 chatter."""
+        with contextlib.suppress(OSError):
+            Path(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6").write_text("1")
+        run_ip("addr", "flush", "dev", self.name)
+        run_ip("addr", "add", str(address), "dev", self.name)
+        run_ip("link", "set", "dev", self.name, "mtu", str(mtu), "up")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def route_to(host: str) -> dict:
+    """How the kernel reaches host now: {'dst', 'gateway'?, 'dev', ...}."""
+    routes = json.loads(run_ip("-j", "route", "get", host) or "[]")
+    if not routes:
+        raise TunError(f"no route to {host}")
+    return routes[0]
+
+
+class RouteSet:
+    """Routes this process added, removed in reverse order by close()."""
+
+    def __init__(self) -> None:
+        self.added: list[list[str]] = []
+
+    def add(self, *spec: str) -> None:
+        run_ip("route", "add", *spec)
+        self.added.append(list(spec))
+
+    def close(self) -> None:
+        while self.added:
+            spec = self.added.pop()
+            try:
+                run_ip("route", "del", *spec)
+            except TunError as e:
+                log.debug("route already gone: %s", e)
+
+
+class GatewayNat:
+    """Server option `gateway: true`: forward node traffic out of the uplink with
+    source NAT, so clients with redirectGateway reach the world. Undone on stop."""
+
+    FORWARD_SYSCTL = Path("/proc/sys/net/ipv4/ip_forward")
+
+    def __init__(self, overlay: ipaddress.IPv4Network, tun_name: str) -> None:
+        self.rules = [
+            ["-t", "nat", "POSTROUTING", "-s", str(overlay), "!", "-o", tun_name, "-j", "MASQUERADE"],
+            ["-t", "filter", "FORWARD", "-i", tun_name, "-j", "ACCEPT"],
+            [
+                "-t",
+                "filter",
+                "FORWARD",
+                "-o",
+                tun_name,
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "RELATED,ESTABLISHED",
+                "-j",
+                "ACCEPT",
+            ],
+        ]
+        self.added: list[list[str]] = []
+        self.previous_forward: str | None = None
+
+    def enable(self) -> None:
+        self.previous_forward = self.FORWARD_SYSCTL.read_text().strip()
+        self.FORWARD_SYSCTL.write_text("1")
+        for table, flag, chain, *rest in ([r[0], r[1], r[2], *r[3:]] for r in self.rules):
+            run_tool("iptables", table, flag, "-A", chain, *rest)
+            self.added.append([table, flag, chain, *rest])
+        log.info("gateway mode: forwarding and NAT for the overlay enabled")
+
+    def disable(self) -> None:
+        while self.added:
+            table, flag, chain, *rest = self.added.pop()
+            with contextlib.suppress(TunError):
+                run_tool("iptables", table, flag, "-D", chain, *rest)
+        if self.previous_forward is not None:
+            self.FORWARD_SYSCTL.write_text(self.previous_forward)
+            self.previous_forward = None
+
+
+# ============================================================================
+# 7. Wire protocol
+#    Frames on the TLS stream: a 4-byte header (type:8, length:24) and a
+#    payload. Handshake frames carry JSON objects whose unknown keys are
+#    ignored; frame types >= 0x80 are optional and skipped by peers that do
+#    not know them. Pure functions of bytes.
+# ============================================================================
+
+PROTOCOL_VERSION = 1
+FRAME_HELLO = 0x01  # client -> server: who I am, what I can do
+FRAME_WELCOME = 0x02  # server -> client: your address, MTU, routes, agreed capabilities
+FRAME_ERROR = 0x03  # either way: why the session ends, and whether to retry
+FRAME_PACKET = 0x10  # one IP packet
+FRAME_KEEPALIVE = 0x11  # liveness, empty
+FRAME_OPTIONAL = 0x80  # types from here up may be ignored by a peer that lacks them
+FRAME_HEADER = struct.Struct("!I")
+MAX_PAYLOAD = 65535 + 64
+MAX_CONTROL_PAYLOAD = 4096
+CAPABILITIES: tuple[str, ...] = ()  # negotiated per peer: offered in HELLO, agreed in WELCOME
+
+
+def encode_frame(kind: int, payload: bytes = b"") -> bytes:
+    return FRAME_HEADER.pack(kind << 24 | len(payload)) + payload
+
+
+def encode_control(kind: int, message: dict) -> bytes:
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    if len(payload) > MAX_CONTROL_PAYLOAD:
+        raise ProtocolError("control message too large")
+    return encode_frame(kind, payload)
+
+
+def next_frame(buf: Any, start: int, end: int) -> tuple[int, int, int] | None:
+    """(type, payload_start, payload_end) of the frame at buf[start:end], or None
+    if it is not complete yet. A declared length over the limit is an error."""
+    if end - start < 4:
+        return None
+    word = FRAME_HEADER.unpack_from(buf, start)[0]
+    kind, length = word >> 24, word & 0xFFFFFF
+    if length > MAX_PAYLOAD or (kind < FRAME_PACKET and length > MAX_CONTROL_PAYLOAD):
+        raise ProtocolError(f"frame type {kind:#x} declares {length} bytes, over the limit")
+    if end - start - 4 < length:
+        return None
+    return kind, start + 4, start + 4 + length
+
+
+def decode_control(payload: Any) -> dict:
+    try:
+        message = json.loads(bytes(payload))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("handshake message is not JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("handshake message is not a JSON object")
+    return message
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello:
+    node_token: str
+    version: str = VERSION
+    caps: tuple[str, ...] = CAPABILITIES
+    proto: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return encode_control(
+            FRAME_HELLO,
+            {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)},
+        )
+
+    @classmethod
+    def decode(cls, payload: Any) -> Hello:
+        m = decode_control(payload)
+        token, proto, caps = m.get("nodeToken"), m.get("proto"), m.get("caps", [])
+        if not isinstance(token, str) or not valid_node_token(token):
+            raise ProtocolError("hello carries no valid node-token")
+        if not isinstance(proto, int) or proto < 1:
+            raise ProtocolError("hello carries no protocol version")
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ProtocolError("hello capabilities must be a list of strings")
+        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto)
+
+
+@dataclasses.dataclass(frozen=True)
+class Welcome:
+    ip: str
+    prefix: int
+    server_ip: str
+    mtu: int
+    keepalive: int
+    routes: tuple[str, ...] = ()
+    caps: tuple[str, ...] = ()
+
+    @property
+    def interface(self) -> ipaddress.IPv4Interface:
+        return ipaddress.IPv4Interface(f"{self.ip}/{self.prefix}")
+
+    def encode(self) -> bytes:
+        return encode_control(
+            FRAME_WELCOME,
+            {
+                "proto": PROTOCOL_VERSION,
+                "ip": self.ip,
+                "prefix": self.prefix,
+                "serverIp": self.server_ip,
+                "mtu": self.mtu,
+                "keepalive": self.keepalive,
+                "routes": list(self.routes),
+                "caps": list(self.caps),
+            },
+        )
+
+    @classmethod
+    def decode(cls, payload: Any) -> Welcome:
+        m = decode_control(payload)
+        try:
+            welcome = cls(
+                ip=str(ipaddress.IPv4Address(m["ip"])),
+                prefix=int(m["prefix"]),
+                server_ip=str(ipaddress.IPv4Address(m["serverIp"])),
+                mtu=int(m["mtu"]),
+                keepalive=int(m.get("keepalive", 10)),
+                routes=tuple(str(ipaddress.IPv4Network(r)) for r in m.get("routes", [])),
+                caps=tuple(str(c) for c in m.get("caps", [])),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError("welcome message is incomplete or malformed") from None
+        if not 8 <= welcome.prefix <= 30 or not 576 <= welcome.mtu <= 65535 or not 1 <= welcome.keepalive <= 3600:
+            raise ProtocolError("welcome message has out-of-range values")
+        return welcome
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """An ERROR frame: the session ends; retry says whether reconnecting can help."""
+
+    code: str
+    reason: str
+    retry: bool
+
+    def encode(self) -> bytes:
+        return encode_control(FRAME_ERROR, {"code": self.code, "reason": self.reason, "retry": self.retry})
+
+    @classmethod
+    def decode(cls, payload: Any) -> Refusal:
+        m = decode_control(payload)
+        return cls(
+            str(m.get("code", "error"))[:64], str(m.get("reason", "no reason given"))[:512], bool(m.get("retry", True))
+        )
+
+
+def ipv4_endpoints(packet: Any) -> tuple[int, int] | None:
+    """(src, dst) of a well-formed IPv4 packet, else None (IPv6, runts, bad headers)."""
+    if len(packet) < 20 or packet[0] >> 4 != 4:
+        return None
+    header_len = (packet[0] & 0x0F) * 4
+    total = packet[2] << 8 | packet[3]
+    if header_len < 20 or total < header_len or total > len(packet):
+        return None
+    return int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
+
+
+class FrameBuffer:
+    """Receive buffer: bytes from TLS go in at the end, whole frames come out."""
+
+    def __init__(self, size: int = 4 * (MAX_PAYLOAD + 4)) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+
+    def space(self) -> memoryview:
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif len(self.buf) - self.end < MAX_PAYLOAD + 4:
+            size = self.end - self.start
+            self.buf[0:size] = self.buf[self.start : self.end]
+            self.start, self.end = 0, size
+        return self.view[self.end :]
+
+    def commit(self, count: int) -> None:
+        self.end += count
+
+    def frames(self) -> Iterator[tuple[int, int, int]]:
+        """(type, payload_start, payload_end) offsets into self.view, consumed as yielded."""
+        while (frame := next_frame(self.buf, self.start, self.end)) is not None:
+            self.start = frame[2]
+            yield frame
+
+
+# ============================================================================
+# 8. Network server
+#    One epoll loop owns the listening socket, the server TUN and every TLS
+#    session; it switches node-to-node packets in userspace. Store work runs
+#    on a worker thread so sqlite never stalls packets.
+# ============================================================================
+
+SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are dropped
+HANDSHAKE_TIMEOUT_S = 10.0
+MAX_PENDING_HANDSHAKES = 512
+RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
+
+
+class PeerClosed(Exception):
+    pass
+
+
+class Link:
+    """One TLS stream of frames: receive buffer, bounded send queue, liveness times."""
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.rx = FrameBuffer()
+        self.out: list[bytes] = []
+        self.queued = 0
+        self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
+        self.last_rx = self.last_tx = time.monotonic()
+        self.dropped = 0
+        self.closed = False
+
+    def queue(self, frame: bytes) -> bool:
+        if self.queued > SEND_QUEUE_LIMIT:
+            self.dropped += 1
+            return False
+        self.out.append(frame)
+        self.queued += len(frame)
+        return True
+
+    def flush(self) -> bool:
+        """Write what is queued; False when the socket is full (wait for EPOLLOUT)."""
+        while self.pending is not None or self.out:
+            if self.pending is None:
+                self.pending = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+                self.out.clear()
+            try:
+                self.sock.send(self.pending)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return False
+            self.queued -= len(self.pending)
+            self.pending = None
+            self.last_tx = time.monotonic()
+        return True
+
+    def receive(self, handle_frames: Callable[[], None]) -> None:
+        """Read what TLS has (up to the budget), handing each chunk's frames on at once."""
+        got = 0
+        while got < RECEIVE_BUDGET and not self.closed:
+            space = self.rx.space()
+            try:
+                count = self.sock.recv_into(space, len(space))
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                break
+            if count == 0:
+                raise PeerClosed("closed the connection")
+            self.rx.commit(count)
+            got += count
+            self.last_rx = time.monotonic()
+            handle_frames()
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class Phase:
+    TLS = "tls"
+    HELLO = "hello"
+    ADMITTING = "admitting"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class ServerSession(Link):
+    def __init__(self, sock: ssl.SSLSocket, peer: str) -> None:
+        super().__init__(sock, peer)
+        self.phase = Phase.TLS
+        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        self.cert_token = ""
+        self.node_token = ""
+        self.ip = 0
+        self.caps: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"session({self.node_token or '?'} from {self.peer})"
+
+
+class StoreWorker(threading.Thread):
+    """Runs store jobs in order, off the packet loop; results come back via call_soon."""
+
+    def __init__(self, deliver: Callable[[Callable[[], None]], None]) -> None:
+        super().__init__(name="store-worker", daemon=True)
+        self.jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], Callable[[Any, BaseException | None], None] | None] | None
+        ] = queue.SimpleQueue()
+        self.deliver = deliver
+
+    def submit(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None] | None = None) -> None:
+        self.jobs.put((job, done))
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.join(timeout=10.0)
+
+    def run(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            job, done = item
+            result, error = None, None
+            try:
+                result = job()
+            except Exception as e:  # reported to the loop; unexpected ones logged here
+                error = e
+                if not isinstance(e, NcError):
+                    log.exception("store job failed")
+            if done is not None:
+                self.deliver(lambda d=done, r=result, e=error: d(r, e))
+
+
+class RateLimitedLog:
+    """At most one line per key every interval, with a count of what was held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.interval:
+            self.held[key] += 1
+            return
+        held = self.held.pop(key, 0)
+        self.last[key] = now
+        log.info(message + (f" (+{held} similar)" if held else ""), *args)
+
+
+class NetworkServer:
+    """The data plane of `nc server`."""
+
+    def __init__(self, config: ServerConfig, store: Store, bindings: Bindings, pki: Pki) -> None:
+        self.config = config
+        self.store = store
+        self.bindings = bindings
+        self.pki = pki
+        self.overlay = config.overlay
+        self.server_ip = int(config.server_overlay_ip)
+        self.keepalive = config.keepalive
+        self.sessions: dict[int, ServerSession] = {}
+        self.by_ip: dict[int, ServerSession] = {}
+        self.by_token: dict[str, ServerSession] = {}
+        self.dirty: set[ServerSession] = set()
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.note = RateLimitedLog()
+        self.worker = StoreWorker(self.call_soon)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
+        self.tun: Tun | None = None
+        self.nat: GatewayNat | None = None
+
+    # -- lifecycle (called from the main thread) ---------------------------------
+
+    def start(self) -> None:
+        self.tls = self._tls_context()
+        self.listener = self._listen()
+        self.tun = Tun("ncsrv0")
+        try:
+            self.tun.configure(
+                ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(self.server_ip)}/{self.overlay.prefixlen}"),
+                self.config.mtu,
+            )
+            if self.config.gateway:
+                self.nat = GatewayNat(self.overlay, self.tun.name)
+                self.nat.enable()
+        except BaseException:
+            self.tun.close()
+            self.listener.close()
+            raise
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.epoll = select.epoll()
+        for fd in (self.listener.fileno(), self.tun.fd, self.wake_r):
+            self.epoll.register(fd, select.EPOLLIN)
+        self.worker.start()
+        self.thread.start()
+        log.info(
+            "network service on :%d (TLS 1.3), TUN %s %s/%d mtu %d",
+            self.config.port,
+            self.tun.name,
+            ipaddress.IPv4Address(self.server_ip),
+            self.overlay.prefixlen,
+            self.config.mtu,
+        )
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._wake()
+        self.thread.join(timeout=10.0)
+        self.worker.stop()
+        if self.nat is not None:
+            self.nat.disable()
+        if self.tun is not None:
+            self.tun.close()
+        self.listener.close()
+        self.epoll.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(self.pki.network.server_cert_path, self.pki.network.server_key_path)
+        context.load_verify_locations(cafile=str(self.pki.network.ca_path))
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _listen(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", self.config.port))
+        except OSError as e:
+            sock.close()
+            raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); change server.port") from None
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    # -- called from other threads ------------------------------------------------
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self.commands.put(fn)
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self.wake_w, b"!")
+
+    def disconnect(self, token: str, reason: str) -> None:
+        """End the node's live session (if any), telling it not to come back."""
+        self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
+
+    def live_tokens(self) -> set[str]:
+        return set(self.by_token)
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + 1.0
+        try:
+            while not self.stopping.is_set():
+                for fd, events in self.epoll.poll(1.0):
+                    if fd == self.tun.fd:
+                        self._read_tun()
+                    elif fd == self.listener.fileno():
+                        self._accept()
+                    elif fd == self.wake_r:
+                        self._run_commands()
+                    elif (session := self.sessions.get(fd)) is not None:
+                        self._service(session, events)
+                self._flush_dirty()
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + 1.0
+        except Exception:
+            log.exception("network loop failed")
+        finally:
+            for session in list(self.sessions.values()):
+                self._send_refusal(session, Refusal("server-stopping", "the server is shutting down", retry=True))
+                self._close(session, None)
+
+    def _run_commands(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wake_r, 4096):
+                pass
+        while True:
+            try:
+                self.commands.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: shed load, keep serving
+                self.note("accept", "accept failed: %s", e.strerror)
+                return
+            pending = sum(1 for s in self.sessions.values() if s.phase in (Phase.TLS, Phase.HELLO))
+            if pending >= MAX_PENDING_HANDSHAKES:
+                self.counters["refused-busy"] += 1
+                self.note("busy", "too many unfinished handshakes; refusing %s", address[0])
+                sock.close()
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            session = ServerSession(tls, host_port(address[0], address[1]))
+            self.sessions[session.fd] = session
+            self.epoll.register(session.fd, select.EPOLLIN)
+            self._handshake(session)
+
+    def _service(self, session: ServerSession, events: int) -> None:
+        try:
+            if session.phase == Phase.TLS:
+                self._handshake(session)
+                if session.phase == Phase.TLS:
+                    return
+            if events & select.EPOLLOUT:
+                self._flush(session)
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                session.receive(lambda: self._handle_frames(session))
+        except PeerClosed as e:
+            self._close(session, str(e))
+        except ProtocolError as e:
+            self.counters["protocol-errors"] += 1
+            self._send_refusal(session, Refusal("protocol", str(e), retry=False))
+            self._close(session, f"protocol error: {e}")
+        except (OSError, ssl.SSLError) as e:
+            self._close(session, f"connection error: {e}")
+
+    def _handshake(self, session: ServerSession) -> None:
+        try:
+            session.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLWantWriteError:
+            self.epoll.modify(session.fd, select.EPOLLIN | select.EPOLLOUT)
+            return
+        except (ssl.SSLError, OSError) as e:
+            self.counters["tls-failures"] += 1
+            self._close(session, f"TLS handshake failed: {getattr(e, 'reason', None) or e}")
+            return
+        self.epoll.modify(session.fd, select.EPOLLIN)
+        session.cert_token = peer_cert_common_name(session.sock)
+        session.phase = Phase.HELLO
+
+    def _handle_frames(self, session: ServerSession) -> None:
+        view = session.rx.view
+        for kind, start, end in session.rx.frames():
+            if session.phase == Phase.ESTABLISHED:
+                if kind == FRAME_PACKET:
+                    self._route_from_node(session, view, start, end)
+                elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
+                    continue
+                else:
+                    raise ProtocolError(f"unexpected frame type {kind:#x} in an established session")
+            elif session.phase == Phase.HELLO:
+                if kind != FRAME_HELLO:
+                    raise ProtocolError("the first frame must be a hello")
+                self._on_hello(session, Hello.decode(view[start:end]))
+            elif session.phase == Phase.ADMITTING and kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                raise ProtocolError("frame sent before the welcome")
+            if session.phase == Phase.CLOSED:
+                return
+
+    # -- admission --------------------------------------------------------------------
+
+    def _on_hello(self, session: ServerSession, hello: Hello) -> None:
+        if hello.node_token != session.cert_token:
+            self.counters["token-mismatch"] += 1
+            self._refuse(
+                session, Refusal("identity", "the node-token does not match the client certificate", retry=False)
+            )
+            return
+        if hello.node_token == RESERVED_NODE_TOKEN:
+            self._refuse(session, Refusal("identity", "the reserved node-token is the server's own", retry=False))
+            return
+        session.node_token = hello.node_token
+        session.caps = tuple(c for c in hello.caps if c in CAPABILITIES)
+        session.phase = Phase.ADMITTING
+        token = hello.node_token
+
+        def admit() -> ipaddress.IPv4Address:
+            if not self.store.set_state(token, STATE_INIT):
+                raise TokenRefused("this node-token is not registered (unregistered or never joined); join again")
+            return self.bindings.ip_for(token)
+
+        self.worker.submit(admit, lambda ip, error: self._on_admitted(session, ip, error))
+
+    def _on_admitted(
+        self, session: ServerSession, ip: ipaddress.IPv4Address | None, error: BaseException | None
+    ) -> None:
+        token = session.node_token
+        if session.phase == Phase.CLOSED:
+            if error is None and token not in self.by_token:
+                self._set_idle(token)
+            return
+        if error is not None or ip is None:
+            if isinstance(error, TokenRefused):
+                refusal = Refusal("unregistered", str(error), retry=False)
+            elif isinstance(error, PoolExhausted):
+                refusal = Refusal("overlay-full", str(error), retry=True)
+            else:
+                refusal = Refusal("server-error", "the server could not admit this node; see its log", retry=True)
+            self._refuse(session, refusal)
+            return
+        old = self.by_token.get(token)
+        if old is not None:
+            log.info("node %s reconnected from %s; replacing its session from %s", token, session.peer, old.peer)
+            self.by_token.pop(token)
+            self._send_refusal(old, Refusal("replaced", "a newer session with this node-token took over", retry=False))
+            self._close(old, "replaced by a newer session")
+        session.ip = int(ip)
+        session.phase = Phase.ESTABLISHED
+        self.by_token[token] = session
+        self.by_ip[session.ip] = session
+        session.queue(
+            Welcome(
+                str(ip),
+                self.overlay.prefixlen,
+                str(ipaddress.IPv4Address(self.server_ip)),
+                self.config.mtu,
+                self.keepalive,
+                (str(self.overlay),),
+                session.caps,
+            ).encode()
+        )
+        self.dirty.add(session)
+        self.worker.submit(lambda: self._mark_connected(token))
+        log.info("node %s connected from %s as %s", token, session.peer, ip)
+
+    def _mark_connected(self, token: str) -> None:
+        self.store.set_state(token, STATE_CONNECTED)
+        self.bindings.connected(token)
+
+    def _set_idle(self, token: str) -> None:
+        def job() -> None:
+            self.store.set_state(token, STATE_IDLE)
+            self.bindings.idle(token)
+
+        self.worker.submit(job)
+
+    # -- switching --------------------------------------------------------------------------
+
+    def _route_from_node(self, session: ServerSession, view: memoryview, start: int, end: int) -> None:
+        packet = view[start:end]
+        endpoints = ipv4_endpoints(packet)
+        if endpoints is None:
+            self.counters["dropped-not-ipv4"] += 1
+            return
+        src, dst = endpoints
+        if src != session.ip:
+            self.counters["dropped-spoofed"] += 1
+            self.note(
+                "spoof:" + session.node_token,
+                "node %s sent a packet with a forged source address; dropped",
+                session.node_token,
+            )
+            return
+        if dst == self.server_ip:
+            self._write_tun(packet)
+            return
+        peer = self.by_ip.get(dst)
+        if peer is not None:
+            if not self.config.interconnection:
+                self.counters["dropped-interconnection"] += 1
+            elif peer.queue(bytes(view[start - 4 : end])):
+                self.dirty.add(peer)
+            else:
+                self.counters["dropped-queue-full"] += 1
+        elif self.config.gateway and dst not in self._overlay_range:
+            self._write_tun(packet)
+        else:
+            self.counters["dropped-no-route"] += 1
+
+    @property
+    def _overlay_range(self) -> range:
+        return range(int(self.overlay.network_address), int(self.overlay.broadcast_address) + 1)
+
+    def _write_tun(self, packet: Any) -> None:
+        try:
+            os.write(self.tun.fd, packet)
+        except OSError as e:
+            self.counters["dropped-tun-write"] += 1
+            self.note("tun-write", "TUN write failed: %s", e.strerror)
+
+    def _read_tun(self) -> None:
+        for _ in range(256):
+            try:
+                packet = os.read(self.tun.fd, TUN_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            endpoints = ipv4_endpoints(packet)
+            peer = self.by_ip.get(endpoints[1]) if endpoints else None
+            if peer is None:
+                self.counters["dropped-no-route"] += 1
+            elif peer.queue(encode_frame(FRAME_PACKET, packet)):
+                self.dirty.add(peer)
+
+    # -- output, liveness, teardown -----------------------------------------------------------
+
+    def _flush_dirty(self) -> None:
+        while self.dirty:
+            self._flush(self.dirty.pop())
+
+    def _flush(self, session: ServerSession) -> None:
+        if session.phase == Phase.CLOSED:
+            return
+        try:
+            done = session.flush()
+        except (OSError, ssl.SSLError) as e:
+            self._close(session, f"send failed: {e}")
+            return
+        self.epoll.modify(session.fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
+
+    def _tick(self, now: float) -> None:
+        silent_after = 3 * self.keepalive
+        for session in list(self.sessions.values()):
+            if session.phase in (Phase.TLS, Phase.HELLO) and now > session.deadline:
+                self.counters["handshake-timeouts"] += 1
+                self._close(session, "handshake timed out", quiet=True)
+            elif session.phase == Phase.ESTABLISHED:
+                if now - session.last_rx > silent_after:
+                    self._close(session, f"silent for {silent_after} s")
+                elif now - session.last_tx >= self.keepalive:
+                    session.queue(encode_frame(FRAME_KEEPALIVE))
+                    self.dirty.add(session)
+        self._flush_dirty()
+
+    def _refuse_token(self, token: str, refusal: Refusal) -> None:
+        session = self.by_token.get(token)
+        if session is not None:
+            self._refuse(session, refusal)
+
+    def _refuse(self, session: ServerSession, refusal: Refusal) -> None:
+        self._send_refusal(session, refusal)
+        self._close(session, f"refused ({refusal.code}): {refusal.reason}")
+
+    def _send_refusal(self, session: ServerSession, refusal: Refusal) -> None:
+        """Best effort: one blocking-ish write of the ERROR frame before closing."""
+        if session.phase in (Phase.TLS, Phase.CLOSED):
+            return
+        session.out.clear()
+        session.pending = None
+        session.queue(refusal.encode())
+        with contextlib.suppress(OSError, ssl.SSLError):
+            session.sock.settimeout(0.5)
+            session.sock.sendall(session.out[0])
+
+    def _close(self, session: ServerSession, reason: str | None, quiet: bool = False) -> None:
+        if session.phase == Phase.CLOSED:
+            return
+        was_established = session.phase == Phase.ESTABLISHED
+        session.phase = Phase.CLOSED
+        self.sessions.pop(session.fd, None)
+        self.dirty.discard(session)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(session.fd)
+        session.close()
+        token = session.node_token
+        if token and self.by_token.get(token) is session:
+            del self.by_token[token]
+            self.by_ip.pop(session.ip, None)
+            self._set_idle(token)
+        elif token and not was_established and token not in self.by_token:
+            self._set_idle(token)  # undo the handshake's "init" state
+        if reason is not None:
+            if was_established:
+                log.info("node %s disconnected (%s): %s", token, session.peer, reason)
+            elif not quiet:
+                self.note("close:" + reason[:40], "connection from %s closed: %s", session.peer, reason)
+
+
+def peer_cert_common_name(sock: ssl.SSLSocket) -> str:
+    cert = sock.getpeercert() or {}
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return ""
+
+
+# ============================================================================
+# 9. Network client
+#    `nc client`: connect, handshake, configure the TUN from the welcome,
+#    move packets, and reconnect forever with backoff until told to stop.
+# ============================================================================
+
+BACKOFF_CAP_S = 30.0
+
+
+class Refused(NcError):
+    """The server ended the session and said reconnecting will not help."""
+
+    exit_code = 3
+
+
+class NetworkClient:
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.tun: Tun | None = None
+        self.routes = RouteSet()
+        self.address: ipaddress.IPv4Interface | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.context = self._tls_context()
+
+    def _tls_context(self) -> ssl.SSLContext:
+        certs = Path(self.config.network_cert_dir)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        try:
+            context.load_verify_locations(cafile=str(certs / "ca.crt"))
+            context.load_cert_chain(certs / "client.crt", certs / "client.key")
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                f"{certs}: cannot load the network certificates ({e}); join again or fix client.networkCertDir"
+            ) from None
+        return context
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"!")
+
+    def run(self) -> int:
+        backoff = 1.0
+        try:
+            while not self.stop.is_set():
+                try:
+                    link, welcome = self._connect()
+                except Refused:
+                    raise
+                except (OSError, ssl.SSLError, ProtocolError, TunError) as e:
+                    delay = random.uniform(0.5, 1.0) * backoff
+                    log.warning("cannot connect to %s: %s; retrying in %.1f s", self._server, e, delay)
+                    backoff = min(backoff * 2, BACKOFF_CAP_S)
+                    self.stop.wait(delay)
+                    continue
+                backoff = 1.0
+                try:
+                    self._configure(welcome)
+                    reason = self._pump(link, welcome)
+                finally:
+                    link.close()
+                if reason:
+                    delay = random.uniform(0.2, 1.0)
+                    log.warning("disconnected: %s; reconnecting in %.1f s", reason, delay)
+                    self.stop.wait(delay)
+        finally:
+            self.close()
+        return 0
+
+    @property
+    def _server(self) -> str:
+        return host_port(self.config.server_addr, self.config.port)
+
+    def close(self) -> None:
+        self.routes.close()
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+            log.info("removed TUN device and routes")
+
+    def _connect(self) -> tuple[Link, Welcome]:
+        raw = socket.create_connection((self.config.server_addr, self.config.port), timeout=HANDSHAKE_TIMEOUT_S)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self.context.wrap_socket(raw, server_hostname=SERVER_TLS_NAME)
+        except BaseException:
+            raw.close()
+            raise
+        link = Link(sock, self._server)
+        try:
+            sock.sendall(Hello(self.config.token).encode())
+            welcome = self._await_welcome(link)
+        except BaseException:
+            link.close()
+            raise
+        sock.setblocking(False)
+        return link, welcome
+
+    def _await_welcome(self, link: Link) -> Welcome:
+        while True:
+            space = link.rx.space()
+            count = link.sock.recv_into(space, len(space))
+            if count == 0:
+                raise ProtocolError("server closed the connection during the handshake")
+            link.rx.commit(count)
+            for kind, start, end in link.rx.frames():
+                payload = link.rx.view[start:end]
+                if kind == FRAME_WELCOME:
+                    return Welcome.decode(payload)
+                if kind == FRAME_ERROR:
+                    self._on_refusal(Refusal.decode(payload))
+                    raise ProtocolError("server refused the session")
+                if kind < FRAME_OPTIONAL and kind != FRAME_KEEPALIVE:
+                    raise ProtocolError(f"unexpected frame {kind:#x} before the welcome")
+
+    def _on_refusal(self, refusal: Refusal) -> None:
+        if not refusal.retry:
+            raise Refused(f"server refused this node ({refusal.code}): {refusal.reason}")
+        log.warning("server ended the session (%s): %s", refusal.code, refusal.reason)
+
+    def _configure(self, welcome: Welcome) -> None:
+        """Create the TUN on the first welcome; reconfigure only if the address changed."""
+        mtu = min(self.config.mtu, welcome.mtu)
+        if self.tun is None:
+            self.tun = Tun("nc0")
+        if self.address != welcome.interface:
+            if self.address is not None:
+                log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
+            self.routes.close()
+            self.tun.configure(welcome.interface, mtu)
+            self.address = welcome.interface
+            for route in welcome.routes:
+                if not ipaddress.IPv4Network(route).subnet_of(welcome.interface.network):
+                    self.routes.add(route, "dev", self.tun.name)
+            if self.config.redirect_gateway:
+                self._redirect_gateway()
+        log.info("connected to %s as %s (mtu %d)", self._server, welcome.interface, mtu)
+
+    def _redirect_gateway(self) -> None:
+        """All traffic into the tunnel, except the tunnel itself: a host route to the
+        server via today's path, then 0/1 and 128/1 (more specific than default)."""
+        path = route_to(self.config.server_addr)
+        spec = (
+            [f"{self.config.server_addr}/32"]
+            + (["via", path["gateway"]] if "gateway" in path else [])
+            + ["dev", path["dev"]]
+        )
+        self.routes.add(*spec)
+        self.routes.add("0.0.0.0/1", "dev", self.tun.name)
+        self.routes.add("128.0.0.0/1", "dev", self.tun.name)
+
+    def _pump(self, link: Link, welcome: Welcome) -> str | None:
+        """Move packets until the session ends; returns why (None when stopping)."""
+        assert self.tun is not None
+        poller = select.epoll()
+        tun_fd = self.tun.fd
+        try:
+            poller.register(link.fd, select.EPOLLIN)
+            poller.register(tun_fd, select.EPOLLIN)
+            poller.register(self.wake_r, select.EPOLLIN)
+            keepalive = welcome.keepalive
+            next_tick = time.monotonic() + 1.0
+            want_out = False
+            while not self.stop.is_set():
+                for fd, _events in poller.poll(1.0):
+                    if fd == tun_fd:
+                        self._read_tun(link)
+                    elif fd == link.fd:
+                        link.receive(lambda: self._deliver(link))
+                blocked = not link.flush()
+                if blocked != want_out:
+                    want_out = blocked
+                    poller.modify(link.fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
+                now = time.monotonic()
+                if now >= next_tick:
+                    next_tick = now + 1.0
+                    if now - link.last_rx > 3 * keepalive:
+                        return f"server silent for {3 * keepalive} s"
+                    if now - link.last_tx >= keepalive:
+                        link.queue(encode_frame(FRAME_KEEPALIVE))
+            return None
+        except PeerClosed:
+            return "server closed the connection"
+        except (OSError, ssl.SSLError) as e:
+            return f"connection error: {e}"
+        except ProtocolError as e:
+            return f"protocol error: {e}"
+        finally:
+            poller.close()
+
+    def _read_tun(self, link: Link) -> None:
+        assert self.tun is not None
+        for _ in range(256):
+            try:
+                packet = os.read(self.tun.fd, TUN_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not link.queue(encode_frame(FRAME_PACKET, packet)):
+                self.counters["dropped-queue-full"] += 1
+
+    def _deliver(self, link: Link) -> None:
+        assert self.tun is not None
+        view = link.rx.view
+        for kind, start, end in link.rx.frames():
+            if kind == FRAME_PACKET:
+                try:
+                    os.write(self.tun.fd, view[start:end])
+                except OSError:
+                    self.counters["dropped-tun-write"] += 1
+            elif kind == FRAME_ERROR:
+                self._on_refusal(Refusal.decode(view[start:end]))
+                raise PeerClosed("server ended the session")
+            elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                raise ProtocolError(f"unexpected frame type {kind:#x}")
+
+
+def run_client(config: ClientConfig) -> int:
+    if os.geteuid() != 0:
+        raise NcError("nc client must run as root (it creates a TUN device and routes)")
+    client = NetworkClient(config)
+    signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: client.request_stop())
+    log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
+    return client.run()
+
+
+# ============================================================================
+# 10. gRPC services
+#     Thin: translate protobuf messages into calls of the sections above.
+#     The original services keep their exact contract; additions live in
+#     NcAdminService.
+# ============================================================================
+
+
+def grpc_modules() -> tuple[Any, Any, Any]:
+    import grpc
+
+    from proto import nc_pb2, nc_pb2_grpc
+
+    return grpc, nc_pb2, nc_pb2_grpc
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def new_node_token() -> str:
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(NODE_TOKEN_LEN))
+
+
+def new_bootstrap_token() -> str:
+    """<6-char id>.<16-char secret>: the id is looked up, the whole token compared in constant time."""
+    pick = lambda n: "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(n))  # noqa: E731
+    return f"{pick(6)}.{pick(16)}"
+
+
+BOOTSTRAP_TOKEN_RE = re.compile(r"^[a-z0-9]{6}\.[a-z0-9]{16}$")
+
+
+def token_id(token: str) -> str:
+    """What may be logged of a bootstrap token: its public id."""
+    return token.split(".", 1)[0] if "." in token else token[:4] + "…"
+
+
+class Controller:
+    """The server's control-plane logic, shared by every gRPC service."""
+
+    def __init__(self, config: ServerConfig, store: Store, pki: Pki, bindings: Bindings, advertised_ip: str) -> None:
+        self.config = config
+        self.store = store
+        self.pki = pki
+        self.bindings = bindings
+        self.advertised_ip = advertised_ip
+        self.sessions: Any = None  # the network server, once it runs: live states and disconnects
+
+    def create_bootstrap_token(self, life_minutes: int, single_use: bool = False) -> tuple[str, str]:
+        life = DEFAULT_TOKEN_LIFE_MIN if life_minutes == 0 else life_minutes
+        token = new_bootstrap_token()
+        expire = self.store.add_bootstrap_token(token, life, single_use)
+        log.info(
+            "bootstrap token %s created, expires %s%s", token_id(token), expire, ", single-use" if single_use else ""
+        )
+        return token, expire
+
+    def join_string(self, token: str) -> str:
+        return f"{token}@{host_port(self.advertised_ip, self.config.bootstrap_port)}#{self.pki.ca_pin()}"
+
+    def check_bootstrap_token(self, token: str) -> BootstrapTokenRow:
+        if not BOOTSTRAP_TOKEN_RE.match(token):
+            raise TokenRefused("bootstrap token is malformed; copy the whole join string")
+        for row in self.store.bootstrap_tokens_with_id(token_id(token)):
+            if hmac.compare_digest(row.token.encode(), token.encode()):
+                if self.store.is_expired(row.expire_time):
+                    raise TokenRefused("bootstrap token has expired; ask the administrator for a new one")
+                if row.single_use and row.uses > 0:
+                    raise TokenRefused("bootstrap token was single-use and has already been used")
+                return row
+        raise TokenRefused("bootstrap token is unknown or was deleted")
+
+    def admit(self, bootstrap_token: str) -> tuple[str, NodeCredentials]:
+        row = self.check_bootstrap_token(bootstrap_token)
+        node_token = new_node_token()
+        while self.store.node_token_exists(node_token):
+            node_token = new_node_token()
+        credentials = self.pki.issue_node(node_token)
+        self.store.admit_node(row.token, node_token)
+        log.info("node %s joined with bootstrap token %s", node_token, token_id(row.token))
+        return node_token, credentials
+
+    def node_state(self, token: str) -> NodeRow:
+        row = self.store.node(token)
+        if row is None:
+            raise TokenRefused("node-token is not registered")
+        return row
+
+    def unregister(self, token: str) -> None:
+        if token == RESERVED_NODE_TOKEN:
+            raise TokenRefused("the reserved node-token belongs to the server and cannot be unregistered")
+        if not self.bindings.forget(token):
+            raise TokenRefused("node-token is not registered")
+        if self.sessions is not None:
+            self.sessions.disconnect(token, "this node was unregistered by the administrator")
+        log.info("node %s unregistered", token)
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_common_name(context: Any) -> str:
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else ""
+
+
+def guarded(response_cls: Any, method: Callable) -> Callable:
+    """Run a handler; user errors become code 400, anything else 500 (and a log line)."""
+
+    def handler(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return method(self, request, context)
+        except TokenRefused as e:
+            return response_cls(code=CODE_BAD_REQUEST, message=str(e))
+        except NcError as e:
+            log.warning("%s: %s", method.__name__, e)
+            return response_cls(code=CODE_SERVER_ERROR, message=str(e))
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            return response_cls(code=CODE_SERVER_ERROR, message="internal error; see the server log")
+
+    handler.__name__ = method.__name__
+    return handler
+
+
+def build_services(controller: Controller) -> tuple[Any, Any, Any]:
+    """Servicer instances for the three services, bound to the controller."""
+    grpc, pb, pb_grpc = grpc_modules()
+    ctl = controller
+
+    class Bootstrap(pb_grpc.LiteKubeNCBootstrapServiceServicer):
+        def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return pb.HealthCheckResponse(code=CODE_OK)
+
+        def _get_token(self, request: Any, context: Any) -> Any:
+            node_token, creds = ctl.admit(request.bootStrapToken)
+            return pb.GetTokenResponse(
+                code=CODE_OK,
+                message="ok",
+                token=node_token,
+                networkServerIp=ctl.advertised_ip,
+                networkServerPort=str(ctl.config.port),
+                GrpcServerIp=ctl.advertised_ip,
+                GrpcServerPort=str(ctl.config.grpc_port),
+                GrpcCaCert=b64(creds.grpc_ca),
+                GrpcClientKey=b64(creds.grpc.key_pem),
+                GrpcClientCert=b64(creds.grpc.cert_pem),
+                NetworkCaCert=b64(creds.network_ca),
+                NetworkClientKey=b64(creds.network.key_pem),
+                NetworkClientCert=b64(creds.network.cert_pem),
+            )
+
+        GetToken = guarded(pb.GetTokenResponse, _get_token)
+
+    class Control(pb_grpc.LiteKubeNCServiceServicer):
+        def HelloWorld(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return pb.HelloWorldResponse(thanks_text=f"thanks for {request.hello_text!s}, from nc {VERSION}")
+
+        def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return pb.HealthCheckResponse(code=CODE_OK)
+
+        def _get_bootstrap_token(self, request: Any, context: Any) -> Any:
+            token, _ = ctl.create_bootstrap_token(int(request.expireTime))
+            return pb.GetBootStrapTokenResponse(
+                code=CODE_OK,
+                message="ok",
+                bootStrapToken=token,
+                cloudIp=ctl.advertised_ip,
+                port=str(ctl.config.bootstrap_port),
+            )
+
+        def _check_conn_state(self, request: Any, context: Any) -> Any:
+            row = ctl.node_state(request.token)
+            return pb.CheckConnResponse(
+                code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), connState=row.state, bindIp=row.bind_ip
+            )
+
+        def _unregister(self, request: Any, context: Any) -> Any:
+            ctl.unregister(request.token)
+            return pb.UnRegisterResponse(code=CODE_OK, message="unregistered", result=True)
+
+        def _get_registed_ip(self, request: Any, context: Any) -> Any:
+            row = ctl.node_state(request.token)
+            if not row.bind_ip:
+                return pb.GetRegistedIpResponse(
+                    code=CODE_BAD_REQUEST, message="node has no address yet; it gets one when it first connects"
+                )
+            return pb.GetRegistedIpResponse(code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), ip=row.bind_ip)
+
+        GetBootStrapToken = guarded(pb.GetBootStrapTokenResponse, _get_bootstrap_token)
+        CheckConnState = guarded(pb.CheckConnResponse, _check_conn_state)
+        UnRegister = guarded(pb.UnRegisterResponse, _unregister)
+        GetRegistedIp = guarded(pb.GetRegistedIpResponse, _get_registed_ip)
+
+    class Admin(pb_grpc.NcAdminServiceServicer):
+        """Only the admin identity (CN=reserverd) may call these."""
+
+        def _require_admin(self, context: Any) -> None:
+            if peer_common_name(context) != RESERVED_NODE_TOKEN:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "admin credentials required")
+
+        def _create(self, request: Any, context: Any) -> Any:
+            self._require_admin(context)
+            token, expire = ctl.create_bootstrap_token(int(request.lifeMinutes), bool(request.singleUse))
+            return pb.CreateBootstrapTokenResponse(
+                code=CODE_OK,
+                message="ok",
+                bootStrapToken=token,
+                joinString=ctl.join_string(token),
+                expireTime="never" if expire == NEVER_EXPIRES else expire,
+                caPin=ctl.pki.ca_pin(),
+            )
+
+        def _list_tokens(self, request: Any, context: Any) -> Any:
+            self._require_admin(context)
+            tokens = [
+                pb.BootstrapTokenInfo(
+                    tokenId=token_id(row.token),
+                    expireTime="never" if row.expire_time == NEVER_EXPIRES else row.expire_time,
+                    createTime=row.create_time,
+                    singleUse=row.single_use,
+                )
+                for row in ctl.store.list_bootstrap_tokens()
+            ]
+            return pb.ListBootstrapTokensResponse(code=CODE_OK, message="ok", tokens=tokens)
+
+        def _delete_token(self, request: Any, context: Any) -> Any:
+            self._require_admin(context)
+            wanted = token_id(request.tokenId.strip())
+            rows = ctl.store.bootstrap_tokens_with_id(wanted)
+            if not rows:
+                raise TokenRefused(f"no bootstrap token with id {wanted!r}")
+            for row in rows:
+                ctl.store.delete_bootstrap_token(row.token)
+            log.info("bootstrap token %s deleted", wanted)
+            return pb.DeleteBootstrapTokenResponse(code=CODE_OK, message="deleted", result=True)
+
+        def _list_nodes(self, request: Any, context: Any) -> Any:
+            self._require_admin(context)
+            nodes = [
+                pb.NodeInfo(
+                    nodeToken=r.token,
+                    bindIp=r.bind_ip,
+                    connState=r.state,
+                    createTime=r.create_time,
+                    updateTime=r.update_time,
+                )
+                for r in ctl.store.nodes()
+            ]
+            return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
+
+        CreateBootstrapToken = guarded(pb.CreateBootstrapTokenResponse, _create)
+        ListBootstrapTokens = guarded(pb.ListBootstrapTokensResponse, _list_tokens)
+        DeleteBootstrapToken = guarded(pb.DeleteBootstrapTokenResponse, _delete_token)
+        ListNodes = guarded(pb.ListNodesResponse, _list_nodes)
+
+    return Bootstrap(), Control(), Admin()
+
+
+def start_grpc_servers(controller: Controller, bind_host: str = "0.0.0.0") -> list[Any]:
+    """The bootstrap server (server TLS) and the control server (mutual TLS)."""
+    from concurrent import futures
+
+    grpc, _, pb_grpc = grpc_modules()
+    cfg, pki = controller.config, controller.pki
+    bootstrap_svc, control_svc, admin_svc = build_services(controller)
+    grpc_key = pki.grpc.server_key_path.read_bytes()
+    chain = pki.grpc.server_chain_pem()
+    ca = pki.grpc.ca_path.read_bytes()
+
+    bootstrap = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"))
+    pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(bootstrap_svc, bootstrap)
+    creds = grpc.ssl_server_credentials([(grpc_key, chain)])
+    bind(bootstrap, f"{host_port(bind_host, cfg.bootstrap_port)}", creds, "bootstrapPort")
+
+    control = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-control"))
+    pb_grpc.add_LiteKubeNCServiceServicer_to_server(control_svc, control)
+    pb_grpc.add_NcAdminServiceServicer_to_server(admin_svc, control)
+    mtls = grpc.ssl_server_credentials([(grpc_key, chain)], root_certificates=ca, require_client_auth=True)
+    bind(control, f"{host_port(bind_host, cfg.grpc_port)}", mtls, "grpcPort")
+
+    bootstrap.start()
+    control.start()
+    log.info(
+        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS)", cfg.bootstrap_port, cfg.grpc_port
+    )
+    return [bootstrap, control]
+
+
+def bind(server: Any, address: str, creds: Any, field: str) -> None:
+    try:
+        port = server.add_secure_port(address, creds)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise NcError(f"cannot listen on {address}: address in use or not available; change server.{field}")
+
+
+# ============================================================================
+# 11. Server assembly
+#     `nc server`: PKI, store, pool, gRPC, data plane and background threads,
+#     started in order and stopped in reverse.
+# ============================================================================
+
+
+def default_route_interface() -> str | None:
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
+            return fields[0]
+    return None
+
+
+def interface_ipv4(name: str) -> str | None:
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def detect_server_ip() -> str:
+    """The address of the default-route interface, else the first non-loopback IPv4."""
+    iface = default_route_interface()
+    if iface:
+        ip = interface_ipv4(iface)
+        if ip:
+            return ip
+    for _, name in socket.if_nameindex():
+        ip = interface_ipv4(name)
+        if ip and not ip.startswith("127."):
+            return ip
+    raise ConfigError("cannot find this host's IPv4 address; set server.ip in server.yml")
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path) -> Iterator[None]:
+    """One server per workDir: a second start fails fast instead of sharing the database."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = work_dir / "nc-server.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise NcError(
+                f"another nc server (pid {holder}) is running with workDir {work_dir}; stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def wait_for_stop_signal(stop: threading.Event) -> None:
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(1.0):
+        pass
+
+
+def run_server(config: ServerConfig) -> int:
+    if os.geteuid() != 0:
+        raise NcError("nc server must run as root (it creates a TUN device and routes)")
+    with work_dir_lock(Path(config.work_dir)):
+        advertised = config.ip or detect_server_ip()
+        server_ip = str(config.server_overlay_ip)
+        log.info(
+            "nc %s server starting: advertised address %s, overlay %s (server %s)",
+            VERSION,
+            advertised,
+            config.overlay,
+            server_ip,
+        )
+        pki = Pki(config)
+        pki.ensure((advertised, "127.0.0.1", server_ip))
+        store = Store(config.db_path)
+        stop = threading.Event()
+        threads: list[threading.Thread] = []
+        servers: list[Any] = []
+        network: NetworkServer | None = None
+        try:
+            reset = store.reset_states(STATE_CONNECTED)
+            if reset:
+                log.info("reset %d stale connection state(s) to idle", reset)
+            check = threading.Thread(target=ensure_reserved, args=(store, server_ip), name="reserved-check")
+            check.start()
+            check.join()
+            bindings = Bindings(store, config.overlay)
+            controller = Controller(config, store, pki, bindings, advertised)
+            network = NetworkServer(config, store, bindings, pki)
+            network.start()
+            controller.sessions = network
+            servers = start_grpc_servers(controller)
+            threads = [TokenSweeper(store, stop), CacheSync(bindings, stop)]
+            for thread in threads:
+                thread.start()
+            log.info("nc server ready; join string pin %s", pki.ca_pin())
+            wait_for_stop_signal(stop)
+        finally:
+            stop.set()
+            for server in servers:
+                server.stop(grace=1.0).wait(3.0)
+            if network is not None:
+                network.stop()
+            for thread in threads:
+                thread.join(timeout=5.0)
+            store.reset_states(STATE_IDLE)
+            store.close()
+            log.info("nc server stopped")
+    return 0
+
+
+def ensure_reserved(store: Store, server_ip: str) -> None:
+    if store.ensure_reserved_node(server_ip):
+        log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
+
+
+# ============================================================================
+# 12. Join and admin commands
+#     The client side of the control plane: join strings and CA pins,
+#     saving node credentials, and `nc adm ...`.
+# ============================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinTarget:
+    token: str
+    host: str
+    port: int
+    pin: str | None
+
+    @property
+    def address(self) -> str:
+        return host_port(self.host, self.port)
+
+
+def parse_join_string(text: str) -> JoinTarget:
+    """token@host:port[#sha256:<hex>] (the original form has no pin)."""
+    text = text.strip()
+    body, _, pin = text.partition("#")
+    token, at, address = body.rpartition("@")
+    if not at or not token:
+        raise UsageError(
+            "join string must look like <token>@<ip>:<port>#sha256:<hex>; copy it whole from `nc adm token create`"
+        )
+    if address.startswith("["):
+        host, _, port_text = address[1:].partition("]:")
+    else:
+        host, _, port_text = address.rpartition(":")
+    try:
+        port = int(port_text)
+        ipaddress.ip_address(host)
+        if not 1 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"join string address {address!r} is not <ip>:<port>") from None
+    if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
+        raise UsageError("join string CA pin must be sha256:<64 hex digits>")
+    return JoinTarget(token, host, port, pin or None)
+
+
+def fetch_server_ca(target: JoinTarget) -> bytes:
+    """The server's gRPC CA, taken from its TLS chain and checked against the pin.
+
+    This runs before the token leaves the host: with a pin, a server whose CA
+    does not match is refused; without one, the CA is trusted on first use.
+    """
+    from cryptography import x509
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # verified below, by pin
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((target.host, target.port), timeout=RPC_TIMEOUT_S) as raw:
+            with context.wrap_socket(raw) as tls:
+                ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in tls._sslobj.get_unverified_chain()]  # type: ignore[attr-defined]
+    except (OSError, ssl.SSLError) as e:
+        raise RemoteError(f"cannot reach the bootstrap service at {target.address}: {e}") from None
+    certs = [x509.load_der_x509_certificate(der) for der in ders]
+    if not certs:
+        raise RemoteError(f"{target.address} presented no certificate")
+    leaf = certs[0]
+    if target.pin is None:
+        log.warning("the join string carries no CA pin: the server at %s was NOT verified", target.address)
+        candidates = certs[1:] or certs
+    else:
+        candidates = [c for c in certs if hmac.compare_digest(spki_pin(c), target.pin)]
+        if not candidates:
+            seen = ", ".join(spki_pin(c) for c in certs[1:]) or "none"
+            raise RemoteError(
+                f"the server at {target.address} is not the one in the join string: CA pin {target.pin} expected, "
+                f"server offered {seen}; the token was not sent"
+            )
+    ca = candidates[-1]
+    if ca is not leaf:
+        try:
+            leaf.verify_directly_issued_by(ca)
+        except Exception:
+            raise RemoteError(
+                f"the server at {target.address} presented a certificate its CA did not sign; the token was not sent"
+            ) from None
+    return cert_pem(ca)
+
+
+def secure_channel(address: str, ca: bytes, key: bytes | None = None, cert: bytes | None = None) -> Any:
+    grpc, _, _ = grpc_modules()
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", SERVER_TLS_NAME)])
+
+
+def call(channel: Any, stub_cls: Any, method: str, request: Any, address: str) -> Any:
+    """One RPC with a deadline; transport failures become a RemoteError line."""
+    grpc, _, _ = grpc_modules()
+    try:
+        return getattr(stub_cls(channel), method)(request, timeout=RPC_TIMEOUT_S)
+    except grpc.RpcError as e:
+        code = e.code()
+        if code == grpc.StatusCode.PERMISSION_DENIED:
+            raise RemoteError(f"{address}: {e.details()}") from None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise RemoteError(
+                f"cannot reach nc at {address} (is the server running, and are the credentials from its CA?)"
+            ) from None
+        raise RemoteError(f"{address}: {code.name.lower()}: {e.details()}") from None
+
+
+def check_code(response: Any) -> Any:
+    if response.code != CODE_OK:
+        raise RemoteError(f"server refused: {response.message or 'code ' + response.code}")
+    return response
+
+
+def node_files(work_dir: Path) -> dict[str, Path]:
+    tls = work_dir / "tls"
+    return {
+        "grpc_ca": tls / "grpc" / "ca.crt",
+        "grpc_cert": tls / "grpc" / "client.crt",
+        "grpc_key": tls / "grpc" / "client.key",
+        "network_ca": tls / "network" / "ca.crt",
+        "network_cert": tls / "network" / "client.crt",
+        "network_key": tls / "network" / "client.key",
+        "config": work_dir / "client.yml",
+    }
+
+
+def has_credentials(work_dir: Path) -> bool:
+    return all(path.exists() for path in node_files(work_dir).values())
+
+
+def join(join_string: str, work_dir: Path) -> ClientConfig:
+    """Fetch this node's token and certificates with a bootstrap token and save them."""
+    _, pb, pb_grpc = grpc_modules()
+    target = parse_join_string(join_string)
+    ca = fetch_server_ca(target)
+    with secure_channel(target.address, ca) as channel:
+        response = call(
+            channel,
+            pb_grpc.LiteKubeNCBootstrapServiceStub,
+            "GetToken",
+            pb.GetTokenRequest(bootStrapToken=target.token),
+            target.address,
+        )
+    if response.code != CODE_OK:
+        raise TokenRefused(f"join refused: {response.message}")
+    if not valid_node_token(response.token):
+        raise RemoteError("server answered with an invalid node-token")
+    files = node_files(work_dir)
+    pieces = {
+        "grpc_ca": response.GrpcCaCert,
+        "grpc_cert": response.GrpcClientCert,
+        "grpc_key": response.GrpcClientKey,
+        "network_ca": response.NetworkCaCert,
+        "network_cert": response.NetworkClientCert,
+        "network_key": response.NetworkClientKey,
+    }
+    decoded = {}
+    for name, value in pieces.items():
+        try:
+            decoded[name] = base64.b64decode(value, validate=True)
+        except ValueError:
+            raise RemoteError(f"server sent an undecodable {name}") from None
+    for name, data in decoded.items():
+        write_private(files[name], data, 0o600 if name.endswith("key") else 0o644)
+    config = ClientConfig(
+        server_addr=response.networkServerIp or target.host,
+        port=int(response.networkServerPort or DEFAULT_NETWORK_PORT),
+        token=response.token,
+        work_dir=str(work_dir),
+    ).resolve()
+    write_private(files["config"], client_yaml(config).encode(), 0o600)
+    log.info("joined as node %s; credentials saved in %s", response.token, work_dir)
+    return config
+
+
+@dataclasses.dataclass
+class AdminTarget:
+    address: str
+    bootstrap_address: str
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def admin_target(args: argparse.Namespace) -> AdminTarget:
+    config: ServerConfig = load_config(args.config, "server")
+    host = "127.0.0.1"
+    grpc_port, bootstrap_port = config.grpc_port, config.bootstrap_port
+    if args.server:
+        host, _, port_text = args.server.rpartition(":")
+        if not host or not port_text.isdigit():
+            raise UsageError(f"--server {args.server!r}: expected HOST:PORT of the control service")
+        host, grpc_port = host.strip("[]"), int(port_text)
+    admin = config.admin_dir
+    return AdminTarget(
+        address=host_port(host, grpc_port),
+        bootstrap_address=host_port(host, args.bootstrap_port or bootstrap_port),
+        ca=Path(args.ca) if args.ca else admin / "ca.crt",
+        cert=Path(args.cert) if args.cert else admin / "client.crt",
+        key=Path(args.key) if args.key else admin / "client.key",
+    )
+
+
+class AdminClient:
+    """A mutual-TLS channel to the control port with the admin identity."""
+
+    def __init__(self, target: AdminTarget) -> None:
+        self.target = target
+        for path, flag in ((target.ca, "--ca"), (target.cert, "--cert"), (target.key, "--key")):
+            if not path.exists():
+                raise UsageError(f"{path}: no such file; run on the server host (as root) or pass {flag}")
+        try:
+            ca, cert, key = target.ca.read_bytes(), target.cert.read_bytes(), target.key.read_bytes()
+        except PermissionError as e:
+            raise UsageError(f"{e.filename}: permission denied; run as root") from None
+        self.ca = ca
+        self.channel = secure_channel(target.address, ca, key, cert)
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+
+    def control(self, method: str, request: Any) -> Any:
+        _, _, pb_grpc = grpc_modules()
+        return call(self.channel, pb_grpc.LiteKubeNCServiceStub, method, request, self.target.address)
+
+    def admin(self, method: str, request: Any) -> Any:
+        _, _, pb_grpc = grpc_modules()
+        return call(self.channel, pb_grpc.NcAdminServiceStub, method, request, self.target.address)
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def message_json(message: Any) -> dict:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def adm_token_create(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    with AdminClient(admin_target(args)) as client:
+        response = check_code(
+            client.admin(
+                "CreateBootstrapToken", pb.CreateBootstrapTokenRequest(lifeMinutes=args.life, singleUse=args.single_use)
+            )
+        )
+    if args.output == "json":
+        print_json({k: v for k, v in message_json(response).items() if k not in ("code", "message")})
+    else:
+        print(response.joinString)
+    return 0
+
+
+def adm_token_list(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    with AdminClient(admin_target(args)) as client:
+        response = check_code(client.admin("ListBootstrapTokens", pb.ListBootstrapTokensRequest()))
+    if args.output == "json":
+        print_json([message_json(t) for t in response.tokens])
+    else:
+        rows = [[t.tokenId, t.expireTime, t.createTime, "yes" if t.singleUse else "no"] for t in response.tokens]
+        print_table(["TOKEN-ID", "EXPIRES", "CREATED", "SINGLE-USE"], rows)
+    return 0
+
+
+def adm_token_delete(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    with AdminClient(admin_target(args)) as client:
+        check_code(client.admin("DeleteBootstrapToken", pb.DeleteBootstrapTokenRequest(tokenId=args.token_id)))
+    if args.output == "json":
+        print_json({"tokenId": token_id(args.token_id), "deleted": True})
+    else:
+        print(f"deleted bootstrap token {token_id(args.token_id)}")
+    return 0
+
+
+def adm_join(args: argparse.Namespace) -> int:
+    work_dir = Path(args.work_dir).resolve()
+    config = join(args.join_string, work_dir)
+    if args.output == "json":
+        print_json({"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")})
+    else:
+        print(config.token)
+    return 0
+
+
+def adm_node_list(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    with AdminClient(admin_target(args)) as client:
+        response = check_code(client.admin("ListNodes", pb.ListNodesRequest()))
+    if args.output == "json":
+        print_json([message_json(n) for n in response.nodes])
+    else:
+        rows = [
+            [n.nodeToken, n.bindIp or "-", f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})", n.updateTime]
+            for n in response.nodes
+        ]
+        print_table(["NODE-TOKEN", "BIND-IP", "STATE", "UPDATED"], rows)
+    return 0
+
+
+def adm_node_state(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    with AdminClient(admin_target(args)) as client:
+        response = check_code(client.control("CheckConnState", pb.CheckConnStateRequest(token=args.node_token)))
+    if args.output == "json":
+        print_json({"nodeToken": args.node_token, **message_json(response)})
+    else:
+        print(
+            f"{args.node_token}  bind-ip {response.bindIp or '-'}  state {STATE_NAMES.get(response.connState, '?')} ({response.connState})"
+        )
+    return 0
+
+
+def adm_node_unregister(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    with AdminClient(admin_target(args)) as client:
+        response = check_code(client.control("UnRegister", pb.UnRegisterRequest(token=args.node_token)))
+    if args.output == "json":
+        print_json({"nodeToken": args.node_token, **message_json(response)})
+    else:
+        print(f"unregistered {args.node_token}")
+    return 0
+
+
+def adm_health(args: argparse.Namespace) -> int:
+    _, pb, pb_grpc = grpc_modules()
+    target = admin_target(args)
+    results: dict[str, str] = {}
+    with AdminClient(target) as client:
+        try:
+            results["control"] = check_code(client.control("HealthCheck", pb.HealthCheckRequest())).code
+        except NcError as e:
+            results["control"] = str(e)
+        try:
+            with secure_channel(target.bootstrap_address, client.ca) as channel:
+                response = call(
+                    channel,
+                    pb_grpc.LiteKubeNCBootstrapServiceStub,
+                    "HealthCheck",
+                    pb.HealthCheckRequest(),
+                    target.bootstrap_address,
+                )
+            results["bootstrap"] = check_code(response).code
+        except NcError as e:
+            results["bootstrap"] = str(e)
+    healthy = all(v == CODE_OK for v in results.values())
+    addresses = {"control": target.address, "bootstrap": target.bootstrap_address}
+    if args.output == "json":
+        print_json(
+            {
+                "healthy": healthy,
+                **{k: {"address": addresses[k], "ok": v == CODE_OK, "detail": v} for k, v in results.items()},
+            }
+        )
+    else:
+        for name, value in results.items():
+            print(f"{name:9} {addresses[name]:21} {'ok' if value == CODE_OK else 'FAILED: ' + value}")
+    return 0 if healthy else 1
+
+
+# ============================================================================
+# 13. Logging and main
+#     Log files that rotate daily (seven kept), argparse subcommands, and the
+#     single place where an NcError becomes one stderr line and an exit code.
+# ============================================================================
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(threadName)s: %(message)s"
+
+
+class BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdout: bool = False) -> None:
+    """stdout gets info lines, stderr warnings and errors, and with a log_dir a file
+    `nc-<mode>.log` rotated at midnight (seven kept) always holds the latest lines."""
+    root = logging.getLogger("nc")
+    root.handlers.clear()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False
+    formatter = logging.Formatter(LOG_FORMAT)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setLevel(logging.WARNING)
+    errors.setFormatter(logging.Formatter("nc: %(levelname)s: %(message)s") if quiet_stdout else formatter)
+    root.addHandler(errors)
+    if not quiet_stdout:
+        info = logging.StreamHandler(sys.stdout)
+        info.addFilter(BelowWarning())
+        info.setFormatter(formatter)
+        root.addHandler(info)
+    if mode and log_dir:
+        try:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            handler = logging.handlers.TimedRotatingFileHandler(
+                Path(log_dir) / f"nc-{mode}.log", when="midnight", backupCount=7, encoding="utf-8"
+            )
+        except OSError as e:
+            raise ConfigError(f"logDir {log_dir}: cannot write logs there ({e.strerror}); set {mode}.logDir") from None
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    config: ServerConfig = load_config(args.config, "server")
+    setup_logging("server", config.log_dir, config.debug)
+    return run_server(config)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    if args.config and args.join:
+        raise UsageError("use either --config (saved credentials) or --join (first start), not both")
+    if args.join:
+        work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
+        if has_credentials(work_dir):
+            setup_logging(None, None, False)
+            log.info("%s already holds credentials; not joining again", work_dir)
+            config = load_config(str(work_dir / "client.yml"), "client")
+        else:
+            setup_logging(None, None, False)
+            config = join(args.join, work_dir)
+    elif args.config:
+        config = load_config(args.config, "client")
+    elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
+        config = load_config(str(Path(args.work_dir) / "client.yml"), "client")
+    else:
+        raise UsageError("nc client needs --join '<join string>' on first start, or --config client.yml after")
+    setup_logging("client", config.log_dir, config.debug)
+    if not config.server_addr or not config.token:
+        raise ConfigError("client config needs client.serverAddr and client.token; join first with --join")
+    return run_client(config)
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from importlib import metadata
+
+    print(f"nc {VERSION}")
+    print(f"python {sys.version.split()[0]}")
+    for dist in ("grpcio", "protobuf", "cryptography", "PyYAML"):
+        try:
+            print(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            print(f"{dist} missing")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nc",
+        description="LiteKube network controller: a TLS overlay network with stable IPs and bootstrap tokens.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    server = commands.add_parser(
+        "server",
+        help="run the cloud server (foreground)",
+        description="Run the nc server in the foreground. Without --config it runs on the embedded defaults.",
+    )
+    server.add_argument("--config", metavar="FILE", help="server.yml (default: embedded defaults)")
+    server.set_defaults(func=cmd_server)
+
+    client = commands.add_parser(
+        "client",
+        help="run an edge node (foreground, reconnects forever)",
+        description="Join the overlay and stay connected. First start: --join; later: --config.",
+    )
+    client.add_argument("--join", metavar="JOIN", help="join string from `nc adm token create` (first start)")
+    client.add_argument(
+        "--work-dir", metavar="DIR", help=f"where credentials and client.yml live (default {DEFAULT_CLIENT_WORK_DIR})"
+    )
+    client.add_argument("--config", metavar="FILE", help="client.yml written by a previous join")
+    client.set_defaults(func=cmd_client)
+
+    adm = commands.add_parser(
+        "adm",
+        help="administer a server (tokens, nodes, health)",
+        description="Administer an nc server. On the server host it needs no flags.",
+    )
+    add_admin_connection_flags(adm)
+    adm_cmds = adm.add_subparsers(dest="adm_command", metavar="COMMAND", required=True)
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("-o", "--output", choices=["text", "json"], default=argparse.SUPPRESS, help="output format")
+
+    token = adm_cmds.add_parser("token", help="bootstrap tokens: create, list, delete")
+    token_cmds = token.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
+    create = token_cmds.add_parser("create", parents=[output], help="mint a bootstrap token and print its join string")
+    add_token_create_flags(create)
+    token_cmds.add_parser("list", parents=[output], help="list bootstrap tokens (ids only)").set_defaults(
+        func=adm_token_list
+    )
+    delete = token_cmds.add_parser("delete", parents=[output], help="delete a bootstrap token")
+    delete.add_argument("token_id", metavar="TOKEN-ID", help="token id (or the whole token)")
+    delete.set_defaults(func=adm_token_delete)
+    legacy_create = adm_cmds.add_parser("create-bootstrap-token", parents=[output], help="alias of `token create`")
+    add_token_create_flags(legacy_create)
+
+    join_cmd = adm_cmds.add_parser(
+        "join", aliases=["get-token"], parents=[output], help="fetch and save node credentials only"
+    )
+    join_cmd.add_argument("join_string", metavar="JOIN", help="join string from `nc adm token create`")
+    join_cmd.add_argument(
+        "--work-dir",
+        default=DEFAULT_CLIENT_WORK_DIR,
+        metavar="DIR",
+        help=f"where to save them (default {DEFAULT_CLIENT_WORK_DIR})",
+    )
+    join_cmd.set_defaults(func=adm_join)
+
+    node = adm_cmds.add_parser("node", help="nodes: list, state, unregister")
+    node_cmds = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
+    node_cmds.add_parser("list", parents=[output], help="list registered nodes").set_defaults(func=adm_node_list)
+    for name, aliases, func, text in (
+        ("state", ["check-conn-state"], adm_node_state, "one node's bind IP and connection state"),
+        ("unregister", [], adm_node_unregister, "unregister a node: cut it off and free its address"),
+    ):
+        sub = node_cmds.add_parser(name, parents=[output], help=text)
+        sub.add_argument("--node-token", required=True, metavar="T")
+        sub.set_defaults(func=func)
+        for alias in aliases + ([name] if name == "unregister" else []):
+            legacy = adm_cmds.add_parser(alias, parents=[output], help=f"alias of `node {name}`")
+            legacy.add_argument("--node-token", required=True, metavar="T")
+            legacy.set_defaults(func=func)
+    adm_cmds.add_parser(
+        "health", aliases=["check-health"], parents=[output], help="check both gRPC ports"
+    ).set_defaults(func=adm_health)
+
+    commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
+    return parser
+
+
+def add_admin_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="the server's server.yml (default: embedded defaults)")
+    parser.add_argument("--server", metavar="HOST:PORT", help="control service address (default 127.0.0.1:<grpcPort>)")
+    parser.add_argument(
+        "--bootstrap-port", type=int, metavar="PORT", help="bootstrap port for `health` (default <bootstrapPort>)"
+    )
+    parser.add_argument("--ca", metavar="FILE", help="gRPC CA certificate (default <tlsDir>/admin/ca.crt)")
+    parser.add_argument("--cert", metavar="FILE", help="admin client certificate (default <tlsDir>/admin/client.crt)")
+    parser.add_argument("--key", metavar="FILE", help="admin client key (default <tlsDir>/admin/client.key)")
+    parser.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
+
+
+def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--life",
+        type=int,
+        default=DEFAULT_TOKEN_LIFE_MIN,
+        metavar="MIN",
+        help="minutes the token lives; negative never expires (default 10)",
+    )
+    parser.add_argument("--single-use", action="store_true", help="consumed by its first join")
+    parser.set_defaults(func=adm_token_create)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "adm":
+        setup_logging(None, None, False, quiet_stdout=True)
+    try:
+        return args.func(args)
+    except NcError as e:
+        print(f"nc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

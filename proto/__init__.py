@@ -1,0 +1,1 @@
+"""Generated protobuf modules for nc (built by build.sh from nc.proto)."""

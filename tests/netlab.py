@@ -1,0 +1,178 @@
+"""A lab of network namespaces for end-to-end tests and benchmarks.
+
+Hosts are namespaces joined by veth pairs to a bridge that lives in its own
+namespace, so nothing touches the machine's own interfaces. Underlay
+addresses come from 198.18.0.0/15 (the benchmarking range). Every process is
+started with a known PID and stopped by that PID; close() removes every
+namespace, also when a test failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NC = ROOT / "nc"
+UNDERLAY_PREFIX = "198.18.0"
+
+
+def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} -> {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
+class Process:
+    """A process started inside a namespace; output goes to a log file."""
+
+    def __init__(self, popen: subprocess.Popen, log_path: Path) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal by PID and wait; escalates to SIGKILL after timeout."""
+        if self.alive():
+            os.kill(self.pid, sig)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+        return self.popen.wait(10)
+
+
+class Host:
+    def __init__(self, lab: Lab, name: str, ns: str, ip: str) -> None:
+        self.lab, self.name, self.ns, self.ip = lab, name, ns, ip
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.ns, *args], capture_output=True, text=True, timeout=timeout, input=input
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(
+                f"[{self.name}] {' '.join(args)} -> {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
+            )
+        return done
+
+    def nc(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return self.run(str(NC), *args, check=check, timeout=timeout)
+
+    def spawn(self, *args: str, name: str | None = None) -> Process:
+        log_path = self.lab.dir / f"{name or self.name}-{len(self.lab.processes)}.log"
+        handle = open(log_path, "wb")
+        popen = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns, *args], stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        handle.close()
+        process = Process(popen, log_path)
+        self.lab.processes.append(process)
+        return process
+
+    def spawn_nc(self, *args: str, name: str | None = None) -> Process:
+        return self.spawn(str(NC), *args, name=name)
+
+    def ping(self, target: str, count: int = 1, timeout: float = 2) -> bool:
+        done = self.run(
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            str(count),
+            "-W",
+            str(int(timeout)),
+            "-i",
+            "0.2",
+            target,
+            check=False,
+            timeout=timeout * count + 10,
+        )
+        return done.returncode == 0
+
+    def has_link(self, name: str) -> bool:
+        return self.run("ip", "link", "show", "dev", name, check=False).returncode == 0
+
+
+class Lab:
+    """Namespaces on one bridge: lab.add_host('server') -> 198.18.0.1, and so on."""
+
+    def __init__(self, directory: Path) -> None:
+        self.id = secrets.token_hex(3)
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.hosts: dict[str, Host] = {}
+        self.processes: list[Process] = []
+        self.namespaces: list[str] = []
+        self.bridge_ns = self._namespace("br")
+        sh("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+
+    def _namespace(self, role: str) -> str:
+        name = f"nct-{self.id}-{role}"
+        sh("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def add_host(self, name: str) -> Host:
+        index = len(self.hosts) + 1
+        ns = self._namespace(name)
+        port = f"p{index}"
+        sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", self.bridge_ns)
+        sh("ip", "-n", self.bridge_ns, "link", "set", port, "master", "br0", "up")
+        ip = f"{UNDERLAY_PREFIX}.{index}"
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        sh("ip", "-n", ns, "link", "set", "eth0", "up")
+        host = Host(self, name, ns, ip)
+        self.hosts[name] = host
+        return host
+
+    def close(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(Exception):
+                process.stop(signal.SIGKILL, timeout=5)
+        for ns in reversed(self.namespaces):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+@contextlib.contextmanager
+def lab(directory: Path) -> Iterator[Lab]:
+    the_lab = Lab(directory)
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 20, interval: float = 0.1, what: str = "condition"
+) -> object:
+    """Poll until predicate() is truthy; fail with `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

@@ -10,6 +10,7 @@ namespace, also when a test failed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -80,11 +81,13 @@ class Host:
 
     def spawn(self, *args: str, name: str | None = None) -> Process:
         log_path = self.lab.dir / f"{name or self.name}-{len(self.lab.processes)}.log"
-        handle = open(log_path, "wb")
-        popen = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, *args], stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-        handle.close()
+        with open(log_path, "wb") as handle:
+            popen = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns, *args],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         process = Process(popen, log_path)
         self.lab.processes.append(process)
         return process
@@ -153,6 +156,94 @@ class Lab:
                 process.stop(signal.SIGKILL, timeout=5)
         for ns in reversed(self.namespaces):
             sh("ip", "netns", "del", ns, check=False)
+
+
+class NcServer:
+    """`nc server` running in a lab host with its own server.yml and workDir."""
+
+    def __init__(self, host: Host, process: Process, config: Path, work_dir: Path) -> None:
+        self.host, self.process, self.config, self.work_dir = host, process, config, work_dir
+
+    def adm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return self.host.nc("adm", "--config", str(self.config), *args, check=check)
+
+    def adm_json(self, *args: str) -> object:
+        return json.loads(self.adm(*args, "-o", "json").stdout)
+
+    def join_string(self, *args: str) -> str:
+        return self.adm("token", "create", *args).stdout.strip()
+
+    def healthy(self) -> bool:
+        return self.adm("health", check=False).returncode == 0
+
+    def node(self, token: str) -> dict:
+        return {n["nodeToken"]: n for n in self.adm_json("node", "list")}.get(token, {})
+
+    def start(self) -> NcServer:
+        """(Re)start the server process on the same config; waits until healthy."""
+        if self.process.alive():
+            raise RuntimeError("server already running")
+        self.process = self.host.spawn_nc("server", "--config", str(self.config), name="server")
+        wait_for(self.healthy, timeout=30, what="nc server to become healthy")
+        return self
+
+
+def start_server(host: Host, **fields: object) -> NcServer:
+    """Write server.yml (workDir in the lab dir plus the given camelCase fields), start, wait healthy."""
+    work_dir = host.lab.dir / f"{host.name}-work"
+    config = host.lab.dir / f"{host.name}-server.yml"
+    body = {"workDir": str(work_dir), **fields}
+    config.write_text(json.dumps({"mode": "server", "server": body}))  # JSON is YAML
+    process = host.spawn_nc("server", "--config", str(config), name="server")
+    server = NcServer(host, process, config, work_dir)
+    try:
+        wait_for(server.healthy, timeout=30, what="nc server to become healthy")
+    except AssertionError:
+        raise AssertionError(f"server did not start; log:\n{process.log()}") from None
+    return server
+
+
+class NcClient:
+    def __init__(self, host: Host, process: Process, work_dir: Path) -> None:
+        self.host, self.process, self.work_dir = host, process, work_dir
+
+    @property
+    def config(self) -> Path:
+        return self.work_dir / "client.yml"
+
+    def token(self) -> str:
+        import yaml
+
+        return yaml.safe_load(self.config.read_text())["client"]["token"]
+
+    def overlay_ip(self) -> str | None:
+        """The IPv4 address on the client's nc0, or None."""
+        done = self.host.run("ip", "-j", "-4", "addr", "show", "dev", "nc0", check=False)
+        if done.returncode != 0:
+            return None
+        for link in json.loads(done.stdout or "[]"):
+            for info in link.get("addr_info", []):
+                return info["local"]
+        return None
+
+    def restart(self) -> NcClient:
+        if self.process.alive():
+            raise RuntimeError("client already running")
+        self.process = self.host.spawn_nc("client", "--config", str(self.config), name=f"{self.host.name}-client")
+        return self
+
+
+def start_client(host: Host, join: str, wait: bool = True) -> NcClient:
+    """`nc client --join` in host with a work dir in the lab dir; waits for nc0 to get an address."""
+    work_dir = host.lab.dir / f"{host.name}-client"
+    process = host.spawn_nc("client", "--join", join, "--work-dir", str(work_dir), name=f"{host.name}-client")
+    client = NcClient(host, process, work_dir)
+    if wait:
+        try:
+            wait_for(client.overlay_ip, timeout=30, what=f"{host.name} to get an overlay address")
+        except AssertionError:
+            raise AssertionError(f"client on {host.name} did not connect; log:\n{process.log()}") from None
+    return client
 
 
 @contextlib.contextmanager

@@ -169,6 +169,7 @@ class ServerConfig:
     mtu: int = DEFAULT_MTU
     interconnection: bool = True
     gateway: bool = False  # forward and NAT node traffic out of the uplink
+    offload: bool = True  # TSO/GSO on the TUN and 64 KiB frames with peers that agree
     keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
 
     def resolve(self) -> ServerConfig:
@@ -205,6 +206,7 @@ class ClientConfig:
     debug: bool = False
     mtu: int = DEFAULT_MTU
     redirect_gateway: bool = False  # send all traffic through the tunnel
+    offload: bool = True  # offer 64 KiB TSO/GSO frames to the server
 
     def resolve(self) -> ClientConfig:
         work = Path(self.work_dir)
@@ -1131,9 +1133,17 @@ def cert_common_name(der_or_pem: bytes) -> str:
 # ============================================================================
 
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
-TUN_READ_SIZE = 65536
+IFF_VNET_HDR = 0x4000
+# TUNSETOFFLOAD flags: the kernel may hand us (and accept) 64 KiB TCP segments
+# with partial checksums instead of MTU-sized packets.
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_READ_SIZE = 65536 + 64
 
 
 def run_ip(*args: str) -> str:
@@ -1155,19 +1165,25 @@ class Tun:
     """A TUN device owned by this process: the kernel removes it, with its
     addresses and routes, when the file descriptor closes (also on SIGKILL)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, offload: bool = False) -> None:
+        """offload: every read and write carries a virtio_net_hdr, and the kernel
+        uses TSO/GSO and checksum offload on this device."""
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise TunError(f"/dev/net/tun: {e.strerror}; run as root on a kernel with TUN support") from None
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
         try:
-            result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+            result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+            if offload:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
         except OSError as e:
             os.close(fd)
             if e.errno == errno.EBUSY:
                 raise TunError(f"interface {name} already exists and is in use (is another nc running?)") from None
             raise TunError(f"cannot create TUN device {name}: {e.strerror}") from None
         self.fd = fd
+        self.offload = offload
         self.name = result[:16].rstrip(b"\0").decode()
 
     def configure(self, address: ipaddress.IPv4Interface, mtu: int) -> None:
@@ -1270,11 +1286,22 @@ FRAME_WELCOME = 0x02  # server -> client: your address, MTU, routes, agreed capa
 FRAME_ERROR = 0x03  # either way: why the session ends, and whether to retry
 FRAME_PACKET = 0x10  # one IP packet
 FRAME_KEEPALIVE = 0x11  # liveness, empty
+FRAME_GSO_PACKET = 0x12  # virtio_net_hdr + a packet of up to 64 KiB (capability "gso")
 FRAME_OPTIONAL = 0x80  # types from here up may be ignored by a peer that lacks them
 FRAME_HEADER = struct.Struct("!I")
 MAX_PAYLOAD = 65535 + 64
 MAX_CONTROL_PAYLOAD = 4096
-CAPABILITIES: tuple[str, ...] = ()  # negotiated per peer: offered in HELLO, agreed in WELCOME
+CAP_GSO = "gso"
+CAPABILITIES: tuple[str, ...] = (CAP_GSO,)  # negotiated per peer: offered in HELLO, agreed in WELCOME
+
+# struct virtio_net_hdr (host byte order), as TUN with IFF_VNET_HDR reads and writes it.
+VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR_LEN = VNET_HDR.size
+ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+VNET_F_NEEDS_CSUM = 0x01
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_ECN = 0x80
 
 
 def encode_frame(kind: int, payload: bytes = b"") -> bytes:
@@ -1415,6 +1442,69 @@ def ipv4_endpoints(packet: Any) -> tuple[int, int] | None:
     if header_len < 20 or total < header_len or total > len(packet):
         return None
     return int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
+
+
+def checksum(data: Any) -> int:
+    """Internet checksum (RFC 1071): the ones' complement sum is the value of the
+    whole buffer modulo 0xFFFF, because 0x10000 = 1 (mod 0xFFFF)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    return 0xFFFF - int.from_bytes(data, "big") % 0xFFFF
+
+
+def plain_packets(payload: Any) -> list[bytes]:
+    """The ordinary packets in a GSO frame payload (virtio_net_hdr + packet), for
+    a peer without offload: a TCP super-segment is cut into gso_size pieces with
+    their own headers and checksums; a partial checksum is completed."""
+    if len(payload) < VNET_HDR_LEN:
+        return []
+    flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(payload)
+    packet = payload[VNET_HDR_LEN:]
+    if gso_type & ~GSO_ECN == GSO_TCPV4 and gso_size > 0:
+        return segment_tcp4(packet, gso_size)
+    if gso_type != GSO_NONE:
+        return []  # nothing else is negotiated with the kernel (TSO6 packets are not IPv4 overlay traffic)
+    if flags & VNET_F_NEEDS_CSUM:
+        field = csum_start + csum_offset
+        if field + 2 > len(packet):
+            return []
+        fixed = bytearray(packet)
+        fixed[field : field + 2] = checksum(fixed[csum_start:]).to_bytes(2, "big")
+        return [bytes(fixed)]
+    return [bytes(packet)]
+
+
+def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
+    """Software TSO for one IPv4/TCP super-segment."""
+    if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
+        return []
+    ihl = (packet[0] & 0x0F) * 4
+    thl = (packet[ihl + 12] >> 4) * 4 if len(packet) > ihl + 12 else 0
+    if ihl < 20 or thl < 20 or len(packet) < ihl + thl:
+        return []
+    ip_header, tcp_header, data = bytes(packet[:ihl]), bytes(packet[ihl : ihl + thl]), packet[ihl + thl :]
+    ip_id = int.from_bytes(ip_header[4:6], "big")
+    seq = int.from_bytes(tcp_header[4:8], "big")
+    tcp_flags = tcp_header[13]
+    addresses = ip_header[12:20]
+    segments = []
+    for index, offset in enumerate(range(0, len(data), mss)):
+        chunk = data[offset : offset + mss]
+        last = offset + mss >= len(data)
+        ip = bytearray(ip_header)
+        ip[2:4] = (ihl + thl + len(chunk)).to_bytes(2, "big")
+        ip[4:6] = ((ip_id + index) & 0xFFFF).to_bytes(2, "big")
+        ip[10:12] = b"\0\0"
+        ip[10:12] = checksum(ip).to_bytes(2, "big")
+        tcp = bytearray(tcp_header)
+        tcp[4:8] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
+        flags = tcp_flags if last else tcp_flags & ~0x09  # FIN and PSH only on the last piece
+        tcp[13] = flags if index == 0 else flags & ~0x80  # CWR only on the first
+        tcp[16:18] = b"\0\0"
+        pseudo = addresses + bytes((0, socket.IPPROTO_TCP)) + (thl + len(chunk)).to_bytes(2, "big")
+        tcp[16:18] = checksum(pseudo + tcp + chunk).to_bytes(2, "big")
+        segments.append(bytes(ip + tcp + chunk))
+    return segments
 
 
 class FrameBuffer:
@@ -1598,6 +1688,7 @@ class ServerSession(Link):
         self.node_token = ""
         self.ip = 0
         self.caps: tuple[str, ...] = ()
+        self.gso = False  # the peer takes FRAME_GSO_PACKET
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
@@ -1661,6 +1752,8 @@ class NetworkServer:
         self.bindings = bindings
         self.pki = pki
         self.overlay = config.overlay
+        self.overlay_first = int(self.overlay.network_address)
+        self.overlay_last = int(self.overlay.broadcast_address)
         self.server_ip = int(config.server_overlay_ip)
         self.keepalive = config.keepalive
         self.sessions: dict[int, ServerSession] = {}
@@ -1682,7 +1775,7 @@ class NetworkServer:
     def start(self) -> None:
         self.tls = self._tls_context()
         self.listener = self._listen()
-        self.tun = Tun("ncsrv0")
+        self.tun = Tun("ncsrv0", offload=self.config.offload)
         try:
             self.tun.configure(
                 ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(self.server_ip)}/{self.overlay.prefixlen}"),
@@ -1860,8 +1953,8 @@ class NetworkServer:
         view = session.rx.view
         for kind, start, end in session.rx.frames():
             if session.phase == Phase.ESTABLISHED:
-                if kind == FRAME_PACKET:
-                    self._route_from_node(session, view, start, end)
+                if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+                    self._route_from_node(session, view, kind, start, end)
                 elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
                     continue
                 else:
@@ -1888,7 +1981,9 @@ class NetworkServer:
             self._refuse(session, Refusal("identity", "the reserved node-token is the server's own", retry=False))
             return
         session.node_token = hello.node_token
-        session.caps = tuple(c for c in hello.caps if c in CAPABILITIES)
+        offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
+        session.caps = tuple(c for c in hello.caps if c in offered)
+        session.gso = CAP_GSO in session.caps
         session.phase = Phase.ADMITTING
         token = hello.node_token
 
@@ -1954,8 +2049,9 @@ class NetworkServer:
 
     # -- switching --------------------------------------------------------------------------
 
-    def _route_from_node(self, session: ServerSession, view: memoryview, start: int, end: int) -> None:
-        packet = view[start:end]
+    def _route_from_node(self, session: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
+        """One packet from a node: to the server's kernel, to another node, or dropped."""
+        packet = view[start + VNET_HDR_LEN if kind == FRAME_GSO_PACKET else start : end]
         endpoints = ipv4_endpoints(packet)
         if endpoints is None:
             self.counters["dropped-not-ipv4"] += 1
@@ -1970,44 +2066,66 @@ class NetworkServer:
             )
             return
         if dst == self.server_ip:
-            self._write_tun(packet)
+            self._write_tun(view, kind, start, end)
             return
         peer = self.by_ip.get(dst)
         if peer is not None:
-            if not self.config.interconnection:
-                self.counters["dropped-interconnection"] += 1
-            elif peer.queue(bytes(view[start - 4 : end])):
-                self.dirty.add(peer)
+            if self.config.interconnection:
+                self._forward(peer, view, kind, start, end)
             else:
-                self.counters["dropped-queue-full"] += 1
-        elif self.config.gateway and dst not in self._overlay_range:
-            self._write_tun(packet)
+                self.counters["dropped-interconnection"] += 1
+        elif self.config.gateway and not self.overlay_first <= dst <= self.overlay_last:
+            self._write_tun(view, kind, start, end)
         else:
             self.counters["dropped-no-route"] += 1
 
-    @property
-    def _overlay_range(self) -> range:
-        return range(int(self.overlay.network_address), int(self.overlay.broadcast_address) + 1)
+    def _forward(self, peer: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
+        """Queue a node's frame for another node, as-is when the peer can take it."""
+        if kind == FRAME_PACKET or peer.gso:
+            frames = [bytes(view[start - 4 : end])]
+        else:
+            frames = [encode_frame(FRAME_PACKET, p) for p in plain_packets(view[start:end])]
+        self._queue_frames(peer, frames)
 
-    def _write_tun(self, packet: Any) -> None:
+    def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
+        for frame in frames:
+            if not peer.queue(frame):
+                self.counters["dropped-queue-full"] += 1
+                break
+        self.dirty.add(peer)
+
+    def _write_tun(self, view: memoryview, kind: int, start: int, end: int) -> None:
+        """Hand a node's packet to this host's kernel (the server's own IP, or the gateway)."""
         try:
-            os.write(self.tun.fd, packet)
+            if not self.tun.offload:
+                for packet in plain_packets(view[start:end]) if kind == FRAME_GSO_PACKET else [view[start:end]]:
+                    os.write(self.tun.fd, packet)
+            elif kind == FRAME_GSO_PACKET:
+                os.write(self.tun.fd, view[start:end])
+            else:
+                os.writev(self.tun.fd, [ZERO_VNET_HDR, view[start:end]])
         except OSError as e:
             self.counters["dropped-tun-write"] += 1
             self.note("tun-write", "TUN write failed: %s", e.strerror)
 
     def _read_tun(self) -> None:
+        """Packets from this host's kernel to nodes."""
+        offset = VNET_HDR_LEN if self.tun.offload else 0
         for _ in range(256):
             try:
-                packet = os.read(self.tun.fd, TUN_READ_SIZE)
+                data = os.read(self.tun.fd, TUN_READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
-            endpoints = ipv4_endpoints(packet)
+            endpoints = ipv4_endpoints(memoryview(data)[offset:])
             peer = self.by_ip.get(endpoints[1]) if endpoints else None
             if peer is None:
                 self.counters["dropped-no-route"] += 1
-            elif peer.queue(encode_frame(FRAME_PACKET, packet)):
-                self.dirty.add(peer)
+            elif not offset:
+                self._queue_frames(peer, [encode_frame(FRAME_PACKET, data)])
+            elif peer.gso:
+                self._queue_frames(peer, [encode_frame(FRAME_GSO_PACKET, data)])
+            else:
+                self._queue_frames(peer, [encode_frame(FRAME_PACKET, p) for p in plain_packets(data)])
 
     # -- output, liveness, teardown -----------------------------------------------------------
 
@@ -2115,6 +2233,7 @@ class NetworkClient:
         self.tun: Tun | None = None
         self.routes = RouteSet()
         self.address: ipaddress.IPv4Interface | None = None
+        self.gso = False  # this session agreed on FRAME_GSO_PACKET
         self.counters: collections.Counter[str] = collections.Counter()
         self.context = self._tls_context()
 
@@ -2185,7 +2304,8 @@ class NetworkClient:
             raise
         link = Link(sock, self._server)
         try:
-            sock.sendall(Hello(self.config.token).encode())
+            caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
+            sock.sendall(Hello(self.config.token, caps=caps).encode())
             welcome = self._await_welcome(link)
         except BaseException:
             link.close()
@@ -2218,8 +2338,9 @@ class NetworkClient:
     def _configure(self, welcome: Welcome) -> None:
         """Create the TUN on the first welcome; reconfigure only if the address changed."""
         mtu = min(self.config.mtu, welcome.mtu)
+        self.gso = CAP_GSO in welcome.caps
         if self.tun is None:
-            self.tun = Tun("nc0")
+            self.tun = Tun("nc0", offload=self.gso)
         if self.address != welcome.interface:
             if self.address is not None:
                 log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
@@ -2289,26 +2410,43 @@ class NetworkClient:
         assert self.tun is not None
         for _ in range(256):
             try:
-                packet = os.read(self.tun.fd, TUN_READ_SIZE)
+                data = os.read(self.tun.fd, TUN_READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
-            if not link.queue(encode_frame(FRAME_PACKET, packet)):
-                self.counters["dropped-queue-full"] += 1
+            if not self.tun.offload:
+                frames = [encode_frame(FRAME_PACKET, data)]
+            elif self.gso:
+                frames = [encode_frame(FRAME_GSO_PACKET, data)]
+            else:  # a TUN made with offload, a server that (now) lacks it
+                frames = [encode_frame(FRAME_PACKET, p) for p in plain_packets(data)]
+            for frame in frames:
+                if not link.queue(frame):
+                    self.counters["dropped-queue-full"] += 1
+                    break
 
     def _deliver(self, link: Link) -> None:
         assert self.tun is not None
-        view = link.rx.view
+        view, fd, offload = link.rx.view, self.tun.fd, self.tun.offload
         for kind, start, end in link.rx.frames():
-            if kind == FRAME_PACKET:
-                try:
-                    os.write(self.tun.fd, view[start:end])
-                except OSError:
-                    self.counters["dropped-tun-write"] += 1
-            elif kind == FRAME_ERROR:
-                self._on_refusal(Refusal.decode(view[start:end]))
-                raise PeerClosed("server ended the session")
-            elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
-                raise ProtocolError(f"unexpected frame type {kind:#x}")
+            try:
+                if kind == FRAME_PACKET:
+                    if offload:
+                        os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
+                    else:
+                        os.write(fd, view[start:end])
+                elif kind == FRAME_GSO_PACKET and self.gso:
+                    if offload:
+                        os.write(fd, view[start:end])
+                    else:
+                        for packet in plain_packets(view[start:end]):
+                            os.write(fd, packet)
+                elif kind == FRAME_ERROR:
+                    self._on_refusal(Refusal.decode(view[start:end]))
+                    raise PeerClosed("server ended the session")
+                elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                    raise ProtocolError(f"unexpected frame type {kind:#x}")
+            except OSError:
+                self.counters["dropped-tun-write"] += 1
 
 
 def run_client(config: ClientConfig) -> int:

@@ -728,6 +728,9 @@ class AddressPool:
     def tokens(self) -> set[str]:
         return set(self._ip_of)
 
+    def connected_tokens(self) -> set[str]:
+        return set(self._ip_of).difference(self._idle)
+
 
 class Bindings:
     """Node-token -> overlay IP, kept in the store and mirrored in an AddressPool.
@@ -744,29 +747,33 @@ class Bindings:
         self.reload()
 
     def reload(self) -> None:
-        """Rebuild the pool from the store (start, and the periodic sync)."""
-        pool = AddressPool(self.network)
-        dropped = []
-        for row in self.store.bindings_oldest_first():
-            if row.token == RESERVED_NODE_TOKEN:
-                continue
-            try:
-                ip = ipaddress.IPv4Address(row.bind_ip)
-            except ValueError:
-                dropped.append(row)
-                continue
-            if not pool.load(row.token, ip, idle=row.state != STATE_CONNECTED):
-                dropped.append(row)
+        """Rebuild the pool from the store (at start, and by the periodic sync).
+
+        Holds the lock throughout, so no allocation can slip in between reading
+        the store and swapping the pool."""
         with self._lock:
-            connected = {t for t in self.pool.tokens() if t not in self.pool._idle}
-            for token in connected:
-                pool.mark_connected(token)
+            pool = AddressPool(self.network)
+            dropped = []
+            for row in self.store.bindings_oldest_first():
+                if row.token == RESERVED_NODE_TOKEN:
+                    continue
+                try:
+                    ip = ipaddress.IPv4Address(row.bind_ip)
+                except ValueError:
+                    ip = None
+                if ip is None or not pool.load(row.token, ip, idle=row.state != STATE_CONNECTED):
+                    dropped.append(row)
+            for token in self.pool.connected_tokens() & pool.tokens():
+                pool.mark_connected(token)  # the data plane knows better than a stale state column
             self.pool = pool
-        for row in dropped:
-            log.warning(
-                "node %s: stored address %r is outside %s; it gets a new one", row.token, row.bind_ip, self.network
-            )
-            self.store.bind(row.token, "", None)
+            for row in dropped:
+                log.warning(
+                    "node %s: stored address %r is not usable in %s; it gets a new one",
+                    row.token,
+                    row.bind_ip,
+                    self.network,
+                )
+                self.store.bind(row.token, "", None)
 
     def ip_for(self, token: str) -> ipaddress.IPv4Address:
         """The node's address: its existing binding, a free one, or the longest-idle node's."""

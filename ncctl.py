@@ -433,16 +433,25 @@ class Store:
             self._db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, rolled back whole on any error."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back whole on any error.
+
+        durable=False skips the fsync: for connection states, which are reset at
+        every start anyway and change on every connect and disconnect."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous = NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous = FULL")
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -590,7 +599,7 @@ class Store:
             ).rowcount
 
     def set_state(self, token: str, state: int) -> bool:
-        with self.transaction() as db:
+        with self.transaction(durable=False) as db:
             return db.execute("UPDATE network_mgr SET state = ? WHERE token = ?", (state, token)).rowcount > 0
 
     def bind(self, token: str, ip: str, evict: str | None) -> None:
@@ -1767,6 +1776,8 @@ class NetworkServer:
         self.by_ip: dict[int, ServerSession] = {}
         self.by_token: dict[str, ServerSession] = {}
         self.dirty: set[ServerSession] = set()
+        self.unauthenticated: set[ServerSession] = set()  # TLS or hello still to come
+        self.accept_paused = False
         self.counters: collections.Counter[str] = collections.Counter()
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.note = RateLimitedLog()
@@ -1904,11 +1915,12 @@ class NetworkServer:
                 sock, address = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and friends: shed load, keep serving
-                self.note("accept", "accept failed: %s", e.strerror)
+            except OSError as e:  # EMFILE and friends: pause accepting for a second, keep serving
+                self.note("accept", "accept failed: %s; pausing new connections", e.strerror)
+                self.epoll.modify(self.listener.fileno(), 0)
+                self.accept_paused = True
                 return
-            pending = sum(1 for s in self.sessions.values() if s.phase in (Phase.TLS, Phase.HELLO))
-            if pending >= MAX_PENDING_HANDSHAKES:
+            if len(self.unauthenticated) >= MAX_PENDING_HANDSHAKES:
                 self.counters["refused-busy"] += 1
                 self.note("busy", "too many unfinished handshakes; refusing %s", address[0])
                 sock.close()
@@ -1918,6 +1930,7 @@ class NetworkServer:
             tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             session = ServerSession(tls, host_port(address[0], address[1]), self.buffers)
             self.sessions[session.fd] = session
+            self.unauthenticated.add(session)
             self.epoll.register(session.fd, select.EPOLLIN)
             self._handshake(session)
 
@@ -1987,6 +2000,7 @@ class NetworkServer:
         if hello.node_token == RESERVED_NODE_TOKEN:
             self._refuse(session, Refusal("identity", "the reserved node-token is the server's own", retry=False))
             return
+        self.unauthenticated.discard(session)
         session.node_token = hello.node_token
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
         session.caps = tuple(c for c in hello.caps if c in offered)
@@ -2151,6 +2165,9 @@ class NetworkServer:
         self.epoll.modify(session.fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
 
     def _tick(self, now: float) -> None:
+        if self.accept_paused:
+            self.accept_paused = False
+            self.epoll.modify(self.listener.fileno(), select.EPOLLIN)
         silent_after = 3 * self.keepalive
         for session in list(self.sessions.values()):
             if session.phase in (Phase.TLS, Phase.HELLO) and now > session.deadline:
@@ -2190,6 +2207,7 @@ class NetworkServer:
         was_established = session.phase == Phase.ESTABLISHED
         session.phase = Phase.CLOSED
         self.sessions.pop(session.fd, None)
+        self.unauthenticated.discard(session)
         self.dirty.discard(session)
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(session.fd)
@@ -2841,9 +2859,19 @@ def wait_for_stop_signal(stop: threading.Event) -> None:
         pass
 
 
+def raise_open_file_limit() -> None:
+    """Every node holds a socket: take the hard limit, not the default 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_server(config: ServerConfig) -> int:
     if os.geteuid() != 0:
         raise NcError("nc server must run as root (it creates a TUN device and routes)")
+    raise_open_file_limit()
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
         server_ip = str(config.server_overlay_ip)

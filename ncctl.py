@@ -1692,6 +1692,7 @@ class Phase:
     HELLO = "hello"
     ADMITTING = "admitting"
     ESTABLISHED = "established"
+    CLOSING = "closing"  # an ERROR frame is on its way out; nothing else is
     CLOSED = "closed"
 
 
@@ -1705,6 +1706,8 @@ class ServerSession(Link):
         self.ip = 0
         self.caps: tuple[str, ...] = ()
         self.gso = False  # the peer takes FRAME_GSO_PACKET
+        self.detached = False  # no longer in the routing tables
+        self.close_reason = ""
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
@@ -1896,7 +1899,7 @@ class NetworkServer:
             log.exception("network loop failed")
         finally:
             for session in list(self.sessions.values()):
-                self._send_refusal(session, Refusal("server-stopping", "the server is shutting down", retry=True))
+                self._refuse(session, Refusal("server-stopping", "the server is shutting down", retry=True))
                 self._close(session, None)
 
     def _run_commands(self) -> None:
@@ -1948,8 +1951,7 @@ class NetworkServer:
             self._close(session, str(e))
         except ProtocolError as e:
             self.counters["protocol-errors"] += 1
-            self._send_refusal(session, Refusal("protocol", str(e), retry=False))
-            self._close(session, f"protocol error: {e}")
+            self._refuse(session, Refusal("protocol", str(e), retry=False))
         except (OSError, ssl.SSLError) as e:
             self._close(session, f"connection error: {e}")
 
@@ -1972,6 +1974,8 @@ class NetworkServer:
     def _handle_frames(self, session: ServerSession) -> None:
         view = session.rx.view
         for kind, start, end in session.rx.frames():
+            if session.phase == Phase.CLOSING:
+                continue  # the session is over; drain without acting
             if session.phase == Phase.ESTABLISHED:
                 if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
                     self._route_from_node(session, view, kind, start, end)
@@ -2019,7 +2023,7 @@ class NetworkServer:
         self, session: ServerSession, ip: ipaddress.IPv4Address | None, error: BaseException | None
     ) -> None:
         token = session.node_token
-        if session.phase == Phase.CLOSED:
+        if session.phase in (Phase.CLOSED, Phase.CLOSING):
             if error is None and token not in self.by_token:
                 self._set_idle(token)
             return
@@ -2036,8 +2040,7 @@ class NetworkServer:
         if old is not None:
             log.info("node %s reconnected from %s; replacing its session from %s", token, session.peer, old.peer)
             self.by_token.pop(token)
-            self._send_refusal(old, Refusal("replaced", "a newer session with this node-token took over", retry=False))
-            self._close(old, "replaced by a newer session")
+            self._refuse(old, Refusal("replaced", "a newer session with this node-token took over", retry=False))
         session.ip = int(ip)
         session.phase = Phase.ESTABLISHED
         self.by_token[token] = session
@@ -2162,6 +2165,9 @@ class NetworkServer:
         except (OSError, ssl.SSLError) as e:
             self._close(session, f"send failed: {e}")
             return
+        if done and session.phase == Phase.CLOSING:
+            self._close(session, session.close_reason)
+            return
         self.epoll.modify(session.fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
 
     def _tick(self, now: float) -> None:
@@ -2173,6 +2179,8 @@ class NetworkServer:
             if session.phase in (Phase.TLS, Phase.HELLO) and now > session.deadline:
                 self.counters["handshake-timeouts"] += 1
                 self._close(session, "handshake timed out", quiet=True)
+            elif session.phase == Phase.CLOSING and now > session.deadline:
+                self._close(session, session.close_reason)
             elif session.phase == Phase.ESTABLISHED:
                 if now - session.last_rx > silent_after:
                     self._close(session, f"silent for {silent_after} s")
@@ -2187,24 +2195,39 @@ class NetworkServer:
             self._refuse(session, refusal)
 
     def _refuse(self, session: ServerSession, refusal: Refusal) -> None:
-        self._send_refusal(session, refusal)
-        self._close(session, f"refused ({refusal.code}): {refusal.reason}")
-
-    def _send_refusal(self, session: ServerSession, refusal: Refusal) -> None:
-        """Best effort: one blocking-ish write of the ERROR frame before closing."""
-        if session.phase in (Phase.TLS, Phase.CLOSED):
+        """Take the session out of routing, tell the peer why, and close once that
+        ERROR frame is written (or after a second, if the peer does not read)."""
+        reason = f"refused ({refusal.code}): {refusal.reason}"
+        if session.phase in (Phase.TLS, Phase.CLOSED, Phase.CLOSING):
+            self._close(session, reason)
             return
-        session.out.clear()
-        session.pending = None
+        self._detach(session)
+        session.out.clear()  # queued packets are dropped; a started TLS write must finish
+        session.queued = len(session.pending) if session.pending is not None else 0
         session.queue(refusal.encode())
-        with contextlib.suppress(OSError, ssl.SSLError):
-            session.sock.settimeout(0.5)
-            session.sock.sendall(session.out[0])
+        session.phase = Phase.CLOSING
+        session.deadline = time.monotonic() + 1.0
+        session.close_reason = reason
+        self._flush(session)
+
+    def _detach(self, session: ServerSession) -> None:
+        """Remove the session from routing and record the node as idle (once)."""
+        token = session.node_token
+        if not token or session.detached:
+            return
+        session.detached = True
+        if self.by_token.get(token) is session:
+            del self.by_token[token]
+            if self.by_ip.get(session.ip) is session:
+                del self.by_ip[session.ip]
+            self._set_idle(token)
+        elif session.phase != Phase.ESTABLISHED and token not in self.by_token:
+            self._set_idle(token)  # undo the handshake's "init" state
 
     def _close(self, session: ServerSession, reason: str | None, quiet: bool = False) -> None:
         if session.phase == Phase.CLOSED:
             return
-        was_established = session.phase == Phase.ESTABLISHED
+        self._detach(session)
         session.phase = Phase.CLOSED
         self.sessions.pop(session.fd, None)
         self.unauthenticated.discard(session)
@@ -2212,16 +2235,9 @@ class NetworkServer:
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(session.fd)
         session.close()
-        token = session.node_token
-        if token and self.by_token.get(token) is session:
-            del self.by_token[token]
-            self.by_ip.pop(session.ip, None)
-            self._set_idle(token)
-        elif token and not was_established and token not in self.by_token:
-            self._set_idle(token)  # undo the handshake's "init" state
         if reason is not None:
-            if was_established:
-                log.info("node %s disconnected (%s): %s", token, session.peer, reason)
+            if session.ip:
+                log.info("node %s disconnected (%s): %s", session.node_token, session.peer, reason)
             elif not quiet:
                 self.note("close:" + reason[:40], "connection from %s closed: %s", session.peer, reason)
 

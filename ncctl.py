@@ -127,6 +127,10 @@ class TokenRefused(NcError):
     """A bootstrap or node token the server will not accept."""
 
 
+class PermissionDenied(NcError):
+    """The caller's certificate does not allow this call."""
+
+
 class RemoteError(NcError):
     """The server could not be reached or answered with an error."""
 
@@ -414,7 +418,10 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # it holds live bootstrap tokens: owner only
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
             self._db.execute("PRAGMA busy_timeout = 10000")
@@ -2493,6 +2500,7 @@ class NetworkClient:
 def run_client(config: ClientConfig) -> int:
     if os.geteuid() != 0:
         raise NcError("nc client must run as root (it creates a TUN device and routes)")
+    os.umask(0o077)
     client = NetworkClient(config)
     signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
     signal.signal(signal.SIGINT, lambda *_: client.request_stop())
@@ -2614,6 +2622,8 @@ def guarded(response_cls: Any, method: Callable) -> Callable:
     def handler(self: Any, request: Any, context: Any) -> Any:
         try:
             return method(self, request, context)
+        except PermissionDenied as e:
+            denied = str(e)  # answered below, outside this try: abort() raises to unwind
         except TokenRefused as e:
             return response_cls(code=CODE_BAD_REQUEST, message=str(e))
         except NcError as e:
@@ -2622,6 +2632,9 @@ def guarded(response_cls: Any, method: Callable) -> Callable:
         except Exception:
             log.exception("%s failed", method.__name__)
             return response_cls(code=CODE_SERVER_ERROR, message="internal error; see the server log")
+        import grpc
+
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
 
     handler.__name__ = method.__name__
     return handler
@@ -2629,7 +2642,7 @@ def guarded(response_cls: Any, method: Callable) -> Callable:
 
 def build_services(controller: Controller) -> tuple[Any, Any, Any]:
     """Servicer instances for the three services, bound to the controller."""
-    grpc, pb, pb_grpc = grpc_modules()
+    _, pb, pb_grpc = grpc_modules()
     ctl = controller
 
     class Bootstrap(pb_grpc.LiteKubeNCBootstrapServiceServicer):
@@ -2680,6 +2693,8 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
             )
 
         def _unregister(self, request: Any, context: Any) -> Any:
+            if peer_common_name(context) not in (RESERVED_NODE_TOKEN, request.token):
+                raise TokenRefused("permission denied: only the admin or the node itself may unregister a node")
             ctl.unregister(request.token)
             return pb.UnRegisterResponse(code=CODE_OK, message="unregistered", result=True)
 
@@ -2701,7 +2716,7 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
 
         def _require_admin(self, context: Any) -> None:
             if peer_common_name(context) != RESERVED_NODE_TOKEN:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, "admin credentials required")
+                raise PermissionDenied("admin credentials required")
 
         def _create(self, request: Any, context: Any) -> Any:
             self._require_admin(context)
@@ -2730,7 +2745,7 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
 
         def _delete_token(self, request: Any, context: Any) -> Any:
             self._require_admin(context)
-            wanted = token_id(request.tokenId.strip())
+            wanted = request.tokenId.strip().split(".", 1)[0]
             rows = ctl.store.bootstrap_tokens_with_id(wanted)
             if not rows:
                 raise TokenRefused(f"no bootstrap token with id {wanted!r}")
@@ -2888,6 +2903,7 @@ def run_server(config: ServerConfig) -> int:
     if os.geteuid() != 0:
         raise NcError("nc server must run as root (it creates a TUN device and routes)")
     raise_open_file_limit()
+    os.umask(0o077)  # keys, the database and logs are for root only
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
         server_ip = str(config.server_overlay_ip)
@@ -3225,10 +3241,11 @@ def adm_token_delete(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     with AdminClient(admin_target(args)) as client:
         check_code(client.admin("DeleteBootstrapToken", pb.DeleteBootstrapTokenRequest(tokenId=args.token_id)))
+    deleted = args.token_id.split(".", 1)[0]  # the public id, even if the whole token was given
     if args.output == "json":
-        print_json({"tokenId": token_id(args.token_id), "deleted": True})
+        print_json({"tokenId": deleted, "deleted": True})
     else:
-        print(f"deleted bootstrap token {token_id(args.token_id)}")
+        print(f"deleted bootstrap token {deleted}")
     return 0
 
 

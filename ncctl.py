@@ -78,6 +78,8 @@ DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
 # The server's own identity: bound to its overlay IP, held by the admin cert.
 # Nine characters on purpose, so no generated 16-character node-token collides.
 RESERVED_NODE_TOKEN = "reserverd"
+DEFAULT_NETWORK = "default"  # the networkAddr network; nodes that know no net-token belong to it
+NETWORK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 NODE_TOKEN_LEN = 16
 TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -156,6 +158,44 @@ def camel(name: str) -> str:
     return head + "".join(part.capitalize() for part in rest)
 
 
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    """An overlay network besides the default one: server.yml `networks:` or `nc adm network create`."""
+
+    name: str
+    cidr: str
+    interconnection: bool = True
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Interface(self.cidr).network
+
+
+def check_network_spec(name: Any, cidr: Any, interconnection: Any, where: str) -> NetworkSpec:
+    """Validate one network definition; errors name `where` and the fix."""
+    if not isinstance(name, str) or not NETWORK_NAME_RE.match(name) or name == DEFAULT_NETWORK:
+        raise ConfigError(
+            f"{where}.name: {name!r} is not a usable network name; use 1-32 of a-z, 0-9, '-' (not 'default')"
+        )
+    try:
+        network = ipaddress.IPv4Interface(str(cidr)).network
+    except ValueError:
+        raise ConfigError(f"{where}.cidr: {cidr!r} is not an IPv4 CIDR; write it like 10.2.0.1/24") from None
+    if not 8 <= network.prefixlen <= 30:
+        raise ConfigError(f"{where}.cidr: prefix /{network.prefixlen} is unsupported; use /8 to /30")
+    if not isinstance(interconnection, bool):
+        raise ConfigError(f"{where}.interconnection: expected true or false, got {interconnection!r}")
+    return NetworkSpec(name, str(cidr), interconnection)
+
+
+def overlapping(network: ipaddress.IPv4Network, others: dict[str, ipaddress.IPv4Network]) -> str | None:
+    """The name of the first network in others that overlaps network, if any."""
+    for name, other in others.items():
+        if network.overlaps(other):
+            return name
+    return None
+
+
 @dataclasses.dataclass
 class ServerConfig:
     ip: str = ""  # advertised underlay address; empty: detected at start
@@ -175,6 +215,7 @@ class ServerConfig:
     gateway: bool = False  # forward and NAT node traffic out of the uplink
     offload: bool = True  # TSO/GSO on the TUN and 64 KiB frames with peers that agree
     keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
+    networks: list[NetworkSpec] = dataclasses.field(default_factory=list)  # more overlays, by net-token
 
     def resolve(self) -> ServerConfig:
         """Fill derived paths from workDir/tlsDir."""
@@ -204,6 +245,7 @@ class ClientConfig:
     server_addr: str = ""  # the server's underlay address
     port: int = DEFAULT_NETWORK_PORT
     token: str = ""  # this node's node-token
+    net_token: str = ""  # the overlay network this node belongs to; empty: the default one
     network_cert_dir: str = ""  # empty: <workDir>/tls/network
     work_dir: str = DEFAULT_CLIENT_WORK_DIR
     log_dir: str = ""  # empty: <workDir>/logs
@@ -279,6 +321,8 @@ def config_from_doc(doc: Any, path: str, mode: str, base: Path) -> Any:
 
 def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value: Any, base: Path) -> Any:
     where = f"{path}: {mode}.{key}"
+    if field.name == "networks":
+        return check_networks_field(value, where)
     default = field.default
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -296,6 +340,21 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     if field.name in PATH_FIELDS and text and not os.path.isabs(text):
         text = str((base / text).resolve())  # relative paths are relative to the config file
     return text
+
+
+def check_networks_field(value: Any, where: str) -> list[NetworkSpec]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of networks (- name: N, cidr: C, interconnection: true)")
+    specs = []
+    for index, item in enumerate(value):
+        at = f"{where}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at}: expected a map with name, cidr and optionally interconnection")
+        unknown = set(item) - {"name", "cidr", "interconnection"}
+        if unknown:
+            raise ConfigError(f"{at}.{sorted(unknown)[0]}: unknown field; a network has name, cidr, interconnection")
+        specs.append(check_network_spec(item.get("name"), item.get("cidr"), item.get("interconnection", True), at))
+    return specs
 
 
 def check_config(config: Any, path: str, mode: str) -> None:
@@ -319,9 +378,21 @@ def check_config(config: Any, path: str, mode: str) -> None:
             raise ConfigError(f"{where}: port, grpcPort and bootstrapPort must differ, got {ports}")
         if not 1 <= config.keepalive <= 3600:
             raise ConfigError(f"{where}.keepalive: use 1-3600 seconds (default 10)")
+        seen = {DEFAULT_NETWORK: iface.network}
+        for spec in config.networks:
+            if spec.name in seen:
+                raise ConfigError(f"{where}.networks: network {spec.name!r} is listed twice; names must be unique")
+            other = overlapping(spec.network, seen)
+            if other is not None:
+                raise ConfigError(
+                    f"{where}.networks: {spec.name} ({spec.network}) overlaps network {other!r} ({seen[other]}); pick a disjoint CIDR"
+                )
+            seen[spec.name] = spec.network
     else:
         if config.token and not valid_node_token(config.token):
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
+        if config.net_token and not valid_net_token(config.net_token):
+            raise ConfigError(f"{where}.netToken: {config.net_token!r} is not a net-token; use the one the join saved")
 
 
 def check_ip(text: str, where: str) -> None:
@@ -329,6 +400,10 @@ def check_ip(text: str, where: str) -> None:
         ipaddress.ip_address(text)
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not an IP address") from None
+
+
+def valid_net_token(token: str) -> bool:
+    return len(token) == NODE_TOKEN_LEN and all(c in TOKEN_ALPHABET for c in token)
 
 
 def valid_node_token(token: str) -> bool:
@@ -386,6 +461,21 @@ MIGRATIONS: list[list[str]] = [
         "CREATE UNIQUE INDEX IF NOT EXISTS network_mgr_bind_ip ON network_mgr(bind_ip) WHERE bind_ip != ''",
         "CREATE INDEX IF NOT EXISTS network_mgr_idle ON network_mgr(state, update_time, id)",
     ],
+    [  # 2: several overlay networks; a node and a bootstrap token belong to one (existing rows: default)
+        """CREATE TABLE IF NOT EXISTS "nc_network" (
+            "id" integer primary key autoincrement,
+            "name" text not null unique,
+            "cidr" text not null,
+            "interconnection" integer not null default 1,
+            "net_token" text not null unique,
+            "from_config" integer not null default 0,
+            "create_time" timestamp default (datetime(CURRENT_TIMESTAMP, 'localtime'))
+        )""",
+        "ALTER TABLE network_mgr ADD COLUMN network text not null default 'default'",
+        "ALTER TABLE token_mgr ADD COLUMN network text not null default 'default'",
+        "DROP INDEX IF EXISTS network_mgr_bind_ip",
+        "CREATE UNIQUE INDEX network_mgr_bind_ip ON network_mgr(network, bind_ip) WHERE bind_ip != ''",
+    ],
 ]
 
 NOW_SQL = "datetime(CURRENT_TIMESTAMP, 'localtime')"
@@ -398,6 +488,20 @@ class NodeRow:
     bind_ip: str
     create_time: str
     update_time: str
+    network: str = DEFAULT_NETWORK
+
+
+NODE_COLUMNS = "token, state, bind_ip, create_time, update_time, network"
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkRow:
+    id: int
+    name: str
+    cidr: str
+    interconnection: bool
+    net_token: str
+    from_config: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -407,6 +511,10 @@ class BootstrapTokenRow:
     create_time: str
     single_use: bool
     uses: int
+    network: str = DEFAULT_NETWORK
+
+
+TOKEN_COLUMNS = "token, expire_time, create_time, single_use, uses, network"
 
 
 class Store:
@@ -490,8 +598,10 @@ class Store:
 
     # -- bootstrap tokens -------------------------------------------------------
 
-    def add_bootstrap_token(self, token: str, life_minutes: int, single_use: bool) -> str:
-        """Store a new token; returns its expire_time."""
+    def add_bootstrap_token(
+        self, token: str, life_minutes: int, single_use: bool, network: str = DEFAULT_NETWORK
+    ) -> str:
+        """Store a new token for joining `network`; returns its expire_time."""
         with self.transaction() as db:
             if life_minutes < 0:
                 expire = NEVER_EXPIRES
@@ -499,23 +609,28 @@ class Store:
                 expire = db.execute(
                     f"SELECT datetime(CURRENT_TIMESTAMP, 'localtime', '+{int(life_minutes)} minutes')"
                 ).fetchone()[0]
+            if (
+                network != DEFAULT_NETWORK
+                and not db.execute("SELECT 1 FROM nc_network WHERE name = ?", (network,)).fetchone()
+            ):
+                raise TokenRefused(f"no network named {network!r}")
             db.execute(
-                "INSERT INTO token_mgr (token, expire_time, single_use) VALUES (?, ?, ?)",
-                (token, expire, int(single_use)),
+                "INSERT INTO token_mgr (token, expire_time, single_use, network) VALUES (?, ?, ?, ?)",
+                (token, expire, int(single_use), network),
             )
         return expire
 
     def bootstrap_tokens_with_id(self, token_id: str) -> list[BootstrapTokenRow]:
         """Rows whose token starts with '<id>.' (lookup by the public part only)."""
         rows = self._query(
-            "SELECT token, expire_time, create_time, single_use, uses FROM token_mgr WHERE substr(token, 1, ?) = ?",
+            f"SELECT {TOKEN_COLUMNS} FROM token_mgr WHERE substr(token, 1, ?) = ?",
             (len(token_id) + 1, token_id + "."),
         )
-        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
 
     def list_bootstrap_tokens(self) -> list[BootstrapTokenRow]:
-        rows = self._query("SELECT token, expire_time, create_time, single_use, uses FROM token_mgr ORDER BY id")
-        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
+        rows = self._query(f"SELECT {TOKEN_COLUMNS} FROM token_mgr ORDER BY id")
+        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
 
     def delete_bootstrap_token(self, token: str) -> bool:
         with self.transaction() as db:
@@ -528,48 +643,94 @@ class Store:
     def is_expired(self, expire_time: str) -> bool:
         return bool(self._query(f"SELECT ? <= {NOW_SQL}", (expire_time,))[0][0])
 
-    def admit_node(self, bootstrap_token: str, node_token: str) -> None:
-        """Atomically re-check the bootstrap token, count its use, and add the node.
+    def admit_node(self, bootstrap_token: str, node_token: str) -> str:
+        """Atomically re-check the bootstrap token, count its use, and add the node
+        to the token's network (returned).
 
         Raises TokenRefused when the token stopped being valid since it was checked.
         """
         with self.transaction() as db:
             row = db.execute(
-                f"SELECT single_use, uses, expire_time <= {NOW_SQL} FROM token_mgr WHERE token = ?",
+                f"SELECT single_use, uses, expire_time <= {NOW_SQL}, network FROM token_mgr WHERE token = ?",
                 (bootstrap_token,),
             ).fetchone()
             if row is None:
                 raise TokenRefused("bootstrap token is unknown or was deleted")
-            single_use, uses, expired = row
+            single_use, uses, expired, network = row
             if expired:
                 raise TokenRefused("bootstrap token has expired; ask the administrator for a new one")
             if single_use and uses > 0:
                 raise TokenRefused("bootstrap token was single-use and has already been used")
             db.execute("UPDATE token_mgr SET uses = uses + 1 WHERE token = ?", (bootstrap_token,))
             db.execute(
-                "INSERT INTO network_mgr (token, state, bind_ip) VALUES (?, ?, '')",
-                (node_token, STATE_IDLE),
+                "INSERT INTO network_mgr (token, state, bind_ip, network) VALUES (?, ?, '', ?)",
+                (node_token, STATE_IDLE, network),
             )
+        return network
 
     # -- nodes ------------------------------------------------------------------
 
     def node(self, token: str) -> NodeRow | None:
-        rows = self._query(
-            "SELECT token, state, bind_ip, create_time, update_time FROM network_mgr WHERE token = ?", (token,)
-        )
+        rows = self._query(f"SELECT {NODE_COLUMNS} FROM network_mgr WHERE token = ?", (token,))
         return NodeRow(*rows[0]) if rows else None
 
     def nodes(self) -> list[NodeRow]:
-        rows = self._query("SELECT token, state, bind_ip, create_time, update_time FROM network_mgr ORDER BY id")
+        rows = self._query(f"SELECT {NODE_COLUMNS} FROM network_mgr ORDER BY id")
         return [NodeRow(*r) for r in rows]
 
-    def bindings_oldest_first(self) -> list[NodeRow]:
-        """Every node with an address, least recently updated first (LRU order)."""
+    def bindings_oldest_first(self, network: str = DEFAULT_NETWORK) -> list[NodeRow]:
+        """Every node of the network with an address, least recently updated first (LRU order)."""
         rows = self._query(
-            "SELECT token, state, bind_ip, create_time, update_time FROM network_mgr "
-            "WHERE bind_ip != '' ORDER BY update_time, id"
+            f"SELECT {NODE_COLUMNS} FROM network_mgr WHERE bind_ip != '' AND network = ? ORDER BY update_time, id",
+            (network,),
         )
         return [NodeRow(*r) for r in rows]
+
+    def node_tokens_in(self, network: str) -> list[str]:
+        return [r[0] for r in self._query("SELECT token FROM network_mgr WHERE network = ? ORDER BY id", (network,))]
+
+    # -- networks ---------------------------------------------------------------
+
+    def networks(self) -> list[NetworkRow]:
+        rows = self._query("SELECT id, name, cidr, interconnection, net_token, from_config FROM nc_network ORDER BY id")
+        return [NetworkRow(r[0], r[1], r[2], bool(r[3]), r[4], bool(r[5])) for r in rows]
+
+    def put_config_network(self, spec: NetworkSpec, net_token: str) -> None:
+        """Create or update a network that server.yml defines (net_token is used only when creating)."""
+        with self.transaction() as db:
+            updated = db.execute(
+                "UPDATE nc_network SET cidr = ?, interconnection = ?, from_config = 1 WHERE name = ?",
+                (spec.cidr, int(spec.interconnection), spec.name),
+            ).rowcount
+            if not updated:
+                db.execute(
+                    "INSERT INTO nc_network (name, cidr, interconnection, net_token, from_config) VALUES (?, ?, ?, ?, 1)",
+                    (spec.name, spec.cidr, int(spec.interconnection), net_token),
+                )
+
+    def add_network(self, spec: NetworkSpec, net_token: str) -> None:
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM nc_network WHERE name = ?", (spec.name,)).fetchone():
+                raise TokenRefused(f"a network named {spec.name!r} already exists")
+            db.execute(
+                "INSERT INTO nc_network (name, cidr, interconnection, net_token) VALUES (?, ?, ?, ?)",
+                (spec.name, spec.cidr, int(spec.interconnection), net_token),
+            )
+
+    def forget_config_network(self, name: str) -> None:
+        """A network no longer in server.yml stays, as one managed at run time."""
+        with self.transaction() as db:
+            db.execute("UPDATE nc_network SET from_config = 0 WHERE name = ?", (name,))
+
+    def delete_network(self, name: str) -> list[str]:
+        """Delete a network with its nodes and bootstrap tokens; returns the node-tokens removed."""
+        with self.transaction() as db:
+            tokens = [r[0] for r in db.execute("SELECT token FROM network_mgr WHERE network = ?", (name,))]
+            db.execute("DELETE FROM network_mgr WHERE network = ?", (name,))
+            db.execute("DELETE FROM token_mgr WHERE network = ?", (name,))
+            if db.execute("DELETE FROM nc_network WHERE name = ?", (name,)).rowcount != 1:
+                raise TokenRefused(f"no network named {name!r}")
+            return tokens
 
     def node_token_exists(self, token: str) -> bool:
         return bool(self._query("SELECT 1 FROM network_mgr WHERE token = ?", (token,)))
@@ -582,7 +743,8 @@ class Store:
                 return False
             # Whoever held the server's address under an older networkAddr gives it up.
             db.execute(
-                "UPDATE network_mgr SET bind_ip = '' WHERE bind_ip = ? AND token != ?", (server_ip, RESERVED_NODE_TOKEN)
+                "UPDATE network_mgr SET bind_ip = '' WHERE bind_ip = ? AND token != ? AND network = ?",
+                (server_ip, RESERVED_NODE_TOKEN, DEFAULT_NETWORK),
             )
             if row is None:
                 db.execute(
@@ -755,9 +917,10 @@ class Bindings:
     share an address. Everything above this class asks here, never the pool.
     """
 
-    def __init__(self, store: Store, network: ipaddress.IPv4Network) -> None:
+    def __init__(self, store: Store, network: ipaddress.IPv4Network, name: str = DEFAULT_NETWORK) -> None:
         self.store = store
         self.network = network
+        self.name = name
         self._lock = threading.Lock()
         self.pool = AddressPool(network)
         self.reload()
@@ -770,7 +933,7 @@ class Bindings:
         with self._lock:
             pool = AddressPool(self.network)
             dropped = []
-            for row in self.store.bindings_oldest_first():
+            for row in self.store.bindings_oldest_first(self.name):
                 if row.token == RESERVED_NODE_TOKEN:
                     continue
                 try:
@@ -822,18 +985,115 @@ class Bindings:
             self.pool.mark_idle(token)
 
 
+def new_net_token() -> str:
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(NODE_TOKEN_LEN))
+
+
+@dataclasses.dataclass
+class Overlay:
+    """One overlay network: its settings, its net-token and its address bindings."""
+
+    name: str
+    network: ipaddress.IPv4Network
+    interconnection: bool
+    net_token: str
+    from_config: bool
+    index: int  # the server's TUN device for it is ncsrv<index>; the default network's is ncsrv0
+    bindings: Bindings
+
+    @property
+    def server_ip(self) -> ipaddress.IPv4Address:
+        return self.network.network_address + 1
+
+    @property
+    def tun_name(self) -> str:
+        return f"ncsrv{self.index}"
+
+
+class Overlays:
+    """Every overlay network of the server, by name: the default one (networkAddr),
+    those server.yml lists, and those `nc adm network create` added at run time."""
+
+    def __init__(self, store: Store, config: ServerConfig) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._by_name: dict[str, Overlay] = {}
+        self._sync_config(config)
+        for row in store.networks():
+            self._by_name[row.name] = self._build(row)
+
+    def _sync_config(self, config: ServerConfig) -> None:
+        specs = [NetworkSpec(DEFAULT_NETWORK, config.network_addr, config.interconnection), *config.networks]
+        names = {spec.name for spec in specs}
+        runtime = {
+            r.name: ipaddress.IPv4Interface(r.cidr).network for r in self.store.networks() if r.name not in names
+        }
+        for spec in specs:
+            other = overlapping(spec.network, runtime)
+            if other is not None:
+                raise ConfigError(
+                    f"network {spec.name} ({spec.network}) in the config overlaps network {other!r} "
+                    f"({runtime[other]}) created with `nc adm network create`; delete that one or pick another CIDR"
+                )
+            self.store.put_config_network(spec, new_net_token())
+        for row in self.store.networks():
+            if row.from_config and row.name not in names:
+                self.store.forget_config_network(row.name)
+                log.warning("network %s is no longer in the config; it stays until `nc adm network delete`", row.name)
+
+    def _build(self, row: NetworkRow) -> Overlay:
+        network = ipaddress.IPv4Interface(row.cidr).network
+        return Overlay(
+            name=row.name,
+            network=network,
+            interconnection=row.interconnection,
+            net_token=row.net_token,
+            from_config=row.from_config,
+            index=0 if row.name == DEFAULT_NETWORK else row.id,
+            bindings=Bindings(self.store, network, row.name),
+        )
+
+    def get(self, name: str) -> Overlay | None:
+        with self._lock:
+            return self._by_name.get(name)
+
+    def all(self) -> list[Overlay]:
+        with self._lock:
+            return list(self._by_name.values())
+
+    def create(self, spec: NetworkSpec) -> Overlay:
+        with self._lock:
+            existing = {o.name: o.network for o in self._by_name.values()}
+            if spec.name in existing:
+                raise TokenRefused(f"a network named {spec.name!r} already exists")
+            other = overlapping(spec.network, existing)
+            if other is not None:
+                raise TokenRefused(
+                    f"{spec.network} overlaps network {other!r} ({existing[other]}); pick a disjoint CIDR"
+                )
+            self.store.add_network(spec, new_net_token())
+            row = next(r for r in self.store.networks() if r.name == spec.name)
+            overlay = self._by_name[spec.name] = self._build(row)
+            return overlay
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._by_name.pop(name, None)
+
+
 class CacheSync(threading.Thread):
-    """Re-reads the store into the pool periodically, so edits made with the
+    """Re-reads the store into the pools periodically, so edits made with the
     sqlite3 shell (or a crashed transaction) cannot leave the cache stale."""
 
-    def __init__(self, bindings: Bindings, stop: threading.Event, interval: float = CACHE_SYNC_INTERVAL_S) -> None:
+    def __init__(self, overlays: Overlays, stop: threading.Event, interval: float = CACHE_SYNC_INTERVAL_S) -> None:
         super().__init__(name="cache-sync", daemon=True)
-        self.bindings, self.stop, self.interval = bindings, stop, interval
+        self.overlays, self.stop, self.interval = overlays, stop, interval
 
     def run(self) -> None:
         while not self.stop.wait(self.interval):
             try:
-                self.bindings.reload()
+                for overlay in self.overlays.all():
+                    overlay.bindings.reload()
             except Exception:
                 log.exception("cache sync failed; retrying in %.0f s", self.interval)
 
@@ -1250,19 +1510,37 @@ class RouteSet:
                 log.debug("route already gone: %s", e)
 
 
-class GatewayNat:
-    """Server option `gateway: true`: forward node traffic out of the uplink with
-    source NAT, so clients with redirectGateway reach the world. Undone on stop."""
+class IpForwarding:
+    """Turns on net.ipv4.ip_forward for gateway mode and puts back what was there."""
 
-    FORWARD_SYSCTL = Path("/proc/sys/net/ipv4/ip_forward")
+    SYSCTL = Path("/proc/sys/net/ipv4/ip_forward")
+
+    def __init__(self) -> None:
+        self.previous: str | None = None
+
+    def enable(self) -> None:
+        self.previous = self.SYSCTL.read_text().strip()
+        self.SYSCTL.write_text("1")
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            self.SYSCTL.write_text(self.previous)
+            self.previous = None
+
+
+class GatewayNat:
+    """Server option `gateway: true`, for one overlay: forward its traffic out of
+    the uplink with source NAT, never into another overlay. Undone by disable()."""
 
     def __init__(self, overlay: ipaddress.IPv4Network, tun_name: str) -> None:
-        self.rules = [
-            ["-t", "nat", "POSTROUTING", "-s", str(overlay), "!", "-o", tun_name, "-j", "MASQUERADE"],
-            ["-t", "filter", "FORWARD", "-i", tun_name, "-j", "ACCEPT"],
+        self.rules = [  # (table, verb, chain, match...)
+            ["-t", "filter", "-I", "FORWARD", "-i", tun_name, "-o", "ncsrv+", "-j", "DROP"],
+            ["-t", "nat", "-A", "POSTROUTING", "-s", str(overlay), "!", "-o", tun_name, "-j", "MASQUERADE"],
+            ["-t", "filter", "-A", "FORWARD", "-i", tun_name, "-j", "ACCEPT"],
             [
                 "-t",
                 "filter",
+                "-A",
                 "FORWARD",
                 "-o",
                 tun_name,
@@ -1275,24 +1553,17 @@ class GatewayNat:
             ],
         ]
         self.added: list[list[str]] = []
-        self.previous_forward: str | None = None
 
     def enable(self) -> None:
-        self.previous_forward = self.FORWARD_SYSCTL.read_text().strip()
-        self.FORWARD_SYSCTL.write_text("1")
-        for table, flag, chain, *rest in ([r[0], r[1], r[2], *r[3:]] for r in self.rules):
-            run_tool("iptables", table, flag, "-A", chain, *rest)
-            self.added.append([table, flag, chain, *rest])
-        log.info("gateway mode: forwarding and NAT for the overlay enabled")
+        for rule in self.rules:
+            run_tool("iptables", *rule)
+            self.added.append(rule)
 
     def disable(self) -> None:
         while self.added:
-            table, flag, chain, *rest = self.added.pop()
+            table, name, _, chain, *match = self.added.pop()
             with contextlib.suppress(TunError):
-                run_tool("iptables", table, flag, "-D", chain, *rest)
-        if self.previous_forward is not None:
-            self.FORWARD_SYSCTL.write_text(self.previous_forward)
-            self.previous_forward = None
+                run_tool("iptables", table, name, "-D", chain, *match)
 
 
 # ============================================================================
@@ -1368,12 +1639,13 @@ class Hello:
     version: str = VERSION
     caps: tuple[str, ...] = CAPABILITIES
     proto: int = PROTOCOL_VERSION
+    net_token: str = ""  # empty: the default network (peers that predate networks send none)
 
     def encode(self) -> bytes:
-        return encode_control(
-            FRAME_HELLO,
-            {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)},
-        )
+        message = {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)}
+        if self.net_token:
+            message["netToken"] = self.net_token
+        return encode_control(FRAME_HELLO, message)
 
     @classmethod
     def decode(cls, payload: Any) -> Hello:
@@ -1385,7 +1657,10 @@ class Hello:
             raise ProtocolError("hello carries no protocol version")
         if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
             raise ProtocolError("hello capabilities must be a list of strings")
-        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto)
+        net_token = m.get("netToken", "")
+        if not isinstance(net_token, str) or (net_token and not valid_net_token(net_token)):
+            raise ProtocolError("hello carries a malformed net-token")
+        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1713,6 +1988,7 @@ class ServerSession(Link):
         self.ip = 0
         self.caps: tuple[str, ...] = ()
         self.gso = False  # the peer takes FRAME_GSO_PACKET
+        self.plane: Plane | None = None  # the overlay network it is on, once admitted
         self.detached = False  # no longer in the routing tables
         self.close_reason = ""
 
@@ -1769,21 +2045,51 @@ class RateLimitedLog:
         log.info(message + (f" (+{held} similar)" if held else ""), *args)
 
 
-class NetworkServer:
-    """The data plane of `nc server`."""
+class Plane:
+    """The data plane of one overlay network: its TUN device (holding the
+    server's address there) and which session owns which address."""
 
-    def __init__(self, config: ServerConfig, store: Store, bindings: Bindings, pki: Pki) -> None:
+    def __init__(self, overlay: Overlay, config: ServerConfig) -> None:
+        self.overlay = overlay
+        self.name = overlay.name
+        self.server_ip = int(overlay.server_ip)
+        self.first = int(overlay.network.network_address)
+        self.last = int(overlay.network.broadcast_address)
+        self.by_ip: dict[int, ServerSession] = {}
+        self.tun = Tun(overlay.tun_name, offload=config.offload)
+        self.nat: GatewayNat | None = None
+        try:
+            self.tun.configure(ipaddress.IPv4Interface(f"{overlay.server_ip}/{overlay.network.prefixlen}"), config.mtu)
+            if config.gateway:
+                self.nat = GatewayNat(overlay.network, self.tun.name)
+                self.nat.enable()
+        except BaseException:
+            self.close()
+            raise
+        log.info("network %s: TUN %s %s/%d", overlay.name, self.tun.name, overlay.server_ip, overlay.network.prefixlen)
+
+    def contains(self, ip: int) -> bool:
+        return self.first <= ip <= self.last
+
+    def close(self) -> None:
+        if self.nat is not None:
+            self.nat.disable()
+            self.nat = None
+        self.tun.close()
+
+
+class NetworkServer:
+    """The data plane of `nc server`: one loop for every overlay network."""
+
+    def __init__(self, config: ServerConfig, store: Store, overlays: Overlays, pki: Pki) -> None:
         self.config = config
         self.store = store
-        self.bindings = bindings
+        self.overlays = overlays
         self.pki = pki
-        self.overlay = config.overlay
-        self.overlay_first = int(self.overlay.network_address)
-        self.overlay_last = int(self.overlay.broadcast_address)
-        self.server_ip = int(config.server_overlay_ip)
         self.keepalive = config.keepalive
+        self.planes: dict[str, Plane] = {}
+        self.tun_planes: dict[int, Plane] = {}
         self.sessions: dict[int, ServerSession] = {}
-        self.by_ip: dict[int, ServerSession] = {}
         self.by_token: dict[str, ServerSession] = {}
         self.dirty: set[ServerSession] = set()
         self.unauthenticated: set[ServerSession] = set()  # TLS or hello still to come
@@ -1795,40 +2101,34 @@ class NetworkServer:
         self.worker = StoreWorker(self.call_soon)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
-        self.tun: Tun | None = None
-        self.nat: GatewayNat | None = None
+        self.forwarding = IpForwarding()
 
     # -- lifecycle (called from the main thread) ---------------------------------
 
     def start(self) -> None:
         self.tls = self._tls_context()
         self.listener = self._listen()
-        self.tun = Tun("ncsrv0", offload=self.config.offload)
-        try:
-            self.tun.configure(
-                ipaddress.IPv4Interface(f"{ipaddress.IPv4Address(self.server_ip)}/{self.overlay.prefixlen}"),
-                self.config.mtu,
-            )
-            if self.config.gateway:
-                self.nat = GatewayNat(self.overlay, self.tun.name)
-                self.nat.enable()
-        except BaseException:
-            self.tun.close()
-            self.listener.close()
-            raise
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.epoll = Poller()
-        for fd in (self.listener.fileno(), self.tun.fd, self.wake_r):
+        for fd in (self.listener.fileno(), self.wake_r):
             self.epoll.register(fd, select.EPOLLIN)
+        try:
+            if self.config.gateway:
+                self.forwarding.enable()
+                log.info("gateway mode: forwarding and NAT out of this host for the overlays")
+            for overlay in self.overlays.all():
+                self._attach_plane(Plane(overlay, self.config))
+        except BaseException:
+            self._close_planes()
+            self.listener.close()
+            raise
         self.worker.start()
         self.thread.start()
         log.info(
-            "network service on :%d (TLS 1.3), TUN %s %s/%d mtu %d",
+            "network service on :%d (TLS 1.3), mtu %d, %d network(s)",
             self.config.port,
-            self.tun.name,
-            ipaddress.IPv4Address(self.server_ip),
-            self.overlay.prefixlen,
             self.config.mtu,
+            len(self.planes),
         )
 
     def stop(self) -> None:
@@ -1836,14 +2136,44 @@ class NetworkServer:
         self._wake()
         self.thread.join(timeout=10.0)
         self.worker.stop()
-        if self.nat is not None:
-            self.nat.disable()
-        if self.tun is not None:
-            self.tun.close()
+        self._close_planes()
         self.listener.close()
         self.epoll.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+
+    def _attach_plane(self, plane: Plane) -> None:
+        self.planes[plane.name] = plane
+        self.tun_planes[plane.tun.fd] = plane
+        self.epoll.register(plane.tun.fd, select.EPOLLIN)
+
+    def _close_planes(self) -> None:
+        for plane in list(self.planes.values()):
+            plane.close()
+        self.planes.clear()
+        self.tun_planes.clear()
+        self.forwarding.restore()
+
+    def add_overlay(self, overlay: Overlay) -> None:
+        """A network created at run time: its TUN is made here (errors reach the
+        caller), then the loop starts serving it."""
+        plane = Plane(overlay, self.config)
+        self.call_soon(lambda: self._attach_plane(plane))
+
+    def remove_overlay(self, name: str) -> None:
+        """A deleted network: its nodes are cut off and its TUN removed."""
+        self.call_soon(lambda: self._detach_plane(name))
+
+    def _detach_plane(self, name: str) -> None:
+        plane = self.planes.pop(name, None)
+        if plane is None:
+            return
+        for session in [s for s in self.sessions.values() if s.plane is plane]:
+            self._refuse(session, Refusal("network-deleted", f"network {name} was deleted", retry=False))
+        self.tun_planes.pop(plane.tun.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(plane.tun.fd)
+        plane.close()
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -1889,8 +2219,8 @@ class NetworkServer:
         try:
             while not self.stopping.is_set():
                 for fd, events in self.epoll.poll(1.0):
-                    if fd == self.tun.fd:
-                        self._read_tun()
+                    if (plane := self.tun_planes.get(fd)) is not None:
+                        self._read_tun(plane)
                     elif fd == self.listener.fileno():
                         self._accept()
                     elif fd == self.wake_r:
@@ -2019,22 +2349,32 @@ class NetworkServer:
         session.phase = Phase.ADMITTING
         token = hello.node_token
 
-        def admit() -> ipaddress.IPv4Address:
-            if not self.store.set_state(token, STATE_INIT):
-                raise TokenRefused("this node-token is not registered (unregistered or never joined); join again")
-            return self.bindings.ip_for(token)
+        net_token = hello.net_token
 
-        self.worker.submit(admit, lambda ip, error: self._on_admitted(session, ip, error))
+        def admit() -> tuple[str, ipaddress.IPv4Address]:
+            node = self.store.node(token)
+            overlay = self.overlays.get(node.network) if node is not None else None
+            if node is None or overlay is None:
+                raise TokenRefused("this node-token is not registered (unregistered or never joined); join again")
+            if net_token != overlay.net_token and not (overlay.name == DEFAULT_NETWORK and not net_token):
+                raise TokenRefused("the net-token does not match this node's network; use the join string's net-token")
+            self.store.set_state(token, STATE_INIT)
+            return overlay.name, overlay.bindings.ip_for(token)
+
+        self.worker.submit(admit, lambda result, error: self._on_admitted(session, result, error))
 
     def _on_admitted(
-        self, session: ServerSession, ip: ipaddress.IPv4Address | None, error: BaseException | None
+        self, session: ServerSession, result: tuple[str, ipaddress.IPv4Address] | None, error: BaseException | None
     ) -> None:
         token = session.node_token
         if session.phase in (Phase.CLOSED, Phase.CLOSING):
             if error is None and token not in self.by_token:
-                self._set_idle(token)
+                self._set_idle(token, self.planes.get(result[0]) if result else None)
             return
-        if error is not None or ip is None:
+        plane = self.planes.get(result[0]) if result is not None else None
+        if error is None and plane is None:
+            error = TokenRefused("this node's network was deleted")
+        if error is not None or result is None or plane is None:
             if isinstance(error, TokenRefused):
                 refusal = Refusal("unregistered", str(error), retry=False)
             elif isinstance(error, PoolExhausted):
@@ -2048,33 +2388,36 @@ class NetworkServer:
             log.info("node %s reconnected from %s; replacing its session from %s", token, session.peer, old.peer)
             self.by_token.pop(token)
             self._refuse(old, Refusal("replaced", "a newer session with this node-token took over", retry=False))
+        ip = result[1]
+        overlay = plane.overlay
         session.ip = int(ip)
+        session.plane = plane
         session.phase = Phase.ESTABLISHED
         self.by_token[token] = session
-        self.by_ip[session.ip] = session
-        session.queue(
-            Welcome(
-                str(ip),
-                self.overlay.prefixlen,
-                str(ipaddress.IPv4Address(self.server_ip)),
-                self.config.mtu,
-                self.keepalive,
-                (str(self.overlay),),
-                session.caps,
-            ).encode()
+        plane.by_ip[session.ip] = session
+        welcome = Welcome(
+            str(ip),
+            overlay.network.prefixlen,
+            str(overlay.server_ip),
+            self.config.mtu,
+            self.keepalive,
+            (str(overlay.network),),
+            session.caps,
         )
+        session.queue(welcome.encode())
         self.dirty.add(session)
-        self.worker.submit(lambda: self._mark_connected(token))
-        log.info("node %s connected from %s as %s", token, session.peer, ip)
+        self.worker.submit(lambda: self._mark_connected(token, overlay))
+        log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
 
-    def _mark_connected(self, token: str) -> None:
+    def _mark_connected(self, token: str, overlay: Overlay) -> None:
         self.store.set_state(token, STATE_CONNECTED)
-        self.bindings.connected(token)
+        overlay.bindings.connected(token)
 
-    def _set_idle(self, token: str) -> None:
+    def _set_idle(self, token: str, plane: Plane | None) -> None:
         def job() -> None:
             self.store.set_state(token, STATE_IDLE)
-            self.bindings.idle(token)
+            if plane is not None:
+                plane.overlay.bindings.idle(token)
 
         self.worker.submit(job)
 
@@ -2088,6 +2431,7 @@ class NetworkServer:
             self.counters["dropped-not-ipv4"] += 1
             return
         src, dst = endpoints
+        plane = session.plane
         if src != session.ip:
             self.counters["dropped-spoofed"] += 1
             self.note(
@@ -2096,17 +2440,17 @@ class NetworkServer:
                 session.node_token,
             )
             return
-        if dst == self.server_ip:
-            self._write_tun(view, kind, start, end)
+        if dst == plane.server_ip:
+            self._write_tun(plane, view, kind, start, end)
             return
-        peer = self.by_ip.get(dst)
+        peer = plane.by_ip.get(dst)
         if peer is not None:
-            if self.config.interconnection:
+            if plane.overlay.interconnection:
                 self._forward(peer, view, kind, start, end)
             else:
                 self.counters["dropped-interconnection"] += 1
-        elif self.config.gateway and not self.overlay_first <= dst <= self.overlay_last:
-            self._write_tun(view, kind, start, end)
+        elif self.config.gateway and not any(p.contains(dst) for p in self.planes.values()):
+            self._write_tun(plane, view, kind, start, end)  # to the world; never into another overlay
         else:
             self.counters["dropped-no-route"] += 1
 
@@ -2125,30 +2469,31 @@ class NetworkServer:
                 break
         self.dirty.add(peer)
 
-    def _write_tun(self, view: memoryview, kind: int, start: int, end: int) -> None:
+    def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
         """Hand a node's packet to this host's kernel (the server's own IP, or the gateway)."""
+        tun = plane.tun
         try:
-            if not self.tun.offload:
+            if not tun.offload:
                 for packet in plain_packets(view[start:end]) if kind == FRAME_GSO_PACKET else [view[start:end]]:
-                    os.write(self.tun.fd, packet)
+                    os.write(tun.fd, packet)
             elif kind == FRAME_GSO_PACKET:
-                os.write(self.tun.fd, view[start:end])
+                os.write(tun.fd, view[start:end])
             else:
-                os.writev(self.tun.fd, [ZERO_VNET_HDR, view[start:end]])
+                os.writev(tun.fd, [ZERO_VNET_HDR, view[start:end]])
         except OSError as e:
             self.counters["dropped-tun-write"] += 1
             self.note("tun-write", "TUN write failed: %s", e.strerror)
 
-    def _read_tun(self) -> None:
-        """Packets from this host's kernel to nodes."""
-        offset = VNET_HDR_LEN if self.tun.offload else 0
+    def _read_tun(self, plane: Plane) -> None:
+        """Packets from this host's kernel to the nodes of one overlay."""
+        offset = VNET_HDR_LEN if plane.tun.offload else 0
         for _ in range(256):
             try:
-                data = os.read(self.tun.fd, TUN_READ_SIZE)
+                data = os.read(plane.tun.fd, TUN_READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             endpoints = ipv4_endpoints(memoryview(data)[offset:])
-            peer = self.by_ip.get(endpoints[1]) if endpoints else None
+            peer = plane.by_ip.get(endpoints[1]) if endpoints else None
             if peer is None:
                 self.counters["dropped-no-route"] += 1
             elif not offset:
@@ -2223,13 +2568,14 @@ class NetworkServer:
         if not token or session.detached:
             return
         session.detached = True
+        plane = session.plane
         if self.by_token.get(token) is session:
             del self.by_token[token]
-            if self.by_ip.get(session.ip) is session:
-                del self.by_ip[session.ip]
-            self._set_idle(token)
+            if plane is not None and plane.by_ip.get(session.ip) is session:
+                del plane.by_ip[session.ip]
+            self._set_idle(token, plane)
         elif session.phase != Phase.ESTABLISHED and token not in self.by_token:
-            self._set_idle(token)  # undo the handshake's "init" state
+            self._set_idle(token, None)  # undo the handshake's "init" state
 
     def _close(self, session: ServerSession, reason: str | None, quiet: bool = False) -> None:
         if session.phase == Phase.CLOSED:
@@ -2353,7 +2699,7 @@ class NetworkClient:
         link = Link(sock, self._server)
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
-            sock.sendall(Hello(self.config.token, caps=caps).encode())
+            sock.sendall(Hello(self.config.token, caps=caps, net_token=self.config.net_token).encode())
             welcome = self._await_welcome(link)
         except BaseException:
             link.close()
@@ -2549,25 +2895,72 @@ def token_id(token: str) -> str:
 class Controller:
     """The server's control-plane logic, shared by every gRPC service."""
 
-    def __init__(self, config: ServerConfig, store: Store, pki: Pki, bindings: Bindings, advertised_ip: str) -> None:
+    def __init__(self, config: ServerConfig, store: Store, pki: Pki, overlays: Overlays, advertised_ip: str) -> None:
         self.config = config
         self.store = store
         self.pki = pki
-        self.bindings = bindings
+        self.overlays = overlays
         self.advertised_ip = advertised_ip
         self.sessions: Any = None  # the network server, once it runs: live states and disconnects
+        self._network_lock = threading.Lock()  # one network create/delete at a time
 
-    def create_bootstrap_token(self, life_minutes: int, single_use: bool = False) -> tuple[str, str]:
+    def create_bootstrap_token(
+        self, life_minutes: int, single_use: bool = False, network: str = ""
+    ) -> tuple[str, str, Overlay]:
+        overlay = self.overlay_named(network or DEFAULT_NETWORK)
         life = DEFAULT_TOKEN_LIFE_MIN if life_minutes == 0 else life_minutes
         token = new_bootstrap_token()
-        expire = self.store.add_bootstrap_token(token, life, single_use)
+        expire = self.store.add_bootstrap_token(token, life, single_use, overlay.name)
         log.info(
-            "bootstrap token %s created, expires %s%s", token_id(token), expire, ", single-use" if single_use else ""
+            "bootstrap token %s created for network %s, expires %s%s",
+            token_id(token),
+            overlay.name,
+            expire,
+            ", single-use" if single_use else "",
         )
-        return token, expire
+        return token, expire, overlay
 
-    def join_string(self, token: str) -> str:
-        return f"{token}@{host_port(self.advertised_ip, self.config.bootstrap_port)}#{self.pki.ca_pin()}"
+    def join_string(self, token: str, overlay: Overlay) -> str:
+        """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
+        text = f"{token}@{host_port(self.advertised_ip, self.config.bootstrap_port)}#{self.pki.ca_pin()}"
+        return text if overlay.name == DEFAULT_NETWORK else f"{text},net={overlay.net_token}"
+
+    def overlay_named(self, name: str) -> Overlay:
+        overlay = self.overlays.get(name)
+        if overlay is None:
+            raise TokenRefused(f"no network named {name!r}; see `nc adm network list`")
+        return overlay
+
+    def create_network(self, spec: NetworkSpec) -> Overlay:
+        with self._network_lock:
+            overlay = self.overlays.create(spec)
+            try:
+                if self.sessions is not None:
+                    self.sessions.add_overlay(overlay)
+            except NcError:
+                self.overlays.remove(spec.name)
+                self.store.delete_network(spec.name)
+                raise
+        log.info("network %s created: %s, interconnection %s", spec.name, spec.network, spec.interconnection)
+        return overlay
+
+    def delete_network(self, name: str, force: bool) -> list[str]:
+        """Delete a network created at run time; with force, its nodes are unregistered."""
+        with self._network_lock:
+            overlay = self.overlay_named(name)
+            if name == DEFAULT_NETWORK:
+                raise TokenRefused("the default network (networkAddr) cannot be deleted")
+            if overlay.from_config:
+                raise TokenRefused(f"network {name} is defined in the server config; remove it there and restart")
+            nodes = self.store.node_tokens_in(name)
+            if nodes and not force:
+                raise TokenRefused(f"network {name} has {len(nodes)} node(s); add --force to unregister them too")
+            removed = self.store.delete_network(name)
+            self.overlays.remove(name)
+            if self.sessions is not None:
+                self.sessions.remove_overlay(name)
+        log.info("network %s deleted%s", name, f"; unregistered {len(removed)} node(s)" if removed else "")
+        return removed
 
     def check_bootstrap_token(self, token: str) -> BootstrapTokenRow:
         if not BOOTSTRAP_TOKEN_RE.match(token):
@@ -2587,8 +2980,8 @@ class Controller:
         while self.store.node_token_exists(node_token):
             node_token = new_node_token()
         credentials = self.pki.issue_node(node_token)
-        self.store.admit_node(row.token, node_token)
-        log.info("node %s joined with bootstrap token %s", node_token, token_id(row.token))
+        network = self.store.admit_node(row.token, node_token)
+        log.info("node %s joined network %s with bootstrap token %s", node_token, network, token_id(row.token))
         return node_token, credentials
 
     def node_state(self, token: str) -> NodeRow:
@@ -2600,7 +2993,10 @@ class Controller:
     def unregister(self, token: str) -> None:
         if token == RESERVED_NODE_TOKEN:
             raise TokenRefused("the reserved node-token belongs to the server and cannot be unregistered")
-        if not self.bindings.forget(token):
+        node = self.store.node(token)
+        overlay = self.overlays.get(node.network) if node is not None else None
+        forgotten = overlay.bindings.forget(token) if overlay is not None else self.store.delete_node(token)
+        if not forgotten:
             raise TokenRefused("node-token is not registered")
         if self.sessions is not None:
             self.sessions.disconnect(token, "this node was unregistered by the administrator")
@@ -2677,7 +3073,7 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
             return pb.HealthCheckResponse(code=CODE_OK)
 
         def _get_bootstrap_token(self, request: Any, context: Any) -> Any:
-            token, _ = ctl.create_bootstrap_token(int(request.expireTime))
+            token, _, _ = ctl.create_bootstrap_token(int(request.expireTime))
             return pb.GetBootStrapTokenResponse(
                 code=CODE_OK,
                 message="ok",
@@ -2720,12 +3116,14 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
 
         def _create(self, request: Any, context: Any) -> Any:
             self._require_admin(context)
-            token, expire = ctl.create_bootstrap_token(int(request.lifeMinutes), bool(request.singleUse))
+            token, expire, overlay = ctl.create_bootstrap_token(
+                int(request.lifeMinutes), bool(request.singleUse), request.network.strip()
+            )
             return pb.CreateBootstrapTokenResponse(
                 code=CODE_OK,
                 message="ok",
                 bootStrapToken=token,
-                joinString=ctl.join_string(token),
+                joinString=ctl.join_string(token, overlay),
                 expireTime="never" if expire == NEVER_EXPIRES else expire,
                 caPin=ctl.pki.ca_pin(),
             )
@@ -2738,6 +3136,7 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
                     expireTime="never" if row.expire_time == NEVER_EXPIRES else row.expire_time,
                     createTime=row.create_time,
                     singleUse=row.single_use,
+                    network=row.network,
                 )
                 for row in ctl.store.list_bootstrap_tokens()
             ]
@@ -2763,15 +3162,53 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
                     connState=r.state,
                     createTime=r.create_time,
                     updateTime=r.update_time,
+                    network=r.network,
                 )
                 for r in ctl.store.nodes()
             ]
             return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
 
+        def _network_info(self, overlay: Overlay, counts: dict[str, int]) -> Any:
+            return pb.NetworkInfo(
+                name=overlay.name,
+                cidr=str(overlay.network),
+                interconnection=overlay.interconnection,
+                netToken=overlay.net_token,
+                serverIp=str(overlay.server_ip),
+                nodes=counts.get(overlay.name, 0),
+                fromConfig=overlay.from_config,
+            )
+
+        def _node_counts(self) -> dict[str, int]:
+            return collections.Counter(r.network for r in ctl.store.nodes() if r.token != RESERVED_NODE_TOKEN)
+
+        def _create_network(self, request: Any, context: Any) -> Any:
+            self._require_admin(context)
+            try:
+                spec = check_network_spec(request.name, request.cidr, not request.noInterconnection, "network")
+            except ConfigError as e:
+                raise TokenRefused(str(e)) from None
+            overlay = ctl.create_network(spec)
+            return pb.CreateNetworkResponse(code=CODE_OK, message="created", network=self._network_info(overlay, {}))
+
+        def _list_networks(self, request: Any, context: Any) -> Any:
+            self._require_admin(context)
+            counts = self._node_counts()
+            networks = [self._network_info(o, counts) for o in sorted(ctl.overlays.all(), key=lambda o: o.index)]
+            return pb.ListNetworksResponse(code=CODE_OK, message="ok", networks=networks)
+
+        def _delete_network(self, request: Any, context: Any) -> Any:
+            self._require_admin(context)
+            removed = ctl.delete_network(request.name.strip(), bool(request.force))
+            return pb.DeleteNetworkResponse(code=CODE_OK, message="deleted", unregistered=removed)
+
         CreateBootstrapToken = guarded(pb.CreateBootstrapTokenResponse, _create)
         ListBootstrapTokens = guarded(pb.ListBootstrapTokensResponse, _list_tokens)
         DeleteBootstrapToken = guarded(pb.DeleteBootstrapTokenResponse, _delete_token)
         ListNodes = guarded(pb.ListNodesResponse, _list_nodes)
+        CreateNetwork = guarded(pb.CreateNetworkResponse, _create_network)
+        ListNetworks = guarded(pb.ListNetworksResponse, _list_networks)
+        DeleteNetwork = guarded(pb.DeleteNetworkResponse, _delete_network)
 
     return Bootstrap(), Control(), Admin()
 
@@ -2928,13 +3365,13 @@ def run_server(config: ServerConfig) -> int:
             check = threading.Thread(target=ensure_reserved, args=(store, server_ip), name="reserved-check")
             check.start()
             check.join()
-            bindings = Bindings(store, config.overlay)
-            controller = Controller(config, store, pki, bindings, advertised)
-            network = NetworkServer(config, store, bindings, pki)
+            overlays = Overlays(store, config)
+            controller = Controller(config, store, pki, overlays, advertised)
+            network = NetworkServer(config, store, overlays, pki)
             network.start()
             controller.sessions = network
             servers = start_grpc_servers(controller)
-            threads = [TokenSweeper(store, stop), CacheSync(bindings, stop)]
+            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
             for thread in threads:
                 thread.start()
             log.info("nc server ready; join string pin %s", pki.ca_pin())
@@ -2971,6 +3408,7 @@ class JoinTarget:
     host: str
     port: int
     pin: str | None
+    net_token: str = ""  # the network the token admits to; empty: the default network
 
     @property
     def address(self) -> str:
@@ -2978,9 +3416,17 @@ class JoinTarget:
 
 
 def parse_join_string(text: str) -> JoinTarget:
-    """token@host:port[#sha256:<hex>] (the original form has no pin)."""
+    """token@host:port[#sha256:<hex>[,net=<net-token>]] (the original form has no pin)."""
     text = text.strip()
-    body, _, pin = text.partition("#")
+    body, _, suffix = text.partition("#")
+    pin, *extras = suffix.split(",") if suffix else [""]
+    net_token = ""
+    for extra in extras:
+        key, _, value = extra.partition("=")
+        if key == "net" and valid_net_token(value):
+            net_token = value
+        else:
+            raise UsageError(f"join string has an unknown or malformed part {extra!r}; copy it whole")
     token, at, address = body.rpartition("@")
     if not at or not token:
         raise UsageError(
@@ -2999,7 +3445,7 @@ def parse_join_string(text: str) -> JoinTarget:
         raise UsageError(f"join string address {address!r} is not <ip>:<port>") from None
     if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
         raise UsageError("join string CA pin must be sha256:<64 hex digits>")
-    return JoinTarget(token, host, port, pin or None)
+    return JoinTarget(token, host, port, pin or None, net_token)
 
 
 def fetch_server_ca(target: JoinTarget) -> bytes:
@@ -3129,6 +3575,7 @@ def join(join_string: str, work_dir: Path) -> ClientConfig:
         server_addr=response.networkServerIp or target.host,
         port=int(response.networkServerPort or DEFAULT_NETWORK_PORT),
         token=response.token,
+        net_token=target.net_token,
         work_dir=str(work_dir),
     ).resolve()
     write_private(files["config"], client_yaml(config).encode(), 0o600)
@@ -3215,7 +3662,10 @@ def adm_token_create(args: argparse.Namespace) -> int:
     with AdminClient(admin_target(args)) as client:
         response = check_code(
             client.admin(
-                "CreateBootstrapToken", pb.CreateBootstrapTokenRequest(lifeMinutes=args.life, singleUse=args.single_use)
+                "CreateBootstrapToken",
+                pb.CreateBootstrapTokenRequest(
+                    lifeMinutes=args.life, singleUse=args.single_use, network=args.net or ""
+                ),
             )
         )
     if args.output == "json":
@@ -3232,8 +3682,10 @@ def adm_token_list(args: argparse.Namespace) -> int:
     if args.output == "json":
         print_json([message_json(t) for t in response.tokens])
     else:
-        rows = [[t.tokenId, t.expireTime, t.createTime, "yes" if t.singleUse else "no"] for t in response.tokens]
-        print_table(["TOKEN-ID", "EXPIRES", "CREATED", "SINGLE-USE"], rows)
+        rows = [
+            [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no"] for t in response.tokens
+        ]
+        print_table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE"], rows)
     return 0
 
 
@@ -3267,10 +3719,65 @@ def adm_node_list(args: argparse.Namespace) -> int:
         print_json([message_json(n) for n in response.nodes])
     else:
         rows = [
-            [n.nodeToken, n.bindIp or "-", f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})", n.updateTime]
+            [
+                n.nodeToken,
+                n.network,
+                n.bindIp or "-",
+                f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
+                n.updateTime,
+            ]
             for n in response.nodes
         ]
-        print_table(["NODE-TOKEN", "BIND-IP", "STATE", "UPDATED"], rows)
+        print_table(["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "UPDATED"], rows)
+    return 0
+
+
+def adm_network_create(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    request = pb.CreateNetworkRequest(name=args.name, cidr=args.cidr, noInterconnection=args.no_interconnection)
+    with AdminClient(admin_target(args)) as client:
+        response = check_code(client.admin("CreateNetwork", request))
+    if args.output == "json":
+        print_json(message_json(response.network))
+    else:
+        print(response.network.netToken)
+    return 0
+
+
+def adm_network_list(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    with AdminClient(admin_target(args)) as client:
+        response = check_code(client.admin("ListNetworks", pb.ListNetworksRequest()))
+    if args.output == "json":
+        print_json([message_json(n) for n in response.networks])
+    else:
+        rows = [
+            [
+                n.name,
+                n.cidr,
+                n.serverIp,
+                "yes" if n.interconnection else "no",
+                str(n.nodes),
+                "config" if n.fromConfig else "runtime",
+                n.netToken,
+            ]
+            for n in response.networks
+        ]
+        print_table(["NAME", "CIDR", "SERVER-IP", "INTERCONNECTION", "NODES", "DEFINED-IN", "NET-TOKEN"], rows)
+    return 0
+
+
+def adm_network_delete(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    with AdminClient(admin_target(args)) as client:
+        response = check_code(client.admin("DeleteNetwork", pb.DeleteNetworkRequest(name=args.name, force=args.force)))
+    if args.output == "json":
+        print_json({"name": args.name, "deleted": True, "unregistered": list(response.unregistered)})
+    else:
+        print(
+            f"deleted network {args.name}"
+            + (f"; unregistered {len(response.unregistered)} node(s)" if response.unregistered else "")
+        )
     return 0
 
 
@@ -3482,6 +3989,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join_cmd.set_defaults(func=adm_join)
 
+    network = adm_cmds.add_parser("network", help="overlay networks: create, list, delete")
+    network_cmds = network.add_subparsers(dest="network_command", metavar="COMMAND", required=True)
+    create_net = network_cmds.add_parser(
+        "create", parents=[output], help="add an isolated overlay network; prints its net-token"
+    )
+    create_net.add_argument("--name", required=True, help="network name (a-z, 0-9, '-')")
+    create_net.add_argument(
+        "--cidr", required=True, help="its address range, e.g. 10.2.0.1/24 (the server takes the first host)"
+    )
+    create_net.add_argument(
+        "--no-interconnection", action="store_true", help="nodes reach the server only, not each other"
+    )
+    create_net.set_defaults(func=adm_network_create)
+    network_cmds.add_parser("list", parents=[output], help="list networks").set_defaults(func=adm_network_list)
+    delete_net = network_cmds.add_parser("delete", parents=[output], help="delete a network created at run time")
+    delete_net.add_argument("--name", required=True)
+    delete_net.add_argument("--force", action="store_true", help="also unregister the network's nodes")
+    delete_net.set_defaults(func=adm_network_delete)
+
     node = adm_cmds.add_parser("node", help="nodes: list, state, unregister")
     node_cmds = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
     node_cmds.add_parser("list", parents=[output], help="list registered nodes").set_defaults(func=adm_node_list)
@@ -3525,6 +4051,7 @@ def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
         help="minutes the token lives; negative never expires (default 10)",
     )
     parser.add_argument("--single-use", action="store_true", help="consumed by its first join")
+    parser.add_argument("--net", metavar="NAME", help="network the node joins (default: the default network)")
     parser.set_defaults(func=adm_token_create)
 
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Run the benchmarks (not part of the pytest suite): builds ./nc, then runs
+#   throughput  nc vs OpenVPN 2.6 vs underlay: iperf3 and ping   (tests/bench_throughput.py)
+#   scale       one nc server, 1000 simulated nodes              (tests/bench_scale.py)
+#   pool        full /16 address pool, LRU reclaim               (tests/bench_pool.py)
+#   all         the three, one after the other (default)
+# Extra arguments go to the one benchmark named, e.g.
+#   tests/bench.sh throughput --seconds 3 --repeat 1
+#   tests/bench.sh scale --nodes 2000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+what=${1:-all}
+[ $# -gt 0 ] && shift
+case "$what" in
+    throughput | scale | pool) ;;
+    all)
+        if [ $# -gt 0 ]; then
+            echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale or pool)" >&2
+            exit 2
+        fi
+        ;;
+    -h | --help)
+        sed -n '2,9s/^# \{0,1\}//p' "$0"
+        exit 0
+        ;;
+    *)
+        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool or all" >&2
+        exit 2
+        ;;
+esac
+if [ "$(id -u)" != 0 ]; then
+    echo "tests/bench.sh: the benchmarks create network namespaces and TUN devices; run as root" >&2
+    exit 1
+fi
+
+./build.sh
+.build/venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --only-binary=:all: \
+    -r .build/runtime.lock
+PYTHON=.build/venv/bin/python
+
+failed=()
+run() {
+    echo "==> benchmark: $1"
+    local code=0
+    "$PYTHON" "tests/bench_$1.py" "${@:2}" || code=$?
+    if [ "$code" -eq 130 ]; then
+        exit 130 # interrupted: the benchmark cleaned up; do not start the next one
+    elif [ "$code" -ne 0 ]; then
+        failed+=("$1")
+    fi
+}
+
+if [ "$what" = all ]; then
+    run pool
+    run scale
+    run throughput
+else
+    run "$what" "$@"
+fi
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "tests/bench.sh: failed: ${failed[*]}" >&2
+    exit 1
+fi

@@ -1859,6 +1859,10 @@ class Poller:
         self.epoll = select.epoll()
         self.spin_s = spin_s
         self.last_active = 0.0
+        # True when the last poll slept before its events came: traffic is sparse, so
+        # handlers read once and return instead of reading on until EAGAIN (an
+        # exception in Python, and time on the latency path). Bursts keep it False.
+        self.woke = False
 
     def register(self, fd: int, mask: int) -> None:
         self.epoll.register(fd, mask)
@@ -1877,6 +1881,7 @@ class Poller:
         events = self.epoll.poll(0 if spinning else timeout)
         if events:
             self.last_active = time.monotonic()
+            self.woke = not spinning
         return events
 
 
@@ -1940,8 +1945,9 @@ class Link:
             self.last_tx = time.monotonic()
         return True
 
-    def receive(self, handle_frames: Callable[[], None]) -> None:
-        """Read what TLS has (up to the budget), handing each chunk's frames on at once."""
+    def receive(self, handle_frames: Callable[[], None], once: bool = False) -> None:
+        """Read what TLS has (up to the budget), handing each chunk's frames on at once.
+        once: stop after one read unless OpenSSL holds more (epoll will say if the socket does)."""
         if self.rx is None:
             self.rx = self.buffers.take()
         got = 0
@@ -1958,6 +1964,8 @@ class Link:
                 got += count
                 self.last_rx = time.monotonic()
                 handle_frames()
+                if once and not self.closed and not self.sock.pending():
+                    break
         finally:
             if self.buffers is not None and self.rx.start == self.rx.end:
                 self.buffers.give(self.rx)
@@ -2283,7 +2291,7 @@ class NetworkServer:
             if events & select.EPOLLOUT:
                 self._flush(session)
             if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                session.receive(lambda: self._handle_frames(session))
+                session.receive(lambda: self._handle_frames(session), once=self.epoll.woke)
         except PeerClosed as e:
             self._close(session, str(e))
         except ProtocolError as e:
@@ -2487,7 +2495,7 @@ class NetworkServer:
     def _read_tun(self, plane: Plane) -> None:
         """Packets from this host's kernel to the nodes of one overlay."""
         offset = VNET_HDR_LEN if plane.tun.offload else 0
-        for _ in range(256):
+        for _ in range(1 if self.epoll.woke else 256):
             try:
                 data = os.read(plane.tun.fd, TUN_READ_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -2776,9 +2784,9 @@ class NetworkClient:
             while not self.stop.is_set():
                 for fd, _events in poller.poll(1.0):
                     if fd == tun_fd:
-                        self._read_tun(link)
+                        self._read_tun(link, 1 if poller.woke else 256)
                     elif fd == link.fd:
-                        link.receive(lambda: self._deliver(link))
+                        link.receive(lambda: self._deliver(link), once=poller.woke)
                 blocked = not link.flush()
                 if blocked != want_out:
                     want_out = blocked
@@ -2800,9 +2808,9 @@ class NetworkClient:
         finally:
             poller.close()
 
-    def _read_tun(self, link: Link) -> None:
+    def _read_tun(self, link: Link, limit: int) -> None:
         assert self.tun is not None
-        for _ in range(256):
+        for _ in range(limit):
             try:
                 data = os.read(self.tun.fd, TUN_READ_SIZE)
             except (BlockingIOError, InterruptedError):

@@ -1626,7 +1626,7 @@ def next_frame(buf: Any, start: int, end: int) -> tuple[int, int, int] | None:
 def decode_control(payload: Any) -> dict:
     try:
         message = json.loads(bytes(payload))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: hostile nesting
         raise ProtocolError("handshake message is not JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError("handshake message is not a JSON object")
@@ -1695,18 +1695,28 @@ class Welcome:
     @classmethod
     def decode(cls, payload: Any) -> Welcome:
         m = decode_control(payload)
+        strings = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)  # noqa: E731
+        integers = [m.get("prefix"), m.get("mtu"), m.get("keepalive", 10)]
+        if (
+            not isinstance(m.get("ip"), str)
+            or not isinstance(m.get("serverIp"), str)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in integers)
+            or not strings(m.get("routes", []))
+            or not strings(m.get("caps", []))
+        ):
+            raise ProtocolError("welcome message is incomplete or has fields of the wrong type")
         try:
             welcome = cls(
                 ip=str(ipaddress.IPv4Address(m["ip"])),
-                prefix=int(m["prefix"]),
+                prefix=m["prefix"],
                 server_ip=str(ipaddress.IPv4Address(m["serverIp"])),
-                mtu=int(m["mtu"]),
-                keepalive=int(m.get("keepalive", 10)),
+                mtu=m["mtu"],
+                keepalive=m.get("keepalive", 10),
                 routes=tuple(str(ipaddress.IPv4Network(r)) for r in m.get("routes", [])),
-                caps=tuple(str(c) for c in m.get("caps", [])),
+                caps=tuple(m.get("caps", [])),
             )
-        except (KeyError, TypeError, ValueError):
-            raise ProtocolError("welcome message is incomplete or malformed") from None
+        except ValueError:
+            raise ProtocolError("welcome message has a malformed address or route") from None
         if not 8 <= welcome.prefix <= 30 or not 576 <= welcome.mtu <= 65535 or not 1 <= welcome.keepalive <= 3600:
             raise ProtocolError("welcome message has out-of-range values")
         return welcome
@@ -2299,6 +2309,9 @@ class NetworkServer:
             self._refuse(session, Refusal("protocol", str(e), retry=False))
         except (OSError, ssl.SSLError) as e:
             self._close(session, f"connection error: {e}")
+        except Exception:  # a bug must cost one session, never the loop
+            log.exception("unexpected error in %r; closing it", session)
+            self._close(session, "internal error")
 
     def _handshake(self, session: ServerSession) -> None:
         try:
@@ -2619,6 +2632,7 @@ def peer_cert_common_name(sock: ssl.SSLSocket) -> str:
 # ============================================================================
 
 BACKOFF_CAP_S = 30.0
+STABLE_SESSION_S = 10.0  # a session that lasted this long resets the reconnect backoff
 
 
 class Refused(NcError):
@@ -2658,7 +2672,12 @@ class NetworkClient:
             os.write(self.wake_w, b"!")
 
     def run(self) -> int:
-        backoff = 1.0
+        """Connect, pump, reconnect: forever, until stopped or refused for good.
+
+        The wait between attempts doubles (with jitter, capped at 30 s) until a
+        session has stayed up for a while, so a server that accepts and drops at
+        once is not hammered."""
+        backoff = 0.5
         try:
             while not self.stop.is_set():
                 try:
@@ -2666,21 +2685,26 @@ class NetworkClient:
                 except Refused:
                     raise
                 except (OSError, ssl.SSLError, ProtocolError, TunError) as e:
-                    delay = random.uniform(0.5, 1.0) * backoff
-                    log.warning("cannot connect to %s: %s; retrying in %.1f s", self._server, e, delay)
-                    backoff = min(backoff * 2, BACKOFF_CAP_S)
-                    self.stop.wait(delay)
-                    continue
-                backoff = 1.0
-                try:
-                    self._configure(welcome)
-                    reason = self._pump(link, welcome)
-                finally:
-                    link.close()
-                if reason:
-                    delay = random.uniform(0.2, 1.0)
-                    log.warning("disconnected: %s; reconnecting in %.1f s", reason, delay)
-                    self.stop.wait(delay)
+                    reason = f"cannot connect to {self._server}: {e}"
+                except Exception:  # a bug must not end a client that should reconnect forever
+                    log.exception("unexpected error while connecting")
+                    reason = "unexpected error while connecting"
+                else:
+                    started = time.monotonic()
+                    try:
+                        self._configure(welcome)
+                        reason = self._pump(link, welcome)
+                    finally:
+                        link.close()
+                    if reason is None:
+                        break  # asked to stop
+                    if time.monotonic() - started > STABLE_SESSION_S:
+                        backoff = 0.5
+                    reason = f"disconnected: {reason}"
+                backoff = min(backoff * 2, BACKOFF_CAP_S)
+                delay = random.uniform(0.5, 1.0) * backoff
+                log.warning("%s; retrying in %.1f s", reason, delay)
+                self.stop.wait(delay)
         finally:
             self.close()
         return 0

@@ -1,0 +1,268 @@
+"""Helpers for the overlay end-to-end tests: a server with joined nodes, node
+states through `nc adm`, ping assertions, underlay changes, and a stream fuzzer
+that runs inside a node's namespace."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from netlab import Host, Lab, NcClient, NcServer, Process, start_client, start_server, wait_for
+
+SERVER_OVERLAY_IP = "10.1.1.1"
+NETWORK_PORT = 6441
+
+
+@dataclass
+class Overlay:
+    """A running server and its joined, connected nodes."""
+
+    lab: Lab
+    server_host: Host
+    server: NcServer
+    hosts: list[Host]
+    clients: list[NcClient]
+    join: str
+
+    def add_node(self, name: str, wait: bool = True) -> NcClient:
+        host = self.lab.add_host(name)
+        client = start_client(host, self.join, wait=wait)
+        self.hosts.append(host)
+        self.clients.append(client)
+        return client
+
+
+def build_overlay(lab: Lab, nodes: int, **server_fields: object) -> Overlay:
+    """A server plus `nodes` nodes, each joined and connected (state 3, nc0 = bindIp)."""
+    server_host = lab.add_host("server")
+    server = start_server(server_host, **server_fields)
+    join = server.join_string()
+    hosts = [lab.add_host(f"node{i}") for i in range(1, nodes + 1)]
+    clients = [start_client(host, join) for host in hosts]
+    overlay = Overlay(lab, server_host, server, hosts, clients, join)
+    for client in clients:
+        wait_connected(server, client)
+    return overlay
+
+
+def node_state(server: NcServer, token: str) -> dict:
+    """`nc adm node state --node-token T -o json` as a dict ({} when the command fails)."""
+    done = server.adm("node", "state", "--node-token", token, "-o", "json", check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+def wait_state(server: NcServer, token: str, state: int, timeout: float = 10) -> dict:
+    return wait_for(
+        lambda: (found := node_state(server, token)).get("connState") == state and found,
+        timeout=timeout,
+        interval=0.2,
+        what=f"node {token} to reach state {state}",
+    )
+
+
+def wait_connected(server: NcServer, client: NcClient, timeout: float = 20) -> str:
+    """Wait until the server says the node is connected (3) with a bindIp equal to its nc0 address."""
+
+    def connected() -> str | None:
+        state = node_state(server, client.token())
+        ip = client.overlay_ip()
+        return ip if state.get("connState") == 3 and ip and state.get("bindIp") == ip else None
+
+    try:
+        return wait_for(connected, timeout=timeout, interval=0.2, what=f"{client.host.name} to be connected")
+    except AssertionError:
+        raise AssertionError(
+            f"{client.host.name} not connected: state {node_state(server, client.token())}, "
+            f"nc0 {client.overlay_ip()}, log:\n{client.process.log()[-3000:]}"
+        ) from None
+
+
+def assert_reaches(host: Host, ip: str, timeout: float = 10) -> None:
+    """Some ping from host to ip gets an answer within timeout."""
+    wait_for(lambda: host.ping(ip, timeout=1), timeout=timeout, interval=0.2, what=f"{host.name} to reach {ip}")
+
+
+def assert_blocked(host: Host, ip: str) -> None:
+    """Three pings from host to ip all go unanswered."""
+    assert not host.ping(ip, count=3, timeout=1), f"{host.name} reached {ip}, which must be blocked"
+
+
+def assert_full_mesh(overlay: Overlay, timeout: float = 10) -> None:
+    """Every node pings every other node and the server, and the server pings every node."""
+    ips = [client.overlay_ip() for client in overlay.clients]
+    assert all(ips) and len(set(ips)) == len(ips), f"overlay addresses are not unique: {ips}"
+    for host, ip in zip(overlay.hosts, ips):
+        assert_reaches(host, SERVER_OVERLAY_IP, timeout)
+        assert_reaches(overlay.server_host, ip, timeout)
+    for (a, _), (_, ip_b) in itertools.permutations(zip(overlay.hosts, ips), 2):
+        assert_reaches(a, ip_b, timeout)
+
+
+def ping_counts(host: Host, ip: str, count: int, interval: float = 0.2) -> tuple[int, int]:
+    """(sent, answered) for `count` pings at `interval`."""
+    done = host.run(
+        "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "1", ip, check=False, timeout=count + 15
+    )
+    found = re.search(r"(\d+) packets transmitted, (\d+) received", done.stdout)
+    assert found, f"unexpected ping output: {done.stdout} {done.stderr}"
+    return int(found.group(1)), int(found.group(2))
+
+
+def change_underlay(host: Host, new_ip: str) -> None:
+    """Move host's eth0 to new_ip the way a DHCP renumbering would: add the new, drop the old.
+
+    The new address is a secondary one until the old goes; without promote_secondaries
+    the kernel would delete it together with the old primary."""
+    host.run("sysctl", "-q", "-w", "net.ipv4.conf.eth0.promote_secondaries=1")
+    host.run("ip", "addr", "add", f"{new_ip}/24", "dev", "eth0")
+    host.run("ip", "addr", "del", f"{host.ip}/24", "dev", "eth0")
+    shown = host.run("ip", "-4", "-o", "addr", "show", "dev", "eth0").stdout
+    assert f" {new_ip}/24 " in shown and f" {host.ip}/24 " not in shown, shown
+    host.ip = new_ip
+
+
+def network_peers(server_host: Host) -> set[str]:
+    """Underlay addresses with an established connection to the server's network port."""
+    done = server_host.run("ss", "-Htn", "state", "established", f"( sport = :{NETWORK_PORT} )")
+    peers = set()
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            peers.add(fields[-1].rsplit(":", 1)[0])
+    return peers
+
+
+def stop_client(client: NcClient, sig: int = signal.SIGTERM) -> int:
+    return client.process.stop(sig, timeout=10)
+
+
+def wait_exit(process: Process, timeout: float) -> int:
+    wait_for(lambda: not process.alive(), timeout=timeout, interval=0.05, what="the process to exit")
+    return process.popen.wait(1)
+
+
+def spawn_tcpdump(host: Host, device: str, name: str) -> Process:
+    """tcpdump of ICMP on device, line-buffered into its log; returns once it listens."""
+    process = host.spawn("tcpdump", "-n", "-l", "--immediate-mode", "-i", device, "icmp", name=name)
+    wait_for(lambda: "listening on" in process.log(), timeout=10, what=f"tcpdump on {host.name} {device}")
+    return process
+
+
+# -- the stream fuzzer ----------------------------------------------------------------------------
+
+FUZZ_CASES = [
+    "raw-garbage",  # not even TLS
+    "idle-connections",  # TCP connections that never start TLS
+    "tls-without-cert",  # TLS with no client certificate, then a hello
+    "tls-random-bytes",  # valid cert, random bytes instead of frames
+    "packet-before-hello",  # valid cert, a PACKET frame before any hello
+    "oversized-data-frame",  # valid cert, a header declaring 16 MiB
+    "oversized-hello",  # valid cert, a hello header over the control limit
+    "truncated-header",  # valid cert, half a frame header, then close
+    "truncated-hello",  # valid cert, a hello cut short, then close
+    "wrong-token-hello",  # valid cert, a hello naming another node-token
+    "nested-json-hello",  # valid cert, a legal-size hello whose JSON nests deeply
+]
+
+FUZZ_SCRIPT = r'''
+"""Hostile streams against the nc network port; every connection's errors are expected."""
+import json, os, random, socket, ssl, struct, sys, time
+
+server, port, cert_dir, token, case, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
+rng = random.Random(case)
+
+def frame(kind, payload, declared=None):
+    return struct.pack("!I", kind << 24 | (len(payload) if declared is None else declared)) + payload
+
+def tls(with_cert):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if with_cert:
+        context.load_cert_chain(os.path.join(cert_dir, "client.crt"), os.path.join(cert_dir, "client.key"))
+    raw = socket.create_connection((server, port), timeout=1)
+    return context.wrap_socket(raw, server_hostname="nc-server")
+
+def drain(sock, seconds=0.3):
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except Exception:
+        pass
+
+def hello(tok):
+    return json.dumps({"proto": 1, "nodeToken": tok, "version": "fuzz", "caps": []}).encode()
+
+def one_round():
+    if case == "raw-garbage":
+        sock = socket.create_connection((server, port), timeout=1)
+        sock.sendall(os.urandom(rng.randint(1, 5000)))
+        drain(sock)
+        sock.close()
+        return
+    if case == "idle-connections":
+        socks = [socket.create_connection((server, port), timeout=1) for _ in range(20)]
+        time.sleep(0.5)
+        for sock in socks:
+            sock.close()
+        return
+    sock = tls(case != "tls-without-cert")
+    try:
+        if case == "tls-without-cert":
+            sock.sendall(frame(0x01, hello(token)))
+        elif case == "tls-random-bytes":
+            sock.sendall(os.urandom(rng.randint(1, 20000)))
+        elif case == "packet-before-hello":
+            sock.sendall(frame(0x10, os.urandom(60)) + frame(0x01, hello(token)))
+        elif case == "oversized-data-frame":
+            sock.sendall(frame(0x10, os.urandom(1000), declared=0xFFFFFF))
+        elif case == "oversized-hello":
+            sock.sendall(frame(0x01, b"{" * 100, declared=5000))
+        elif case == "truncated-header":
+            sock.sendall(b"\x01\x00")
+        elif case == "truncated-hello":
+            body = hello(token)
+            sock.sendall(frame(0x01, body)[: 4 + len(body) // 2])
+        elif case == "wrong-token-hello":
+            sock.sendall(frame(0x01, hello("zzzzzzzzzzzzzzzz")))
+        elif case == "nested-json-hello":
+            body = b'{"proto":1,"nodeToken":"' + token.encode() + b'","caps":' + b"[" * 3500
+            sock.sendall(frame(0x01, body))
+        else:
+            raise SystemExit(f"unknown case {case}")
+        drain(sock)
+    finally:
+        sock.close()
+
+errors = 0
+for _ in range(rounds):
+    try:
+        one_round()
+    except (OSError, ssl.SSLError) as e:
+        errors += 1
+print(f"case {case}: {rounds} rounds, {errors} connection errors", flush=True)
+'''
+
+
+def run_fuzz(host: Host, server_ip: str, cert_dir: Path, token: str, case: str, rounds: int) -> Process:
+    """Start the fuzzer for one case in host's namespace (background)."""
+    script = host.lab.dir / "fuzz_stream.py"
+    if not script.exists():
+        script.write_text(FUZZ_SCRIPT)
+    return host.spawn(
+        sys.executable,
+        str(script),
+        server_ip,
+        str(NETWORK_PORT),
+        str(cert_dir),
+        token,
+        case,
+        str(rounds),
+        name=f"fuzz-{case}",
+    )

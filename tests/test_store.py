@@ -13,7 +13,9 @@ import pytest
 
 import ncctl
 
-DESIGN_DOC = Path(os.environ.get("NC_DESIGN_DOC", "/work/shared/seed/design-explain.md"))
+# The design document lives in ../shared beside the repository (as CI checks it out).
+REPO = Path(__file__).resolve().parent.parent
+DESIGN_DOC = Path(os.environ.get("NC_DESIGN_DOC", REPO.parent / "shared" / "seed" / "design-explain.md"))
 OLD = "2000-01-01 00:00:00"
 DESIGN_OBJECTS = {"network_mgr", "token_mgr", "update_time_trigger", "update_time_trigger2"}
 

@@ -15,7 +15,7 @@ The file reads top-down; each section only uses the sections above it:
      1. constants and errors         8. network server
      2. config                       9. network client
      3. store (sqlite)              10. gRPC services
-     4. address pool                11. server assembly
+     4. address pools, networks     11. server assembly
      5. pki                         12. join and admin commands
      6. tun and routes              13. logging and main
      7. wire protocol
@@ -799,9 +799,10 @@ def split_sql(script: str) -> list[str]:
 
 
 # ============================================================================
-# 4. Address pool
+# 4. Address pools and networks
 #    The in-memory cache over network_mgr bindings: O(1) allocation, LRU
-#    reclaim of the longest-idle node, and the thread that keeps it in sync.
+#    reclaim of the longest-idle node; the overlay networks that own the
+#    pools; the threads that keep them in sync and sweep expired tokens.
 # ============================================================================
 
 

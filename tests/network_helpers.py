@@ -57,6 +57,7 @@ def node_state(server: NcServer, token: str) -> dict:
 
 
 def wait_state(server: NcServer, token: str, state: int, timeout: float = 10) -> dict:
+    """Wait until `nc adm node state` reports the given connState; returns that state."""
     return wait_for(
         lambda: (found := node_state(server, token)).get("connState") == state and found,
         timeout=timeout,
@@ -141,7 +142,8 @@ def stop_client(client: NcClient, sig: int = signal.SIGTERM) -> int:
     return client.process.stop(sig, timeout=10)
 
 
-def wait_exit(process: Process, timeout: float) -> int:
+def wait_exit(process: Process, timeout: float = 15) -> int:
+    """The process ends by itself within timeout; returns its exit code."""
     wait_for(lambda: not process.alive(), timeout=timeout, interval=0.05, what="the process to exit")
     return process.popen.wait(1)
 

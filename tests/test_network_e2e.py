@@ -5,8 +5,10 @@ underlay changes, and a hostile or forging node cannot disturb the others."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from netlab import Lab, start_client, wait_for
@@ -223,3 +225,82 @@ def test_hostile_streams_do_not_disturb_other_nodes(lab: Lab) -> None:
     # A node that joins after the onslaught is served as usual.
     late = start_client(lab.add_host("late"), overlay.join)
     assert_reaches(late.host, target_ip)
+
+
+def test_a_second_session_with_the_same_token_replaces_the_first(lab: Lab) -> None:
+    """A node that comes back (say, rebooted with its old session still open on the server)
+    takes over: the newer session gets the address, the older client is told and exits."""
+    overlay = build_overlay(lab, 2, keepalive=5)
+    first, peer = overlay.clients
+    address = first.overlay_ip()
+    twin_host = lab.add_host("twin")
+    twin_dir = lab.dir / "twin-client"
+    shutil.copytree(first.work_dir, twin_dir)
+    config = twin_dir / "client.yml"
+    config.write_text(config.read_text().replace(str(first.work_dir), str(twin_dir)))
+    twin = twin_host.spawn_nc("client", "--config", str(config), name="twin-client")
+    assert wait_exit(first.process, timeout=15) != 0
+    assert "replaced" in first.process.log()
+    wait_for(
+        lambda: twin.alive() and twin_host.run("ip", "-4", "-o", "addr", "show", "dev", "nc0", check=False).stdout,
+        what="the twin to connect",
+    )
+    assert f"{address}/" in twin_host.run("ip", "-4", "-o", "addr", "show", "dev", "nc0").stdout
+    assert_reaches(peer.host, address)
+    assert node_state(overlay.server, first.token())["connState"] == 3
+
+
+def server_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+HALF_OPEN = """
+import resource, socket, ssl, sys, time
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+server, count = sys.argv[1], int(sys.argv[2])
+socks = []
+for i in range(count):
+    try:
+        s = socket.create_connection((server, 6441), timeout=2)
+    except OSError:
+        continue
+    if i % 2:  # half of them start TLS and stop after the ClientHello
+        s.setblocking(False)
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        s = tls.wrap_socket(s, do_handshake_on_connect=False)
+        try:
+            s.do_handshake()
+        except ssl.SSLError:
+            pass
+    socks.append(s)
+print("opened", len(socks), flush=True)
+time.sleep(float(sys.argv[3]))
+"""
+
+
+def test_thousands_of_half_open_connections_cost_bounded_memory(lab: Lab) -> None:
+    """2000 connections that never finish a handshake: the server sheds what exceeds its
+    pending limit, times out the rest, keeps the nodes' traffic flowing, and its memory
+    stays bounded."""
+    overlay = build_overlay(lab, 2, keepalive=5)
+    first, second = overlay.clients
+    pid = overlay.server.process.pid
+    before = server_rss_kib(pid)
+    attacker = lab.add_host("attacker")
+    flood = attacker.spawn("python3", "-c", HALF_OPEN, overlay.server_host.ip, "2000", "14", name="half-open")
+    wait_for(lambda: "opened" in flood.log(), timeout=60, what="the flood to open its connections")
+    sent, received = ping_counts(first.host, second.overlay_ip(), count=10)
+    assert received == sent == 10
+    during = server_rss_kib(pid)
+    assert during - before < 64 * 1024, f"server RSS grew {during - before} KiB under 2000 half-open connections"
+    wait_for(
+        lambda: network_peers(overlay.server_host) <= {first.host.ip, second.host.ip},
+        timeout=30,
+        what="half-open connections to be closed",
+    )
+    assert overlay.server.process.alive()
+    assert_reaches(first.host, second.overlay_ip())

@@ -2113,6 +2113,7 @@ class NetworkServer:
         self.dirty: set[ServerSession] = set()
         self.unauthenticated: set[ServerSession] = set()  # TLS or hello still to come
         self.accept_paused = False
+        self.next_report = 0.0  # when the debug log gets the counters next
         self.counters: collections.Counter[str] = collections.Counter()
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.note = RateLimitedLog()
@@ -2329,6 +2330,7 @@ class NetworkServer:
         self.epoll.modify(session.fd, select.EPOLLIN)
         session.cert_token = peer_cert_common_name(session.sock)
         session.phase = Phase.HELLO
+        log.debug("TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), session.cert_token)
 
     def _handle_frames(self, session: ServerSession) -> None:
         view = session.rx.view
@@ -2368,6 +2370,14 @@ class NetworkServer:
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
         session.caps = tuple(c for c in hello.caps if c in offered)
         session.gso = CAP_GSO in session.caps
+        log.debug(
+            "hello from %s: node %s, nc %s, offered %s, agreed %s",
+            session.peer,
+            hello.node_token,
+            hello.version,
+            list(hello.caps),
+            list(session.caps),
+        )
         session.phase = Phase.ADMITTING
         token = hello.node_token
 
@@ -2545,6 +2555,11 @@ class NetworkServer:
         self.epoll.modify(session.fd, select.EPOLLIN if done else select.EPOLLIN | select.EPOLLOUT)
 
     def _tick(self, now: float) -> None:
+        if now >= self.next_report:
+            self.next_report = now + 60.0
+            log.debug(
+                "%d session(s), %d connected; counters %s", len(self.sessions), len(self.by_token), dict(self.counters)
+            )
         if self.accept_paused:
             self.accept_paused = False
             self.epoll.modify(self.listener.fileno(), select.EPOLLIN)
@@ -2780,6 +2795,13 @@ class NetworkClient:
             if self.config.redirect_gateway:
                 self._redirect_gateway()
         log.info("connected to %s as %s (mtu %d)", self._server, welcome.interface, mtu)
+        log.debug(
+            "welcome: server %s, routes %s, keepalive %d s, capabilities %s",
+            welcome.server_ip,
+            list(welcome.routes),
+            welcome.keepalive,
+            list(welcome.caps),
+        )
 
     def _redirect_gateway(self) -> None:
         """All traffic into the tunnel, except the tunnel itself: a host route to the

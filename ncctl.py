@@ -2246,9 +2246,6 @@ class NetworkServer:
         """End the node's live session (if any), telling it not to come back."""
         self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
 
-    def live_tokens(self) -> set[str]:
-        return set(self.by_token)
-
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:

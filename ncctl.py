@@ -2673,6 +2673,10 @@ class Refused(NcError):
     exit_code = 3
 
 
+class StopRequested(BaseException):
+    """Raised by the signal handler to abandon a blocking connect."""
+
+
 class NetworkClient:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -2683,6 +2687,7 @@ class NetworkClient:
         self.address: ipaddress.IPv4Interface | None = None
         self.gso = False  # this session agreed on FRAME_GSO_PACKET
         self.reader: TunReader | None = None
+        self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
         self.context = self._tls_context()
 
@@ -2700,9 +2705,13 @@ class NetworkClient:
         return context
 
     def request_stop(self) -> None:
+        """Signal handler: stop now. A connect in progress may block for seconds
+        (an unreachable server), so it is interrupted rather than waited for."""
         self.stop.set()
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"!")
+        if self.connecting:
+            raise StopRequested
 
     def run(self) -> int:
         """Connect, pump, reconnect: forever, until stopped or refused for good.
@@ -2714,7 +2723,13 @@ class NetworkClient:
         try:
             while not self.stop.is_set():
                 try:
-                    link, welcome = self._connect()
+                    self.connecting = True
+                    try:
+                        link, welcome = self._connect()
+                    finally:
+                        self.connecting = False
+                except StopRequested:
+                    break
                 except Refused:
                     raise
                 except (OSError, ssl.SSLError, ProtocolError, TunError) as e:

@@ -351,3 +351,18 @@ def test_peers_with_and_without_offload_exchange_tcp_streams(lab: Lab) -> None:
     tcp_transfer(plain.host, gso.host, gso.overlay_ip())
     tcp_transfer(plain.host, server_host, SERVER_OVERLAY_IP)
     tcp_transfer(server_host, plain.host, plain.overlay_ip())
+
+
+def test_sigterm_while_connecting_to_an_unreachable_server_exits_at_once(lab: Lab) -> None:
+    """A client stuck connecting (its server's address answers nothing) still stops at once
+    on SIGTERM, with exit 0, instead of finishing a connect timeout first."""
+    overlay = build_overlay(lab, 1, keepalive=2)
+    (client,) = overlay.clients
+    stop_client(client)
+    client.config.write_text(client.config.read_text().replace(overlay.server_host.ip, "198.18.0.250"))
+    client.restart()
+    wait_for(lambda: "client: node" in client.process.log(), what="the client to start connecting")
+    time.sleep(1.0)
+    started = time.monotonic()
+    assert stop_client(client) == 0
+    assert time.monotonic() - started < 3.0

@@ -1783,6 +1783,11 @@ def plain_packets(payload: Any) -> list[bytes]:
     return [bytes(packet)]
 
 
+def plain_frames(payload: Any) -> list[bytes]:
+    """PACKET frames for a peer without offload, from a GSO frame payload."""
+    return [encode_frame(FRAME_PACKET, p) for p in plain_packets(payload)]
+
+
 def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
     """Software TSO for one IPv4/TCP super-segment."""
     if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
@@ -2502,11 +2507,8 @@ class NetworkServer:
 
     def _forward(self, peer: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
         """Queue a node's frame for another node, as-is when the peer can take it."""
-        if kind == FRAME_PACKET or peer.gso:
-            frames = [bytes(view[start - 4 : end])]
-        else:
-            frames = [encode_frame(FRAME_PACKET, p) for p in plain_packets(view[start:end])]
-        self._queue_frames(peer, frames)
+        as_is = kind == FRAME_PACKET or peer.gso
+        self._queue_frames(peer, [bytes(view[start - 4 : end])] if as_is else plain_frames(view[start:end]))
 
     def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
         for frame in frames:
@@ -2549,7 +2551,7 @@ class NetworkServer:
             elif peer.gso:
                 self._queue_frames(peer, [reader.frame(FRAME_GSO_PACKET, length)])
             else:
-                self._queue_frames(peer, [encode_frame(FRAME_PACKET, p) for p in plain_packets(packet)])
+                self._queue_frames(peer, plain_frames(packet))
 
     # -- output, liveness, teardown -----------------------------------------------------------
 
@@ -2901,7 +2903,7 @@ class NetworkClient:
             elif self.gso:
                 frames = [reader.frame(FRAME_GSO_PACKET, length)]
             else:  # a TUN made with offload, a server that (now) lacks it
-                frames = [encode_frame(FRAME_PACKET, p) for p in plain_packets(reader.packet(length))]
+                frames = plain_frames(reader.packet(length))
             for frame in frames:
                 if not link.queue(frame):
                     self.counters["dropped-queue-full"] += 1
@@ -3730,6 +3732,18 @@ class AdminClient:
         return call(self.channel, pb_grpc.NcAdminServiceStub, method, request, self.target.address)
 
 
+def admin_rpc(args: argparse.Namespace, method: str, request: Any) -> Any:
+    """One NcAdminService call with the admin identity; a refusal becomes an error line."""
+    with AdminClient(admin_target(args)) as client:
+        return check_code(client.admin(method, request))
+
+
+def control_rpc(args: argparse.Namespace, method: str, request: Any) -> Any:
+    """One LiteKubeNCService call with the admin identity; a refusal becomes an error line."""
+    with AdminClient(admin_target(args)) as client:
+        return check_code(client.control(method, request))
+
+
 def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
@@ -3748,15 +3762,8 @@ def message_json(message: Any) -> dict:
 
 def adm_token_create(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    with AdminClient(admin_target(args)) as client:
-        response = check_code(
-            client.admin(
-                "CreateBootstrapToken",
-                pb.CreateBootstrapTokenRequest(
-                    lifeMinutes=args.life, singleUse=args.single_use, network=args.net or ""
-                ),
-            )
-        )
+    request = pb.CreateBootstrapTokenRequest(lifeMinutes=args.life, singleUse=args.single_use, network=args.net or "")
+    response = admin_rpc(args, "CreateBootstrapToken", request)
     if args.output == "json":
         print_json({k: v for k, v in message_json(response).items() if k not in ("code", "message")})
     else:
@@ -3766,8 +3773,7 @@ def adm_token_create(args: argparse.Namespace) -> int:
 
 def adm_token_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    with AdminClient(admin_target(args)) as client:
-        response = check_code(client.admin("ListBootstrapTokens", pb.ListBootstrapTokensRequest()))
+    response = admin_rpc(args, "ListBootstrapTokens", pb.ListBootstrapTokensRequest())
     if args.output == "json":
         print_json([message_json(t) for t in response.tokens])
     else:
@@ -3780,8 +3786,7 @@ def adm_token_list(args: argparse.Namespace) -> int:
 
 def adm_token_delete(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    with AdminClient(admin_target(args)) as client:
-        check_code(client.admin("DeleteBootstrapToken", pb.DeleteBootstrapTokenRequest(tokenId=args.token_id)))
+    admin_rpc(args, "DeleteBootstrapToken", pb.DeleteBootstrapTokenRequest(tokenId=args.token_id))
     deleted = args.token_id.split(".", 1)[0]  # the public id, even if the whole token was given
     if args.output == "json":
         print_json({"tokenId": deleted, "deleted": True})
@@ -3802,8 +3807,7 @@ def adm_join(args: argparse.Namespace) -> int:
 
 def adm_node_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    with AdminClient(admin_target(args)) as client:
-        response = check_code(client.admin("ListNodes", pb.ListNodesRequest()))
+    response = admin_rpc(args, "ListNodes", pb.ListNodesRequest())
     if args.output == "json":
         print_json([message_json(n) for n in response.nodes])
     else:
@@ -3824,8 +3828,7 @@ def adm_node_list(args: argparse.Namespace) -> int:
 def adm_network_create(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     request = pb.CreateNetworkRequest(name=args.name, cidr=args.cidr, noInterconnection=args.no_interconnection)
-    with AdminClient(admin_target(args)) as client:
-        response = check_code(client.admin("CreateNetwork", request))
+    response = admin_rpc(args, "CreateNetwork", request)
     if args.output == "json":
         print_json(message_json(response.network))
     else:
@@ -3835,8 +3838,7 @@ def adm_network_create(args: argparse.Namespace) -> int:
 
 def adm_network_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    with AdminClient(admin_target(args)) as client:
-        response = check_code(client.admin("ListNetworks", pb.ListNetworksRequest()))
+    response = admin_rpc(args, "ListNetworks", pb.ListNetworksRequest())
     if args.output == "json":
         print_json([message_json(n) for n in response.networks])
     else:
@@ -3858,8 +3860,7 @@ def adm_network_list(args: argparse.Namespace) -> int:
 
 def adm_network_delete(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    with AdminClient(admin_target(args)) as client:
-        response = check_code(client.admin("DeleteNetwork", pb.DeleteNetworkRequest(name=args.name, force=args.force)))
+    response = admin_rpc(args, "DeleteNetwork", pb.DeleteNetworkRequest(name=args.name, force=args.force))
     if args.output == "json":
         print_json({"name": args.name, "deleted": True, "unregistered": list(response.unregistered)})
     else:
@@ -3872,8 +3873,7 @@ def adm_network_delete(args: argparse.Namespace) -> int:
 
 def adm_node_state(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    with AdminClient(admin_target(args)) as client:
-        response = check_code(client.control("CheckConnState", pb.CheckConnStateRequest(token=args.node_token)))
+    response = control_rpc(args, "CheckConnState", pb.CheckConnStateRequest(token=args.node_token))
     if args.output == "json":
         print_json({"nodeToken": args.node_token, **message_json(response)})
     else:
@@ -3885,8 +3885,7 @@ def adm_node_state(args: argparse.Namespace) -> int:
 
 def adm_node_unregister(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    with AdminClient(admin_target(args)) as client:
-        response = check_code(client.control("UnRegister", pb.UnRegisterRequest(token=args.node_token)))
+    response = control_rpc(args, "UnRegister", pb.UnRegisterRequest(token=args.node_token))
     if args.output == "json":
         print_json({"nodeToken": args.node_token, **message_json(response)})
     else:

@@ -33,15 +33,12 @@ import os
 import re
 import resource
 import select
-import shutil
 import signal
 import ssl
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -63,9 +60,13 @@ from benchlib import (
     raise_on_termination,
     require_root,
     rss_mib,
+    temp_dir,
     thread_count,
 )
 from netlab import Lab, start_server, wait_for
+
+sys.path.insert(0, str(ROOT))
+import ncctl
 
 OVERLAY = "10.20.0.1/16"
 KEEPALIVE_S = 3600  # the server neither pings nor drops the silent simulated nodes
@@ -84,10 +85,8 @@ class BenchError(RuntimeError):
 
 def import_nc() -> tuple[Any, Any, Any, Any]:
     """ncctl and the generated protobuf modules, from the source tree."""
-    sys.path.insert(0, str(ROOT))
     import grpc
 
-    import ncctl
     from proto import nc_pb2, nc_pb2_grpc
 
     return ncctl, grpc, nc_pb2, nc_pb2_grpc
@@ -129,20 +128,11 @@ class FrameReader:
             self.buf += chunk
 
 
-def inet_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def icmp_echo_request(src: str, dst: str, ident: int, seq: int) -> bytes:
     """An IPv4 ICMP echo request with correct header and ICMP checksums."""
     payload = b"nc-bench-scale-" + struct.pack("!d", time.time())
     icmp = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + payload
-    icmp = icmp[:2] + struct.pack("!H", inet_checksum(icmp)) + icmp[4:]
+    icmp = icmp[:2] + struct.pack("!H", ncctl.checksum(icmp)) + icmp[4:]
     header = struct.pack(
         "!BBHHHBBH4s4s",
         0x45,  # IPv4, 5-word header
@@ -156,7 +146,7 @@ def icmp_echo_request(src: str, dst: str, ident: int, seq: int) -> bytes:
         ipaddress.IPv4Address(src).packed,
         ipaddress.IPv4Address(dst).packed,
     )
-    header = header[:10] + struct.pack("!H", inet_checksum(header)) + header[12:]
+    header = header[:10] + struct.pack("!H", ncctl.checksum(header)) + header[12:]
     return header + icmp
 
 
@@ -489,18 +479,9 @@ def build_table(args: argparse.Namespace, ev: dict[str, dict], s: dict[str, Samp
     return format_table(["measure", "value", "target", ""], rows, title)
 
 
-@contextlib.contextmanager
-def temp_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nc-bench-scale-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
     progress(f"before: {machine_note()}")
-    with temp_dir() as work:
+    with temp_dir("nc-bench-scale-") as work:
         lab = Lab(work / "lab")
         sim: Simulator | None = None
         try:

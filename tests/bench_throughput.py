@@ -19,7 +19,6 @@ echo requests. Prints one table on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -29,13 +28,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import fmt, format_table, machine_note, progress, raise_on_termination, ratio, require_root
+from benchlib import fmt, format_table, machine_note, progress, raise_on_termination, ratio, require_root, temp_dir
 from netlab import Host, Lab, Process, start_client, start_server, wait_for
 
 NEEDED_TOOLS = {"iperf3": "iperf3", "openvpn": "openvpn", "ping": "iputils-ping"}
@@ -136,16 +133,6 @@ def stop(process: Process, what: str) -> None:
     code = process.stop()
     if code not in (0, -15):
         progress(f"warning: {what} exited with {code}; log {process.log_path}")
-
-
-def tun_address(host: Host, device: str) -> str | None:
-    done = host.run("ip", "-j", "-4", "addr", "show", "dev", device, check=False)
-    if done.returncode != 0:
-        return None
-    for link in json.loads(done.stdout or "[]"):
-        for info in link.get("addr_info", []):
-            return info["local"]
-    return None
 
 
 # -- stage 2: nc --------------------------------------------------------------------
@@ -291,8 +278,8 @@ def bench_openvpn(
             config = work / f"openvpn-{node.name}.conf"
             config.write_text(openvpn_client_conf(pki, node.name, server_host.ip))
             processes.append(start_openvpn(node, config, f"openvpn-{node.name}"))
-        node2_ip = wait_for(lambda: tun_address(node2, "tun0"), timeout=20, what="OpenVPN: node2 tun0 address")
-        server_ip = str(wait_for(lambda: tun_address(server_host, "tun0"), timeout=20, what="OpenVPN: server tun0"))
+        node2_ip = wait_for(lambda: node2.ipv4_address("tun0"), timeout=20, what="OpenVPN: node2 tun0 address")
+        server_ip = str(wait_for(lambda: server_host.ipv4_address("tun0"), timeout=20, what="OpenVPN: server tun0"))
         wait_for(lambda: node1.ping(server_ip), timeout=20, what="OpenVPN: node1 to reach the server")
         wait_for(lambda: node1.ping(str(node2_ip)), timeout=20, what="OpenVPN: node1 to reach node2")
         figures = measure(node1, node2, server_ip, str(node2_ip), args, "OpenVPN")
@@ -338,19 +325,10 @@ def table(nc: Figures, openvpn: Figures, underlay: Figures, args: argparse.Names
 # -- main ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def temp_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nc-bench-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
     ensure_tools()
     progress(f"before: {machine_note()}")
-    with temp_dir() as work:
+    with temp_dir("nc-bench-") as work:
         lab = Lab(work / "lab")
         try:
             server_host, node1, node2 = (lab.add_host(n) for n in ("server", "node1", "node2"))

@@ -6,16 +6,29 @@ Not a test module: benchmarks run on request through tests/bench.sh.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import statistics
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str) -> Iterator[Path]:
+    """A scratch directory removed afterwards, whatever happens."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def progress(message: str) -> None:

@@ -112,6 +112,16 @@ class Host:
         )
         return done.returncode == 0
 
+    def ipv4_address(self, device: str) -> str | None:
+        """The first IPv4 address on device, or None (no such device, or no address yet)."""
+        done = self.run("ip", "-j", "-4", "addr", "show", "dev", device, check=False)
+        if done.returncode != 0:
+            return None
+        for link in json.loads(done.stdout or "[]"):
+            for info in link.get("addr_info", []):
+                return info["local"]
+        return None
+
     def has_link(self, name: str) -> bool:
         return self.run("ip", "link", "show", "dev", name, check=False).returncode == 0
 
@@ -218,13 +228,7 @@ class NcClient:
 
     def overlay_ip(self) -> str | None:
         """The IPv4 address on the client's nc0, or None."""
-        done = self.host.run("ip", "-j", "-4", "addr", "show", "dev", "nc0", check=False)
-        if done.returncode != 0:
-            return None
-        for link in json.loads(done.stdout or "[]"):
-            for info in link.get("addr_info", []):
-                return info["local"]
-        return None
+        return self.host.ipv4_address("nc0")
 
     def restart(self) -> NcClient:
         if self.process.alive():

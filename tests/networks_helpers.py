@@ -152,14 +152,6 @@ def write_v1_database(path: Path, bindings: dict[str, tuple[int, str]], bootstra
         db.close()
 
 
-def db_query(path: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    db = sqlite3.connect(path, timeout=10)
-    try:
-        return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
-
-
 def db_script(path: Path, statements: list[str]) -> None:
     """Statements in one transaction, as an operator with the sqlite3 shell would run them."""
     db = sqlite3.connect(path, timeout=10, isolation_level=None)

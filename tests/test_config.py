@@ -130,27 +130,20 @@ BAD_CLIENT = [
 ]
 
 
-@pytest.mark.parametrize(("label", "doc", "field"), BAD_SERVER, ids=[c[0] for c in BAD_SERVER])
-def test_bad_server_doc_names_file_and_field(tmp_path: Path, label: str, doc: dict, field: str) -> None:
-    """config_from_doc refuses the document with a ConfigError naming the file and the field."""
-    path = str(tmp_path / "server.yml")
+BAD_DOCS = [("server", *case) for case in BAD_SERVER] + [("client", *case) for case in BAD_CLIENT]
+
+
+@pytest.mark.parametrize(("mode", "label", "doc", "field"), BAD_DOCS, ids=[f"{c[0]}-{c[1]}" for c in BAD_DOCS])
+def test_bad_doc_names_file_and_field(tmp_path: Path, mode: str, label: str, doc: dict, field: str) -> None:
+    """config_from_doc refuses the document with a one-line ConfigError (exit 2) naming the file and the field."""
+    path = str(tmp_path / f"{mode}.yml")
     with pytest.raises(ncctl.ConfigError) as info:
-        ncctl.config_from_doc(doc, path, "server", tmp_path)
+        ncctl.config_from_doc(doc, path, mode, tmp_path)
     message = str(info.value)
     assert message.startswith(f"{path}: "), message
     assert field in message.removeprefix(f"{path}: "), message
     assert "\n" not in message
     assert info.value.exit_code == 2
-
-
-@pytest.mark.parametrize(("label", "doc", "field"), BAD_CLIENT, ids=[c[0] for c in BAD_CLIENT])
-def test_bad_client_doc_names_file_and_field(tmp_path: Path, label: str, doc: dict, field: str) -> None:
-    """The client side validates the same way."""
-    path = str(tmp_path / "client.yml")
-    with pytest.raises(ncctl.ConfigError) as info:
-        ncctl.config_from_doc(doc, path, "client", tmp_path)
-    message = str(info.value)
-    assert message.startswith(f"{path}: ") and field in message.removeprefix(f"{path}: "), message
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from networks_helpers import db_query, write_v1_database
+from control_helpers import db_execute
+from networks_helpers import write_v1_database
 
 import ncctl
 
@@ -251,7 +252,7 @@ def test_store_migrates_a_version_1_database_keeping_every_binding(tmp_path: Pat
         assert store.networks() == []
     finally:
         store.close()
-    assert [r[2] for r in db_query(path, "PRAGMA index_info(network_mgr_bind_ip)")] == ["network", "bind_ip"]
+    assert [r[2] for r in db_execute(path, "PRAGMA index_info(network_mgr_bind_ip)")] == ["network", "bind_ip"]
     again = ncctl.Store(str(path))  # a second open migrates nothing more
     try:
         assert again.schema_version() == len(ncctl.MIGRATIONS) and len(again.nodes()) == len(legacy) + 1

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from control_helpers import one_error_line
+from control_helpers import db_execute, one_error_line
 from netlab import Host, Lab, NcClient, NcServer, start_client, start_server, wait_for
 from network_helpers import assert_reaches, spawn_tcpdump, wait_connected, wait_exit, wait_state
 from networks_helpers import (
@@ -21,7 +21,6 @@ from networks_helpers import (
     NET_TOKEN_RE,
     assert_all_lost,
     create_network,
-    db_query,
     db_script,
     icmp_sources,
     in_cidr,
@@ -410,11 +409,11 @@ def test_schema_version_1_database_upgrades_in_place(lab: Lab) -> None:
     bootstrap_token = "abc123.0123456789abcdef"
     path = lab.dir / "legacy" / "nc.db"
     write_v1_database(path, legacy, bootstrap_token)
-    assert db_query(path, "PRAGMA user_version") == [(1,)]
+    assert db_execute(path, "PRAGMA user_version") == [(1,)]
     server_host = lab.add_host("server")
     server = start_server(server_host, dbPath=str(path))
-    assert db_query(path, "PRAGMA user_version") == [(len(ncctl.MIGRATIONS),)]
-    assert [r[2] for r in db_query(path, "PRAGMA index_info(network_mgr_bind_ip)")] == ["network", "bind_ip"]
+    assert db_execute(path, "PRAGMA user_version") == [(len(ncctl.MIGRATIONS),)]
+    assert [r[2] for r in db_execute(path, "PRAGMA index_info(network_mgr_bind_ip)")] == ["network", "bind_ip"]
     listed = nodes(server)
     assert set(listed) == {*legacy, "reserverd"}
     for token, (_, ip) in legacy.items():
@@ -435,14 +434,14 @@ def _schema_shape(path: Path) -> dict[str, object]:
     """Columns of both design tables and the indexes on network_mgr, as sqlite reports them."""
     shape: dict[str, object] = {}
     for table in ("network_mgr", "token_mgr"):
-        shape[table] = [(r[1], r[2], r[3], r[4]) for r in db_query(path, f"PRAGMA table_info({table})")]
-    indexes = db_query(path, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'network_mgr'")
+        shape[table] = [(r[1], r[2], r[3], r[4]) for r in db_execute(path, f"PRAGMA table_info({table})")]
+    indexes = db_execute(path, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'network_mgr'")
     shape["indexes"] = {
-        name: [r[2] for r in db_query(path, f"PRAGMA index_info({name})")]
+        name: [r[2] for r in db_execute(path, f"PRAGMA index_info({name})")]
         for (name,) in indexes
         if not name.startswith("sqlite_")
     }
-    shape["tables"] = sorted(r[0] for r in db_query(path, "SELECT name FROM sqlite_master WHERE type = 'table'"))
+    shape["tables"] = sorted(r[0] for r in db_execute(path, "SELECT name FROM sqlite_master WHERE type = 'table'"))
     return shape
 
 
@@ -468,9 +467,9 @@ def test_real_nodes_keep_their_addresses_across_the_upgrade_from_version_1(lab: 
     reference = lab.dir / "reference-v1.db"
     write_v1_database(reference, {}, "abc123.0123456789abcdef")
     assert _schema_shape(path) == _schema_shape(reference)
-    assert db_query(path, "PRAGMA user_version") == [(1,)]
+    assert db_execute(path, "PRAGMA user_version") == [(1,)]
     server.start()
-    assert db_query(path, "PRAGMA user_version") == [(len(ncctl.MIGRATIONS),)]
+    assert db_execute(path, "PRAGMA user_version") == [(len(ncctl.MIGRATIONS),)]
     for client in clients:
         assert wait_connected(server, client, timeout=40) == ips[client.token()]
         assert nodes(server)[client.token()]["network"] == "default"

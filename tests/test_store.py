@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from control_helpers import db_execute
 
 import ncctl
 
@@ -41,7 +42,7 @@ def design_statements() -> list[str]:
 def master(db: sqlite3.Connection | Path) -> dict[str, tuple[str, str]]:
     """name -> (type, whitespace-normalized sql) of every schema object."""
     rows = (
-        raw(db, "SELECT type, name, sql FROM sqlite_master")
+        db_execute(db, "SELECT type, name, sql FROM sqlite_master")
         if isinstance(db, Path)
         else db.execute("SELECT type, name, sql FROM sqlite_master")
     )
@@ -58,16 +59,6 @@ def reference_schema(with_migrations: bool) -> dict[str, tuple[str, str]]:
             for statement in migration:
                 db.execute(statement)
     return master(db)
-
-
-def raw(path: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    """A second connection, as the sqlite3 shell would be."""
-    db = sqlite3.connect(path, timeout=10)
-    try:
-        with db:
-            return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
 
 
 @pytest.fixture
@@ -127,8 +118,8 @@ def test_schema_is_design_plus_migrations_only(store: ncctl.Store, db_file: Path
 def test_user_version_and_wal(store: ncctl.Store, db_file: Path) -> None:
     """PRAGMA user_version counts the migrations; the journal is WAL (persistent, seen by other connections)."""
     assert store.schema_version() == len(ncctl.MIGRATIONS) >= 1
-    assert raw(db_file, "PRAGMA user_version") == [(len(ncctl.MIGRATIONS),)]
-    assert raw(db_file, "PRAGMA journal_mode") == [("wal",)]
+    assert db_execute(db_file, "PRAGMA user_version") == [(len(ncctl.MIGRATIONS),)]
+    assert db_execute(db_file, "PRAGMA journal_mode") == [("wal",)]
 
 
 def test_reopen_keeps_rows_and_schema(db_file: Path) -> None:
@@ -159,7 +150,7 @@ def test_garbage_file_is_a_store_error(tmp_path: Path) -> None:
 def test_newer_schema_is_a_store_error(db_file: Path) -> None:
     """A database from a newer nc (user_version beyond MIGRATIONS) is refused, not downgraded."""
     ncctl.Store(str(db_file)).close()
-    raw(db_file, f"PRAGMA user_version = {len(ncctl.MIGRATIONS) + 5}")
+    db_execute(db_file, f"PRAGMA user_version = {len(ncctl.MIGRATIONS) + 5}")
     with pytest.raises(ncctl.StoreError, match="newer"):
         ncctl.Store(str(db_file))
 
@@ -171,17 +162,19 @@ def test_update_time_moves_when_node_state_changes(store: ncctl.Store, db_file: 
     """update_time_trigger: an UPDATE of state (or bind_ip) refreshes network_mgr.update_time."""
     store.add_bootstrap_token("bbbbbb.0123456789abcdef", 10, False)
     store.admit_node("bbbbbb.0123456789abcdef", "nodeaaaanodeaaaa")
-    raw(db_file, "UPDATE network_mgr SET update_time = ? WHERE token = ?", (OLD, "nodeaaaanodeaaaa"))
+    db_execute(db_file, "UPDATE network_mgr SET update_time = ? WHERE token = ?", (OLD, "nodeaaaanodeaaaa"))
     assert store.node("nodeaaaanodeaaaa").update_time == OLD
     assert store.set_state("nodeaaaanodeaaaa", ncctl.STATE_CONNECTED)
     after = store.node("nodeaaaanodeaaaa")
     assert after.state == ncctl.STATE_CONNECTED
     assert after.update_time != OLD
     assert (
-        raw(db_file, "SELECT abs(strftime('%s', ?) - strftime('%s', 'now', 'localtime'))", (after.update_time,))[0][0]
+        db_execute(db_file, "SELECT abs(strftime('%s', ?) - strftime('%s', 'now', 'localtime'))", (after.update_time,))[
+            0
+        ][0]
         < 120
     )
-    raw(db_file, "UPDATE network_mgr SET update_time = ? WHERE token = ?", (OLD, "nodeaaaanodeaaaa"))
+    db_execute(db_file, "UPDATE network_mgr SET update_time = ? WHERE token = ?", (OLD, "nodeaaaanodeaaaa"))
     store.bind("nodeaaaanodeaaaa", "10.1.1.7", None)
     assert store.node("nodeaaaanodeaaaa").update_time != OLD
 
@@ -189,9 +182,9 @@ def test_update_time_moves_when_node_state_changes(store: ncctl.Store, db_file: 
 def test_update_time_moves_when_token_expiry_changes(store: ncctl.Store, db_file: Path) -> None:
     """update_time_trigger2: an UPDATE of token_mgr.expire_time refreshes its update_time."""
     store.add_bootstrap_token("cccccc.0123456789abcdef", 10, False)
-    raw(db_file, "UPDATE token_mgr SET update_time = ?", (OLD,))
-    raw(db_file, "UPDATE token_mgr SET expire_time = '2999-01-01 00:00:00'")
-    assert raw(db_file, "SELECT update_time FROM token_mgr")[0][0] != OLD
+    db_execute(db_file, "UPDATE token_mgr SET update_time = ?", (OLD,))
+    db_execute(db_file, "UPDATE token_mgr SET expire_time = '2999-01-01 00:00:00'")
+    assert db_execute(db_file, "SELECT update_time FROM token_mgr")[0][0] != OLD
 
 
 # -- bootstrap tokens ---------------------------------------------------------------
@@ -246,7 +239,7 @@ def test_expired_token_is_refused(store: ncctl.Store, db_file: Path) -> None:
     """admit_node refuses a token whose expire_time has passed, and changes nothing."""
     token = "gggggg.0123456789abcdef"
     store.add_bootstrap_token(token, 10, False)
-    raw(db_file, "UPDATE token_mgr SET expire_time = ? WHERE token = ?", ("2001-01-01 00:00:00", token))
+    db_execute(db_file, "UPDATE token_mgr SET expire_time = ? WHERE token = ?", ("2001-01-01 00:00:00", token))
     with pytest.raises(ncctl.TokenRefused, match="expired"):
         store.admit_node(token, "late000000000000")
     assert node_count(store) == 0
@@ -269,11 +262,11 @@ def test_unknown_and_deleted_tokens_are_refused(store: ncctl.Store) -> None:
 def test_token_life_and_sweep(store: ncctl.Store, db_file: Path) -> None:
     """Life N minutes expires N minutes from now, negative never; the sweep deletes only expired tokens."""
     expire = store.add_bootstrap_token("jjjjjj.0123456789abcdef", 10, False)
-    delta = raw(db_file, "SELECT strftime('%s', ?) - strftime('%s', 'now', 'localtime')", (expire,))[0][0]
+    delta = db_execute(db_file, "SELECT strftime('%s', ?) - strftime('%s', 'now', 'localtime')", (expire,))[0][0]
     assert 540 <= delta <= 660
     assert store.add_bootstrap_token("kkkkkk.0123456789abcdef", -1, False) == ncctl.NEVER_EXPIRES
     store.add_bootstrap_token("llllll.0123456789abcdef", 10, False)
-    raw(db_file, "UPDATE token_mgr SET expire_time = ? WHERE token LIKE 'llllll.%'", ("2001-01-01 00:00:00",))
+    db_execute(db_file, "UPDATE token_mgr SET expire_time = ? WHERE token LIKE 'llllll.%'", ("2001-01-01 00:00:00",))
     assert store.delete_expired_bootstrap_tokens() == 1
     assert [t.token[:6] for t in store.list_bootstrap_tokens()] == ["jjjjjj", "kkkkkk"]
 
@@ -333,7 +326,7 @@ def test_bind_evicts_and_lru_order(store: ncctl.Store, db_file: Path) -> None:
         store.admit_node("oooooo.0123456789abcdef", token)
     store.bind("lruaaaaaaaaaaaaa", "10.1.1.2", None)
     store.bind("lrubbbbbbbbbbbbb", "10.1.1.3", None)
-    raw(db_file, "UPDATE network_mgr SET update_time = ? WHERE token = ?", (OLD, "lrubbbbbbbbbbbbb"))
+    db_execute(db_file, "UPDATE network_mgr SET update_time = ? WHERE token = ?", (OLD, "lrubbbbbbbbbbbbb"))
     assert [n.token for n in store.bindings_oldest_first()] == ["lrubbbbbbbbbbbbb", "lruaaaaaaaaaaaaa"]
     store.bind("lruccccccccccccc", "10.1.1.3", "lrubbbbbbbbbbbbb")
     assert store.node("lrubbbbbbbbbbbbb") is None
@@ -354,7 +347,7 @@ def test_rolled_back_transaction_leaves_no_row(store: ncctl.Store, db_file: Path
             assert db.execute("SELECT count(*) FROM network_mgr").fetchone()[0] == 1
             raise RuntimeError("abort")
     assert store.node("rollback00000000") is None
-    assert raw(db_file, "SELECT count(*) FROM network_mgr") == [(0,)]
+    assert db_execute(db_file, "SELECT count(*) FROM network_mgr") == [(0,)]
     store.ensure_reserved_node("10.1.1.1")  # the connection is usable afterwards
     assert node_count(store) == 1
 

@@ -1951,12 +1951,11 @@ class Link:
         self.queued = 0
         self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
         self.last_rx = self.last_tx = time.monotonic()
-        self.dropped = 0
         self.closed = False
 
     def queue(self, frame: bytes) -> bool:
+        """Queue a frame; False (the caller counts the drop) when the peer is this far behind."""
         if self.queued > SEND_QUEUE_LIMIT:
-            self.dropped += 1
             return False
         self.out.append(frame)
         self.queued += len(frame)
@@ -2751,6 +2750,7 @@ class NetworkClient:
                     if time.monotonic() - started > STABLE_SESSION_S:
                         backoff = 0.5
                     reason = f"disconnected: {reason}"
+                    log.debug("session counters %s", dict(self.counters))
                 backoff = min(backoff * 2, BACKOFF_CAP_S)
                 delay = random.uniform(0.5, 1.0) * backoff
                 log.warning("%s; retrying in %.1f s", reason, delay)

@@ -4143,31 +4143,22 @@ def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=adm_token_create)
 
 
-def check_dependencies() -> None:
-    """The bundled grpcio, PyYAML and cryptography are built for one Python and
-    platform; say so in one line instead of an ImportError traceback."""
-    try:
-        import cryptography.hazmat.primitives.asymmetric.ec  # noqa: F401
-        import grpc  # noqa: F401
-        import yaml  # noqa: F401
-    except ImportError as e:
-        raise NcError(
-            f"cannot load {e.name or 'a bundled library'} on Python {sys.version.split()[0]}: this nc needs "
-            "CPython 3.11 on x86_64 Linux (glibc 2.34 or newer), as its bundled wheels were built for"
-        ) from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "adm":
         setup_logging(None, None, False, quiet_stdout=True)
     try:
-        if args.command != "version":
-            check_dependencies()
         return args.func(args)
     except NcError as e:
         print(f"nc: error: {e}", file=sys.stderr)
         return e.exit_code
+    except ImportError as e:  # grpcio, PyYAML, cryptography are imported lazily, when first needed
+        print(
+            f"nc: error: cannot load {e.name or 'a bundled library'} on Python {sys.version.split()[0]}: this nc needs "
+            "CPython 3.11 on x86_64 Linux with glibc 2.34 or newer, the platform its bundled wheels are built for",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -11,7 +11,9 @@ over the CPUs:
 
 Each iperf3 figure is the median of --repeat runs of --seconds each (TCP,
 one stream, sum_received of `iperf3 -J`); each RTT is the median of --pings
-echo requests. Prints one table on stdout; progress goes to stderr.
+echo requests 0.2 s apart (sparse: every process on the path wakes from idle)
+and of ten times as many 0.01 s apart (busy: the path stays warm). Prints one
+table on stdout; progress goes to stderr.
 
     tests/bench.sh throughput [--seconds 10] [--repeat 3] [--pings 20]
 """
@@ -53,8 +55,10 @@ class Figures:
     up: float | None = None  # node -> server, Mbit/s
     down: float | None = None  # server -> node (iperf3 -R), Mbit/s
     node_to_node: float | None = None  # node1 -> node2, Mbit/s
-    rtt_server: float | None = None  # node -> server, ms
-    rtt_node: float | None = None  # node1 -> node2, ms
+    rtt_server: float | None = None  # node -> server, ms, 5 pings/s
+    rtt_node: float | None = None  # node1 -> node2, ms, 5 pings/s
+    rtt_server_busy: float | None = None  # node -> server, ms, 100 pings/s
+    rtt_node_busy: float | None = None  # node1 -> node2, ms, 100 pings/s
 
 
 # -- tools ------------------------------------------------------------------------
@@ -100,11 +104,21 @@ def median_mbps(client: Host, target: str, seconds: int, repeat: int, what: str,
     return statistics.median(runs)
 
 
-def rtt_ms(client: Host, target: str, count: int, what: str) -> float:
+def rtt_ms(client: Host, target: str, count: int, what: str, interval: float = 0.2) -> float:
     """Median ping RTT, after one warm-up echo (ARP, first-packet setup)."""
     client.run("ping", "-n", "-c", "1", "-W", "2", target, check=False, timeout=10)
     done = client.run(
-        "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", target, check=False, timeout=count * 0.2 + 30
+        "ping",
+        "-n",
+        "-c",
+        str(count),
+        "-i",
+        str(interval),
+        "-W",
+        "2",
+        target,
+        check=False,
+        timeout=count * interval + 30,
     )
     samples = [float(t) for t in re.findall(r"time=([\d.]+) ms", done.stdout)]
     if not samples:
@@ -118,13 +132,15 @@ def rtt_ms(client: Host, target: str, count: int, what: str) -> float:
 
 def measure(node1: Host, node2: Host, server_ip: str, node2_ip: str, args: argparse.Namespace, label: str) -> Figures:
     """The five figures of one column, over the given addresses."""
-    s, r = args.seconds, args.repeat
+    s, r, busy = args.seconds, args.repeat, 10 * args.pings
     return Figures(
         up=median_mbps(node1, server_ip, s, r, f"{label} node->server"),
         down=median_mbps(node1, server_ip, s, r, f"{label} node->server -R", reverse=True),
         node_to_node=median_mbps(node1, node2_ip, s, r, f"{label} node->node"),
         rtt_server=rtt_ms(node1, server_ip, args.pings, f"{label} node->server"),
         rtt_node=rtt_ms(node1, node2_ip, args.pings, f"{label} node->node"),
+        rtt_server_busy=rtt_ms(node1, server_ip, busy, f"{label} node->server, busy", interval=0.01),
+        rtt_node_busy=rtt_ms(node1, node2_ip, busy, f"{label} node->node, busy", interval=0.01),
     )
 
 
@@ -303,8 +319,10 @@ ROWS = [
     ("node->server", "Mbit/s", "up"),
     ("node->server -R (server->node)", "Mbit/s", "down"),
     ("node1->node2 via server", "Mbit/s", "node_to_node"),
-    ("RTT node->server", "ms", "rtt_server"),
-    ("RTT node1->node2", "ms", "rtt_node"),
+    ("RTT node->server, 5 pings/s", "ms", "rtt_server"),
+    ("RTT node->server, 100 pings/s", "ms", "rtt_server_busy"),
+    ("RTT node1->node2, 5 pings/s", "ms", "rtt_node"),
+    ("RTT node1->node2, 100 pings/s", "ms", "rtt_node_busy"),
 ]
 
 
@@ -313,12 +331,13 @@ def table(nc: Figures, openvpn: Figures, underlay: Figures, args: argparse.Names
     for label, unit, key in ROWS:
         a, b, c = (getattr(f, key) for f in (nc, openvpn, underlay))
         digits = 3 if unit == "ms" else 0
-        rows.append([label, unit, fmt(a, digits), fmt(b, digits), fmt(c, digits), ratio(a, b), ratio(a, c)])
+        added = fmt(a - c, 3) if unit == "ms" and a is not None and c is not None else "-"
+        rows.append([label, unit, fmt(a, digits), fmt(b, digits), fmt(c, digits), ratio(a, b), ratio(a, c), added])
     title = (
         f"nc vs OpenVPN 2.6 (TCP, AES-256-GCM) vs underlay — iperf3 median of {args.repeat} x {args.seconds} s, "
-        f"RTT median of {args.pings} pings, MTU {MTU}"
+        f"RTT median of {args.pings} pings at 5/s and {10 * args.pings} at 100/s, MTU {MTU}"
     )
-    headers = ["path", "unit", "nc", "OpenVPN", "underlay", "nc/OpenVPN", "nc/underlay"]
+    headers = ["path", "unit", "nc", "OpenVPN", "underlay", "nc/OpenVPN", "nc/underlay", "nc-underlay"]
     return format_table(headers, rows, title)
 
 

@@ -2928,7 +2928,9 @@ class NetworkClient:
                 link.queued += len(frame)
             else:
                 for frame in plain_frames(reader.packet(length)):
-                    link.queue(frame)
+                    if not link.queue(frame):
+                        self.counters["dropped-queue-full"] += 1
+                        break
 
     def _deliver(self, link: Link) -> None:
         """The whole frames in the link's receive buffer, to the TUN."""

@@ -1885,17 +1885,43 @@ MAX_PENDING_HANDSHAKES = 512
 RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
 
 
-# Event loops read the clock around each epoll wait. A wait that slept means
-# traffic is sparse: handlers then read once and return, instead of reading on
-# until EAGAIN (an exception in Python, and time on the latency path). When
-# events are already queued, the loop is busy and handlers read in batches.
-# Loops never spin: on two cores a spinning loop takes the CPU that ping,
-# iperf3 or the peer process needs, which costs far more latency than it saves.
-#
-# The per-packet paths below are written flat, with locals and few calls, on
-# purpose: after an idle spell each Python call runs from cold caches, and on
-# the reference 2-core VM a single extra method call measured 10-15 us there.
-SLEPT_S = 50e-6  # an epoll wait this long was a real sleep, not events already queued
+class Poller:
+    """epoll that also tells whether the loop had to sleep for its events.
+
+    After a sleep, traffic is sparse: handlers read once and return instead of
+    reading on until EAGAIN (an exception in Python, and time on the latency
+    path). Under load events are ready at once, and handlers read in batches.
+    Whether it slept is read off the clock around the one epoll wait, not asked
+    of the kernel with a second epoll_wait(0). It never spins: on two cores a
+    spinning loop takes the CPU that ping, iperf3 or the peer process needs,
+    which costs far more latency than it saves.
+    """
+
+    SLEPT_S = 50e-6  # a wait this long was a real sleep, not events already queued
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.woke = False
+        self.now = time.monotonic()  # when the last wait returned
+
+    def register(self, fd: int, mask: int) -> None:
+        self.epoll.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.epoll.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+
+    def close(self) -> None:
+        self.epoll.close()
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        before = time.monotonic()
+        events = self.epoll.poll(timeout)
+        self.now = time.monotonic()
+        self.woke = self.now - before > self.SLEPT_S
+        return events
 
 
 class PeerClosed(Exception):
@@ -1979,7 +2005,7 @@ class Link:
                     raise PeerClosed("closed the connection") from None
                 if count == 0:
                     raise PeerClosed("closed the connection")
-                rx.end += count
+                rx.commit(count)
                 got += count
                 handle_frames(self)
                 if once and not self.closed and not self.tls.pending():
@@ -2140,8 +2166,7 @@ class NetworkServer:
         self.tls = self._tls_context()
         self.listener = self._listen()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.epoll = select.epoll()
-        self.sparse = False  # the last epoll wait slept: read once per event (see SLEPT_S)
+        self.epoll = Poller()
         for fd in (self.listener.fileno(), self.wake_r):
             self.epoll.register(fd, select.EPOLLIN)
         try:
@@ -2245,25 +2270,20 @@ class NetworkServer:
 
     def _run(self) -> None:
         sessions, tun_planes, listener = self.sessions, self.tun_planes, self.listener.fileno()
-        poll, monotonic, service = self.epoll.poll, time.monotonic, self._service
-        next_tick = monotonic() + 1.0
+        next_tick = time.monotonic() + 1.0
         try:
             while not self.stopping.is_set():
-                before = monotonic()
-                ready = poll(1.0)
-                now = monotonic()
-                self.sparse = now - before > SLEPT_S
-                for fd, events in ready:
+                for fd, events in self.epoll.poll(1.0):
                     if (session := sessions.get(fd)) is not None:
-                        service(session, events)
+                        self._service(session, events)
                     elif (plane := tun_planes.get(fd)) is not None:
                         self._read_tun(plane)
                     elif fd == listener:
                         self._accept()
                     elif fd == self.wake_r:
                         self._run_commands()
-                if self.dirty:
-                    self._flush_dirty()
+                self._flush_dirty()
+                now = self.epoll.now
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + 1.0
@@ -2318,7 +2338,7 @@ class NetworkServer:
             if events & select.EPOLLOUT:
                 self._flush(session)
             if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                session.receive(self._handle_frames, once=self.sparse)
+                session.receive(self._handle_frames, once=self.epoll.woke)
         except PeerClosed as e:
             self._close(session, str(e))
         except ProtocolError as e:
@@ -2348,26 +2368,25 @@ class NetworkServer:
         log.debug("TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), session.cert_token)
 
     def _handle_frames(self, session: ServerSession) -> None:
-        rx = session.rx
-        buf, view = rx.buf, rx.view
-        while (frame := next_frame(buf, rx.start, rx.end)) is not None:
-            kind, start, end = frame
-            rx.start = end
-            phase = session.phase
-            if phase == Phase.ESTABLISHED:
+        view = session.rx.view
+        for kind, start, end in session.rx.frames():
+            if session.phase == Phase.CLOSING:
+                continue  # the session is over; drain without acting
+            if session.phase == Phase.ESTABLISHED:
                 if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
                     self._route_from_node(session, view, kind, start, end)
-                elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
+                    continue
+                else:
                     raise ProtocolError(f"unexpected frame type {kind:#x} in an established session")
-            elif phase == Phase.HELLO:
+            elif session.phase == Phase.HELLO:
                 if kind != FRAME_HELLO:
                     raise ProtocolError("the first frame must be a hello")
                 self._on_hello(session, Hello.decode(view[start:end]))
-                if session.phase == Phase.CLOSED:
-                    return
-            elif phase == Phase.ADMITTING and kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+            elif session.phase == Phase.ADMITTING and kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
                 raise ProtocolError("frame sent before the welcome")
-            # CLOSING: the session is over; drain without acting
+            if session.phase == Phase.CLOSED:
+                return
 
     # -- admission --------------------------------------------------------------------
 
@@ -2532,29 +2551,23 @@ class NetworkServer:
     def _read_tun(self, plane: Plane) -> None:
         """Packets from this host's kernel to the nodes of one overlay."""
         offset = VNET_HDR_LEN if plane.tun.offload else 0
-        reader, by_ip, dirty = plane.reader, plane.by_ip, self.dirty
-        readv, fd, body = os.readv, reader.fd, [reader.body]
-        packets = reader.body
-        for _ in range(1 if self.sparse else 256):
+        reader = plane.reader
+        for _ in range(1 if self.epoll.woke else 256):
             try:
-                length = readv(fd, body)
+                length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
-            # The kernel writes well-formed packets: the destination is all routing needs.
-            ipv4 = length >= offset + 20 and packets[offset] >> 4 == 4
-            peer = by_ip.get(int.from_bytes(packets[offset + 16 : offset + 20], "big")) if ipv4 else None
+            packet = reader.packet(length)
+            endpoints = ipv4_endpoints(packet[offset:])
+            peer = plane.by_ip.get(endpoints[1]) if endpoints else None
             if peer is None:
                 self.counters["dropped-no-route"] += 1
-            elif not offset or peer.gso:
-                if peer.queued > SEND_QUEUE_LIMIT:
-                    self.counters["dropped-queue-full"] += 1
-                    continue
-                frame = reader.frame(FRAME_GSO_PACKET if offset else FRAME_PACKET, length)
-                peer.out.append(frame)
-                peer.queued += len(frame)
-                dirty.add(peer)
+            elif not offset:
+                self._queue_frames(peer, [reader.frame(FRAME_PACKET, length)])
+            elif peer.gso:
+                self._queue_frames(peer, [reader.frame(FRAME_GSO_PACKET, length)])
             else:
-                self._queue_frames(peer, plain_frames(reader.packet(length)))
+                self._queue_frames(peer, plain_frames(packet))
 
     # -- output, liveness, teardown -----------------------------------------------------------
 
@@ -2864,40 +2877,33 @@ class NetworkClient:
     def _pump(self, link: Link, welcome: Welcome) -> str | None:
         """Move packets until the session ends; returns why (None when stopping)."""
         assert self.tun is not None
-        epoll = select.epoll()
-        poll, monotonic = epoll.poll, time.monotonic
-        tun_fd, link_fd, wake_r = self.tun.fd, link.fd, self.wake_r
-        read_tun, deliver = self._read_tun, self._deliver
+        poller = Poller()
+        tun_fd = self.tun.fd
         try:
-            epoll.register(link_fd, select.EPOLLIN)
-            epoll.register(tun_fd, select.EPOLLIN)
-            epoll.register(wake_r, select.EPOLLIN)  # request_stop() writes here, so a stop always wakes us
+            poller.register(link.fd, select.EPOLLIN)
+            poller.register(tun_fd, select.EPOLLIN)
+            poller.register(self.wake_r, select.EPOLLIN)
             keepalive = welcome.keepalive
-            next_tick = monotonic() + 1.0
+            next_tick = time.monotonic() + 1.0
             want_out = False
-            while True:
-                before = monotonic()
-                events = poll(1.0)
-                now = monotonic()
-                sparse = now - before > SLEPT_S
-                for fd, _events in events:
+            while not self.stop.is_set():
+                for fd, _events in poller.poll(1.0):
                     if fd == tun_fd:
-                        read_tun(link, 1 if sparse else 256)
-                    elif fd == link_fd:
-                        link.receive(deliver, once=sparse)
-                    elif fd == wake_r and self.stop.is_set():
-                        return None
-                if link.out or link.pending is not None:
-                    blocked = not link.flush()
-                    if blocked != want_out:
-                        want_out = blocked
-                        epoll.modify(link_fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
+                        self._read_tun(link, 1 if poller.woke else 256)
+                    elif fd == link.fd:
+                        link.receive(self._deliver, once=poller.woke)
+                blocked = not link.flush()
+                if blocked != want_out:
+                    want_out = blocked
+                    poller.modify(link.fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
+                now = poller.now
                 if now >= next_tick:
                     next_tick = now + 1.0
                     if now - link.last_rx > 3 * keepalive:
                         return f"server silent for {3 * keepalive} s"
                     if now - link.last_tx >= keepalive:
                         link.queue(encode_frame(FRAME_KEEPALIVE))
+            return None
         except PeerClosed:
             return "server closed the connection"
         except (OSError, ssl.SSLError) as e:
@@ -2905,53 +2911,43 @@ class NetworkClient:
         except ProtocolError as e:
             return f"protocol error: {e}"
         finally:
-            epoll.close()
+            poller.close()
 
     def _read_tun(self, link: Link, limit: int) -> None:
-        """Up to `limit` packets from the TUN onto the link's send queue."""
         assert self.tun is not None and self.reader is not None
-        reader, out = self.reader, link.out
-        readv, fd, body = os.readv, reader.fd, [reader.body]
-        # The frame type this session sends the kernel's packets as; 0: a TUN made
-        # with offload and a server that (now) lacks it, so packets are cut in software.
-        kind = FRAME_PACKET if not self.tun.offload else FRAME_GSO_PACKET if self.gso else 0
+        reader = self.reader
         for _ in range(limit):
             try:
-                length = readv(fd, body)
+                length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
-            if link.queued > SEND_QUEUE_LIMIT:
-                self.counters["dropped-queue-full"] += 1
-            elif kind:
-                frame = reader.frame(kind, length)
-                out.append(frame)
-                link.queued += len(frame)
-            else:
-                for frame in plain_frames(reader.packet(length)):
-                    if not link.queue(frame):
-                        self.counters["dropped-queue-full"] += 1
-                        break
+            if not self.tun.offload:
+                frames = [reader.frame(FRAME_PACKET, length)]
+            elif self.gso:
+                frames = [reader.frame(FRAME_GSO_PACKET, length)]
+            else:  # a TUN made with offload, a server that (now) lacks it
+                frames = plain_frames(reader.packet(length))
+            for frame in frames:
+                if not link.queue(frame):
+                    self.counters["dropped-queue-full"] += 1
+                    break
 
     def _deliver(self, link: Link) -> None:
-        """The whole frames in the link's receive buffer, to the TUN."""
         assert self.tun is not None
-        rx, fd, offload, gso = link.rx, self.tun.fd, self.tun.offload, self.gso
-        buf, view = rx.buf, rx.view
-        while (frame := next_frame(buf, rx.start, rx.end)) is not None:
-            kind, start, end = frame
-            rx.start = end
+        view, fd, offload = link.rx.view, self.tun.fd, self.tun.offload
+        for kind, start, end in link.rx.frames():
             try:
-                if kind == FRAME_GSO_PACKET and gso:
+                if kind == FRAME_PACKET:
+                    if offload:
+                        os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
+                    else:
+                        os.write(fd, view[start:end])
+                elif kind == FRAME_GSO_PACKET and self.gso:
                     if offload:
                         os.write(fd, view[start:end])
                     else:
                         for packet in plain_packets(view[start:end]):
                             os.write(fd, packet)
-                elif kind == FRAME_PACKET:
-                    if offload:
-                        os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
-                    else:
-                        os.write(fd, view[start:end])
                 elif kind == FRAME_ERROR:
                     self._on_refusal(Refusal.decode(view[start:end]))
                     raise PeerClosed("server ended the session")

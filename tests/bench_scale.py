@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
     ROOT,
+    BenchError,
     cpu_seconds,
     fmt,
     format_table,
@@ -57,9 +58,8 @@ from benchlib import (
     percentile,
     progress,
     python_pid,
-    raise_on_termination,
-    require_root,
     rss_mib,
+    run_lab_bench,
     temp_dir,
     thread_count,
 )
@@ -72,10 +72,6 @@ OVERLAY = "10.20.0.1/16"
 KEEPALIVE_S = 3600  # the server neither pings nor drops the silent simulated nodes
 RSS_TARGET_MIB = 200
 PHASE_TIMEOUT_S = 900.0
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 # ==================================================================================
@@ -555,16 +551,7 @@ def main() -> int:
         return worker_main(args.worker)
     if args.nodes < 1 or args.concurrency < 1 or args.reg_threads < 1:
         parser.error("--nodes, --concurrency and --reg-threads must be at least 1")
-    require_root()
-    raise_on_termination()
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("bench_scale: interrupted; lab removed", file=sys.stderr)
-        return 130
-    except (BenchError, AssertionError, RuntimeError, OSError, subprocess.SubprocessError) as e:
-        print(f"bench_scale: {e}", file=sys.stderr)
-        return 1
+    return run_lab_bench("bench_scale", lambda: run(args))
 
 
 if __name__ == "__main__":

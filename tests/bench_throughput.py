@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import fmt, format_table, machine_note, progress, raise_on_termination, ratio, require_root, temp_dir
+from benchlib import BenchError, fmt, format_table, machine_note, progress, ratio, run_lab_bench, temp_dir
 from netlab import Host, Lab, Process, start_client, start_server, wait_for
 
 NEEDED_TOOLS = {"iperf3": "iperf3", "openvpn": "openvpn", "ping": "iputils-ping"}
@@ -42,10 +42,6 @@ NC_OVERLAY = "10.1.1.1/24"
 OPENVPN_NET = "10.8.0.0"
 OPENVPN_PORT = 1194
 MTU = 1400
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass
@@ -380,16 +376,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.seconds < 1 or args.repeat < 1 or args.pings < 1:
         parser.error("--seconds, --repeat and --pings must be at least 1")
-    require_root()
-    raise_on_termination()
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("bench_throughput: interrupted; lab removed", file=sys.stderr)
-        return 130
-    except (BenchError, AssertionError, RuntimeError, subprocess.SubprocessError) as e:
-        print(f"bench_throughput: {e}", file=sys.stderr)
-        return 1
+    return run_lab_bench("bench_throughput", lambda: run(args))
 
 
 if __name__ == "__main__":

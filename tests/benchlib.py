@@ -11,9 +11,10 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -45,6 +46,25 @@ def raise_on_termination() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not measure what it set out to."""
+
+
+def run_lab_bench(name: str, run: Callable[[], int]) -> int:
+    """Run a benchmark that builds a namespace lab: as root, torn down also on
+    SIGTERM/SIGHUP/Ctrl-C, and a failure is one line on stderr, not a traceback."""
+    require_root()
+    raise_on_termination()
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; lab removed", file=sys.stderr)
+        return 130
+    except (AssertionError, RuntimeError, OSError, subprocess.SubprocessError) as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return 1
 
 
 def require_root() -> None:

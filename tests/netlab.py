@@ -45,6 +45,24 @@ class Process:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def wait_for_output(self, text: str, timeout: float = 20, what: str = "output") -> None:
+        """Wait until `text` appears in the log; fail at once, with the log's tail, if the
+        process exits first, and show the tail on timeout too."""
+
+        def printed() -> bool:
+            if text in self.log():
+                return True
+            if not self.alive():
+                raise AssertionError(f"exited ({self.popen.returncode}) before {what}:\n{self.log()[-2000:]}")
+            return False
+
+        try:
+            wait_for(printed, timeout=timeout, what=what)
+        except AssertionError as e:
+            if "timed out" in str(e):
+                raise AssertionError(f"{e}; its log ends:\n{self.log()[-2000:]}") from None
+            raise
+
     def send_signal(self, sig: int) -> None:
         if self.alive():
             os.kill(self.pid, sig)

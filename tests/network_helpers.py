@@ -151,7 +151,7 @@ def wait_exit(process: Process, timeout: float = 15) -> int:
 def spawn_tcpdump(host: Host, device: str, name: str) -> Process:
     """tcpdump of ICMP on device, line-buffered into its log; returns once it listens."""
     process = host.spawn("tcpdump", "-n", "-l", "--immediate-mode", "-i", device, "icmp", name=name)
-    wait_for(lambda: "listening on" in process.log(), timeout=10, what=f"tcpdump on {host.name} {device}")
+    process.wait_for_output("listening on", timeout=10, what=f"tcpdump on {host.name} {device}")
     return process
 
 

@@ -54,7 +54,7 @@ def test_full_tunnel_through_gateway_server(lab: Lab) -> None:
 
     assert node.ping(UPLINK_WEB, count=3), client.process.log()
     capture = web.spawn("tcpdump", "-n", "-l", "-c", "1", "-i", "eth1", "icmp", name="web-tcpdump")
-    wait_for(lambda: "listening" in capture.log(), what="tcpdump to start")
+    capture.wait_for_output("listening", what="tcpdump to start")
     assert node.ping(UPLINK_WEB)
     wait_for(lambda: not capture.alive(), timeout=10, what="tcpdump to see the ping")
     assert f"{UPLINK_SERVER} > {UPLINK_WEB}" in capture.log(), "the web host must see the server's NATed address"

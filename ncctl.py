@@ -389,6 +389,8 @@ def check_config(config: Any, path: str, mode: str) -> None:
                 )
             seen[spec.name] = spec.network
     else:
+        if config.server_addr:
+            check_ip(config.server_addr, f"{where}.serverAddr")
         if config.token and not valid_node_token(config.token):
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
         if config.net_token and not valid_net_token(config.net_token):
@@ -2241,14 +2243,10 @@ class NetworkServer:
         return context
 
     def _listen(self) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("0.0.0.0", self.config.port))
+            sock = listen_any(self.config.port)
         except OSError as e:
-            sock.close()
             raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); change server.port") from None
-        sock.listen(1024)
         sock.setblocking(False)
         return sock
 
@@ -2317,13 +2315,13 @@ class NetworkServer:
                 return
             if len(self.unauthenticated) >= MAX_PENDING_HANDSHAKES:
                 self.counters["refused-busy"] += 1
-                self.note("busy", "too many unfinished handshakes; refusing %s", address[0])
+                self.note("busy", "too many unfinished handshakes; refusing %s", unmapped(address[0]))
                 sock.close()
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            session = ServerSession(tls, host_port(address[0], address[1]), self.buffers)
+            session = ServerSession(tls, host_port(unmapped(address[0]), address[1]), self.buffers)
             self.sessions[session.fd] = session
             self.unauthenticated.add(session)
             self.epoll.register(session.fd, select.EPOLLIN)
@@ -2862,15 +2860,17 @@ class NetworkClient:
         )
 
     def _redirect_gateway(self) -> None:
-        """All traffic into the tunnel, except the tunnel itself: a host route to the
-        server via today's path, then 0/1 and 128/1 (more specific than default)."""
-        path = route_to(self.config.server_addr)
-        spec = (
-            [f"{self.config.server_addr}/32"]
-            + (["via", path["gateway"]] if "gateway" in path else [])
-            + ["dev", path["dev"]]
-        )
-        self.routes.add(*spec)
+        """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
+        IPv4 server via today's path, then 0/1 and 128/1 (more specific than default).
+        A tunnel over IPv6 needs no exception: IPv4 routes cannot capture it."""
+        if ipaddress.ip_address(self.config.server_addr).version == 4:
+            path = route_to(self.config.server_addr)
+            spec = (
+                [f"{self.config.server_addr}/32"]
+                + (["via", path["gateway"]] if "gateway" in path else [])
+                + ["dev", path["dev"]]
+            )
+            self.routes.add(*spec)
         self.routes.add("0.0.0.0/1", "dev", self.tun.name)
         self.routes.add("128.0.0.0/1", "dev", self.tun.name)
 
@@ -3121,6 +3121,32 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def listen_any(port: int) -> socket.socket:
+    """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
+    where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # IPv6 disabled at boot
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+        else:
+            sock.bind(("0.0.0.0", port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def unmapped(ip: str) -> str:
+    """An IPv4 peer of a dual-stack socket as plain IPv4 (::ffff:198.18.0.2 -> 198.18.0.2)."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
 def peer_common_name(context: Any) -> str:
     names = context.auth_context().get("x509_common_name") or []
     return names[0].decode() if names else ""
@@ -3327,7 +3353,7 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
     return Bootstrap(), Control(), Admin()
 
 
-def start_grpc_servers(controller: Controller, bind_host: str = "0.0.0.0") -> list[Any]:
+def start_grpc_servers(controller: Controller, bind_host: str = "::") -> list[Any]:
     """The bootstrap server (server TLS) and the control server (mutual TLS)."""
     from concurrent import futures
 

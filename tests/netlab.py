@@ -2,9 +2,9 @@
 
 Hosts are namespaces joined by veth pairs to a bridge that lives in its own
 namespace, so nothing touches the machine's own interfaces. Underlay
-addresses come from 198.18.0.0/15 (the benchmarking range). Every process is
-started with a known PID and stopped by that PID; close() removes every
-namespace, also when a test failed.
+addresses come from 198.18.0.0/15 and 2001:2::/48 (the benchmarking ranges).
+Every process is started with a known PID and stopped by that PID; close()
+removes every namespace, also when a test failed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NC = ROOT / "nc"
 UNDERLAY_PREFIX = "198.18.0"
+UNDERLAY6_PREFIX = "2001:2"
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
@@ -93,6 +94,17 @@ class Host:
                 f"[{self.name}] {' '.join(args)} -> {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
             )
         return done
+
+    def use_ipv6_underlay(self, keep_ipv4: bool = False) -> str:
+        """Give eth0 an IPv6 underlay address (2001:2::/48, the IPv6 benchmarking range,
+        host part as in the IPv4 one; no duplicate-detection delay) and, unless keep_ipv4,
+        take the IPv4 underlay address away. Returns the new address, now self.ip."""
+        ip6 = f"{UNDERLAY6_PREFIX}::{self.ip.rsplit('.', 1)[1]}"
+        sh("ip", "-n", self.ns, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
+        if not keep_ipv4:
+            sh("ip", "-n", self.ns, "addr", "del", f"{self.ip}/24", "dev", "eth0")
+        self.ip = ip6
+        return ip6
 
     def nc(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         return self.run(str(NC), *args, check=check, timeout=timeout)

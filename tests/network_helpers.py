@@ -134,7 +134,8 @@ def network_peers(server_host: Host) -> set[str]:
     for line in done.stdout.splitlines():
         fields = line.split()
         if len(fields) >= 4:
-            peers.add(fields[-1].rsplit(":", 1)[0])
+            host = fields[-1].rsplit(":", 1)[0].strip("[]")
+            peers.add(host.removeprefix("::ffff:"))  # the listener is dual-stack
     return peers
 
 

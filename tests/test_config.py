@@ -69,10 +69,11 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert config.network_cert_dir == str(tmp_path / "node-a" / "tls" / "network")
 
 
-def test_client_yaml_round_trips(tmp_path: Path) -> None:
-    """The client.yml a join writes loads back to the same config."""
+@pytest.mark.parametrize("server_addr", ["198.18.0.1", "2001:2::1"])
+def test_client_yaml_round_trips(tmp_path: Path, server_addr: str) -> None:
+    """The client.yml a join writes loads back to the same config, for either address family."""
     config = ncctl.ClientConfig(
-        server_addr="198.18.0.1", token="abcdefghij012345", work_dir=str(tmp_path / "n")
+        server_addr=server_addr, token="abcdefghij012345", work_dir=str(tmp_path / "n")
     ).resolve()
     path = write(tmp_path, ncctl.client_yaml(config), "client.yml")
     assert ncctl.load_config(str(path), "client") == config
@@ -126,6 +127,7 @@ BAD_CLIENT = [
     ("port range", {"client": {"port": 65536}}, "client.port"),
     ("bool type", {"client": {"redirectGateway": 1}}, "client.redirectGateway"),
     ("token", {"client": {"token": "not-a-token"}}, "client.token"),
+    ("server not an ip", {"client": {"serverAddr": "nc.example"}}, "client.serverAddr"),
     ("bad mode", {"mode": "server", "client": {}}, "mode"),
 ]
 

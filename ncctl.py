@@ -80,6 +80,11 @@ DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
 RESERVED_NODE_TOKEN = "reserverd"
 DEFAULT_NETWORK = "default"  # the networkAddr network; nodes that know no net-token belong to it
 NETWORK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+# Never a node's overlay address or a route into the tunnel: "this network", loopback,
+# link-local, multicast, and reserved (with the limited broadcast address).
+SPECIAL_IPV4 = tuple(
+    ipaddress.IPv4Network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
+)
 NODE_TOKEN_LEN = 16
 TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -183,9 +188,16 @@ def check_network_spec(name: Any, cidr: Any, interconnection: Any, where: str) -
         raise ConfigError(f"{where}.cidr: {cidr!r} is not an IPv4 CIDR; write it like 10.2.0.1/24") from None
     if not 8 <= network.prefixlen <= 30:
         raise ConfigError(f"{where}.cidr: prefix /{network.prefixlen} is unsupported; use /8 to /30")
+    if special := special_range(network):
+        raise ConfigError(f"{where}.cidr: {network} overlaps the special-purpose range {special}; use a private range")
     if not isinstance(interconnection, bool):
         raise ConfigError(f"{where}.interconnection: expected true or false, got {interconnection!r}")
     return NetworkSpec(name, str(cidr), interconnection)
+
+
+def special_range(network: ipaddress.IPv4Network) -> ipaddress.IPv4Network | None:
+    """The special-purpose range network overlaps, if any: no overlay may use one."""
+    return next((special for special in SPECIAL_IPV4 if network.overlaps(special)), None)
 
 
 def overlapping(network: ipaddress.IPv4Network, others: dict[str, ipaddress.IPv4Network]) -> str | None:
@@ -371,6 +383,10 @@ def check_config(config: Any, path: str, mode: str) -> None:
             ) from None
         if not 8 <= iface.network.prefixlen <= 30:
             raise ConfigError(f"{where}.networkAddr: prefix /{iface.network.prefixlen} is unsupported; use /8 to /30")
+        if special := special_range(iface.network):
+            raise ConfigError(
+                f"{where}.networkAddr: {iface.network} overlaps the special-purpose range {special}; use a private range"
+            )
         if config.ip:
             check_ip(config.ip, f"{where}.ip")
         ports = [config.port, config.grpc_port, config.bootstrap_port]
@@ -1666,6 +1682,9 @@ class Hello:
         return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token)
 
 
+MAX_WELCOME_ROUTES = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class Welcome:
     ip: str
@@ -1708,6 +1727,8 @@ class Welcome:
             or not strings(m.get("caps", []))
         ):
             raise ProtocolError("welcome message is incomplete or has fields of the wrong type")
+        if len(m.get("routes", [])) > MAX_WELCOME_ROUTES:
+            raise ProtocolError(f"welcome message has over {MAX_WELCOME_ROUTES} routes")
         try:
             welcome = cls(
                 ip=str(ipaddress.IPv4Address(m["ip"])),
@@ -1715,14 +1736,29 @@ class Welcome:
                 server_ip=str(ipaddress.IPv4Address(m["serverIp"])),
                 mtu=m["mtu"],
                 keepalive=m.get("keepalive", 10),
-                routes=tuple(str(ipaddress.IPv4Network(r)) for r in m.get("routes", [])),
+                routes=tuple(dict.fromkeys(str(ipaddress.IPv4Network(r)) for r in m.get("routes", []))),
                 caps=tuple(m.get("caps", [])),
             )
         except ValueError:
             raise ProtocolError("welcome message has a malformed address or route") from None
         if not 8 <= welcome.prefix <= 30 or not 576 <= welcome.mtu <= 65535 or not 1 <= welcome.keepalive <= 3600:
             raise ProtocolError("welcome message has out-of-range values")
+        welcome.check_addresses()
         return welcome
+
+    def check_addresses(self) -> None:
+        """A unicast host address, the server another host of the same subnet, and routes
+        that stay clear of special-purpose ranges: what a node can configure safely."""
+        iface, server = self.interface, ipaddress.IPv4Address(self.server_ip)
+        net = iface.network
+        ends = (net.network_address, net.broadcast_address)
+        if special_range(net) or iface.ip in ends:
+            raise ProtocolError(f"welcome message gives the unusable address {iface}")
+        if server not in net or server == iface.ip or server in ends:
+            raise ProtocolError(f"welcome message names {server} as the server, which is not another host of {net}")
+        for route in map(ipaddress.IPv4Network, self.routes):
+            if special := special_range(route):
+                raise ProtocolError(f"welcome message has the route {route}, which overlaps {special}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1739,9 +1775,8 @@ class Refusal:
     @classmethod
     def decode(cls, payload: Any) -> Refusal:
         m = decode_control(payload)
-        return cls(
-            str(m.get("code", "error"))[:64], str(m.get("reason", "no reason given"))[:512], bool(m.get("retry", True))
-        )
+        retry = m.get("retry", True) is not False  # only a JSON false ends the retries, not "false" or 0
+        return cls(str(m.get("code", "error"))[:64], str(m.get("reason", "no reason given"))[:512], retry)
 
 
 def ipv4_endpoints(packet: Any) -> tuple[int, int] | None:
@@ -2762,8 +2797,8 @@ class NetworkClient:
                 else:
                     started = time.monotonic()
                     try:
-                        self._configure(welcome)
-                        reason = self._pump(link, welcome)
+                        self._ensure_tun(welcome)  # a host that cannot make one ends the client
+                        reason = self._configure(welcome) or self._pump(link, welcome)
                     finally:
                         link.close()
                     if reason is None:
@@ -2804,6 +2839,7 @@ class NetworkClient:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
             sock.sendall(Hello(self.config.token, caps=caps, net_token=self.config.net_token).encode())
             welcome = self._await_welcome(link)
+            self._check_welcome(welcome)
         except BaseException:
             link.close()
             raise
@@ -2811,7 +2847,14 @@ class NetworkClient:
         return link, welcome
 
     def _await_welcome(self, link: Link) -> Welcome:
+        """The server's welcome, within HANDSHAKE_TIMEOUT_S in all: frames it may send
+        first (keepalives) do not extend the wait."""
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProtocolError(f"no welcome from the server within {HANDSHAKE_TIMEOUT_S:.0f} s")
+            link.sock.settimeout(left)
             space = link.rx.space()
             count = link.sock.recv_into(space, len(space))
             if count == 0:
@@ -2832,24 +2875,41 @@ class NetworkClient:
             raise Refused(f"server refused this node ({refusal.code}): {refusal.reason}")
         log.warning("server ended the session (%s): %s", refusal.code, refusal.reason)
 
-    def _configure(self, welcome: Welcome) -> None:
-        """Create the TUN on the first welcome; reconfigure only if the address changed."""
-        mtu = min(self.config.mtu, welcome.mtu)
+    def _check_welcome(self, welcome: Welcome) -> None:
+        """Refuse a welcome whose subnet or routes would send the tunnel into itself."""
+        server = ipaddress.ip_address(self.config.server_addr)
+        if server.version != 4:
+            return
+        for network in (welcome.interface.network, *map(ipaddress.IPv4Network, welcome.routes)):
+            if server in network:
+                raise ProtocolError(f"the welcome routes {network}, the server's own address, into the tunnel")
+
+    def _ensure_tun(self, welcome: Welcome) -> None:
+        """The TUN device, created at the first welcome and kept across sessions."""
         self.gso = CAP_GSO in welcome.caps
         if self.tun is None:
             self.tun = Tun("nc0", offload=self.gso)
             self.reader = TunReader(self.tun.fd)
+
+    def _configure(self, welcome: Welcome) -> str | None:
+        """Address and routes, set again only when the address changed; returns why
+        that failed (the session then ends and is retried from scratch)."""
+        assert self.tun is not None
+        mtu = min(self.config.mtu, welcome.mtu)
         if self.address != welcome.interface:
             if self.address is not None:
                 log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
             self.routes.close()
-            self.tun.configure(welcome.interface, mtu)
+            self.address = None  # until it is configured in full
+            try:
+                self.tun.configure(welcome.interface, mtu)
+                self._add_welcome_routes(welcome)
+                if self.config.redirect_gateway:
+                    self._redirect_gateway()
+            except TunError as e:
+                self.routes.close()
+                return f"cannot configure {self.tun.name}: {e}"
             self.address = welcome.interface
-            for route in welcome.routes:
-                if not ipaddress.IPv4Network(route).subnet_of(welcome.interface.network):
-                    self.routes.add(route, "dev", self.tun.name)
-            if self.config.redirect_gateway:
-                self._redirect_gateway()
         log.info("connected to %s as %s (mtu %d)", self._server, welcome.interface, mtu)
         log.debug(
             "welcome: server %s, routes %s, keepalive %d s, capabilities %s",
@@ -2858,6 +2918,20 @@ class NetworkClient:
             welcome.keepalive,
             list(welcome.caps),
         )
+        return None
+
+    def _add_welcome_routes(self, welcome: Welcome) -> None:
+        """Routes the server hands out, beyond the overlay subnet itself. One that
+        clashes with a route of this host is skipped: the host's own routing wins."""
+        assert self.tun is not None
+        for route in welcome.routes:
+            if ipaddress.IPv4Network(route).subnet_of(welcome.interface.network):
+                continue
+            try:
+                self.routes.add(route, "dev", self.tun.name)
+                log.info("routing %s into the tunnel, as the server asks", route)
+            except TunError as e:
+                log.warning("not routing %s into the tunnel: %s", route, e)
 
     def _redirect_gateway(self) -> None:
         """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
@@ -2886,6 +2960,7 @@ class NetworkClient:
             keepalive = welcome.keepalive
             next_tick = time.monotonic() + 1.0
             want_out = False
+            self._deliver(link)  # frames that came in the same read as the welcome
             while not self.stop.is_set():
                 for fd, _events in poller.poll(1.0):
                     if fd == tun_fd:

@@ -161,23 +161,82 @@ def test_hello_round_trip(token: str, version: str, caps: tuple[str, ...], proto
     assert ncctl.Hello.decode(payload_of(hello.encode(), ncctl.FRAME_HELLO)) == hello
 
 
-@given(
-    ip=IPV4,
-    prefix=st.integers(8, 30),
-    server_ip=IPV4,
-    mtu=st.integers(576, 65535),
-    keepalive=st.integers(1, 3600),
-    routes=st.lists(NETWORKS, max_size=20).map(tuple),
-    caps=st.lists(SHORT_TEXT, max_size=10).map(tuple),
-)
-def test_welcome_round_trip(
-    ip: str, prefix: int, server_ip: str, mtu: int, keepalive: int, routes: tuple[str, ...], caps: tuple[str, ...]
-) -> None:
+@st.composite
+def usable_welcomes(draw: st.DrawFn) -> ncctl.Welcome:
+    """Welcomes a node can configure: two distinct hosts of a subnet clear of the
+    special-purpose ranges, and distinct routes clear of them too."""
+    prefix = draw(st.integers(8, 30))
+    network = draw(
+        st.integers(0, 2**32 - 1)
+        .map(lambda n: ipaddress.IPv4Network((n, prefix), strict=False))
+        .filter(lambda net: ncctl.special_range(net) is None)
+    )
+    ip, server = draw(st.lists(st.integers(1, network.num_addresses - 2), min_size=2, max_size=2, unique=True))
+    routes = draw(
+        st.lists(
+            NETWORKS.filter(lambda r: ncctl.special_range(ipaddress.IPv4Network(r)) is None), max_size=20, unique=True
+        )
+    )
+    return ncctl.Welcome(
+        str(network.network_address + ip),
+        prefix,
+        str(network.network_address + server),
+        draw(st.integers(576, 65535)),
+        draw(st.integers(1, 3600)),
+        tuple(routes),
+        tuple(draw(st.lists(SHORT_TEXT, max_size=10))),
+    )
+
+
+@given(welcome=usable_welcomes())
+def test_welcome_round_trip(welcome: ncctl.Welcome) -> None:
     """Welcome.encode is a WELCOME frame that Welcome.decode turns back into the same message."""
-    welcome = ncctl.Welcome(ip, prefix, server_ip, mtu, keepalive, routes, caps)
     decoded = ncctl.Welcome.decode(payload_of(welcome.encode(), ncctl.FRAME_WELCOME))
     assert decoded == welcome
-    assert decoded.interface == ipaddress.IPv4Interface(f"{ip}/{prefix}")
+    assert decoded.interface == ipaddress.IPv4Interface(f"{welcome.ip}/{welcome.prefix}")
+
+
+def test_welcome_drops_duplicate_routes() -> None:
+    """The same route twice is kept once, in order (the kernel would refuse the second)."""
+    message = {**WELCOME_FIELDS, "routes": ["192.0.2.0/24", "10.1.1.0/24", "192.0.2.0/24"]}
+    welcome = ncctl.Welcome.decode(json.dumps(message).encode())
+    assert welcome.routes == ("192.0.2.0/24", "10.1.1.0/24")
+
+
+@pytest.mark.parametrize(
+    ("changes", "complaint"),
+    [
+        ({"ip": "0.0.0.0", "prefix": 8}, "unusable address 0.0.0.0/8"),
+        ({"ip": "127.0.0.2", "serverIp": "127.0.0.1", "prefix": 8}, "unusable address"),
+        ({"ip": "169.254.1.2", "serverIp": "169.254.1.1"}, "unusable address"),
+        ({"ip": "224.0.0.2", "serverIp": "224.0.0.1"}, "unusable address"),
+        ({"ip": "255.255.255.254", "serverIp": "255.255.255.253"}, "unusable address"),
+        ({"ip": "10.1.1.0"}, "unusable address 10.1.1.0/24"),
+        ({"ip": "10.1.1.255"}, "unusable address 10.1.1.255/24"),
+        ({"serverIp": "10.9.9.9"}, "names 10.9.9.9 as the server"),
+        ({"serverIp": "10.1.1.2"}, "names 10.1.1.2 as the server"),
+        ({"serverIp": "10.1.1.255"}, "names 10.1.1.255 as the server"),
+        ({"routes": ["0.0.0.0/0"]}, "route 0.0.0.0/0, which overlaps 0.0.0.0/8"),
+        ({"routes": ["224.0.0.0/4"]}, "route 224.0.0.0/4"),
+        ({"routes": [f"192.0.{i // 256}.{i % 256}/32" for i in range(257)]}, "over 256 routes"),
+    ],
+)
+def test_welcome_a_node_cannot_use_is_refused(changes: dict, complaint: str) -> None:
+    """Addresses and routes that would break the node are a ProtocolError naming the problem."""
+    payload = json.dumps({**WELCOME_FIELDS, **changes}).encode()
+    with pytest.raises(ncctl.ProtocolError, match=complaint):
+        ncctl.Welcome.decode(payload)
+
+
+def test_refusal_retries_unless_told_false() -> None:
+    """Only a JSON false ends the retries; "false", 0 or null do not."""
+
+    def retry(value: object) -> bool:
+        return ncctl.Refusal.decode(json.dumps({"code": "x", "retry": value}).encode()).retry
+
+    assert retry(False) is False
+    assert all(retry(value) is True for value in (True, "false", 0, None, []))
+    assert ncctl.Refusal.decode(b'{"code": "x"}').retry is True
 
 
 @given(code=st.text(max_size=64), reason=st.text(max_size=512), retry=st.booleans())

@@ -2852,11 +2852,14 @@ class NetworkClient:
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise ProtocolError(f"no welcome from the server within {HANDSHAKE_TIMEOUT_S:.0f} s")
-            link.sock.settimeout(left)
-            space = link.rx.space()
-            count = link.sock.recv_into(space, len(space))
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                link.sock.settimeout(left)
+                space = link.rx.space()
+                count = link.sock.recv_into(space, len(space))
+            except TimeoutError:  # the deadline, whether it passed here or during the read
+                raise ProtocolError(f"no welcome from the server within {HANDSHAKE_TIMEOUT_S:.0f} s") from None
             if count == 0:
                 raise ProtocolError("server closed the connection during the handshake")
             link.rx.commit(count)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from netlab import Host, Lab, NcClient, NcServer, Process, start_client, start_server, wait_for
 
+import ncctl
+
 SERVER_OVERLAY_IP = "10.1.1.1"
 NETWORK_PORT = 6441
 
@@ -134,8 +136,7 @@ def network_peers(server_host: Host) -> set[str]:
     for line in done.stdout.splitlines():
         fields = line.split()
         if len(fields) >= 4:
-            host = fields[-1].rsplit(":", 1)[0].strip("[]")
-            peers.add(host.removeprefix("::ffff:"))  # the listener is dual-stack
+            peers.add(ncctl.unmapped(fields[-1].rsplit(":", 1)[0].strip("[]")))  # the listener is dual-stack
     return peers
 
 

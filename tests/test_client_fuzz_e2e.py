@@ -173,7 +173,7 @@ class Encounter:
 
     client: NcClient
     overlay_ip: str
-    routes_before: str
+    routes_before: list[dict]
     log: str = ""  # what the client logged while the fake server answered
     fake_log: list[str] = dataclasses.field(default_factory=list)  # the fake server's lines about this node
     route_to_server: str = ""  # the device of the node's route to the server's underlay address, afterwards
@@ -191,10 +191,6 @@ class Encounter:
 class HostileRun:
     overlay: Overlay
     encounters: dict[str, Encounter]
-
-
-def routes(client: NcClient) -> str:
-    return client.host.run("ip", "-4", "route", "show").stdout
 
 
 def route_device(client: NcClient, ip: str) -> str:
@@ -261,7 +257,7 @@ def hostile_run(nc_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         for case, client in clients.items():
             wait_for(client.config.exists, timeout=30, what=f"the {case} node to join")
             overlay_ip = wait_connected(overlay.server, client, timeout=30)
-            encounters[case] = Encounter(client, overlay_ip, routes(client))
+            encounters[case] = Encounter(client, overlay_ip, client.host.ipv4_routes())
         face_fake_server(overlay, encounters)
         yield HostileRun(overlay, encounters)
 
@@ -276,12 +272,12 @@ def test_client_survives_a_hostile_server(hostile_run: HostileRun, case: str) ->
     assert client.process.alive(), f"the client exited ({client.process.popen.returncode}):\n{encounter.story()}"
     assert "Traceback" not in encounter.log, encounter.story()
     assert encounter.route_to_server == "eth0", (
-        f"the route to the server goes via {encounter.route_to_server}:\n{routes(client)}{encounter.story()}"
+        f"the route to the server goes via {encounter.route_to_server}:\n{client.host.ipv4_routes()}\n{encounter.story()}"
     )
     assert encounter.connections >= 2, f"no reconnect in {encounter.watched_s:.0f} s:\n{encounter.story()}"
     assert CASES[case] in encounter.log, f"the client did not say what went wrong:\n{encounter.story()}"
     assert wait_connected(hostile_run.overlay.server, client, timeout=40) == encounter.overlay_ip
-    assert routes(client) == encounter.routes_before, "routes the fake server gave stayed behind"
+    assert client.host.ipv4_routes() == encounter.routes_before, "routes the fake server gave stayed behind"
     assert_reaches(client.host, SERVER_OVERLAY_IP)
     assert client.process.alive()
     assert "Traceback" not in client.process.log()

@@ -3,8 +3,6 @@ and a server with `gateway: true` forwards it out of its uplink with NAT."""
 
 from __future__ import annotations
 
-import json
-
 from netlab import Host, Lab, sh, start_client, start_server, wait_for
 
 UPLINK_SERVER = "198.19.0.1"
@@ -17,10 +15,6 @@ def link_hosts(lab: Lab, a: Host, b: Host, a_ip: str, b_ip: str) -> None:
     for host, ip in ((a, a_ip), (b, b_ip)):
         sh("ip", "-n", host.ns, "addr", "add", f"{ip}/24", "dev", "eth1")
         sh("ip", "-n", host.ns, "link", "set", "eth1", "up")
-
-
-def routes(host: Host) -> list[dict]:
-    return json.loads(host.run("ip", "-j", "-4", "route", "show").stdout or "[]")
 
 
 def iptables_rules(host: Host) -> str:
@@ -38,7 +32,7 @@ def test_full_tunnel_through_gateway_server(lab: Lab) -> None:
     server_host, node, web = lab.add_host("server"), lab.add_host("node"), lab.add_host("web")
     link_hosts(lab, server_host, web, UPLINK_SERVER, UPLINK_WEB)
     assert not node.ping(UPLINK_WEB), "the node must not reach the web host without the tunnel"
-    routes_before, rules_before = routes(node), iptables_rules(server_host)
+    routes_before, rules_before = node.ipv4_routes(), iptables_rules(server_host)
     forward_before = sysctl_forward(server_host)
 
     server = start_server(server_host, keepalive=2, gateway=True)
@@ -47,10 +41,7 @@ def test_full_tunnel_through_gateway_server(lab: Lab) -> None:
 
     client = start_client(node, server.join_string(), wait=False)
     wait_for(client.overlay_ip, what="the node to connect")
-    client.process.stop()
-    client.config.write_text(client.config.read_text().replace("redirectGateway: false", "redirectGateway: true"))
-    client.restart()
-    wait_for(lambda: any(r.get("dst") == "0.0.0.0/1" for r in routes(node)), what="the redirect routes")
+    client.restart_with_full_tunnel()
 
     assert node.ping(UPLINK_WEB, count=3), client.process.log()
     capture = web.spawn("tcpdump", "-n", "-l", "-c", "1", "-i", "eth1", "icmp", name="web-tcpdump")
@@ -61,7 +52,7 @@ def test_full_tunnel_through_gateway_server(lab: Lab) -> None:
     assert node.ping(server_host.ip), "the host route keeps the tunnel itself on the underlay"
 
     assert client.process.stop() == 0
-    assert routes(node) == routes_before, "the client must remove exactly the routes it added"
+    assert node.ipv4_routes() == routes_before, "the client must remove exactly the routes it added"
     assert not node.has_link("nc0")
     assert server.process.stop() == 0
     assert iptables_rules(server_host).count("MASQUERADE") == rules_before.count("MASQUERADE") == 0
@@ -74,10 +65,7 @@ def test_gateway_off_drops_traffic_for_the_world(lab: Lab) -> None:
     link_hosts(lab, server_host, web, UPLINK_SERVER, UPLINK_WEB)
     server = start_server(server_host, keepalive=2)
     client = start_client(node, server.join_string())
-    client.process.stop()
-    client.config.write_text(client.config.read_text().replace("redirectGateway: false", "redirectGateway: true"))
-    client.restart()
-    wait_for(lambda: any(r.get("dst") == "0.0.0.0/1" for r in routes(node)), what="the redirect routes")
+    client.restart_with_full_tunnel()
     assert node.ping("10.1.1.1")
     assert not node.ping(UPLINK_WEB)
     assert sysctl_forward(server_host) == "0"

@@ -4,14 +4,8 @@ full-tunnel node keeps its tunnel up."""
 
 from __future__ import annotations
 
-import json
-
-from netlab import Host, Lab, start_client, start_server, wait_for
+from netlab import Lab, start_client, start_server
 from network_helpers import SERVER_OVERLAY_IP, assert_reaches, network_peers, ping_counts, wait_connected
-
-
-def ipv4_routes(host: Host) -> list[dict]:
-    return json.loads(host.run("ip", "-j", "-4", "route", "show").stdout or "[]")
 
 
 def test_nodes_without_ipv4_join_and_talk_over_an_ipv6_underlay(lab: Lab) -> None:
@@ -47,17 +41,14 @@ def test_full_tunnel_over_an_ipv6_underlay_needs_no_host_route(lab: Lab) -> None
     server_ip6 = server_host.use_ipv6_underlay()
     node.use_ipv6_underlay()
     server = start_server(server_host, ip=server_ip6, keepalive=2)
+    routes_before = node.ipv4_routes()
     client = start_client(node, server.join_string())
-    client.process.stop()
-    routes_before = ipv4_routes(node)
-    client.config.write_text(client.config.read_text().replace("redirectGateway: false", "redirectGateway: true"))
-    client.restart()
-    wait_for(lambda: any(r.get("dst") == "0.0.0.0/1" for r in ipv4_routes(node)), what="the redirect routes")
+    client.restart_with_full_tunnel()
 
-    added = [r for r in ipv4_routes(node) if r not in routes_before]
+    added = [r for r in node.ipv4_routes() if r not in routes_before]
     assert {r["dst"] for r in added} >= {"0.0.0.0/1", "128.0.0.0/1"}
     assert all(r.get("dev") == "nc0" for r in added), added
     assert ping_counts(node, SERVER_OVERLAY_IP, count=5) == (5, 5), client.process.log()
     assert client.process.stop() == 0
-    assert ipv4_routes(node) == routes_before, "the client must remove exactly the routes it added"
+    assert node.ipv4_routes() == routes_before, "the client must remove exactly the routes it added"
     assert not node.has_link("nc0")

@@ -104,6 +104,11 @@ CODE_SERVER_ERROR = "500"
 SERVER_TLS_NAME = "nc-server"
 NEVER_EXPIRES = "9999-12-31 23:59:59"
 TOKEN_SWEEP_INTERVAL_S = 600.0
+# Bounds on what a caller may ask for (minutes); negative lives ("never") are the admin's only.
+MAX_NODE_TOKEN_LIFE_MIN = 365 * 24 * 60
+MAX_ADMIN_TOKEN_LIFE_MIN = 10 * 365 * 24 * 60
+DEFAULT_NODE_CERT_LIFE_S = 365 * 86400
+ADMIN_RENEW_BEFORE_S = 30 * 86400  # the admin identity is renewed at start when less than this is left
 CACHE_SYNC_INTERVAL_S = 30.0
 RPC_TIMEOUT_S = 10.0
 
@@ -130,12 +135,16 @@ class PkiError(NcError):
     pass
 
 
-class TokenRefused(NcError):
-    """A bootstrap or node token the server will not accept."""
+class BadRequest(NcError):
+    """A request the server refuses as asked (gRPC code 400): the message says what to change."""
 
 
-class PermissionDenied(NcError):
-    """The caller's certificate does not allow this call."""
+class PermissionDenied(BadRequest):
+    """The caller is a live identity, but the permission table does not allow this call."""
+
+
+class Unauthenticated(NcError):
+    """The caller's certificate names no live identity: revoked, unregistered, or never issued here."""
 
 
 class RemoteError(NcError):
@@ -170,13 +179,16 @@ class NetworkSpec:
     name: str
     cidr: str
     interconnection: bool = True
+    allow_public: bool = False  # a public (not private, not CGNAT) range was asked for on purpose
 
     @property
     def network(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Interface(self.cidr).network
 
 
-def check_network_spec(name: Any, cidr: Any, interconnection: Any, where: str) -> NetworkSpec:
+def check_network_spec(
+    name: Any, cidr: Any, interconnection: Any, where: str, allow_public: Any = False
+) -> NetworkSpec:
     """Validate one network definition; errors name `where` and the fix."""
     if not isinstance(name, str) or not NETWORK_NAME_RE.match(name) or name == DEFAULT_NETWORK:
         raise ConfigError(
@@ -192,7 +204,9 @@ def check_network_spec(name: Any, cidr: Any, interconnection: Any, where: str) -
         raise ConfigError(f"{where}.cidr: {network} overlaps the special-purpose range {special}; use a private range")
     if not isinstance(interconnection, bool):
         raise ConfigError(f"{where}.interconnection: expected true or false, got {interconnection!r}")
-    return NetworkSpec(name, str(cidr), interconnection)
+    if not isinstance(allow_public, bool):
+        raise ConfigError(f"{where}.allowPublic: expected true or false, got {allow_public!r}")
+    return NetworkSpec(name, str(cidr), interconnection, allow_public)
 
 
 def special_range(network: ipaddress.IPv4Network) -> ipaddress.IPv4Network | None:
@@ -228,6 +242,10 @@ class ServerConfig:
     offload: bool = True  # TSO/GSO on the TUN and 64 KiB frames with peers that agree
     keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
     networks: list[NetworkSpec] = dataclasses.field(default_factory=list)  # more overlays, by net-token
+    nodes_may_mint: bool = True  # a node may mint bootstrap tokens into its own network (the "trusted node" flow)
+    node_mint_rate: int = 10  # bootstrap tokens one node may mint per hour
+    node_token_max_life: int = 60  # minutes; a node-minted token lives at most this long
+    node_cert_life: int = DEFAULT_NODE_CERT_LIFE_S  # seconds (YAML: 30s, 90m, 12h, 365d); renewed at 2/3 of it
 
     def resolve(self) -> ServerConfig:
         """Fill derived paths from workDir/tlsDir."""
@@ -256,6 +274,7 @@ class ServerConfig:
 class ClientConfig:
     server_addr: str = ""  # the server's underlay address
     port: int = DEFAULT_NETWORK_PORT
+    grpc_port: int = DEFAULT_GRPC_PORT  # the control port, where the node renews its certificates
     token: str = ""  # this node's node-token
     net_token: str = ""  # the overlay network this node belongs to; empty: the default one
     network_cert_dir: str = ""  # empty: <workDir>/tls/network
@@ -278,6 +297,8 @@ class ClientConfig:
 
 
 PORT_FIELDS = {"port", "grpc_port", "bootstrap_port"}
+DURATION_FIELDS = {"node_cert_life"}
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 PATH_FIELDS = {"network_cert_dir", "grpc_cert_dir", "work_dir", "db_path", "log_dir", "tls_dir"}
 
 
@@ -335,6 +356,8 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     where = f"{path}: {mode}.{key}"
     if field.name == "networks":
         return check_networks_field(value, where)
+    if field.name in DURATION_FIELDS:
+        return parse_duration(value, where)
     default = field.default
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -354,6 +377,28 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     return text
 
 
+def parse_duration(value: Any, where: str) -> int:
+    """Seconds from a whole number of seconds or from text such as 30s, 90m, 12h, 365d."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", str(value))
+        if match is None:
+            raise ConfigError(f"{where}: {value!r} is not a duration; write it like 30s, 90m, 12h or 365d")
+        seconds = int(match[1]) * DURATION_UNITS[match[2]]
+    if not 10 <= seconds <= 20 * 365 * 86400:
+        raise ConfigError(f"{where}: {value!r} is out of range; use 10s to 7300d")
+    return seconds
+
+
+def format_duration(seconds: int) -> str:
+    """The largest whole unit: 31536000 -> 365d, 90 -> 90s."""
+    for unit in "dhm":
+        if seconds % DURATION_UNITS[unit] == 0:
+            return f"{seconds // DURATION_UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
 def check_networks_field(value: Any, where: str) -> list[NetworkSpec]:
     if not isinstance(value, list):
         raise ConfigError(f"{where}: expected a list of networks (- name: N, cidr: C, interconnection: true)")
@@ -362,10 +407,20 @@ def check_networks_field(value: Any, where: str) -> list[NetworkSpec]:
         at = f"{where}[{index}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{at}: expected a map with name, cidr and optionally interconnection")
-        unknown = set(item) - {"name", "cidr", "interconnection"}
+        unknown = set(item) - {"name", "cidr", "interconnection", "allowPublic"}
         if unknown:
-            raise ConfigError(f"{at}.{sorted(unknown)[0]}: unknown field; a network has name, cidr, interconnection")
-        specs.append(check_network_spec(item.get("name"), item.get("cidr"), item.get("interconnection", True), at))
+            raise ConfigError(
+                f"{at}.{sorted(unknown)[0]}: unknown field; a network has name, cidr, interconnection, allowPublic"
+            )
+        specs.append(
+            check_network_spec(
+                item.get("name"),
+                item.get("cidr"),
+                item.get("interconnection", True),
+                at,
+                item.get("allowPublic", False),
+            )
+        )
     return specs
 
 
@@ -394,6 +449,10 @@ def check_config(config: Any, path: str, mode: str) -> None:
             raise ConfigError(f"{where}: port, grpcPort and bootstrapPort must differ, got {ports}")
         if not 1 <= config.keepalive <= 3600:
             raise ConfigError(f"{where}.keepalive: use 1-3600 seconds (default 10)")
+        if not 0 <= config.node_mint_rate <= 10000:
+            raise ConfigError(f"{where}.nodeMintRate: use 0-10000 tokens per node per hour (default 10)")
+        if not 1 <= config.node_token_max_life <= MAX_NODE_TOKEN_LIFE_MIN:
+            raise ConfigError(f"{where}.nodeTokenMaxLife: use 1-{MAX_NODE_TOKEN_LIFE_MIN} minutes (default 60)")
         seen = {DEFAULT_NETWORK: iface.network}
         for spec in config.networks:
             if spec.name in seen:
@@ -418,6 +477,11 @@ def check_ip(text: str, where: str) -> None:
         ipaddress.ip_address(text)
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not an IP address") from None
+
+
+def random_token(length: int = NODE_TOKEN_LEN) -> str:
+    """Node-tokens, net-tokens and both halves of bootstrap tokens: a-z0-9, from secrets."""
+    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(length))
 
 
 def valid_net_token(token: str) -> bool:
@@ -494,6 +558,29 @@ MIGRATIONS: list[list[str]] = [
         "DROP INDEX IF EXISTS network_mgr_bind_ip",
         "CREATE UNIQUE INDEX network_mgr_bind_ip ON network_mgr(network, bind_ip) WHERE bind_ip != ''",
     ],
+    [  # 3: identities by certificate serial; who minted each token and node; the mint log for rate limits
+        """CREATE TABLE IF NOT EXISTS "nc_cert" (
+            "serial" text primary key,
+            "node_token" text not null,
+            "kind" text not null,
+            "not_after" text not null,
+            "revoked" integer not null default 0,
+            "create_time" timestamp default (datetime(CURRENT_TIMESTAMP, 'localtime'))
+        )""",
+        "CREATE INDEX IF NOT EXISTS nc_cert_node ON nc_cert(node_token)",
+        # Nodes that joined before serials were recorded: their certificates are accepted by
+        # name until they renew (the row is then deleted) or the node is removed.
+        'CREATE TABLE IF NOT EXISTS "nc_legacy_node" ("token" text primary key)',
+        f"INSERT OR IGNORE INTO nc_legacy_node (token) SELECT token FROM network_mgr WHERE token != '{RESERVED_NODE_TOKEN}'",
+        "ALTER TABLE token_mgr ADD COLUMN minted_by text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN minted_by text not null default ''",
+        """CREATE TABLE IF NOT EXISTS "nc_mint" (
+            "id" integer primary key autoincrement,
+            "minted_by" text not null,
+            "create_time" timestamp default (datetime(CURRENT_TIMESTAMP, 'localtime'))
+        )""",
+        "CREATE INDEX IF NOT EXISTS nc_mint_by ON nc_mint(minted_by, create_time)",
+    ],
 ]
 
 NOW_SQL = "datetime(CURRENT_TIMESTAMP, 'localtime')"
@@ -507,9 +594,10 @@ class NodeRow:
     create_time: str
     update_time: str
     network: str = DEFAULT_NETWORK
+    minted_by: str = ""  # node-token of the node that minted its bootstrap token; empty: the admin
 
 
-NODE_COLUMNS = "token, state, bind_ip, create_time, update_time, network"
+NODE_COLUMNS = "token, state, bind_ip, create_time, update_time, network, minted_by"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -530,9 +618,27 @@ class BootstrapTokenRow:
     single_use: bool
     uses: int
     network: str = DEFAULT_NETWORK
+    minted_by: str = ""
 
 
-TOKEN_COLUMNS = "token, expire_time, create_time, single_use, uses, network"
+TOKEN_COLUMNS = "token, expire_time, create_time, single_use, uses, network, minted_by"
+
+
+@dataclasses.dataclass(frozen=True)
+class CertRecord:
+    """An issued client certificate, as the store remembers it to recognize its holder."""
+
+    serial: int
+    kind: str  # "grpc" or "network": which CA issued it
+    not_after: str  # UTC, ISO 8601
+
+    @property
+    def key(self) -> str:
+        return serial_key(self.serial)
+
+
+def serial_key(serial: int) -> str:
+    return format(serial, "x")
 
 
 class Store:
@@ -617,10 +723,32 @@ class Store:
     # -- bootstrap tokens -------------------------------------------------------
 
     def add_bootstrap_token(
-        self, token: str, life_minutes: int, single_use: bool, network: str = DEFAULT_NETWORK
+        self,
+        token: str,
+        life_minutes: int,
+        single_use: bool,
+        network: str = DEFAULT_NETWORK,
+        minted_by: str = "",
+        hourly_limit: int | None = None,
     ) -> str:
-        """Store a new token for joining `network`; returns its expire_time."""
+        """Store a new token for joining `network`; returns its expire_time.
+
+        A node's mint (minted_by) is logged and counted in the same transaction,
+        so concurrent calls cannot pass hourly_limit together."""
+        if life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
+            raise BadRequest(f"a token life of {life_minutes} minutes is too long; use at most ten years")
         with self.transaction() as db:
+            if minted_by:
+                minted = db.execute(
+                    f"SELECT count(*) FROM nc_mint WHERE minted_by = ? AND create_time > datetime({NOW_SQL}, '-1 hour')",
+                    (minted_by,),
+                ).fetchone()[0]
+                if hourly_limit is not None and minted >= hourly_limit:
+                    raise BadRequest(
+                        f"this node already minted {minted} bootstrap token(s) in the last hour, its limit "
+                        "(server.nodeMintRate); ask the administrator"
+                    )
+                db.execute("INSERT INTO nc_mint (minted_by) VALUES (?)", (minted_by,))
             if life_minutes < 0:
                 expire = NEVER_EXPIRES
             else:
@@ -631,10 +759,10 @@ class Store:
                 network != DEFAULT_NETWORK
                 and not db.execute("SELECT 1 FROM nc_network WHERE name = ?", (network,)).fetchone()
             ):
-                raise TokenRefused(f"no network named {network!r}")
+                raise BadRequest(f"no network named {network!r}")
             db.execute(
-                "INSERT INTO token_mgr (token, expire_time, single_use, network) VALUES (?, ?, ?, ?)",
-                (token, expire, int(single_use), network),
+                "INSERT INTO token_mgr (token, expire_time, single_use, network, minted_by) VALUES (?, ?, ?, ?, ?)",
+                (token, expire, int(single_use), network, minted_by),
             )
         return expire
 
@@ -644,47 +772,111 @@ class Store:
             f"SELECT {TOKEN_COLUMNS} FROM token_mgr WHERE substr(token, 1, ?) = ?",
             (len(token_id) + 1, token_id + "."),
         )
-        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
+        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6]) for r in rows]
 
     def list_bootstrap_tokens(self) -> list[BootstrapTokenRow]:
         rows = self._query(f"SELECT {TOKEN_COLUMNS} FROM token_mgr ORDER BY id")
-        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5]) for r in rows]
+        return [BootstrapTokenRow(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6]) for r in rows]
 
     def delete_bootstrap_token(self, token: str) -> bool:
         with self.transaction() as db:
             return db.execute("DELETE FROM token_mgr WHERE token = ?", (token,)).rowcount > 0
 
     def delete_expired_bootstrap_tokens(self) -> int:
+        """The periodic sweep: expired tokens, and mint-log entries past the rate window."""
         with self.transaction() as db:
+            db.execute(f"DELETE FROM nc_mint WHERE create_time <= datetime({NOW_SQL}, '-1 hour')")
             return db.execute(f"DELETE FROM token_mgr WHERE expire_time <= {NOW_SQL}").rowcount
 
     def is_expired(self, expire_time: str) -> bool:
         return bool(self._query(f"SELECT ? <= {NOW_SQL}", (expire_time,))[0][0])
 
-    def admit_node(self, bootstrap_token: str, node_token: str) -> str:
-        """Atomically re-check the bootstrap token, count its use, and add the node
-        to the token's network (returned).
+    def admit_node(self, bootstrap_token: str, node_token: str, certs: tuple[CertRecord, ...] = ()) -> str:
+        """Atomically re-check the bootstrap token, count its use, add the node to the
+        token's network (returned) and record the serials of its certificates.
 
-        Raises TokenRefused when the token stopped being valid since it was checked.
+        Raises BadRequest when the token stopped being valid since it was checked.
         """
         with self.transaction() as db:
             row = db.execute(
-                f"SELECT single_use, uses, expire_time <= {NOW_SQL}, network FROM token_mgr WHERE token = ?",
+                f"SELECT single_use, uses, expire_time <= {NOW_SQL}, network, minted_by FROM token_mgr WHERE token = ?",
                 (bootstrap_token,),
             ).fetchone()
             if row is None:
-                raise TokenRefused("bootstrap token is unknown or was deleted")
-            single_use, uses, expired, network = row
+                raise BadRequest("bootstrap token is unknown or was deleted")
+            single_use, uses, expired, network, minted_by = row
             if expired:
-                raise TokenRefused("bootstrap token has expired; ask the administrator for a new one")
+                raise BadRequest("bootstrap token has expired; ask the administrator for a new one")
             if single_use and uses > 0:
-                raise TokenRefused("bootstrap token was single-use and has already been used")
+                raise BadRequest("bootstrap token was single-use and has already been used")
             db.execute("UPDATE token_mgr SET uses = uses + 1 WHERE token = ?", (bootstrap_token,))
             db.execute(
-                "INSERT INTO network_mgr (token, state, bind_ip, network) VALUES (?, ?, '', ?)",
-                (node_token, STATE_IDLE, network),
+                "INSERT INTO network_mgr (token, state, bind_ip, network, minted_by) VALUES (?, ?, '', ?, ?)",
+                (node_token, STATE_IDLE, network, minted_by),
             )
+            self._record_certs(db, node_token, certs)
         return network
+
+    # -- certificates -----------------------------------------------------------
+
+    def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
+        with self.transaction() as db:
+            self._record_certs(db, node_token, certs)
+
+    @staticmethod
+    def _record_certs(db: sqlite3.Connection, node_token: str, certs: tuple[CertRecord, ...]) -> None:
+        for cert in certs:
+            db.execute(
+                "INSERT OR IGNORE INTO nc_cert (serial, node_token, kind, not_after) VALUES (?, ?, ?, ?)",
+                (cert.key, node_token, cert.kind, cert.not_after),
+            )
+
+    def cert_owner(self, serial: int) -> tuple[str, bool] | None:
+        """(node-token, revoked) of a recorded certificate; None for one never recorded."""
+        rows = self._query("SELECT node_token, revoked FROM nc_cert WHERE serial = ?", (serial_key(serial),))
+        return (rows[0][0], bool(rows[0][1])) if rows else None
+
+    def is_legacy_node(self, token: str) -> bool:
+        return bool(self._query("SELECT 1 FROM nc_legacy_node WHERE token = ?", (token,)))
+
+    OLDER_LIVE_CERTS = (
+        "node_token = ? AND kind = ? AND revoked = 0 AND rowid < (SELECT rowid FROM nc_cert WHERE serial = ?)"
+    )
+
+    def has_older_live_certs(self, node_token: str, kind: str, serial: int) -> bool:
+        """Whether certificates issued before this one are still live (a renewal not yet switched to)."""
+        return bool(
+            self._query(f"SELECT 1 FROM nc_cert WHERE {self.OLDER_LIVE_CERTS}", (node_token, kind, serial_key(serial)))
+        ) or self.is_legacy_node(node_token)
+
+    def switch_to_cert(self, node_token: str, kind: str, serial: int) -> int:
+        """The node now uses this certificate: revoke the ones of the same kind issued
+        before it (and its by-name legacy acceptance, once it uses renewed ones of
+        both kinds). Returns how many were revoked."""
+        with self.transaction() as db:
+            revoked = db.execute(
+                f"UPDATE nc_cert SET revoked = 1 WHERE {self.OLDER_LIVE_CERTS}", (node_token, kind, serial_key(serial))
+            ).rowcount
+            kinds = db.execute(
+                "SELECT count(DISTINCT kind) FROM nc_cert WHERE node_token = ? AND revoked = 0", (node_token,)
+            ).fetchone()[0]
+            if kinds == 2:
+                db.execute("DELETE FROM nc_legacy_node WHERE token = ?", (node_token,))
+            return revoked
+
+    def prune_expired_certs(self, now_iso: str) -> int:
+        """Records of certificates past their expiry: TLS refuses those already."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM nc_cert WHERE not_after < ?", (now_iso,)).rowcount
+
+    @staticmethod
+    def _purge_node(db: sqlite3.Connection, token: str) -> bool:
+        """Remove a node and everything that speaks for it: its certificates (revoked
+        by being forgotten) and the bootstrap tokens it minted that nobody used yet."""
+        db.execute("DELETE FROM nc_cert WHERE node_token = ?", (token,))
+        db.execute("DELETE FROM nc_legacy_node WHERE token = ?", (token,))
+        db.execute("DELETE FROM token_mgr WHERE minted_by = ? AND uses = 0", (token,))
+        return db.execute("DELETE FROM network_mgr WHERE token = ?", (token,)).rowcount > 0
 
     # -- nodes ------------------------------------------------------------------
 
@@ -729,7 +921,7 @@ class Store:
     def add_network(self, spec: NetworkSpec, net_token: str) -> None:
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM nc_network WHERE name = ?", (spec.name,)).fetchone():
-                raise TokenRefused(f"a network named {spec.name!r} already exists")
+                raise BadRequest(f"a network named {spec.name!r} already exists")
             db.execute(
                 "INSERT INTO nc_network (name, cidr, interconnection, net_token) VALUES (?, ?, ?, ?)",
                 (spec.name, spec.cidr, int(spec.interconnection), net_token),
@@ -744,10 +936,11 @@ class Store:
         """Delete a network with its nodes and bootstrap tokens; returns the node-tokens removed."""
         with self.transaction() as db:
             tokens = [r[0] for r in db.execute("SELECT token FROM network_mgr WHERE network = ?", (name,))]
-            db.execute("DELETE FROM network_mgr WHERE network = ?", (name,))
+            for token in tokens:
+                self._purge_node(db, token)
             db.execute("DELETE FROM token_mgr WHERE network = ?", (name,))
             if db.execute("DELETE FROM nc_network WHERE name = ?", (name,)).rowcount != 1:
-                raise TokenRefused(f"no network named {name!r}")
+                raise BadRequest(f"no network named {name!r}")
             return tokens
 
     def node_token_exists(self, token: str) -> bool:
@@ -789,17 +982,25 @@ class Store:
         with self.transaction(durable=False) as db:
             return db.execute("UPDATE network_mgr SET state = ? WHERE token = ?", (state, token)).rowcount > 0
 
-    def bind(self, token: str, ip: str, evict: str | None) -> None:
-        """Bind ip to token in one transaction, first deleting the evicted node's row."""
+    def bind(self, token: str, ip: str, evict: str | None, state: int | None = None) -> None:
+        """Bind ip to token (and set its state) in one transaction, first removing the
+        evicted node whole: its row, certificates and unused minted tokens."""
         with self.transaction() as db:
             if evict is not None:
-                db.execute("DELETE FROM network_mgr WHERE token = ?", (evict,))
-            if db.execute("UPDATE network_mgr SET bind_ip = ? WHERE token = ?", (ip, token)).rowcount != 1:
-                raise TokenRefused("node-token is not registered")
+                self._purge_node(db, evict)
+            if state is None:
+                changed = db.execute("UPDATE network_mgr SET bind_ip = ? WHERE token = ?", (ip, token)).rowcount
+            else:
+                changed = db.execute(
+                    "UPDATE network_mgr SET bind_ip = ?, state = ? WHERE token = ?", (ip, state, token)
+                ).rowcount
+            if changed != 1:
+                raise BadRequest("node-token is not registered")
 
     def delete_node(self, token: str) -> bool:
+        """Unregister: the node, its certificates and its unused minted tokens, at once."""
         with self.transaction() as db:
-            return db.execute("DELETE FROM network_mgr WHERE token = ?", (token,)).rowcount > 0
+            return self._purge_node(db, token)
 
 
 def split_sql(script: str) -> list[str]:
@@ -894,6 +1095,13 @@ class AddressPool:
         victim = next(iter(self._idle))
         return ipaddress.IPv4Address(self._ip_of[victim]), victim
 
+    def has_room(self) -> bool:
+        try:
+            self.choose()
+        except PoolExhausted:
+            return False
+        return True
+
     def assign(self, token: str, ip: ipaddress.IPv4Address, evicted: str | None) -> None:
         if evicted is not None:
             self.release(evicted)
@@ -973,21 +1181,34 @@ class Bindings:
                 )
                 self.store.bind(row.token, "", None)
 
-    def ip_for(self, token: str) -> ipaddress.IPv4Address:
-        """The node's address: its existing binding, a free one, or the longest-idle node's."""
+    def claim(self, token: str) -> ipaddress.IPv4Address:
+        """The address for the node's session starting now: its own binding, a free
+        one, or the longest-idle node's.
+
+        Choosing, persisting (address and state "init" in one transaction) and
+        taking the node out of the LRU happen under one lock, so no concurrent
+        claim can pick an address twice or a starting node as its victim."""
         with self._lock:
             ip = self.pool.ip_of(token)
             if ip is not None:
+                self.store.set_state(token, STATE_INIT)
+                self.pool.mark_connected(token)
                 return ip
             ip, victim = self.pool.choose()
-            self.store.bind(token, str(ip), victim)
+            self.store.bind(token, str(ip), victim, STATE_INIT)
             self.pool.assign(token, ip, victim)
+            self.pool.mark_connected(token)
         if victim is not None:
             log.warning(
                 "overlay %s is full: node %s lost %s (idle longest) to node %s", self.network, victim, ip, token
             )
         log.info("node %s bound to %s", token, ip)
         return ip
+
+    def has_room(self) -> bool:
+        """Whether a new node could get an address: a free one, or an idle node's."""
+        with self._lock:
+            return self.pool.has_room()
 
     def forget(self, token: str) -> bool:
         """Unregister: delete the row and free the address."""
@@ -1002,10 +1223,6 @@ class Bindings:
     def idle(self, token: str) -> None:
         with self._lock:
             self.pool.mark_idle(token)
-
-
-def new_net_token() -> str:
-    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(NODE_TOKEN_LEN))
 
 
 @dataclasses.dataclass
@@ -1054,7 +1271,7 @@ class Overlays:
                     f"network {spec.name} ({spec.network}) in the config overlaps network {other!r} "
                     f"({runtime[other]}) created with `nc adm network create`; delete that one or pick another CIDR"
                 )
-            self.store.put_config_network(spec, new_net_token())
+            self.store.put_config_network(spec, random_token())
         for row in self.store.networks():
             if row.from_config and row.name not in names:
                 self.store.forget_config_network(row.name)
@@ -1084,13 +1301,11 @@ class Overlays:
         with self._lock:
             existing = {o.name: o.network for o in self._by_name.values()}
             if spec.name in existing:
-                raise TokenRefused(f"a network named {spec.name!r} already exists")
+                raise BadRequest(f"a network named {spec.name!r} already exists")
             other = overlapping(spec.network, existing)
             if other is not None:
-                raise TokenRefused(
-                    f"{spec.network} overlaps network {other!r} ({existing[other]}); pick a disjoint CIDR"
-                )
-            self.store.add_network(spec, new_net_token())
+                raise BadRequest(f"{spec.network} overlaps network {other!r} ({existing[other]}); pick a disjoint CIDR")
+            self.store.add_network(spec, random_token())
             row = next(r for r in self.store.networks() if r.name == spec.name)
             overlay = self._by_name[spec.name] = self._build(row)
             return overlay
@@ -1130,6 +1345,7 @@ class TokenSweeper(threading.Thread):
                 swept = self.store.delete_expired_bootstrap_tokens()
                 if swept:
                     log.info("deleted %d expired bootstrap token(s)", swept)
+                self.store.prune_expired_certs(datetime.datetime.now(datetime.UTC).isoformat())
             except Exception:
                 log.exception("expired-token sweep failed")
             if self.stop.wait(self.interval):
@@ -1143,7 +1359,9 @@ class TokenSweeper(threading.Thread):
 # ============================================================================
 
 CA_LIFE = datetime.timedelta(days=365 * 20)
-LEAF_LIFE = datetime.timedelta(days=365 * 10)
+SERVER_CERT_LIFE = datetime.timedelta(days=365 * 10)
+ADMIN_CERT_LIFE = datetime.timedelta(days=365)
+CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -1171,6 +1389,42 @@ class NodeCredentials:
     grpc: CertPair
     network_ca: bytes
     network: CertPair
+    records: tuple[CertRecord, ...] = ()  # the serials the store must know them by
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCert:
+    """Who a certificate names and which one it is: all that identity resolution reads."""
+
+    common_name: str
+    serial: int
+    not_after: datetime.datetime
+
+
+def peer_cert(der_or_pem: bytes) -> PeerCert:
+    """The one place a certificate's holder is read from its bytes (TLS peers, files)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    if der_or_pem.startswith(b"-----"):
+        cert = x509.load_pem_x509_certificate(der_or_pem)
+    else:
+        cert = x509.load_der_x509_certificate(der_or_pem)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return PeerCert(str(names[0].value) if names else "", cert.serial_number, cert.not_valid_after_utc)
+
+
+def cert_record(cert: Any, kind: str) -> CertRecord:
+    return CertRecord(cert.serial_number, kind, cert.not_valid_after_utc.isoformat())
+
+
+def utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def renewal_due(not_before: datetime.datetime, not_after: datetime.datetime, now: datetime.datetime) -> bool:
+    """Two thirds of the certificate's life have passed."""
+    return now >= not_before + (not_after - not_before) * 2 / 3
 
 
 def new_key() -> Any:
@@ -1211,12 +1465,14 @@ def build_cert(
     server: bool = False,
     client: bool = False,
     ips: tuple[str, ...] = (),
+    life: datetime.timedelta | None = None,
 ) -> Any:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.UTC)
+    now = utc_now()
+    life = life or (CA_LIFE if ca else SERVER_CERT_LIFE)
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "litekube-nc"),
@@ -1227,12 +1483,12 @@ def build_cert(
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(issuer.subject if issuer is not None else name)
-        .public_key(key.public_key())
+        .public_key(public_key(key))
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + (CA_LIFE if ca else LEAF_LIFE))
+        .not_valid_before(now - min(CLOCK_SKEW, life / 4))  # peers whose clocks lag a little accept it
+        .not_valid_after(now + life)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key(key)), critical=False)
     )
     if ca:
         builder = builder.add_extension(
@@ -1254,6 +1510,11 @@ def build_cert(
         sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ips)]
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
+
+
+def public_key(key: Any) -> Any:
+    """A private key's public half; a public key (from a node's CSR) as it is."""
+    return key.public_key() if hasattr(key, "public_key") else key
 
 
 def load_cert_file(path: Path) -> Any:
@@ -1326,10 +1587,23 @@ class CertAuthority:
         write_private(cert_path, cert_pem(self.cert), 0o644)
         log.info("created %s CA in %s", self.label, self.dir)
 
-    def issue(self, cn: str, *, server: bool = False, client: bool = False, ips: tuple[str, ...] = ()) -> CertPair:
+    def issue(
+        self,
+        cn: str,
+        *,
+        server: bool = False,
+        client: bool = False,
+        ips: tuple[str, ...] = (),
+        life: datetime.timedelta | None = None,
+    ) -> tuple[CertPair, Any]:
+        """A new key and certificate for cn; returns the PEM pair and the certificate."""
         key = new_key()
-        cert = build_cert(cn, key, self.cert, self.key, server=server, client=client, ips=ips)
-        return CertPair(cert_pem(cert), key_pem(key))
+        cert = build_cert(cn, key, self.cert, self.key, server=server, client=client, ips=ips, life=life)
+        return CertPair(cert_pem(cert), key_pem(key)), cert
+
+    def sign_for(self, cn: str, key: Any, life: datetime.timedelta) -> Any:
+        """A client certificate for cn over a public key the holder kept to itself (renewal)."""
+        return build_cert(cn, key, self.cert, self.key, client=True, life=life)
 
     def ensure_server_cert(self, ips: tuple[str, ...]) -> None:
         """Reuse server.crt when it matches this CA and covers ips, else issue one."""
@@ -1358,7 +1632,7 @@ class CertAuthority:
             )
         elif cert_path.exists() or key_path.exists():
             raise PkiError(f"{cert_path} and {key_path} must both exist; restore the missing one or remove both")
-        pair = self.issue(SERVER_TLS_NAME, server=True, ips=ips)
+        pair, _ = self.issue(SERVER_TLS_NAME, server=True, ips=ips)
         write_private(key_path, pair.key_pem)
         write_private(cert_path, pair.cert_pem, 0o644)
 
@@ -1374,57 +1648,452 @@ class Pki:
         self.grpc = CertAuthority(Path(config.grpc_cert_dir), "gRPC")
         self.network = CertAuthority(Path(config.network_cert_dir), "network")
         self.admin_dir = config.admin_dir
+        self.node_cert_life = datetime.timedelta(seconds=config.node_cert_life)
 
-    def ensure(self, server_ips: tuple[str, ...]) -> None:
+    @property
+    def admin_cert_path(self) -> Path:
+        return self.admin_dir / "client.crt"
+
+    def ensure(self, server_ips: tuple[str, ...]) -> CertRecord:
+        """Load or create everything; returns the admin certificate's record."""
         for authority in (self.grpc, self.network):
             authority.load_or_create()
             authority.ensure_server_cert(server_ips)
-        self.ensure_admin()
+        return self.ensure_admin()
 
-    def ensure_admin(self) -> None:
-        """The admin identity (node-token `reserverd`) that `nc adm` uses on this host."""
-        cert_path, key_path, ca_path = (
-            self.admin_dir / "client.crt",
-            self.admin_dir / "client.key",
-            self.admin_dir / "ca.crt",
-        )
+    def ensure_admin(self) -> CertRecord:
+        """The admin identity (node-token `reserverd`) that `nc adm` uses on this host,
+        reissued when it is about to expire (the old one is revoked by the caller)."""
+        cert_path, key_path, ca_path = self.admin_cert_path, self.admin_dir / "client.key", self.admin_dir / "ca.crt"
         if cert_path.exists() and key_path.exists():
             cert, key = load_cert_file(cert_path), load_key_file(key_path)
             if not same_public_key(cert, key):
                 raise PkiError(f"{key_path} does not match {cert_path}; restore the pair or remove both")
-            if cert.issuer == self.grpc.cert.subject:
-                if not ca_path.exists():
-                    write_private(ca_path, cert_pem(self.grpc.cert), 0o644)
-                return
-            raise PkiError(f"{cert_path} was not issued by {self.grpc.ca_path}; remove the admin directory to reissue")
-        pair = self.grpc.issue(RESERVED_NODE_TOKEN, client=True)
+            if cert.issuer != self.grpc.cert.subject:
+                raise PkiError(
+                    f"{cert_path} was not issued by {self.grpc.ca_path}; remove the admin directory to reissue"
+                )
+            if not ca_path.exists():
+                write_private(ca_path, cert_pem(self.grpc.cert), 0o644)
+            if not self._admin_renewal_due(cert):
+                return cert_record(cert, "grpc")
+            log.info("admin certificate expires %s; renewing it", cert.not_valid_after_utc.isoformat())
+        pair, cert = self.grpc.issue(RESERVED_NODE_TOKEN, client=True, life=ADMIN_CERT_LIFE)
         write_private(key_path, pair.key_pem)
         write_private(cert_path, pair.cert_pem)
         write_private(ca_path, cert_pem(self.grpc.cert), 0o644)
-        log.info("created admin credentials in %s", self.admin_dir)
+        log.info("admin credentials in %s valid until %s", self.admin_dir, cert.not_valid_after_utc.isoformat())
+        return cert_record(cert, "grpc")
+
+    def _admin_renewal_due(self, cert: Any) -> bool:
+        return (cert.not_valid_after_utc - utc_now()).total_seconds() < ADMIN_RENEW_BEFORE_S
 
     def ca_pin(self) -> str:
         return spki_pin(self.grpc.cert)
 
     def issue_node(self, node_token: str) -> NodeCredentials:
+        grpc_pair, grpc_cert = self.grpc.issue(node_token, client=True, life=self.node_cert_life)
+        network_pair, network_cert = self.network.issue(node_token, client=True, life=self.node_cert_life)
         return NodeCredentials(
             grpc_ca=cert_pem(self.grpc.cert),
-            grpc=self.grpc.issue(node_token, client=True),
+            grpc=grpc_pair,
             network_ca=cert_pem(self.network.cert),
-            network=self.network.issue(node_token, client=True),
+            network=network_pair,
+            records=(cert_record(grpc_cert, "grpc"), cert_record(network_cert, "network")),
         )
 
+    def renew_node(self, node_token: str, grpc_csr_pem: bytes, network_csr_pem: bytes) -> tuple[bytes, bytes, tuple]:
+        """New certificates over the keys in the node's CSRs (its keys never leave it).
 
-def cert_common_name(der_or_pem: bytes) -> str:
+        Returns both PEM certificates and their records."""
+        certs = []
+        for authority, csr_pem, kind in ((self.grpc, grpc_csr_pem, "grpc"), (self.network, network_csr_pem, "network")):
+            certs.append((authority.sign_for(node_token, csr_public_key(csr_pem, kind), self.node_cert_life), kind))
+        return cert_pem(certs[0][0]), cert_pem(certs[1][0]), tuple(cert_record(c, k) for c, k in certs)
+
+
+def csr_public_key(csr_pem: bytes, kind: str) -> Any:
+    """The public key of a node's certificate request, once its self-signature checks out."""
     from cryptography import x509
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    if der_or_pem.startswith(b"-----"):
-        cert = x509.load_pem_x509_certificate(der_or_pem)
-    else:
-        cert = x509.load_der_x509_certificate(der_or_pem)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else ""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise BadRequest(f"the {kind} certificate request is not a PEM CSR") from None
+    key = csr.public_key()
+    if not csr.is_signature_valid or not isinstance(key, ec.EllipticCurvePublicKey) or key.key_size < 256:
+        raise BadRequest(f"the {kind} certificate request must be a self-signed EC P-256 (or stronger) CSR")
+    return key
+
+
+# ============================================================================
+# 6. Control plane
+#    The one owner of the rules: who a caller is (a live identity, found by
+#    its certificate's serial), what it may do (the permission table), the
+#    bootstrap-token and CIDR rules, and admission on both paths: a join
+#    (bootstrap GetToken) and a data-plane HELLO. It knows nothing of gRPC or
+#    sockets; the services and the packet loop translate to and from it.
+# ============================================================================
+
+ADMIN = "admin"
+NODE = "node"
+
+# Who may do what. The scope narrows a node's reach; ControlPlane.authorize is
+# the only reader, and the README's permission table is this table.
+PERMISSIONS: dict[str, dict[str, str]] = {
+    "greet": {ADMIN: "any", NODE: "any"},  # HelloWorld, HealthCheck
+    "mint": {ADMIN: "any", NODE: "own network"},  # GetBootStrapToken, CreateBootstrapToken
+    "read-node": {ADMIN: "any", NODE: "own network"},  # CheckConnState, GetRegistedIp
+    "unregister": {ADMIN: "any", NODE: "itself"},  # UnRegister
+    "renew": {NODE: "itself"},  # NcNodeService.RenewCertificates
+    "administer": {ADMIN: "any"},  # NcAdminService: token, node and network management
+}
+NOT_REGISTERED = "node-token is not registered"
+BOOTSTRAP_TOKEN_RE = re.compile(r"^[a-z0-9]{6}\.[a-z0-9]{16}$")
+CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """A live caller: the admin (node-token reserverd) or a registered node."""
+
+    role: str  # ADMIN or NODE
+    node_token: str
+    network: str  # a node's overlay network; the admin's is the default one
+
+
+class Sessions:
+    """What the control plane tells the data plane. The network server overrides
+    each; this base, with no data plane running, has nothing to do."""
+
+    def disconnect(self, token: str, reason: str) -> None:
+        """End the node's live session, telling it not to come back."""
+
+    def add_overlay(self, overlay: Overlay) -> None:
+        """Start serving a network created at run time (errors reach the caller)."""
+
+    def remove_overlay(self, name: str) -> None:
+        """Cut off a deleted network's nodes and remove its TUN."""
+
+
+def new_bootstrap_token() -> str:
+    """<6-char id>.<16-char secret>: the id is looked up, the whole token compared in constant time."""
+    return f"{random_token(6)}.{random_token(16)}"
+
+
+def token_id(token: str) -> str:
+    """What may be logged of a bootstrap token: its public id."""
+    return token.split(".", 1)[0] if "." in token else token[:4] + "…"
+
+
+def host_routes() -> dict[str, ipaddress.IPv4Network]:
+    """The host's IPv4 routes (main table) other than default routes and nc's own TUNs."""
+    routes: dict[str, ipaddress.IPv4Network] = {}
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        return routes
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8 or fields[0].startswith("ncsrv"):
+            continue
+        dest, mask = (socket.inet_ntoa(struct.pack("<I", int(f, 16))) for f in (fields[1], fields[7]))
+        network = ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)
+        if network.prefixlen > 0:
+            routes[f"route {network} dev {fields[0]}"] = network
+    return routes
+
+
+def cidr_problem(
+    network: ipaddress.IPv4Network,
+    allow_public: bool,
+    underlay_ips: tuple[str, ...],
+    routes: dict[str, ipaddress.IPv4Network],
+) -> str | None:
+    """Why an overlay CIDR cannot be used on this host, or None. Overlaps with other
+    overlays are checked by Overlays, under its lock."""
+    for ip in underlay_ips:
+        address = ipaddress.ip_address(ip)
+        if address.version == 4 and address in network:
+            return f"{network} contains the server's own address {ip}; pick a range the underlay does not use"
+    for where, route in routes.items():
+        if network.overlaps(route):
+            return f"{network} overlaps this host's {where}; pick a range no interface uses"
+    if not (network.is_private or network.subnet_of(CGNAT)) and not allow_public:
+        return f"{network} is a public range; use a private or CGNAT range, or allow it on purpose (--allow-public)"
+    return None
+
+
+class ControlPlane:
+    """Identity, permissions, token and CIDR rules, and admission: every decision
+    about who may join, connect, mint, read or remove is taken here."""
+
+    def __init__(self, config: ServerConfig, store: Store, pki: Pki, overlays: Overlays, advertised_ip: str) -> None:
+        self.config = config
+        self.store = store
+        self.pki = pki
+        self.overlays = overlays
+        self.advertised_ip = advertised_ip
+        self.sessions = Sessions()  # replaced by the network server once it runs
+        self._network_lock = threading.Lock()  # one network create/delete at a time
+
+    # -- identity -----------------------------------------------------------------
+
+    def identify(self, cert: PeerCert, kind: str) -> Identity:
+        """The live identity a verified client certificate stands for, or Unauthenticated.
+
+        A certificate counts while its serial is recorded, not revoked, and its node
+        is still registered. Nodes that joined before serials were recorded are known
+        by name until they renew."""
+        owner = self.store.cert_owner(cert.serial)
+        if owner is not None:
+            token, revoked = owner
+            if revoked or token != cert.common_name:
+                raise Unauthenticated("this certificate was revoked (replaced by a renewed one); use the current one")
+            self._retire_older_certs(token, kind, cert.serial)
+        elif cert.common_name == RESERVED_NODE_TOKEN or not self.store.is_legacy_node(cert.common_name):
+            raise Unauthenticated(
+                "this certificate names no registered node (unregistered, reclaimed or deleted); join again"
+            )
+        token = cert.common_name
+        if token == RESERVED_NODE_TOKEN:
+            return Identity(ADMIN, token, DEFAULT_NETWORK)
+        node = self.store.node(token)
+        if node is None:
+            raise Unauthenticated("this certificate names no registered node (unregistered or reclaimed); join again")
+        return Identity(NODE, token, node.network)
+
+    def _retire_older_certs(self, token: str, kind: str, serial: int) -> None:
+        """The first use of a renewed certificate revokes the ones it replaced."""
+        if self.store.has_older_live_certs(token, kind, serial):
+            revoked = self.store.switch_to_cert(token, kind, serial)
+            log.info("node %s switched to its renewed %s certificate; %d older one(s) revoked", token, kind, revoked)
+
+    def authorize(self, who: Identity, action: str, target: NodeRow | None = None) -> None:
+        """Enforce PERMISSIONS: PermissionDenied, or for a node reading outside its
+        network, the same answer as for a node that does not exist."""
+        scope = PERMISSIONS[action].get(who.role)
+        if scope is None:
+            raise PermissionDenied("admin credentials required" if who.role == NODE else f"{action} is for nodes")
+        if target is None or scope == "any":
+            return
+        if scope == "own network" and target.network != who.network:
+            raise BadRequest(NOT_REGISTERED)
+        if scope == "itself" and target.token != who.node_token:
+            raise PermissionDenied("permission denied: a node may unregister only itself")
+
+    def node_for(self, who: Identity, action: str, token: str) -> NodeRow:
+        """The node a request names, once who may act on it."""
+        row = self.store.node(token)
+        if row is None:
+            self.authorize(who, action)
+            raise BadRequest(NOT_REGISTERED)
+        self.authorize(who, action, row)
+        return row
+
+    # -- bootstrap tokens -----------------------------------------------------------
+
+    def create_bootstrap_token(
+        self, who: Identity, life_minutes: int, single_use: bool = False, network: str = ""
+    ) -> tuple[str, str, Overlay]:
+        self.authorize(who, "mint")
+        if who.role == NODE:
+            if network and network != who.network:
+                raise BadRequest("a node may mint tokens only into its own network")
+            network, life_minutes = who.network, self._node_token_life(life_minutes)
+        elif life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
+            raise BadRequest(f"a life of {life_minutes} minutes is over ten years; use a negative life for never")
+        overlay = self.overlay_named(network or DEFAULT_NETWORK)
+        life = DEFAULT_TOKEN_LIFE_MIN if life_minutes == 0 else life_minutes
+        token = new_bootstrap_token()
+        minted_by = who.node_token if who.role == NODE else ""
+        limit = self.config.node_mint_rate if minted_by else None
+        expire = self.store.add_bootstrap_token(token, life, single_use, overlay.name, minted_by, limit)
+        log.info(
+            "bootstrap token %s created for network %s by %s, expires %s%s",
+            token_id(token),
+            overlay.name,
+            f"node {minted_by}" if minted_by else "the admin",
+            expire,
+            ", single-use" if single_use else "",
+        )
+        return token, expire, overlay
+
+    def _node_token_life(self, life_minutes: int) -> int:
+        """A node's requested life, within its bounds: refused when never-expiring or
+        over a year, capped at nodeTokenMaxLife."""
+        if not self.config.nodes_may_mint:
+            raise PermissionDenied(
+                "permission denied: nodes may not mint bootstrap tokens here (server.nodesMayMint is false); "
+                "ask the administrator"
+            )
+        cap = self.config.node_token_max_life
+        if life_minutes < 0:
+            raise BadRequest(f"a node may not mint a never-expiring token; ask for at most {cap} minutes")
+        if life_minutes > MAX_NODE_TOKEN_LIFE_MIN:
+            raise BadRequest(f"a life of {life_minutes} minutes is over a year; ask for at most {cap} minutes")
+        return min(life_minutes or DEFAULT_TOKEN_LIFE_MIN, cap)
+
+    def join_string(self, token: str, overlay: Overlay) -> str:
+        """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
+        text = f"{token}@{host_port(self.advertised_ip, self.config.bootstrap_port)}#{self.pki.ca_pin()}"
+        return text if overlay.name == DEFAULT_NETWORK else f"{text},net={overlay.net_token}"
+
+    def list_bootstrap_tokens(self, who: Identity) -> list[BootstrapTokenRow]:
+        self.authorize(who, "administer")
+        return self.store.list_bootstrap_tokens()
+
+    def delete_bootstrap_token(self, who: Identity, text: str) -> str:
+        """Delete by id (or whole token); returns the id."""
+        self.authorize(who, "administer")
+        wanted = text.strip().split(".", 1)[0]
+        rows = self.store.bootstrap_tokens_with_id(wanted)
+        if not rows:
+            raise BadRequest(f"no bootstrap token with id {wanted!r}")
+        for row in rows:
+            self.store.delete_bootstrap_token(row.token)
+        log.info("bootstrap token %s deleted", wanted)
+        return wanted
+
+    # -- admission: joins -----------------------------------------------------------
+
+    def admit_join(self, bootstrap_token: str) -> tuple[str, NodeCredentials]:
+        """A join with a bootstrap token: a new node-token with its certificates.
+
+        The token's validity (expiry, single use) is decided once, atomically, by
+        the store while it adds the node."""
+        row = self._find_bootstrap_token(bootstrap_token)
+        overlay = self.overlay_named(row.network)
+        if not overlay.bindings.has_room():
+            raise BadRequest(
+                f"network {overlay.name} is full: every address belongs to a connected node; "
+                "ask the administrator to unregister nodes or use a larger network"
+            )
+        node_token = random_token()
+        while self.store.node_token_exists(node_token):
+            node_token = random_token()
+        credentials = self.pki.issue_node(node_token)
+        network = self.store.admit_node(row.token, node_token, credentials.records)
+        log.info("node %s joined network %s with bootstrap token %s", node_token, network, token_id(row.token))
+        return node_token, credentials
+
+    def _find_bootstrap_token(self, token: str) -> BootstrapTokenRow:
+        if not BOOTSTRAP_TOKEN_RE.match(token):
+            raise BadRequest("bootstrap token is malformed; copy the whole join string")
+        for row in self.store.bootstrap_tokens_with_id(token_id(token)):
+            if hmac.compare_digest(row.token.encode(), token.encode()):
+                return row
+        raise BadRequest("bootstrap token is unknown or was deleted")
+
+    # -- admission: data-plane sessions -------------------------------------------------
+
+    def admit_session(self, cert: PeerCert, node_token: str, net_token: str) -> tuple[str, ipaddress.IPv4Address]:
+        """A HELLO over mutual TLS: the node's network name and overlay address, or
+        BadRequest / Unauthenticated / PoolExhausted saying why not."""
+        if node_token != cert.common_name:
+            raise BadRequest("the node-token does not match the client certificate")
+        if node_token == RESERVED_NODE_TOKEN:
+            raise BadRequest("the reserved node-token is the server's own")
+        who = self.identify(cert, "network")
+        overlay = self.overlays.get(who.network)
+        if overlay is None:
+            raise BadRequest("this node's network was deleted; join again")
+        if net_token != overlay.net_token and not (overlay.name == DEFAULT_NETWORK and not net_token):
+            raise BadRequest("the net-token does not match this node's network; use the join string's net-token")
+        return overlay.name, overlay.bindings.claim(node_token)
+
+    # -- nodes ----------------------------------------------------------------------
+
+    def node_state(self, who: Identity, token: str) -> NodeRow:
+        return self.node_for(who, "read-node", token)
+
+    def list_nodes(self, who: Identity) -> list[NodeRow]:
+        self.authorize(who, "administer")
+        return self.store.nodes()
+
+    def unregister(self, who: Identity, token: str) -> None:
+        """Remove a node: its row, address, certificates and unused minted tokens at
+        once, and its live session within a second."""
+        if token == RESERVED_NODE_TOKEN:
+            self.authorize(who, "unregister")
+            raise BadRequest("the reserved node-token belongs to the server and cannot be unregistered")
+        node = self.node_for(who, "unregister", token)
+        overlay = self.overlays.get(node.network)
+        forgotten = overlay.bindings.forget(token) if overlay is not None else self.store.delete_node(token)
+        if not forgotten:
+            raise BadRequest(NOT_REGISTERED)
+        self.sessions.disconnect(token, "this node was unregistered")
+        log.info("node %s unregistered by %s", token, "itself" if who.node_token == token else "the admin")
+
+    def renew(self, who: Identity, grpc_csr: bytes, network_csr: bytes) -> tuple[bytes, bytes]:
+        """New certificates for the calling node; the old ones stay valid until the
+        node first uses the new ones."""
+        self.authorize(who, "renew")
+        grpc_pem, network_pem, records = self.pki.renew_node(who.node_token, grpc_csr, network_csr)
+        self.store.record_certs(who.node_token, records)
+        if self.store.node(who.node_token) is None:  # unregistered meanwhile: forget what was just recorded
+            self.store.delete_node(who.node_token)
+            raise Unauthenticated("this node was unregistered; join again")
+        log.info("node %s renewed its certificates (valid until %s)", who.node_token, records[0].not_after)
+        return grpc_pem, network_pem
+
+    # -- networks -------------------------------------------------------------------
+
+    def overlay_named(self, name: str) -> Overlay:
+        overlay = self.overlays.get(name)
+        if overlay is None:
+            raise BadRequest(f"no network named {name!r}; see `nc adm network list`")
+        return overlay
+
+    def list_networks(self, who: Identity) -> list[Overlay]:
+        self.authorize(who, "administer")
+        return sorted(self.overlays.all(), key=lambda o: o.index)
+
+    def check_cidr(self, spec: NetworkSpec) -> str | None:
+        return cidr_problem(spec.network, spec.allow_public, (self.advertised_ip,), host_routes())
+
+    def check_config_networks(self) -> None:
+        """server.yml networks: the host rules, at start (a refusal names the field)."""
+        for spec in self.config.networks:
+            problem = self.check_cidr(spec)
+            if problem is not None:
+                raise ConfigError(f"networks: {spec.name}: {problem} (allowPublic: true for a public range)")
+
+    def create_network(self, who: Identity, spec: NetworkSpec) -> Overlay:
+        self.authorize(who, "administer")
+        problem = self.check_cidr(spec)
+        if problem is not None:
+            raise BadRequest(problem)
+        with self._network_lock:
+            overlay = self.overlays.create(spec)
+            try:
+                self.sessions.add_overlay(overlay)
+            except NcError:
+                self.overlays.remove(spec.name)
+                self.store.delete_network(spec.name)
+                raise
+        log.info("network %s created: %s, interconnection %s", spec.name, spec.network, spec.interconnection)
+        return overlay
+
+    def delete_network(self, who: Identity, name: str, force: bool) -> list[str]:
+        """Delete a network created at run time; with force, its nodes are unregistered
+        (certificates revoked, sessions closed with the network's TUN)."""
+        self.authorize(who, "administer")
+        with self._network_lock:
+            overlay = self.overlay_named(name)
+            if name == DEFAULT_NETWORK:
+                raise BadRequest("the default network (networkAddr) cannot be deleted")
+            if overlay.from_config:
+                raise BadRequest(f"network {name} is defined in the server config; remove it there and restart")
+            nodes = self.store.node_tokens_in(name)
+            if nodes and not force:
+                raise BadRequest(f"network {name} has {len(nodes)} node(s); add --force to unregister them too")
+            removed = self.store.delete_network(name)
+            self.overlays.remove(name)
+            self.sessions.remove_overlay(name)
+        log.info("network %s deleted%s", name, f"; unregistered {len(removed)} node(s)" if removed else "")
+        return removed
 
 
 # ============================================================================
@@ -2074,7 +2743,7 @@ class ServerSession(Link):
         super().__init__(sock, peer, buffers)
         self.phase = Phase.TLS
         self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        self.cert_token = ""
+        self.cert: PeerCert | None = None  # the client certificate, once TLS is done
         self.node_token = ""
         self.ip = 0
         self.caps: tuple[str, ...] = ()
@@ -2171,14 +2840,15 @@ class Plane:
         self.tun.close()
 
 
-class NetworkServer:
+class NetworkServer(Sessions):
     """The data plane of `nc server`: one loop for every overlay network."""
 
-    def __init__(self, config: ServerConfig, store: Store, overlays: Overlays, pki: Pki) -> None:
+    def __init__(self, config: ServerConfig, control: ControlPlane) -> None:
         self.config = config
-        self.store = store
-        self.overlays = overlays
-        self.pki = pki
+        self.control = control
+        self.store = control.store
+        self.overlays = control.overlays
+        self.pki = control.pki
         self.keepalive = config.keepalive
         self.planes: dict[str, Plane] = {}
         self.tun_planes: dict[int, Plane] = {}
@@ -2396,9 +3066,9 @@ class NetworkServer:
             self._close(session, f"TLS handshake failed: {getattr(e, 'reason', None) or e}")
             return
         self._watch_writable(session, False)
-        session.cert_token = peer_cert_common_name(session.sock)
+        session.cert = peer_cert(session.sock.getpeercert(binary_form=True) or b"")
         session.phase = Phase.HELLO
-        log.debug("TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), session.cert_token)
+        log.debug("TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), session.cert.common_name)
 
     def _handle_frames(self, session: ServerSession) -> None:
         view = session.rx.view
@@ -2424,15 +3094,8 @@ class NetworkServer:
     # -- admission --------------------------------------------------------------------
 
     def _on_hello(self, session: ServerSession, hello: Hello) -> None:
-        if hello.node_token != session.cert_token:
-            self.counters["token-mismatch"] += 1
-            self._refuse(
-                session, Refusal("identity", "the node-token does not match the client certificate", retry=False)
-            )
-            return
-        if hello.node_token == RESERVED_NODE_TOKEN:
-            self._refuse(session, Refusal("identity", "the reserved node-token is the server's own", retry=False))
-            return
+        """Agree on capabilities here; whether the node may connect, and at which
+        address, is the control plane's decision (taken on the store worker)."""
         self.unauthenticated.discard(session)
         session.node_token = hello.node_token
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
@@ -2447,21 +3110,12 @@ class NetworkServer:
             list(session.caps),
         )
         session.phase = Phase.ADMITTING
-        token = hello.node_token
-
-        net_token = hello.net_token
-
-        def admit() -> tuple[str, ipaddress.IPv4Address]:
-            node = self.store.node(token)
-            overlay = self.overlays.get(node.network) if node is not None else None
-            if node is None or overlay is None:
-                raise TokenRefused("this node-token is not registered (unregistered or never joined); join again")
-            if net_token != overlay.net_token and not (overlay.name == DEFAULT_NETWORK and not net_token):
-                raise TokenRefused("the net-token does not match this node's network; use the join string's net-token")
-            self.store.set_state(token, STATE_INIT)
-            return overlay.name, overlay.bindings.ip_for(token)
-
-        self.worker.submit(admit, lambda result, error: self._on_admitted(session, result, error))
+        cert, token, net_token = session.cert, hello.node_token, hello.net_token
+        assert cert is not None
+        self.worker.submit(
+            lambda: self.control.admit_session(cert, token, net_token),
+            lambda result, error: self._on_admitted(session, result, error),
+        )
 
     def _on_admitted(
         self, session: ServerSession, result: tuple[str, ipaddress.IPv4Address] | None, error: BaseException | None
@@ -2473,9 +3127,10 @@ class NetworkServer:
             return
         plane = self.planes.get(result[0]) if result is not None else None
         if error is None and plane is None:
-            error = TokenRefused("this node's network was deleted")
+            error = BadRequest("this node's network was deleted")
         if error is not None or result is None or plane is None:
-            if isinstance(error, TokenRefused):
+            if isinstance(error, (BadRequest, Unauthenticated)):
+                self.counters["refused-hellos"] += 1
                 refusal = Refusal("unregistered", str(error), retry=False)
             elif isinstance(error, PoolExhausted):
                 refusal = Refusal("overlay-full", str(error), retry=True)
@@ -2705,15 +3360,6 @@ class NetworkServer:
                 self.note("close:" + reason[:40], "connection from %s closed: %s", session.peer, reason)
 
 
-def peer_cert_common_name(sock: ssl.SSLSocket) -> str:
-    cert = sock.getpeercert() or {}
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    return ""
-
-
 # ============================================================================
 # 9. Network client
 #    `nc client`: connect, handshake, configure the TUN from the welcome,
@@ -2722,6 +3368,8 @@ def peer_cert_common_name(sock: ssl.SSLSocket) -> str:
 
 BACKOFF_CAP_S = 30.0
 STABLE_SESSION_S = 10.0  # a session that lasted this long resets the reconnect backoff
+RENEW_CHECK_S = 60.0  # how often at most the client looks at its certificates' age
+CERTS_RENEWED = "certificates renewed"  # a session ended by this reconnects at once
 
 
 class Refused(NcError):
@@ -2746,7 +3394,10 @@ class NetworkClient:
         self.reader: TunReader | None = None
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
+        finish_credential_update(config)
         self.context = self._tls_context()
+        self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
+        self.renewer = CertRenewer(config, self.stop, self._on_renewed)
 
     def _tls_context(self) -> ssl.SSLContext:
         certs = Path(self.config.network_cert_dir)
@@ -2760,6 +3411,12 @@ class NetworkClient:
                 f"{certs}: cannot load the network certificates ({e}); join again or fix client.networkCertDir"
             ) from None
         return context
+
+    def _on_renewed(self) -> None:
+        """Called by the renewer: the next session uses the new certificates."""
+        self.renewed.set()
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"!")
 
     def request_stop(self) -> None:
         """Signal handler: stop now. A connect in progress may block for seconds
@@ -2777,8 +3434,13 @@ class NetworkClient:
         session has stayed up for a while, so a server that accepts and drops at
         once is not hammered."""
         backoff = 0.5
+        self.renewer.start()
         try:
             while not self.stop.is_set():
+                check_certificate_alive(self.config)
+                if self.renewed.is_set():
+                    self.renewed.clear()
+                    self.context = self._tls_context()
                 try:
                     self.connecting = True
                     try:
@@ -2803,6 +3465,9 @@ class NetworkClient:
                         link.close()
                     if reason is None:
                         break  # asked to stop
+                    if reason == CERTS_RENEWED:
+                        log.info("reconnecting with the renewed certificates")
+                        continue
                     if time.monotonic() - started > STABLE_SESSION_S:
                         backoff = 0.5
                     reason = f"disconnected: {reason}"
@@ -2812,7 +3477,10 @@ class NetworkClient:
                 log.warning("%s; retrying in %.1f s", reason, delay)
                 self.stop.wait(delay)
         finally:
+            self.stop.set()
             self.close()
+            if self.renewer.is_alive():
+                self.renewer.join(timeout=RPC_TIMEOUT_S)
         return 0
 
     @property
@@ -2965,6 +3633,10 @@ class NetworkClient:
             want_out = False
             self._deliver(link)  # frames that came in the same read as the welcome
             while not self.stop.is_set():
+                if self.renewed.is_set():
+                    with contextlib.suppress(OSError):
+                        os.read(self.wake_r, 64)
+                    return CERTS_RENEWED
                 for fd, _events in poller.poll(1.0):
                     if fd == tun_fd:
                         self._read_tun(link, 1 if poller.woke else 256)
@@ -3035,6 +3707,139 @@ class NetworkClient:
                 self.counters["dropped-tun-write"] += 1
 
 
+class CertRenewer(threading.Thread):
+    """Renews the node's certificates over mutual TLS on the control port once two
+    thirds of their life has passed; the new keys never leave the node (CSRs)."""
+
+    def __init__(self, config: ClientConfig, stop: threading.Event, on_renewed: Callable[[], None]) -> None:
+        super().__init__(name="cert-renewer", daemon=True)
+        self.config, self.stop, self.on_renewed = config, stop, on_renewed
+        self.files = node_credential_files(config)
+
+    def run(self) -> None:
+        while not self.stop.wait(self._next_check()):
+            try:
+                if self._due():
+                    renew_certificates(self.config, self.files)
+                    self.on_renewed()
+            except NcError as e:
+                log.warning("certificate renewal failed: %s; trying again later", e)
+            except Exception:
+                log.exception("certificate renewal failed; trying again later")
+
+    def _certs(self) -> list[Any]:
+        return [load_cert_file(self.files[name]) for name in ("grpc_cert", "network_cert")]
+
+    def _due(self) -> bool:
+        now = utc_now()
+        return any(renewal_due(c.not_valid_before_utc, c.not_valid_after_utc, now) for c in self._certs())
+
+    def _next_check(self) -> float:
+        """Until the earlier certificate is due (at least a second, at most a minute);
+        a minute when the files cannot be read."""
+        try:
+            certs = self._certs()
+        except NcError:
+            return RENEW_CHECK_S
+        due = min(c.not_valid_before_utc + (c.not_valid_after_utc - c.not_valid_before_utc) * 2 / 3 for c in certs)
+        return min(RENEW_CHECK_S, max(1.0, (due - utc_now()).total_seconds()))
+
+
+def node_credential_files(config: ClientConfig) -> dict[str, Path]:
+    grpc_dir, network_dir = config.grpc_cert_dir, Path(config.network_cert_dir)
+    return {
+        "grpc_ca": grpc_dir / "ca.crt",
+        "grpc_cert": grpc_dir / "client.crt",
+        "grpc_key": grpc_dir / "client.key",
+        "network_ca": network_dir / "ca.crt",
+        "network_cert": network_dir / "client.crt",
+        "network_key": network_dir / "client.key",
+    }
+
+
+def new_csr(key: Any, node_token: str) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_token)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def renew_certificates(config: ClientConfig, files: dict[str, Path]) -> None:
+    """One renewal: CSRs over new keys, the server's certificates checked against
+    them and the CAs, then all four files replaced together."""
+    _, pb, pb_grpc = grpc_modules()
+    keys = {"grpc": new_key(), "network": new_key()}
+    request = pb.RenewCertificatesRequest(
+        grpcCsr=new_csr(keys["grpc"], config.token), networkCsr=new_csr(keys["network"], config.token)
+    )
+    address = host_port(config.server_addr, config.grpc_port)
+    try:
+        ca, key, cert = (files[n].read_bytes() for n in ("grpc_ca", "grpc_key", "grpc_cert"))
+    except OSError as e:
+        raise NcError(f"cannot read the node's gRPC credentials: {e}") from None
+    with secure_channel(address, ca, key, cert) as channel:
+        response = check_code(call(channel, pb_grpc.NcNodeServiceStub, "RenewCertificates", request, address))
+    update: dict[Path, bytes] = {}
+    for kind, pem in (("grpc", bytes(response.grpcCert)), ("network", bytes(response.networkCert))):
+        check_renewed_cert(pem, keys[kind], load_cert_file(files[f"{kind}_ca"]), config.token, kind)
+        update[files[f"{kind}_key"]] = key_pem(keys[kind])
+        update[files[f"{kind}_cert"]] = pem
+    replace_credentials(update)
+    log.info("renewed this node's certificates; valid until %s", peer_cert(update[files["grpc_cert"]]).not_after)
+    # The first call with the new certificate tells the server this node switched:
+    # it revokes the old one now rather than at the next renewal.
+    with secure_channel(address, ca, update[files["grpc_key"]], update[files["grpc_cert"]]) as channel:
+        call(channel, pb_grpc.LiteKubeNCServiceStub, "HealthCheck", pb.HealthCheckRequest(), address)
+
+
+def check_renewed_cert(pem: bytes, key: Any, ca: Any, node_token: str, kind: str) -> None:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        cert.verify_directly_issued_by(ca)
+    except Exception:
+        raise RemoteError(
+            f"the server's renewed {kind} certificate is not from this node's CA; kept the old one"
+        ) from None
+    if not same_public_key(cert, key) or peer_cert(pem).common_name != node_token:
+        raise RemoteError(f"the server's renewed {kind} certificate is not for this node's new key; kept the old one")
+
+
+def replace_credentials(update: dict[Path, bytes]) -> None:
+    """Write every new file beside its target, then rename them all: a crash between
+    leaves `.new` files that finish_credential_update completes at the next start."""
+    for path, data in update.items():
+        write_private(path.with_name(path.name + ".new"), data, 0o600 if path.suffix == ".key" else 0o644)
+    for path in update:
+        os.replace(path.with_name(path.name + ".new"), path)
+
+
+def finish_credential_update(config: ClientConfig) -> None:
+    for path in node_credential_files(config).values():
+        pending = path.with_name(path.name + ".new")
+        if pending.exists():
+            os.replace(pending, path)
+            log.info("completed the update of %s left by an interrupted renewal", path)
+
+
+def check_certificate_alive(config: ClientConfig) -> None:
+    """An expired network certificate cannot connect again: say so once, plainly."""
+    path = node_credential_files(config)["network_cert"]
+    try:
+        not_after = load_cert_file(path).not_valid_after_utc
+    except NcError:
+        return  # unreadable: the TLS context reports it
+    if not_after <= utc_now():
+        raise Refused(
+            f"this node's certificate ({path}) expired on {not_after:%Y-%m-%d %H:%M} UTC; "
+            f"join again with a new token: nc client --join '<join string>' --work-dir {config.work_dir}"
+        )
+
+
 def run_client(config: ClientConfig) -> int:
     if os.geteuid() != 0:
         raise NcError("nc client must run as root (it creates a TUN device and routes)")
@@ -3064,135 +3869,6 @@ def grpc_modules() -> tuple[Any, Any, Any]:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def new_node_token() -> str:
-    return "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(NODE_TOKEN_LEN))
-
-
-def new_bootstrap_token() -> str:
-    """<6-char id>.<16-char secret>: the id is looked up, the whole token compared in constant time."""
-    pick = lambda n: "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(n))  # noqa: E731
-    return f"{pick(6)}.{pick(16)}"
-
-
-BOOTSTRAP_TOKEN_RE = re.compile(r"^[a-z0-9]{6}\.[a-z0-9]{16}$")
-
-
-def token_id(token: str) -> str:
-    """What may be logged of a bootstrap token: its public id."""
-    return token.split(".", 1)[0] if "." in token else token[:4] + "…"
-
-
-class Controller:
-    """The server's control-plane logic, shared by every gRPC service."""
-
-    def __init__(self, config: ServerConfig, store: Store, pki: Pki, overlays: Overlays, advertised_ip: str) -> None:
-        self.config = config
-        self.store = store
-        self.pki = pki
-        self.overlays = overlays
-        self.advertised_ip = advertised_ip
-        self.sessions: Any = None  # the network server, once it runs: live states and disconnects
-        self._network_lock = threading.Lock()  # one network create/delete at a time
-
-    def create_bootstrap_token(
-        self, life_minutes: int, single_use: bool = False, network: str = ""
-    ) -> tuple[str, str, Overlay]:
-        overlay = self.overlay_named(network or DEFAULT_NETWORK)
-        life = DEFAULT_TOKEN_LIFE_MIN if life_minutes == 0 else life_minutes
-        token = new_bootstrap_token()
-        expire = self.store.add_bootstrap_token(token, life, single_use, overlay.name)
-        log.info(
-            "bootstrap token %s created for network %s, expires %s%s",
-            token_id(token),
-            overlay.name,
-            expire,
-            ", single-use" if single_use else "",
-        )
-        return token, expire, overlay
-
-    def join_string(self, token: str, overlay: Overlay) -> str:
-        """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
-        text = f"{token}@{host_port(self.advertised_ip, self.config.bootstrap_port)}#{self.pki.ca_pin()}"
-        return text if overlay.name == DEFAULT_NETWORK else f"{text},net={overlay.net_token}"
-
-    def overlay_named(self, name: str) -> Overlay:
-        overlay = self.overlays.get(name)
-        if overlay is None:
-            raise TokenRefused(f"no network named {name!r}; see `nc adm network list`")
-        return overlay
-
-    def create_network(self, spec: NetworkSpec) -> Overlay:
-        with self._network_lock:
-            overlay = self.overlays.create(spec)
-            try:
-                if self.sessions is not None:
-                    self.sessions.add_overlay(overlay)
-            except NcError:
-                self.overlays.remove(spec.name)
-                self.store.delete_network(spec.name)
-                raise
-        log.info("network %s created: %s, interconnection %s", spec.name, spec.network, spec.interconnection)
-        return overlay
-
-    def delete_network(self, name: str, force: bool) -> list[str]:
-        """Delete a network created at run time; with force, its nodes are unregistered."""
-        with self._network_lock:
-            overlay = self.overlay_named(name)
-            if name == DEFAULT_NETWORK:
-                raise TokenRefused("the default network (networkAddr) cannot be deleted")
-            if overlay.from_config:
-                raise TokenRefused(f"network {name} is defined in the server config; remove it there and restart")
-            nodes = self.store.node_tokens_in(name)
-            if nodes and not force:
-                raise TokenRefused(f"network {name} has {len(nodes)} node(s); add --force to unregister them too")
-            removed = self.store.delete_network(name)
-            self.overlays.remove(name)
-            if self.sessions is not None:
-                self.sessions.remove_overlay(name)
-        log.info("network %s deleted%s", name, f"; unregistered {len(removed)} node(s)" if removed else "")
-        return removed
-
-    def check_bootstrap_token(self, token: str) -> BootstrapTokenRow:
-        if not BOOTSTRAP_TOKEN_RE.match(token):
-            raise TokenRefused("bootstrap token is malformed; copy the whole join string")
-        for row in self.store.bootstrap_tokens_with_id(token_id(token)):
-            if hmac.compare_digest(row.token.encode(), token.encode()):
-                if self.store.is_expired(row.expire_time):
-                    raise TokenRefused("bootstrap token has expired; ask the administrator for a new one")
-                if row.single_use and row.uses > 0:
-                    raise TokenRefused("bootstrap token was single-use and has already been used")
-                return row
-        raise TokenRefused("bootstrap token is unknown or was deleted")
-
-    def admit(self, bootstrap_token: str) -> tuple[str, NodeCredentials]:
-        row = self.check_bootstrap_token(bootstrap_token)
-        node_token = new_node_token()
-        while self.store.node_token_exists(node_token):
-            node_token = new_node_token()
-        credentials = self.pki.issue_node(node_token)
-        network = self.store.admit_node(row.token, node_token)
-        log.info("node %s joined network %s with bootstrap token %s", node_token, network, token_id(row.token))
-        return node_token, credentials
-
-    def node_state(self, token: str) -> NodeRow:
-        row = self.store.node(token)
-        if row is None:
-            raise TokenRefused("node-token is not registered")
-        return row
-
-    def unregister(self, token: str) -> None:
-        if token == RESERVED_NODE_TOKEN:
-            raise TokenRefused("the reserved node-token belongs to the server and cannot be unregistered")
-        node = self.store.node(token)
-        overlay = self.overlays.get(node.network) if node is not None else None
-        forgotten = overlay.bindings.forget(token) if overlay is not None else self.store.delete_node(token)
-        if not forgotten:
-            raise TokenRefused("node-token is not registered")
-        if self.sessions is not None:
-            self.sessions.disconnect(token, "this node was unregistered by the administrator")
-        log.info("node %s unregistered", token)
 
 
 def host_port(host: str, port: int) -> str:
@@ -3225,240 +3901,289 @@ def unmapped(ip: str) -> str:
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
-def peer_common_name(context: Any) -> str:
-    names = context.auth_context().get("x509_common_name") or []
-    return names[0].decode() if names else ""
+def caller(control: ControlPlane, context: Any) -> Identity:
+    """The live identity behind a mutual-TLS call's client certificate."""
+    pems = context.auth_context().get("x509_pem_cert") or []
+    if not pems:
+        raise Unauthenticated("a client certificate is required")
+    return control.identify(peer_cert(pems[0]), "grpc")
 
 
-def guarded(response_cls: Any, method: Callable) -> Callable:
-    """Run a handler; user errors become code 400, anything else 500 (and a log line)."""
+def guarded(response_name: str, *, denied_as_status: bool = False) -> Callable[[Callable], Callable]:
+    """Run a handler: a refused request becomes code 400 in the response (or, where
+    the message has no code, an INVALID_ARGUMENT status), a caller that is no live
+    identity UNAUTHENTICATED, anything else 500 and a log line. NcAdminService
+    answers a permission denial with the PERMISSION_DENIED status."""
 
-    def handler(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return method(self, request, context)
-        except PermissionDenied as e:
-            denied = str(e)  # answered below, outside this try: abort() raises to unwind
-        except TokenRefused as e:
-            return response_cls(code=CODE_BAD_REQUEST, message=str(e))
-        except NcError as e:
-            log.warning("%s: %s", method.__name__, e)
-            return response_cls(code=CODE_SERVER_ERROR, message=str(e))
-        except Exception:
-            log.exception("%s failed", method.__name__)
-            return response_cls(code=CODE_SERVER_ERROR, message="internal error; see the server log")
-        import grpc
-
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, denied)
-
-    handler.__name__ = method.__name__
-    return handler
-
-
-def build_services(controller: Controller) -> tuple[Any, Any, Any]:
-    """Servicer instances for the three services, bound to the controller."""
-    _, pb, pb_grpc = grpc_modules()
-    ctl = controller
-
-    class Bootstrap(pb_grpc.LiteKubeNCBootstrapServiceServicer):
-        def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
-            return pb.HealthCheckResponse(code=CODE_OK)
-
-        def _get_token(self, request: Any, context: Any) -> Any:
-            node_token, creds = ctl.admit(request.bootStrapToken)
-            return pb.GetTokenResponse(
-                code=CODE_OK,
-                message="ok",
-                token=node_token,
-                networkServerIp=ctl.advertised_ip,
-                networkServerPort=str(ctl.config.port),
-                GrpcServerIp=ctl.advertised_ip,
-                GrpcServerPort=str(ctl.config.grpc_port),
-                GrpcCaCert=b64(creds.grpc_ca),
-                GrpcClientKey=b64(creds.grpc.key_pem),
-                GrpcClientCert=b64(creds.grpc.cert_pem),
-                NetworkCaCert=b64(creds.network_ca),
-                NetworkClientKey=b64(creds.network.key_pem),
-                NetworkClientCert=b64(creds.network.cert_pem),
-            )
-
-        GetToken = guarded(pb.GetTokenResponse, _get_token)
-
-    class Control(pb_grpc.LiteKubeNCServiceServicer):
-        def HelloWorld(self, request: Any, context: Any) -> Any:  # noqa: N802
-            return pb.HelloWorldResponse(thanks_text=f"thanks for {request.hello_text!s}, from nc {VERSION}")
-
-        def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
-            return pb.HealthCheckResponse(code=CODE_OK)
-
-        def _get_bootstrap_token(self, request: Any, context: Any) -> Any:
-            token, _, _ = ctl.create_bootstrap_token(int(request.expireTime))
-            return pb.GetBootStrapTokenResponse(
-                code=CODE_OK,
-                message="ok",
-                bootStrapToken=token,
-                cloudIp=ctl.advertised_ip,
-                port=str(ctl.config.bootstrap_port),
-            )
-
-        def _check_conn_state(self, request: Any, context: Any) -> Any:
-            row = ctl.node_state(request.token)
-            return pb.CheckConnResponse(
-                code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), connState=row.state, bindIp=row.bind_ip
-            )
-
-        def _unregister(self, request: Any, context: Any) -> Any:
-            if peer_common_name(context) not in (RESERVED_NODE_TOKEN, request.token):
-                raise TokenRefused("permission denied: only the admin or the node itself may unregister a node")
-            ctl.unregister(request.token)
-            return pb.UnRegisterResponse(code=CODE_OK, message="unregistered", result=True)
-
-        def _get_registed_ip(self, request: Any, context: Any) -> Any:
-            row = ctl.node_state(request.token)
-            if not row.bind_ip:
-                return pb.GetRegistedIpResponse(
-                    code=CODE_BAD_REQUEST, message="node has no address yet; it gets one when it first connects"
-                )
-            return pb.GetRegistedIpResponse(code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), ip=row.bind_ip)
-
-        GetBootStrapToken = guarded(pb.GetBootStrapTokenResponse, _get_bootstrap_token)
-        CheckConnState = guarded(pb.CheckConnResponse, _check_conn_state)
-        UnRegister = guarded(pb.UnRegisterResponse, _unregister)
-        GetRegistedIp = guarded(pb.GetRegistedIpResponse, _get_registed_ip)
-
-    class Admin(pb_grpc.NcAdminServiceServicer):
-        """Only the admin identity (CN=reserverd) may call these."""
-
-        def _require_admin(self, context: Any) -> None:
-            if peer_common_name(context) != RESERVED_NODE_TOKEN:
-                raise PermissionDenied("admin credentials required")
-
-        def _create(self, request: Any, context: Any) -> Any:
-            self._require_admin(context)
-            token, expire, overlay = ctl.create_bootstrap_token(
-                int(request.lifeMinutes), bool(request.singleUse), request.network.strip()
-            )
-            return pb.CreateBootstrapTokenResponse(
-                code=CODE_OK,
-                message="ok",
-                bootStrapToken=token,
-                joinString=ctl.join_string(token, overlay),
-                expireTime="never" if expire == NEVER_EXPIRES else expire,
-                caPin=ctl.pki.ca_pin(),
-            )
-
-        def _list_tokens(self, request: Any, context: Any) -> Any:
-            self._require_admin(context)
-            tokens = [
-                pb.BootstrapTokenInfo(
-                    tokenId=token_id(row.token),
-                    expireTime="never" if row.expire_time == NEVER_EXPIRES else row.expire_time,
-                    createTime=row.create_time,
-                    singleUse=row.single_use,
-                    network=row.network,
-                )
-                for row in ctl.store.list_bootstrap_tokens()
-            ]
-            return pb.ListBootstrapTokensResponse(code=CODE_OK, message="ok", tokens=tokens)
-
-        def _delete_token(self, request: Any, context: Any) -> Any:
-            self._require_admin(context)
-            wanted = request.tokenId.strip().split(".", 1)[0]
-            rows = ctl.store.bootstrap_tokens_with_id(wanted)
-            if not rows:
-                raise TokenRefused(f"no bootstrap token with id {wanted!r}")
-            for row in rows:
-                ctl.store.delete_bootstrap_token(row.token)
-            log.info("bootstrap token %s deleted", wanted)
-            return pb.DeleteBootstrapTokenResponse(code=CODE_OK, message="deleted", result=True)
-
-        def _list_nodes(self, request: Any, context: Any) -> Any:
-            self._require_admin(context)
-            nodes = [
-                pb.NodeInfo(
-                    nodeToken=r.token,
-                    bindIp=r.bind_ip,
-                    connState=r.state,
-                    createTime=r.create_time,
-                    updateTime=r.update_time,
-                    network=r.network,
-                )
-                for r in ctl.store.nodes()
-            ]
-            return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
-
-        def _network_info(self, overlay: Overlay, counts: dict[str, int]) -> Any:
-            return pb.NetworkInfo(
-                name=overlay.name,
-                cidr=str(overlay.network),
-                interconnection=overlay.interconnection,
-                netToken=overlay.net_token,
-                serverIp=str(overlay.server_ip),
-                nodes=counts.get(overlay.name, 0),
-                fromConfig=overlay.from_config,
-            )
-
-        def _node_counts(self) -> dict[str, int]:
-            return collections.Counter(r.network for r in ctl.store.nodes() if r.token != RESERVED_NODE_TOKEN)
-
-        def _create_network(self, request: Any, context: Any) -> Any:
-            self._require_admin(context)
+    def wrap(method: Callable) -> Callable:
+        def handler(self: Any, request: Any, context: Any) -> Any:
+            grpc, pb, _ = grpc_modules()
+            response_cls = getattr(pb, response_name)
+            has_code = "code" in response_cls.DESCRIPTOR.fields_by_name
             try:
-                spec = check_network_spec(request.name, request.cidr, not request.noInterconnection, "network")
-            except ConfigError as e:
-                raise TokenRefused(str(e)) from None
-            overlay = ctl.create_network(spec)
-            return pb.CreateNetworkResponse(code=CODE_OK, message="created", network=self._network_info(overlay, {}))
+                return method(self, request, context)
+            except Unauthenticated as e:
+                status, detail = grpc.StatusCode.UNAUTHENTICATED, str(e)
+            except BadRequest as e:
+                if has_code and not (denied_as_status and isinstance(e, PermissionDenied)):
+                    return response_cls(code=CODE_BAD_REQUEST, message=str(e))
+                denied = isinstance(e, PermissionDenied)
+                status = grpc.StatusCode.PERMISSION_DENIED if denied else grpc.StatusCode.INVALID_ARGUMENT
+                detail = str(e)
+            except NcError as e:
+                log.warning("%s: %s", method.__name__, e)
+                if has_code:
+                    return response_cls(code=CODE_SERVER_ERROR, message=str(e))
+                status, detail = grpc.StatusCode.INTERNAL, str(e)
+            except Exception:
+                log.exception("%s failed", method.__name__)
+                if has_code:
+                    return response_cls(code=CODE_SERVER_ERROR, message="internal error; see the server log")
+                status, detail = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+            context.abort(status, detail)  # outside the try: abort raises to unwind the call
 
-        def _list_networks(self, request: Any, context: Any) -> Any:
-            self._require_admin(context)
-            counts = self._node_counts()
-            networks = [self._network_info(o, counts) for o in sorted(ctl.overlays.all(), key=lambda o: o.index)]
-            return pb.ListNetworksResponse(code=CODE_OK, message="ok", networks=networks)
+        handler.__name__ = method.__name__
+        return handler
 
-        def _delete_network(self, request: Any, context: Any) -> Any:
-            self._require_admin(context)
-            removed = ctl.delete_network(request.name.strip(), bool(request.force))
-            return pb.DeleteNetworkResponse(code=CODE_OK, message="deleted", unregistered=removed)
-
-        CreateBootstrapToken = guarded(pb.CreateBootstrapTokenResponse, _create)
-        ListBootstrapTokens = guarded(pb.ListBootstrapTokensResponse, _list_tokens)
-        DeleteBootstrapToken = guarded(pb.DeleteBootstrapTokenResponse, _delete_token)
-        ListNodes = guarded(pb.ListNodesResponse, _list_nodes)
-        CreateNetwork = guarded(pb.CreateNetworkResponse, _create_network)
-        ListNetworks = guarded(pb.ListNetworksResponse, _list_networks)
-        DeleteNetwork = guarded(pb.DeleteNetworkResponse, _delete_network)
-
-    return Bootstrap(), Control(), Admin()
+    return wrap
 
 
-def start_grpc_servers(controller: Controller, bind_host: str = "::") -> list[Any]:
+def expire_text(expire_time: str) -> str:
+    return "never" if expire_time == NEVER_EXPIRES else expire_time
+
+
+class BootstrapService:
+    """LiteKubeNCBootstrapService (bootstrap port, server TLS only): joins."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return grpc_modules()[1].HealthCheckResponse(code=CODE_OK)
+
+    @guarded("GetTokenResponse")
+    def GetToken(self, request: Any, context: Any) -> Any:  # noqa: N802
+        ctl = self.control
+        node_token, creds = ctl.admit_join(request.bootStrapToken)
+        return grpc_modules()[1].GetTokenResponse(
+            code=CODE_OK,
+            message="ok",
+            token=node_token,
+            networkServerIp=ctl.advertised_ip,
+            networkServerPort=str(ctl.config.port),
+            GrpcServerIp=ctl.advertised_ip,
+            GrpcServerPort=str(ctl.config.grpc_port),
+            GrpcCaCert=b64(creds.grpc_ca),
+            GrpcClientKey=b64(creds.grpc.key_pem),
+            GrpcClientCert=b64(creds.grpc.cert_pem),
+            NetworkCaCert=b64(creds.network_ca),
+            NetworkClientKey=b64(creds.network.key_pem),
+            NetworkClientCert=b64(creds.network.cert_pem),
+        )
+
+
+class ControlService:
+    """LiteKubeNCService (control port, mutual TLS): the original's calls, for the
+    admin and for nodes within the permission table."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def _greeted(self, context: Any) -> None:
+        self.control.authorize(caller(self.control, context), "greet")
+
+    @guarded("HelloWorldResponse")
+    def HelloWorld(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._greeted(context)
+        return grpc_modules()[1].HelloWorldResponse(thanks_text=f"thanks for {request.hello_text!s}, from nc {VERSION}")
+
+    @guarded("HealthCheckResponse")
+    def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._greeted(context)
+        return grpc_modules()[1].HealthCheckResponse(code=CODE_OK)
+
+    @guarded("GetBootStrapTokenResponse")
+    def GetBootStrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
+        ctl = self.control
+        token, _, _ = ctl.create_bootstrap_token(caller(ctl, context), int(request.expireTime))
+        return grpc_modules()[1].GetBootStrapTokenResponse(
+            code=CODE_OK,
+            message="ok",
+            bootStrapToken=token,
+            cloudIp=ctl.advertised_ip,
+            port=str(ctl.config.bootstrap_port),
+        )
+
+    @guarded("CheckConnResponse")
+    def CheckConnState(self, request: Any, context: Any) -> Any:  # noqa: N802
+        row = self.control.node_state(caller(self.control, context), request.token)
+        return grpc_modules()[1].CheckConnResponse(
+            code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), connState=row.state, bindIp=row.bind_ip
+        )
+
+    @guarded("UnRegisterResponse")
+    def UnRegister(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.control.unregister(caller(self.control, context), request.token)
+        return grpc_modules()[1].UnRegisterResponse(code=CODE_OK, message="unregistered", result=True)
+
+    @guarded("GetRegistedIpResponse")
+    def GetRegistedIp(self, request: Any, context: Any) -> Any:  # noqa: N802
+        pb = grpc_modules()[1]
+        row = self.control.node_state(caller(self.control, context), request.token)
+        if not row.bind_ip:
+            return pb.GetRegistedIpResponse(
+                code=CODE_BAD_REQUEST, message="node has no address yet; it gets one when it first connects"
+            )
+        return pb.GetRegistedIpResponse(code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), ip=row.bind_ip)
+
+
+class NodeService:
+    """NcNodeService (control port, mutual TLS): what a node asks for itself."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    @guarded("RenewCertificatesResponse")
+    def RenewCertificates(self, request: Any, context: Any) -> Any:  # noqa: N802
+        grpc_pem, network_pem = self.control.renew(
+            caller(self.control, context), bytes(request.grpcCsr), bytes(request.networkCsr)
+        )
+        return grpc_modules()[1].RenewCertificatesResponse(
+            code=CODE_OK, message="renewed", grpcCert=grpc_pem, networkCert=network_pem
+        )
+
+
+class AdminService:
+    """NcAdminService (control port, mutual TLS): the admin identity only."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    def _admin(self, context: Any) -> Identity:
+        who = caller(self.control, context)
+        self.control.authorize(who, "administer")
+        return who
+
+    @guarded("CreateBootstrapTokenResponse", denied_as_status=True)
+    def CreateBootstrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
+        ctl = self.control
+        token, expire, overlay = ctl.create_bootstrap_token(
+            self._admin(context), int(request.lifeMinutes), bool(request.singleUse), request.network.strip()
+        )
+        return grpc_modules()[1].CreateBootstrapTokenResponse(
+            code=CODE_OK,
+            message="ok",
+            bootStrapToken=token,
+            joinString=ctl.join_string(token, overlay),
+            expireTime=expire_text(expire),
+            caPin=ctl.pki.ca_pin(),
+        )
+
+    @guarded("ListBootstrapTokensResponse", denied_as_status=True)
+    def ListBootstrapTokens(self, request: Any, context: Any) -> Any:  # noqa: N802
+        pb = grpc_modules()[1]
+        tokens = [
+            pb.BootstrapTokenInfo(
+                tokenId=token_id(row.token),
+                expireTime=expire_text(row.expire_time),
+                createTime=row.create_time,
+                singleUse=row.single_use,
+                network=row.network,
+                mintedBy=row.minted_by,
+            )
+            for row in self.control.list_bootstrap_tokens(self._admin(context))
+        ]
+        return pb.ListBootstrapTokensResponse(code=CODE_OK, message="ok", tokens=tokens)
+
+    @guarded("DeleteBootstrapTokenResponse", denied_as_status=True)
+    def DeleteBootstrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.control.delete_bootstrap_token(self._admin(context), request.tokenId)
+        return grpc_modules()[1].DeleteBootstrapTokenResponse(code=CODE_OK, message="deleted", result=True)
+
+    @guarded("ListNodesResponse", denied_as_status=True)
+    def ListNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
+        pb = grpc_modules()[1]
+        nodes = [
+            pb.NodeInfo(
+                nodeToken=r.token,
+                bindIp=r.bind_ip,
+                connState=r.state,
+                createTime=r.create_time,
+                updateTime=r.update_time,
+                network=r.network,
+                mintedBy=r.minted_by,
+            )
+            for r in self.control.list_nodes(self._admin(context))
+        ]
+        return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
+
+    def _network_info(self, overlay: Overlay, counts: dict[str, int]) -> Any:
+        return grpc_modules()[1].NetworkInfo(
+            name=overlay.name,
+            cidr=str(overlay.network),
+            interconnection=overlay.interconnection,
+            netToken=overlay.net_token,
+            serverIp=str(overlay.server_ip),
+            nodes=counts.get(overlay.name, 0),
+            fromConfig=overlay.from_config,
+        )
+
+    @guarded("CreateNetworkResponse", denied_as_status=True)
+    def CreateNetwork(self, request: Any, context: Any) -> Any:  # noqa: N802
+        who = self._admin(context)
+        try:
+            spec = check_network_spec(
+                request.name, request.cidr, not request.noInterconnection, "network", request.allowPublic
+            )
+        except ConfigError as e:
+            raise BadRequest(str(e)) from None
+        overlay = self.control.create_network(who, spec)
+        return grpc_modules()[1].CreateNetworkResponse(
+            code=CODE_OK, message="created", network=self._network_info(overlay, {})
+        )
+
+    @guarded("ListNetworksResponse", denied_as_status=True)
+    def ListNetworks(self, request: Any, context: Any) -> Any:  # noqa: N802
+        overlays = self.control.list_networks(self._admin(context))
+        counts = collections.Counter(r.network for r in self.control.store.nodes() if r.token != RESERVED_NODE_TOKEN)
+        return grpc_modules()[1].ListNetworksResponse(
+            code=CODE_OK, message="ok", networks=[self._network_info(o, counts) for o in overlays]
+        )
+
+    @guarded("DeleteNetworkResponse", denied_as_status=True)
+    def DeleteNetwork(self, request: Any, context: Any) -> Any:  # noqa: N802
+        removed = self.control.delete_network(self._admin(context), request.name.strip(), bool(request.force))
+        return grpc_modules()[1].DeleteNetworkResponse(code=CODE_OK, message="deleted", unregistered=removed)
+
+
+def start_grpc_servers(control: ControlPlane, bind_host: str = "::") -> list[Any]:
     """The bootstrap server (server TLS) and the control server (mutual TLS)."""
     from concurrent import futures
 
     grpc, _, pb_grpc = grpc_modules()
-    cfg, pki = controller.config, controller.pki
-    bootstrap_svc, control_svc, admin_svc = build_services(controller)
+    cfg, pki = control.config, control.pki
     grpc_key = pki.grpc.server_key_path.read_bytes()
     chain = pki.grpc.server_chain_pem()
     ca = pki.grpc.ca_path.read_bytes()
 
     bootstrap = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"))
-    pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(bootstrap_svc, bootstrap)
+    pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(BootstrapService(control), bootstrap)
     creds = grpc.ssl_server_credentials([(grpc_key, chain)])
     bind(bootstrap, f"{host_port(bind_host, cfg.bootstrap_port)}", creds, "bootstrapPort")
 
-    control = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-control"))
-    pb_grpc.add_LiteKubeNCServiceServicer_to_server(control_svc, control)
-    pb_grpc.add_NcAdminServiceServicer_to_server(admin_svc, control)
+    control_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-control"))
+    pb_grpc.add_LiteKubeNCServiceServicer_to_server(ControlService(control), control_server)
+    pb_grpc.add_NcNodeServiceServicer_to_server(NodeService(control), control_server)
+    pb_grpc.add_NcAdminServiceServicer_to_server(AdminService(control), control_server)
     mtls = grpc.ssl_server_credentials([(grpc_key, chain)], root_certificates=ca, require_client_auth=True)
-    bind(control, f"{host_port(bind_host, cfg.grpc_port)}", mtls, "grpcPort")
+    bind(control_server, f"{host_port(bind_host, cfg.grpc_port)}", mtls, "grpcPort")
 
     bootstrap.start()
-    control.start()
+    control_server.start()
     log.info(
         "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS)", cfg.bootstrap_port, cfg.grpc_port
     )
-    return [bootstrap, control]
+    return [bootstrap, control_server]
 
 
 def bind(server: Any, address: str, creds: Any, field: str) -> None:
@@ -3570,7 +4295,7 @@ def run_server(config: ServerConfig) -> int:
             server_ip,
         )
         pki = Pki(config)
-        pki.ensure((advertised, "127.0.0.1", server_ip))
+        admin_cert = pki.ensure((advertised, "127.0.0.1", server_ip))
         store = Store(config.db_path)
         stop = threading.Event()
         threads: list[threading.Thread] = []
@@ -3580,15 +4305,16 @@ def run_server(config: ServerConfig) -> int:
             reset = store.reset_states(STATE_CONNECTED)
             if reset:
                 log.info("reset %d stale connection state(s) to idle", reset)
-            check = threading.Thread(target=ensure_reserved, args=(store, server_ip), name="reserved-check")
+            check = threading.Thread(target=ensure_reserved, args=(store, server_ip, admin_cert), name="reserved-check")
             check.start()
             check.join()
             overlays = Overlays(store, config)
-            controller = Controller(config, store, pki, overlays, advertised)
-            network = NetworkServer(config, store, overlays, pki)
+            control = ControlPlane(config, store, pki, overlays, advertised)
+            control.check_config_networks()
+            network = NetworkServer(config, control)
             network.start()
-            controller.sessions = network
-            servers = start_grpc_servers(controller)
+            control.sessions = network
+            servers = start_grpc_servers(control)
             threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
             for thread in threads:
                 thread.start()
@@ -3608,9 +4334,14 @@ def run_server(config: ServerConfig) -> int:
     return 0
 
 
-def ensure_reserved(store: Store, server_ip: str) -> None:
+def ensure_reserved(store: Store, server_ip: str, admin_cert: CertRecord) -> None:
+    """The reserved node-token: bound to the server's overlay IP, and held by the
+    admin certificate on disk (any older admin certificate is revoked)."""
     if store.ensure_reserved_node(server_ip):
         log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
+    store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))
+    if store.switch_to_cert(RESERVED_NODE_TOKEN, "grpc", admin_cert.serial):
+        log.info("revoked the previous admin certificate")
 
 
 # ============================================================================
@@ -3723,7 +4454,7 @@ def call(channel: Any, stub_cls: Any, method: str, request: Any, address: str) -
         return getattr(stub_cls(channel), method)(request, timeout=RPC_TIMEOUT_S)
     except grpc.RpcError as e:
         code = e.code()
-        if code == grpc.StatusCode.PERMISSION_DENIED:
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             raise RemoteError(f"{address}: {e.details()}") from None
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise RemoteError(
@@ -3739,16 +4470,9 @@ def check_code(response: Any) -> Any:
 
 
 def node_files(work_dir: Path) -> dict[str, Path]:
-    tls = work_dir / "tls"
-    return {
-        "grpc_ca": tls / "grpc" / "ca.crt",
-        "grpc_cert": tls / "grpc" / "client.crt",
-        "grpc_key": tls / "grpc" / "client.key",
-        "network_ca": tls / "network" / "ca.crt",
-        "network_cert": tls / "network" / "client.crt",
-        "network_key": tls / "network" / "client.key",
-        "config": work_dir / "client.yml",
-    }
+    """Where a join saves a node's credentials and client.yml."""
+    credentials = node_credential_files(ClientConfig(work_dir=str(work_dir)).resolve())
+    return {**credentials, "config": work_dir / "client.yml"}
 
 
 def has_credentials(work_dir: Path) -> bool:
@@ -3769,7 +4493,7 @@ def join(join_string: str, work_dir: Path) -> ClientConfig:
             target.address,
         )
     if response.code != CODE_OK:
-        raise TokenRefused(f"join refused: {response.message}")
+        raise BadRequest(f"join refused: {response.message}")
     if not valid_node_token(response.token):
         raise RemoteError("server answered with an invalid node-token")
     files = node_files(work_dir)
@@ -3792,6 +4516,7 @@ def join(join_string: str, work_dir: Path) -> ClientConfig:
     config = ClientConfig(
         server_addr=response.networkServerIp or target.host,
         port=int(response.networkServerPort or DEFAULT_NETWORK_PORT),
+        grpc_port=int(response.GrpcServerPort or DEFAULT_GRPC_PORT),
         token=response.token,
         net_token=target.net_token,
         work_dir=str(work_dir),
@@ -3905,9 +4630,10 @@ def adm_token_list(args: argparse.Namespace) -> int:
         print_json([message_json(t) for t in response.tokens])
     else:
         rows = [
-            [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no"] for t in response.tokens
+            [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no", t.mintedBy or "admin"]
+            for t in response.tokens
         ]
-        print_table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE"], rows)
+        print_table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE", "MINTED-BY"], rows)
     return 0
 
 
@@ -3945,16 +4671,19 @@ def adm_node_list(args: argparse.Namespace) -> int:
                 n.bindIp or "-",
                 f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
                 n.updateTime,
+                n.mintedBy or "admin",
             ]
             for n in response.nodes
         ]
-        print_table(["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "UPDATED"], rows)
+        print_table(["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "UPDATED", "MINTED-BY"], rows)
     return 0
 
 
 def adm_network_create(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    request = pb.CreateNetworkRequest(name=args.name, cidr=args.cidr, noInterconnection=args.no_interconnection)
+    request = pb.CreateNetworkRequest(
+        name=args.name, cidr=args.cidr, noInterconnection=args.no_interconnection, allowPublic=args.allow_public
+    )
     response = admin_rpc(args, "CreateNetwork", request)
     if args.output == "json":
         print_json(message_json(response.network))
@@ -4018,6 +4747,45 @@ def adm_node_unregister(args: argparse.Namespace) -> int:
     else:
         print(f"unregistered {args.node_token}")
     return 0
+
+
+def adm_ca_status(args: argparse.Namespace) -> int:
+    """Expiry of the CAs, the server certificates and the admin identity, read from
+    the server's files (this runs on the server host)."""
+    config: ServerConfig = load_config(args.config, "server")
+    paths = {
+        "gRPC CA": Path(config.grpc_cert_dir) / "ca.crt",
+        "network CA": Path(config.network_cert_dir) / "ca.crt",
+        "gRPC server": Path(config.grpc_cert_dir) / "server.crt",
+        "network server": Path(config.network_cert_dir) / "server.crt",
+        "admin identity": config.admin_dir / "client.crt",
+    }
+    if not paths["gRPC CA"].exists():
+        raise UsageError(f"{paths['gRPC CA']}: no such file; run on the server host (as root) or pass --config")
+    now = utc_now()
+    rows = []
+    for name, path in paths.items():
+        try:
+            cert = load_cert_file(path)
+        except PkiError as e:
+            raise UsageError(str(e)) from None
+        left = cert.not_valid_after_utc - now
+        rows.append(
+            {
+                "name": name,
+                "path": str(path),
+                "notAfter": cert.not_valid_after_utc.isoformat(),
+                "daysLeft": round(left.total_seconds() / 86400, 1),
+                "expired": left.total_seconds() <= 0,
+            }
+        )
+    if args.output == "json":
+        print_json(rows)
+    else:
+        table = [[r["name"], r["notAfter"], "EXPIRED" if r["expired"] else f"{r['daysLeft']} days"] for r in rows]
+        print_table(["CERTIFICATE", "EXPIRES (UTC)", "LEFT"], table)
+        print(f"node certificates live {format_duration(config.node_cert_life)}; renewed at two thirds of it")
+    return 1 if any(r["expired"] for r in rows) else 0
 
 
 def adm_health(args: argparse.Namespace) -> int:
@@ -4216,6 +4984,9 @@ def build_parser() -> argparse.ArgumentParser:
     create_net.add_argument(
         "--no-interconnection", action="store_true", help="nodes reach the server only, not each other"
     )
+    create_net.add_argument(
+        "--allow-public", action="store_true", help="allow a public (not private, not CGNAT) address range"
+    )
     create_net.set_defaults(func=adm_network_create)
     network_cmds.add_parser("list", parents=[output], help="list networks").set_defaults(func=adm_network_list)
     delete_net = network_cmds.add_parser("delete", parents=[output], help="delete a network created at run time")
@@ -4240,6 +5011,11 @@ def build_parser() -> argparse.ArgumentParser:
     adm_cmds.add_parser(
         "health", aliases=["check-health"], parents=[output], help="check both gRPC ports"
     ).set_defaults(func=adm_health)
+    ca = adm_cmds.add_parser("ca", help="certificate authorities: status")
+    ca_cmds = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
+    ca_cmds.add_parser(
+        "status", parents=[output], help="expiry of the CAs, server certificates and admin identity"
+    ).set_defaults(func=adm_ca_status)
 
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
     return parser

@@ -36,7 +36,7 @@ import ncctl
 SERVER_IP = "198.18.0.1"
 CONTROL = f"{SERVER_IP}:6440"
 BOOTSTRAP = f"{SERVER_IP}:6439"
-NODE_KEYS = {"nodeToken", "bindIp", "connState", "createTime", "updateTime", "network"}
+NODE_KEYS = {"nodeToken", "bindIp", "connState", "createTime", "updateTime", "network", "mintedBy"}
 
 
 def ca_pin_of(path: Path) -> str:
@@ -167,7 +167,7 @@ def test_join_registers_an_idle_node_listed_in_camel_case(lab: Lab) -> None:
         files = node_tls(work, kind)
         assert mode_of(files["key"]) == 0o600
         cert = x509.load_pem_x509_certificate(files["cert"].read_bytes())
-        assert ncctl.cert_common_name(files["cert"].read_bytes()) == token
+        assert ncctl.peer_cert(files["cert"].read_bytes()).common_name == token
         ca = x509.load_pem_x509_certificate(files["ca"].read_bytes())
         cert.verify_directly_issued_by(ca)
     assert mode_of(work / "client.yml") == 0o600

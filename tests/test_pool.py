@@ -284,7 +284,7 @@ def register(store: ncctl.Store, count: int) -> list[str]:
     """Admit count nodes the way a join does; returns their node-tokens."""
     tokens = []
     for _ in range(count):
-        token = ncctl.new_node_token()
+        token = ncctl.random_token()
         store.admit_node("abcdef.0123456789abcdef", token)
         tokens.append(token)
     return tokens
@@ -319,7 +319,7 @@ def run_threads(count: int, work: object) -> None:
     assert not errors, f"workers failed: {errors!r}"
 
 
-def test_concurrent_ip_for_gives_unique_addresses_that_match_the_database(store: ncctl.Store) -> None:
+def test_concurrent_claims_give_unique_addresses_that_match_the_database(store: ncctl.Store) -> None:
     """Many threads asking for the same and different tokens at once: one address per token, as stored."""
     network = ipaddress.IPv4Network("10.1.1.0/24")
     bindings = ncctl.Bindings(store, network)
@@ -330,7 +330,7 @@ def test_concurrent_ip_for_gives_unique_addresses_that_match_the_database(store:
         order = tokens[:]
         random.Random(n).shuffle(order)
         for token in order:
-            answers[n][token] = bindings.ip_for(token)
+            answers[n][token] = bindings.claim(token)
 
     run_threads(16, work)
     for answer in answers[1:]:
@@ -349,7 +349,7 @@ def test_lru_eviction_deletes_the_victims_row(store: ncctl.Store) -> None:
     bindings = ncctl.Bindings(store, network)
     tokens = register(store, 5)
     for token in tokens:
-        bindings.ip_for(token)
+        bindings.claim(token)
         store.set_state(token, ncctl.STATE_CONNECTED)
         bindings.connected(token)
     for token in (tokens[3], tokens[1]):
@@ -357,7 +357,7 @@ def test_lru_eviction_deletes_the_victims_row(store: ncctl.Store) -> None:
         bindings.idle(token)
     victim_ip = bindings.pool.ip_of(tokens[3])
     (newcomer,) = register(store, 1)
-    assert bindings.ip_for(newcomer) == victim_ip
+    assert bindings.claim(newcomer) == victim_ip
     assert store.node(tokens[3]) is None, "the victim's row must be deleted"
     assert store.node(newcomer).bind_ip == str(victim_ip)
     assert store.node(tokens[1]).bind_ip, "only the longest-idle node is evicted"
@@ -365,16 +365,16 @@ def test_lru_eviction_deletes_the_victims_row(store: ncctl.Store) -> None:
 
 
 def test_exhausted_overlay_refuses_without_touching_the_database(store: ncctl.Store) -> None:
-    """Every node connected: ip_for raises PoolExhausted and the newcomer stays unbound."""
+    """Every node connected: claim raises PoolExhausted and the newcomer stays unbound."""
     network = ipaddress.IPv4Network("10.9.9.0/30")
     bindings = ncctl.Bindings(store, network)
     (only,) = register(store, 1)
-    bindings.ip_for(only)
+    bindings.claim(only)
     store.set_state(only, ncctl.STATE_CONNECTED)
     bindings.connected(only)
     (newcomer,) = register(store, 1)
     with pytest.raises(ncctl.PoolExhausted):
-        bindings.ip_for(newcomer)
+        bindings.claim(newcomer)
     assert store.node(newcomer).bind_ip == ""
     assert store.node(only).bind_ip == "10.9.9.2"
 
@@ -384,12 +384,12 @@ def test_forget_frees_the_address_for_the_next_node(store: ncctl.Store) -> None:
     network = ipaddress.IPv4Network("10.9.9.0/30")
     bindings = ncctl.Bindings(store, network)
     first, second = register(store, 2)
-    ip = bindings.ip_for(first)
+    ip = bindings.claim(first)
     store.set_state(first, ncctl.STATE_CONNECTED)
     bindings.connected(first)
     assert bindings.forget(first)
     assert store.node(first) is None
-    assert bindings.ip_for(second) == ip
+    assert bindings.claim(second) == ip
     assert_pool_matches_store(bindings, store)
 
 
@@ -398,18 +398,48 @@ def test_concurrent_reclaim_keeps_pool_and_database_in_step(store: ncctl.Store) 
     network = ipaddress.IPv4Network("10.9.9.0/29")
     bindings = ncctl.Bindings(store, network)
     for token in register(store, 5):
-        bindings.ip_for(token)
+        bindings.claim(token)
+        bindings.idle(token)
     newcomers = register(store, 40)
     got: dict[str, ipaddress.IPv4Address] = {}
 
-    def work(n: int) -> None:
-        for token in newcomers[n::8]:
-            got[token] = bindings.ip_for(token)
+    def work(n: int) -> None:  # five workers, one live session each: an idle address always remains
+        for token in newcomers[n::5]:
+            got[token] = bindings.claim(token)
+            bindings.idle(token)  # its session ends: the next newcomer may reclaim the address
 
-    run_threads(8, work)
+    run_threads(5, work)
     assert len(got) == 40
     rows = assert_pool_matches_store(bindings, store)
     assert len(rows) == 5
     survivors = set(rows)
     assert survivors <= set(newcomers)
     assert all(rows[t] == str(got[t]) for t in survivors)
+
+
+def test_concurrent_claims_into_a_full_pool_never_take_a_live_nodes_address(store: ncctl.Store) -> None:
+    """50 nodes claim a /27 (29 addresses) at once and stay connected: 29 get distinct addresses,
+    21 are refused as exhausted, and no claimer loses its row or address to another."""
+    network = ipaddress.IPv4Network("10.9.8.0/27")
+    bindings = ncctl.Bindings(store, network)
+    tokens = register(store, 50)
+    got: dict[str, ipaddress.IPv4Address] = {}
+    refused: list[str] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        try:
+            ip = bindings.claim(tokens[n])
+        except ncctl.PoolExhausted:
+            with lock:
+                refused.append(tokens[n])
+            return
+        with lock:
+            got[tokens[n]] = ip
+
+    run_threads(50, work)
+    assert len(got) == 29 and len(refused) == 21
+    assert len(set(got.values())) == 29
+    rows = assert_pool_matches_store(bindings, store)
+    assert rows == {t: str(ip) for t, ip in got.items()}, "a connected node lost its address"
+    assert not bindings.has_room()

@@ -195,7 +195,7 @@ def test_single_use_token_admits_once(store: ncctl.Store) -> None:
     token = "dddddd.0123456789abcdef"
     store.add_bootstrap_token(token, 10, True)
     store.admit_node(token, "first00000000000")
-    with pytest.raises(ncctl.TokenRefused, match="single-use"):
+    with pytest.raises(ncctl.BadRequest, match="single-use"):
         store.admit_node(token, "second0000000000")
     assert [n.token for n in store.nodes()] == ["first00000000000"]
     assert store.bootstrap_tokens_with_id("dddddd")[0].uses == 1
@@ -223,7 +223,7 @@ def test_single_use_token_under_concurrency(store: ncctl.Store) -> None:
         try:
             store.admit_node(token, f"race{i:012d}")
             results.append("ok")
-        except ncctl.TokenRefused:
+        except ncctl.BadRequest:
             results.append("refused")
 
     threads = [threading.Thread(target=attempt, args=(i,), name=f"race-{i}") for i in range(10)]
@@ -240,7 +240,7 @@ def test_expired_token_is_refused(store: ncctl.Store, db_file: Path) -> None:
     token = "gggggg.0123456789abcdef"
     store.add_bootstrap_token(token, 10, False)
     db_execute(db_file, "UPDATE token_mgr SET expire_time = ? WHERE token = ?", ("2001-01-01 00:00:00", token))
-    with pytest.raises(ncctl.TokenRefused, match="expired"):
+    with pytest.raises(ncctl.BadRequest, match="expired"):
         store.admit_node(token, "late000000000000")
     assert node_count(store) == 0
     assert store.bootstrap_tokens_with_id("gggggg")[0].uses == 0
@@ -249,12 +249,12 @@ def test_expired_token_is_refused(store: ncctl.Store, db_file: Path) -> None:
 
 def test_unknown_and_deleted_tokens_are_refused(store: ncctl.Store) -> None:
     """A token never stored, or deleted, admits nobody."""
-    with pytest.raises(ncctl.TokenRefused, match="unknown"):
+    with pytest.raises(ncctl.BadRequest, match="unknown"):
         store.admit_node("hhhhhh.0123456789abcdef", "ghost00000000000")
     store.add_bootstrap_token("iiiiii.0123456789abcdef", 10, False)
     assert store.delete_bootstrap_token("iiiiii.0123456789abcdef")
     assert not store.delete_bootstrap_token("iiiiii.0123456789abcdef")
-    with pytest.raises(ncctl.TokenRefused, match="deleted"):
+    with pytest.raises(ncctl.BadRequest, match="deleted"):
         store.admit_node("iiiiii.0123456789abcdef", "ghost00000000000")
     assert node_count(store) == 0
 
@@ -331,7 +331,7 @@ def test_bind_evicts_and_lru_order(store: ncctl.Store, db_file: Path) -> None:
     store.bind("lruccccccccccccc", "10.1.1.3", "lrubbbbbbbbbbbbb")
     assert store.node("lrubbbbbbbbbbbbb") is None
     assert store.node("lruccccccccccccc").bind_ip == "10.1.1.3"
-    with pytest.raises(ncctl.TokenRefused):
+    with pytest.raises(ncctl.BadRequest):
         store.bind("unknown000000000", "10.1.1.9", None)
     assert store.delete_node("lruaaaaaaaaaaaaa") and not store.delete_node("lruaaaaaaaaaaaaa")
 

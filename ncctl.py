@@ -12,13 +12,13 @@ gRPC control plane with bootstrap tokens, and an admin CLI.
 
 The file reads top-down; each section only uses the sections above it:
 
-     1. constants and errors         8. network server
-     2. config                       9. network client
-     3. store (sqlite)              10. gRPC services
-     4. address pools, networks     11. server assembly
-     5. pki                         12. join and admin commands
-     6. tun and routes              13. logging and main
-     7. wire protocol
+     1. constants and errors         8. wire protocol
+     2. config                       9. network server
+     3. store (sqlite)              10. network client
+     4. address pools, networks     11. gRPC services
+     5. pki                         12. server assembly
+     6. control plane (the rules)   13. join and admin commands
+     7. tun and routes              14. logging and main
 """
 
 from __future__ import annotations
@@ -2097,7 +2097,7 @@ class ControlPlane:
 
 
 # ============================================================================
-# 6. TUN and routes
+# 7. TUN and routes
 #    The kernel side: TUN devices (ioctls), addresses and routes through the
 #    `ip` command, and the server's optional NAT gateway. Whatever is added
 #    here is recorded and removed again by the same object.
@@ -2255,7 +2255,7 @@ class GatewayNat:
 
 
 # ============================================================================
-# 7. Wire protocol
+# 8. Wire protocol
 #    Frames on the TLS stream: a 4-byte header (type:8, length:24) and a
 #    payload. Handshake frames carry JSON objects whose unknown keys are
 #    ignored; frame types >= 0x80 are optional and skipped by peers that do
@@ -2579,7 +2579,7 @@ class FrameBuffer:
 
 
 # ============================================================================
-# 8. Network server
+# 9. Network server
 #    One epoll loop owns the listening socket, the server TUN and every TLS
 #    session; it switches node-to-node packets in userspace. Store work runs
 #    on a worker thread so sqlite never stalls packets.
@@ -3361,7 +3361,7 @@ class NetworkServer(Sessions):
 
 
 # ============================================================================
-# 9. Network client
+# 10. Network client
 #    `nc client`: connect, handshake, configure the TUN from the welcome,
 #    move packets, and reconnect forever with backoff until told to stop.
 # ============================================================================
@@ -3852,10 +3852,11 @@ def run_client(config: ClientConfig) -> int:
 
 
 # ============================================================================
-# 10. gRPC services
-#     Thin: translate protobuf messages into calls of the sections above.
+# 11. gRPC services
+#     Thin module-level servicers: find the caller's identity, translate
+#     protobuf messages into control-plane calls and its errors into codes.
 #     The original services keep their exact contract; additions live in
-#     NcAdminService.
+#     NcNodeService (a node's own requests) and NcAdminService.
 # ============================================================================
 
 
@@ -4196,7 +4197,7 @@ def bind(server: Any, address: str, creds: Any, field: str) -> None:
 
 
 # ============================================================================
-# 11. Server assembly
+# 12. Server assembly
 #     `nc server`: PKI, store, pool, gRPC, data plane and background threads,
 #     started in order and stopped in reverse.
 # ============================================================================
@@ -4345,7 +4346,7 @@ def ensure_reserved(store: Store, server_ip: str, admin_cert: CertRecord) -> Non
 
 
 # ============================================================================
-# 12. Join and admin commands
+# 13. Join and admin commands
 #     The client side of the control plane: join strings and CA pins,
 #     saving node credentials, and `nc adm ...`.
 # ============================================================================
@@ -4825,7 +4826,7 @@ def adm_health(args: argparse.Namespace) -> int:
 
 
 # ============================================================================
-# 13. Logging and main
+# 14. Logging and main
 #     Log files that rotate daily (seven kept), argparse subcommands, and the
 #     single place where an NcError becomes one stderr line and an exit code.
 # ============================================================================

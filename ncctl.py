@@ -1612,9 +1612,26 @@ VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_
 VNET_HDR_LEN = VNET_HDR.size
 ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
 VNET_F_NEEDS_CSUM = 0x01
+VNET_F_DATA_VALID = 0x02
+VNET_KNOWN_FLAGS = VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID
 GSO_NONE = 0
 GSO_TCPV4 = 1
 GSO_ECN = 0x80
+GSO_TYPES = (GSO_NONE, GSO_TCPV4, GSO_TCPV4 | GSO_ECN)  # all the kernel hands us for IPv4 (TUNSETOFFLOAD)
+# TCP payload per segment: a smaller gso_size makes one frame cost hundreds of segments
+# (gso_size 1 would cut 65 000). Real peers send MTU-sized pieces; 500 leaves room for small MSS.
+GSO_MIN_SIZE = 500
+MAX_GSO_SEGMENTS = -(-MAX_PAYLOAD // GSO_MIN_SIZE)
+TCP_CSUM_OFFSET = 16  # where the checksum field sits in a TCP header
+UDP_CSUM_OFFSET = 6
+
+
+class BadFrame(ProtocolError):
+    """A data frame that breaks the protocol: dropped, and counted under `reason`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def encode_frame(kind: int, payload: bytes = b"") -> bytes:
@@ -1790,6 +1807,67 @@ def ipv4_endpoints(packet: Any) -> tuple[int, int] | None:
     return int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
 
 
+def check_packet(packet: Any, mtu: int) -> tuple[int, int]:
+    """(src, dst) of a PACKET frame's packet from a peer; raises BadFrame unless it is
+    a well-formed IPv4 packet within the MTU."""
+    if len(packet) > mtu:
+        raise BadFrame("oversized", f"a {len(packet)}-byte packet over the MTU {mtu}")
+    endpoints = ipv4_endpoints(packet)
+    if endpoints is None:
+        raise BadFrame("not-ipv4", "a packet that is not well-formed IPv4")
+    return endpoints
+
+
+def gso_header(payload: Any, mtu: int) -> bytes:
+    """The virtio_net_hdr to pass on with a GSO frame's packet: rebuilt from the peer's
+    fields once each is checked against the packet, so nothing the peer chose reaches a
+    kernel unchecked. Raises BadFrame otherwise.
+
+    What passing guarantees: one whole IPv4 packet; a checksum the kernel (or
+    plain_packets) writes lands on the TCP or UDP checksum field, never inside the IP
+    header, where it could forge the source address after the anti-spoof check (and
+    segmentation copies the addresses as they are); segmentation makes at most
+    MAX_GSO_SEGMENTS pieces, none over the MTU. A few integer comparisons, no byte loop."""
+    if len(payload) < VNET_HDR_LEN + 20:
+        raise BadFrame("runt", "a GSO frame shorter than its headers")
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(payload)
+    length = len(payload) - VNET_HDR_LEN
+    first, proto = payload[VNET_HDR_LEN], payload[VNET_HDR_LEN + 9]
+    ihl = (first & 0x0F) * 4
+    total = payload[VNET_HDR_LEN + 2] << 8 | payload[VNET_HDR_LEN + 3]
+    if first >> 4 != 4 or not 20 <= ihl <= length or total != length:
+        raise BadFrame("not-ipv4", "a GSO frame that does not carry one whole IPv4 packet")
+    if flags & ~VNET_KNOWN_FLAGS or gso_type not in GSO_TYPES:
+        raise BadFrame("gso-type", f"virtio_net_hdr flags {flags:#x}, gso_type {gso_type:#x}: not ones nc uses")
+    if hdr_len > length:
+        raise BadFrame("gso-hdr-len", f"hdr_len {hdr_len} beyond the {length}-byte packet")
+    l4_len, csum_field = 0, -1  # transport header length, offset of its checksum field
+    if proto == socket.IPPROTO_TCP and length >= ihl + 20:
+        l4_len, csum_field = (payload[VNET_HDR_LEN + ihl + 12] >> 4) * 4, TCP_CSUM_OFFSET
+        if l4_len < 20 or ihl + l4_len > length:
+            raise BadFrame("not-ipv4", "a TCP header that does not fit its packet")
+    elif proto == socket.IPPROTO_UDP and length >= ihl + 8:
+        l4_len, csum_field = 8, UDP_CSUM_OFFSET
+    if flags & VNET_F_NEEDS_CSUM:
+        if csum_start != ihl or csum_offset != csum_field:
+            raise BadFrame(
+                "gso-csum", f"csum_start {csum_start}, csum_offset {csum_offset}: not the transport checksum"
+            )
+    else:
+        csum_start = csum_offset = 0
+    if gso_type == GSO_NONE:
+        if length > mtu:
+            raise BadFrame("oversized", f"a {length}-byte packet over the MTU {mtu}")
+        gso_size = 0
+    elif csum_field != TCP_CSUM_OFFSET:
+        raise BadFrame("gso-type", "TCP segmentation asked for a packet that is not TCP")
+    elif not GSO_MIN_SIZE <= gso_size <= mtu - ihl - l4_len:
+        raise BadFrame("gso-size", f"gso_size {gso_size} outside {GSO_MIN_SIZE}..{mtu - ihl - l4_len}")
+    elif length - ihl - l4_len > MAX_GSO_SEGMENTS * gso_size:
+        raise BadFrame("gso-segments", f"over {MAX_GSO_SEGMENTS} segments")
+    return VNET_HDR.pack(flags, gso_type, ihl + l4_len, gso_size, csum_start, csum_offset)
+
+
 def checksum(data: Any) -> int:
     """Internet checksum (RFC 1071): the ones' complement sum is the value of the
     whole buffer modulo 0xFFFF, because 0x10000 = 1 (mod 0xFFFF)."""
@@ -1801,7 +1879,8 @@ def checksum(data: Any) -> int:
 def plain_packets(payload: Any) -> list[bytes]:
     """The ordinary packets in a GSO frame payload (virtio_net_hdr + packet), for
     a peer without offload: a TCP super-segment is cut into gso_size pieces with
-    their own headers and checksums; a partial checksum is completed."""
+    their own headers and checksums; a partial checksum is completed. A peer's
+    frame must have passed gso_header first."""
     if len(payload) < VNET_HDR_LEN:
         return []
     flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(payload)
@@ -1826,8 +1905,9 @@ def plain_frames(payload: Any) -> list[bytes]:
 
 
 def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
-    """Software TSO for one IPv4/TCP super-segment."""
-    if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
+    """Software TSO for one IPv4/TCP super-segment (nothing for an mss so small
+    that one packet would cost hundreds of segments)."""
+    if mss < GSO_MIN_SIZE or len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
         return []
     ihl = (packet[0] & 0x0F) * 4
     thl = (packet[ihl + 12] >> 4) * 4 if len(packet) > ihl + 12 else 0
@@ -1920,6 +2000,10 @@ SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are d
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_PENDING_HANDSHAKES = 512
 RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
+# A peer that sends more malformed frames than this within the window is cut off:
+# a real node sends none, so this only ends floods (each bad frame costs a log check).
+BAD_FRAME_LIMIT = 100
+BAD_FRAME_WINDOW_S = 10.0
 
 
 class Poller:
@@ -2083,6 +2167,8 @@ class ServerSession(Link):
         self.plane: Plane | None = None  # the overlay network it is on, once admitted
         self.detached = False  # no longer in the routing tables
         self.close_reason = ""
+        self.bad_frames = 0  # malformed frames since bad_since
+        self.bad_since = 0.0
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
@@ -2407,7 +2493,10 @@ class NetworkServer:
                 continue  # the session is over; drain without acting
             if session.phase == Phase.ESTABLISHED:
                 if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
-                    self._route_from_node(session, view, kind, start, end)
+                    try:
+                        self._route_from_node(session, view, kind, start, end)
+                    except BadFrame as e:
+                        self._bad_frame(session, e)
                 elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
                     continue
                 else:
@@ -2524,13 +2613,15 @@ class NetworkServer:
     # -- switching --------------------------------------------------------------------------
 
     def _route_from_node(self, session: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
-        """One packet from a node: to the server's kernel, to another node, or dropped."""
-        packet = view[start + VNET_HDR_LEN if kind == FRAME_GSO_PACKET else start : end]
-        endpoints = ipv4_endpoints(packet)
-        if endpoints is None:
-            self.counters["dropped-not-ipv4"] += 1
-            return
-        src, dst = endpoints
+        """One packet from a node: to the server's kernel, to another node, or dropped.
+        A GSO frame's virtio_net_hdr is replaced in the receive buffer by the one
+        gso_header rebuilt, so whatever goes on (to a TUN, a peer, or the segmenter)
+        carries only checked fields; raises BadFrame for a malformed frame."""
+        if kind == FRAME_GSO_PACKET:
+            view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.config.mtu)
+            src, dst = check_packet(view[start + VNET_HDR_LEN : end], MAX_PAYLOAD)  # gso_header bounded its size
+        else:
+            src, dst = check_packet(view[start:end], self.config.mtu)
         plane = session.plane
         if src != session.ip:
             self.counters["dropped-spoofed"] += 1
@@ -2553,6 +2644,21 @@ class NetworkServer:
             self._write_tun(plane, view, kind, start, end)  # to the world; never into another overlay
         else:
             self.counters["dropped-no-route"] += 1
+
+    def _bad_frame(self, session: ServerSession, error: BadFrame) -> None:
+        """Drop and count a malformed frame; end the session of a peer that keeps sending them."""
+        self.counters["dropped-" + error.reason] += 1
+        now = time.monotonic()
+        if now - session.bad_since > BAD_FRAME_WINDOW_S:
+            session.bad_since, session.bad_frames = now, 0
+        session.bad_frames += 1
+        if session.bad_frames > BAD_FRAME_LIMIT:
+            raise ProtocolError(
+                f"over {BAD_FRAME_LIMIT} malformed frames in {BAD_FRAME_WINDOW_S:.0f} s (last: {error})"
+            )
+        self.note(
+            "bad-frame:" + session.node_token, "node %s sent a malformed frame (%s); dropped", session.node_token, error
+        )
 
     def _forward(self, peer: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
         """Queue a node's frame for another node, as-is when the peer can take it."""
@@ -2743,6 +2849,7 @@ class NetworkClient:
         self.routes = RouteSet()
         self.address: ipaddress.IPv4Interface | None = None
         self.gso = False  # this session agreed on FRAME_GSO_PACKET
+        self.server_mtu = DEFAULT_MTU  # the welcome's: the largest segment the server may send
         self.reader: TunReader | None = None
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
@@ -2890,6 +2997,7 @@ class NetworkClient:
     def _ensure_tun(self, welcome: Welcome) -> None:
         """The TUN device, created at the first welcome and kept across sessions."""
         self.gso = CAP_GSO in welcome.caps
+        self.server_mtu = welcome.mtu
         if self.tun is None:
             self.tun = Tun("nc0", offload=self.gso)
             self.reader = TunReader(self.tun.fd)
@@ -3021,6 +3129,7 @@ class NetworkClient:
                     else:
                         os.write(fd, view[start:end])
                 elif kind == FRAME_GSO_PACKET and self.gso:
+                    view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
                     if offload:
                         os.write(fd, view[start:end])
                     else:
@@ -3031,6 +3140,8 @@ class NetworkClient:
                     raise PeerClosed("server ended the session")
                 elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
                     raise ProtocolError(f"unexpected frame type {kind:#x}")
+            except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
+                self.counters["dropped-" + e.reason] += 1
             except OSError:
                 self.counters["dropped-tun-write"] += 1
 

@@ -150,6 +150,14 @@ class ProtocolError(NcError):
     """Bytes on the wire that do not follow the nc frame protocol."""
 
 
+def loggable(value: object, limit: int = 200) -> str:
+    """A peer-supplied string as it may appear in a log line: control characters (a
+    newline would start a forged line), backslashes and other unprintables escaped the
+    way repr() does, and cut to `limit` characters."""
+    text = str(value)
+    return repr(text[:limit])[1:-1] + ("..." if len(text) > limit else "")
+
+
 # ============================================================================
 # 2. Config
 #    Dataclasses whose defaults are the embedded defaults, loaded from the
@@ -2484,7 +2492,9 @@ class NetworkServer:
         self._watch_writable(session, False)
         session.cert_token = peer_cert_common_name(session.sock)
         session.phase = Phase.HELLO
-        log.debug("TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), session.cert_token)
+        log.debug(
+            "TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), loggable(session.cert_token)
+        )
 
     def _handle_frames(self, session: ServerSession) -> None:
         view = session.rx.view
@@ -2531,8 +2541,8 @@ class NetworkServer:
             "hello from %s: node %s, nc %s, offered %s, agreed %s",
             session.peer,
             hello.node_token,
-            hello.version,
-            list(hello.caps),
+            loggable(hello.version),
+            loggable(list(hello.caps)),
             list(session.caps),
         )
         session.phase = Phase.ADMITTING
@@ -2982,8 +2992,8 @@ class NetworkClient:
 
     def _on_refusal(self, refusal: Refusal) -> None:
         if not refusal.retry:
-            raise Refused(f"server refused this node ({refusal.code}): {refusal.reason}")
-        log.warning("server ended the session (%s): %s", refusal.code, refusal.reason)
+            raise Refused(f"server refused this node ({loggable(refusal.code)}): {loggable(refusal.reason)}")
+        log.warning("server ended the session (%s): %s", loggable(refusal.code), loggable(refusal.reason))
 
     def _check_welcome(self, welcome: Welcome) -> None:
         """Refuse a welcome whose subnet or routes would send the tunnel into itself."""
@@ -3303,7 +3313,7 @@ class Controller:
             raise TokenRefused("node-token is not registered")
         if self.sessions is not None:
             self.sessions.disconnect(token, "this node was unregistered by the administrator")
-        log.info("node %s unregistered", token)
+        log.info("node %s unregistered", loggable(token))
 
 
 def host_port(host: str, port: int) -> str:
@@ -3352,7 +3362,7 @@ def guarded(response_cls: Any, method: Callable) -> Callable:
         except TokenRefused as e:
             return response_cls(code=CODE_BAD_REQUEST, message=str(e))
         except NcError as e:
-            log.warning("%s: %s", method.__name__, e)
+            log.warning("%s: %s", method.__name__, loggable(e, 400))
             return response_cls(code=CODE_SERVER_ERROR, message=str(e))
         except Exception:
             log.exception("%s failed", method.__name__)
@@ -3479,7 +3489,7 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
                 raise TokenRefused(f"no bootstrap token with id {wanted!r}")
             for row in rows:
                 ctl.store.delete_bootstrap_token(row.token)
-            log.info("bootstrap token %s deleted", wanted)
+            log.info("bootstrap token %s deleted", loggable(wanted))
             return pb.DeleteBootstrapTokenResponse(code=CODE_OK, message="deleted", result=True)
 
         def _list_nodes(self, request: Any, context: Any) -> Any:
@@ -3908,7 +3918,7 @@ def join(join_string: str, work_dir: Path) -> ClientConfig:
         work_dir=str(work_dir),
     ).resolve()
     write_private(files["config"], client_yaml(config).encode(), 0o600)
-    log.info("joined as node %s; credentials saved in %s", response.token, work_dir)
+    log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
     return config
 
 

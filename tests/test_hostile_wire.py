@@ -339,3 +339,23 @@ def test_truncated_hellos_raise_protocol_error(cut: int) -> None:
     if cut < len(payload):
         with pytest.raises(ncctl.ProtocolError):
             ncctl.Hello.decode(payload[:cut])
+
+
+# -- log lines a peer cannot forge -----------------------------------------------------------
+
+
+def test_loggable_escapes_line_breaks_and_control_characters() -> None:
+    forged = "1.0\n2026-11-30 00:00:00,000 INFO    network-server: node aaaa connected\r\x1b[2J\u2028\x85"
+    text = ncctl.loggable(forged)
+    assert "\n" not in text and "\r" not in text and "\x1b" not in text and text.isprintable()
+    assert text.startswith("1.0\\n2026-11-30") and "\\r\\x1b[2J\\u2028\\x85" in text
+    assert ncctl.loggable("nc 0.3.0") == "nc 0.3.0"
+    assert ncctl.loggable("x" * 500, limit=10) == "x" * 10 + "..."
+    assert ncctl.loggable("a\\nb") == "a\\\\nb", "a literal backslash cannot pass for an escape"
+
+
+@given(text=st.text(max_size=300), limit=st.integers(1, 300))
+def test_loggable_output_is_one_printable_bounded_line(text: str, limit: int) -> None:
+    out = ncctl.loggable(text, limit)
+    assert out.isprintable()
+    assert len(out) <= 10 * limit + 3  # \U0001xxxx is the longest escape

@@ -2012,6 +2012,7 @@ RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairn
 # a real node sends none, so this only ends floods (each bad frame costs a log check).
 BAD_FRAME_LIMIT = 100
 BAD_FRAME_WINDOW_S = 10.0
+LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 
 
 class Poller:
@@ -2393,6 +2394,12 @@ class NetworkServer:
         """End the node's live session (if any), telling it not to come back."""
         self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
 
+    def running(self) -> bool:
+        """The packet loop is alive and turning (health checks ask this): a loop that is
+        stuck, in a bug or in one frame that costs too much, counts as down too."""
+        stalled = time.monotonic() - self.epoll.now >= LOOP_STALL_S
+        return self.thread.is_alive() and not self.stopping.is_set() and not stalled
+
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -2414,9 +2421,7 @@ class NetworkServer:
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + 1.0
-        except Exception:
-            log.exception("network loop failed")
-        finally:
+        finally:  # an exception goes on to the supervisor, which ends the process
             for session in list(self.sessions.values()):
                 self._refuse(session, Refusal("server-stopping", "the server is shutting down", retry=True))
                 self._close(session, None)
@@ -2427,9 +2432,13 @@ class NetworkServer:
                 pass
         while True:
             try:
-                self.commands.get_nowait()()
+                command = self.commands.get_nowait()
             except queue.Empty:
                 return
+            try:
+                command()
+            except Exception:  # a bug in one command (one admission, one disconnect) must not end the loop
+                log.exception("network command failed")
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -3217,6 +3226,9 @@ class Controller:
         self.sessions: Any = None  # the network server, once it runs: live states and disconnects
         self._network_lock = threading.Lock()  # one network create/delete at a time
 
+    def data_plane_running(self) -> bool:
+        return self.sessions is not None and self.sessions.running()
+
     def create_bootstrap_token(
         self, life_minutes: int, single_use: bool = False, network: str = ""
     ) -> tuple[str, str, Overlay]:
@@ -3382,7 +3394,7 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
 
     class Bootstrap(pb_grpc.LiteKubeNCBootstrapServiceServicer):
         def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
-            return pb.HealthCheckResponse(code=CODE_OK)
+            return pb.HealthCheckResponse(code=CODE_OK if ctl.data_plane_running() else CODE_SERVER_ERROR)
 
         def _get_token(self, request: Any, context: Any) -> Any:
             node_token, creds = ctl.admit(request.bootStrapToken)
@@ -3409,7 +3421,7 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
             return pb.HelloWorldResponse(thanks_text=f"thanks for {request.hello_text!s}, from nc {VERSION}")
 
         def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
-            return pb.HealthCheckResponse(code=CODE_OK)
+            return pb.HealthCheckResponse(code=CODE_OK if ctl.data_plane_running() else CODE_SERVER_ERROR)
 
         def _get_bootstrap_token(self, request: Any, context: Any) -> Any:
             token, _, _ = ctl.create_bootstrap_token(int(request.expireTime))
@@ -3655,15 +3667,50 @@ def work_dir_lock(work_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def wait_for_stop_signal(stop: threading.Event) -> None:
+class Supervisor:
+    """Watches the server's long-lived parts (threads and gRPC servers). When one ends
+    while nobody asked it to, the server must not go on half alive (gRPC answering, no
+    data plane): wait() logs one line naming the part and the server exits non-zero, so
+    a service manager restarts all of it."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Callable[[], bool]] = {}
+        self.causes: dict[str, str] = {}  # thread name -> the exception that ended it
+
+    def watch(self, name: str, alive: Callable[[], bool]) -> None:
+        self.parts[name] = alive
+
+    def watch_thread(self, thread: threading.Thread) -> None:
+        self.watch(f"thread {thread.name}", thread.is_alive)
+
+    def on_thread_exception(self, args: Any) -> None:
+        """threading.excepthook: keep the cause for wait()'s one line; the traceback goes
+        to the debug log instead of stderr."""
+        name = args.thread.name if args.thread is not None else "?"
+        self.causes[f"thread {name}"] = f"{args.exc_type.__name__}: {args.exc_value}"
+        log.debug("thread %s failed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def dead(self) -> str | None:
+        return next((name for name, alive in self.parts.items() if not alive()), None)
+
+    def wait(self, stop: threading.Event) -> int:
+        """Until a signal sets stop (0) or a part ends on its own (1)."""
+        while not stop.wait(1.0):
+            if (name := self.dead()) is not None:
+                cause = self.causes.get(name, "it ended")
+                log.critical("%s stopped unexpectedly (%s); exiting so nc can be restarted whole", name, cause)
+                return 1
+        return 0
+
+
+def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(1.0):
-        pass
+    return supervisor.wait(stop)
 
 
 def raise_open_file_limit() -> None:
@@ -3697,6 +3744,9 @@ def run_server(config: ServerConfig) -> int:
         threads: list[threading.Thread] = []
         servers: list[Any] = []
         network: NetworkServer | None = None
+        supervisor = Supervisor()
+        threading.excepthook = supervisor.on_thread_exception
+        code = 0
         try:
             reset = store.reset_states(STATE_CONNECTED)
             if reset:
@@ -3713,8 +3763,12 @@ def run_server(config: ServerConfig) -> int:
             threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
             for thread in threads:
                 thread.start()
+            for thread in (network.thread, network.worker, *threads):
+                supervisor.watch_thread(thread)
+            for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
+                supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
             log.info("nc server ready; join string pin %s", pki.ca_pin())
-            wait_for_stop_signal(stop)
+            code = wait_for_stop_signal(stop, supervisor)
         finally:
             stop.set()
             for server in servers:
@@ -3725,8 +3779,9 @@ def run_server(config: ServerConfig) -> int:
                 thread.join(timeout=5.0)
             store.reset_states(STATE_IDLE)
             store.close()
+            threading.excepthook = threading.__excepthook__
             log.info("nc server stopped")
-    return 0
+    return code
 
 
 def ensure_reserved(store: Store, server_ip: str) -> None:
@@ -3855,7 +3910,8 @@ def call(channel: Any, stub_cls: Any, method: str, request: Any, address: str) -
 
 def check_code(response: Any) -> Any:
     if response.code != CODE_OK:
-        raise RemoteError(f"server refused: {response.message or 'code ' + response.code}")
+        message = getattr(response, "message", "")  # HealthCheckResponse has only a code
+        raise RemoteError(f"server refused: {message or 'code ' + response.code}")
     return response
 
 

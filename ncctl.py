@@ -3143,6 +3143,7 @@ class NetworkClient:
         for kind, start, end in link.rx.frames():
             try:
                 if kind == FRAME_PACKET:
+                    check_packet(view[start:end], self.server_mtu)
                     if offload:
                         os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
                     else:
@@ -3686,9 +3687,12 @@ class Supervisor:
     def on_thread_exception(self, args: Any) -> None:
         """threading.excepthook: keep the cause for wait()'s one line; the traceback goes
         to the debug log instead of stderr."""
-        name = args.thread.name if args.thread is not None else "?"
-        self.causes[f"thread {name}"] = f"{args.exc_type.__name__}: {args.exc_value}"
-        log.debug("thread %s failed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+        name = f"thread {args.thread.name}" if args.thread is not None else "a thread"
+        if name not in self.parts:  # not one of ours (a library's): its traceback as usual
+            threading.__excepthook__(args)
+            return
+        self.causes[name] = f"{args.exc_type.__name__}: {args.exc_value}"
+        log.debug("%s failed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
     def dead(self) -> str | None:
         return next((name for name, alive in self.parts.items() if not alive()), None)
@@ -3757,14 +3761,14 @@ def run_server(config: ServerConfig) -> int:
             overlays = Overlays(store, config)
             controller = Controller(config, store, pki, overlays, advertised)
             network = NetworkServer(config, store, overlays, pki)
+            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
+            for thread in (network.thread, network.worker, *threads):
+                supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
             network.start()
             controller.sessions = network
             servers = start_grpc_servers(controller)
-            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
             for thread in threads:
                 thread.start()
-            for thread in (network.thread, network.worker, *threads):
-                supervisor.watch_thread(thread)
             for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
                 supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
             log.info("nc server ready; join string pin %s", pki.ca_pin())

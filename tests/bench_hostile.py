@@ -48,9 +48,13 @@ def ping_rtts(host: Host, target: str, count: int, interval: float) -> tuple[lis
         "ping", "-n", "-c", str(count), "-i", str(interval), "-W", "1", target, check=False, timeout=count + 60
     )
     samples = [float(t) for t in re.findall(r"time=([\d.]+) ms", done.stdout)]
-    if not samples:
-        raise BenchError(f"ping {target} from {host.name}: no replies\n{done.stdout}{done.stderr}")
-    return samples, count
+    if "transmitted" not in done.stdout:
+        raise BenchError(f"ping {target} from {host.name} failed:\n{done.stdout}{done.stderr}")
+    return samples, count  # no samples at all: every ping lost, which the table shows as such
+
+
+def pct(samples: list[float], fraction: float) -> float | None:
+    return percentile(samples, fraction) if samples else None
 
 
 def without_offload(client: NcClient) -> None:
@@ -97,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
     closed = sum(1 for r in rounds if r.get("closed"))
     rows = []
     for name, fraction in (("p50", 0.50), ("p99", 0.99)):
-        a, b = percentile(quiet, fraction), percentile(loaded, fraction)
+        a, b = pct(quiet, fraction), pct(loaded, fraction)
         rows.append([f"ping node2 -> node3 {name} (ms)", fmt(a, 3), fmt(b, 3), ratio(b, a)])
-    rows.append(["ping mean (ms)", fmt(statistics.mean(quiet), 3), fmt(statistics.mean(loaded), 3), ""])
+    mean = [fmt(statistics.mean(s), 3) if s else "-" for s in (quiet, loaded)]
+    rows.append(["ping mean (ms)", *mean, ""])
     rows.append(["pings answered", f"{len(quiet)}/{quiet_sent}", f"{len(loaded)}/{loaded_sent}", ""])
     print(
         format_table(

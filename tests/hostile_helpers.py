@@ -114,7 +114,28 @@ def bad_frames(me, victim, server_ip):
         yield frame(GSO, vnet(NEEDS_CSUM, 0, 28, 0, 12, 0) + udp(me, server_ip, 7777, b"spoof"))
 
 
+def fuzzed_frames(me, targets):
+    """The frames a fuzzer wrote to plan["fuzz_file"] ([kind, hex] pairs), in order; an IPv4
+    packet among them is sent from this node to one of the targets, its header checksum
+    made right, so what passes the server's checks travels on as far as it can."""
+    with open(plan["fuzz_file"]) as handle:
+        made = json.load(handle)
+    for index, (kind, hexed) in enumerate(made):
+        payload = bytearray(bytes.fromhex(hexed))
+        at = 10 if kind == GSO else 0
+        ihl = (payload[at] & 0x0F) * 4 if len(payload) > at else 0
+        if len(payload) >= at + max(ihl, 20) and payload[at] >> 4 == 4:
+            payload[at + 12 : at + 20] = socket.inet_aton(me) + socket.inet_aton(targets[index % len(targets)])
+            payload[at + 10 : at + 12] = b"\0\0"
+            payload[at + 10 : at + 12] = checksum(bytes(payload[at : at + max(ihl, 20)])).to_bytes(2, "big")
+        yield frame(kind, bytes(payload))
+
+
+FUZZED = None  # one walk through the fuzzer's frames, across reconnects
+
+
 def attack():
+    global FUZZED
     sock, welcome = connect()
     me, victim, server_ip = welcome["ip"], plan["victim"], welcome["serverIp"]
     result = {"ip": me, "caps": welcome["caps"], "sent": 0}
@@ -124,23 +145,29 @@ def attack():
     sock.sendall(frame(PACKET, udp(me, victim, 7777, b"genuine")))
     sock.sendall(frame(GSO, vnet() + udp(me, server_ip, 7777, b"genuine")))
     time.sleep(0.3)
+    if plan.get("fuzz_file"):
+        FUZZED = FUZZED or fuzzed_frames(me, [victim, server_ip, *plan.get("targets", [])])
+        frames = FUZZED
+    else:
+        frames = bad_frames(me, victim, server_ip)
     # The two attacks the issue names, a few times each, then garbage until the server hangs up.
-    for attack_frame in [frame(GSO, vnet(NEEDS_CSUM, 0, 28, 0, 0, 12) + udp(me, victim, 7777, b"spoof"))] * 3 + [
+    for attack_frame in [] if plan.get("fuzz_file") else [frame(GSO, vnet(NEEDS_CSUM, 0, 28, 0, 0, 12) + udp(me, victim, 7777, b"spoof"))] * 3 + [
         frame(GSO, vnet(NEEDS_CSUM, 0, 28, 0, 12, 0) + udp(me, server_ip, 7777, b"spoof"))
     ] * 3 + [frame(GSO, vnet(NEEDS_CSUM, GSO_TCPV4, 40, 1, 20, 16) + tcp(me, victim, b"B" * 60000))] * 10:
         sock.sendall(attack_frame)
         result["sent"] += 1
     deadline = min(time.monotonic() + plan.get("flood_s", 30), end)
-    frames = bad_frames(me, victim, server_ip)
     try:
         while not reader.closed.is_set() and time.monotonic() < deadline:
             sock.sendall(next(frames))
             result["sent"] += 1
             if plan.get("pace"):
                 time.sleep(plan["pace"])
+    except StopIteration:
+        result["exhausted"] = True
     except OSError as e:
         result["send_error"] = str(e)
-    reader.closed.wait(10)
+    reader.closed.wait(1 if result.get("exhausted") else 10)
     result["closed"] = reader.closed.is_set()
     result["refusal"] = reader.refusal
     sock.close()
@@ -150,7 +177,7 @@ def attack():
 rounds = []
 end = time.monotonic() + plan.get("total_s", 3600)
 for _ in range(plan.get("rounds", 1)):
-    if rounds and time.monotonic() > end:
+    if rounds and (time.monotonic() > end or rounds[-1].get("exhausted")):
         break
     try:
         rounds.append(attack())

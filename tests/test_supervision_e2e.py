@@ -52,6 +52,20 @@ elif fault == "cache-sync":
     ncctl.CacheSync.run = dies_when_armed
 elif fault == "token-sweeper":
     ncctl.TokenSweeper.run = dies_when_armed
+elif fault == "failing-command":  # a bug in one command handed to the packet loop
+    real_start = ncctl.NetworkServer.start
+
+    def start(self):
+        real_start(self)
+
+        def submit_when_armed():
+            while not armed():
+                time.sleep(0.1)
+            self.call_soon(lambda: 1 / 0)
+
+        threading.Thread(target=submit_when_armed, daemon=True).start()
+
+    ncctl.NetworkServer.start = start
 elif fault == "grpc-bootstrap":
     real_start = ncctl.start_grpc_servers
 
@@ -128,3 +142,15 @@ def test_a_stalled_packet_loop_makes_health_fail(lab: Lab) -> None:
     assert done.returncode != 0
     assert json.loads(done.stdout)["healthy"] is False, done.stdout
     assert server.process.alive(), "a stall is for health checks (and a service manager) to act on"
+
+
+def test_a_failing_command_costs_only_itself(lab: Lab) -> None:
+    """A command that raises in the packet loop is logged and skipped: the loop, and the
+    server, go on, and health stays good."""
+    server, trigger = start_faulty_server(lab.add_host("server"), "failing-command")
+    trigger.touch()
+    server.process.wait_for_output("network command failed", timeout=30, what="the failed command's log line")
+    assert server.healthy()
+    assert server.process.alive()
+    assert not lines_naming(server.process, "stopped unexpectedly")
+    assert server.process.stop() == 0, server.process.log()[-3000:]

@@ -1871,7 +1871,7 @@ def gso_header(payload: Any, mtu: int) -> bytes:
         raise BadFrame("gso-type", "TCP segmentation asked for a packet that is not TCP")
     elif not GSO_MIN_SIZE <= gso_size <= mtu - ihl - l4_len:
         raise BadFrame("gso-size", f"gso_size {gso_size} outside {GSO_MIN_SIZE}..{mtu - ihl - l4_len}")
-    elif length - ihl - l4_len > MAX_GSO_SEGMENTS * gso_size:
+    elif length - ihl - l4_len > MAX_GSO_SEGMENTS * gso_size:  # implied by the bounds above; kept should they move
         raise BadFrame("gso-segments", f"over {MAX_GSO_SEGMENTS} segments")
     return VNET_HDR.pack(flags, gso_type, ihl + l4_len, gso_size, csum_start, csum_offset)
 
@@ -3691,7 +3691,7 @@ class Supervisor:
         if name not in self.parts:  # not one of ours (a library's): its traceback as usual
             threading.__excepthook__(args)
             return
-        self.causes[name] = f"{args.exc_type.__name__}: {args.exc_value}"
+        self.causes[name] = loggable(f"{args.exc_type.__name__}: {args.exc_value}")
         log.debug("%s failed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
     def dead(self) -> str | None:

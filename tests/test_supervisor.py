@@ -41,7 +41,7 @@ def test_a_watched_thread_that_raises_ends_the_wait_with_one_line(
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
     assert len(lines) == 1, lines
     assert "thread store-worker stopped unexpectedly" in lines[0]
-    assert "RuntimeError: disk on fire" in lines[0]
+    assert "RuntimeError: disk on fire\\nsecond line" in lines[0], "the cause stays on the one line"
 
 
 def test_a_part_that_ends_without_an_exception_is_named_too(

@@ -159,6 +159,14 @@ class ProtocolError(NcError):
     """Bytes on the wire that do not follow the nc frame protocol."""
 
 
+def loggable(value: object, limit: int = 200) -> str:
+    """A peer-supplied string as it may appear in a log line: control characters (a
+    newline would start a forged line), backslashes and other unprintables escaped the
+    way repr() does, and cut to `limit` characters."""
+    text = str(value)
+    return repr(text[:limit])[1:-1] + ("..." if len(text) > limit else "")
+
+
 # ============================================================================
 # 2. Config
 #    Dataclasses whose defaults are the embedded defaults, loaded from the
@@ -1953,7 +1961,7 @@ class ControlPlane:
             raise BadRequest(f"no bootstrap token with id {wanted!r}")
         for row in rows:
             self.store.delete_bootstrap_token(row.token)
-        log.info("bootstrap token %s deleted", wanted)
+        log.info("bootstrap token %s deleted", loggable(wanted))
         return wanted
 
     # -- admission: joins -----------------------------------------------------------
@@ -2024,7 +2032,7 @@ class ControlPlane:
         if not forgotten:
             raise BadRequest(NOT_REGISTERED)
         self.sessions.disconnect(token, "this node was unregistered")
-        log.info("node %s unregistered by %s", token, "itself" if who.node_token == token else "the admin")
+        log.info("node %s unregistered by %s", loggable(token), "itself" if who.node_token == token else "the admin")
 
     def renew(self, who: Identity, grpc_csr: bytes, network_csr: bytes) -> tuple[bytes, bytes]:
         """New certificates for the calling node; the old ones stay valid until the
@@ -2281,9 +2289,26 @@ VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_
 VNET_HDR_LEN = VNET_HDR.size
 ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
 VNET_F_NEEDS_CSUM = 0x01
+VNET_F_DATA_VALID = 0x02
+VNET_KNOWN_FLAGS = VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID
 GSO_NONE = 0
 GSO_TCPV4 = 1
 GSO_ECN = 0x80
+GSO_TYPES = (GSO_NONE, GSO_TCPV4, GSO_TCPV4 | GSO_ECN)  # all the kernel hands us for IPv4 (TUNSETOFFLOAD)
+# TCP payload per segment: a smaller gso_size makes one frame cost hundreds of segments
+# (gso_size 1 would cut 65 000). Real peers send MTU-sized pieces; 500 leaves room for small MSS.
+GSO_MIN_SIZE = 500
+MAX_GSO_SEGMENTS = -(-MAX_PAYLOAD // GSO_MIN_SIZE)
+TCP_CSUM_OFFSET = 16  # where the checksum field sits in a TCP header
+UDP_CSUM_OFFSET = 6
+
+
+class BadFrame(ProtocolError):
+    """A data frame that breaks the protocol: dropped, and counted under `reason`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def encode_frame(kind: int, payload: bytes = b"") -> bytes:
@@ -2459,6 +2484,67 @@ def ipv4_endpoints(packet: Any) -> tuple[int, int] | None:
     return int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big")
 
 
+def check_packet(packet: Any, mtu: int) -> tuple[int, int]:
+    """(src, dst) of a PACKET frame's packet from a peer; raises BadFrame unless it is
+    a well-formed IPv4 packet within the MTU."""
+    if len(packet) > mtu:
+        raise BadFrame("oversized", f"a {len(packet)}-byte packet over the MTU {mtu}")
+    endpoints = ipv4_endpoints(packet)
+    if endpoints is None:
+        raise BadFrame("not-ipv4", "a packet that is not well-formed IPv4")
+    return endpoints
+
+
+def gso_header(payload: Any, mtu: int) -> bytes:
+    """The virtio_net_hdr to pass on with a GSO frame's packet: rebuilt from the peer's
+    fields once each is checked against the packet, so nothing the peer chose reaches a
+    kernel unchecked. Raises BadFrame otherwise.
+
+    What passing guarantees: one whole IPv4 packet; a checksum the kernel (or
+    plain_packets) writes lands on the TCP or UDP checksum field, never inside the IP
+    header, where it could forge the source address after the anti-spoof check (and
+    segmentation copies the addresses as they are); segmentation makes at most
+    MAX_GSO_SEGMENTS pieces, none over the MTU. A few integer comparisons, no byte loop."""
+    if len(payload) < VNET_HDR_LEN + 20:
+        raise BadFrame("runt", "a GSO frame shorter than its headers")
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(payload)
+    length = len(payload) - VNET_HDR_LEN
+    first, proto = payload[VNET_HDR_LEN], payload[VNET_HDR_LEN + 9]
+    ihl = (first & 0x0F) * 4
+    total = payload[VNET_HDR_LEN + 2] << 8 | payload[VNET_HDR_LEN + 3]
+    if first >> 4 != 4 or not 20 <= ihl <= length or total != length:
+        raise BadFrame("not-ipv4", "a GSO frame that does not carry one whole IPv4 packet")
+    if flags & ~VNET_KNOWN_FLAGS or gso_type not in GSO_TYPES:
+        raise BadFrame("gso-type", f"virtio_net_hdr flags {flags:#x}, gso_type {gso_type:#x}: not ones nc uses")
+    if hdr_len > length:
+        raise BadFrame("gso-hdr-len", f"hdr_len {hdr_len} beyond the {length}-byte packet")
+    l4_len, csum_field = 0, -1  # transport header length, offset of its checksum field
+    if proto == socket.IPPROTO_TCP and length >= ihl + 20:
+        l4_len, csum_field = (payload[VNET_HDR_LEN + ihl + 12] >> 4) * 4, TCP_CSUM_OFFSET
+        if l4_len < 20 or ihl + l4_len > length:
+            raise BadFrame("not-ipv4", "a TCP header that does not fit its packet")
+    elif proto == socket.IPPROTO_UDP and length >= ihl + 8:
+        l4_len, csum_field = 8, UDP_CSUM_OFFSET
+    if flags & VNET_F_NEEDS_CSUM:
+        if csum_start != ihl or csum_offset != csum_field:
+            raise BadFrame(
+                "gso-csum", f"csum_start {csum_start}, csum_offset {csum_offset}: not the transport checksum"
+            )
+    else:
+        csum_start = csum_offset = 0
+    if gso_type == GSO_NONE:
+        if length > mtu:
+            raise BadFrame("oversized", f"a {length}-byte packet over the MTU {mtu}")
+        gso_size = 0
+    elif csum_field != TCP_CSUM_OFFSET:
+        raise BadFrame("gso-type", "TCP segmentation asked for a packet that is not TCP")
+    elif not GSO_MIN_SIZE <= gso_size <= mtu - ihl - l4_len:
+        raise BadFrame("gso-size", f"gso_size {gso_size} outside {GSO_MIN_SIZE}..{mtu - ihl - l4_len}")
+    elif length - ihl - l4_len > MAX_GSO_SEGMENTS * gso_size:  # implied by the bounds above; kept should they move
+        raise BadFrame("gso-segments", f"over {MAX_GSO_SEGMENTS} segments")
+    return VNET_HDR.pack(flags, gso_type, ihl + l4_len, gso_size, csum_start, csum_offset)
+
+
 def checksum(data: Any) -> int:
     """Internet checksum (RFC 1071): the ones' complement sum is the value of the
     whole buffer modulo 0xFFFF, because 0x10000 = 1 (mod 0xFFFF)."""
@@ -2470,7 +2556,8 @@ def checksum(data: Any) -> int:
 def plain_packets(payload: Any) -> list[bytes]:
     """The ordinary packets in a GSO frame payload (virtio_net_hdr + packet), for
     a peer without offload: a TCP super-segment is cut into gso_size pieces with
-    their own headers and checksums; a partial checksum is completed."""
+    their own headers and checksums; a partial checksum is completed. A peer's
+    frame must have passed gso_header first."""
     if len(payload) < VNET_HDR_LEN:
         return []
     flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(payload)
@@ -2495,8 +2582,9 @@ def plain_frames(payload: Any) -> list[bytes]:
 
 
 def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
-    """Software TSO for one IPv4/TCP super-segment."""
-    if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
+    """Software TSO for one IPv4/TCP super-segment (nothing for an mss so small
+    that one packet would cost hundreds of segments)."""
+    if mss < GSO_MIN_SIZE or len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
         return []
     ihl = (packet[0] & 0x0F) * 4
     thl = (packet[ihl + 12] >> 4) * 4 if len(packet) > ihl + 12 else 0
@@ -2589,6 +2677,11 @@ SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are d
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_PENDING_HANDSHAKES = 512
 RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
+# A peer that sends more malformed frames than this within the window is cut off:
+# a real node sends none, so this only ends floods (each bad frame costs a log check).
+BAD_FRAME_LIMIT = 100
+BAD_FRAME_WINDOW_S = 10.0
+LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 
 
 class Poller:
@@ -2752,6 +2845,8 @@ class ServerSession(Link):
         self.plane: Plane | None = None  # the overlay network it is on, once admitted
         self.detached = False  # no longer in the routing tables
         self.close_reason = ""
+        self.bad_frames = 0  # malformed frames since bad_since
+        self.bad_since = 0.0
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
@@ -2969,6 +3064,12 @@ class NetworkServer(Sessions):
         """End the node's live session (if any), telling it not to come back."""
         self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
 
+    def running(self) -> bool:
+        """The packet loop is alive and turning (health checks ask this): a loop that is
+        stuck, in a bug or in one frame that costs too much, counts as down too."""
+        stalled = time.monotonic() - self.epoll.now >= LOOP_STALL_S
+        return self.thread.is_alive() and not self.stopping.is_set() and not stalled
+
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -2990,9 +3091,7 @@ class NetworkServer(Sessions):
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + 1.0
-        except Exception:
-            log.exception("network loop failed")
-        finally:
+        finally:  # an exception goes on to the supervisor, which ends the process
             for session in list(self.sessions.values()):
                 self._refuse(session, Refusal("server-stopping", "the server is shutting down", retry=True))
                 self._close(session, None)
@@ -3003,9 +3102,13 @@ class NetworkServer(Sessions):
                 pass
         while True:
             try:
-                self.commands.get_nowait()()
+                command = self.commands.get_nowait()
             except queue.Empty:
                 return
+            try:
+                command()
+            except Exception:  # a bug in one command (one admission, one disconnect) must not end the loop
+                log.exception("network command failed")
 
     def _accept(self) -> None:
         for _ in range(64):
@@ -3068,7 +3171,9 @@ class NetworkServer(Sessions):
         self._watch_writable(session, False)
         session.cert = peer_cert(session.sock.getpeercert(binary_form=True) or b"")
         session.phase = Phase.HELLO
-        log.debug("TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), session.cert.common_name)
+        log.debug(
+            "TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), loggable(session.cert.common_name)
+        )
 
     def _handle_frames(self, session: ServerSession) -> None:
         view = session.rx.view
@@ -3077,7 +3182,10 @@ class NetworkServer(Sessions):
                 continue  # the session is over; drain without acting
             if session.phase == Phase.ESTABLISHED:
                 if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
-                    self._route_from_node(session, view, kind, start, end)
+                    try:
+                        self._route_from_node(session, view, kind, start, end)
+                    except BadFrame as e:
+                        self._bad_frame(session, e)
                 elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
                     continue
                 else:
@@ -3105,8 +3213,8 @@ class NetworkServer(Sessions):
             "hello from %s: node %s, nc %s, offered %s, agreed %s",
             session.peer,
             hello.node_token,
-            hello.version,
-            list(hello.caps),
+            loggable(hello.version),
+            loggable(list(hello.caps)),
             list(session.caps),
         )
         session.phase = Phase.ADMITTING
@@ -3179,13 +3287,15 @@ class NetworkServer(Sessions):
     # -- switching --------------------------------------------------------------------------
 
     def _route_from_node(self, session: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
-        """One packet from a node: to the server's kernel, to another node, or dropped."""
-        packet = view[start + VNET_HDR_LEN if kind == FRAME_GSO_PACKET else start : end]
-        endpoints = ipv4_endpoints(packet)
-        if endpoints is None:
-            self.counters["dropped-not-ipv4"] += 1
-            return
-        src, dst = endpoints
+        """One packet from a node: to the server's kernel, to another node, or dropped.
+        A GSO frame's virtio_net_hdr is replaced in the receive buffer by the one
+        gso_header rebuilt, so whatever goes on (to a TUN, a peer, or the segmenter)
+        carries only checked fields; raises BadFrame for a malformed frame."""
+        if kind == FRAME_GSO_PACKET:
+            view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.config.mtu)
+            src, dst = check_packet(view[start + VNET_HDR_LEN : end], MAX_PAYLOAD)  # gso_header bounded its size
+        else:
+            src, dst = check_packet(view[start:end], self.config.mtu)
         plane = session.plane
         if src != session.ip:
             self.counters["dropped-spoofed"] += 1
@@ -3208,6 +3318,21 @@ class NetworkServer(Sessions):
             self._write_tun(plane, view, kind, start, end)  # to the world; never into another overlay
         else:
             self.counters["dropped-no-route"] += 1
+
+    def _bad_frame(self, session: ServerSession, error: BadFrame) -> None:
+        """Drop and count a malformed frame; end the session of a peer that keeps sending them."""
+        self.counters["dropped-" + error.reason] += 1
+        now = time.monotonic()
+        if now - session.bad_since > BAD_FRAME_WINDOW_S:
+            session.bad_since, session.bad_frames = now, 0
+        session.bad_frames += 1
+        if session.bad_frames > BAD_FRAME_LIMIT:
+            raise ProtocolError(
+                f"over {BAD_FRAME_LIMIT} malformed frames in {BAD_FRAME_WINDOW_S:.0f} s (last: {error})"
+            )
+        self.note(
+            "bad-frame:" + session.node_token, "node %s sent a malformed frame (%s); dropped", session.node_token, error
+        )
 
     def _forward(self, peer: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
         """Queue a node's frame for another node, as-is when the peer can take it."""
@@ -3391,6 +3516,7 @@ class NetworkClient:
         self.routes = RouteSet()
         self.address: ipaddress.IPv4Interface | None = None
         self.gso = False  # this session agreed on FRAME_GSO_PACKET
+        self.server_mtu = DEFAULT_MTU  # the welcome's: the largest segment the server may send
         self.reader: TunReader | None = None
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
@@ -3543,8 +3669,8 @@ class NetworkClient:
 
     def _on_refusal(self, refusal: Refusal) -> None:
         if not refusal.retry:
-            raise Refused(f"server refused this node ({refusal.code}): {refusal.reason}")
-        log.warning("server ended the session (%s): %s", refusal.code, refusal.reason)
+            raise Refused(f"server refused this node ({loggable(refusal.code)}): {loggable(refusal.reason)}")
+        log.warning("server ended the session (%s): %s", loggable(refusal.code), loggable(refusal.reason))
 
     def _check_welcome(self, welcome: Welcome) -> None:
         """Refuse a welcome whose subnet or routes would send the tunnel into itself."""
@@ -3558,6 +3684,7 @@ class NetworkClient:
     def _ensure_tun(self, welcome: Welcome) -> None:
         """The TUN device, created at the first welcome and kept across sessions."""
         self.gso = CAP_GSO in welcome.caps
+        self.server_mtu = welcome.mtu
         if self.tun is None:
             self.tun = Tun("nc0", offload=self.gso)
             self.reader = TunReader(self.tun.fd)
@@ -3688,11 +3815,13 @@ class NetworkClient:
         for kind, start, end in link.rx.frames():
             try:
                 if kind == FRAME_PACKET:
+                    check_packet(view[start:end], self.server_mtu)
                     if offload:
                         os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
                     else:
                         os.write(fd, view[start:end])
                 elif kind == FRAME_GSO_PACKET and self.gso:
+                    view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
                     if offload:
                         os.write(fd, view[start:end])
                     else:
@@ -3703,6 +3832,8 @@ class NetworkClient:
                     raise PeerClosed("server ended the session")
                 elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
                     raise ProtocolError(f"unexpected frame type {kind:#x}")
+            except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
+                self.counters["dropped-" + e.reason] += 1
             except OSError:
                 self.counters["dropped-tun-write"] += 1
 
@@ -3932,7 +4063,7 @@ def guarded(response_name: str, *, denied_as_status: bool = False) -> Callable[[
                 status = grpc.StatusCode.PERMISSION_DENIED if denied else grpc.StatusCode.INVALID_ARGUMENT
                 detail = str(e)
             except NcError as e:
-                log.warning("%s: %s", method.__name__, e)
+                log.warning("%s: %s", method.__name__, loggable(e, 400))
                 if has_code:
                     return response_cls(code=CODE_SERVER_ERROR, message=str(e))
                 status, detail = grpc.StatusCode.INTERNAL, str(e)
@@ -4260,15 +4391,53 @@ def work_dir_lock(work_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def wait_for_stop_signal(stop: threading.Event) -> None:
+class Supervisor:
+    """Watches the server's long-lived parts (threads and gRPC servers). When one ends
+    while nobody asked it to, the server must not go on half alive (gRPC answering, no
+    data plane): wait() logs one line naming the part and the server exits non-zero, so
+    a service manager restarts all of it."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Callable[[], bool]] = {}
+        self.causes: dict[str, str] = {}  # thread name -> the exception that ended it
+
+    def watch(self, name: str, alive: Callable[[], bool]) -> None:
+        self.parts[name] = alive
+
+    def watch_thread(self, thread: threading.Thread) -> None:
+        self.watch(f"thread {thread.name}", thread.is_alive)
+
+    def on_thread_exception(self, args: Any) -> None:
+        """threading.excepthook: keep the cause for wait()'s one line; the traceback goes
+        to the debug log instead of stderr."""
+        name = f"thread {args.thread.name}" if args.thread is not None else "a thread"
+        if name not in self.parts:  # not one of ours (a library's): its traceback as usual
+            threading.__excepthook__(args)
+            return
+        self.causes[name] = loggable(f"{args.exc_type.__name__}: {args.exc_value}")
+        log.debug("%s failed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def dead(self) -> str | None:
+        return next((name for name, alive in self.parts.items() if not alive()), None)
+
+    def wait(self, stop: threading.Event) -> int:
+        """Until a signal sets stop (0) or a part ends on its own (1)."""
+        while not stop.wait(1.0):
+            if (name := self.dead()) is not None:
+                cause = self.causes.get(name, "it ended")
+                log.critical("%s stopped unexpectedly (%s); exiting so nc can be restarted whole", name, cause)
+                return 1
+        return 0
+
+
+def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(1.0):
-        pass
+    return supervisor.wait(stop)
 
 
 def raise_open_file_limit() -> None:
@@ -4302,6 +4471,9 @@ def run_server(config: ServerConfig) -> int:
         threads: list[threading.Thread] = []
         servers: list[Any] = []
         network: NetworkServer | None = None
+        supervisor = Supervisor()
+        threading.excepthook = supervisor.on_thread_exception
+        code = 0
         try:
             reset = store.reset_states(STATE_CONNECTED)
             if reset:
@@ -4313,14 +4485,18 @@ def run_server(config: ServerConfig) -> int:
             control = ControlPlane(config, store, pki, overlays, advertised)
             control.check_config_networks()
             network = NetworkServer(config, control)
+            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
+            for thread in (network.thread, network.worker, *threads):
+                supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
             network.start()
             control.sessions = network
             servers = start_grpc_servers(control)
-            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
             for thread in threads:
                 thread.start()
+            for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
+                supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
             log.info("nc server ready; join string pin %s", pki.ca_pin())
-            wait_for_stop_signal(stop)
+            code = wait_for_stop_signal(stop, supervisor)
         finally:
             stop.set()
             for server in servers:
@@ -4331,8 +4507,9 @@ def run_server(config: ServerConfig) -> int:
                 thread.join(timeout=5.0)
             store.reset_states(STATE_IDLE)
             store.close()
+            threading.excepthook = threading.__excepthook__
             log.info("nc server stopped")
-    return 0
+    return code
 
 
 def ensure_reserved(store: Store, server_ip: str, admin_cert: CertRecord) -> None:
@@ -4466,7 +4643,8 @@ def call(channel: Any, stub_cls: Any, method: str, request: Any, address: str) -
 
 def check_code(response: Any) -> Any:
     if response.code != CODE_OK:
-        raise RemoteError(f"server refused: {response.message or 'code ' + response.code}")
+        message = getattr(response, "message", "")  # HealthCheckResponse has only a code
+        raise RemoteError(f"server refused: {message or 'code ' + response.code}")
     return response
 
 
@@ -4523,7 +4701,7 @@ def join(join_string: str, work_dir: Path) -> ClientConfig:
         work_dir=str(work_dir),
     ).resolve()
     write_private(files["config"], client_yaml(config).encode(), 0o600)
-    log.info("joined as node %s; credentials saved in %s", response.token, work_dir)
+    log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
     return config
 
 

@@ -54,7 +54,7 @@ def test_checksum_matches_the_reference(data: bytes) -> None:
 
 @given(
     payload=st.binary(min_size=1, max_size=20000),
-    mss=st.integers(min_value=100, max_value=1460),
+    mss=st.integers(min_value=ncctl.GSO_MIN_SIZE, max_value=1460),
     flags=st.sampled_from([0x10, 0x18, 0x19, 0x98]),  # ACK, PSH|ACK, FIN|PSH|ACK, CWR|PSH|ACK
     seq=st.integers(min_value=0, max_value=0xFFFFFFFF),
 )

@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import logging.handlers
@@ -43,6 +44,7 @@ import random
 import re
 import secrets
 import select
+import shlex
 import signal
 import socket
 import sqlite3
@@ -1520,6 +1522,12 @@ class RouteSet:
         run_ip("route", "add", *spec)
         self.added.append(list(spec))
 
+    def replace(self, *spec: str) -> None:
+        """For a route that outlives this process (one not through its TUN): a killed
+        run leaves it behind, and the next run takes it over instead of failing."""
+        run_ip("route", "replace", *spec)
+        self.added.append(list(spec))
+
     def close(self) -> None:
         while self.added:
             spec = self.added.pop()
@@ -1530,32 +1538,58 @@ class RouteSet:
 
 
 class IpForwarding:
-    """Turns on net.ipv4.ip_forward for gateway mode and puts back what was there."""
+    """Turns on net.ipv4.ip_forward for gateway mode and puts back what was there.
+
+    The value found before the first change waits in a state file until a clean stop
+    restores it: a killed run leaves forwarding on, and the next run must not take
+    that 1 for the host's own setting."""
 
     SYSCTL = Path("/proc/sys/net/ipv4/ip_forward")
 
-    def __init__(self) -> None:
+    def __init__(self, state_path: Path) -> None:
+        self.state_path = state_path
         self.previous: str | None = None
 
     def enable(self) -> None:
-        self.previous = self.SYSCTL.read_text().strip()
+        self.previous = self._original() or self.SYSCTL.read_text().strip()
+        write_private(self.state_path, f"{self.previous}\n".encode())
         self.SYSCTL.write_text("1")
 
     def restore(self) -> None:
-        if self.previous is not None:
-            self.SYSCTL.write_text(self.previous)
+        """Put back the original value: this run's, or a killed run's (state file)."""
+        previous = self.previous or self._original()
+        if previous is not None:
+            self.SYSCTL.write_text(previous)
+            self.state_path.unlink(missing_ok=True)
             self.previous = None
+
+    def _original(self) -> str | None:
+        try:
+            value = self.state_path.read_text().strip()
+        except OSError:
+            return None
+        return value if value in ("0", "1") else None
+
+
+NC_RULE_COMMENT = "nc:{tun}"  # tags every iptables rule nc adds, so leftovers can be found
 
 
 class GatewayNat:
     """Server option `gateway: true`, for one overlay: forward its traffic out of
-    the uplink with source NAT, never into another overlay. Undone by disable()."""
+    the uplink with source NAT, never into another overlay. Undone by disable().
+
+    Every rule carries the comment nc:<tun>: rules a killed run left behind are
+    found by it and removed before the rules are added again."""
+
+    TABLES = ("filter", "nat")
 
     def __init__(self, overlay: ipaddress.IPv4Network, tun_name: str) -> None:
+        self.tag = NC_RULE_COMMENT.format(tun=tun_name)
+        tagged = ["-m", "comment", "--comment", self.tag]
         self.rules = [  # (table, verb, chain, match...)
-            ["-t", "filter", "-I", "FORWARD", "-i", tun_name, "-o", "ncsrv+", "-j", "DROP"],
-            ["-t", "nat", "-A", "POSTROUTING", "-s", str(overlay), "!", "-o", tun_name, "-j", "MASQUERADE"],
-            ["-t", "filter", "-A", "FORWARD", "-i", tun_name, "-j", "ACCEPT"],
+            ["-t", "filter", "-I", "FORWARD", "-i", tun_name, "-o", "ncsrv+", *tagged, "-j", "DROP"],
+            ["-t", "nat", "-A", "POSTROUTING", "-s", str(overlay), "!", "-o", tun_name, *tagged, "-j", "MASQUERADE"],
+            ["-t", "filter", "-A", "FORWARD", "-i", tun_name, *tagged, "-j", "ACCEPT"],
             [
                 "-t",
                 "filter",
@@ -1567,6 +1601,7 @@ class GatewayNat:
                 "conntrack",
                 "--ctstate",
                 "RELATED,ESTABLISHED",
+                *tagged,
                 "-j",
                 "ACCEPT",
             ],
@@ -1574,9 +1609,26 @@ class GatewayNat:
         self.added: list[list[str]] = []
 
     def enable(self) -> None:
+        self.remove_leftovers()
         for rule in self.rules:
             run_tool("iptables", *rule)
             self.added.append(rule)
+
+    def remove_leftovers(self) -> int:
+        """Delete every rule tagged for this TUN (a killed run's); returns how many."""
+        removed = 0
+        for table in self.TABLES:
+            for line in run_tool("iptables", "-t", table, "-S").splitlines():
+                verb, *rule = shlex.split(line)
+                if verb == "-A" and self._tagged(rule):
+                    run_tool("iptables", "-t", table, "-D", *rule)
+                    removed += 1
+        if removed:
+            log.info("removed %d iptables rule(s) %s left by an earlier run", removed, self.tag)
+        return removed
+
+    def _tagged(self, rule: list[str]) -> bool:
+        return any(a == "--comment" and b == self.tag for a, b in itertools.pairwise(rule))
 
     def disable(self) -> None:
         while self.added:
@@ -2156,6 +2208,9 @@ class Plane:
             if config.gateway:
                 self.nat = GatewayNat(overlay.network, self.tun.name)
                 self.nat.enable()
+            else:  # a killed gateway run may have left rules for this TUN
+                with contextlib.suppress(TunError):
+                    GatewayNat(overlay.network, self.tun.name).remove_leftovers()
         except BaseException:
             self.close()
             raise
@@ -2195,7 +2250,7 @@ class NetworkServer:
         self.worker = StoreWorker(self.call_soon)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
-        self.forwarding = IpForwarding()
+        self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
 
     # -- lifecycle (called from the main thread) ---------------------------------
 
@@ -2210,6 +2265,8 @@ class NetworkServer:
             if self.config.gateway:
                 self.forwarding.enable()
                 log.info("gateway mode: forwarding and NAT out of this host for the overlays")
+            else:
+                self.forwarding.restore()  # a killed gateway run's, if any
             for overlay in self.overlays.all():
                 self._attach_plane(Plane(overlay, self.config))
         except BaseException:
@@ -2947,7 +3004,7 @@ class NetworkClient:
                 + (["via", path["gateway"]] if "gateway" in path else [])
                 + ["dev", path["dev"]]
             )
-            self.routes.add(*spec)
+            self.routes.replace(*spec)  # the one route a killed run leaves behind
         self.routes.add("0.0.0.0/1", "dev", self.tun.name)
         self.routes.add("128.0.0.0/1", "dev", self.tun.name)
 

@@ -128,6 +128,22 @@ class StoreError(NcError):
     pass
 
 
+class StoreFull(StoreError):
+    """The store cannot be written: a full or read-only disk. Reads still work."""
+
+
+def os_error_line(e: OSError, fix: str) -> str:
+    """One line for a failed file operation: the path, the cause, and what to do."""
+    causes = {
+        errno.EROFS: "read-only file system",
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EACCES: "permission denied",
+    }
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{causes.get(e.errno or 0, e.strerror or str(e))}; {fix}"
+
+
 class PkiError(NcError):
     pass
 
@@ -556,10 +572,11 @@ class Store:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as e:
-            raise StoreError(
-                f"{path}: cannot open the database: {e}; restore it from a backup or move it away"
-            ) from None
+            damage = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.Error as e:
+            raise store_error(path, e) from None
+        if damage != "ok":  # found now, not by the first join that reads the broken page
+            raise store_error(path, sqlite3.DatabaseError(damage))
         self._lock = threading.RLock()
         self.migrate()
 
@@ -574,44 +591,52 @@ class Store:
         durable=False skips the fsync: for connection states, which are reset at
         every start anyway and change on every connect and disconnect."""
         with self._lock:
-            if not durable:
-                self._db.execute("PRAGMA synchronous = NORMAL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            finally:
                 if not durable:
-                    self._db.execute("PRAGMA synchronous = FULL")
+                    self._db.execute("PRAGMA synchronous = NORMAL")
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self._db
+                    except BaseException:
+                        if self._db.in_transaction:  # sqlite may have rolled back already (a full disk)
+                            self._db.execute("ROLLBACK")
+                        raise
+                    self._db.execute("COMMIT")
+                finally:
+                    if not durable:
+                        self._db.execute("PRAGMA synchronous = FULL")
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                    raise  # the caller's business (a duplicate token), not the file's
+                raise store_error(self.path, e) from None
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                    raise
+                raise store_error(self.path, e) from None
 
     # -- schema ---------------------------------------------------------------
 
     def migrate(self) -> None:
-        try:
-            with self.transaction() as db:
-                for statement in split_sql(DESIGN_SCHEMA):
+        with self.transaction() as db:
+            for statement in split_sql(DESIGN_SCHEMA):
+                db.execute(statement)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this nc knows ({len(MIGRATIONS)}); "
+                    "run a newer nc"
+                )
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[number - 1]:
                     db.execute(statement)
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version > len(MIGRATIONS):
-                    raise StoreError(
-                        f"{self.path}: schema version {version} is newer than this nc knows ({len(MIGRATIONS)}); "
-                        "run a newer nc"
-                    )
-                for number in range(version + 1, len(MIGRATIONS) + 1):
-                    for statement in MIGRATIONS[number - 1]:
-                        db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {number}")
-                    log.info("database %s migrated to schema version %d", self.path, number)
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: not a usable nc database ({e}); move it away to start fresh") from None
+                db.execute(f"PRAGMA user_version = {number}")
+                log.info("database %s migrated to schema version %d", self.path, number)
 
     def schema_version(self) -> int:
         return self._query("PRAGMA user_version")[0][0]
@@ -802,6 +827,84 @@ class Store:
     def delete_node(self, token: str) -> bool:
         with self.transaction() as db:
             return db.execute("DELETE FROM network_mgr WHERE token = ?", (token,)).rowcount > 0
+
+
+SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
+
+
+def store_error(path: str, e: sqlite3.Error) -> StoreError:
+    """One line for a failed store operation: which file, why, and how to recover."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    folder = Path(path).parent
+    if code == SQLITE_FULL:
+        return StoreFull(f"{path}: no space left on the device; free space in {folder}")
+    if code in (SQLITE_READONLY, SQLITE_CANTOPEN):
+        return StoreFull(f"{path}: cannot write the database ({e}); make {folder} writable (read-only file system?)")
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or (code == 0 and isinstance(e, sqlite3.DatabaseError)):
+        return StoreError(
+            f"{path}: the database is damaged ({e}); stop nc and recover it with "
+            "`nc adm restore --from BACKUP`, or move it away to start with an empty one"
+        )
+    return StoreError(f"{path}: database error: {e}")
+
+
+def backup_database(db_path: str, out: Path) -> None:
+    """A consistent copy of the store through sqlite's online backup, safe while the
+    server runs; written beside `out` and renamed, so `out` is whole or absent."""
+    if not Path(db_path).exists():
+        raise StoreError(f"{db_path}: no database there; pass the server's --config")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)
+        try:
+            target = sqlite3.connect(tmp)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        finally:
+            source.close()
+        os.chmod(tmp, 0o600)  # it holds live bootstrap tokens
+        os.replace(tmp, out)
+    except sqlite3.Error as e:
+        tmp.unlink(missing_ok=True)
+        raise store_error(db_path, e) from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(os_error_line(e, "choose an --out in a writable directory with free space")) from None
+
+
+def restore_database(source: Path, db_path: str) -> None:
+    """Replace the store with a backup, checked first (whole, and an nc database); the
+    server must be stopped (the caller holds its workDir lock)."""
+    if not source.is_file():
+        raise StoreError(f"{source}: no such backup file")
+    tmp = Path(db_path).with_name(f".{Path(db_path).name}.restore.tmp")
+    try:
+        backup = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            if backup.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            tables = {row[0] for row in backup.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"network_mgr", "token_mgr"} <= tables:
+                raise StoreError(f"{source}: not an nc database backup; pick a file `nc adm backup` wrote")
+            target = sqlite3.connect(tmp)
+            try:
+                backup.backup(target)
+            finally:
+                target.close()
+        finally:
+            backup.close()
+        os.chmod(tmp, 0o600)
+        for stale in (f"{db_path}-wal", f"{db_path}-shm"):  # journal pages of the database being replaced
+            Path(stale).unlink(missing_ok=True)
+        os.replace(tmp, db_path)
+    except sqlite3.Error as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"{source}: not a usable backup ({e}); pick a file `nc adm backup` wrote") from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(os_error_line(e, "the database directory must be writable with free space")) from None
 
 
 def split_sql(script: str) -> list[str]:
@@ -1475,7 +1578,8 @@ class Tun:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            raise TunError(f"/dev/net/tun: {e.strerror}; run as root on a kernel with TUN support") from None
+            fix = "run nc as root" if e.errno in (errno.EACCES, errno.EPERM) else "load the tun module (modprobe tun)"
+            raise TunError(f"/dev/net/tun: {e.strerror}; {fix}, or in a container pass in /dev/net/tun") from None
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
         try:
             result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
@@ -2251,17 +2355,22 @@ class NetworkServer:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
         self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
+        self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
+        self.epoll: Poller | None = None
+        self.wake_r = self.wake_w = -1
+        self.store_unwritable = False  # the last state write failed for a full or read-only disk
 
     # -- lifecycle (called from the main thread) ---------------------------------
 
     def start(self) -> None:
-        self.tls = self._tls_context()
-        self.listener = self._listen()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.epoll = Poller()
-        for fd in (self.listener.fileno(), self.wake_r):
-            self.epoll.register(fd, select.EPOLLIN)
+        """Port, TUNs, NAT, threads; on any failure what was already made is undone."""
         try:
+            self.tls = self._tls_context()
+            self.listener = self._listen()
+            self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.epoll = Poller()
+            for fd in (self.listener.fileno(), self.wake_r):
+                self.epoll.register(fd, select.EPOLLIN)
             if self.config.gateway:
                 self.forwarding.enable()
                 log.info("gateway mode: forwarding and NAT out of this host for the overlays")
@@ -2270,8 +2379,7 @@ class NetworkServer:
             for overlay in self.overlays.all():
                 self._attach_plane(Plane(overlay, self.config))
         except BaseException:
-            self._close_planes()
-            self.listener.close()
+            self.stop()
             raise
         self.worker.start()
         self.thread.start()
@@ -2283,15 +2391,22 @@ class NetworkServer:
         )
 
     def stop(self) -> None:
+        """Undo start(), a partial one too: only what exists is stopped or closed."""
         self.stopping.set()
-        self._wake()
-        self.thread.join(timeout=10.0)
-        self.worker.stop()
+        if self.thread.is_alive():
+            self._wake()
+            self.thread.join(timeout=10.0)
+        if self.worker.is_alive():
+            self.worker.stop()
         self._close_planes()
-        self.listener.close()
-        self.epoll.close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        if self.listener is not None:
+            self.listener.close()
+        if self.epoll is not None:
+            self.epoll.close()
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1
 
     def _attach_plane(self, plane: Plane) -> None:
         self.planes[plane.name] = plane
@@ -2338,7 +2453,9 @@ class NetworkServer:
         try:
             sock = listen_any(self.config.port)
         except OSError as e:
-            raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); change server.port") from None
+            raise NcError(
+                f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it or change server.port"
+            ) from None
         sock.setblocking(False)
         return sock
 
@@ -2515,7 +2632,7 @@ class NetworkServer:
                 raise TokenRefused("this node-token is not registered (unregistered or never joined); join again")
             if net_token != overlay.net_token and not (overlay.name == DEFAULT_NETWORK and not net_token):
                 raise TokenRefused("the net-token does not match this node's network; use the join string's net-token")
-            self.store.set_state(token, STATE_INIT)
+            self._record_state(token, STATE_INIT)
             return overlay.name, overlay.bindings.ip_for(token)
 
         self.worker.submit(admit, lambda result, error: self._on_admitted(session, result, error))
@@ -2567,12 +2684,26 @@ class NetworkServer:
         log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
 
     def _mark_connected(self, token: str, overlay: Overlay) -> None:
-        self.store.set_state(token, STATE_CONNECTED)
+        self._record_state(token, STATE_CONNECTED)
         overlay.bindings.connected(token)
+
+    def _record_state(self, token: str, state: int) -> None:
+        """On the store worker. A state the disk cannot take (full, read-only) keeps no
+        node out: states are reset at every start anyway. Logged once per outage."""
+        try:
+            self.store.set_state(token, state)
+        except StoreFull as e:
+            if not self.store_unwritable:
+                log.warning("%s; admitting nodes without recording their connection state", e)
+                self.store_unwritable = True
+            return
+        if self.store_unwritable:
+            log.info("the database takes writes again; connection states are recorded")
+            self.store_unwritable = False
 
     def _set_idle(self, token: str, plane: Plane | None) -> None:
         def job() -> None:
-            self.store.set_state(token, STATE_IDLE)
+            self._record_state(token, STATE_IDLE)
             if plane is not None:
                 plane.overlay.bindings.idle(token)
 
@@ -3499,6 +3630,8 @@ def start_grpc_servers(controller: Controller, bind_host: str = "::") -> list[An
     chain = pki.grpc.server_chain_pem()
     ca = pki.grpc.ca_path.read_bytes()
 
+    for port, field in ((cfg.bootstrap_port, "bootstrapPort"), (cfg.grpc_port, "grpcPort")):
+        check_port_free(port, field)
     bootstrap = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"))
     pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(bootstrap_svc, bootstrap)
     creds = grpc.ssl_server_credentials([(grpc_key, chain)])
@@ -3516,6 +3649,15 @@ def start_grpc_servers(controller: Controller, bind_host: str = "::") -> list[An
         "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS)", cfg.bootstrap_port, cfg.grpc_port
     )
     return [bootstrap, control]
+
+
+def check_port_free(port: int, field: str) -> None:
+    """gRPC binds with SO_REUSEPORT, so a port another nc holds would be shared silently,
+    and its own bind errors go to stderr as log lines: try the port here first."""
+    try:
+        listen_any(port).close()
+    except OSError as e:
+        raise NcError(f"cannot listen on :{port} ({e.strerror}); stop what uses it or change server.{field}") from None
 
 
 def bind(server: Any, address: str, creds: Any, field: str) -> None:
@@ -3571,21 +3713,28 @@ def detect_server_ip() -> str:
 
 
 @contextlib.contextmanager
-def work_dir_lock(work_dir: Path) -> Iterator[None]:
-    """One server per workDir: a second start fails fast instead of sharing the database."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = work_dir / "nc-server.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def work_dir_lock(work_dir: Path, mode: str = "server") -> Iterator[None]:
+    """One server (or client) per workDir: a second start fails fast, naming the first,
+    instead of sharing its database or TUN. The kernel drops the lock with the process."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work_dir / f"nc-{mode}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise NcError(os_error_line(e, f"give nc a writable {mode}.workDir")) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise NcError(
-                f"another nc server (pid {holder}) is running with workDir {work_dir}; stop it first"
+                f"another nc {mode} (pid {holder}) is running with workDir {work_dir}; stop it first"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            e.filename = str(work_dir)
+            raise NcError(os_error_line(e, f"free space there or set another {mode}.workDir")) from None
         yield
     finally:
         os.close(fd)
@@ -3611,11 +3760,23 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run_server(config: ServerConfig) -> int:
+def check_root(mode: str) -> None:
     if os.geteuid() != 0:
-        raise NcError("nc server must run as root (it creates a TUN device and routes)")
+        raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
+
+
+def run_server(config: ServerConfig) -> int:
+    check_root("server")
     raise_open_file_limit()
     os.umask(0o077)  # keys, the database and logs are for root only
+    try:
+        return serve(config)
+    except OSError as e:  # files of the workDir: a read-only or full disk
+        fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
+        raise NcError(os_error_line(e, fix)) from None
+
+
+def serve(config: ServerConfig) -> int:
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
         server_ip = str(config.server_overlay_ip)
@@ -3659,7 +3820,8 @@ def run_server(config: ServerConfig) -> int:
                 network.stop()
             for thread in threads:
                 thread.join(timeout=5.0)
-            store.reset_states(STATE_IDLE)
+            with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
+                store.reset_states(STATE_IDLE)
             store.close()
             log.info("nc server stopped")
     return 0
@@ -4113,6 +4275,24 @@ def adm_health(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def adm_backup(args: argparse.Namespace) -> int:
+    """A copy of the server's store, taken while it runs (sqlite's online backup)."""
+    config: ServerConfig = load_config(args.config, "server")
+    out = Path(args.out).resolve()
+    backup_database(config.db_path, out)
+    print(out)
+    return 0
+
+
+def adm_restore(args: argparse.Namespace) -> int:
+    """Put a backup in place of the store; only while the server is stopped (its lock is free)."""
+    config: ServerConfig = load_config(args.config, "server")
+    with work_dir_lock(Path(config.work_dir)):
+        restore_database(Path(args.source).resolve(), config.db_path)
+    print(f"restored {config.db_path} from {args.source}")
+    return 0
+
+
 # ============================================================================
 # 13. Logging and main
 #     Log files that rotate daily (seven kept), argparse subcommands, and the
@@ -4130,6 +4310,7 @@ class BelowWarning(logging.Filter):
 def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdout: bool = False) -> None:
     """stdout gets info lines, stderr warnings and errors, and with a log_dir a file
     `nc-<mode>.log` rotated at midnight (seven kept) always holds the latest lines."""
+    logging.raiseExceptions = False  # a full disk must not print a traceback for every log line
     root = logging.getLogger("nc")
     root.handlers.clear()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -4157,6 +4338,7 @@ def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdo
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    check_root("server")  # before the config and the log directory, which a user may not read
     config: ServerConfig = load_config(args.config, "server")
     setup_logging("server", config.log_dir, config.debug)
     return run_server(config)
@@ -4297,6 +4479,16 @@ def build_parser() -> argparse.ArgumentParser:
     adm_cmds.add_parser(
         "health", aliases=["check-health"], parents=[output], help="check both gRPC ports"
     ).set_defaults(func=adm_health)
+    backup = adm_cmds.add_parser(
+        "backup", help="copy the server's database (safe while it runs)", description=adm_backup.__doc__
+    )
+    backup.add_argument("--out", required=True, metavar="FILE", help="where to write the copy")
+    backup.set_defaults(func=adm_backup)
+    restore = adm_cmds.add_parser(
+        "restore", help="replace the server's database with a backup (server stopped)", description=adm_restore.__doc__
+    )
+    restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
+    restore.set_defaults(func=adm_restore)
 
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
     return parser
@@ -4346,6 +4538,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        return 1
+    except OSError as e:  # a file nc needs: missing, read-only, or on a full disk
+        print(f"nc: error: {os_error_line(e, 'check the path and the free space there')}", file=sys.stderr)
         return 1
 
 

@@ -2917,6 +2917,10 @@ class Refused(NcError):
 
     exit_code = 3
 
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code  # the refusal's code: "unregistered" when the server no longer knows this node
+
 
 class StopRequested(BaseException):
     """Raised by the signal handler to abandon a blocking connect."""
@@ -3063,7 +3067,7 @@ class NetworkClient:
 
     def _on_refusal(self, refusal: Refusal) -> None:
         if not refusal.retry:
-            raise Refused(f"server refused this node ({refusal.code}): {refusal.reason}")
+            raise Refused(f"server refused this node ({refusal.code}): {refusal.reason}", refusal.code)
         log.warning("server ended the session (%s): %s", refusal.code, refusal.reason)
 
     def _check_welcome(self, welcome: Welcome) -> None:
@@ -3974,10 +3978,44 @@ def has_credentials(work_dir: Path) -> bool:
     return all(path.exists() for path in node_files(work_dir).values())
 
 
+JOIN_MIN_FREE_BYTES = 1 << 20  # credentials, client.yml and a few days of logs
+
+
+def check_tun_device() -> None:
+    """/dev/net/tun can be opened (no device is made until TUNSETIFF)."""
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        fix = "run nc as root" if e.errno in (errno.EACCES, errno.EPERM) else "load the tun module (modprobe tun)"
+        raise TunError(f"/dev/net/tun: {e.strerror}; {fix}, or in a container pass in /dev/net/tun") from None
+
+
+def check_work_dir_usable(work_dir: Path) -> None:
+    """The work dir takes a file and has some room: checked before a bootstrap token is
+    spent, as a join that fails after GetToken leaves a used token and a node row."""
+    probe = work_dir / f".nc-probe.{os.getpid()}"
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_private(probe, b"\0" * 4096)
+        probe.unlink()
+        stat = os.statvfs(work_dir)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise NcError(os_error_line(e, "pick a writable --work-dir with free space; the token was not spent")) from None
+    free = stat.f_bavail * stat.f_frsize
+    if free < JOIN_MIN_FREE_BYTES:
+        raise NcError(
+            f"{work_dir}: only {free // 1024} KiB free, nc needs {JOIN_MIN_FREE_BYTES // 1024} KiB; free space "
+            "or pick another --work-dir; the token was not spent"
+        )
+
+
 def join(join_string: str, work_dir: Path) -> ClientConfig:
     """Fetch this node's token and certificates with a bootstrap token and save them."""
     _, pb, pb_grpc = grpc_modules()
     target = parse_join_string(join_string)
+    check_work_dir_usable(work_dir)
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
         response = call(
@@ -4347,21 +4385,41 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     if args.config and args.join:
         raise UsageError("use either --config (saved credentials) or --join (first start), not both")
+    check_root("client")
     if args.join:
         work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
-        if has_credentials(work_dir):
-            setup_logging(None, None, False)
-            log.info("%s already holds credentials; not joining again", work_dir)
-            config = load_config(str(work_dir / "client.yml"), "client")
-        else:
-            setup_logging(None, None, False)
-            config = join(args.join, work_dir)
-    elif args.config:
+        setup_logging(None, None, False)
+        with work_dir_lock(work_dir, "client"):
+            return join_and_run(args.join, work_dir)
+    if args.config:
         config = load_config(args.config, "client")
     elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
         config = load_config(str(Path(args.work_dir) / "client.yml"), "client")
     else:
         raise UsageError("nc client needs --join '<join string>' on first start, or --config client.yml after")
+    with work_dir_lock(Path(config.work_dir), "client"):
+        return run_joined_client(config)
+
+
+def join_and_run(join_string: str, work_dir: Path) -> int:
+    """`nc client --join`: join unless the work dir already holds credentials, then run.
+    Credentials of a node the server no longer knows (unregistered) are replaced by a
+    join with this join string, so `--join NEW` after an unregister just works."""
+    if not has_credentials(work_dir):
+        check_tun_device()  # the rest of what a node needs is checked by join(), before the token is spent
+        return run_joined_client(join(join_string, work_dir))
+    log.info("%s already holds credentials; not joining again", work_dir)
+    config = load_config(str(work_dir / "client.yml"), "client")
+    try:
+        return run_joined_client(config)
+    except Refused as e:
+        if e.code != "unregistered":
+            raise
+        log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
+    return run_joined_client(join(join_string, work_dir))
+
+
+def run_joined_client(config: ClientConfig) -> int:
     setup_logging("client", config.log_dir, config.debug)
     if not config.server_addr or not config.token:
         raise ConfigError("client config needs client.serverAddr and client.token; join first with --join")

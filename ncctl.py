@@ -1713,32 +1713,31 @@ class GatewayNat:
         self.added: list[list[str]] = []
 
     def enable(self) -> None:
-        self.remove_leftovers()
+        remove_tagged_rules(lambda tag: tag == self.tag)  # a killed run's, for this TUN
         for rule in self.rules:
             run_tool("iptables", *rule)
             self.added.append(rule)
-
-    def remove_leftovers(self) -> int:
-        """Delete every rule tagged for this TUN (a killed run's); returns how many."""
-        removed = 0
-        for table in self.TABLES:
-            for line in run_tool("iptables", "-t", table, "-S").splitlines():
-                verb, *rule = shlex.split(line)
-                if verb == "-A" and self._tagged(rule):
-                    run_tool("iptables", "-t", table, "-D", *rule)
-                    removed += 1
-        if removed:
-            log.info("removed %d iptables rule(s) %s left by an earlier run", removed, self.tag)
-        return removed
-
-    def _tagged(self, rule: list[str]) -> bool:
-        return any(a == "--comment" and b == self.tag for a, b in itertools.pairwise(rule))
 
     def disable(self) -> None:
         while self.added:
             table, name, _, chain, *match = self.added.pop()
             with contextlib.suppress(TunError):
                 run_tool("iptables", table, name, "-D", chain, *match)
+
+
+def remove_tagged_rules(wanted: Callable[[str], bool]) -> int:
+    """Delete the iptables rules whose nc comment tag is wanted; returns how many."""
+    removed = 0
+    for table in GatewayNat.TABLES:
+        for line in run_tool("iptables", "-t", table, "-S").splitlines():
+            verb, *rule = shlex.split(line)
+            tags = [b for a, b in itertools.pairwise(rule) if a == "--comment" and b.startswith("nc:")]
+            if verb == "-A" and tags and wanted(tags[0]):
+                run_tool("iptables", "-t", table, "-D", *rule)
+                removed += 1
+    if removed:
+        log.info("removed %d iptables rule(s) an earlier nc run left", removed)
+    return removed
 
 
 # ============================================================================
@@ -2312,9 +2311,6 @@ class Plane:
             if config.gateway:
                 self.nat = GatewayNat(overlay.network, self.tun.name)
                 self.nat.enable()
-            else:  # a killed gateway run may have left rules for this TUN
-                with contextlib.suppress(TunError):
-                    GatewayNat(overlay.network, self.tun.name).remove_leftovers()
         except BaseException:
             self.close()
             raise
@@ -2371,6 +2367,10 @@ class NetworkServer:
             self.epoll = Poller()
             for fd in (self.listener.fileno(), self.wake_r):
                 self.epoll.register(fd, select.EPOLLIN)
+            # A killed run's rules, also of networks deleted since or with gateway now off;
+            # without iptables there can be none.
+            with contextlib.suppress(TunError):
+                remove_tagged_rules(lambda _tag: True)
             if self.config.gateway:
                 self.forwarding.enable()
                 log.info("gateway mode: forwarding and NAT out of this host for the overlays")

@@ -38,6 +38,11 @@ def ruleset(host: Host) -> str:
     return "\n".join(tables)
 
 
+def nc_tags(host: Host) -> set[str]:
+    """The TUNs nc's iptables rules are tagged for."""
+    return set(re.findall(r"nc:ncsrv\d+", ruleset(host)))
+
+
 def holds_something(line: str) -> bool:
     """A rule, a user chain, or a built-in chain whose policy is not the default ACCEPT."""
     if line.startswith("-"):
@@ -102,6 +107,25 @@ def test_gateway_rules_left_by_a_killed_run_go_when_gateway_is_turned_off(lab: L
     server.start()
     running = system_state(host)
     assert (running.ruleset, running.ip_forward) == (before.ruleset, before.ip_forward)
+    assert server.process.stop() == 0
+    assert system_state(host) == before
+
+
+def test_rules_of_a_network_gone_since_the_kill_are_removed(lab: Lab) -> None:
+    """A backup from before a network existed, restored after a kill: the network's rules
+    go at the next start, though no network owns them any more."""
+    host = settled_host(lab, "server")
+    before = system_state(host)
+    server = start_server(host, gateway=True)
+    backup = lab.dir / "before-edge-b.db"
+    server.adm("backup", "--out", str(backup))
+    server.adm("network", "create", "--name", "edge-b", "--cidr", "10.2.0.1/24")
+    wait_for(lambda: len(nc_tags(host)) == 2, what="the new network's rules")
+    server.process.stop(signal.SIGKILL)
+    server.adm("restore", "--from", str(backup))
+    server.start()
+    assert nc_tags(host) == {"nc:ncsrv0"}
+    assert ruleset(host).count("MASQUERADE") == 1
     assert server.process.stop() == 0
     assert system_state(host) == before
 

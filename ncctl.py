@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import logging
 import logging.handlers
@@ -43,6 +44,7 @@ import random
 import re
 import secrets
 import select
+import shlex
 import signal
 import socket
 import sqlite3
@@ -129,6 +131,22 @@ class UsageError(NcError):
 
 class StoreError(NcError):
     pass
+
+
+class StoreFull(StoreError):
+    """The store cannot be written: a full or read-only disk. Reads still work."""
+
+
+def os_error_line(e: OSError, fix: str) -> str:
+    """One line for a failed file operation: the path, the cause, and what to do."""
+    causes = {
+        errno.EROFS: "read-only file system",
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EACCES: "permission denied",
+    }
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{causes.get(e.errno or 0, e.strerror or str(e))}; {fix}"
 
 
 class PkiError(NcError):
@@ -668,10 +686,11 @@ class Store:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as e:
-            raise StoreError(
-                f"{path}: cannot open the database: {e}; restore it from a backup or move it away"
-            ) from None
+            damage = self._db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.Error as e:
+            raise store_error(path, e) from None
+        if damage != "ok":  # found now, not by the first join that reads the broken page
+            raise store_error(path, sqlite3.DatabaseError(damage))
         self._lock = threading.RLock()
         self.migrate()
 
@@ -686,44 +705,52 @@ class Store:
         durable=False skips the fsync: for connection states, which are reset at
         every start anyway and change on every connect and disconnect."""
         with self._lock:
-            if not durable:
-                self._db.execute("PRAGMA synchronous = NORMAL")
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            finally:
                 if not durable:
-                    self._db.execute("PRAGMA synchronous = FULL")
+                    self._db.execute("PRAGMA synchronous = NORMAL")
+                try:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self._db
+                    except BaseException:
+                        if self._db.in_transaction:  # sqlite may have rolled back already (a full disk)
+                            self._db.execute("ROLLBACK")
+                        raise
+                    self._db.execute("COMMIT")
+                finally:
+                    if not durable:
+                        self._db.execute("PRAGMA synchronous = FULL")
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                    raise  # the caller's business (a duplicate token), not the file's
+                raise store_error(self.path, e) from None
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.DatabaseError as e:
+                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                    raise
+                raise store_error(self.path, e) from None
 
     # -- schema ---------------------------------------------------------------
 
     def migrate(self) -> None:
-        try:
-            with self.transaction() as db:
-                for statement in split_sql(DESIGN_SCHEMA):
+        with self.transaction() as db:
+            for statement in split_sql(DESIGN_SCHEMA):
+                db.execute(statement)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"{self.path}: schema version {version} is newer than this nc knows ({len(MIGRATIONS)}); "
+                    "run a newer nc"
+                )
+            for number in range(version + 1, len(MIGRATIONS) + 1):
+                for statement in MIGRATIONS[number - 1]:
                     db.execute(statement)
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version > len(MIGRATIONS):
-                    raise StoreError(
-                        f"{self.path}: schema version {version} is newer than this nc knows ({len(MIGRATIONS)}); "
-                        "run a newer nc"
-                    )
-                for number in range(version + 1, len(MIGRATIONS) + 1):
-                    for statement in MIGRATIONS[number - 1]:
-                        db.execute(statement)
-                    db.execute(f"PRAGMA user_version = {number}")
-                    log.info("database %s migrated to schema version %d", self.path, number)
-        except sqlite3.DatabaseError as e:
-            raise StoreError(f"{self.path}: not a usable nc database ({e}); move it away to start fresh") from None
+                db.execute(f"PRAGMA user_version = {number}")
+                log.info("database %s migrated to schema version %d", self.path, number)
 
     def schema_version(self) -> int:
         return self._query("PRAGMA user_version")[0][0]
@@ -1011,6 +1038,84 @@ class Store:
             return self._purge_node(db, token)
 
 
+SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
+
+
+def store_error(path: str, e: sqlite3.Error) -> StoreError:
+    """One line for a failed store operation: which file, why, and how to recover."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    folder = Path(path).parent
+    if code == SQLITE_FULL:
+        return StoreFull(f"{path}: no space left on the device; free space in {folder}")
+    if code in (SQLITE_READONLY, SQLITE_CANTOPEN):
+        return StoreFull(f"{path}: cannot write the database ({e}); make {folder} writable (read-only file system?)")
+    if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or (code == 0 and isinstance(e, sqlite3.DatabaseError)):
+        return StoreError(
+            f"{path}: the database is damaged ({e}); stop nc and recover it with "
+            "`nc adm restore --from BACKUP`, or move it away to start with an empty one"
+        )
+    return StoreError(f"{path}: database error: {e}")
+
+
+def backup_database(db_path: str, out: Path) -> None:
+    """A consistent copy of the store through sqlite's online backup, safe while the
+    server runs; written beside `out` and renamed, so `out` is whole or absent."""
+    if not Path(db_path).exists():
+        raise StoreError(f"{db_path}: no database there; pass the server's --config")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10.0)
+        try:
+            target = sqlite3.connect(tmp)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        finally:
+            source.close()
+        os.chmod(tmp, 0o600)  # it holds live bootstrap tokens
+        os.replace(tmp, out)
+    except sqlite3.Error as e:
+        tmp.unlink(missing_ok=True)
+        raise store_error(db_path, e) from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(os_error_line(e, "choose an --out in a writable directory with free space")) from None
+
+
+def restore_database(source: Path, db_path: str) -> None:
+    """Replace the store with a backup, checked first (whole, and an nc database); the
+    server must be stopped (the caller holds its workDir lock)."""
+    if not source.is_file():
+        raise StoreError(f"{source}: no such backup file")
+    tmp = Path(db_path).with_name(f".{Path(db_path).name}.restore.tmp")
+    try:
+        backup = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            if backup.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
+            tables = {row[0] for row in backup.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"network_mgr", "token_mgr"} <= tables:
+                raise StoreError(f"{source}: not an nc database backup; pick a file `nc adm backup` wrote")
+            target = sqlite3.connect(tmp)
+            try:
+                backup.backup(target)
+            finally:
+                target.close()
+        finally:
+            backup.close()
+        os.chmod(tmp, 0o600)
+        for stale in (f"{db_path}-wal", f"{db_path}-shm"):  # journal pages of the database being replaced
+            Path(stale).unlink(missing_ok=True)
+        os.replace(tmp, db_path)
+    except sqlite3.Error as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"{source}: not a usable backup ({e}); pick a file `nc adm backup` wrote") from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(os_error_line(e, "the database directory must be writable with free space")) from None
+
+
 def split_sql(script: str) -> list[str]:
     """Split a script into statements, keeping trigger bodies (BEGIN ... END;) whole."""
     statements, current = [], []
@@ -1199,7 +1304,8 @@ class Bindings:
         with self._lock:
             ip = self.pool.ip_of(token)
             if ip is not None:
-                self.store.set_state(token, STATE_INIT)
+                with contextlib.suppress(StoreFull):  # a state the disk cannot take keeps no node out
+                    self.store.set_state(token, STATE_INIT)
                 self.pool.mark_connected(token)
                 return ip
             ip, victim = self.pool.choose()
@@ -2150,7 +2256,8 @@ class Tun:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
-            raise TunError(f"/dev/net/tun: {e.strerror}; run as root on a kernel with TUN support") from None
+            fix = "run nc as root" if e.errno in (errno.EACCES, errno.EPERM) else "load the tun module (modprobe tun)"
+            raise TunError(f"/dev/net/tun: {e.strerror}; {fix}, or in a container pass in /dev/net/tun") from None
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
         try:
             result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
@@ -2197,6 +2304,12 @@ class RouteSet:
         run_ip("route", "add", *spec)
         self.added.append(list(spec))
 
+    def replace(self, *spec: str) -> None:
+        """For a route that outlives this process (one not through its TUN): a killed
+        run leaves it behind, and the next run takes it over instead of failing."""
+        run_ip("route", "replace", *spec)
+        self.added.append(list(spec))
+
     def close(self) -> None:
         while self.added:
             spec = self.added.pop()
@@ -2207,32 +2320,58 @@ class RouteSet:
 
 
 class IpForwarding:
-    """Turns on net.ipv4.ip_forward for gateway mode and puts back what was there."""
+    """Turns on net.ipv4.ip_forward for gateway mode and puts back what was there.
+
+    The value found before the first change waits in a state file until a clean stop
+    restores it: a killed run leaves forwarding on, and the next run must not take
+    that 1 for the host's own setting."""
 
     SYSCTL = Path("/proc/sys/net/ipv4/ip_forward")
 
-    def __init__(self) -> None:
+    def __init__(self, state_path: Path) -> None:
+        self.state_path = state_path
         self.previous: str | None = None
 
     def enable(self) -> None:
-        self.previous = self.SYSCTL.read_text().strip()
+        self.previous = self._original() or self.SYSCTL.read_text().strip()
+        write_private(self.state_path, f"{self.previous}\n".encode())
         self.SYSCTL.write_text("1")
 
     def restore(self) -> None:
-        if self.previous is not None:
-            self.SYSCTL.write_text(self.previous)
+        """Put back the original value: this run's, or a killed run's (state file)."""
+        previous = self.previous or self._original()
+        if previous is not None:
+            self.SYSCTL.write_text(previous)
+            self.state_path.unlink(missing_ok=True)
             self.previous = None
+
+    def _original(self) -> str | None:
+        try:
+            value = self.state_path.read_text().strip()
+        except OSError:
+            return None
+        return value if value in ("0", "1") else None
+
+
+NC_RULE_COMMENT = "nc:{tun}"  # tags every iptables rule nc adds, so leftovers can be found
 
 
 class GatewayNat:
     """Server option `gateway: true`, for one overlay: forward its traffic out of
-    the uplink with source NAT, never into another overlay. Undone by disable()."""
+    the uplink with source NAT, never into another overlay. Undone by disable().
+
+    Every rule carries the comment nc:<tun>: rules a killed run left behind are
+    found by it and removed before the rules are added again."""
+
+    TABLES = ("filter", "nat")
 
     def __init__(self, overlay: ipaddress.IPv4Network, tun_name: str) -> None:
+        self.tag = NC_RULE_COMMENT.format(tun=tun_name)
+        tagged = ["-m", "comment", "--comment", self.tag]
         self.rules = [  # (table, verb, chain, match...)
-            ["-t", "filter", "-I", "FORWARD", "-i", tun_name, "-o", "ncsrv+", "-j", "DROP"],
-            ["-t", "nat", "-A", "POSTROUTING", "-s", str(overlay), "!", "-o", tun_name, "-j", "MASQUERADE"],
-            ["-t", "filter", "-A", "FORWARD", "-i", tun_name, "-j", "ACCEPT"],
+            ["-t", "filter", "-I", "FORWARD", "-i", tun_name, "-o", "ncsrv+", *tagged, "-j", "DROP"],
+            ["-t", "nat", "-A", "POSTROUTING", "-s", str(overlay), "!", "-o", tun_name, *tagged, "-j", "MASQUERADE"],
+            ["-t", "filter", "-A", "FORWARD", "-i", tun_name, *tagged, "-j", "ACCEPT"],
             [
                 "-t",
                 "filter",
@@ -2244,6 +2383,7 @@ class GatewayNat:
                 "conntrack",
                 "--ctstate",
                 "RELATED,ESTABLISHED",
+                *tagged,
                 "-j",
                 "ACCEPT",
             ],
@@ -2251,6 +2391,7 @@ class GatewayNat:
         self.added: list[list[str]] = []
 
     def enable(self) -> None:
+        remove_tagged_rules(lambda tag: tag == self.tag)  # a killed run's, for this TUN
         for rule in self.rules:
             run_tool("iptables", *rule)
             self.added.append(rule)
@@ -2260,6 +2401,21 @@ class GatewayNat:
             table, name, _, chain, *match = self.added.pop()
             with contextlib.suppress(TunError):
                 run_tool("iptables", table, name, "-D", chain, *match)
+
+
+def remove_tagged_rules(wanted: Callable[[str], bool]) -> int:
+    """Delete the iptables rules whose nc comment tag is wanted; returns how many."""
+    removed = 0
+    for table in GatewayNat.TABLES:
+        for line in run_tool("iptables", "-t", table, "-S").splitlines():
+            verb, *rule = shlex.split(line)
+            tags = [b for a, b in itertools.pairwise(rule) if a == "--comment" and b.startswith("nc:")]
+            if verb == "-A" and tags and wanted(tags[0]):
+                run_tool("iptables", "-t", table, "-D", *rule)
+                removed += 1
+    if removed:
+        log.info("removed %d iptables rule(s) an earlier nc run left", removed)
+    return removed
 
 
 # ============================================================================
@@ -2960,26 +3116,36 @@ class NetworkServer(Sessions):
         self.worker = StoreWorker(self.call_soon)
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
-        self.forwarding = IpForwarding()
+        self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
+        self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
+        self.epoll: Poller | None = None
+        self.wake_r = self.wake_w = -1
+        self.store_unwritable = False  # the last state write failed for a full or read-only disk
 
     # -- lifecycle (called from the main thread) ---------------------------------
 
     def start(self) -> None:
-        self.tls = self._tls_context()
-        self.listener = self._listen()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.epoll = Poller()
-        for fd in (self.listener.fileno(), self.wake_r):
-            self.epoll.register(fd, select.EPOLLIN)
+        """Port, TUNs, NAT, threads; on any failure what was already made is undone."""
         try:
+            self.tls = self._tls_context()
+            self.listener = self._listen()
+            self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.epoll = Poller()
+            for fd in (self.listener.fileno(), self.wake_r):
+                self.epoll.register(fd, select.EPOLLIN)
+            # A killed run's rules, also of networks deleted since or with gateway now off;
+            # without iptables there can be none.
+            with contextlib.suppress(TunError):
+                remove_tagged_rules(lambda _tag: True)
             if self.config.gateway:
                 self.forwarding.enable()
                 log.info("gateway mode: forwarding and NAT out of this host for the overlays")
+            else:
+                self.forwarding.restore()  # a killed gateway run's, if any
             for overlay in self.overlays.all():
                 self._attach_plane(Plane(overlay, self.config))
         except BaseException:
-            self._close_planes()
-            self.listener.close()
+            self.stop()
             raise
         self.worker.start()
         self.thread.start()
@@ -2991,15 +3157,22 @@ class NetworkServer(Sessions):
         )
 
     def stop(self) -> None:
+        """Undo start(), a partial one too: only what exists is stopped or closed."""
         self.stopping.set()
-        self._wake()
-        self.thread.join(timeout=10.0)
-        self.worker.stop()
+        if self.thread.is_alive():
+            self._wake()
+            self.thread.join(timeout=10.0)
+        if self.worker.is_alive():
+            self.worker.stop()
         self._close_planes()
-        self.listener.close()
-        self.epoll.close()
-        os.close(self.wake_r)
-        os.close(self.wake_w)
+        if self.listener is not None:
+            self.listener.close()
+        if self.epoll is not None:
+            self.epoll.close()
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1
 
     def _attach_plane(self, plane: Plane) -> None:
         self.planes[plane.name] = plane
@@ -3046,7 +3219,9 @@ class NetworkServer(Sessions):
         try:
             sock = listen_any(self.config.port)
         except OSError as e:
-            raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); change server.port") from None
+            raise NcError(
+                f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it or change server.port"
+            ) from None
         sock.setblocking(False)
         return sock
 
@@ -3172,7 +3347,10 @@ class NetworkServer(Sessions):
         session.cert = peer_cert(session.sock.getpeercert(binary_form=True) or b"")
         session.phase = Phase.HELLO
         log.debug(
-            "TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), loggable(session.cert.common_name)
+            "TLS from %s: %s, certificate CN %s",
+            session.peer,
+            session.sock.cipher(),
+            loggable(session.cert.common_name),
         )
 
     def _handle_frames(self, session: ServerSession) -> None:
@@ -3273,12 +3451,26 @@ class NetworkServer(Sessions):
         log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
 
     def _mark_connected(self, token: str, overlay: Overlay) -> None:
-        self.store.set_state(token, STATE_CONNECTED)
+        self._record_state(token, STATE_CONNECTED)
         overlay.bindings.connected(token)
+
+    def _record_state(self, token: str, state: int) -> None:
+        """On the store worker. A state the disk cannot take (full, read-only) keeps no
+        node out: states are reset at every start anyway. Logged once per outage."""
+        try:
+            self.store.set_state(token, state)
+        except StoreFull as e:
+            if not self.store_unwritable:
+                log.warning("%s; admitting nodes without recording their connection state", e)
+                self.store_unwritable = True
+            return
+        if self.store_unwritable:
+            log.info("the database takes writes again; connection states are recorded")
+            self.store_unwritable = False
 
     def _set_idle(self, token: str, plane: Plane | None) -> None:
         def job() -> None:
-            self.store.set_state(token, STATE_IDLE)
+            self._record_state(token, STATE_IDLE)
             if plane is not None:
                 plane.overlay.bindings.idle(token)
 
@@ -3502,6 +3694,10 @@ class Refused(NcError):
 
     exit_code = 3
 
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code  # the refusal's code: "unregistered" when the server no longer knows this node
+
 
 class StopRequested(BaseException):
     """Raised by the signal handler to abandon a blocking connect."""
@@ -3669,7 +3865,9 @@ class NetworkClient:
 
     def _on_refusal(self, refusal: Refusal) -> None:
         if not refusal.retry:
-            raise Refused(f"server refused this node ({loggable(refusal.code)}): {loggable(refusal.reason)}")
+            raise Refused(
+                f"server refused this node ({loggable(refusal.code)}): {loggable(refusal.reason)}", refusal.code
+            )
         log.warning("server ended the session (%s): %s", loggable(refusal.code), loggable(refusal.reason))
 
     def _check_welcome(self, welcome: Welcome) -> None:
@@ -3742,7 +3940,7 @@ class NetworkClient:
                 + (["via", path["gateway"]] if "gateway" in path else [])
                 + ["dev", path["dev"]]
             )
-            self.routes.add(*spec)
+            self.routes.replace(*spec)  # the one route a killed run leaves behind
         self.routes.add("0.0.0.0/1", "dev", self.tun.name)
         self.routes.add("128.0.0.0/1", "dev", self.tun.name)
 
@@ -4298,6 +4496,8 @@ def start_grpc_servers(control: ControlPlane, bind_host: str = "::") -> list[Any
     chain = pki.grpc.server_chain_pem()
     ca = pki.grpc.ca_path.read_bytes()
 
+    for port, field in ((cfg.bootstrap_port, "bootstrapPort"), (cfg.grpc_port, "grpcPort")):
+        check_port_free(port, field)
     bootstrap = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"))
     pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(BootstrapService(control), bootstrap)
     creds = grpc.ssl_server_credentials([(grpc_key, chain)])
@@ -4316,6 +4516,15 @@ def start_grpc_servers(control: ControlPlane, bind_host: str = "::") -> list[Any
         "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS)", cfg.bootstrap_port, cfg.grpc_port
     )
     return [bootstrap, control_server]
+
+
+def check_port_free(port: int, field: str) -> None:
+    """gRPC binds with SO_REUSEPORT, so a port another nc holds would be shared silently,
+    and its own bind errors go to stderr as log lines: try the port here first."""
+    try:
+        listen_any(port).close()
+    except OSError as e:
+        raise NcError(f"cannot listen on :{port} ({e.strerror}); stop what uses it or change server.{field}") from None
 
 
 def bind(server: Any, address: str, creds: Any, field: str) -> None:
@@ -4371,21 +4580,28 @@ def detect_server_ip() -> str:
 
 
 @contextlib.contextmanager
-def work_dir_lock(work_dir: Path) -> Iterator[None]:
-    """One server per workDir: a second start fails fast instead of sharing the database."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = work_dir / "nc-server.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def work_dir_lock(work_dir: Path, mode: str = "server") -> Iterator[None]:
+    """One server (or client) per workDir: a second start fails fast, naming the first,
+    instead of sharing its database or TUN. The kernel drops the lock with the process."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work_dir / f"nc-{mode}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise NcError(os_error_line(e, f"give nc a writable {mode}.workDir")) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             raise NcError(
-                f"another nc server (pid {holder}) is running with workDir {work_dir}; stop it first"
+                f"another nc {mode} (pid {holder}) is running with workDir {work_dir}; stop it first"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            e.filename = str(work_dir)
+            raise NcError(os_error_line(e, f"free space there or set another {mode}.workDir")) from None
         yield
     finally:
         os.close(fd)
@@ -4449,11 +4665,23 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run_server(config: ServerConfig) -> int:
+def check_root(mode: str) -> None:
     if os.geteuid() != 0:
-        raise NcError("nc server must run as root (it creates a TUN device and routes)")
+        raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
+
+
+def run_server(config: ServerConfig) -> int:
+    check_root("server")
     raise_open_file_limit()
     os.umask(0o077)  # keys, the database and logs are for root only
+    try:
+        return serve(config)
+    except OSError as e:  # files of the workDir: a read-only or full disk
+        fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
+        raise NcError(os_error_line(e, fix)) from None
+
+
+def serve(config: ServerConfig) -> int:
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
         server_ip = str(config.server_overlay_ip)
@@ -4505,7 +4733,8 @@ def run_server(config: ServerConfig) -> int:
                 network.stop()
             for thread in threads:
                 thread.join(timeout=5.0)
-            store.reset_states(STATE_IDLE)
+            with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
+                store.reset_states(STATE_IDLE)
             store.close()
             threading.excepthook = threading.__excepthook__
             log.info("nc server stopped")
@@ -4658,10 +4887,44 @@ def has_credentials(work_dir: Path) -> bool:
     return all(path.exists() for path in node_files(work_dir).values())
 
 
+JOIN_MIN_FREE_BYTES = 1 << 20  # credentials, client.yml and a few days of logs
+
+
+def check_tun_device() -> None:
+    """/dev/net/tun can be opened (no device is made until TUNSETIFF)."""
+    try:
+        os.close(os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        fix = "run nc as root" if e.errno in (errno.EACCES, errno.EPERM) else "load the tun module (modprobe tun)"
+        raise TunError(f"/dev/net/tun: {e.strerror}; {fix}, or in a container pass in /dev/net/tun") from None
+
+
+def check_work_dir_usable(work_dir: Path) -> None:
+    """The work dir takes a file and has some room: checked before a bootstrap token is
+    spent, as a join that fails after GetToken leaves a used token and a node row."""
+    probe = work_dir / f".nc-probe.{os.getpid()}"
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_private(probe, b"\0" * 4096)
+        probe.unlink()
+        stat = os.statvfs(work_dir)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise NcError(os_error_line(e, "pick a writable --work-dir with free space; the token was not spent")) from None
+    free = stat.f_bavail * stat.f_frsize
+    if free < JOIN_MIN_FREE_BYTES:
+        raise NcError(
+            f"{work_dir}: only {free // 1024} KiB free, nc needs {JOIN_MIN_FREE_BYTES // 1024} KiB; free space "
+            "or pick another --work-dir; the token was not spent"
+        )
+
+
 def join(join_string: str, work_dir: Path) -> ClientConfig:
     """Fetch this node's token and certificates with a bootstrap token and save them."""
     _, pb, pb_grpc = grpc_modules()
     target = parse_join_string(join_string)
+    check_work_dir_usable(work_dir)
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
         response = call(
@@ -5003,6 +5266,24 @@ def adm_health(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def adm_backup(args: argparse.Namespace) -> int:
+    """A copy of the server's store, taken while it runs (sqlite's online backup)."""
+    config: ServerConfig = load_config(args.config, "server")
+    out = Path(args.out).resolve()
+    backup_database(config.db_path, out)
+    print(out)
+    return 0
+
+
+def adm_restore(args: argparse.Namespace) -> int:
+    """Put a backup in place of the store; only while the server is stopped (its lock is free)."""
+    config: ServerConfig = load_config(args.config, "server")
+    with work_dir_lock(Path(config.work_dir)):
+        restore_database(Path(args.source).resolve(), config.db_path)
+    print(f"restored {config.db_path} from {args.source}")
+    return 0
+
+
 # ============================================================================
 # 14. Logging and main
 #     Log files that rotate daily (seven kept), argparse subcommands, and the
@@ -5020,6 +5301,7 @@ class BelowWarning(logging.Filter):
 def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdout: bool = False) -> None:
     """stdout gets info lines, stderr warnings and errors, and with a log_dir a file
     `nc-<mode>.log` rotated at midnight (seven kept) always holds the latest lines."""
+    logging.raiseExceptions = False  # a full disk must not print a traceback for every log line
     root = logging.getLogger("nc")
     root.handlers.clear()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -5047,6 +5329,7 @@ def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdo
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    check_root("server")  # before the config and the log directory, which a user may not read
     config: ServerConfig = load_config(args.config, "server")
     setup_logging("server", config.log_dir, config.debug)
     return run_server(config)
@@ -5055,21 +5338,41 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     if args.config and args.join:
         raise UsageError("use either --config (saved credentials) or --join (first start), not both")
+    check_root("client")
     if args.join:
         work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
-        if has_credentials(work_dir):
-            setup_logging(None, None, False)
-            log.info("%s already holds credentials; not joining again", work_dir)
-            config = load_config(str(work_dir / "client.yml"), "client")
-        else:
-            setup_logging(None, None, False)
-            config = join(args.join, work_dir)
-    elif args.config:
+        setup_logging(None, None, False)
+        with work_dir_lock(work_dir, "client"):
+            return join_and_run(args.join, work_dir)
+    if args.config:
         config = load_config(args.config, "client")
     elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
         config = load_config(str(Path(args.work_dir) / "client.yml"), "client")
     else:
         raise UsageError("nc client needs --join '<join string>' on first start, or --config client.yml after")
+    with work_dir_lock(Path(config.work_dir), "client"):
+        return run_joined_client(config)
+
+
+def join_and_run(join_string: str, work_dir: Path) -> int:
+    """`nc client --join`: join unless the work dir already holds credentials, then run.
+    Credentials of a node the server no longer knows (unregistered) are replaced by a
+    join with this join string, so `--join NEW` after an unregister just works."""
+    if not has_credentials(work_dir):
+        check_tun_device()  # the rest of what a node needs is checked by join(), before the token is spent
+        return run_joined_client(join(join_string, work_dir))
+    log.info("%s already holds credentials; not joining again", work_dir)
+    config = load_config(str(work_dir / "client.yml"), "client")
+    try:
+        return run_joined_client(config)
+    except Refused as e:
+        if e.code != "unregistered":
+            raise
+        log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
+    return run_joined_client(join(join_string, work_dir))
+
+
+def run_joined_client(config: ClientConfig) -> int:
     setup_logging("client", config.log_dir, config.debug)
     if not config.server_addr or not config.token:
         raise ConfigError("client config needs client.serverAddr and client.token; join first with --join")
@@ -5195,6 +5498,16 @@ def build_parser() -> argparse.ArgumentParser:
     ca_cmds.add_parser(
         "status", parents=[output], help="expiry of the CAs, server certificates and admin identity"
     ).set_defaults(func=adm_ca_status)
+    backup = adm_cmds.add_parser(
+        "backup", help="copy the server's database (safe while it runs)", description=adm_backup.__doc__
+    )
+    backup.add_argument("--out", required=True, metavar="FILE", help="where to write the copy")
+    backup.set_defaults(func=adm_backup)
+    restore = adm_cmds.add_parser(
+        "restore", help="replace the server's database with a backup (server stopped)", description=adm_restore.__doc__
+    )
+    restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
+    restore.set_defaults(func=adm_restore)
 
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
     return parser
@@ -5244,6 +5557,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
+        return 1
+    except OSError as e:  # a file nc needs: missing, read-only, or on a full disk
+        print(f"nc: error: {os_error_line(e, 'check the path and the free space there')}", file=sys.stderr)
         return 1
 
 

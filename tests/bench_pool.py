@@ -5,7 +5,7 @@ that has none while every address is bound to an idle node, so each
 allocation evicts the longest-idle node:
 
 1. ncctl.Bindings over a real ncctl.Store (sqlite in a temp dir; WAL,
-   synchronous=FULL as the server runs it), timed through Bindings.ip_for:
+   synchronous=FULL as the server runs it), timed through Bindings.claim:
    pool choice + one store transaction (delete the victim, bind the new node)
    + the pool update + the server's log line (to a file, as the server does).
 2. the pure in-memory ncctl.AddressPool: choose() + assign().
@@ -107,7 +107,7 @@ def bench_bindings(work: Path, allocations: int) -> tuple[list[list[str]], list[
         load_s = time.perf_counter() - started
         if len(bindings.pool) != capacity:
             raise AssertionError(f"Bindings loaded {len(bindings.pool)} of {capacity} seeded bindings")
-        samples = timed(bindings.ip_for, fresh)
+        samples = timed(bindings.claim, fresh)
         checks = [
             f"seeded {capacity:,} bound + {allocations:,} unbound rows in {seed_s:.2f} s; "
             f"Bindings loaded them in {load_s:.2f} s",
@@ -123,7 +123,7 @@ def bench_bindings(work: Path, allocations: int) -> tuple[list[list[str]], list[
             raise AssertionError("LRU reclaim did not evict the longest-idle nodes: " + checks[-1])
     finally:
         store.close()
-    return [row("Bindings.ip_for (sqlite, evicts LRU)", samples)], checks
+    return [row("Bindings.claim (sqlite, evicts LRU)", samples)], checks
 
 
 def bench_memory(allocations: int) -> list[list[str]]:

@@ -1917,8 +1917,16 @@ class FrameBuffer:
 # ============================================================================
 
 SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are dropped
+# All sessions together queue at most this much; past it, only peers holding more
+# than their fair share lose packets, so one slow reader never costs the others.
+TOTAL_SEND_QUEUE_LIMIT = 64 * 1024 * 1024
+FAIR_SEND_QUEUE = 256 * 1024
 HANDSHAKE_TIMEOUT_S = 10.0
+# A server gives an unfinished TLS handshake, and then the hello, this long each: a
+# real node needs a few round trips, an idle connection only holds a slot.
+SERVER_HANDSHAKE_DEADLINE_S = 5.0
 MAX_PENDING_HANDSHAKES = 512
+MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
 RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
 
 
@@ -1982,10 +1990,25 @@ class BufferPool:
             self.free.append(buffer)
 
 
+class SendBudget:
+    """The bytes queued across all of a server's sessions (one thread touches it)."""
+
+    def __init__(self, limit: int = TOTAL_SEND_QUEUE_LIMIT, fair_share: int = FAIR_SEND_QUEUE) -> None:
+        self.limit = limit
+        self.fair_share = fair_share
+        self.queued = 0
+
+    def admits(self, link_queued: int) -> bool:
+        """Under the total everyone may queue; over it only peers within their fair share."""
+        return self.queued <= self.limit or link_queued < self.fair_share
+
+
 class Link:
     """One TLS stream of frames: receive buffer, bounded send queue, liveness times."""
 
-    def __init__(self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool | None = None) -> None:
+    def __init__(
+        self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool | None = None, budget: SendBudget | None = None
+    ) -> None:
         self.sock = sock
         # Reads and writes go straight to the C-level TLS object: the ssl.SSLSocket
         # methods add three Python frames of checks per call, which is measurable
@@ -1997,17 +2020,29 @@ class Link:
         self.rx: FrameBuffer = None if buffers else FrameBuffer()  # type: ignore[assignment]
         self.out: list[bytes] = []
         self.queued = 0
+        self.budget = budget
         self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
         self.last_rx = self.last_tx = time.monotonic()
         self.closed = False
 
     def queue(self, frame: bytes) -> bool:
-        """Queue a frame; False (the caller counts the drop) when the peer is this far behind."""
-        if self.queued > SEND_QUEUE_LIMIT:
+        """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
+        or when all peers together are and this one holds more than its share."""
+        if self.queued > SEND_QUEUE_LIMIT or (self.budget is not None and not self.budget.admits(self.queued)):
             return False
         self.out.append(frame)
-        self.queued += len(frame)
+        self._count(len(frame))
         return True
+
+    def _count(self, delta: int) -> None:
+        self.queued += delta
+        if self.budget is not None:
+            self.budget.queued += delta
+
+    def drop_queue(self) -> None:
+        """Forget the queued frames; a write OpenSSL started must still finish as-is."""
+        self.out.clear()
+        self._count((len(self.pending) if self.pending is not None else 0) - self.queued)
 
     def flush(self) -> bool:
         """Write what is queued; False when the socket is full (wait for EPOLLOUT)."""
@@ -2019,7 +2054,7 @@ class Link:
                 self.tls.write(self.pending)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 return False
-            self.queued -= len(self.pending)
+            self._count(-len(self.pending))
             self.pending = None
             self.last_tx = time.monotonic()
         return True
@@ -2056,6 +2091,9 @@ class Link:
 
     def close(self) -> None:
         self.closed = True
+        self.out.clear()
+        self.pending = None
+        self._count(-self.queued)
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -2070,11 +2108,13 @@ class Phase:
 
 
 class ServerSession(Link):
-    def __init__(self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool) -> None:
-        super().__init__(sock, peer, buffers)
-        self.phase = Phase.TLS
-        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        self.cert_token = ""
+    """A node's stream once TLS is done (the Handshaker did that part): hello, then packets."""
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool, budget: SendBudget) -> None:
+        super().__init__(sock, peer, buffers, budget)
+        self.phase = Phase.HELLO
+        self.deadline = time.monotonic() + SERVER_HANDSHAKE_DEADLINE_S
+        self.cert_token = peer_cert_common_name(sock)
         self.node_token = ""
         self.ip = 0
         self.caps: tuple[str, ...] = ()
@@ -2086,6 +2126,140 @@ class ServerSession(Link):
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
+
+
+class PendingHandshake:
+    __slots__ = ("deadline", "peer", "source", "tls")
+
+    def __init__(self, tls: ssl.SSLSocket, peer: str, source: str) -> None:
+        self.tls, self.peer, self.source = tls, peer, source
+        self.deadline = time.monotonic() + SERVER_HANDSHAKE_DEADLINE_S
+
+
+class Handshaker(threading.Thread):
+    """Owns the data-plane listener: accepts, runs TLS handshakes on its own epoll, and
+    hands finished ones to the packet loop. An address gets MAX_PENDING_PER_SOURCE
+    unfinished handshakes, everyone MAX_PENDING_HANDSHAKES, each for
+    SERVER_HANDSHAKE_DEADLINE_S; so one flooding address cannot lock nodes out, and the
+    handshake's crypto (OpenSSL drops the GIL for it) never runs on the packet loop."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        tls: ssl.SSLContext,
+        deliver: Callable[[ssl.SSLSocket, str], None],
+    ) -> None:
+        super().__init__(name="network-handshakes", daemon=True)
+        self.listener = listener
+        self.tls = tls
+        self.deliver = deliver
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.note = RateLimitedLog()
+        self.pending: dict[int, PendingHandshake] = {}
+        self.per_source: collections.Counter[str] = collections.Counter()
+        self.stopping = threading.Event()
+        self.epoll = select.epoll()
+        self.paused_until = 0.0  # accept() ran out of file descriptors; try again then
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=10.0)
+        for pending in list(self.pending.values()):
+            self._drop(pending)
+        self.epoll.close()
+
+    def run(self) -> None:
+        listener = self.listener.fileno()
+        self.epoll.register(listener, select.EPOLLIN)
+        next_sweep = time.monotonic() + 1.0
+        while not self.stopping.is_set():
+            for fd, _ in self.epoll.poll(0.25):
+                if fd == listener:
+                    self._accept()
+                elif (pending := self.pending.get(fd)) is not None:
+                    self._step(pending)
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + 0.5
+                self._expire(now)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: pause accepting for a second, keep serving
+                self.note("accept", "accept failed: %s; pausing new connections", e.strerror)
+                self.epoll.modify(self.listener.fileno(), 0)
+                self.paused_until = time.monotonic() + 1.0
+                return
+            source = unmapped(address[0])
+            if len(self.pending) >= MAX_PENDING_HANDSHAKES or self.per_source[source] >= MAX_PENDING_PER_SOURCE:
+                self._refuse_busy(sock, source)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:  # reset before we looked at it
+                sock.close()
+                continue
+            pending = PendingHandshake(tls, host_port(source, address[1]), source)
+            self.pending[tls.fileno()] = pending
+            self.per_source[source] += 1
+            self.epoll.register(tls.fileno(), select.EPOLLIN)
+            self._step(pending)
+
+    def _refuse_busy(self, sock: socket.socket, source: str) -> None:
+        """Close at once, with a reset: the slot stays free and no FIN_WAIT lingers."""
+        self.counters["refused-busy"] += 1
+        self.note("busy:" + source, "too many unfinished handshakes from %s; refusing more", source)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def _step(self, pending: PendingHandshake) -> None:
+        try:
+            pending.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.epoll.modify(pending.tls.fileno(), select.EPOLLIN)
+            return
+        except ssl.SSLWantWriteError:
+            self.epoll.modify(pending.tls.fileno(), select.EPOLLOUT)
+            return
+        except (ssl.SSLError, OSError) as e:
+            self.counters["tls-failures"] += 1
+            log.debug("TLS handshake from %s failed: %s", pending.peer, getattr(e, "reason", None) or e)
+            self._drop(pending)
+            return
+        self._forget(pending)
+        log.debug("TLS from %s: %s", pending.peer, pending.tls.cipher())
+        self.deliver(pending.tls, pending.peer)
+
+    def _expire(self, now: float) -> None:
+        if self.paused_until and now >= self.paused_until:
+            self.paused_until = 0.0
+            self.epoll.modify(self.listener.fileno(), select.EPOLLIN)
+        for pending in [p for p in self.pending.values() if now > p.deadline]:
+            self.counters["handshake-timeouts"] += 1
+            self._drop(pending)
+
+    def _forget(self, pending: PendingHandshake) -> None:
+        fd = pending.tls.fileno()
+        if self.pending.pop(fd, None) is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(fd)
+        self.per_source[pending.source] -= 1
+        if self.per_source[pending.source] <= 0:
+            del self.per_source[pending.source]
+
+    def _drop(self, pending: PendingHandshake) -> None:
+        self._forget(pending)
+        with contextlib.suppress(OSError):
+            pending.tls.close()
 
 
 class StoreWorker(threading.Thread):
@@ -2185,8 +2359,8 @@ class NetworkServer:
         self.sessions: dict[int, ServerSession] = {}
         self.by_token: dict[str, ServerSession] = {}
         self.dirty: set[ServerSession] = set()
-        self.unauthenticated: set[ServerSession] = set()  # TLS or hello still to come
-        self.accept_paused = False
+        self.unauthenticated: set[ServerSession] = set()  # the hello is still to come
+        self.send_budget = SendBudget()
         self.next_report = 0.0  # when the debug log gets the counters next
         self.counters: collections.Counter[str] = collections.Counter()
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -2202,10 +2376,10 @@ class NetworkServer:
     def start(self) -> None:
         self.tls = self._tls_context()
         self.listener = self._listen()
+        self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.epoll = Poller()
-        for fd in (self.listener.fileno(), self.wake_r):
-            self.epoll.register(fd, select.EPOLLIN)
+        self.epoll.register(self.wake_r, select.EPOLLIN)
         try:
             if self.config.gateway:
                 self.forwarding.enable()
@@ -2218,6 +2392,7 @@ class NetworkServer:
             raise
         self.worker.start()
         self.thread.start()
+        self.handshaker.start()
         log.info(
             "network service on :%d (TLS 1.3), mtu %d, %d network(s)",
             self.config.port,
@@ -2226,6 +2401,7 @@ class NetworkServer:
         )
 
     def stop(self) -> None:
+        self.handshaker.stop()
         self.stopping.set()
         self._wake()
         self.thread.join(timeout=10.0)
@@ -2295,6 +2471,10 @@ class NetworkServer:
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self.wake_w, b"!")
 
+    def _deliver_handshake(self, tls: ssl.SSLSocket, peer: str) -> None:
+        """From the Handshaker: a stream whose TLS is done joins the loop."""
+        self.call_soon(lambda: self._adopt(tls, peer))
+
     def disconnect(self, token: str, reason: str) -> None:
         """End the node's live session (if any), telling it not to come back."""
         self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
@@ -2302,7 +2482,7 @@ class NetworkServer:
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:
-        sessions, tun_planes, listener = self.sessions, self.tun_planes, self.listener.fileno()
+        sessions, tun_planes = self.sessions, self.tun_planes
         next_tick = time.monotonic() + 1.0
         try:
             while not self.stopping.is_set():
@@ -2311,8 +2491,6 @@ class NetworkServer:
                         self._service(session, events)
                     elif (plane := tun_planes.get(fd)) is not None:
                         self._read_tun(plane)
-                    elif fd == listener:
-                        self._accept()
                     elif fd == self.wake_r:
                         self._run_commands()
                 self._flush_dirty()
@@ -2337,37 +2515,19 @@ class NetworkServer:
             except queue.Empty:
                 return
 
-    def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                sock, address = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE and friends: pause accepting for a second, keep serving
-                self.note("accept", "accept failed: %s; pausing new connections", e.strerror)
-                self.epoll.modify(self.listener.fileno(), 0)
-                self.accept_paused = True
-                return
-            if len(self.unauthenticated) >= MAX_PENDING_HANDSHAKES:
-                self.counters["refused-busy"] += 1
-                self.note("busy", "too many unfinished handshakes; refusing %s", unmapped(address[0]))
-                sock.close()
-                continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            session = ServerSession(tls, host_port(unmapped(address[0]), address[1]), self.buffers)
-            self.sessions[session.fd] = session
-            self.unauthenticated.add(session)
-            self.epoll.register(session.fd, select.EPOLLIN)
-            self._handshake(session)
+    def _adopt(self, tls: ssl.SSLSocket, peer: str) -> None:
+        if self.stopping.is_set():
+            tls.close()
+            return
+        session = ServerSession(tls, peer, self.buffers, self.send_budget)
+        self.sessions[session.fd] = session
+        self.unauthenticated.add(session)
+        self.epoll.register(session.fd, select.EPOLLIN)
+        log.debug("TLS from %s: certificate CN %s", peer, session.cert_token)
+        self._service(session, select.EPOLLIN)  # the hello may have come with the handshake
 
     def _service(self, session: ServerSession, events: int) -> None:
         try:
-            if session.phase == Phase.TLS:
-                self._handshake(session)
-                if session.phase == Phase.TLS:
-                    return
             if events & select.EPOLLOUT:
                 self._flush(session)
             if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
@@ -2382,23 +2542,6 @@ class NetworkServer:
         except Exception:  # a bug must cost one session, never the loop
             log.exception("unexpected error in %r; closing it", session)
             self._close(session, "internal error")
-
-    def _handshake(self, session: ServerSession) -> None:
-        try:
-            session.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            return
-        except ssl.SSLWantWriteError:
-            self._watch_writable(session, True)
-            return
-        except (ssl.SSLError, OSError) as e:
-            self.counters["tls-failures"] += 1
-            self._close(session, f"TLS handshake failed: {getattr(e, 'reason', None) or e}")
-            return
-        self._watch_writable(session, False)
-        session.cert_token = peer_cert_common_name(session.sock)
-        session.phase = Phase.HELLO
-        log.debug("TLS from %s: %s, certificate CN %s", session.peer, session.sock.cipher(), session.cert_token)
 
     def _handle_frames(self, session: ServerSession) -> None:
         view = session.rx.view
@@ -2631,14 +2774,16 @@ class NetworkServer:
         if now >= self.next_report:
             self.next_report = now + 60.0
             log.debug(
-                "%d session(s), %d connected; counters %s", len(self.sessions), len(self.by_token), dict(self.counters)
+                "%d session(s), %d connected, %d byte(s) queued; counters %s, handshakes %s",
+                len(self.sessions),
+                len(self.by_token),
+                self.send_budget.queued,
+                dict(self.counters),
+                dict(self.handshaker.counters),
             )
-        if self.accept_paused:
-            self.accept_paused = False
-            self.epoll.modify(self.listener.fileno(), select.EPOLLIN)
         silent_after = 3 * self.keepalive
         for session in list(self.sessions.values()):
-            if session.phase in (Phase.TLS, Phase.HELLO) and now > session.deadline:
+            if session.phase == Phase.HELLO and now > session.deadline:
                 self.counters["handshake-timeouts"] += 1
                 self._close(session, "handshake timed out", quiet=True)
             elif session.phase == Phase.CLOSING and now > session.deadline:
@@ -2664,8 +2809,7 @@ class NetworkServer:
             self._close(session, reason)
             return
         self._detach(session)
-        session.out.clear()  # queued packets are dropped; a started TLS write must finish
-        session.queued = len(session.pending) if session.pending is not None else 0
+        session.drop_queue()  # queued packets are dropped; a started TLS write must finish
         session.queue(refusal.encode())
         session.phase = Phase.CLOSING
         session.deadline = time.monotonic() + 1.0

@@ -3575,7 +3575,37 @@ def build_services(controller: Controller) -> tuple[Any, Any, Any]:
     return Bootstrap(), Control(), Admin()
 
 
-def start_grpc_servers(controller: Controller, bind_host: str = "::") -> list[Any]:
+GRPC_MAX_CONNECTIONS = 4096  # per gRPC port, before the file-descriptor share below
+GRPC_FD_SHARE = 0.2  # of RLIMIT_NOFILE, per gRPC port: both together leave 60 % to the data plane
+GRPC_MAX_CONCURRENT_RPCS = 64  # per server; more are answered RESOURCE_EXHAUSTED at once
+
+
+def grpc_connection_cap(fd_limit: int) -> int:
+    """Connections one gRPC port may hold, so that floods on 6439/6440 cannot take the
+    file descriptors the data plane needs for its sessions."""
+    return max(16, min(GRPC_MAX_CONNECTIONS, int(fd_limit * GRPC_FD_SHARE)))
+
+
+def grpc_server_options(max_connections: int) -> list[tuple[str, int]]:
+    """Channel args (grpc core) that bound what one connection, and all of them, may hold.
+    grpc core has no per-source limit: the cap is per port, and the short handshake
+    timeout is what frees a flooded port again."""
+    return [
+        ("grpc.max_allowed_incoming_connections", max_connections),  # past it: accepted and closed at once
+        ("grpc.server_handshake_timeout_ms", 5_000),  # TCP up but no TLS/HTTP2 preface: closed (default 120 s)
+        ("grpc.max_connection_idle_ms", 60_000),  # no call for a minute: GOAWAY (clients reconnect on demand)
+        ("grpc.max_connection_age_ms", 600_000),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+        ("grpc.keepalive_time_ms", 30_000),  # ping a quiet connection, and drop it if no answer
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # a client pinging faster gets strikes
+        ("grpc.http2.max_ping_strikes", 2),  # and then GOAWAY
+        ("grpc.max_concurrent_streams", 32),
+        ("grpc.max_receive_message_length", 1024 * 1024),
+    ]
+
+
+def start_grpc_servers(controller: Controller, bind_host: str = "::", fd_limit: int = 1024) -> list[Any]:
     """The bootstrap server (server TLS) and the control server (mutual TLS)."""
     from concurrent import futures
 
@@ -3586,12 +3616,22 @@ def start_grpc_servers(controller: Controller, bind_host: str = "::") -> list[An
     chain = pki.grpc.server_chain_pem()
     ca = pki.grpc.ca_path.read_bytes()
 
-    bootstrap = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"))
+    cap = grpc_connection_cap(fd_limit)
+    options = grpc_server_options(cap)
+    bootstrap = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"),
+        options=options,
+        maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS,
+    )
     pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(bootstrap_svc, bootstrap)
     creds = grpc.ssl_server_credentials([(grpc_key, chain)])
     bind(bootstrap, f"{host_port(bind_host, cfg.bootstrap_port)}", creds, "bootstrapPort")
 
-    control = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-control"))
+    control = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-control"),
+        options=options,
+        maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS,
+    )
     pb_grpc.add_LiteKubeNCServiceServicer_to_server(control_svc, control)
     pb_grpc.add_NcAdminServiceServicer_to_server(admin_svc, control)
     mtls = grpc.ssl_server_credentials([(grpc_key, chain)], root_certificates=ca, require_client_auth=True)
@@ -3600,7 +3640,10 @@ def start_grpc_servers(controller: Controller, bind_host: str = "::") -> list[An
     bootstrap.start()
     control.start()
     log.info(
-        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS)", cfg.bootstrap_port, cfg.grpc_port
+        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS), %d connections each",
+        cfg.bootstrap_port,
+        cfg.grpc_port,
+        cap,
     )
     return [bootstrap, control]
 
@@ -3689,19 +3732,71 @@ def wait_for_stop_signal(stop: threading.Event) -> None:
         pass
 
 
-def raise_open_file_limit() -> None:
-    """Every node holds a socket: take the hard limit, not the default 1024."""
+def raise_open_file_limit() -> int:
+    """Every node holds a socket: take the hard limit, not the default 1024. Returns the
+    limit now in force, which the gRPC servers' connection caps are cut from."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+)
+
+
+class MemoryTrimmer(threading.Thread):
+    """Gives freed heap back to the kernel after a flood. glibc keeps what tens of
+    thousands of connections freed in its arenas for reuse, so RSS never falls by
+    itself; malloc_trim returns the free pages. It runs only when the free heap has
+    grown by TRIM_AFTER since the last trim, so a steady server never pays for it."""
+
+    TRIM_AFTER = 16 * 1024 * 1024
+
+    def __init__(self, stop: threading.Event, interval: float = 5.0) -> None:
+        super().__init__(name="memory-trimmer", daemon=True)
+        self.stop = stop
+        self.interval = interval
+
+    def run(self) -> None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            trim, info = libc.malloc_trim, libc.mallinfo2
+        except (OSError, AttributeError):  # not glibc (or older than 2.33): nothing to do
+            return
+        info.restype = type(
+            "mallinfo2", (ctypes.Structure,), {"_fields_": [(name, ctypes.c_size_t) for name in MALLINFO2_FIELDS]}
+        )
+        trim.argtypes = [ctypes.c_size_t]
+        low = info().fordblks
+        while not self.stop.wait(self.interval):
+            free = info().fordblks
+            if free > low + self.TRIM_AFTER:
+                trim(0)
+                log.debug("returned free heap to the kernel (%d MiB free in the arenas)", free >> 20)
+                low = free
+            low = min(low, free)
 
 
 def run_server(config: ServerConfig) -> int:
     if os.geteuid() != 0:
         raise NcError("nc server must run as root (it creates a TUN device and routes)")
-    raise_open_file_limit()
+    fd_limit = raise_open_file_limit()
     os.umask(0o077)  # keys, the database and logs are for root only
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
@@ -3732,8 +3827,8 @@ def run_server(config: ServerConfig) -> int:
             network = NetworkServer(config, store, overlays, pki)
             network.start()
             controller.sessions = network
-            servers = start_grpc_servers(controller)
-            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
+            servers = start_grpc_servers(controller, fd_limit=fd_limit)
+            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop), MemoryTrimmer(stop)]
             for thread in threads:
                 thread.start()
             log.info("nc server ready; join string pin %s", pki.ca_pin())

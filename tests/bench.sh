@@ -3,7 +3,8 @@
 #   throughput  nc vs OpenVPN 2.6 vs underlay: iperf3 and ping   (tests/bench_throughput.py)
 #   scale       one nc server, 1000 simulated nodes              (tests/bench_scale.py)
 #   pool        full /16 address pool, LRU reclaim               (tests/bench_pool.py)
-#   all         the three, one after the other (default)
+#   floods      1000 idle connections per port from one address  (tests/bench_floods.py)
+#   all         the four, one after the other (default)
 # Extra arguments go to the one benchmark named, e.g.
 #   tests/bench.sh throughput --seconds 3 --repeat 1
 #   tests/bench.sh scale --nodes 2000
@@ -13,19 +14,19 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 [ $# -gt 0 ] && shift
 case "$what" in
-    throughput | scale | pool) ;;
+    throughput | scale | pool | floods) ;;
     all)
         if [ $# -gt 0 ]; then
-            echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale or pool)" >&2
+            echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool or floods)" >&2
             exit 2
         fi
         ;;
     -h | --help)
-        sed -n '2,9s/^# \{0,1\}//p' "$0"
+        sed -n '2,10s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)
-        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool or all" >&2
+        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, floods or all" >&2
         exit 2
         ;;
 esac
@@ -55,6 +56,7 @@ if [ "$what" = all ]; then
     run pool
     run scale
     run throughput
+    run floods
 else
     run "$what" "$@"
 fi

@@ -3606,8 +3606,166 @@ def grpc_server_options(max_connections: int) -> list[tuple[str, int]]:
     ]
 
 
-def start_grpc_servers(controller: Controller, bind_host: str = "::", fd_limit: int = 1024) -> list[Any]:
-    """The bootstrap server (server TLS) and the control server (mutual TLS)."""
+GRPC_MAX_PER_SOURCE = 64  # connections one address may hold on one gRPC port (loopback: no limit)
+GUARD_CHUNK = 64 * 1024
+
+
+class Splice:
+    """One caller's connection to a public gRPC port and its twin to the private one.
+    Bytes pass through untouched (TLS stays end to end); `out` holds what a side
+    could not take yet, and its source is not read until that is written."""
+
+    __slots__ = ("backend", "client", "out", "port", "source")
+
+    def __init__(self, port: GuardedPort, client: socket.socket, source: str) -> None:
+        self.port, self.client, self.source = port, client, source
+        self.backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.backend.setblocking(False)
+        self.backend.connect_ex(("127.0.0.1", port.backend_port))  # loopback: done at once, or EPOLLOUT
+        self.out = {client.fileno(): b"", self.backend.fileno(): b""}
+
+    def side(self, fd: int) -> socket.socket:
+        return self.client if fd == self.client.fileno() else self.backend
+
+    def other(self, fd: int) -> socket.socket:
+        return self.backend if fd == self.client.fileno() else self.client
+
+
+class GuardedPort:
+    """A public gRPC port: who holds how many connections to it."""
+
+    def __init__(self, listener: socket.socket, name: str, cap: int) -> None:
+        self.listener, self.name, self.cap = listener, name, cap
+        self.backend_port = 0  # the gRPC server's private loopback port, known once it is bound
+        self.per_source: collections.Counter[str] = collections.Counter()
+        self.total = 0
+
+
+class GrpcGuard(threading.Thread):
+    """The accept side of the gRPC ports, which grpc core cannot limit per address:
+    the servers listen on private loopback ports, and this loop accepts on the public
+    ones, refuses (with a reset) an address past GRPC_MAX_PER_SOURCE or everyone past
+    the port's cap, and splices the rest through. gRPC's own handshake and idle
+    timeouts still end idle connections: their close passes back through here."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__(name="grpc-guard", daemon=True)
+        self.stop = stop
+        self.ports: dict[int, GuardedPort] = {}  # listener fd -> port
+        self.splices: dict[int, Splice] = {}  # either side's fd -> splice
+        self.epoll = select.epoll()
+        self.note = RateLimitedLog()
+
+    def listen(self, port: int, name: str, cap: int, field: str) -> GuardedPort:
+        try:
+            listener = listen_any(port)
+        except OSError as e:
+            raise NcError(f"cannot listen on :{port} ({e.strerror}); change server.{field}") from None
+        listener.setblocking(False)
+        guarded = GuardedPort(listener, name, cap)
+        self.ports[listener.fileno()] = guarded
+        return guarded
+
+    def close(self) -> None:
+        for splice in list(self.splices.values()):
+            self._close(splice)
+        for port in self.ports.values():
+            port.listener.close()
+        self.epoll.close()
+
+    def run(self) -> None:
+        for fd in self.ports:
+            self.epoll.register(fd, select.EPOLLIN)
+        try:
+            while not self.stop.is_set():
+                for fd, events in self.epoll.poll(0.5):
+                    if (port := self.ports.get(fd)) is not None:
+                        self._accept(port)
+                    elif (splice := self.splices.get(fd)) is not None:
+                        self._pump(splice, fd, events)
+        finally:
+            self.close()
+
+    def _accept(self, port: GuardedPort) -> None:
+        for _ in range(64):
+            try:
+                sock, address = port.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of file descriptors: the caller retries; never the data plane's
+                self.note("accept:" + port.name, "gRPC %s port: accept failed: %s", port.name, e.strerror)
+                return
+            source = unmapped(address[0])
+            local = ipaddress.ip_address(source).is_loopback
+            if port.total >= port.cap or (not local and port.per_source[source] >= GRPC_MAX_PER_SOURCE):
+                self.note(
+                    "busy:" + source, "gRPC %s port: too many connections from %s; refusing more", port.name, source
+                )
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                continue
+            sock.setblocking(False)
+            try:
+                splice = Splice(port, sock, source)
+            except OSError:
+                sock.close()
+                continue
+            port.total += 1
+            port.per_source[source] += 1
+            for side in (splice.client, splice.backend):
+                self.splices[side.fileno()] = splice
+                self.epoll.register(side.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def _pump(self, splice: Splice, fd: int, events: int) -> None:
+        this, other = splice.side(fd), splice.other(fd)
+        waiting = splice.out[other.fileno()]  # bytes from this side the other has not taken yet
+        if events & (select.EPOLLHUP | select.EPOLLERR) and (waiting or not events & select.EPOLLIN):
+            self._close(splice)  # reset, or gone while its twin lags: nothing more will pass
+            return
+        try:
+            if events & select.EPOLLOUT and splice.out[fd]:
+                splice.out[fd] = splice.out[fd][this.send(splice.out[fd]) :]
+            if events & select.EPOLLIN and not waiting:
+                data = this.recv(GUARD_CHUNK)
+                if not data:
+                    self._close(splice)
+                    return
+                try:
+                    sent = other.send(data)
+                except BlockingIOError:
+                    sent = 0
+                splice.out[other.fileno()] = data[sent:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._close(splice)
+            return
+        for side in (this, other):  # read a side only while its twin can take more
+            twin = splice.other(side.fileno())
+            reading = 0 if splice.out[twin.fileno()] else select.EPOLLIN
+            self.epoll.modify(side.fileno(), reading | (select.EPOLLOUT if splice.out[side.fileno()] else 0))
+
+    def _close(self, splice: Splice) -> None:
+        for side in (splice.client, splice.backend):
+            if self.splices.pop(side.fileno(), None) is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(side.fileno())
+            side.close()
+        port = splice.port
+        if splice.source in port.per_source:
+            port.total -= 1
+            port.per_source[splice.source] -= 1
+            if port.per_source[splice.source] <= 0:
+                del port.per_source[splice.source]
+        splice.source = ""  # counted down once
+
+
+def start_grpc_servers(
+    controller: Controller, guard: GrpcGuard, bind_host: str = "127.0.0.1", fd_limit: int = 1024
+) -> list[Any]:
+    """The bootstrap server (server TLS) and the control server (mutual TLS), on private
+    loopback ports behind the guard's public ones."""
     from concurrent import futures
 
     grpc, _, pb_grpc = grpc_modules()
@@ -3619,6 +3777,8 @@ def start_grpc_servers(controller: Controller, bind_host: str = "::", fd_limit: 
 
     cap = grpc_connection_cap(fd_limit)
     options = grpc_server_options(cap)
+    public_bootstrap = guard.listen(cfg.bootstrap_port, "bootstrap", cap, "bootstrapPort")
+    public_control = guard.listen(cfg.grpc_port, "control", cap, "grpcPort")
     bootstrap = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"),
         options=options,
@@ -3626,7 +3786,7 @@ def start_grpc_servers(controller: Controller, bind_host: str = "::", fd_limit: 
     )
     pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(bootstrap_svc, bootstrap)
     creds = grpc.ssl_server_credentials([(grpc_key, chain)])
-    bind(bootstrap, f"{host_port(bind_host, cfg.bootstrap_port)}", creds, "bootstrapPort")
+    public_bootstrap.backend_port = bind(bootstrap, host_port(bind_host, 0), creds, "bootstrapPort")
 
     control = grpc.server(
         futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-control"),
@@ -3636,26 +3796,28 @@ def start_grpc_servers(controller: Controller, bind_host: str = "::", fd_limit: 
     pb_grpc.add_LiteKubeNCServiceServicer_to_server(control_svc, control)
     pb_grpc.add_NcAdminServiceServicer_to_server(admin_svc, control)
     mtls = grpc.ssl_server_credentials([(grpc_key, chain)], root_certificates=ca, require_client_auth=True)
-    bind(control, f"{host_port(bind_host, cfg.grpc_port)}", mtls, "grpcPort")
+    public_control.backend_port = bind(control, host_port(bind_host, 0), mtls, "grpcPort")
 
     bootstrap.start()
     control.start()
     log.info(
-        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS), %d connections each",
+        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS); %d connections each, %d per address",
         cfg.bootstrap_port,
         cfg.grpc_port,
         cap,
+        GRPC_MAX_PER_SOURCE,
     )
     return [bootstrap, control]
 
 
-def bind(server: Any, address: str, creds: Any, field: str) -> None:
+def bind(server: Any, address: str, creds: Any, field: str) -> int:
     try:
         port = server.add_secure_port(address, creds)
     except RuntimeError:
         port = 0
     if port == 0:
         raise NcError(f"cannot listen on {address}: address in use or not available; change server.{field}")
+    return port
 
 
 # ============================================================================
@@ -3843,8 +4005,13 @@ def run_server(config: ServerConfig) -> int:
             network = NetworkServer(config, store, overlays, pki)
             network.start()
             controller.sessions = network
-            servers = start_grpc_servers(controller, fd_limit=fd_limit)
-            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop), MemoryTrimmer(stop)]
+            guard = GrpcGuard(stop)
+            try:
+                servers = start_grpc_servers(controller, guard, fd_limit=fd_limit)
+            except BaseException:
+                guard.close()  # its public ports; the thread never started
+                raise
+            threads = [guard, TokenSweeper(store, stop), CacheSync(overlays, stop), MemoryTrimmer(stop)]
             for thread in threads:
                 thread.start()
             log.info("nc server ready; join string pin %s", pki.ca_pin())

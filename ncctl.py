@@ -2830,8 +2830,16 @@ class FrameBuffer:
 # ============================================================================
 
 SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are dropped
+# All sessions together queue at most this much; past it, only peers holding more
+# than their fair share lose packets, so one slow reader never costs the others.
+TOTAL_SEND_QUEUE_LIMIT = 64 * 1024 * 1024
+FAIR_SEND_QUEUE = 256 * 1024
 HANDSHAKE_TIMEOUT_S = 10.0
+# A server gives an unfinished TLS handshake, and then the hello, this long each: a
+# real node needs a few round trips, an idle connection only holds a slot.
+SERVER_HANDSHAKE_DEADLINE_S = 5.0
 MAX_PENDING_HANDSHAKES = 512
+MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
 RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
 # A peer that sends more malformed frames than this within the window is cut off:
 # a real node sends none, so this only ends floods (each bad frame costs a log check).
@@ -2900,10 +2908,25 @@ class BufferPool:
             self.free.append(buffer)
 
 
+class SendBudget:
+    """The bytes queued across all of a server's sessions (one thread touches it)."""
+
+    def __init__(self, limit: int = TOTAL_SEND_QUEUE_LIMIT, fair_share: int = FAIR_SEND_QUEUE) -> None:
+        self.limit = limit
+        self.fair_share = fair_share
+        self.queued = 0
+
+    def admits(self, link_queued: int) -> bool:
+        """Under the total everyone may queue; over it only peers within their fair share."""
+        return self.queued <= self.limit or link_queued < self.fair_share
+
+
 class Link:
     """One TLS stream of frames: receive buffer, bounded send queue, liveness times."""
 
-    def __init__(self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool | None = None) -> None:
+    def __init__(
+        self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool | None = None, budget: SendBudget | None = None
+    ) -> None:
         self.sock = sock
         # Reads and writes go straight to the C-level TLS object: the ssl.SSLSocket
         # methods add three Python frames of checks per call, which is measurable
@@ -2915,17 +2938,29 @@ class Link:
         self.rx: FrameBuffer = None if buffers else FrameBuffer()  # type: ignore[assignment]
         self.out: list[bytes] = []
         self.queued = 0
+        self.budget = budget
         self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
         self.last_rx = self.last_tx = time.monotonic()
         self.closed = False
 
     def queue(self, frame: bytes) -> bool:
-        """Queue a frame; False (the caller counts the drop) when the peer is this far behind."""
-        if self.queued > SEND_QUEUE_LIMIT:
+        """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
+        or when all peers together are and this one holds more than its share."""
+        if self.queued > SEND_QUEUE_LIMIT or (self.budget is not None and not self.budget.admits(self.queued)):
             return False
         self.out.append(frame)
-        self.queued += len(frame)
+        self._count(len(frame))
         return True
+
+    def _count(self, delta: int) -> None:
+        self.queued += delta
+        if self.budget is not None:
+            self.budget.queued += delta
+
+    def drop_queue(self) -> None:
+        """Forget the queued frames; a write OpenSSL started must still finish as-is."""
+        self.out.clear()
+        self._count((len(self.pending) if self.pending is not None else 0) - self.queued)
 
     def flush(self) -> bool:
         """Write what is queued; False when the socket is full (wait for EPOLLOUT)."""
@@ -2937,7 +2972,7 @@ class Link:
                 self.tls.write(self.pending)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 return False
-            self.queued -= len(self.pending)
+            self._count(-len(self.pending))
             self.pending = None
             self.last_tx = time.monotonic()
         return True
@@ -2974,6 +3009,9 @@ class Link:
 
     def close(self) -> None:
         self.closed = True
+        self.out.clear()
+        self.pending = None
+        self._count(-self.queued)
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -2988,11 +3026,13 @@ class Phase:
 
 
 class ServerSession(Link):
-    def __init__(self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool) -> None:
-        super().__init__(sock, peer, buffers)
-        self.phase = Phase.TLS
-        self.deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
-        self.cert: PeerCert | None = None  # the client certificate, once TLS is done
+    """A node's stream once TLS is done (the Handshaker did that part): hello, then packets."""
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool, budget: SendBudget) -> None:
+        super().__init__(sock, peer, buffers, budget)
+        self.phase = Phase.HELLO
+        self.deadline = time.monotonic() + SERVER_HANDSHAKE_DEADLINE_S
+        self.cert = peer_cert(sock.getpeercert(binary_form=True) or b"")  # who the node's certificate names
         self.node_token = ""
         self.ip = 0
         self.caps: tuple[str, ...] = ()
@@ -3006,6 +3046,140 @@ class ServerSession(Link):
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
+
+
+class PendingHandshake:
+    __slots__ = ("deadline", "peer", "source", "tls")
+
+    def __init__(self, tls: ssl.SSLSocket, peer: str, source: str) -> None:
+        self.tls, self.peer, self.source = tls, peer, source
+        self.deadline = time.monotonic() + SERVER_HANDSHAKE_DEADLINE_S
+
+
+class Handshaker(threading.Thread):
+    """Owns the data-plane listener: accepts, runs TLS handshakes on its own epoll, and
+    hands finished ones to the packet loop. An address gets MAX_PENDING_PER_SOURCE
+    unfinished handshakes, everyone MAX_PENDING_HANDSHAKES, each for
+    SERVER_HANDSHAKE_DEADLINE_S; so one flooding address cannot lock nodes out, and the
+    handshake's crypto (OpenSSL drops the GIL for it) never runs on the packet loop."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        tls: ssl.SSLContext,
+        deliver: Callable[[ssl.SSLSocket, str], None],
+    ) -> None:
+        super().__init__(name="network-handshakes", daemon=True)
+        self.listener = listener
+        self.tls = tls
+        self.deliver = deliver
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.note = RateLimitedLog()
+        self.pending: dict[int, PendingHandshake] = {}
+        self.per_source: collections.Counter[str] = collections.Counter()
+        self.stopping = threading.Event()
+        self.epoll = select.epoll()
+        self.paused_until = 0.0  # accept() ran out of file descriptors; try again then
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=10.0)
+        for pending in list(self.pending.values()):
+            self._drop(pending)
+        self.epoll.close()
+
+    def run(self) -> None:
+        listener = self.listener.fileno()
+        self.epoll.register(listener, select.EPOLLIN)
+        next_sweep = time.monotonic() + 1.0
+        while not self.stopping.is_set():
+            for fd, _ in self.epoll.poll(0.25):
+                if fd == listener:
+                    self._accept()
+                elif (pending := self.pending.get(fd)) is not None:
+                    self._step(pending)
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + 0.5
+                self._expire(now)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, address = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: pause accepting for a second, keep serving
+                self.note("accept", "accept failed: %s; pausing new connections", e.strerror)
+                self.epoll.modify(self.listener.fileno(), 0)
+                self.paused_until = time.monotonic() + 1.0
+                return
+            source = unmapped(address[0])
+            if len(self.pending) >= MAX_PENDING_HANDSHAKES or self.per_source[source] >= MAX_PENDING_PER_SOURCE:
+                self._refuse_busy(sock, source)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+            except OSError:  # reset before we looked at it
+                sock.close()
+                continue
+            pending = PendingHandshake(tls, host_port(source, address[1]), source)
+            self.pending[tls.fileno()] = pending
+            self.per_source[source] += 1
+            self.epoll.register(tls.fileno(), select.EPOLLIN)
+            self._step(pending)
+
+    def _refuse_busy(self, sock: socket.socket, source: str) -> None:
+        """Close at once, with a reset: the slot stays free and no FIN_WAIT lingers."""
+        self.counters["refused-busy"] += 1
+        self.note("busy:" + source, "too many unfinished handshakes from %s; refusing more", source)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def _step(self, pending: PendingHandshake) -> None:
+        try:
+            pending.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self.epoll.modify(pending.tls.fileno(), select.EPOLLIN)
+            return
+        except ssl.SSLWantWriteError:
+            self.epoll.modify(pending.tls.fileno(), select.EPOLLOUT)
+            return
+        except (ssl.SSLError, OSError) as e:
+            self.counters["tls-failures"] += 1
+            log.debug("TLS handshake from %s failed: %s", pending.peer, getattr(e, "reason", None) or e)
+            self._drop(pending)
+            return
+        self._forget(pending)
+        log.debug("TLS from %s: %s", pending.peer, pending.tls.cipher())
+        self.deliver(pending.tls, pending.peer)
+
+    def _expire(self, now: float) -> None:
+        if self.paused_until and now >= self.paused_until:
+            self.paused_until = 0.0
+            self.epoll.modify(self.listener.fileno(), select.EPOLLIN)
+        for pending in [p for p in self.pending.values() if now > p.deadline]:
+            self.counters["handshake-timeouts"] += 1
+            self._drop(pending)
+
+    def _forget(self, pending: PendingHandshake) -> None:
+        fd = pending.tls.fileno()
+        if self.pending.pop(fd, None) is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(fd)
+        self.per_source[pending.source] -= 1
+        if self.per_source[pending.source] <= 0:
+            del self.per_source[pending.source]
+
+    def _drop(self, pending: PendingHandshake) -> None:
+        self._forget(pending)
+        with contextlib.suppress(OSError):
+            pending.tls.close()
 
 
 class StoreWorker(threading.Thread):
@@ -3106,8 +3280,8 @@ class NetworkServer(Sessions):
         self.sessions: dict[int, ServerSession] = {}
         self.by_token: dict[str, ServerSession] = {}
         self.dirty: set[ServerSession] = set()
-        self.unauthenticated: set[ServerSession] = set()  # TLS or hello still to come
-        self.accept_paused = False
+        self.unauthenticated: set[ServerSession] = set()  # the hello is still to come
+        self.send_budget = SendBudget()
         self.next_report = 0.0  # when the debug log gets the counters next
         self.counters: collections.Counter[str] = collections.Counter()
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -3118,6 +3292,7 @@ class NetworkServer(Sessions):
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
         self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
         self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
+        self.handshaker: Handshaker | None = None
         self.epoll: Poller | None = None
         self.wake_r = self.wake_w = -1
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
@@ -3129,10 +3304,10 @@ class NetworkServer(Sessions):
         try:
             self.tls = self._tls_context()
             self.listener = self._listen()
+            self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll = Poller()
-            for fd in (self.listener.fileno(), self.wake_r):
-                self.epoll.register(fd, select.EPOLLIN)
+            self.epoll.register(self.wake_r, select.EPOLLIN)
             # A killed run's rules, also of networks deleted since or with gateway now off;
             # without iptables there can be none.
             with contextlib.suppress(TunError):
@@ -3149,6 +3324,7 @@ class NetworkServer(Sessions):
             raise
         self.worker.start()
         self.thread.start()
+        self.handshaker.start()
         log.info(
             "network service on :%d (TLS 1.3), mtu %d, %d network(s)",
             self.config.port,
@@ -3158,6 +3334,8 @@ class NetworkServer(Sessions):
 
     def stop(self) -> None:
         """Undo start(), a partial one too: only what exists is stopped or closed."""
+        if self.handshaker is not None:
+            self.handshaker.stop()
         self.stopping.set()
         if self.thread.is_alive():
             self._wake()
@@ -3235,6 +3413,10 @@ class NetworkServer(Sessions):
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self.wake_w, b"!")
 
+    def _deliver_handshake(self, tls: ssl.SSLSocket, peer: str) -> None:
+        """From the Handshaker: a stream whose TLS is done joins the loop."""
+        self.call_soon(lambda: self._adopt(tls, peer))
+
     def disconnect(self, token: str, reason: str) -> None:
         """End the node's live session (if any), telling it not to come back."""
         self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
@@ -3248,7 +3430,7 @@ class NetworkServer(Sessions):
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:
-        sessions, tun_planes, listener = self.sessions, self.tun_planes, self.listener.fileno()
+        sessions, tun_planes = self.sessions, self.tun_planes
         next_tick = time.monotonic() + 1.0
         try:
             while not self.stopping.is_set():
@@ -3257,8 +3439,6 @@ class NetworkServer(Sessions):
                         self._service(session, events)
                     elif (plane := tun_planes.get(fd)) is not None:
                         self._read_tun(plane)
-                    elif fd == listener:
-                        self._accept()
                     elif fd == self.wake_r:
                         self._run_commands()
                 self._flush_dirty()
@@ -3285,37 +3465,19 @@ class NetworkServer(Sessions):
             except Exception:  # a bug in one command (one admission, one disconnect) must not end the loop
                 log.exception("network command failed")
 
-    def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                sock, address = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # EMFILE and friends: pause accepting for a second, keep serving
-                self.note("accept", "accept failed: %s; pausing new connections", e.strerror)
-                self.epoll.modify(self.listener.fileno(), 0)
-                self.accept_paused = True
-                return
-            if len(self.unauthenticated) >= MAX_PENDING_HANDSHAKES:
-                self.counters["refused-busy"] += 1
-                self.note("busy", "too many unfinished handshakes; refusing %s", unmapped(address[0]))
-                sock.close()
-                continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            session = ServerSession(tls, host_port(unmapped(address[0]), address[1]), self.buffers)
-            self.sessions[session.fd] = session
-            self.unauthenticated.add(session)
-            self.epoll.register(session.fd, select.EPOLLIN)
-            self._handshake(session)
+    def _adopt(self, tls: ssl.SSLSocket, peer: str) -> None:
+        if self.stopping.is_set():
+            tls.close()
+            return
+        session = ServerSession(tls, peer, self.buffers, self.send_budget)
+        self.sessions[session.fd] = session
+        self.unauthenticated.add(session)
+        self.epoll.register(session.fd, select.EPOLLIN)
+        log.debug("TLS from %s: certificate CN %s", peer, session.cert_token)
+        self._service(session, select.EPOLLIN)  # the hello may have come with the handshake
 
     def _service(self, session: ServerSession, events: int) -> None:
         try:
-            if session.phase == Phase.TLS:
-                self._handshake(session)
-                if session.phase == Phase.TLS:
-                    return
             if events & select.EPOLLOUT:
                 self._flush(session)
             if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
@@ -3330,28 +3492,6 @@ class NetworkServer(Sessions):
         except Exception:  # a bug must cost one session, never the loop
             log.exception("unexpected error in %r; closing it", session)
             self._close(session, "internal error")
-
-    def _handshake(self, session: ServerSession) -> None:
-        try:
-            session.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            return
-        except ssl.SSLWantWriteError:
-            self._watch_writable(session, True)
-            return
-        except (ssl.SSLError, OSError) as e:
-            self.counters["tls-failures"] += 1
-            self._close(session, f"TLS handshake failed: {getattr(e, 'reason', None) or e}")
-            return
-        self._watch_writable(session, False)
-        session.cert = peer_cert(session.sock.getpeercert(binary_form=True) or b"")
-        session.phase = Phase.HELLO
-        log.debug(
-            "TLS from %s: %s, certificate CN %s",
-            session.peer,
-            session.sock.cipher(),
-            loggable(session.cert.common_name),
-        )
 
     def _handle_frames(self, session: ServerSession) -> None:
         view = session.rx.view
@@ -3603,14 +3743,16 @@ class NetworkServer(Sessions):
         if now >= self.next_report:
             self.next_report = now + 60.0
             log.debug(
-                "%d session(s), %d connected; counters %s", len(self.sessions), len(self.by_token), dict(self.counters)
+                "%d session(s), %d connected, %d byte(s) queued; counters %s, handshakes %s",
+                len(self.sessions),
+                len(self.by_token),
+                self.send_budget.queued,
+                dict(self.counters),
+                dict(self.handshaker.counters),
             )
-        if self.accept_paused:
-            self.accept_paused = False
-            self.epoll.modify(self.listener.fileno(), select.EPOLLIN)
         silent_after = 3 * self.keepalive
         for session in list(self.sessions.values()):
-            if session.phase in (Phase.TLS, Phase.HELLO) and now > session.deadline:
+            if session.phase == Phase.HELLO and now > session.deadline:
                 self.counters["handshake-timeouts"] += 1
                 self._close(session, "handshake timed out", quiet=True)
             elif session.phase == Phase.CLOSING and now > session.deadline:
@@ -3636,8 +3778,7 @@ class NetworkServer(Sessions):
             self._close(session, reason)
             return
         self._detach(session)
-        session.out.clear()  # queued packets are dropped; a started TLS write must finish
-        session.queued = len(session.pending) if session.pending is not None else 0
+        session.drop_queue()  # queued packets are dropped; a started TLS write must finish
         session.queue(refusal.encode())
         session.phase = Phase.CLOSING
         session.deadline = time.monotonic() + 1.0
@@ -4486,8 +4627,199 @@ class AdminService:
         return grpc_modules()[1].DeleteNetworkResponse(code=CODE_OK, message="deleted", unregistered=removed)
 
 
-def start_grpc_servers(control: ControlPlane, bind_host: str = "::") -> list[Any]:
-    """The bootstrap server (server TLS) and the control server (mutual TLS)."""
+GRPC_MAX_CONNECTIONS = 4096  # per gRPC port, before the file-descriptor share below
+GRPC_FD_SHARE = 0.2  # of RLIMIT_NOFILE, per gRPC port: both together leave 60 % to the data plane
+GRPC_MAX_CONCURRENT_RPCS = 64  # per server; more are answered RESOURCE_EXHAUSTED at once
+
+
+def grpc_connection_cap(fd_limit: int) -> int:
+    """Connections one gRPC port may hold, so that floods on 6439/6440 cannot take the
+    file descriptors the data plane needs for its sessions."""
+    return max(16, min(GRPC_MAX_CONNECTIONS, int(fd_limit * GRPC_FD_SHARE)))
+
+
+def grpc_server_options(max_connections: int) -> list[tuple[str, int]]:
+    """Channel args (grpc core) that bound what one connection, and all of them, may hold.
+    grpc core has no per-source limit: the cap is per port, and the short handshake
+    timeout is what frees a flooded port again."""
+    return [
+        ("grpc.max_allowed_incoming_connections", max_connections),  # past it: accepted and closed at once
+        ("grpc.server_handshake_timeout_ms", 5_000),  # TCP up but no TLS/HTTP2 preface: closed (default 120 s)
+        ("grpc.max_connection_idle_ms", 60_000),  # no call for a minute: GOAWAY (clients reconnect on demand)
+        ("grpc.max_connection_age_ms", 600_000),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+        ("grpc.keepalive_time_ms", 30_000),  # ping a quiet connection, and drop it if no answer
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # a client pinging faster gets strikes
+        ("grpc.http2.max_ping_strikes", 2),  # and then GOAWAY
+        ("grpc.max_concurrent_streams", 32),
+        ("grpc.max_receive_message_length", 1024 * 1024),
+        ("grpc.enable_channelz", 0),  # no per-connection bookkeeping nobody reads
+    ]
+
+
+GRPC_MAX_PER_SOURCE = 64  # connections one address may hold on one gRPC port (loopback: no limit)
+GUARD_CHUNK = 64 * 1024
+
+
+class Splice:
+    """One caller's connection to a public gRPC port and its twin to the private one.
+    Bytes pass through untouched (TLS stays end to end); `out` holds what a side
+    could not take yet, and its source is not read until that is written."""
+
+    __slots__ = ("backend", "client", "out", "port", "source")
+
+    def __init__(self, port: GuardedPort, client: socket.socket, source: str) -> None:
+        self.port, self.client, self.source = port, client, source
+        self.backend = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.backend.setblocking(False)
+        self.backend.connect_ex(("127.0.0.1", port.backend_port))  # loopback: done at once, or EPOLLOUT
+        self.out = {client.fileno(): b"", self.backend.fileno(): b""}
+
+    def side(self, fd: int) -> socket.socket:
+        return self.client if fd == self.client.fileno() else self.backend
+
+    def other(self, fd: int) -> socket.socket:
+        return self.backend if fd == self.client.fileno() else self.client
+
+
+class GuardedPort:
+    """A public gRPC port: who holds how many connections to it."""
+
+    def __init__(self, listener: socket.socket, name: str, cap: int) -> None:
+        self.listener, self.name, self.cap = listener, name, cap
+        self.backend_port = 0  # the gRPC server's private loopback port, known once it is bound
+        self.per_source: collections.Counter[str] = collections.Counter()
+        self.total = 0
+
+
+class GrpcGuard(threading.Thread):
+    """The accept side of the gRPC ports, which grpc core cannot limit per address:
+    the servers listen on private loopback ports, and this loop accepts on the public
+    ones, refuses (with a reset) an address past GRPC_MAX_PER_SOURCE or everyone past
+    the port's cap, and splices the rest through. gRPC's own handshake and idle
+    timeouts still end idle connections: their close passes back through here."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__(name="grpc-guard", daemon=True)
+        self.stop = stop
+        self.ports: dict[int, GuardedPort] = {}  # listener fd -> port
+        self.splices: dict[int, Splice] = {}  # either side's fd -> splice
+        self.epoll = select.epoll()
+        self.note = RateLimitedLog()
+
+    def listen(self, port: int, name: str, cap: int, field: str) -> GuardedPort:
+        try:
+            listener = listen_any(port)
+        except OSError as e:
+            raise NcError(
+                f"cannot listen on :{port} ({e.strerror}); stop what uses it or change server.{field}"
+            ) from None
+        listener.setblocking(False)
+        guarded = GuardedPort(listener, name, cap)
+        self.ports[listener.fileno()] = guarded
+        return guarded
+
+    def close(self) -> None:
+        for splice in list(self.splices.values()):
+            self._close(splice)
+        for port in self.ports.values():
+            port.listener.close()
+        self.epoll.close()
+
+    def run(self) -> None:
+        for fd in self.ports:
+            self.epoll.register(fd, select.EPOLLIN)
+        try:
+            while not self.stop.is_set():
+                for fd, events in self.epoll.poll(0.5):
+                    if (port := self.ports.get(fd)) is not None:
+                        self._accept(port)
+                    elif (splice := self.splices.get(fd)) is not None:
+                        self._pump(splice, fd, events)
+        finally:
+            self.close()
+
+    def _accept(self, port: GuardedPort) -> None:
+        for _ in range(64):
+            try:
+                sock, address = port.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of file descriptors: the caller retries; never the data plane's
+                self.note("accept:" + port.name, "gRPC %s port: accept failed: %s", port.name, e.strerror)
+                return
+            source = unmapped(address[0])
+            local = ipaddress.ip_address(source).is_loopback
+            if port.total >= port.cap or (not local and port.per_source[source] >= GRPC_MAX_PER_SOURCE):
+                self.note(
+                    "busy:" + source, "gRPC %s port: too many connections from %s; refusing more", port.name, source
+                )
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                continue
+            sock.setblocking(False)
+            try:
+                splice = Splice(port, sock, source)
+            except OSError:
+                sock.close()
+                continue
+            port.total += 1
+            port.per_source[source] += 1
+            for side in (splice.client, splice.backend):
+                self.splices[side.fileno()] = splice
+                self.epoll.register(side.fileno(), select.EPOLLIN | select.EPOLLOUT)
+
+    def _pump(self, splice: Splice, fd: int, events: int) -> None:
+        this, other = splice.side(fd), splice.other(fd)
+        waiting = splice.out[other.fileno()]  # bytes from this side the other has not taken yet
+        if events & (select.EPOLLHUP | select.EPOLLERR) and (waiting or not events & select.EPOLLIN):
+            self._close(splice)  # reset, or gone while its twin lags: nothing more will pass
+            return
+        try:
+            if events & select.EPOLLOUT and splice.out[fd]:
+                splice.out[fd] = splice.out[fd][this.send(splice.out[fd]) :]
+            if events & select.EPOLLIN and not waiting:
+                data = this.recv(GUARD_CHUNK)
+                if not data:
+                    self._close(splice)
+                    return
+                try:
+                    sent = other.send(data)
+                except BlockingIOError:
+                    sent = 0
+                splice.out[other.fileno()] = data[sent:]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._close(splice)
+            return
+        for side in (this, other):  # read a side only while its twin can take more
+            twin = splice.other(side.fileno())
+            reading = 0 if splice.out[twin.fileno()] else select.EPOLLIN
+            self.epoll.modify(side.fileno(), reading | (select.EPOLLOUT if splice.out[side.fileno()] else 0))
+
+    def _close(self, splice: Splice) -> None:
+        for side in (splice.client, splice.backend):
+            if self.splices.pop(side.fileno(), None) is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(side.fileno())
+            side.close()
+        port = splice.port
+        if splice.source in port.per_source:
+            port.total -= 1
+            port.per_source[splice.source] -= 1
+            if port.per_source[splice.source] <= 0:
+                del port.per_source[splice.source]
+        splice.source = ""  # counted down once
+
+
+def start_grpc_servers(
+    control: ControlPlane, guard: GrpcGuard, bind_host: str = "127.0.0.1", fd_limit: int = 1024
+) -> list[Any]:
+    """The bootstrap server (server TLS) and the control server (mutual TLS), on private
+    loopback ports behind the guard's public ones."""
     from concurrent import futures
 
     grpc, _, pb_grpc = grpc_modules()
@@ -4496,44 +4828,50 @@ def start_grpc_servers(control: ControlPlane, bind_host: str = "::") -> list[Any
     chain = pki.grpc.server_chain_pem()
     ca = pki.grpc.ca_path.read_bytes()
 
-    for port, field in ((cfg.bootstrap_port, "bootstrapPort"), (cfg.grpc_port, "grpcPort")):
-        check_port_free(port, field)
-    bootstrap = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"))
+    cap = grpc_connection_cap(fd_limit)
+    options = grpc_server_options(cap)
+    public_bootstrap = guard.listen(cfg.bootstrap_port, "bootstrap", cap, "bootstrapPort")
+    public_control = guard.listen(cfg.grpc_port, "control", cap, "grpcPort")
+    bootstrap = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-bootstrap"),
+        options=options,
+        maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS,
+    )
     pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(BootstrapService(control), bootstrap)
     creds = grpc.ssl_server_credentials([(grpc_key, chain)])
-    bind(bootstrap, f"{host_port(bind_host, cfg.bootstrap_port)}", creds, "bootstrapPort")
+    public_bootstrap.backend_port = bind(bootstrap, host_port(bind_host, 0), creds, "bootstrapPort")
 
-    control_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-control"))
+    control_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="grpc-control"),
+        options=options,
+        maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS,
+    )
     pb_grpc.add_LiteKubeNCServiceServicer_to_server(ControlService(control), control_server)
     pb_grpc.add_NcNodeServiceServicer_to_server(NodeService(control), control_server)
     pb_grpc.add_NcAdminServiceServicer_to_server(AdminService(control), control_server)
     mtls = grpc.ssl_server_credentials([(grpc_key, chain)], root_certificates=ca, require_client_auth=True)
-    bind(control_server, f"{host_port(bind_host, cfg.grpc_port)}", mtls, "grpcPort")
+    public_control.backend_port = bind(control_server, host_port(bind_host, 0), mtls, "grpcPort")
 
     bootstrap.start()
     control_server.start()
     log.info(
-        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS)", cfg.bootstrap_port, cfg.grpc_port
+        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS); %d connections each, %d per address",
+        cfg.bootstrap_port,
+        cfg.grpc_port,
+        cap,
+        GRPC_MAX_PER_SOURCE,
     )
     return [bootstrap, control_server]
 
 
-def check_port_free(port: int, field: str) -> None:
-    """gRPC binds with SO_REUSEPORT, so a port another nc holds would be shared silently,
-    and its own bind errors go to stderr as log lines: try the port here first."""
-    try:
-        listen_any(port).close()
-    except OSError as e:
-        raise NcError(f"cannot listen on :{port} ({e.strerror}); stop what uses it or change server.{field}") from None
-
-
-def bind(server: Any, address: str, creds: Any, field: str) -> None:
+def bind(server: Any, address: str, creds: Any, field: str) -> int:
     try:
         port = server.add_secure_port(address, creds)
     except RuntimeError:
         port = 0
     if port == 0:
         raise NcError(f"cannot listen on {address}: address in use or not available; change server.{field}")
+    return port
 
 
 # ============================================================================
@@ -4656,13 +4994,79 @@ def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor) -> int:
     return supervisor.wait(stop)
 
 
-def raise_open_file_limit() -> None:
-    """Every node holds a socket: take the hard limit, not the default 1024."""
+def raise_open_file_limit() -> int:
+    """Every node holds a socket: take the hard limit, not the default 1024. Returns the
+    limit now in force, which the gRPC servers' connection caps are cut from."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+)
+
+
+M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates under contention its own arena, up to
+    8 per core, and memory freed in one arena is not reused by the others: gRPC's
+    threads churning through a flood of connections then grow the heap cycle after
+    cycle. Two arenas keep it reusable (a no-op off glibc)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+
+
+class MemoryTrimmer(threading.Thread):
+    """Gives freed heap back to the kernel after a flood. glibc keeps what tens of
+    thousands of connections freed in its arenas for reuse, so RSS never falls by
+    itself; malloc_trim returns the free pages. It runs only when the free heap has
+    grown by TRIM_AFTER since the last trim, so a steady server never pays for it."""
+
+    TRIM_AFTER = 16 * 1024 * 1024
+
+    def __init__(self, stop: threading.Event, interval: float = 5.0) -> None:
+        super().__init__(name="memory-trimmer", daemon=True)
+        self.stop = stop
+        self.interval = interval
+
+    def run(self) -> None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            trim, info = libc.malloc_trim, libc.mallinfo2
+        except (OSError, AttributeError):  # not glibc (or older than 2.33): nothing to do
+            return
+        info.restype = type(
+            "mallinfo2", (ctypes.Structure,), {"_fields_": [(name, ctypes.c_size_t) for name in MALLINFO2_FIELDS]}
+        )
+        trim.argtypes = [ctypes.c_size_t]
+        low = info().fordblks
+        while not self.stop.wait(self.interval):
+            free = info().fordblks
+            if free > low + self.TRIM_AFTER:
+                trim(0)
+                log.debug("returned free heap to the kernel (%d MiB free in the arenas)", free >> 20)
+                low = free
+            low = min(low, free)
 
 
 def check_root(mode: str) -> None:
@@ -4672,16 +5076,17 @@ def check_root(mode: str) -> None:
 
 def run_server(config: ServerConfig) -> int:
     check_root("server")
-    raise_open_file_limit()
+    fd_limit = raise_open_file_limit()
+    limit_malloc_arenas()  # before gRPC starts its threads
     os.umask(0o077)  # keys, the database and logs are for root only
     try:
-        return serve(config)
+        return serve(config, fd_limit)
     except OSError as e:  # files of the workDir: a read-only or full disk
         fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
         raise NcError(os_error_line(e, fix)) from None
 
 
-def serve(config: ServerConfig) -> int:
+def serve(config: ServerConfig, fd_limit: int) -> int:
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
         server_ip = str(config.server_overlay_ip)
@@ -4713,12 +5118,19 @@ def serve(config: ServerConfig) -> int:
             control = ControlPlane(config, store, pki, overlays, advertised)
             control.check_config_networks()
             network = NetworkServer(config, control)
-            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop)]
+            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop), MemoryTrimmer(stop)]
             for thread in (network.thread, network.worker, *threads):
                 supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
             network.start()
             control.sessions = network
-            servers = start_grpc_servers(control)
+            guard = GrpcGuard(stop)
+            try:
+                servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
+            except BaseException:
+                guard.close()  # its public ports; the thread never started
+                raise
+            supervisor.watch_thread(guard)
+            threads.insert(0, guard)
             for thread in threads:
                 thread.start()
             for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):

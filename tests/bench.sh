@@ -4,7 +4,8 @@
 #   scale       one nc server, 1000 simulated nodes              (tests/bench_scale.py)
 #   pool        full /16 address pool, LRU reclaim               (tests/bench_pool.py)
 #   hostile     ping p99 while one node floods malicious GSO     (tests/bench_hostile.py)
-#   all         the four, one after the other (default)
+#   floods      1000 idle connections per port from one address  (tests/bench_floods.py)
+#   all         all of them, one after the other (default)
 # Extra arguments go to the one benchmark named, e.g.
 #   tests/bench.sh throughput --seconds 3 --repeat 1
 #   tests/bench.sh scale --nodes 2000
@@ -14,10 +15,10 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 [ $# -gt 0 ] && shift
 case "$what" in
-    throughput | scale | pool | hostile) ;;
+    throughput | scale | pool | hostile | floods) ;;
     all)
         if [ $# -gt 0 ]; then
-            echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool or hostile)" >&2
+            echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool, hostile or floods)" >&2
             exit 2
         fi
         ;;
@@ -26,7 +27,7 @@ case "$what" in
         exit 0
         ;;
     *)
-        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile or all" >&2
+        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods or all" >&2
         exit 2
         ;;
 esac
@@ -57,6 +58,7 @@ if [ "$what" = all ]; then
     run scale
     run throughput
     run hostile
+    run floods
 else
     run "$what" "$@"
 fi

@@ -16,7 +16,7 @@ The phases run one after the other; between them the orchestrator samples
 the server's python process (VmRSS, threads, fds, CPU) from /proc. Prints
 one table on stdout; progress goes to stderr.
 
-    tests/bench.sh scale [--nodes 1000] [--concurrency 64] [--reg-threads 16]
+    tests/bench.sh scale [--nodes 1000] [--concurrency 32] [--reg-threads 16]
 """
 
 from __future__ import annotations
@@ -540,9 +540,9 @@ def main() -> int:
     parser.add_argument(
         "--concurrency",
         type=int,
-        default=64,
-        help="connects in flight (default 64); the server sheds handshakes beyond its 512 pending "
-        "(MAX_PENDING_HANDSHAKES) and the simulator does not retry them",
+        default=32,
+        help="connects in flight (default 32); all come from one address, and the server sheds "
+        "handshakes beyond 32 pending per address (MAX_PENDING_PER_SOURCE); the simulator does not retry them",
     )
     parser.add_argument("--reg-threads", type=int, default=16, help="concurrent GetToken calls (default 16)")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)

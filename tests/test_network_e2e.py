@@ -269,8 +269,8 @@ for i in range(count):
         s.setblocking(False)
         tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-        s = tls.wrap_socket(s, do_handshake_on_connect=False)
         try:
+            s = tls.wrap_socket(s, do_handshake_on_connect=False)
             s.do_handshake()
         except OSError:  # want-read, or the server already shed this one (EOF or reset)
             pass

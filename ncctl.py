@@ -2160,9 +2160,11 @@ class ControlPlane:
             raise BadRequest(f"no network named {name!r}; see `nc adm network list`")
         return overlay
 
-    def list_networks(self, who: Identity) -> list[Overlay]:
+    def list_networks(self, who: Identity) -> list[tuple[Overlay, int]]:
+        """Every network with how many nodes it has."""
         self.authorize(who, "administer")
-        return sorted(self.overlays.all(), key=lambda o: o.index)
+        counts = collections.Counter(r.network for r in self.store.nodes() if r.token != RESERVED_NODE_TOKEN)
+        return [(o, counts[o.name]) for o in sorted(self.overlays.all(), key=lambda o: o.index)]
 
     def check_cidr(self, spec: NetworkSpec) -> str | None:
         return cidr_problem(spec.network, spec.allow_public, (self.advertised_ip,), host_routes())
@@ -2174,8 +2176,14 @@ class ControlPlane:
             if problem is not None:
                 raise ConfigError(f"networks: {spec.name}: {problem} (allowPublic: true for a public range)")
 
-    def create_network(self, who: Identity, spec: NetworkSpec) -> Overlay:
+    def create_network(
+        self, who: Identity, name: str, cidr: str, interconnection: bool, allow_public: bool = False
+    ) -> Overlay:
         self.authorize(who, "administer")
+        try:
+            spec = check_network_spec(name, cidr, interconnection, "network", allow_public)
+        except ConfigError as e:
+            raise BadRequest(str(e)) from None
         problem = self.check_cidr(spec)
         if problem is not None:
             raise BadRequest(problem)
@@ -4530,16 +4538,11 @@ class AdminService:
     def __init__(self, control: ControlPlane) -> None:
         self.control = control
 
-    def _admin(self, context: Any) -> Identity:
-        who = caller(self.control, context)
-        self.control.authorize(who, "administer")
-        return who
-
     @guarded("CreateBootstrapTokenResponse", denied_as_status=True)
     def CreateBootstrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
         ctl = self.control
         token, expire, overlay = ctl.create_bootstrap_token(
-            self._admin(context), int(request.lifeMinutes), bool(request.singleUse), request.network.strip()
+            caller(self.control, context), int(request.lifeMinutes), bool(request.singleUse), request.network.strip()
         )
         return grpc_modules()[1].CreateBootstrapTokenResponse(
             code=CODE_OK,
@@ -4562,13 +4565,13 @@ class AdminService:
                 network=row.network,
                 mintedBy=row.minted_by,
             )
-            for row in self.control.list_bootstrap_tokens(self._admin(context))
+            for row in self.control.list_bootstrap_tokens(caller(self.control, context))
         ]
         return pb.ListBootstrapTokensResponse(code=CODE_OK, message="ok", tokens=tokens)
 
     @guarded("DeleteBootstrapTokenResponse", denied_as_status=True)
     def DeleteBootstrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
-        self.control.delete_bootstrap_token(self._admin(context), request.tokenId)
+        self.control.delete_bootstrap_token(caller(self.control, context), request.tokenId)
         return grpc_modules()[1].DeleteBootstrapTokenResponse(code=CODE_OK, message="deleted", result=True)
 
     @guarded("ListNodesResponse", denied_as_status=True)
@@ -4584,46 +4587,44 @@ class AdminService:
                 network=r.network,
                 mintedBy=r.minted_by,
             )
-            for r in self.control.list_nodes(self._admin(context))
+            for r in self.control.list_nodes(caller(self.control, context))
         ]
         return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
 
-    def _network_info(self, overlay: Overlay, counts: dict[str, int]) -> Any:
+    def _network_info(self, overlay: Overlay, nodes: int) -> Any:
         return grpc_modules()[1].NetworkInfo(
             name=overlay.name,
             cidr=str(overlay.network),
             interconnection=overlay.interconnection,
             netToken=overlay.net_token,
             serverIp=str(overlay.server_ip),
-            nodes=counts.get(overlay.name, 0),
+            nodes=nodes,
             fromConfig=overlay.from_config,
         )
 
     @guarded("CreateNetworkResponse", denied_as_status=True)
     def CreateNetwork(self, request: Any, context: Any) -> Any:  # noqa: N802
-        who = self._admin(context)
-        try:
-            spec = check_network_spec(
-                request.name, request.cidr, not request.noInterconnection, "network", request.allowPublic
-            )
-        except ConfigError as e:
-            raise BadRequest(str(e)) from None
-        overlay = self.control.create_network(who, spec)
+        overlay = self.control.create_network(
+            caller(self.control, context),
+            request.name,
+            request.cidr,
+            not request.noInterconnection,
+            request.allowPublic,
+        )
         return grpc_modules()[1].CreateNetworkResponse(
-            code=CODE_OK, message="created", network=self._network_info(overlay, {})
+            code=CODE_OK, message="created", network=self._network_info(overlay, 0)
         )
 
     @guarded("ListNetworksResponse", denied_as_status=True)
     def ListNetworks(self, request: Any, context: Any) -> Any:  # noqa: N802
-        overlays = self.control.list_networks(self._admin(context))
-        counts = collections.Counter(r.network for r in self.control.store.nodes() if r.token != RESERVED_NODE_TOKEN)
+        networks = self.control.list_networks(caller(self.control, context))
         return grpc_modules()[1].ListNetworksResponse(
-            code=CODE_OK, message="ok", networks=[self._network_info(o, counts) for o in overlays]
+            code=CODE_OK, message="ok", networks=[self._network_info(o, nodes) for o, nodes in networks]
         )
 
     @guarded("DeleteNetworkResponse", denied_as_status=True)
     def DeleteNetwork(self, request: Any, context: Any) -> Any:  # noqa: N802
-        removed = self.control.delete_network(self._admin(context), request.name.strip(), bool(request.force))
+        removed = self.control.delete_network(caller(self.control, context), request.name.strip(), bool(request.force))
         return grpc_modules()[1].DeleteNetworkResponse(code=CODE_OK, message="deleted", unregistered=removed)
 
 

@@ -1890,6 +1890,10 @@ class Sessions:
     def remove_overlay(self, name: str) -> None:
         """Cut off a deleted network's nodes and remove its TUN."""
 
+    def running(self) -> bool:
+        """Whether the packet loop is alive and turning: with no data plane, it is not."""
+        return False
+
 
 def new_bootstrap_token() -> str:
     """<6-char id>.<16-char secret>: the id is looked up, the whole token compared in constant time."""
@@ -3481,7 +3485,7 @@ class NetworkServer(Sessions):
         self.sessions[session.fd] = session
         self.unauthenticated.add(session)
         self.epoll.register(session.fd, select.EPOLLIN)
-        log.debug("TLS from %s: certificate CN %s", peer, session.cert_token)
+        log.debug("TLS from %s: certificate CN %s", peer, loggable(session.cert.common_name))
         self._service(session, select.EPOLLIN)  # the hello may have come with the handshake
 
     def _service(self, session: ServerSession, events: int) -> None:
@@ -4427,6 +4431,11 @@ def guarded(response_name: str, *, denied_as_status: bool = False) -> Callable[[
     return wrap
 
 
+def health_response(control: ControlPlane) -> Any:
+    """Both ports' HealthCheck: 200 while the data plane runs, 500 when it is down or stuck."""
+    return grpc_modules()[1].HealthCheckResponse(code=CODE_OK if control.sessions.running() else CODE_SERVER_ERROR)
+
+
 def expire_text(expire_time: str) -> str:
     return "never" if expire_time == NEVER_EXPIRES else expire_time
 
@@ -4438,7 +4447,7 @@ class BootstrapService:
         self.control = control
 
     def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return grpc_modules()[1].HealthCheckResponse(code=CODE_OK)
+        return health_response(self.control)
 
     @guarded("GetTokenResponse")
     def GetToken(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -4479,7 +4488,7 @@ class ControlService:
     @guarded("HealthCheckResponse")
     def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
         self._greeted(context)
-        return grpc_modules()[1].HealthCheckResponse(code=CODE_OK)
+        return health_response(self.control)
 
     @guarded("GetBootStrapTokenResponse")
     def GetBootStrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -5145,7 +5154,8 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             if network is not None:
                 network.stop()
             for thread in threads:
-                thread.join(timeout=5.0)
+                if thread.ident is not None:  # started: a failed start may come before that
+                    thread.join(timeout=5.0)
             with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
                 store.reset_states(STATE_IDLE)
             store.close()

@@ -2178,7 +2178,11 @@ class Handshaker(threading.Thread):
                 if fd == listener:
                     self._accept()
                 elif (pending := self.pending.get(fd)) is not None:
-                    self._step(pending)
+                    try:
+                        self._step(pending)
+                    except Exception:  # a bug must cost one connection, never the listener
+                        log.exception("handshake with %s failed unexpectedly; closing it", pending.peer)
+                        self._drop(pending)
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + 0.5
@@ -3684,7 +3688,11 @@ class GrpcGuard(threading.Thread):
                     if (port := self.ports.get(fd)) is not None:
                         self._accept(port)
                     elif (splice := self.splices.get(fd)) is not None:
-                        self._pump(splice, fd, events)
+                        try:
+                            self._pump(splice, fd, events)
+                        except Exception:  # a bug must cost one connection, never the gRPC ports
+                            log.exception("gRPC guard: splice from %s failed unexpectedly; closing it", splice.source)
+                            self._close(splice)
                 if self.paused_until and time.monotonic() >= self.paused_until:
                     self.paused_until = 0.0
                     for fd in self.ports:

@@ -3110,7 +3110,11 @@ class Handshaker(threading.Thread):
                 if fd == listener:
                     self._accept()
                 elif (pending := self.pending.get(fd)) is not None:
-                    self._step(pending)
+                    try:
+                        self._step(pending)
+                    except Exception:  # a bug must cost one connection, never the listener
+                        log.exception("handshake with %s failed unexpectedly; closing it", pending.peer)
+                        self._drop(pending)
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + 0.5
@@ -4639,13 +4643,14 @@ class AdminService:
 
 GRPC_MAX_CONNECTIONS = 4096  # per gRPC port, before the file-descriptor share below
 GRPC_FD_SHARE = 0.2  # of RLIMIT_NOFILE, per gRPC port: both together leave 60 % to the data plane
+FDS_PER_GRPC_CONNECTION = 3  # the caller's socket, the guard's twin to the private port, gRPC's end of it
 GRPC_MAX_CONCURRENT_RPCS = 64  # per server; more are answered RESOURCE_EXHAUSTED at once
 
 
 def grpc_connection_cap(fd_limit: int) -> int:
     """Connections one gRPC port may hold, so that floods on 6439/6440 cannot take the
     file descriptors the data plane needs for its sessions."""
-    return max(16, min(GRPC_MAX_CONNECTIONS, int(fd_limit * GRPC_FD_SHARE)))
+    return max(16, min(GRPC_MAX_CONNECTIONS, int(fd_limit * GRPC_FD_SHARE) // FDS_PER_GRPC_CONNECTION))
 
 
 def grpc_server_options(max_connections: int) -> list[tuple[str, int]]:
@@ -4717,6 +4722,7 @@ class GrpcGuard(threading.Thread):
         self.splices: dict[int, Splice] = {}  # either side's fd -> splice
         self.epoll = select.epoll()
         self.note = RateLimitedLog()
+        self.paused_until = 0.0  # accept() ran out of file descriptors; listen again then
 
     def listen(self, port: int, name: str, cap: int, field: str) -> GuardedPort:
         try:
@@ -4746,7 +4752,15 @@ class GrpcGuard(threading.Thread):
                     if (port := self.ports.get(fd)) is not None:
                         self._accept(port)
                     elif (splice := self.splices.get(fd)) is not None:
-                        self._pump(splice, fd, events)
+                        try:
+                            self._pump(splice, fd, events)
+                        except Exception:  # a bug must cost one connection, never the gRPC ports
+                            log.exception("gRPC guard: splice from %s failed unexpectedly; closing it", splice.source)
+                            self._close(splice)
+                if self.paused_until and time.monotonic() >= self.paused_until:
+                    self.paused_until = 0.0
+                    for fd in self.ports:
+                        self.epoll.modify(fd, select.EPOLLIN)
         finally:
             self.close()
 
@@ -4756,8 +4770,11 @@ class GrpcGuard(threading.Thread):
                 sock, address = port.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of file descriptors: the caller retries; never the data plane's
-                self.note("accept:" + port.name, "gRPC %s port: accept failed: %s", port.name, e.strerror)
+            except OSError as e:  # out of file descriptors: stop listening for a second (epoll would spin)
+                self.note("accept:" + port.name, "gRPC %s port: accept failed: %s; pausing", port.name, e.strerror)
+                for fd in self.ports:
+                    self.epoll.modify(fd, 0)
+                self.paused_until = time.monotonic() + 1.0
                 return
             source = unmapped(address[0])
             local = ipaddress.ip_address(source).is_loopback

@@ -7,7 +7,7 @@ reconnects (data plane only); both are timed from process start to the overlay a
 on nc0, and compared with the same on the quiet server. Server RSS is sampled before,
 during (peak) and after the flood. Prints one table on stdout; progress goes to stderr.
 
-    tests/bench.sh floods [--connections 1000] [--mode idle|half-open] [--repeat 3]
+    tests/bench.sh floods [--connections 1000] [--mode idle|half-open] [--repeat 3] [--rate 500]
 
 Targets (issue 11): connect <= 2 s under the flood, RSS growth <= 100 MB, and RSS back
 within 20 MB of its start after the flood ends.
@@ -114,7 +114,7 @@ def measure(lab: Lab, args: argparse.Namespace) -> int:
     sampler = Sampler(pid)
     sampler.start()
     attacker = lab.add_host("attacker")
-    flood = start_flood(attacker, server_host.ip, PORTS, args.connections, args.mode)
+    flood = start_flood(attacker, server_host.ip, PORTS, args.connections, args.mode, rate=args.rate)
     time.sleep(3.0)  # let it settle into what the server allows
     held_line = flood.log().strip().splitlines()[-1].split()
     flood_join, flood_reconnect = connect_times(lab, server, known, "flooded", args.repeat)
@@ -163,7 +163,8 @@ def measure(lab: Lab, args: argparse.Namespace) -> int:
         format_table(
             ["figure", "no flood", f"{args.connections} {args.mode}/port", "ratio", "target"],
             rows,
-            title=f"nc server under a one-address connection flood (median of {args.repeat}); {machine_note()}",
+            title=f"nc server under a one-address connection flood (reopening at up to {args.rate:.0f}/s; "
+            f"median of {args.repeat}); {machine_note()}",
         )
     )
     return 0
@@ -174,6 +175,13 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=1000, help="held per port (default 1000)")
     parser.add_argument("--mode", choices=["idle", "half-open"], default="idle")
     parser.add_argument("--repeat", type=int, default=3, help="joins and reconnects timed per phase (default 3)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=500.0,
+        help="connects per second the flood may make to replace what the server sheds (default 500); "
+        "the attacker shares this machine's CPUs, so a faster churn measures the attacker's load as much as nc",
+    )
     args = parser.parse_args()
     return run_lab_bench("bench_floods", lambda: run(args))
 

@@ -1,9 +1,11 @@
-"""Unit tests of the resource bounds (issue 11): the shared send budget's policy, and
-the gRPC connection caps cut from the file-descriptor limit."""
+"""Unit tests of the resource bounds (issue 11): the shared send budget's policy, the
+gRPC connection caps cut from the file-descriptor limit, and the gRPC guard's splice."""
 
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -71,8 +73,58 @@ def test_one_peer_alone_stops_at_its_own_limit(sockets: list[socket.socket]) -> 
 def test_grpc_ports_leave_most_file_descriptors_to_the_data_plane(limit: int) -> None:
     cap = ncctl.grpc_connection_cap(limit)
     assert 16 <= cap <= ncctl.GRPC_MAX_CONNECTIONS
-    if limit >= 1024:
-        assert 2 * cap <= 0.4 * limit
+    if limit >= 1024:  # both ports together, each connection with its three descriptors
+        assert 2 * cap * ncctl.FDS_PER_GRPC_CONNECTION <= 0.4 * limit
     options = dict(ncctl.grpc_server_options(cap))
     assert options["grpc.max_allowed_incoming_connections"] == cap
     assert options["grpc.server_handshake_timeout_ms"] <= 10_000
+
+
+def echo_server() -> tuple[socket.socket, threading.Thread]:
+    """A loopback server that sends back what one caller sends, until it closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=serve, name="echo", daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def read_exactly(sock: socket.socket, count: int, into: bytearray) -> None:
+    while len(into) < count and (chunk := sock.recv(1 << 16)):
+        into.extend(chunk)
+
+
+def test_the_grpc_guard_splices_both_ways_and_forgets_closed_callers() -> None:
+    """4 MiB through the guard to an echo server and back, written faster than it is
+    read, so both directions hit backpressure; then the caller's count is released."""
+    stop = threading.Event()
+    listener, echo = echo_server()
+    guard = ncctl.GrpcGuard(stop)
+    port = guard.listen(0, "test", cap=8, field="testPort")
+    port.backend_port = listener.getsockname()[1]
+    guard.start()
+    payload = bytes(range(256)) * (4 * 4096)
+    received = bytearray()
+    try:
+        with socket.create_connection(("127.0.0.1", port.listener.getsockname()[1]), timeout=30) as caller:
+            reader = threading.Thread(target=read_exactly, args=(caller, len(payload), received), daemon=True)
+            reader.start()
+            caller.sendall(payload)
+            reader.join(timeout=60)
+        assert bytes(received) == payload
+        echo.join(timeout=10)
+        for _ in range(100):  # the guard sees the close on its next poll
+            if not guard.splices:
+                break
+            time.sleep(0.05)
+        assert guard.splices == {} and port.total == 0 and not port.per_source
+    finally:
+        stop.set()
+        guard.join(timeout=5)
+        listener.close()

@@ -61,8 +61,9 @@ def test_a_node_joins_and_connects_through_a_flood_on_every_port(lab: Lab, mode:
 
 def test_sessions_that_stop_reading_cost_only_their_own_packets(lab: Lab) -> None:
     """40 admitted sessions stop reading while a node blasts UDP at all of them (more
-    than 40 x the per-peer queue): the others' traffic keeps flowing, and the server's
-    memory stays under the total send-queue cap plus overhead."""
+    than 40 x the per-peer queue): the others' traffic keeps flowing, the server's
+    memory stays under the total send-queue cap plus overhead, and comes back once
+    the slow sessions are gone."""
     overlay = build_overlay(lab, 2, keepalive=5)
     sender, bystander = overlay.clients
     slow_host = lab.add_host("slow")
@@ -91,3 +92,10 @@ def test_sessions_that_stop_reading_cost_only_their_own_packets(lab: Lab) -> Non
     # without the total cap, 40 slow peers would hold 40 x 4 MiB = 160 MiB
     assert during - before < cap_kib + 32 * 1024, f"server RSS grew {during - before} KiB"
     assert slow.alive(), slow.log()[-1000:]
+
+    slow.stop()  # the sessions close; what their queues held goes back to the kernel
+    wait_for(
+        lambda: server_rss_kib(pid) - before < 20 * 1024,
+        timeout=60,
+        what=f"server RSS to come back within 20 MiB of {before} KiB (it is {server_rss_kib(pid)} KiB)",
+    )

@@ -100,6 +100,7 @@ STATE_NAMES = {STATE_IDLE: "idle", STATE_INIT: "init", STATE_CONNECTED: "connect
 CODE_OK = "200"
 CODE_BAD_REQUEST = "400"
 CODE_SERVER_ERROR = "500"
+ORIGINAL_OK = "ok"  # the original's message with every code 200; scripts compare it
 
 # Every server certificate carries this DNS name, so clients verify the server
 # by name and keep working when its underlay address changes.
@@ -1890,6 +1891,10 @@ class Sessions:
     def remove_overlay(self, name: str) -> None:
         """Cut off a deleted network's nodes and remove its TUN."""
 
+    def running(self) -> bool:
+        """The data plane carries packets: health checks report NOT_SERVING while it does not."""
+        return False
+
 
 def new_bootstrap_token() -> str:
     """<6-char id>.<16-char secret>: the id is looked up, the whole token compared in constant time."""
@@ -2012,6 +2017,10 @@ class ControlPlane:
         self, who: Identity, life_minutes: int, single_use: bool = False, network: str = ""
     ) -> tuple[str, str, Overlay]:
         self.authorize(who, "mint")
+        if life_minutes == 0:  # the original read 0 as "the default"; a script asking for 0 meant something else
+            raise BadRequest(
+                "a token life of 0 minutes is not allowed; ask for minutes > 0, or a negative life for never"
+            )
         if who.role == NODE:
             if network and network != who.network:
                 raise BadRequest("a node may mint tokens only into its own network")
@@ -2019,7 +2028,7 @@ class ControlPlane:
         elif life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
             raise BadRequest(f"a life of {life_minutes} minutes is over ten years; use a negative life for never")
         overlay = self.overlay_named(network or DEFAULT_NETWORK)
-        life = DEFAULT_TOKEN_LIFE_MIN if life_minutes == 0 else life_minutes
+        life = life_minutes
         token = new_bootstrap_token()
         minted_by = who.node_token if who.role == NODE else ""
         limit = self.config.node_mint_rate if minted_by else None
@@ -2047,7 +2056,7 @@ class ControlPlane:
             raise BadRequest(f"a node may not mint a never-expiring token; ask for at most {cap} minutes")
         if life_minutes > MAX_NODE_TOKEN_LIFE_MIN:
             raise BadRequest(f"a life of {life_minutes} minutes is over a year; ask for at most {cap} minutes")
-        return min(life_minutes or DEFAULT_TOKEN_LIFE_MIN, cap)
+        return min(life_minutes, cap)
 
     def join_string(self, token: str, overlay: Overlay) -> str:
         """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
@@ -2091,6 +2100,13 @@ class ControlPlane:
         network = self.store.admit_node(row.token, node_token, credentials.records)
         log.info("node %s joined network %s with bootstrap token %s", node_token, network, token_id(row.token))
         return node_token, credentials
+
+    def control_ip_for(self, node_token: str) -> str:
+        """Where a joined node reaches the control port, as the original answers GetToken:
+        the server's address in the node's overlay."""
+        node = self.store.node(node_token)
+        overlay = self.overlays.get(node.network) if node is not None else None
+        return str(overlay.server_ip) if overlay is not None else str(self.config.server_overlay_ip)
 
     def _find_bootstrap_token(self, token: str) -> BootstrapTokenRow:
         if not BOOTSTRAP_TOKEN_RE.match(token):
@@ -4419,6 +4435,80 @@ def guarded(response_name: str, *, denied_as_status: bool = False) -> Callable[[
     return wrap
 
 
+def health_code(control: ControlPlane) -> str:
+    """The original HealthCheck's answer: 500 while the data plane is down."""
+    return CODE_OK if control.sessions.running() else CODE_SERVER_ERROR
+
+
+# The services a port offers, as grpc.health.v1 and reflection name them ("" is the whole server).
+BOOTSTRAP_SERVICES = ("pb.LiteKubeNCBootstrapService",)
+CONTROL_SERVICES = ("pb.LiteKubeNCService", "pb.NcNodeService", "pb.NcAdminService")
+HEALTH_WATCH_INTERVAL_S = 1.0
+
+
+def standard_health(running: Callable[[], bool], services: tuple[str, ...]) -> Any:
+    """grpc.health.v1.Health for probes (Kubernetes, load balancers, grpc_health_probe):
+    SERVING while the data plane runs, NOT_SERVING otherwise, for the whole server and
+    each of its services. Asked live on every call, so it never lags the data plane."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    grpc = grpc_modules()[0]
+    known = {"", *services, "grpc.health.v1.Health"}
+
+    def status_of(service: str, context: Any) -> int:
+        if service not in known:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {loggable(service)}")
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return serving if running() else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    class Health(health_pb2_grpc.HealthServicer):
+        def Check(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return health_pb2.HealthCheckResponse(status=status_of(request.service, context))
+
+        def Watch(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802
+            last = None
+            while context.is_active():
+                status = status_of(request.service, context)
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                time.sleep(HEALTH_WATCH_INTERVAL_S)
+
+    return health_pb2_grpc, Health()
+
+
+class ReflectionPool:
+    """The default descriptor pool, plus method names: the upb pool cannot find the file
+    of `pb.Service.Method`, which `grpcurl describe` asks for; the service's file holds it."""
+
+    def __init__(self) -> None:
+        from google.protobuf import descriptor_pool
+
+        self.pool = descriptor_pool.Default()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802
+        try:
+            return self.pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service = self.pool.FindServiceByName(symbol.rpartition(".")[0])  # KeyError again: not found
+            if service.FindMethodByName(symbol.rpartition(".")[2]) is None:
+                raise
+            return service.file
+
+
+def add_standard_services(server: Any, running: Callable[[], bool], services: tuple[str, ...]) -> None:
+    """grpc.health.v1 and server reflection, so grpcurl and probes work without the .proto."""
+    from grpc_reflection.v1alpha import reflection
+
+    health_pb2_grpc, health = standard_health(running, services)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (*services, "grpc.health.v1.Health", reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=ReflectionPool())
+
+
 def expire_text(expire_time: str) -> str:
     return "never" if expire_time == NEVER_EXPIRES else expire_time
 
@@ -4430,7 +4520,7 @@ class BootstrapService:
         self.control = control
 
     def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return grpc_modules()[1].HealthCheckResponse(code=CODE_OK)
+        return grpc_modules()[1].HealthCheckResponse(code=health_code(self.control))
 
     @guarded("GetTokenResponse")
     def GetToken(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -4442,7 +4532,7 @@ class BootstrapService:
             token=node_token,
             networkServerIp=ctl.advertised_ip,
             networkServerPort=str(ctl.config.port),
-            GrpcServerIp=ctl.advertised_ip,
+            GrpcServerIp=ctl.control_ip_for(node_token),
             GrpcServerPort=str(ctl.config.grpc_port),
             GrpcCaCert=b64(creds.grpc_ca),
             GrpcClientKey=b64(creds.grpc.key_pem),
@@ -4471,7 +4561,7 @@ class ControlService:
     @guarded("HealthCheckResponse")
     def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
         self._greeted(context)
-        return grpc_modules()[1].HealthCheckResponse(code=CODE_OK)
+        return grpc_modules()[1].HealthCheckResponse(code=health_code(self.control))
 
     @guarded("GetBootStrapTokenResponse")
     def GetBootStrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -4489,23 +4579,19 @@ class ControlService:
     def CheckConnState(self, request: Any, context: Any) -> Any:  # noqa: N802
         row = self.control.node_state(caller(self.control, context), request.token)
         return grpc_modules()[1].CheckConnResponse(
-            code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), connState=row.state, bindIp=row.bind_ip
+            code=CODE_OK, message=ORIGINAL_OK, connState=row.state, bindIp=row.bind_ip
         )
 
     @guarded("UnRegisterResponse")
     def UnRegister(self, request: Any, context: Any) -> Any:  # noqa: N802
         self.control.unregister(caller(self.control, context), request.token)
-        return grpc_modules()[1].UnRegisterResponse(code=CODE_OK, message="unregistered", result=True)
+        return grpc_modules()[1].UnRegisterResponse(code=CODE_OK, message=ORIGINAL_OK, result=True)
 
     @guarded("GetRegistedIpResponse")
     def GetRegistedIp(self, request: Any, context: Any) -> Any:  # noqa: N802
-        pb = grpc_modules()[1]
+        # A node that never connected has no address yet: 200 with an empty ip, as the original.
         row = self.control.node_state(caller(self.control, context), request.token)
-        if not row.bind_ip:
-            return pb.GetRegistedIpResponse(
-                code=CODE_BAD_REQUEST, message="node has no address yet; it gets one when it first connects"
-            )
-        return pb.GetRegistedIpResponse(code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), ip=row.bind_ip)
+        return grpc_modules()[1].GetRegistedIpResponse(code=CODE_OK, message=ORIGINAL_OK, ip=row.bind_ip)
 
 
 class NodeService:
@@ -4838,6 +4924,7 @@ def start_grpc_servers(
         maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS,
     )
     pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(BootstrapService(control), bootstrap)
+    add_standard_services(bootstrap, lambda: control.sessions.running(), BOOTSTRAP_SERVICES)
     creds = grpc.ssl_server_credentials([(grpc_key, chain)])
     public_bootstrap.backend_port = bind(bootstrap, host_port(bind_host, 0), creds, "bootstrapPort")
 
@@ -4849,6 +4936,7 @@ def start_grpc_servers(
     pb_grpc.add_LiteKubeNCServiceServicer_to_server(ControlService(control), control_server)
     pb_grpc.add_NcNodeServiceServicer_to_server(NodeService(control), control_server)
     pb_grpc.add_NcAdminServiceServicer_to_server(AdminService(control), control_server)
+    add_standard_services(control_server, lambda: control.sessions.running(), CONTROL_SERVICES)
     mtls = grpc.ssl_server_credentials([(grpc_key, chain)], root_certificates=ca, require_client_auth=True)
     public_control.backend_port = bind(control_server, host_port(bind_host, 0), mtls, "grpcPort")
 
@@ -5332,10 +5420,19 @@ def check_work_dir_usable(work_dir: Path) -> None:
         )
 
 
-def join(join_string: str, work_dir: Path) -> ClientConfig:
-    """Fetch this node's token and certificates with a bootstrap token and save them."""
+UNPINNED_JOIN = (
+    "the join string has no CA pin (#sha256:...), so nothing proves the server is yours; copy the whole "
+    "string from `nc adm token create`, or add --unsafe-skip-ca-pin to trust the server on first use"
+)
+
+
+def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> ClientConfig:
+    """Fetch this node's token and certificates with a bootstrap token and save them.
+    Like kubeadm, a join string without a CA pin needs the explicit unsafe flag."""
     _, pb, pb_grpc = grpc_modules()
     target = parse_join_string(join_string)
+    if target.pin is None and not unsafe_skip_ca_pin:
+        raise UsageError(UNPINNED_JOIN)
     check_work_dir_usable(work_dir)
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
@@ -5470,11 +5567,20 @@ def adm_token_create(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     request = pb.CreateBootstrapTokenRequest(lifeMinutes=args.life, singleUse=args.single_use, network=args.net or "")
     response = admin_rpc(args, "CreateBootstrapToken", request)
+    command = join_command(response.joinString)
     if args.output == "json":
-        print_json({k: v for k, v in message_json(response).items() if k not in ("code", "message")})
+        fields = {k: v for k, v in message_json(response).items() if k not in ("code", "message")}
+        print_json({**fields, "joinCommand": command} if args.print_join_command else fields)
+    elif args.print_join_command:
+        print(command)
     else:
         print(response.joinString)
     return 0
+
+
+def join_command(join_string: str) -> str:
+    """The line to run on a new node, quoted for a POSIX shell (kubeadm's --print-join-command)."""
+    return f"nc client --join {shlex.quote(join_string)} --work-dir {DEFAULT_CLIENT_WORK_DIR}"
 
 
 def adm_token_list(args: argparse.Namespace) -> int:
@@ -5504,7 +5610,7 @@ def adm_token_delete(args: argparse.Namespace) -> int:
 
 def adm_join(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
-    config = join(args.join_string, work_dir)
+    config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin)
     if args.output == "json":
         print_json({"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")})
     else:
@@ -5755,7 +5861,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
         setup_logging(None, None, False)
         with work_dir_lock(work_dir, "client"):
-            return join_and_run(args.join, work_dir)
+            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin)
     if args.config:
         config = load_config(args.config, "client")
     elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
@@ -5766,13 +5872,15 @@ def cmd_client(args: argparse.Namespace) -> int:
         return run_joined_client(config)
 
 
-def join_and_run(join_string: str, work_dir: Path) -> int:
+def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> int:
     """`nc client --join`: join unless the work dir already holds credentials, then run.
     Credentials of a node the server no longer knows (unregistered) are replaced by a
     join with this join string, so `--join NEW` after an unregister just works."""
     if not has_credentials(work_dir):
+        if parse_join_string(join_string).pin is None and not unsafe_skip_ca_pin:
+            raise UsageError(UNPINNED_JOIN)
         check_tun_device()  # the rest of what a node needs is checked by join(), before the token is spent
-        return run_joined_client(join(join_string, work_dir))
+        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
     log.info("%s already holds credentials; not joining again", work_dir)
     config = load_config(str(work_dir / "client.yml"), "client")
     try:
@@ -5781,7 +5889,7 @@ def join_and_run(join_string: str, work_dir: Path) -> int:
         if e.code != "unregistered":
             raise
         log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
-    return run_joined_client(join(join_string, work_dir))
+    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
 
 
 def run_joined_client(config: ClientConfig) -> int:
@@ -5829,6 +5937,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", metavar="DIR", help=f"where credentials and client.yml live (default {DEFAULT_CLIENT_WORK_DIR})"
     )
     client.add_argument("--config", metavar="FILE", help="client.yml written by a previous join")
+    add_unsafe_skip_ca_pin_flag(client)
     client.set_defaults(func=cmd_client)
 
     adm = commands.add_parser(
@@ -5864,6 +5973,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"where to save them (default {DEFAULT_CLIENT_WORK_DIR})",
     )
+    add_unsafe_skip_ca_pin_flag(join_cmd)
     join_cmd.set_defaults(func=adm_join)
 
     network = adm_cmds.add_parser("network", help="overlay networks: create, list, delete")
@@ -5937,13 +6047,26 @@ def add_admin_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
 
 
+def add_unsafe_skip_ca_pin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unsafe-skip-ca-pin",
+        action="store_true",
+        help="accept a join string without a CA pin: the server is NOT verified (trust on first use)",
+    )
+
+
 def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--life",
         type=int,
         default=DEFAULT_TOKEN_LIFE_MIN,
         metavar="MIN",
-        help="minutes the token lives; negative never expires (default 10)",
+        help="minutes the token lives (not 0); negative never expires (default 10)",
+    )
+    parser.add_argument(
+        "--print-join-command",
+        action="store_true",
+        help="print the whole `nc client --join ...` command to run on the new node",
     )
     parser.add_argument("--single-use", action="store_true", help="consumed by its first join")
     parser.add_argument("--net", metavar="NAME", help="network the node joins (default: the default network)")

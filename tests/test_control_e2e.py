@@ -236,13 +236,18 @@ def test_wrong_pin_is_refused_before_the_token_is_sent(lab: Lab) -> None:
     assert node_tokens(server) == before | {token}
 
 
-def test_original_join_string_without_pin_works_with_a_warning(lab: Lab) -> None:
-    """The original 3-part join string token@ip:port still joins, with a warning that the server was not verified."""
+def test_original_join_string_without_pin_needs_the_unsafe_flag(lab: Lab) -> None:
+    """The original 3-part join string token@ip:port is refused (as kubeadm refuses a join without
+    a CA hash) unless --unsafe-skip-ca-pin is given; then it joins, with a warning."""
     server = start_server(lab.add_host("server"))
     node = lab.add_host("node")
     join = server.join_string().split("#")[0]
     assert BOOTSTRAP_TOKEN_RE.match(join.split("@")[0]) and join.endswith(f"@{BOOTSTRAP}")
-    done = adm_join(node, join, lab.dir / "node")
+    refused = adm_join(node, join, lab.dir / "node")
+    assert "--unsafe-skip-ca-pin" in one_error_line(refused)
+    client = node.nc("client", "--join", join, "--work-dir", str(lab.dir / "node-c"), check=False)
+    assert "--unsafe-skip-ca-pin" in one_error_line(client)
+    done = adm_join(node, join, lab.dir / "node", "--unsafe-skip-ca-pin")
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip()
     assert NODE_TOKEN_RE.match(token)
@@ -331,7 +336,7 @@ def test_control_port_needs_a_client_cert_from_the_grpc_ca(lab: Lab) -> None:
     body = got["response"]
     assert NODE_TOKEN_RE.match(body["token"])
     assert (body["networkServerIp"], body["networkServerPort"]) == (SERVER_IP, "6441")
-    assert (body["GrpcServerIp"], body["GrpcServerPort"]) == (SERVER_IP, "6440")
+    assert (body["GrpcServerIp"], body["GrpcServerPort"]) == ("10.1.1.1", "6440")  # the overlay, as the original
     assert b"BEGIN CERTIFICATE" in base64.b64decode(body["NetworkClientCert"])
     assert body["token"] in node_tokens(server)
 

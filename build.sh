@@ -50,7 +50,7 @@ cp proto/__init__.py proto/*_pb2.py proto/*_pb2_grpc.py "$SITE/proto/"
 
 step "zipapp ./nc"
 "$VENV/bin/shiv" --site-packages "$SITE" --entry-point ncctl:main \
-    --python '/usr/bin/env python3' --compressed --reproducible \
+    --python '/usr/bin/env python3' --compressed --reproducible --compile-pyc \
     --output-file "nc.tmp.$$" >/dev/null
 mv "nc.tmp.$$" nc  # atomic: a running ./nc or a concurrent build never sees half a file
 step "built ./nc ($(du -h nc | cut -f1))"

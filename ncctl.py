@@ -5904,7 +5904,15 @@ def cmd_version(args: argparse.Namespace) -> int:
 
     print(f"nc {VERSION}")
     print(f"python {sys.version.split()[0]}")
-    for dist in ("grpcio", "protobuf", "cryptography", "PyYAML"):
+    for dist in (
+        "grpcio",
+        "grpcio-reflection",
+        "grpcio-health-checking",
+        "protobuf",
+        "cryptography",
+        "PyYAML",
+        "prometheus-client",
+    ):
         try:
             print(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -6073,7 +6081,101 @@ def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=adm_token_create)
 
 
+OLD_EXTRACTION_AGE_S = 600  # younger ones may belong to an nc that is starting right now
+
+
+def shiv_extraction() -> Path | None:
+    """The ~/.shiv/<name>_<build-id> directory this nc runs from, if it runs from one."""
+    site = Path(__file__).resolve().parent
+    return (
+        site.parent
+        if site.name == "site-packages" and (site.parent.parent / f".{site.parent.name}_lock").exists()
+        else None
+    )
+
+
+def mark_extraction_in_use(extraction: Path) -> int | None:
+    """Hold a shared lock on <root>/.<extraction>_inuse for this process's life, so another
+    build's clean-up leaves this extraction alone (not shiv's own _lock: it takes that one
+    exclusively while extracting, and a shared hold would make the next start wait)."""
+    try:
+        fd = os.open(extraction.parent / f".{extraction.name}_inuse", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return None
+    return fd
+
+
+def extractions_in_use(name: str) -> str:
+    """What live processes use, as one text to search: the files they map (their libraries)
+    and the build ids of the zipapps named `name` they run (one still starting has mapped
+    nothing yet)."""
+    import zipfile
+
+    used = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, KeyError, ValueError, zipfile.BadZipFile):
+            used.append((proc / "maps").read_text())
+            for arg in (proc / "cmdline").read_bytes().split(b"\0")[1:3]:
+                path = proc / "cwd" / os.fsdecode(arg)  # relative to that process's directory
+                if path.name == name and zipfile.is_zipfile(path):
+                    with zipfile.ZipFile(path) as archive:
+                        build = json.loads(archive.read("environment.json")).get("build_id", "")
+                    used.append(f"/{name}_{build}/")
+    return "".join(used)
+
+
+def remove_old_extractions(extraction: Path) -> list[Path]:
+    """Delete the extractions earlier builds of this nc left beside ours (about 40 MB each),
+    except those a running nc uses: locked by it, or its libraries mapped. Returns them."""
+    root, prefix = extraction.parent, extraction.name.rsplit("_", 1)[0] + "_"
+    now = time.time()
+    candidates = []
+    for other in root.glob(prefix + "*"):
+        with contextlib.suppress(OSError):
+            old = now - other.stat().st_mtime > OLD_EXTRACTION_AGE_S
+            if other != extraction and other.is_dir() and not other.name.endswith(".tmp") and old:
+                candidates.append(other)
+    if not candidates:
+        return []
+    import shutil
+
+    in_use = extractions_in_use(prefix[:-1])
+    removed = []
+    for other in candidates:
+        marker = root / f".{other.name}_inuse"
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an nc of that build runs
+            if f"/{other.name}/" in in_use:
+                continue
+            shutil.rmtree(other, ignore_errors=True)
+            for leftover in (root / f".{other.name}_lock", marker):
+                leftover.unlink(missing_ok=True)
+            removed.append(other)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def tidy_shiv_root() -> None:
+    """Mark our extraction in use and remove the ones older builds left."""
+    extraction = shiv_extraction()
+    if extraction is None or mark_extraction_in_use(extraction) is None:
+        return
+    with contextlib.suppress(OSError):
+        remove_old_extractions(extraction)
+
+
 def main(argv: list[str] | None = None) -> int:
+    tidy_shiv_root()
     args = build_parser().parse_args(argv)
     if args.command == "adm":
         setup_logging(None, None, False, quiet_stdout=True)

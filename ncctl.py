@@ -76,6 +76,7 @@ DEFAULT_MTU = 1400
 DEFAULT_TOKEN_LIFE_MIN = 10
 DEFAULT_SERVER_WORK_DIR = "/var/lib/nc"
 DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
+DEFAULT_METRICS_ADDR = "127.0.0.1:9441"
 
 # The server's own identity: bound to its overlay IP, held by the admin cert.
 # Nine characters on purpose, so no generated 16-character node-token collides.
@@ -156,6 +157,10 @@ class PkiError(NcError):
 
 class BadRequest(NcError):
     """A request the server refuses as asked (gRPC code 400): the message says what to change."""
+
+
+class NetworkFull(BadRequest):
+    """A join into a network whose every address belongs to a connected node."""
 
 
 class PermissionDenied(BadRequest):
@@ -273,6 +278,7 @@ class ServerConfig:
     node_mint_rate: int = 10  # bootstrap tokens one node may mint per hour
     node_token_max_life: int = 60  # minutes; a node-minted token lives at most this long
     node_cert_life: int = DEFAULT_NODE_CERT_LIFE_S  # seconds (YAML: 30s, 90m, 12h, 365d); renewed at 2/3 of it
+    metrics_addr: str = DEFAULT_METRICS_ADDR  # Prometheus /metrics (host:port); empty: off
 
     def resolve(self) -> ServerConfig:
         """Fill derived paths from workDir/tlsDir."""
@@ -471,6 +477,8 @@ def check_config(config: Any, path: str, mode: str) -> None:
             )
         if config.ip:
             check_ip(config.ip, f"{where}.ip")
+        if config.metrics_addr:
+            split_host_port(config.metrics_addr, f"{where}.metricsAddr")
         ports = [config.port, config.grpc_port, config.bootstrap_port]
         if len(set(ports)) != 3:
             raise ConfigError(f"{where}: port, grpcPort and bootstrapPort must differ, got {ports}")
@@ -497,6 +505,15 @@ def check_config(config: Any, path: str, mode: str) -> None:
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
         if config.net_token and not valid_net_token(config.net_token):
             raise ConfigError(f"{where}.netToken: {config.net_token!r} is not a net-token; use the one the join saved")
+
+
+def split_host_port(text: str, where: str) -> tuple[str, int]:
+    """host:port or [v6]:port, as metricsAddr is written; errors name the field."""
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {text!r} is not host:port; write it like {DEFAULT_METRICS_ADDR}, or empty for off")
+    return host, int(port)
 
 
 def check_ip(text: str, where: str) -> None:
@@ -1956,6 +1973,8 @@ class ControlPlane:
         self.advertised_ip = advertised_ip
         self.sessions = Sessions()  # replaced by the network server once it runs
         self._network_lock = threading.Lock()  # one network create/delete at a time
+        self.refusals: collections.Counter[str] = collections.Counter()  # joins refused, by reason (metrics)
+        self.observe_join: Callable[[float], None] = lambda _seconds: None  # join latency (metrics)
 
     # -- identity -----------------------------------------------------------------
 
@@ -2086,10 +2105,23 @@ class ControlPlane:
 
         The token's validity (expiry, single use) is decided once, atomically, by
         the store while it adds the node."""
+        started = time.monotonic()
+        try:
+            admitted = self._admit_join(bootstrap_token)
+        except NetworkFull:
+            self.refusals["network-full"] += 1
+            raise
+        except BadRequest:
+            self.refusals["token"] += 1
+            raise
+        self.observe_join(time.monotonic() - started)
+        return admitted
+
+    def _admit_join(self, bootstrap_token: str) -> tuple[str, NodeCredentials]:
         row = self._find_bootstrap_token(bootstrap_token)
         overlay = self.overlay_named(row.network)
         if not overlay.bindings.has_room():
-            raise BadRequest(
+            raise NetworkFull(
                 f"network {overlay.name} is full: every address belongs to a connected node; "
                 "ask the administrator to unregister nodes or use a larger network"
             )
@@ -2958,6 +2990,7 @@ class Link:
         self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
         self.last_rx = self.last_tx = time.monotonic()
         self.closed = False
+        self.rx_bytes = self.tx_bytes = 0  # TLS payload bytes, framing included
 
     def queue(self, frame: bytes) -> bool:
         """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
@@ -2989,6 +3022,7 @@ class Link:
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 return False
             self._count(-len(self.pending))
+            self.tx_bytes += len(self.pending)
             self.pending = None
             self.last_tx = time.monotonic()
         return True
@@ -3019,6 +3053,7 @@ class Link:
         finally:
             if got:
                 self.last_rx = time.monotonic()
+                self.rx_bytes += got
             if self.buffers is not None and rx.start == rx.end:
                 self.buffers.give(rx)
                 self.rx = None  # type: ignore[assignment]
@@ -3059,9 +3094,21 @@ class ServerSession(Link):
         self.close_reason = ""
         self.bad_frames = 0  # malformed frames since bad_since
         self.bad_since = 0.0
+        self.rx_packets = self.tx_packets = 0  # data frames from and to the node
+        self.host_name = self.version = ""  # what the node's hello said
+        self.since = time.time()
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
+
+
+def session_traffic(session: ServerSession) -> dict[str, int]:
+    return {
+        "rx_bytes": session.rx_bytes,
+        "tx_bytes": session.tx_bytes,
+        "rx_packets": session.rx_packets,
+        "tx_packets": session.tx_packets,
+    }
 
 
 class PendingHandshake:
@@ -3096,6 +3143,7 @@ class Handshaker(threading.Thread):
         self.stopping = threading.Event()
         self.epoll = select.epoll()
         self.paused_until = 0.0  # accept() ran out of file descriptors; try again then
+        self.observe: Callable[[float], None] = lambda _seconds: None  # a finished handshake's duration
 
     def stop(self) -> None:
         self.stopping.set()
@@ -3171,6 +3219,7 @@ class Handshaker(threading.Thread):
             self._drop(pending)
             return
         self._forget(pending)
+        self.observe(time.monotonic() - pending.deadline + SERVER_HANDSHAKE_DEADLINE_S)
         log.debug("TLS from %s: %s", pending.peer, pending.tls.cipher())
         self.deliver(pending.tls, pending.peer)
 
@@ -3312,6 +3361,8 @@ class NetworkServer(Sessions):
         self.epoll: Poller | None = None
         self.wake_r = self.wake_w = -1
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
+        self.closed_traffic: collections.Counter[str] = collections.Counter()  # of sessions gone (metrics)
+        self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # TLS latency (metrics)
 
     # -- lifecycle (called from the main thread) ---------------------------------
 
@@ -3321,6 +3372,7 @@ class NetworkServer(Sessions):
             self.tls = self._tls_context()
             self.listener = self._listen()
             self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
+            self.handshaker.observe = self.observe_handshake
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll = Poller()
             self.epoll.register(self.wake_r, select.EPOLLIN)
@@ -3437,6 +3489,13 @@ class NetworkServer(Sessions):
         """End the node's live session (if any), telling it not to come back."""
         self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
 
+    def traffic(self) -> collections.Counter[str]:
+        """Bytes and packets per direction since the start, live sessions included (any thread)."""
+        total = collections.Counter(self.closed_traffic)
+        for session in list(self.sessions.values()):
+            total.update(session_traffic(session))
+        return total
+
     def running(self) -> bool:
         """The packet loop is alive and turning (health checks ask this): a loop that is
         stuck, in a bug or in one frame that costs too much, counts as down too."""
@@ -3516,6 +3575,7 @@ class NetworkServer(Sessions):
                 continue  # the session is over; drain without acting
             if session.phase == Phase.ESTABLISHED:
                 if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+                    session.rx_packets += 1
                     try:
                         self._route_from_node(session, view, kind, start, end)
                     except BadFrame as e:
@@ -3692,6 +3752,7 @@ class NetworkServer(Sessions):
             if not peer.queue(frame):
                 self.counters["dropped-queue-full"] += 1
                 break
+            peer.tx_packets += 1
         self.dirty.add(peer)
 
     def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
@@ -3827,6 +3888,7 @@ class NetworkServer(Sessions):
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(session.fd)
         session.close()
+        self.closed_traffic.update(session_traffic(session))
         if reason is not None:
             if session.ip:
                 log.info("node %s disconnected (%s): %s", session.node_token, session.peer, reason)
@@ -5157,6 +5219,115 @@ class MemoryTrimmer(threading.Thread):
             low = min(low, free)
 
 
+# NetworkServer counters ("dropped-<reason>", handshaker's) -> nc_refusals_total reasons.
+REFUSAL_COUNTERS = {
+    "refused-hellos": "session",
+    "dropped-spoofed": "spoofing",
+    "protocol-errors": "protocol",
+    "refused-busy": "handshake-limit",
+    "tls-failures": "handshake",
+    "handshake-timeouts": "handshake-timeout",
+}
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServerMetrics:
+    """Prometheus metrics of a running server, served on metricsAddr. Most are read live
+    from the parts at scrape time (nothing on the packet path but plain integer counters);
+    the two latency histograms are fed by hooks of the control plane and the handshaker."""
+
+    def __init__(self, control: ControlPlane, network: NetworkServer) -> None:
+        from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
+
+        self.control, self.network = control, network
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.join_seconds = Histogram(
+            "nc_join_duration_seconds",
+            "Time to admit a join (GetToken)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.handshake_seconds = Histogram(
+            "nc_handshake_duration_seconds",
+            "Data-plane TLS handshake time",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(self)
+        control.observe_join = self.join_seconds.observe
+        network.observe_handshake = self.handshake_seconds.observe
+        self.httpd: Any = None
+
+    def serve(self, address: str) -> None:
+        from prometheus_client import start_http_server
+
+        host, port = split_host_port(address, "server.metricsAddr")
+        try:
+            self.httpd, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise NcError(
+                f"cannot serve metrics on {address} ({e.strerror}); change server.metricsAddr or set it empty"
+            ) from None
+        log.info("Prometheus metrics on http://%s/metrics", address)
+
+    def close(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def describe(self) -> list[Any]:
+        return []  # families are known only at scrape time; an empty describe keeps registration cheap
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        nodes = GaugeMetricFamily("nc_nodes", "Registered nodes by network and state", labels=["network", "state"])
+        counts = collections.Counter(
+            (row.network, STATE_NAMES.get(row.state, "unknown"))
+            for row in self.control.store.nodes()
+            if row.token != RESERVED_NODE_TOKEN
+        )
+        pool = GaugeMetricFamily("nc_pool_addresses", "Overlay addresses by network", labels=["network", "state"])
+        for overlay in self.control.overlays.all():
+            for state in STATE_NAMES.values():
+                nodes.add_metric([overlay.name, state], counts.get((overlay.name, state), 0))
+            bound = len(overlay.bindings.pool)
+            pool.add_metric([overlay.name, "bound"], bound)
+            pool.add_metric([overlay.name, "free"], overlay.bindings.pool.capacity - bound)
+        yield nodes
+        yield pool
+        sessions = GaugeMetricFamily("nc_sessions", "Live data-plane sessions by transport", labels=["transport"])
+        sessions.add_metric(["tcp"], len(self.network.by_token))
+        yield sessions
+        traffic = self.network.traffic()
+        data = CounterMetricFamily("nc_data", "Data-plane traffic with nodes", labels=["direction"], unit="bytes")
+        packets = CounterMetricFamily("nc_packets", "Data frames with nodes", labels=["direction"])
+        for direction in ("rx", "tx"):
+            data.add_metric([direction], traffic[f"{direction}_bytes"])
+            packets.add_metric([direction], traffic[f"{direction}_packets"])
+        yield data
+        yield packets
+        counters = collections.Counter(self.network.counters)
+        if self.network.handshaker is not None:
+            counters.update(self.network.handshaker.counters)
+        drops = CounterMetricFamily("nc_drops", "Packets dropped by reason", labels=["reason"])
+        for name, value in sorted(counters.items()):
+            if name.startswith("dropped-"):
+                drops.add_metric([name.removeprefix("dropped-")], value)
+        yield drops
+        refusals = CounterMetricFamily("nc_refusals", "Joins and connections refused by reason", labels=["reason"])
+        reasons = collections.Counter(self.control.refusals)
+        for name, reason in REFUSAL_COUNTERS.items():
+            reasons[reason] += counters.get(name, 0)
+        for reason in ("token", "network-full"):
+            reasons[reason] += 0  # present from the start, so rate() has a baseline
+        for reason, value in sorted(reasons.items()):
+            refusals.add_metric([reason], value)
+        yield refusals
+
+
 def check_root(mode: str) -> None:
     if os.geteuid() != 0:
         raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
@@ -5192,6 +5363,7 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
         threads: list[threading.Thread] = []
         servers: list[Any] = []
         network: NetworkServer | None = None
+        metrics: ServerMetrics | None = None
         supervisor = Supervisor()
         threading.excepthook = supervisor.on_thread_exception
         code = 0
@@ -5206,6 +5378,7 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             control = ControlPlane(config, store, pki, overlays, advertised)
             control.check_config_networks()
             network = NetworkServer(config, control)
+            metrics = ServerMetrics(control, network) if config.metrics_addr else None
             threads = [TokenSweeper(store, stop), CacheSync(overlays, stop), MemoryTrimmer(stop)]
             for thread in (network.thread, network.worker, *threads):
                 supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
@@ -5221,18 +5394,23 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             threads.insert(0, guard)
             for thread in threads:
                 thread.start()
+            if metrics is not None:
+                metrics.serve(config.metrics_addr)
             for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
                 supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
             log.info("nc server ready; join string pin %s", pki.ca_pin())
             code = wait_for_stop_signal(stop, supervisor)
         finally:
             stop.set()
+            if metrics is not None:
+                metrics.close()
             for server in servers:
                 server.stop(grace=1.0).wait(3.0)
             if network is not None:
                 network.stop()
             for thread in threads:
-                thread.join(timeout=5.0)
+                if thread.ident is not None:  # a start that failed early never started them
+                    thread.join(timeout=5.0)
             with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
                 store.reset_states(STATE_IDLE)
             store.close()

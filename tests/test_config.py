@@ -122,6 +122,7 @@ BAD_SERVER = [
     ("mode typo", {"mode": "sever"}, "mode"),
     ("section not a map", {"server": ["a"]}, "server"),
     ("same ports", {"server": {"grpcPort": 6441}}, "grpcPort"),
+    ("metrics address", {"server": {"metricsAddr": "9441"}}, "server.metricsAddr"),
 ]
 
 BAD_CLIENT = [

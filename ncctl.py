@@ -625,6 +625,13 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX IF NOT EXISTS nc_mint_by ON nc_mint(minted_by, create_time)",
     ],
+    [  # 4: what a node's last session showed, for `nc adm node list` (update_time's trigger ignores these)
+        "ALTER TABLE network_mgr ADD COLUMN host_name text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN endpoint text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN transport text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN node_version text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN last_seen text not null default ''",
+    ],
 ]
 
 NOW_SQL = "datetime(CURRENT_TIMESTAMP, 'localtime')"
@@ -639,9 +646,17 @@ class NodeRow:
     update_time: str
     network: str = DEFAULT_NETWORK
     minted_by: str = ""  # node-token of the node that minted its bootstrap token; empty: the admin
+    host_name: str = ""  # what its last session's hello said
+    endpoint: str = ""  # underlay address:port of its last session
+    transport: str = ""
+    node_version: str = ""
+    last_seen: str = ""  # local time its last session started or ended; empty: never connected
 
 
-NODE_COLUMNS = "token, state, bind_ip, create_time, update_time, network, minted_by"
+NODE_COLUMNS = (
+    "token, state, bind_ip, create_time, update_time, network, minted_by,"
+    " host_name, endpoint, transport, node_version, last_seen"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1034,6 +1049,27 @@ class Store:
     def set_state(self, token: str, state: int) -> bool:
         with self.transaction(durable=False) as db:
             return db.execute("UPDATE network_mgr SET state = ? WHERE token = ?", (state, token)).rowcount > 0
+
+    def record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        """What a node's session showed, and when: the start of a session, or (all empty) its end."""
+        with self.transaction(durable=False) as db:
+            if endpoint:
+                db.execute(
+                    f"UPDATE network_mgr SET host_name = ?, endpoint = ?, transport = ?, node_version = ?,"
+                    f" last_seen = {NOW_SQL} WHERE token = ?",
+                    (host_name, endpoint, transport, version, token),
+                )
+            else:
+                db.execute(f"UPDATE network_mgr SET last_seen = {NOW_SQL} WHERE token = ?", (token,))
+
+    def idle_nodes(self, idle_for_s: int) -> list[str]:
+        """Nodes not connected for longer than idle_for_s (by their last state change)."""
+        rows = self._query(
+            f"SELECT token FROM network_mgr WHERE state != ? AND token != ?"
+            f" AND update_time < datetime(CURRENT_TIMESTAMP, 'localtime', '-{int(idle_for_s)} seconds') ORDER BY id",
+            (STATE_CONNECTED, RESERVED_NODE_TOKEN),
+        )
+        return [row[0] for row in rows]
 
     def bind(self, token: str, ip: str, evict: str | None, state: int | None = None) -> None:
         """Bind ip to token (and set its state) in one transaction, first removing the
@@ -1912,6 +1948,10 @@ class Sessions:
         """The data plane carries packets: health checks report NOT_SERVING while it does not."""
         return False
 
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Connected nodes: node-token -> since (epoch seconds), rx_bytes, tx_bytes."""
+        return {}
+
 
 def new_bootstrap_token() -> str:
     """<6-char id>.<16-char secret>: the id is looked up, the whole token compared in constant time."""
@@ -2173,6 +2213,22 @@ class ControlPlane:
     def list_nodes(self, who: Identity) -> list[NodeRow]:
         self.authorize(who, "administer")
         return self.store.nodes()
+
+    def prune_nodes(self, who: Identity, idle_for_s: int, dry_run: bool) -> list[str]:
+        """Unregister every node not connected for longer than idle_for_s (or, dry, name them)."""
+        self.authorize(who, "administer")
+        if idle_for_s < 1:
+            raise BadRequest("the idle time must be at least 1s; write it like 30m, 12h or 30d")
+        tokens = self.store.idle_nodes(idle_for_s)
+        if dry_run:
+            return tokens
+        pruned = []
+        for token in tokens:
+            with contextlib.suppress(BadRequest):  # gone meanwhile
+                self.unregister(who, token)
+                pruned.append(token)
+        log.info("pruned %d node(s) idle for over %s", len(pruned), format_duration(idle_for_s))
+        return pruned
 
     def unregister(self, who: Identity, token: str) -> None:
         """Remove a node: its row, address, certificates and unused minted tokens at
@@ -2557,11 +2613,14 @@ class Hello:
     caps: tuple[str, ...] = CAPABILITIES
     proto: int = PROTOCOL_VERSION
     net_token: str = ""  # empty: the default network (peers that predate networks send none)
+    host_name: str = ""  # optional, for the operator's node list
 
     def encode(self) -> bytes:
         message = {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)}
         if self.net_token:
             message["netToken"] = self.net_token
+        if self.host_name:
+            message["hostName"] = self.host_name
         return encode_control(FRAME_HELLO, message)
 
     @classmethod
@@ -2577,7 +2636,10 @@ class Hello:
         net_token = m.get("netToken", "")
         if not isinstance(net_token, str) or (net_token and not valid_net_token(net_token)):
             raise ProtocolError("hello carries a malformed net-token")
-        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token)
+        host_name = m.get("hostName", "")
+        if not isinstance(host_name, str):
+            raise ProtocolError("hello host name must be a string")
+        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token, host_name[:64])
 
 
 MAX_WELCOME_ROUTES = 256
@@ -3600,6 +3662,7 @@ class NetworkServer(Sessions):
         address, is the control plane's decision (taken on the store worker)."""
         self.unauthenticated.discard(session)
         session.node_token = hello.node_token
+        session.host_name, session.version = hello.host_name, hello.version
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
         session.caps = tuple(c for c in hello.caps if c in offered)
         session.gso = CAP_GSO in session.caps
@@ -3664,11 +3727,25 @@ class NetworkServer(Sessions):
         session.queue(welcome.encode())
         self.dirty.add(session)
         self.worker.submit(lambda: self._mark_connected(token, overlay))
+        details = (token, session.host_name, session.peer, "tcp", session.version)
+        self.worker.submit(lambda: self._record_session(*details))
         log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
 
     def _mark_connected(self, token: str, overlay: Overlay) -> None:
         self._record_state(token, STATE_CONNECTED)
         overlay.bindings.connected(token)
+
+    def _record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        """On the store worker: the node list's columns; a full disk costs only them."""
+        with contextlib.suppress(StoreError):
+            self.store.record_session(token, host_name, endpoint, transport, version)
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Connected nodes' sessions, for the node list (any thread)."""
+        return {
+            token: {"since": s.since, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes}
+            for token, s in list(self.by_token.items())
+        }
 
     def _record_state(self, token: str, state: int) -> None:
         """On the store worker. A state the disk cannot take (full, read-only) keeps no
@@ -3689,6 +3766,7 @@ class NetworkServer(Sessions):
             self._record_state(token, STATE_IDLE)
             if plane is not None:
                 plane.overlay.bindings.idle(token)
+                self._record_session(token, "", "", "", "")  # last seen: now
 
         self.worker.submit(job)
 
@@ -4046,7 +4124,8 @@ class NetworkClient:
         link = Link(sock, self._server)
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
-            sock.sendall(Hello(self.config.token, caps=caps, net_token=self.config.net_token).encode())
+            hello = Hello(self.config.token, caps=caps, net_token=self.config.net_token, host_name=socket.gethostname())
+            sock.sendall(hello.encode())
             welcome = self._await_welcome(link)
             self._check_welcome(welcome)
         except BaseException:
@@ -4722,19 +4801,37 @@ class AdminService:
     @guarded("ListNodesResponse", denied_as_status=True)
     def ListNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
         pb = grpc_modules()[1]
-        nodes = [
-            pb.NodeInfo(
-                nodeToken=r.token,
-                bindIp=r.bind_ip,
-                connState=r.state,
-                createTime=r.create_time,
-                updateTime=r.update_time,
-                network=r.network,
-                mintedBy=r.minted_by,
+        rows = self.control.list_nodes(self._admin(context))
+        live = self.control.sessions.live()
+        nodes = []
+        for r in rows:
+            session = live.get(r.token, {})
+            seen = time.strftime("%Y-%m-%d %H:%M:%S") if session else r.last_seen
+            nodes.append(
+                pb.NodeInfo(
+                    nodeToken=r.token,
+                    bindIp=r.bind_ip,
+                    connState=r.state,
+                    createTime=r.create_time,
+                    updateTime=r.update_time,
+                    network=r.network,
+                    mintedBy=r.minted_by,
+                    hostName=r.host_name,
+                    endpoint=r.endpoint,
+                    transport=r.transport,
+                    lastSeen=seen,
+                    rxBytes=session.get("rx_bytes", 0),
+                    txBytes=session.get("tx_bytes", 0),
+                    nodeVersion=r.node_version,
+                    reserved=r.token == RESERVED_NODE_TOKEN,
+                )
             )
-            for r in self.control.list_nodes(self._admin(context))
-        ]
         return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
+
+    @guarded("PruneNodesResponse", denied_as_status=True)
+    def PruneNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
+        tokens = self.control.prune_nodes(self._admin(context), int(request.idleForSeconds), bool(request.dryRun))
+        return grpc_modules()[1].PruneNodesResponse(code=CODE_OK, message="ok", nodeTokens=tokens)
 
     def _network_info(self, overlay: Overlay, counts: dict[str, int]) -> Any:
         return grpc_modules()[1].NetworkInfo(
@@ -5807,14 +5904,51 @@ def adm_node_list(args: argparse.Namespace) -> int:
                 n.nodeToken,
                 n.network,
                 n.bindIp or "-",
-                f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
+                "reserved" if n.reserved else f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
+                n.hostName or "-",
+                n.endpoint or "-",
+                n.transport or "-",
+                n.lastSeen or "never",
+                human_bytes(n.rxBytes),
+                human_bytes(n.txBytes),
+                n.nodeVersion or "-",
                 n.updateTime,
                 n.mintedBy or "admin",
             ]
             for n in response.nodes
         ]
-        print_table(["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "UPDATED", "MINTED-BY"], rows)
+        headers = ["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
+        print_table([*headers, "RX", "TX", "VERSION", "UPDATED", "MINTED-BY"], rows)
     return 0
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def adm_node_prune(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    seconds = parse_duration_arg(args.idle_for, "--idle-for")
+    response = admin_rpc(args, "PruneNodes", pb.PruneNodesRequest(idleForSeconds=seconds, dryRun=args.dry_run))
+    tokens = list(response.nodeTokens)
+    if args.output == "json":
+        print_json({"nodeTokens": tokens, "dryRun": args.dry_run})
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(tokens)} node(s) idle for over {args.idle_for}" + "".join(f"\n  {t}" for t in tokens))
+    return 0
+
+
+def parse_duration_arg(text: str, flag: str) -> int:
+    """A command-line duration (30s, 90m, 12h, 30d); a bad one is a usage error naming the flag."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text)
+    if match is None or int(match[1]) == 0:
+        raise UsageError(f"{flag}: {text!r} is not a duration; write it like 30m, 12h or 30d")
+    return int(match[1]) * DURATION_UNITS[match[2]]
 
 
 def adm_network_create(args: argparse.Namespace) -> int:
@@ -6187,6 +6321,10 @@ def build_parser() -> argparse.ArgumentParser:
     node = adm_cmds.add_parser("node", help="nodes: list, state, unregister")
     node_cmds = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
     node_cmds.add_parser("list", parents=[output], help="list registered nodes").set_defaults(func=adm_node_list)
+    prune = node_cmds.add_parser("prune", parents=[output], help="unregister nodes idle for longer than a duration")
+    prune.add_argument("--idle-for", required=True, metavar="DURATION", help="30m, 12h, 30d: not connected that long")
+    prune.add_argument("--dry-run", action="store_true", help="only list the nodes that would be removed")
+    prune.set_defaults(func=adm_node_prune)
     for name, aliases, func, text in (
         ("state", ["check-conn-state"], adm_node_state, "one node's bind IP and connection state"),
         ("unregister", [], adm_node_unregister, "unregister a node: cut it off and free its address"),

@@ -37,6 +37,7 @@ SERVER_IP = "198.18.0.1"
 CONTROL = f"{SERVER_IP}:6440"
 BOOTSTRAP = f"{SERVER_IP}:6439"
 NODE_KEYS = {"nodeToken", "bindIp", "connState", "createTime", "updateTime", "network", "mintedBy"}
+NODE_KEYS |= {"hostName", "endpoint", "transport", "lastSeen", "rxBytes", "txBytes", "nodeVersion", "reserved"}
 
 
 def ca_pin_of(path: Path) -> str:

@@ -4017,6 +4017,9 @@ class NetworkClient:
         self.context = self._tls_context()
         self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
         self.renewer = CertRenewer(config, self.stop, self._on_renewed)
+        self.link: Link | None = None  # the live session, for `nc status`
+        self.connected_since = 0.0  # epoch seconds; 0 while not connected
+        self.last_error = ""
 
     def _tls_context(self) -> ssl.SSLContext:
         certs = Path(self.config.network_cert_dir)
@@ -4079,8 +4082,12 @@ class NetworkClient:
                     started = time.monotonic()
                     try:
                         self._ensure_tun(welcome)  # a host that cannot make one ends the client
-                        reason = self._configure(welcome) or self._pump(link, welcome)
+                        reason = self._configure(welcome)
+                        if reason is None:
+                            self.link, self.connected_since = link, time.time()
+                            reason = self._pump(link, welcome)
                     finally:
+                        self.link, self.connected_since = None, 0.0
                         link.close()
                     if reason is None:
                         break  # asked to stop
@@ -4091,6 +4098,7 @@ class NetworkClient:
                         backoff = 0.5
                     reason = f"disconnected: {reason}"
                     log.debug("session counters %s", dict(self.counters))
+                self.last_error = reason
                 backoff = min(backoff * 2, BACKOFF_CAP_S)
                 delay = random.uniform(0.5, 1.0) * backoff
                 log.warning("%s; retrying in %.1f s", reason, delay)
@@ -4105,6 +4113,24 @@ class NetworkClient:
     @property
     def _server(self) -> str:
         return host_port(self.config.server_addr, self.config.port)
+
+    def status(self) -> dict[str, Any]:
+        """What `nc status` shows (asked from the status socket's thread)."""
+        link, since = self.link, self.connected_since
+        connected = link is not None and since > 0
+        return {
+            "state": "connected" if connected else "connecting",
+            "nodeToken": self.config.token,
+            "overlayIp": str(self.address.ip) if connected and self.address else "",
+            "server": self._server,
+            "transport": "tcp" if connected else "",
+            "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
+            "rttMs": tcp_rtt_ms(link.sock) if connected else None,
+            "rxBytes": link.rx_bytes if connected else 0,
+            "txBytes": link.tx_bytes if connected else 0,
+            "lastError": "" if connected else self.last_error,
+            "version": VERSION,
+        }
 
     def close(self) -> None:
         self.routes.close()
@@ -4467,6 +4493,53 @@ def check_certificate_alive(config: ClientConfig) -> None:
         )
 
 
+def tcp_rtt_ms(sock: socket.socket) -> float | None:
+    """The kernel's smoothed round-trip time of the session's TCP connection (kept fresh
+    by keepalives): tcp_info.tcpi_rtt, microseconds at byte 68."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    return round(struct.unpack_from("I", info, 68)[0] / 1000, 3) if len(info) >= 72 else None
+
+
+STATUS_SOCKET = "nc-client.sock"
+
+
+class StatusSocket(threading.Thread):
+    """`nc status` asks the running client here: a unix socket in its work dir, for root
+    only (mode 0600), that answers every connection with one JSON object and closes."""
+
+    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(name="status-socket", daemon=True)
+        self.path, self.status = path, status
+        self.stopping = threading.Event()
+        self.path.unlink(missing_ok=True)  # a killed client's; the work-dir lock says none runs
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self.sock.listen(8)
+        self.sock.settimeout(0.5)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(json.dumps(self.status()).encode() + b"\n")
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=2.0)
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
 def run_client(config: ClientConfig) -> int:
     if os.geteuid() != 0:
         raise NcError("nc client must run as root (it creates a TUN device and routes)")
@@ -4475,7 +4548,34 @@ def run_client(config: ClientConfig) -> int:
     signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
     signal.signal(signal.SIGINT, lambda *_: client.request_stop())
     log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
-    return client.run()
+    status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
+    status.start()
+    try:
+        return client.run()
+    finally:
+        status.close()
+
+
+def ask_status(work_dir: Path) -> dict[str, Any]:
+    """The running client's status from its socket, or one line saying why not."""
+    path = work_dir / STATUS_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(str(path))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        except PermissionError:
+            raise NcError(f"{path}: permission denied; run nc status as root") from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NcError(
+                f"no nc client is running with work dir {work_dir} ({path} does not answer); "
+                f"start it with: nc client --config {work_dir / 'client.yml'}"
+            ) from None
+        except OSError as e:
+            raise NcError(f"{path}: {e.strerror or e}") from None
+    return json.loads(data)
 
 
 # ============================================================================
@@ -5756,6 +5856,7 @@ def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> 
 class AdminTarget:
     address: str
     bootstrap_address: str
+    data_address: tuple[str, int]
     ca: Path
     cert: Path
     key: Path
@@ -5774,6 +5875,7 @@ def admin_target(args: argparse.Namespace) -> AdminTarget:
     return AdminTarget(
         address=host_port(host, grpc_port),
         bootstrap_address=host_port(host, args.bootstrap_port or bootstrap_port),
+        data_address=(host, config.port),
         ca=Path(args.ca) if args.ca else admin / "ca.crt",
         cert=Path(args.cert) if args.cert else admin / "client.crt",
         key=Path(args.key) if args.key else admin / "client.key",
@@ -6081,8 +6183,13 @@ def adm_health(args: argparse.Namespace) -> int:
             results["bootstrap"] = check_code(response).code
         except NcError as e:
             results["bootstrap"] = str(e)
+    results["data"] = probe_data_port(target.data_address)
     healthy = all(v == CODE_OK for v in results.values())
-    addresses = {"control": target.address, "bootstrap": target.bootstrap_address}
+    addresses = {
+        "control": target.address,
+        "bootstrap": target.bootstrap_address,
+        "data": host_port(*target.data_address),
+    }
     if args.output == "json":
         print_json(
             {
@@ -6094,6 +6201,16 @@ def adm_health(args: argparse.Namespace) -> int:
         for name, value in results.items():
             print(f"{name:9} {addresses[name]:21} {'ok' if value == CODE_OK else 'FAILED: ' + value}")
     return 0 if healthy else 1
+
+
+def probe_data_port(address: tuple[str, int]) -> str:
+    """The data port accepts connections (its TLS needs a node's certificate, which the
+    admin has not; whether the packet loop turns, the control HealthCheck says)."""
+    try:
+        with socket.create_connection(address, timeout=RPC_TIMEOUT_S):
+            return CODE_OK
+    except OSError as e:
+        return f"cannot connect to the data port {host_port(*address)}: {e.strerror or e}"
 
 
 def adm_backup(args: argparse.Namespace) -> int:
@@ -6209,6 +6326,31 @@ def run_joined_client(config: ClientConfig) -> int:
     if not config.server_addr or not config.token:
         raise ConfigError("client config needs client.serverAddr and client.token; join first with --join")
     return run_client(config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The running client's state; exit 1 when it is not connected (scripts wait on it)."""
+    work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
+    status = ask_status(work_dir)
+    if args.output == "json":
+        print_json(status)
+    else:
+        rtt = status.get("rttMs")
+        lines = [
+            ("state", status.get("state", "?")),
+            ("node", status.get("nodeToken", "")),
+            ("overlay ip", status.get("overlayIp") or "-"),
+            ("server", status.get("server", "")),
+            ("transport", status.get("transport") or "-"),
+            ("since", status.get("connectedSince") or "-"),
+            ("round trip", f"{rtt} ms" if rtt is not None else "-"),
+            ("rx / tx", f"{human_bytes(status.get('rxBytes', 0))} / {human_bytes(status.get('txBytes', 0))}"),
+        ]
+        if status.get("lastError"):
+            lines.append(("last error", status["lastError"]))
+        for name, value in lines:
+            print(f"{name + ':':12} {value}")
+    return 0 if status.get("state") == "connected" else 1
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -6337,7 +6479,7 @@ def build_parser() -> argparse.ArgumentParser:
             legacy.add_argument("--node-token", required=True, metavar="T")
             legacy.set_defaults(func=func)
     adm_cmds.add_parser(
-        "health", aliases=["check-health"], parents=[output], help="check both gRPC ports"
+        "health", aliases=["check-health"], parents=[output], help="check both gRPC ports and the data port"
     ).set_defaults(func=adm_health)
     ca = adm_cmds.add_parser("ca", help="certificate authorities: status")
     ca_cmds = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
@@ -6354,6 +6496,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
     restore.set_defaults(func=adm_restore)
+
+    status = commands.add_parser(
+        "status",
+        help="ask the running client on this host how it is connected",
+        description="State, overlay IP, server, transport, since when, round trip, traffic. Exit 1 when not connected.",
+    )
+    status.add_argument("--work-dir", metavar="DIR", help=f"the client's work dir (default {DEFAULT_CLIENT_WORK_DIR})")
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
+    status.set_defaults(func=cmd_status)
 
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
     return parser

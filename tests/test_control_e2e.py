@@ -507,13 +507,13 @@ def test_health_exit_codes(lab: Lab) -> None:
     server = start_server(lab.add_host("server"))
     done = server.adm("health")
     assert done.returncode == 0
-    assert [line.split()[0] for line in done.stdout.splitlines()] == ["control", "bootstrap"]
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["control", "bootstrap", "data"]
     report = server.adm_json("health")
-    assert report["healthy"] is True and report["control"]["ok"] and report["bootstrap"]["ok"]
+    assert report["healthy"] is True and report["control"]["ok"] and report["bootstrap"]["ok"] and report["data"]["ok"]
     server.process.stop()
     down = server.adm("health", check=False)
     assert down.returncode != 0
-    assert down.stdout.count("FAILED") == 2, down.stdout
+    assert down.stdout.count("FAILED") == 3, down.stdout
     down_json = json.loads(server.adm("health", "-o", "json", check=False).stdout)
     assert down_json["healthy"] is False
 
@@ -525,5 +525,5 @@ def test_version_prints_versions(nc_binary: Path) -> None:
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert lines["nc"] == ncctl.VERSION
     assert lines["python"].count(".") == 2
-    for dist in ("grpcio", "protobuf", "cryptography", "PyYAML"):
+    for dist in ("grpcio", "grpcio-reflection", "grpcio-health-checking", "protobuf", "cryptography", "PyYAML"):
         assert dist in lines and lines[dist] != "missing" and lines[dist][0].isdigit(), (dist, done.stdout)

@@ -476,7 +476,7 @@ def check_config(config: Any, path: str, mode: str) -> None:
                 f"{where}.networkAddr: {iface.network} overlaps the special-purpose range {special}; use a private range"
             )
         if config.ip:
-            check_ip(config.ip, f"{where}.ip")
+            check_host(config.ip, f"{where}.ip")
         if config.metrics_addr:
             split_host_port(config.metrics_addr, f"{where}.metricsAddr")
         ports = [config.port, config.grpc_port, config.bootstrap_port]
@@ -500,7 +500,7 @@ def check_config(config: Any, path: str, mode: str) -> None:
             seen[spec.name] = spec.network
     else:
         if config.server_addr:
-            check_ip(config.server_addr, f"{where}.serverAddr")
+            check_host(config.server_addr, f"{where}.serverAddr")
         if config.token and not valid_node_token(config.token):
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
         if config.net_token and not valid_net_token(config.net_token):
@@ -514,6 +514,41 @@ def split_host_port(text: str, where: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{where}: {text!r} is not host:port; write it like {DEFAULT_METRICS_ADDR}, or empty for off")
     return host, int(port)
+
+
+HOST_NAME_RE = re.compile(
+    r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*\.?$"
+)
+
+
+def is_host_name(text: str) -> bool:
+    """A DNS name (RFC 1123 labels), not an address."""
+    return bool(HOST_NAME_RE.match(text)) and not text.replace(".", "").isdigit()
+
+
+def check_host(text: str, where: str) -> None:
+    """An IP address or a DNS name (resolved at each connect, so a moved server is found again)."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(text)
+        return
+    if not is_host_name(text):
+        raise ConfigError(f"{where}: {text!r} is neither an IP address nor a DNS name")
+
+
+class ResolveError(NcError, OSError):
+    """A name that does not resolve: one line for a start-up, and an OSError the client's
+    reconnect loop retries (the name may resolve again later)."""
+
+
+def resolve_host(host: str, port: int = 0) -> str:
+    """The first address host resolves to (itself when it is one); NcError when it does not."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ResolveError(f"cannot resolve {host!r}: {e.strerror}; check the name or use an IP address") from None
+    return unmapped(str(infos[0][4][0]))
 
 
 def check_ip(text: str, where: str) -> None:
@@ -2010,7 +2045,8 @@ class ControlPlane:
         self.store = store
         self.pki = pki
         self.overlays = overlays
-        self.advertised_ip = advertised_ip
+        self.advertised_ip = advertised_ip  # as nodes are told: an IP, or a DNS name they resolve
+        self.underlay_ip = advertised_ip  # what it resolves to here (serve() sets it for a name)
         self.sessions = Sessions()  # replaced by the network server once it runs
         self._network_lock = threading.Lock()  # one network create/delete at a time
         self.refusals: collections.Counter[str] = collections.Counter()  # joins refused, by reason (metrics)
@@ -2269,7 +2305,7 @@ class ControlPlane:
         return sorted(self.overlays.all(), key=lambda o: o.index)
 
     def check_cidr(self, spec: NetworkSpec) -> str | None:
-        return cidr_problem(spec.network, spec.allow_public, (self.advertised_ip,), host_routes())
+        return cidr_problem(spec.network, spec.allow_public, (self.underlay_ip,), host_routes())
 
     def check_config_networks(self) -> None:
         """server.yml networks: the host rules, at start (a refusal names the field)."""
@@ -3610,7 +3646,7 @@ class NetworkServer(Sessions):
         self.sessions[session.fd] = session
         self.unauthenticated.add(session)
         self.epoll.register(session.fd, select.EPOLLIN)
-        log.debug("TLS from %s: certificate CN %s", peer, session.cert_token)
+        log.debug("TLS from %s: certificate CN %s", peer, session.cert.common_name)
         self._service(session, select.EPOLLIN)  # the hello may have come with the handshake
 
     def _service(self, session: ServerSession, events: int) -> None:
@@ -4017,6 +4053,7 @@ class NetworkClient:
         self.context = self._tls_context()
         self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
         self.renewer = CertRenewer(config, self.stop, self._on_renewed)
+        self.server_ip = ""  # serverAddr as resolved for the current session
         self.link: Link | None = None  # the live session, for `nc status`
         self.connected_since = 0.0  # epoch seconds; 0 while not connected
         self.last_error = ""
@@ -4140,7 +4177,8 @@ class NetworkClient:
             log.info("removed TUN device and routes")
 
     def _connect(self) -> tuple[Link, Welcome]:
-        raw = socket.create_connection((self.config.server_addr, self.config.port), timeout=HANDSHAKE_TIMEOUT_S)
+        self.server_ip = resolve_host(self.config.server_addr, self.config.port)  # each time: the server may move
+        raw = socket.create_connection((self.server_ip, self.config.port), timeout=HANDSHAKE_TIMEOUT_S)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.context.wrap_socket(raw, server_hostname=SERVER_TLS_NAME)
@@ -4196,7 +4234,7 @@ class NetworkClient:
 
     def _check_welcome(self, welcome: Welcome) -> None:
         """Refuse a welcome whose subnet or routes would send the tunnel into itself."""
-        server = ipaddress.ip_address(self.config.server_addr)
+        server = ipaddress.ip_address(self.server_ip)
         if server.version != 4:
             return
         for network in (welcome.interface.network, *map(ipaddress.IPv4Network, welcome.routes)):
@@ -4257,10 +4295,10 @@ class NetworkClient:
         """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
         IPv4 server via today's path, then 0/1 and 128/1 (more specific than default).
         A tunnel over IPv6 needs no exception: IPv4 routes cannot capture it."""
-        if ipaddress.ip_address(self.config.server_addr).version == 4:
-            path = route_to(self.config.server_addr)
+        if ipaddress.ip_address(self.server_ip).version == 4:
+            path = route_to(self.server_ip)
             spec = (
-                [f"{self.config.server_addr}/32"]
+                [f"{self.server_ip}/32"]
                 + (["via", path["gateway"]] if "gateway" in path else [])
                 + ["dev", path["dev"]]
             )
@@ -5545,6 +5583,7 @@ def run_server(config: ServerConfig) -> int:
 def serve(config: ServerConfig, fd_limit: int) -> int:
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
+        underlay_ip = resolve_host(advertised)  # a DNS name: for certificates and the CIDR rules
         server_ip = str(config.server_overlay_ip)
         log.info(
             "nc %s server starting: advertised address %s, overlay %s (server %s)",
@@ -5554,7 +5593,7 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             server_ip,
         )
         pki = Pki(config)
-        admin_cert = pki.ensure((advertised, "127.0.0.1", server_ip))
+        admin_cert = pki.ensure((underlay_ip, "127.0.0.1", server_ip))
         store = Store(config.db_path)
         stop = threading.Event()
         threads: list[threading.Thread] = []
@@ -5573,6 +5612,7 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             check.join()
             overlays = Overlays(store, config)
             control = ControlPlane(config, store, pki, overlays, advertised)
+            control.underlay_ip = underlay_ip
             control.check_config_networks()
             network = NetworkServer(config, control)
             metrics = ServerMetrics(control, network) if config.metrics_addr else None
@@ -5669,11 +5709,11 @@ def parse_join_string(text: str) -> JoinTarget:
         host, _, port_text = address.rpartition(":")
     try:
         port = int(port_text)
-        ipaddress.ip_address(host)
         if not 1 <= port <= 65535:
             raise ValueError
-    except ValueError:
-        raise UsageError(f"join string address {address!r} is not <ip>:<port>") from None
+        check_host(host, "join string")
+    except (ValueError, ConfigError):
+        raise UsageError(f"join string address {address!r} is not <ip or name>:<port>") from None
     if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
         raise UsageError("join string CA pin must be sha256:<64 hex digits>")
     return JoinTarget(token, host, port, pin or None, net_token)

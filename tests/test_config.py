@@ -131,7 +131,7 @@ BAD_CLIENT = [
     ("port range", {"client": {"port": 65536}}, "client.port"),
     ("bool type", {"client": {"redirectGateway": 1}}, "client.redirectGateway"),
     ("token", {"client": {"token": "not-a-token"}}, "client.token"),
-    ("server not an ip", {"client": {"serverAddr": "nc.example"}}, "client.serverAddr"),
+    ("server neither ip nor name", {"client": {"serverAddr": "nc example!"}}, "client.serverAddr"),
     ("bad mode", {"mode": "server", "client": {}}, "mode"),
 ]
 

@@ -4531,6 +4531,23 @@ def check_certificate_alive(config: ClientConfig) -> None:
         )
 
 
+def sd_notify(message: str) -> bool:
+    """Tell the service manager (systemd's NOTIFY_SOCKET protocol, one datagram); False
+    when nc does not run under one."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as e:
+        log.warning("cannot notify the service manager at %s: %s", loggable(address), e.strerror or e)
+        return False
+    return True
+
+
 def tcp_rtt_ms(sock: socket.socket) -> float | None:
     """The kernel's smoothed round-trip time of the session's TCP connection (kept fresh
     by keepalives): tcp_info.tcpi_rtt, microseconds at byte 68."""
@@ -4588,6 +4605,7 @@ def run_client(config: ClientConfig) -> int:
     log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
     status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
     status.start()
+    sd_notify("READY=1\nSTATUS=connecting")  # the client runs and answers `nc status`; it connects on its own
     try:
         return client.run()
     finally:
@@ -5359,24 +5377,73 @@ class Supervisor:
     def dead(self) -> str | None:
         return next((name for name, alive in self.parts.items() if not alive()), None)
 
-    def wait(self, stop: threading.Event) -> int:
-        """Until a signal sets stop (0) or a part ends on its own (1)."""
+    def wait(self, stop: threading.Event, tick: Callable[[], None] = lambda: None) -> int:
+        """Until a signal sets stop (0) or a part ends on its own (1); tick() once a second
+        while all parts live (the service manager's watchdog, a pending reload)."""
         while not stop.wait(1.0):
             if (name := self.dead()) is not None:
                 cause = self.causes.get(name, "it ended")
                 log.critical("%s stopped unexpectedly (%s); exiting so nc can be restarted whole", name, cause)
                 return 1
+            tick()
         return 0
 
 
-def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor) -> int:
+def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor, tick: Callable[[], None] = lambda: None) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return supervisor.wait(stop)
+    return supervisor.wait(stop, tick)
+
+
+class Watchdog:
+    """systemd's WatchdogSec: WATCHDOG=1 at half the interval, and only while the server
+    is healthy, so a stuck data plane gets the service restarted."""
+
+    def __init__(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        meant = not pid or pid == str(os.getpid())
+        self.interval = int(usec) / 2e6 if usec.isdigit() and meant else 0.0
+        self.next = 0.0
+
+    def ping(self, healthy: bool) -> None:
+        now = time.monotonic()
+        if self.interval and healthy and now >= self.next:
+            sd_notify("WATCHDOG=1")
+            self.next = now + self.interval
+
+
+# What SIGHUP applies to a running server (read at each use); anything else needs a restart.
+RELOADABLE_FIELDS = ("debug", "nodes_may_mint", "node_mint_rate", "node_token_max_life", "node_cert_life")
+
+
+def reload_server_config(config: ServerConfig, path: str | None) -> None:
+    """SIGHUP: re-read the config file, apply what can change without dropping sessions,
+    and say in one line what was applied and what needs a restart."""
+    if path is None:
+        log.info("SIGHUP: running on the embedded defaults (no --config); nothing to re-read")
+        return
+    try:
+        fresh: ServerConfig = load_config(path, "server")
+    except ConfigError as e:
+        log.error("SIGHUP: %s; the running configuration stays", e)
+        return
+    changed = [f.name for f in dataclasses.fields(ServerConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
+    applied = [name for name in changed if name in RELOADABLE_FIELDS]
+    for name in applied:
+        setattr(config, name, getattr(fresh, name))
+    logging.getLogger("nc").setLevel(logging.DEBUG if config.debug else logging.INFO)
+    restart = [camel(name) for name in changed if name not in RELOADABLE_FIELDS]
+    log.info(
+        "SIGHUP: re-read %s; applied: %s; needs a restart: %s",
+        path,
+        ", ".join(camel(name) for name in applied) or "nothing changed",
+        ", ".join(restart) or "nothing",
+    )
 
 
 def raise_open_file_limit() -> int:
@@ -5568,19 +5635,19 @@ def check_root(mode: str) -> None:
         raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
 
 
-def run_server(config: ServerConfig) -> int:
+def run_server(config: ServerConfig, config_path: str | None = None) -> int:
     check_root("server")
     fd_limit = raise_open_file_limit()
     limit_malloc_arenas()  # before gRPC starts its threads
     os.umask(0o077)  # keys, the database and logs are for root only
     try:
-        return serve(config, fd_limit)
+        return serve(config, fd_limit, config_path)
     except OSError as e:  # files of the workDir: a read-only or full disk
         fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
         raise NcError(os_error_line(e, fix)) from None
 
 
-def serve(config: ServerConfig, fd_limit: int) -> int:
+def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -> int:
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
         underlay_ip = resolve_host(advertised)  # a DNS name: for certificates and the CIDR rules
@@ -5636,7 +5703,19 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
                 supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
             log.info("nc server ready; join string pin %s", pki.ca_pin())
-            code = wait_for_stop_signal(stop, supervisor)
+            sd_notify(f"READY=1\nSTATUS=serving {len(network.planes)} network(s)")  # every port listens now
+            watchdog, reload = Watchdog(), threading.Event()
+            signal.signal(signal.SIGHUP, lambda *_: reload.set())
+
+            def tick() -> None:
+                if reload.is_set():
+                    reload.clear()
+                    sd_notify("RELOADING=1")
+                    reload_server_config(config, config_path)
+                    sd_notify("READY=1")
+                watchdog.ping(network.running())
+
+            code = wait_for_stop_signal(stop, supervisor, tick)
         finally:
             stop.set()
             if metrics is not None:
@@ -6285,6 +6364,30 @@ class BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+def under_journald() -> bool:
+    """stderr is connected to the journal (JOURNAL_STREAM names its device and inode)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{info.st_dev}:{info.st_ino}" == f"{device}:{inode}"
+
+
+JOURNAL_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """The journal stamps each line itself and reads the priority from a <N> prefix."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(threadName)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", "\n  ")  # a traceback stays one entry
+        return f"<{JOURNAL_PRIORITIES.get(record.levelno, 6)}>{text}"
+
+
 def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdout: bool = False) -> None:
     """stdout gets info lines, stderr warnings and errors, and with a log_dir a file
     `nc-<mode>.log` rotated at midnight (seven kept) always holds the latest lines."""
@@ -6294,6 +6397,12 @@ def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdo
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
     formatter = logging.Formatter(LOG_FORMAT)
+    if under_journald() and not quiet_stdout:
+        journal = logging.StreamHandler(sys.stderr)  # one stream: each line once, in order
+        journal.setFormatter(JournalFormatter())
+        root.addHandler(journal)
+        add_file_log(root, mode, log_dir, formatter)
+        return
     errors = logging.StreamHandler(sys.stderr)
     errors.setLevel(logging.WARNING)
     errors.setFormatter(logging.Formatter("nc: %(levelname)s: %(message)s") if quiet_stdout else formatter)
@@ -6303,6 +6412,10 @@ def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdo
         info.addFilter(BelowWarning())
         info.setFormatter(formatter)
         root.addHandler(info)
+    add_file_log(root, mode, log_dir, formatter)
+
+
+def add_file_log(root: logging.Logger, mode: str | None, log_dir: str | None, formatter: logging.Formatter) -> None:
     if mode and log_dir:
         try:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -6319,7 +6432,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     check_root("server")  # before the config and the log directory, which a user may not read
     config: ServerConfig = load_config(args.config, "server")
     setup_logging("server", config.log_dir, config.debug)
-    return run_server(config)
+    return run_server(config, args.config)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -6391,6 +6504,83 @@ def cmd_status(args: argparse.Namespace) -> int:
         for name, value in lines:
             print(f"{name + ':':12} {value}")
     return 0 if status.get("state") == "connected" else 1
+
+
+SYSTEMD_DIR = Path("/etc/systemd/system")
+SERVICE_CACHE = "/var/cache/nc"  # where the unit's nc unpacks its libraries (ProtectHome hides ~/.shiv)
+
+
+def service_unit(mode: str, executable: Path, config: Path | None, work_dir: str) -> str:
+    """A systemd unit for `nc server` or `nc client`: Type=notify (nc says READY=1 once it
+    serves), a watchdog nc feeds only while healthy, restart on failure, reload by SIGHUP,
+    and the hardening that still lets it make TUN devices, routes and NAT rules."""
+    command = [str(executable), mode] + (["--config", str(config)] if config else [])
+    what = "server (cloud side)" if mode == "server" else "client (edge node)"
+    lines = [
+        "[Unit]",
+        f"Description=nc {what}: LiteKube network controller",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+        f"ExecStart={shlex.join(command)}",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "RestartSec=2s",
+        "TimeoutStartSec=90s",
+        "WatchdogSec=30s",
+        "LimitNOFILE=1048576",
+        f"Environment=SHIV_ROOT={SERVICE_CACHE}",
+        "CacheDirectory=nc",
+        # root, but only the capabilities a VPN needs: TUN devices, addresses, routes, iptables
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        f"ReadWritePaths={work_dir}",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "LockPersonality=yes",
+        "SystemCallArchitectures=native",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/net/tun rw",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    """Write (or print) a systemd unit for this nc and this config."""
+    mode = args.mode
+    default_config = Path(DEFAULT_CLIENT_WORK_DIR) / "client.yml" if mode == "client" else None
+    config_path = Path(args.config).resolve() if args.config else default_config
+    if mode == "client" and config_path is not None and not config_path.exists() and not args.print:
+        raise UsageError(f"{config_path}: no such file; join first (nc client --join ...) or pass --config")
+    config = load_config(str(config_path), mode) if config_path and config_path.exists() else load_config(None, mode)
+    unit = service_unit(mode, Path(sys.argv[0]).resolve(), config_path, config.work_dir)
+    if args.print:
+        sys.stdout.write(unit)
+        return 0
+    if os.geteuid() != 0:
+        raise NcError("writing a systemd unit needs root; run with sudo, or add --print to see it")
+    path = SYSTEMD_DIR / f"nc-{mode}.service"
+    try:
+        path.write_text(unit)
+    except OSError as e:
+        raise NcError(os_error_line(e, "is this a systemd host? add --print to see the unit")) from None
+    print(f"wrote {path}; now: systemctl daemon-reload && systemctl enable --now nc-{mode}")
+    return 0
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -6545,6 +6735,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--work-dir", metavar="DIR", help=f"the client's work dir (default {DEFAULT_CLIENT_WORK_DIR})")
     status.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
     status.set_defaults(func=cmd_status)
+
+    service = commands.add_parser(
+        "install-service",
+        help="write a systemd unit for the server or the client",
+        description="Write /etc/systemd/system/nc-MODE.service (Type=notify, watchdog, restart on failure, "
+        "reload by SIGHUP, hardened), or print it with --print.",
+    )
+    service.add_argument("mode", choices=["server", "client"])
+    service.add_argument("--config", metavar="FILE", help="server.yml / client.yml the service runs with")
+    service.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    service.set_defaults(func=cmd_install_service)
 
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
     return parser

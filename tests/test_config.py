@@ -122,6 +122,7 @@ BAD_SERVER = [
     ("mode typo", {"mode": "sever"}, "mode"),
     ("section not a map", {"server": ["a"]}, "server"),
     ("same ports", {"server": {"grpcPort": 6441}}, "grpcPort"),
+    ("metrics address", {"server": {"metricsAddr": "9441"}}, "server.metricsAddr"),
 ]
 
 BAD_CLIENT = [
@@ -130,7 +131,7 @@ BAD_CLIENT = [
     ("port range", {"client": {"port": 65536}}, "client.port"),
     ("bool type", {"client": {"redirectGateway": 1}}, "client.redirectGateway"),
     ("token", {"client": {"token": "not-a-token"}}, "client.token"),
-    ("server not an ip", {"client": {"serverAddr": "nc.example"}}, "client.serverAddr"),
+    ("server neither ip nor name", {"client": {"serverAddr": "nc example!"}}, "client.serverAddr"),
     ("bad mode", {"mode": "server", "client": {}}, "mode"),
 ]
 

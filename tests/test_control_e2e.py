@@ -37,6 +37,7 @@ SERVER_IP = "198.18.0.1"
 CONTROL = f"{SERVER_IP}:6440"
 BOOTSTRAP = f"{SERVER_IP}:6439"
 NODE_KEYS = {"nodeToken", "bindIp", "connState", "createTime", "updateTime", "network", "mintedBy"}
+NODE_KEYS |= {"hostName", "endpoint", "transport", "lastSeen", "rxBytes", "txBytes", "nodeVersion", "reserved"}
 
 
 def ca_pin_of(path: Path) -> str:
@@ -236,13 +237,18 @@ def test_wrong_pin_is_refused_before_the_token_is_sent(lab: Lab) -> None:
     assert node_tokens(server) == before | {token}
 
 
-def test_original_join_string_without_pin_works_with_a_warning(lab: Lab) -> None:
-    """The original 3-part join string token@ip:port still joins, with a warning that the server was not verified."""
+def test_original_join_string_without_pin_needs_the_unsafe_flag(lab: Lab) -> None:
+    """The original 3-part join string token@ip:port is refused (as kubeadm refuses a join without
+    a CA hash) unless --unsafe-skip-ca-pin is given; then it joins, with a warning."""
     server = start_server(lab.add_host("server"))
     node = lab.add_host("node")
     join = server.join_string().split("#")[0]
     assert BOOTSTRAP_TOKEN_RE.match(join.split("@")[0]) and join.endswith(f"@{BOOTSTRAP}")
-    done = adm_join(node, join, lab.dir / "node")
+    refused = adm_join(node, join, lab.dir / "node")
+    assert "--unsafe-skip-ca-pin" in one_error_line(refused)
+    client = node.nc("client", "--join", join, "--work-dir", str(lab.dir / "node-c"), check=False)
+    assert "--unsafe-skip-ca-pin" in one_error_line(client)
+    done = adm_join(node, join, lab.dir / "node", "--unsafe-skip-ca-pin")
     assert done.returncode == 0, done.stderr
     token = done.stdout.strip()
     assert NODE_TOKEN_RE.match(token)
@@ -331,7 +337,7 @@ def test_control_port_needs_a_client_cert_from_the_grpc_ca(lab: Lab) -> None:
     body = got["response"]
     assert NODE_TOKEN_RE.match(body["token"])
     assert (body["networkServerIp"], body["networkServerPort"]) == (SERVER_IP, "6441")
-    assert (body["GrpcServerIp"], body["GrpcServerPort"]) == (SERVER_IP, "6440")
+    assert (body["GrpcServerIp"], body["GrpcServerPort"]) == ("10.1.1.1", "6440")  # the overlay, as the original
     assert b"BEGIN CERTIFICATE" in base64.b64decode(body["NetworkClientCert"])
     assert body["token"] in node_tokens(server)
 
@@ -501,13 +507,13 @@ def test_health_exit_codes(lab: Lab) -> None:
     server = start_server(lab.add_host("server"))
     done = server.adm("health")
     assert done.returncode == 0
-    assert [line.split()[0] for line in done.stdout.splitlines()] == ["control", "bootstrap"]
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["control", "bootstrap", "data"]
     report = server.adm_json("health")
-    assert report["healthy"] is True and report["control"]["ok"] and report["bootstrap"]["ok"]
+    assert report["healthy"] is True and report["control"]["ok"] and report["bootstrap"]["ok"] and report["data"]["ok"]
     server.process.stop()
     down = server.adm("health", check=False)
     assert down.returncode != 0
-    assert down.stdout.count("FAILED") == 2, down.stdout
+    assert down.stdout.count("FAILED") == 3, down.stdout
     down_json = json.loads(server.adm("health", "-o", "json", check=False).stdout)
     assert down_json["healthy"] is False
 
@@ -519,5 +525,5 @@ def test_version_prints_versions(nc_binary: Path) -> None:
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert lines["nc"] == ncctl.VERSION
     assert lines["python"].count(".") == 2
-    for dist in ("grpcio", "protobuf", "cryptography", "PyYAML"):
+    for dist in ("grpcio", "grpcio-reflection", "grpcio-health-checking", "protobuf", "cryptography", "PyYAML"):
         assert dist in lines and lines[dist] != "missing" and lines[dist][0].isdigit(), (dist, done.stdout)

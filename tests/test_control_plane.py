@@ -94,7 +94,9 @@ def test_node_mints_are_capped_counted_and_attributed(control: ncctl.ControlPlan
     with pytest.raises(ncctl.BadRequest, match="over a year"):
         control.create_bootstrap_token(node, 10**7)
     _, _, overlay = control.create_bootstrap_token(node, 10**5)  # capped at nodeTokenMaxLife, not refused
-    control.create_bootstrap_token(node, 0)
+    with pytest.raises(ncctl.BadRequest, match="0 minutes is not allowed"):
+        control.create_bootstrap_token(node, 0)  # refused, not silently 10 minutes
+    control.create_bootstrap_token(node, 1)
     assert overlay.name == "edge-b"
     with pytest.raises(ncctl.BadRequest, match="nodeMintRate"):
         control.create_bootstrap_token(node, 5)
@@ -114,6 +116,8 @@ def test_admin_token_life_is_bounded(control: ncctl.ControlPlane) -> None:
         control.create_bootstrap_token(ADMIN, 2**62)
     _, expire, _ = control.create_bootstrap_token(ADMIN, -1)
     assert expire == ncctl.NEVER_EXPIRES
+    with pytest.raises(ncctl.BadRequest, match="0 minutes is not allowed"):
+        control.create_bootstrap_token(ADMIN, 0)
 
 
 def test_renewal_revokes_the_old_certificates_once_the_new_ones_are_used(control: ncctl.ControlPlane) -> None:

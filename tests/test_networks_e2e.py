@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from control_helpers import db_execute, one_error_line
+from cryptography import x509
 from netlab import Host, Lab, NcClient, NcServer, start_client, start_server, wait_for
 from network_helpers import assert_reaches, spawn_tcpdump, wait_connected, wait_exit, wait_state
 from networks_helpers import (
@@ -423,7 +424,8 @@ def test_schema_version_1_database_upgrades_in_place(lab: Lab) -> None:
     default = networks(server)["default"]
     assert default["nodes"] == len(legacy) and NET_TOKEN_RE.match(default["netToken"])
     assert (server.work_dir / "tls" / "grpc" / "ca.crt").is_file()
-    client = start_client(lab.add_host("node"), f"{bootstrap_token}@{BOOTSTRAP}")
+    pin = ncctl.spki_pin(x509.load_pem_x509_certificate((server.work_dir / "tls" / "grpc" / "ca.crt").read_bytes()))
+    client = start_client(lab.add_host("node"), f"{bootstrap_token}@{BOOTSTRAP}#{pin}")
     ip = wait_connected(server, client)
     assert in_cidr(ip, DEFAULT_CIDR) and ip not in {DEFAULT_SERVER_IP, *(v[1] for v in legacy.values())}
     assert_reaches(client.host, DEFAULT_SERVER_IP)

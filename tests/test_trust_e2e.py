@@ -115,7 +115,8 @@ def test_a_node_acts_only_within_its_own_network(lab: Lab) -> None:
 
     minted = mint_as_node(server, b_work, 5)
     assert minted["ok"] and minted["response"]["code"] == "200", minted
-    newcomer_join = f"{minted['response']['bootStrapToken']}@{BOOTSTRAP}"
+    pin = ncctl.spki_pin(x509.load_pem_x509_certificate((b_work / "tls" / "grpc" / "ca.crt").read_bytes()))
+    newcomer_join = f"{minted['response']['bootStrapToken']}@{BOOTSTRAP}#{pin}"  # the minter knows the CA
     newcomer = join_node(host, newcomer_join, lab.dir / "newcomer")
     row = server.node(newcomer)
     assert (row["network"], row["mintedBy"]) == ("edge-b", b_token), row

@@ -5143,13 +5143,14 @@ class GrpcGuard(threading.Thread):
         try:
             while not self.stop.is_set():
                 for fd, events in self.epoll.poll(0.5):
-                    if (port := self.ports.get(fd)) is not None:
-                        self._accept(port)
-                    elif (splice := self.splices.get(fd)) is not None:
-                        try:
+                    try:
+                        if (port := self.ports.get(fd)) is not None:
+                            self._accept(port)
+                        elif (splice := self.splices.get(fd)) is not None:
                             self._pump(splice, fd, events)
-                        except Exception:  # a bug must cost one connection, never the gRPC ports
-                            log.exception("gRPC guard: splice from %s failed unexpectedly; closing it", splice.source)
+                    except Exception:  # a bug must cost one connection, never the gRPC ports
+                        log.exception("gRPC guard: unexpected error; closing that connection")
+                        if (splice := self.splices.get(fd)) is not None:
                             self._close(splice)
                 if self.paused_until and time.monotonic() >= self.paused_until:
                     self.paused_until = 0.0

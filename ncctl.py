@@ -4925,11 +4925,18 @@ class AdminService:
     def __init__(self, control: ControlPlane) -> None:
         self.control = control
 
+    def _admin(self, context: Any) -> Identity:
+        """The whole service is the admin's: a node's mint goes through GetBootStrapToken,
+        where its limits apply, never through CreateBootstrapToken."""
+        who = caller(self.control, context)
+        self.control.authorize(who, "administer")
+        return who
+
     @guarded("CreateBootstrapTokenResponse", denied_as_status=True)
     def CreateBootstrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
         ctl = self.control
         token, expire, overlay = ctl.create_bootstrap_token(
-            caller(self.control, context), int(request.lifeMinutes), bool(request.singleUse), request.network.strip()
+            self._admin(context), int(request.lifeMinutes), bool(request.singleUse), request.network.strip()
         )
         return grpc_modules()[1].CreateBootstrapTokenResponse(
             code=CODE_OK,
@@ -4952,19 +4959,19 @@ class AdminService:
                 network=row.network,
                 mintedBy=row.minted_by,
             )
-            for row in self.control.list_bootstrap_tokens(caller(self.control, context))
+            for row in self.control.list_bootstrap_tokens(self._admin(context))
         ]
         return pb.ListBootstrapTokensResponse(code=CODE_OK, message="ok", tokens=tokens)
 
     @guarded("DeleteBootstrapTokenResponse", denied_as_status=True)
     def DeleteBootstrapToken(self, request: Any, context: Any) -> Any:  # noqa: N802
-        self.control.delete_bootstrap_token(caller(self.control, context), request.tokenId)
+        self.control.delete_bootstrap_token(self._admin(context), request.tokenId)
         return grpc_modules()[1].DeleteBootstrapTokenResponse(code=CODE_OK, message="deleted", result=True)
 
     @guarded("ListNodesResponse", denied_as_status=True)
     def ListNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
         pb = grpc_modules()[1]
-        rows = self.control.list_nodes(caller(self.control, context))
+        rows = self.control.list_nodes(self._admin(context))
         live = self.control.sessions.live()
         nodes = []
         for r in rows:
@@ -4993,9 +5000,7 @@ class AdminService:
 
     @guarded("PruneNodesResponse", denied_as_status=True)
     def PruneNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
-        tokens = self.control.prune_nodes(
-            caller(self.control, context), int(request.idleForSeconds), bool(request.dryRun)
-        )
+        tokens = self.control.prune_nodes(self._admin(context), int(request.idleForSeconds), bool(request.dryRun))
         return grpc_modules()[1].PruneNodesResponse(code=CODE_OK, message="ok", nodeTokens=tokens)
 
     def _network_info(self, overlay: Overlay, nodes: int) -> Any:
@@ -5012,7 +5017,7 @@ class AdminService:
     @guarded("CreateNetworkResponse", denied_as_status=True)
     def CreateNetwork(self, request: Any, context: Any) -> Any:  # noqa: N802
         overlay = self.control.create_network(
-            caller(self.control, context),
+            self._admin(context),
             request.name,
             request.cidr,
             not request.noInterconnection,
@@ -5024,14 +5029,14 @@ class AdminService:
 
     @guarded("ListNetworksResponse", denied_as_status=True)
     def ListNetworks(self, request: Any, context: Any) -> Any:  # noqa: N802
-        networks = self.control.list_networks(caller(self.control, context))
+        networks = self.control.list_networks(self._admin(context))
         return grpc_modules()[1].ListNetworksResponse(
             code=CODE_OK, message="ok", networks=[self._network_info(o, nodes) for o, nodes in networks]
         )
 
     @guarded("DeleteNetworkResponse", denied_as_status=True)
     def DeleteNetwork(self, request: Any, context: Any) -> Any:  # noqa: N802
-        removed = self.control.delete_network(caller(self.control, context), request.name.strip(), bool(request.force))
+        removed = self.control.delete_network(self._admin(context), request.name.strip(), bool(request.force))
         return grpc_modules()[1].DeleteNetworkResponse(code=CODE_OK, message="deleted", unregistered=removed)
 
 
@@ -6810,7 +6815,7 @@ def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=adm_token_create)
 
 
-OLD_EXTRACTION_AGE_S = 600  # younger ones may belong to an nc that is starting right now
+OLD_EXTRACTION_AGE_S = 600  # unused this long (each start touches its own); younger ones may be starting now
 
 
 def shiv_extraction() -> Path | None:
@@ -6900,6 +6905,7 @@ def tidy_shiv_root() -> None:
     if extraction is None or mark_extraction_in_use(extraction) is None:
         return
     with contextlib.suppress(OSError):
+        os.utime(extraction)  # its age is the time since an nc last started from it, not since unpacking
         remove_old_extractions(extraction)
 
 

@@ -14,7 +14,7 @@ The file reads top-down; each section only uses the sections above it:
 
      1. constants and errors         8. wire protocol
      2. config                       9. network server
-     3. store (sqlite)              10. network client
+     3. store (sqlite, etcd)        10. network client
      4. address pools, networks     11. gRPC services
      5. pki                         12. server assembly
      6. control plane (the rules)   13. join and admin commands
@@ -131,6 +131,10 @@ class UsageError(NcError):
 
 class StoreError(NcError):
     pass
+
+
+class AddressTaken(StoreError):
+    """Another writer (a replica sharing the store) bound this address first: the pool is stale."""
 
 
 class StoreFull(StoreError):
@@ -528,8 +532,10 @@ def client_yaml(config: ClientConfig) -> str:
 
 # ============================================================================
 # 3. Store
-#    sqlite: the design document's tables and triggers verbatim, then
-#    versioned migrations. Every SQL statement of nc lives in this section.
+#    One set of atomic operations, two implementations: sqlite (the design
+#    document's tables and triggers verbatim, then versioned migrations) and
+#    etcd v3 (one Txn per operation). Every SQL statement and etcd key of nc
+#    lives in this section.
 # ============================================================================
 
 DESIGN_SCHEMA = """
@@ -1020,17 +1026,20 @@ class Store:
     def bind(self, token: str, ip: str, evict: str | None, state: int | None = None) -> None:
         """Bind ip to token (and set its state) in one transaction, first removing the
         evicted node whole: its row, certificates and unused minted tokens."""
-        with self.transaction() as db:
-            if evict is not None:
-                self._purge_node(db, evict)
-            if state is None:
-                changed = db.execute("UPDATE network_mgr SET bind_ip = ? WHERE token = ?", (ip, token)).rowcount
-            else:
-                changed = db.execute(
-                    "UPDATE network_mgr SET bind_ip = ?, state = ? WHERE token = ?", (ip, state, token)
-                ).rowcount
-            if changed != 1:
-                raise BadRequest("node-token is not registered")
+        try:
+            with self.transaction() as db:
+                if evict is not None:
+                    self._purge_node(db, evict)
+                if state is None:
+                    changed = db.execute("UPDATE network_mgr SET bind_ip = ? WHERE token = ?", (ip, token)).rowcount
+                else:
+                    changed = db.execute(
+                        "UPDATE network_mgr SET bind_ip = ?, state = ? WHERE token = ?", (ip, state, token)
+                    ).rowcount
+                if changed != 1:
+                    raise BadRequest("node-token is not registered")
+        except sqlite3.IntegrityError:  # the unique index on (network, bind_ip)
+            raise AddressTaken(f"{ip} is bound to another node") from None
 
     def delete_node(self, token: str) -> bool:
         """Unregister: the node, its certificates and its unused minted tokens, at once."""
@@ -1128,6 +1137,631 @@ def split_sql(script: str) -> list[str]:
     if "\n".join(current).strip():
         statements.append("\n".join(current).strip())
     return statements
+
+
+# -- etcd v3 -------------------------------------------------------------------
+#
+# The same operations on etcd, for replicas that share one store. Key layout
+# (all under ETCD_PREFIX; values are JSON unless said otherwise):
+#   node/<node-token>               a node: state, bind_ip, times, network, minted_by
+#   addr/<network>/<ip>             the node-token bound to ip (created only if absent)
+#   token/<bootstrap-token>         a bootstrap token
+#   mint/<node-token>/<time>-<rand> one mint by a node, for its hourly limit
+#   network/<name>                  an overlay network (its id from seq/network)
+#   cert/<serial>                   an issued certificate; certs-of/<node-token>/<serial> indexes it
+#   legacy/<node-token>             a node accepted by name until it renews
+#   layout                          the layout version of this tree
+# Every operation is one Txn: it reads at one revision, and its writes are guarded
+# by compares on every key (and prefix) it read, so a concurrent change by another
+# replica makes it start over instead of overwriting.
+
+ETCD_PREFIX = "/nc/"
+ETCD_LAYOUT_VERSION = 1
+ETCD_RPC_TIMEOUT_S = 5.0
+ETCD_TXN_ATTEMPTS = 64
+ETCD_CHUNK = 100  # etcd refuses a Txn of more than 128 operations by default
+
+
+def local_time(offset_s: float = 0.0) -> str:
+    """The sqlite store's datetime(CURRENT_TIMESTAMP, 'localtime') format."""
+    return (datetime.datetime.now() + datetime.timedelta(seconds=offset_s)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range_end that makes a Range cover every key starting with prefix."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdTls:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+def etcd_target(endpoints: str) -> tuple[str, bool, str]:
+    """(gRPC target, TLS?, TLS name) for a comma list of etcd URLs: one channel over
+    every member's address, so gRPC moves to another member when one dies."""
+    addresses, schemes, names = [], set(), set()
+    for url in (u.strip() for u in endpoints.split(",") if u.strip()):
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            scheme, rest = "http", url
+        host, _, port = rest.rstrip("/").rpartition(":")
+        host = host.strip("[]")
+        if scheme not in ("http", "https") or not host or not port.isdigit():
+            raise ConfigError(f"datastoreEndpoint: {url!r} is not an etcd URL; write it as http(s)://HOST:PORT")
+        schemes.add(scheme)
+        names.add(host)
+        try:
+            infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            raise ConfigError(f"datastoreEndpoint: cannot resolve {host!r}; fix the name or use an IP") from None
+        addresses.extend(f"{info[4][0]}:{port}" for info in infos[:1])
+    if not addresses:
+        raise ConfigError("datastoreEndpoint is empty; list the etcd URLs, for example http://10.0.0.1:2379")
+    if len(schemes) > 1:
+        raise ConfigError("datastoreEndpoint mixes http and https; use one scheme for every member")
+    return "ipv4:" + ",".join(addresses), schemes == {"https"}, sorted(names)[0]
+
+
+class Etcd:
+    """A connection to an etcd v3 cluster: the KV, Watch and Lease stubs and the
+    error translation. Calls retry on another member while the cluster elects."""
+
+    def __init__(self, endpoints: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX) -> None:
+        import grpc
+
+        from proto import etcd_pb2, etcd_pb2_grpc
+
+        self.grpc, self.pb, self.endpoints, self.prefix = grpc, etcd_pb2, endpoints, prefix.encode()
+        tls = tls or EtcdTls()
+        target, secure, name = etcd_target(endpoints)
+        options = [("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 1)]
+        if secure:
+            try:
+                ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
+                key = Path(tls.key_file).read_bytes() if tls.key_file else None
+                cert = Path(tls.cert_file).read_bytes() if tls.cert_file else None
+            except OSError as e:
+                raise ConfigError(os_error_line(e, "fix datastoreCAFile/CertFile/KeyFile")) from None
+            creds = grpc.ssl_channel_credentials(ca, key, cert)
+            self.channel = grpc.secure_channel(target, creds, [*options, ("grpc.ssl_target_name_override", name)])
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.kv = etcd_pb2_grpc.KVStub(self.channel)
+        self.watch_stub = etcd_pb2_grpc.WatchStub(self.channel)
+        self.lease_stub = etcd_pb2_grpc.LeaseStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def key(self, *parts: str) -> bytes:
+        return self.prefix + "/".join(parts).encode()
+
+    def call(self, method: Callable, request: Any, timeout: float = ETCD_RPC_TIMEOUT_S) -> Any:
+        """One unary call; UNAVAILABLE (a member down, an election) is retried until timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return method(request, timeout=max(left, 0.05), wait_for_ready=True)
+            except self.grpc.RpcError as e:
+                code = e.code()
+                if code == self.grpc.StatusCode.UNAVAILABLE and time.monotonic() + 0.1 < deadline:
+                    time.sleep(0.1)
+                    continue
+                raise StoreError(
+                    f"etcd at {self.endpoints}: {code.name.lower()} ({e.details()}); "
+                    "check that a quorum of etcd members is up and datastoreEndpoint"
+                ) from None
+
+    def get(self, key: bytes) -> Any:
+        kvs = self.call(self.kv.Range, self.pb.RangeRequest(key=key)).kvs
+        return kvs[0] if kvs else None
+
+    def range(self, prefix: bytes, revision: int = 0) -> Any:
+        return self.call(
+            self.kv.Range, self.pb.RangeRequest(key=prefix, range_end=prefix_end(prefix), revision=revision)
+        )
+
+    def txn(self, compares: list, success: list, failure: list = ()) -> Any:
+        return self.call(self.kv.Txn, self.pb.TxnRequest(compare=compares, success=success, failure=list(failure)))
+
+    def put_op(self, key: bytes, value: bytes, lease: int = 0) -> Any:
+        return self.pb.RequestOp(request_put=self.pb.PutRequest(key=key, value=value, lease=lease))
+
+    def delete_op(self, key: bytes, whole_prefix: bool = False) -> Any:
+        end = prefix_end(key) if whole_prefix else b""
+        return self.pb.RequestOp(request_delete_range=self.pb.DeleteRangeRequest(key=key, range_end=end))
+
+    def compare_mod(self, key: bytes, mod_revision: int, result: str = "EQUAL", range_end: bytes = b"") -> Any:
+        return self.pb.Compare(
+            result=getattr(self.pb.Compare, result),
+            target=self.pb.Compare.MOD,
+            key=key,
+            mod_revision=mod_revision,
+            range_end=range_end,
+        )
+
+
+class EtcdTxn:
+    """The reads and writes of one attempt at an atomic operation."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self.revision = 0  # every read of the attempt sees this one revision
+        self.compares: list = []
+        self._written: dict[bytes, dict | None] = {}  # etcd refuses a Txn naming one key twice: last write wins
+
+    @property
+    def ops(self) -> list:
+        return [
+            self.etcd.delete_op(key)
+            if value is None
+            else self.etcd.put_op(key, json.dumps(value, sort_keys=True).encode())
+            for key, value in self._written.items()
+        ]
+
+    def _range(self, key: bytes, range_end: bytes = b"") -> list:
+        pb = self.etcd.pb
+        response = self.etcd.call(
+            self.etcd.kv.Range, pb.RangeRequest(key=key, range_end=range_end, revision=self.revision)
+        )
+        if not self.revision:
+            self.revision = response.header.revision
+        return list(response.kvs)
+
+    def get(self, key: bytes) -> dict | None:
+        if key in self._written:
+            return self._written[key]
+        kvs = self._range(key)
+        self.compares.append(self.etcd.compare_mod(key, kvs[0].mod_revision if kvs else 0))
+        return json.loads(kvs[0].value) if kvs else None
+
+    def scan(self, prefix: bytes) -> list[tuple[bytes, dict, int]]:
+        """(key, value, create_revision) under prefix, oldest first; a key added or
+        changed there before the commit makes it fail."""
+        end = prefix_end(prefix)
+        kvs = self._range(prefix, end)
+        self.compares.append(self.etcd.compare_mod(prefix, self.revision + 1, "LESS", end))
+        return sorted(((kv.key, json.loads(kv.value), kv.create_revision) for kv in kvs), key=lambda r: r[2])
+
+    def put(self, key: bytes, value: dict) -> None:
+        self._written[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self._written[key] = None
+
+
+class EtcdStore:
+    """The store on an etcd v3 cluster: the operations of Store, each one Txn."""
+
+    shared = True  # other replicas write too: a cache over it may be behind
+
+    def __init__(self, endpoints: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX) -> None:
+        self.etcd = Etcd(endpoints, tls, prefix)
+        self.path = endpoints  # what error lines name
+        self.migrate()
+
+    def close(self) -> None:
+        self.etcd.close()
+
+    def atomically(self, operation: Callable[[EtcdTxn], Any]) -> Any:
+        """Run operation until its writes commit against what it read (optimistic, like
+        etcd's STM); what it raises aborts without writing."""
+        for attempt in range(ETCD_TXN_ATTEMPTS):
+            txn = EtcdTxn(self.etcd)
+            result = operation(txn)
+            ops = txn.ops
+            if not ops:
+                return result
+            if self.etcd.txn(txn.compares, ops).succeeded:
+                return result
+            time.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # let the other writer finish
+        raise StoreError(f"etcd at {self.path}: too much contention on one key; retry")
+
+    def _key(self, *parts: str) -> bytes:
+        return self.etcd.key(*parts)
+
+    # -- schema -----------------------------------------------------------------
+
+    def migrate(self) -> None:
+        def check(txn: EtcdTxn) -> None:
+            layout = txn.get(self._key("layout"))
+            if layout is None:
+                txn.put(self._key("layout"), {"version": ETCD_LAYOUT_VERSION})
+            elif layout["version"] > ETCD_LAYOUT_VERSION:
+                raise StoreError(
+                    f"etcd at {self.path}: key layout {layout['version']} is newer than this nc knows "
+                    f"({ETCD_LAYOUT_VERSION}); run a newer nc"
+                )
+
+        self.atomically(check)
+
+    def schema_version(self) -> int:
+        return ETCD_LAYOUT_VERSION
+
+    # -- bootstrap tokens -------------------------------------------------------
+
+    def add_bootstrap_token(
+        self,
+        token: str,
+        life_minutes: int,
+        single_use: bool,
+        network: str = DEFAULT_NETWORK,
+        minted_by: str = "",
+        hourly_limit: int | None = None,
+    ) -> str:
+        if life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
+            raise BadRequest(f"a token life of {life_minutes} minutes is too long; use at most ten years")
+        expire = NEVER_EXPIRES if life_minutes < 0 else local_time(int(life_minutes) * 60)
+
+        def add(txn: EtcdTxn) -> None:
+            if minted_by:
+                hour_ago = local_time(-3600)
+                minted = sum(1 for _, v, _ in txn.scan(self._key("mint", minted_by, "")) if v["time"] > hour_ago)
+                if hourly_limit is not None and minted >= hourly_limit:
+                    raise BadRequest(
+                        f"this node already minted {minted} bootstrap token(s) in the last hour, its limit "
+                        "(server.nodeMintRate); ask the administrator"
+                    )
+                txn.put(
+                    self._key("mint", minted_by, f"{time.time():.6f}-{secrets.token_hex(4)}"), {"time": local_time()}
+                )
+            if network != DEFAULT_NETWORK and txn.get(self._key("network", network)) is None:
+                raise BadRequest(f"no network named {network!r}")
+            if txn.get(self._key("token", token)) is not None:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: token_mgr.token")
+            now = local_time()
+            txn.put(
+                self._key("token", token),
+                {
+                    "expire_time": expire,
+                    "create_time": now,
+                    "update_time": now,
+                    "single_use": bool(single_use),
+                    "uses": 0,
+                    "network": network,
+                    "minted_by": minted_by,
+                },
+            )
+
+        self.atomically(add)
+        return expire
+
+    @staticmethod
+    def _token_row(key: bytes, v: dict) -> BootstrapTokenRow:
+        token = key.decode().rpartition("/")[2]
+        return BootstrapTokenRow(
+            token, v["expire_time"], v["create_time"], v["single_use"], v["uses"], v["network"], v["minted_by"]
+        )
+
+    def _tokens(self, prefix: bytes) -> list[BootstrapTokenRow]:
+        kvs = sorted(self.etcd.range(prefix).kvs, key=lambda kv: kv.create_revision)
+        return [self._token_row(kv.key, json.loads(kv.value)) for kv in kvs]
+
+    def bootstrap_tokens_with_id(self, token_id: str) -> list[BootstrapTokenRow]:
+        return self._tokens(self._key("token", token_id + "."))
+
+    def list_bootstrap_tokens(self) -> list[BootstrapTokenRow]:
+        return self._tokens(self._key("token", ""))
+
+    def delete_bootstrap_token(self, token: str) -> bool:
+        def delete(txn: EtcdTxn) -> bool:
+            if txn.get(self._key("token", token)) is None:
+                return False
+            txn.delete(self._key("token", token))
+            return True
+
+        return self.atomically(delete)
+
+    def _delete_where(self, prefix: bytes, doomed: Callable[[dict], bool]) -> int:
+        """Delete the keys under prefix whose value is doomed, ETCD_CHUNK per Txn, each
+        guarded by the key's own revision (a key changed meanwhile is looked at again)."""
+        deleted = 0
+        for _ in range(ETCD_TXN_ATTEMPTS):
+            victims = [kv for kv in self.etcd.range(prefix).kvs if doomed(json.loads(kv.value))]
+            if not victims:
+                return deleted
+            for start in range(0, len(victims), ETCD_CHUNK):
+                chunk = victims[start : start + ETCD_CHUNK]
+                compares = [self.etcd.compare_mod(kv.key, kv.mod_revision) for kv in chunk]
+                if self.etcd.txn(compares, [self.etcd.delete_op(kv.key) for kv in chunk]).succeeded:
+                    deleted += len(chunk)
+        return deleted
+
+    def delete_expired_bootstrap_tokens(self) -> int:
+        hour_ago, now = local_time(-3600), local_time()
+        self._delete_where(self._key("mint", ""), lambda v: v["time"] <= hour_ago)
+        return self._delete_where(self._key("token", ""), lambda v: v["expire_time"] <= now)
+
+    def is_expired(self, expire_time: str) -> bool:
+        return expire_time <= local_time()
+
+    def admit_node(self, bootstrap_token: str, node_token: str, certs: tuple[CertRecord, ...] = ()) -> str:
+        def admit(txn: EtcdTxn) -> str:
+            row = txn.get(self._key("token", bootstrap_token))
+            if row is None:
+                raise BadRequest("bootstrap token is unknown or was deleted")
+            if row["expire_time"] <= local_time():
+                raise BadRequest("bootstrap token has expired; ask the administrator for a new one")
+            if row["single_use"] and row["uses"] > 0:
+                raise BadRequest("bootstrap token was single-use and has already been used")
+            if txn.get(self._key("node", node_token)) is not None:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: network_mgr.token")
+            txn.put(self._key("token", bootstrap_token), {**row, "uses": row["uses"] + 1, "update_time": local_time()})
+            now = local_time()
+            txn.put(
+                self._key("node", node_token),
+                {
+                    "state": STATE_IDLE,
+                    "bind_ip": "",
+                    "create_time": now,
+                    "update_time": now,
+                    "network": row["network"],
+                    "minted_by": row["minted_by"],
+                },
+            )
+            self._record_certs(txn, node_token, certs)
+            return row["network"]
+
+        return self.atomically(admit)
+
+    # -- certificates -----------------------------------------------------------
+
+    def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
+        self.atomically(lambda txn: self._record_certs(txn, node_token, certs))
+
+    def _record_certs(self, txn: EtcdTxn, node_token: str, certs: tuple[CertRecord, ...]) -> None:
+        for cert in certs:
+            if txn.get(self._key("cert", cert.key)) is None:  # INSERT OR IGNORE
+                value = {"node_token": node_token, "kind": cert.kind, "not_after": cert.not_after, "revoked": False}
+                txn.put(self._key("cert", cert.key), value)
+                txn.put(self._key("certs-of", node_token, cert.key), {})
+
+    def cert_owner(self, serial: int) -> tuple[str, bool] | None:
+        kv = self.etcd.get(self._key("cert", serial_key(serial)))
+        if kv is None:
+            return None
+        value = json.loads(kv.value)
+        return value["node_token"], value["revoked"]
+
+    def is_legacy_node(self, token: str) -> bool:
+        return self.etcd.get(self._key("legacy", token)) is not None
+
+    def _certs_of(self, txn: EtcdTxn, node_token: str) -> list[tuple[str, dict, int]]:
+        """(serial key, record, issue order) of the node's certificates, oldest first."""
+        certs = []
+        for key, _, _ in txn.scan(self._key("certs-of", node_token, "")):
+            serial = key.decode().rpartition("/")[2]
+            kvs = txn._range(self._key("cert", serial))
+            if kvs:
+                certs.append((serial, json.loads(kvs[0].value), kvs[0].create_revision))
+                txn.compares.append(self.etcd.compare_mod(kvs[0].key, kvs[0].mod_revision))
+        return sorted(certs, key=lambda c: c[2])
+
+    def _older_live(self, txn: EtcdTxn, node_token: str, kind: str, serial: int) -> list[tuple[str, dict, int]]:
+        certs = self._certs_of(txn, node_token)
+        mine = next((c[2] for c in certs if c[0] == serial_key(serial)), None)
+        if mine is None:
+            return []
+        return [c for c in certs if c[1]["kind"] == kind and not c[1]["revoked"] and c[2] < mine]
+
+    def has_older_live_certs(self, node_token: str, kind: str, serial: int) -> bool:
+        return bool(self._older_live(EtcdTxn(self.etcd), node_token, kind, serial)) or self.is_legacy_node(node_token)
+
+    def switch_to_cert(self, node_token: str, kind: str, serial: int) -> int:
+        def switch(txn: EtcdTxn) -> int:
+            older = self._older_live(txn, node_token, kind, serial)
+            for key, value, _ in older:
+                txn.put(self._key("cert", key), {**value, "revoked": True})
+            revoked = {c[0] for c in older}
+            kinds = {v["kind"] for k, v, _ in self._certs_of(txn, node_token) if not v["revoked"] and k not in revoked}
+            if len(kinds) == 2 and txn.get(self._key("legacy", node_token)) is not None:
+                txn.delete(self._key("legacy", node_token))
+            return len(older)
+
+        return self.atomically(switch)
+
+    def prune_expired_certs(self, now_iso: str) -> int:
+        pruned = 0
+        for kv in self.etcd.range(self._key("cert", "")).kvs:
+            value = json.loads(kv.value)
+            if value["not_after"] < now_iso:
+                index = self._key("certs-of", value["node_token"], kv.key.decode().rpartition("/")[2])
+                ops = [self.etcd.delete_op(kv.key), self.etcd.delete_op(index)]
+                pruned += self.etcd.txn([self.etcd.compare_mod(kv.key, kv.mod_revision)], ops).succeeded
+        return pruned
+
+    def _purge_node(self, txn: EtcdTxn, token: str) -> bool:
+        """Remove a node and everything that speaks for it (see Store._purge_node)."""
+        for serial, _, _ in self._certs_of(txn, token):
+            txn.delete(self._key("cert", serial))
+            txn.delete(self._key("certs-of", token, serial))
+        if txn.get(self._key("legacy", token)) is not None:
+            txn.delete(self._key("legacy", token))
+        for key, value, _ in txn.scan(self._key("token", "")):
+            if value["minted_by"] == token and value["uses"] == 0:
+                txn.delete(key)
+        node = txn.get(self._key("node", token))
+        if node is None:
+            return False
+        if node["bind_ip"]:
+            txn.delete(self._key("addr", node["network"], node["bind_ip"]))
+        txn.delete(self._key("node", token))
+        return True
+
+    # -- nodes ------------------------------------------------------------------
+
+    @staticmethod
+    def _node_row(key: bytes, v: dict) -> NodeRow:
+        token = key.decode().rpartition("/")[2]
+        return NodeRow(
+            token, v["state"], v["bind_ip"], v["create_time"], v["update_time"], v["network"], v["minted_by"]
+        )
+
+    def _node_rows(self) -> list[tuple[NodeRow, int]]:
+        kvs = self.etcd.range(self._key("node", "")).kvs
+        return sorted(
+            ((self._node_row(kv.key, json.loads(kv.value)), kv.create_revision) for kv in kvs), key=lambda r: r[1]
+        )
+
+    def node(self, token: str) -> NodeRow | None:
+        kv = self.etcd.get(self._key("node", token))
+        return None if kv is None else self._node_row(kv.key, json.loads(kv.value))
+
+    def nodes(self) -> list[NodeRow]:
+        return [row for row, _ in self._node_rows()]
+
+    def bindings_oldest_first(self, network: str = DEFAULT_NETWORK) -> list[NodeRow]:
+        rows = [(r.update_time, rev, r) for r, rev in self._node_rows() if r.bind_ip and r.network == network]
+        return [r for _, _, r in sorted(rows, key=lambda t: (t[0], t[1]))]
+
+    def node_tokens_in(self, network: str) -> list[str]:
+        return [row.token for row, _ in self._node_rows() if row.network == network]
+
+    def node_token_exists(self, token: str) -> bool:
+        return self.etcd.get(self._key("node", token)) is not None
+
+    # -- networks ---------------------------------------------------------------
+
+    def networks(self) -> list[NetworkRow]:
+        rows = [json.loads(kv.value) for kv in self.etcd.range(self._key("network", "")).kvs]
+        rows.sort(key=lambda v: v["id"])
+        return [
+            NetworkRow(v["id"], v["name"], v["cidr"], v["interconnection"], v["net_token"], v["from_config"])
+            for v in rows
+        ]
+
+    def _insert_network(self, txn: EtcdTxn, spec: NetworkSpec, net_token: str, from_config: bool) -> None:
+        seq = txn.get(self._key("seq", "network")) or {"last": 0}
+        txn.put(self._key("seq", "network"), {"last": seq["last"] + 1})
+        value = {
+            "id": seq["last"] + 1,
+            "name": spec.name,
+            "cidr": spec.cidr,
+            "interconnection": bool(spec.interconnection),
+            "net_token": net_token,
+            "from_config": from_config,
+            "create_time": local_time(),
+        }
+        txn.put(self._key("network", spec.name), value)
+
+    def put_config_network(self, spec: NetworkSpec, net_token: str) -> None:
+        def put(txn: EtcdTxn) -> None:
+            row = txn.get(self._key("network", spec.name))
+            if row is None:
+                self._insert_network(txn, spec, net_token, True)
+            else:
+                changed = {**row, "cidr": spec.cidr, "interconnection": bool(spec.interconnection), "from_config": True}
+                if changed != row:
+                    txn.put(self._key("network", spec.name), changed)
+
+        self.atomically(put)
+
+    def add_network(self, spec: NetworkSpec, net_token: str) -> None:
+        def add(txn: EtcdTxn) -> None:
+            if txn.get(self._key("network", spec.name)) is not None:
+                raise BadRequest(f"a network named {spec.name!r} already exists")
+            self._insert_network(txn, spec, net_token, False)
+
+        self.atomically(add)
+
+    def forget_config_network(self, name: str) -> None:
+        def forget(txn: EtcdTxn) -> None:
+            row = txn.get(self._key("network", name))
+            if row is not None and row["from_config"]:
+                txn.put(self._key("network", name), {**row, "from_config": False})
+
+        self.atomically(forget)
+
+    def delete_network(self, name: str) -> list[str]:
+        def delete(txn: EtcdTxn) -> list[str]:
+            if txn.get(self._key("network", name)) is None:
+                raise BadRequest(f"no network named {name!r}")
+            tokens = [self._node_row(k, v).token for k, v, _ in txn.scan(self._key("node", "")) if v["network"] == name]
+            for token in tokens:
+                self._purge_node(txn, token)
+            for key, value, _ in txn.scan(self._key("token", "")):
+                if value["network"] == name and txn._written.get(key, value) is not None:
+                    txn.delete(key)
+            txn.delete(self._key("network", name))
+            return tokens
+
+        return self.atomically(delete)
+
+    def ensure_reserved_node(self, server_ip: str) -> bool:
+        def ensure(txn: EtcdTxn) -> bool:
+            node = txn.get(self._key("node", RESERVED_NODE_TOKEN))
+            if node is not None and node["bind_ip"] == server_ip:
+                return False
+            holder = txn.get(self._key("addr", DEFAULT_NETWORK, server_ip))
+            if holder is not None and holder["token"] != RESERVED_NODE_TOKEN:
+                # Whoever held the server's address under an older networkAddr gives it up.
+                other = txn.get(self._key("node", holder["token"]))
+                if other is not None:
+                    txn.put(self._key("node", holder["token"]), {**other, "bind_ip": "", "update_time": local_time()})
+            now = local_time()
+            if node is None:
+                node = {"state": STATE_CONNECTED, "create_time": now, "network": DEFAULT_NETWORK, "minted_by": ""}
+            elif node["bind_ip"]:
+                txn.delete(self._key("addr", DEFAULT_NETWORK, node["bind_ip"]))
+            txn.put(self._key("node", RESERVED_NODE_TOKEN), {**node, "bind_ip": server_ip, "update_time": now})
+            txn.put(self._key("addr", DEFAULT_NETWORK, server_ip), {"token": RESERVED_NODE_TOKEN})
+            return True
+
+        return self.atomically(ensure)
+
+    def reset_states(self, reserved_state: int) -> int:
+        """Per node, each guarded by its revision: a node another replica changed is read again."""
+        reset = 0
+        for row, _ in self._node_rows():
+            wanted = reserved_state if row.token == RESERVED_NODE_TOKEN else STATE_IDLE
+            if row.state != wanted and self.set_state(row.token, wanted) and row.token != RESERVED_NODE_TOKEN:
+                reset += 1
+        return reset
+
+    def set_state(self, token: str, state: int) -> bool:
+        def update(txn: EtcdTxn) -> bool:
+            node = txn.get(self._key("node", token))
+            if node is None:
+                return False
+            if node["state"] != state:
+                txn.put(self._key("node", token), {**node, "state": state, "update_time": local_time()})
+            return True
+
+        return self.atomically(update)
+
+    def bind(self, token: str, ip: str, evict: str | None, state: int | None = None) -> None:
+        """Bind ip to token: the address key is created only if absent (or held by the
+        evicted node, deleted on its revision in the same Txn), so two replicas never
+        bind one address. Raises AddressTaken when another node holds it."""
+
+        def bind_ip(txn: EtcdTxn) -> None:
+            node = txn.get(self._key("node", token))
+            if node is None:
+                raise BadRequest("node-token is not registered")
+            network = node["network"]
+            if evict is not None:
+                self._purge_node(txn, evict)
+            if ip:
+                holder = txn.get(self._key("addr", network, ip))
+                if holder is not None and holder["token"] != token:
+                    raise AddressTaken(f"{ip} in network {network} is bound to another node")
+            if node["bind_ip"] and node["bind_ip"] != ip:
+                txn.delete(self._key("addr", network, node["bind_ip"]))
+            if ip:
+                txn.put(self._key("addr", network, ip), {"token": token})
+            changed = {**node, "bind_ip": ip, "update_time": local_time()}
+            if state is not None:
+                changed["state"] = state
+            txn.put(self._key("node", token), changed)
+
+        self.atomically(bind_ip)
+
+    def delete_node(self, token: str) -> bool:
+        return self.atomically(lambda txn: self._purge_node(txn, token))
 
 
 # ============================================================================
@@ -1271,28 +1905,31 @@ class Bindings:
         Holds the lock throughout, so no allocation can slip in between reading
         the store and swapping the pool."""
         with self._lock:
-            pool = AddressPool(self.network)
-            dropped = []
-            for row in self.store.bindings_oldest_first(self.name):
-                if row.token == RESERVED_NODE_TOKEN:
-                    continue
-                try:
-                    ip = ipaddress.IPv4Address(row.bind_ip)
-                except ValueError:
-                    ip = None
-                if ip is None or not pool.load(row.token, ip, idle=row.state != STATE_CONNECTED):
-                    dropped.append(row)
-            for token in self.pool.connected_tokens() & pool.tokens():
-                pool.mark_connected(token)  # the data plane knows better than a stale state column
-            self.pool = pool
-            for row in dropped:
-                log.warning(
-                    "node %s: stored address %r is not usable in %s; it gets a new one",
-                    row.token,
-                    row.bind_ip,
-                    self.network,
-                )
-                self.store.bind(row.token, "", None)
+            self._reload_locked()
+
+    def _reload_locked(self) -> None:
+        pool = AddressPool(self.network)
+        dropped = []
+        for row in self.store.bindings_oldest_first(self.name):
+            if row.token == RESERVED_NODE_TOKEN:
+                continue
+            try:
+                ip = ipaddress.IPv4Address(row.bind_ip)
+            except ValueError:
+                ip = None
+            if ip is None or not pool.load(row.token, ip, idle=row.state != STATE_CONNECTED):
+                dropped.append(row)
+        for token in self.pool.connected_tokens() & pool.tokens():
+            pool.mark_connected(token)  # the data plane knows better than a stale state column
+        self.pool = pool
+        for row in dropped:
+            log.warning(
+                "node %s: stored address %r is not usable in %s; it gets a new one",
+                row.token,
+                row.bind_ip,
+                self.network,
+            )
+            self.store.bind(row.token, "", None)
 
     def claim(self, token: str) -> ipaddress.IPv4Address:
         """The address for the node's session starting now: its own binding, a free
@@ -1303,13 +1940,22 @@ class Bindings:
         claim can pick an address twice or a starting node as its victim."""
         with self._lock:
             ip = self.pool.ip_of(token)
+            if ip is None and getattr(self.store, "shared", False):
+                ip = self._adopt_stored_binding(token)
             if ip is not None:
                 with contextlib.suppress(StoreFull):  # a state the disk cannot take keeps no node out
                     self.store.set_state(token, STATE_INIT)
                 self.pool.mark_connected(token)
                 return ip
-            ip, victim = self.pool.choose()
-            self.store.bind(token, str(ip), victim, STATE_INIT)
+            for attempt in itertools.count():
+                ip, victim = self.pool.choose()
+                try:
+                    self.store.bind(token, str(ip), victim, STATE_INIT)
+                    break
+                except AddressTaken:  # another replica bound it since this pool was read
+                    if attempt >= 8:
+                        raise
+                    self._reload_locked()
             self.pool.assign(token, ip, victim)
             self.pool.mark_connected(token)
         if victim is not None:
@@ -1318,6 +1964,18 @@ class Bindings:
             )
         log.info("node %s bound to %s", token, ip)
         return ip
+
+    def _adopt_stored_binding(self, token: str) -> ipaddress.IPv4Address | None:
+        """A shared store may know a binding this pool has not seen yet (made by another
+        replica): the node keeps that address instead of getting a second one."""
+        row = self.store.node(token)
+        if row is None or not row.bind_ip or row.network != self.name:
+            return None
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.IPv4Address(row.bind_ip)
+            if self.pool.load(token, ip, idle=False):
+                return ip
+        return None
 
     def has_room(self) -> bool:
         """Whether a new node could get an address: a free one, or an idle node's."""

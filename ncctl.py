@@ -112,6 +112,9 @@ MAX_ADMIN_TOKEN_LIFE_MIN = 10 * 365 * 24 * 60
 DEFAULT_NODE_CERT_LIFE_S = 365 * 86400
 ADMIN_RENEW_BEFORE_S = 30 * 86400  # the admin identity is renewed at start when less than this is left
 CACHE_SYNC_INTERVAL_S = 30.0
+MAX_WELCOME_REPLICAS = 16
+REPLICA_CONNECT_TIMEOUT_S = 2.0  # with other replicas to try, a dead one is given up on sooner
+MIN_CLUSTER_TOKEN_LEN = 16
 RPC_TIMEOUT_S = 10.0
 
 
@@ -131,6 +134,10 @@ class UsageError(NcError):
 
 class StoreError(NcError):
     pass
+
+
+class NotLeader(StoreError):
+    """A leader-only write by a replica that is not (or no longer) the leader."""
 
 
 class AddressTaken(StoreError):
@@ -196,8 +203,13 @@ def loggable(value: object, limit: int = 200) -> str:
 # ============================================================================
 
 
+CAMEL_EXCEPTIONS = {"datastore_ca_file": "datastoreCAFile"}
+
+
 def camel(name: str) -> str:
     """grpc_port -> grpcPort: the YAML key of a config attribute."""
+    if name in CAMEL_EXCEPTIONS:
+        return CAMEL_EXCEPTIONS[name]
     head, *rest = name.split("_")
     return head + "".join(part.capitalize() for part in rest)
 
@@ -276,6 +288,11 @@ class ServerConfig:
     node_mint_rate: int = 10  # bootstrap tokens one node may mint per hour
     node_token_max_life: int = 60  # minutes; a node-minted token lives at most this long
     node_cert_life: int = DEFAULT_NODE_CERT_LIFE_S  # seconds (YAML: 30s, 90m, 12h, 365d); renewed at 2/3 of it
+    datastore_endpoint: str = ""  # comma list of etcd URLs: replicas share that store; empty: sqlite in dbPath
+    datastore_ca_file: str = ""  # TLS to etcd (https endpoints)
+    datastore_cert_file: str = ""
+    datastore_key_file: str = ""
+    cluster_token: str = ""  # the secret every replica shares; the PKI in etcd is encrypted with a key derived from it
 
     def resolve(self) -> ServerConfig:
         """Fill derived paths from workDir/tlsDir."""
@@ -329,7 +346,17 @@ class ClientConfig:
 PORT_FIELDS = {"port", "grpc_port", "bootstrap_port"}
 DURATION_FIELDS = {"node_cert_life"}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-PATH_FIELDS = {"network_cert_dir", "grpc_cert_dir", "work_dir", "db_path", "log_dir", "tls_dir"}
+PATH_FIELDS = {
+    "network_cert_dir",
+    "grpc_cert_dir",
+    "work_dir",
+    "db_path",
+    "log_dir",
+    "tls_dir",
+    "datastore_ca_file",
+    "datastore_cert_file",
+    "datastore_key_file",
+}
 
 
 def load_config(path: str | None, mode: str) -> Any:
@@ -399,6 +426,8 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
         if field.name in PORT_FIELDS and not 1 <= value <= 65535:
             raise ConfigError(f"{where}: port {value} is out of range; use 1-65535 (default {default})")
         return value
+    if field.name == "server_addr" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # several replicas
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     text = str(value)
@@ -483,6 +512,11 @@ def check_config(config: Any, path: str, mode: str) -> None:
             raise ConfigError(f"{where}.nodeMintRate: use 0-10000 tokens per node per hour (default 10)")
         if not 1 <= config.node_token_max_life <= MAX_NODE_TOKEN_LIFE_MIN:
             raise ConfigError(f"{where}.nodeTokenMaxLife: use 1-{MAX_NODE_TOKEN_LIFE_MIN} minutes (default 60)")
+        if config.datastore_endpoint and len(config.cluster_token) < MIN_CLUSTER_TOKEN_LEN:
+            raise ConfigError(
+                f"{where}.clusterToken: replicas on etcd (datastoreEndpoint) need a shared secret of at least "
+                f"{MIN_CLUSTER_TOKEN_LEN} characters; set the same one on every replica"
+            )
         seen = {DEFAULT_NETWORK: iface.network}
         for spec in config.networks:
             if spec.name in seen:
@@ -494,12 +528,17 @@ def check_config(config: Any, path: str, mode: str) -> None:
                 )
             seen[spec.name] = spec.network
     else:
-        if config.server_addr:
-            check_ip(config.server_addr, f"{where}.serverAddr")
+        for address in server_addresses(config.server_addr):
+            check_ip(address, f"{where}.serverAddr")
         if config.token and not valid_node_token(config.token):
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
         if config.net_token and not valid_net_token(config.net_token):
             raise ConfigError(f"{where}.netToken: {config.net_token!r} is not a net-token; use the one the join saved")
+
+
+def server_addresses(server_addr: str) -> list[str]:
+    """client.serverAddr: one address, or the replicas' addresses (a YAML list, kept comma-joined)."""
+    return [a.strip() for a in server_addr.split(",") if a.strip()]
 
 
 def check_ip(text: str, where: str) -> None:
@@ -527,6 +566,8 @@ def client_yaml(config: ClientConfig) -> str:
     import yaml
 
     body = {camel(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
+    if len(server_addresses(config.server_addr)) > 1:
+        body["serverAddr"] = server_addresses(config.server_addr)  # the replicas, as a YAML list
     return yaml.safe_dump({"mode": "client", "client": body}, sort_keys=False)
 
 
@@ -1046,6 +1087,15 @@ class Store:
         with self.transaction() as db:
             return self._purge_node(db, token)
 
+    def export_certs(self) -> list[tuple[str, str, str, str, bool]]:
+        """(serial key, node-token, kind, not_after, revoked) of every recorded certificate, oldest first:
+        what `nc adm datastore migrate` copies."""
+        rows = self._query("SELECT serial, node_token, kind, not_after, revoked FROM nc_cert ORDER BY rowid")
+        return [(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def export_legacy_nodes(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT token FROM nc_legacy_node ORDER BY token")]
+
 
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
 
@@ -1275,6 +1325,63 @@ class Etcd:
         end = prefix_end(key) if whole_prefix else b""
         return self.pb.RequestOp(request_delete_range=self.pb.DeleteRangeRequest(key=key, range_end=end))
 
+    # -- leases and watches ---------------------------------------------------------
+
+    def grant(self, ttl: int) -> int:
+        return self.call(self.lease_stub.LeaseGrant, self.pb.LeaseGrantRequest(TTL=ttl)).ID
+
+    def revoke(self, lease: int) -> None:
+        with contextlib.suppress(StoreError):
+            self.call(self.lease_stub.LeaseRevoke, self.pb.LeaseRevokeRequest(ID=lease), timeout=1.0)
+
+    def keep_alive(self, lease: int, timeout: float) -> int:
+        """One renewal; returns the TTL etcd now gives the lease (0: it is gone)."""
+        try:
+            responses = self.lease_stub.LeaseKeepAlive(iter([self.pb.LeaseKeepAliveRequest(ID=lease)]), timeout=timeout)
+            for response in responses:
+                return response.TTL
+        except self.grpc.RpcError as e:
+            raise StoreError(f"etcd at {self.endpoints}: lease renewal failed ({e.code().name.lower()})") from None
+        return 0
+
+    def watch(self, prefix: bytes, start_revision: int, stop: threading.Event) -> Iterator[list]:
+        """Batches of events under prefix from start_revision on, until stop is set
+        (then the stream is cancelled) or the stream breaks (StoreError)."""
+        create = self.pb.WatchRequest(
+            create_request=self.pb.WatchCreateRequest(
+                key=prefix, range_end=prefix_end(prefix), start_revision=start_revision
+            )
+        )
+
+        ended = threading.Event()  # this stream is over: its helper threads end too
+
+        def running() -> bool:
+            return not ended.wait(0.5) and not stop.is_set()
+
+        def requests() -> Iterator[Any]:
+            yield create
+            while running():
+                pass
+
+        def cancel_on_stop() -> None:
+            while running():
+                pass
+            stream.cancel()
+
+        stream = self.watch_stub.Watch(requests())
+        threading.Thread(target=cancel_on_stop, name="etcd-watch-cancel", daemon=True).start()
+        try:
+            for response in stream:
+                if response.canceled or response.compact_revision:
+                    raise StoreError(f"etcd watch cancelled: {response.cancel_reason or 'history compacted'}")
+                if response.events:
+                    yield list(response.events)
+        except self.grpc.RpcError as e:
+            if not stop.is_set():
+                raise StoreError(f"etcd at {self.endpoints}: watch broke ({e.code().name.lower()})") from None
+        finally:
+            ended.set()
+
     def compare_mod(self, key: bytes, mod_revision: int, result: str = "EQUAL", range_end: bytes = b"") -> Any:
         return self.pb.Compare(
             result=getattr(self.pb.Compare, result),
@@ -1338,6 +1445,7 @@ class EtcdStore:
     """The store on an etcd v3 cluster: the operations of Store, each one Txn."""
 
     shared = True  # other replicas write too: a cache over it may be behind
+    fence: tuple[bytes, int] | None = None  # (campaign key, its create_revision) while this replica leads
 
     def __init__(self, endpoints: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX) -> None:
         self.etcd = Etcd(endpoints, tls, prefix)
@@ -1347,19 +1455,38 @@ class EtcdStore:
     def close(self) -> None:
         self.etcd.close()
 
-    def atomically(self, operation: Callable[[EtcdTxn], Any]) -> Any:
+    def atomically(self, operation: Callable[[EtcdTxn], Any], leader_only: bool = False) -> Any:
         """Run operation until its writes commit against what it read (optimistic, like
-        etcd's STM); what it raises aborts without writing."""
+        etcd's STM); what it raises aborts without writing. A leader_only operation
+        commits only while this replica's campaign key is the one in etcd."""
         for attempt in range(ETCD_TXN_ATTEMPTS):
             txn = EtcdTxn(self.etcd)
             result = operation(txn)
             ops = txn.ops
             if not ops:
                 return result
-            if self.etcd.txn(txn.compares, ops).succeeded:
+            if self._commit(txn.compares, ops, leader_only):
                 return result
             time.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # let the other writer finish
         raise StoreError(f"etcd at {self.path}: too much contention on one key; retry")
+
+    def _commit(self, compares: list, ops: list, leader_only: bool) -> bool:
+        if not leader_only:
+            return self.etcd.txn(compares, ops).succeeded
+        fence = self.fence
+        if fence is None:
+            raise NotLeader("this replica is not the leader; a leader-only write was dropped")
+        key, revision = fence
+        pb = self.etcd.pb
+        guard = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=key, create_revision=revision)
+        check = pb.RequestOp(request_range=pb.RangeRequest(key=key))
+        response = self.etcd.txn([*compares, guard], ops, [check])
+        if response.succeeded:
+            return True
+        kvs = response.responses[0].response_range.kvs
+        if not kvs or kvs[0].create_revision != revision:
+            raise NotLeader("this replica lost the leadership; a leader-only write was dropped")
+        return False
 
     def _key(self, *parts: str) -> bytes:
         return self.etcd.key(*parts)
@@ -1467,7 +1594,7 @@ class EtcdStore:
             for start in range(0, len(victims), ETCD_CHUNK):
                 chunk = victims[start : start + ETCD_CHUNK]
                 compares = [self.etcd.compare_mod(kv.key, kv.mod_revision) for kv in chunk]
-                if self.etcd.txn(compares, [self.etcd.delete_op(kv.key) for kv in chunk]).succeeded:
+                if self._commit(compares, [self.etcd.delete_op(kv.key) for kv in chunk], self.fence is not None):
                     deleted += len(chunk)
         return deleted
 
@@ -1711,7 +1838,7 @@ class EtcdStore:
             txn.put(self._key("addr", DEFAULT_NETWORK, server_ip), {"token": RESERVED_NODE_TOKEN})
             return True
 
-        return self.atomically(ensure)
+        return self.atomically(ensure, leader_only=self.fence is not None)
 
     def reset_states(self, reserved_state: int) -> int:
         """Per node, each guarded by its revision: a node another replica changed is read again."""
@@ -1762,6 +1889,56 @@ class EtcdStore:
 
     def delete_node(self, token: str) -> bool:
         return self.atomically(lambda txn: self._purge_node(txn, token))
+
+    # -- migration ------------------------------------------------------------------
+
+    def import_store(self, source: Store) -> dict[str, int]:
+        """Copy a single server's sqlite store (stopped) into an empty etcd tree, keeping
+        every node-token, address, network id, token and certificate record."""
+        if self.etcd.range(self._key("node", "")).kvs or self.etcd.range(self._key("network", "")).kvs:
+            raise StoreError(f"etcd at {self.path} already holds an nc store; migrate into an empty one")
+        puts: list[tuple[bytes, dict]] = []
+        networks = source.networks()
+        for row in networks:
+            value = {**dataclasses.asdict(row), "create_time": local_time()}
+            puts.append((self._key("network", row.name), value))
+        puts.append((self._key("seq", "network"), {"last": max((r.id for r in networks), default=0)}))
+        tokens = source.list_bootstrap_tokens()
+        for t in tokens:
+            value = {
+                "expire_time": t.expire_time,
+                "create_time": t.create_time,
+                "update_time": t.create_time,
+                "single_use": t.single_use,
+                "uses": t.uses,
+                "network": t.network,
+                "minted_by": t.minted_by,
+            }
+            puts.append((self._key("token", t.token), value))
+        nodes = source.nodes()
+        for n in nodes:
+            value = {
+                "state": STATE_IDLE if n.token != RESERVED_NODE_TOKEN else n.state,
+                "bind_ip": n.bind_ip,
+                "create_time": n.create_time,
+                "update_time": n.update_time,
+                "network": n.network,
+                "minted_by": n.minted_by,
+            }
+            puts.append((self._key("node", n.token), value))
+            if n.bind_ip:
+                puts.append((self._key("addr", n.network, n.bind_ip), {"token": n.token}))
+        certs = source.export_certs()
+        for serial, node_token, kind, not_after, revoked in certs:
+            value = {"node_token": node_token, "kind": kind, "not_after": not_after, "revoked": revoked}
+            puts.append((self._key("cert", serial), value))
+            puts.append((self._key("certs-of", node_token, serial), {}))
+        for token in source.export_legacy_nodes():
+            puts.append((self._key("legacy", token), {}))
+        for start in range(0, len(puts), ETCD_CHUNK):
+            chunk = puts[start : start + ETCD_CHUNK]
+            self.etcd.txn([], [self.etcd.put_op(k, json.dumps(v, sort_keys=True).encode()) for k, v in chunk])
+        return {"nodes": len(nodes), "tokens": len(tokens), "networks": len(networks), "certificates": len(certs)}
 
 
 # ============================================================================
@@ -2111,10 +2288,12 @@ class TokenSweeper(threading.Thread):
         super().__init__(name="token-sweeper", daemon=True)
         self.store, self.stop, self.interval = store, stop, interval
 
+    leads: Callable[[], bool] = staticmethod(lambda: True)  # replicas: only the leader sweeps
+
     def run(self) -> None:
         while True:
             try:
-                swept = self.store.delete_expired_bootstrap_tokens()
+                swept = self.store.delete_expired_bootstrap_tokens() if self.leads() else 0
                 if swept:
                     log.info("deleted %d expired bootstrap token(s)", swept)
                 self.store.prune_expired_certs(datetime.datetime.now(datetime.UTC).isoformat())
@@ -2484,6 +2663,90 @@ class Pki:
         return cert_pem(certs[0][0]), cert_pem(certs[1][0]), tuple(cert_record(c, k) for c, k in certs)
 
 
+# -- the PKI shared by replicas -------------------------------------------------------
+#
+# Replicas on etcd serve the same two CAs: the CA pairs live in etcd, sealed with
+# AES-GCM under a key derived (HKDF-SHA256) from the clusterToken every replica
+# has. Each replica issues its own server certificates from them.
+
+
+def cluster_cipher(cluster_token: str) -> Any:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"litekube-nc", info=b"nc pki in etcd v1").derive(
+        cluster_token.encode()
+    )
+    return AESGCM(key)
+
+
+def seal(cluster_token: str, name: str, data: bytes) -> bytes:
+    nonce = secrets.token_bytes(12)
+    return nonce + cluster_cipher(cluster_token).encrypt(nonce, data, name.encode())
+
+
+def unseal(cluster_token: str, name: str, blob: bytes) -> bytes:
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        return cluster_cipher(cluster_token).decrypt(blob[:12], blob[12:], name.encode())
+    except (InvalidTag, ValueError):
+        raise ConfigError(
+            "server.clusterToken does not open the PKI the other replicas stored in etcd; "
+            "set the same clusterToken as they have"
+        ) from None
+
+
+def share_ca(etcd: Any, authority: CertAuthority, cluster_token: str) -> None:
+    """Make authority the cluster's CA: take the one in etcd (replacing a different local
+    one and the server certificate it issued), or offer this one if etcd has none yet."""
+    key = etcd.key("pki", authority.label)
+    for _ in range(3):
+        kv = etcd.get(key)
+        if kv is not None:
+            pair = json.loads(unseal(cluster_token, authority.label, kv.value))
+            _install_shared_ca(authority, pair["cert"].encode(), pair["key"].encode())
+            return
+        authority.load_or_create()
+        sealed = seal(
+            cluster_token,
+            authority.label,
+            json.dumps({"cert": cert_pem(authority.cert).decode(), "key": key_pem(authority.key).decode()}).encode(),
+        )
+        absent = etcd.pb.Compare(
+            result=etcd.pb.Compare.EQUAL, target=etcd.pb.Compare.CREATE, key=key, create_revision=0
+        )
+        if etcd.txn([absent], [etcd.put_op(key, sealed)]).succeeded:
+            log.info("stored the %s CA in etcd for the other replicas", authority.label)
+            return
+    raise PkiError(f"could not agree on the {authority.label} CA in etcd; restart the replica")
+
+
+def _install_shared_ca(authority: CertAuthority, cert: bytes, key: bytes) -> None:
+    ca_path, key_path = authority.ca_path, authority.dir / "ca.key"
+    if ca_path.exists() and key_path.exists() and ca_path.read_bytes() == cert and key_path.read_bytes() == key:
+        return
+    if ca_path.exists():
+        log.warning("replacing the local %s CA in %s with the cluster's from etcd", authority.label, authority.dir)
+    authority.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for issued in (authority.server_cert_path, authority.server_key_path):
+        issued.unlink(missing_ok=True)  # issued by the replaced CA: reissued by ensure_server_cert
+    write_private(key_path, key)
+    write_private(ca_path, cert, 0o644)
+
+
+def share_pki(etcd: Any, pki: Pki, cluster_token: str) -> None:
+    for authority in (pki.grpc, pki.network):
+        share_ca(etcd, authority, cluster_token)
+    admin = pki.admin_cert_path
+    if admin.exists():
+        with contextlib.suppress(PkiError, OSError, ValueError):
+            if load_cert_file(admin).issuer != load_cert_file(pki.grpc.ca_path).subject:
+                for name in ("client.crt", "client.key", "ca.crt"):  # issued by a replaced CA
+                    (pki.admin_dir / name).unlink(missing_ok=True)
+
+
 def csr_public_key(csr_pem: bytes, kind: str) -> Any:
     """The public key of a node's certificate request, once its self-signature checks out."""
     from cryptography import x509
@@ -2609,6 +2872,7 @@ class ControlPlane:
         self.advertised_ip = advertised_ip
         self.sessions = Sessions()  # replaced by the network server once it runs
         self._network_lock = threading.Lock()  # one network create/delete at a time
+        self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: every one's address
 
     # -- identity -----------------------------------------------------------------
 
@@ -2638,6 +2902,8 @@ class ControlPlane:
 
     def _retire_older_certs(self, token: str, kind: str, serial: int) -> None:
         """The first use of a renewed certificate revokes the ones it replaced."""
+        if token == RESERVED_NODE_TOKEN and getattr(self.store, "shared", False):
+            return  # replicas: each has its own admin identity, none replaces another's
         if self.store.has_older_live_certs(token, kind, serial):
             revoked = self.store.switch_to_cert(token, kind, serial)
             log.info("node %s switched to its renewed %s certificate; %d older one(s) revoked", token, kind, revoked)
@@ -2709,7 +2975,9 @@ class ControlPlane:
 
     def join_string(self, token: str, overlay: Overlay) -> str:
         """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
-        text = f"{token}@{host_port(self.advertised_ip, self.config.bootstrap_port)}#{self.pki.ca_pin()}"
+        hosts = dict.fromkeys([self.advertised_ip, *self.replicas()])  # replicas: a:6439,b:6439
+        addresses = ",".join(host_port(host, self.config.bootstrap_port) for host in hosts)
+        text = f"{token}@{addresses}#{self.pki.ca_pin()}"
         return text if overlay.name == DEFAULT_NETWORK else f"{text},net={overlay.net_token}"
 
     def list_bootstrap_tokens(self, who: Identity) -> list[BootstrapTokenRow]:
@@ -3202,25 +3470,26 @@ class Welcome:
     keepalive: int
     routes: tuple[str, ...] = ()
     caps: tuple[str, ...] = ()
+    replicas: tuple[str, ...] = ()  # every server replica's underlay address (optional key)
 
     @property
     def interface(self) -> ipaddress.IPv4Interface:
         return ipaddress.IPv4Interface(f"{self.ip}/{self.prefix}")
 
     def encode(self) -> bytes:
-        return encode_control(
-            FRAME_WELCOME,
-            {
-                "proto": PROTOCOL_VERSION,
-                "ip": self.ip,
-                "prefix": self.prefix,
-                "serverIp": self.server_ip,
-                "mtu": self.mtu,
-                "keepalive": self.keepalive,
-                "routes": list(self.routes),
-                "caps": list(self.caps),
-            },
-        )
+        message = {
+            "proto": PROTOCOL_VERSION,
+            "ip": self.ip,
+            "prefix": self.prefix,
+            "serverIp": self.server_ip,
+            "mtu": self.mtu,
+            "keepalive": self.keepalive,
+            "routes": list(self.routes),
+            "caps": list(self.caps),
+        }
+        if self.replicas:
+            message["replicas"] = list(self.replicas)
+        return encode_control(FRAME_WELCOME, message)
 
     @classmethod
     def decode(cls, payload: Any) -> Welcome:
@@ -3246,6 +3515,7 @@ class Welcome:
                 keepalive=m.get("keepalive", 10),
                 routes=tuple(dict.fromkeys(str(ipaddress.IPv4Network(r)) for r in m.get("routes", []))),
                 caps=tuple(m.get("caps", [])),
+                replicas=welcome_replicas(m.get("replicas", [])),
             )
         except ValueError:
             raise ProtocolError("welcome message has a malformed address or route") from None
@@ -3269,6 +3539,16 @@ class Welcome:
                 raise ProtocolError(f"welcome message has the route {route}, which overlaps {special}")
 
 
+def welcome_replicas(value: Any) -> tuple[str, ...]:
+    """The welcome's optional replica list: addresses only, at most MAX_WELCOME_REPLICAS;
+    anything else is ignored (a node then keeps the replicas it knows)."""
+    if not isinstance(value, list) or len(value) > MAX_WELCOME_REPLICAS:
+        return ()
+    with contextlib.suppress(ValueError, TypeError):
+        return tuple(dict.fromkeys(str(ipaddress.ip_address(v)) for v in value if isinstance(v, str)))
+    return ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Refusal:
     """An ERROR frame: the session ends; retry says whether reconnecting can help."""
@@ -3276,15 +3556,24 @@ class Refusal:
     code: str
     reason: str
     retry: bool
+    leader: str = ""  # a standby replica names the leader's underlay address (optional key)
 
     def encode(self) -> bytes:
-        return encode_control(FRAME_ERROR, {"code": self.code, "reason": self.reason, "retry": self.retry})
+        message = {"code": self.code, "reason": self.reason, "retry": self.retry}
+        if self.leader:
+            message["leader"] = self.leader
+        return encode_control(FRAME_ERROR, message)
 
     @classmethod
     def decode(cls, payload: Any) -> Refusal:
         m = decode_control(payload)
         retry = m.get("retry", True) is not False  # only a JSON false ends the retries, not "false" or 0
-        return cls(str(m.get("code", "error"))[:64], str(m.get("reason", "no reason given"))[:512], retry)
+        leader = m.get("leader", "")
+        try:
+            leader = str(ipaddress.ip_address(leader)) if isinstance(leader, str) and leader else ""
+        except ValueError:
+            leader = ""  # not an address: ignored, the node tries its other replicas
+        return cls(str(m.get("code", "error"))[:64], str(m.get("reason", "no reason given"))[:512], retry, leader)
 
 
 def ipv4_endpoints(packet: Any) -> tuple[int, int] | None:
@@ -3954,6 +4243,7 @@ class NetworkServer(Sessions):
         self.epoll: Poller | None = None
         self.wake_r = self.wake_w = -1
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
+        self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: their addresses, for the welcome
 
     # -- lifecycle (called from the main thread) ---------------------------------
 
@@ -4131,7 +4421,7 @@ class NetworkServer(Sessions):
         self.sessions[session.fd] = session
         self.unauthenticated.add(session)
         self.epoll.register(session.fd, select.EPOLLIN)
-        log.debug("TLS from %s: certificate CN %s", peer, session.cert_token)
+        log.debug("TLS from %s: certificate CN %s", peer, loggable(session.cert.common_name))
         self._service(session, select.EPOLLIN)  # the hello may have come with the handshake
 
     def _service(self, session: ServerSession, events: int) -> None:
@@ -4242,6 +4532,7 @@ class NetworkServer(Sessions):
             self.keepalive,
             (str(overlay.network),),
             session.caps,
+            self.replicas(),
         )
         session.queue(welcome.encode())
         self.dirty.add(session)
@@ -4515,6 +4806,9 @@ class NetworkClient:
         self.reader: TunReader | None = None
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
+        self.servers = server_addresses(config.server_addr)  # the replicas this node knows, in trying order
+        self.server = self.servers[0] if self.servers else config.server_addr
+        self.leader_hint = ""  # a standby's refusal named the leader: try it next
         finish_credential_update(config)
         self.context = self._tls_context()
         self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
@@ -4574,6 +4868,10 @@ class NetworkClient:
                     raise
                 except (OSError, ssl.SSLError, ProtocolError, TunError) as e:
                     reason = f"cannot connect to {self._server}: {e}"
+                    if self._follow_replicas():
+                        log.info("%s; trying replica %s", reason, self.server)
+                        self.stop.wait(random.uniform(0.05, 0.2))  # another replica: no backoff
+                        continue
                 except Exception:  # a bug must not end a client that should reconnect forever
                     log.exception("unexpected error while connecting")
                     reason = "unexpected error while connecting"
@@ -4593,6 +4891,9 @@ class NetworkClient:
                         backoff = 0.5
                     reason = f"disconnected: {reason}"
                     log.debug("session counters %s", dict(self.counters))
+                    if self._follow_replicas():
+                        log.warning("%s; trying replica %s", reason, self.server)
+                        continue
                 backoff = min(backoff * 2, BACKOFF_CAP_S)
                 delay = random.uniform(0.5, 1.0) * backoff
                 log.warning("%s; retrying in %.1f s", reason, delay)
@@ -4606,7 +4907,23 @@ class NetworkClient:
 
     @property
     def _server(self) -> str:
-        return host_port(self.config.server_addr, self.config.port)
+        return host_port(self.server, self.config.port)
+
+    def _follow_replicas(self) -> bool:
+        """After a failed or ended session: move to the leader a standby named, else to
+        the next known replica. False with one server (the old single-server retry)."""
+        hint, self.leader_hint = self.leader_hint, ""
+        if hint and hint != self.server:
+            if hint not in self.servers:
+                self.servers.append(hint)
+            self.server = hint
+            return True
+        if len(self.servers) < 2:
+            return False
+        index = self.servers.index(self.server) if self.server in self.servers else -1
+        self.server = self.servers[(index + 1) % len(self.servers)]
+        self.counters["replica-switches"] += 1
+        return self.counters["replica-switches"] % (2 * len(self.servers)) != 0  # a full round: back off once
 
     def close(self) -> None:
         self.routes.close()
@@ -4616,7 +4933,8 @@ class NetworkClient:
             log.info("removed TUN device and routes")
 
     def _connect(self) -> tuple[Link, Welcome]:
-        raw = socket.create_connection((self.config.server_addr, self.config.port), timeout=HANDSHAKE_TIMEOUT_S)
+        timeout = HANDSHAKE_TIMEOUT_S if len(self.servers) < 2 else REPLICA_CONNECT_TIMEOUT_S
+        raw = socket.create_connection((self.server, self.config.port), timeout=timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.context.wrap_socket(raw, server_hostname=SERVER_TLS_NAME)
@@ -4663,6 +4981,8 @@ class NetworkClient:
                     raise ProtocolError(f"unexpected frame {kind:#x} before the welcome")
 
     def _on_refusal(self, refusal: Refusal) -> None:
+        if refusal.leader:
+            self.leader_hint = refusal.leader
         if not refusal.retry:
             raise Refused(
                 f"server refused this node ({loggable(refusal.code)}): {loggable(refusal.reason)}", refusal.code
@@ -4671,7 +4991,7 @@ class NetworkClient:
 
     def _check_welcome(self, welcome: Welcome) -> None:
         """Refuse a welcome whose subnet or routes would send the tunnel into itself."""
-        server = ipaddress.ip_address(self.config.server_addr)
+        server = ipaddress.ip_address(self.server)
         if server.version != 4:
             return
         for network in (welcome.interface.network, *map(ipaddress.IPv4Network, welcome.routes)):
@@ -4691,6 +5011,10 @@ class NetworkClient:
         that failed (the session then ends and is retried from scratch)."""
         assert self.tun is not None
         mtu = min(self.config.mtu, welcome.mtu)
+        learned = [r for r in welcome.replicas if r not in self.servers]
+        if learned:  # replicas added since the join: followed from now on
+            self.servers.extend(learned)
+            log.info("server replicas: %s", ", ".join(self.servers))
         if self.address != welcome.interface:
             if self.address is not None:
                 log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
@@ -4732,12 +5056,10 @@ class NetworkClient:
         """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
         IPv4 server via today's path, then 0/1 and 128/1 (more specific than default).
         A tunnel over IPv6 needs no exception: IPv4 routes cannot capture it."""
-        if ipaddress.ip_address(self.config.server_addr).version == 4:
-            path = route_to(self.config.server_addr)
+        if ipaddress.ip_address(self.server).version == 4:
+            path = route_to(self.server)
             spec = (
-                [f"{self.config.server_addr}/32"]
-                + (["via", path["gateway"]] if "gateway" in path else [])
-                + ["dev", path["dev"]]
+                [f"{self.server}/32"] + (["via", path["gateway"]] if "gateway" in path else []) + ["dev", path["dev"]]
             )
             self.routes.replace(*spec)  # the one route a killed run leaves behind
         self.routes.add("0.0.0.0/1", "dev", self.tun.name)
@@ -4903,13 +5225,20 @@ def renew_certificates(config: ClientConfig, files: dict[str, Path]) -> None:
     request = pb.RenewCertificatesRequest(
         grpcCsr=new_csr(keys["grpc"], config.token), networkCsr=new_csr(keys["network"], config.token)
     )
-    address = host_port(config.server_addr, config.grpc_port)
     try:
         ca, key, cert = (files[n].read_bytes() for n in ("grpc_ca", "grpc_key", "grpc_cert"))
     except OSError as e:
         raise NcError(f"cannot read the node's gRPC credentials: {e}") from None
-    with secure_channel(address, ca, key, cert) as channel:
-        response = check_code(call(channel, pb_grpc.NcNodeServiceStub, "RenewCertificates", request, address))
+    *others, last = server_addresses(config.server_addr)
+    for host in [*others, last]:  # replicas: every one serves the control port
+        address = host_port(host, config.grpc_port)
+        try:
+            with secure_channel(address, ca, key, cert) as channel:
+                response = check_code(call(channel, pb_grpc.NcNodeServiceStub, "RenewCertificates", request, address))
+            break
+        except RemoteError:
+            if host == last:
+                raise
     update: dict[Path, bytes] = {}
     for kind, pem in (("grpc", bytes(response.grpcCert)), ("network", bytes(response.networkCert))):
         check_renewed_cert(pem, keys[kind], load_cert_file(files[f"{kind}_ca"]), config.token, kind)
@@ -5738,7 +6067,7 @@ def run_server(config: ServerConfig) -> int:
     limit_malloc_arenas()  # before gRPC starts its threads
     os.umask(0o077)  # keys, the database and logs are for root only
     try:
-        return serve(config, fd_limit)
+        return serve_replica(config, fd_limit) if config.datastore_endpoint else serve(config, fd_limit)
     except OSError as e:  # files of the workDir: a read-only or full disk
         fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
         raise NcError(os_error_line(e, fix)) from None
@@ -5821,6 +6150,307 @@ def ensure_reserved(store: Store, server_ip: str, admin_cert: CertRecord) -> Non
         log.info("revoked the previous admin certificate")
 
 
+# -- replicas on etcd ----------------------------------------------------------------
+#
+# Every replica serves both gRPC ports from etcd (active/active). One, the leader,
+# holds the data plane: the TUNs with the server's overlay addresses and port 6441
+# (active/passive). It leads while its campaign key, bound to its lease, is in
+# etcd; it stops its data plane FENCE_AFTER_S after the last renewal it sent, while
+# the lease (LEADER_LEASE_TTL_S from that renewal) still keeps everyone else out.
+
+LEADER_LEASE_TTL_S = 5
+LEASE_RENEW_EVERY_S = 1.0
+FENCE_AFTER_S = 3.0  # < LEADER_LEASE_TTL_S, with room to take the TUNs down
+REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
+
+
+def open_store(config: ServerConfig) -> Store | EtcdStore:
+    if not config.datastore_endpoint:
+        return Store(config.db_path)
+    tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
+    return EtcdStore(config.datastore_endpoint, tls)
+
+
+class StandbyPort:
+    """A standby's port 6441: it finishes the TLS handshake and answers every node with
+    an ERROR naming the leader, so the node goes there at once."""
+
+    def __init__(self, config: ServerConfig, pki: Pki, leader: Callable[[], str]) -> None:
+        self.leader = leader
+        self.listener = listen_any(config.port)
+        self.listener.setblocking(False)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(pki.network.server_cert_path, pki.network.server_key_path)
+        context.load_verify_locations(cafile=str(pki.network.ca_path))
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.pending: queue.SimpleQueue[ssl.SSLSocket | None] = queue.SimpleQueue()
+        self.handshaker = Handshaker(self.listener, context, lambda tls, _peer: self.pending.put(tls))
+        self.thread = threading.Thread(target=self._refuse_all, name="standby-refusals", daemon=True)
+
+    def start(self) -> None:
+        self.handshaker.start()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.handshaker.stop()
+        self.pending.put(None)
+        self.thread.join(timeout=5.0)
+        self.listener.close()
+
+    def _refuse_all(self) -> None:
+        while (tls := self.pending.get()) is not None:
+            leader = self.leader()
+            reason = f"this replica is a standby; the leader is {leader}" if leader else "no leader is elected yet"
+            try:
+                tls.setblocking(True)
+                tls.settimeout(2.0)
+                tls.sendall(Refusal("standby", reason, retry=True, leader=leader).encode())
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    tls.recv(4096)  # the hello: read before closing, so no reset eats the refusal
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                tls.close()
+
+
+class ReplicaRole(threading.Thread):
+    """Campaigns for leadership, runs the data plane while leading (a StandbyPort
+    otherwise), heartbeats this replica's entry for `nc adm replica list`, and fences:
+    a leader that cannot renew its lease stops its data plane before the lease ends."""
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        config: ServerConfig,
+        control: ControlPlane,
+        advertised: str,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name="replica-role", daemon=True)
+        self.store, self.etcd, self.config, self.control = store, store.etcd, config, control
+        self.advertised, self.stop = advertised, stop
+        self.campaign_key = self.etcd.key("leader")
+        self.lease = 0
+        self.renewed_at = 0.0  # monotonic time the last successful renewal was sent
+        self.network: NetworkServer | None = None
+        self.standby: StandbyPort | None = None
+        self.leader_address = ""
+        self.became = threading.Event()  # set once the first role (leader or standby) is taken
+        self.replicas: tuple[str, ...] = (advertised,)
+
+    @property
+    def leading(self) -> bool:
+        return self.network is not None
+
+    def run(self) -> None:
+        try:
+            self._become_standby()
+            self.became.set()
+            while not self.stop.is_set():
+                self._renew()
+                if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                    log.warning("lease not renewed for %.0f s: stopping the data plane (fencing)", FENCE_AFTER_S)
+                    self._step_down(abandon_lease=True)
+                if not self.leading and self.lease:
+                    self._campaign()
+                self._check_data_plane()
+                self._heartbeat()
+                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading else LEASE_RENEW_EVERY_S / 4)
+        finally:
+            if self.leading:
+                self._step_down(abandon_lease=False)
+            if self.standby is not None:
+                self.standby.stop()
+                self.standby = None
+            if self.lease:
+                self.etcd.revoke(self.lease)  # the others need not wait for the TTL
+
+    def _renew(self) -> None:
+        sent = time.monotonic()
+        try:
+            if not self.lease:
+                self.lease = self.etcd.grant(LEADER_LEASE_TTL_S)
+                self.renewed_at = sent
+                return
+            if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9 and not self.leading:
+                return
+            if self.etcd.keep_alive(self.lease, timeout=1.0) > 0:
+                self.renewed_at = sent
+            else:
+                log.warning("lease %x expired in etcd", self.lease)
+                if self.leading:
+                    self._step_down(abandon_lease=True)
+                self.lease = 0
+        except StoreError as e:
+            log.warning("%s", e)
+
+    def _campaign(self) -> None:
+        pb = self.etcd.pb
+        absent = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=self.campaign_key, create_revision=0)
+        value = json.dumps({"address": self.advertised, "port": self.config.port}).encode()
+        get = pb.RequestOp(request_range=pb.RangeRequest(key=self.campaign_key))
+        try:
+            response = self.etcd.txn([absent], [self.etcd.put_op(self.campaign_key, value, self.lease)], [get])
+        except StoreError as e:
+            log.warning("%s", e)
+            return
+        if not response.succeeded:
+            kvs = response.responses[0].response_range.kvs
+            self.leader_address = json.loads(kvs[0].value)["address"] if kvs else ""
+            return
+        if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+            return  # won with a lease too old to lead on; the next round renews first
+        self.store.fence = (self.campaign_key, response.header.revision)
+        self.leader_address = self.advertised
+        log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
+        try:
+            self._become_leader()
+        except NcError as e:
+            log.error("cannot take the data plane: %s; giving the leadership up", e)
+            self._step_down(abandon_lease=True)
+
+    def _become_leader(self) -> None:
+        if self.standby is not None:
+            self.standby.stop()
+            self.standby = None
+        store, server_ip = self.store, str(self.config.server_overlay_ip)
+        with contextlib.suppress(NotLeader):
+            store.reset_states(STATE_CONNECTED)  # the old leader's sessions are gone
+            if store.ensure_reserved_node(server_ip):
+                log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
+        network = NetworkServer(self.config, self.control)
+        network.replicas = lambda: self.replicas  # refreshed by the heartbeat: no etcd call on the packet loop
+        network.start()
+        self.network = network
+        self.control.sessions = network
+
+    def _step_down(self, abandon_lease: bool) -> None:
+        network, self.network = self.network, None
+        self.store.fence = None
+        self.control.sessions = Sessions()
+        if network is not None:
+            network.stop()
+            log.info("data plane stopped; this replica is a standby")
+        if abandon_lease:
+            self.lease = 0  # its campaign key lapses with it; campaign again on a new one
+        if not self.stop.is_set():
+            self._become_standby()
+
+    def _become_standby(self) -> None:
+        try:
+            self.standby = StandbyPort(self.config, self.control.pki, lambda: self.leader_address)
+            self.standby.start()
+        except OSError as e:
+            raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it") from None
+
+    def _check_data_plane(self) -> None:
+        network = self.network
+        if network is not None and not (network.thread.is_alive() and network.worker.is_alive()):
+            raise NcError("the data plane stopped unexpectedly")
+
+    def _heartbeat(self) -> None:
+        if not self.lease:
+            return
+        entry = {
+            "address": self.advertised,
+            "role": REPLICA_ROLE_LEADER if self.leading else REPLICA_ROLE_STANDBY,
+            "heartbeat": utc_now().isoformat(timespec="seconds"),
+            "port": self.config.port,
+            "grpcPort": self.config.grpc_port,
+            "bootstrapPort": self.config.bootstrap_port,
+        }
+        key = self.etcd.key("replica", self.advertised)
+        with contextlib.suppress(StoreError):
+            self.replicas = tuple(r["address"] for r in replica_entries(self.etcd)) or (self.advertised,)
+            self.etcd.call(
+                self.etcd.kv.Put, self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease)
+            )
+
+
+def replica_entries(etcd: Etcd) -> list[dict]:
+    return sorted((json.loads(kv.value) for kv in etcd.range(etcd.key("replica", "")).kvs), key=lambda r: r["address"])
+
+
+class StoreWatch(threading.Thread):
+    """For replicas: follows every node key in etcd by Watch and reloads the pools when
+    any changes, so a binding another replica made is known here at once."""
+
+    def __init__(self, store: EtcdStore, overlays: Overlays, stop: threading.Event) -> None:
+        super().__init__(name="store-watch", daemon=True)
+        self.store, self.overlays, self.stop = store, overlays, stop
+
+    def run(self) -> None:
+        etcd, prefix = self.store.etcd, self.store.etcd.key("node", "")
+        while not self.stop.is_set():
+            try:
+                revision = etcd.range(prefix).header.revision
+                self._reload()
+                for _events in etcd.watch(prefix, revision + 1, self.stop):
+                    self._reload()
+            except StoreError as e:
+                log.warning("%s; watching again in 1 s", e)
+                self.stop.wait(1.0)
+
+    def _reload(self) -> None:
+        for overlay in self.overlays.all():
+            overlay.bindings.reload()
+
+
+def serve_replica(config: ServerConfig, fd_limit: int) -> int:
+    """`nc server` with datastoreEndpoint: one replica of several on etcd."""
+    with work_dir_lock(Path(config.work_dir)):
+        advertised = config.ip or detect_server_ip()
+        server_ip = str(config.server_overlay_ip)
+        log.info("nc %s replica starting: advertised %s, datastore %s", VERSION, advertised, config.datastore_endpoint)
+        store = open_store(config)
+        stop = threading.Event()
+        threads: list[threading.Thread] = []
+        servers: list[Any] = []
+        supervisor = Supervisor()
+        threading.excepthook = supervisor.on_thread_exception
+        code = 0
+        try:
+            pki = Pki(config)
+            share_pki(store.etcd, pki, config.cluster_token)
+            admin_cert = pki.ensure((advertised, "127.0.0.1", server_ip))
+            store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))  # every replica's admin identity
+            overlays = Overlays(store, config)
+            control = ControlPlane(config, store, pki, overlays, advertised)
+            control.check_config_networks()
+            role = ReplicaRole(store, config, control, advertised, stop)
+            control.replicas = lambda: role.replicas
+            sweeper = TokenSweeper(store, stop)
+            sweeper.leads = lambda: store.fence is not None
+            threads = [sweeper, StoreWatch(store, overlays, stop), MemoryTrimmer(stop)]
+            guard = GrpcGuard(stop)
+            try:
+                servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
+            except BaseException:
+                guard.close()
+                raise
+            threads.insert(0, guard)
+            threads.append(role)
+            for thread in threads:
+                supervisor.watch_thread(thread)
+                thread.start()
+            for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
+                supervisor.watch(name, lambda s=server: s.wait_for_termination(0))
+            role.became.wait(10.0)
+            log.info("nc replica ready; join string pin %s", pki.ca_pin())
+            code = wait_for_stop_signal(stop, supervisor)
+        finally:
+            stop.set()
+            for server in servers:
+                server.stop(grace=1.0).wait(3.0)
+            for thread in threads:
+                thread.join(timeout=10.0)
+            store.close()
+            threading.excepthook = threading.__excepthook__
+            log.info("nc replica stopped")
+    return code
+
+
 # ============================================================================
 # 13. Join and admin commands
 #     The client side of the control plane: join strings and CA pins,
@@ -5835,10 +6465,19 @@ class JoinTarget:
     port: int
     pin: str | None
     net_token: str = ""  # the network the token admits to; empty: the default network
+    others: tuple[tuple[str, int], ...] = ()  # more replicas' bootstrap addresses, tried in order
 
     @property
     def address(self) -> str:
         return host_port(self.host, self.port)
+
+    def alternatives(self) -> list[JoinTarget]:
+        """This target and one per other replica address listed in the join string."""
+        return [self] + [dataclasses.replace(self, host=h, port=p, others=()) for h, p in self.others]
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(dict.fromkeys([self.host, *(h for h, _ in self.others)]))
 
 
 def parse_join_string(text: str) -> JoinTarget:
@@ -5853,11 +6492,18 @@ def parse_join_string(text: str) -> JoinTarget:
             net_token = value
         else:
             raise UsageError(f"join string has an unknown or malformed part {extra!r}; copy it whole")
-    token, at, address = body.rpartition("@")
+    token, at, addresses = body.rpartition("@")
     if not at or not token:
         raise UsageError(
             "join string must look like <token>@<ip>:<port>#sha256:<hex>; copy it whole from `nc adm token create`"
         )
+    (host, port), *others = [join_address(a) for a in addresses.split(",")]  # replicas: a:6439,b:6439
+    if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
+        raise UsageError("join string CA pin must be sha256:<64 hex digits>")
+    return JoinTarget(token, host, port, pin or None, net_token, tuple(others))
+
+
+def join_address(address: str) -> tuple[str, int]:
     if address.startswith("["):
         host, _, port_text = address[1:].partition("]:")
     else:
@@ -5869,9 +6515,7 @@ def parse_join_string(text: str) -> JoinTarget:
             raise ValueError
     except ValueError:
         raise UsageError(f"join string address {address!r} is not <ip>:<port>") from None
-    if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
-        raise UsageError("join string CA pin must be sha256:<64 hex digits>")
-    return JoinTarget(token, host, port, pin or None, net_token)
+    return host, port
 
 
 def fetch_server_ca(target: JoinTarget) -> bytes:
@@ -5991,10 +6635,21 @@ def check_work_dir_usable(work_dir: Path) -> None:
 
 
 def join(join_string: str, work_dir: Path) -> ClientConfig:
-    """Fetch this node's token and certificates with a bootstrap token and save them."""
-    _, pb, pb_grpc = grpc_modules()
-    target = parse_join_string(join_string)
+    """Fetch this node's token and certificates with a bootstrap token and save them;
+    with several replicas in the join string, from the first one that answers."""
+    listed = parse_join_string(join_string)
     check_work_dir_usable(work_dir)
+    *others, last = listed.alternatives()
+    for target in others:
+        try:
+            return join_at(target, listed, work_dir)
+        except RemoteError as e:  # unreachable: the next replica
+            log.warning("%s; trying the next replica", e)
+    return join_at(last, listed, work_dir)
+
+
+def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientConfig:
+    _, pb, pb_grpc = grpc_modules()
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
         response = call(
@@ -6025,8 +6680,9 @@ def join(join_string: str, work_dir: Path) -> ClientConfig:
             raise RemoteError(f"server sent an undecodable {name}") from None
     for name, data in decoded.items():
         write_private(files[name], data, 0o600 if name.endswith("key") else 0o644)
+    server_hosts = [response.networkServerIp or target.host, *listed.hosts] if listed.others else []
     config = ClientConfig(
-        server_addr=response.networkServerIp or target.host,
+        server_addr=",".join(dict.fromkeys(server_hosts)) or response.networkServerIp or target.host,
         port=int(response.networkServerPort or DEFAULT_NETWORK_PORT),
         grpc_port=int(response.GrpcServerPort or DEFAULT_GRPC_PORT),
         token=response.token,
@@ -6354,6 +7010,51 @@ def adm_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def adm_replica_list(args: argparse.Namespace) -> int:
+    """The replicas on the datastore: address, role and last heartbeat (read from etcd)."""
+    config: ServerConfig = load_config(args.config, "server")
+    if not config.datastore_endpoint:
+        raise UsageError("this server has no replicas: server.datastoreEndpoint is empty (a single sqlite server)")
+    tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
+    etcd = Etcd(config.datastore_endpoint, tls)
+    try:
+        entries = replica_entries(etcd)
+    finally:
+        etcd.close()
+    if args.output == "json":
+        print_json(entries)
+    else:
+        print_table(["ADDRESS", "ROLE", "LAST HEARTBEAT"], [[e["address"], e["role"], e["heartbeat"]] for e in entries])
+    return 0
+
+
+def adm_datastore_migrate(args: argparse.Namespace) -> int:
+    """Move a stopped single server's store and PKI into etcd; its nodes keep their
+    tokens, addresses and certificates, so none has to join again."""
+    config: ServerConfig = load_config(args.config, "server")
+    if config.datastore_endpoint:
+        raise UsageError("this server already uses etcd (server.datastoreEndpoint); nothing to migrate")
+    cluster_token = args.cluster_token or config.cluster_token
+    if len(cluster_token) < MIN_CLUSTER_TOKEN_LEN:
+        raise UsageError(
+            f"pass --cluster-token with at least {MIN_CLUSTER_TOKEN_LEN} characters (the replicas' secret)"
+        )
+    with work_dir_lock(Path(config.work_dir)):
+        if not Path(config.db_path).exists():
+            raise StoreError(f"{config.db_path}: no database there; pass the server's --config")
+        source = Store(config.db_path)
+        target = EtcdStore(args.to)
+        try:
+            counts = target.import_store(source)
+            share_pki(target.etcd, Pki(config), cluster_token)
+        finally:
+            source.close()
+            target.close()
+    print(", ".join(f"{n} {what}" for what, n in counts.items()) + f" moved to etcd at {args.to}")
+    print(f"now set in server.yml: datastoreEndpoint: {args.to}  clusterToken: <the token you passed>")
+    return 0
+
+
 # ============================================================================
 # 14. Logging and main
 #     Log files that rotate daily (seven kept), argparse subcommands, and the
@@ -6578,6 +7279,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
     restore.set_defaults(func=adm_restore)
+
+    replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
+    replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)
+    replica_cmds.add_parser(
+        "list", parents=[output], help="address, role and last heartbeat of every replica"
+    ).set_defaults(func=adm_replica_list)
+    datastore = adm_cmds.add_parser("datastore", help="the server's store")
+    datastore_cmds = datastore.add_subparsers(dest="datastore_command", metavar="COMMAND", required=True)
+    migrate = datastore_cmds.add_parser(
+        "migrate", help="move a single server's store and PKI into etcd", description=adm_datastore_migrate.__doc__
+    )
+    migrate.add_argument("--to", required=True, metavar="ENDPOINTS", help="etcd URLs, comma-separated")
+    migrate.add_argument("--cluster-token", default="", metavar="SECRET", help="the replicas' shared clusterToken")
+    migrate.set_defaults(func=adm_datastore_migrate)
 
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
     return parser

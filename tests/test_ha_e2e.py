@@ -1,0 +1,85 @@
+"""Replicas on a real three-member etcd cluster: one leader holds the data plane,
+standbys point nodes at it, a killed leader is replaced and every node comes back
+with its address, and never do two replicas hold the server's overlay address."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import yaml
+from ha_helpers import Replicas, sample_holders
+from netlab import Lab, start_client, wait_for
+
+
+def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    standby = next(name for name in replicas.servers if name != leader)
+    join = replicas.servers[standby].join_string()  # minted on the standby, from etcd
+    assert join.count(":6439") == 2, join
+    nodes = [start_client(lab.add_host(f"n{i}"), join) for i in range(2)]
+    addresses = [node.overlay_ip() for node in nodes]
+    assert len(set(addresses)) == 2
+    assert nodes[0].host.ping(addresses[1], count=3)
+    for node in nodes:  # client.yml lists both replicas
+        listed = yaml.safe_load(node.config.read_text())["client"]["serverAddr"]
+        assert sorted(listed) == sorted(h.ip for h in replicas.hosts[:2])
+
+    replicas.servers[leader].process.stop(signal.SIGKILL)
+    samples = sample_holders(replicas, seconds=0.5)
+    wait_for(lambda: replicas.leader() == standby, timeout=20, what="the standby to take over")
+    samples += sample_holders(replicas, seconds=0.5)
+    assert all(len(held) <= 1 for held in samples), samples
+    for node, address in zip(nodes, addresses):
+        wait_for(lambda n=node, a=address: n.overlay_ip() == a, timeout=20, what="the node back on its address")
+    wait_for(lambda: nodes[0].host.ping(addresses[1]), timeout=20, what="node-to-node traffic after failover")
+
+    # The killed replica comes back as a standby; the leader keeps the data plane.
+    replicas.servers[leader].start()
+    samples = sample_holders(replicas, seconds=3)
+    assert all(held == [standby] for held in samples), samples
+    listed = json.loads(replicas.servers[leader].adm("replica", "list", "-o", "json").stdout)
+    assert {(r["address"], r["role"]) for r in listed} == {
+        (replicas.servers[standby].host.ip, "leader"),
+        (replicas.servers[leader].host.ip, "standby"),
+    }
+
+
+def test_standby_refusal_names_the_leader(lab: Lab) -> None:
+    """A node whose client.yml lists only the standby is sent to the leader."""
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    standby = next(name for name in replicas.servers if name != leader)
+    server = replicas.servers[standby]
+    join = server.join_string()
+    token, _, rest = join.partition("@")
+    only_standby = f"{token}@{server.host.ip}:6439#{rest.partition('#')[2]}"
+    node = start_client(lab.add_host("n1"), only_standby)
+    assert node.overlay_ip() is not None
+    assert "the leader is " + replicas.servers[leader].host.ip in node.process.log()
+
+
+def test_wrong_cluster_token_is_one_line(lab: Lab) -> None:
+    replicas = Replicas(lab, count=1)
+    host = replicas.hosts[1]
+    config = lab.dir / "wrong.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "mode": "server",
+                "server": {
+                    "workDir": str(lab.dir / "wrong-work"),
+                    "ip": host.ip,
+                    "datastoreEndpoint": replicas.etcd.endpoints,
+                    "clusterToken": "not-the-cluster-token-at-all",
+                },
+            }
+        )
+    )
+    done = host.nc("server", "--config", str(config), check=False, timeout=60)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "clusterToken" in lines[0], done.stderr

@@ -1938,7 +1938,8 @@ class EtcdStore:
         for start in range(0, len(puts), ETCD_CHUNK):
             chunk = puts[start : start + ETCD_CHUNK]
             self.etcd.txn([], [self.etcd.put_op(k, json.dumps(v, sort_keys=True).encode()) for k, v in chunk])
-        return {"nodes": len(nodes), "tokens": len(tokens), "networks": len(networks), "certificates": len(certs)}
+        overlay_nodes = sum(1 for n in nodes if n.token != RESERVED_NODE_TOKEN)
+        return {"nodes": overlay_nodes, "tokens": len(tokens), "networks": len(networks), "certificates": len(certs)}
 
 
 # ============================================================================
@@ -6237,6 +6238,9 @@ class ReplicaRole(threading.Thread):
         self.standby: StandbyPort | None = None
         self.leader_address = ""
         self.became = threading.Event()  # set once the first role (leader or standby) is taken
+        self._lock = threading.RLock()  # one role change at a time: the loop's or the fence's
+        self.heartbeat_at = 0.0
+        self.fence_watch = threading.Thread(target=self._fence_watch, name="replica-fence", daemon=True)
         self.replicas: tuple[str, ...] = (advertised,)
 
     @property
@@ -6247,17 +6251,17 @@ class ReplicaRole(threading.Thread):
         try:
             self._become_standby()
             self.became.set()
+            self.fence_watch.start()
             while not self.stop.is_set():
                 self._renew()
-                if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                    log.warning("lease not renewed for %.0f s: stopping the data plane (fencing)", FENCE_AFTER_S)
-                    self._step_down(abandon_lease=True)
                 if not self.leading and self.lease:
                     self._campaign()
                 self._check_data_plane()
                 self._heartbeat()
                 self.stop.wait(LEASE_RENEW_EVERY_S if self.leading else LEASE_RENEW_EVERY_S / 4)
         finally:
+            if self.fence_watch.is_alive():
+                self.fence_watch.join(timeout=5.0)
             if self.leading:
                 self._step_down(abandon_lease=False)
             if self.standby is not None:
@@ -6265,6 +6269,16 @@ class ReplicaRole(threading.Thread):
                 self.standby = None
             if self.lease:
                 self.etcd.revoke(self.lease)  # the others need not wait for the TTL
+
+    def _fence_watch(self) -> None:
+        """Apart from the loop, whose etcd calls may block: the data plane stops
+        FENCE_AFTER_S after the last renewal sent, whatever the loop is waiting for."""
+        while not self.stop.wait(0.1):
+            if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                with self._lock:
+                    if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                        log.warning("lease not renewed for %.0f s: stopping the data plane (fencing)", FENCE_AFTER_S)
+                        self._step_down(abandon_lease=True)
 
     def _renew(self) -> None:
         sent = time.monotonic()
@@ -6279,9 +6293,10 @@ class ReplicaRole(threading.Thread):
                 self.renewed_at = sent
             else:
                 log.warning("lease %x expired in etcd", self.lease)
-                if self.leading:
-                    self._step_down(abandon_lease=True)
-                self.lease = 0
+                with self._lock:
+                    if self.leading:
+                        self._step_down(abandon_lease=True)
+                    self.lease = 0
         except StoreError as e:
             log.warning("%s", e)
 
@@ -6291,7 +6306,9 @@ class ReplicaRole(threading.Thread):
         value = json.dumps({"address": self.advertised, "port": self.config.port}).encode()
         get = pb.RequestOp(request_range=pb.RangeRequest(key=self.campaign_key))
         try:
-            response = self.etcd.txn([absent], [self.etcd.put_op(self.campaign_key, value, self.lease)], [get])
+            request = pb.TxnRequest(compare=[absent], success=[self.etcd.put_op(self.campaign_key, value, self.lease)])
+            request.failure.append(get)
+            response = self.etcd.call(self.etcd.kv.Txn, request, timeout=1.0)
         except StoreError as e:
             log.warning("%s", e)
             return
@@ -6299,16 +6316,17 @@ class ReplicaRole(threading.Thread):
             kvs = response.responses[0].response_range.kvs
             self.leader_address = json.loads(kvs[0].value)["address"] if kvs else ""
             return
-        if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-            return  # won with a lease too old to lead on; the next round renews first
-        self.store.fence = (self.campaign_key, response.header.revision)
-        self.leader_address = self.advertised
-        log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
-        try:
-            self._become_leader()
-        except NcError as e:
-            log.error("cannot take the data plane: %s; giving the leadership up", e)
-            self._step_down(abandon_lease=True)
+        with self._lock:
+            if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                return  # won with a lease too old to lead on; the fence lets it lapse
+            self.store.fence = (self.campaign_key, response.header.revision)
+            self.leader_address = self.advertised
+            log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
+            try:
+                self._become_leader()
+            except NcError as e:
+                log.error("cannot take the data plane: %s; giving the leadership up", e)
+                self._step_down(abandon_lease=True)
 
     def _become_leader(self) -> None:
         if self.standby is not None:
@@ -6350,8 +6368,9 @@ class ReplicaRole(threading.Thread):
             raise NcError("the data plane stopped unexpectedly")
 
     def _heartbeat(self) -> None:
-        if not self.lease:
+        if not self.lease or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:
             return
+        self.heartbeat_at = time.monotonic()
         entry = {
             "address": self.advertised,
             "role": REPLICA_ROLE_LEADER if self.leading else REPLICA_ROLE_STANDBY,
@@ -6361,15 +6380,19 @@ class ReplicaRole(threading.Thread):
             "bootstrapPort": self.config.bootstrap_port,
         }
         key = self.etcd.key("replica", self.advertised)
-        with contextlib.suppress(StoreError):
-            self.replicas = tuple(r["address"] for r in replica_entries(self.etcd)) or (self.advertised,)
+        with contextlib.suppress(StoreError):  # short timeouts: the loop renews the lease too
+            self.replicas = tuple(r["address"] for r in replica_entries(self.etcd, timeout=0.5)) or (self.advertised,)
             self.etcd.call(
-                self.etcd.kv.Put, self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease)
+                self.etcd.kv.Put,
+                self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease),
+                timeout=0.5,
             )
 
 
-def replica_entries(etcd: Etcd) -> list[dict]:
-    return sorted((json.loads(kv.value) for kv in etcd.range(etcd.key("replica", "")).kvs), key=lambda r: r["address"])
+def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dict]:
+    prefix = etcd.key("replica", "")
+    response = etcd.call(etcd.kv.Range, etcd.pb.RangeRequest(key=prefix, range_end=prefix_end(prefix)), timeout)
+    return sorted((json.loads(kv.value) for kv in response.kvs), key=lambda r: r["address"])
 
 
 class StoreWatch(threading.Thread):

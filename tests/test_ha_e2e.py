@@ -8,8 +8,9 @@ import json
 import signal
 
 import yaml
-from ha_helpers import Replicas, sample_holders
-from netlab import Lab, start_client, wait_for
+from etcd_helpers import EtcdCluster
+from ha_helpers import CLUSTER_TOKEN, Replicas, sample_holders
+from netlab import Lab, start_client, start_server, wait_for
 
 
 def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
@@ -83,3 +84,42 @@ def test_wrong_cluster_token_is_one_line(lab: Lab) -> None:
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "clusterToken" in lines[0], done.stderr
+
+
+def test_an_etcd_member_killed_and_restarted_disconnects_no_node(lab: Lab) -> None:
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    join = replicas.servers[leader].join_string()
+    nodes = [start_client(lab.add_host(f"n{i}"), join) for i in range(2)]
+    addresses = [node.overlay_ip() for node in nodes]
+    member = next(h for h in replicas.hosts if h.name != leader)  # not the leader's own member
+    replicas.etcd.kill(member)
+    assert nodes[0].host.ping(addresses[1], count=10)
+    replicas.etcd.restart(member)
+    assert nodes[1].host.ping(addresses[0], count=5)
+    assert replicas.holders() == [leader]
+    for node, address in zip(nodes, addresses):
+        assert node.overlay_ip() == address
+        assert "disconnected" not in node.process.log()
+
+
+def test_migrate_a_single_server_into_etcd_keeps_its_nodes(lab: Lab) -> None:
+    """A sqlite server's store and PKI move into etcd; the node reconnects to the
+    replica on its own, with its address, and a second replica serves the same CA."""
+    hosts = [lab.add_host(f"s{i}") for i in range(1, 4)]
+    single = start_server(hosts[0], ip=hosts[0].ip)
+    node = start_client(lab.add_host("n1"), single.join_string())
+    address = node.overlay_ip()
+    pin = single.join_string().rpartition("#")[2]
+    single.process.stop()
+    etcd = EtcdCluster(hosts)
+    done = single.adm("datastore", "migrate", "--to", etcd.endpoints, "--cluster-token", CLUSTER_TOKEN)
+    assert "1 nodes" in done.stdout  # the reserved node-token is not a node of the overlay
+    config = json.loads(single.config.read_text())
+    config["server"].update(datastoreEndpoint=etcd.endpoints, clusterToken=CLUSTER_TOKEN)
+    single.config.write_text(json.dumps(config))
+    single.start()
+    wait_for(lambda: node.overlay_ip() == address and node.host.ping("10.1.1.1"), timeout=40, what="the node back")
+    second = start_server(hosts[1], ip=hosts[1].ip, datastoreEndpoint=etcd.endpoints, clusterToken=CLUSTER_TOKEN)
+    assert second.join_string().rpartition("#")[2] == pin

@@ -2264,6 +2264,15 @@ class Overlays:
         with self._lock:
             self._by_name.pop(name, None)
 
+    def adopt(self, row: NetworkRow) -> Overlay | None:
+        """A network another replica created (a shared store): served here too. None
+        when it is known already (created here)."""
+        with self._lock:
+            if row.name in self._by_name:
+                return None
+            overlay = self._by_name[row.name] = self._build(row)
+            return overlay
+
 
 class CacheSync(threading.Thread):
     """Re-reads the store into the pools periodically, so edits made with the
@@ -6396,21 +6405,29 @@ def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dic
 
 
 class StoreWatch(threading.Thread):
-    """For replicas: follows every node key in etcd by Watch and reloads the pools when
-    any changes, so a binding another replica made is known here at once."""
+    """For replicas: follows the store in etcd by Watch. A node key changed: the pools
+    are reloaded, so a binding another replica made is known here at once. A network
+    key changed: networks created or deleted on another replica are served or dropped
+    here too (the leader makes or removes their TUNs)."""
 
-    def __init__(self, store: EtcdStore, overlays: Overlays, stop: threading.Event) -> None:
+    def __init__(self, store: EtcdStore, control: ControlPlane, stop: threading.Event) -> None:
         super().__init__(name="store-watch", daemon=True)
-        self.store, self.overlays, self.stop = store, overlays, stop
+        self.store, self.control, self.overlays, self.stop = store, control, control.overlays, stop
 
     def run(self) -> None:
-        etcd, prefix = self.store.etcd, self.store.etcd.key("node", "")
+        etcd = self.store.etcd
+        nodes, networks = etcd.key("node", ""), etcd.key("network", "")
         while not self.stop.is_set():
             try:
-                revision = etcd.range(prefix).header.revision
+                revision = etcd.range(nodes).header.revision
+                self._sync_networks()
                 self._reload()
-                for _events in etcd.watch(prefix, revision + 1, self.stop):
-                    self._reload()
+                for events in etcd.watch(etcd.prefix, revision + 1, self.stop):
+                    keys = [event.kv.key for event in events]
+                    if any(key.startswith(networks) for key in keys):
+                        self._sync_networks()
+                    if any(key.startswith(nodes) for key in keys):
+                        self._reload()
             except StoreError as e:
                 log.warning("%s; watching again in 1 s", e)
                 self.stop.wait(1.0)
@@ -6418,6 +6435,20 @@ class StoreWatch(threading.Thread):
     def _reload(self) -> None:
         for overlay in self.overlays.all():
             overlay.bindings.reload()
+
+    def _sync_networks(self) -> None:
+        rows = {row.name: row for row in self.store.networks()}
+        known = {overlay.name for overlay in self.overlays.all()}
+        for name in sorted(rows.keys() - known):
+            overlay = self.overlays.adopt(rows[name])
+            if overlay is not None:
+                log.info("network %s (%s) was created on another replica", name, overlay.network)
+                with contextlib.suppress(NcError):
+                    self.control.sessions.add_overlay(overlay)
+        for name in sorted(known - rows.keys() - {DEFAULT_NETWORK}):
+            log.info("network %s was deleted on another replica", name)
+            self.overlays.remove(name)
+            self.control.sessions.remove_overlay(name)
 
 
 def serve_replica(config: ServerConfig, fd_limit: int) -> int:
@@ -6445,7 +6476,7 @@ def serve_replica(config: ServerConfig, fd_limit: int) -> int:
             control.replicas = lambda: role.replicas
             sweeper = TokenSweeper(store, stop)
             sweeper.leads = lambda: store.fence is not None
-            threads = [sweeper, StoreWatch(store, overlays, stop), MemoryTrimmer(stop)]
+            threads = [sweeper, StoreWatch(store, control, stop), MemoryTrimmer(stop)]
             guard = GrpcGuard(stop)
             try:
                 servers = start_grpc_servers(control, guard, fd_limit=fd_limit)

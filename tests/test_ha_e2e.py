@@ -62,6 +62,17 @@ def test_standby_refusal_names_the_leader(lab: Lab) -> None:
     assert node.overlay_ip() is not None
     assert "the leader is " + replicas.servers[leader].host.ip in node.process.log()
 
+    # A network created on the standby is served by the leader's data plane, and goes with it.
+    leader_host = replicas.servers[leader].host
+
+    def leader_has(address: str) -> bool:
+        return address in leader_host.run("ip", "-4", "-o", "addr").stdout
+
+    server.adm("network", "create", "--name", "edge-b", "--cidr", "10.2.0.1/24")
+    wait_for(lambda: leader_has("10.2.0.1/24"), timeout=20, what="the leader to serve the new network")
+    server.adm("network", "delete", "--name", "edge-b")
+    wait_for(lambda: not leader_has("10.2.0.1/24"), timeout=20, what="the leader to drop the deleted network")
+
 
 def test_wrong_cluster_token_is_one_line(lab: Lab) -> None:
     replicas = Replicas(lab, count=1)

@@ -1208,6 +1208,7 @@ def split_sql(script: str) -> list[str]:
 ETCD_PREFIX = "/nc/"
 ETCD_LAYOUT_VERSION = 1
 ETCD_RPC_TIMEOUT_S = 5.0
+ETCD_ATTEMPT_S = 1.0  # one attempt of a call; a silent member is then tried no longer
 ETCD_TXN_ATTEMPTS = 64
 ETCD_CHUNK = 100  # etcd refuses a Txn of more than 128 operations by default
 
@@ -1267,7 +1268,16 @@ class Etcd:
         self.grpc, self.pb, self.endpoints, self.prefix = grpc, etcd_pb2, endpoints, prefix.encode()
         tls = tls or EtcdTls()
         target, secure, name = etcd_target(endpoints)
-        options = [("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 1)]
+        options = [
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.enable_retries", 1),
+            # A member cut off without a reset (a dead link) is noticed by pings, not left
+            # READY forever; etcd accepts a ping every 5 s (--grpc-keepalive-min-time).
+            ("grpc.keepalive_time_ms", 5000),
+            ("grpc.keepalive_timeout_ms", 2000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
         if secure:
             try:
                 ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
@@ -1290,16 +1300,20 @@ class Etcd:
         return self.prefix + "/".join(parts).encode()
 
     def call(self, method: Callable, request: Any, timeout: float = ETCD_RPC_TIMEOUT_S) -> Any:
-        """One unary call; UNAVAILABLE (a member down, an election) is retried until timeout."""
+        """One unary call. An attempt gets at most ETCD_ATTEMPT_S: one sent to a member
+        that went silent is retried (round robin: on another member) until timeout, as is
+        UNAVAILABLE (a member down, an election)."""
         deadline = time.monotonic() + timeout
+        retryable = (self.grpc.StatusCode.UNAVAILABLE, self.grpc.StatusCode.DEADLINE_EXCEEDED)
         while True:
             left = deadline - time.monotonic()
             try:
-                return method(request, timeout=max(left, 0.05), wait_for_ready=True)
+                return method(request, timeout=max(min(left, ETCD_ATTEMPT_S), 0.05), wait_for_ready=True)
             except self.grpc.RpcError as e:
                 code = e.code()
-                if code == self.grpc.StatusCode.UNAVAILABLE and time.monotonic() + 0.1 < deadline:
-                    time.sleep(0.1)
+                if code in retryable and time.monotonic() + 0.1 < deadline:
+                    if code == self.grpc.StatusCode.UNAVAILABLE:
+                        time.sleep(0.1)
                     continue
                 raise StoreError(
                     f"etcd at {self.endpoints}: {code.name.lower()} ({e.details()}); "
@@ -1335,14 +1349,20 @@ class Etcd:
             self.call(self.lease_stub.LeaseRevoke, self.pb.LeaseRevokeRequest(ID=lease), timeout=1.0)
 
     def keep_alive(self, lease: int, timeout: float) -> int:
-        """One renewal; returns the TTL etcd now gives the lease (0: it is gone)."""
-        try:
-            responses = self.lease_stub.LeaseKeepAlive(iter([self.pb.LeaseKeepAliveRequest(ID=lease)]), timeout=timeout)
-            for response in responses:
-                return response.TTL
-        except self.grpc.RpcError as e:
-            raise StoreError(f"etcd at {self.endpoints}: lease renewal failed ({e.code().name.lower()})") from None
-        return 0
+        """One renewal, in attempts of a third of timeout (a silent member costs one);
+        returns the TTL etcd now gives the lease (0: it is gone)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                request = iter([self.pb.LeaseKeepAliveRequest(ID=lease)])
+                for response in self.lease_stub.LeaseKeepAlive(request, timeout=timeout / 3):
+                    return response.TTL
+                return 0
+            except self.grpc.RpcError as e:
+                if time.monotonic() + timeout / 3 > deadline:
+                    raise StoreError(
+                        f"etcd at {self.endpoints}: lease renewal failed ({e.code().name.lower()})"
+                    ) from None
 
     def watch(self, prefix: bytes, start_revision: int, stop: threading.Event) -> Iterator[list]:
         """Batches of events under prefix from start_revision on, until stop is set
@@ -6298,7 +6318,7 @@ class ReplicaRole(threading.Thread):
                 return
             if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9 and not self.leading:
                 return
-            if self.etcd.keep_alive(self.lease, timeout=1.0) > 0:
+            if self.etcd.keep_alive(self.lease, timeout=1.8) > 0:
                 self.renewed_at = sent
             else:
                 log.warning("lease %x expired in etcd", self.lease)

@@ -111,11 +111,18 @@ def join_worker(spec_path: str) -> int:
 
     def one(index: int) -> Any:
         barrier.wait()
-        try:
-            reply = stubs[index % len(stubs)].GetToken(pb.GetTokenRequest(bootStrapToken=target.token), timeout=120)
-        except grpc.RpcError as e:
-            errors[f"rpc {e.code().name}"] += 1
-            return None
+        for attempt in range(6):  # a replica answers RESOURCE_EXHAUSTED past 64 calls at once: try again
+            try:
+                request = pb.GetTokenRequest(bootStrapToken=target.token)
+                reply = stubs[index % len(stubs)].GetToken(request, timeout=120)
+                break
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and attempt < 5:
+                    errors["retried after RESOURCE_EXHAUSTED"] += 1
+                    time.sleep(0.2 * (attempt + 1))
+                    continue
+                errors[f"rpc {e.code().name}"] += 1
+                return None
         if reply.code != ncctl.CODE_OK:
             errors[f"code {reply.code}: {reply.message}"] += 1
             return None
@@ -134,7 +141,7 @@ def join_worker(spec_path: str) -> int:
         node.context = context
 
     async def connect_all() -> list[Any]:
-        gate = asyncio.Semaphore(32)
+        gate = asyncio.Semaphore(16)  # under the per-address handshake limit
         cfg = {"server": spec["leader"], "port": 6441, "timeout": 30}
         return await asyncio.gather(*(bench_scale.connect(n, cfg, ncctl, gate) for n in nodes), return_exceptions=True)
 

@@ -134,3 +134,19 @@ def test_migrate_a_single_server_into_etcd_keeps_its_nodes(lab: Lab) -> None:
     wait_for(lambda: node.overlay_ip() == address and node.host.ping("10.1.1.1"), timeout=40, what="the node back")
     second = start_server(hosts[1], ip=hosts[1].ip, datastoreEndpoint=etcd.endpoints, clusterToken=CLUSTER_TOKEN)
     assert second.join_string().rpartition("#")[2] == pin
+
+
+def test_a_leader_cut_off_from_etcd_stops_its_data_plane_before_another_takes_over(lab: Lab) -> None:
+    """Fencing: the leader's host loses its link (to etcd and everyone). It must drop
+    the server overlay address before its lease lapses and the standby is elected."""
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    standby = next(name for name in replicas.servers if name != leader)
+    replicas.servers[leader].host.run("ip", "link", "set", "eth0", "down")
+    samples = sample_holders(replicas, seconds=10)
+    assert all(len(held) <= 1 for held in samples), samples
+    assert [standby] in samples and samples[-1] == [standby], samples
+    gap = samples.index([standby]) - max(i for i, held in enumerate(samples) if held == [leader])
+    assert gap > 1, f"the standby took over {gap} samples after the leader let go"
+    assert "fencing" in replicas.servers[leader].process.log()

@@ -114,6 +114,7 @@ ADMIN_RENEW_BEFORE_S = 30 * 86400  # the admin identity is renewed at start when
 CACHE_SYNC_INTERVAL_S = 30.0
 MAX_WELCOME_REPLICAS = 16
 REPLICA_CONNECT_TIMEOUT_S = 2.0  # with other replicas to try, a dead one is given up on sooner
+REPLICA_BACKOFF_CAP_S = 2.0  # between rounds over every replica (a single server's cap is BACKOFF_CAP_S)
 MIN_CLUSTER_TOKEN_LEN = 16
 RPC_TIMEOUT_S = 10.0
 
@@ -4924,7 +4925,8 @@ class NetworkClient:
                     if self._follow_replicas():
                         log.warning("%s; trying replica %s", reason, self.server)
                         continue
-                backoff = min(backoff * 2, BACKOFF_CAP_S)
+                # Several replicas: one is normally up within a lease's time; wait no longer between rounds.
+                backoff = min(backoff * 2, BACKOFF_CAP_S if len(self.servers) < 2 else REPLICA_BACKOFF_CAP_S)
                 delay = random.uniform(0.5, 1.0) * backoff
                 log.warning("%s; retrying in %.1f s", reason, delay)
                 self.stop.wait(delay)
@@ -6161,7 +6163,8 @@ def serve(config: ServerConfig, fd_limit: int) -> int:
             if network is not None:
                 network.stop()
             for thread in threads:
-                thread.join(timeout=5.0)
+                if thread.ident is not None:  # started: a failed start may come before that
+                    thread.join(timeout=5.0)
             with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
                 store.reset_states(STATE_IDLE)
             store.close()
@@ -6518,7 +6521,8 @@ def serve_replica(config: ServerConfig, fd_limit: int) -> int:
             for server in servers:
                 server.stop(grace=1.0).wait(3.0)
             for thread in threads:
-                thread.join(timeout=10.0)
+                if thread.ident is not None:  # started: a failed start may come before that
+                    thread.join(timeout=10.0)
             store.close()
             threading.excepthook = threading.__excepthook__
             log.info("nc replica stopped")

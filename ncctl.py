@@ -1210,7 +1210,7 @@ ETCD_PREFIX = "/nc/"
 ETCD_LAYOUT_VERSION = 1
 ETCD_RPC_TIMEOUT_S = 5.0
 ETCD_ATTEMPT_S = 1.0  # one attempt of a call; a silent member is then tried no longer
-ETCD_TXN_ATTEMPTS = 64
+ETCD_TXN_ATTEMPTS = 100
 ETCD_CHUNK = 100  # etcd refuses a Txn of more than 128 operations by default
 
 
@@ -1471,6 +1471,7 @@ class EtcdStore:
     def __init__(self, endpoints: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX) -> None:
         self.etcd = Etcd(endpoints, tls, prefix)
         self.path = endpoints  # what error lines name
+        self._lock = threading.RLock()
         self.migrate()
 
     def close(self) -> None:
@@ -1481,14 +1482,15 @@ class EtcdStore:
         etcd's STM); what it raises aborts without writing. A leader_only operation
         commits only while this replica's campaign key is the one in etcd."""
         for attempt in range(ETCD_TXN_ATTEMPTS):
-            txn = EtcdTxn(self.etcd)
-            result = operation(txn)
-            ops = txn.ops
-            if not ops:
-                return result
-            if self._commit(txn.compares, ops, leader_only):
-                return result
-            time.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # let the other writer finish
+            with self._lock:  # this replica's own writers take turns: only other replicas' can conflict
+                txn = EtcdTxn(self.etcd)
+                result = operation(txn)
+                ops = txn.ops
+                if not ops:
+                    return result
+                if self._commit(txn.compares, ops, leader_only):
+                    return result
+            time.sleep(random.uniform(0, min(0.1, 0.005 * (attempt + 1))))  # let the other replica finish
         raise StoreError(f"etcd at {self.path}: too much contention on one key; retry")
 
     def _commit(self, compares: list, ops: list, leader_only: bool) -> bool:

@@ -323,3 +323,18 @@ def test_networks(store: ncctl.Store) -> None:
     assert not store.node_token_exists("a" * 16)
     with pytest.raises(ncctl.BadRequest, match="no network named"):
         store.delete_network("ops")
+
+
+def test_deleting_a_network_of_many_nodes(store: ncctl.Store) -> None:
+    """More nodes than one etcd Txn may touch: every node, certificate and token goes."""
+    store.add_network(ncctl.NetworkSpec("big", "10.9.0.0/16", True), "b" * 16)
+    nodes = [f"{i:016d}" for i in range(40)]
+    for i, node in enumerate(nodes):
+        token = ncctl.new_bootstrap_token()
+        store.add_bootstrap_token(token, 60, True, network="big")
+        store.admit_node(token, node, (ncctl.CertRecord(0x1000 + i, "grpc", "2999-01-01T00:00:00+00:00"),))
+        store.bind(node, f"10.9.0.{i + 2}", None)
+    store.add_bootstrap_token(ncctl.new_bootstrap_token(), 60, False, network="big")
+    assert sorted(store.delete_network("big")) == nodes
+    assert store.nodes() == [] and store.list_bootstrap_tokens() == [] and store.networks() == []
+    assert all(store.cert_owner(0x1000 + i) is None for i in range(40))

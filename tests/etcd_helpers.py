@@ -53,17 +53,33 @@ def port_open(ip: str, port: int) -> bool:
 
 
 class LocalEtcd:
-    """One etcd member on 127.0.0.1 (free ports), for in-process store tests."""
+    """One etcd member on 127.0.0.1 (free ports), for in-process store tests. With tls
+    (ca, cert, key files), clients must speak TLS and present a certificate of that CA."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
         self.client_port, self.peer_port = free_port(), free_port()
         directory.mkdir(parents=True, exist_ok=True)
         self.log_path = directory / "etcd.log"
         cluster = f"unit=http://127.0.0.1:{self.peer_port}"
         args = member_args("unit", "127.0.0.1", directory / "data", cluster, self.client_port, self.peer_port)
+        scheme = "https" if tls else "http"
+        if tls:
+            ca, cert, key = tls
+            args = [
+                a.replace(f"http://127.0.0.1:{self.client_port}", f"https://127.0.0.1:{self.client_port}") for a in args
+            ]
+            args += [
+                "--trusted-ca-file",
+                str(ca),
+                "--cert-file",
+                str(cert),
+                "--key-file",
+                str(key),
+                "--client-cert-auth",
+            ]
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
         try:
             wait_for(lambda: port_open("127.0.0.1", self.client_port), timeout=20, what="etcd to listen")
         except AssertionError:

@@ -338,3 +338,29 @@ def test_deleting_a_network_of_many_nodes(store: ncctl.Store) -> None:
     assert sorted(store.delete_network("big")) == nodes
     assert store.nodes() == [] and store.list_bootstrap_tokens() == [] and store.networks() == []
     assert all(store.cert_owner(0x1000 + i) is None for i in range(40))
+
+
+def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
+    """https endpoints: the store presents datastoreCertFile/KeyFile and checks etcd
+    against datastoreCAFile; without a client certificate etcd refuses it."""
+    authority = ncctl.CertAuthority(tmp_path / "ca", "etcd test")
+    authority.load_or_create()
+    files = {}
+    for name, kind in (("server", {"server": True, "ips": ("127.0.0.1",)}), ("client", {"client": True})):
+        pair, _ = authority.issue(f"etcd-{name}", **kind)
+        files[name] = (tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        files[name][0].write_bytes(pair.cert_pem)
+        files[name][1].write_bytes(pair.key_pem)
+    member = LocalEtcd(tmp_path / "etcd", (authority.ca_path, *files["server"]))
+    try:
+        tls = ncctl.EtcdTls(str(authority.ca_path), str(files["client"][0]), str(files["client"][1]))
+        store = ncctl.EtcdStore(member.endpoint, tls)
+        try:
+            admitted(store, "a" * 16)
+            assert [r.token for r in store.nodes()] == ["a" * 16]
+        finally:
+            store.close()
+        with pytest.raises(ncctl.StoreError, match=r"etcd at https://127\.0\.0\.1"):
+            ncctl.EtcdStore(member.endpoint, ncctl.EtcdTls(str(authority.ca_path)))
+    finally:
+        member.stop()

@@ -150,3 +150,27 @@ def test_a_leader_cut_off_from_etcd_stops_its_data_plane_before_another_takes_ov
     gap = samples.index([standby]) - max(i for i, held in enumerate(samples) if held == [leader])
     assert gap > 1, f"the standby took over {gap} samples after the leader let go"
     assert "fencing" in replicas.servers[leader].process.log()
+
+
+def test_a_node_learns_a_replica_added_after_its_join(lab: Lab) -> None:
+    """The join string names two replicas; a third starts later. After one failover the
+    node's WELCOME lists the third, so when both first replicas are gone it goes there."""
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    node = start_client(lab.add_host("n1"), replicas.servers["s1"].join_string())
+    address = node.overlay_ip()
+    third = replicas.start(replicas.hosts[2])
+    wait_for(
+        lambda: len(json.loads(third.adm("replica", "list", "-o", "json").stdout)) == 3,
+        timeout=20,
+        what="three replicas listed",
+    )
+    first = replicas.leader()
+    replicas.servers[first].process.stop(signal.SIGKILL)
+    wait_for(lambda: replicas.leader() not in (None, first), timeout=30, what="a second leader")
+    wait_for(lambda: "server replicas:" in node.process.log(), timeout=30, what="the node to learn the replicas")
+    second = replicas.leader()
+    replicas.servers[second].process.stop(signal.SIGKILL)
+    wait_for(lambda: replicas.leader() == "s3", timeout=30, what="the third replica to lead")
+    wait_for(lambda: node.overlay_ip() == address and node.host.ping("10.1.1.1"), timeout=30, what="the node on s3")
+    assert replicas.hosts[2].ip in node.process.log()

@@ -6206,7 +6206,7 @@ def ensure_reserved(store: Store, server_ip: str, admin_cert: CertRecord) -> Non
 
 LEADER_LEASE_TTL_S = 5
 LEASE_RENEW_EVERY_S = 1.0
-FENCE_AFTER_S = 3.0  # < LEADER_LEASE_TTL_S, with room to take the TUNs down
+FENCE_AFTER_S = 3.5  # < LEADER_LEASE_TTL_S, with 1.5 s to take the TUNs down
 REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
 
 
@@ -6303,7 +6303,9 @@ class ReplicaRole(threading.Thread):
                     self._campaign()
                 self._check_data_plane()
                 self._heartbeat()
-                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading else LEASE_RENEW_EVERY_S / 4)
+                # A leader whose last renewal failed tries again at once (an etcd election is short).
+                behind = time.monotonic() - self.renewed_at > LEASE_RENEW_EVERY_S * 1.5
+                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading and not behind else LEASE_RENEW_EVERY_S / 4)
         finally:
             if self.fence_watch.is_alive():
                 self.fence_watch.join(timeout=5.0)
@@ -6322,7 +6324,7 @@ class ReplicaRole(threading.Thread):
             if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
                 with self._lock:
                     if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                        log.warning("lease not renewed for %.0f s: stopping the data plane (fencing)", FENCE_AFTER_S)
+                        log.warning("lease not renewed for %.1f s: stopping the data plane (fencing)", FENCE_AFTER_S)
                         self._step_down(abandon_lease=True)
 
     def _renew(self) -> None:
@@ -6332,7 +6334,7 @@ class ReplicaRole(threading.Thread):
                 self.lease = self.etcd.grant(LEADER_LEASE_TTL_S)
                 self.renewed_at = sent
                 return
-            if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9 and not self.leading:
+            if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9:
                 return
             if self.etcd.keep_alive(self.lease, timeout=1.8) > 0:
                 self.renewed_at = sent

@@ -14,7 +14,7 @@ The file reads top-down; each section only uses the sections above it:
 
      1. constants and errors         8. wire protocol
      2. config                       9. network server
-     3. store (sqlite)              10. network client
+     3. store (sqlite, etcd)        10. network client
      4. address pools, networks     11. gRPC services
      5. pki                         12. server assembly
      6. control plane (the rules)   13. join and admin commands
@@ -114,6 +114,10 @@ MAX_ADMIN_TOKEN_LIFE_MIN = 10 * 365 * 24 * 60
 DEFAULT_NODE_CERT_LIFE_S = 365 * 86400
 ADMIN_RENEW_BEFORE_S = 30 * 86400  # the admin identity is renewed at start when less than this is left
 CACHE_SYNC_INTERVAL_S = 30.0
+MAX_WELCOME_REPLICAS = 16
+REPLICA_CONNECT_TIMEOUT_S = 2.0  # with other replicas to try, a dead one is given up on sooner
+REPLICA_BACKOFF_CAP_S = 2.0  # between rounds over every replica (a single server's cap is BACKOFF_CAP_S)
+MIN_CLUSTER_TOKEN_LEN = 16
 RPC_TIMEOUT_S = 10.0
 
 
@@ -133,6 +137,14 @@ class UsageError(NcError):
 
 class StoreError(NcError):
     pass
+
+
+class NotLeader(StoreError):
+    """A leader-only write by a replica that is not (or no longer) the leader."""
+
+
+class AddressTaken(StoreError):
+    """Another writer (a replica sharing the store) bound this address first: the pool is stale."""
 
 
 class StoreFull(StoreError):
@@ -198,8 +210,13 @@ def loggable(value: object, limit: int = 200) -> str:
 # ============================================================================
 
 
+CAMEL_EXCEPTIONS = {"datastore_ca_file": "datastoreCAFile"}
+
+
 def camel(name: str) -> str:
     """grpc_port -> grpcPort: the YAML key of a config attribute."""
+    if name in CAMEL_EXCEPTIONS:
+        return CAMEL_EXCEPTIONS[name]
     head, *rest = name.split("_")
     return head + "".join(part.capitalize() for part in rest)
 
@@ -279,6 +296,11 @@ class ServerConfig:
     node_token_max_life: int = 60  # minutes; a node-minted token lives at most this long
     node_cert_life: int = DEFAULT_NODE_CERT_LIFE_S  # seconds (YAML: 30s, 90m, 12h, 365d); renewed at 2/3 of it
     metrics_addr: str = DEFAULT_METRICS_ADDR  # Prometheus /metrics (host:port); empty: off
+    datastore_endpoint: str = ""  # comma list of etcd URLs: replicas share that store; empty: sqlite in dbPath
+    datastore_ca_file: str = ""  # TLS to etcd (https endpoints)
+    datastore_cert_file: str = ""
+    datastore_key_file: str = ""
+    cluster_token: str = ""  # the secret every replica shares; the PKI in etcd is encrypted with a key derived from it
 
     def resolve(self) -> ServerConfig:
         """Fill derived paths from workDir/tlsDir."""
@@ -332,7 +354,17 @@ class ClientConfig:
 PORT_FIELDS = {"port", "grpc_port", "bootstrap_port"}
 DURATION_FIELDS = {"node_cert_life"}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-PATH_FIELDS = {"network_cert_dir", "grpc_cert_dir", "work_dir", "db_path", "log_dir", "tls_dir"}
+PATH_FIELDS = {
+    "network_cert_dir",
+    "grpc_cert_dir",
+    "work_dir",
+    "db_path",
+    "log_dir",
+    "tls_dir",
+    "datastore_ca_file",
+    "datastore_cert_file",
+    "datastore_key_file",
+}
 
 
 def load_config(path: str | None, mode: str) -> Any:
@@ -402,6 +434,8 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
         if field.name in PORT_FIELDS and not 1 <= value <= 65535:
             raise ConfigError(f"{where}: port {value} is out of range; use 1-65535 (default {default})")
         return value
+    if field.name == "server_addr" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # several replicas
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     text = str(value)
@@ -488,6 +522,11 @@ def check_config(config: Any, path: str, mode: str) -> None:
             raise ConfigError(f"{where}.nodeMintRate: use 0-10000 tokens per node per hour (default 10)")
         if not 1 <= config.node_token_max_life <= MAX_NODE_TOKEN_LIFE_MIN:
             raise ConfigError(f"{where}.nodeTokenMaxLife: use 1-{MAX_NODE_TOKEN_LIFE_MIN} minutes (default 60)")
+        if config.datastore_endpoint and len(config.cluster_token) < MIN_CLUSTER_TOKEN_LEN:
+            raise ConfigError(
+                f"{where}.clusterToken: replicas on etcd (datastoreEndpoint) need a shared secret of at least "
+                f"{MIN_CLUSTER_TOKEN_LEN} characters; set the same one on every replica"
+            )
         seen = {DEFAULT_NETWORK: iface.network}
         for spec in config.networks:
             if spec.name in seen:
@@ -499,8 +538,8 @@ def check_config(config: Any, path: str, mode: str) -> None:
                 )
             seen[spec.name] = spec.network
     else:
-        if config.server_addr:
-            check_host(config.server_addr, f"{where}.serverAddr")
+        for address in server_addresses(config.server_addr):
+            check_host(address, f"{where}.serverAddr")
         if config.token and not valid_node_token(config.token):
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
         if config.net_token and not valid_net_token(config.net_token):
@@ -551,6 +590,11 @@ def resolve_host(host: str, port: int = 0) -> str:
     return unmapped(str(infos[0][4][0]))
 
 
+def server_addresses(server_addr: str) -> list[str]:
+    """client.serverAddr: one address, or the replicas' addresses (a YAML list, kept comma-joined)."""
+    return [a.strip() for a in server_addr.split(",") if a.strip()]
+
+
 def check_ip(text: str, where: str) -> None:
     try:
         ipaddress.ip_address(text)
@@ -576,13 +620,17 @@ def client_yaml(config: ClientConfig) -> str:
     import yaml
 
     body = {camel(f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
+    if len(server_addresses(config.server_addr)) > 1:
+        body["serverAddr"] = server_addresses(config.server_addr)  # the replicas, as a YAML list
     return yaml.safe_dump({"mode": "client", "client": body}, sort_keys=False)
 
 
 # ============================================================================
 # 3. Store
-#    sqlite: the design document's tables and triggers verbatim, then
-#    versioned migrations. Every SQL statement of nc lives in this section.
+#    One set of atomic operations, two implementations: sqlite (the design
+#    document's tables and triggers verbatim, then versioned migrations) and
+#    etcd v3 (one Txn per operation). Every SQL statement and etcd key of nc
+#    lives in this section.
 # ============================================================================
 
 DESIGN_SCHEMA = """
@@ -670,6 +718,9 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 NOW_SQL = "datetime(CURRENT_TIMESTAMP, 'localtime')"
+
+
+SESSION_FIELDS = ("host_name", "endpoint", "transport", "node_version", "last_seen")  # NodeRow's last, in order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1109,22 +1160,34 @@ class Store:
     def bind(self, token: str, ip: str, evict: str | None, state: int | None = None) -> None:
         """Bind ip to token (and set its state) in one transaction, first removing the
         evicted node whole: its row, certificates and unused minted tokens."""
-        with self.transaction() as db:
-            if evict is not None:
-                self._purge_node(db, evict)
-            if state is None:
-                changed = db.execute("UPDATE network_mgr SET bind_ip = ? WHERE token = ?", (ip, token)).rowcount
-            else:
-                changed = db.execute(
-                    "UPDATE network_mgr SET bind_ip = ?, state = ? WHERE token = ?", (ip, state, token)
-                ).rowcount
-            if changed != 1:
-                raise BadRequest("node-token is not registered")
+        try:
+            with self.transaction() as db:
+                if evict is not None:
+                    self._purge_node(db, evict)
+                if state is None:
+                    changed = db.execute("UPDATE network_mgr SET bind_ip = ? WHERE token = ?", (ip, token)).rowcount
+                else:
+                    changed = db.execute(
+                        "UPDATE network_mgr SET bind_ip = ?, state = ? WHERE token = ?", (ip, state, token)
+                    ).rowcount
+                if changed != 1:
+                    raise BadRequest("node-token is not registered")
+        except sqlite3.IntegrityError:  # the unique index on (network, bind_ip)
+            raise AddressTaken(f"{ip} is bound to another node") from None
 
     def delete_node(self, token: str) -> bool:
         """Unregister: the node, its certificates and its unused minted tokens, at once."""
         with self.transaction() as db:
             return self._purge_node(db, token)
+
+    def export_certs(self) -> list[tuple[str, str, str, str, bool]]:
+        """(serial key, node-token, kind, not_after, revoked) of every recorded certificate, oldest first:
+        what `nc adm datastore migrate` copies."""
+        rows = self._query("SELECT serial, node_token, kind, not_after, revoked FROM nc_cert ORDER BY rowid")
+        return [(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows]
+
+    def export_legacy_nodes(self) -> list[str]:
+        return [r[0] for r in self._query("SELECT token FROM nc_legacy_node ORDER BY token")]
 
 
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
@@ -1217,6 +1280,821 @@ def split_sql(script: str) -> list[str]:
     if "\n".join(current).strip():
         statements.append("\n".join(current).strip())
     return statements
+
+
+# -- etcd v3 -------------------------------------------------------------------
+#
+# The same operations on etcd, for replicas that share one store. Key layout
+# (all under ETCD_PREFIX; values are JSON unless said otherwise):
+#   node/<node-token>               a node: state, bind_ip, times, network, minted_by
+#   addr/<network>/<ip>             the node-token bound to ip (created only if absent)
+#   token/<bootstrap-token>         a bootstrap token
+#   mint/<node-token>/<time>-<rand> one mint by a node, for its hourly limit
+#   network/<name>                  an overlay network (its id from seq/network)
+#   cert/<serial>                   an issued certificate; certs-of/<node-token>/<serial> indexes it
+#   legacy/<node-token>             a node accepted by name until it renews
+#   layout                          the layout version of this tree
+# Every operation is one Txn: it reads at one revision, and its writes are guarded
+# by compares on every key (and prefix) it read, so a concurrent change by another
+# replica makes it start over instead of overwriting.
+
+ETCD_PREFIX = "/nc/"
+ETCD_LAYOUT_VERSION = 1
+ETCD_RPC_TIMEOUT_S = 5.0
+ETCD_ATTEMPT_S = 1.0  # one attempt of a call; a silent member is then tried no longer
+ETCD_TXN_ATTEMPTS = 100
+ETCD_CHUNK = 100  # etcd refuses a Txn of more than 128 operations (or compares) by default
+ETCD_NODES_PER_TXN = 10  # purging a node reads and writes about six keys
+
+
+def local_time(offset_s: float = 0.0) -> str:
+    """The sqlite store's datetime(CURRENT_TIMESTAMP, 'localtime') format."""
+    return (datetime.datetime.now() + datetime.timedelta(seconds=offset_s)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range_end that makes a Range cover every key starting with prefix."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdTls:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+def etcd_target(endpoints: str) -> tuple[str, bool, str]:
+    """(gRPC target, TLS?, TLS name) for a comma list of etcd URLs: one channel over
+    every member's address, so gRPC moves to another member when one dies."""
+    addresses, schemes, names = [], set(), set()
+    for url in (u.strip() for u in endpoints.split(",") if u.strip()):
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            scheme, rest = "http", url
+        host, _, port = rest.rstrip("/").rpartition(":")
+        host = host.strip("[]")
+        if scheme not in ("http", "https") or not host or not port.isdigit():
+            raise ConfigError(f"datastoreEndpoint: {url!r} is not an etcd URL; write it as http(s)://HOST:PORT")
+        schemes.add(scheme)
+        names.add(host)
+        try:
+            infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            raise ConfigError(f"datastoreEndpoint: cannot resolve {host!r}; fix the name or use an IP") from None
+        addresses.extend(f"{info[4][0]}:{port}" for info in infos[:1])
+    if not addresses:
+        raise ConfigError("datastoreEndpoint is empty; list the etcd URLs, for example http://10.0.0.1:2379")
+    if len(schemes) > 1:
+        raise ConfigError("datastoreEndpoint mixes http and https; use one scheme for every member")
+    return "ipv4:" + ",".join(addresses), schemes == {"https"}, sorted(names)[0]
+
+
+class Etcd:
+    """A connection to an etcd v3 cluster: the KV, Watch and Lease stubs and the
+    error translation. Calls retry on another member while the cluster elects."""
+
+    def __init__(self, endpoints: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX) -> None:
+        import grpc
+
+        from proto import etcd_pb2, etcd_pb2_grpc
+
+        self.grpc, self.pb, self.endpoints, self.prefix = grpc, etcd_pb2, endpoints, prefix.encode()
+        tls = tls or EtcdTls()
+        target, secure, name = etcd_target(endpoints)
+        options = [
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.enable_retries", 1),
+            # A member cut off without a reset (a dead link) is noticed by pings, not left
+            # READY forever; etcd accepts a ping every 5 s (--grpc-keepalive-min-time).
+            ("grpc.keepalive_time_ms", 5000),
+            ("grpc.keepalive_timeout_ms", 2000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if secure:
+            try:
+                ca = Path(tls.ca_file).read_bytes() if tls.ca_file else None
+                key = Path(tls.key_file).read_bytes() if tls.key_file else None
+                cert = Path(tls.cert_file).read_bytes() if tls.cert_file else None
+            except OSError as e:
+                raise ConfigError(os_error_line(e, "fix datastoreCAFile/CertFile/KeyFile")) from None
+            creds = grpc.ssl_channel_credentials(ca, key, cert)
+            self.channel = grpc.secure_channel(target, creds, [*options, ("grpc.ssl_target_name_override", name)])
+        else:
+            self.channel = grpc.insecure_channel(target, options)
+        self.kv = etcd_pb2_grpc.KVStub(self.channel)
+        self.watch_stub = etcd_pb2_grpc.WatchStub(self.channel)
+        self.lease_stub = etcd_pb2_grpc.LeaseStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def key(self, *parts: str) -> bytes:
+        return self.prefix + "/".join(parts).encode()
+
+    def call(self, method: Callable, request: Any, timeout: float = ETCD_RPC_TIMEOUT_S) -> Any:
+        """One unary call. An attempt gets at most ETCD_ATTEMPT_S: one sent to a member
+        that went silent is retried (round robin: on another member) until timeout, as is
+        UNAVAILABLE (a member down, an election)."""
+        deadline = time.monotonic() + timeout
+        retryable = (self.grpc.StatusCode.UNAVAILABLE, self.grpc.StatusCode.DEADLINE_EXCEEDED)
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return method(request, timeout=max(min(left, ETCD_ATTEMPT_S), 0.05), wait_for_ready=True)
+            except self.grpc.RpcError as e:
+                code = e.code()
+                if code in retryable and time.monotonic() + 0.1 < deadline:
+                    if code == self.grpc.StatusCode.UNAVAILABLE:
+                        time.sleep(0.1)
+                    continue
+                raise StoreError(
+                    f"etcd at {self.endpoints}: {code.name.lower()} ({e.details()}); "
+                    "check that a quorum of etcd members is up and datastoreEndpoint"
+                ) from None
+
+    def get(self, key: bytes) -> Any:
+        kvs = self.call(self.kv.Range, self.pb.RangeRequest(key=key)).kvs
+        return kvs[0] if kvs else None
+
+    def range(self, prefix: bytes, revision: int = 0) -> Any:
+        return self.call(
+            self.kv.Range, self.pb.RangeRequest(key=prefix, range_end=prefix_end(prefix), revision=revision)
+        )
+
+    def txn(self, compares: list, success: list, failure: list = ()) -> Any:
+        return self.call(self.kv.Txn, self.pb.TxnRequest(compare=compares, success=success, failure=list(failure)))
+
+    def put_op(self, key: bytes, value: bytes, lease: int = 0) -> Any:
+        return self.pb.RequestOp(request_put=self.pb.PutRequest(key=key, value=value, lease=lease))
+
+    def delete_op(self, key: bytes, whole_prefix: bool = False) -> Any:
+        end = prefix_end(key) if whole_prefix else b""
+        return self.pb.RequestOp(request_delete_range=self.pb.DeleteRangeRequest(key=key, range_end=end))
+
+    # -- leases and watches ---------------------------------------------------------
+
+    def grant(self, ttl: int) -> int:
+        return self.call(self.lease_stub.LeaseGrant, self.pb.LeaseGrantRequest(TTL=ttl)).ID
+
+    def revoke(self, lease: int) -> None:
+        with contextlib.suppress(StoreError):
+            self.call(self.lease_stub.LeaseRevoke, self.pb.LeaseRevokeRequest(ID=lease), timeout=1.0)
+
+    def keep_alive(self, lease: int, timeout: float) -> int:
+        """One renewal, in attempts of a third of timeout (a silent member costs one);
+        returns the TTL etcd now gives the lease (0: it is gone)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                request = iter([self.pb.LeaseKeepAliveRequest(ID=lease)])
+                for response in self.lease_stub.LeaseKeepAlive(request, timeout=timeout / 3):
+                    return response.TTL
+                return 0
+            except self.grpc.RpcError as e:
+                if time.monotonic() + timeout / 3 > deadline:
+                    raise StoreError(
+                        f"etcd at {self.endpoints}: lease renewal failed ({e.code().name.lower()})"
+                    ) from None
+
+    def watch(self, prefix: bytes, start_revision: int, stop: threading.Event) -> Iterator[list]:
+        """Batches of events under prefix from start_revision on, until stop is set
+        (then the stream is cancelled) or the stream breaks (StoreError)."""
+        create = self.pb.WatchRequest(
+            create_request=self.pb.WatchCreateRequest(
+                key=prefix, range_end=prefix_end(prefix), start_revision=start_revision
+            )
+        )
+
+        ended = threading.Event()  # this stream is over: its helper threads end too
+
+        def running() -> bool:
+            return not ended.wait(0.5) and not stop.is_set()
+
+        def requests() -> Iterator[Any]:
+            yield create
+            while running():
+                pass
+
+        def cancel_on_stop() -> None:
+            while running():
+                pass
+            stream.cancel()
+
+        stream = self.watch_stub.Watch(requests())
+        threading.Thread(target=cancel_on_stop, name="etcd-watch-cancel", daemon=True).start()
+        try:
+            for response in stream:
+                if response.canceled or response.compact_revision:
+                    raise StoreError(f"etcd watch cancelled: {response.cancel_reason or 'history compacted'}")
+                if response.events:
+                    yield list(response.events)
+        except self.grpc.RpcError as e:
+            if not stop.is_set():
+                raise StoreError(f"etcd at {self.endpoints}: watch broke ({e.code().name.lower()})") from None
+        finally:
+            ended.set()
+
+    def compare_mod(self, key: bytes, mod_revision: int, result: str = "EQUAL", range_end: bytes = b"") -> Any:
+        return self.pb.Compare(
+            result=getattr(self.pb.Compare, result),
+            target=self.pb.Compare.MOD,
+            key=key,
+            mod_revision=mod_revision,
+            range_end=range_end,
+        )
+
+
+class EtcdTxn:
+    """The reads and writes of one attempt at an atomic operation."""
+
+    def __init__(self, etcd: Etcd) -> None:
+        self.etcd = etcd
+        self.revision = 0  # every read of the attempt sees this one revision
+        self.compares: list = []
+        self._written: dict[bytes, dict | None] = {}  # etcd refuses a Txn naming one key twice: last write wins
+
+    @property
+    def ops(self) -> list:
+        return [
+            self.etcd.delete_op(key)
+            if value is None
+            else self.etcd.put_op(key, json.dumps(value, sort_keys=True).encode())
+            for key, value in self._written.items()
+        ]
+
+    def _range(self, key: bytes, range_end: bytes = b"") -> list:
+        pb = self.etcd.pb
+        response = self.etcd.call(
+            self.etcd.kv.Range, pb.RangeRequest(key=key, range_end=range_end, revision=self.revision)
+        )
+        if not self.revision:
+            self.revision = response.header.revision
+        return list(response.kvs)
+
+    def get(self, key: bytes) -> dict | None:
+        if key in self._written:
+            return self._written[key]
+        kvs = self._range(key)
+        self.compares.append(self.etcd.compare_mod(key, kvs[0].mod_revision if kvs else 0))
+        return json.loads(kvs[0].value) if kvs else None
+
+    def scan(self, prefix: bytes) -> list[tuple[bytes, dict, int]]:
+        """(key, value, create_revision) under prefix, oldest first; a key added or
+        changed there before the commit makes it fail."""
+        end = prefix_end(prefix)
+        kvs = self._range(prefix, end)
+        self.compares.append(self.etcd.compare_mod(prefix, self.revision + 1, "LESS", end))
+        return sorted(((kv.key, json.loads(kv.value), kv.create_revision) for kv in kvs), key=lambda r: r[2])
+
+    def put(self, key: bytes, value: dict) -> None:
+        self._written[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self._written[key] = None
+
+
+class EtcdStore:
+    """The store on an etcd v3 cluster: the operations of Store, each one Txn."""
+
+    shared = True  # other replicas write too: a cache over it may be behind
+    fence: tuple[bytes, int] | None = None  # (campaign key, its create_revision) while this replica leads
+
+    def __init__(self, endpoints: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX) -> None:
+        self.etcd = Etcd(endpoints, tls, prefix)
+        self.path = endpoints  # what error lines name
+        self._lock = threading.RLock()
+        self.migrate()
+
+    def close(self) -> None:
+        self.etcd.close()
+
+    def atomically(self, operation: Callable[[EtcdTxn], Any], leader_only: bool = False) -> Any:
+        """Run operation until its writes commit against what it read (optimistic, like
+        etcd's STM); what it raises aborts without writing. A leader_only operation
+        commits only while this replica's campaign key is the one in etcd."""
+        for attempt in range(ETCD_TXN_ATTEMPTS):
+            with self._lock:  # this replica's own writers take turns: only other replicas' can conflict
+                txn = EtcdTxn(self.etcd)
+                result = operation(txn)
+                ops = txn.ops
+                if not ops:
+                    return result
+                if self._commit(txn.compares, ops, leader_only):
+                    return result
+            time.sleep(random.uniform(0, min(0.1, 0.005 * (attempt + 1))))  # let the other replica finish
+        raise StoreError(f"etcd at {self.path}: too much contention on one key; retry")
+
+    def _commit(self, compares: list, ops: list, leader_only: bool) -> bool:
+        if not leader_only:
+            return self.etcd.txn(compares, ops).succeeded
+        fence = self.fence
+        if fence is None:
+            raise NotLeader("this replica is not the leader; a leader-only write was dropped")
+        key, revision = fence
+        pb = self.etcd.pb
+        guard = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=key, create_revision=revision)
+        check = pb.RequestOp(request_range=pb.RangeRequest(key=key))
+        response = self.etcd.txn([*compares, guard], ops, [check])
+        if response.succeeded:
+            return True
+        kvs = response.responses[0].response_range.kvs
+        if not kvs or kvs[0].create_revision != revision:
+            raise NotLeader("this replica lost the leadership; a leader-only write was dropped")
+        return False
+
+    def _key(self, *parts: str) -> bytes:
+        return self.etcd.key(*parts)
+
+    # -- schema -----------------------------------------------------------------
+
+    def migrate(self) -> None:
+        def check(txn: EtcdTxn) -> None:
+            layout = txn.get(self._key("layout"))
+            if layout is None:
+                txn.put(self._key("layout"), {"version": ETCD_LAYOUT_VERSION})
+            elif layout["version"] > ETCD_LAYOUT_VERSION:
+                raise StoreError(
+                    f"etcd at {self.path}: key layout {layout['version']} is newer than this nc knows "
+                    f"({ETCD_LAYOUT_VERSION}); run a newer nc"
+                )
+
+        self.atomically(check)
+
+    def schema_version(self) -> int:
+        return ETCD_LAYOUT_VERSION
+
+    # -- bootstrap tokens -------------------------------------------------------
+
+    def add_bootstrap_token(
+        self,
+        token: str,
+        life_minutes: int,
+        single_use: bool,
+        network: str = DEFAULT_NETWORK,
+        minted_by: str = "",
+        hourly_limit: int | None = None,
+    ) -> str:
+        if life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
+            raise BadRequest(f"a token life of {life_minutes} minutes is too long; use at most ten years")
+        expire = NEVER_EXPIRES if life_minutes < 0 else local_time(int(life_minutes) * 60)
+
+        def add(txn: EtcdTxn) -> None:
+            if minted_by:
+                hour_ago = local_time(-3600)
+                minted = sum(1 for _, v, _ in txn.scan(self._key("mint", minted_by, "")) if v["time"] > hour_ago)
+                if hourly_limit is not None and minted >= hourly_limit:
+                    raise BadRequest(
+                        f"this node already minted {minted} bootstrap token(s) in the last hour, its limit "
+                        "(server.nodeMintRate); ask the administrator"
+                    )
+                txn.put(
+                    self._key("mint", minted_by, f"{time.time():.6f}-{secrets.token_hex(4)}"), {"time": local_time()}
+                )
+            if network != DEFAULT_NETWORK and txn.get(self._key("network", network)) is None:
+                raise BadRequest(f"no network named {network!r}")
+            if txn.get(self._key("token", token)) is not None:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: token_mgr.token")
+            now = local_time()
+            txn.put(
+                self._key("token", token),
+                {
+                    "expire_time": expire,
+                    "create_time": now,
+                    "update_time": now,
+                    "single_use": bool(single_use),
+                    "uses": 0,
+                    "network": network,
+                    "minted_by": minted_by,
+                },
+            )
+
+        self.atomically(add)
+        return expire
+
+    @staticmethod
+    def _token_row(key: bytes, v: dict) -> BootstrapTokenRow:
+        token = key.decode().rpartition("/")[2]
+        return BootstrapTokenRow(
+            token, v["expire_time"], v["create_time"], v["single_use"], v["uses"], v["network"], v["minted_by"]
+        )
+
+    def _tokens(self, prefix: bytes) -> list[BootstrapTokenRow]:
+        kvs = sorted(self.etcd.range(prefix).kvs, key=lambda kv: kv.create_revision)
+        return [self._token_row(kv.key, json.loads(kv.value)) for kv in kvs]
+
+    def bootstrap_tokens_with_id(self, token_id: str) -> list[BootstrapTokenRow]:
+        return self._tokens(self._key("token", token_id + "."))
+
+    def list_bootstrap_tokens(self) -> list[BootstrapTokenRow]:
+        return self._tokens(self._key("token", ""))
+
+    def delete_bootstrap_token(self, token: str) -> bool:
+        def delete(txn: EtcdTxn) -> bool:
+            if txn.get(self._key("token", token)) is None:
+                return False
+            txn.delete(self._key("token", token))
+            return True
+
+        return self.atomically(delete)
+
+    def _delete_where(self, prefix: bytes, doomed: Callable[[dict], bool]) -> int:
+        """Delete the keys under prefix whose value is doomed, ETCD_CHUNK per Txn, each
+        guarded by the key's own revision (a key changed meanwhile is looked at again)."""
+        deleted = 0
+        for _ in range(ETCD_TXN_ATTEMPTS):
+            victims = [kv for kv in self.etcd.range(prefix).kvs if doomed(json.loads(kv.value))]
+            if not victims:
+                return deleted
+            for start in range(0, len(victims), ETCD_CHUNK):
+                chunk = victims[start : start + ETCD_CHUNK]
+                compares = [self.etcd.compare_mod(kv.key, kv.mod_revision) for kv in chunk]
+                if self._commit(compares, [self.etcd.delete_op(kv.key) for kv in chunk], self.fence is not None):
+                    deleted += len(chunk)
+        return deleted
+
+    def delete_expired_bootstrap_tokens(self) -> int:
+        hour_ago, now = local_time(-3600), local_time()
+        self._delete_where(self._key("mint", ""), lambda v: v["time"] <= hour_ago)
+        return self._delete_where(self._key("token", ""), lambda v: v["expire_time"] <= now)
+
+    def is_expired(self, expire_time: str) -> bool:
+        return expire_time <= local_time()
+
+    def admit_node(self, bootstrap_token: str, node_token: str, certs: tuple[CertRecord, ...] = ()) -> str:
+        def admit(txn: EtcdTxn) -> str:
+            row = txn.get(self._key("token", bootstrap_token))
+            if row is None:
+                raise BadRequest("bootstrap token is unknown or was deleted")
+            if row["expire_time"] <= local_time():
+                raise BadRequest("bootstrap token has expired; ask the administrator for a new one")
+            if row["single_use"] and row["uses"] > 0:
+                raise BadRequest("bootstrap token was single-use and has already been used")
+            if txn.get(self._key("node", node_token)) is not None:
+                raise sqlite3.IntegrityError("UNIQUE constraint failed: network_mgr.token")
+            txn.put(self._key("token", bootstrap_token), {**row, "uses": row["uses"] + 1, "update_time": local_time()})
+            now = local_time()
+            txn.put(
+                self._key("node", node_token),
+                {
+                    "state": STATE_IDLE,
+                    "bind_ip": "",
+                    "create_time": now,
+                    "update_time": now,
+                    "network": row["network"],
+                    "minted_by": row["minted_by"],
+                },
+            )
+            self._record_certs(txn, node_token, certs)
+            return row["network"]
+
+        return self.atomically(admit)
+
+    # -- certificates -----------------------------------------------------------
+
+    def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
+        self.atomically(lambda txn: self._record_certs(txn, node_token, certs))
+
+    def _record_certs(self, txn: EtcdTxn, node_token: str, certs: tuple[CertRecord, ...]) -> None:
+        for cert in certs:
+            if txn.get(self._key("cert", cert.key)) is None:  # INSERT OR IGNORE
+                value = {"node_token": node_token, "kind": cert.kind, "not_after": cert.not_after, "revoked": False}
+                txn.put(self._key("cert", cert.key), value)
+                txn.put(self._key("certs-of", node_token, cert.key), {})
+
+    def cert_owner(self, serial: int) -> tuple[str, bool] | None:
+        kv = self.etcd.get(self._key("cert", serial_key(serial)))
+        if kv is None:
+            return None
+        value = json.loads(kv.value)
+        return value["node_token"], value["revoked"]
+
+    def is_legacy_node(self, token: str) -> bool:
+        return self.etcd.get(self._key("legacy", token)) is not None
+
+    def _certs_of(self, txn: EtcdTxn, node_token: str) -> list[tuple[str, dict, int]]:
+        """(serial key, record, issue order) of the node's certificates, oldest first."""
+        certs = []
+        for key, _, _ in txn.scan(self._key("certs-of", node_token, "")):
+            serial = key.decode().rpartition("/")[2]
+            kvs = txn._range(self._key("cert", serial))
+            if kvs:
+                certs.append((serial, json.loads(kvs[0].value), kvs[0].create_revision))
+                txn.compares.append(self.etcd.compare_mod(kvs[0].key, kvs[0].mod_revision))
+        return sorted(certs, key=lambda c: c[2])
+
+    def _older_live(self, txn: EtcdTxn, node_token: str, kind: str, serial: int) -> list[tuple[str, dict, int]]:
+        certs = self._certs_of(txn, node_token)
+        mine = next((c[2] for c in certs if c[0] == serial_key(serial)), None)
+        if mine is None:
+            return []
+        return [c for c in certs if c[1]["kind"] == kind and not c[1]["revoked"] and c[2] < mine]
+
+    def has_older_live_certs(self, node_token: str, kind: str, serial: int) -> bool:
+        return bool(self._older_live(EtcdTxn(self.etcd), node_token, kind, serial)) or self.is_legacy_node(node_token)
+
+    def switch_to_cert(self, node_token: str, kind: str, serial: int) -> int:
+        def switch(txn: EtcdTxn) -> int:
+            older = self._older_live(txn, node_token, kind, serial)
+            for key, value, _ in older:
+                txn.put(self._key("cert", key), {**value, "revoked": True})
+            revoked = {c[0] for c in older}
+            kinds = {v["kind"] for k, v, _ in self._certs_of(txn, node_token) if not v["revoked"] and k not in revoked}
+            if len(kinds) == 2 and txn.get(self._key("legacy", node_token)) is not None:
+                txn.delete(self._key("legacy", node_token))
+            return len(older)
+
+        return self.atomically(switch)
+
+    def prune_expired_certs(self, now_iso: str) -> int:
+        pruned = 0
+        for kv in self.etcd.range(self._key("cert", "")).kvs:
+            value = json.loads(kv.value)
+            if value["not_after"] < now_iso:
+                index = self._key("certs-of", value["node_token"], kv.key.decode().rpartition("/")[2])
+                ops = [self.etcd.delete_op(kv.key), self.etcd.delete_op(index)]
+                pruned += self.etcd.txn([self.etcd.compare_mod(kv.key, kv.mod_revision)], ops).succeeded
+        return pruned
+
+    def _purge_node(self, txn: EtcdTxn, token: str) -> bool:
+        """Remove a node and everything that speaks for it (see Store._purge_node)."""
+        for serial, _, _ in self._certs_of(txn, token):
+            txn.delete(self._key("cert", serial))
+            txn.delete(self._key("certs-of", token, serial))
+        if txn.get(self._key("legacy", token)) is not None:
+            txn.delete(self._key("legacy", token))
+        for key, value, _ in txn.scan(self._key("token", "")):
+            if value["minted_by"] == token and value["uses"] == 0:
+                txn.delete(key)
+        node = txn.get(self._key("node", token))
+        if node is None:
+            return False
+        if node["bind_ip"]:
+            txn.delete(self._key("addr", node["network"], node["bind_ip"]))
+        txn.delete(self._key("node", token))
+        return True
+
+    # -- nodes ------------------------------------------------------------------
+
+    @staticmethod
+    def _node_row(key: bytes, v: dict) -> NodeRow:
+        token = key.decode().rpartition("/")[2]
+        return NodeRow(
+            token,
+            v["state"],
+            v["bind_ip"],
+            v["create_time"],
+            v["update_time"],
+            v["network"],
+            v["minted_by"],
+            *(v.get(f, "") for f in SESSION_FIELDS),
+        )
+
+    def _node_rows(self) -> list[tuple[NodeRow, int]]:
+        kvs = self.etcd.range(self._key("node", "")).kvs
+        return sorted(
+            ((self._node_row(kv.key, json.loads(kv.value)), kv.create_revision) for kv in kvs), key=lambda r: r[1]
+        )
+
+    def node(self, token: str) -> NodeRow | None:
+        kv = self.etcd.get(self._key("node", token))
+        return None if kv is None else self._node_row(kv.key, json.loads(kv.value))
+
+    def nodes(self) -> list[NodeRow]:
+        return [row for row, _ in self._node_rows()]
+
+    def bindings_oldest_first(self, network: str = DEFAULT_NETWORK) -> list[NodeRow]:
+        rows = [(r.update_time, rev, r) for r, rev in self._node_rows() if r.bind_ip and r.network == network]
+        return [r for _, _, r in sorted(rows, key=lambda t: (t[0], t[1]))]
+
+    def node_tokens_in(self, network: str) -> list[str]:
+        return [row.token for row, _ in self._node_rows() if row.network == network]
+
+    def node_token_exists(self, token: str) -> bool:
+        return self.etcd.get(self._key("node", token)) is not None
+
+    # -- networks ---------------------------------------------------------------
+
+    def networks(self) -> list[NetworkRow]:
+        rows = [json.loads(kv.value) for kv in self.etcd.range(self._key("network", "")).kvs]
+        rows.sort(key=lambda v: v["id"])
+        return [
+            NetworkRow(v["id"], v["name"], v["cidr"], v["interconnection"], v["net_token"], v["from_config"])
+            for v in rows
+        ]
+
+    def _insert_network(self, txn: EtcdTxn, spec: NetworkSpec, net_token: str, from_config: bool) -> None:
+        seq = txn.get(self._key("seq", "network")) or {"last": 0}
+        txn.put(self._key("seq", "network"), {"last": seq["last"] + 1})
+        value = {
+            "id": seq["last"] + 1,
+            "name": spec.name,
+            "cidr": spec.cidr,
+            "interconnection": bool(spec.interconnection),
+            "net_token": net_token,
+            "from_config": from_config,
+            "create_time": local_time(),
+        }
+        txn.put(self._key("network", spec.name), value)
+
+    def put_config_network(self, spec: NetworkSpec, net_token: str) -> None:
+        def put(txn: EtcdTxn) -> None:
+            row = txn.get(self._key("network", spec.name))
+            if row is None:
+                self._insert_network(txn, spec, net_token, True)
+            else:
+                changed = {**row, "cidr": spec.cidr, "interconnection": bool(spec.interconnection), "from_config": True}
+                if changed != row:
+                    txn.put(self._key("network", spec.name), changed)
+
+        self.atomically(put)
+
+    def add_network(self, spec: NetworkSpec, net_token: str) -> None:
+        def add(txn: EtcdTxn) -> None:
+            if txn.get(self._key("network", spec.name)) is not None:
+                raise BadRequest(f"a network named {spec.name!r} already exists")
+            self._insert_network(txn, spec, net_token, False)
+
+        self.atomically(add)
+
+    def forget_config_network(self, name: str) -> None:
+        def forget(txn: EtcdTxn) -> None:
+            row = txn.get(self._key("network", name))
+            if row is not None and row["from_config"]:
+                txn.put(self._key("network", name), {**row, "from_config": False})
+
+        self.atomically(forget)
+
+    def delete_network(self, name: str) -> list[str]:
+        """Its nodes go first, ETCD_NODES_PER_TXN per Txn (etcd caps the operations of one),
+        then its tokens and the network in one; a failure midway leaves the network with
+        fewer nodes, and deleting it again finishes the job."""
+        if self.etcd.get(self._key("network", name)) is None:
+            raise BadRequest(f"no network named {name!r}")
+        tokens = self.node_tokens_in(name)
+        for start in range(0, len(tokens), ETCD_NODES_PER_TXN):
+            chunk = tokens[start : start + ETCD_NODES_PER_TXN]
+            self.atomically(lambda txn, chunk=chunk: [self._purge_node(txn, token) for token in chunk])
+
+        def delete(txn: EtcdTxn) -> list[str]:
+            if txn.get(self._key("network", name)) is None:
+                raise BadRequest(f"no network named {name!r}")
+            late = [self._node_row(k, v).token for k, v, _ in txn.scan(self._key("node", "")) if v["network"] == name]
+            for token in late:  # joined while the others were being deleted
+                self._purge_node(txn, token)
+            for key, value, _ in txn.scan(self._key("token", "")):
+                if value["network"] == name and txn._written.get(key, value) is not None:
+                    txn.delete(key)
+            txn.delete(self._key("network", name))
+            return late
+
+        return tokens + [t for t in self.atomically(delete) if t not in tokens]
+
+    def ensure_reserved_node(self, server_ip: str) -> bool:
+        def ensure(txn: EtcdTxn) -> bool:
+            node = txn.get(self._key("node", RESERVED_NODE_TOKEN))
+            if node is not None and node["bind_ip"] == server_ip:
+                return False
+            holder = txn.get(self._key("addr", DEFAULT_NETWORK, server_ip))
+            if holder is not None and holder["token"] != RESERVED_NODE_TOKEN:
+                # Whoever held the server's address under an older networkAddr gives it up.
+                other = txn.get(self._key("node", holder["token"]))
+                if other is not None:
+                    txn.put(self._key("node", holder["token"]), {**other, "bind_ip": "", "update_time": local_time()})
+            now = local_time()
+            if node is None:
+                node = {"state": STATE_CONNECTED, "create_time": now, "network": DEFAULT_NETWORK, "minted_by": ""}
+            elif node["bind_ip"]:
+                txn.delete(self._key("addr", DEFAULT_NETWORK, node["bind_ip"]))
+            txn.put(self._key("node", RESERVED_NODE_TOKEN), {**node, "bind_ip": server_ip, "update_time": now})
+            txn.put(self._key("addr", DEFAULT_NETWORK, server_ip), {"token": RESERVED_NODE_TOKEN})
+            return True
+
+        return self.atomically(ensure, leader_only=self.fence is not None)
+
+    def record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        """What a node's session showed, and when: the start of a session, or (all empty) its end."""
+        seen = {"last_seen": local_time()}
+        if endpoint:
+            seen.update(host_name=host_name, endpoint=endpoint, transport=transport, node_version=version)
+
+        def update(txn: EtcdTxn) -> None:
+            node = txn.get(self._key("node", token))
+            if node is not None:
+                txn.put(self._key("node", token), {**node, **seen})
+
+        self.atomically(update)
+
+    def idle_nodes(self, idle_for_s: int) -> list[str]:
+        """Nodes not connected for longer than idle_for_s (by their last state change)."""
+        before = local_time(-idle_for_s)
+        return [
+            row.token
+            for row, _ in self._node_rows()
+            if row.state != STATE_CONNECTED and row.token != RESERVED_NODE_TOKEN and row.update_time < before
+        ]
+
+    def reset_states(self, reserved_state: int) -> int:
+        """Per node, each guarded by its revision: a node another replica changed is read again."""
+        reset = 0
+        for row, _ in self._node_rows():
+            wanted = reserved_state if row.token == RESERVED_NODE_TOKEN else STATE_IDLE
+            if row.state != wanted and self.set_state(row.token, wanted) and row.token != RESERVED_NODE_TOKEN:
+                reset += 1
+        return reset
+
+    def set_state(self, token: str, state: int) -> bool:
+        def update(txn: EtcdTxn) -> bool:
+            node = txn.get(self._key("node", token))
+            if node is None:
+                return False
+            if node["state"] != state:
+                txn.put(self._key("node", token), {**node, "state": state, "update_time": local_time()})
+            return True
+
+        return self.atomically(update)
+
+    def bind(self, token: str, ip: str, evict: str | None, state: int | None = None) -> None:
+        """Bind ip to token: the address key is created only if absent (or held by the
+        evicted node, deleted on its revision in the same Txn), so two replicas never
+        bind one address. Raises AddressTaken when another node holds it."""
+
+        def bind_ip(txn: EtcdTxn) -> None:
+            node = txn.get(self._key("node", token))
+            if node is None:
+                raise BadRequest("node-token is not registered")
+            network = node["network"]
+            if evict is not None:
+                self._purge_node(txn, evict)
+            if ip:
+                holder = txn.get(self._key("addr", network, ip))
+                if holder is not None and holder["token"] != token:
+                    raise AddressTaken(f"{ip} in network {network} is bound to another node")
+            if node["bind_ip"] and node["bind_ip"] != ip:
+                txn.delete(self._key("addr", network, node["bind_ip"]))
+            if ip:
+                txn.put(self._key("addr", network, ip), {"token": token})
+            changed = {**node, "bind_ip": ip, "update_time": local_time()}
+            if state is not None:
+                changed["state"] = state
+            txn.put(self._key("node", token), changed)
+
+        self.atomically(bind_ip)
+
+    def delete_node(self, token: str) -> bool:
+        return self.atomically(lambda txn: self._purge_node(txn, token))
+
+    # -- migration ------------------------------------------------------------------
+
+    def import_store(self, source: Store) -> dict[str, int]:
+        """Copy a single server's sqlite store (stopped) into an empty etcd tree, keeping
+        every node-token, address, network id, token and certificate record."""
+        if self.etcd.range(self._key("node", "")).kvs or self.etcd.range(self._key("network", "")).kvs:
+            raise StoreError(f"etcd at {self.path} already holds an nc store; migrate into an empty one")
+        puts: list[tuple[bytes, dict]] = []
+        networks = source.networks()
+        for row in networks:
+            value = {**dataclasses.asdict(row), "create_time": local_time()}
+            puts.append((self._key("network", row.name), value))
+        puts.append((self._key("seq", "network"), {"last": max((r.id for r in networks), default=0)}))
+        tokens = source.list_bootstrap_tokens()
+        for t in tokens:
+            value = {
+                "expire_time": t.expire_time,
+                "create_time": t.create_time,
+                "update_time": t.create_time,
+                "single_use": t.single_use,
+                "uses": t.uses,
+                "network": t.network,
+                "minted_by": t.minted_by,
+            }
+            puts.append((self._key("token", t.token), value))
+        nodes = source.nodes()
+        for n in nodes:
+            value = {
+                "state": STATE_IDLE if n.token != RESERVED_NODE_TOKEN else n.state,
+                "bind_ip": n.bind_ip,
+                "create_time": n.create_time,
+                "update_time": n.update_time,
+                "network": n.network,
+                "minted_by": n.minted_by,
+            }
+            puts.append((self._key("node", n.token), value))
+            if n.bind_ip:
+                puts.append((self._key("addr", n.network, n.bind_ip), {"token": n.token}))
+        certs = source.export_certs()
+        for serial, node_token, kind, not_after, revoked in certs:
+            value = {"node_token": node_token, "kind": kind, "not_after": not_after, "revoked": revoked}
+            puts.append((self._key("cert", serial), value))
+            puts.append((self._key("certs-of", node_token, serial), {}))
+        for token in source.export_legacy_nodes():
+            puts.append((self._key("legacy", token), {}))
+        for start in range(0, len(puts), ETCD_CHUNK):
+            chunk = puts[start : start + ETCD_CHUNK]
+            self.etcd.txn([], [self.etcd.put_op(k, json.dumps(v, sort_keys=True).encode()) for k, v in chunk])
+        overlay_nodes = sum(1 for n in nodes if n.token != RESERVED_NODE_TOKEN)
+        return {"nodes": overlay_nodes, "tokens": len(tokens), "networks": len(networks), "certificates": len(certs)}
 
 
 # ============================================================================
@@ -1360,28 +2238,31 @@ class Bindings:
         Holds the lock throughout, so no allocation can slip in between reading
         the store and swapping the pool."""
         with self._lock:
-            pool = AddressPool(self.network)
-            dropped = []
-            for row in self.store.bindings_oldest_first(self.name):
-                if row.token == RESERVED_NODE_TOKEN:
-                    continue
-                try:
-                    ip = ipaddress.IPv4Address(row.bind_ip)
-                except ValueError:
-                    ip = None
-                if ip is None or not pool.load(row.token, ip, idle=row.state != STATE_CONNECTED):
-                    dropped.append(row)
-            for token in self.pool.connected_tokens() & pool.tokens():
-                pool.mark_connected(token)  # the data plane knows better than a stale state column
-            self.pool = pool
-            for row in dropped:
-                log.warning(
-                    "node %s: stored address %r is not usable in %s; it gets a new one",
-                    row.token,
-                    row.bind_ip,
-                    self.network,
-                )
-                self.store.bind(row.token, "", None)
+            self._reload_locked()
+
+    def _reload_locked(self) -> None:
+        pool = AddressPool(self.network)
+        dropped = []
+        for row in self.store.bindings_oldest_first(self.name):
+            if row.token == RESERVED_NODE_TOKEN:
+                continue
+            try:
+                ip = ipaddress.IPv4Address(row.bind_ip)
+            except ValueError:
+                ip = None
+            if ip is None or not pool.load(row.token, ip, idle=row.state != STATE_CONNECTED):
+                dropped.append(row)
+        for token in self.pool.connected_tokens() & pool.tokens():
+            pool.mark_connected(token)  # the data plane knows better than a stale state column
+        self.pool = pool
+        for row in dropped:
+            log.warning(
+                "node %s: stored address %r is not usable in %s; it gets a new one",
+                row.token,
+                row.bind_ip,
+                self.network,
+            )
+            self.store.bind(row.token, "", None)
 
     def claim(self, token: str) -> ipaddress.IPv4Address:
         """The address for the node's session starting now: its own binding, a free
@@ -1392,13 +2273,22 @@ class Bindings:
         claim can pick an address twice or a starting node as its victim."""
         with self._lock:
             ip = self.pool.ip_of(token)
+            if ip is None and getattr(self.store, "shared", False):
+                ip = self._adopt_stored_binding(token)
             if ip is not None:
                 with contextlib.suppress(StoreFull):  # a state the disk cannot take keeps no node out
                     self.store.set_state(token, STATE_INIT)
                 self.pool.mark_connected(token)
                 return ip
-            ip, victim = self.pool.choose()
-            self.store.bind(token, str(ip), victim, STATE_INIT)
+            for attempt in itertools.count():
+                ip, victim = self.pool.choose()
+                try:
+                    self.store.bind(token, str(ip), victim, STATE_INIT)
+                    break
+                except AddressTaken:  # another replica bound it since this pool was read
+                    if attempt >= 8:
+                        raise
+                    self._reload_locked()
             self.pool.assign(token, ip, victim)
             self.pool.mark_connected(token)
         if victim is not None:
@@ -1407,6 +2297,18 @@ class Bindings:
             )
         log.info("node %s bound to %s", token, ip)
         return ip
+
+    def _adopt_stored_binding(self, token: str) -> ipaddress.IPv4Address | None:
+        """A shared store may know a binding this pool has not seen yet (made by another
+        replica): the node keeps that address instead of getting a second one."""
+        row = self.store.node(token)
+        if row is None or not row.bind_ip or row.network != self.name:
+            return None
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.IPv4Address(row.bind_ip)
+            if self.pool.load(token, ip, idle=False):
+                return ip
+        return None
 
     def has_room(self) -> bool:
         """Whether a new node could get an address: a free one, or an idle node's."""
@@ -1517,6 +2419,15 @@ class Overlays:
         with self._lock:
             self._by_name.pop(name, None)
 
+    def adopt(self, row: NetworkRow) -> Overlay | None:
+        """A network another replica created (a shared store): served here too. None
+        when it is known already (created here)."""
+        with self._lock:
+            if row.name in self._by_name:
+                return None
+            overlay = self._by_name[row.name] = self._build(row)
+            return overlay
+
 
 class CacheSync(threading.Thread):
     """Re-reads the store into the pools periodically, so edits made with the
@@ -1542,10 +2453,12 @@ class TokenSweeper(threading.Thread):
         super().__init__(name="token-sweeper", daemon=True)
         self.store, self.stop, self.interval = store, stop, interval
 
+    leads: Callable[[], bool] = staticmethod(lambda: True)  # replicas: only the leader sweeps
+
     def run(self) -> None:
         while True:
             try:
-                swept = self.store.delete_expired_bootstrap_tokens()
+                swept = self.store.delete_expired_bootstrap_tokens() if self.leads() else 0
                 if swept:
                     log.info("deleted %d expired bootstrap token(s)", swept)
                 self.store.prune_expired_certs(datetime.datetime.now(datetime.UTC).isoformat())
@@ -1915,6 +2828,90 @@ class Pki:
         return cert_pem(certs[0][0]), cert_pem(certs[1][0]), tuple(cert_record(c, k) for c, k in certs)
 
 
+# -- the PKI shared by replicas -------------------------------------------------------
+#
+# Replicas on etcd serve the same two CAs: the CA pairs live in etcd, sealed with
+# AES-GCM under a key derived (HKDF-SHA256) from the clusterToken every replica
+# has. Each replica issues its own server certificates from them.
+
+
+def cluster_cipher(cluster_token: str) -> Any:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"litekube-nc", info=b"nc pki in etcd v1").derive(
+        cluster_token.encode()
+    )
+    return AESGCM(key)
+
+
+def seal(cluster_token: str, name: str, data: bytes) -> bytes:
+    nonce = secrets.token_bytes(12)
+    return nonce + cluster_cipher(cluster_token).encrypt(nonce, data, name.encode())
+
+
+def unseal(cluster_token: str, name: str, blob: bytes) -> bytes:
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        return cluster_cipher(cluster_token).decrypt(blob[:12], blob[12:], name.encode())
+    except (InvalidTag, ValueError):
+        raise ConfigError(
+            "server.clusterToken does not open the PKI the other replicas stored in etcd; "
+            "set the same clusterToken as they have"
+        ) from None
+
+
+def share_ca(etcd: Any, authority: CertAuthority, cluster_token: str) -> None:
+    """Make authority the cluster's CA: take the one in etcd (replacing a different local
+    one and the server certificate it issued), or offer this one if etcd has none yet."""
+    key = etcd.key("pki", authority.label)
+    for _ in range(3):
+        kv = etcd.get(key)
+        if kv is not None:
+            pair = json.loads(unseal(cluster_token, authority.label, kv.value))
+            _install_shared_ca(authority, pair["cert"].encode(), pair["key"].encode())
+            return
+        authority.load_or_create()
+        sealed = seal(
+            cluster_token,
+            authority.label,
+            json.dumps({"cert": cert_pem(authority.cert).decode(), "key": key_pem(authority.key).decode()}).encode(),
+        )
+        absent = etcd.pb.Compare(
+            result=etcd.pb.Compare.EQUAL, target=etcd.pb.Compare.CREATE, key=key, create_revision=0
+        )
+        if etcd.txn([absent], [etcd.put_op(key, sealed)]).succeeded:
+            log.info("stored the %s CA in etcd for the other replicas", authority.label)
+            return
+    raise PkiError(f"could not agree on the {authority.label} CA in etcd; restart the replica")
+
+
+def _install_shared_ca(authority: CertAuthority, cert: bytes, key: bytes) -> None:
+    ca_path, key_path = authority.ca_path, authority.dir / "ca.key"
+    if ca_path.exists() and key_path.exists() and ca_path.read_bytes() == cert and key_path.read_bytes() == key:
+        return
+    if ca_path.exists():
+        log.warning("replacing the local %s CA in %s with the cluster's from etcd", authority.label, authority.dir)
+    authority.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for issued in (authority.server_cert_path, authority.server_key_path):
+        issued.unlink(missing_ok=True)  # issued by the replaced CA: reissued by ensure_server_cert
+    write_private(key_path, key)
+    write_private(ca_path, cert, 0o644)
+
+
+def share_pki(etcd: Any, pki: Pki, cluster_token: str) -> None:
+    for authority in (pki.grpc, pki.network):
+        share_ca(etcd, authority, cluster_token)
+    admin = pki.admin_cert_path
+    if admin.exists():
+        with contextlib.suppress(PkiError, OSError, ValueError):
+            if load_cert_file(admin).issuer != load_cert_file(pki.grpc.ca_path).subject:
+                for name in ("client.crt", "client.key", "ca.crt"):  # issued by a replaced CA
+                    (pki.admin_dir / name).unlink(missing_ok=True)
+
+
 def csr_public_key(csr_pem: bytes, kind: str) -> Any:
     """The public key of a node's certificate request, once its self-signature checks out."""
     from cryptography import x509
@@ -2051,6 +3048,7 @@ class ControlPlane:
         self._network_lock = threading.Lock()  # one network create/delete at a time
         self.refusals: collections.Counter[str] = collections.Counter()  # joins refused, by reason (metrics)
         self.observe_join: Callable[[float], None] = lambda _seconds: None  # join latency (metrics)
+        self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: every one's address
 
     # -- identity -----------------------------------------------------------------
 
@@ -2080,6 +3078,8 @@ class ControlPlane:
 
     def _retire_older_certs(self, token: str, kind: str, serial: int) -> None:
         """The first use of a renewed certificate revokes the ones it replaced."""
+        if token == RESERVED_NODE_TOKEN and getattr(self.store, "shared", False):
+            return  # replicas: each has its own admin identity, none replaces another's
         if self.store.has_older_live_certs(token, kind, serial):
             revoked = self.store.switch_to_cert(token, kind, serial)
             log.info("node %s switched to its renewed %s certificate; %d older one(s) revoked", token, kind, revoked)
@@ -2155,7 +3155,9 @@ class ControlPlane:
 
     def join_string(self, token: str, overlay: Overlay) -> str:
         """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
-        text = f"{token}@{host_port(self.advertised_ip, self.config.bootstrap_port)}#{self.pki.ca_pin()}"
+        hosts = dict.fromkeys([self.advertised_ip, *self.replicas()])  # replicas: a:6439,b:6439
+        addresses = ",".join(host_port(host, self.config.bootstrap_port) for host in hosts)
+        text = f"{token}@{addresses}#{self.pki.ca_pin()}"
         return text if overlay.name == DEFAULT_NETWORK else f"{text},net={overlay.net_token}"
 
     def list_bootstrap_tokens(self, who: Identity) -> list[BootstrapTokenRow]:
@@ -2698,25 +3700,26 @@ class Welcome:
     keepalive: int
     routes: tuple[str, ...] = ()
     caps: tuple[str, ...] = ()
+    replicas: tuple[str, ...] = ()  # every server replica's underlay address (optional key)
 
     @property
     def interface(self) -> ipaddress.IPv4Interface:
         return ipaddress.IPv4Interface(f"{self.ip}/{self.prefix}")
 
     def encode(self) -> bytes:
-        return encode_control(
-            FRAME_WELCOME,
-            {
-                "proto": PROTOCOL_VERSION,
-                "ip": self.ip,
-                "prefix": self.prefix,
-                "serverIp": self.server_ip,
-                "mtu": self.mtu,
-                "keepalive": self.keepalive,
-                "routes": list(self.routes),
-                "caps": list(self.caps),
-            },
-        )
+        message = {
+            "proto": PROTOCOL_VERSION,
+            "ip": self.ip,
+            "prefix": self.prefix,
+            "serverIp": self.server_ip,
+            "mtu": self.mtu,
+            "keepalive": self.keepalive,
+            "routes": list(self.routes),
+            "caps": list(self.caps),
+        }
+        if self.replicas:
+            message["replicas"] = list(self.replicas)
+        return encode_control(FRAME_WELCOME, message)
 
     @classmethod
     def decode(cls, payload: Any) -> Welcome:
@@ -2742,6 +3745,7 @@ class Welcome:
                 keepalive=m.get("keepalive", 10),
                 routes=tuple(dict.fromkeys(str(ipaddress.IPv4Network(r)) for r in m.get("routes", []))),
                 caps=tuple(m.get("caps", [])),
+                replicas=welcome_replicas(m.get("replicas", [])),
             )
         except ValueError:
             raise ProtocolError("welcome message has a malformed address or route") from None
@@ -2765,6 +3769,16 @@ class Welcome:
                 raise ProtocolError(f"welcome message has the route {route}, which overlaps {special}")
 
 
+def welcome_replicas(value: Any) -> tuple[str, ...]:
+    """The welcome's optional replica list: addresses only, at most MAX_WELCOME_REPLICAS;
+    anything else is ignored (a node then keeps the replicas it knows)."""
+    if not isinstance(value, list) or len(value) > MAX_WELCOME_REPLICAS:
+        return ()
+    with contextlib.suppress(ValueError, TypeError):
+        return tuple(dict.fromkeys(str(ipaddress.ip_address(v)) for v in value if isinstance(v, str)))
+    return ()
+
+
 @dataclasses.dataclass(frozen=True)
 class Refusal:
     """An ERROR frame: the session ends; retry says whether reconnecting can help."""
@@ -2772,15 +3786,24 @@ class Refusal:
     code: str
     reason: str
     retry: bool
+    leader: str = ""  # a standby replica names the leader's underlay address (optional key)
 
     def encode(self) -> bytes:
-        return encode_control(FRAME_ERROR, {"code": self.code, "reason": self.reason, "retry": self.retry})
+        message = {"code": self.code, "reason": self.reason, "retry": self.retry}
+        if self.leader:
+            message["leader"] = self.leader
+        return encode_control(FRAME_ERROR, message)
 
     @classmethod
     def decode(cls, payload: Any) -> Refusal:
         m = decode_control(payload)
         retry = m.get("retry", True) is not False  # only a JSON false ends the retries, not "false" or 0
-        return cls(str(m.get("code", "error"))[:64], str(m.get("reason", "no reason given"))[:512], retry)
+        leader = m.get("leader", "")
+        try:
+            leader = str(ipaddress.ip_address(leader)) if isinstance(leader, str) and leader else ""
+        except ValueError:
+            leader = ""  # not an address: ignored, the node tries its other replicas
+        return cls(str(m.get("code", "error"))[:64], str(m.get("reason", "no reason given"))[:512], retry, leader)
 
 
 def ipv4_endpoints(packet: Any) -> tuple[int, int] | None:
@@ -3473,6 +4496,7 @@ class NetworkServer(Sessions):
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
         self.closed_traffic: collections.Counter[str] = collections.Counter()  # of sessions gone (metrics)
         self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # TLS latency (metrics)
+        self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: their addresses, for the welcome
 
     # -- lifecycle (called from the main thread) ---------------------------------
 
@@ -3771,6 +4795,7 @@ class NetworkServer(Sessions):
             self.keepalive,
             (str(overlay.network),),
             session.caps,
+            self.replicas(),
         )
         session.queue(welcome.encode())
         self.dirty.add(session)
@@ -4061,6 +5086,9 @@ class NetworkClient:
         self.reader: TunReader | None = None
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
+        self.servers = server_addresses(config.server_addr)  # the replicas this node knows, in trying order
+        self.server = self.servers[0] if self.servers else config.server_addr
+        self.leader_hint = ""  # a standby's refusal named the leader: try it next
         finish_credential_update(config)
         self.context = self._tls_context()
         self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
@@ -4124,6 +5152,10 @@ class NetworkClient:
                     raise
                 except (OSError, ssl.SSLError, ProtocolError, TunError) as e:
                     reason = f"cannot connect to {self._server}: {e}"
+                    if self._follow_replicas():
+                        log.info("%s; trying replica %s", reason, self.server)
+                        self.stop.wait(random.uniform(0.05, 0.2))  # another replica: no backoff
+                        continue
                 except Exception:  # a bug must not end a client that should reconnect forever
                     log.exception("unexpected error while connecting")
                     reason = "unexpected error while connecting"
@@ -4147,8 +5179,13 @@ class NetworkClient:
                         backoff = 0.5
                     reason = f"disconnected: {reason}"
                     log.debug("session counters %s", dict(self.counters))
+                    if self._follow_replicas():
+                        self.last_error = reason
+                        log.warning("%s; trying replica %s", reason, self.server)
+                        continue
                 self.last_error = reason
-                backoff = min(backoff * 2, BACKOFF_CAP_S)
+                # Several replicas: one is normally up within a lease's time; wait no longer between rounds.
+                backoff = min(backoff * 2, BACKOFF_CAP_S if len(self.servers) < 2 else REPLICA_BACKOFF_CAP_S)
                 delay = random.uniform(0.5, 1.0) * backoff
                 log.warning("%s; retrying in %.1f s", reason, delay)
                 self.stop.wait(delay)
@@ -4161,7 +5198,23 @@ class NetworkClient:
 
     @property
     def _server(self) -> str:
-        return host_port(self.config.server_addr, self.config.port)
+        return host_port(self.server, self.config.port)
+
+    def _follow_replicas(self) -> bool:
+        """After a failed or ended session: move to the leader a standby named, else to
+        the next known replica. False with one server (the old single-server retry)."""
+        hint, self.leader_hint = self.leader_hint, ""
+        if hint and hint != self.server:
+            if hint not in self.servers:
+                self.servers.append(hint)
+            self.server = hint
+            return True
+        if len(self.servers) < 2:
+            return False
+        index = self.servers.index(self.server) if self.server in self.servers else -1
+        self.server = self.servers[(index + 1) % len(self.servers)]
+        self.counters["replica-switches"] += 1
+        return self.counters["replica-switches"] % (2 * len(self.servers)) != 0  # a full round: back off once
 
     def status(self) -> dict[str, Any]:
         """What `nc status` shows (asked from the status socket's thread)."""
@@ -4189,8 +5242,9 @@ class NetworkClient:
             log.info("removed TUN device and routes")
 
     def _connect(self) -> tuple[Link, Welcome]:
-        self.server_ip = resolve_host(self.config.server_addr, self.config.port)  # each time: the server may move
-        raw = socket.create_connection((self.server_ip, self.config.port), timeout=HANDSHAKE_TIMEOUT_S)
+        timeout = HANDSHAKE_TIMEOUT_S if len(self.servers) < 2 else REPLICA_CONNECT_TIMEOUT_S
+        self.server_ip = resolve_host(self.server, self.config.port)  # each time: the server may move
+        raw = socket.create_connection((self.server_ip, self.config.port), timeout=timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.context.wrap_socket(raw, server_hostname=SERVER_TLS_NAME)
@@ -4238,6 +5292,8 @@ class NetworkClient:
                     raise ProtocolError(f"unexpected frame {kind:#x} before the welcome")
 
     def _on_refusal(self, refusal: Refusal) -> None:
+        if refusal.leader:
+            self.leader_hint = refusal.leader
         if not refusal.retry:
             raise Refused(
                 f"server refused this node ({loggable(refusal.code)}): {loggable(refusal.reason)}", refusal.code
@@ -4266,6 +5322,10 @@ class NetworkClient:
         that failed (the session then ends and is retried from scratch)."""
         assert self.tun is not None
         mtu = min(self.config.mtu, welcome.mtu)
+        learned = [r for r in welcome.replicas if r not in self.servers]
+        if learned:  # replicas added since the join: followed from now on
+            self.servers.extend(learned)
+            log.info("server replicas: %s", ", ".join(self.servers))
         if self.address != welcome.interface:
             if self.address is not None:
                 log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
@@ -4478,13 +5538,20 @@ def renew_certificates(config: ClientConfig, files: dict[str, Path]) -> None:
     request = pb.RenewCertificatesRequest(
         grpcCsr=new_csr(keys["grpc"], config.token), networkCsr=new_csr(keys["network"], config.token)
     )
-    address = host_port(config.server_addr, config.grpc_port)
     try:
         ca, key, cert = (files[n].read_bytes() for n in ("grpc_ca", "grpc_key", "grpc_cert"))
     except OSError as e:
         raise NcError(f"cannot read the node's gRPC credentials: {e}") from None
-    with secure_channel(address, ca, key, cert) as channel:
-        response = check_code(call(channel, pb_grpc.NcNodeServiceStub, "RenewCertificates", request, address))
+    *others, last = server_addresses(config.server_addr)
+    for host in [*others, last]:  # replicas: every one serves the control port
+        address = host_port(host, config.grpc_port)
+        try:
+            with secure_channel(address, ca, key, cert) as channel:
+                response = check_code(call(channel, pb_grpc.NcNodeServiceStub, "RenewCertificates", request, address))
+            break
+        except RemoteError:
+            if host == last:
+                raise
     update: dict[Path, bytes] = {}
     for kind, pem in (("grpc", bytes(response.grpcCert)), ("network", bytes(response.networkCert))):
         check_renewed_cert(pem, keys[kind], load_cert_file(files[f"{kind}_ca"]), config.token, kind)
@@ -5667,7 +6734,7 @@ def run_server(config: ServerConfig, config_path: str | None = None) -> int:
     limit_malloc_arenas()  # before gRPC starts its threads
     os.umask(0o077)  # keys, the database and logs are for root only
     try:
-        return serve(config, fd_limit, config_path)
+        return serve_replica(config, fd_limit) if config.datastore_endpoint else serve(config, fd_limit, config_path)
     except OSError as e:  # files of the workDir: a read-only or full disk
         fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
         raise NcError(os_error_line(e, fix)) from None
@@ -5771,6 +6838,354 @@ def ensure_reserved(store: Store, server_ip: str, admin_cert: CertRecord) -> Non
         log.info("revoked the previous admin certificate")
 
 
+# -- replicas on etcd ----------------------------------------------------------------
+#
+# Every replica serves both gRPC ports from etcd (active/active). One, the leader,
+# holds the data plane: the TUNs with the server's overlay addresses and port 6441
+# (active/passive). It leads while its campaign key, bound to its lease, is in
+# etcd; it stops its data plane FENCE_AFTER_S after the last renewal it sent, while
+# the lease (LEADER_LEASE_TTL_S from that renewal) still keeps everyone else out.
+
+LEADER_LEASE_TTL_S = 5
+LEASE_RENEW_EVERY_S = 1.0
+FENCE_AFTER_S = 3.5  # < LEADER_LEASE_TTL_S, with 1.5 s to take the TUNs down
+REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
+
+
+def open_store(config: ServerConfig) -> Store | EtcdStore:
+    if not config.datastore_endpoint:
+        return Store(config.db_path)
+    tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
+    return EtcdStore(config.datastore_endpoint, tls)
+
+
+class StandbyPort:
+    """A standby's port 6441: it finishes the TLS handshake and answers every node with
+    an ERROR naming the leader, so the node goes there at once."""
+
+    def __init__(self, config: ServerConfig, pki: Pki, leader: Callable[[], str]) -> None:
+        self.leader = leader
+        self.listener = listen_any(config.port)
+        self.listener.setblocking(False)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(pki.network.server_cert_path, pki.network.server_key_path)
+        context.load_verify_locations(cafile=str(pki.network.ca_path))
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.pending: queue.SimpleQueue[ssl.SSLSocket | None] = queue.SimpleQueue()
+        self.handshaker = Handshaker(self.listener, context, lambda tls, _peer: self.pending.put(tls))
+        self.thread = threading.Thread(target=self._refuse_all, name="standby-refusals", daemon=True)
+
+    def start(self) -> None:
+        self.handshaker.start()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.handshaker.stop()
+        self.pending.put(None)
+        self.thread.join(timeout=5.0)
+        self.listener.close()
+
+    def _refuse_all(self) -> None:
+        while (tls := self.pending.get()) is not None:
+            leader = self.leader()
+            reason = f"this replica is a standby; the leader is {leader}" if leader else "no leader is elected yet"
+            try:
+                tls.setblocking(True)
+                tls.settimeout(2.0)
+                tls.sendall(Refusal("standby", reason, retry=True, leader=leader).encode())
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    tls.recv(4096)  # the hello: read before closing, so no reset eats the refusal
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                tls.close()
+
+
+class ReplicaRole(threading.Thread):
+    """Campaigns for leadership, runs the data plane while leading (a StandbyPort
+    otherwise), heartbeats this replica's entry for `nc adm replica list`, and fences:
+    a leader that cannot renew its lease stops its data plane before the lease ends."""
+
+    def __init__(
+        self,
+        store: EtcdStore,
+        config: ServerConfig,
+        control: ControlPlane,
+        advertised: str,
+        stop: threading.Event,
+    ) -> None:
+        super().__init__(name="replica-role", daemon=True)
+        self.store, self.etcd, self.config, self.control = store, store.etcd, config, control
+        self.advertised, self.stop = advertised, stop
+        self.campaign_key = self.etcd.key("leader")
+        self.lease = 0
+        self.renewed_at = 0.0  # monotonic time the last successful renewal was sent
+        self.network: NetworkServer | None = None
+        self.standby: StandbyPort | None = None
+        self.leader_address = ""
+        self.became = threading.Event()  # set once the first role (leader or standby) is taken
+        self._lock = threading.RLock()  # one role change at a time: the loop's or the fence's
+        self.heartbeat_at = 0.0
+        self.fence_watch = threading.Thread(target=self._fence_watch, name="replica-fence", daemon=True)
+        self.replicas: tuple[str, ...] = (advertised,)
+
+    @property
+    def leading(self) -> bool:
+        return self.network is not None
+
+    def run(self) -> None:
+        try:
+            self._become_standby()
+            self.became.set()
+            self.fence_watch.start()
+            while not self.stop.is_set():
+                self._renew()
+                if not self.leading and self.lease:
+                    self._campaign()
+                self._check_data_plane()
+                self._heartbeat()
+                # A leader whose last renewal failed tries again at once (an etcd election is short).
+                behind = time.monotonic() - self.renewed_at > LEASE_RENEW_EVERY_S * 1.5
+                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading and not behind else LEASE_RENEW_EVERY_S / 4)
+        finally:
+            if self.fence_watch.is_alive():
+                self.fence_watch.join(timeout=5.0)
+            if self.leading:
+                self._step_down(abandon_lease=False)
+            if self.standby is not None:
+                self.standby.stop()
+                self.standby = None
+            if self.lease:
+                self.etcd.revoke(self.lease)  # the others need not wait for the TTL
+
+    def _fence_watch(self) -> None:
+        """Apart from the loop, whose etcd calls may block: the data plane stops
+        FENCE_AFTER_S after the last renewal sent, whatever the loop is waiting for."""
+        while not self.stop.wait(0.1):
+            if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                with self._lock:
+                    if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                        log.warning("lease not renewed for %.1f s: stopping the data plane (fencing)", FENCE_AFTER_S)
+                        self._step_down(abandon_lease=True)
+
+    def _renew(self) -> None:
+        sent = time.monotonic()
+        try:
+            if not self.lease:
+                self.lease = self.etcd.grant(LEADER_LEASE_TTL_S)
+                self.renewed_at = sent
+                return
+            if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9:
+                return
+            if self.etcd.keep_alive(self.lease, timeout=1.8) > 0:
+                self.renewed_at = sent
+            else:
+                log.warning("lease %x expired in etcd", self.lease)
+                with self._lock:
+                    if self.leading:
+                        self._step_down(abandon_lease=True)
+                    self.lease = 0
+        except StoreError as e:
+            log.warning("%s", e)
+
+    def _campaign(self) -> None:
+        pb = self.etcd.pb
+        absent = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=self.campaign_key, create_revision=0)
+        value = json.dumps({"address": self.advertised, "port": self.config.port}).encode()
+        get = pb.RequestOp(request_range=pb.RangeRequest(key=self.campaign_key))
+        try:
+            request = pb.TxnRequest(compare=[absent], success=[self.etcd.put_op(self.campaign_key, value, self.lease)])
+            request.failure.append(get)
+            response = self.etcd.call(self.etcd.kv.Txn, request, timeout=1.0)
+        except StoreError as e:
+            log.warning("%s", e)
+            return
+        if not response.succeeded:
+            kvs = response.responses[0].response_range.kvs
+            self.leader_address = json.loads(kvs[0].value)["address"] if kvs else ""
+            return
+        with self._lock:
+            if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                return  # won with a lease too old to lead on; the fence lets it lapse
+            self.store.fence = (self.campaign_key, response.header.revision)
+            self.leader_address = self.advertised
+            log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
+            try:
+                self._become_leader()
+            except NcError as e:
+                log.error("cannot take the data plane: %s; giving the leadership up", e)
+                self._step_down(abandon_lease=True)
+
+    def _become_leader(self) -> None:
+        if self.standby is not None:
+            self.standby.stop()
+            self.standby = None
+        store, server_ip = self.store, str(self.config.server_overlay_ip)
+        with contextlib.suppress(NotLeader):
+            store.reset_states(STATE_CONNECTED)  # the old leader's sessions are gone
+            if store.ensure_reserved_node(server_ip):
+                log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
+        network = NetworkServer(self.config, self.control)
+        network.replicas = lambda: self.replicas  # refreshed by the heartbeat: no etcd call on the packet loop
+        network.start()
+        self.network = network
+        self.control.sessions = network
+
+    def _step_down(self, abandon_lease: bool) -> None:
+        network, self.network = self.network, None
+        self.store.fence = None
+        self.control.sessions = Sessions()
+        if network is not None:
+            network.stop()
+            log.info("data plane stopped; this replica is a standby")
+        if abandon_lease:
+            self.lease = 0  # its campaign key lapses with it; campaign again on a new one
+        if not self.stop.is_set():
+            self._become_standby()
+
+    def _become_standby(self) -> None:
+        try:
+            self.standby = StandbyPort(self.config, self.control.pki, lambda: self.leader_address)
+            self.standby.start()
+        except OSError as e:
+            raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it") from None
+
+    def _check_data_plane(self) -> None:
+        network = self.network
+        if network is not None and not (network.thread.is_alive() and network.worker.is_alive()):
+            raise NcError("the data plane stopped unexpectedly")
+
+    def _heartbeat(self) -> None:
+        if not self.lease or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:
+            return
+        self.heartbeat_at = time.monotonic()
+        entry = {
+            "address": self.advertised,
+            "role": REPLICA_ROLE_LEADER if self.leading else REPLICA_ROLE_STANDBY,
+            "heartbeat": utc_now().isoformat(timespec="seconds"),
+            "port": self.config.port,
+            "grpcPort": self.config.grpc_port,
+            "bootstrapPort": self.config.bootstrap_port,
+        }
+        key = self.etcd.key("replica", self.advertised)
+        with contextlib.suppress(StoreError):  # short timeouts: the loop renews the lease too
+            self.replicas = tuple(r["address"] for r in replica_entries(self.etcd, timeout=0.5)) or (self.advertised,)
+            self.etcd.call(
+                self.etcd.kv.Put,
+                self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease),
+                timeout=0.5,
+            )
+
+
+def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dict]:
+    prefix = etcd.key("replica", "")
+    response = etcd.call(etcd.kv.Range, etcd.pb.RangeRequest(key=prefix, range_end=prefix_end(prefix)), timeout)
+    return sorted((json.loads(kv.value) for kv in response.kvs), key=lambda r: r["address"])
+
+
+class StoreWatch(threading.Thread):
+    """For replicas: follows the store in etcd by Watch. A node key changed: the pools
+    are reloaded, so a binding another replica made is known here at once. A network
+    key changed: networks created or deleted on another replica are served or dropped
+    here too (the leader makes or removes their TUNs)."""
+
+    def __init__(self, store: EtcdStore, control: ControlPlane, stop: threading.Event) -> None:
+        super().__init__(name="store-watch", daemon=True)
+        self.store, self.control, self.overlays, self.stop = store, control, control.overlays, stop
+
+    def run(self) -> None:
+        etcd = self.store.etcd
+        nodes, networks = etcd.key("node", ""), etcd.key("network", "")
+        while not self.stop.is_set():
+            try:
+                revision = etcd.range(nodes).header.revision
+                self._sync_networks()
+                self._reload()
+                for events in etcd.watch(etcd.prefix, revision + 1, self.stop):
+                    keys = [event.kv.key for event in events]
+                    if any(key.startswith(networks) for key in keys):
+                        self._sync_networks()
+                    if any(key.startswith(nodes) for key in keys):
+                        self._reload()
+            except StoreError as e:
+                log.warning("%s; watching again in 1 s", e)
+                self.stop.wait(1.0)
+
+    def _reload(self) -> None:
+        for overlay in self.overlays.all():
+            overlay.bindings.reload()
+
+    def _sync_networks(self) -> None:
+        rows = {row.name: row for row in self.store.networks()}
+        known = {overlay.name for overlay in self.overlays.all()}
+        for name in sorted(rows.keys() - known):
+            overlay = self.overlays.adopt(rows[name])
+            if overlay is not None:
+                log.info("network %s (%s) was created on another replica", name, overlay.network)
+                with contextlib.suppress(NcError):
+                    self.control.sessions.add_overlay(overlay)
+        for name in sorted(known - rows.keys() - {DEFAULT_NETWORK}):
+            log.info("network %s was deleted on another replica", name)
+            self.overlays.remove(name)
+            self.control.sessions.remove_overlay(name)
+
+
+def serve_replica(config: ServerConfig, fd_limit: int) -> int:
+    """`nc server` with datastoreEndpoint: one replica of several on etcd."""
+    with work_dir_lock(Path(config.work_dir)):
+        advertised = config.ip or detect_server_ip()
+        server_ip = str(config.server_overlay_ip)
+        log.info("nc %s replica starting: advertised %s, datastore %s", VERSION, advertised, config.datastore_endpoint)
+        store = open_store(config)
+        stop = threading.Event()
+        threads: list[threading.Thread] = []
+        servers: list[Any] = []
+        supervisor = Supervisor()
+        threading.excepthook = supervisor.on_thread_exception
+        code = 0
+        try:
+            pki = Pki(config)
+            share_pki(store.etcd, pki, config.cluster_token)
+            admin_cert = pki.ensure((advertised, "127.0.0.1", server_ip))
+            store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))  # every replica's admin identity
+            overlays = Overlays(store, config)
+            control = ControlPlane(config, store, pki, overlays, advertised)
+            control.check_config_networks()
+            role = ReplicaRole(store, config, control, advertised, stop)
+            control.replicas = lambda: role.replicas
+            sweeper = TokenSweeper(store, stop)
+            sweeper.leads = lambda: store.fence is not None
+            threads = [sweeper, StoreWatch(store, control, stop), MemoryTrimmer(stop)]
+            guard = GrpcGuard(stop)
+            try:
+                servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
+            except BaseException:
+                guard.close()
+                raise
+            threads.insert(0, guard)
+            threads.append(role)
+            for thread in threads:
+                supervisor.watch_thread(thread)
+                thread.start()
+            for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
+                supervisor.watch(name, lambda s=server: s.wait_for_termination(0))
+            role.became.wait(10.0)
+            log.info("nc replica ready; join string pin %s", pki.ca_pin())
+            code = wait_for_stop_signal(stop, supervisor)
+        finally:
+            stop.set()
+            for server in servers:
+                server.stop(grace=1.0).wait(3.0)
+            for thread in threads:
+                if thread.ident is not None:  # started: a failed start may come before that
+                    thread.join(timeout=10.0)
+            store.close()
+            threading.excepthook = threading.__excepthook__
+            log.info("nc replica stopped")
+    return code
+
+
 # ============================================================================
 # 13. Join and admin commands
 #     The client side of the control plane: join strings and CA pins,
@@ -5785,10 +7200,19 @@ class JoinTarget:
     port: int
     pin: str | None
     net_token: str = ""  # the network the token admits to; empty: the default network
+    others: tuple[tuple[str, int], ...] = ()  # more replicas' bootstrap addresses, tried in order
 
     @property
     def address(self) -> str:
         return host_port(self.host, self.port)
+
+    def alternatives(self) -> list[JoinTarget]:
+        """This target and one per other replica address listed in the join string."""
+        return [self] + [dataclasses.replace(self, host=h, port=p, others=()) for h, p in self.others]
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(dict.fromkeys([self.host, *(h for h, _ in self.others)]))
 
 
 def parse_join_string(text: str) -> JoinTarget:
@@ -5803,11 +7227,18 @@ def parse_join_string(text: str) -> JoinTarget:
             net_token = value
         else:
             raise UsageError(f"join string has an unknown or malformed part {extra!r}; copy it whole")
-    token, at, address = body.rpartition("@")
+    token, at, addresses = body.rpartition("@")
     if not at or not token:
         raise UsageError(
             "join string must look like <token>@<ip>:<port>#sha256:<hex>; copy it whole from `nc adm token create`"
         )
+    (host, port), *others = [join_address(a) for a in addresses.split(",")]  # replicas: a:6439,b:6439
+    if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
+        raise UsageError("join string CA pin must be sha256:<64 hex digits>")
+    return JoinTarget(token, host, port, pin or None, net_token, tuple(others))
+
+
+def join_address(address: str) -> tuple[str, int]:
     if address.startswith("["):
         host, _, port_text = address[1:].partition("]:")
     else:
@@ -5819,9 +7250,7 @@ def parse_join_string(text: str) -> JoinTarget:
         check_host(host, "join string")
     except (ValueError, ConfigError):
         raise UsageError(f"join string address {address!r} is not <ip or name>:<port>") from None
-    if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
-        raise UsageError("join string CA pin must be sha256:<64 hex digits>")
-    return JoinTarget(token, host, port, pin or None, net_token)
+    return host, port
 
 
 def fetch_server_ca(target: JoinTarget) -> bytes:
@@ -5947,13 +7376,24 @@ UNPINNED_JOIN = (
 
 
 def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> ClientConfig:
-    """Fetch this node's token and certificates with a bootstrap token and save them.
-    Like kubeadm, a join string without a CA pin needs the explicit unsafe flag."""
-    _, pb, pb_grpc = grpc_modules()
-    target = parse_join_string(join_string)
-    if target.pin is None and not unsafe_skip_ca_pin:
+    """Fetch this node's token and certificates with a bootstrap token and save them;
+    with several replicas in the join string, from the first one that answers. Like
+    kubeadm, a join string without a CA pin needs the explicit unsafe flag."""
+    listed = parse_join_string(join_string)
+    if listed.pin is None and not unsafe_skip_ca_pin:
         raise UsageError(UNPINNED_JOIN)
     check_work_dir_usable(work_dir)
+    *others, last = listed.alternatives()
+    for target in others:
+        try:
+            return join_at(target, listed, work_dir)
+        except RemoteError as e:  # unreachable: the next replica
+            log.warning("%s; trying the next replica", e)
+    return join_at(last, listed, work_dir)
+
+
+def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientConfig:
+    _, pb, pb_grpc = grpc_modules()
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
         response = call(
@@ -5984,8 +7424,9 @@ def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> 
             raise RemoteError(f"server sent an undecodable {name}") from None
     for name, data in decoded.items():
         write_private(files[name], data, 0o600 if name.endswith("key") else 0o644)
+    server_hosts = [response.networkServerIp or target.host, *listed.hosts] if listed.others else []
     config = ClientConfig(
-        server_addr=response.networkServerIp or target.host,
+        server_addr=",".join(dict.fromkeys(server_hosts)) or response.networkServerIp or target.host,
         port=int(response.networkServerPort or DEFAULT_NETWORK_PORT),
         grpc_port=int(response.GrpcServerPort or DEFAULT_GRPC_PORT),
         token=response.token,
@@ -6373,6 +7814,51 @@ def adm_restore(args: argparse.Namespace) -> int:
     with work_dir_lock(Path(config.work_dir)):
         restore_database(Path(args.source).resolve(), config.db_path)
     print(f"restored {config.db_path} from {args.source}")
+    return 0
+
+
+def adm_replica_list(args: argparse.Namespace) -> int:
+    """The replicas on the datastore: address, role and last heartbeat (read from etcd)."""
+    config: ServerConfig = load_config(args.config, "server")
+    if not config.datastore_endpoint:
+        raise UsageError("this server has no replicas: server.datastoreEndpoint is empty (a single sqlite server)")
+    tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
+    etcd = Etcd(config.datastore_endpoint, tls)
+    try:
+        entries = replica_entries(etcd)
+    finally:
+        etcd.close()
+    if args.output == "json":
+        print_json(entries)
+    else:
+        print_table(["ADDRESS", "ROLE", "LAST HEARTBEAT"], [[e["address"], e["role"], e["heartbeat"]] for e in entries])
+    return 0
+
+
+def adm_datastore_migrate(args: argparse.Namespace) -> int:
+    """Move a stopped single server's store and PKI into etcd; its nodes keep their
+    tokens, addresses and certificates, so none has to join again."""
+    config: ServerConfig = load_config(args.config, "server")
+    if config.datastore_endpoint:
+        raise UsageError("this server already uses etcd (server.datastoreEndpoint); nothing to migrate")
+    cluster_token = args.cluster_token or config.cluster_token
+    if len(cluster_token) < MIN_CLUSTER_TOKEN_LEN:
+        raise UsageError(
+            f"pass --cluster-token with at least {MIN_CLUSTER_TOKEN_LEN} characters (the replicas' secret)"
+        )
+    with work_dir_lock(Path(config.work_dir)):
+        if not Path(config.db_path).exists():
+            raise StoreError(f"{config.db_path}: no database there; pass the server's --config")
+        source = Store(config.db_path)
+        target = EtcdStore(args.to)
+        try:
+            counts = target.import_store(source)
+            share_pki(target.etcd, Pki(config), cluster_token)
+        finally:
+            source.close()
+            target.close()
+    print(", ".join(f"{n} {what}" for what, n in counts.items()) + f" moved to etcd at {args.to}")
+    print(f"now set in server.yml: datastoreEndpoint: {args.to}  clusterToken: <the token you passed>")
     return 0
 
 
@@ -6772,6 +8258,19 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--config", metavar="FILE", help="server.yml / client.yml the service runs with")
     service.add_argument("--print", action="store_true", help="print the unit instead of writing it")
     service.set_defaults(func=cmd_install_service)
+    replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
+    replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)
+    replica_cmds.add_parser(
+        "list", parents=[output], help="address, role and last heartbeat of every replica"
+    ).set_defaults(func=adm_replica_list)
+    datastore = adm_cmds.add_parser("datastore", help="the server's store")
+    datastore_cmds = datastore.add_subparsers(dest="datastore_command", metavar="COMMAND", required=True)
+    migrate = datastore_cmds.add_parser(
+        "migrate", help="move a single server's store and PKI into etcd", description=adm_datastore_migrate.__doc__
+    )
+    migrate.add_argument("--to", required=True, metavar="ENDPOINTS", help="etcd URLs, comma-separated")
+    migrate.add_argument("--cluster-token", default="", metavar="SECRET", help="the replicas' shared clusterToken")
+    migrate.set_defaults(func=adm_datastore_migrate)
 
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
     return parser

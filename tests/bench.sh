@@ -5,6 +5,7 @@
 #   pool        full /16 address pool, LRU reclaim               (tests/bench_pool.py)
 #   hostile     ping p99 while one node floods malicious GSO     (tests/bench_hostile.py)
 #   floods      1000 idle connections per port from one address  (tests/bench_floods.py)
+#   ha          replicas on etcd: failovers, one holder, 200 joins (tests/bench_ha.py)
 #   all         all of them, one after the other (default)
 # Extra arguments go to the one benchmark named, e.g.
 #   tests/bench.sh throughput --seconds 3 --repeat 1
@@ -15,19 +16,19 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 [ $# -gt 0 ] && shift
 case "$what" in
-    throughput | scale | pool | hostile | floods) ;;
+    throughput | scale | pool | hostile | floods | ha) ;;
     all)
         if [ $# -gt 0 ]; then
-            echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool, hostile or floods)" >&2
+            echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool, hostile, floods or ha)" >&2
             exit 2
         fi
         ;;
     -h | --help)
-        sed -n '2,10s/^# \{0,1\}//p' "$0"
+        sed -n '2,11s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)
-        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods or all" >&2
+        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha or all" >&2
         exit 2
         ;;
 esac
@@ -59,6 +60,7 @@ if [ "$what" = all ]; then
     run throughput
     run hostile
     run floods
+    run ha
 else
     run "$what" "$@"
 fi

@@ -11,7 +11,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=()
-for pair in ip:iproute2 ping:iputils-ping iperf3:iperf3 iptables:iptables tcpdump:tcpdump systemd-analyze:systemd; do
+for pair in ip:iproute2 ping:iputils-ping iperf3:iperf3 iptables:iptables tcpdump:tcpdump systemd-analyze:systemd etcd:etcd-server etcdctl:etcd-client; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

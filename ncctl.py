@@ -2330,6 +2330,24 @@ class ControlPlane:
         log.info("network %s created: %s, interconnection %s", spec.name, spec.network, spec.interconnection)
         return overlay
 
+    def add_config_network(self, spec: NetworkSpec) -> Overlay:
+        """A network server.yml gained (SIGHUP): served from now on, as if listed at start."""
+        problem = self.check_cidr(spec)
+        if problem is not None:
+            raise BadRequest(f"networks: {spec.name}: {problem}")
+        with self._network_lock:
+            overlay = self.overlays.create(spec)
+            try:
+                self.store.put_config_network(spec, overlay.net_token)
+                overlay.from_config = True
+                self.sessions.add_overlay(overlay)
+            except NcError:
+                self.overlays.remove(spec.name)
+                self.store.delete_network(spec.name)
+                raise
+        log.info("network %s added from the config: %s", spec.name, spec.network)
+        return overlay
+
     def delete_network(self, who: Identity, name: str, force: bool) -> list[str]:
         """Delete a network created at run time; with force, its nodes are unregistered
         (certificates revoked, sessions closed with the network's TUN)."""
@@ -5417,11 +5435,31 @@ class Watchdog:
             self.next = now + self.interval
 
 
+def reload_networks(config: ServerConfig, fresh: ServerConfig, control: ControlPlane) -> tuple[list[str], bool]:
+    """Serve the networks the file gained; returns their names, and False when it also
+    removed or changed one (that needs a restart: its nodes hold addresses in it)."""
+    running = {spec.name: spec for spec in config.networks}
+    added = []
+    for spec in fresh.networks:
+        if spec.name in running:
+            continue
+        try:
+            control.add_config_network(spec)
+        except NcError as e:
+            log.error("SIGHUP: network %s not added: %s", spec.name, e)
+            continue
+        config.networks.append(spec)
+        added.append(spec.name)
+    wanted = {spec.name: spec for spec in fresh.networks}
+    kept = all(wanted.get(name) == spec for name, spec in running.items())
+    return added, kept
+
+
 # What SIGHUP applies to a running server (read at each use); anything else needs a restart.
 RELOADABLE_FIELDS = ("debug", "nodes_may_mint", "node_mint_rate", "node_token_max_life", "node_cert_life")
 
 
-def reload_server_config(config: ServerConfig, path: str | None) -> None:
+def reload_server_config(config: ServerConfig, path: str | None, control: ControlPlane | None = None) -> None:
     """SIGHUP: re-read the config file, apply what can change without dropping sessions,
     and say in one line what was applied and what needs a restart."""
     if path is None:
@@ -5433,15 +5471,20 @@ def reload_server_config(config: ServerConfig, path: str | None) -> None:
         log.error("SIGHUP: %s; the running configuration stays", e)
         return
     changed = [f.name for f in dataclasses.fields(ServerConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
-    applied = [name for name in changed if name in RELOADABLE_FIELDS]
-    for name in applied:
-        setattr(config, name, getattr(fresh, name))
+    applied = [camel(name) for name in changed if name in RELOADABLE_FIELDS]
+    for name in changed:
+        if name in RELOADABLE_FIELDS:
+            setattr(config, name, getattr(fresh, name))
     logging.getLogger("nc").setLevel(logging.DEBUG if config.debug else logging.INFO)
-    restart = [camel(name) for name in changed if name not in RELOADABLE_FIELDS]
+    restart = [camel(name) for name in changed if name not in (*RELOADABLE_FIELDS, "networks")]
+    if "networks" in changed and control is not None:
+        added, kept = reload_networks(config, fresh, control)
+        applied += [f"networks (+{name})" for name in added]
+        restart += [] if kept else ["networks (removed or changed ones)"]
     log.info(
         "SIGHUP: re-read %s; applied: %s; needs a restart: %s",
         path,
-        ", ".join(camel(name) for name in applied) or "nothing changed",
+        ", ".join(applied) or "nothing changed",
         ", ".join(restart) or "nothing",
     )
 
@@ -5711,7 +5754,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
                 if reload.is_set():
                     reload.clear()
                     sd_notify("RELOADING=1")
-                    reload_server_config(config, config_path)
+                    reload_server_config(config, config_path, control)
                     sd_notify("READY=1")
                 watchdog.ping(network.running())
 

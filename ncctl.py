@@ -5126,6 +5126,7 @@ class GrpcGuard(threading.Thread):
         self.splices: dict[int, Splice] = {}  # either side's fd -> splice
         self.epoll = select.epoll()
         self.note = RateLimitedLog()
+        self.refused = 0  # connections reset for a per-address or per-port limit (metrics)
 
     def listen(self, port: int, name: str, cap: int, field: str) -> GuardedPort:
         try:
@@ -5171,6 +5172,7 @@ class GrpcGuard(threading.Thread):
             source = unmapped(address[0])
             local = ipaddress.ip_address(source).is_loopback
             if port.total >= port.cap or (not local and port.per_source[source] >= GRPC_MAX_PER_SOURCE):
+                self.refused += 1
                 self.note(
                     "busy:" + source, "gRPC %s port: too many connections from %s; refusing more", port.name, source
                 )
@@ -5604,6 +5606,7 @@ class ServerMetrics:
         control.observe_join = self.join_seconds.observe
         network.observe_handshake = self.handshake_seconds.observe
         self.httpd: Any = None
+        self.guard: GrpcGuard | None = None  # its refusals count as "grpc-limit"
 
     def serve(self, address: str) -> None:
         from prometheus_client import start_http_server
@@ -5666,6 +5669,7 @@ class ServerMetrics:
         reasons = collections.Counter(self.control.refusals)
         for name, reason in REFUSAL_COUNTERS.items():
             reasons[reason] += counters.get(name, 0)
+        reasons["grpc-limit"] += self.guard.refused if self.guard is not None else 0
         for reason in ("token", "network-full"):
             reasons[reason] += 0  # present from the start, so rate() has a baseline
         for reason, value in sorted(reasons.items()):
@@ -5739,6 +5743,8 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
                 raise
             supervisor.watch_thread(guard)
             threads.insert(0, guard)
+            if metrics is not None:
+                metrics.guard = guard
             for thread in threads:
                 thread.start()
             if metrics is not None:
@@ -6832,7 +6838,7 @@ def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=adm_token_create)
 
 
-OLD_EXTRACTION_AGE_S = 600  # younger ones may belong to an nc that is starting right now
+OLD_EXTRACTION_AGE_S = 3600  # unused this long (by its in-use marker, else since extraction): removable
 
 
 def shiv_extraction() -> Path | None:
@@ -6849,9 +6855,11 @@ def mark_extraction_in_use(extraction: Path) -> int | None:
     """Hold a shared lock on <root>/.<extraction>_inuse for this process's life, so another
     build's clean-up leaves this extraction alone (not shiv's own _lock: it takes that one
     exclusively while extracting, and a shared hold would make the next start wait)."""
+    marker = extraction.parent / f".{extraction.name}_inuse"
     try:
-        fd = os.open(extraction.parent / f".{extraction.name}_inuse", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(marker, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        os.utime(marker)  # last used: now
     except OSError:
         return None
     return fd
@@ -6878,16 +6886,27 @@ def extractions_in_use(name: str) -> str:
     return "".join(used)
 
 
+def last_used(extraction: Path) -> float:
+    """When an nc last started from this extraction: its in-use marker's time, or (a build
+    that kept no marker) when it was extracted."""
+    marker = extraction.parent / f".{extraction.name}_inuse"
+    try:
+        return max(marker.stat().st_mtime, extraction.stat().st_mtime)
+    except OSError:
+        return extraction.stat().st_mtime
+
+
 def remove_old_extractions(extraction: Path) -> list[Path]:
-    """Delete the extractions earlier builds of this nc left beside ours (about 40 MB each),
-    except those a running nc uses: locked by it, or its libraries mapped. Returns them."""
+    """Delete the extractions earlier builds of this nc left beside ours (about 40 MB each)
+    and nobody used for an hour, except those a running nc uses: locked by it, its
+    libraries mapped, or its zipapp running. Returns them."""
     root, prefix = extraction.parent, extraction.name.rsplit("_", 1)[0] + "_"
     now = time.time()
     candidates = []
     for other in root.glob(prefix + "*"):
         with contextlib.suppress(OSError):
-            old = now - other.stat().st_mtime > OLD_EXTRACTION_AGE_S
-            if other != extraction and other.is_dir() and not other.name.endswith(".tmp") and old:
+            old = now - last_used(other) > OLD_EXTRACTION_AGE_S
+            if other != extraction and other.is_dir() and not other.name.endswith((".tmp", ".removing")) and old:
                 candidates.append(other)
     if not candidates:
         return []
@@ -6905,7 +6924,18 @@ def remove_old_extractions(extraction: Path) -> list[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an nc of that build runs
             if f"/{other.name}/" in in_use:
                 continue
-            shutil.rmtree(other, ignore_errors=True)
+            # Out of the way in one step (an nc starting from now on extracts it again), then
+            # look once more for one that started since the first look, before deleting.
+            parked = other.with_name(f"{other.name}.{os.getpid()}.removing")
+            other.rename(parked)
+            now_used = extractions_in_use(prefix[:-1])  # maps name the moved files by their new path
+            if f"/{other.name}/" in now_used or f"/{parked.name}/" in now_used:
+                with contextlib.suppress(OSError):
+                    parked.rename(other)  # unless it was extracted again meanwhile
+                if parked.exists():
+                    shutil.rmtree(parked, ignore_errors=True)
+                continue
+            shutil.rmtree(parked, ignore_errors=True)
             for leftover in (root / f".{other.name}_lock", marker):
                 leftover.unlink(missing_ok=True)
             removed.append(other)

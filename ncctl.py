@@ -3340,6 +3340,24 @@ class ControlPlane:
         log.info("network %s created: %s, interconnection %s", spec.name, spec.network, spec.interconnection)
         return overlay
 
+    def add_config_network(self, spec: NetworkSpec) -> Overlay:
+        """A network server.yml gained (SIGHUP): served from now on, as if listed at start."""
+        problem = self.check_cidr(spec)
+        if problem is not None:
+            raise BadRequest(f"networks: {spec.name}: {problem}")
+        with self._network_lock:
+            overlay = self.overlays.create(spec)
+            try:
+                self.store.put_config_network(spec, overlay.net_token)
+                overlay.from_config = True
+                self.sessions.add_overlay(overlay)
+            except NcError:
+                self.overlays.remove(spec.name)
+                self.store.delete_network(spec.name)
+                raise
+        log.info("network %s added from the config: %s", spec.name, spec.network)
+        return overlay
+
     def delete_network(self, who: Identity, name: str, force: bool) -> list[str]:
         """Delete a network created at run time; with force, its nodes are unregistered
         (certificates revoked, sessions closed with the network's TUN)."""
@@ -6189,6 +6207,7 @@ class GrpcGuard(threading.Thread):
         self.epoll = select.epoll()
         self.note = RateLimitedLog()
         self.paused_until = 0.0  # accept() ran out of file descriptors; listen again then
+        self.refused = 0  # connections reset for a per-address or per-port limit (metrics)
 
     def listen(self, port: int, name: str, cap: int, field: str) -> GuardedPort:
         try:
@@ -6246,6 +6265,7 @@ class GrpcGuard(threading.Thread):
             source = unmapped(address[0])
             local = ipaddress.ip_address(source).is_loopback
             if port.total >= port.cap or (not local and port.per_source[source] >= GRPC_MAX_PER_SOURCE):
+                self.refused += 1
                 self.note(
                     "busy:" + source, "gRPC %s port: too many connections from %s; refusing more", port.name, source
                 )
@@ -6510,11 +6530,31 @@ class Watchdog:
             self.next = now + self.interval
 
 
+def reload_networks(config: ServerConfig, fresh: ServerConfig, control: ControlPlane) -> tuple[list[str], bool]:
+    """Serve the networks the file gained; returns their names, and False when it also
+    removed or changed one (that needs a restart: its nodes hold addresses in it)."""
+    running = {spec.name: spec for spec in config.networks}
+    added = []
+    for spec in fresh.networks:
+        if spec.name in running:
+            continue
+        try:
+            control.add_config_network(spec)
+        except NcError as e:
+            log.error("SIGHUP: network %s not added: %s", spec.name, e)
+            continue
+        config.networks.append(spec)
+        added.append(spec.name)
+    wanted = {spec.name: spec for spec in fresh.networks}
+    kept = all(wanted.get(name) == spec for name, spec in running.items())
+    return added, kept
+
+
 # What SIGHUP applies to a running server (read at each use); anything else needs a restart.
 RELOADABLE_FIELDS = ("debug", "nodes_may_mint", "node_mint_rate", "node_token_max_life", "node_cert_life")
 
 
-def reload_server_config(config: ServerConfig, path: str | None) -> None:
+def reload_server_config(config: ServerConfig, path: str | None, control: ControlPlane | None = None) -> None:
     """SIGHUP: re-read the config file, apply what can change without dropping sessions,
     and say in one line what was applied and what needs a restart."""
     if path is None:
@@ -6526,15 +6566,20 @@ def reload_server_config(config: ServerConfig, path: str | None) -> None:
         log.error("SIGHUP: %s; the running configuration stays", e)
         return
     changed = [f.name for f in dataclasses.fields(ServerConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
-    applied = [name for name in changed if name in RELOADABLE_FIELDS]
-    for name in applied:
-        setattr(config, name, getattr(fresh, name))
+    applied = [camel(name) for name in changed if name in RELOADABLE_FIELDS]
+    for name in changed:
+        if name in RELOADABLE_FIELDS:
+            setattr(config, name, getattr(fresh, name))
     logging.getLogger("nc").setLevel(logging.DEBUG if config.debug else logging.INFO)
-    restart = [camel(name) for name in changed if name not in RELOADABLE_FIELDS]
+    restart = [camel(name) for name in changed if name not in (*RELOADABLE_FIELDS, "networks")]
+    if "networks" in changed and control is not None:
+        added, kept = reload_networks(config, fresh, control)
+        applied += [f"networks (+{name})" for name in added]
+        restart += [] if kept else ["networks (removed or changed ones)"]
     log.info(
         "SIGHUP: re-read %s; applied: %s; needs a restart: %s",
         path,
-        ", ".join(camel(name) for name in applied) or "nothing changed",
+        ", ".join(applied) or "nothing changed",
         ", ".join(restart) or "nothing",
     )
 
@@ -6654,6 +6699,7 @@ class ServerMetrics:
         control.observe_join = self.join_seconds.observe
         network.observe_handshake = self.handshake_seconds.observe
         self.httpd: Any = None
+        self.guard: GrpcGuard | None = None  # its refusals count as "grpc-limit"
 
     def serve(self, address: str) -> None:
         from prometheus_client import start_http_server
@@ -6716,6 +6762,7 @@ class ServerMetrics:
         reasons = collections.Counter(self.control.refusals)
         for name, reason in REFUSAL_COUNTERS.items():
             reasons[reason] += counters.get(name, 0)
+        reasons["grpc-limit"] += self.guard.refused if self.guard is not None else 0
         for reason in ("token", "network-full"):
             reasons[reason] += 0  # present from the start, so rate() has a baseline
         for reason, value in sorted(reasons.items()):
@@ -6789,6 +6836,8 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
                 raise
             supervisor.watch_thread(guard)
             threads.insert(0, guard)
+            if metrics is not None:
+                metrics.guard = guard
             for thread in threads:
                 thread.start()
             if metrics is not None:
@@ -6804,7 +6853,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
                 if reload.is_set():
                     reload.clear()
                     sd_notify("RELOADING=1")
-                    reload_server_config(config, config_path)
+                    reload_server_config(config, config_path, control)
                     sd_notify("READY=1")
                 watchdog.ping(network.running())
 
@@ -8314,7 +8363,7 @@ def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=adm_token_create)
 
 
-OLD_EXTRACTION_AGE_S = 600  # unused this long (each start touches its own); younger ones may be starting now
+OLD_EXTRACTION_AGE_S = 3600  # unused this long (by its in-use marker, else since extraction): removable
 
 
 def shiv_extraction() -> Path | None:
@@ -8331,9 +8380,11 @@ def mark_extraction_in_use(extraction: Path) -> int | None:
     """Hold a shared lock on <root>/.<extraction>_inuse for this process's life, so another
     build's clean-up leaves this extraction alone (not shiv's own _lock: it takes that one
     exclusively while extracting, and a shared hold would make the next start wait)."""
+    marker = extraction.parent / f".{extraction.name}_inuse"
     try:
-        fd = os.open(extraction.parent / f".{extraction.name}_inuse", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(marker, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        os.utime(marker)  # last used: now
     except OSError:
         return None
     return fd
@@ -8360,16 +8411,27 @@ def extractions_in_use(name: str) -> str:
     return "".join(used)
 
 
+def last_used(extraction: Path) -> float:
+    """When an nc last started from this extraction: its in-use marker's time, or (a build
+    that kept no marker) when it was extracted."""
+    marker = extraction.parent / f".{extraction.name}_inuse"
+    try:
+        return max(marker.stat().st_mtime, extraction.stat().st_mtime)
+    except OSError:
+        return extraction.stat().st_mtime
+
+
 def remove_old_extractions(extraction: Path) -> list[Path]:
-    """Delete the extractions earlier builds of this nc left beside ours (about 40 MB each),
-    except those a running nc uses: locked by it, or its libraries mapped. Returns them."""
+    """Delete the extractions earlier builds of this nc left beside ours (about 40 MB each)
+    and nobody used for an hour, except those a running nc uses: locked by it, its
+    libraries mapped, or its zipapp running. Returns them."""
     root, prefix = extraction.parent, extraction.name.rsplit("_", 1)[0] + "_"
     now = time.time()
     candidates = []
     for other in root.glob(prefix + "*"):
         with contextlib.suppress(OSError):
-            old = now - other.stat().st_mtime > OLD_EXTRACTION_AGE_S
-            if other != extraction and other.is_dir() and not other.name.endswith(".tmp") and old:
+            old = now - last_used(other) > OLD_EXTRACTION_AGE_S
+            if other != extraction and other.is_dir() and not other.name.endswith((".tmp", ".removing")) and old:
                 candidates.append(other)
     if not candidates:
         return []
@@ -8387,7 +8449,18 @@ def remove_old_extractions(extraction: Path) -> list[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an nc of that build runs
             if f"/{other.name}/" in in_use:
                 continue
-            shutil.rmtree(other, ignore_errors=True)
+            # Out of the way in one step (an nc starting from now on extracts it again), then
+            # look once more for one that started since the first look, before deleting.
+            parked = other.with_name(f"{other.name}.{os.getpid()}.removing")
+            other.rename(parked)
+            now_used = extractions_in_use(prefix[:-1])  # maps name the moved files by their new path
+            if f"/{other.name}/" in now_used or f"/{parked.name}/" in now_used:
+                with contextlib.suppress(OSError):
+                    parked.rename(other)  # unless it was extracted again meanwhile
+                if parked.exists():
+                    shutil.rmtree(parked, ignore_errors=True)
+                continue
+            shutil.rmtree(parked, ignore_errors=True)
             for leftover in (root / f".{other.name}_lock", marker):
                 leftover.unlink(missing_ok=True)
             removed.append(other)
@@ -8404,7 +8477,6 @@ def tidy_shiv_root() -> None:
     if extraction is None or mark_extraction_in_use(extraction) is None:
         return
     with contextlib.suppress(OSError):
-        os.utime(extraction)  # its age is the time since an nc last started from it, not since unpacking
         remove_old_extractions(extraction)
 
 

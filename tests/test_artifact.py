@@ -32,11 +32,13 @@ def test_old_extractions_are_removed_unless_in_use(nc_binary: Path, tmp_path: Pa
     root = tmp_path / "shiv"
     run_nc(root, "version")
     (current,) = root.glob("nc_*")
-    stale = fake_extraction(root, "a" * 64, age_s=3600)
+    stale = fake_extraction(root, "a" * 64, age_s=7200)
     young = fake_extraction(root, "b" * 64, age_s=0)  # may be an nc starting right now
-    held = fake_extraction(root, "c" * 64, age_s=3600)
+    held = fake_extraction(root, "c" * 64, age_s=7200)
     marker = os.open(root / f".{held.name}_inuse", os.O_RDONLY | os.O_CREAT)
     fcntl.flock(marker, fcntl.LOCK_SH)  # as a running nc of that build holds it
+    then = time.time() - 7200
+    os.utime(root / f".{held.name}_inuse", (then, then))  # started long ago, still running
     try:
         run_nc(root, "version")
     finally:

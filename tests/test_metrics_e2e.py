@@ -33,6 +33,7 @@ def test_metrics_follow_nodes_traffic_and_refusals(lab: Lab) -> None:
     assert value(before, "nc_nodes", network="default", state="connected") == 0
     assert value(before, "nc_pool_addresses", network="default", state="free") == 253
     assert value(before, "nc_refusals_total", reason="token") == 0
+    assert ("nc_refusals_total", (("reason", "grpc-limit"),)) in before
     assert "process_resident_memory_bytes" in {name for name, _ in before}
 
     client = start_client(lab.add_host("node"), server.join_string())

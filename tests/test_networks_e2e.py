@@ -457,7 +457,9 @@ def test_real_nodes_keep_their_addresses_across_the_upgrade_from_version_1(lab: 
     ips = {client.token(): wait_connected(server, client) for client in clients}
     assert server.process.stop() == 0
     path = server.work_dir / "nc.db"
-    statements = [  # undo migration 3, then migration 2
+    statements = [  # undo migration 4, 3, then migration 2
+        *(f"ALTER TABLE network_mgr DROP COLUMN {c}" for c in ("host_name", "endpoint", "transport", "node_version")),
+        "ALTER TABLE network_mgr DROP COLUMN last_seen",
         "DROP TABLE nc_cert",
         "DROP TABLE nc_legacy_node",
         "DROP TABLE nc_mint",

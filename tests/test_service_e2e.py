@@ -88,11 +88,15 @@ def test_sighup_applies_what_it_can_and_keeps_sessions(lab: Lab) -> None:
     ip = wait_connected(server, client)
     doc = json.loads(server.config.read_text())
     doc["server"].update({"nodeMintRate": 3, "debug": True, "mtu": 1300})
+    doc["server"]["networks"] = [{"name": "edge-b", "cidr": "10.2.0.1/24"}]
     server.config.write_text(json.dumps(doc))
     server.process.send_signal(signal.SIGHUP)
     server.process.wait_for_output("SIGHUP: re-read", what="the reload line")
     line = next(line for line in server.process.log().splitlines() if "SIGHUP: re-read" in line)
-    assert "applied: debug, nodeMintRate" in line and "needs a restart: mtu" in line, line
+    assert "applied: debug, nodeMintRate, networks (+edge-b)" in line and "needs a restart: mtu" in line, line
+    networks = {n["name"]: n for n in server.adm_json("network", "list")}
+    assert networks["edge-b"]["cidr"] == "10.2.0.0/24" and networks["edge-b"]["fromConfig"] is True
+    assert "#sha256:" in server.join_string("--net", "edge-b")
     assert server.process.alive() and server.healthy()
     assert wait_connected(server, client) == ip
     assert "disconnected" not in server.process.log()

@@ -73,6 +73,7 @@ DEFAULT_GRPC_PORT = 6440
 DEFAULT_NETWORK_PORT = 6441
 DEFAULT_NETWORK_ADDR = "10.1.1.1/24"
 DEFAULT_MTU = 1400
+TRANSPORTS = ("auto", "udp", "tcp")  # the data path: UDP with TLS/TCP as fallback, UDP only, TLS/TCP only
 DEFAULT_TOKEN_LIFE_MIN = 10
 DEFAULT_SERVER_WORK_DIR = "/var/lib/nc"
 DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
@@ -266,6 +267,8 @@ class ServerConfig:
     interconnection: bool = True
     gateway: bool = False  # forward and NAT node traffic out of the uplink
     offload: bool = True  # TSO/GSO on the TUN and 64 KiB frames with peers that agree
+    transport: str = "auto"  # auto or udp: offer nodes the UDP data path; tcp: TLS only
+    udp_port: int = DEFAULT_NETWORK_PORT  # where the UDP data path listens (TCP keeps `port`)
     keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
     networks: list[NetworkSpec] = dataclasses.field(default_factory=list)  # more overlays, by net-token
     nodes_may_mint: bool = True  # a node may mint bootstrap tokens into its own network (the "trusted node" flow)
@@ -310,6 +313,8 @@ class ClientConfig:
     mtu: int = DEFAULT_MTU
     redirect_gateway: bool = False  # send all traffic through the tunnel
     offload: bool = True  # offer 64 KiB TSO/GSO frames to the server
+    transport: str = "auto"  # auto: UDP when it works, else TLS/TCP; udp: UDP for data; tcp: TLS only
+    udp_port: int = DEFAULT_NETWORK_PORT  # the server's UDP port; at the default, the one its welcome names
 
     def resolve(self) -> ClientConfig:
         work = Path(self.work_dir)
@@ -322,7 +327,7 @@ class ClientConfig:
         return Path(self.work_dir) / "tls" / "grpc"
 
 
-PORT_FIELDS = {"port", "grpc_port", "bootstrap_port"}
+PORT_FIELDS = {"port", "grpc_port", "bootstrap_port", "udp_port"}
 DURATION_FIELDS = {"node_cert_life"}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 PATH_FIELDS = {"network_cert_dir", "grpc_cert_dir", "work_dir", "db_path", "log_dir", "tls_dir"}
@@ -455,6 +460,10 @@ def check_config(config: Any, path: str, mode: str) -> None:
     where = f"{path}: {mode}"
     if not 576 <= config.mtu <= 65535:
         raise ConfigError(f"{where}.mtu: {config.mtu} is out of range; use 576-65535 (default {DEFAULT_MTU})")
+    if config.transport not in TRANSPORTS:
+        raise ConfigError(
+            f"{where}.transport: {config.transport!r} is not one of {', '.join(TRANSPORTS)} (default auto)"
+        )
     if isinstance(config, ServerConfig):
         try:
             iface = ipaddress.IPv4Interface(config.network_addr)
@@ -2437,8 +2446,11 @@ FRAME_OPTIONAL = 0x80  # types from here up may be ignored by a peer that lacks 
 FRAME_HEADER = struct.Struct("!I")
 MAX_PAYLOAD = 65535 + 64
 MAX_CONTROL_PAYLOAD = 4096
+FRAME_TRANSPORT = 0x81  # node -> server over TLS (capability "udp"): the path it wants data on now
+FRAME_REKEY = 0x82  # either way over TLS (capability "udp"): fresh X25519 shares for the datagram keys
 CAP_GSO = "gso"
-CAPABILITIES: tuple[str, ...] = (CAP_GSO,)  # negotiated per peer: offered in HELLO, agreed in WELCOME
+CAP_UDP = "udp"  # the encrypted UDP data path; its keys travel in HELLO/WELCOME (udpKey, udpSession)
+CAPABILITIES: tuple[str, ...] = (CAP_GSO, CAP_UDP)  # negotiated per peer: offered in HELLO, agreed in WELCOME
 
 # struct virtio_net_hdr (host byte order), as TUN with IFF_VNET_HDR reads and writes it.
 VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -2509,11 +2521,14 @@ class Hello:
     caps: tuple[str, ...] = CAPABILITIES
     proto: int = PROTOCOL_VERSION
     net_token: str = ""  # empty: the default network (peers that predate networks send none)
+    udp_key: bytes = b""  # the node's X25519 share for the datagram keys (with capability "udp")
 
     def encode(self) -> bytes:
         message = {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)}
         if self.net_token:
             message["netToken"] = self.net_token
+        if self.udp_key:
+            message["udpKey"] = base64.b64encode(self.udp_key).decode()
         return encode_control(FRAME_HELLO, message)
 
     @classmethod
@@ -2529,7 +2544,21 @@ class Hello:
         net_token = m.get("netToken", "")
         if not isinstance(net_token, str) or (net_token and not valid_net_token(net_token)):
             raise ProtocolError("hello carries a malformed net-token")
-        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token)
+        udp_key = decode_x25519_share(m.get("udpKey"))
+        if CAP_UDP in caps and not udp_key:
+            caps = [c for c in caps if c != CAP_UDP]  # no share, no datagram keys: the TLS path only
+        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token, udp_key)
+
+
+def decode_x25519_share(value: Any) -> bytes:
+    """The 32 raw bytes of a base64 X25519 public key from a handshake message, or b"" if absent or malformed."""
+    if not isinstance(value, str) or len(value) != 44:
+        return b""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return b""
+    return raw if len(raw) == X25519_SHARE_LEN else b""
 
 
 MAX_WELCOME_ROUTES = 256
@@ -2544,25 +2573,30 @@ class Welcome:
     keepalive: int
     routes: tuple[str, ...] = ()
     caps: tuple[str, ...] = ()
+    udp_key: bytes = b""  # the server's X25519 share (capability "udp")
+    udp_session: int = 0  # the session id every datagram of this session carries
+    udp_port: int = 0  # where the server takes datagrams
 
     @property
     def interface(self) -> ipaddress.IPv4Interface:
         return ipaddress.IPv4Interface(f"{self.ip}/{self.prefix}")
 
     def encode(self) -> bytes:
-        return encode_control(
-            FRAME_WELCOME,
-            {
-                "proto": PROTOCOL_VERSION,
-                "ip": self.ip,
-                "prefix": self.prefix,
-                "serverIp": self.server_ip,
-                "mtu": self.mtu,
-                "keepalive": self.keepalive,
-                "routes": list(self.routes),
-                "caps": list(self.caps),
-            },
-        )
+        message = {
+            "proto": PROTOCOL_VERSION,
+            "ip": self.ip,
+            "prefix": self.prefix,
+            "serverIp": self.server_ip,
+            "mtu": self.mtu,
+            "keepalive": self.keepalive,
+            "routes": list(self.routes),
+            "caps": list(self.caps),
+        }
+        if CAP_UDP in self.caps:
+            message.update(
+                udpKey=base64.b64encode(self.udp_key).decode(), udpSession=self.udp_session, udpPort=self.udp_port
+            )
+        return encode_control(FRAME_WELCOME, message)
 
     @classmethod
     def decode(cls, payload: Any) -> Welcome:
@@ -2591,6 +2625,8 @@ class Welcome:
             )
         except ValueError:
             raise ProtocolError("welcome message has a malformed address or route") from None
+        if CAP_UDP in welcome.caps:
+            welcome = dataclasses.replace(welcome, **udp_welcome_fields(m))
         if not 8 <= welcome.prefix <= 30 or not 576 <= welcome.mtu <= 65535 or not 1 <= welcome.keepalive <= 3600:
             raise ProtocolError("welcome message has out-of-range values")
         welcome.check_addresses()
@@ -2609,6 +2645,15 @@ class Welcome:
         for route in map(ipaddress.IPv4Network, self.routes):
             if special := special_range(route):
                 raise ProtocolError(f"welcome message has the route {route}, which overlaps {special}")
+
+
+def udp_welcome_fields(m: dict) -> dict:
+    """The datagram fields of a welcome that agreed on "udp"; a malformed one is a protocol error."""
+    key, session, port = decode_x25519_share(m.get("udpKey")), m.get("udpSession"), m.get("udpPort")
+    integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (session, port))
+    if not key or not integers or not 0 < session <= 0xFFFFFFFF or not 0 < port <= 65535:
+        raise ProtocolError("welcome message agrees on udp without a valid udpKey, udpSession and udpPort")
+    return {"udp_key": key, "udp_session": session, "udp_port": port}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2820,6 +2865,154 @@ class FrameBuffer:
         while (frame := next_frame(self.buf, self.start, self.end)) is not None:
             self.start = frame[2]
             yield frame
+
+
+# -- datagrams -------------------------------------------------------------------------
+# The UDP data path: every datagram is header || AEAD(frame), the header being the AEAD's
+# associated data. The header names the session (so a node that changes address or NAT
+# mapping keeps its session) and a 64-bit counter that is the nonce: one key per direction
+# and a counter that only grows, so no nonce ever repeats under a key.
+
+DATAGRAM_HEADER = struct.Struct("!BxxxIQ")  # type, session id, counter
+DATAGRAM_SEALED = 0x01
+DATAGRAM_TAG_LEN = 16
+DATAGRAM_OVERHEAD = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # header, tag, and the sealed frame's header
+X25519_SHARE_LEN = 32
+# A key is replaced over TLS long before its counter could wrap, and often enough that a
+# stolen key reads little traffic.
+REKEY_AFTER_DATAGRAMS = 1 << 40
+REKEY_AFTER_S = 120.0
+COUNTER_LIMIT = (1 << 64) - 1  # never sealed: seal refuses before the counter could repeat
+REPLAY_WINDOW = 4096  # datagrams a counter may lag the newest and still count as reordered, not replayed
+
+
+class BadDatagram(ProtocolError):
+    """A datagram that did not authenticate: dropped, and counted under `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"datagram dropped: {reason}")
+        self.reason = reason
+
+
+class ReplayWindow:
+    """RFC 6479's sliding window: the newest counter seen and a bitmap of the
+    REPLAY_WINDOW counters below it. `fresh` is asked before the tag check (a replay
+    costs no decryption); `accept` only after it (a forgery moves nothing)."""
+
+    def __init__(self, size: int = REPLAY_WINDOW) -> None:
+        self.size = size
+        self.top = -1
+        self.seen = 0  # bit i: counter top - i arrived
+        self.mask = (1 << size) - 1
+
+    def fresh(self, counter: int) -> bool:
+        if counter > self.top:
+            return True
+        behind = self.top - counter
+        return behind < self.size and not self.seen >> behind & 1
+
+    def accept(self, counter: int) -> None:
+        if counter > self.top:
+            ahead = counter - self.top
+            self.seen = (self.seen << ahead | 1) & self.mask if ahead < self.size else 1
+            self.top = counter
+        else:
+            self.seen |= 1 << (self.top - counter)
+
+
+def new_x25519() -> tuple[Any, bytes]:
+    """A fresh X25519 private key and its 32-byte public share."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    private = X25519PrivateKey.generate()
+    return private, private.public_key().public_bytes_raw()
+
+
+def datagram_keys(private: Any, peer_share: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(node-to-server key, server-to-node key): HKDF-SHA256 over the X25519 secret,
+    salted with a hash of the transcript (both shares, the session id, the node), so a
+    key belongs to this exchange alone. Raises BadDatagram("bad-share") for a share
+    that gives the all-zero secret."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    try:
+        secret = private.exchange(X25519PublicKey.from_public_bytes(peer_share))
+    except ValueError:
+        raise BadDatagram("bad-share") from None
+    salt = hashlib.sha256(transcript).digest()
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=salt, info=b"nc udp data path v1").derive(secret)
+    return okm[:32], okm[32:]
+
+
+def datagram_transcript(node_share: bytes, server_share: bytes, session_id: int, node_token: str) -> bytes:
+    return b"nc-udp|" + node_share + server_share + session_id.to_bytes(4, "big") + node_token.encode()
+
+
+class DatagramKeys:
+    """One direction pair of a session's datagram keys: seal with one, open with the other."""
+
+    def __init__(self, session_id: int, send_key: bytes, receive_key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+        self.session_id = session_id
+        self.sealer = ChaCha20Poly1305(send_key)
+        self.opener = ChaCha20Poly1305(receive_key)
+        self.sent = 0  # the next counter to seal with
+        self.window = ReplayWindow()
+        self.born = time.monotonic()
+
+    @classmethod
+    def for_node(cls, session_id: int, node_to_server: bytes, server_to_node: bytes) -> DatagramKeys:
+        return cls(session_id, node_to_server, server_to_node)
+
+    @classmethod
+    def for_server(cls, session_id: int, node_to_server: bytes, server_to_node: bytes) -> DatagramKeys:
+        return cls(session_id, server_to_node, node_to_server)
+
+    def worn(self, now: float) -> bool:
+        """Time to agree on fresh keys (over TLS)."""
+        return self.sent >= REKEY_AFTER_DATAGRAMS or now - self.born >= REKEY_AFTER_S
+
+    def seal(self, frame: bytes) -> bytes:
+        counter = self.sent
+        if counter >= COUNTER_LIMIT:
+            raise BadDatagram("counter-exhausted")
+        self.sent = counter + 1
+        header = DATAGRAM_HEADER.pack(DATAGRAM_SEALED, self.session_id, counter)
+        return header + self.sealer.encrypt(counter.to_bytes(12, "little"), frame, header)
+
+    def open(self, datagram: Any) -> bytes:
+        """The frame inside a datagram of this session; raises BadDatagram (replayed,
+        too old, forged) at the cost of at most one tag check."""
+        counter = DATAGRAM_HEADER.unpack_from(datagram)[2]
+        if not self.window.fresh(counter):
+            raise BadDatagram("replayed")
+        from cryptography.exceptions import InvalidTag
+
+        header = datagram[: DATAGRAM_HEADER.size]
+        try:
+            frame = self.opener.decrypt(counter.to_bytes(12, "little"), datagram[DATAGRAM_HEADER.size :], header)
+        except InvalidTag:
+            raise BadDatagram("forged") from None
+        self.window.accept(counter)
+        return frame
+
+
+def datagram_session(datagram: Any) -> int | None:
+    """The session id of a datagram that is long enough to be sealed, else None."""
+    if len(datagram) < DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4 or datagram[0] != DATAGRAM_SEALED:
+        return None
+    return int.from_bytes(datagram[4:8], "big")
+
+
+def datagram_frame(frame: Any) -> tuple[int, int, int]:
+    """(type, payload_start, payload_end) of the one frame an authenticated datagram holds."""
+    parsed = next_frame(frame, 0, len(frame))
+    if parsed is None or parsed[2] != len(frame):
+        raise BadDatagram("not-one-frame")
+    return parsed
 
 
 # ============================================================================

@@ -3039,6 +3039,175 @@ RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairn
 BAD_FRAME_LIMIT = 100
 BAD_FRAME_WINDOW_S = 10.0
 LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
+UDP_PROBE_S = 2.0  # auto: datagrams must flow both ways this soon after a probe starts, or data stays on TLS
+UDP_SILENT_S = 3.0  # no authenticated datagram for this long: the UDP path is down, data moves to TLS
+UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often; the server answers each
+UDP_RETRY_S = 20.0  # a failed or lost UDP path is probed again after this long
+UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this long
+UDP_RECEIVE_SIZE = 65536
+
+
+def udp_socket(port: int = 0) -> socket.socket:
+    """A non-blocking UDP socket on every address (dual-stack where the host has IPv6),
+    bound to port (0: any), with buffers big enough for bursts of a fast link."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:  # IPv6 disabled at boot
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+        else:
+            sock.bind(("0.0.0.0", port))
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def udp_address(sock: socket.socket, host: str, port: int) -> tuple:
+    """host:port as sock's family addresses it (an IPv4 server through a dual-stack socket is mapped)."""
+    if sock.family == socket.AF_INET6 and ipaddress.ip_address(host).version == 4:
+        return (f"::ffff:{host}", port, 0, 0)
+    return (host, port)
+
+
+class DatagramPath:
+    """The node's side of the UDP data path: its socket, keys, and whether data travels
+    on it now. In auto it is probed after the welcome and used only while authenticated
+    datagrams flow both ways; it gives way to the TLS stream when they stop."""
+
+    PROBING, UP, DOWN = "probing", "up", "down"
+
+    def __init__(self, server: str, port: int, keys: DatagramKeys, mode: str, node_token: str) -> None:
+        self.sock = udp_socket()
+        self.fd = self.sock.fileno()
+        self.server = udp_address(self.sock, server, port)
+        self.keys = keys  # sealing: the newest agreed
+        self.openers: dict[int, DatagramKeys] = {keys.session_id: keys}
+        self.retired_at = 0.0  # when replaced keys stop opening datagrams
+        self.mode = mode
+        self.node_token = node_token
+        self.state = self.PROBING
+        now = time.monotonic()
+        self.since = now  # when the state began
+        self.last_rx = 0.0
+        self.last_tx = 0.0
+        self.rekey_private: Any = None  # our share of a rekey sent, awaiting the server's
+        self.rekey_share = b""
+        self.buf = bytearray(UDP_RECEIVE_SIZE)
+        self.view = memoryview(self.buf)
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    @property
+    def carrying(self) -> bool:
+        """Data goes out as datagrams now (in udp mode whenever there are keys)."""
+        return self.state == self.UP or self.mode == "udp"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Seal and send each frame; False when the socket is full (the rest are dropped:
+        a short queue is what keeps latency low, and the inner TCP resends)."""
+        sock, server, seal = self.sock, self.server, self.keys.seal
+        for frame in frames:
+            try:
+                sock.sendto(seal(frame), server)
+            except (BlockingIOError, InterruptedError):
+                self.counters["dropped-udp-full"] += 1
+                return False
+            except OSError:
+                self.counters["dropped-udp-send"] += 1
+                return False
+        self.last_tx = time.monotonic()
+        return True
+
+    def receive(self, limit: int) -> Iterator[bytes]:
+        """The frames of up to `limit` authenticated datagrams; the rest are counted and dropped."""
+        for _ in range(limit):
+            try:
+                count = self.sock.recv_into(self.buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error of an earlier send; the path's liveness will tell
+                continue
+            datagram = self.view[:count]
+            session = datagram_session(datagram)
+            keys = self.openers.get(session) if session is not None else None
+            if keys is None:
+                self.counters["udp-unknown-session"] += 1
+                continue
+            try:
+                frame = keys.open(datagram)
+            except BadDatagram as e:
+                self.counters["udp-" + e.reason] += 1
+                continue
+            self.last_rx = time.monotonic()
+            yield frame
+
+    def tick(self, now: float) -> str | None:
+        """Advance the probe/up/down states; returns "udp" or "tcp" when the server must
+        be told where data goes now (over TLS), else None."""
+        if self.retired_at and now >= self.retired_at:
+            self.openers = {self.keys.session_id: self.keys}
+            self.retired_at = 0.0
+        if self.state == self.PROBING:
+            if self.last_rx >= self.since:
+                return self._become(self.UP, now)
+            if now - self.since > UDP_PROBE_S:
+                log.info(
+                    "UDP to %s does not answer; data stays on TLS/TCP, probing again in %.0f s",
+                    self.server[0],
+                    UDP_RETRY_S,
+                )
+                return self._become(self.DOWN, now)
+            self.send([encode_frame(FRAME_KEEPALIVE)])
+        elif self.state == self.UP:
+            if now - self.last_rx > UDP_SILENT_S:
+                log.warning("UDP to %s silent for %.0f s; data moves to TLS/TCP", self.server[0], UDP_SILENT_S)
+                return self._become(self.DOWN, now)
+            if now - self.last_tx >= UDP_PING_S:
+                self.send([encode_frame(FRAME_KEEPALIVE)])
+        elif now - self.since >= UDP_RETRY_S:
+            self._become(self.PROBING, now)
+            self.send([encode_frame(FRAME_KEEPALIVE)])
+        return None
+
+    def _become(self, state: str, now: float) -> str | None:
+        self.state, self.since = state, now
+        if state == self.UP:
+            log.info("data path: UDP to %s", self.server[0])
+            return "udp"
+        return "tcp" if state == self.DOWN and self.mode != "udp" else None
+
+    def rekey_request(self, now: float) -> bytes | None:
+        """A REKEY frame for the server when the keys are worn (and none is pending)."""
+        if self.rekey_private is not None or not self.keys.worn(now):
+            return None
+        self.rekey_private, self.rekey_share = new_x25519()
+        return encode_control(FRAME_REKEY, {"udpKey": base64.b64encode(self.rekey_share).decode()})
+
+    def on_rekey(self, message: dict, now: float) -> None:
+        """The server's answer: seal with the new keys at once; the old ones still open
+        late datagrams for a while."""
+        if self.rekey_private is None:
+            return
+        share, session = decode_x25519_share(message.get("udpKey")), message.get("udpSession")
+        if not share or not isinstance(session, int) or not 0 < session <= 0xFFFFFFFF:
+            raise ProtocolError("rekey answer without a valid udpKey and udpSession")
+        transcript = datagram_transcript(self.rekey_share, share, session, self.node_token)
+        keys = DatagramKeys.for_node(session, *datagram_keys(self.rekey_private, share, transcript))
+        self.rekey_private, self.rekey_share = None, b""
+        self.keys = keys
+        self.openers[session] = keys
+        self.retired_at = now + UDP_OLD_KEYS_S
 
 
 class Poller:
@@ -3236,6 +3405,15 @@ class ServerSession(Link):
         self.close_reason = ""
         self.bad_frames = 0  # malformed frames since bad_since
         self.bad_since = 0.0
+        # The UDP data path (capability "udp"): keys by session id (a rekey adds one), the
+        # keys that seal, the address of the latest authenticated datagram (the only one
+        # ever sent to), and whether the node asked for data as datagrams.
+        self.udp_openers: dict[int, DatagramKeys] = {}
+        self.udp_sealer: DatagramKeys | None = None
+        self.udp_addr: Any = None
+        self.udp_last_rx = 0.0
+        self.udp_wanted = False
+        self.udp_offer: tuple[bytes, int] = (b"", 0)  # the welcome's share and session id
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
@@ -3485,6 +3663,9 @@ class NetworkServer(Sessions):
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
         self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
         self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
+        self.udp: socket.socket | None = None  # the UDP data path's socket, unless transport is tcp
+        self.udp_sessions: dict[int, ServerSession] = {}  # by datagram session id
+        self.udp_buf = bytearray(UDP_RECEIVE_SIZE)
         self.handshaker: Handshaker | None = None
         self.epoll: Poller | None = None
         self.wake_r = self.wake_w = -1
@@ -3501,6 +3682,9 @@ class NetworkServer(Sessions):
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll = Poller()
             self.epoll.register(self.wake_r, select.EPOLLIN)
+            if self.config.transport != "tcp":
+                self.udp = self._listen_udp()
+                self.epoll.register(self.udp.fileno(), select.EPOLLIN)
             # A killed run's rules, also of networks deleted since or with gateway now off;
             # without iptables there can be none.
             with contextlib.suppress(TunError):
@@ -3538,6 +3722,8 @@ class NetworkServer(Sessions):
         self._close_planes()
         if self.listener is not None:
             self.listener.close()
+        if self.udp is not None:
+            self.udp.close()
         if self.epoll is not None:
             self.epoll.close()
         for fd in (self.wake_r, self.wake_w):
@@ -3596,6 +3782,15 @@ class NetworkServer(Sessions):
         sock.setblocking(False)
         return sock
 
+    def _listen_udp(self) -> socket.socket:
+        try:
+            return udp_socket(self.config.udp_port)
+        except OSError as e:
+            raise NcError(
+                f"cannot listen on UDP :{self.config.udp_port} ({e.strerror}); stop what uses it, "
+                "change server.udpPort, or set server.transport: tcp"
+            ) from None
+
     # -- called from other threads ------------------------------------------------
 
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -3624,6 +3819,7 @@ class NetworkServer(Sessions):
 
     def _run(self) -> None:
         sessions, tun_planes = self.sessions, self.tun_planes
+        udp_fd = self.udp.fileno() if self.udp is not None else -1
         next_tick = time.monotonic() + 1.0
         try:
             while not self.stopping.is_set():
@@ -3632,6 +3828,8 @@ class NetworkServer(Sessions):
                         self._service(session, events)
                     elif (plane := tun_planes.get(fd)) is not None:
                         self._read_tun(plane)
+                    elif fd == udp_fd:
+                        self._read_udp()
                     elif fd == self.wake_r:
                         self._run_commands()
                 self._flush_dirty()
@@ -3697,6 +3895,8 @@ class NetworkServer(Sessions):
                         self._route_from_node(session, view, kind, start, end)
                     except BadFrame as e:
                         self._bad_frame(session, e)
+                elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp_sealer is not None:
+                    self._on_udp_control(session, kind, decode_control(view[start:end]))
                 elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
                     continue
                 else:
@@ -3718,8 +3918,12 @@ class NetworkServer(Sessions):
         self.unauthenticated.discard(session)
         session.node_token = hello.node_token
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
+        if self.udp is None:
+            offered.discard(CAP_UDP)
         session.caps = tuple(c for c in hello.caps if c in offered)
         session.gso = CAP_GSO in session.caps
+        if CAP_UDP in session.caps:
+            session.caps = self._agree_udp(session, hello.udp_key)
         log.debug(
             "hello from %s: node %s, nc %s, offered %s, agreed %s",
             session.peer,
@@ -3769,6 +3973,8 @@ class NetworkServer(Sessions):
         session.phase = Phase.ESTABLISHED
         self.by_token[token] = session
         plane.by_ip[session.ip] = session
+        for session_id in session.udp_openers:
+            self.udp_sessions[session_id] = session
         welcome = Welcome(
             str(ip),
             overlay.network.prefixlen,
@@ -3777,6 +3983,8 @@ class NetworkServer(Sessions):
             self.keepalive,
             (str(overlay.network),),
             session.caps,
+            *session.udp_offer,
+            self.config.udp_port if session.udp_offer[1] else 0,
         )
         session.queue(welcome.encode())
         self.dirty.add(session)
@@ -3865,6 +4073,9 @@ class NetworkServer(Sessions):
         self._queue_frames(peer, [bytes(view[start - 4 : end])] if as_is else plain_frames(view[start:end]))
 
     def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
+        if peer.udp_wanted and self.epoll.now - peer.udp_last_rx < UDP_SILENT_S:
+            self._send_datagrams(peer, frames)
+            return
         for frame in frames:
             if not peer.queue(frame):
                 self.counters["dropped-queue-full"] += 1
@@ -3906,6 +4117,138 @@ class NetworkServer(Sessions):
                 self._queue_frames(peer, [reader.frame(FRAME_GSO_PACKET, length)])
             else:
                 self._queue_frames(peer, plain_frames(packet))
+
+    # -- the UDP data path ------------------------------------------------------------------
+
+    def _new_udp_session_id(self) -> int:
+        while True:
+            session_id = secrets.randbits(32)
+            if session_id and session_id not in self.udp_sessions:
+                return session_id
+
+    def _agree_udp(self, session: ServerSession, node_share: bytes) -> tuple[str, ...]:
+        """Datagram keys for the node's share; the capabilities without "udp" if the share is unusable."""
+        private, share = new_x25519()
+        session_id = self._new_udp_session_id()
+        try:
+            keys = datagram_keys(
+                private, node_share, datagram_transcript(node_share, share, session_id, session.node_token)
+            )
+        except BadDatagram:
+            return tuple(c for c in session.caps if c != CAP_UDP)
+        session.udp_sealer = DatagramKeys.for_server(session_id, *keys)
+        session.udp_openers = {session_id: session.udp_sealer}
+        session.udp_offer = (share, session_id)
+        return session.caps
+
+    def _on_udp_control(self, session: ServerSession, kind: int, message: dict) -> None:
+        """Over TLS: where the node wants its data now, or its share for fresh keys."""
+        if kind == FRAME_TRANSPORT:
+            wanted = message.get("transport") == "udp"
+            if wanted != session.udp_wanted:
+                session.udp_wanted = wanted
+                log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
+            return
+        node_share = decode_x25519_share(message.get("udpKey"))
+        if not node_share:
+            raise ProtocolError("rekey without a valid udpKey")
+        private, share = new_x25519()
+        session_id = self._new_udp_session_id()
+        transcript = datagram_transcript(node_share, share, session_id, session.node_token)
+        try:
+            keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
+        except BadDatagram:
+            raise ProtocolError("rekey with an unusable udpKey") from None
+        for old_id in [i for i in session.udp_openers if i != session.udp_sealer.session_id]:
+            del session.udp_openers[old_id]  # an earlier rekey the node never used
+            self.udp_sessions.pop(old_id, None)
+        session.udp_openers[session_id] = keys
+        self.udp_sessions[session_id] = session
+        reply = {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
+        session.queue(encode_control(FRAME_REKEY, reply))
+        self.dirty.add(session)
+
+    def _read_udp(self) -> None:
+        assert self.udp is not None
+        view = memoryview(self.udp_buf)
+        for _ in range(1 if self.epoll.woke else 256):
+            try:
+                count, address = self.udp.recvfrom_into(self.udp_buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for an earlier send
+                continue
+            self._on_datagram(view[:count], address)
+
+    def _drop_datagram(self, reason: str, address: Any) -> None:
+        self.counters["udp-" + reason] += 1
+        self.note(
+            "udp:" + reason,
+            "UDP datagram from %s dropped (%s); %d so far",
+            unmapped(str(address[0])),
+            reason,
+            self.counters["udp-" + reason],
+        )
+
+    def _on_datagram(self, datagram: memoryview, address: Any) -> None:
+        """One datagram: one lookup, at most one tag check; only an authenticated one
+        moves the session's address or reaches the switch."""
+        session_id = datagram_session(datagram)
+        session = self.udp_sessions.get(session_id) if session_id is not None else None
+        if session is None:
+            self._drop_datagram("unknown-session", address)
+            return
+        keys = session.udp_openers[session_id]  # type: ignore[index]
+        try:
+            frame = keys.open(datagram)
+            kind, start, end = datagram_frame(frame)
+        except BadDatagram as e:
+            self._drop_datagram(e.reason, address)
+            return
+        if keys is not session.udp_sealer:  # the node uses a rekey's keys: the old ones retire
+            self._retire_udp_keys(session, keys)
+        if address != session.udp_addr:
+            if session.udp_addr is not None:
+                log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
+            session.udp_addr = address
+        session.udp_last_rx = session.last_rx = self.epoll.now
+        if kind == FRAME_PACKET:
+            try:
+                self._route_from_node(session, memoryview(frame), kind, start, end)
+            except BadFrame as e:
+                try:
+                    self._bad_frame(session, e)
+                except ProtocolError as error:
+                    self._refuse(session, Refusal("protocol", str(error), retry=False))
+        elif kind == FRAME_KEEPALIVE:
+            self._send_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
+        else:
+            self._drop_datagram("not-a-packet", address)
+
+    def _retire_udp_keys(self, session: ServerSession, keys: DatagramKeys) -> None:
+        for old_id in [i for i in session.udp_openers if i != keys.session_id]:
+            del session.udp_openers[old_id]
+            self.udp_sessions.pop(old_id, None)
+        session.udp_sealer = keys
+
+    def _send_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
+        """Seal each frame (a 64 KiB GSO frame cut into MTU-sized packets first) and send
+        it to the session's latest authenticated address. A full socket drops the rest."""
+        keys, address, sock = session.udp_sealer, session.udp_addr, self.udp
+        if keys is None or address is None or sock is None:
+            return
+        for frame in frames:
+            pieces = plain_frames(memoryview(frame)[4:]) if frame[0] == FRAME_GSO_PACKET else (frame,)
+            for piece in pieces:
+                try:
+                    sock.sendto(keys.seal(piece), address)
+                except (BlockingIOError, InterruptedError):
+                    self.counters["dropped-udp-full"] += 1
+                    return
+                except (OSError, BadDatagram) as e:
+                    self.counters["dropped-udp-send"] += 1
+                    self.note("udp-send", "UDP send to node %s failed: %s", session.node_token, e)
+                    return
 
     # -- output, liveness, teardown -----------------------------------------------------------
 
@@ -3984,6 +4327,9 @@ class NetworkServer(Sessions):
         if not token or session.detached:
             return
         session.detached = True
+        for session_id in session.udp_openers:
+            if self.udp_sessions.get(session_id) is session:
+                del self.udp_sessions[session_id]
         plane = session.plane
         if self.by_token.get(token) is session:
             del self.by_token[token]
@@ -4048,6 +4394,8 @@ class NetworkClient:
         self.gso = False  # this session agreed on FRAME_GSO_PACKET
         self.server_mtu = DEFAULT_MTU  # the welcome's: the largest segment the server may send
         self.reader: TunReader | None = None
+        self.udp: DatagramPath | None = None  # this session's UDP data path, if the server agreed
+        self.udp_private: Any = None  # this session's X25519 key, offered in the hello
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
         finish_credential_update(config)
@@ -4119,6 +4467,7 @@ class NetworkClient:
                         reason = self._configure(welcome) or self._pump(link, welcome)
                     finally:
                         link.close()
+                        self._close_datagram_path()
                     if reason is None:
                         break  # asked to stop
                     if reason == CERTS_RENEWED:
@@ -4159,16 +4508,49 @@ class NetworkClient:
             raw.close()
             raise
         link = Link(sock, self._server)
+        self._close_datagram_path()  # a failed connect's
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
-            sock.sendall(Hello(self.config.token, caps=caps, net_token=self.config.net_token).encode())
+            share = b""
+            if self.config.transport == "tcp":
+                caps = tuple(c for c in caps if c != CAP_UDP)
+            else:
+                self.udp_private, share = new_x25519()
+            hello = Hello(self.config.token, caps=caps, net_token=self.config.net_token, udp_key=share)
+            sock.sendall(hello.encode())
             welcome = self._await_welcome(link)
             self._check_welcome(welcome)
+            self.udp = self._datagram_path(share, welcome)
         except BaseException:
             link.close()
             raise
         sock.setblocking(False)
         return link, welcome
+
+    def _datagram_path(self, share: bytes, welcome: Welcome) -> DatagramPath | None:
+        """The UDP path the welcome agreed on (keys from both shares), or None."""
+        if CAP_UDP not in welcome.caps or not share:
+            return None
+        transcript = datagram_transcript(share, welcome.udp_key, welcome.udp_session, self.config.token)
+        try:
+            keys = datagram_keys(self.udp_private, welcome.udp_key, transcript)
+        except BadDatagram:
+            raise ProtocolError("the welcome's udpKey is unusable") from None
+        port = welcome.udp_port if self.config.udp_port == DEFAULT_NETWORK_PORT else self.config.udp_port
+        path = DatagramPath(
+            self.config.server_addr,
+            port,
+            DatagramKeys.for_node(welcome.udp_session, *keys),
+            self.config.transport,
+            self.config.token,
+        )
+        path.counters = self.counters
+        return path
+
+    def _close_datagram_path(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
 
     def _await_welcome(self, link: Link) -> Welcome:
         """The server's welcome, within HANDSHAKE_TIMEOUT_S in all: frames it may send
@@ -4287,8 +4669,17 @@ class NetworkClient:
             poller.register(link.fd, select.EPOLLIN)
             poller.register(tun_fd, select.EPOLLIN)
             poller.register(self.wake_r, select.EPOLLIN)
+            udp = self.udp
+            udp_fd = -1
+            if udp is not None:
+                udp_fd = udp.fd
+                poller.register(udp_fd, select.EPOLLIN)
+                if udp.mode == "udp":
+                    link.queue(encode_control(FRAME_TRANSPORT, {"transport": "udp"}))
+                udp.tick(time.monotonic())  # the first probe
             keepalive = welcome.keepalive
             next_tick = time.monotonic() + 1.0
+            next_udp_tick = time.monotonic() + 0.25
             want_out = False
             self._deliver(link)  # frames that came in the same read as the welcome
             while not self.stop.is_set():
@@ -4296,16 +4687,21 @@ class NetworkClient:
                     with contextlib.suppress(OSError):
                         os.read(self.wake_r, 64)
                     return CERTS_RENEWED
-                for fd, _events in poller.poll(1.0):
+                for fd, _events in poller.poll(0.25 if udp is not None else 1.0):
                     if fd == tun_fd:
                         self._read_tun(link, 1 if poller.woke else 256)
+                    elif fd == udp_fd:
+                        self._read_datagrams(link, 1 if poller.woke else 256)
                     elif fd == link.fd:
                         link.receive(self._deliver, once=poller.woke)
+                now = poller.now
+                if udp is not None and now >= next_udp_tick:
+                    next_udp_tick = now + 0.25
+                    self._tick_datagram_path(link, udp, now)
                 blocked = not link.flush()
                 if blocked != want_out:
                     want_out = blocked
                     poller.modify(link.fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
-                now = poller.now
                 if now >= next_tick:
                     next_tick = now + 1.0
                     if now - link.last_rx > 3 * keepalive:
@@ -4322,14 +4718,42 @@ class NetworkClient:
         finally:
             poller.close()
 
+    def _tick_datagram_path(self, link: Link, udp: DatagramPath, now: float) -> None:
+        """Probe, switch and rekey the UDP path; the server hears of each over TLS."""
+        transport = udp.tick(now)
+        if transport is not None:
+            link.queue(encode_control(FRAME_TRANSPORT, {"transport": transport}))
+        if (rekey := udp.rekey_request(now)) is not None:
+            link.queue(rekey)
+
+    def _read_datagrams(self, link: Link, limit: int) -> None:
+        assert self.udp is not None
+        udp, was_up = self.udp, self.udp.state == DatagramPath.UP
+        for frame in udp.receive(limit):
+            try:
+                kind, start, end = datagram_frame(frame)
+            except BadDatagram as e:
+                self.counters["udp-" + e.reason] += 1
+                continue
+            if kind == FRAME_PACKET:
+                self._deliver_frame(memoryview(frame), kind, start, end)
+        if not was_up and udp.last_rx >= udp.since and udp.state == DatagramPath.PROBING:
+            self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
+
     def _read_tun(self, link: Link, limit: int) -> None:
         assert self.tun is not None and self.reader is not None
         reader = self.reader
+        udp = self.udp if self.udp is not None and self.udp.carrying else None
         for _ in range(limit):
             try:
                 length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
+            if udp is not None:
+                udp.send(
+                    plain_frames(reader.packet(length)) if self.tun.offload else [reader.frame(FRAME_PACKET, length)]
+                )
+                continue
             if not self.tun.offload:
                 frames = [reader.frame(FRAME_PACKET, length)]
             elif self.gso:
@@ -4342,32 +4766,39 @@ class NetworkClient:
                     break
 
     def _deliver(self, link: Link) -> None:
-        assert self.tun is not None
-        view, fd, offload = link.rx.view, self.tun.fd, self.tun.offload
+        view = link.rx.view
         for kind, start, end in link.rx.frames():
-            try:
-                if kind == FRAME_PACKET:
-                    check_packet(view[start:end], self.server_mtu)
-                    if offload:
-                        os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
-                    else:
-                        os.write(fd, view[start:end])
-                elif kind == FRAME_GSO_PACKET and self.gso:
-                    view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
-                    if offload:
-                        os.write(fd, view[start:end])
-                    else:
-                        for packet in plain_packets(view[start:end]):
-                            os.write(fd, packet)
-                elif kind == FRAME_ERROR:
-                    self._on_refusal(Refusal.decode(view[start:end]))
-                    raise PeerClosed("server ended the session")
-                elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
-                    raise ProtocolError(f"unexpected frame type {kind:#x}")
-            except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
-                self.counters["dropped-" + e.reason] += 1
-            except OSError:
-                self.counters["dropped-tun-write"] += 1
+            self._deliver_frame(view, kind, start, end)
+
+    def _deliver_frame(self, view: memoryview, kind: int, start: int, end: int) -> None:
+        """One frame from the server, off the TLS stream or out of a datagram."""
+        assert self.tun is not None
+        fd, offload = self.tun.fd, self.tun.offload
+        try:
+            if kind == FRAME_PACKET:
+                check_packet(view[start:end], self.server_mtu)
+                if offload:
+                    os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
+                else:
+                    os.write(fd, view[start:end])
+            elif kind == FRAME_GSO_PACKET and self.gso:
+                view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
+                if offload:
+                    os.write(fd, view[start:end])
+                else:
+                    for packet in plain_packets(view[start:end]):
+                        os.write(fd, packet)
+            elif kind == FRAME_ERROR:
+                self._on_refusal(Refusal.decode(view[start:end]))
+                raise PeerClosed("server ended the session")
+            elif kind == FRAME_REKEY and self.udp is not None:
+                self.udp.on_rekey(decode_control(view[start:end]), time.monotonic())
+            elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                raise ProtocolError(f"unexpected frame type {kind:#x}")
+        except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
+            self.counters["dropped-" + e.reason] += 1
+        except OSError:
+            self.counters["dropped-tun-write"] += 1
 
 
 class CertRenewer(threading.Thread):

@@ -3142,7 +3142,7 @@ class DatagramPath:
             session = datagram_session(datagram)
             keys = self.openers.get(session) if session is not None else None
             if keys is None:
-                self.counters["udp-unknown-session"] += 1
+                self.counters["udp-malformed" if session is None else "udp-unknown-session"] += 1
                 continue
             try:
                 frame = keys.open(datagram)
@@ -4194,7 +4194,10 @@ class NetworkServer(Sessions):
         """One datagram: one lookup, at most one tag check; only an authenticated one
         moves the session's address or reaches the switch."""
         session_id = datagram_session(datagram)
-        session = self.udp_sessions.get(session_id) if session_id is not None else None
+        if session_id is None:
+            self._drop_datagram("malformed", address)
+            return
+        session = self.udp_sessions.get(session_id)
         if session is None:
             self._drop_datagram("unknown-session", address)
             return

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 
-from netlab import Host, Lab, start_client, wait_for
-from network_helpers import SERVER_OVERLAY_IP, assert_reaches, build_overlay, ping_counts
+from netlab import Host, Lab, start_client, start_server, wait_for
+from network_helpers import SERVER_OVERLAY_IP, assert_reaches, build_overlay, ping_counts, stop_client, wait_exit
+from udp_helpers import spawn_udp_node, udp_node_result
 
 UDP_PORT = "6441"
 
@@ -58,8 +59,6 @@ def test_data_flows_as_datagrams_once_udp_is_up(lab: Lab) -> None:
 def test_udp_blocked_before_the_join_leaves_the_node_on_tcp(lab: Lab) -> None:
     """The node's UDP is dropped from the start: it stays on TLS/TCP and works."""
     server_host = lab.add_host("server")
-    from netlab import start_server
-
     server = start_server(server_host, keepalive=5)
     node = lab.add_host("node1")
     udp_rule(node, "-A", "-j", "DROP")
@@ -89,3 +88,36 @@ def test_udp_blocked_mid_session_moves_to_tcp_and_back(lab: Lab) -> None:
     assert answered == sent
     assert output_packets(node, "udp") >= 20
     assert client.overlay_ip() == address
+
+
+def test_datagrams_that_do_not_authenticate_are_dropped_counted_and_never_answered(lab: Lab) -> None:
+    """Two real sessions agreed with a real server. Replayed, truncated, forged and
+    cross-session datagrams get no answer and are counted in the server's log; reordered
+    ones are all answered; a stranger gets not one byte back, even for a captured
+    datagram; a node that changes port and then underlay address keeps its session, and
+    answers go only to the newest authenticated address."""
+    overlay = build_overlay(lab, 2, keepalive=5)
+    a, b = overlay.clients
+    for client in overlay.clients:
+        assert stop_client(client) == 0  # their certificates now belong to the scripted node
+    node = a.host
+    new_ip = "198.18.0.200"
+    node.run("ip", "addr", "add", f"{new_ip}/24", "dev", "eth0")
+    process = spawn_udp_node(
+        node,
+        overlay.server_host.ip,
+        cert_dirs=[str(c.work_dir / "tls" / "network") for c in (a, b)],
+        tokens=[a.token(), b.token()],
+        new_ip=new_ip,
+    )
+    wait_exit(process, timeout=60)
+    result = udp_node_result(process)
+    assert result["genuine"] and result["reordered"], result
+    assert result["replayed"] == [] and result["truncated"] == [] and result["forged"] == [], result
+    assert result["cross_session_a"] == [] and result["cross_session_b"] == [], result
+    assert result["stranger_got"] == 0, result
+    assert result["moved_port"] and result["moved_address"] and result["stays_moved"], result
+    assert result["old_socket_got"] == 0, result
+    server_log = overlay.server.process.log()
+    for reason in ("replayed", "forged", "malformed", "unknown-session"):
+        assert re.search(rf"UDP datagram from [\d.]+ dropped \({reason}\); \d+ so far", server_log), reason

@@ -1899,6 +1899,10 @@ class Sessions:
     def remove_overlay(self, name: str) -> None:
         """Cut off a deleted network's nodes and remove its TUN."""
 
+    def transports(self) -> dict[str, str]:
+        """The data path ("udp" or "tcp") of each connected node, by node-token."""
+        return {}
+
 
 def new_bootstrap_token() -> str:
     """<6-char id>.<16-char secret>: the id is looked up, the whole token compared in constant time."""
@@ -2134,6 +2138,10 @@ class ControlPlane:
     def list_nodes(self, who: Identity) -> list[NodeRow]:
         self.authorize(who, "administer")
         return self.store.nodes()
+
+    def node_transports(self, who: Identity) -> dict[str, str]:
+        self.authorize(who, "administer")
+        return self.sessions.transports()
 
     def unregister(self, who: Identity, token: str) -> None:
         """Remove a node: its row, address, certificates and unused minted tokens at
@@ -2816,6 +2824,78 @@ def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
     return segments
 
 
+# Userspace GRO: a run of consecutive TCP segments of one flow becomes one super-packet
+# for a TUN with offload, so the kernel's TCP takes 64 KiB per write, as from the stream.
+TCP_ACK, TCP_PSH = 0x10, 0x08
+GRO_MAX_LENGTH = 65535
+
+
+def tcp4_flow(packet: Any) -> tuple[bytes, int, int, int, int] | None:
+    """(flow key, seq, ihl + thl, payload length, tcp flags) of a plain IPv4/TCP segment
+    that may be coalesced (no IP options or fragments, only ACK/PSH set, some payload), else None."""
+    if len(packet) < 40 or packet[0] != 0x45 or packet[9] != socket.IPPROTO_TCP or packet[6] & 0x3F or packet[7]:
+        return None
+    total = packet[2] << 8 | packet[3]
+    thl = (packet[32] >> 4) * 4
+    flags = packet[33]
+    if total != len(packet) or thl < 20 or 20 + thl >= total or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK:
+        return None
+    # Everything that must match across a run: TOS, TTL, addresses, ports, ack, window, options.
+    key = bytes(packet[1:2]) + bytes(packet[8:9]) + bytes(packet[12:24]) + bytes(packet[28:32]) + bytes(packet[34:36])
+    key += bytes(packet[40 : 20 + thl])
+    return key, int.from_bytes(packet[24:28], "big"), 20 + thl, total - 20 - thl, flags
+
+
+def coalesce_tcp4(packets: list[Any]) -> list[bytes]:
+    """What to write to a TUN with offload for these packets, in order: each run of
+    consecutive full-sized segments of one flow as one virtio_net_hdr GSO super-packet
+    (the last may be shorter or carry PSH), everything else as it is behind a zero header."""
+    out: list[bytes] = []
+    run: list[Any] = []
+    run_key, next_seq, mss, length, closed = b"", 0, 0, 0, True
+    for packet in packets:
+        flow = tcp4_flow(packet)
+        if flow is not None and run and not closed:
+            key, seq, headers, payload, flags = flow
+            if key == run_key and seq == next_seq and payload <= mss and length + payload <= GRO_MAX_LENGTH:
+                run.append(packet)
+                next_seq, length = (seq + payload) & 0xFFFFFFFF, length + payload
+                closed = payload < mss or bool(flags & TCP_PSH)
+                continue
+        if run:
+            out.append(gro_packet(run, mss))
+            run = []
+        if flow is None:
+            out.append(ZERO_VNET_HDR + bytes(packet))
+            continue
+        key, seq, headers, payload, flags = flow
+        run, run_key, mss = [packet], key, payload
+        next_seq, length, closed = (seq + payload) & 0xFFFFFFFF, headers + payload, bool(flags & TCP_PSH)
+    if run:
+        out.append(gro_packet(run, mss))
+    return out
+
+
+def gro_packet(run: list[Any], mss: int) -> bytes:
+    """One super-packet (virtio_net_hdr + IPv4/TCP) from a run coalesce_tcp4 chose."""
+    first = run[0]
+    if len(run) == 1:
+        return ZERO_VNET_HDR + bytes(first)
+    headers = 20 + (first[32] >> 4) * 4
+    body = b"".join(bytes(p[headers:]) for p in run)
+    ip = bytearray(first[:20])
+    ip[2:4] = (headers + len(body)).to_bytes(2, "big")
+    ip[10:12] = b"\0\0"
+    ip[10:12] = checksum(ip).to_bytes(2, "big")
+    tcp = bytearray(first[20:headers])
+    tcp[13] |= run[-1][33] & TCP_PSH
+    # NEEDS_CSUM: the checksum field holds the pseudo-header sum, the kernel adds the rest.
+    pseudo = bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
+    tcp[16:18] = (0xFFFF - checksum(pseudo)).to_bytes(2, "big")
+    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, headers, mss, 20, TCP_CSUM_OFFSET)
+    return vnet + bytes(ip) + bytes(tcp) + body
+
+
 class TunReader:
     """Reads TUN packets into one reused buffer that leaves room for a frame
     header in front, so a packet becomes a frame with a single copy and no
@@ -3070,6 +3150,89 @@ def udp_socket(port: int = 0) -> socket.socket:
     return sock
 
 
+UDP_SEGMENT = 103  # linux/udp.h: UDP GSO, one send of equal-sized datagrams
+UDP_GRO = 104  # linux/udp.h: the kernel hands over runs of equal-sized datagrams in one read
+UDP_MAX_SEGMENTS = 64  # per UDP_SEGMENT send (the kernel's limit on older releases)
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+
+class DatagramSocket:
+    """A non-blocking UDP socket that moves batches: a list of datagrams goes out in few
+    sends (UDP GSO where the kernel takes it), and reads fill a list (UDP GRO). A kernel
+    without either keeps a correct one-datagram-per-syscall path."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock = udp_socket(port)
+        self.fd = self.sock.fileno()
+        self.gso = True  # cleared at the first send the kernel refuses
+        self.gro = False
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        self.buf = bytearray(UDP_RECEIVE_SIZE)
+        self.view = memoryview(self.buf)
+
+    @property
+    def family(self) -> int:
+        return self.sock.family
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(self, datagrams: list[bytes], address: Any) -> bool:
+        """Send in order; False when the socket is full (the rest are dropped: short queues
+        keep latency low and the inner TCP resends). Other errors raise OSError."""
+        count, index = len(datagrams), 0
+        while index < count:
+            size = len(datagrams[index])
+            end = index + 1
+            limit = min(count, index + UDP_MAX_SEGMENTS)
+            while end < limit and len(datagrams[end]) == size:
+                end += 1
+            if end < limit and len(datagrams[end]) < size:
+                end += 1  # a shorter datagram may end a GSO run
+            try:
+                if end - index > 1 and self.gso:
+                    self._send_run(datagrams[index:end], size, address)
+                else:
+                    end = index + 1
+                    self.sock.sendto(datagrams[index], address)
+            except (BlockingIOError, InterruptedError):
+                return False
+            index = end
+        return True
+
+    def _send_run(self, run: list[bytes], size: int, address: Any) -> None:
+        try:
+            self.sock.sendmsg([b"".join(run)], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
+        except OSError as e:
+            if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                raise
+            log.info("UDP segmentation offload unavailable (%s); sending datagrams one by one", e.strerror)
+            self.gso = False
+            for datagram in run:
+                self.sock.sendto(datagram, address)
+
+    def receive(self, limit: int) -> Iterator[tuple[memoryview, Any]]:
+        """(datagram, source) for what is waiting, up to `limit` reads; the views are valid
+        until the next read."""
+        sock, buf, view = self.sock, self.buf, self.view
+        for _ in range(limit):
+            try:
+                count, ancillary, _flags, address = sock.recvmsg_into([buf], GRO_CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for an earlier send; liveness tells what it meant
+                continue
+            size = count
+            for level, kind, data in ancillary:
+                if level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                    size = struct.unpack("=i", data[:4])[0] or count
+            for start in range(0, count, size):
+                yield view[start : min(start + size, count)], address
+
+
 def udp_address(sock: socket.socket, host: str, port: int) -> tuple:
     """host:port as sock's family addresses it (an IPv4 server through a dual-stack socket is mapped)."""
     if sock.family == socket.AF_INET6 and ipaddress.ip_address(host).version == 4:
@@ -3085,9 +3248,9 @@ class DatagramPath:
     PROBING, UP, DOWN = "probing", "up", "down"
 
     def __init__(self, server: str, port: int, keys: DatagramKeys, mode: str, node_token: str) -> None:
-        self.sock = udp_socket()
-        self.fd = self.sock.fileno()
-        self.server = udp_address(self.sock, server, port)
+        self.sock = DatagramSocket()
+        self.fd = self.sock.fd
+        self.server = udp_address(self.sock.sock, server, port)
         self.keys = keys  # sealing: the newest agreed
         self.openers: dict[int, DatagramKeys] = {keys.session_id: keys}
         self.retired_at = 0.0  # when replaced keys stop opening datagrams
@@ -3100,8 +3263,6 @@ class DatagramPath:
         self.last_tx = 0.0
         self.rekey_private: Any = None  # our share of a rekey sent, awaiting the server's
         self.rekey_share = b""
-        self.buf = bytearray(UDP_RECEIVE_SIZE)
-        self.view = memoryview(self.buf)
         self.counters: collections.Counter[str] = collections.Counter()
 
     @property
@@ -3110,35 +3271,25 @@ class DatagramPath:
         return self.state == self.UP or self.mode == "udp"
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        self.sock.close()
 
     def send(self, frames: list[bytes]) -> bool:
-        """Seal and send each frame; False when the socket is full (the rest are dropped:
-        a short queue is what keeps latency low, and the inner TCP resends)."""
-        sock, server, seal = self.sock, self.server, self.keys.seal
-        for frame in frames:
-            try:
-                sock.sendto(seal(frame), server)
-            except (BlockingIOError, InterruptedError):
-                self.counters["dropped-udp-full"] += 1
-                return False
-            except OSError:
-                self.counters["dropped-udp-send"] += 1
-                return False
+        """Seal each frame and send the batch; False when the socket is full (the rest are
+        dropped: a short queue is what keeps latency low, and the inner TCP resends)."""
+        seal = self.keys.seal
+        try:
+            sent = self.sock.send([seal(frame) for frame in frames], self.server)
+        except (OSError, BadDatagram):
+            self.counters["dropped-udp-send"] += 1
+            return False
+        if not sent:
+            self.counters["dropped-udp-full"] += 1
         self.last_tx = time.monotonic()
-        return True
+        return sent
 
     def receive(self, limit: int) -> Iterator[bytes]:
         """The frames of up to `limit` authenticated datagrams; the rest are counted and dropped."""
-        for _ in range(limit):
-            try:
-                count = self.sock.recv_into(self.buf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # an ICMP error of an earlier send; the path's liveness will tell
-                continue
-            datagram = self.view[:count]
+        for datagram, _source in self.sock.receive(limit):
             session = datagram_session(datagram)
             keys = self.openers.get(session) if session is not None else None
             if keys is None:
@@ -3663,9 +3814,9 @@ class NetworkServer(Sessions):
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
         self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
         self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
-        self.udp: socket.socket | None = None  # the UDP data path's socket, unless transport is tcp
+        self.udp: DatagramSocket | None = None  # the UDP data path's socket, unless transport is tcp
         self.udp_sessions: dict[int, ServerSession] = {}  # by datagram session id
-        self.udp_buf = bytearray(UDP_RECEIVE_SIZE)
+        self.tun_batches: dict[Plane, list[bytes]] | None = None  # while a datagram batch is read: TUN writes held
         self.handshaker: Handshaker | None = None
         self.epoll: Poller | None = None
         self.wake_r = self.wake_w = -1
@@ -3684,7 +3835,7 @@ class NetworkServer(Sessions):
             self.epoll.register(self.wake_r, select.EPOLLIN)
             if self.config.transport != "tcp":
                 self.udp = self._listen_udp()
-                self.epoll.register(self.udp.fileno(), select.EPOLLIN)
+                self.epoll.register(self.udp.fd, select.EPOLLIN)
             # A killed run's rules, also of networks deleted since or with gateway now off;
             # without iptables there can be none.
             with contextlib.suppress(TunError):
@@ -3782,9 +3933,9 @@ class NetworkServer(Sessions):
         sock.setblocking(False)
         return sock
 
-    def _listen_udp(self) -> socket.socket:
+    def _listen_udp(self) -> DatagramSocket:
         try:
-            return udp_socket(self.config.udp_port)
+            return DatagramSocket(self.config.udp_port)
         except OSError as e:
             raise NcError(
                 f"cannot listen on UDP :{self.config.udp_port} ({e.strerror}); stop what uses it, "
@@ -3809,6 +3960,17 @@ class NetworkServer(Sessions):
         """End the node's live session (if any), telling it not to come back."""
         self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
 
+    def transports(self) -> dict[str, str]:
+        """From a gRPC thread: a copy of the table (one C-level step under the GIL), then
+        each session's own fields, which only the loop writes."""
+        now = time.monotonic()
+        return {token: "udp" if self._on_udp(s, now) else "tcp" for token, s in dict(self.by_token).items()}
+
+    @staticmethod
+    def _on_udp(session: ServerSession, now: float) -> bool:
+        """Data for this node goes out as datagrams: it asked, and its datagrams keep coming."""
+        return session.udp_wanted and now - session.udp_last_rx < UDP_SILENT_S
+
     def running(self) -> bool:
         """The packet loop is alive and turning (health checks ask this): a loop that is
         stuck, in a bug or in one frame that costs too much, counts as down too."""
@@ -3819,7 +3981,7 @@ class NetworkServer(Sessions):
 
     def _run(self) -> None:
         sessions, tun_planes = self.sessions, self.tun_planes
-        udp_fd = self.udp.fileno() if self.udp is not None else -1
+        udp_fd = self.udp.fd if self.udp is not None else -1
         next_tick = time.monotonic() + 1.0
         try:
             while not self.stopping.is_set():
@@ -4073,7 +4235,7 @@ class NetworkServer(Sessions):
         self._queue_frames(peer, [bytes(view[start - 4 : end])] if as_is else plain_frames(view[start:end]))
 
     def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
-        if peer.udp_wanted and self.epoll.now - peer.udp_last_rx < UDP_SILENT_S:
+        if self._on_udp(peer, self.epoll.now):
             self._send_datagrams(peer, frames)
             return
         for frame in frames:
@@ -4085,6 +4247,9 @@ class NetworkServer(Sessions):
     def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
         """Hand a node's packet to this host's kernel (the server's own IP, or the gateway)."""
         tun = plane.tun
+        if self.tun_batches is not None and tun.offload and kind == FRAME_PACKET:
+            self.tun_batches.setdefault(plane, []).append(bytes(view[start:end]))
+            return
         try:
             if not tun.offload:
                 for packet in plain_packets(view[start:end]) if kind == FRAME_GSO_PACKET else [view[start:end]]:
@@ -4170,15 +4335,23 @@ class NetworkServer(Sessions):
 
     def _read_udp(self) -> None:
         assert self.udp is not None
-        view = memoryview(self.udp_buf)
-        for _ in range(1 if self.epoll.woke else 256):
+        self.tun_batches = {}
+        try:
+            for datagram, address in self.udp.receive(1 if self.epoll.woke else 64):
+                self._on_datagram(datagram, address)
+        finally:
+            batches, self.tun_batches = self.tun_batches, None
+            for plane, packets in batches.items():
+                self._write_tun_batch(plane, packets)
+
+    def _write_tun_batch(self, plane: Plane, packets: list[bytes]) -> None:
+        """The packets one batch of datagrams brought for this host, TCP runs coalesced (GRO)."""
+        for buffer in coalesce_tcp4(packets):
             try:
-                count, address = self.udp.recvfrom_into(self.udp_buf)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # an ICMP error for an earlier send
-                continue
-            self._on_datagram(view[:count], address)
+                os.write(plane.tun.fd, buffer)
+            except OSError as e:
+                self.counters["dropped-tun-write"] += 1
+                self.note("tun-write", "TUN write failed: %s", e.strerror)
 
     def _drop_datagram(self, reason: str, address: Any) -> None:
         self.counters["udp-" + reason] += 1
@@ -4240,18 +4413,16 @@ class NetworkServer(Sessions):
         keys, address, sock = session.udp_sealer, session.udp_addr, self.udp
         if keys is None or address is None or sock is None:
             return
-        for frame in frames:
-            pieces = plain_frames(memoryview(frame)[4:]) if frame[0] == FRAME_GSO_PACKET else (frame,)
-            for piece in pieces:
-                try:
-                    sock.sendto(keys.seal(piece), address)
-                except (BlockingIOError, InterruptedError):
+        seal = keys.seal
+        try:
+            for frame in frames:
+                pieces = plain_frames(memoryview(frame)[4:]) if frame[0] == FRAME_GSO_PACKET else (frame,)
+                if not sock.send([seal(piece) for piece in pieces], address):
                     self.counters["dropped-udp-full"] += 1
                     return
-                except (OSError, BadDatagram) as e:
-                    self.counters["dropped-udp-send"] += 1
-                    self.note("udp-send", "UDP send to node %s failed: %s", session.node_token, e)
-                    return
+        except (OSError, BadDatagram) as e:
+            self.counters["dropped-udp-send"] += 1
+            self.note("udp-send", "UDP send to node %s failed: %s", session.node_token, e)
 
     # -- output, liveness, teardown -----------------------------------------------------------
 
@@ -4732,16 +4903,30 @@ class NetworkClient:
     def _read_datagrams(self, link: Link, limit: int) -> None:
         assert self.udp is not None
         udp, was_up = self.udp, self.udp.state == DatagramPath.UP
+        packets = []
         for frame in udp.receive(limit):
             try:
                 kind, start, end = datagram_frame(frame)
+                if kind == FRAME_PACKET:
+                    check_packet(memoryview(frame)[start:end], self.server_mtu)
+                    packets.append(frame[start:end])
+            except BadFrame as e:
+                self.counters["dropped-" + e.reason] += 1
             except BadDatagram as e:
                 self.counters["udp-" + e.reason] += 1
-                continue
-            if kind == FRAME_PACKET:
-                self._deliver_frame(memoryview(frame), kind, start, end)
+        self._write_packets(packets)
         if not was_up and udp.last_rx >= udp.since and udp.state == DatagramPath.PROBING:
             self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
+
+    def _write_packets(self, packets: list[bytes]) -> None:
+        """Checked packets to the TUN: TCP runs coalesced into super-packets where it takes them."""
+        assert self.tun is not None
+        fd = self.tun.fd
+        for buffer in coalesce_tcp4(packets) if self.tun.offload else packets:
+            try:
+                os.write(fd, buffer)
+            except OSError:
+                self.counters["dropped-tun-write"] += 1
 
     def _read_tun(self, link: Link, limit: int) -> None:
         assert self.tun is not None and self.reader is not None
@@ -5201,6 +5386,8 @@ class AdminService:
     @guarded("ListNodesResponse", denied_as_status=True)
     def ListNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
         pb = grpc_modules()[1]
+        who = self._admin(context)
+        transports = self.control.node_transports(who)
         nodes = [
             pb.NodeInfo(
                 nodeToken=r.token,
@@ -5210,8 +5397,9 @@ class AdminService:
                 updateTime=r.update_time,
                 network=r.network,
                 mintedBy=r.minted_by,
+                transport=transports.get(r.token, ""),
             )
-            for r in self.control.list_nodes(self._admin(context))
+            for r in self.control.list_nodes(who)
         ]
         return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
 
@@ -6151,12 +6339,13 @@ def adm_node_list(args: argparse.Namespace) -> int:
                 n.network,
                 n.bindIp or "-",
                 f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
+                n.transport or "-",
                 n.updateTime,
                 n.mintedBy or "admin",
             ]
             for n in response.nodes
         ]
-        print_table(["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "UPDATED", "MINTED-BY"], rows)
+        print_table(["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "TRANSPORT", "UPDATED", "MINTED-BY"], rows)
     return 0
 
 

@@ -54,6 +54,8 @@ def test_data_flows_as_datagrams_once_udp_is_up(lab: Lab) -> None:
     assert output_packets(node, "udp") >= 30
     assert output_packets(node, "tcp") < 10  # TLS keepalives at most, no packets
     assert "data path UDP" in overlay.server.process.log()
+    assert overlay.server.node(client.token())["transport"] == "udp"
+    assert "udp" in overlay.server.adm("node", "list").stdout.split()
 
 
 def test_udp_blocked_before_the_join_leaves_the_node_on_tcp(lab: Lab) -> None:
@@ -68,6 +70,7 @@ def test_udp_blocked_before_the_join_leaves_the_node_on_tcp(lab: Lab) -> None:
     sent, answered = ping_counts(node, SERVER_OVERLAY_IP, 10, 0.1)
     assert answered == sent
     assert "data path: UDP" not in client.process.log()
+    assert server.node(client.token())["transport"] == "tcp"
 
 
 def test_udp_blocked_mid_session_moves_to_tcp_and_back(lab: Lab) -> None:

@@ -2790,6 +2790,56 @@ def plain_frames(payload: Any) -> list[bytes]:
     return [encode_frame(FRAME_PACKET, p) for p in plain_packets(payload)]
 
 
+def datagram_frames(payload: Any, mtu: int, partial: bool) -> list[bytes]:
+    """Frames of at most the MTU for datagrams, from a GSO frame payload (virtio_net_hdr +
+    packet). partial (the peer agreed on "gso"): TCP segments leave as GSO frames without
+    segmentation whose checksum the receiving kernel completes (NEEDS_CSUM), so the
+    sender sums no payload bytes; else as plain PACKET frames with full checksums."""
+    if len(payload) < VNET_HDR_LEN:
+        return []
+    gso_type, gso_size = payload[1], VNET_HDR.unpack_from(payload)[3]
+    packet = payload[VNET_HDR_LEN:]
+    if not partial or gso_type & ~GSO_ECN != GSO_TCPV4 or gso_size < GSO_MIN_SIZE:
+        if partial and gso_type == GSO_NONE and len(packet) <= mtu:
+            return [encode_frame(FRAME_GSO_PACKET, bytes(payload))]
+        return plain_frames(payload)
+    return segment_tcp4_partial(packet, gso_size)
+
+
+def segment_tcp4_partial(packet: Any, mss: int) -> list[bytes]:
+    """segment_tcp4 for a peer whose kernel completes TCP checksums: each piece a GSO
+    frame (GSO_NONE, NEEDS_CSUM) whose checksum field holds only the pseudo-header sum."""
+    if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
+        return []
+    ihl = (packet[0] & 0x0F) * 4
+    thl = (packet[ihl + 12] >> 4) * 4 if len(packet) > ihl + 12 else 0
+    if ihl < 20 or thl < 20 or len(packet) < ihl + thl:
+        return []
+    ip_header, tcp_header, data = bytes(packet[:ihl]), bytes(packet[ihl : ihl + thl]), packet[ihl + thl :]
+    ip_id = int.from_bytes(ip_header[4:6], "big")
+    seq = int.from_bytes(tcp_header[4:8], "big")
+    tcp_flags = tcp_header[13]
+    pseudo_base = bytes(ip_header[12:20]) + bytes((0, socket.IPPROTO_TCP))
+    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, ihl + thl, 0, ihl, TCP_CSUM_OFFSET)
+    frames = []
+    for index, offset in enumerate(range(0, len(data), mss)):
+        chunk = data[offset : offset + mss]
+        last = offset + mss >= len(data)
+        ip = bytearray(ip_header)
+        ip[2:4] = (ihl + thl + len(chunk)).to_bytes(2, "big")
+        ip[4:6] = ((ip_id + index) & 0xFFFF).to_bytes(2, "big")
+        ip[10:12] = b"\0\0"
+        ip[10:12] = checksum(ip).to_bytes(2, "big")
+        tcp = bytearray(tcp_header)
+        tcp[4:8] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
+        flags = tcp_flags if last else tcp_flags & ~0x09
+        tcp[13] = flags if index == 0 else flags & ~0x80
+        tcp[16:18] = (0xFFFF - checksum(pseudo_base + (thl + len(chunk)).to_bytes(2, "big"))).to_bytes(2, "big")
+        body = vnet + ip + tcp + chunk
+        frames.append(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | len(body)) + body)
+    return frames
+
+
 def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
     """Software TSO for one IPv4/TCP super-segment (nothing for an mss so small
     that one packet would cost hundreds of segments)."""
@@ -2830,10 +2880,14 @@ TCP_ACK, TCP_PSH = 0x10, 0x08
 GRO_MAX_LENGTH = 65535
 
 
-def tcp4_flow(packet: Any) -> tuple[bytes, int, int, int, int] | None:
-    """(flow key, seq, ihl + thl, payload length, tcp flags) of a plain IPv4/TCP segment
-    that may be coalesced (no IP options or fragments, only ACK/PSH set, some payload), else None."""
-    if len(packet) < 40 or packet[0] != 0x45 or packet[9] != socket.IPPROTO_TCP or packet[6] & 0x3F or packet[7]:
+def tcp4_flow(buffer: Any) -> tuple[bytes, int, int, int, int] | None:
+    """(flow key, seq, ihl + thl, payload length, tcp flags) of a virtio_net_hdr + plain
+    IPv4/TCP segment that may be coalesced (no GSO, no IP options or fragments, only
+    ACK/PSH set, some payload), else None."""
+    if len(buffer) < VNET_HDR_LEN + 40 or buffer[1] != GSO_NONE:
+        return None
+    packet = memoryview(buffer)[VNET_HDR_LEN:]
+    if packet[0] != 0x45 or packet[9] != socket.IPPROTO_TCP or packet[6] & 0x3F or packet[7]:
         return None
     total = packet[2] << 8 | packet[3]
     thl = (packet[32] >> 4) * 4
@@ -2846,19 +2900,19 @@ def tcp4_flow(packet: Any) -> tuple[bytes, int, int, int, int] | None:
     return key, int.from_bytes(packet[24:28], "big"), 20 + thl, total - 20 - thl, flags
 
 
-def coalesce_tcp4(packets: list[Any]) -> list[bytes]:
-    """What to write to a TUN with offload for these packets, in order: each run of
-    consecutive full-sized segments of one flow as one virtio_net_hdr GSO super-packet
-    (the last may be shorter or carry PSH), everything else as it is behind a zero header."""
+def coalesce_tcp4(buffers: list[bytes]) -> list[bytes]:
+    """What to write to a TUN with offload, in order, for these virtio_net_hdr + packet
+    buffers (headers already checked): each run of consecutive full-sized segments of one
+    flow as one GSO super-packet (the last may be shorter or carry PSH), the rest as they are."""
     out: list[bytes] = []
-    run: list[Any] = []
+    run: list[bytes] = []
     run_key, next_seq, mss, length, closed = b"", 0, 0, 0, True
-    for packet in packets:
-        flow = tcp4_flow(packet)
+    for buffer in buffers:
+        flow = tcp4_flow(buffer)
         if flow is not None and run and not closed:
             key, seq, headers, payload, flags = flow
             if key == run_key and seq == next_seq and payload <= mss and length + payload <= GRO_MAX_LENGTH:
-                run.append(packet)
+                run.append(buffer)
                 next_seq, length = (seq + payload) & 0xFFFFFFFF, length + payload
                 closed = payload < mss or bool(flags & TCP_PSH)
                 continue
@@ -2866,10 +2920,10 @@ def coalesce_tcp4(packets: list[Any]) -> list[bytes]:
             out.append(gro_packet(run, mss))
             run = []
         if flow is None:
-            out.append(ZERO_VNET_HDR + bytes(packet))
+            out.append(buffer)
             continue
         key, seq, headers, payload, flags = flow
-        run, run_key, mss = [packet], key, payload
+        run, run_key, mss = [buffer], key, payload
         next_seq, length, closed = (seq + payload) & 0xFFFFFFFF, headers + payload, bool(flags & TCP_PSH)
     if run:
         out.append(gro_packet(run, mss))
@@ -2878,17 +2932,17 @@ def coalesce_tcp4(packets: list[Any]) -> list[bytes]:
 
 def gro_packet(run: list[Any], mss: int) -> bytes:
     """One super-packet (virtio_net_hdr + IPv4/TCP) from a run coalesce_tcp4 chose."""
-    first = run[0]
     if len(run) == 1:
-        return ZERO_VNET_HDR + bytes(first)
+        return run[0]
+    first = memoryview(run[0])[VNET_HDR_LEN:]
     headers = 20 + (first[32] >> 4) * 4
-    body = b"".join(bytes(p[headers:]) for p in run)
+    body = b"".join(memoryview(p)[VNET_HDR_LEN + headers :] for p in run)
     ip = bytearray(first[:20])
     ip[2:4] = (headers + len(body)).to_bytes(2, "big")
     ip[10:12] = b"\0\0"
     ip[10:12] = checksum(ip).to_bytes(2, "big")
     tcp = bytearray(first[20:headers])
-    tcp[13] |= run[-1][33] & TCP_PSH
+    tcp[13] |= run[-1][VNET_HDR_LEN + 33] & TCP_PSH
     # NEEDS_CSUM: the checksum field holds the pseudo-header sum, the kernel adds the rest.
     pseudo = bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
     tcp[16:18] = (0xFFFF - checksum(pseudo)).to_bytes(2, "big")
@@ -3125,6 +3179,10 @@ UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often;
 UDP_RETRY_S = 20.0  # a failed or lost UDP path is probed again after this long
 UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this long
 UDP_RECEIVE_SIZE = 65536
+# Socket buffers: room for a few 64 KiB super-packets in flight, no more (a deeper queue
+# is latency under load). SO_*BUFFORCE is 32/33 in socket.h; Python names neither.
+UDP_BUFFERS = ((32, socket.SO_SNDBUF, 1 << 20), (33, socket.SO_RCVBUF, 4 << 20))
+UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, before dropping
 
 
 def udp_socket(port: int = 0) -> socket.socket:
@@ -3140,9 +3198,12 @@ def udp_socket(port: int = 0) -> socket.socket:
             sock.bind(("::", port))
         else:
             sock.bind(("0.0.0.0", port))
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, 4 * 1024 * 1024)
+        for forced, option, size in UDP_BUFFERS:
+            try:  # root may pass net.core.[rw]mem_max, which a fresh namespace keeps at 208 KiB
+                sock.setsockopt(socket.SOL_SOCKET, forced, size)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, size)
         sock.setblocking(False)
     except OSError:
         sock.close()
@@ -3153,6 +3214,7 @@ def udp_socket(port: int = 0) -> socket.socket:
 UDP_SEGMENT = 103  # linux/udp.h: UDP GSO, one send of equal-sized datagrams
 UDP_GRO = 104  # linux/udp.h: the kernel hands over runs of equal-sized datagrams in one read
 UDP_MAX_SEGMENTS = 64  # per UDP_SEGMENT send (the kernel's limit on older releases)
+UDP_GSO_BYTES = 65535 - 48  # one UDP_SEGMENT send is one IP packet before segmentation (IPv6 header + UDP)
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 
 
@@ -3180,14 +3242,13 @@ class DatagramSocket:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def send(self, datagrams: list[bytes], address: Any) -> bool:
-        """Send in order; False when the socket is full (the rest are dropped: short queues
-        keep latency low and the inner TCP resends). Other errors raise OSError."""
+    def send(self, datagrams: list[bytes], address: Any) -> int:
+        """Send in order; how many went (fewer when the socket is full). Other errors raise OSError."""
         count, index = len(datagrams), 0
         while index < count:
             size = len(datagrams[index])
             end = index + 1
-            limit = min(count, index + UDP_MAX_SEGMENTS)
+            limit = min(count, index + UDP_MAX_SEGMENTS, index + max(1, UDP_GSO_BYTES // size))
             while end < limit and len(datagrams[end]) == size:
                 end += 1
             if end < limit and len(datagrams[end]) < size:
@@ -3199,9 +3260,9 @@ class DatagramSocket:
                     end = index + 1
                     self.sock.sendto(datagrams[index], address)
             except (BlockingIOError, InterruptedError):
-                return False
+                return index
             index = end
-        return True
+        return index
 
     def _send_run(self, run: list[bytes], size: int, address: Any) -> None:
         try:
@@ -3261,6 +3322,7 @@ class DatagramPath:
         self.since = now  # when the state began
         self.last_rx = 0.0
         self.last_tx = 0.0
+        self.backlog: list[bytes] = []  # sealed datagrams the full socket did not take yet
         self.rekey_private: Any = None  # our share of a rekey sent, awaiting the server's
         self.rekey_share = b""
         self.counters: collections.Counter[str] = collections.Counter()
@@ -3273,19 +3335,39 @@ class DatagramPath:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, frames: list[bytes]) -> bool:
-        """Seal each frame and send the batch; False when the socket is full (the rest are
-        dropped: a short queue is what keeps latency low, and the inner TCP resends)."""
+    def send(self, frames: list[bytes]) -> None:
+        """Seal each frame and send the batch; what the full socket does not take waits in
+        a short backlog (the caller stops reading the TUN until it drains), past which it
+        is dropped and counted."""
         seal = self.keys.seal
         try:
-            sent = self.sock.send([seal(frame) for frame in frames], self.server)
-        except (OSError, BadDatagram):
+            sealed = [seal(frame) for frame in frames]
+        except BadDatagram:
             self.counters["dropped-udp-send"] += 1
-            return False
-        if not sent:
-            self.counters["dropped-udp-full"] += 1
+            return
+        if self.backlog:
+            room = UDP_BACKLOG - len(self.backlog)
+            self.backlog.extend(sealed[:room])
+            self.counters["dropped-udp-full"] += max(0, len(sealed) - room)
+            return
+        self._send(sealed)
+
+    def _send(self, sealed: list[bytes]) -> None:
+        try:
+            sent = self.sock.send(sealed, self.server)
+        except OSError:
+            self.counters["dropped-udp-send"] += 1
+            return
+        if sent < len(sealed):
+            self.backlog = sealed[sent:]
         self.last_tx = time.monotonic()
-        return sent
+
+    def flush(self) -> bool:
+        """Send the backlog; True once it is empty."""
+        backlog, self.backlog = self.backlog, []
+        if backlog:
+            self._send(backlog)
+        return not self.backlog
 
     def receive(self, limit: int) -> Iterator[bytes]:
         """The frames of up to `limit` authenticated datagrams; the rest are counted and dropped."""
@@ -4247,8 +4329,9 @@ class NetworkServer(Sessions):
     def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
         """Hand a node's packet to this host's kernel (the server's own IP, or the gateway)."""
         tun = plane.tun
-        if self.tun_batches is not None and tun.offload and kind == FRAME_PACKET:
-            self.tun_batches.setdefault(plane, []).append(bytes(view[start:end]))
+        if self.tun_batches is not None and tun.offload:
+            buffer = ZERO_VNET_HDR + bytes(view[start:end]) if kind == FRAME_PACKET else bytes(view[start:end])
+            self.tun_batches.setdefault(plane, []).append(buffer)
             return
         try:
             if not tun.offload:
@@ -4344,9 +4427,9 @@ class NetworkServer(Sessions):
             for plane, packets in batches.items():
                 self._write_tun_batch(plane, packets)
 
-    def _write_tun_batch(self, plane: Plane, packets: list[bytes]) -> None:
+    def _write_tun_batch(self, plane: Plane, buffers: list[bytes]) -> None:
         """The packets one batch of datagrams brought for this host, TCP runs coalesced (GRO)."""
-        for buffer in coalesce_tcp4(packets):
+        for buffer in coalesce_tcp4(buffers):
             try:
                 os.write(plane.tun.fd, buffer)
             except OSError as e:
@@ -4388,9 +4471,9 @@ class NetworkServer(Sessions):
                 log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
             session.udp_addr = address
         session.udp_last_rx = session.last_rx = self.epoll.now
-        if kind == FRAME_PACKET:
-            try:
-                self._route_from_node(session, memoryview(frame), kind, start, end)
+        if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+            try:  # writable: a GSO frame's header is rebuilt in place
+                self._route_from_node(session, memoryview(bytearray(frame)), kind, start, end)
             except BadFrame as e:
                 try:
                     self._bad_frame(session, e)
@@ -4416,8 +4499,10 @@ class NetworkServer(Sessions):
         seal = keys.seal
         try:
             for frame in frames:
-                pieces = plain_frames(memoryview(frame)[4:]) if frame[0] == FRAME_GSO_PACKET else (frame,)
-                if not sock.send([seal(piece) for piece in pieces], address):
+                gso = frame[0] == FRAME_GSO_PACKET
+                pieces = datagram_frames(memoryview(frame)[4:], self.config.mtu, session.gso) if gso else (frame,)
+                sealed = [seal(piece) for piece in pieces]
+                if sock.send(sealed, address) < len(sealed):
                     self.counters["dropped-udp-full"] += 1
                     return
         except (OSError, BadDatagram) as e:
@@ -4844,7 +4929,7 @@ class NetworkClient:
             poller.register(tun_fd, select.EPOLLIN)
             poller.register(self.wake_r, select.EPOLLIN)
             udp = self.udp
-            udp_fd = -1
+            udp_fd, udp_stalled = -1, False
             if udp is not None:
                 udp_fd = udp.fd
                 poller.register(udp_fd, select.EPOLLIN)
@@ -4861,13 +4946,22 @@ class NetworkClient:
                     with contextlib.suppress(OSError):
                         os.read(self.wake_r, 64)
                     return CERTS_RENEWED
-                for fd, _events in poller.poll(0.25 if udp is not None else 1.0):
+                for fd, events in poller.poll(0.25 if udp is not None else 1.0):
                     if fd == tun_fd:
                         self._read_tun(link, 1 if poller.woke else 256)
                     elif fd == udp_fd:
-                        self._read_datagrams(link, 1 if poller.woke else 256)
+                        if events & select.EPOLLOUT:
+                            udp.flush()  # type: ignore[union-attr]
+                        if events & select.EPOLLIN:
+                            self._read_datagrams(link, 1 if poller.woke else 256)
                     elif fd == link.fd:
                         link.receive(self._deliver, once=poller.woke)
+                if udp is not None and bool(udp.backlog) != udp_stalled:
+                    # A full socket: wait for room before reading more from the TUN, so the
+                    # queue stays short and the inner TCP feels the limit instead of losses.
+                    udp_stalled = bool(udp.backlog)
+                    poller.modify(udp_fd, select.EPOLLIN | select.EPOLLOUT if udp_stalled else select.EPOLLIN)
+                    poller.modify(tun_fd, 0 if udp_stalled else select.EPOLLIN)
                 now = poller.now
                 if udp is not None and now >= next_udp_tick:
                     next_udp_tick = now + 0.25
@@ -4903,28 +4997,33 @@ class NetworkClient:
     def _read_datagrams(self, link: Link, limit: int) -> None:
         assert self.udp is not None
         udp, was_up = self.udp, self.udp.state == DatagramPath.UP
-        packets = []
+        buffers = []  # virtio_net_hdr + packet, checked
         for frame in udp.receive(limit):
             try:
                 kind, start, end = datagram_frame(frame)
+                view = memoryview(frame)[start:end]
                 if kind == FRAME_PACKET:
-                    check_packet(memoryview(frame)[start:end], self.server_mtu)
-                    packets.append(frame[start:end])
+                    check_packet(view, self.server_mtu)
+                    buffers.append(ZERO_VNET_HDR + bytes(view))
+                elif kind == FRAME_GSO_PACKET and self.gso:
+                    buffers.append(gso_header(view, self.server_mtu) + bytes(view[VNET_HDR_LEN:]))
             except BadFrame as e:
                 self.counters["dropped-" + e.reason] += 1
             except BadDatagram as e:
                 self.counters["udp-" + e.reason] += 1
-        self._write_packets(packets)
+        self._write_packets(buffers)
         if not was_up and udp.last_rx >= udp.since and udp.state == DatagramPath.PROBING:
             self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
 
-    def _write_packets(self, packets: list[bytes]) -> None:
-        """Checked packets to the TUN: TCP runs coalesced into super-packets where it takes them."""
+    def _write_packets(self, buffers: list[bytes]) -> None:
+        """Checked packets (virtio_net_hdr + packet) to the TUN: TCP runs coalesced into
+        super-packets where it takes them, else each packet completed in software."""
         assert self.tun is not None
         fd = self.tun.fd
-        for buffer in coalesce_tcp4(packets) if self.tun.offload else packets:
+        packets = coalesce_tcp4(buffers) if self.tun.offload else [p for b in buffers for p in plain_packets(b)]
+        for packet in packets:
             try:
-                os.write(fd, buffer)
+                os.write(fd, packet)
             except OSError:
                 self.counters["dropped-tun-write"] += 1
 
@@ -4933,13 +5032,18 @@ class NetworkClient:
         reader = self.reader
         udp = self.udp if self.udp is not None and self.udp.carrying else None
         for _ in range(limit):
+            if udp is not None and udp.backlog:
+                return  # the socket is full: the rest waits in the TUN's queue
             try:
                 length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
             if udp is not None:
+                packet = reader.packet(length)
                 udp.send(
-                    plain_frames(reader.packet(length)) if self.tun.offload else [reader.frame(FRAME_PACKET, length)]
+                    datagram_frames(packet, self.server_mtu, self.gso)
+                    if self.tun.offload
+                    else [reader.frame(FRAME_PACKET, length)]
                 )
                 continue
             if not self.tun.offload:

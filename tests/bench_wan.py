@@ -160,15 +160,18 @@ def wg_keys(host: Host) -> tuple[str, str]:
 
 
 def start_wireguard(host: Host, work: Path, index: int, private: str, peer_public: str, peer: str) -> Process:
-    process = host.spawn("wireguard-go", "-f", "wg0", name=f"wireguard-go-{host.name}")
-    wait_for(lambda: host.has_link("wg0"), timeout=10, what=f"wireguard-go on {host.name} to make wg0")
+    # The UAPI socket (/var/run/wireguard/<name>.sock) is shared by every namespace: one
+    # name per device of this lab.
+    device = f"wg{host.lab.id}{index}"
+    process = host.spawn("wireguard-go", "-f", device, name=f"wireguard-go-{host.name}")
+    wait_for(lambda: host.has_link(device), timeout=10, what=f"wireguard-go on {host.name} to make {device}")
     key = work / f"wg-{host.name}.key"
     key.write_text(private + "\n")
     key.chmod(0o600)
-    host.run("wg", "set", "wg0", "private-key", str(key), "listen-port", str(WG_PORT),
+    host.run("wg", "set", device, "private-key", str(key), "listen-port", str(WG_PORT),
              "peer", peer_public, "allowed-ips", f"{WG_NET}.0/24", "endpoint", f"{peer}:{WG_PORT}")  # fmt: skip
-    host.run("ip", "addr", "add", f"{WG_NET}.{index}/24", "dev", "wg0")
-    host.run("ip", "link", "set", "wg0", "mtu", str(MTU), "up")
+    host.run("ip", "addr", "add", f"{WG_NET}.{index}/24", "dev", device)
+    host.run("ip", "link", "set", device, "mtu", str(MTU), "up")
     return process
 
 

@@ -233,15 +233,37 @@ SUPER_PACKETS = st.builds(
 )
 
 
+def plain(packets: list[bytes]) -> list[bytes]:
+    return [ncctl.ZERO_VNET_HDR + p for p in packets]
+
+
 @given(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400))
 @settings(max_examples=100, deadline=None)
 def test_gro_rebuilds_the_super_packet_that_segmentation_cut(packet: bytes, mss: int) -> None:
     """Segments cut from one super-packet coalesce back into one, which the server's own
     GSO check accepts and which segments into exactly the same packets again."""
     segments = ncctl.segment_tcp4(packet, mss)
-    (merged,) = ncctl.coalesce_tcp4(segments)
+    (merged,) = ncctl.coalesce_tcp4(plain(segments))
     ncctl.gso_header(merged, 1400 + 40)
     assert ncctl.plain_packets(merged) == segments
+
+
+@given(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400))
+@settings(max_examples=100, deadline=None)
+def test_partial_segments_complete_to_the_full_ones(packet: bytes, mss: int) -> None:
+    """Segments whose checksum the receiver completes (the datagram path's, which sum no
+    payload at the sender) pass the receiver's GSO check, complete to exactly what full
+    segmentation gives, and coalesce into the same super-packet."""
+    vnet = ncctl.VNET_HDR.pack(ncctl.VNET_F_NEEDS_CSUM, ncctl.GSO_TCPV4, 40, mss, 20, 16)
+    frames = ncctl.datagram_frames(vnet + packet, 1400, partial=True)
+    assert all(f[0] == ncctl.FRAME_GSO_PACKET and len(f) <= 4 + 10 + 40 + mss for f in frames)
+    checked = [ncctl.gso_header(f[4:], 1400 + 40) + f[14:] for f in frames]
+    full = ncctl.segment_tcp4(packet, mss)
+    assert [p for c in checked for p in ncctl.plain_packets(c)] == full
+    assert all(ncctl.checksum(p[:20]) == 0xFFFF for p in full)  # IP headers sum to all ones: valid
+    (merged,) = ncctl.coalesce_tcp4(checked)
+    assert ncctl.plain_packets(merged) == full
+    assert [f[4:] for f in ncctl.datagram_frames(vnet + packet, 1400, partial=False)] == full
 
 
 @given(st.lists(st.tuples(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400)), max_size=4), st.randoms())
@@ -251,6 +273,6 @@ def test_gro_keeps_every_packet_and_the_order_within_each_flow(cases: list, rng:
     packets = [s for packet, mss in cases for s in ncctl.segment_tcp4(packet, mss)]
     packets.append(b"\x45" + bytes(27))  # not TCP: passed on as it is
     rng.shuffle(packets)
-    merged = ncctl.coalesce_tcp4(packets)
+    merged = ncctl.coalesce_tcp4(plain(packets))
     assert [p for m in merged for p in ncctl.plain_packets(m)] == packets  # only neighbours merge
     assert len(merged) <= len(packets)

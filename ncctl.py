@@ -3012,9 +3012,10 @@ DATAGRAM_SEALED = 0x01
 DATAGRAM_TAG_LEN = 16
 DATAGRAM_OVERHEAD = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # header, tag, and the sealed frame's header
 X25519_SHARE_LEN = 32
-# A key is replaced over TLS long before its counter could wrap, and often enough that a
-# stolen key reads little traffic.
-REKEY_AFTER_DATAGRAMS = 1 << 40
+# A key is replaced over TLS long before its counter could wrap, within AES-GCM's bound
+# for one key (RFC 8446 5.5: 2^24.5 full-size records), and often enough that a stolen
+# key reads little traffic.
+REKEY_AFTER_DATAGRAMS = 1 << 24
 REKEY_AFTER_S = 120.0
 COUNTER_LIMIT = (1 << 64) - 1  # never sealed: seal refuses before the counter could repeat
 REPLAY_WINDOW = 4096  # datagrams a counter may lag the newest and still count as reordered, not replayed
@@ -3088,11 +3089,12 @@ class DatagramKeys:
     """One direction pair of a session's datagram keys: seal with one, open with the other."""
 
     def __init__(self, session_id: int, send_key: bytes, receive_key: bytes) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+        # AES-256-GCM: with AES-NI about three times faster here than ChaCha20-Poly1305.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         self.session_id = session_id
-        self.sealer = ChaCha20Poly1305(send_key)
-        self.opener = ChaCha20Poly1305(receive_key)
+        self.sealer = AESGCM(send_key)
+        self.opener = AESGCM(receive_key)
         self.sent = 0  # the next counter to seal with
         self.window = ReplayWindow()
         self.born = time.monotonic()

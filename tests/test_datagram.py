@@ -276,3 +276,29 @@ def test_gro_keeps_every_packet_and_the_order_within_each_flow(cases: list, rng:
     merged = ncctl.coalesce_tcp4(plain(packets))
     assert [p for m in merged for p in ncctl.plain_packets(m)] == packets  # only neighbours merge
     assert len(merged) <= len(packets)
+
+
+def test_a_node_seals_with_rekeyed_keys_and_still_opens_late_old_datagrams() -> None:
+    """The node's side of a rekey: the server's answer installs new keys for sealing, and
+    the old ones keep opening datagrams already on their way for a while."""
+    node_keys, server_keys = session_pair()
+    path = ncctl.DatagramPath("198.18.0.1", 6441, node_keys, "auto", TOKEN)
+    try:
+        path.keys.born -= ncctl.REKEY_AFTER_S
+        request = path.rekey_request(path.keys.born + ncctl.REKEY_AFTER_S)
+        assert request is not None and request[0] == ncctl.FRAME_REKEY
+        node_share = base64.b64decode(json.loads(request[4:])["udpKey"])
+        assert path.rekey_request(0.0) is None  # one at a time
+        server_private, server_share = ncctl.new_x25519()
+        transcript = ncctl.datagram_transcript(node_share, server_share, 99, TOKEN)
+        server_new = ncctl.DatagramKeys.for_server(99, *ncctl.datagram_keys(server_private, node_share, transcript))
+        answer = {"udpKey": base64.b64encode(server_share).decode(), "udpSession": 99}
+        path.on_rekey(answer, 100.0)
+        assert path.keys.session_id == 99
+        assert server_new.open(path.keys.seal(frame(b"new"))) == frame(b"new")
+        late = server_keys.seal(frame(b"late"))
+        assert path.openers[SESSION_ID].open(late) == frame(b"late")
+        path.tick(100.0 + ncctl.UDP_OLD_KEYS_S)
+        assert set(path.openers) == {99}
+    finally:
+        path.close()

@@ -98,7 +98,8 @@ def test_datagrams_that_do_not_authenticate_are_dropped_counted_and_never_answer
     cross-session datagrams get no answer and are counted in the server's log; reordered
     ones are all answered; a stranger gets not one byte back, even for a captured
     datagram; a node that changes port and then underlay address keeps its session, and
-    answers go only to the newest authenticated address."""
+    answers go only to the newest authenticated address; after a rekey over TLS the new
+    keys are answered and the old ones are not."""
     overlay = build_overlay(lab, 2, keepalive=5)
     a, b = overlay.clients
     for client in overlay.clients:
@@ -121,6 +122,7 @@ def test_datagrams_that_do_not_authenticate_are_dropped_counted_and_never_answer
     assert result["stranger_got"] == 0, result
     assert result["moved_port"] and result["moved_address"] and result["stays_moved"], result
     assert result["old_socket_got"] == 0, result
+    assert result["rekeyed"] and result["old_keys_answered"] == 0, result
     server_log = overlay.server.process.log()
-    for reason in ("replayed", "forged", "malformed", "unknown-session"):
+    for reason in ("replayed", "forged", "malformed", "unknown-session"):  # counted, and logged with the count
         assert re.search(rf"UDP datagram from [\d.]+ dropped \({reason}\); \d+ so far", server_log), reason

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 UDP_NODE = r'''
 """argv: repo, server, plan (JSON). Prints one JSON line: what happened."""
-import json, os, socket, ssl, struct, sys, time
+import base64, json, os, socket, ssl, struct, sys, time
 
 sys.path.insert(0, sys.argv[1])
 import ncctl
@@ -158,6 +158,25 @@ elsewhere.sendto(again, target)
 got_there = answered(a, elsewhere)[0]
 result["old_socket_got"] = answered(a, first, 0.2)[1] + answered(a, moved, 0.2)[1]
 result["stays_moved"] = got_there == [seq]
+
+# Fresh keys over TLS: the server answers REKEY with a new session id and share; once the
+# node seals with the new keys the server answers with them, and the old keys are retired.
+private, share = ncctl.new_x25519()
+a.tls.sendall(ncctl.encode_control(ncctl.FRAME_REKEY, {"udpKey": base64.b64encode(share).decode()}))
+kind, payload = a.read_frame()
+while kind != ncctl.FRAME_REKEY:
+    kind, payload = a.read_frame()
+answer = json.loads(payload)
+server_share = base64.b64decode(answer["udpKey"])
+transcript = ncctl.datagram_transcript(share, server_share, answer["udpSession"], plan["tokens"][0])
+old_keys = a.keys
+a.keys = ncctl.DatagramKeys.for_node(answer["udpSession"], *ncctl.datagram_keys(private, server_share, transcript))
+seq, fresh = a.sealed_ping()
+elsewhere.sendto(fresh, target)
+result["rekeyed"] = answered(a, elsewhere)[0] == [seq] and a.keys.session_id != old_keys.session_id
+stale = old_keys.seal(ping(a.ip, a.server_ip, 999))
+elsewhere.sendto(stale, target)
+result["old_keys_answered"] = answered(a, elsewhere)[1]
 print(json.dumps(result), flush=True)
 '''
 

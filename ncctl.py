@@ -2296,6 +2296,11 @@ class Tun:
         run_ip("addr", "flush", "dev", self.name)
         run_ip("addr", "add", str(address), "dev", self.name)
         run_ip("link", "set", "dev", self.name, "mtu", str(mtu), "up")
+        # Flow queueing: a ping or a keystroke does not wait behind a bulk flow's megabyte
+        # of 64 KiB segments when nc reads slower than the kernel writes (the UDP path,
+        # which cuts and seals each segment). Best effort: without tc it stays pfifo.
+        with contextlib.suppress(TunError):
+            run_tool("tc", "qdisc", "replace", "dev", self.name, "root", "fq_codel")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -3183,8 +3188,11 @@ UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this
 UDP_RECEIVE_SIZE = 65536
 # Socket buffers: room for a few 64 KiB super-packets in flight, no more (a deeper queue
 # is latency under load). SO_*BUFFORCE is 32/33 in socket.h; Python names neither.
-UDP_BUFFERS = ((32, socket.SO_SNDBUF, 1 << 20), (33, socket.SO_RCVBUF, 4 << 20))
+UDP_BUFFERS = ((32, socket.SO_SNDBUF, 256 << 10), (33, socket.SO_RCVBUF, 256 << 10))
 UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, before dropping
+# Reads of the UDP socket per loop turn (each up to 64 datagrams with GRO): more would let
+# a bulk flow hold the loop while a ping's answer waits on the TUN behind it.
+UDP_READS_PER_TURN = 2
 
 
 def udp_socket(port: int = 0) -> socket.socket:
@@ -4422,7 +4430,7 @@ class NetworkServer(Sessions):
         assert self.udp is not None
         self.tun_batches = {}
         try:
-            for datagram, address in self.udp.receive(1 if self.epoll.woke else 64):
+            for datagram, address in self.udp.receive(1 if self.epoll.woke else UDP_READS_PER_TURN):
                 self._on_datagram(datagram, address)
         finally:
             batches, self.tun_batches = self.tun_batches, None
@@ -4955,7 +4963,7 @@ class NetworkClient:
                         if events & select.EPOLLOUT:
                             udp.flush()  # type: ignore[union-attr]
                         if events & select.EPOLLIN:
-                            self._read_datagrams(link, 1 if poller.woke else 256)
+                            self._read_datagrams(link, 1 if poller.woke else UDP_READS_PER_TURN)
                     elif fd == link.fd:
                         link.receive(self._deliver, once=poller.woke)
                 if udp is not None and bool(udp.backlog) != udp_stalled:

@@ -4118,7 +4118,7 @@ class NetworkServer(Sessions):
         self.sessions[session.fd] = session
         self.unauthenticated.add(session)
         self.epoll.register(session.fd, select.EPOLLIN)
-        log.debug("TLS from %s: certificate CN %s", peer, session.cert_token)
+        log.debug("TLS from %s: certificate CN %s", peer, loggable(session.cert.common_name))
         self._service(session, select.EPOLLIN)  # the hello may have come with the handshake
 
     def _service(self, session: ServerSession, events: int) -> None:
@@ -5006,7 +5006,7 @@ class NetworkClient:
 
     def _read_datagrams(self, link: Link, limit: int) -> None:
         assert self.udp is not None
-        udp, was_up = self.udp, self.udp.state == DatagramPath.UP
+        udp = self.udp
         buffers = []  # virtio_net_hdr + packet, checked
         for frame in udp.receive(limit):
             try:
@@ -5022,7 +5022,7 @@ class NetworkClient:
             except BadDatagram as e:
                 self.counters["udp-" + e.reason] += 1
         self._write_packets(buffers)
-        if not was_up and udp.last_rx >= udp.since and udp.state == DatagramPath.PROBING:
+        if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
             self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
 
     def _write_packets(self, buffers: list[bytes]) -> None:

@@ -36,7 +36,7 @@ import ncctl
 SERVER_IP = "198.18.0.1"
 CONTROL = f"{SERVER_IP}:6440"
 BOOTSTRAP = f"{SERVER_IP}:6439"
-NODE_KEYS = {"nodeToken", "bindIp", "connState", "createTime", "updateTime", "network", "mintedBy"}
+NODE_KEYS = {"nodeToken", "bindIp", "connState", "createTime", "updateTime", "network", "mintedBy", "transport"}
 
 
 def ca_pin_of(path: Path) -> str:

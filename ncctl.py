@@ -73,6 +73,7 @@ DEFAULT_GRPC_PORT = 6440
 DEFAULT_NETWORK_PORT = 6441
 DEFAULT_NETWORK_ADDR = "10.1.1.1/24"
 DEFAULT_MTU = 1400
+TRANSPORTS = ("auto", "udp", "tcp")  # the data path: UDP with TLS/TCP as fallback, UDP only, TLS/TCP only
 DEFAULT_TOKEN_LIFE_MIN = 10
 DEFAULT_SERVER_WORK_DIR = "/var/lib/nc"
 DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
@@ -289,6 +290,8 @@ class ServerConfig:
     interconnection: bool = True
     gateway: bool = False  # forward and NAT node traffic out of the uplink
     offload: bool = True  # TSO/GSO on the TUN and 64 KiB frames with peers that agree
+    transport: str = "auto"  # auto or udp: offer nodes the UDP data path; tcp: TLS only
+    udp_port: int = DEFAULT_NETWORK_PORT  # where the UDP data path listens (TCP keeps `port`)
     keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
     networks: list[NetworkSpec] = dataclasses.field(default_factory=list)  # more overlays, by net-token
     nodes_may_mint: bool = True  # a node may mint bootstrap tokens into its own network (the "trusted node" flow)
@@ -339,6 +342,8 @@ class ClientConfig:
     mtu: int = DEFAULT_MTU
     redirect_gateway: bool = False  # send all traffic through the tunnel
     offload: bool = True  # offer 64 KiB TSO/GSO frames to the server
+    transport: str = "auto"  # auto: UDP when it works, else TLS/TCP; udp: UDP for data; tcp: TLS only
+    udp_port: int = DEFAULT_NETWORK_PORT  # the server's UDP port; at the default, the one its welcome names
 
     def resolve(self) -> ClientConfig:
         work = Path(self.work_dir)
@@ -351,7 +356,7 @@ class ClientConfig:
         return Path(self.work_dir) / "tls" / "grpc"
 
 
-PORT_FIELDS = {"port", "grpc_port", "bootstrap_port"}
+PORT_FIELDS = {"port", "grpc_port", "bootstrap_port", "udp_port"}
 DURATION_FIELDS = {"node_cert_life"}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 PATH_FIELDS = {
@@ -496,6 +501,10 @@ def check_config(config: Any, path: str, mode: str) -> None:
     where = f"{path}: {mode}"
     if not 576 <= config.mtu <= 65535:
         raise ConfigError(f"{where}.mtu: {config.mtu} is out of range; use 576-65535 (default {DEFAULT_MTU})")
+    if config.transport not in TRANSPORTS:
+        raise ConfigError(
+            f"{where}.transport: {config.transport!r} is not one of {', '.join(TRANSPORTS)} (default auto)"
+        )
     if isinstance(config, ServerConfig):
         try:
             iface = ipaddress.IPv4Interface(config.network_addr)
@@ -2982,6 +2991,9 @@ class Sessions:
 
     def live(self) -> dict[str, dict[str, Any]]:
         """Connected nodes: node-token -> since (epoch seconds), rx_bytes, tx_bytes."""
+
+    def transports(self) -> dict[str, str]:
+        """The data path ("udp" or "tcp") of each connected node, by node-token."""
         return {}
 
 
@@ -3268,6 +3280,10 @@ class ControlPlane:
         log.info("pruned %d node(s) idle for over %s", len(pruned), format_duration(idle_for_s))
         return pruned
 
+    def node_transports(self, who: Identity) -> dict[str, str]:
+        self.authorize(who, "administer")
+        return self.sessions.transports()
+
     def unregister(self, who: Identity, token: str) -> None:
         """Remove a node: its row, address, certificates and unused minted tokens at
         once, and its live session within a second."""
@@ -3447,6 +3463,11 @@ class Tun:
         run_ip("addr", "flush", "dev", self.name)
         run_ip("addr", "add", str(address), "dev", self.name)
         run_ip("link", "set", "dev", self.name, "mtu", str(mtu), "up")
+        # Flow queueing: a ping or a keystroke does not wait behind a bulk flow's megabyte
+        # of 64 KiB segments when nc reads slower than the kernel writes (the UDP path,
+        # which cuts and seals each segment). Best effort: without tc it stays pfifo.
+        with contextlib.suppress(TunError):
+            run_tool("tc", "qdisc", "replace", "dev", self.name, "root", "fq_codel")
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -3605,8 +3626,11 @@ FRAME_OPTIONAL = 0x80  # types from here up may be ignored by a peer that lacks 
 FRAME_HEADER = struct.Struct("!I")
 MAX_PAYLOAD = 65535 + 64
 MAX_CONTROL_PAYLOAD = 4096
+FRAME_TRANSPORT = 0x81  # node -> server over TLS (capability "udp"): the path it wants data on now
+FRAME_REKEY = 0x82  # either way over TLS (capability "udp"): fresh X25519 shares for the datagram keys
 CAP_GSO = "gso"
-CAPABILITIES: tuple[str, ...] = (CAP_GSO,)  # negotiated per peer: offered in HELLO, agreed in WELCOME
+CAP_UDP = "udp"  # the encrypted UDP data path; its keys travel in HELLO/WELCOME (udpKey, udpSession)
+CAPABILITIES: tuple[str, ...] = (CAP_GSO, CAP_UDP)  # negotiated per peer: offered in HELLO, agreed in WELCOME
 
 # struct virtio_net_hdr (host byte order), as TUN with IFF_VNET_HDR reads and writes it.
 VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -3678,6 +3702,7 @@ class Hello:
     proto: int = PROTOCOL_VERSION
     net_token: str = ""  # empty: the default network (peers that predate networks send none)
     host_name: str = ""  # optional, for the operator's node list
+    udp_key: bytes = b""  # the node's X25519 share for the datagram keys (with capability "udp")
 
     def encode(self) -> bytes:
         message = {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)}
@@ -3685,6 +3710,8 @@ class Hello:
             message["netToken"] = self.net_token
         if self.host_name:
             message["hostName"] = self.host_name
+        if self.udp_key:
+            message["udpKey"] = base64.b64encode(self.udp_key).decode()
         return encode_control(FRAME_HELLO, message)
 
     @classmethod
@@ -3703,7 +3730,21 @@ class Hello:
         host_name = m.get("hostName", "")
         if not isinstance(host_name, str):
             raise ProtocolError("hello host name must be a string")
-        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token, host_name[:64])
+        udp_key = decode_x25519_share(m.get("udpKey"))
+        if CAP_UDP in caps and not udp_key:
+            caps = [c for c in caps if c != CAP_UDP]  # no share, no datagram keys: the TLS path only
+        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token, host_name[:64], udp_key)
+
+
+def decode_x25519_share(value: Any) -> bytes:
+    """The 32 raw bytes of a base64 X25519 public key from a handshake message, or b"" if absent or malformed."""
+    if not isinstance(value, str) or len(value) != 44:
+        return b""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except ValueError:
+        return b""
+    return raw if len(raw) == X25519_SHARE_LEN else b""
 
 
 MAX_WELCOME_ROUTES = 256
@@ -3719,6 +3760,9 @@ class Welcome:
     routes: tuple[str, ...] = ()
     caps: tuple[str, ...] = ()
     replicas: tuple[str, ...] = ()  # every server replica's underlay address (optional key)
+    udp_key: bytes = b""  # the server's X25519 share (capability "udp")
+    udp_session: int = 0  # the session id every datagram of this session carries
+    udp_port: int = 0  # where the server takes datagrams
 
     @property
     def interface(self) -> ipaddress.IPv4Interface:
@@ -3737,6 +3781,10 @@ class Welcome:
         }
         if self.replicas:
             message["replicas"] = list(self.replicas)
+        if CAP_UDP in self.caps:
+            message.update(
+                udpKey=base64.b64encode(self.udp_key).decode(), udpSession=self.udp_session, udpPort=self.udp_port
+            )
         return encode_control(FRAME_WELCOME, message)
 
     @classmethod
@@ -3767,6 +3815,8 @@ class Welcome:
             )
         except ValueError:
             raise ProtocolError("welcome message has a malformed address or route") from None
+        if CAP_UDP in welcome.caps:
+            welcome = dataclasses.replace(welcome, **udp_welcome_fields(m))
         if not 8 <= welcome.prefix <= 30 or not 576 <= welcome.mtu <= 65535 or not 1 <= welcome.keepalive <= 3600:
             raise ProtocolError("welcome message has out-of-range values")
         welcome.check_addresses()
@@ -3795,6 +3845,15 @@ def welcome_replicas(value: Any) -> tuple[str, ...]:
     with contextlib.suppress(ValueError, TypeError):
         return tuple(dict.fromkeys(str(ipaddress.ip_address(v)) for v in value if isinstance(v, str)))
     return ()
+
+
+def udp_welcome_fields(m: dict) -> dict:
+    """The datagram fields of a welcome that agreed on "udp"; a malformed one is a protocol error."""
+    key, session, port = decode_x25519_share(m.get("udpKey")), m.get("udpSession"), m.get("udpPort")
+    integers = all(isinstance(v, int) and not isinstance(v, bool) for v in (session, port))
+    if not key or not integers or not 0 < session <= 0xFFFFFFFF or not 0 < port <= 65535:
+        raise ProtocolError("welcome message agrees on udp without a valid udpKey, udpSession and udpPort")
+    return {"udp_key": key, "udp_session": session, "udp_port": port}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3932,6 +3991,56 @@ def plain_frames(payload: Any) -> list[bytes]:
     return [encode_frame(FRAME_PACKET, p) for p in plain_packets(payload)]
 
 
+def datagram_frames(payload: Any, mtu: int, partial: bool) -> list[bytes]:
+    """Frames of at most the MTU for datagrams, from a GSO frame payload (virtio_net_hdr +
+    packet). partial (the peer agreed on "gso"): TCP segments leave as GSO frames without
+    segmentation whose checksum the receiving kernel completes (NEEDS_CSUM), so the
+    sender sums no payload bytes; else as plain PACKET frames with full checksums."""
+    if len(payload) < VNET_HDR_LEN:
+        return []
+    gso_type, gso_size = payload[1], VNET_HDR.unpack_from(payload)[3]
+    packet = payload[VNET_HDR_LEN:]
+    if not partial or gso_type & ~GSO_ECN != GSO_TCPV4 or gso_size < GSO_MIN_SIZE:
+        if partial and gso_type == GSO_NONE and len(packet) <= mtu:
+            return [encode_frame(FRAME_GSO_PACKET, bytes(payload))]
+        return plain_frames(payload)
+    return segment_tcp4_partial(packet, gso_size)
+
+
+def segment_tcp4_partial(packet: Any, mss: int) -> list[bytes]:
+    """segment_tcp4 for a peer whose kernel completes TCP checksums: each piece a GSO
+    frame (GSO_NONE, NEEDS_CSUM) whose checksum field holds only the pseudo-header sum."""
+    if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
+        return []
+    ihl = (packet[0] & 0x0F) * 4
+    thl = (packet[ihl + 12] >> 4) * 4 if len(packet) > ihl + 12 else 0
+    if ihl < 20 or thl < 20 or len(packet) < ihl + thl:
+        return []
+    ip_header, tcp_header, data = bytes(packet[:ihl]), bytes(packet[ihl : ihl + thl]), packet[ihl + thl :]
+    ip_id = int.from_bytes(ip_header[4:6], "big")
+    seq = int.from_bytes(tcp_header[4:8], "big")
+    tcp_flags = tcp_header[13]
+    pseudo_base = bytes(ip_header[12:20]) + bytes((0, socket.IPPROTO_TCP))
+    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, ihl + thl, 0, ihl, TCP_CSUM_OFFSET)
+    frames = []
+    for index, offset in enumerate(range(0, len(data), mss)):
+        chunk = data[offset : offset + mss]
+        last = offset + mss >= len(data)
+        ip = bytearray(ip_header)
+        ip[2:4] = (ihl + thl + len(chunk)).to_bytes(2, "big")
+        ip[4:6] = ((ip_id + index) & 0xFFFF).to_bytes(2, "big")
+        ip[10:12] = b"\0\0"
+        ip[10:12] = checksum(ip).to_bytes(2, "big")
+        tcp = bytearray(tcp_header)
+        tcp[4:8] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
+        flags = tcp_flags if last else tcp_flags & ~0x09
+        tcp[13] = flags if index == 0 else flags & ~0x80
+        tcp[16:18] = (0xFFFF - checksum(pseudo_base + (thl + len(chunk)).to_bytes(2, "big"))).to_bytes(2, "big")
+        body = vnet + ip + tcp + chunk
+        frames.append(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | len(body)) + body)
+    return frames
+
+
 def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
     """Software TSO for one IPv4/TCP super-segment (nothing for an mss so small
     that one packet would cost hundreds of segments)."""
@@ -3964,6 +4073,82 @@ def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
         tcp[16:18] = checksum(pseudo + tcp + chunk).to_bytes(2, "big")
         segments.append(bytes(ip + tcp + chunk))
     return segments
+
+
+# Userspace GRO: a run of consecutive TCP segments of one flow becomes one super-packet
+# for a TUN with offload, so the kernel's TCP takes 64 KiB per write, as from the stream.
+TCP_ACK, TCP_PSH = 0x10, 0x08
+GRO_MAX_LENGTH = 65535
+
+
+def tcp4_flow(buffer: Any) -> tuple[bytes, int, int, int, int] | None:
+    """(flow key, seq, ihl + thl, payload length, tcp flags) of a virtio_net_hdr + plain
+    IPv4/TCP segment that may be coalesced (no GSO, no IP options or fragments, only
+    ACK/PSH set, some payload), else None."""
+    if len(buffer) < VNET_HDR_LEN + 40 or buffer[1] != GSO_NONE:
+        return None
+    packet = memoryview(buffer)[VNET_HDR_LEN:]
+    if packet[0] != 0x45 or packet[9] != socket.IPPROTO_TCP or packet[6] & 0x3F or packet[7]:
+        return None
+    total = packet[2] << 8 | packet[3]
+    thl = (packet[32] >> 4) * 4
+    flags = packet[33]
+    if total != len(packet) or thl < 20 or 20 + thl >= total or flags & ~(TCP_ACK | TCP_PSH) or not flags & TCP_ACK:
+        return None
+    # Everything that must match across a run: TOS, TTL, addresses, ports, ack, window, options.
+    key = bytes(packet[1:2]) + bytes(packet[8:9]) + bytes(packet[12:24]) + bytes(packet[28:32]) + bytes(packet[34:36])
+    key += bytes(packet[40 : 20 + thl])
+    return key, int.from_bytes(packet[24:28], "big"), 20 + thl, total - 20 - thl, flags
+
+
+def coalesce_tcp4(buffers: list[bytes]) -> list[bytes]:
+    """What to write to a TUN with offload, in order, for these virtio_net_hdr + packet
+    buffers (headers already checked): each run of consecutive full-sized segments of one
+    flow as one GSO super-packet (the last may be shorter or carry PSH), the rest as they are."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+    run_key, next_seq, mss, length, closed = b"", 0, 0, 0, True
+    for buffer in buffers:
+        flow = tcp4_flow(buffer)
+        if flow is not None and run and not closed:
+            key, seq, headers, payload, flags = flow
+            if key == run_key and seq == next_seq and payload <= mss and length + payload <= GRO_MAX_LENGTH:
+                run.append(buffer)
+                next_seq, length = (seq + payload) & 0xFFFFFFFF, length + payload
+                closed = payload < mss or bool(flags & TCP_PSH)
+                continue
+        if run:
+            out.append(gro_packet(run, mss))
+            run = []
+        if flow is None:
+            out.append(buffer)
+            continue
+        key, seq, headers, payload, flags = flow
+        run, run_key, mss = [buffer], key, payload
+        next_seq, length, closed = (seq + payload) & 0xFFFFFFFF, headers + payload, bool(flags & TCP_PSH)
+    if run:
+        out.append(gro_packet(run, mss))
+    return out
+
+
+def gro_packet(run: list[Any], mss: int) -> bytes:
+    """One super-packet (virtio_net_hdr + IPv4/TCP) from a run coalesce_tcp4 chose."""
+    if len(run) == 1:
+        return run[0]
+    first = memoryview(run[0])[VNET_HDR_LEN:]
+    headers = 20 + (first[32] >> 4) * 4
+    body = b"".join(memoryview(p)[VNET_HDR_LEN + headers :] for p in run)
+    ip = bytearray(first[:20])
+    ip[2:4] = (headers + len(body)).to_bytes(2, "big")
+    ip[10:12] = b"\0\0"
+    ip[10:12] = checksum(ip).to_bytes(2, "big")
+    tcp = bytearray(first[20:headers])
+    tcp[13] |= run[-1][VNET_HDR_LEN + 33] & TCP_PSH
+    # NEEDS_CSUM: the checksum field holds the pseudo-header sum, the kernel adds the rest.
+    pseudo = bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
+    tcp[16:18] = (0xFFFF - checksum(pseudo)).to_bytes(2, "big")
+    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, headers, mss, 20, TCP_CSUM_OFFSET)
+    return vnet + bytes(ip) + bytes(tcp) + body
 
 
 class TunReader:
@@ -4017,6 +4202,156 @@ class FrameBuffer:
             yield frame
 
 
+# -- datagrams -------------------------------------------------------------------------
+# The UDP data path: every datagram is header || AEAD(frame), the header being the AEAD's
+# associated data. The header names the session (so a node that changes address or NAT
+# mapping keeps its session) and a 64-bit counter that is the nonce: one key per direction
+# and a counter that only grows, so no nonce ever repeats under a key.
+
+DATAGRAM_HEADER = struct.Struct("!BxxxIQ")  # type, session id, counter
+DATAGRAM_SEALED = 0x01
+DATAGRAM_TAG_LEN = 16
+DATAGRAM_OVERHEAD = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # header, tag, and the sealed frame's header
+X25519_SHARE_LEN = 32
+# A key is replaced over TLS long before its counter could wrap, within AES-GCM's bound
+# for one key (RFC 8446 5.5: 2^24.5 full-size records), and often enough that a stolen
+# key reads little traffic.
+REKEY_AFTER_DATAGRAMS = 1 << 24
+REKEY_AFTER_S = 120.0
+COUNTER_LIMIT = (1 << 64) - 1  # never sealed: seal refuses before the counter could repeat
+REPLAY_WINDOW = 4096  # datagrams a counter may lag the newest and still count as reordered, not replayed
+
+
+class BadDatagram(ProtocolError):
+    """A datagram that did not authenticate: dropped, and counted under `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"datagram dropped: {reason}")
+        self.reason = reason
+
+
+class ReplayWindow:
+    """RFC 6479's sliding window: the newest counter seen and a bitmap of the
+    REPLAY_WINDOW counters below it. `fresh` is asked before the tag check (a replay
+    costs no decryption); `accept` only after it (a forgery moves nothing)."""
+
+    def __init__(self, size: int = REPLAY_WINDOW) -> None:
+        self.size = size
+        self.top = -1
+        self.seen = 0  # bit i: counter top - i arrived
+        self.mask = (1 << size) - 1
+
+    def fresh(self, counter: int) -> bool:
+        if counter > self.top:
+            return True
+        behind = self.top - counter
+        return behind < self.size and not self.seen >> behind & 1
+
+    def accept(self, counter: int) -> None:
+        if counter > self.top:
+            ahead = counter - self.top
+            self.seen = (self.seen << ahead | 1) & self.mask if ahead < self.size else 1
+            self.top = counter
+        else:
+            self.seen |= 1 << (self.top - counter)
+
+
+def new_x25519() -> tuple[Any, bytes]:
+    """A fresh X25519 private key and its 32-byte public share."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    private = X25519PrivateKey.generate()
+    return private, private.public_key().public_bytes_raw()
+
+
+def datagram_keys(private: Any, peer_share: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(node-to-server key, server-to-node key): HKDF-SHA256 over the X25519 secret,
+    salted with a hash of the transcript (both shares, the session id, the node), so a
+    key belongs to this exchange alone. Raises BadDatagram("bad-share") for a share
+    that gives the all-zero secret."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    try:
+        secret = private.exchange(X25519PublicKey.from_public_bytes(peer_share))
+    except ValueError:
+        raise BadDatagram("bad-share") from None
+    salt = hashlib.sha256(transcript).digest()
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=salt, info=b"nc udp data path v1").derive(secret)
+    return okm[:32], okm[32:]
+
+
+def datagram_transcript(node_share: bytes, server_share: bytes, session_id: int, node_token: str) -> bytes:
+    return b"nc-udp|" + node_share + server_share + session_id.to_bytes(4, "big") + node_token.encode()
+
+
+class DatagramKeys:
+    """One direction pair of a session's datagram keys: seal with one, open with the other."""
+
+    def __init__(self, session_id: int, send_key: bytes, receive_key: bytes) -> None:
+        # AES-256-GCM: with AES-NI about three times faster here than ChaCha20-Poly1305.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self.session_id = session_id
+        self.sealer = AESGCM(send_key)
+        self.opener = AESGCM(receive_key)
+        self.sent = 0  # the next counter to seal with
+        self.window = ReplayWindow()
+        self.born = time.monotonic()
+
+    @classmethod
+    def for_node(cls, session_id: int, node_to_server: bytes, server_to_node: bytes) -> DatagramKeys:
+        return cls(session_id, node_to_server, server_to_node)
+
+    @classmethod
+    def for_server(cls, session_id: int, node_to_server: bytes, server_to_node: bytes) -> DatagramKeys:
+        return cls(session_id, server_to_node, node_to_server)
+
+    def worn(self, now: float) -> bool:
+        """Time to agree on fresh keys (over TLS)."""
+        return self.sent >= REKEY_AFTER_DATAGRAMS or now - self.born >= REKEY_AFTER_S
+
+    def seal(self, frame: bytes) -> bytes:
+        counter = self.sent
+        if counter >= COUNTER_LIMIT:
+            raise BadDatagram("counter-exhausted")
+        self.sent = counter + 1
+        header = DATAGRAM_HEADER.pack(DATAGRAM_SEALED, self.session_id, counter)
+        return header + self.sealer.encrypt(counter.to_bytes(12, "little"), frame, header)
+
+    def open(self, datagram: Any) -> bytes:
+        """The frame inside a datagram of this session; raises BadDatagram (replayed,
+        too old, forged) at the cost of at most one tag check."""
+        counter = DATAGRAM_HEADER.unpack_from(datagram)[2]
+        if not self.window.fresh(counter):
+            raise BadDatagram("replayed")
+        from cryptography.exceptions import InvalidTag
+
+        header = datagram[: DATAGRAM_HEADER.size]
+        try:
+            frame = self.opener.decrypt(counter.to_bytes(12, "little"), datagram[DATAGRAM_HEADER.size :], header)
+        except InvalidTag:
+            raise BadDatagram("forged") from None
+        self.window.accept(counter)
+        return frame
+
+
+def datagram_session(datagram: Any) -> int | None:
+    """The session id of a datagram that is long enough to be sealed, else None."""
+    if len(datagram) < DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4 or datagram[0] != DATAGRAM_SEALED:
+        return None
+    return int.from_bytes(datagram[4:8], "big")
+
+
+def datagram_frame(frame: Any) -> tuple[int, int, int]:
+    """(type, payload_start, payload_end) of the one frame an authenticated datagram holds."""
+    parsed = next_frame(frame, 0, len(frame))
+    if parsed is None or parsed[2] != len(frame):
+        raise BadDatagram("not-one-frame")
+    return parsed
+
+
 # ============================================================================
 # 9. Network server
 #    One epoll loop owns the listening socket, the server TUN and every TLS
@@ -4041,6 +4376,277 @@ RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairn
 BAD_FRAME_LIMIT = 100
 BAD_FRAME_WINDOW_S = 10.0
 LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
+UDP_PROBE_S = 2.0  # auto: datagrams must flow both ways this soon after a probe starts, or data stays on TLS
+UDP_SILENT_S = 3.0  # no authenticated datagram for this long: the UDP path is down, data moves to TLS
+UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often; the server answers each
+UDP_RETRY_S = 20.0  # a failed or lost UDP path is probed again after this long
+UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this long
+UDP_RECEIVE_SIZE = 65536
+# Socket buffers: room for a few 64 KiB super-packets in flight, no more (a deeper queue
+# is latency under load). SO_*BUFFORCE is 32/33 in socket.h; Python names neither.
+UDP_BUFFERS = ((32, socket.SO_SNDBUF, 256 << 10), (33, socket.SO_RCVBUF, 256 << 10))
+UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, before dropping
+# Reads of the UDP socket per loop turn (each up to 64 datagrams with GRO): more would let
+# a bulk flow hold the loop while a ping's answer waits on the TUN behind it.
+UDP_READS_PER_TURN = 2
+
+
+def udp_socket(port: int = 0) -> socket.socket:
+    """A non-blocking UDP socket on every address (dual-stack where the host has IPv6),
+    bound to port (0: any), with buffers big enough for bursts of a fast link."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:  # IPv6 disabled at boot
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+        else:
+            sock.bind(("0.0.0.0", port))
+        for forced, option, size in UDP_BUFFERS:
+            try:  # root may pass net.core.[rw]mem_max, which a fresh namespace keeps at 208 KiB
+                sock.setsockopt(socket.SOL_SOCKET, forced, size)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, size)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+UDP_SEGMENT = 103  # linux/udp.h: UDP GSO, one send of equal-sized datagrams
+UDP_GRO = 104  # linux/udp.h: the kernel hands over runs of equal-sized datagrams in one read
+UDP_MAX_SEGMENTS = 64  # per UDP_SEGMENT send (the kernel's limit on older releases)
+UDP_GSO_BYTES = 65535 - 48  # one UDP_SEGMENT send is one IP packet before segmentation (IPv6 header + UDP)
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+
+class DatagramSocket:
+    """A non-blocking UDP socket that moves batches: a list of datagrams goes out in few
+    sends (UDP GSO where the kernel takes it), and reads fill a list (UDP GRO). A kernel
+    without either keeps a correct one-datagram-per-syscall path."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock = udp_socket(port)
+        self.fd = self.sock.fileno()
+        self.gso = True  # cleared at the first send the kernel refuses
+        self.gro = False
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+            self.gro = True
+        self.buf = bytearray(UDP_RECEIVE_SIZE)
+        self.view = memoryview(self.buf)
+
+    @property
+    def family(self) -> int:
+        return self.sock.family
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(self, datagrams: list[bytes], address: Any) -> int:
+        """Send in order; how many went (fewer when the socket is full). Other errors raise OSError."""
+        count, index = len(datagrams), 0
+        while index < count:
+            size = len(datagrams[index])
+            end = index + 1
+            limit = min(count, index + UDP_MAX_SEGMENTS, index + max(1, UDP_GSO_BYTES // size))
+            while end < limit and len(datagrams[end]) == size:
+                end += 1
+            if end < limit and len(datagrams[end]) < size:
+                end += 1  # a shorter datagram may end a GSO run
+            try:
+                if end - index > 1 and self.gso:
+                    self._send_run(datagrams[index:end], size, address)
+                else:
+                    end = index + 1
+                    self.sock.sendto(datagrams[index], address)
+            except (BlockingIOError, InterruptedError):
+                return index
+            index = end
+        return index
+
+    def _send_run(self, run: list[bytes], size: int, address: Any) -> None:
+        try:
+            self.sock.sendmsg([b"".join(run)], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
+        except OSError as e:
+            if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                raise
+            log.info("UDP segmentation offload unavailable (%s); sending datagrams one by one", e.strerror)
+            self.gso = False
+            for datagram in run:
+                self.sock.sendto(datagram, address)
+
+    def receive(self, limit: int) -> Iterator[tuple[memoryview, Any]]:
+        """(datagram, source) for what is waiting, up to `limit` reads; the views are valid
+        until the next read."""
+        sock, buf, view = self.sock, self.buf, self.view
+        for _ in range(limit):
+            try:
+                count, ancillary, _flags, address = sock.recvmsg_into([buf], GRO_CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for an earlier send; liveness tells what it meant
+                continue
+            size = count
+            for level, kind, data in ancillary:
+                if level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                    size = struct.unpack("=i", data[:4])[0] or count
+            for start in range(0, count, size):
+                yield view[start : min(start + size, count)], address
+
+
+def udp_address(sock: socket.socket, host: str, port: int) -> tuple:
+    """host:port as sock's family addresses it (an IPv4 server through a dual-stack socket is mapped)."""
+    if sock.family == socket.AF_INET6 and ipaddress.ip_address(host).version == 4:
+        return (f"::ffff:{host}", port, 0, 0)
+    return (host, port)
+
+
+class DatagramPath:
+    """The node's side of the UDP data path: its socket, keys, and whether data travels
+    on it now. In auto it is probed after the welcome and used only while authenticated
+    datagrams flow both ways; it gives way to the TLS stream when they stop."""
+
+    PROBING, UP, DOWN = "probing", "up", "down"
+
+    def __init__(self, server: str, port: int, keys: DatagramKeys, mode: str, node_token: str) -> None:
+        self.sock = DatagramSocket()
+        self.fd = self.sock.fd
+        self.server = udp_address(self.sock.sock, server, port)
+        self.keys = keys  # sealing: the newest agreed
+        self.openers: dict[int, DatagramKeys] = {keys.session_id: keys}
+        self.retired_at = 0.0  # when replaced keys stop opening datagrams
+        self.mode = mode
+        self.node_token = node_token
+        self.state = self.PROBING
+        now = time.monotonic()
+        self.since = now  # when the state began
+        self.last_rx = 0.0
+        self.last_tx = 0.0
+        self.backlog: list[bytes] = []  # sealed datagrams the full socket did not take yet
+        self.rekey_private: Any = None  # our share of a rekey sent, awaiting the server's
+        self.rekey_share = b""
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    @property
+    def carrying(self) -> bool:
+        """Data goes out as datagrams now (in udp mode whenever there are keys)."""
+        return self.state == self.UP or self.mode == "udp"
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, frames: list[bytes]) -> None:
+        """Seal each frame and send the batch; what the full socket does not take waits in
+        a short backlog (the caller stops reading the TUN until it drains), past which it
+        is dropped and counted."""
+        seal = self.keys.seal
+        try:
+            sealed = [seal(frame) for frame in frames]
+        except BadDatagram:
+            self.counters["dropped-udp-send"] += 1
+            return
+        if self.backlog:
+            room = UDP_BACKLOG - len(self.backlog)
+            self.backlog.extend(sealed[:room])
+            self.counters["dropped-udp-full"] += max(0, len(sealed) - room)
+            return
+        self._send(sealed)
+
+    def _send(self, sealed: list[bytes]) -> None:
+        try:
+            sent = self.sock.send(sealed, self.server)
+        except OSError:
+            self.counters["dropped-udp-send"] += 1
+            return
+        if sent < len(sealed):
+            self.backlog = sealed[sent:]
+        self.last_tx = time.monotonic()
+
+    def flush(self) -> bool:
+        """Send the backlog; True once it is empty."""
+        backlog, self.backlog = self.backlog, []
+        if backlog:
+            self._send(backlog)
+        return not self.backlog
+
+    def receive(self, limit: int) -> Iterator[bytes]:
+        """The frames of up to `limit` authenticated datagrams; the rest are counted and dropped."""
+        for datagram, _source in self.sock.receive(limit):
+            session = datagram_session(datagram)
+            keys = self.openers.get(session) if session is not None else None
+            if keys is None:
+                self.counters["udp-malformed" if session is None else "udp-unknown-session"] += 1
+                continue
+            try:
+                frame = keys.open(datagram)
+            except BadDatagram as e:
+                self.counters["udp-" + e.reason] += 1
+                continue
+            self.last_rx = time.monotonic()
+            yield frame
+
+    def tick(self, now: float) -> str | None:
+        """Advance the probe/up/down states; returns "udp" or "tcp" when the server must
+        be told where data goes now (over TLS), else None."""
+        if self.retired_at and now >= self.retired_at:
+            self.openers = {self.keys.session_id: self.keys}
+            self.retired_at = 0.0
+        if self.state == self.PROBING:
+            if self.last_rx >= self.since:
+                return self._become(self.UP, now)
+            if now - self.since > UDP_PROBE_S:
+                log.info(
+                    "UDP to %s does not answer; data stays on TLS/TCP, probing again in %.0f s",
+                    self.server[0],
+                    UDP_RETRY_S,
+                )
+                return self._become(self.DOWN, now)
+            self.send([encode_frame(FRAME_KEEPALIVE)])
+        elif self.state == self.UP:
+            if now - self.last_rx > UDP_SILENT_S:
+                log.warning("UDP to %s silent for %.0f s; data moves to TLS/TCP", self.server[0], UDP_SILENT_S)
+                return self._become(self.DOWN, now)
+            if now - self.last_tx >= UDP_PING_S:
+                self.send([encode_frame(FRAME_KEEPALIVE)])
+        elif now - self.since >= UDP_RETRY_S:
+            self._become(self.PROBING, now)
+            self.send([encode_frame(FRAME_KEEPALIVE)])
+        return None
+
+    def _become(self, state: str, now: float) -> str | None:
+        self.state, self.since = state, now
+        if state == self.UP:
+            log.info("data path: UDP to %s", self.server[0])
+            return "udp"
+        return "tcp" if state == self.DOWN and self.mode != "udp" else None
+
+    def rekey_request(self, now: float) -> bytes | None:
+        """A REKEY frame for the server when the keys are worn (and none is pending)."""
+        if self.rekey_private is not None or not self.keys.worn(now):
+            return None
+        self.rekey_private, self.rekey_share = new_x25519()
+        return encode_control(FRAME_REKEY, {"udpKey": base64.b64encode(self.rekey_share).decode()})
+
+    def on_rekey(self, message: dict, now: float) -> None:
+        """The server's answer: seal with the new keys at once; the old ones still open
+        late datagrams for a while."""
+        if self.rekey_private is None:
+            return
+        share, session = decode_x25519_share(message.get("udpKey")), message.get("udpSession")
+        if not share or not isinstance(session, int) or not 0 < session <= 0xFFFFFFFF:
+            raise ProtocolError("rekey answer without a valid udpKey and udpSession")
+        transcript = datagram_transcript(self.rekey_share, share, session, self.node_token)
+        keys = DatagramKeys.for_node(session, *datagram_keys(self.rekey_private, share, transcript))
+        self.rekey_private, self.rekey_share = None, b""
+        self.keys = keys
+        self.openers[session] = keys
+        self.retired_at = now + UDP_OLD_KEYS_S
 
 
 class Poller:
@@ -4244,6 +4850,15 @@ class ServerSession(Link):
         self.rx_packets = self.tx_packets = 0  # data frames from and to the node
         self.host_name = self.version = ""  # what the node's hello said
         self.since = time.time()
+        # The UDP data path (capability "udp"): keys by session id (a rekey adds one), the
+        # keys that seal, the address of the latest authenticated datagram (the only one
+        # ever sent to), and whether the node asked for data as datagrams.
+        self.udp_openers: dict[int, DatagramKeys] = {}
+        self.udp_sealer: DatagramKeys | None = None
+        self.udp_addr: Any = None
+        self.udp_last_rx = 0.0
+        self.udp_wanted = False
+        self.udp_offer: tuple[bytes, int] = (b"", 0)  # the welcome's share and session id
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
@@ -4508,6 +5123,9 @@ class NetworkServer(Sessions):
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
         self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
         self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
+        self.udp: DatagramSocket | None = None  # the UDP data path's socket, unless transport is tcp
+        self.udp_sessions: dict[int, ServerSession] = {}  # by datagram session id
+        self.tun_batches: dict[Plane, list[bytes]] | None = None  # while a datagram batch is read: TUN writes held
         self.handshaker: Handshaker | None = None
         self.epoll: Poller | None = None
         self.wake_r = self.wake_w = -1
@@ -4528,6 +5146,9 @@ class NetworkServer(Sessions):
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll = Poller()
             self.epoll.register(self.wake_r, select.EPOLLIN)
+            if self.config.transport != "tcp":
+                self.udp = self._listen_udp()
+                self.epoll.register(self.udp.fd, select.EPOLLIN)
             # A killed run's rules, also of networks deleted since or with gateway now off;
             # without iptables there can be none.
             with contextlib.suppress(TunError):
@@ -4565,6 +5186,8 @@ class NetworkServer(Sessions):
         self._close_planes()
         if self.listener is not None:
             self.listener.close()
+        if self.udp is not None:
+            self.udp.close()
         if self.epoll is not None:
             self.epoll.close()
         for fd in (self.wake_r, self.wake_w):
@@ -4623,6 +5246,15 @@ class NetworkServer(Sessions):
         sock.setblocking(False)
         return sock
 
+    def _listen_udp(self) -> DatagramSocket:
+        try:
+            return DatagramSocket(self.config.udp_port)
+        except OSError as e:
+            raise NcError(
+                f"cannot listen on UDP :{self.config.udp_port} ({e.strerror}); stop what uses it, "
+                "change server.udpPort, or set server.transport: tcp"
+            ) from None
+
     # -- called from other threads ------------------------------------------------
 
     def call_soon(self, fn: Callable[[], None]) -> None:
@@ -4648,6 +5280,17 @@ class NetworkServer(Sessions):
             total.update(session_traffic(session))
         return total
 
+    def transports(self) -> dict[str, str]:
+        """From a gRPC thread: a copy of the table (one C-level step under the GIL), then
+        each session's own fields, which only the loop writes."""
+        now = time.monotonic()
+        return {token: "udp" if self._on_udp(s, now) else "tcp" for token, s in dict(self.by_token).items()}
+
+    @staticmethod
+    def _on_udp(session: ServerSession, now: float) -> bool:
+        """Data for this node goes out as datagrams: it asked, and its datagrams keep coming."""
+        return session.udp_wanted and now - session.udp_last_rx < UDP_SILENT_S
+
     def running(self) -> bool:
         """The packet loop is alive and turning (health checks ask this): a loop that is
         stuck, in a bug or in one frame that costs too much, counts as down too."""
@@ -4658,6 +5301,7 @@ class NetworkServer(Sessions):
 
     def _run(self) -> None:
         sessions, tun_planes = self.sessions, self.tun_planes
+        udp_fd = self.udp.fd if self.udp is not None else -1
         next_tick = time.monotonic() + 1.0
         try:
             while not self.stopping.is_set():
@@ -4666,6 +5310,8 @@ class NetworkServer(Sessions):
                         self._service(session, events)
                     elif (plane := tun_planes.get(fd)) is not None:
                         self._read_tun(plane)
+                    elif fd == udp_fd:
+                        self._read_udp()
                     elif fd == self.wake_r:
                         self._run_commands()
                 self._flush_dirty()
@@ -4732,6 +5378,8 @@ class NetworkServer(Sessions):
                         self._route_from_node(session, view, kind, start, end)
                     except BadFrame as e:
                         self._bad_frame(session, e)
+                elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp_sealer is not None:
+                    self._on_udp_control(session, kind, decode_control(view[start:end]))
                 elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
                     continue
                 else:
@@ -4754,8 +5402,12 @@ class NetworkServer(Sessions):
         session.node_token = hello.node_token
         session.host_name, session.version = hello.host_name, hello.version
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
+        if self.udp is None:
+            offered.discard(CAP_UDP)
         session.caps = tuple(c for c in hello.caps if c in offered)
         session.gso = CAP_GSO in session.caps
+        if CAP_UDP in session.caps:
+            session.caps = self._agree_udp(session, hello.udp_key)
         log.debug(
             "hello from %s: node %s, nc %s, offered %s, agreed %s",
             session.peer,
@@ -4805,6 +5457,8 @@ class NetworkServer(Sessions):
         session.phase = Phase.ESTABLISHED
         self.by_token[token] = session
         plane.by_ip[session.ip] = session
+        for session_id in session.udp_openers:
+            self.udp_sessions[session_id] = session
         welcome = Welcome(
             str(ip),
             overlay.network.prefixlen,
@@ -4814,6 +5468,8 @@ class NetworkServer(Sessions):
             (str(overlay.network),),
             session.caps,
             self.replicas(),
+            *session.udp_offer,
+            self.config.udp_port if session.udp_offer[1] else 0,
         )
         session.queue(welcome.encode())
         self.dirty.add(session)
@@ -4917,6 +5573,9 @@ class NetworkServer(Sessions):
         self._queue_frames(peer, [bytes(view[start - 4 : end])] if as_is else plain_frames(view[start:end]))
 
     def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
+        if self._on_udp(peer, self.epoll.now):
+            self._send_datagrams(peer, frames)
+            return
         for frame in frames:
             if not peer.queue(frame):
                 self.counters["dropped-queue-full"] += 1
@@ -4927,6 +5586,10 @@ class NetworkServer(Sessions):
     def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
         """Hand a node's packet to this host's kernel (the server's own IP, or the gateway)."""
         tun = plane.tun
+        if self.tun_batches is not None and tun.offload:
+            buffer = ZERO_VNET_HDR + bytes(view[start:end]) if kind == FRAME_PACKET else bytes(view[start:end])
+            self.tun_batches.setdefault(plane, []).append(buffer)
+            return
         try:
             if not tun.offload:
                 for packet in plain_packets(view[start:end]) if kind == FRAME_GSO_PACKET else [view[start:end]]:
@@ -4959,6 +5622,149 @@ class NetworkServer(Sessions):
                 self._queue_frames(peer, [reader.frame(FRAME_GSO_PACKET, length)])
             else:
                 self._queue_frames(peer, plain_frames(packet))
+
+    # -- the UDP data path ------------------------------------------------------------------
+
+    def _new_udp_session_id(self) -> int:
+        while True:
+            session_id = secrets.randbits(32)
+            if session_id and session_id not in self.udp_sessions:
+                return session_id
+
+    def _agree_udp(self, session: ServerSession, node_share: bytes) -> tuple[str, ...]:
+        """Datagram keys for the node's share; the capabilities without "udp" if the share is unusable."""
+        private, share = new_x25519()
+        session_id = self._new_udp_session_id()
+        try:
+            keys = datagram_keys(
+                private, node_share, datagram_transcript(node_share, share, session_id, session.node_token)
+            )
+        except BadDatagram:
+            return tuple(c for c in session.caps if c != CAP_UDP)
+        session.udp_sealer = DatagramKeys.for_server(session_id, *keys)
+        session.udp_openers = {session_id: session.udp_sealer}
+        session.udp_offer = (share, session_id)
+        return session.caps
+
+    def _on_udp_control(self, session: ServerSession, kind: int, message: dict) -> None:
+        """Over TLS: where the node wants its data now, or its share for fresh keys."""
+        if kind == FRAME_TRANSPORT:
+            wanted = message.get("transport") == "udp"
+            if wanted != session.udp_wanted:
+                session.udp_wanted = wanted
+                log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
+            return
+        node_share = decode_x25519_share(message.get("udpKey"))
+        if not node_share:
+            raise ProtocolError("rekey without a valid udpKey")
+        private, share = new_x25519()
+        session_id = self._new_udp_session_id()
+        transcript = datagram_transcript(node_share, share, session_id, session.node_token)
+        try:
+            keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
+        except BadDatagram:
+            raise ProtocolError("rekey with an unusable udpKey") from None
+        for old_id in [i for i in session.udp_openers if i != session.udp_sealer.session_id]:
+            del session.udp_openers[old_id]  # an earlier rekey the node never used
+            self.udp_sessions.pop(old_id, None)
+        session.udp_openers[session_id] = keys
+        self.udp_sessions[session_id] = session
+        reply = {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
+        session.queue(encode_control(FRAME_REKEY, reply))
+        self.dirty.add(session)
+
+    def _read_udp(self) -> None:
+        assert self.udp is not None
+        self.tun_batches = {}
+        try:
+            for datagram, address in self.udp.receive(1 if self.epoll.woke else UDP_READS_PER_TURN):
+                self._on_datagram(datagram, address)
+        finally:
+            batches, self.tun_batches = self.tun_batches, None
+            for plane, packets in batches.items():
+                self._write_tun_batch(plane, packets)
+
+    def _write_tun_batch(self, plane: Plane, buffers: list[bytes]) -> None:
+        """The packets one batch of datagrams brought for this host, TCP runs coalesced (GRO)."""
+        for buffer in coalesce_tcp4(buffers):
+            try:
+                os.write(plane.tun.fd, buffer)
+            except OSError as e:
+                self.counters["dropped-tun-write"] += 1
+                self.note("tun-write", "TUN write failed: %s", e.strerror)
+
+    def _drop_datagram(self, reason: str, address: Any) -> None:
+        self.counters["udp-" + reason] += 1
+        self.note(
+            "udp:" + reason,
+            "UDP datagram from %s dropped (%s); %d so far",
+            unmapped(str(address[0])),
+            reason,
+            self.counters["udp-" + reason],
+        )
+
+    def _on_datagram(self, datagram: memoryview, address: Any) -> None:
+        """One datagram: one lookup, at most one tag check; only an authenticated one
+        moves the session's address or reaches the switch."""
+        session_id = datagram_session(datagram)
+        if session_id is None:
+            self._drop_datagram("malformed", address)
+            return
+        session = self.udp_sessions.get(session_id)
+        if session is None:
+            self._drop_datagram("unknown-session", address)
+            return
+        keys = session.udp_openers[session_id]  # type: ignore[index]
+        try:
+            frame = keys.open(datagram)
+            kind, start, end = datagram_frame(frame)
+        except BadDatagram as e:
+            self._drop_datagram(e.reason, address)
+            return
+        if keys is not session.udp_sealer:  # the node uses a rekey's keys: the old ones retire
+            self._retire_udp_keys(session, keys)
+        if address != session.udp_addr:
+            if session.udp_addr is not None:
+                log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
+            session.udp_addr = address
+        session.udp_last_rx = session.last_rx = self.epoll.now
+        if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+            try:  # writable: a GSO frame's header is rebuilt in place
+                self._route_from_node(session, memoryview(bytearray(frame)), kind, start, end)
+            except BadFrame as e:
+                try:
+                    self._bad_frame(session, e)
+                except ProtocolError as error:
+                    self._refuse(session, Refusal("protocol", str(error), retry=False))
+        elif kind == FRAME_KEEPALIVE:
+            self._send_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
+        else:
+            self._drop_datagram("not-a-packet", address)
+
+    def _retire_udp_keys(self, session: ServerSession, keys: DatagramKeys) -> None:
+        for old_id in [i for i in session.udp_openers if i != keys.session_id]:
+            del session.udp_openers[old_id]
+            self.udp_sessions.pop(old_id, None)
+        session.udp_sealer = keys
+
+    def _send_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
+        """Seal each frame (a 64 KiB GSO frame cut into MTU-sized packets first) and send
+        it to the session's latest authenticated address. A full socket drops the rest."""
+        keys, address, sock = session.udp_sealer, session.udp_addr, self.udp
+        if keys is None or address is None or sock is None:
+            return
+        seal = keys.seal
+        try:
+            for frame in frames:
+                gso = frame[0] == FRAME_GSO_PACKET
+                pieces = datagram_frames(memoryview(frame)[4:], self.config.mtu, session.gso) if gso else (frame,)
+                sealed = [seal(piece) for piece in pieces]
+                if sock.send(sealed, address) < len(sealed):
+                    self.counters["dropped-udp-full"] += 1
+                    return
+        except (OSError, BadDatagram) as e:
+            self.counters["dropped-udp-send"] += 1
+            self.note("udp-send", "UDP send to node %s failed: %s", session.node_token, e)
 
     # -- output, liveness, teardown -----------------------------------------------------------
 
@@ -5037,6 +5843,9 @@ class NetworkServer(Sessions):
         if not token or session.detached:
             return
         session.detached = True
+        for session_id in session.udp_openers:
+            if self.udp_sessions.get(session_id) is session:
+                del self.udp_sessions[session_id]
         plane = session.plane
         if self.by_token.get(token) is session:
             del self.by_token[token]
@@ -5102,6 +5911,8 @@ class NetworkClient:
         self.gso = False  # this session agreed on FRAME_GSO_PACKET
         self.server_mtu = DEFAULT_MTU  # the welcome's: the largest segment the server may send
         self.reader: TunReader | None = None
+        self.udp: DatagramPath | None = None  # this session's UDP data path, if the server agreed
+        self.udp_private: Any = None  # this session's X25519 key, offered in the hello
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
         self.servers = server_addresses(config.server_addr)  # the replicas this node knows, in trying order
@@ -5188,6 +5999,7 @@ class NetworkClient:
                     finally:
                         self.link, self.connected_since = None, 0.0
                         link.close()
+                        self._close_datagram_path()
                     if reason is None:
                         break  # asked to stop
                     if reason == CERTS_RENEWED:
@@ -5270,17 +6082,55 @@ class NetworkClient:
             raw.close()
             raise
         link = Link(sock, self._server)
+        self._close_datagram_path()  # a failed connect's
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
-            hello = Hello(self.config.token, caps=caps, net_token=self.config.net_token, host_name=socket.gethostname())
+            share = b""
+            if self.config.transport == "tcp":
+                caps = tuple(c for c in caps if c != CAP_UDP)
+            else:
+                self.udp_private, share = new_x25519()
+            hello = Hello(
+                self.config.token,
+                caps=caps,
+                net_token=self.config.net_token,
+                host_name=socket.gethostname(),
+                udp_key=share,
+            )
             sock.sendall(hello.encode())
             welcome = self._await_welcome(link)
             self._check_welcome(welcome)
+            self.udp = self._datagram_path(share, welcome)
         except BaseException:
             link.close()
             raise
         sock.setblocking(False)
         return link, welcome
+
+    def _datagram_path(self, share: bytes, welcome: Welcome) -> DatagramPath | None:
+        """The UDP path the welcome agreed on (keys from both shares), or None."""
+        if CAP_UDP not in welcome.caps or not share:
+            return None
+        transcript = datagram_transcript(share, welcome.udp_key, welcome.udp_session, self.config.token)
+        try:
+            keys = datagram_keys(self.udp_private, welcome.udp_key, transcript)
+        except BadDatagram:
+            raise ProtocolError("the welcome's udpKey is unusable") from None
+        port = welcome.udp_port if self.config.udp_port == DEFAULT_NETWORK_PORT else self.config.udp_port
+        path = DatagramPath(
+            self.config.server_addr,
+            port,
+            DatagramKeys.for_node(welcome.udp_session, *keys),
+            self.config.transport,
+            self.config.token,
+        )
+        path.counters = self.counters
+        return path
+
+    def _close_datagram_path(self) -> None:
+        if self.udp is not None:
+            self.udp.close()
+            self.udp = None
 
     def _await_welcome(self, link: Link) -> Welcome:
         """The server's welcome, within HANDSHAKE_TIMEOUT_S in all: frames it may send
@@ -5405,8 +6255,17 @@ class NetworkClient:
             poller.register(link.fd, select.EPOLLIN)
             poller.register(tun_fd, select.EPOLLIN)
             poller.register(self.wake_r, select.EPOLLIN)
+            udp = self.udp
+            udp_fd, udp_stalled = -1, False
+            if udp is not None:
+                udp_fd = udp.fd
+                poller.register(udp_fd, select.EPOLLIN)
+                if udp.mode == "udp":
+                    link.queue(encode_control(FRAME_TRANSPORT, {"transport": "udp"}))
+                udp.tick(time.monotonic())  # the first probe
             keepalive = welcome.keepalive
             next_tick = time.monotonic() + 1.0
+            next_udp_tick = time.monotonic() + 0.25
             want_out = False
             self._deliver(link)  # frames that came in the same read as the welcome
             while not self.stop.is_set():
@@ -5414,16 +6273,30 @@ class NetworkClient:
                     with contextlib.suppress(OSError):
                         os.read(self.wake_r, 64)
                     return CERTS_RENEWED
-                for fd, _events in poller.poll(1.0):
+                for fd, events in poller.poll(0.25 if udp is not None else 1.0):
                     if fd == tun_fd:
                         self._read_tun(link, 1 if poller.woke else 256)
+                    elif fd == udp_fd:
+                        if events & select.EPOLLOUT:
+                            udp.flush()  # type: ignore[union-attr]
+                        if events & select.EPOLLIN:
+                            self._read_datagrams(link, 1 if poller.woke else UDP_READS_PER_TURN)
                     elif fd == link.fd:
                         link.receive(self._deliver, once=poller.woke)
+                if udp is not None and bool(udp.backlog) != udp_stalled:
+                    # A full socket: wait for room before reading more from the TUN, so the
+                    # queue stays short and the inner TCP feels the limit instead of losses.
+                    udp_stalled = bool(udp.backlog)
+                    poller.modify(udp_fd, select.EPOLLIN | select.EPOLLOUT if udp_stalled else select.EPOLLIN)
+                    poller.modify(tun_fd, 0 if udp_stalled else select.EPOLLIN)
+                now = poller.now
+                if udp is not None and now >= next_udp_tick:
+                    next_udp_tick = now + 0.25
+                    self._tick_datagram_path(link, udp, now)
                 blocked = not link.flush()
                 if blocked != want_out:
                     want_out = blocked
                     poller.modify(link.fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
-                now = poller.now
                 if now >= next_tick:
                     next_tick = now + 1.0
                     if now - link.last_rx > 3 * keepalive:
@@ -5440,14 +6313,66 @@ class NetworkClient:
         finally:
             poller.close()
 
+    def _tick_datagram_path(self, link: Link, udp: DatagramPath, now: float) -> None:
+        """Probe, switch and rekey the UDP path; the server hears of each over TLS."""
+        transport = udp.tick(now)
+        if transport is not None:
+            link.queue(encode_control(FRAME_TRANSPORT, {"transport": transport}))
+        if (rekey := udp.rekey_request(now)) is not None:
+            link.queue(rekey)
+
+    def _read_datagrams(self, link: Link, limit: int) -> None:
+        assert self.udp is not None
+        udp = self.udp
+        buffers = []  # virtio_net_hdr + packet, checked
+        for frame in udp.receive(limit):
+            try:
+                kind, start, end = datagram_frame(frame)
+                view = memoryview(frame)[start:end]
+                if kind == FRAME_PACKET:
+                    check_packet(view, self.server_mtu)
+                    buffers.append(ZERO_VNET_HDR + bytes(view))
+                elif kind == FRAME_GSO_PACKET and self.gso:
+                    buffers.append(gso_header(view, self.server_mtu) + bytes(view[VNET_HDR_LEN:]))
+            except BadFrame as e:
+                self.counters["dropped-" + e.reason] += 1
+            except BadDatagram as e:
+                self.counters["udp-" + e.reason] += 1
+        self._write_packets(buffers)
+        if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
+            self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
+
+    def _write_packets(self, buffers: list[bytes]) -> None:
+        """Checked packets (virtio_net_hdr + packet) to the TUN: TCP runs coalesced into
+        super-packets where it takes them, else each packet completed in software."""
+        assert self.tun is not None
+        fd = self.tun.fd
+        packets = coalesce_tcp4(buffers) if self.tun.offload else [p for b in buffers for p in plain_packets(b)]
+        for packet in packets:
+            try:
+                os.write(fd, packet)
+            except OSError:
+                self.counters["dropped-tun-write"] += 1
+
     def _read_tun(self, link: Link, limit: int) -> None:
         assert self.tun is not None and self.reader is not None
         reader = self.reader
+        udp = self.udp if self.udp is not None and self.udp.carrying else None
         for _ in range(limit):
+            if udp is not None and udp.backlog:
+                return  # the socket is full: the rest waits in the TUN's queue
             try:
                 length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
+            if udp is not None:
+                packet = reader.packet(length)
+                udp.send(
+                    datagram_frames(packet, self.server_mtu, self.gso)
+                    if self.tun.offload
+                    else [reader.frame(FRAME_PACKET, length)]
+                )
+                continue
             if not self.tun.offload:
                 frames = [reader.frame(FRAME_PACKET, length)]
             elif self.gso:
@@ -5460,32 +6385,39 @@ class NetworkClient:
                     break
 
     def _deliver(self, link: Link) -> None:
-        assert self.tun is not None
-        view, fd, offload = link.rx.view, self.tun.fd, self.tun.offload
+        view = link.rx.view
         for kind, start, end in link.rx.frames():
-            try:
-                if kind == FRAME_PACKET:
-                    check_packet(view[start:end], self.server_mtu)
-                    if offload:
-                        os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
-                    else:
-                        os.write(fd, view[start:end])
-                elif kind == FRAME_GSO_PACKET and self.gso:
-                    view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
-                    if offload:
-                        os.write(fd, view[start:end])
-                    else:
-                        for packet in plain_packets(view[start:end]):
-                            os.write(fd, packet)
-                elif kind == FRAME_ERROR:
-                    self._on_refusal(Refusal.decode(view[start:end]))
-                    raise PeerClosed("server ended the session")
-                elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
-                    raise ProtocolError(f"unexpected frame type {kind:#x}")
-            except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
-                self.counters["dropped-" + e.reason] += 1
-            except OSError:
-                self.counters["dropped-tun-write"] += 1
+            self._deliver_frame(view, kind, start, end)
+
+    def _deliver_frame(self, view: memoryview, kind: int, start: int, end: int) -> None:
+        """One frame from the server, off the TLS stream or out of a datagram."""
+        assert self.tun is not None
+        fd, offload = self.tun.fd, self.tun.offload
+        try:
+            if kind == FRAME_PACKET:
+                check_packet(view[start:end], self.server_mtu)
+                if offload:
+                    os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
+                else:
+                    os.write(fd, view[start:end])
+            elif kind == FRAME_GSO_PACKET and self.gso:
+                view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
+                if offload:
+                    os.write(fd, view[start:end])
+                else:
+                    for packet in plain_packets(view[start:end]):
+                        os.write(fd, packet)
+            elif kind == FRAME_ERROR:
+                self._on_refusal(Refusal.decode(view[start:end]))
+                raise PeerClosed("server ended the session")
+            elif kind == FRAME_REKEY and self.udp is not None:
+                self.udp.on_rekey(decode_control(view[start:end]), time.monotonic())
+            elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                raise ProtocolError(f"unexpected frame type {kind:#x}")
+        except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
+            self.counters["dropped-" + e.reason] += 1
+        except OSError:
+            self.counters["dropped-tun-write"] += 1
 
 
 class CertRenewer(threading.Thread):
@@ -6056,8 +6988,10 @@ class AdminService:
     @guarded("ListNodesResponse", denied_as_status=True)
     def ListNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
         pb = grpc_modules()[1]
-        rows = self.control.list_nodes(self._admin(context))
+        who = self._admin(context)
+        rows = self.control.list_nodes(who)
         live = self.control.sessions.live()
+        transports = self.control.node_transports(who)
         nodes = []
         for r in rows:
             session = live.get(r.token, {})
@@ -6073,7 +7007,7 @@ class AdminService:
                     mintedBy=r.minted_by,
                     hostName=r.host_name,
                     endpoint=r.endpoint,
-                    transport=r.transport,
+                    transport=transports.get(r.token, "") or r.transport,
                     lastSeen=seen,
                     rxBytes=session.get("rx_bytes", 0),
                     txBytes=session.get("tx_bytes", 0),

@@ -6,17 +6,21 @@
 #   hostile     ping p99 while one node floods malicious GSO     (tests/bench_hostile.py)
 #   floods      1000 idle connections per port from one address  (tests/bench_floods.py)
 #   ha          replicas on etcd: failovers, one holder, 200 joins (tests/bench_ha.py)
+#   wan         nc UDP and TCP vs wireguard-go and OpenVPN UDP/TCP on a lossy,
+#               rate-limited underlay: [--loss PCT] [--rate MBIT] [--seconds S]
+#               (tests/bench_wan.py; not part of "all")
 #   all         all of them, one after the other (default)
 # Extra arguments go to the one benchmark named, e.g.
 #   tests/bench.sh throughput --seconds 3 --repeat 1
 #   tests/bench.sh scale --nodes 2000
+#   tests/bench.sh wan --loss 3 --seconds 10
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 what=${1:-all}
 [ $# -gt 0 ] && shift
 case "$what" in
-    throughput | scale | pool | hostile | floods | ha) ;;
+    throughput | scale | pool | hostile | floods | ha | wan) ;;
     all)
         if [ $# -gt 0 ]; then
             echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool, hostile, floods or ha)" >&2
@@ -24,11 +28,11 @@ case "$what" in
         fi
         ;;
     -h | --help)
-        sed -n '2,11s/^# \{0,1\}//p' "$0"
+        sed -n '2,16s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)
-        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha or all" >&2
+        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha, wan or all" >&2
         exit 2
         ;;
 esac

@@ -1,0 +1,303 @@
+"""nc's data paths on a lossy, rate-limited underlay, beside the UDP tunnels.
+
+One server and one node on one bridge (198.18.0.0/15). Random loss is added on the
+bridge with nftables (`numgen random mod 1000 < N drop` in a bridge-family forward
+chain inside the lab namespace; this kernel has no netem) and an optional rate limit
+with tbf on the bridge ports. In one run, one after the other on the same topology:
+
+    underlay     iperf3 and ping straight over the bridge
+    nc UDP       ./nc server + client, transport auto (the encrypted UDP data path)
+    nc TCP       the same, server transport tcp (the TLS/TCP stream)
+    wireguard-go Debian's userspace WireGuard, in the namespaces (no kernel module)
+    OpenVPN UDP  2.6, AES-256-GCM, tun-mtu 1400
+    OpenVPN TCP  the same over TCP (tests/bench_throughput.py's setup)
+
+For each: iperf3 TCP throughput node->server and server->node (-R), ping p50/p99 at
+5/s while the node->server load runs, and the idle RTT (median of 20 pings at 5/s).
+Each throughput is the median of --repeat runs. Prints one table with the ratios to
+wireguard-go; progress goes to stderr.
+
+    tests/bench.sh wan [--loss PCT] [--rate MBIT] [--seconds S] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_throughput
+from bench_throughput import COMMON_OPENVPN, MTU, OPENVPN_NET, ensure_tools, start_openvpn, stop, write_openvpn_pki
+from benchlib import BenchError, fmt, format_table, machine_note, percentile, progress, run_lab_bench, temp_dir
+from netlab import Host, Lab, Process, start_client, start_server, wait_for
+
+NC_OVERLAY = "10.1.1.1/24"
+WG_NET = "10.9.0"
+WG_PORT = 51820
+
+
+@dataclasses.dataclass
+class Figures:
+    up: float | None = None  # node -> server, Mbit/s
+    down: float | None = None  # server -> node, Mbit/s
+    load_p50: float | None = None  # ping ms while node -> server runs
+    load_p99: float | None = None
+    load_lost: int = 0  # pings unanswered while loaded
+    idle: float | None = None  # median RTT, ms, no load
+
+
+# -- the lossy underlay ----------------------------------------------------------------
+
+
+def shape_underlay(lab: Lab, loss_pct: float, rate_mbit: float) -> None:
+    """Loss on every frame the bridge forwards, and a rate limit out of each bridge port."""
+    ns = lab.bridge_ns
+    if loss_pct > 0:
+        per_mille = round(loss_pct * 10)
+        script = (
+            "table bridge nclab {\n  chain forward {\n    type filter hook forward priority 0; policy accept;\n"
+            f"    numgen random mod 1000 < {per_mille} counter drop\n  }}\n}}\n"
+        )
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, text=True, check=True)
+    if rate_mbit > 0:
+        for index in range(1, len(lab.hosts) + 1):
+            subprocess.run(
+                ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", f"p{index}", "root", "tbf",
+                 "rate", f"{rate_mbit}mbit", "burst", "64kb", "latency", "50ms"],
+                check=True,
+            )  # fmt: skip
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+def iperf_mbps(client: Host, target: str, seconds: int, reverse: bool = False) -> float:
+    """bench_throughput's iperf3 run, again after a moment while the server still ends the last test."""
+    for _ in range(10):
+        try:
+            return bench_throughput.iperf_mbps(client, target, seconds, reverse)
+        except BenchError as e:
+            if "busy" not in str(e):
+                raise
+            time.sleep(1.0)
+    raise BenchError(f"iperf3 server on {target} stayed busy")
+
+
+def ping_times(host: Host, target: str, count: int, interval: float) -> tuple[list[float], int]:
+    done = host.run(
+        "ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2", target,
+        check=False, timeout=count * interval + 30,
+    )  # fmt: skip
+    times = [float(t) for t in re.findall(r"time=([\d.]+) ms", done.stdout)]
+    return times, count - len(times)
+
+
+def median_of(runs: int, what: str, one: Callable[[], float]) -> float:
+    values = []
+    for attempt in range(1, runs + 1):
+        values.append(one())
+        progress(f"{what}: run {attempt}/{runs}: {values[-1]:,.0f} Mbit/s")
+    return statistics.median(values)
+
+
+def measure(node: Host, target: str, args: argparse.Namespace, label: str) -> Figures:
+    node.run("ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target, check=False)  # warm up ARP and paths
+    idle, _ = ping_times(node, target, 20, 0.2)
+    figures = Figures(idle=statistics.median(idle) if idle else None)
+    loaded: dict[str, tuple[list[float], int]] = {}
+    pinger = threading.Thread(
+        target=lambda: loaded.update(run=ping_times(node, target, max(5, int(args.seconds * 5) - 5), 0.2))
+    )
+    pinger.start()
+    first_up = iperf_mbps(node, target, args.seconds)
+    pinger.join()
+    times, lost = loaded["run"]
+    if times:
+        figures.load_p50, figures.load_p99 = percentile(times, 0.5), percentile(times, 0.99)
+    figures.load_lost = lost
+    progress(f"{label} node->server: run 1/{args.repeat}: {first_up:,.0f} Mbit/s, ping under load p50 "
+             f"{fmt(figures.load_p50, 2)} p99 {fmt(figures.load_p99, 2)} ms, {lost} lost")  # fmt: skip
+    ups = [first_up] + [iperf_mbps(node, target, args.seconds) for _ in range(args.repeat - 1)]
+    figures.up = statistics.median(ups)
+    figures.down = median_of(args.repeat, f"{label} server->node", lambda: iperf_mbps(node, target, args.seconds, True))
+    return figures
+
+
+# -- the paths ---------------------------------------------------------------------------
+
+
+def bench_nc(server_host: Host, node: Host, args: argparse.Namespace, transport: str) -> Figures:
+    label = f"nc {transport.upper()}"
+    progress(f"{label}: starting server and client")
+    fields = {"ip": server_host.ip, "networkAddr": NC_OVERLAY, "transport": "auto" if transport == "udp" else "tcp"}
+    server = start_server(server_host, **fields)
+    client = None
+    try:
+        client = start_client(node, server.join_string())
+        target = NC_OVERLAY.split("/")[0]
+        wait_for(lambda: node.ping(target), timeout=20, what=f"{label}: the node to reach the server")
+        if transport == "udp":
+            wait_for(lambda: "data path: UDP" in client.process.log(), timeout=20, what="nc: the UDP data path")
+        return measure(node, target, args, label)
+    finally:
+        if client is not None:
+            stop(client.process, "nc client")
+        stop(server.process, "nc server")
+        shutil.rmtree(server.work_dir, ignore_errors=True)
+        if client is not None:
+            shutil.rmtree(client.work_dir, ignore_errors=True)
+
+
+def wg_keys(host: Host) -> tuple[str, str]:
+    private = host.run("wg", "genkey").stdout.strip()
+    public = host.run("wg", "pubkey", input=private + "\n").stdout.strip()
+    return private, public
+
+
+def start_wireguard(host: Host, work: Path, index: int, private: str, peer_public: str, peer: str) -> Process:
+    # The UAPI socket (/var/run/wireguard/<name>.sock) is shared by every namespace: one
+    # name per device of this lab.
+    device = f"wg{host.lab.id}{index}"
+    process = host.spawn("wireguard-go", "-f", device, name=f"wireguard-go-{host.name}")
+    wait_for(lambda: host.has_link(device), timeout=10, what=f"wireguard-go on {host.name} to make {device}")
+    key = work / f"wg-{host.name}.key"
+    key.write_text(private + "\n")
+    key.chmod(0o600)
+    host.run("wg", "set", device, "private-key", str(key), "listen-port", str(WG_PORT),
+             "peer", peer_public, "allowed-ips", f"{WG_NET}.0/24", "endpoint", f"{peer}:{WG_PORT}")  # fmt: skip
+    host.run("ip", "addr", "add", f"{WG_NET}.{index}/24", "dev", device)
+    host.run("ip", "link", "set", device, "mtu", str(MTU), "up")
+    return process
+
+
+def bench_wireguard(server_host: Host, node: Host, work: Path, args: argparse.Namespace) -> Figures:
+    progress("wireguard-go: starting on the server and the node")
+    server_keys, node_keys = wg_keys(server_host), wg_keys(node)
+    processes = []
+    try:
+        processes.append(start_wireguard(server_host, work, 1, server_keys[0], node_keys[1], node.ip))
+        processes.append(start_wireguard(node, work, 2, node_keys[0], server_keys[1], server_host.ip))
+        target = f"{WG_NET}.1"
+        wait_for(lambda: node.ping(target), timeout=20, what="wireguard-go: the node to reach the server")
+        return measure(node, target, args, "wireguard-go")
+    finally:
+        for process in reversed(processes):
+            stop(process, "wireguard-go")
+
+
+def bench_openvpn(server_host: Host, node: Host, work: Path, args: argparse.Namespace, proto: str) -> Figures:
+    label = f"OpenVPN {proto.upper()}"
+    pki = work / f"openvpn-pki-{proto}"
+    pki.mkdir()
+    write_openvpn_pki(pki, ["node1"])
+    common = COMMON_OPENVPN.replace("proto tcp", f"proto {proto}")
+    nodelay = "tcp-nodelay\n" if proto == "tcp" else ""
+    server_conf = work / f"openvpn-server-{proto}.conf"
+    server_conf.write_text(
+        common + f"topology subnet\nserver {OPENVPN_NET} 255.255.255.0\n{nodelay}keepalive 10 60\ndh none\n"
+        f"ca {pki}/ca.crt\ncert {pki}/server.crt\nkey {pki}/server.key\n"
+    )
+    node_conf = work / f"openvpn-node-{proto}.conf"
+    node_conf.write_text(
+        common + f"client\nremote {server_host.ip}\nnobind\nremote-cert-tls server\n"
+        f"ca {pki}/ca.crt\ncert {pki}/node1.crt\nkey {pki}/node1.key\n"
+    )
+    processes = []
+    try:
+        progress(f"{label}: starting server and client")
+        processes.append(start_openvpn(server_host, server_conf, f"openvpn-server-{proto}"))
+        processes.append(start_openvpn(node, node_conf, f"openvpn-node-{proto}"))
+        target = str(wait_for(lambda: server_host.ipv4_address("tun0"), timeout=20, what=f"{label}: server tun0"))
+        wait_for(lambda: node.ping(target), timeout=20, what=f"{label}: the node to reach the server")
+        return measure(node, target, args, label)
+    finally:
+        for process in reversed(processes):
+            stop(process, "openvpn")
+
+
+# -- the table ---------------------------------------------------------------------------
+
+ROWS = [
+    ("node->server", "Mbit/s", "up", 0),
+    ("server->node", "Mbit/s", "down", 0),
+    ("ping p50 under load", "ms", "load_p50", 2),
+    ("ping p99 under load", "ms", "load_p99", 2),
+    ("pings lost under load", "", "load_lost", 0),
+    ("idle RTT", "ms", "idle", 3),
+]
+COLUMNS = ["underlay", "nc UDP", "nc TCP", "wireguard-go", "OpenVPN UDP", "OpenVPN TCP"]
+
+
+def table(results: dict[str, Figures], args: argparse.Namespace) -> str:
+    rows = []
+    for label, unit, key, digits in ROWS:
+        values = [getattr(results[c], key) if c in results else None for c in COLUMNS]
+        wg = values[COLUMNS.index("wireguard-go")]
+        ratios = [fmt(v / wg, 2) + "x" if v is not None and wg else "-" for v in values[1:3]]
+        rows.append([label, unit, *(fmt(v, digits) for v in values), *ratios])
+    title = (
+        f"WAN: loss {args.loss} %, rate {args.rate or 'unlimited'} Mbit/s — iperf3 TCP median of {args.repeat} x "
+        f"{args.seconds} s; ping at 5/s during node->server; idle RTT median of 20 pings; MTU {MTU}"
+    )
+    return format_table(["path", "unit", *COLUMNS, "nc UDP/wg", "nc TCP/wg"], rows, title)
+
+
+def run(args: argparse.Namespace) -> int:
+    ensure_tools()
+    for command, package in (("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")):
+        if shutil.which(command) is None:
+            raise BenchError(f"{command} is missing: apt-get install {package}")
+    progress(f"before: {machine_note()}")
+    results: dict[str, Figures] = {}
+    with temp_dir("nc-bench-wan-") as work:
+        lab = Lab(work / "lab")
+        try:
+            server_host, node = lab.add_host("server"), lab.add_host("node1")
+            shape_underlay(lab, args.loss, args.rate)
+            server_host.spawn("iperf3", "-s", name="iperf3-server")
+            wait_for(lambda: node.ping(server_host.ip), what="the underlay")
+            wait_for(lambda: ":5201" in server_host.run("ss", "-ltn").stdout, what="iperf3 to listen")
+            stages: list[tuple[str, Callable[[], Figures]]] = [
+                ("underlay", lambda: measure(node, server_host.ip, args, "underlay")),
+                ("nc UDP", lambda: bench_nc(server_host, node, args, "udp")),
+                ("nc TCP", lambda: bench_nc(server_host, node, args, "tcp")),
+                ("wireguard-go", lambda: bench_wireguard(server_host, node, work, args)),
+                ("OpenVPN UDP", lambda: bench_openvpn(server_host, node, work, args, "udp")),
+                ("OpenVPN TCP", lambda: bench_openvpn(server_host, node, work, args, "tcp")),
+            ]
+            for name, stage in stages:
+                if args.only and name not in args.only:
+                    continue
+                results[name] = stage()
+        finally:
+            lab.close()
+    progress(f"after: {machine_note()}")
+    print(table(results, args))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loss", type=float, default=0.0, help="random loss on the underlay, percent (default 0)")
+    parser.add_argument("--rate", type=float, default=0.0, help="underlay rate limit, Mbit/s (default: none)")
+    parser.add_argument("--seconds", type=int, default=10, help="length of each iperf3 run (default 10)")
+    parser.add_argument("--repeat", type=int, default=3, help="iperf3 runs per figure; the median (default 3)")
+    parser.add_argument("--only", action="append", choices=COLUMNS, help="measure only these paths (repeatable)")
+    args = parser.parse_args()
+    if args.seconds < 1 or args.repeat < 1 or not 0 <= args.loss < 100 or args.rate < 0:
+        parser.error("--seconds and --repeat must be at least 1, --loss 0-99, --rate not negative")
+    return run_lab_bench("bench_wan", lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The UDP data path's datagram layer (wire protocol section of ncctl.py): key agreement,
+sealing, the replay window and the handshake fields, checked with hypothesis. Every way a
+datagram can be wrong ends in BadDatagram with a reason the server counts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ncctl
+
+TOKEN = "a" * ncctl.NODE_TOKEN_LEN
+SESSION_ID = 0x1234ABCD
+
+
+def session_pair(session_id: int = SESSION_ID, token: str = TOKEN) -> tuple[ncctl.DatagramKeys, ncctl.DatagramKeys]:
+    """(node side, server side) of one session, agreed the way HELLO and WELCOME agree them."""
+    node_private, node_share = ncctl.new_x25519()
+    server_private, server_share = ncctl.new_x25519()
+    transcript = ncctl.datagram_transcript(node_share, server_share, session_id, token)
+    node_keys = ncctl.datagram_keys(node_private, server_share, transcript)
+    server_keys = ncctl.datagram_keys(server_private, node_share, transcript)
+    assert node_keys == server_keys
+    return ncctl.DatagramKeys.for_node(session_id, *node_keys), ncctl.DatagramKeys.for_server(session_id, *server_keys)
+
+
+def frame(payload: bytes) -> bytes:
+    return ncctl.encode_frame(ncctl.FRAME_PACKET, payload)
+
+
+def reason(keys: ncctl.DatagramKeys, datagram: bytes) -> str:
+    with pytest.raises(ncctl.BadDatagram) as caught:
+        keys.open(datagram)
+    return caught.value.reason
+
+
+@given(st.lists(st.binary(max_size=1500), min_size=1, max_size=20))
+@settings(max_examples=50, deadline=None)
+def test_sealed_frames_open_on_the_other_side_in_both_directions(payloads: list[bytes]) -> None:
+    node, server = session_pair()
+    for payload in payloads:
+        assert server.open(node.seal(frame(payload))) == frame(payload)
+        assert node.open(server.seal(frame(payload))) == frame(payload)
+
+
+def test_each_direction_has_its_own_key() -> None:
+    node, _server = session_pair()
+    sealed = node.seal(frame(b"up"))
+    assert reason(node, sealed) == "forged"  # the node cannot open what it sealed: a reflected datagram is refused
+
+
+def test_counters_grow_and_are_the_nonce() -> None:
+    node, _server = session_pair()
+    counters = [ncctl.DATAGRAM_HEADER.unpack_from(node.seal(frame(b"x")))[2] for _ in range(5)]
+    assert counters == [0, 1, 2, 3, 4]
+
+
+def test_a_replayed_datagram_is_dropped() -> None:
+    node, server = session_pair()
+    sealed = node.seal(frame(b"once"))
+    server.open(sealed)
+    assert reason(server, sealed) == "replayed"
+
+
+@given(st.permutations(range(64)))
+@settings(max_examples=50, deadline=None)
+def test_reordered_datagrams_within_the_window_are_all_taken_once(order: list[int]) -> None:
+    node, server = session_pair()
+    sealed = [node.seal(frame(bytes([i]))) for i in range(64)]
+    for i in order:
+        assert server.open(sealed[i]) == frame(bytes([i]))
+    for i in order[:8]:
+        assert reason(server, sealed[i]) == "replayed"
+
+
+def test_a_datagram_older_than_the_window_is_dropped() -> None:
+    node, server = session_pair()
+    old = node.seal(frame(b"old"))
+    node.sent = ncctl.REPLAY_WINDOW + 10
+    server.open(node.seal(frame(b"new")))
+    assert reason(server, old) == "replayed"
+
+
+@given(st.binary(max_size=200), st.data())
+@settings(max_examples=100, deadline=None)
+def test_any_flipped_bit_is_a_forgery(payload: bytes, data: st.DataObject) -> None:
+    node, server = session_pair()
+    sealed = bytearray(node.seal(frame(payload)))
+    bit = data.draw(st.integers(8 * 8, 8 * len(sealed) - 1))  # past type and session: those pick the session
+    sealed[bit // 8] ^= 1 << (bit % 8)
+    assert reason(server, bytes(sealed)) in ("forged", "replayed")  # a flipped counter may also look old
+    assert server.open(node.seal(frame(b"after"))) == frame(b"after")  # a forgery moved no window
+
+
+@given(st.integers(0, 60))
+def test_a_truncated_datagram_is_dropped(length: int) -> None:
+    node, server = session_pair()
+    sealed = node.seal(frame(b"p" * 40))
+    cut = sealed[:length]
+    if ncctl.datagram_session(cut) is None:
+        return  # too short to name a session: dropped before any lookup
+    assert reason(server, cut) == "forged"
+
+
+def test_a_datagram_of_another_session_fails_its_tag() -> None:
+    node_a, _server_a = session_pair(1)
+    _node_b, server_b = session_pair(2)
+    sealed = bytearray(node_a.seal(frame(b"cross")))
+    sealed[4:8] = (2).to_bytes(4, "big")  # relabelled for session 2
+    assert reason(server_b, bytes(sealed)) == "forged"
+    assert reason(server_b, node_a.seal(frame(b"as is"))) == "forged"
+
+
+def test_a_different_transcript_gives_different_keys() -> None:
+    node_private, node_share = ncctl.new_x25519()
+    _server_private, server_share = ncctl.new_x25519()
+    one = ncctl.datagram_keys(node_private, server_share, ncctl.datagram_transcript(node_share, server_share, 1, TOKEN))
+    two = ncctl.datagram_keys(node_private, server_share, ncctl.datagram_transcript(node_share, server_share, 2, TOKEN))
+    assert one != two and one[0] != one[1]
+
+
+def test_a_low_order_share_is_refused() -> None:
+    private, _share = ncctl.new_x25519()
+    with pytest.raises(ncctl.BadDatagram):
+        ncctl.datagram_keys(private, bytes(32), b"t")
+
+
+def test_the_counter_never_wraps() -> None:
+    node, _server = session_pair()
+    node.sent = ncctl.COUNTER_LIMIT
+    with pytest.raises(ncctl.BadDatagram):
+        node.seal(frame(b"x"))
+
+
+def test_keys_wear_out_long_before_the_counter_limit() -> None:
+    node, _server = session_pair()
+    assert not node.worn(node.born)
+    assert node.worn(node.born + ncctl.REKEY_AFTER_S)
+    node.sent = ncctl.REKEY_AFTER_DATAGRAMS
+    assert node.worn(node.born) and ncctl.REKEY_AFTER_DATAGRAMS < ncctl.COUNTER_LIMIT >> 16
+
+
+@given(st.binary(max_size=120))
+@settings(max_examples=300, deadline=None)
+def test_random_bytes_never_open(datagram: bytes) -> None:
+    _node, server = session_pair()
+    if ncctl.datagram_session(datagram) is None:
+        return
+    with pytest.raises(ncctl.BadDatagram):
+        server.open(datagram)
+
+
+@given(st.integers(0, 2**64 - 1), st.lists(st.integers(0, 2**64 - 1), max_size=50))
+@settings(max_examples=200, deadline=None)
+def test_the_window_takes_each_counter_at_most_once(first: int, counters: list[int]) -> None:
+    window = ncctl.ReplayWindow(64)
+    taken: set[int] = set()
+    for counter in [first, *counters]:
+        if window.fresh(counter):
+            assert counter not in taken
+            window.accept(counter)
+            taken.add(counter)
+    assert window.top == max(taken)
+
+
+def test_hello_and_welcome_carry_the_shares() -> None:
+    _private, share = ncctl.new_x25519()
+    hello = ncctl.Hello(TOKEN, udp_key=share)
+    assert ncctl.Hello.decode(hello.encode()[4:]).udp_key == share
+    welcome = ncctl.Welcome(
+        "10.1.0.2", 16, "10.1.0.1", 1400, 10, caps=("udp",), udp_key=share, udp_session=7, udp_port=6441
+    )
+    back = ncctl.Welcome.decode(welcome.encode()[4:])
+    assert (back.udp_key, back.udp_session, back.udp_port) == (share, 7, 6441)
+
+
+def test_a_hello_offering_udp_without_a_share_gets_no_udp() -> None:
+    message = {"proto": 1, "nodeToken": TOKEN, "caps": ["gso", "udp"], "udpKey": "not base64!"}
+    assert ncctl.Hello.decode(json.dumps(message).encode()).caps == ("gso",)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"udpKey": base64.b64encode(bytes(31)).decode(), "udpSession": 1, "udpPort": 1}, {"udpSession": 0}],
+)
+def test_a_welcome_agreeing_on_udp_without_valid_fields_is_refused(fields: dict) -> None:
+    message = {"ip": "10.1.0.2", "prefix": 16, "serverIp": "10.1.0.1", "mtu": 1400, "caps": ["udp"]}
+    message.update({"udpKey": base64.b64encode(bytes(range(32))).decode(), "udpSession": 5, "udpPort": 6441})
+    message.update(fields)
+    if not fields:
+        assert ncctl.Welcome.decode(json.dumps(message).encode()).udp_session == 5
+        return
+    with pytest.raises(ncctl.ProtocolError):
+        ncctl.Welcome.decode(json.dumps(message).encode())
+
+
+def test_old_peers_never_see_the_udp_fields() -> None:
+    welcome = ncctl.Welcome("10.1.0.2", 16, "10.1.0.1", 1400, 10, caps=("gso",))
+    assert "udpKey" not in json.loads(welcome.encode()[4:])
+    assert "udpKey" not in json.loads(ncctl.Hello(TOKEN, caps=("gso",)).encode()[4:])
+
+
+# -- userspace GRO ------------------------------------------------------------------------
+
+
+def tcp_super_packet(payload: bytes, flags: int, options: bytes, seq: int, ip_id: int) -> bytes:
+    """A well-formed IPv4/TCP packet (checksums right) from 198.18.0.2:40000 to 10.1.1.1:5201."""
+    thl = 20 + len(options)
+    tcp = bytearray(
+        struct.pack("!HHIIBBHHH", 40000, 5201, seq, 77, (thl // 4) << 4, flags, 512, 0, 0) + options + payload
+    )
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), ip_id, 0x4000, 64, 6, 0,
+                               bytes([198, 18, 0, 2]), bytes([10, 1, 1, 1])))  # fmt: skip
+    ip[10:12] = ncctl.checksum(ip).to_bytes(2, "big")
+    pseudo = bytes(ip[12:20]) + bytes((0, 6)) + len(tcp).to_bytes(2, "big")
+    tcp[16:18] = ncctl.checksum(pseudo + tcp).to_bytes(2, "big")
+    return bytes(ip + tcp)
+
+
+SUPER_PACKETS = st.builds(
+    tcp_super_packet,
+    st.binary(min_size=1, max_size=20000),
+    st.sampled_from([0x10, 0x18]),
+    st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(range(8))]),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 0xFFFF),
+)
+
+
+def plain(packets: list[bytes]) -> list[bytes]:
+    return [ncctl.ZERO_VNET_HDR + p for p in packets]
+
+
+@given(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400))
+@settings(max_examples=100, deadline=None)
+def test_gro_rebuilds_the_super_packet_that_segmentation_cut(packet: bytes, mss: int) -> None:
+    """Segments cut from one super-packet coalesce back into one, which the server's own
+    GSO check accepts and which segments into exactly the same packets again."""
+    segments = ncctl.segment_tcp4(packet, mss)
+    (merged,) = ncctl.coalesce_tcp4(plain(segments))
+    ncctl.gso_header(merged, 1400 + 40)
+    assert ncctl.plain_packets(merged) == segments
+
+
+@given(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400))
+@settings(max_examples=100, deadline=None)
+def test_partial_segments_complete_to_the_full_ones(packet: bytes, mss: int) -> None:
+    """Segments whose checksum the receiver completes (the datagram path's, which sum no
+    payload at the sender) pass the receiver's GSO check, complete to exactly what full
+    segmentation gives, and coalesce into the same super-packet."""
+    vnet = ncctl.VNET_HDR.pack(ncctl.VNET_F_NEEDS_CSUM, ncctl.GSO_TCPV4, 40, mss, 20, 16)
+    frames = ncctl.datagram_frames(vnet + packet, 1400, partial=True)
+    assert all(f[0] == ncctl.FRAME_GSO_PACKET and len(f) <= 4 + 10 + 40 + mss for f in frames)
+    checked = [ncctl.gso_header(f[4:], 1400 + 40) + f[14:] for f in frames]
+    full = ncctl.segment_tcp4(packet, mss)
+    assert [p for c in checked for p in ncctl.plain_packets(c)] == full
+    assert all(ncctl.checksum(p[:20]) == 0xFFFF for p in full)  # IP headers sum to all ones: valid
+    (merged,) = ncctl.coalesce_tcp4(checked)
+    assert ncctl.plain_packets(merged) == full
+    assert [f[4:] for f in ncctl.datagram_frames(vnet + packet, 1400, partial=False)] == full
+
+
+@given(st.lists(st.tuples(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400)), max_size=4), st.randoms())
+@settings(max_examples=100, deadline=None)
+def test_gro_keeps_every_packet_and_the_order_within_each_flow(cases: list, rng: random.Random) -> None:
+    """Shuffled segments of several packets, plus one that is not TCP: nothing is lost or reordered."""
+    packets = [s for packet, mss in cases for s in ncctl.segment_tcp4(packet, mss)]
+    packets.append(b"\x45" + bytes(27))  # not TCP: passed on as it is
+    rng.shuffle(packets)
+    merged = ncctl.coalesce_tcp4(plain(packets))
+    assert [p for m in merged for p in ncctl.plain_packets(m)] == packets  # only neighbours merge
+    assert len(merged) <= len(packets)
+
+
+def test_a_node_seals_with_rekeyed_keys_and_still_opens_late_old_datagrams() -> None:
+    """The node's side of a rekey: the server's answer installs new keys for sealing, and
+    the old ones keep opening datagrams already on their way for a while."""
+    node_keys, server_keys = session_pair()
+    path = ncctl.DatagramPath("198.18.0.1", 6441, node_keys, "auto", TOKEN)
+    try:
+        path.keys.born -= ncctl.REKEY_AFTER_S
+        request = path.rekey_request(path.keys.born + ncctl.REKEY_AFTER_S)
+        assert request is not None and request[0] == ncctl.FRAME_REKEY
+        node_share = base64.b64decode(json.loads(request[4:])["udpKey"])
+        assert path.rekey_request(0.0) is None  # one at a time
+        server_private, server_share = ncctl.new_x25519()
+        transcript = ncctl.datagram_transcript(node_share, server_share, 99, TOKEN)
+        server_new = ncctl.DatagramKeys.for_server(99, *ncctl.datagram_keys(server_private, node_share, transcript))
+        answer = {"udpKey": base64.b64encode(server_share).decode(), "udpSession": 99}
+        path.on_rekey(answer, 100.0)
+        assert path.keys.session_id == 99
+        assert server_new.open(path.keys.seal(frame(b"new"))) == frame(b"new")
+        late = server_keys.seal(frame(b"late"))
+        assert path.openers[SESSION_ID].open(late) == frame(b"late")
+        path.tick(100.0 + ncctl.UDP_OLD_KEYS_S)
+        assert set(path.openers) == {99}
+    finally:
+        path.close()

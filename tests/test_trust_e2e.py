@@ -312,22 +312,29 @@ def test_a_node_from_before_serials_keeps_working_until_unregistered(lab: Lab) -
 
 
 def test_fifty_concurrent_joins_and_connects_into_a_27(lab: Lab) -> None:
-    """50 joins at once into a /27, then 50 sessions at once that stay up: 29 distinct addresses,
-    21 refusals as full, and no connected node loses its address; a join into the full network
-    is refused with a clear message."""
+    """50 joins at once into a /27 (25 from each of two hosts, within the server's per-address
+    handshake limit), then 50 sessions at once that stay up: 29 distinct addresses, 21 refusals
+    as full, and no connected node loses its address; a join into the full network is refused
+    with a clear message."""
     server = start_server(lab.add_host("server"), networks=[{"name": "small", "cidr": "10.4.0.1/27"}])
-    host = lab.add_host("swarm")
     join = server.join_string("--net", "small", "--life", "30")
     token, net = join.split("@")[0], join.rsplit("net=", 1)[1]
-    out = lab.dir / "swarm"
-    out.mkdir()
     ca = server.work_dir / "tls" / "grpc" / "ca.crt"
-    swarm = host.spawn(sys.executable, str(swarm_script(lab.dir)), *swarm_args(ca, token, net, 50, out), name="swarm")
+    script = swarm_script(lab.dir)
+    swarms = []
+    for name in ("swarm-a", "swarm-b"):
+        out = lab.dir / name
+        out.mkdir()
+        host = lab.add_host(name)
+        swarms.append((out, host.spawn(sys.executable, str(script), *swarm_args(ca, token, net, 25, out), name=name)))
     try:
-        swarm.wait_for_output('"sessions"', timeout=120, what="the swarm's joins and sessions")
-        result = json.loads(swarm.log().strip().splitlines()[-1])
-        assert all("token" in j for j in result["joined"].values()), result["joined"]
-        sessions = result["sessions"]
+        joined, sessions = {}, {}
+        for out, swarm in swarms:
+            swarm.wait_for_output('"sessions"', timeout=120, what="the swarm's joins and sessions")
+            result = json.loads(swarm.log().strip().splitlines()[-1])
+            joined.update({f"{out.name}-{n}": j for n, j in result["joined"].items()})
+            sessions.update(result["sessions"])
+        assert len(joined) == 50 and all("token" in j for j in joined.values()), joined
         welcomed = {t: s["message"]["ip"] for t, s in sessions.items() if s["kind"] == WELCOME}
         refused = [s for s in sessions.values() if s["kind"] == ERROR]
         assert len(welcomed) == 29 and len(set(welcomed.values())) == 29, sessions
@@ -339,5 +346,6 @@ def test_fifty_concurrent_joins_and_connects_into_a_27(lab: Lab) -> None:
         )
         assert "is full" in one_error_line(late)
     finally:
-        (out / "release").touch()
-        swarm.stop(signal.SIGTERM)
+        for out, swarm in swarms:
+            (out / "release").touch()
+            swarm.stop(signal.SIGTERM)

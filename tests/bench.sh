@@ -9,6 +9,8 @@
 #   wan         nc UDP and TCP vs wireguard-go and OpenVPN UDP/TCP on a lossy,
 #               rate-limited underlay: [--loss PCT] [--rate MBIT] [--seconds S]
 #               (tests/bench_wan.py; not part of "all")
+#   fallback    UDP blocked before the join and mid-session: time to TCP and back
+#               (tests/bench_fallback.py; not part of "all")
 #   all         all of them, one after the other (default)
 # Extra arguments go to the one benchmark named, e.g.
 #   tests/bench.sh throughput --seconds 3 --repeat 1
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 [ $# -gt 0 ] && shift
 case "$what" in
-    throughput | scale | pool | hostile | floods | ha | wan) ;;
+    throughput | scale | pool | hostile | floods | ha | wan | fallback) ;;
     all)
         if [ $# -gt 0 ]; then
             echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool, hostile, floods or ha)" >&2
@@ -28,11 +30,11 @@ case "$what" in
         fi
         ;;
     -h | --help)
-        sed -n '2,16s/^# \{0,1\}//p' "$0"
+        sed -n '2,18s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)
-        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha, wan or all" >&2
+        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha, wan, fallback or all" >&2
         exit 2
         ;;
 esac

@@ -126,3 +126,27 @@ def test_datagrams_that_do_not_authenticate_are_dropped_counted_and_never_answer
     server_log = overlay.server.process.log()
     for reason in ("replayed", "forged", "malformed", "unknown-session"):  # counted, and logged with the count
         assert re.search(rf"UDP datagram from [\d.]+ dropped \({reason}\); \d+ so far", server_log), reason
+
+
+def test_transport_tcp_on_either_side_keeps_data_on_the_stream(lab: Lab) -> None:
+    """`transport: tcp` in server.yml: no UDP socket, nodes are told nothing of UDP; in
+    client.yml: the node never offers it. Either way the node works on TLS/TCP."""
+    server_host = lab.add_host("server")
+    server = start_server(server_host, keepalive=5, transport="tcp")
+    node = lab.add_host("node1")
+    client = start_client(node, server.join_string())
+    assert_reaches(node, SERVER_OVERLAY_IP)
+    assert server.node(client.token())["transport"] == "tcp"
+    assert "6441" not in server_host.run("ss", "-uln").stdout
+    assert "UDP" not in client.process.log()
+    # Now the other way round: a server that offers UDP, a node configured for TCP only.
+    client.process.stop()
+    server.process.stop()
+    server.config.write_text(server.config.read_text().replace('"transport": "tcp"', '"transport": "auto"'))
+    server.start()
+    client.config.write_text(client.config.read_text().replace("transport: auto", "transport: tcp"))
+    client.restart()
+    wait_for(lambda: node.ping(SERVER_OVERLAY_IP), timeout=30, what="the node to reconnect")
+    assert "6441" in server_host.run("ss", "-uln").stdout
+    assert server.node(client.token())["transport"] == "tcp"
+    assert "UDP" not in client.process.log()

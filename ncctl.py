@@ -6118,7 +6118,7 @@ class NetworkClient:
             raise ProtocolError("the welcome's udpKey is unusable") from None
         port = welcome.udp_port if self.config.udp_port == DEFAULT_NETWORK_PORT else self.config.udp_port
         path = DatagramPath(
-            self.config.server_addr,
+            self.server_ip,  # the replica this session reached, as resolved for it
             port,
             DatagramKeys.for_node(welcome.udp_session, *keys),
             self.config.transport,
@@ -7885,6 +7885,17 @@ class StandbyPort:
                 tls.close()
 
 
+class StandbySessions(Sessions):
+    """A standby's data plane is the leader's: the standby is healthy (its port refers
+    nodes to the leader) while its role loop follows etcd; sessions are not its own."""
+
+    def __init__(self, role: ReplicaRole) -> None:
+        self.role = role
+
+    def running(self) -> bool:
+        return self.role.is_alive() and not self.role.stop.is_set() and self.role.standby is not None
+
+
 class ReplicaRole(threading.Thread):
     """Campaigns for leadership, runs the data plane while leading (a StandbyPort
     otherwise), heartbeats this replica's entry for `nc adm replica list`, and fences:
@@ -8018,7 +8029,7 @@ class ReplicaRole(threading.Thread):
     def _step_down(self, abandon_lease: bool) -> None:
         network, self.network = self.network, None
         self.store.fence = None
-        self.control.sessions = Sessions()
+        self.control.sessions = StandbySessions(self)
         if network is not None:
             network.stop()
             log.info("data plane stopped; this replica is a standby")
@@ -8031,6 +8042,7 @@ class ReplicaRole(threading.Thread):
         try:
             self.standby = StandbyPort(self.config, self.control.pki, lambda: self.leader_address)
             self.standby.start()
+            self.control.sessions = StandbySessions(self)
         except OSError as e:
             raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it") from None
 

@@ -4532,6 +4532,7 @@ class DatagramPath:
         self.rekey_private: Any = None  # our share of a rekey sent, awaiting the server's
         self.rekey_share = b""
         self.counters: collections.Counter[str] = collections.Counter()
+        self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
 
     @property
     def carrying(self) -> bool:
@@ -4564,6 +4565,7 @@ class DatagramPath:
         except OSError:
             self.counters["dropped-udp-send"] += 1
             return
+        self.tx_bytes += sum(map(len, sealed[:sent]))
         if sent < len(sealed):
             self.backlog = sealed[sent:]
         self.last_tx = time.monotonic()
@@ -4589,6 +4591,7 @@ class DatagramPath:
                 self.counters["udp-" + e.reason] += 1
                 continue
             self.last_rx = time.monotonic()
+            self.rx_bytes += len(datagram)
             yield frame
 
     def tick(self, now: float) -> str | None:
@@ -5574,6 +5577,7 @@ class NetworkServer(Sessions):
 
     def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
         if self._on_udp(peer, self.epoll.now):
+            peer.tx_packets += len(frames)
             self._send_datagrams(peer, frames)
             return
         for frame in frames:
@@ -5728,7 +5732,9 @@ class NetworkServer(Sessions):
                 log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
             session.udp_addr = address
         session.udp_last_rx = session.last_rx = self.epoll.now
+        session.rx_bytes += len(datagram)
         if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+            session.rx_packets += 1
             try:  # writable: a GSO frame's header is rebuilt in place
                 self._route_from_node(session, memoryview(bytearray(frame)), kind, start, end)
             except BadFrame as e:
@@ -5759,6 +5765,7 @@ class NetworkServer(Sessions):
                 gso = frame[0] == FRAME_GSO_PACKET
                 pieces = datagram_frames(memoryview(frame)[4:], self.config.mtu, session.gso) if gso else (frame,)
                 sealed = [seal(piece) for piece in pieces]
+                session.tx_bytes += sum(map(len, sealed))
                 if sock.send(sealed, address) < len(sealed):
                     self.counters["dropped-udp-full"] += 1
                     return
@@ -6048,18 +6055,19 @@ class NetworkClient:
 
     def status(self) -> dict[str, Any]:
         """What `nc status` shows (asked from the status socket's thread)."""
-        link, since = self.link, self.connected_since
+        link, since, udp = self.link, self.connected_since, self.udp
         connected = link is not None and since > 0
+        on_udp = connected and udp is not None and udp.carrying
         return {
             "state": "connected" if connected else "connecting",
             "nodeToken": self.config.token,
             "overlayIp": str(self.address.ip) if connected and self.address else "",
             "server": self._server,
-            "transport": "tcp" if connected else "",
+            "transport": ("udp" if on_udp else "tcp") if connected else "",
             "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
             "rttMs": tcp_rtt_ms(link.sock) if connected else None,
-            "rxBytes": link.rx_bytes if connected else 0,
-            "txBytes": link.tx_bytes if connected else 0,
+            "rxBytes": link.rx_bytes + (udp.rx_bytes if udp else 0) if connected else 0,
+            "txBytes": link.tx_bytes + (udp.tx_bytes if udp else 0) if connected else 0,
             "lastError": "" if connected else self.last_error,
             "version": VERSION,
         }
@@ -7674,7 +7682,9 @@ class ServerMetrics:
         yield nodes
         yield pool
         sessions = GaugeMetricFamily("nc_sessions", "Live data-plane sessions by transport", labels=["transport"])
-        sessions.add_metric(["tcp"], len(self.network.by_token))
+        by_transport = collections.Counter(self.network.transports().values())
+        for transport in ("tcp", "udp"):
+            sessions.add_metric([transport], by_transport[transport])
         yield sessions
         traffic = self.network.traffic()
         data = CounterMetricFamily("nc_data", "Data-plane traffic with nodes", labels=["direction"], unit="bytes")

@@ -20,7 +20,7 @@ def test_node_list_shows_host_endpoint_transport_traffic_and_version(lab: Lab) -
     row = server.node(client.token())
     hostname = client.host.run("hostname").stdout.strip()
     assert row["hostName"] == hostname == socket.gethostname()  # a namespace shares the UTS name here
-    assert row["endpoint"].startswith(f"{client.host.ip}:") and row["transport"] == "tcp"
+    assert row["endpoint"].startswith(f"{client.host.ip}:") and row["transport"] in ("udp", "tcp")
     assert row["nodeVersion"] == ncctl.VERSION and row["lastSeen"]
     assert int(row["rxBytes"]) > 0 and int(row["txBytes"]) > 0
     assert row["reserved"] is False

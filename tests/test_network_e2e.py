@@ -233,7 +233,9 @@ def test_a_second_session_with_the_same_token_replaces_the_first(lab: Lab) -> No
     address = first.overlay_ip()
     twin_host = lab.add_host("twin")
     twin_dir = lab.dir / "twin-client"
-    shutil.copytree(first.work_dir, twin_dir)
+    shutil.copytree(
+        first.work_dir, twin_dir, ignore=shutil.ignore_patterns("*.sock")
+    )  # the running client's status socket
     config = twin_dir / "client.yml"
     config.write_text(config.read_text().replace(str(first.work_dir), str(twin_dir)))
     twin = twin_host.spawn_nc("client", "--config", str(config), name="twin-client")

@@ -4007,55 +4007,21 @@ def datagram_frames(payload: Any, mtu: int, partial: bool) -> list[bytes]:
     return segment_tcp4_partial(packet, gso_size)
 
 
-def segment_tcp4_partial(packet: Any, mss: int) -> list[bytes]:
-    """segment_tcp4 for a peer whose kernel completes TCP checksums: each piece a GSO
-    frame (GSO_NONE, NEEDS_CSUM) whose checksum field holds only the pseudo-header sum."""
+def tcp4_pieces(packet: Any, mss: int) -> Iterator[tuple[bytearray, bytearray, Any, bytes]]:
+    """Software TSO for one IPv4/TCP super-segment: each piece's IP header (length, id
+    and checksum set), TCP header (sequence and flags set, checksum zero), payload,
+    and pseudo-header; nothing for a malformed packet."""
     if len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
-        return []
+        return
     ihl = (packet[0] & 0x0F) * 4
     thl = (packet[ihl + 12] >> 4) * 4 if len(packet) > ihl + 12 else 0
     if ihl < 20 or thl < 20 or len(packet) < ihl + thl:
-        return []
+        return
     ip_header, tcp_header, data = bytes(packet[:ihl]), bytes(packet[ihl : ihl + thl]), packet[ihl + thl :]
     ip_id = int.from_bytes(ip_header[4:6], "big")
     seq = int.from_bytes(tcp_header[4:8], "big")
     tcp_flags = tcp_header[13]
-    pseudo_base = bytes(ip_header[12:20]) + bytes((0, socket.IPPROTO_TCP))
-    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, ihl + thl, 0, ihl, TCP_CSUM_OFFSET)
-    frames = []
-    for index, offset in enumerate(range(0, len(data), mss)):
-        chunk = data[offset : offset + mss]
-        last = offset + mss >= len(data)
-        ip = bytearray(ip_header)
-        ip[2:4] = (ihl + thl + len(chunk)).to_bytes(2, "big")
-        ip[4:6] = ((ip_id + index) & 0xFFFF).to_bytes(2, "big")
-        ip[10:12] = b"\0\0"
-        ip[10:12] = checksum(ip).to_bytes(2, "big")
-        tcp = bytearray(tcp_header)
-        tcp[4:8] = ((seq + offset) & 0xFFFFFFFF).to_bytes(4, "big")
-        flags = tcp_flags if last else tcp_flags & ~0x09
-        tcp[13] = flags if index == 0 else flags & ~0x80
-        tcp[16:18] = (0xFFFF - checksum(pseudo_base + (thl + len(chunk)).to_bytes(2, "big"))).to_bytes(2, "big")
-        body = vnet + ip + tcp + chunk
-        frames.append(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | len(body)) + body)
-    return frames
-
-
-def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
-    """Software TSO for one IPv4/TCP super-segment (nothing for an mss so small
-    that one packet would cost hundreds of segments)."""
-    if mss < GSO_MIN_SIZE or len(packet) < 40 or packet[0] >> 4 != 4 or packet[9] != socket.IPPROTO_TCP:
-        return []
-    ihl = (packet[0] & 0x0F) * 4
-    thl = (packet[ihl + 12] >> 4) * 4 if len(packet) > ihl + 12 else 0
-    if ihl < 20 or thl < 20 or len(packet) < ihl + thl:
-        return []
-    ip_header, tcp_header, data = bytes(packet[:ihl]), bytes(packet[ihl : ihl + thl]), packet[ihl + thl :]
-    ip_id = int.from_bytes(ip_header[4:6], "big")
-    seq = int.from_bytes(tcp_header[4:8], "big")
-    tcp_flags = tcp_header[13]
-    addresses = ip_header[12:20]
-    segments = []
+    pseudo_base = ip_header[12:20] + bytes((0, socket.IPPROTO_TCP))
     for index, offset in enumerate(range(0, len(data), mss)):
         chunk = data[offset : offset + mss]
         last = offset + mss >= len(data)
@@ -4069,7 +4035,28 @@ def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
         flags = tcp_flags if last else tcp_flags & ~0x09  # FIN and PSH only on the last piece
         tcp[13] = flags if index == 0 else flags & ~0x80  # CWR only on the first
         tcp[16:18] = b"\0\0"
-        pseudo = addresses + bytes((0, socket.IPPROTO_TCP)) + (thl + len(chunk)).to_bytes(2, "big")
+        yield ip, tcp, chunk, pseudo_base + (thl + len(chunk)).to_bytes(2, "big")
+
+
+def segment_tcp4_partial(packet: Any, mss: int) -> list[bytes]:
+    """segment_tcp4 for a peer whose kernel completes TCP checksums: each piece a GSO
+    frame (GSO_NONE, NEEDS_CSUM) whose checksum field holds only the pseudo-header sum."""
+    frames = []
+    for ip, tcp, chunk, pseudo in tcp4_pieces(packet, mss):
+        tcp[16:18] = (0xFFFF - checksum(pseudo)).to_bytes(2, "big")
+        vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, len(ip) + len(tcp), 0, len(ip), TCP_CSUM_OFFSET)
+        body = vnet + ip + tcp + chunk
+        frames.append(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | len(body)) + body)
+    return frames
+
+
+def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
+    """Software TSO for one IPv4/TCP super-segment (nothing for an mss so small
+    that one packet would cost hundreds of segments)."""
+    if mss < GSO_MIN_SIZE:
+        return []
+    segments = []
+    for ip, tcp, chunk, pseudo in tcp4_pieces(packet, mss):
         tcp[16:18] = checksum(pseudo + tcp + chunk).to_bytes(2, "big")
         segments.append(bytes(ip + tcp + chunk))
     return segments

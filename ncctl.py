@@ -7244,18 +7244,18 @@ class GrpcGuard(threading.Thread):
             self.epoll.modify(side.fileno(), reading | (select.EPOLLOUT if splice.out[side.fileno()] else 0))
 
     def _close(self, splice: Splice) -> None:
-        for side in (splice.client, splice.backend):
-            if self.splices.pop(side.fileno(), None) is not None:
-                with contextlib.suppress(OSError, ValueError):
-                    self.epoll.unregister(side.fileno())
-            side.close()
-        port = splice.port
+        port = splice.port  # the caller's count goes first: a splice gone means its count is too
         if splice.source in port.per_source:
             port.total -= 1
             port.per_source[splice.source] -= 1
             if port.per_source[splice.source] <= 0:
                 del port.per_source[splice.source]
         splice.source = ""  # counted down once
+        for side in (splice.client, splice.backend):
+            if self.splices.pop(side.fileno(), None) is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.epoll.unregister(side.fileno())
+            side.close()
 
 
 def start_grpc_servers(

@@ -3955,12 +3955,17 @@ def gso_header(payload: Any, mtu: int) -> bytes:
     return VNET_HDR.pack(flags, gso_type, ihl + l4_len, gso_size, csum_start, csum_offset)
 
 
-def checksum(data: Any) -> int:
-    """Internet checksum (RFC 1071): the ones' complement sum is the value of the
+def ones_sum(data: Any) -> int:
+    """The ones' complement sum of the 16-bit words (RFC 1071), folded: the value of the
     whole buffer modulo 0xFFFF, because 0x10000 = 1 (mod 0xFFFF)."""
     if len(data) % 2:
         data = bytes(data) + b"\0"
-    return 0xFFFF - int.from_bytes(data, "big") % 0xFFFF
+    return int.from_bytes(data, "big") % 0xFFFF
+
+
+def checksum(data: Any) -> int:
+    """Internet checksum (RFC 1071)."""
+    return 0xFFFF - ones_sum(data)
 
 
 def plain_packets(payload: Any) -> list[bytes]:
@@ -3989,22 +3994,6 @@ def plain_packets(payload: Any) -> list[bytes]:
 def plain_frames(payload: Any) -> list[bytes]:
     """PACKET frames for a peer without offload, from a GSO frame payload."""
     return [encode_frame(FRAME_PACKET, p) for p in plain_packets(payload)]
-
-
-def datagram_frames(payload: Any, mtu: int, partial: bool) -> list[bytes]:
-    """Frames of at most the MTU for datagrams, from a GSO frame payload (virtio_net_hdr +
-    packet). partial (the peer agreed on "gso"): TCP segments leave as GSO frames without
-    segmentation whose checksum the receiving kernel completes (NEEDS_CSUM), so the
-    sender sums no payload bytes; else as plain PACKET frames with full checksums."""
-    if len(payload) < VNET_HDR_LEN:
-        return []
-    gso_type, gso_size = payload[1], VNET_HDR.unpack_from(payload)[3]
-    packet = payload[VNET_HDR_LEN:]
-    if not partial or gso_type & ~GSO_ECN != GSO_TCPV4 or gso_size < GSO_MIN_SIZE:
-        if partial and gso_type == GSO_NONE and len(packet) <= mtu:
-            return [encode_frame(FRAME_GSO_PACKET, bytes(payload))]
-        return plain_frames(payload)
-    return segment_tcp4_partial(packet, gso_size)
 
 
 def tcp4_pieces(packet: Any, mss: int) -> Iterator[tuple[bytearray, bytearray, Any, bytes]]:
@@ -4043,7 +4032,7 @@ def segment_tcp4_partial(packet: Any, mss: int) -> list[bytes]:
     frame (GSO_NONE, NEEDS_CSUM) whose checksum field holds only the pseudo-header sum."""
     frames = []
     for ip, tcp, chunk, pseudo in tcp4_pieces(packet, mss):
-        tcp[16:18] = (0xFFFF - checksum(pseudo)).to_bytes(2, "big")
+        tcp[16:18] = ones_sum(pseudo).to_bytes(2, "big")
         vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, len(ip) + len(tcp), 0, len(ip), TCP_CSUM_OFFSET)
         body = vnet + ip + tcp + chunk
         frames.append(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | len(body)) + body)
@@ -4133,7 +4122,7 @@ def gro_packet(run: list[Any], mss: int) -> bytes:
     tcp[13] |= run[-1][VNET_HDR_LEN + 33] & TCP_PSH
     # NEEDS_CSUM: the checksum field holds the pseudo-header sum, the kernel adds the rest.
     pseudo = bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
-    tcp[16:18] = (0xFFFF - checksum(pseudo)).to_bytes(2, "big")
+    tcp[16:18] = ones_sum(pseudo).to_bytes(2, "big")
     vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, headers, mss, 20, TCP_CSUM_OFFSET)
     return vnet + bytes(ip) + bytes(tcp) + body
 
@@ -4199,6 +4188,7 @@ DATAGRAM_HEADER = struct.Struct("!BxxxIQ")  # type, session id, counter
 DATAGRAM_SEALED = 0x01
 DATAGRAM_TAG_LEN = 16
 DATAGRAM_OVERHEAD = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # header, tag, and the sealed frame's header
+DATAGRAM_MIN = DATAGRAM_OVERHEAD  # an empty frame, sealed
 X25519_SHARE_LEN = 32
 # A key is replaced over TLS long before its counter could wrap, within AES-GCM's bound
 # for one key (RFC 8446 5.5: 2^24.5 full-size records), and often enough that a stolen
@@ -4218,29 +4208,31 @@ class BadDatagram(ProtocolError):
 
 
 class ReplayWindow:
-    """RFC 6479's sliding window: the newest counter seen and a bitmap of the
-    REPLAY_WINDOW counters below it. `fresh` is asked before the tag check (a replay
-    costs no decryption); `accept` only after it (a forgery moves nothing)."""
+    """RFC 6479's sliding window: the newest counter seen and, for the `size` counters
+    below it, whether each arrived, kept in a ring of 64-bit words so moving on clears
+    a word at a time instead of shifting one long bitmap. `fresh` is asked before the
+    tag check (a replay costs no decryption); `accept` only after it (a forgery moves
+    nothing)."""
 
     def __init__(self, size: int = REPLAY_WINDOW) -> None:
         self.size = size
         self.top = -1
-        self.seen = 0  # bit i: counter top - i arrived
-        self.mask = (1 << size) - 1
+        # A power of two of blocks of 64 counters, more than the window's counters span.
+        self.mask = (1 << (-(-size // 64)).bit_length()) - 1
+        self.words = [0] * (self.mask + 1)
 
     def fresh(self, counter: int) -> bool:
-        if counter > self.top:
-            return True
         behind = self.top - counter
-        return behind < self.size and not self.seen >> behind & 1
+        return behind < 0 or (behind < self.size and not self.words[counter >> 6 & self.mask] >> (counter & 63) & 1)
 
     def accept(self, counter: int) -> None:
         if counter > self.top:
-            ahead = counter - self.top
-            self.seen = (self.seen << ahead | 1) & self.mask if ahead < self.size else 1
+            block, newest = counter >> 6, self.top >> 6
+            if block != newest:
+                for skipped in range(max(newest + 1, block - self.mask), block + 1):
+                    self.words[skipped & self.mask] = 0
             self.top = counter
-        else:
-            self.seen |= 1 << (self.top - counter)
+        self.words[counter >> 6 & self.mask] |= 1 << (counter & 63)
 
 
 def new_x25519() -> tuple[Any, bytes]:
@@ -4278,9 +4270,11 @@ class DatagramKeys:
 
     def __init__(self, session_id: int, send_key: bytes, receive_key: bytes) -> None:
         # AES-256-GCM: with AES-NI about three times faster here than ChaCha20-Poly1305.
+        from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         self.session_id = session_id
+        self.forged = InvalidTag  # what a failed tag check raises (imported here, off the hot path)
         self.sealer = AESGCM(send_key)
         self.opener = AESGCM(receive_key)
         self.sent = 0  # the next counter to seal with
@@ -4299,44 +4293,180 @@ class DatagramKeys:
         """Time to agree on fresh keys (over TLS)."""
         return self.sent >= REKEY_AFTER_DATAGRAMS or now - self.born >= REKEY_AFTER_S
 
-    def seal(self, frame: bytes) -> bytes:
-        counter = self.sent
-        if counter >= COUNTER_LIMIT:
+    def seal(self, frames: list[Any]) -> list[bytes]:
+        """Each frame as its own datagram, under consecutive counters."""
+        counter, end = self.sent, self.sent + len(frames)
+        if end > COUNTER_LIMIT:
             raise BadDatagram("counter-exhausted")
-        self.sent = counter + 1
-        header = DATAGRAM_HEADER.pack(DATAGRAM_SEALED, self.session_id, counter)
-        return header + self.sealer.encrypt(counter.to_bytes(12, "little"), frame, header)
+        pack, encrypt, session_id = DATAGRAM_HEADER.pack, self.sealer.encrypt, self.session_id
+        sealed = []
+        for frame in frames:
+            header = pack(DATAGRAM_SEALED, session_id, counter)
+            sealed.append(header + encrypt(counter.to_bytes(12, "little"), frame, header))
+            counter += 1
+        self.sent = end
+        return sealed
 
-    def open(self, datagram: Any) -> bytes:
-        """The frame inside a datagram of this session; raises BadDatagram (replayed,
-        too old, forged) at the cost of at most one tag check."""
-        counter = DATAGRAM_HEADER.unpack_from(datagram)[2]
+    def open(self, datagram: Any, counter: int) -> bytes:
+        """The one frame inside a datagram of this session whose header names `counter`
+        (datagram_header); raises BadDatagram (replayed, too old, forged, not one frame)
+        at the cost of at most one tag check."""
         if not self.window.fresh(counter):
             raise BadDatagram("replayed")
-        from cryptography.exceptions import InvalidTag
-
-        header = datagram[: DATAGRAM_HEADER.size]
         try:
-            frame = self.opener.decrypt(counter.to_bytes(12, "little"), datagram[DATAGRAM_HEADER.size :], header)
-        except InvalidTag:
+            frame = self.opener.decrypt(
+                counter.to_bytes(12, "little"), datagram[DATAGRAM_HEADER.size :], datagram[: DATAGRAM_HEADER.size]
+            )
+        except self.forged:
             raise BadDatagram("forged") from None
         self.window.accept(counter)
+        if len(frame) < 4 or int.from_bytes(frame[1:4], "big") != len(frame) - 4:
+            raise BadDatagram("not-one-frame")  # authentic, so the peer is broken: counted, not fatal
         return frame
 
 
-def datagram_session(datagram: Any) -> int | None:
-    """The session id of a datagram that is long enough to be sealed, else None."""
-    if len(datagram) < DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4 or datagram[0] != DATAGRAM_SEALED:
+def datagram_header(datagram: Any) -> tuple[int, int] | None:
+    """(session id, counter) of a datagram long enough to be sealed, else None."""
+    if len(datagram) < DATAGRAM_MIN or datagram[0] != DATAGRAM_SEALED:
         return None
-    return int.from_bytes(datagram[4:8], "big")
+    _kind, session_id, counter = DATAGRAM_HEADER.unpack_from(datagram)
+    return session_id, counter
 
 
-def datagram_frame(frame: Any) -> tuple[int, int, int]:
-    """(type, payload_start, payload_end) of the one frame an authenticated datagram holds."""
-    parsed = next_frame(frame, 0, len(frame))
-    if parsed is None or parsed[2] != len(frame):
-        raise BadDatagram("not-one-frame")
-    return parsed
+# A TCP super-packet leaves as pieces, each one datagram: the segment a software TSO would
+# make (its TCP checksum field holding only the pseudo-header sum), tagged with the burst
+# (the counter of the super-packet's first datagram) and its index in it. The receiver
+# joins consecutive pieces of a burst back into a super-packet by comparing two integers,
+# where general GRO would parse and compare every header: the sender made them from one
+# packet, so their headers agree. A lost piece only splits the burst in two.
+FRAME_TSO_PIECE = 0x13  # inside datagrams only (capabilities "udp" and "gso"): burst, index, IPv4/TCP segment
+PIECE_TAG = struct.Struct("!IH")  # burst, index
+PIECE_START = 4 + PIECE_TAG.size  # where the segment starts in a piece frame
+PIECE_FLAGS_KEPT = 0x89  # CWR only on a burst's first piece; FIN and PSH only on its last
+
+
+def tso_pieces(packet: Any, mss: int, burst: int) -> list[bytes] | None:
+    """A TSO super-packet (IPv4 without options, TCP) as piece frames of `mss` payload
+    bytes; None for any other packet (the caller segments it the general way). Headers
+    are laid out once; per piece only the IP id and checksum, and the sequence number
+    change (and the flags and lengths of the first and last)."""
+    if len(packet) < 40 or packet[0] != 0x45 or packet[9] != socket.IPPROTO_TCP or mss < GSO_MIN_SIZE:
+        return None
+    thl = (packet[32] >> 4) * 4
+    if thl < 20 or len(packet) < 20 + thl or (packet[2] << 8 | packet[3]) != len(packet):
+        return None
+    ip, tcp = bytes(packet[:20]), bytes(packet[20 : 20 + thl])
+    data = memoryview(packet)[20 + thl :]
+    count = max(1, -(-len(data) // mss))
+    ip_id, seq, flags = int.from_bytes(ip[4:6], "big"), int.from_bytes(tcp[4:8], "big"), tcp[13]
+    layout = struct.Struct(f"!IIH4sH4sH8s4sI{thl - 8}s")
+    pseudo = ip[12:20] + bytes((0, socket.IPPROTO_TCP))
+
+    def headers(length: int, piece_flags: int) -> tuple[int, bytes, int, bytes]:
+        """Frame word, IP bytes 0-3, IP header sum without id and checksum, TCP bytes 8 on."""
+        total = 20 + thl + length
+        ip_start = ip[:2] + total.to_bytes(2, "big")
+        ip_sum = ones_sum(ip_start + ip[6:10] + ip[12:20])
+        tail = bytearray(tcp[8:])
+        tail[5] = piece_flags
+        tail[8:10] = ones_sum(pseudo + (thl + length).to_bytes(2, "big")).to_bytes(2, "big")
+        return FRAME_TSO_PIECE << 24 | PIECE_TAG.size + total, ip_start, ip_sum, bytes(tail)
+
+    middle = headers(mss, flags & ~PIECE_FLAGS_KEPT)
+    pieces = []
+    pack, ip_rest, addresses, ports = layout.pack, ip[6:10], ip[12:20], tcp[:4]
+    for index in range(count):
+        offset = index * mss
+        if 0 < index < count - 1:
+            word, ip_start, ip_sum, tail = middle
+        else:
+            last = index == count - 1
+            piece_flags = (flags if last else flags & ~PIECE_FLAGS_KEPT) & (0xFF if index == 0 else ~0x80)
+            word, ip_start, ip_sum, tail = headers(len(data) - offset if last else mss, piece_flags)
+        ident = (ip_id + index) & 0xFFFF
+        ip_check = 0xFFFF - (ip_sum + ident) % 0xFFFF
+        head = pack(
+            word, burst, index, ip_start, ident, ip_rest, ip_check, addresses, ports, (seq + offset) & 0xFFFFFFFF, tail
+        )
+        pieces.append(head + data[offset : offset + mss])
+    return pieces
+
+
+def datagram_frames(payload: Any, mtu: int, partial: bool, burst: int) -> list[bytes]:
+    """Frames of about the MTU for datagrams, from a GSO frame payload (virtio_net_hdr +
+    packet). partial (the peer agreed on "gso"): a TCP super-packet leaves as pieces of
+    burst `burst` (the counter its first datagram will carry), other packets as GSO
+    frames, and the receiving kernel completes TCP checksums, so the sender sums no
+    payload bytes; else all leave as plain PACKET frames with full checksums."""
+    if len(payload) < VNET_HDR_LEN:
+        return []
+    gso_type, gso_size = payload[1], VNET_HDR.unpack_from(payload)[3]
+    packet = payload[VNET_HDR_LEN:]
+    if not partial or gso_type & ~GSO_ECN != GSO_TCPV4 or gso_size < GSO_MIN_SIZE:
+        if partial and gso_type == GSO_NONE and len(packet) <= mtu:
+            return [encode_frame(FRAME_GSO_PACKET, bytes(payload))]
+        return plain_frames(payload)
+    pieces = tso_pieces(packet, gso_size, burst & 0xFFFFFFFF)
+    return pieces if pieces is not None else segment_tcp4_partial(packet, gso_size)
+
+
+def join_pieces(run: list[Any]) -> bytearray:
+    """A GSO_PACKET frame from a run of pieces coalesce_pieces chose: one piece as the
+    segment it is, several as a super-packet under the first one's headers."""
+    first = run[0]
+    segment = memoryview(first)[PIECE_START:]
+    headers = 20 + (segment[32] >> 4) * 4 if len(segment) >= 40 and segment[0] == 0x45 else min(len(segment), 20)
+    if len(run) == 1:
+        vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, headers, 0, 20, TCP_CSUM_OFFSET)
+        return bytearray(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | VNET_HDR_LEN + len(segment))) + vnet + segment
+    start = PIECE_START + headers
+    mss = len(first) - start
+    body = b"".join([memoryview(piece)[start:] for piece in run])
+    ip = bytearray(segment[:20])
+    ip[2:4] = (headers + len(body)).to_bytes(2, "big")
+    ip[10:12] = b"\0\0"
+    ip[10:12] = checksum(ip).to_bytes(2, "big")
+    tcp = bytearray(segment[20:headers])
+    tcp[13] |= run[-1][PIECE_START + 33] & PIECE_FLAGS_KEPT & ~0x80
+    tcp[16:18] = ones_sum(
+        bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
+    ).to_bytes(2, "big")
+    gso_type = GSO_TCPV4 | (GSO_ECN if tcp[13] & 0x80 else 0)  # CWR: the kernel keeps it on the first segment
+    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, headers, mss, 20, TCP_CSUM_OFFSET)
+    frame = bytearray(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | VNET_HDR_LEN + headers + len(body)))
+    return frame + vnet + ip + tcp + body
+
+
+def coalesce_pieces(frames: list[Any]) -> list[Any]:
+    """The frames of one peer's datagrams, in arrival order, with each run of consecutive
+    pieces of one burst (every piece as long as the first, the last maybe shorter) joined
+    into one GSO_PACKET frame; other frames as they are."""
+    out: list[Any] = []
+    run: list[Any] = []
+    burst = following = size = -1
+    unpack = PIECE_TAG.unpack_from
+    for frame in frames:
+        if frame[0] != FRAME_TSO_PIECE or len(frame) < PIECE_START + 40:
+            if run:
+                out.append(join_pieces(run))
+                run = []
+            out.append(frame if frame[0] != FRAME_TSO_PIECE else join_pieces([frame]))
+            continue
+        tag = unpack(frame, 4)
+        if run and tag[0] == burst and tag[1] == following and len(frame) <= size:
+            run.append(frame)
+            following += 1
+            if len(frame) < size:  # a burst's short last piece
+                out.append(join_pieces(run))
+                run = []
+            continue
+        if run:
+            out.append(join_pieces(run))
+        run, size = [frame], len(frame)
+        burst, following = tag[0], tag[1] + 1
+    if run:
+        out.append(join_pieces(run))
+    return out
 
 
 # ============================================================================
@@ -4369,9 +4499,12 @@ UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often;
 UDP_RETRY_S = 20.0  # a failed or lost UDP path is probed again after this long
 UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this long
 UDP_RECEIVE_SIZE = 65536
-# Socket buffers: room for a few 64 KiB super-packets in flight, no more (a deeper queue
-# is latency under load). SO_*BUFFORCE is 32/33 in socket.h; Python names neither.
-UDP_BUFFERS = ((32, socket.SO_SNDBUF, 256 << 10), (33, socket.SO_RCVBUF, 256 << 10))
+# Socket buffers. Sending: room for a few 64 KiB super-packets in flight, no more (a deeper
+# queue is latency under load; a full socket stops TUN reads instead). Receiving: a GRO
+# read holds up to 64 datagrams, each charged its full buffer, so 256 KiB overflowed in
+# bursts and every overflow cost the inner TCP a loss; 1 MiB is ~8 ms at 1 Gbit/s.
+# SO_*BUFFORCE is 32/33 in socket.h; Python names neither.
+UDP_BUFFERS = ((32, socket.SO_SNDBUF, 256 << 10), (33, socket.SO_RCVBUF, 1 << 20))
 UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, before dropping
 # Reads of the UDP socket per loop turn (each up to 64 datagrams with GRO): more would let
 # a bulk flow hold the loop while a ping's answer waits on the TUN behind it.
@@ -4459,7 +4592,7 @@ class DatagramSocket:
 
     def _send_run(self, run: list[bytes], size: int, address: Any) -> None:
         try:
-            self.sock.sendmsg([b"".join(run)], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
+            self.sock.sendmsg(run, [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
         except OSError as e:
             if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 raise
@@ -4468,9 +4601,9 @@ class DatagramSocket:
             for datagram in run:
                 self.sock.sendto(datagram, address)
 
-    def receive(self, limit: int) -> Iterator[tuple[memoryview, Any]]:
-        """(datagram, source) for what is waiting, up to `limit` reads; the views are valid
-        until the next read."""
+    def receive(self, limit: int) -> Iterator[tuple[list[memoryview], Any]]:
+        """(datagrams, source) for each of up to `limit` reads of what is waiting (with GRO
+        one read holds a run from one source); the views are valid until the next read."""
         sock, buf, view = self.sock, self.buf, self.view
         for _ in range(limit):
             try:
@@ -4483,8 +4616,7 @@ class DatagramSocket:
             for level, kind, data in ancillary:
                 if level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                     size = struct.unpack("=i", data[:4])[0] or count
-            for start in range(0, count, size):
-                yield view[start : min(start + size, count)], address
+            yield [view[start : start + size] for start in range(0, count, size)], address
 
 
 def udp_address(sock: socket.socket, host: str, port: int) -> tuple:
@@ -4533,9 +4665,8 @@ class DatagramPath:
         """Seal each frame and send the batch; what the full socket does not take waits in
         a short backlog (the caller stops reading the TUN until it drains), past which it
         is dropped and counted."""
-        seal = self.keys.seal
         try:
-            sealed = [seal(frame) for frame in frames]
+            sealed = self.keys.seal(frames)
         except BadDatagram:
             self.counters["dropped-udp-send"] += 1
             return
@@ -4564,22 +4695,26 @@ class DatagramPath:
             self._send(backlog)
         return not self.backlog
 
-    def receive(self, limit: int) -> Iterator[bytes]:
-        """The frames of up to `limit` authenticated datagrams; the rest are counted and dropped."""
-        for datagram, _source in self.sock.receive(limit):
-            session = datagram_session(datagram)
-            keys = self.openers.get(session) if session is not None else None
-            if keys is None:
-                self.counters["udp-malformed" if session is None else "udp-unknown-session"] += 1
-                continue
-            try:
-                frame = keys.open(datagram)
-            except BadDatagram as e:
-                self.counters["udp-" + e.reason] += 1
-                continue
+    def receive(self, limit: int) -> list[bytes]:
+        """The frames of the authenticated datagrams in up to `limit` reads; the rest are
+        counted and dropped."""
+        frames = []
+        for datagrams, _source in self.sock.receive(limit):
+            for datagram in datagrams:
+                header = datagram_header(datagram)
+                keys = self.openers.get(header[0]) if header is not None else None
+                if keys is None:
+                    self.counters["udp-malformed" if header is None else "udp-unknown-session"] += 1
+                    continue
+                try:
+                    frames.append(keys.open(datagram, header[1]))
+                except BadDatagram as e:
+                    self.counters["udp-" + e.reason] += 1
+                    continue
+                self.rx_bytes += len(datagram)
+        if frames:
             self.last_rx = time.monotonic()
-            self.rx_bytes += len(datagram)
-            yield frame
+        return frames
 
     def tick(self, now: float) -> str | None:
         """Advance the probe/up/down states; returns "udp" or "tcp" when the server must
@@ -5668,8 +5803,8 @@ class NetworkServer(Sessions):
         assert self.udp is not None
         self.tun_batches = {}
         try:
-            for datagram, address in self.udp.receive(1 if self.epoll.woke else UDP_READS_PER_TURN):
-                self._on_datagram(datagram, address)
+            for datagrams, address in self.udp.receive(1 if self.epoll.woke else UDP_READS_PER_TURN):
+                self._on_datagrams(datagrams, address)
         finally:
             batches, self.tun_batches = self.tun_batches, None
             for plane, packets in batches.items():
@@ -5694,24 +5829,42 @@ class NetworkServer(Sessions):
             self.counters["udp-" + reason],
         )
 
-    def _on_datagram(self, datagram: memoryview, address: Any) -> None:
-        """One datagram: one lookup, at most one tag check; only an authenticated one
-        moves the session's address or reaches the switch."""
-        session_id = datagram_session(datagram)
-        if session_id is None:
-            self._drop_datagram("malformed", address)
-            return
-        session = self.udp_sessions.get(session_id)
-        if session is None:
-            self._drop_datagram("unknown-session", address)
-            return
-        keys = session.udp_openers[session_id]  # type: ignore[index]
-        try:
-            frame = keys.open(datagram)
-            kind, start, end = datagram_frame(frame)
-        except BadDatagram as e:
-            self._drop_datagram(e.reason, address)
-            return
+    def _on_datagrams(self, datagrams: list[memoryview], address: Any) -> None:
+        """One read's datagrams, from one address: each costs one lookup and at most one
+        tag check; the authenticated ones of a session are then taken together."""
+        session: ServerSession | None = None
+        keys: DatagramKeys | None = None
+        frames: list[bytes] = []
+        size = 0
+        for datagram in datagrams:
+            header = datagram_header(datagram)
+            if header is None:
+                self._drop_datagram("malformed", address)
+                continue
+            if keys is None or header[0] != keys.session_id:
+                if session is not None and frames:
+                    self._on_session_datagrams(session, keys, frames, size, address)  # type: ignore[arg-type]
+                frames, size = [], 0
+                session = self.udp_sessions.get(header[0])
+                if session is None:
+                    keys = None
+                    self._drop_datagram("unknown-session", address)
+                    continue
+                keys = session.udp_openers[header[0]]  # type: ignore[index]
+            try:
+                frames.append(keys.open(datagram, header[1]))
+            except BadDatagram as e:
+                self._drop_datagram(e.reason, address)
+                continue
+            size += len(datagram)
+        if session is not None and frames:
+            self._on_session_datagrams(session, keys, frames, size, address)  # type: ignore[arg-type]
+
+    def _on_session_datagrams(
+        self, session: ServerSession, keys: DatagramKeys, frames: list[bytes], size: int, address: Any
+    ) -> None:
+        """Authenticated frames of one session: only they move its address or reach the
+        switch, a burst's TCP pieces joined into one super-packet first."""
         if keys is not session.udp_sealer:  # the node uses a rekey's keys: the old ones retire
             self._retire_udp_keys(session, keys)
         if address != session.udp_addr:
@@ -5719,20 +5872,26 @@ class NetworkServer(Sessions):
                 log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
             session.udp_addr = address
         session.udp_last_rx = session.last_rx = self.epoll.now
-        session.rx_bytes += len(datagram)
-        if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
-            session.rx_packets += 1
-            try:  # writable: a GSO frame's header is rebuilt in place
-                self._route_from_node(session, memoryview(bytearray(frame)), kind, start, end)
-            except BadFrame as e:
-                try:
-                    self._bad_frame(session, e)
-                except ProtocolError as error:
-                    self._refuse(session, Refusal("protocol", str(error), retry=False))
-        elif kind == FRAME_KEEPALIVE:
-            self._send_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
-        else:
-            self._drop_datagram("not-a-packet", address)
+        session.rx_bytes += size
+        session.rx_packets += len(frames)  # less the keepalives, below
+        for frame in coalesce_pieces(frames):
+            if session.detached:
+                return  # refused for a frame before this one
+            kind = frame[0]
+            if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+                try:  # writable: a GSO frame's header is rebuilt in place
+                    view = memoryview(frame if isinstance(frame, bytearray) else bytearray(frame))
+                    self._route_from_node(session, view, kind, 4, len(frame))
+                except BadFrame as e:
+                    try:
+                        self._bad_frame(session, e)
+                    except ProtocolError as error:
+                        self._refuse(session, Refusal("protocol", str(error), retry=False))
+            elif kind == FRAME_KEEPALIVE:
+                session.rx_packets -= 1
+                self._send_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
+            else:
+                self._drop_datagram("not-a-packet", address)
 
     def _retire_udp_keys(self, session: ServerSession, keys: DatagramKeys) -> None:
         for old_id in [i for i in session.udp_openers if i != keys.session_id]:
@@ -5746,12 +5905,11 @@ class NetworkServer(Sessions):
         keys, address, sock = session.udp_sealer, session.udp_addr, self.udp
         if keys is None or address is None or sock is None:
             return
-        seal = keys.seal
         try:
             for frame in frames:
                 gso = frame[0] == FRAME_GSO_PACKET
-                pieces = datagram_frames(memoryview(frame)[4:], self.config.mtu, session.gso) if gso else (frame,)
-                sealed = [seal(piece) for piece in pieces]
+                view = memoryview(frame)[4:]
+                sealed = keys.seal(datagram_frames(view, self.config.mtu, session.gso, keys.sent) if gso else [frame])
                 session.tx_bytes += sum(map(len, sealed))
                 if sock.send(sealed, address) < len(sealed):
                     self.counters["dropped-udp-full"] += 1
@@ -6320,19 +6478,16 @@ class NetworkClient:
         assert self.udp is not None
         udp = self.udp
         buffers = []  # virtio_net_hdr + packet, checked
-        for frame in udp.receive(limit):
+        for frame in coalesce_pieces(udp.receive(limit)):
+            kind, view = frame[0], memoryview(frame)[4:]
             try:
-                kind, start, end = datagram_frame(frame)
-                view = memoryview(frame)[start:end]
                 if kind == FRAME_PACKET:
                     check_packet(view, self.server_mtu)
-                    buffers.append(ZERO_VNET_HDR + bytes(view))
+                    buffers.append(ZERO_VNET_HDR + view)
                 elif kind == FRAME_GSO_PACKET and self.gso:
-                    buffers.append(gso_header(view, self.server_mtu) + bytes(view[VNET_HDR_LEN:]))
+                    buffers.append(gso_header(view, self.server_mtu) + view[VNET_HDR_LEN:])
             except BadFrame as e:
                 self.counters["dropped-" + e.reason] += 1
-            except BadDatagram as e:
-                self.counters["udp-" + e.reason] += 1
         self._write_packets(buffers)
         if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
             self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
@@ -6363,7 +6518,7 @@ class NetworkClient:
             if udp is not None:
                 packet = reader.packet(length)
                 udp.send(
-                    datagram_frames(packet, self.server_mtu, self.gso)
+                    datagram_frames(packet, self.server_mtu, self.gso, udp.keys.sent)
                     if self.tun.offload
                     else [reader.frame(FRAME_PACKET, length)]
                 )

@@ -34,9 +34,21 @@ def frame(payload: bytes) -> bytes:
     return ncctl.encode_frame(ncctl.FRAME_PACKET, payload)
 
 
+def seal(keys: ncctl.DatagramKeys, frame: bytes) -> bytes:
+    return keys.seal([frame])[0]
+
+
+def open_datagram(keys: ncctl.DatagramKeys, datagram: bytes) -> bytes:
+    """What the server does with one datagram: its header read, then one tag check."""
+    header = ncctl.datagram_header(datagram)
+    if header is None:
+        raise ncctl.BadDatagram("malformed")
+    return keys.open(datagram, header[1])
+
+
 def reason(keys: ncctl.DatagramKeys, datagram: bytes) -> str:
     with pytest.raises(ncctl.BadDatagram) as caught:
-        keys.open(datagram)
+        open_datagram(keys, datagram)
     return caught.value.reason
 
 
@@ -45,26 +57,26 @@ def reason(keys: ncctl.DatagramKeys, datagram: bytes) -> str:
 def test_sealed_frames_open_on_the_other_side_in_both_directions(payloads: list[bytes]) -> None:
     node, server = session_pair()
     for payload in payloads:
-        assert server.open(node.seal(frame(payload))) == frame(payload)
-        assert node.open(server.seal(frame(payload))) == frame(payload)
+        assert open_datagram(server, seal(node, frame(payload))) == frame(payload)
+        assert open_datagram(node, seal(server, frame(payload))) == frame(payload)
 
 
 def test_each_direction_has_its_own_key() -> None:
     node, _server = session_pair()
-    sealed = node.seal(frame(b"up"))
+    sealed = seal(node, frame(b"up"))
     assert reason(node, sealed) == "forged"  # the node cannot open what it sealed: a reflected datagram is refused
 
 
 def test_counters_grow_and_are_the_nonce() -> None:
     node, _server = session_pair()
-    counters = [ncctl.DATAGRAM_HEADER.unpack_from(node.seal(frame(b"x")))[2] for _ in range(5)]
+    counters = [ncctl.DATAGRAM_HEADER.unpack_from(seal(node, frame(b"x")))[2] for _ in range(5)]
     assert counters == [0, 1, 2, 3, 4]
 
 
 def test_a_replayed_datagram_is_dropped() -> None:
     node, server = session_pair()
-    sealed = node.seal(frame(b"once"))
-    server.open(sealed)
+    sealed = seal(node, frame(b"once"))
+    open_datagram(server, sealed)
     assert reason(server, sealed) == "replayed"
 
 
@@ -72,18 +84,18 @@ def test_a_replayed_datagram_is_dropped() -> None:
 @settings(max_examples=50, deadline=None)
 def test_reordered_datagrams_within_the_window_are_all_taken_once(order: list[int]) -> None:
     node, server = session_pair()
-    sealed = [node.seal(frame(bytes([i]))) for i in range(64)]
+    sealed = [seal(node, frame(bytes([i]))) for i in range(64)]
     for i in order:
-        assert server.open(sealed[i]) == frame(bytes([i]))
+        assert open_datagram(server, sealed[i]) == frame(bytes([i]))
     for i in order[:8]:
         assert reason(server, sealed[i]) == "replayed"
 
 
 def test_a_datagram_older_than_the_window_is_dropped() -> None:
     node, server = session_pair()
-    old = node.seal(frame(b"old"))
+    old = seal(node, frame(b"old"))
     node.sent = ncctl.REPLAY_WINDOW + 10
-    server.open(node.seal(frame(b"new")))
+    open_datagram(server, seal(node, frame(b"new")))
     assert reason(server, old) == "replayed"
 
 
@@ -91,19 +103,19 @@ def test_a_datagram_older_than_the_window_is_dropped() -> None:
 @settings(max_examples=100, deadline=None)
 def test_any_flipped_bit_is_a_forgery(payload: bytes, data: st.DataObject) -> None:
     node, server = session_pair()
-    sealed = bytearray(node.seal(frame(payload)))
+    sealed = bytearray(seal(node, frame(payload)))
     bit = data.draw(st.integers(8 * 8, 8 * len(sealed) - 1))  # past type and session: those pick the session
     sealed[bit // 8] ^= 1 << (bit % 8)
     assert reason(server, bytes(sealed)) in ("forged", "replayed")  # a flipped counter may also look old
-    assert server.open(node.seal(frame(b"after"))) == frame(b"after")  # a forgery moved no window
+    assert open_datagram(server, seal(node, frame(b"after"))) == frame(b"after")  # a forgery moved no window
 
 
 @given(st.integers(0, 60))
 def test_a_truncated_datagram_is_dropped(length: int) -> None:
     node, server = session_pair()
-    sealed = node.seal(frame(b"p" * 40))
+    sealed = seal(node, frame(b"p" * 40))
     cut = sealed[:length]
-    if ncctl.datagram_session(cut) is None:
+    if ncctl.datagram_header(cut) is None:
         return  # too short to name a session: dropped before any lookup
     assert reason(server, cut) == "forged"
 
@@ -111,10 +123,10 @@ def test_a_truncated_datagram_is_dropped(length: int) -> None:
 def test_a_datagram_of_another_session_fails_its_tag() -> None:
     node_a, _server_a = session_pair(1)
     _node_b, server_b = session_pair(2)
-    sealed = bytearray(node_a.seal(frame(b"cross")))
+    sealed = bytearray(seal(node_a, frame(b"cross")))
     sealed[4:8] = (2).to_bytes(4, "big")  # relabelled for session 2
     assert reason(server_b, bytes(sealed)) == "forged"
-    assert reason(server_b, node_a.seal(frame(b"as is"))) == "forged"
+    assert reason(server_b, seal(node_a, frame(b"as is"))) == "forged"
 
 
 def test_a_different_transcript_gives_different_keys() -> None:
@@ -135,7 +147,7 @@ def test_the_counter_never_wraps() -> None:
     node, _server = session_pair()
     node.sent = ncctl.COUNTER_LIMIT
     with pytest.raises(ncctl.BadDatagram):
-        node.seal(frame(b"x"))
+        seal(node, frame(b"x"))
 
 
 def test_keys_wear_out_long_before_the_counter_limit() -> None:
@@ -150,10 +162,10 @@ def test_keys_wear_out_long_before_the_counter_limit() -> None:
 @settings(max_examples=300, deadline=None)
 def test_random_bytes_never_open(datagram: bytes) -> None:
     _node, server = session_pair()
-    if ncctl.datagram_session(datagram) is None:
+    if ncctl.datagram_header(datagram) is None:
         return
     with pytest.raises(ncctl.BadDatagram):
-        server.open(datagram)
+        open_datagram(server, datagram)
 
 
 @given(st.integers(0, 2**64 - 1), st.lists(st.integers(0, 2**64 - 1), max_size=50))
@@ -167,6 +179,21 @@ def test_the_window_takes_each_counter_at_most_once(first: int, counters: list[i
             window.accept(counter)
             taken.add(counter)
     assert window.top == max(taken)
+
+
+@given(st.sampled_from([64, 100, 4096]), st.integers(0, 2**63), st.lists(st.integers(0, 9000), max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_the_window_remembers_exactly_the_last_size_counters(size: int, base: int, offsets: list[int]) -> None:
+    """Against a model that keeps every counter: fresh means newer than all, or within
+    `size` of the newest and never seen; the ring of words forgets nothing sooner."""
+    window, seen, top = ncctl.ReplayWindow(size), set(), -1
+    for counter in (base + offset for offset in offsets):
+        expected = counter > top or (top - counter < size and counter not in seen)
+        assert window.fresh(counter) == expected
+        if expected:
+            window.accept(counter)
+            seen.add(counter)
+            top = max(top, counter)
 
 
 def test_hello_and_welcome_carry_the_shares() -> None:
@@ -248,22 +275,60 @@ def test_gro_rebuilds_the_super_packet_that_segmentation_cut(packet: bytes, mss:
     assert ncctl.plain_packets(merged) == segments
 
 
+def pieces_of(packet: bytes, mss: int, burst: int = 7) -> list[bytes]:
+    vnet = ncctl.VNET_HDR.pack(ncctl.VNET_F_NEEDS_CSUM, ncctl.GSO_TCPV4, 40, mss, 20, 16)
+    return ncctl.datagram_frames(vnet + packet, 1400, True, burst)
+
+
+def completed(frames: list) -> list[bytes]:
+    """What a receiver's kernel makes of GSO frames: each checked, segmented, checksummed."""
+    return [p for f in frames for p in ncctl.plain_packets(ncctl.gso_header(f[4:], 1400 + 40) + f[14:])]
+
+
 @given(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400))
 @settings(max_examples=100, deadline=None)
-def test_partial_segments_complete_to_the_full_ones(packet: bytes, mss: int) -> None:
-    """Segments whose checksum the receiver completes (the datagram path's, which sum no
-    payload at the sender) pass the receiver's GSO check, complete to exactly what full
-    segmentation gives, and coalesce into the same super-packet."""
-    vnet = ncctl.VNET_HDR.pack(ncctl.VNET_F_NEEDS_CSUM, ncctl.GSO_TCPV4, 40, mss, 20, 16)
-    frames = ncctl.datagram_frames(vnet + packet, 1400, partial=True)
-    assert all(f[0] == ncctl.FRAME_GSO_PACKET and len(f) <= 4 + 10 + 40 + mss for f in frames)
-    checked = [ncctl.gso_header(f[4:], 1400 + 40) + f[14:] for f in frames]
+def test_pieces_are_the_segments_a_full_segmentation_makes(packet: bytes, mss: int) -> None:
+    """A super-packet leaves as tagged pieces, one per segment, whose checksums the
+    receiver completes (the sender sums no payload): alone, each completes to exactly
+    the segment full segmentation gives; together they join into one super-packet."""
+    pieces = pieces_of(packet, mss)
     full = ncctl.segment_tcp4(packet, mss)
-    assert [p for c in checked for p in ncctl.plain_packets(c)] == full
     assert all(ncctl.checksum(p[:20]) == 0xFFFF for p in full)  # IP headers sum to all ones: valid
-    (merged,) = ncctl.coalesce_tcp4(checked)
-    assert ncctl.plain_packets(merged) == full
-    assert [f[4:] for f in ncctl.datagram_frames(vnet + packet, 1400, partial=False)] == full
+    assert [ncctl.PIECE_TAG.unpack_from(p, 4) for p in pieces] == [(7, i) for i in range(len(full))]
+    assert all(p[0] == ncctl.FRAME_TSO_PIECE and len(p) <= ncctl.PIECE_START + 40 + mss for p in pieces)
+    assert completed([ncctl.join_pieces([p]) for p in pieces]) == full
+    (joined,) = ncctl.coalesce_pieces(pieces)
+    assert completed([joined]) == full
+    vnet = ncctl.VNET_HDR.pack(ncctl.VNET_F_NEEDS_CSUM, ncctl.GSO_TCPV4, 40, mss, 20, 16)
+    assert [f[4:] for f in ncctl.datagram_frames(vnet + packet, 1400, False, 0)] == full
+
+
+@given(st.lists(st.tuples(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400)), min_size=1, max_size=3), st.data())
+@settings(max_examples=100, deadline=None)
+def test_lost_and_foreign_pieces_split_runs_but_lose_and_reorder_nothing(cases: list, data: st.DataObject) -> None:
+    """Pieces of several bursts with some lost, some frames of other kinds between them:
+    every piece that arrived completes to its segment, in arrival order, and only
+    consecutive pieces of one burst are joined."""
+    arrived, expected = [], []
+    for burst, (packet, mss) in enumerate(cases):
+        for piece, segment in zip(pieces_of(packet, mss, burst), ncctl.segment_tcp4(packet, mss), strict=True):
+            if data.draw(st.booleans(), "lost"):
+                continue
+            arrived.append(piece)
+            expected.append(segment)
+        if data.draw(st.booleans(), "a keepalive between"):
+            arrived.append(ncctl.encode_frame(ncctl.FRAME_KEEPALIVE))
+    out = ncctl.coalesce_pieces(arrived)
+    assert completed([f for f in out if f[0] == ncctl.FRAME_GSO_PACKET]) == expected
+    assert [f for f in out if f[0] != ncctl.FRAME_GSO_PACKET] == [f for f in arrived if f[0] != ncctl.FRAME_TSO_PIECE]
+    assert len(out) <= len(arrived)
+
+
+def test_a_piece_that_is_not_tcp_is_passed_on_for_the_gso_check_to_refuse() -> None:
+    odd = ncctl.encode_frame(ncctl.FRAME_TSO_PIECE, ncctl.PIECE_TAG.pack(1, 0) + b"\x45" + bytes(59))
+    (frame,) = ncctl.coalesce_pieces([odd])
+    with pytest.raises(ncctl.BadFrame):
+        ncctl.gso_header(frame[4:], 1400)
 
 
 @given(st.lists(st.tuples(SUPER_PACKETS, st.integers(ncctl.GSO_MIN_SIZE, 1400)), max_size=4), st.randoms())
@@ -295,9 +360,9 @@ def test_a_node_seals_with_rekeyed_keys_and_still_opens_late_old_datagrams() -> 
         answer = {"udpKey": base64.b64encode(server_share).decode(), "udpSession": 99}
         path.on_rekey(answer, 100.0)
         assert path.keys.session_id == 99
-        assert server_new.open(path.keys.seal(frame(b"new"))) == frame(b"new")
-        late = server_keys.seal(frame(b"late"))
-        assert path.openers[SESSION_ID].open(late) == frame(b"late")
+        assert open_datagram(server_new, seal(path.keys, frame(b"new"))) == frame(b"new")
+        late = seal(server_keys, frame(b"late"))
+        assert open_datagram(path.openers[SESSION_ID], late) == frame(b"late")
         path.tick(100.0 + ncctl.UDP_OLD_KEYS_S)
         assert set(path.openers) == {99}
     finally:

@@ -24,6 +24,17 @@ import ncctl
 server, plan = sys.argv[2], json.loads(sys.argv[3])
 
 
+def seal(keys, frame):
+    return keys.seal([frame])[0]
+
+
+def open_datagram(keys, datagram):
+    header = ncctl.datagram_header(datagram)
+    if header is None:
+        raise ncctl.BadDatagram("malformed")
+    return keys.open(datagram, header[1])
+
+
 def checksum(data):
     if len(data) % 2:
         data += b"\0"
@@ -70,7 +81,7 @@ class Session:
 
     def sealed_ping(self):
         self.seq += 1
-        return self.seq, self.keys.seal(ping(self.ip, self.server_ip, self.seq))
+        return self.seq, seal(self.keys, ping(self.ip, self.server_ip, self.seq))
 
 
 def udp_socket(bind_ip=""):
@@ -91,7 +102,7 @@ def answered(session, sock, wait=1.0):
             continue
         anything += 1
         try:
-            frame = session.keys.open(datagram)
+            frame = open_datagram(session.keys, datagram)
         except ncctl.BadDatagram:
             continue
         packet = frame[4:]
@@ -174,7 +185,7 @@ a.keys = ncctl.DatagramKeys.for_node(answer["udpSession"], *ncctl.datagram_keys(
 seq, fresh = a.sealed_ping()
 elsewhere.sendto(fresh, target)
 result["rekeyed"] = answered(a, elsewhere)[0] == [seq] and a.keys.session_id != old_keys.session_id
-stale = old_keys.seal(ping(a.ip, a.server_ip, 999))
+stale = seal(old_keys, ping(a.ip, a.server_ip, 999))
 elsewhere.sendto(stale, target)
 result["old_keys_answered"] = answered(a, elsewhere)[1]
 print(json.dumps(result), flush=True)

@@ -27,7 +27,6 @@ import dataclasses
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -57,25 +56,6 @@ class Figures:
 
 
 # -- the lossy underlay ----------------------------------------------------------------
-
-
-def shape_underlay(lab: Lab, loss_pct: float, rate_mbit: float) -> None:
-    """Loss on every frame the bridge forwards, and a rate limit out of each bridge port."""
-    ns = lab.bridge_ns
-    if loss_pct > 0:
-        per_mille = round(loss_pct * 10)
-        script = (
-            "table bridge nclab {\n  chain forward {\n    type filter hook forward priority 0; policy accept;\n"
-            f"    numgen random mod 1000 < {per_mille} counter drop\n  }}\n}}\n"
-        )
-        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, text=True, check=True)
-    if rate_mbit > 0:
-        for index in range(1, len(lab.hosts) + 1):
-            subprocess.run(
-                ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", f"p{index}", "root", "tbf",
-                 "rate", f"{rate_mbit}mbit", "burst", "64kb", "latency", "50ms"],
-                check=True,
-            )  # fmt: skip
 
 
 # -- measurements ------------------------------------------------------------------------
@@ -263,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         lab = Lab(work / "lab")
         try:
             server_host, node = lab.add_host("server"), lab.add_host("node1")
-            shape_underlay(lab, args.loss, args.rate)
+            lab.shape_underlay(args.loss, args.rate)
             server_host.spawn("iperf3", "-s", name="iperf3-server")
             wait_for(lambda: node.ping(server_host.ip), what="the underlay")
             wait_for(lambda: ":5201" in server_host.run("ss", "-ltn").stdout, what="iperf3 to listen")

@@ -192,6 +192,28 @@ class Lab:
         self.hosts[name] = host
         return host
 
+    def shape_underlay(self, loss_pct: float = 0.0, rate_mbit: float = 0.0) -> None:
+        """Random loss on every frame the bridge forwards (nftables numgen: this kernel has
+        no netem), and a tbf rate limit out of each bridge port."""
+        if loss_pct > 0:
+            script = (
+                "table bridge nclab {\n  chain forward {\n    type filter hook forward priority 0; policy accept;\n"
+                f"    numgen random mod 1000 < {round(loss_pct * 10)} counter drop\n  }}\n}}\n"
+            )
+            subprocess.run(
+                ["ip", "netns", "exec", self.bridge_ns, "nft", "-f", "-"], input=script, text=True, check=True
+            )
+        if rate_mbit > 0:
+            for index in range(1, len(self.hosts) + 1):
+                sh("ip", "netns", "exec", self.bridge_ns, "tc", "qdisc", "add", "dev", f"p{index}", "root", "tbf",
+                   "rate", f"{rate_mbit}mbit", "burst", "64kb", "latency", "50ms")  # fmt: skip
+
+    def clear_underlay(self) -> None:
+        """No more loss (the rate limits stay)."""
+        subprocess.run(
+            ["ip", "netns", "exec", self.bridge_ns, "nft", "delete", "table", "bridge", "nclab"], check=False
+        )
+
     def close(self) -> None:
         for process in self.processes:
             with contextlib.suppress(Exception):

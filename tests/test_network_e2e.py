@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netlab import Host, Lab, start_client, wait_for
+from netlab import Lab, start_client, wait_for
 from network_helpers import (
     FUZZ_CASES,
     SERVER_OVERLAY_IP,
@@ -26,6 +26,7 @@ from network_helpers import (
     run_fuzz,
     spawn_tcpdump,
     stop_client,
+    tcp_transfer,
     wait_connected,
     wait_exit,
     wait_state,
@@ -304,37 +305,6 @@ def test_thousands_of_half_open_connections_cost_bounded_memory(lab: Lab) -> Non
     )
     assert overlay.server.process.alive()
     assert_reaches(first.host, second.overlay_ip())
-
-
-RECEIVE = """
-import hashlib, socket, sys
-listener = socket.create_server((sys.argv[1], 7000))
-print("listening", flush=True)
-conn, _ = listener.accept()
-digest, total = hashlib.sha256(), 0
-while chunk := conn.recv(1 << 20):
-    digest.update(chunk)
-    total += len(chunk)
-print(total, digest.hexdigest(), flush=True)
-"""
-
-SEND = """
-import hashlib, socket, sys
-data = hashlib.sha256(b"nc").digest() * (int(sys.argv[2]) // 32)
-with socket.create_connection((sys.argv[1], 7000), timeout=30) as conn:
-    conn.sendall(data)
-print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
-"""
-
-
-def tcp_transfer(sender: Host, receiver: Host, ip: str, size: int = 16 * 1024 * 1024) -> None:
-    """A TCP stream of `size` bytes from sender to receiver at ip arrives whole and unaltered."""
-    server = receiver.spawn("python3", "-c", RECEIVE, ip, name=f"receive-{receiver.name}")
-    server.wait_for_output("listening", timeout=10, what="the receiver to listen")
-    sent = sender.run("python3", "-c", SEND, ip, str(size), timeout=90).stdout.split()
-    assert wait_exit(server, timeout=30) == 0, server.log()
-    received = server.log().split()[1:]
-    assert received == sent, f"sent {sent}, received {received}"
 
 
 def test_peers_with_and_without_offload_exchange_tcp_streams(lab: Lab) -> None:

@@ -4542,14 +4542,21 @@ UDP_GRO = 104  # linux/udp.h: the kernel hands over runs of equal-sized datagram
 UDP_MAX_SEGMENTS = 64  # per UDP_SEGMENT send (the kernel's limit on older releases)
 UDP_GSO_BYTES = 65535 - 48  # one UDP_SEGMENT send is one IP packet before segmentation (IPv6 header + UDP)
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+IP_PKTINFO = 8  # linux/in.h (Python names only the IPv6 one): a datagram's local address
+PKTINFO_CMSG_SPACE = socket.CMSG_SPACE(20)  # struct in6_pktinfo; in_pktinfo is 12
 
 
 class DatagramSocket:
     """A non-blocking UDP socket that moves batches: a list of datagrams goes out in few
     sends (UDP GSO where the kernel takes it), and reads fill a list (UDP GRO). A kernel
-    without either keeps a correct one-datagram-per-syscall path."""
+    without either keeps a correct one-datagram-per-syscall path.
 
-    def __init__(self, port: int = 0) -> None:
+    With `local_source` (the server's socket, bound to every address) each read also
+    names the local address it came to, and a send may name it as its source: on a
+    multi-homed host the answer then leaves from the address the node sent to, as a NAT
+    or stateful firewall in front of the node expects, not from the routing default."""
+
+    def __init__(self, port: int = 0, local_source: bool = False) -> None:
         self.sock = udp_socket(port)
         self.fd = self.sock.fileno()
         self.gso = True  # cleared at the first send the kernel refuses
@@ -4557,6 +4564,18 @@ class DatagramSocket:
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
             self.gro = True
+        self.pktinfo: tuple[int, int] | None = None  # the cmsg that names a local address
+        if local_source:
+            v6 = self.sock.family == socket.AF_INET6
+            level, enable, kind = (
+                (socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, socket.IPV6_PKTINFO)
+                if v6
+                else (socket.IPPROTO_IP, IP_PKTINFO, IP_PKTINFO)
+            )
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(level, enable, 1)
+                self.pktinfo = (level, kind)
+        self.cmsg_space = GRO_CMSG_SPACE + (PKTINFO_CMSG_SPACE if self.pktinfo else 0)
         self.buf = bytearray(UDP_RECEIVE_SIZE)
         self.view = memoryview(self.buf)
 
@@ -4568,9 +4587,11 @@ class DatagramSocket:
         with contextlib.suppress(OSError):
             self.sock.close()
 
-    def send(self, datagrams: list[bytes], address: Any) -> int:
-        """Send in order; how many went (fewer when the socket is full). Other errors raise OSError."""
+    def send(self, datagrams: list[bytes], address: Any, source: tuple | None = None) -> int:
+        """Send in order, from the local address `source` names (a cmsg from receive) if
+        given; how many went (fewer when the socket is full). Other errors raise OSError."""
         count, index = len(datagrams), 0
+        ancillary = [source] if source is not None else []
         while index < count:
             size = len(datagrams[index])
             end = index + 1
@@ -4581,42 +4602,61 @@ class DatagramSocket:
                 end += 1  # a shorter datagram may end a GSO run
             try:
                 if end - index > 1 and self.gso:
-                    self._send_run(datagrams[index:end], size, address)
+                    self._send_run(datagrams[index:end], size, address, ancillary)
                 else:
                     end = index + 1
-                    self.sock.sendto(datagrams[index], address)
+                    self._send_one(datagrams[index], address, ancillary)
             except (BlockingIOError, InterruptedError):
                 return index
             index = end
         return index
 
-    def _send_run(self, run: list[bytes], size: int, address: Any) -> None:
+    def _send_one(self, datagram: bytes, address: Any, ancillary: list) -> None:
+        if ancillary:
+            self.sock.sendmsg([datagram], ancillary, 0, address)
+        else:
+            self.sock.sendto(datagram, address)
+
+    def _send_run(self, run: list[bytes], size: int, address: Any, ancillary: list) -> None:
         try:
-            self.sock.sendmsg(run, [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, address)
+            segment = (socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))
+            self.sock.sendmsg(run, [segment, *ancillary], 0, address)
         except OSError as e:
             if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
                 raise
             log.info("UDP segmentation offload unavailable (%s); sending datagrams one by one", e.strerror)
             self.gso = False
             for datagram in run:
-                self.sock.sendto(datagram, address)
+                self._send_one(datagram, address, ancillary)
 
-    def receive(self, limit: int) -> Iterator[tuple[list[memoryview], Any]]:
-        """(datagrams, source) for each of up to `limit` reads of what is waiting (with GRO
-        one read holds a run from one source); the views are valid until the next read."""
-        sock, buf, view = self.sock, self.buf, self.view
+    def receive(self, limit: int) -> Iterator[tuple[list[memoryview], Any, tuple | None]]:
+        """(datagrams, source address, local address as a cmsg for send, if asked for) for
+        each of up to `limit` reads of what is waiting (with GRO one read holds a run from
+        one source); the views are valid until the next read."""
+        sock, buf, view, space, pktinfo = self.sock, self.buf, self.view, self.cmsg_space, self.pktinfo
         for _ in range(limit):
             try:
-                count, ancillary, _flags, address = sock.recvmsg_into([buf], GRO_CMSG_SPACE)
+                count, ancillary, _flags, address = sock.recvmsg_into([buf], space)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # an ICMP error for an earlier send; liveness tells what it meant
                 continue
-            size = count
+            size, local = count, None
             for level, kind, data in ancillary:
                 if level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                     size = struct.unpack("=i", data[:4])[0] or count
-            yield [view[start : start + size] for start in range(0, count, size)], address
+                elif (level, kind) == pktinfo:
+                    local = local_source(level, kind, data)
+            yield [view[start : start + size] for start in range(0, count, size)], address, local
+
+
+def local_source(level: int, kind: int, pktinfo: bytes) -> tuple | None:
+    """The cmsg that sends from the local address a received pktinfo names (any interface)."""
+    if level == socket.IPPROTO_IPV6 and len(pktinfo) >= 20:
+        return (level, kind, pktinfo[:16] + bytes(4))  # in6_pktinfo: address, ifindex 0
+    if level == socket.IPPROTO_IP and len(pktinfo) >= 12:
+        return (level, kind, bytes(4) + pktinfo[8:12] + bytes(4))  # in_pktinfo: spec_dst = the address it came to
+    return None
 
 
 def udp_address(sock: socket.socket, host: str, port: int) -> tuple:
@@ -4699,7 +4739,7 @@ class DatagramPath:
         """The frames of the authenticated datagrams in up to `limit` reads; the rest are
         counted and dropped."""
         frames = []
-        for datagrams, _source in self.sock.receive(limit):
+        for datagrams, _source, _local in self.sock.receive(limit):
             for datagram in datagrams:
                 header = datagram_header(datagram)
                 keys = self.openers.get(header[0]) if header is not None else None
@@ -4981,6 +5021,7 @@ class ServerSession(Link):
         self.udp_openers: dict[int, DatagramKeys] = {}
         self.udp_sealer: DatagramKeys | None = None
         self.udp_addr: Any = None
+        self.udp_local: tuple | None = None  # the cmsg that answers from the address the node sent to
         self.udp_last_rx = 0.0
         self.udp_wanted = False
         self.udp_offer: tuple[bytes, int] = (b"", 0)  # the welcome's share and session id
@@ -5373,7 +5414,7 @@ class NetworkServer(Sessions):
 
     def _listen_udp(self) -> DatagramSocket:
         try:
-            return DatagramSocket(self.config.udp_port)
+            return DatagramSocket(self.config.udp_port, local_source=True)
         except OSError as e:
             raise NcError(
                 f"cannot listen on UDP :{self.config.udp_port} ({e.strerror}); stop what uses it, "
@@ -5803,8 +5844,8 @@ class NetworkServer(Sessions):
         assert self.udp is not None
         self.tun_batches = {}
         try:
-            for datagrams, address in self.udp.receive(1 if self.epoll.woke else UDP_READS_PER_TURN):
-                self._on_datagrams(datagrams, address)
+            for datagrams, address, local in self.udp.receive(1 if self.epoll.woke else UDP_READS_PER_TURN):
+                self._on_datagrams(datagrams, address, local)
         finally:
             batches, self.tun_batches = self.tun_batches, None
             for plane, packets in batches.items():
@@ -5829,7 +5870,7 @@ class NetworkServer(Sessions):
             self.counters["udp-" + reason],
         )
 
-    def _on_datagrams(self, datagrams: list[memoryview], address: Any) -> None:
+    def _on_datagrams(self, datagrams: list[memoryview], address: Any, local: tuple | None) -> None:
         """One read's datagrams, from one address: each costs one lookup and at most one
         tag check; the authenticated ones of a session are then taken together."""
         session: ServerSession | None = None
@@ -5843,7 +5884,7 @@ class NetworkServer(Sessions):
                 continue
             if keys is None or header[0] != keys.session_id:
                 if session is not None and frames:
-                    self._on_session_datagrams(session, keys, frames, size, address)  # type: ignore[arg-type]
+                    self._on_session_datagrams(session, keys, frames, size, (address, local))  # type: ignore[arg-type]
                 frames, size = [], 0
                 session = self.udp_sessions.get(header[0])
                 if session is None:
@@ -5858,19 +5899,22 @@ class NetworkServer(Sessions):
                 continue
             size += len(datagram)
         if session is not None and frames:
-            self._on_session_datagrams(session, keys, frames, size, address)  # type: ignore[arg-type]
+            self._on_session_datagrams(session, keys, frames, size, (address, local))  # type: ignore[arg-type]
 
     def _on_session_datagrams(
-        self, session: ServerSession, keys: DatagramKeys, frames: list[bytes], size: int, address: Any
+        self, session: ServerSession, keys: DatagramKeys, frames: list[bytes], size: int, path: tuple[Any, Any]
     ) -> None:
-        """Authenticated frames of one session: only they move its address or reach the
-        switch, a burst's TCP pieces joined into one super-packet first."""
+        """Authenticated frames of one session, with the (node address, local address) they
+        travelled between: only they move the session's path or reach the switch, a
+        burst's TCP pieces joined into one super-packet first."""
         if keys is not session.udp_sealer:  # the node uses a rekey's keys: the old ones retire
             self._retire_udp_keys(session, keys)
+        address = path[0]
         if address != session.udp_addr:
             if session.udp_addr is not None:
                 log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
             session.udp_addr = address
+        session.udp_local = path[1]
         session.udp_last_rx = session.last_rx = self.epoll.now
         session.rx_bytes += size
         session.rx_packets += len(frames)  # less the keepalives, below
@@ -5911,7 +5955,7 @@ class NetworkServer(Sessions):
                 view = memoryview(frame)[4:]
                 sealed = keys.seal(datagram_frames(view, self.config.mtu, session.gso, keys.sent) if gso else [frame])
                 session.tx_bytes += sum(map(len, sealed))
-                if sock.send(sealed, address) < len(sealed):
+                if sock.send(sealed, address, session.udp_local) < len(sealed):
                     self.counters["dropped-udp-full"] += 1
                     return
         except (OSError, BadDatagram) as e:

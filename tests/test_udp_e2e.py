@@ -93,6 +93,26 @@ def test_tcp_streams_cross_the_udp_path_whole_under_loss_to_the_server_and_betwe
         assert overlay.server.node(client.token())["transport"] == "udp"
 
 
+def test_a_multi_homed_server_answers_from_the_address_the_node_sent_to(lab: Lab) -> None:
+    """The server's namespace has two addresses; nodes are told the second, while its
+    routing default is the first. Behind a stateful firewall that, like a NAT, takes UDP
+    only as a reply to what the node sent, datagrams answered from the routing default
+    would be dropped and the node would fall back to TCP. It stays on UDP."""
+    server_host = lab.add_host("server")
+    advertised = "198.18.0.101"
+    server_host.run("ip", "addr", "add", f"{advertised}/24", "dev", "eth0")  # secondary: never the default source
+    server = start_server(server_host, ip=advertised)
+    node = lab.add_host("node1")
+    node.run("iptables", "-w", "-A", "INPUT", "-p", "udp", "--sport", UDP_PORT,
+             "-m", "conntrack", "!", "--ctstate", "ESTABLISHED", "-j", "DROP")  # fmt: skip
+    client = start_client(node, server.join_string())
+    wait_for(lambda: "data path: UDP" in client.process.log(), timeout=15, what="the UDP data path")
+    sent, answered = ping_counts(node, SERVER_OVERLAY_IP, 20, 0.05)
+    assert answered == sent == 20
+    assert "does not answer" not in client.process.log()
+    assert server.node(client.token())["transport"] == "udp"
+
+
 def test_udp_blocked_before_the_join_leaves_the_node_on_tcp(lab: Lab) -> None:
     """The node's UDP is dropped from the start: it stays on TLS/TCP and works."""
     server_host = lab.add_host("server")

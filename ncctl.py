@@ -4410,17 +4410,32 @@ def datagram_frames(payload: Any, mtu: int, partial: bool, burst: int) -> list[b
     return pieces if pieces is not None else segment_tcp4_partial(packet, gso_size)
 
 
-def join_pieces(run: list[Any]) -> bytearray:
-    """A GSO_PACKET frame from a run of pieces coalesce_pieces chose: one piece as the
-    segment it is, several as a super-packet under the first one's headers."""
-    first = run[0]
-    segment = memoryview(first)[PIECE_START:]
-    headers = 20 + (segment[32] >> 4) * 4 if len(segment) >= 40 and segment[0] == 0x45 else min(len(segment), 20)
+def piece_headers(frame: Any) -> int:
+    """The IPv4 + TCP header length of a piece that may start a run (IPv4 without
+    options, TCP, some payload), else 0: such a piece travels on alone, and the GSO
+    check refuses it if it is malformed."""
+    if len(frame) < PIECE_START + 40 or frame[PIECE_START] != 0x45 or frame[PIECE_START + 9] != socket.IPPROTO_TCP:
+        return 0
+    headers = 20 + (frame[PIECE_START + 32] >> 4) * 4
+    return headers if headers >= 40 and PIECE_START + headers < len(frame) else 0
+
+
+def lone_piece(frame: Any) -> bytearray:
+    """A GSO_PACKET frame of the one segment a piece carries, its checksum left to the kernel."""
+    segment = memoryview(frame)[PIECE_START:]
+    headers = piece_headers(frame) or min(len(segment), 40)
+    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, headers, 0, 20, TCP_CSUM_OFFSET)
+    return bytearray(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | VNET_HDR_LEN + len(segment))) + vnet + segment
+
+
+def join_pieces(run: list[Any], headers: int) -> bytearray:
+    """A GSO_PACKET frame from a run coalesce_pieces chose: a super-packet under the first
+    piece's headers (`headers` long), the kernel to cut it and complete the checksums."""
     if len(run) == 1:
-        vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_NONE, headers, 0, 20, TCP_CSUM_OFFSET)
-        return bytearray(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | VNET_HDR_LEN + len(segment))) + vnet + segment
+        return lone_piece(run[0])
+    segment = memoryview(run[0])[PIECE_START:]
     start = PIECE_START + headers
-    mss = len(first) - start
+    mss = len(run[0]) - start
     body = b"".join([memoryview(piece)[start:] for piece in run])
     ip = bytearray(segment[:20])
     ip[2:4] = (headers + len(body)).to_bytes(2, "big")
@@ -4428,9 +4443,8 @@ def join_pieces(run: list[Any]) -> bytearray:
     ip[10:12] = checksum(ip).to_bytes(2, "big")
     tcp = bytearray(segment[20:headers])
     tcp[13] |= run[-1][PIECE_START + 33] & PIECE_FLAGS_KEPT & ~0x80
-    tcp[16:18] = ones_sum(
-        bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
-    ).to_bytes(2, "big")
+    pseudo = bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
+    tcp[16:18] = ones_sum(pseudo).to_bytes(2, "big")
     gso_type = GSO_TCPV4 | (GSO_ECN if tcp[13] & 0x80 else 0)  # CWR: the kernel keeps it on the first segment
     vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, headers, mss, 20, TCP_CSUM_OFFSET)
     frame = bytearray(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | VNET_HDR_LEN + headers + len(body)))
@@ -4439,33 +4453,40 @@ def join_pieces(run: list[Any]) -> bytearray:
 
 def coalesce_pieces(frames: list[Any]) -> list[Any]:
     """The frames of one peer's datagrams, in arrival order, with each run of consecutive
-    pieces of one burst (every piece as long as the first, the last maybe shorter) joined
-    into one GSO_PACKET frame; other frames as they are."""
+    pieces of one burst (every piece as long as the first, the last maybe shorter, at
+    most 64 KiB together) joined into one GSO_PACKET frame; other frames as they are.
+    Whatever a peer puts in its pieces, this only passes frames on for the GSO check."""
     out: list[Any] = []
     run: list[Any] = []
-    burst = following = size = -1
+    burst = following = size = headers = room = 0
     unpack = PIECE_TAG.unpack_from
     for frame in frames:
         if frame[0] != FRAME_TSO_PIECE or len(frame) < PIECE_START + 40:
             if run:
-                out.append(join_pieces(run))
+                out.append(join_pieces(run, headers))
                 run = []
-            out.append(frame if frame[0] != FRAME_TSO_PIECE else join_pieces([frame]))
+            out.append(frame if frame[0] != FRAME_TSO_PIECE else lone_piece(frame))
             continue
         tag = unpack(frame, 4)
-        if run and tag[0] == burst and tag[1] == following and len(frame) <= size:
+        payload = len(frame) - PIECE_START - headers
+        if run and tag[0] == burst and tag[1] == following and len(frame) <= size and payload <= room:
             run.append(frame)
-            following += 1
+            following, room = following + 1, room - payload
             if len(frame) < size:  # a burst's short last piece
-                out.append(join_pieces(run))
+                out.append(join_pieces(run, headers))
                 run = []
             continue
         if run:
-            out.append(join_pieces(run))
-        run, size = [frame], len(frame)
+            out.append(join_pieces(run, headers))
+        headers = piece_headers(frame)
+        if not headers:
+            out.append(lone_piece(frame))
+            run = []
+            continue
+        run, size, room = [frame], len(frame), GRO_MAX_LENGTH - (len(frame) - PIECE_START)
         burst, following = tag[0], tag[1] + 1
     if run:
-        out.append(join_pieces(run))
+        out.append(join_pieces(run, headers))
     return out
 
 

@@ -5,6 +5,7 @@ datagram can be wrong ends in BadDatagram with a reason the server counts."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import struct
@@ -296,7 +297,7 @@ def test_pieces_are_the_segments_a_full_segmentation_makes(packet: bytes, mss: i
     assert all(ncctl.checksum(p[:20]) == 0xFFFF for p in full)  # IP headers sum to all ones: valid
     assert [ncctl.PIECE_TAG.unpack_from(p, 4) for p in pieces] == [(7, i) for i in range(len(full))]
     assert all(p[0] == ncctl.FRAME_TSO_PIECE and len(p) <= ncctl.PIECE_START + 40 + mss for p in pieces)
-    assert completed([ncctl.join_pieces([p]) for p in pieces]) == full
+    assert completed([ncctl.lone_piece(p) for p in pieces]) == full
     (joined,) = ncctl.coalesce_pieces(pieces)
     assert completed([joined]) == full
     vnet = ncctl.VNET_HDR.pack(ncctl.VNET_F_NEEDS_CSUM, ncctl.GSO_TCPV4, 40, mss, 20, 16)
@@ -322,6 +323,43 @@ def test_lost_and_foreign_pieces_split_runs_but_lose_and_reorder_nothing(cases: 
     assert completed([f for f in out if f[0] == ncctl.FRAME_GSO_PACKET]) == expected
     assert [f for f in out if f[0] != ncctl.FRAME_GSO_PACKET] == [f for f in arrived if f[0] != ncctl.FRAME_TSO_PIECE]
     assert len(out) <= len(arrived)
+
+
+PIECE_TAGS = st.tuples(st.integers(0, 2), st.integers(0, 3))
+HOSTILE_PIECES = st.lists(
+    st.one_of(
+        st.builds(lambda tag, body: ncctl.encode_frame(ncctl.FRAME_TSO_PIECE, ncctl.PIECE_TAG.pack(*tag) + body),
+                  PIECE_TAGS, st.binary(max_size=200)),
+        st.builds(lambda tag, header, n: ncctl.encode_frame(ncctl.FRAME_TSO_PIECE, ncctl.PIECE_TAG.pack(*tag) + header + bytes(n)),
+                  PIECE_TAGS, st.binary(min_size=40, max_size=80).map(lambda h: b"\x45" + h[1:9] + b"\x06" + h[10:]),
+                  st.sampled_from([0, 1, 600, 1400])),
+        st.just(ncctl.encode_frame(ncctl.FRAME_KEEPALIVE)),
+    ),
+    max_size=30,
+)  # fmt: skip
+
+
+@given(HOSTILE_PIECES)
+@settings(max_examples=300, deadline=None)
+def test_pieces_a_peer_made_up_never_break_the_receiver(frames: list[bytes]) -> None:
+    """Whatever an authenticated peer puts in its pieces and tags, joining raises nothing
+    and yields only frames the GSO check then accepts or refuses with BadFrame."""
+    for frame in ncctl.coalesce_pieces(frames):
+        assert frame[0] in (ncctl.FRAME_GSO_PACKET, ncctl.FRAME_KEEPALIVE)
+        if frame[0] == ncctl.FRAME_GSO_PACKET:
+            with contextlib.suppress(ncctl.BadFrame):
+                ncctl.gso_header(frame[4:], 1400)
+
+
+def test_a_run_of_pieces_never_joins_past_64_kib() -> None:
+    """A peer that numbers 200 full pieces as one burst gets several super-packets, each
+    within an IPv4 packet's length, instead of an overflow."""
+    segment = bytearray(40 + 1000)
+    segment[0], segment[9], segment[32] = 0x45, 6, 0x50
+    pieces = [ncctl.encode_frame(ncctl.FRAME_TSO_PIECE, ncctl.PIECE_TAG.pack(9, i) + segment) for i in range(200)]
+    joined = ncctl.coalesce_pieces(pieces)
+    assert len(joined) > 1 and all(len(f) - 4 - ncctl.VNET_HDR_LEN <= 65535 for f in joined)
+    assert sum(len(f) - 4 - ncctl.VNET_HDR_LEN - 40 for f in joined) == 200 * 1000
 
 
 def test_a_piece_that_is_not_tcp_is_passed_on_for_the_gso_check_to_refuse() -> None:

@@ -4798,7 +4798,9 @@ class DatagramPath:
             if now - self.last_rx > UDP_SILENT_S:
                 log.warning("UDP to %s silent for %.0f s; data moves to TLS/TCP", self.server[0], UDP_SILENT_S)
                 return self._become(self.DOWN, now)
-            if now - self.last_tx >= UDP_PING_S:
+            if now - self.last_tx >= UDP_PING_S or now - self.last_rx >= UDP_PING_S:
+                # Also while data only leaves: the server answers each keepalive, so a
+                # one-way flow keeps the path alive instead of looking silent.
                 self.send([encode_frame(FRAME_KEEPALIVE)])
         elif now - self.since >= UDP_RETRY_S:
             self._become(self.PROBING, now)

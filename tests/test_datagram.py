@@ -8,7 +8,9 @@ import base64
 import contextlib
 import json
 import random
+import socket
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -405,3 +407,27 @@ def test_a_node_seals_with_rekeyed_keys_and_still_opens_late_old_datagrams() -> 
         assert set(path.openers) == {99}
     finally:
         path.close()
+
+
+def test_a_node_that_only_sends_still_asks_for_an_answer_each_second() -> None:
+    """A one-way flow (data only leaves the node) must not look like a silent path: while
+    nothing came back for a second the node adds a keepalive, which the server answers."""
+    node_keys, _server_keys = session_pair()
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(2)
+    path = ncctl.DatagramPath("127.0.0.1", receiver.getsockname()[1], node_keys, "auto", TOKEN)
+    try:
+        now = time.monotonic()
+        path.state, path.last_tx, path.last_rx = path.UP, now, now - ncctl.UDP_PING_S
+        assert path.tick(now) is None
+        datagram = receiver.recv(2048)
+        assert open_datagram(_server_keys, datagram) == ncctl.encode_frame(ncctl.FRAME_KEEPALIVE)
+        path.last_rx = path.last_tx = now
+        path.tick(now)  # traffic both ways: nothing extra
+        receiver.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            receiver.recv(2048)
+    finally:
+        path.close()
+        receiver.close()

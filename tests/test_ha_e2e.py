@@ -108,7 +108,7 @@ def test_an_etcd_member_killed_and_restarted_disconnects_no_node(lab: Lab) -> No
     replicas.etcd.kill(member)
     assert nodes[0].host.ping(addresses[1], count=10)
     replicas.etcd.restart(member)
-    assert nodes[1].host.ping(addresses[0], count=5)
+    assert nodes[1].host.ping(addresses[0], count=10)  # any answer in 2 s: once, at load 7, none came in 1 s
     assert replicas.holders() == [leader]
     for node, address in zip(nodes, addresses):
         assert node.overlay_ip() == address

@@ -4527,9 +4527,13 @@ UDP_RECEIVE_SIZE = 65536
 # SO_*BUFFORCE is 32/33 in socket.h; Python names neither.
 UDP_BUFFERS = ((32, socket.SO_SNDBUF, 256 << 10), (33, socket.SO_RCVBUF, 1 << 20))
 UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, before dropping
-# Reads of the UDP socket per loop turn (each up to 64 datagrams with GRO): more would let
-# a bulk flow hold the loop while a ping's answer waits on the TUN behind it.
-UDP_READS_PER_TURN = 2
+# Datagrams read from the UDP socket per loop turn (a GRO read holds up to 64, a read
+# without GRO one): enough to join a super-packet's pieces even when the kernel hands
+# them over one by one, few enough that a bulk flow does not hold the loop while a ping's
+# answer waits on the TUN behind it.
+UDP_DATAGRAMS_PER_TURN = 128
+# Datagrams a session has waiting for the end of the loop turn before they go anyway.
+UDP_SEND_BATCH = 64
 
 
 def udp_socket(port: int = 0) -> socket.socket:
@@ -4652,15 +4656,16 @@ class DatagramSocket:
 
     def receive(self, limit: int) -> Iterator[tuple[list[memoryview], Any, tuple | None]]:
         """(datagrams, source address, local address as a cmsg for send, if asked for) for
-        each of up to `limit` reads of what is waiting (with GRO one read holds a run from
-        one source); the views are valid until the next read."""
+        each read of what is waiting (with GRO one read holds a run from one source), until
+        `limit` datagrams came; the views are valid until the next read."""
         sock, buf, view, space, pktinfo = self.sock, self.buf, self.view, self.cmsg_space, self.pktinfo
-        for _ in range(limit):
+        while limit > 0:
             try:
                 count, ancillary, _flags, address = sock.recvmsg_into([buf], space)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # an ICMP error for an earlier send; liveness tells what it meant
+                limit -= 1
                 continue
             size, local = count, None
             for level, kind, data in ancillary:
@@ -4668,7 +4673,9 @@ class DatagramSocket:
                     size = struct.unpack("=i", data[:4])[0] or count
                 elif (level, kind) == pktinfo:
                     local = local_source(level, kind, data)
-            yield [view[start : start + size] for start in range(0, count, size)], address, local
+            datagrams = [view[start : start + size] for start in range(0, count, size)]
+            limit -= len(datagrams)
+            yield datagrams, address, local
 
 
 def local_source(level: int, kind: int, pktinfo: bytes) -> tuple | None:
@@ -5285,6 +5292,16 @@ class Plane:
         self.tun.close()
 
 
+@dataclasses.dataclass
+class Arrivals:
+    """What one session's datagrams brought in one loop turn."""
+
+    keys: DatagramKeys  # that opened the latest of them
+    path: tuple[Any, Any]  # (node address, local address) of the latest
+    frames: list[bytes] = dataclasses.field(default_factory=list)
+    size: int = 0
+
+
 class NetworkServer(Sessions):
     """The data plane of `nc server`: one loop for every overlay network."""
 
@@ -5300,6 +5317,7 @@ class NetworkServer(Sessions):
         self.sessions: dict[int, ServerSession] = {}
         self.by_token: dict[str, ServerSession] = {}
         self.dirty: set[ServerSession] = set()
+        self.udp_out: dict[ServerSession, list[bytes]] = {}  # frames for nodes on UDP, sent at the end of the turn
         self.unauthenticated: set[ServerSession] = set()  # the hello is still to come
         self.send_budget = SendBudget()
         self.next_report = 0.0  # when the debug log gets the counters next
@@ -5764,7 +5782,7 @@ class NetworkServer(Sessions):
     def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
         if self._on_udp(peer, self.epoll.now):
             peer.tx_packets += len(frames)
-            self._send_datagrams(peer, frames)
+            self._queue_datagrams(peer, frames)
             return
         for frame in frames:
             if not peer.queue(frame):
@@ -5866,9 +5884,12 @@ class NetworkServer(Sessions):
     def _read_udp(self) -> None:
         assert self.udp is not None
         self.tun_batches = {}
+        arrivals: dict[ServerSession, Arrivals] = {}
         try:
-            for datagrams, address, local in self.udp.receive(1 if self.epoll.woke else UDP_READS_PER_TURN):
-                self._on_datagrams(datagrams, address, local)
+            for datagrams, address, local in self.udp.receive(1 if self.epoll.woke else UDP_DATAGRAMS_PER_TURN):
+                self._open_datagrams(datagrams, (address, local), arrivals)
+            for session, arrived in arrivals.items():
+                self._on_session_datagrams(session, arrived)
         finally:
             batches, self.tun_batches = self.tun_batches, None
             for plane, packets in batches.items():
@@ -5893,53 +5914,51 @@ class NetworkServer(Sessions):
             self.counters["udp-" + reason],
         )
 
-    def _on_datagrams(self, datagrams: list[memoryview], address: Any, local: tuple | None) -> None:
-        """One read's datagrams, from one address: each costs one lookup and at most one
-        tag check; the authenticated ones of a session are then taken together."""
+    def _open_datagrams(
+        self, datagrams: list[memoryview], path: tuple[Any, Any], arrivals: dict[ServerSession, Arrivals]
+    ) -> None:
+        """One read's datagrams, from one (node address, local address): each costs one
+        lookup and at most one tag check; what authenticates joins its session's arrivals."""
         session: ServerSession | None = None
         keys: DatagramKeys | None = None
-        frames: list[bytes] = []
-        size = 0
+        arrived: Arrivals | None = None
         for datagram in datagrams:
             header = datagram_header(datagram)
             if header is None:
-                self._drop_datagram("malformed", address)
+                self._drop_datagram("malformed", path[0])
                 continue
             if keys is None or header[0] != keys.session_id:
-                if session is not None and frames:
-                    self._on_session_datagrams(session, keys, frames, size, (address, local))  # type: ignore[arg-type]
-                frames, size = [], 0
                 session = self.udp_sessions.get(header[0])
                 if session is None:
                     keys = None
-                    self._drop_datagram("unknown-session", address)
+                    self._drop_datagram("unknown-session", path[0])
                     continue
                 keys = session.udp_openers[header[0]]  # type: ignore[index]
+                arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys, path))
+                arrived.keys, arrived.path = keys, path
             try:
-                frames.append(keys.open(datagram, header[1]))
+                arrived.frames.append(keys.open(datagram, header[1]))  # type: ignore[union-attr]
             except BadDatagram as e:
-                self._drop_datagram(e.reason, address)
+                self._drop_datagram(e.reason, path[0])
                 continue
-            size += len(datagram)
-        if session is not None and frames:
-            self._on_session_datagrams(session, keys, frames, size, (address, local))  # type: ignore[arg-type]
+            arrived.size += len(datagram)  # type: ignore[union-attr]
 
-    def _on_session_datagrams(
-        self, session: ServerSession, keys: DatagramKeys, frames: list[bytes], size: int, path: tuple[Any, Any]
-    ) -> None:
-        """Authenticated frames of one session, with the (node address, local address) they
-        travelled between: only they move the session's path or reach the switch, a
-        burst's TCP pieces joined into one super-packet first."""
-        if keys is not session.udp_sealer:  # the node uses a rekey's keys: the old ones retire
-            self._retire_udp_keys(session, keys)
-        address = path[0]
+    def _on_session_datagrams(self, session: ServerSession, arrived: Arrivals) -> None:
+        """A session's authenticated frames of one turn: only they move its path (to the
+        latest datagram's node and local address) or reach the switch, a burst's TCP
+        pieces joined into one super-packet first."""
+        if not arrived.frames:
+            return
+        if arrived.keys is not session.udp_sealer:  # the node uses a rekey's keys: the old ones retire
+            self._retire_udp_keys(session, arrived.keys)
+        address, frames = arrived.path[0], arrived.frames
         if address != session.udp_addr:
             if session.udp_addr is not None:
                 log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
             session.udp_addr = address
-        session.udp_local = path[1]
+        session.udp_local = arrived.path[1]
         session.udp_last_rx = session.last_rx = self.epoll.now
-        session.rx_bytes += size
+        session.rx_bytes += arrived.size
         session.rx_packets += len(frames)  # less the keepalives, below
         for frame in coalesce_pieces(frames):
             if session.detached:
@@ -5956,7 +5975,7 @@ class NetworkServer(Sessions):
                         self._refuse(session, Refusal("protocol", str(error), retry=False))
             elif kind == FRAME_KEEPALIVE:
                 session.rx_packets -= 1
-                self._send_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
+                self._queue_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
             else:
                 self._drop_datagram("not-a-packet", address)
 
@@ -5966,28 +5985,39 @@ class NetworkServer(Sessions):
             self.udp_sessions.pop(old_id, None)
         session.udp_sealer = keys
 
-    def _send_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
-        """Seal each frame (a 64 KiB GSO frame cut into MTU-sized packets first) and send
-        it to the session's latest authenticated address. A full socket drops the rest."""
-        keys, address, sock = session.udp_sealer, session.udp_addr, self.udp
-        if keys is None or address is None or sock is None:
-            return
-        try:
-            for frame in frames:
-                gso = frame[0] == FRAME_GSO_PACKET
-                view = memoryview(frame)[4:]
-                sealed = keys.seal(datagram_frames(view, self.config.mtu, session.gso, keys.sent) if gso else [frame])
-                session.tx_bytes += sum(map(len, sealed))
-                if sock.send(sealed, address, session.udp_local) < len(sealed):
-                    self.counters["dropped-udp-full"] += 1
-                    return
-        except (OSError, BadDatagram) as e:
-            self.counters["dropped-udp-send"] += 1
-            self.note("udp-send", "UDP send to node %s failed: %s", session.node_token, e)
+    def _queue_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
+        """Frames for a node on UDP leave at the end of the loop turn, together: the acks
+        of a bulk flow from the TUN go out in one send instead of one each."""
+        pending = self.udp_out.setdefault(session, [])
+        pending += frames
+        if len(pending) >= UDP_SEND_BATCH:
+            self._send_datagrams(session, self.udp_out.pop(session))
 
-    # -- output, liveness, teardown -----------------------------------------------------------
+    def _send_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
+        """Seal each frame (a 64 KiB GSO frame cut into MTU-sized pieces first) and send
+        them to the session's latest authenticated address. A full socket drops the rest."""
+        keys, address, sock = session.udp_sealer, session.udp_addr, self.udp
+        if keys is None or address is None or sock is None or session.detached:
+            return
+        pieces: list[bytes] = []
+        for frame in frames:
+            if frame[0] == FRAME_GSO_PACKET:  # each burst named by the counter its first piece will get
+                pieces += datagram_frames(memoryview(frame)[4:], self.config.mtu, session.gso, keys.sent + len(pieces))
+            else:
+                pieces.append(frame)
+        try:
+            sealed = keys.seal(pieces)
+            sent = sock.send(sealed, address, session.udp_local)
+        except (OSError, BadDatagram):
+            self.counters["dropped-udp-send"] += 1
+            return
+        session.tx_bytes += sum(map(len, sealed[:sent]))
+        if sent < len(sealed):
+            self.counters["dropped-udp-full"] += 1
 
     def _flush_dirty(self) -> None:
+        while self.udp_out:
+            self._send_datagrams(*self.udp_out.popitem())
         while self.dirty:
             self._flush(self.dirty.pop())
 
@@ -6500,7 +6530,7 @@ class NetworkClient:
                         if events & select.EPOLLOUT:
                             udp.flush()  # type: ignore[union-attr]
                         if events & select.EPOLLIN:
-                            self._read_datagrams(link, 1 if poller.woke else UDP_READS_PER_TURN)
+                            self._read_datagrams(link, 1 if poller.woke else UDP_DATAGRAMS_PER_TURN)
                     elif fd == link.fd:
                         link.receive(self._deliver, once=poller.woke)
                 if udp is not None and bool(udp.backlog) != udp_stalled:
@@ -6575,21 +6605,14 @@ class NetworkClient:
         assert self.tun is not None and self.reader is not None
         reader = self.reader
         udp = self.udp if self.udp is not None and self.udp.carrying else None
+        if udp is not None:
+            self._send_tun_datagrams(udp, limit)
+            return
         for _ in range(limit):
-            if udp is not None and udp.backlog:
-                return  # the socket is full: the rest waits in the TUN's queue
             try:
                 length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
-            if udp is not None:
-                packet = reader.packet(length)
-                udp.send(
-                    datagram_frames(packet, self.server_mtu, self.gso, udp.keys.sent)
-                    if self.tun.offload
-                    else [reader.frame(FRAME_PACKET, length)]
-                )
-                continue
             if not self.tun.offload:
                 frames = [reader.frame(FRAME_PACKET, length)]
             elif self.gso:
@@ -6600,6 +6623,29 @@ class NetworkClient:
                 if not link.queue(frame):
                     self.counters["dropped-queue-full"] += 1
                     break
+
+    def _send_tun_datagrams(self, udp: DatagramPath, limit: int) -> None:
+        """Up to `limit` packets from the TUN as datagrams, sent UDP_SEND_BATCH at a time
+        (the acks of a bulk download in one send, not one each); a full socket stops the
+        reads, and the rest waits in the TUN's queue."""
+        assert self.tun is not None and self.reader is not None
+        reader, offload, frames = self.reader, self.tun.offload, []
+        for _ in range(limit):
+            if udp.backlog:
+                break
+            try:
+                length = reader.read()
+            except (BlockingIOError, InterruptedError):
+                break
+            if offload:  # each burst named by the counter its first piece will get
+                frames += datagram_frames(reader.packet(length), self.server_mtu, self.gso, udp.keys.sent + len(frames))
+            else:
+                frames.append(reader.frame(FRAME_PACKET, length))
+            if len(frames) >= UDP_SEND_BATCH:
+                udp.send(frames)
+                frames = []
+        if frames:
+            udp.send(frames)
 
     def _deliver(self, link: Link) -> None:
         view = link.rx.view

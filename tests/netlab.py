@@ -192,9 +192,17 @@ class Lab:
         self.hosts[name] = host
         return host
 
-    def shape_underlay(self, loss_pct: float = 0.0, rate_mbit: float = 0.0) -> None:
+    def shape_underlay(self, loss_pct: float = 0.0, rate_mbit: float = 0.0, wire: bool = False) -> None:
         """Random loss on every frame the bridge forwards (nftables numgen: this kernel has
-        no netem), and a tbf rate limit out of each bridge port."""
+        no netem), and a tbf rate limit out of each bridge port. A veth passes a GSO
+        super-packet on whole, so loss would take up to 64 datagrams or segments at once
+        and a queue could hold megabytes in a few entries; `wire` makes the hosts' eth0
+        behave as a NIC on a wire instead: segments leave one by one (gso_max_segs 1) and
+        are coalesced on arrival (GRO)."""
+        if wire:
+            for host in self.hosts.values():
+                host.run("ip", "link", "set", "eth0", "gso_max_segs", "1")
+                host.run("ethtool", "-K", "eth0", "gro", "on")
         if loss_pct > 0:
             script = (
                 "table bridge nclab {\n  chain forward {\n    type filter hook forward priority 0; policy accept;\n"

@@ -7,7 +7,8 @@
 #   floods      1000 idle connections per port from one address  (tests/bench_floods.py)
 #   ha          replicas on etcd: failovers, one holder, 200 joins (tests/bench_ha.py)
 #   wan         nc UDP and TCP vs wireguard-go and OpenVPN UDP/TCP on a lossy,
-#               rate-limited underlay: [--loss PCT] [--rate MBIT] [--seconds S]
+#               rate-limited underlay; node to server, back, and node to node:
+#               [--loss PCT] [--rate MBIT] [--seconds S] [--repeat N] [--only PATH]
 #               (tests/bench_wan.py; not part of "all")
 #   fallback    UDP blocked before the join and mid-session: time to TCP and back
 #               (tests/bench_fallback.py; not part of "all")
@@ -30,7 +31,7 @@ case "$what" in
         fi
         ;;
     -h | --help)
-        sed -n '2,18s/^# \{0,1\}//p' "$0"
+        sed -n '2,19s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)

@@ -1,23 +1,27 @@
 """nc's data paths on a lossy, rate-limited underlay, beside the UDP tunnels.
 
-One server and one node on one bridge (198.18.0.0/15). Random loss is added on the
+One server and two nodes on one bridge (198.18.0.0/15). Random loss is added on the
 bridge with nftables (`numgen random mod 1000 < N drop` in a bridge-family forward
 chain inside the lab namespace; this kernel has no netem) and an optional rate limit
 with tbf on the bridge ports. In one run, one after the other on the same topology:
 
     underlay     iperf3 and ping straight over the bridge
-    nc UDP       ./nc server + client, transport auto (the encrypted UDP data path)
+    nc UDP       ./nc server + two clients, transport auto (the encrypted UDP data path)
     nc TCP       the same, server transport tcp (the TLS/TCP stream)
-    wireguard-go Debian's userspace WireGuard, in the namespaces (no kernel module)
-    OpenVPN UDP  2.6, AES-256-GCM, tun-mtu 1400
+    wireguard-go Debian's userspace WireGuard, in the namespaces (no kernel module); hub
+                 and spoke like nc: the server has both nodes as peers and routes
+                 between them (ip_forward in its namespace only)
+    OpenVPN UDP  2.6, AES-256-GCM, tun-mtu 1400, client-to-client
     OpenVPN TCP  the same over TCP (tests/bench_throughput.py's setup)
 
-For each: iperf3 TCP throughput node->server and server->node (-R), ping p50/p99 at
-5/s while the node->server load runs, and the idle RTT (median of 20 pings at 5/s).
-Each throughput is the median of --repeat runs. Prints one table with the ratios to
-wireguard-go; progress goes to stderr.
+For each: iperf3 TCP throughput node1->server, server->node1 (-R) and node1->node2
+(through the server on every tunnel, so across the lossy bridge twice; directly
+across it once on the underlay), ping p50/p99 at 5/s while the node1->server load
+runs, and the idle RTT node1->server (median of 20 pings at 5/s). Each throughput is
+the median of --repeat runs. Prints one table with the ratios to wireguard-go;
+progress goes to stderr.
 
-    tests/bench.sh wan [--loss PCT] [--rate MBIT] [--seconds S] [--repeat N]
+    tests/bench.sh wan [--loss PCT] [--rate MBIT] [--seconds S] [--repeat N] [--only PATH]
 """
 
 from __future__ import annotations
@@ -36,9 +40,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_throughput
-from bench_throughput import COMMON_OPENVPN, MTU, OPENVPN_NET, ensure_tools, start_openvpn, stop, write_openvpn_pki
+from bench_throughput import (
+    COMMON_OPENVPN,
+    MTU,
+    OPENVPN_NET,
+    ensure_tools,
+    openvpn_client_conf,
+    start_openvpn,
+    stop,
+    write_openvpn_pki,
+)
 from benchlib import BenchError, fmt, format_table, machine_note, percentile, progress, run_lab_bench, temp_dir
-from netlab import Host, Lab, Process, start_client, start_server, wait_for
+from netlab import Host, Lab, NcClient, Process, start_client, start_server, wait_for
 
 NC_OVERLAY = "10.1.1.1/24"
 WG_NET = "10.9.0"
@@ -49,6 +62,7 @@ WG_PORT = 51820
 class Figures:
     up: float | None = None  # node -> server, Mbit/s
     down: float | None = None  # server -> node, Mbit/s
+    node_to_node: float | None = None  # node1 -> node2 (through the server on a tunnel), Mbit/s
     load_p50: float | None = None  # ping ms while node -> server runs
     load_p99: float | None = None
     load_lost: int = 0  # pings unanswered while loaded
@@ -90,7 +104,8 @@ def median_of(runs: int, what: str, one: Callable[[], float]) -> float:
     return statistics.median(values)
 
 
-def measure(node: Host, target: str, args: argparse.Namespace, label: str) -> Figures:
+def measure(node: Host, target: str, peer: str, args: argparse.Namespace, label: str) -> Figures:
+    """From node: to and from the server at target, then to the other node at peer."""
     node.run("ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target, check=False)  # warm up ARP and paths
     idle, _ = ping_times(node, target, 20, 0.2)
     figures = Figures(idle=statistics.median(idle) if idle else None)
@@ -110,32 +125,38 @@ def measure(node: Host, target: str, args: argparse.Namespace, label: str) -> Fi
     ups = [first_up] + [iperf_mbps(node, target, args.seconds) for _ in range(args.repeat - 1)]
     figures.up = statistics.median(ups)
     figures.down = median_of(args.repeat, f"{label} server->node", lambda: iperf_mbps(node, target, args.seconds, True))
+    figures.node_to_node = median_of(args.repeat, f"{label} node->node", lambda: iperf_mbps(node, peer, args.seconds))
     return figures
 
 
 # -- the paths ---------------------------------------------------------------------------
 
 
-def bench_nc(server_host: Host, node: Host, args: argparse.Namespace, transport: str) -> Figures:
+def bench_nc(server_host: Host, nodes: tuple[Host, Host], args: argparse.Namespace, transport: str) -> Figures:
+    """Both nodes join one nc server, which switches node1 -> node2 traffic itself."""
     label = f"nc {transport.upper()}"
-    progress(f"{label}: starting server and client")
+    progress(f"{label}: starting server and two clients")
     fields = {"ip": server_host.ip, "networkAddr": NC_OVERLAY, "transport": "auto" if transport == "udp" else "tcp"}
     server = start_server(server_host, **fields)
-    client = None
+    clients: list[NcClient] = []
     try:
-        client = start_client(node, server.join_string())
-        target = NC_OVERLAY.split("/")[0]
-        wait_for(lambda: node.ping(target), timeout=20, what=f"{label}: the node to reach the server")
+        join = server.join_string()
+        for node in nodes:
+            clients.append(start_client(node, join))
+        target, peer = NC_OVERLAY.split("/")[0], str(clients[1].overlay_ip())
+        wait_for(lambda: nodes[0].ping(target), timeout=20, what=f"{label}: node1 to reach the server")
+        wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{label}: node1 to reach node2")
         if transport == "udp":
-            wait_for(lambda: "data path: UDP" in client.process.log(), timeout=20, what="nc: the UDP data path")
-        return measure(node, target, args, label)
+            for client in clients:
+                wait_for(lambda: "data path: UDP" in client.process.log(), timeout=20,
+                         what=f"nc: the UDP data path on {client.host.name}")  # fmt: skip
+        return measure(nodes[0], target, peer, args, label)
     finally:
-        if client is not None:
-            stop(client.process, "nc client")
+        for client in clients:
+            stop(client.process, f"nc client on {client.host.name}")
+            shutil.rmtree(client.work_dir, ignore_errors=True)
         stop(server.process, "nc server")
         shutil.rmtree(server.work_dir, ignore_errors=True)
-        if client is not None:
-            shutil.rmtree(client.work_dir, ignore_errors=True)
 
 
 def wg_keys(host: Host) -> tuple[str, str]:
@@ -144,7 +165,17 @@ def wg_keys(host: Host) -> tuple[str, str]:
     return private, public
 
 
-def start_wireguard(host: Host, work: Path, index: int, private: str, peer_public: str, peer: str) -> Process:
+@dataclasses.dataclass
+class WgPeer:
+    """One `wg set ... peer` entry: who, which overlay addresses it owns, where it listens."""
+
+    public_key: str
+    allowed_ips: str
+    endpoint: str
+
+
+def start_wireguard(host: Host, work: Path, index: int, private: str, peers: list[WgPeer]) -> Process:
+    """wireguard-go on host with overlay address WG_NET.<index>/24 and the given peers."""
     # The UAPI socket (/var/run/wireguard/<name>.sock) is shared by every namespace: one
     # name per device of this lab.
     device = f"wg{host.lab.id}{index}"
@@ -153,53 +184,79 @@ def start_wireguard(host: Host, work: Path, index: int, private: str, peer_publi
     key = work / f"wg-{host.name}.key"
     key.write_text(private + "\n")
     key.chmod(0o600)
-    host.run("wg", "set", device, "private-key", str(key), "listen-port", str(WG_PORT),
-             "peer", peer_public, "allowed-ips", f"{WG_NET}.0/24", "endpoint", f"{peer}:{WG_PORT}")  # fmt: skip
+    host.run("wg", "set", device, "private-key", str(key), "listen-port", str(WG_PORT))
+    for peer in peers:
+        host.run("wg", "set", device, "peer", peer.public_key, "allowed-ips", peer.allowed_ips,
+                 "endpoint", f"{peer.endpoint}:{WG_PORT}")  # fmt: skip
     host.run("ip", "addr", "add", f"{WG_NET}.{index}/24", "dev", device)
     host.run("ip", "link", "set", device, "mtu", str(MTU), "up")
     return process
 
 
-def bench_wireguard(server_host: Host, node: Host, work: Path, args: argparse.Namespace) -> Figures:
-    progress("wireguard-go: starting on the server and the node")
-    server_keys, node_keys = wg_keys(server_host), wg_keys(node)
+def bench_wireguard(server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace) -> Figures:
+    """Hub and spoke: each node's one peer is the server, which forwards node1 -> node2."""
+    progress("wireguard-go: starting on the server and both nodes")
+    indexes = (2, 3)  # the nodes' host parts in WG_NET; the server is .1
+    server_private, server_public = wg_keys(server_host)
+    node_keys = [wg_keys(node) for node in nodes]
+    spokes = [
+        WgPeer(public, f"{WG_NET}.{index}/32", node.ip) for index, node, (_, public) in zip(indexes, nodes, node_keys)
+    ]
+    hub = WgPeer(server_public, f"{WG_NET}.0/24", server_host.ip)
     processes = []
+    server_host.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     try:
-        processes.append(start_wireguard(server_host, work, 1, server_keys[0], node_keys[1], node.ip))
-        processes.append(start_wireguard(node, work, 2, node_keys[0], server_keys[1], server_host.ip))
-        target = f"{WG_NET}.1"
-        wait_for(lambda: node.ping(target), timeout=20, what="wireguard-go: the node to reach the server")
-        return measure(node, target, args, "wireguard-go")
+        processes.append(start_wireguard(server_host, work, 1, server_private, spokes))
+        for index, node, (private, _) in zip(indexes, nodes, node_keys):
+            processes.append(start_wireguard(node, work, index, private, [hub]))
+        target, peer = f"{WG_NET}.1", f"{WG_NET}.{indexes[1]}"
+        wait_for(lambda: nodes[0].ping(target), timeout=20, what="wireguard-go: node1 to reach the server")
+        wait_for(lambda: nodes[0].ping(peer), timeout=20, what="wireguard-go: node1 to reach node2")
+        return measure(nodes[0], target, peer, args, "wireguard-go")
     finally:
         for process in reversed(processes):
             stop(process, "wireguard-go")
+        server_host.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=0", check=False)
 
 
-def bench_openvpn(server_host: Host, node: Host, work: Path, args: argparse.Namespace, proto: str) -> Figures:
-    label = f"OpenVPN {proto.upper()}"
-    pki = work / f"openvpn-pki-{proto}"
-    pki.mkdir()
-    write_openvpn_pki(pki, ["node1"])
-    common = COMMON_OPENVPN.replace("proto tcp", f"proto {proto}")
+def openvpn_confs(work: Path, pki: Path, proto: str, server_host: Host, nodes: tuple[Host, Host]) -> list[Path]:
+    """The server's config (client-to-client, so it switches node1 -> node2), then each node's."""
+
+    def over(conf: str) -> str:
+        return conf.replace("proto tcp", f"proto {proto}")
+
     nodelay = "tcp-nodelay\n" if proto == "tcp" else ""
     server_conf = work / f"openvpn-server-{proto}.conf"
     server_conf.write_text(
-        common + f"topology subnet\nserver {OPENVPN_NET} 255.255.255.0\n{nodelay}keepalive 10 60\ndh none\n"
-        f"ca {pki}/ca.crt\ncert {pki}/server.crt\nkey {pki}/server.key\n"
+        over(COMMON_OPENVPN) + f"topology subnet\nserver {OPENVPN_NET} 255.255.255.0\nclient-to-client\n{nodelay}"
+        f"keepalive 10 60\ndh none\nca {pki}/ca.crt\ncert {pki}/server.crt\nkey {pki}/server.key\n"
     )
-    node_conf = work / f"openvpn-node-{proto}.conf"
-    node_conf.write_text(
-        common + f"client\nremote {server_host.ip}\nnobind\nremote-cert-tls server\n"
-        f"ca {pki}/ca.crt\ncert {pki}/node1.crt\nkey {pki}/node1.key\n"
-    )
+    confs = [server_conf]
+    for node in nodes:
+        node_conf = work / f"openvpn-{node.name}-{proto}.conf"
+        node_conf.write_text(over(openvpn_client_conf(pki, node.name, server_host.ip)))
+        confs.append(node_conf)
+    return confs
+
+
+def bench_openvpn(
+    server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace, proto: str
+) -> Figures:
+    label = f"OpenVPN {proto.upper()}"
+    pki = work / f"openvpn-pki-{proto}"
+    pki.mkdir()
+    write_openvpn_pki(pki, [node.name for node in nodes])
+    confs = openvpn_confs(work, pki, proto, server_host, nodes)
     processes = []
     try:
-        progress(f"{label}: starting server and client")
-        processes.append(start_openvpn(server_host, server_conf, f"openvpn-server-{proto}"))
-        processes.append(start_openvpn(node, node_conf, f"openvpn-node-{proto}"))
+        progress(f"{label}: starting server and two clients")
+        for host, conf in zip((server_host, *nodes), confs):
+            processes.append(start_openvpn(host, conf, f"openvpn-{host.name}-{proto}"))
         target = str(wait_for(lambda: server_host.ipv4_address("tun0"), timeout=20, what=f"{label}: server tun0"))
-        wait_for(lambda: node.ping(target), timeout=20, what=f"{label}: the node to reach the server")
-        return measure(node, target, args, label)
+        peer = str(wait_for(lambda: nodes[1].ipv4_address("tun0"), timeout=20, what=f"{label}: node2 tun0"))
+        wait_for(lambda: nodes[0].ping(target), timeout=20, what=f"{label}: node1 to reach the server")
+        wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{label}: node1 to reach node2")
+        return measure(nodes[0], target, peer, args, label)
     finally:
         for process in reversed(processes):
             stop(process, "openvpn")
@@ -210,26 +267,45 @@ def bench_openvpn(server_host: Host, node: Host, work: Path, args: argparse.Name
 ROWS = [
     ("node->server", "Mbit/s", "up", 0),
     ("server->node", "Mbit/s", "down", 0),
+    ("node->node", "Mbit/s", "node_to_node", 0),
     ("ping p50 under load", "ms", "load_p50", 2),
     ("ping p99 under load", "ms", "load_p99", 2),
     ("pings lost under load", "", "load_lost", 0),
     ("idle RTT", "ms", "idle", 3),
 ]
 COLUMNS = ["underlay", "nc UDP", "nc TCP", "wireguard-go", "OpenVPN UDP", "OpenVPN TCP"]
+REFERENCE = "wireguard-go"
+COMPARED = ["nc UDP", "nc TCP"]  # each gets a ratio column: its figure over REFERENCE's
 
 
 def table(results: dict[str, Figures], args: argparse.Namespace) -> str:
     rows = []
     for label, unit, key, digits in ROWS:
-        values = [getattr(results[c], key) if c in results else None for c in COLUMNS]
-        wg = values[COLUMNS.index("wireguard-go")]
-        ratios = [fmt(v / wg, 2) + "x" if v is not None and wg else "-" for v in values[1:3]]
-        rows.append([label, unit, *(fmt(v, digits) for v in values), *ratios])
+        value = {c: getattr(results[c], key) if c in results else None for c in COLUMNS}
+        wg = value[REFERENCE]
+        ratios = [fmt(value[c] / wg, 2) + "x" if value[c] is not None and wg else "-" for c in COMPARED]
+        rows.append([label, unit, *(fmt(value[c], digits) for c in COLUMNS), *ratios])
     title = (
         f"WAN: loss {args.loss} %, rate {args.rate or 'unlimited'} Mbit/s — iperf3 TCP median of {args.repeat} x "
-        f"{args.seconds} s; ping at 5/s during node->server; idle RTT median of 20 pings; MTU {MTU}"
+        f"{args.seconds} s, node->node through the server (underlay: direct); ping at 5/s during node->server; "
+        f"idle RTT median of 20 pings; MTU {MTU}"
     )
-    return format_table(["path", "unit", *COLUMNS, "nc UDP/wg", "nc TCP/wg"], rows, title)
+    headers = ["path", "unit", *COLUMNS, *(f"{c}/wg" for c in COMPARED)]
+    return format_table(headers, rows, title)
+
+
+def set_up(lab: Lab, args: argparse.Namespace) -> tuple[Host, tuple[Host, Host]]:
+    """The server and two nodes on the shaped bridge, an iperf3 server in the server and node2."""
+    server_host, node1, node2 = (lab.add_host(name) for name in ("server", "node1", "node2"))
+    lab.shape_underlay(args.loss, args.rate)
+    for host in (server_host, node2):
+        host.spawn("iperf3", "-s", name=f"iperf3-{host.name}")
+    wait_for(lambda: node1.ping(server_host.ip) and node1.ping(node2.ip), what="the underlay")
+    wait_for(
+        lambda: all(":5201" in host.run("ss", "-ltn").stdout for host in (server_host, node2)),
+        what="the iperf3 servers to listen",
+    )
+    return server_host, (node1, node2)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -242,18 +318,14 @@ def run(args: argparse.Namespace) -> int:
     with temp_dir("nc-bench-wan-") as work:
         lab = Lab(work / "lab")
         try:
-            server_host, node = lab.add_host("server"), lab.add_host("node1")
-            lab.shape_underlay(args.loss, args.rate)
-            server_host.spawn("iperf3", "-s", name="iperf3-server")
-            wait_for(lambda: node.ping(server_host.ip), what="the underlay")
-            wait_for(lambda: ":5201" in server_host.run("ss", "-ltn").stdout, what="iperf3 to listen")
+            server_host, nodes = set_up(lab, args)
             stages: list[tuple[str, Callable[[], Figures]]] = [
-                ("underlay", lambda: measure(node, server_host.ip, args, "underlay")),
-                ("nc UDP", lambda: bench_nc(server_host, node, args, "udp")),
-                ("nc TCP", lambda: bench_nc(server_host, node, args, "tcp")),
-                ("wireguard-go", lambda: bench_wireguard(server_host, node, work, args)),
-                ("OpenVPN UDP", lambda: bench_openvpn(server_host, node, work, args, "udp")),
-                ("OpenVPN TCP", lambda: bench_openvpn(server_host, node, work, args, "tcp")),
+                ("underlay", lambda: measure(nodes[0], server_host.ip, nodes[1].ip, args, "underlay")),
+                ("nc UDP", lambda: bench_nc(server_host, nodes, args, "udp")),
+                ("nc TCP", lambda: bench_nc(server_host, nodes, args, "tcp")),
+                ("wireguard-go", lambda: bench_wireguard(server_host, nodes, work, args)),
+                ("OpenVPN UDP", lambda: bench_openvpn(server_host, nodes, work, args, "udp")),
+                ("OpenVPN TCP", lambda: bench_openvpn(server_host, nodes, work, args, "tcp")),
             ]
             for name, stage in stages:
                 if args.only and name not in args.only:

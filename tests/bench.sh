@@ -8,7 +8,7 @@
 #   ha          replicas on etcd: failovers, one holder, 200 joins (tests/bench_ha.py)
 #   wan         nc UDP and TCP vs wireguard-go and OpenVPN UDP/TCP on a lossy,
 #               rate-limited underlay; node to server, back, and node to node:
-#               [--loss PCT] [--rate MBIT] [--seconds S] [--repeat N] [--only PATH]
+#               [--loss PCT] [--rate MBIT] [--wire] [--seconds S] [--repeat N] [--only PATH]
 #               (tests/bench_wan.py; not part of "all")
 #   fallback    UDP blocked before the join and mid-session: time to TCP and back
 #               (tests/bench_fallback.py; not part of "all")

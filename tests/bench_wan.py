@@ -3,7 +3,12 @@
 One server and two nodes on one bridge (198.18.0.0/15). Random loss is added on the
 bridge with nftables (`numgen random mod 1000 < N drop` in a bridge-family forward
 chain inside the lab namespace; this kernel has no netem) and an optional rate limit
-with tbf on the bridge ports. In one run, one after the other on the same topology:
+with tbf on the bridge ports. A veth hands a GSO super-packet on whole, so by default
+one dropped frame may be up to 64 datagrams or TCP segments of a path that sends with
+offload (nc; wireguard-go's Debian build does not), and a queue may hold megabytes in
+a few entries; --wire makes each host's eth0 act as a NIC on a wire instead: segments
+leave one by one (gso_max_segs 1) and are coalesced on arrival (GRO), so loss and
+queues count packets. In one run, one after the other on the same topology:
 
     underlay     iperf3 and ping straight over the bridge
     nc UDP       ./nc server + two clients, transport auto (the encrypted UDP data path)
@@ -21,7 +26,7 @@ runs, and the idle RTT node1->server (median of 20 pings at 5/s). Each throughpu
 the median of --repeat runs. Prints one table with the ratios to wireguard-go;
 progress goes to stderr.
 
-    tests/bench.sh wan [--loss PCT] [--rate MBIT] [--seconds S] [--repeat N] [--only PATH]
+    tests/bench.sh wan [--loss PCT] [--rate MBIT] [--wire] [--seconds S] [--repeat N] [--only PATH]
 """
 
 from __future__ import annotations
@@ -283,10 +288,11 @@ def table(results: dict[str, Figures], args: argparse.Namespace) -> str:
     for label, unit, key, digits in ROWS:
         value = {c: getattr(results[c], key) if c in results else None for c in COLUMNS}
         wg = value[REFERENCE]
-        ratios = [fmt(value[c] / wg, 2) + "x" if value[c] is not None and wg else "-" for c in COMPARED]
+        comparable = unit != ""  # a count of lost pings has no meaningful ratio
+        ratios = [fmt(value[c] / wg, 2) + "x" if comparable and value[c] is not None and wg else "-" for c in COMPARED]
         rows.append([label, unit, *(fmt(value[c], digits) for c in COLUMNS), *ratios])
     title = (
-        f"WAN: loss {args.loss} %, rate {args.rate or 'unlimited'} Mbit/s — iperf3 TCP median of {args.repeat} x "
+        f"WAN: loss {args.loss} %{' per packet (--wire)' if args.wire else ''}, rate {args.rate or 'unlimited'} Mbit/s — iperf3 TCP median of {args.repeat} x "
         f"{args.seconds} s, node->node through the server (underlay: direct); ping at 5/s during node->server; "
         f"idle RTT median of 20 pings; MTU {MTU}"
     )
@@ -297,7 +303,7 @@ def table(results: dict[str, Figures], args: argparse.Namespace) -> str:
 def set_up(lab: Lab, args: argparse.Namespace) -> tuple[Host, tuple[Host, Host]]:
     """The server and two nodes on the shaped bridge, an iperf3 server in the server and node2."""
     server_host, node1, node2 = (lab.add_host(name) for name in ("server", "node1", "node2"))
-    lab.shape_underlay(args.loss, args.rate)
+    lab.shape_underlay(args.loss, args.rate, wire=args.wire)
     for host in (server_host, node2):
         host.spawn("iperf3", "-s", name=f"iperf3-{host.name}")
     wait_for(lambda: node1.ping(server_host.ip) and node1.ping(node2.ip), what="the underlay")
@@ -310,7 +316,7 @@ def set_up(lab: Lab, args: argparse.Namespace) -> tuple[Host, tuple[Host, Host]]
 
 def run(args: argparse.Namespace) -> int:
     ensure_tools()
-    for command, package in (("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")):
+    for command, package in (("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools"), ("ethtool", "ethtool")):
         if shutil.which(command) is None:
             raise BenchError(f"{command} is missing: apt-get install {package}")
     progress(f"before: {machine_note()}")
@@ -342,6 +348,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loss", type=float, default=0.0, help="random loss on the underlay, percent (default 0)")
     parser.add_argument("--rate", type=float, default=0.0, help="underlay rate limit, Mbit/s (default: none)")
+    parser.add_argument(
+        "--wire", action="store_true", help="segment on egress and GRO on ingress, as NICs do: loss hits single packets"
+    )
     parser.add_argument("--seconds", type=int, default=10, help="length of each iperf3 run (default 10)")
     parser.add_argument("--repeat", type=int, default=3, help="iperf3 runs per figure; the median (default 3)")
     parser.add_argument("--only", action="append", choices=COLUMNS, help="measure only these paths (repeatable)")

@@ -564,6 +564,15 @@ def split_host_port(text: str, where: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def unmapped(ip: str) -> str:
+    """An IPv4 peer of a dual-stack socket as plain IPv4 (::ffff:198.18.0.2 -> 198.18.0.2)."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
 HOST_NAME_RE = re.compile(
     r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*\.?$"
 )
@@ -6679,10 +6688,6 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def listen_any(port: int) -> socket.socket:
     """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
     where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
@@ -6702,11 +6707,6 @@ def listen_any(port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def unmapped(ip: str) -> str:
-    """An IPv4 peer of a dual-stack socket as plain IPv4 (::ffff:198.18.0.2 -> 198.18.0.2)."""
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
 def caller(control: ControlPlane, context: Any) -> Identity:

@@ -12,13 +12,14 @@ gRPC control plane with bootstrap tokens, and an admin CLI.
 
 The file reads top-down; each section only uses the sections above it:
 
-     1. constants and errors         8. wire protocol
-     2. config                       9. network server
-     3. store (sqlite, etcd)        10. network client
-     4. address pools, networks     11. gRPC services
-     5. pki                         12. server assembly
-     6. control plane (the rules)   13. join and admin commands
-     7. tun and routes              14. logging and main
+     1. constants and errors         9. transport (stream, datagrams)
+     2. config                      10. network server
+     3. store (sqlite, etcd)        11. network client
+     4. address pools, networks     12. gRPC services
+     5. pki                         13. server assembly
+     6. control plane (the rules)   14. join and admin commands
+     7. tun and routes              15. logging and main
+     8. wire protocol
 """
 
 from __future__ import annotations
@@ -4147,29 +4148,6 @@ def gro_packet(run: list[Any], mss: int) -> bytes:
     return vnet + bytes(ip) + bytes(tcp) + body
 
 
-class TunReader:
-    """Reads TUN packets into one reused buffer that leaves room for a frame
-    header in front, so a packet becomes a frame with a single copy and no
-    64 KiB allocation per read."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = bytearray(4 + TUN_READ_SIZE)
-        self.view = memoryview(self.buf)
-        self.body = self.view[4:]
-
-    def read(self) -> int:
-        """Length of the next packet (raises BlockingIOError when there is none)."""
-        return os.readv(self.fd, [self.body])
-
-    def packet(self, length: int) -> memoryview:
-        return self.body[:length]
-
-    def frame(self, kind: int, length: int) -> bytes:
-        FRAME_HEADER.pack_into(self.buf, 0, kind << 24 | length)
-        return bytes(self.view[: 4 + length])
-
-
 class FrameBuffer:
     """Receive buffer: bytes from TLS go in at the end, whole frames come out."""
 
@@ -4349,10 +4327,10 @@ def datagram_frame(frame: Any) -> tuple[int, int, int]:
 
 
 # ============================================================================
-# 9. Network server
-#    One epoll loop owns the listening socket, the server TUN and every TLS
-#    session; it switches node-to-node packets in userspace. Store work runs
-#    on a worker thread so sqlite never stalls packets.
+# 9. Transport
+#    A secured path to a peer, shared by server and client: the TLS stream
+#    (Link) and the UDP datagram path, the sockets that move batches, the
+#    poller, receive buffers and send budgets, and the TUN reader.
 # ============================================================================
 
 SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are dropped
@@ -4360,18 +4338,7 @@ SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are d
 # than their fair share lose packets, so one slow reader never costs the others.
 TOTAL_SEND_QUEUE_LIMIT = 64 * 1024 * 1024
 FAIR_SEND_QUEUE = 256 * 1024
-HANDSHAKE_TIMEOUT_S = 10.0
-# A server gives an unfinished TLS handshake, and then the hello, this long each: a
-# real node needs a few round trips, an idle connection only holds a slot.
-SERVER_HANDSHAKE_DEADLINE_S = 5.0
-MAX_PENDING_HANDSHAKES = 512
-MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
 RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
-# A peer that sends more malformed frames than this within the window is cut off:
-# a real node sends none, so this only ends floods (each bad frame costs a log check).
-BAD_FRAME_LIMIT = 100
-BAD_FRAME_WINDOW_S = 10.0
-LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 UDP_PROBE_S = 2.0  # auto: datagrams must flow both ways this soon after a probe starts, or data stays on TLS
 UDP_SILENT_S = 3.0  # no authenticated datagram for this long: the UDP path is down, data moves to TLS
 UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often; the server answers each
@@ -4385,6 +4352,27 @@ UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, bef
 # Reads of the UDP socket per loop turn (each up to 64 datagrams with GRO): more would let
 # a bulk flow hold the loop while a ping's answer waits on the TUN behind it.
 UDP_READS_PER_TURN = 2
+
+
+def listen_any(port: int) -> socket.socket:
+    """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
+    where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # IPv6 disabled at boot
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+        else:
+            sock.bind(("0.0.0.0", port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def udp_socket(port: int = 0) -> socket.socket:
@@ -4817,6 +4805,48 @@ class Link:
         self._count(-self.queued)
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+class TunReader:
+    """Reads TUN packets into one reused buffer that leaves room for a frame
+    header in front, so a packet becomes a frame with a single copy and no
+    64 KiB allocation per read."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray(4 + TUN_READ_SIZE)
+        self.view = memoryview(self.buf)
+        self.body = self.view[4:]
+
+    def read(self) -> int:
+        """Length of the next packet (raises BlockingIOError when there is none)."""
+        return os.readv(self.fd, [self.body])
+
+    def packet(self, length: int) -> memoryview:
+        return self.body[:length]
+
+    def frame(self, kind: int, length: int) -> bytes:
+        FRAME_HEADER.pack_into(self.buf, 0, kind << 24 | length)
+        return bytes(self.view[: 4 + length])
+
+
+# ============================================================================
+# 10. Network server
+#    One epoll loop owns the listening socket, the server TUN and every TLS
+#    session; it switches node-to-node packets in userspace. Store work runs
+#    on a worker thread so sqlite never stalls packets.
+# ============================================================================
+
+# A server gives an unfinished TLS handshake, and then the hello, this long each: a
+# real node needs a few round trips, an idle connection only holds a slot.
+SERVER_HANDSHAKE_DEADLINE_S = 5.0
+MAX_PENDING_HANDSHAKES = 512
+MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
+# A peer that sends more malformed frames than this within the window is cut off:
+# a real node sends none, so this only ends floods (each bad frame costs a log check).
+BAD_FRAME_LIMIT = 100
+BAD_FRAME_WINDOW_S = 10.0
+LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 
 
 class Phase:
@@ -5878,11 +5908,12 @@ class NetworkServer(Sessions):
 
 
 # ============================================================================
-# 10. Network client
+# 11. Network client
 #    `nc client`: connect, handshake, configure the TUN from the welcome,
 #    move packets, and reconnect forever with backoff until told to stop.
 # ============================================================================
 
+HANDSHAKE_TIMEOUT_S = 10.0  # to connect, and then for the welcome
 BACKOFF_CAP_S = 30.0
 STABLE_SESSION_S = 10.0  # a session that lasted this long resets the reconnect backoff
 RENEW_CHECK_S = 60.0  # how often at most the client looks at its certificates' age
@@ -6668,7 +6699,7 @@ def ask_status(work_dir: Path) -> dict[str, Any]:
 
 
 # ============================================================================
-# 11. gRPC services
+# 12. gRPC services
 #     Thin module-level servicers: find the caller's identity, translate
 #     protobuf messages into control-plane calls and its errors into codes.
 #     The original services keep their exact contract; additions live in
@@ -6686,27 +6717,6 @@ def grpc_modules() -> tuple[Any, Any, Any]:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def listen_any(port: int) -> socket.socket:
-    """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
-    where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError:  # IPv6 disabled at boot
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(("::", port))
-        else:
-            sock.bind(("0.0.0.0", port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def caller(control: ControlPlane, context: Any) -> Identity:
@@ -7320,7 +7330,7 @@ def bind(server: Any, address: str, creds: Any, field: str) -> int:
 
 
 # ============================================================================
-# 12. Server assembly
+# 13. Server assembly
 #     `nc server`: PKI, store, pool, gRPC, data plane and background threads,
 #     started in order and stopped in reverse.
 # ============================================================================
@@ -8179,7 +8189,7 @@ def serve_replica(config: ServerConfig, fd_limit: int) -> int:
 
 
 # ============================================================================
-# 13. Join and admin commands
+# 14. Join and admin commands
 #     The client side of the control plane: join strings and CA pins,
 #     saving node credentials, and `nc adm ...`.
 # ============================================================================
@@ -8855,7 +8865,7 @@ def adm_datastore_migrate(args: argparse.Namespace) -> int:
 
 
 # ============================================================================
-# 14. Logging and main
+# 15. Logging and main
 #     Log files that rotate daily (seven kept), argparse subcommands, and the
 #     single place where an NcError becomes one stderr line and an exit code.
 # ============================================================================

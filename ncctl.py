@@ -57,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("nc")
 
@@ -4354,6 +4354,19 @@ UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, bef
 UDP_READS_PER_TURN = 2
 
 
+class PeerPath(Protocol):
+    """A secured path to a peer, as server and client pick one to send on: the TLS stream
+    (Link) or a UDP datagram path (the node's DatagramPath, the server's ServerDatagramPath).
+    It moves batches: send takes a list of frames and returns how many it took; the path
+    counts what it dropped (peer too far behind, socket full) in its owner's counters."""
+
+    name: str  # "tcp" or "udp", as `nc status`, the node list and the metrics say
+    rx_bytes: int  # what came in and went out on this path, framing included
+    tx_bytes: int
+
+    def send(self, frames: list[bytes]) -> int: ...
+
+
 def listen_any(port: int) -> socket.socket:
     """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
     where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
@@ -4518,6 +4531,8 @@ class DatagramPath:
         self.counters: collections.Counter[str] = collections.Counter()
         self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
 
+    name = "udp"
+
     @property
     def carrying(self) -> bool:
         """Data goes out as datagrams now (in udp mode whenever there are keys)."""
@@ -4526,22 +4541,23 @@ class DatagramPath:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, frames: list[bytes]) -> None:
+    def send(self, frames: list[bytes]) -> int:
         """Seal each frame and send the batch; what the full socket does not take waits in
         a short backlog (the caller stops reading the TUN until it drains), past which it
-        is dropped and counted."""
+        is dropped and counted. Returns how many frames were sent or held."""
         seal = self.keys.seal
         try:
             sealed = [seal(frame) for frame in frames]
         except BadDatagram:
             self.counters["dropped-udp-send"] += 1
-            return
+            return 0
         if self.backlog:
             room = UDP_BACKLOG - len(self.backlog)
             self.backlog.extend(sealed[:room])
             self.counters["dropped-udp-full"] += max(0, len(sealed) - room)
-            return
+            return min(room, len(sealed))
         self._send(sealed)
+        return len(sealed)
 
     def _send(self, sealed: list[bytes]) -> None:
         try:
@@ -4636,6 +4652,86 @@ class DatagramPath:
         self.retired_at = now + UDP_OLD_KEYS_S
 
 
+class ServerDatagramPath:
+    """The server's side of one node's UDP data path, sending through the server's one
+    socket: the node's keys by session id (a rekey adds one), the keys that seal, the
+    address of the latest authenticated datagram (the only one ever sent to), and
+    whether the node asked for data as datagrams."""
+
+    name = "udp"
+
+    def __init__(
+        self,
+        sock: DatagramSocket,
+        keys: DatagramKeys,
+        share: bytes,
+        mtu: int,
+        gso: bool,
+        node_token: str,
+        counters: collections.Counter[str],
+        note: RateLimitedLog,
+    ) -> None:
+        self.sock = sock
+        self.sealer = keys
+        self.openers: dict[int, DatagramKeys] = {keys.session_id: keys}
+        self.offer = (share, keys.session_id)  # the welcome's share and session id
+        self.addr: Any = None
+        self.last_rx = 0.0
+        self.wanted = False
+        self.mtu = mtu
+        self.gso = gso  # the node takes FRAME_GSO_PACKET: TCP segments leave with partial checksums
+        self.node_token = node_token
+        self.counters = counters
+        self.note = note
+        self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
+
+    def carrying(self, now: float) -> bool:
+        """Data for this node goes out as datagrams: it asked, and its datagrams keep coming."""
+        return self.wanted and now - self.last_rx < UDP_SILENT_S
+
+    def send(self, frames: list[bytes]) -> int:
+        """Seal each frame (a 64 KiB GSO frame cut into MTU-sized packets first) and send
+        it to the latest authenticated address. A full socket drops the rest. Returns how
+        many frames went out whole."""
+        keys, address, sock = self.sealer, self.addr, self.sock
+        if address is None:
+            return 0
+        seal = keys.seal
+        sent = 0
+        try:
+            for frame in frames:
+                gso = frame[0] == FRAME_GSO_PACKET
+                pieces = datagram_frames(memoryview(frame)[4:], self.mtu, self.gso) if gso else (frame,)
+                sealed = [seal(piece) for piece in pieces]
+                self.tx_bytes += sum(map(len, sealed))
+                if sock.send(sealed, address) < len(sealed):
+                    self.counters["dropped-udp-full"] += 1
+                    return sent
+                sent += 1
+        except (OSError, BadDatagram) as e:
+            self.counters["dropped-udp-send"] += 1
+            self.note("udp-send", "UDP send to node %s failed: %s", self.node_token, e)
+        return sent
+
+
+class RateLimitedLog:
+    """At most one line per key every interval, with a count of what was held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.interval:
+            self.held[key] += 1
+            return
+        held = self.held.pop(key, 0)
+        self.last[key] = now
+        log.info(message + (f" (+{held} similar)" if held else ""), *args)
+
+
 class Poller:
     """epoll that also tells whether the loop had to sleep for its events.
 
@@ -4712,8 +4808,15 @@ class SendBudget:
 class Link:
     """One TLS stream of frames: receive buffer, bounded send queue, liveness times."""
 
+    name = "tcp"
+
     def __init__(
-        self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool | None = None, budget: SendBudget | None = None
+        self,
+        sock: ssl.SSLSocket,
+        peer: str,
+        buffers: BufferPool | None = None,
+        budget: SendBudget | None = None,
+        counters: collections.Counter[str] | None = None,
     ) -> None:
         self.sock = sock
         # Reads and writes go straight to the C-level TLS object: the ssl.SSLSocket
@@ -4731,6 +4834,20 @@ class Link:
         self.last_rx = self.last_tx = time.monotonic()
         self.closed = False
         self.rx_bytes = self.tx_bytes = 0  # TLS payload bytes, framing included
+        self.counters = collections.Counter() if counters is None else counters  # the owner's drop counts
+
+    def send(self, frames: list[bytes]) -> int:
+        """Queue data frames in order; how many were taken. The rest are dropped (and counted)
+        when the peer is this far behind, or when all peers together are and this one holds
+        more than its share. The check is queue's, inline: this runs for every packet."""
+        budget = self.budget
+        for index, frame in enumerate(frames):
+            if self.queued > SEND_QUEUE_LIMIT or (budget is not None and not budget.admits(self.queued)):
+                self.counters["dropped-queue-full"] += 1
+                return index
+            self.out.append(frame)
+            self._count(len(frame))
+        return len(frames)
 
     def queue(self, frame: bytes) -> bool:
         """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
@@ -4812,8 +4929,9 @@ class TunReader:
     header in front, so a packet becomes a frame with a single copy and no
     64 KiB allocation per read."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, tun: Tun) -> None:
+        self.fd = tun.fd
+        self.offload = tun.offload  # packets come with a virtio_net_hdr in front
         self.buf = bytearray(4 + TUN_READ_SIZE)
         self.view = memoryview(self.buf)
         self.body = self.view[4:]
@@ -4828,6 +4946,28 @@ class TunReader:
     def frame(self, kind: int, length: int) -> bytes:
         FRAME_HEADER.pack_into(self.buf, 0, kind << 24 | length)
         return bytes(self.view[: 4 + length])
+
+    def frames(self, length: int, gso: bool) -> list[bytes]:
+        """The stream frames for the packet just read, for a peer that takes GSO frames
+        (gso) or not: one frame as read, or a super-packet cut into PACKET frames. frame()
+        is inlined: server and client call this for every packet."""
+        if self.offload and not gso:  # a TUN made with offload, a peer that (now) lacks it
+            return plain_frames(self.body[:length])
+        FRAME_HEADER.pack_into(self.buf, 0, (FRAME_GSO_PACKET if self.offload else FRAME_PACKET) << 24 | length)
+        return [bytes(self.view[: 4 + length])]
+
+
+def write_tun_batch(tun: Tun, buffers: list[bytes], failed: Callable[[OSError], None]) -> None:
+    """Checked packets (virtio_net_hdr + packet) to a TUN, as one batch of datagrams brought
+    them: TCP runs coalesced into super-packets where it takes them (GRO), else each packet
+    completed in software. failed(error) hears of each write that failed."""
+    fd = tun.fd
+    packets = coalesce_tcp4(buffers) if tun.offload else [p for b in buffers for p in plain_packets(b)]
+    for packet in packets:
+        try:
+            os.write(fd, packet)
+        except OSError as e:
+            failed(e)
 
 
 # ============================================================================
@@ -4861,8 +5001,15 @@ class Phase:
 class ServerSession(Link):
     """A node's stream once TLS is done (the Handshaker did that part): hello, then packets."""
 
-    def __init__(self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool, budget: SendBudget) -> None:
-        super().__init__(sock, peer, buffers, budget)
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        peer: str,
+        buffers: BufferPool,
+        budget: SendBudget,
+        counters: collections.Counter[str],
+    ) -> None:
+        super().__init__(sock, peer, buffers, budget, counters)
         self.phase = Phase.HELLO
         self.deadline = time.monotonic() + SERVER_HANDSHAKE_DEADLINE_S
         self.cert = peer_cert(sock.getpeercert(binary_form=True) or b"")  # who the node's certificate names
@@ -4879,24 +5026,17 @@ class ServerSession(Link):
         self.rx_packets = self.tx_packets = 0  # data frames from and to the node
         self.host_name = self.version = ""  # what the node's hello said
         self.since = time.time()
-        # The UDP data path (capability "udp"): keys by session id (a rekey adds one), the
-        # keys that seal, the address of the latest authenticated datagram (the only one
-        # ever sent to), and whether the node asked for data as datagrams.
-        self.udp_openers: dict[int, DatagramKeys] = {}
-        self.udp_sealer: DatagramKeys | None = None
-        self.udp_addr: Any = None
-        self.udp_last_rx = 0.0
-        self.udp_wanted = False
-        self.udp_offer: tuple[bytes, int] = (b"", 0)  # the welcome's share and session id
+        self.udp: ServerDatagramPath | None = None  # the UDP data path, when the hello agreed on "udp"
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
 
 
 def session_traffic(session: ServerSession) -> dict[str, int]:
+    paths: list[PeerPath] = [session] if session.udp is None else [session, session.udp]
     return {
-        "rx_bytes": session.rx_bytes,
-        "tx_bytes": session.tx_bytes,
+        "rx_bytes": sum(path.rx_bytes for path in paths),
+        "tx_bytes": sum(path.tx_bytes for path in paths),
         "rx_packets": session.rx_packets,
         "tx_packets": session.tx_packets,
     }
@@ -5073,24 +5213,6 @@ class StoreWorker(threading.Thread):
                 self.deliver(lambda d=done, r=result, e=error: d(r, e))
 
 
-class RateLimitedLog:
-    """At most one line per key every interval, with a count of what was held back."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.held: collections.Counter[str] = collections.Counter()
-
-    def __call__(self, key: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -1e9) < self.interval:
-            self.held[key] += 1
-            return
-        held = self.held.pop(key, 0)
-        self.last[key] = now
-        log.info(message + (f" (+{held} similar)" if held else ""), *args)
-
-
 class Plane:
     """The data plane of one overlay network: its TUN device (holding the
     server's address there) and which session owns which address."""
@@ -5103,7 +5225,7 @@ class Plane:
         self.last = int(overlay.network.broadcast_address)
         self.by_ip: dict[int, ServerSession] = {}
         self.tun = Tun(overlay.tun_name, offload=config.offload)
-        self.reader = TunReader(self.tun.fd)
+        self.reader = TunReader(self.tun)
         self.nat: GatewayNat | None = None
         try:
             self.tun.configure(ipaddress.IPv4Interface(f"{overlay.server_ip}/{overlay.network.prefixlen}"), config.mtu)
@@ -5313,12 +5435,12 @@ class NetworkServer(Sessions):
         """From a gRPC thread: a copy of the table (one C-level step under the GIL), then
         each session's own fields, which only the loop writes."""
         now = time.monotonic()
-        return {token: "udp" if self._on_udp(s, now) else "tcp" for token, s in dict(self.by_token).items()}
+        return {token: self._path(s, now).name for token, s in dict(self.by_token).items()}
 
     @staticmethod
-    def _on_udp(session: ServerSession, now: float) -> bool:
-        """Data for this node goes out as datagrams: it asked, and its datagrams keep coming."""
-        return session.udp_wanted and now - session.udp_last_rx < UDP_SILENT_S
+    def _path(session: ServerSession, now: float) -> PeerPath:
+        """Where data for this node goes now: its datagram path while it carries, else its stream."""
+        return session.udp if session.udp is not None and session.udp.carrying(now) else session
 
     def running(self) -> bool:
         """The packet loop is alive and turning (health checks ask this): a loop that is
@@ -5371,7 +5493,7 @@ class NetworkServer(Sessions):
         if self.stopping.is_set():
             tls.close()
             return
-        session = ServerSession(tls, peer, self.buffers, self.send_budget)
+        session = ServerSession(tls, peer, self.buffers, self.send_budget, self.counters)
         self.sessions[session.fd] = session
         self.unauthenticated.add(session)
         self.epoll.register(session.fd, select.EPOLLIN)
@@ -5407,8 +5529,8 @@ class NetworkServer(Sessions):
                         self._route_from_node(session, view, kind, start, end)
                     except BadFrame as e:
                         self._bad_frame(session, e)
-                elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp_sealer is not None:
-                    self._on_udp_control(session, kind, decode_control(view[start:end]))
+                elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp is not None:
+                    self._on_udp_control(session, session.udp, kind, decode_control(view[start:end]))
                 elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
                     continue
                 else:
@@ -5486,8 +5608,11 @@ class NetworkServer(Sessions):
         session.phase = Phase.ESTABLISHED
         self.by_token[token] = session
         plane.by_ip[session.ip] = session
-        for session_id in session.udp_openers:
-            self.udp_sessions[session_id] = session
+        offer = (b"", 0)
+        if session.udp is not None:
+            offer = session.udp.offer
+            for session_id in session.udp.openers:
+                self.udp_sessions[session_id] = session
         welcome = Welcome(
             str(ip),
             overlay.network.prefixlen,
@@ -5497,8 +5622,8 @@ class NetworkServer(Sessions):
             (str(overlay.network),),
             session.caps,
             self.replicas(),
-            *session.udp_offer,
-            self.config.udp_port if session.udp_offer[1] else 0,
+            *offer,
+            self.config.udp_port if offer[1] else 0,
         )
         session.queue(welcome.encode())
         self.dirty.add(session)
@@ -5518,10 +5643,11 @@ class NetworkServer(Sessions):
 
     def live(self) -> dict[str, dict[str, Any]]:
         """Connected nodes' sessions, for the node list (any thread)."""
-        return {
-            token: {"since": s.since, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes}
-            for token, s in list(self.by_token.items())
-        }
+        live = {}
+        for token, session in list(self.by_token.items()):
+            traffic = session_traffic(session)
+            live[token] = {"since": session.since, "rx_bytes": traffic["rx_bytes"], "tx_bytes": traffic["tx_bytes"]}
+        return live
 
     def _record_state(self, token: str, state: int) -> None:
         """On the store worker. A state the disk cannot take (full, read-only) keeps no
@@ -5602,15 +5728,12 @@ class NetworkServer(Sessions):
         self._queue_frames(peer, [bytes(view[start - 4 : end])] if as_is else plain_frames(view[start:end]))
 
     def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
-        if self._on_udp(peer, self.epoll.now):
-            peer.tx_packets += len(frames)
-            self._send_datagrams(peer, frames)
+        udp = peer.udp
+        if udp is not None and udp.carrying(self.epoll.now):
+            peer.tx_packets += len(frames)  # as handed to the socket: a datagram lost later is not known
+            udp.send(frames)
             return
-        for frame in frames:
-            if not peer.queue(frame):
-                self.counters["dropped-queue-full"] += 1
-                break
-            peer.tx_packets += 1
+        peer.tx_packets += peer.send(frames)
         self.dirty.add(peer)
 
     def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
@@ -5629,8 +5752,11 @@ class NetworkServer(Sessions):
             else:
                 os.writev(tun.fd, [ZERO_VNET_HDR, view[start:end]])
         except OSError as e:
-            self.counters["dropped-tun-write"] += 1
-            self.note("tun-write", "TUN write failed: %s", e.strerror)
+            self._tun_write_failed(e)
+
+    def _tun_write_failed(self, error: OSError) -> None:
+        self.counters["dropped-tun-write"] += 1
+        self.note("tun-write", "TUN write failed: %s", error.strerror)
 
     def _read_tun(self, plane: Plane) -> None:
         """Packets from this host's kernel to the nodes of one overlay."""
@@ -5646,12 +5772,8 @@ class NetworkServer(Sessions):
             peer = plane.by_ip.get(endpoints[1]) if endpoints else None
             if peer is None:
                 self.counters["dropped-no-route"] += 1
-            elif not offset:
-                self._queue_frames(peer, [reader.frame(FRAME_PACKET, length)])
-            elif peer.gso:
-                self._queue_frames(peer, [reader.frame(FRAME_GSO_PACKET, length)])
             else:
-                self._queue_frames(peer, plain_frames(packet))
+                self._queue_frames(peer, reader.frames(length, peer.gso))
 
     # -- the UDP data path ------------------------------------------------------------------
 
@@ -5671,17 +5793,19 @@ class NetworkServer(Sessions):
             )
         except BadDatagram:
             return tuple(c for c in session.caps if c != CAP_UDP)
-        session.udp_sealer = DatagramKeys.for_server(session_id, *keys)
-        session.udp_openers = {session_id: session.udp_sealer}
-        session.udp_offer = (share, session_id)
+        sealer = DatagramKeys.for_server(session_id, *keys)
+        assert self.udp is not None  # "udp" is offered only with a socket
+        session.udp = ServerDatagramPath(
+            self.udp, sealer, share, self.config.mtu, session.gso, session.node_token, self.counters, self.note
+        )
         return session.caps
 
-    def _on_udp_control(self, session: ServerSession, kind: int, message: dict) -> None:
+    def _on_udp_control(self, session: ServerSession, udp: ServerDatagramPath, kind: int, message: dict) -> None:
         """Over TLS: where the node wants its data now, or its share for fresh keys."""
         if kind == FRAME_TRANSPORT:
             wanted = message.get("transport") == "udp"
-            if wanted != session.udp_wanted:
-                session.udp_wanted = wanted
+            if wanted != udp.wanted:
+                udp.wanted = wanted
                 log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
             return
         node_share = decode_x25519_share(message.get("udpKey"))
@@ -5694,10 +5818,10 @@ class NetworkServer(Sessions):
             keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
         except BadDatagram:
             raise ProtocolError("rekey with an unusable udpKey") from None
-        for old_id in [i for i in session.udp_openers if i != session.udp_sealer.session_id]:
-            del session.udp_openers[old_id]  # an earlier rekey the node never used
+        for old_id in [i for i in udp.openers if i != udp.sealer.session_id]:
+            del udp.openers[old_id]  # an earlier rekey the node never used
             self.udp_sessions.pop(old_id, None)
-        session.udp_openers[session_id] = keys
+        udp.openers[session_id] = keys
         self.udp_sessions[session_id] = session
         reply = {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
         session.queue(encode_control(FRAME_REKEY, reply))
@@ -5712,16 +5836,7 @@ class NetworkServer(Sessions):
         finally:
             batches, self.tun_batches = self.tun_batches, None
             for plane, packets in batches.items():
-                self._write_tun_batch(plane, packets)
-
-    def _write_tun_batch(self, plane: Plane, buffers: list[bytes]) -> None:
-        """The packets one batch of datagrams brought for this host, TCP runs coalesced (GRO)."""
-        for buffer in coalesce_tcp4(buffers):
-            try:
-                os.write(plane.tun.fd, buffer)
-            except OSError as e:
-                self.counters["dropped-tun-write"] += 1
-                self.note("tun-write", "TUN write failed: %s", e.strerror)
+                write_tun_batch(plane.tun, packets, self._tun_write_failed)
 
     def _drop_datagram(self, reason: str, address: Any) -> None:
         self.counters["udp-" + reason] += 1
@@ -5744,21 +5859,23 @@ class NetworkServer(Sessions):
         if session is None:
             self._drop_datagram("unknown-session", address)
             return
-        keys = session.udp_openers[session_id]  # type: ignore[index]
+        udp = session.udp
+        assert udp is not None  # only sessions with a datagram path have session ids
+        keys = udp.openers[session_id]
         try:
             frame = keys.open(datagram)
             kind, start, end = datagram_frame(frame)
         except BadDatagram as e:
             self._drop_datagram(e.reason, address)
             return
-        if keys is not session.udp_sealer:  # the node uses a rekey's keys: the old ones retire
-            self._retire_udp_keys(session, keys)
-        if address != session.udp_addr:
-            if session.udp_addr is not None:
+        if keys is not udp.sealer:  # the node uses a rekey's keys: the old ones retire
+            self._retire_udp_keys(udp, keys)
+        if address != udp.addr:
+            if udp.addr is not None:
                 log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
-            session.udp_addr = address
-        session.udp_last_rx = session.last_rx = self.epoll.now
-        session.rx_bytes += len(datagram)
+            udp.addr = address
+        udp.last_rx = session.last_rx = self.epoll.now
+        udp.rx_bytes += len(datagram)
         if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
             session.rx_packets += 1
             try:  # writable: a GSO frame's header is rebuilt in place
@@ -5769,35 +5886,15 @@ class NetworkServer(Sessions):
                 except ProtocolError as error:
                     self._refuse(session, Refusal("protocol", str(error), retry=False))
         elif kind == FRAME_KEEPALIVE:
-            self._send_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
+            udp.send([encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
         else:
             self._drop_datagram("not-a-packet", address)
 
-    def _retire_udp_keys(self, session: ServerSession, keys: DatagramKeys) -> None:
-        for old_id in [i for i in session.udp_openers if i != keys.session_id]:
-            del session.udp_openers[old_id]
+    def _retire_udp_keys(self, udp: ServerDatagramPath, keys: DatagramKeys) -> None:
+        for old_id in [i for i in udp.openers if i != keys.session_id]:
+            del udp.openers[old_id]
             self.udp_sessions.pop(old_id, None)
-        session.udp_sealer = keys
-
-    def _send_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
-        """Seal each frame (a 64 KiB GSO frame cut into MTU-sized packets first) and send
-        it to the session's latest authenticated address. A full socket drops the rest."""
-        keys, address, sock = session.udp_sealer, session.udp_addr, self.udp
-        if keys is None or address is None or sock is None:
-            return
-        seal = keys.seal
-        try:
-            for frame in frames:
-                gso = frame[0] == FRAME_GSO_PACKET
-                pieces = datagram_frames(memoryview(frame)[4:], self.config.mtu, session.gso) if gso else (frame,)
-                sealed = [seal(piece) for piece in pieces]
-                session.tx_bytes += sum(map(len, sealed))
-                if sock.send(sealed, address) < len(sealed):
-                    self.counters["dropped-udp-full"] += 1
-                    return
-        except (OSError, BadDatagram) as e:
-            self.counters["dropped-udp-send"] += 1
-            self.note("udp-send", "UDP send to node %s failed: %s", session.node_token, e)
+        udp.sealer = keys
 
     # -- output, liveness, teardown -----------------------------------------------------------
 
@@ -5876,7 +5973,7 @@ class NetworkServer(Sessions):
         if not token or session.detached:
             return
         session.detached = True
-        for session_id in session.udp_openers:
+        for session_id in session.udp.openers if session.udp is not None else ():
             if self.udp_sessions.get(session_id) is session:
                 del self.udp_sessions[session_id]
         plane = session.plane
@@ -6084,17 +6181,18 @@ class NetworkClient:
         """What `nc status` shows (asked from the status socket's thread)."""
         link, since, udp = self.link, self.connected_since, self.udp
         connected = link is not None and since > 0
-        on_udp = connected and udp is not None and udp.carrying
+        paths: list[PeerPath] = [p for p in (link, udp) if p is not None] if connected else []
+        carrying = udp if udp is not None and udp.carrying else link
         return {
             "state": "connected" if connected else "connecting",
             "nodeToken": self.config.token,
             "overlayIp": str(self.address.ip) if connected and self.address else "",
             "server": self._server,
-            "transport": ("udp" if on_udp else "tcp") if connected else "",
+            "transport": carrying.name if connected and carrying is not None else "",
             "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
-            "rttMs": tcp_rtt_ms(link.sock) if connected else None,
-            "rxBytes": link.rx_bytes + (udp.rx_bytes if udp else 0) if connected else 0,
-            "txBytes": link.tx_bytes + (udp.tx_bytes if udp else 0) if connected else 0,
+            "rttMs": tcp_rtt_ms(link.sock) if connected and link is not None else None,
+            "rxBytes": sum(path.rx_bytes for path in paths),
+            "txBytes": sum(path.tx_bytes for path in paths),
             "lastError": "" if connected else self.last_error,
             "version": VERSION,
         }
@@ -6116,7 +6214,7 @@ class NetworkClient:
         except BaseException:
             raw.close()
             raise
-        link = Link(sock, self._server)
+        link = Link(sock, self._server, counters=self.counters)
         self._close_datagram_path()  # a failed connect's
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
@@ -6218,7 +6316,7 @@ class NetworkClient:
         self.server_mtu = welcome.mtu
         if self.tun is None:
             self.tun = Tun("nc0", offload=self.gso)
-            self.reader = TunReader(self.tun.fd)
+            self.reader = TunReader(self.tun)
 
     def _configure(self, welcome: Welcome) -> str | None:
         """Address and routes, set again only when the address changed; returns why
@@ -6357,7 +6455,7 @@ class NetworkClient:
             link.queue(rekey)
 
     def _read_datagrams(self, link: Link, limit: int) -> None:
-        assert self.udp is not None
+        assert self.udp is not None and self.tun is not None
         udp = self.udp
         buffers = []  # virtio_net_hdr + packet, checked
         for frame in udp.receive(limit):
@@ -6373,26 +6471,18 @@ class NetworkClient:
                 self.counters["dropped-" + e.reason] += 1
             except BadDatagram as e:
                 self.counters["udp-" + e.reason] += 1
-        self._write_packets(buffers)
+        write_tun_batch(self.tun, buffers, self._tun_write_failed)
         if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
             self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
 
-    def _write_packets(self, buffers: list[bytes]) -> None:
-        """Checked packets (virtio_net_hdr + packet) to the TUN: TCP runs coalesced into
-        super-packets where it takes them, else each packet completed in software."""
-        assert self.tun is not None
-        fd = self.tun.fd
-        packets = coalesce_tcp4(buffers) if self.tun.offload else [p for b in buffers for p in plain_packets(b)]
-        for packet in packets:
-            try:
-                os.write(fd, packet)
-            except OSError:
-                self.counters["dropped-tun-write"] += 1
+    def _tun_write_failed(self, _error: OSError) -> None:
+        self.counters["dropped-tun-write"] += 1
 
     def _read_tun(self, link: Link, limit: int) -> None:
         assert self.tun is not None and self.reader is not None
         reader = self.reader
         udp = self.udp if self.udp is not None and self.udp.carrying else None
+        path: PeerPath = udp if udp is not None else link
         for _ in range(limit):
             if udp is not None and udp.backlog:
                 return  # the socket is full: the rest waits in the TUN's queue
@@ -6400,24 +6490,16 @@ class NetworkClient:
                 length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
-            if udp is not None:
+            if udp is not None:  # datagrams of at most the MTU: super-packets are cut here
                 packet = reader.packet(length)
-                udp.send(
+                frames = (
                     datagram_frames(packet, self.server_mtu, self.gso)
                     if self.tun.offload
                     else [reader.frame(FRAME_PACKET, length)]
                 )
-                continue
-            if not self.tun.offload:
-                frames = [reader.frame(FRAME_PACKET, length)]
-            elif self.gso:
-                frames = [reader.frame(FRAME_GSO_PACKET, length)]
-            else:  # a TUN made with offload, a server that (now) lacks it
-                frames = plain_frames(reader.packet(length))
-            for frame in frames:
-                if not link.queue(frame):
-                    self.counters["dropped-queue-full"] += 1
-                    break
+            else:
+                frames = reader.frames(length, self.gso)
+            path.send(frames)  # what it drops, it counts
 
     def _deliver(self, link: Link) -> None:
         view = link.rx.view

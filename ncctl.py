@@ -4328,9 +4328,10 @@ def datagram_frame(frame: Any) -> tuple[int, int, int]:
 
 # ============================================================================
 # 9. Transport
-#    A secured path to a peer, shared by server and client: the TLS stream
-#    (Link) and the UDP datagram path, the sockets that move batches, the
-#    poller, receive buffers and send budgets, and the TUN reader.
+#    A secured path to a peer (PeerPath), shared by server and client: the TLS
+#    stream (Link) and the UDP datagram paths, the sockets that move batches,
+#    the poller, receive buffers and send budgets, and the TUN's batch reads
+#    and writes.
 # ============================================================================
 
 SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are dropped
@@ -4972,9 +4973,10 @@ def write_tun_batch(tun: Tun, buffers: list[bytes], failed: Callable[[OSError], 
 
 # ============================================================================
 # 10. Network server
-#    One epoll loop owns the listening socket, the server TUN and every TLS
-#    session; it switches node-to-node packets in userspace. Store work runs
-#    on a worker thread so sqlite never stalls packets.
+#    One epoll loop (NetworkServer) owns the sockets, the server's TUNs and
+#    every session; SessionLifecycle takes a session from handshake to close,
+#    Switch moves node-to-node packets in userspace. Store work runs on a
+#    worker thread so sqlite never stalls packets.
 # ============================================================================
 
 # A server gives an unfinished TLS handshake, and then the hello, this long each: a
@@ -5247,434 +5249,40 @@ class Plane:
         self.tun.close()
 
 
-class NetworkServer(Sessions):
-    """The data plane of `nc server`: one loop for every overlay network."""
+class Switch:
+    """Where packets go, on the server's loop: the planes (a TUN per overlay network, and
+    which session holds which address there) and the UDP socket (and which session each
+    datagram session id belongs to). Packets come from nodes (over TLS, handed over by
+    the session lifecycle, or as datagrams) and from this host's kernel; they leave to a
+    TUN or on another node's path."""
 
-    def __init__(self, config: ServerConfig, control: ControlPlane) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        epoll: Poller,
+        dirty: set[ServerSession],
+        counters: collections.Counter[str],
+        note: RateLimitedLog,
+    ) -> None:
         self.config = config
-        self.control = control
-        self.store = control.store
-        self.overlays = control.overlays
-        self.pki = control.pki
-        self.keepalive = config.keepalive
+        self.epoll = epoll
+        self.dirty = dirty  # sessions with frames queued: flushed once per loop turn
+        self.counters = counters
+        self.note = note
         self.planes: dict[str, Plane] = {}
         self.tun_planes: dict[int, Plane] = {}
-        self.sessions: dict[int, ServerSession] = {}
-        self.by_token: dict[str, ServerSession] = {}
-        self.dirty: set[ServerSession] = set()
-        self.unauthenticated: set[ServerSession] = set()  # the hello is still to come
-        self.send_budget = SendBudget()
-        self.next_report = 0.0  # when the debug log gets the counters next
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.note = RateLimitedLog()
-        self.buffers = BufferPool()
-        self.worker = StoreWorker(self.call_soon)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
-        self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
-        self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
         self.udp: DatagramSocket | None = None  # the UDP data path's socket, unless transport is tcp
         self.udp_sessions: dict[int, ServerSession] = {}  # by datagram session id
         self.tun_batches: dict[Plane, list[bytes]] | None = None  # while a datagram batch is read: TUN writes held
-        self.handshaker: Handshaker | None = None
-        self.epoll: Poller | None = None
-        self.wake_r = self.wake_w = -1
-        self.store_unwritable = False  # the last state write failed for a full or read-only disk
-        self.closed_traffic: collections.Counter[str] = collections.Counter()  # of sessions gone (metrics)
-        self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # TLS latency (metrics)
-        self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: their addresses, for the welcome
+        # The lifecycle's: a node whose datagrams break the rules is refused like one whose frames do.
+        self.refuse: Callable[[ServerSession, Refusal], None] = lambda _session, _refusal: None
 
-    # -- lifecycle (called from the main thread) ---------------------------------
-
-    def start(self) -> None:
-        """Port, TUNs, NAT, threads; on any failure what was already made is undone."""
-        try:
-            self.tls = self._tls_context()
-            self.listener = self._listen()
-            self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
-            self.handshaker.observe = self.observe_handshake
-            self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self.epoll = Poller()
-            self.epoll.register(self.wake_r, select.EPOLLIN)
-            if self.config.transport != "tcp":
-                self.udp = self._listen_udp()
-                self.epoll.register(self.udp.fd, select.EPOLLIN)
-            # A killed run's rules, also of networks deleted since or with gateway now off;
-            # without iptables there can be none.
-            with contextlib.suppress(TunError):
-                remove_tagged_rules(lambda _tag: True)
-            if self.config.gateway:
-                self.forwarding.enable()
-                log.info("gateway mode: forwarding and NAT out of this host for the overlays")
-            else:
-                self.forwarding.restore()  # a killed gateway run's, if any
-            for overlay in self.overlays.all():
-                self._attach_plane(Plane(overlay, self.config))
-        except BaseException:
-            self.stop()
-            raise
-        self.worker.start()
-        self.thread.start()
-        self.handshaker.start()
-        log.info(
-            "network service on :%d (TLS 1.3), mtu %d, %d network(s)",
-            self.config.port,
-            self.config.mtu,
-            len(self.planes),
-        )
-
-    def stop(self) -> None:
-        """Undo start(), a partial one too: only what exists is stopped or closed."""
-        if self.handshaker is not None:
-            self.handshaker.stop()
-        self.stopping.set()
-        if self.thread.is_alive():
-            self._wake()
-            self.thread.join(timeout=10.0)
-        if self.worker.is_alive():
-            self.worker.stop()
-        self._close_planes()
-        if self.listener is not None:
-            self.listener.close()
-        if self.udp is not None:
-            self.udp.close()
-        if self.epoll is not None:
-            self.epoll.close()
-        for fd in (self.wake_r, self.wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self.wake_r = self.wake_w = -1
-
-    def _attach_plane(self, plane: Plane) -> None:
+    def attach_plane(self, plane: Plane) -> None:
         self.planes[plane.name] = plane
         self.tun_planes[plane.tun.fd] = plane
         self.epoll.register(plane.tun.fd, select.EPOLLIN)
 
-    def _close_planes(self) -> None:
-        for plane in list(self.planes.values()):
-            plane.close()
-        self.planes.clear()
-        self.tun_planes.clear()
-        self.forwarding.restore()
-
-    def add_overlay(self, overlay: Overlay) -> None:
-        """A network created at run time: its TUN is made here (errors reach the
-        caller), then the loop starts serving it."""
-        plane = Plane(overlay, self.config)
-        self.call_soon(lambda: self._attach_plane(plane))
-
-    def remove_overlay(self, name: str) -> None:
-        """A deleted network: its nodes are cut off and its TUN removed."""
-        self.call_soon(lambda: self._detach_plane(name))
-
-    def _detach_plane(self, name: str) -> None:
-        plane = self.planes.pop(name, None)
-        if plane is None:
-            return
-        for session in [s for s in self.sessions.values() if s.plane is plane]:
-            self._refuse(session, Refusal("network-deleted", f"network {name} was deleted", retry=False))
-        self.tun_planes.pop(plane.tun.fd, None)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(plane.tun.fd)
-        plane.close()
-
-    def _tls_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.load_cert_chain(self.pki.network.server_cert_path, self.pki.network.server_key_path)
-        context.load_verify_locations(cafile=str(self.pki.network.ca_path))
-        context.verify_mode = ssl.CERT_REQUIRED
-        return context
-
-    def _listen(self) -> socket.socket:
-        try:
-            sock = listen_any(self.config.port)
-        except OSError as e:
-            raise NcError(
-                f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it or change server.port"
-            ) from None
-        sock.setblocking(False)
-        return sock
-
-    def _listen_udp(self) -> DatagramSocket:
-        try:
-            return DatagramSocket(self.config.udp_port)
-        except OSError as e:
-            raise NcError(
-                f"cannot listen on UDP :{self.config.udp_port} ({e.strerror}); stop what uses it, "
-                "change server.udpPort, or set server.transport: tcp"
-            ) from None
-
-    # -- called from other threads ------------------------------------------------
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        self.commands.put(fn)
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self.wake_w, b"!")
-
-    def _deliver_handshake(self, tls: ssl.SSLSocket, peer: str) -> None:
-        """From the Handshaker: a stream whose TLS is done joins the loop."""
-        self.call_soon(lambda: self._adopt(tls, peer))
-
-    def disconnect(self, token: str, reason: str) -> None:
-        """End the node's live session (if any), telling it not to come back."""
-        self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
-
-    def traffic(self) -> collections.Counter[str]:
-        """Bytes and packets per direction since the start, live sessions included (any thread)."""
-        total = collections.Counter(self.closed_traffic)
-        for session in list(self.sessions.values()):
-            total.update(session_traffic(session))
-        return total
-
-    def transports(self) -> dict[str, str]:
-        """From a gRPC thread: a copy of the table (one C-level step under the GIL), then
-        each session's own fields, which only the loop writes."""
-        now = time.monotonic()
-        return {token: self._path(s, now).name for token, s in dict(self.by_token).items()}
-
-    @staticmethod
-    def _path(session: ServerSession, now: float) -> PeerPath:
-        """Where data for this node goes now: its datagram path while it carries, else its stream."""
-        return session.udp if session.udp is not None and session.udp.carrying(now) else session
-
-    def running(self) -> bool:
-        """The packet loop is alive and turning (health checks ask this): a loop that is
-        stuck, in a bug or in one frame that costs too much, counts as down too."""
-        stalled = time.monotonic() - self.epoll.now >= LOOP_STALL_S
-        return self.thread.is_alive() and not self.stopping.is_set() and not stalled
-
-    # -- the loop -------------------------------------------------------------------
-
-    def _run(self) -> None:
-        sessions, tun_planes = self.sessions, self.tun_planes
-        udp_fd = self.udp.fd if self.udp is not None else -1
-        next_tick = time.monotonic() + 1.0
-        try:
-            while not self.stopping.is_set():
-                for fd, events in self.epoll.poll(1.0):
-                    if (session := sessions.get(fd)) is not None:
-                        self._service(session, events)
-                    elif (plane := tun_planes.get(fd)) is not None:
-                        self._read_tun(plane)
-                    elif fd == udp_fd:
-                        self._read_udp()
-                    elif fd == self.wake_r:
-                        self._run_commands()
-                self._flush_dirty()
-                now = self.epoll.now
-                if now >= next_tick:
-                    self._tick(now)
-                    next_tick = now + 1.0
-        finally:  # an exception goes on to the supervisor, which ends the process
-            for session in list(self.sessions.values()):
-                self._refuse(session, Refusal("server-stopping", "the server is shutting down", retry=True))
-                self._close(session, None)
-
-    def _run_commands(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.wake_r, 4096):
-                pass
-        while True:
-            try:
-                command = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                command()
-            except Exception:  # a bug in one command (one admission, one disconnect) must not end the loop
-                log.exception("network command failed")
-
-    def _adopt(self, tls: ssl.SSLSocket, peer: str) -> None:
-        if self.stopping.is_set():
-            tls.close()
-            return
-        session = ServerSession(tls, peer, self.buffers, self.send_budget, self.counters)
-        self.sessions[session.fd] = session
-        self.unauthenticated.add(session)
-        self.epoll.register(session.fd, select.EPOLLIN)
-        log.debug("TLS from %s: certificate CN %s", peer, loggable(session.cert.common_name))
-        self._service(session, select.EPOLLIN)  # the hello may have come with the handshake
-
-    def _service(self, session: ServerSession, events: int) -> None:
-        try:
-            if events & select.EPOLLOUT:
-                self._flush(session)
-            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                session.receive(self._handle_frames, once=self.epoll.woke)
-        except PeerClosed as e:
-            self._close(session, str(e))
-        except ProtocolError as e:
-            self.counters["protocol-errors"] += 1
-            self._refuse(session, Refusal("protocol", str(e), retry=False))
-        except (OSError, ssl.SSLError) as e:
-            self._close(session, f"connection error: {e}")
-        except Exception:  # a bug must cost one session, never the loop
-            log.exception("unexpected error in %r; closing it", session)
-            self._close(session, "internal error")
-
-    def _handle_frames(self, session: ServerSession) -> None:
-        view = session.rx.view
-        for kind, start, end in session.rx.frames():
-            if session.phase == Phase.CLOSING:
-                continue  # the session is over; drain without acting
-            if session.phase == Phase.ESTABLISHED:
-                if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
-                    session.rx_packets += 1
-                    try:
-                        self._route_from_node(session, view, kind, start, end)
-                    except BadFrame as e:
-                        self._bad_frame(session, e)
-                elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp is not None:
-                    self._on_udp_control(session, session.udp, kind, decode_control(view[start:end]))
-                elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
-                    continue
-                else:
-                    raise ProtocolError(f"unexpected frame type {kind:#x} in an established session")
-            elif session.phase == Phase.HELLO:
-                if kind != FRAME_HELLO:
-                    raise ProtocolError("the first frame must be a hello")
-                self._on_hello(session, Hello.decode(view[start:end]))
-            elif session.phase == Phase.ADMITTING and kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
-                raise ProtocolError("frame sent before the welcome")
-            if session.phase == Phase.CLOSED:
-                return
-
-    # -- admission --------------------------------------------------------------------
-
-    def _on_hello(self, session: ServerSession, hello: Hello) -> None:
-        """Agree on capabilities here; whether the node may connect, and at which
-        address, is the control plane's decision (taken on the store worker)."""
-        self.unauthenticated.discard(session)
-        session.node_token = hello.node_token
-        session.host_name, session.version = hello.host_name, hello.version
-        offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
-        if self.udp is None:
-            offered.discard(CAP_UDP)
-        session.caps = tuple(c for c in hello.caps if c in offered)
-        session.gso = CAP_GSO in session.caps
-        if CAP_UDP in session.caps:
-            session.caps = self._agree_udp(session, hello.udp_key)
-        log.debug(
-            "hello from %s: node %s, nc %s, offered %s, agreed %s",
-            session.peer,
-            hello.node_token,
-            loggable(hello.version),
-            loggable(list(hello.caps)),
-            list(session.caps),
-        )
-        session.phase = Phase.ADMITTING
-        cert, token, net_token = session.cert, hello.node_token, hello.net_token
-        assert cert is not None
-        self.worker.submit(
-            lambda: self.control.admit_session(cert, token, net_token),
-            lambda result, error: self._on_admitted(session, result, error),
-        )
-
-    def _on_admitted(
-        self, session: ServerSession, result: tuple[str, ipaddress.IPv4Address] | None, error: BaseException | None
-    ) -> None:
-        token = session.node_token
-        if session.phase in (Phase.CLOSED, Phase.CLOSING):
-            if error is None and token not in self.by_token:
-                self._set_idle(token, self.planes.get(result[0]) if result else None)
-            return
-        plane = self.planes.get(result[0]) if result is not None else None
-        if error is None and plane is None:
-            error = BadRequest("this node's network was deleted")
-        if error is not None or result is None or plane is None:
-            if isinstance(error, (BadRequest, Unauthenticated)):
-                self.counters["refused-hellos"] += 1
-                refusal = Refusal("unregistered", str(error), retry=False)
-            elif isinstance(error, PoolExhausted):
-                refusal = Refusal("overlay-full", str(error), retry=True)
-            else:
-                refusal = Refusal("server-error", "the server could not admit this node; see its log", retry=True)
-            self._refuse(session, refusal)
-            return
-        old = self.by_token.get(token)
-        if old is not None:
-            log.info("node %s reconnected from %s; replacing its session from %s", token, session.peer, old.peer)
-            self.by_token.pop(token)
-            self._refuse(old, Refusal("replaced", "a newer session with this node-token took over", retry=False))
-        ip = result[1]
-        overlay = plane.overlay
-        session.ip = int(ip)
-        session.plane = plane
-        session.phase = Phase.ESTABLISHED
-        self.by_token[token] = session
-        plane.by_ip[session.ip] = session
-        offer = (b"", 0)
-        if session.udp is not None:
-            offer = session.udp.offer
-            for session_id in session.udp.openers:
-                self.udp_sessions[session_id] = session
-        welcome = Welcome(
-            str(ip),
-            overlay.network.prefixlen,
-            str(overlay.server_ip),
-            self.config.mtu,
-            self.keepalive,
-            (str(overlay.network),),
-            session.caps,
-            self.replicas(),
-            *offer,
-            self.config.udp_port if offer[1] else 0,
-        )
-        session.queue(welcome.encode())
-        self.dirty.add(session)
-        self.worker.submit(lambda: self._mark_connected(token, overlay))
-        details = (token, session.host_name, session.peer, "tcp", session.version)
-        self.worker.submit(lambda: self._record_session(*details))
-        log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
-
-    def _mark_connected(self, token: str, overlay: Overlay) -> None:
-        self._record_state(token, STATE_CONNECTED)
-        overlay.bindings.connected(token)
-
-    def _record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
-        """On the store worker: the node list's columns; a full disk costs only them."""
-        with contextlib.suppress(StoreError):
-            self.store.record_session(token, host_name, endpoint, transport, version)
-
-    def live(self) -> dict[str, dict[str, Any]]:
-        """Connected nodes' sessions, for the node list (any thread)."""
-        live = {}
-        for token, session in list(self.by_token.items()):
-            traffic = session_traffic(session)
-            live[token] = {"since": session.since, "rx_bytes": traffic["rx_bytes"], "tx_bytes": traffic["tx_bytes"]}
-        return live
-
-    def _record_state(self, token: str, state: int) -> None:
-        """On the store worker. A state the disk cannot take (full, read-only) keeps no
-        node out: states are reset at every start anyway. Logged once per outage."""
-        try:
-            self.store.set_state(token, state)
-        except StoreFull as e:
-            if not self.store_unwritable:
-                log.warning("%s; admitting nodes without recording their connection state", e)
-                self.store_unwritable = True
-            return
-        if self.store_unwritable:
-            log.info("the database takes writes again; connection states are recorded")
-            self.store_unwritable = False
-
-    def _set_idle(self, token: str, plane: Plane | None) -> None:
-        def job() -> None:
-            self._record_state(token, STATE_IDLE)
-            if plane is not None:
-                plane.overlay.bindings.idle(token)
-                self._record_session(token, "", "", "", "")  # last seen: now
-
-        self.worker.submit(job)
-
-    # -- switching --------------------------------------------------------------------------
-
-    def _route_from_node(self, session: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
+    def route_from_node(self, session: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
         """One packet from a node: to the server's kernel, to another node, or dropped.
         A GSO frame's virtio_net_hdr is replaced in the receive buffer by the one
         gso_header rebuilt, so whatever goes on (to a TUN, a peer, or the segmenter)
@@ -5707,7 +5315,7 @@ class NetworkServer(Sessions):
         else:
             self.counters["dropped-no-route"] += 1
 
-    def _bad_frame(self, session: ServerSession, error: BadFrame) -> None:
+    def bad_frame(self, session: ServerSession, error: BadFrame) -> None:
         """Drop and count a malformed frame; end the session of a peer that keeps sending them."""
         self.counters["dropped-" + error.reason] += 1
         now = time.monotonic()
@@ -5758,7 +5366,7 @@ class NetworkServer(Sessions):
         self.counters["dropped-tun-write"] += 1
         self.note("tun-write", "TUN write failed: %s", error.strerror)
 
-    def _read_tun(self, plane: Plane) -> None:
+    def read_tun(self, plane: Plane) -> None:
         """Packets from this host's kernel to the nodes of one overlay."""
         offset = VNET_HDR_LEN if plane.tun.offload else 0
         reader = plane.reader
@@ -5775,59 +5383,15 @@ class NetworkServer(Sessions):
             else:
                 self._queue_frames(peer, reader.frames(length, peer.gso))
 
-    # -- the UDP data path ------------------------------------------------------------------
+    # -- the UDP data path: datagrams in; out through each node's ServerDatagramPath ----------
 
-    def _new_udp_session_id(self) -> int:
+    def new_udp_session_id(self) -> int:
         while True:
             session_id = secrets.randbits(32)
             if session_id and session_id not in self.udp_sessions:
                 return session_id
 
-    def _agree_udp(self, session: ServerSession, node_share: bytes) -> tuple[str, ...]:
-        """Datagram keys for the node's share; the capabilities without "udp" if the share is unusable."""
-        private, share = new_x25519()
-        session_id = self._new_udp_session_id()
-        try:
-            keys = datagram_keys(
-                private, node_share, datagram_transcript(node_share, share, session_id, session.node_token)
-            )
-        except BadDatagram:
-            return tuple(c for c in session.caps if c != CAP_UDP)
-        sealer = DatagramKeys.for_server(session_id, *keys)
-        assert self.udp is not None  # "udp" is offered only with a socket
-        session.udp = ServerDatagramPath(
-            self.udp, sealer, share, self.config.mtu, session.gso, session.node_token, self.counters, self.note
-        )
-        return session.caps
-
-    def _on_udp_control(self, session: ServerSession, udp: ServerDatagramPath, kind: int, message: dict) -> None:
-        """Over TLS: where the node wants its data now, or its share for fresh keys."""
-        if kind == FRAME_TRANSPORT:
-            wanted = message.get("transport") == "udp"
-            if wanted != udp.wanted:
-                udp.wanted = wanted
-                log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
-            return
-        node_share = decode_x25519_share(message.get("udpKey"))
-        if not node_share:
-            raise ProtocolError("rekey without a valid udpKey")
-        private, share = new_x25519()
-        session_id = self._new_udp_session_id()
-        transcript = datagram_transcript(node_share, share, session_id, session.node_token)
-        try:
-            keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
-        except BadDatagram:
-            raise ProtocolError("rekey with an unusable udpKey") from None
-        for old_id in [i for i in udp.openers if i != udp.sealer.session_id]:
-            del udp.openers[old_id]  # an earlier rekey the node never used
-            self.udp_sessions.pop(old_id, None)
-        udp.openers[session_id] = keys
-        self.udp_sessions[session_id] = session
-        reply = {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
-        session.queue(encode_control(FRAME_REKEY, reply))
-        self.dirty.add(session)
-
-    def _read_udp(self) -> None:
+    def read_udp(self) -> None:
         assert self.udp is not None
         self.tun_batches = {}
         try:
@@ -5879,12 +5443,12 @@ class NetworkServer(Sessions):
         if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
             session.rx_packets += 1
             try:  # writable: a GSO frame's header is rebuilt in place
-                self._route_from_node(session, memoryview(bytearray(frame)), kind, start, end)
+                self.route_from_node(session, memoryview(bytearray(frame)), kind, start, end)
             except BadFrame as e:
                 try:
-                    self._bad_frame(session, e)
+                    self.bad_frame(session, e)
                 except ProtocolError as error:
-                    self._refuse(session, Refusal("protocol", str(error), retry=False))
+                    self.refuse(session, Refusal("protocol", str(error), retry=False))
         elif kind == FRAME_KEEPALIVE:
             udp.send([encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
         else:
@@ -5896,9 +5460,306 @@ class NetworkServer(Sessions):
             self.udp_sessions.pop(old_id, None)
         udp.sealer = keys
 
+    def drop_plane(self, plane: Plane) -> None:
+        """A deleted network's TUN leaves the loop (its sessions were refused first)."""
+        self.tun_planes.pop(plane.tun.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(plane.tun.fd)
+        plane.close()
+
+    def close_planes(self) -> None:
+        for plane in list(self.planes.values()):
+            plane.close()
+        self.planes.clear()
+        self.tun_planes.clear()
+
+
+class SessionLifecycle:
+    """Every node session from a finished TLS handshake to its close, on the server's loop:
+    the hello and the admission (the control plane's decision, taken on the store worker),
+    the welcome, keepalives and deadlines, refusals, and the states and node-list columns
+    the store records. A session's packets go to the switch."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        control: ControlPlane,
+        switch: Switch,
+        worker: StoreWorker,
+        stopping: threading.Event,
+        counters: collections.Counter[str],
+        note: RateLimitedLog,
+    ) -> None:
+        self.config = config
+        self.control = control
+        self.store = control.store
+        self.keepalive = config.keepalive
+        self.switch = switch
+        self.epoll = switch.epoll
+        self.dirty = switch.dirty
+        self.worker = worker
+        self.stopping = stopping
+        self.counters = counters
+        self.note = note
+        self.sessions: dict[int, ServerSession] = {}  # by socket fd
+        self.by_token: dict[str, ServerSession] = {}  # admitted ones
+        self.unauthenticated: set[ServerSession] = set()  # the hello is still to come
+        self.send_budget = SendBudget()
+        self.buffers = BufferPool()
+        self.store_unwritable = False  # the last state write failed for a full or read-only disk
+        self.closed_traffic: collections.Counter[str] = collections.Counter()  # of sessions gone (metrics)
+        self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: their addresses, for the welcome
+
+    def adopt(self, tls: ssl.SSLSocket, peer: str) -> None:
+        if self.stopping.is_set():
+            tls.close()
+            return
+        session = ServerSession(tls, peer, self.buffers, self.send_budget, self.counters)
+        self.sessions[session.fd] = session
+        self.unauthenticated.add(session)
+        self.epoll.register(session.fd, select.EPOLLIN)
+        log.debug("TLS from %s: certificate CN %s", peer, loggable(session.cert.common_name))
+        self.service(session, select.EPOLLIN)  # the hello may have come with the handshake
+
+    def service(self, session: ServerSession, events: int) -> None:
+        try:
+            if events & select.EPOLLOUT:
+                self._flush(session)
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                session.receive(self._handle_frames, once=self.epoll.woke)
+        except PeerClosed as e:
+            self.close(session, str(e))
+        except ProtocolError as e:
+            self.counters["protocol-errors"] += 1
+            self.refuse(session, Refusal("protocol", str(e), retry=False))
+        except (OSError, ssl.SSLError) as e:
+            self.close(session, f"connection error: {e}")
+        except Exception:  # a bug must cost one session, never the loop
+            log.exception("unexpected error in %r; closing it", session)
+            self.close(session, "internal error")
+
+    def _handle_frames(self, session: ServerSession) -> None:
+        view = session.rx.view
+        for kind, start, end in session.rx.frames():
+            if session.phase == Phase.CLOSING:
+                continue  # the session is over; drain without acting
+            if session.phase == Phase.ESTABLISHED:
+                if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+                    session.rx_packets += 1
+                    try:
+                        self.switch.route_from_node(session, view, kind, start, end)
+                    except BadFrame as e:
+                        self.switch.bad_frame(session, e)
+                elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp is not None:
+                    self._on_udp_control(session, session.udp, kind, decode_control(view[start:end]))
+                elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
+                    continue
+                else:
+                    raise ProtocolError(f"unexpected frame type {kind:#x} in an established session")
+            elif session.phase == Phase.HELLO:
+                if kind != FRAME_HELLO:
+                    raise ProtocolError("the first frame must be a hello")
+                self._on_hello(session, Hello.decode(view[start:end]))
+            elif session.phase == Phase.ADMITTING and kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                raise ProtocolError("frame sent before the welcome")
+            if session.phase == Phase.CLOSED:
+                return
+
+    # -- admission --------------------------------------------------------------------
+
+    def _on_hello(self, session: ServerSession, hello: Hello) -> None:
+        """Agree on capabilities here; whether the node may connect, and at which
+        address, is the control plane's decision (taken on the store worker)."""
+        self.unauthenticated.discard(session)
+        session.node_token = hello.node_token
+        session.host_name, session.version = hello.host_name, hello.version
+        offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
+        if self.switch.udp is None:
+            offered.discard(CAP_UDP)
+        session.caps = tuple(c for c in hello.caps if c in offered)
+        session.gso = CAP_GSO in session.caps
+        if CAP_UDP in session.caps:
+            session.caps = self._agree_udp(session, hello.udp_key)
+        log.debug(
+            "hello from %s: node %s, nc %s, offered %s, agreed %s",
+            session.peer,
+            hello.node_token,
+            loggable(hello.version),
+            loggable(list(hello.caps)),
+            list(session.caps),
+        )
+        session.phase = Phase.ADMITTING
+        cert, token, net_token = session.cert, hello.node_token, hello.net_token
+        assert cert is not None
+        self.worker.submit(
+            lambda: self.control.admit_session(cert, token, net_token),
+            lambda result, error: self._on_admitted(session, result, error),
+        )
+
+    def _agree_udp(self, session: ServerSession, node_share: bytes) -> tuple[str, ...]:
+        """Datagram keys for the node's share; the capabilities without "udp" if the share is unusable."""
+        private, share = new_x25519()
+        session_id = self.switch.new_udp_session_id()
+        try:
+            keys = datagram_keys(
+                private, node_share, datagram_transcript(node_share, share, session_id, session.node_token)
+            )
+        except BadDatagram:
+            return tuple(c for c in session.caps if c != CAP_UDP)
+        sealer = DatagramKeys.for_server(session_id, *keys)
+        assert self.switch.udp is not None  # "udp" is offered only with a socket
+        session.udp = ServerDatagramPath(
+            self.switch.udp, sealer, share, self.config.mtu, session.gso, session.node_token, self.counters, self.note
+        )
+        return session.caps
+
+    def _on_udp_control(self, session: ServerSession, udp: ServerDatagramPath, kind: int, message: dict) -> None:
+        """Over TLS: where the node wants its data now, or its share for fresh keys."""
+        if kind == FRAME_TRANSPORT:
+            wanted = message.get("transport") == "udp"
+            if wanted != udp.wanted:
+                udp.wanted = wanted
+                log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
+            return
+        node_share = decode_x25519_share(message.get("udpKey"))
+        if not node_share:
+            raise ProtocolError("rekey without a valid udpKey")
+        private, share = new_x25519()
+        session_id = self.switch.new_udp_session_id()
+        transcript = datagram_transcript(node_share, share, session_id, session.node_token)
+        try:
+            keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
+        except BadDatagram:
+            raise ProtocolError("rekey with an unusable udpKey") from None
+        for old_id in [i for i in udp.openers if i != udp.sealer.session_id]:
+            del udp.openers[old_id]  # an earlier rekey the node never used
+            self.switch.udp_sessions.pop(old_id, None)
+        udp.openers[session_id] = keys
+        self.switch.udp_sessions[session_id] = session
+        reply = {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
+        session.queue(encode_control(FRAME_REKEY, reply))
+        self.dirty.add(session)
+
+    def _on_admitted(
+        self, session: ServerSession, result: tuple[str, ipaddress.IPv4Address] | None, error: BaseException | None
+    ) -> None:
+        token = session.node_token
+        if session.phase in (Phase.CLOSED, Phase.CLOSING):
+            if error is None and token not in self.by_token:
+                self._set_idle(token, self.switch.planes.get(result[0]) if result else None)
+            return
+        plane = self.switch.planes.get(result[0]) if result is not None else None
+        if error is None and plane is None:
+            error = BadRequest("this node's network was deleted")
+        if error is not None or result is None or plane is None:
+            if isinstance(error, (BadRequest, Unauthenticated)):
+                self.counters["refused-hellos"] += 1
+                refusal = Refusal("unregistered", str(error), retry=False)
+            elif isinstance(error, PoolExhausted):
+                refusal = Refusal("overlay-full", str(error), retry=True)
+            else:
+                refusal = Refusal("server-error", "the server could not admit this node; see its log", retry=True)
+            self.refuse(session, refusal)
+            return
+        old = self.by_token.get(token)
+        if old is not None:
+            log.info("node %s reconnected from %s; replacing its session from %s", token, session.peer, old.peer)
+            self.by_token.pop(token)
+            self.refuse(old, Refusal("replaced", "a newer session with this node-token took over", retry=False))
+        ip = result[1]
+        overlay = plane.overlay
+        session.ip = int(ip)
+        session.plane = plane
+        session.phase = Phase.ESTABLISHED
+        self.by_token[token] = session
+        plane.by_ip[session.ip] = session
+        offer = (b"", 0)
+        if session.udp is not None:
+            offer = session.udp.offer
+            for session_id in session.udp.openers:
+                self.switch.udp_sessions[session_id] = session
+        welcome = Welcome(
+            str(ip),
+            overlay.network.prefixlen,
+            str(overlay.server_ip),
+            self.config.mtu,
+            self.keepalive,
+            (str(overlay.network),),
+            session.caps,
+            self.replicas(),
+            *offer,
+            self.config.udp_port if offer[1] else 0,
+        )
+        session.queue(welcome.encode())
+        self.dirty.add(session)
+        self.worker.submit(lambda: self._mark_connected(token, overlay))
+        details = (token, session.host_name, session.peer, "tcp", session.version)
+        self.worker.submit(lambda: self._record_session(*details))
+        log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
+
+    def _mark_connected(self, token: str, overlay: Overlay) -> None:
+        self._record_state(token, STATE_CONNECTED)
+        overlay.bindings.connected(token)
+
+    def _record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        """On the store worker: the node list's columns; a full disk costs only them."""
+        with contextlib.suppress(StoreError):
+            self.store.record_session(token, host_name, endpoint, transport, version)
+
+    def _record_state(self, token: str, state: int) -> None:
+        """On the store worker. A state the disk cannot take (full, read-only) keeps no
+        node out: states are reset at every start anyway. Logged once per outage."""
+        try:
+            self.store.set_state(token, state)
+        except StoreFull as e:
+            if not self.store_unwritable:
+                log.warning("%s; admitting nodes without recording their connection state", e)
+                self.store_unwritable = True
+            return
+        if self.store_unwritable:
+            log.info("the database takes writes again; connection states are recorded")
+            self.store_unwritable = False
+
+    def _set_idle(self, token: str, plane: Plane | None) -> None:
+        def job() -> None:
+            self._record_state(token, STATE_IDLE)
+            if plane is not None:
+                plane.overlay.bindings.idle(token)
+                self._record_session(token, "", "", "", "")  # last seen: now
+
+        self.worker.submit(job)
+
+    # -- what other threads ask (a copy of a table, then fields only the loop writes) ---------
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Connected nodes' sessions, for the node list (any thread)."""
+        live = {}
+        for token, session in list(self.by_token.items()):
+            traffic = session_traffic(session)
+            live[token] = {"since": session.since, "rx_bytes": traffic["rx_bytes"], "tx_bytes": traffic["tx_bytes"]}
+        return live
+
+    def traffic(self) -> collections.Counter[str]:
+        """Bytes and packets per direction since the start, live sessions included (any thread)."""
+        total = collections.Counter(self.closed_traffic)
+        for session in list(self.sessions.values()):
+            total.update(session_traffic(session))
+        return total
+
+    def transports(self) -> dict[str, str]:
+        """From a gRPC thread: a copy of the table (one C-level step under the GIL), then
+        each session's own fields, which only the loop writes."""
+        now = time.monotonic()
+        return {token: self.path(s, now).name for token, s in dict(self.by_token).items()}
+
+    @staticmethod
+    def path(session: ServerSession, now: float) -> PeerPath:
+        """Where data for this node goes now: its datagram path while it carries, else its stream."""
+        return session.udp if session.udp is not None and session.udp.carrying(now) else session
+
     # -- output, liveness, teardown -----------------------------------------------------------
 
-    def _flush_dirty(self) -> None:
+    def flush_dirty(self) -> None:
         while self.dirty:
             self._flush(self.dirty.pop())
 
@@ -5908,10 +5769,10 @@ class NetworkServer(Sessions):
         try:
             done = session.flush()
         except (OSError, ssl.SSLError) as e:
-            self._close(session, f"send failed: {e}")
+            self.close(session, f"send failed: {e}")
             return
         if done and session.phase == Phase.CLOSING:
-            self._close(session, session.close_reason)
+            self.close(session, session.close_reason)
             return
         self._watch_writable(session, not done)
 
@@ -5921,43 +5782,34 @@ class NetworkServer(Sessions):
             session.want_out = on
             self.epoll.modify(session.fd, select.EPOLLIN | select.EPOLLOUT if on else select.EPOLLIN)
 
-    def _tick(self, now: float) -> None:
-        if now >= self.next_report:
-            self.next_report = now + 60.0
-            log.debug(
-                "%d session(s), %d connected, %d byte(s) queued; counters %s, handshakes %s",
-                len(self.sessions),
-                len(self.by_token),
-                self.send_budget.queued,
-                dict(self.counters),
-                dict(self.handshaker.counters),
-            )
+    def tick(self, now: float) -> None:
+        """Once a second: deadlines of unfinished hellos and refusals, keepalives, silence."""
         silent_after = 3 * self.keepalive
         for session in list(self.sessions.values()):
             if session.phase == Phase.HELLO and now > session.deadline:
                 self.counters["handshake-timeouts"] += 1
-                self._close(session, "handshake timed out", quiet=True)
+                self.close(session, "handshake timed out", quiet=True)
             elif session.phase == Phase.CLOSING and now > session.deadline:
-                self._close(session, session.close_reason)
+                self.close(session, session.close_reason)
             elif session.phase == Phase.ESTABLISHED:
                 if now - session.last_rx > silent_after:
-                    self._close(session, f"silent for {silent_after} s")
+                    self.close(session, f"silent for {silent_after} s")
                 elif now - session.last_tx >= self.keepalive:
                     session.queue(encode_frame(FRAME_KEEPALIVE))
                     self.dirty.add(session)
-        self._flush_dirty()
+        self.flush_dirty()
 
-    def _refuse_token(self, token: str, refusal: Refusal) -> None:
+    def refuse_token(self, token: str, refusal: Refusal) -> None:
         session = self.by_token.get(token)
         if session is not None:
-            self._refuse(session, refusal)
+            self.refuse(session, refusal)
 
-    def _refuse(self, session: ServerSession, refusal: Refusal) -> None:
+    def refuse(self, session: ServerSession, refusal: Refusal) -> None:
         """Take the session out of routing, tell the peer why, and close once that
         ERROR frame is written (or after a second, if the peer does not read)."""
         reason = f"refused ({refusal.code}): {refusal.reason}"
         if session.phase in (Phase.TLS, Phase.CLOSED, Phase.CLOSING):
-            self._close(session, reason)
+            self.close(session, reason)
             return
         self._detach(session)
         session.drop_queue()  # queued packets are dropped; a started TLS write must finish
@@ -5974,8 +5826,8 @@ class NetworkServer(Sessions):
             return
         session.detached = True
         for session_id in session.udp.openers if session.udp is not None else ():
-            if self.udp_sessions.get(session_id) is session:
-                del self.udp_sessions[session_id]
+            if self.switch.udp_sessions.get(session_id) is session:
+                del self.switch.udp_sessions[session_id]
         plane = session.plane
         if self.by_token.get(token) is session:
             del self.by_token[token]
@@ -5985,7 +5837,7 @@ class NetworkServer(Sessions):
         elif session.phase != Phase.ESTABLISHED and token not in self.by_token:
             self._set_idle(token, None)  # undo the handshake's "init" state
 
-    def _close(self, session: ServerSession, reason: str | None, quiet: bool = False) -> None:
+    def close(self, session: ServerSession, reason: str | None, quiet: bool = False) -> None:
         if session.phase == Phase.CLOSED:
             return
         self._detach(session)
@@ -6002,6 +5854,248 @@ class NetworkServer(Sessions):
                 log.info("node %s disconnected (%s): %s", session.node_token, session.peer, reason)
             elif not quiet:
                 self.note("close:" + reason[:40], "connection from %s closed: %s", session.peer, reason)
+
+    def close_all(self) -> None:
+        """The loop ends: every node hears why (if its socket takes it), then it is closed."""
+        for session in list(self.sessions.values()):
+            self.refuse(session, Refusal("server-stopping", "the server is shutting down", retry=True))
+            self.close(session, None)
+
+
+class NetworkServer(Sessions):
+    """The data plane of `nc server`: one event loop for every overlay network, and the
+    face the rest of the server sees. The loop (this class: the poller, the wake pipe and
+    the commands other threads hand it, the once-a-second tick, the listeners and the
+    threads) drives two parts: SessionLifecycle, every session from handshake to close,
+    and Switch, where each packet goes."""
+
+    def __init__(self, config: ServerConfig, control: ControlPlane) -> None:
+        self.config = config
+        self.pki = control.pki
+        self.overlays = control.overlays
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.note = RateLimitedLog()
+        self.epoll = Poller()
+        self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.worker = StoreWorker(self.call_soon)
+        self.stopping = threading.Event()
+        self.switch = Switch(config, self.epoll, set(), self.counters, self.note)
+        self.lifecycle = SessionLifecycle(
+            config, control, self.switch, self.worker, self.stopping, self.counters, self.note
+        )
+        self.switch.refuse = self.lifecycle.refuse
+        self.planes = self.switch.planes  # the same table: run_server reports how many
+        self.next_report = 0.0  # when the debug log gets the counters next
+        self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
+        self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
+        self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
+        self.handshaker: Handshaker | None = None
+        self.wake_r = self.wake_w = -1
+        self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # TLS latency (metrics)
+
+    @property
+    def replicas(self) -> Callable[[], tuple[str, ...]]:
+        return self.lifecycle.replicas
+
+    @replicas.setter
+    def replicas(self, replicas: Callable[[], tuple[str, ...]]) -> None:
+        """Replicas on etcd: their addresses, for the welcome."""
+        self.lifecycle.replicas = replicas
+
+    # -- lifecycle (called from the main thread) ---------------------------------
+
+    def start(self) -> None:
+        """Port, TUNs, NAT, threads; on any failure what was already made is undone."""
+        try:
+            self.tls = self._tls_context()
+            self.listener = self._listen()
+            self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
+            self.handshaker.observe = self.observe_handshake
+            self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.epoll.register(self.wake_r, select.EPOLLIN)
+            if self.config.transport != "tcp":
+                self.switch.udp = self._listen_udp()
+                self.epoll.register(self.switch.udp.fd, select.EPOLLIN)
+            # A killed run's rules, also of networks deleted since or with gateway now off;
+            # without iptables there can be none.
+            with contextlib.suppress(TunError):
+                remove_tagged_rules(lambda _tag: True)
+            if self.config.gateway:
+                self.forwarding.enable()
+                log.info("gateway mode: forwarding and NAT out of this host for the overlays")
+            else:
+                self.forwarding.restore()  # a killed gateway run's, if any
+            for overlay in self.overlays.all():
+                self.switch.attach_plane(Plane(overlay, self.config))
+        except BaseException:
+            self.stop()
+            raise
+        self.worker.start()
+        self.thread.start()
+        self.handshaker.start()
+        log.info(
+            "network service on :%d (TLS 1.3), mtu %d, %d network(s)",
+            self.config.port,
+            self.config.mtu,
+            len(self.planes),
+        )
+
+    def stop(self) -> None:
+        """Undo start(), a partial one too: only what exists is stopped or closed."""
+        if self.handshaker is not None:
+            self.handshaker.stop()
+        self.stopping.set()
+        if self.thread.is_alive():
+            self._wake()
+            self.thread.join(timeout=10.0)
+        if self.worker.is_alive():
+            self.worker.stop()
+        self._close_planes()
+        if self.listener is not None:
+            self.listener.close()
+        if self.switch.udp is not None:
+            self.switch.udp.close()
+        self.epoll.close()
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1
+
+    def _close_planes(self) -> None:
+        self.switch.close_planes()
+        self.forwarding.restore()
+
+    def add_overlay(self, overlay: Overlay) -> None:
+        """A network created at run time: its TUN is made here (errors reach the
+        caller), then the loop starts serving it."""
+        plane = Plane(overlay, self.config)
+        self.call_soon(lambda: self.switch.attach_plane(plane))
+
+    def remove_overlay(self, name: str) -> None:
+        """A deleted network: its nodes are cut off and its TUN removed."""
+        self.call_soon(lambda: self._detach_plane(name))
+
+    def _detach_plane(self, name: str) -> None:
+        plane = self.switch.planes.pop(name, None)
+        if plane is None:
+            return
+        for session in [s for s in self.lifecycle.sessions.values() if s.plane is plane]:
+            self.lifecycle.refuse(session, Refusal("network-deleted", f"network {name} was deleted", retry=False))
+        self.switch.drop_plane(plane)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(self.pki.network.server_cert_path, self.pki.network.server_key_path)
+        context.load_verify_locations(cafile=str(self.pki.network.ca_path))
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def _listen(self) -> socket.socket:
+        try:
+            sock = listen_any(self.config.port)
+        except OSError as e:
+            raise NcError(
+                f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it or change server.port"
+            ) from None
+        sock.setblocking(False)
+        return sock
+
+    def _listen_udp(self) -> DatagramSocket:
+        try:
+            return DatagramSocket(self.config.udp_port)
+        except OSError as e:
+            raise NcError(
+                f"cannot listen on UDP :{self.config.udp_port} ({e.strerror}); stop what uses it, "
+                "change server.udpPort, or set server.transport: tcp"
+            ) from None
+
+    # -- called from other threads ------------------------------------------------
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self.commands.put(fn)
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self.wake_w, b"!")
+
+    def _deliver_handshake(self, tls: ssl.SSLSocket, peer: str) -> None:
+        """From the Handshaker: a stream whose TLS is done joins the loop."""
+        self.call_soon(lambda: self.lifecycle.adopt(tls, peer))
+
+    def disconnect(self, token: str, reason: str) -> None:
+        """End the node's live session (if any), telling it not to come back."""
+        self.call_soon(lambda: self.lifecycle.refuse_token(token, Refusal("unregistered", reason, retry=False)))
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        return self.lifecycle.live()
+
+    def traffic(self) -> collections.Counter[str]:
+        return self.lifecycle.traffic()
+
+    def transports(self) -> dict[str, str]:
+        return self.lifecycle.transports()
+
+    def running(self) -> bool:
+        """The packet loop is alive and turning (health checks ask this): a loop that is
+        stuck, in a bug or in one frame that costs too much, counts as down too."""
+        stalled = time.monotonic() - self.epoll.now >= LOOP_STALL_S
+        return self.thread.is_alive() and not self.stopping.is_set() and not stalled
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        lifecycle, switch = self.lifecycle, self.switch
+        sessions, tun_planes = lifecycle.sessions, switch.tun_planes
+        udp_fd = switch.udp.fd if switch.udp is not None else -1
+        next_tick = time.monotonic() + 1.0
+        try:
+            while not self.stopping.is_set():
+                for fd, events in self.epoll.poll(1.0):
+                    if (session := sessions.get(fd)) is not None:
+                        lifecycle.service(session, events)
+                    elif (plane := tun_planes.get(fd)) is not None:
+                        switch.read_tun(plane)
+                    elif fd == udp_fd:
+                        switch.read_udp()
+                    elif fd == self.wake_r:
+                        self._run_commands()
+                lifecycle.flush_dirty()
+                now = self.epoll.now
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + 1.0
+        finally:  # an exception goes on to the supervisor, which ends the process
+            lifecycle.close_all()
+
+    def _run_commands(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wake_r, 4096):
+                pass
+        while True:
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command()
+            except Exception:  # a bug in one command (one admission, one disconnect) must not end the loop
+                log.exception("network command failed")
+
+    def _tick(self, now: float) -> None:
+        if now >= self.next_report:
+            self.next_report = now + 60.0
+            lifecycle = self.lifecycle
+            log.debug(
+                "%d session(s), %d connected, %d byte(s) queued; counters %s, handshakes %s",
+                len(lifecycle.sessions),
+                len(lifecycle.by_token),
+                lifecycle.send_budget.queued,
+                dict(self.counters),
+                dict(self.handshaker.counters),
+            )
+        self.lifecycle.tick(now)
 
 
 # ============================================================================

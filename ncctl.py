@@ -4368,6 +4368,148 @@ class PeerPath(Protocol):
     def send(self, frames: list[bytes]) -> int: ...
 
 
+class Poller:
+    """epoll that also tells whether the loop had to sleep for its events.
+
+    After a sleep, traffic is sparse: handlers read once and return instead of
+    reading on until EAGAIN (an exception in Python, and time on the latency
+    path). Under load events are ready at once, and handlers read in batches.
+    Whether it slept is read off the clock around the one epoll wait, not asked
+    of the kernel with a second epoll_wait(0). It never spins: on two cores a
+    spinning loop takes the CPU that ping, iperf3 or the peer process needs,
+    which costs far more latency than it saves.
+    """
+
+    SLEPT_S = 50e-6  # a wait this long was a real sleep, not events already queued
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.woke = False
+        self.now = time.monotonic()  # when the last wait returned
+
+    def register(self, fd: int, mask: int) -> None:
+        self.epoll.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.epoll.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+
+    def close(self) -> None:
+        self.epoll.close()
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        before = time.monotonic()
+        events = self.epoll.poll(timeout)
+        self.now = time.monotonic()
+        self.woke = self.now - before > self.SLEPT_S
+        return events
+
+
+class PeerClosed(Exception):
+    pass
+
+
+class RateLimitedLog:
+    """At most one line per key every interval, with a count of what was held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.interval:
+            self.held[key] += 1
+            return
+        held = self.held.pop(key, 0)
+        self.last[key] = now
+        log.info(message + (f" (+{held} similar)" if held else ""), *args)
+
+
+class TunReader:
+    """Reads TUN packets into one reused buffer that leaves room for a frame
+    header in front, so a packet becomes a frame with a single copy and no
+    64 KiB allocation per read."""
+
+    def __init__(self, tun: Tun) -> None:
+        self.fd = tun.fd
+        self.offload = tun.offload  # packets come with a virtio_net_hdr in front
+        self.buf = bytearray(4 + TUN_READ_SIZE)
+        self.view = memoryview(self.buf)
+        self.body = self.view[4:]
+
+    def read(self) -> int:
+        """Length of the next packet (raises BlockingIOError when there is none)."""
+        return os.readv(self.fd, [self.body])
+
+    def packet(self, length: int) -> memoryview:
+        return self.body[:length]
+
+    def frame(self, kind: int, length: int) -> bytes:
+        FRAME_HEADER.pack_into(self.buf, 0, kind << 24 | length)
+        return bytes(self.view[: 4 + length])
+
+    def frames(self, length: int, gso: bool) -> list[bytes]:
+        """The stream frames for the packet just read, for a peer that takes GSO frames
+        (gso) or not: one frame as read, or a super-packet cut into PACKET frames. frame()
+        is inlined: server and client call this for every packet."""
+        if self.offload and not gso:  # a TUN made with offload, a peer that (now) lacks it
+            return plain_frames(self.body[:length])
+        FRAME_HEADER.pack_into(self.buf, 0, (FRAME_GSO_PACKET if self.offload else FRAME_PACKET) << 24 | length)
+        return [bytes(self.view[: 4 + length])]
+
+
+def write_tun_batch(tun: Tun, buffers: list[bytes], failed: Callable[[OSError], None]) -> None:
+    """Checked packets (virtio_net_hdr + packet) to a TUN, as one batch of datagrams brought
+    them: TCP runs coalesced into super-packets where it takes them (GRO), else each packet
+    completed in software. failed(error) hears of each write that failed."""
+    fd = tun.fd
+    packets = coalesce_tcp4(buffers) if tun.offload else [p for b in buffers for p in plain_packets(b)]
+    for packet in packets:
+        try:
+            os.write(fd, packet)
+        except OSError as e:
+            failed(e)
+
+
+# -- the stream ------------------------------------------------------------------------
+# A node's one TLS connection carries its frames when datagrams do not, and always the
+# control frames.
+
+
+class BufferPool:
+    """Receive buffers lent to links only while they hold a partial frame, so a
+    thousand idle sessions do not each pin a quarter megabyte."""
+
+    def __init__(self, spares: int = 16) -> None:
+        self.free: list[FrameBuffer] = []
+        self.spares = spares
+
+    def take(self) -> FrameBuffer:
+        return self.free.pop() if self.free else FrameBuffer()
+
+    def give(self, buffer: FrameBuffer) -> None:
+        if len(self.free) < self.spares:
+            buffer.start = buffer.end = 0
+            self.free.append(buffer)
+
+
+class SendBudget:
+    """The bytes queued across all of a server's sessions (one thread touches it)."""
+
+    def __init__(self, limit: int = TOTAL_SEND_QUEUE_LIMIT, fair_share: int = FAIR_SEND_QUEUE) -> None:
+        self.limit = limit
+        self.fair_share = fair_share
+        self.queued = 0
+
+    def admits(self, link_queued: int) -> bool:
+        """Under the total everyone may queue; over it only peers within their fair share."""
+        return self.queued <= self.limit or link_queued < self.fair_share
+
+
 def listen_any(port: int) -> socket.socket:
     """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
     where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
@@ -4387,6 +4529,129 @@ def listen_any(port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class Link:
+    """One TLS stream of frames: receive buffer, bounded send queue, liveness times."""
+
+    name = "tcp"
+
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        peer: str,
+        buffers: BufferPool | None = None,
+        budget: SendBudget | None = None,
+        counters: collections.Counter[str] | None = None,
+    ) -> None:
+        self.sock = sock
+        # Reads and writes go straight to the C-level TLS object: the ssl.SSLSocket
+        # methods add three Python frames of checks per call, which is measurable
+        # on the latency path. The public socket is the fallback on other Pythons.
+        self.tls: Any = getattr(sock, "_sslobj", None) or sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.buffers = buffers
+        self.rx: FrameBuffer = None if buffers else FrameBuffer()  # type: ignore[assignment]
+        self.out: list[bytes] = []
+        self.queued = 0
+        self.budget = budget
+        self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
+        self.last_rx = self.last_tx = time.monotonic()
+        self.closed = False
+        self.rx_bytes = self.tx_bytes = 0  # TLS payload bytes, framing included
+        self.counters = collections.Counter() if counters is None else counters  # the owner's drop counts
+
+    def send(self, frames: list[bytes]) -> int:
+        """Queue data frames in order; how many were taken. The rest are dropped (and counted)
+        when the peer is this far behind, or when all peers together are and this one holds
+        more than its share. The check is queue's, inline: this runs for every packet."""
+        budget = self.budget
+        for index, frame in enumerate(frames):
+            if self.queued > SEND_QUEUE_LIMIT or (budget is not None and not budget.admits(self.queued)):
+                self.counters["dropped-queue-full"] += 1
+                return index
+            self.out.append(frame)
+            self._count(len(frame))
+        return len(frames)
+
+    def queue(self, frame: bytes) -> bool:
+        """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
+        or when all peers together are and this one holds more than its share."""
+        if self.queued > SEND_QUEUE_LIMIT or (self.budget is not None and not self.budget.admits(self.queued)):
+            return False
+        self.out.append(frame)
+        self._count(len(frame))
+        return True
+
+    def _count(self, delta: int) -> None:
+        self.queued += delta
+        if self.budget is not None:
+            self.budget.queued += delta
+
+    def drop_queue(self) -> None:
+        """Forget the queued frames; a write OpenSSL started must still finish as-is."""
+        self.out.clear()
+        self._count((len(self.pending) if self.pending is not None else 0) - self.queued)
+
+    def flush(self) -> bool:
+        """Write what is queued; False when the socket is full (wait for EPOLLOUT)."""
+        while self.pending is not None or self.out:
+            if self.pending is None:
+                self.pending = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+                self.out.clear()
+            try:
+                self.tls.write(self.pending)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return False
+            self._count(-len(self.pending))
+            self.tx_bytes += len(self.pending)
+            self.pending = None
+            self.last_tx = time.monotonic()
+        return True
+
+    def receive(self, handle_frames: Callable[[Any], None], once: bool = False) -> None:
+        """Read what TLS has (up to the budget), calling handle_frames(self) on each chunk.
+        once: stop after one read unless OpenSSL holds more (epoll will say if the socket does)."""
+        if self.rx is None:
+            self.rx = self.buffers.take()
+        rx, read = self.rx, self.tls.read
+        got = 0
+        try:
+            while got < RECEIVE_BUDGET and not self.closed:
+                space = rx.space()
+                try:
+                    count = read(len(space), space)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    break
+                except ssl.SSLEOFError:  # the TLS object itself does not forgive a bare TCP close
+                    raise PeerClosed("closed the connection") from None
+                if count == 0:
+                    raise PeerClosed("closed the connection")
+                rx.commit(count)
+                got += count
+                handle_frames(self)
+                if once and not self.closed and not self.tls.pending():
+                    break
+        finally:
+            if got:
+                self.last_rx = time.monotonic()
+                self.rx_bytes += got
+            if self.buffers is not None and rx.start == rx.end:
+                self.buffers.give(rx)
+                self.rx = None  # type: ignore[assignment]
+
+    def close(self) -> None:
+        self.closed = True
+        self.out.clear()
+        self.pending = None
+        self._count(-self.queued)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# -- datagrams --------------------------------------------------------------------------
+# The UDP data path: sealed datagrams (section 8) through one socket per side, in batches.
 
 
 def udp_socket(port: int = 0) -> socket.socket:
@@ -4511,6 +4776,7 @@ class DatagramPath:
     datagrams flow both ways; it gives way to the TLS stream when they stop."""
 
     PROBING, UP, DOWN = "probing", "up", "down"
+    name = "udp"
 
     def __init__(self, server: str, port: int, keys: DatagramKeys, mode: str, node_token: str) -> None:
         self.sock = DatagramSocket()
@@ -4531,8 +4797,6 @@ class DatagramPath:
         self.rekey_share = b""
         self.counters: collections.Counter[str] = collections.Counter()
         self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
-
-    name = "udp"
 
     @property
     def carrying(self) -> bool:
@@ -4713,262 +4977,6 @@ class ServerDatagramPath:
             self.counters["dropped-udp-send"] += 1
             self.note("udp-send", "UDP send to node %s failed: %s", self.node_token, e)
         return sent
-
-
-class RateLimitedLog:
-    """At most one line per key every interval, with a count of what was held back."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.held: collections.Counter[str] = collections.Counter()
-
-    def __call__(self, key: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -1e9) < self.interval:
-            self.held[key] += 1
-            return
-        held = self.held.pop(key, 0)
-        self.last[key] = now
-        log.info(message + (f" (+{held} similar)" if held else ""), *args)
-
-
-class Poller:
-    """epoll that also tells whether the loop had to sleep for its events.
-
-    After a sleep, traffic is sparse: handlers read once and return instead of
-    reading on until EAGAIN (an exception in Python, and time on the latency
-    path). Under load events are ready at once, and handlers read in batches.
-    Whether it slept is read off the clock around the one epoll wait, not asked
-    of the kernel with a second epoll_wait(0). It never spins: on two cores a
-    spinning loop takes the CPU that ping, iperf3 or the peer process needs,
-    which costs far more latency than it saves.
-    """
-
-    SLEPT_S = 50e-6  # a wait this long was a real sleep, not events already queued
-
-    def __init__(self) -> None:
-        self.epoll = select.epoll()
-        self.woke = False
-        self.now = time.monotonic()  # when the last wait returned
-
-    def register(self, fd: int, mask: int) -> None:
-        self.epoll.register(fd, mask)
-
-    def modify(self, fd: int, mask: int) -> None:
-        self.epoll.modify(fd, mask)
-
-    def unregister(self, fd: int) -> None:
-        self.epoll.unregister(fd)
-
-    def close(self) -> None:
-        self.epoll.close()
-
-    def poll(self, timeout: float) -> list[tuple[int, int]]:
-        before = time.monotonic()
-        events = self.epoll.poll(timeout)
-        self.now = time.monotonic()
-        self.woke = self.now - before > self.SLEPT_S
-        return events
-
-
-class PeerClosed(Exception):
-    pass
-
-
-class BufferPool:
-    """Receive buffers lent to links only while they hold a partial frame, so a
-    thousand idle sessions do not each pin a quarter megabyte."""
-
-    def __init__(self, spares: int = 16) -> None:
-        self.free: list[FrameBuffer] = []
-        self.spares = spares
-
-    def take(self) -> FrameBuffer:
-        return self.free.pop() if self.free else FrameBuffer()
-
-    def give(self, buffer: FrameBuffer) -> None:
-        if len(self.free) < self.spares:
-            buffer.start = buffer.end = 0
-            self.free.append(buffer)
-
-
-class SendBudget:
-    """The bytes queued across all of a server's sessions (one thread touches it)."""
-
-    def __init__(self, limit: int = TOTAL_SEND_QUEUE_LIMIT, fair_share: int = FAIR_SEND_QUEUE) -> None:
-        self.limit = limit
-        self.fair_share = fair_share
-        self.queued = 0
-
-    def admits(self, link_queued: int) -> bool:
-        """Under the total everyone may queue; over it only peers within their fair share."""
-        return self.queued <= self.limit or link_queued < self.fair_share
-
-
-class Link:
-    """One TLS stream of frames: receive buffer, bounded send queue, liveness times."""
-
-    name = "tcp"
-
-    def __init__(
-        self,
-        sock: ssl.SSLSocket,
-        peer: str,
-        buffers: BufferPool | None = None,
-        budget: SendBudget | None = None,
-        counters: collections.Counter[str] | None = None,
-    ) -> None:
-        self.sock = sock
-        # Reads and writes go straight to the C-level TLS object: the ssl.SSLSocket
-        # methods add three Python frames of checks per call, which is measurable
-        # on the latency path. The public socket is the fallback on other Pythons.
-        self.tls: Any = getattr(sock, "_sslobj", None) or sock
-        self.fd = sock.fileno()
-        self.peer = peer
-        self.buffers = buffers
-        self.rx: FrameBuffer = None if buffers else FrameBuffer()  # type: ignore[assignment]
-        self.out: list[bytes] = []
-        self.queued = 0
-        self.budget = budget
-        self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
-        self.last_rx = self.last_tx = time.monotonic()
-        self.closed = False
-        self.rx_bytes = self.tx_bytes = 0  # TLS payload bytes, framing included
-        self.counters = collections.Counter() if counters is None else counters  # the owner's drop counts
-
-    def send(self, frames: list[bytes]) -> int:
-        """Queue data frames in order; how many were taken. The rest are dropped (and counted)
-        when the peer is this far behind, or when all peers together are and this one holds
-        more than its share. The check is queue's, inline: this runs for every packet."""
-        budget = self.budget
-        for index, frame in enumerate(frames):
-            if self.queued > SEND_QUEUE_LIMIT or (budget is not None and not budget.admits(self.queued)):
-                self.counters["dropped-queue-full"] += 1
-                return index
-            self.out.append(frame)
-            self._count(len(frame))
-        return len(frames)
-
-    def queue(self, frame: bytes) -> bool:
-        """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
-        or when all peers together are and this one holds more than its share."""
-        if self.queued > SEND_QUEUE_LIMIT or (self.budget is not None and not self.budget.admits(self.queued)):
-            return False
-        self.out.append(frame)
-        self._count(len(frame))
-        return True
-
-    def _count(self, delta: int) -> None:
-        self.queued += delta
-        if self.budget is not None:
-            self.budget.queued += delta
-
-    def drop_queue(self) -> None:
-        """Forget the queued frames; a write OpenSSL started must still finish as-is."""
-        self.out.clear()
-        self._count((len(self.pending) if self.pending is not None else 0) - self.queued)
-
-    def flush(self) -> bool:
-        """Write what is queued; False when the socket is full (wait for EPOLLOUT)."""
-        while self.pending is not None or self.out:
-            if self.pending is None:
-                self.pending = self.out[0] if len(self.out) == 1 else b"".join(self.out)
-                self.out.clear()
-            try:
-                self.tls.write(self.pending)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                return False
-            self._count(-len(self.pending))
-            self.tx_bytes += len(self.pending)
-            self.pending = None
-            self.last_tx = time.monotonic()
-        return True
-
-    def receive(self, handle_frames: Callable[[Any], None], once: bool = False) -> None:
-        """Read what TLS has (up to the budget), calling handle_frames(self) on each chunk.
-        once: stop after one read unless OpenSSL holds more (epoll will say if the socket does)."""
-        if self.rx is None:
-            self.rx = self.buffers.take()
-        rx, read = self.rx, self.tls.read
-        got = 0
-        try:
-            while got < RECEIVE_BUDGET and not self.closed:
-                space = rx.space()
-                try:
-                    count = read(len(space), space)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    break
-                except ssl.SSLEOFError:  # the TLS object itself does not forgive a bare TCP close
-                    raise PeerClosed("closed the connection") from None
-                if count == 0:
-                    raise PeerClosed("closed the connection")
-                rx.commit(count)
-                got += count
-                handle_frames(self)
-                if once and not self.closed and not self.tls.pending():
-                    break
-        finally:
-            if got:
-                self.last_rx = time.monotonic()
-                self.rx_bytes += got
-            if self.buffers is not None and rx.start == rx.end:
-                self.buffers.give(rx)
-                self.rx = None  # type: ignore[assignment]
-
-    def close(self) -> None:
-        self.closed = True
-        self.out.clear()
-        self.pending = None
-        self._count(-self.queued)
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
-class TunReader:
-    """Reads TUN packets into one reused buffer that leaves room for a frame
-    header in front, so a packet becomes a frame with a single copy and no
-    64 KiB allocation per read."""
-
-    def __init__(self, tun: Tun) -> None:
-        self.fd = tun.fd
-        self.offload = tun.offload  # packets come with a virtio_net_hdr in front
-        self.buf = bytearray(4 + TUN_READ_SIZE)
-        self.view = memoryview(self.buf)
-        self.body = self.view[4:]
-
-    def read(self) -> int:
-        """Length of the next packet (raises BlockingIOError when there is none)."""
-        return os.readv(self.fd, [self.body])
-
-    def packet(self, length: int) -> memoryview:
-        return self.body[:length]
-
-    def frame(self, kind: int, length: int) -> bytes:
-        FRAME_HEADER.pack_into(self.buf, 0, kind << 24 | length)
-        return bytes(self.view[: 4 + length])
-
-    def frames(self, length: int, gso: bool) -> list[bytes]:
-        """The stream frames for the packet just read, for a peer that takes GSO frames
-        (gso) or not: one frame as read, or a super-packet cut into PACKET frames. frame()
-        is inlined: server and client call this for every packet."""
-        if self.offload and not gso:  # a TUN made with offload, a peer that (now) lacks it
-            return plain_frames(self.body[:length])
-        FRAME_HEADER.pack_into(self.buf, 0, (FRAME_GSO_PACKET if self.offload else FRAME_PACKET) << 24 | length)
-        return [bytes(self.view[: 4 + length])]
-
-
-def write_tun_batch(tun: Tun, buffers: list[bytes], failed: Callable[[OSError], None]) -> None:
-    """Checked packets (virtio_net_hdr + packet) to a TUN, as one batch of datagrams brought
-    them: TCP runs coalesced into super-packets where it takes them (GRO), else each packet
-    completed in software. failed(error) hears of each write that failed."""
-    fd = tun.fd
-    packets = coalesce_tcp4(buffers) if tun.offload else [p for b in buffers for p in plain_packets(b)]
-    for packet in packets:
-        try:
-            os.write(fd, packet)
-        except OSError as e:
-            failed(e)
 
 
 # ============================================================================

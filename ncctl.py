@@ -5903,14 +5903,14 @@ class NetworkServer(Sessions):
 
     @property
     def replicas(self) -> Callable[[], tuple[str, ...]]:
+        """Replicas on etcd: their addresses, for the welcome (the lifecycle sends it)."""
         return self.lifecycle.replicas
 
     @replicas.setter
     def replicas(self, replicas: Callable[[], tuple[str, ...]]) -> None:
-        """Replicas on etcd: their addresses, for the welcome."""
         self.lifecycle.replicas = replicas
 
-    # -- lifecycle (called from the main thread) ---------------------------------
+    # -- start and stop (called from the main thread) ------------------------------
 
     def start(self) -> None:
         """Port, TUNs, NAT, threads; on any failure what was already made is undone."""

@@ -12,13 +12,14 @@ gRPC control plane with bootstrap tokens, and an admin CLI.
 
 The file reads top-down; each section only uses the sections above it:
 
-     1. constants and errors         8. wire protocol
-     2. config                       9. network server
-     3. store (sqlite, etcd)        10. network client
-     4. address pools, networks     11. gRPC services
-     5. pki                         12. server assembly
-     6. control plane (the rules)   13. join and admin commands
-     7. tun and routes              14. logging and main
+     1. constants and errors         9. transport (stream, datagrams)
+     2. config                      10. network server
+     3. store (sqlite, etcd)        11. network client
+     4. address pools, networks     12. gRPC services
+     5. pki                         13. server assembly
+     6. control plane (the rules)   14. join and admin commands
+     7. tun and routes              15. logging and main
+     8. wire protocol
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("nc")
 
@@ -562,6 +563,15 @@ def split_host_port(text: str, where: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{where}: {text!r} is not host:port; write it like {DEFAULT_METRICS_ADDR}, or empty for off")
     return host, int(port)
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def unmapped(ip: str) -> str:
+    """An IPv4 peer of a dual-stack socket as plain IPv4 (::ffff:198.18.0.2 -> 198.18.0.2)."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
 HOST_NAME_RE = re.compile(
@@ -4127,29 +4137,6 @@ def gro_packet(run: list[Any], mss: int) -> bytes:
     return vnet + bytes(ip) + bytes(tcp) + body
 
 
-class TunReader:
-    """Reads TUN packets into one reused buffer that leaves room for a frame
-    header in front, so a packet becomes a frame with a single copy and no
-    64 KiB allocation per read."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = bytearray(4 + TUN_READ_SIZE)
-        self.view = memoryview(self.buf)
-        self.body = self.view[4:]
-
-    def read(self) -> int:
-        """Length of the next packet (raises BlockingIOError when there is none)."""
-        return os.readv(self.fd, [self.body])
-
-    def packet(self, length: int) -> memoryview:
-        return self.body[:length]
-
-    def frame(self, kind: int, length: int) -> bytes:
-        FRAME_HEADER.pack_into(self.buf, 0, kind << 24 | length)
-        return bytes(self.view[: 4 + length])
-
-
 class FrameBuffer:
     """Receive buffer: bytes from TLS go in at the end, whole frames come out."""
 
@@ -4491,10 +4478,11 @@ def coalesce_pieces(frames: list[Any]) -> list[Any]:
 
 
 # ============================================================================
-# 9. Network server
-#    One epoll loop owns the listening socket, the server TUN and every TLS
-#    session; it switches node-to-node packets in userspace. Store work runs
-#    on a worker thread so sqlite never stalls packets.
+# 9. Transport
+#    A secured path to a peer (PeerPath), shared by server and client: the TLS
+#    stream (Link) and the UDP datagram paths, the sockets that move batches,
+#    the poller, receive buffers and send budgets, and the TUN's batch reads
+#    and writes.
 # ============================================================================
 
 SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are dropped
@@ -4502,18 +4490,7 @@ SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are d
 # than their fair share lose packets, so one slow reader never costs the others.
 TOTAL_SEND_QUEUE_LIMIT = 64 * 1024 * 1024
 FAIR_SEND_QUEUE = 256 * 1024
-HANDSHAKE_TIMEOUT_S = 10.0
-# A server gives an unfinished TLS handshake, and then the hello, this long each: a
-# real node needs a few round trips, an idle connection only holds a slot.
-SERVER_HANDSHAKE_DEADLINE_S = 5.0
-MAX_PENDING_HANDSHAKES = 512
-MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
 RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
-# A peer that sends more malformed frames than this within the window is cut off:
-# a real node sends none, so this only ends floods (each bad frame costs a log check).
-BAD_FRAME_LIMIT = 100
-BAD_FRAME_WINDOW_S = 10.0
-LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 UDP_PROBE_S = 2.0  # auto: datagrams must flow both ways this soon after a probe starts, or data stays on TLS
 UDP_SILENT_S = 3.0  # no authenticated datagram for this long: the UDP path is down, data moves to TLS
 UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often; the server answers each
@@ -4534,6 +4511,306 @@ UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, bef
 UDP_DATAGRAMS_PER_TURN = 128
 # Datagrams a session has waiting for the end of the loop turn before they go anyway.
 UDP_SEND_BATCH = 64
+
+
+class PeerPath(Protocol):
+    """A secured path to a peer, as server and client pick one to send on: the TLS stream
+    (Link) or a UDP datagram path (the node's DatagramPath, the server's ServerDatagramPath).
+    It moves batches: send takes a list of frames and returns how many it took; the path
+    counts what it dropped (peer too far behind, socket full) in its owner's counters."""
+
+    name: str  # "tcp" or "udp", as `nc status`, the node list and the metrics say
+    rx_bytes: int  # what came in and went out on this path, framing included
+    tx_bytes: int
+
+    def send(self, frames: list[bytes]) -> int: ...
+
+
+class Poller:
+    """epoll that also tells whether the loop had to sleep for its events.
+
+    After a sleep, traffic is sparse: handlers read once and return instead of
+    reading on until EAGAIN (an exception in Python, and time on the latency
+    path). Under load events are ready at once, and handlers read in batches.
+    Whether it slept is read off the clock around the one epoll wait, not asked
+    of the kernel with a second epoll_wait(0). It never spins: on two cores a
+    spinning loop takes the CPU that ping, iperf3 or the peer process needs,
+    which costs far more latency than it saves.
+    """
+
+    SLEPT_S = 50e-6  # a wait this long was a real sleep, not events already queued
+
+    def __init__(self) -> None:
+        self.epoll = select.epoll()
+        self.woke = False
+        self.now = time.monotonic()  # when the last wait returned
+
+    def register(self, fd: int, mask: int) -> None:
+        self.epoll.register(fd, mask)
+
+    def modify(self, fd: int, mask: int) -> None:
+        self.epoll.modify(fd, mask)
+
+    def unregister(self, fd: int) -> None:
+        self.epoll.unregister(fd)
+
+    def close(self) -> None:
+        self.epoll.close()
+
+    def poll(self, timeout: float) -> list[tuple[int, int]]:
+        before = time.monotonic()
+        events = self.epoll.poll(timeout)
+        self.now = time.monotonic()
+        self.woke = self.now - before > self.SLEPT_S
+        return events
+
+
+class PeerClosed(Exception):
+    pass
+
+
+class RateLimitedLog:
+    """At most one line per key every interval, with a count of what was held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, key: str, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.interval:
+            self.held[key] += 1
+            return
+        held = self.held.pop(key, 0)
+        self.last[key] = now
+        log.info(message + (f" (+{held} similar)" if held else ""), *args)
+
+
+class TunReader:
+    """Reads TUN packets into one reused buffer that leaves room for a frame
+    header in front, so a packet becomes a frame with a single copy and no
+    64 KiB allocation per read."""
+
+    def __init__(self, tun: Tun) -> None:
+        self.fd = tun.fd
+        self.offload = tun.offload  # packets come with a virtio_net_hdr in front
+        self.buf = bytearray(4 + TUN_READ_SIZE)
+        self.view = memoryview(self.buf)
+        self.body = self.view[4:]
+
+    def read(self) -> int:
+        """Length of the next packet (raises BlockingIOError when there is none)."""
+        return os.readv(self.fd, [self.body])
+
+    def packet(self, length: int) -> memoryview:
+        return self.body[:length]
+
+    def frame(self, kind: int, length: int) -> bytes:
+        FRAME_HEADER.pack_into(self.buf, 0, kind << 24 | length)
+        return bytes(self.view[: 4 + length])
+
+    def frames(self, length: int, gso: bool) -> list[bytes]:
+        """The stream frames for the packet just read, for a peer that takes GSO frames
+        (gso) or not: one frame as read, or a super-packet cut into PACKET frames. frame()
+        is inlined: server and client call this for every packet."""
+        if self.offload and not gso:  # a TUN made with offload, a peer that (now) lacks it
+            return plain_frames(self.body[:length])
+        FRAME_HEADER.pack_into(self.buf, 0, (FRAME_GSO_PACKET if self.offload else FRAME_PACKET) << 24 | length)
+        return [bytes(self.view[: 4 + length])]
+
+
+def write_tun_batch(tun: Tun, buffers: list[bytes], failed: Callable[[OSError], None]) -> None:
+    """Checked packets (virtio_net_hdr + packet) to a TUN, as one batch of datagrams brought
+    them: TCP runs coalesced into super-packets where it takes them (GRO), else each packet
+    completed in software. failed(error) hears of each write that failed."""
+    fd = tun.fd
+    packets = coalesce_tcp4(buffers) if tun.offload else [p for b in buffers for p in plain_packets(b)]
+    for packet in packets:
+        try:
+            os.write(fd, packet)
+        except OSError as e:
+            failed(e)
+
+
+# -- the stream ------------------------------------------------------------------------
+# A node's one TLS connection carries its frames when datagrams do not, and always the
+# control frames.
+
+
+class BufferPool:
+    """Receive buffers lent to links only while they hold a partial frame, so a
+    thousand idle sessions do not each pin a quarter megabyte."""
+
+    def __init__(self, spares: int = 16) -> None:
+        self.free: list[FrameBuffer] = []
+        self.spares = spares
+
+    def take(self) -> FrameBuffer:
+        return self.free.pop() if self.free else FrameBuffer()
+
+    def give(self, buffer: FrameBuffer) -> None:
+        if len(self.free) < self.spares:
+            buffer.start = buffer.end = 0
+            self.free.append(buffer)
+
+
+class SendBudget:
+    """The bytes queued across all of a server's sessions (one thread touches it)."""
+
+    def __init__(self, limit: int = TOTAL_SEND_QUEUE_LIMIT, fair_share: int = FAIR_SEND_QUEUE) -> None:
+        self.limit = limit
+        self.fair_share = fair_share
+        self.queued = 0
+
+    def admits(self, link_queued: int) -> bool:
+        """Under the total everyone may queue; over it only peers within their fair share."""
+        return self.queued <= self.limit or link_queued < self.fair_share
+
+
+def listen_any(port: int) -> socket.socket:
+    """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
+    where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # IPv6 disabled at boot
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", port))
+        else:
+            sock.bind(("0.0.0.0", port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Link:
+    """One TLS stream of frames: receive buffer, bounded send queue, liveness times."""
+
+    name = "tcp"
+
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        peer: str,
+        buffers: BufferPool | None = None,
+        budget: SendBudget | None = None,
+        counters: collections.Counter[str] | None = None,
+    ) -> None:
+        self.sock = sock
+        # Reads and writes go straight to the C-level TLS object: the ssl.SSLSocket
+        # methods add three Python frames of checks per call, which is measurable
+        # on the latency path. The public socket is the fallback on other Pythons.
+        self.tls: Any = getattr(sock, "_sslobj", None) or sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.buffers = buffers
+        self.rx: FrameBuffer = None if buffers else FrameBuffer()  # type: ignore[assignment]
+        self.out: list[bytes] = []
+        self.queued = 0
+        self.budget = budget
+        self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
+        self.last_rx = self.last_tx = time.monotonic()
+        self.closed = False
+        self.rx_bytes = self.tx_bytes = 0  # TLS payload bytes, framing included
+        self.counters = collections.Counter() if counters is None else counters  # the owner's drop counts
+
+    def send(self, frames: list[bytes]) -> int:
+        """Queue data frames in order; how many were taken. The rest are dropped (and counted)
+        when the peer is this far behind, or when all peers together are and this one holds
+        more than its share. The check is queue's, inline: this runs for every packet."""
+        taken = 0  # counted, not enumerate()d: that costs a third more per packet here
+        for frame in frames:
+            if self.queued > SEND_QUEUE_LIMIT or (self.budget is not None and not self.budget.admits(self.queued)):
+                self.counters["dropped-queue-full"] += 1
+                return taken
+            self.out.append(frame)
+            self._count(len(frame))
+            taken += 1
+        return taken
+
+    def queue(self, frame: bytes) -> bool:
+        """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
+        or when all peers together are and this one holds more than its share."""
+        if self.queued > SEND_QUEUE_LIMIT or (self.budget is not None and not self.budget.admits(self.queued)):
+            return False
+        self.out.append(frame)
+        self._count(len(frame))
+        return True
+
+    def _count(self, delta: int) -> None:
+        self.queued += delta
+        if self.budget is not None:
+            self.budget.queued += delta
+
+    def drop_queue(self) -> None:
+        """Forget the queued frames; a write OpenSSL started must still finish as-is."""
+        self.out.clear()
+        self._count((len(self.pending) if self.pending is not None else 0) - self.queued)
+
+    def flush(self) -> bool:
+        """Write what is queued; False when the socket is full (wait for EPOLLOUT)."""
+        while self.pending is not None or self.out:
+            if self.pending is None:
+                self.pending = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+                self.out.clear()
+            try:
+                self.tls.write(self.pending)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return False
+            self._count(-len(self.pending))
+            self.tx_bytes += len(self.pending)
+            self.pending = None
+            self.last_tx = time.monotonic()
+        return True
+
+    def receive(self, handle_frames: Callable[[Any], None], once: bool = False) -> None:
+        """Read what TLS has (up to the budget), calling handle_frames(self) on each chunk.
+        once: stop after one read unless OpenSSL holds more (epoll will say if the socket does)."""
+        if self.rx is None:
+            self.rx = self.buffers.take()
+        rx, read = self.rx, self.tls.read
+        got = 0
+        try:
+            while got < RECEIVE_BUDGET and not self.closed:
+                space = rx.space()
+                try:
+                    count = read(len(space), space)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    break
+                except ssl.SSLEOFError:  # the TLS object itself does not forgive a bare TCP close
+                    raise PeerClosed("closed the connection") from None
+                if count == 0:
+                    raise PeerClosed("closed the connection")
+                rx.commit(count)
+                got += count
+                handle_frames(self)
+                if once and not self.closed and not self.tls.pending():
+                    break
+        finally:
+            if got:
+                self.last_rx = time.monotonic()
+                self.rx_bytes += got
+            if self.buffers is not None and rx.start == rx.end:
+                self.buffers.give(rx)
+                self.rx = None  # type: ignore[assignment]
+
+    def close(self) -> None:
+        self.closed = True
+        self.out.clear()
+        self.pending = None
+        self._count(-self.queued)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# -- datagrams --------------------------------------------------------------------------
+# The UDP data path: sealed datagrams (section 8) through one socket per side, in batches.
 
 
 def udp_socket(port: int = 0) -> socket.socket:
@@ -4700,6 +4977,7 @@ class DatagramPath:
     datagrams flow both ways; it gives way to the TLS stream when they stop."""
 
     PROBING, UP, DOWN = "probing", "up", "down"
+    name = "udp"
 
     def __init__(self, server: str, port: int, keys: DatagramKeys, mode: str, node_token: str) -> None:
         self.sock = DatagramSocket()
@@ -4729,21 +5007,22 @@ class DatagramPath:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, frames: list[bytes]) -> None:
+    def send(self, frames: list[bytes]) -> int:
         """Seal each frame and send the batch; what the full socket does not take waits in
         a short backlog (the caller stops reading the TUN until it drains), past which it
-        is dropped and counted."""
+        is dropped and counted. Returns how many frames were sent or held."""
         try:
             sealed = self.keys.seal(frames)
         except BadDatagram:
             self.counters["dropped-udp-send"] += 1
-            return
+            return 0
         if self.backlog:
             room = UDP_BACKLOG - len(self.backlog)
             self.backlog.extend(sealed[:room])
             self.counters["dropped-udp-full"] += max(0, len(sealed) - room)
-            return
+            return min(room, len(sealed))
         self._send(sealed)
+        return len(sealed)
 
     def _send(self, sealed: list[bytes]) -> None:
         try:
@@ -4844,175 +5123,89 @@ class DatagramPath:
         self.retired_at = now + UDP_OLD_KEYS_S
 
 
-class Poller:
-    """epoll that also tells whether the loop had to sleep for its events.
+class ServerDatagramPath:
+    """The server's side of one node's UDP data path, sending through the server's one
+    socket: the node's keys by session id (a rekey adds one), the keys that seal, the
+    address of the latest authenticated datagram (the only one ever sent to), and
+    whether the node asked for data as datagrams."""
 
-    After a sleep, traffic is sparse: handlers read once and return instead of
-    reading on until EAGAIN (an exception in Python, and time on the latency
-    path). Under load events are ready at once, and handlers read in batches.
-    Whether it slept is read off the clock around the one epoll wait, not asked
-    of the kernel with a second epoll_wait(0). It never spins: on two cores a
-    spinning loop takes the CPU that ping, iperf3 or the peer process needs,
-    which costs far more latency than it saves.
-    """
-
-    SLEPT_S = 50e-6  # a wait this long was a real sleep, not events already queued
-
-    def __init__(self) -> None:
-        self.epoll = select.epoll()
-        self.woke = False
-        self.now = time.monotonic()  # when the last wait returned
-
-    def register(self, fd: int, mask: int) -> None:
-        self.epoll.register(fd, mask)
-
-    def modify(self, fd: int, mask: int) -> None:
-        self.epoll.modify(fd, mask)
-
-    def unregister(self, fd: int) -> None:
-        self.epoll.unregister(fd)
-
-    def close(self) -> None:
-        self.epoll.close()
-
-    def poll(self, timeout: float) -> list[tuple[int, int]]:
-        before = time.monotonic()
-        events = self.epoll.poll(timeout)
-        self.now = time.monotonic()
-        self.woke = self.now - before > self.SLEPT_S
-        return events
-
-
-class PeerClosed(Exception):
-    pass
-
-
-class BufferPool:
-    """Receive buffers lent to links only while they hold a partial frame, so a
-    thousand idle sessions do not each pin a quarter megabyte."""
-
-    def __init__(self, spares: int = 16) -> None:
-        self.free: list[FrameBuffer] = []
-        self.spares = spares
-
-    def take(self) -> FrameBuffer:
-        return self.free.pop() if self.free else FrameBuffer()
-
-    def give(self, buffer: FrameBuffer) -> None:
-        if len(self.free) < self.spares:
-            buffer.start = buffer.end = 0
-            self.free.append(buffer)
-
-
-class SendBudget:
-    """The bytes queued across all of a server's sessions (one thread touches it)."""
-
-    def __init__(self, limit: int = TOTAL_SEND_QUEUE_LIMIT, fair_share: int = FAIR_SEND_QUEUE) -> None:
-        self.limit = limit
-        self.fair_share = fair_share
-        self.queued = 0
-
-    def admits(self, link_queued: int) -> bool:
-        """Under the total everyone may queue; over it only peers within their fair share."""
-        return self.queued <= self.limit or link_queued < self.fair_share
-
-
-class Link:
-    """One TLS stream of frames: receive buffer, bounded send queue, liveness times."""
+    name = "udp"
 
     def __init__(
-        self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool | None = None, budget: SendBudget | None = None
+        self,
+        sock: DatagramSocket,
+        keys: DatagramKeys,
+        share: bytes,
+        mtu: int,
+        gso: bool,
+        node_token: str,
+        counters: collections.Counter[str],
+        note: RateLimitedLog,
     ) -> None:
         self.sock = sock
-        # Reads and writes go straight to the C-level TLS object: the ssl.SSLSocket
-        # methods add three Python frames of checks per call, which is measurable
-        # on the latency path. The public socket is the fallback on other Pythons.
-        self.tls: Any = getattr(sock, "_sslobj", None) or sock
-        self.fd = sock.fileno()
-        self.peer = peer
-        self.buffers = buffers
-        self.rx: FrameBuffer = None if buffers else FrameBuffer()  # type: ignore[assignment]
-        self.out: list[bytes] = []
-        self.queued = 0
-        self.budget = budget
-        self.pending: bytes | None = None  # a write OpenSSL started; retried as-is
-        self.last_rx = self.last_tx = time.monotonic()
-        self.closed = False
-        self.rx_bytes = self.tx_bytes = 0  # TLS payload bytes, framing included
+        self.sealer = keys
+        self.openers: dict[int, DatagramKeys] = {keys.session_id: keys}
+        self.offer = (share, keys.session_id)  # the welcome's share and session id
+        self.addr: Any = None
+        self.local: tuple | None = None  # the cmsg that answers from the address the node sent to
+        self.last_rx = 0.0
+        self.wanted = False
+        self.mtu = mtu
+        self.gso = gso  # the node takes FRAME_GSO_PACKET: TCP segments leave with partial checksums
+        self.node_token = node_token
+        self.counters = counters
+        self.note = note
+        self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
 
-    def queue(self, frame: bytes) -> bool:
-        """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
-        or when all peers together are and this one holds more than its share."""
-        if self.queued > SEND_QUEUE_LIMIT or (self.budget is not None and not self.budget.admits(self.queued)):
-            return False
-        self.out.append(frame)
-        self._count(len(frame))
-        return True
+    def carrying(self, now: float) -> bool:
+        """Data for this node goes out as datagrams: it asked, and its datagrams keep coming."""
+        return self.wanted and now - self.last_rx < UDP_SILENT_S
 
-    def _count(self, delta: int) -> None:
-        self.queued += delta
-        if self.budget is not None:
-            self.budget.queued += delta
-
-    def drop_queue(self) -> None:
-        """Forget the queued frames; a write OpenSSL started must still finish as-is."""
-        self.out.clear()
-        self._count((len(self.pending) if self.pending is not None else 0) - self.queued)
-
-    def flush(self) -> bool:
-        """Write what is queued; False when the socket is full (wait for EPOLLOUT)."""
-        while self.pending is not None or self.out:
-            if self.pending is None:
-                self.pending = self.out[0] if len(self.out) == 1 else b"".join(self.out)
-                self.out.clear()
-            try:
-                self.tls.write(self.pending)
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                return False
-            self._count(-len(self.pending))
-            self.tx_bytes += len(self.pending)
-            self.pending = None
-            self.last_tx = time.monotonic()
-        return True
-
-    def receive(self, handle_frames: Callable[[Any], None], once: bool = False) -> None:
-        """Read what TLS has (up to the budget), calling handle_frames(self) on each chunk.
-        once: stop after one read unless OpenSSL holds more (epoll will say if the socket does)."""
-        if self.rx is None:
-            self.rx = self.buffers.take()
-        rx, read = self.rx, self.tls.read
-        got = 0
+    def send(self, frames: list[bytes]) -> int:
+        """Seal each frame (a 64 KiB GSO frame cut into MTU-sized pieces first) and send them
+        together to the latest authenticated address, from the local address it sent to.
+        A full socket drops the rest. Returns how many frames were handed to the socket."""
+        keys, address, sock = self.sealer, self.addr, self.sock
+        if address is None:
+            return 0
+        pieces: list[bytes] = []
+        for frame in frames:
+            if frame[0] == FRAME_GSO_PACKET:  # each burst named by the counter its first piece will get
+                pieces += datagram_frames(memoryview(frame)[4:], self.mtu, self.gso, keys.sent + len(pieces))
+            else:
+                pieces.append(frame)
         try:
-            while got < RECEIVE_BUDGET and not self.closed:
-                space = rx.space()
-                try:
-                    count = read(len(space), space)
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-                    break
-                except ssl.SSLEOFError:  # the TLS object itself does not forgive a bare TCP close
-                    raise PeerClosed("closed the connection") from None
-                if count == 0:
-                    raise PeerClosed("closed the connection")
-                rx.commit(count)
-                got += count
-                handle_frames(self)
-                if once and not self.closed and not self.tls.pending():
-                    break
-        finally:
-            if got:
-                self.last_rx = time.monotonic()
-                self.rx_bytes += got
-            if self.buffers is not None and rx.start == rx.end:
-                self.buffers.give(rx)
-                self.rx = None  # type: ignore[assignment]
+            sealed = keys.seal(pieces)
+            sent = sock.send(sealed, address, self.local)
+        except (OSError, BadDatagram) as e:
+            self.counters["dropped-udp-send"] += 1
+            self.note("udp-send", "UDP send to node %s failed: %s", self.node_token, e)
+            return 0
+        self.tx_bytes += sum(map(len, sealed[:sent]))
+        if sent < len(sealed):
+            self.counters["dropped-udp-full"] += 1
+            return 0
+        return len(frames)
 
-    def close(self) -> None:
-        self.closed = True
-        self.out.clear()
-        self.pending = None
-        self._count(-self.queued)
-        with contextlib.suppress(OSError):
-            self.sock.close()
+
+# ============================================================================
+# 10. Network server
+#    One epoll loop (NetworkServer) owns the sockets, the server's TUNs and
+#    every session; SessionLifecycle takes a session from handshake to close,
+#    Switch moves node-to-node packets in userspace. Store work runs on a
+#    worker thread so sqlite never stalls packets.
+# ============================================================================
+
+# A server gives an unfinished TLS handshake, and then the hello, this long each: a
+# real node needs a few round trips, an idle connection only holds a slot.
+SERVER_HANDSHAKE_DEADLINE_S = 5.0
+MAX_PENDING_HANDSHAKES = 512
+MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
+# A peer that sends more malformed frames than this within the window is cut off:
+# a real node sends none, so this only ends floods (each bad frame costs a log check).
+BAD_FRAME_LIMIT = 100
+BAD_FRAME_WINDOW_S = 10.0
+LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 
 
 class Phase:
@@ -5027,8 +5220,15 @@ class Phase:
 class ServerSession(Link):
     """A node's stream once TLS is done (the Handshaker did that part): hello, then packets."""
 
-    def __init__(self, sock: ssl.SSLSocket, peer: str, buffers: BufferPool, budget: SendBudget) -> None:
-        super().__init__(sock, peer, buffers, budget)
+    def __init__(
+        self,
+        sock: ssl.SSLSocket,
+        peer: str,
+        buffers: BufferPool,
+        budget: SendBudget,
+        counters: collections.Counter[str],
+    ) -> None:
+        super().__init__(sock, peer, buffers, budget, counters)
         self.phase = Phase.HELLO
         self.deadline = time.monotonic() + SERVER_HANDSHAKE_DEADLINE_S
         self.cert = peer_cert(sock.getpeercert(binary_form=True) or b"")  # who the node's certificate names
@@ -5045,25 +5245,17 @@ class ServerSession(Link):
         self.rx_packets = self.tx_packets = 0  # data frames from and to the node
         self.host_name = self.version = ""  # what the node's hello said
         self.since = time.time()
-        # The UDP data path (capability "udp"): keys by session id (a rekey adds one), the
-        # keys that seal, the address of the latest authenticated datagram (the only one
-        # ever sent to), and whether the node asked for data as datagrams.
-        self.udp_openers: dict[int, DatagramKeys] = {}
-        self.udp_sealer: DatagramKeys | None = None
-        self.udp_addr: Any = None
-        self.udp_local: tuple | None = None  # the cmsg that answers from the address the node sent to
-        self.udp_last_rx = 0.0
-        self.udp_wanted = False
-        self.udp_offer: tuple[bytes, int] = (b"", 0)  # the welcome's share and session id
+        self.udp: ServerDatagramPath | None = None  # the UDP data path, when the hello agreed on "udp"
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
 
 
 def session_traffic(session: ServerSession) -> dict[str, int]:
+    paths: list[PeerPath] = [session] if session.udp is None else [session, session.udp]
     return {
-        "rx_bytes": session.rx_bytes,
-        "tx_bytes": session.tx_bytes,
+        "rx_bytes": sum(path.rx_bytes for path in paths),
+        "tx_bytes": sum(path.tx_bytes for path in paths),
         "rx_packets": session.rx_packets,
         "tx_packets": session.tx_packets,
     }
@@ -5240,24 +5432,6 @@ class StoreWorker(threading.Thread):
                 self.deliver(lambda d=done, r=result, e=error: d(r, e))
 
 
-class RateLimitedLog:
-    """At most one line per key every interval, with a count of what was held back."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self.last: dict[str, float] = {}
-        self.held: collections.Counter[str] = collections.Counter()
-
-    def __call__(self, key: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self.last.get(key, -1e9) < self.interval:
-            self.held[key] += 1
-            return
-        held = self.held.pop(key, 0)
-        self.last[key] = now
-        log.info(message + (f" (+{held} similar)" if held else ""), *args)
-
-
 class Plane:
     """The data plane of one overlay network: its TUN device (holding the
     server's address there) and which session owns which address."""
@@ -5270,7 +5444,7 @@ class Plane:
         self.last = int(overlay.network.broadcast_address)
         self.by_ip: dict[int, ServerSession] = {}
         self.tun = Tun(overlay.tun_name, offload=config.offload)
-        self.reader = TunReader(self.tun.fd)
+        self.reader = TunReader(self.tun)
         self.nat: GatewayNat | None = None
         try:
             self.tun.configure(ipaddress.IPv4Interface(f"{overlay.server_ip}/{overlay.network.prefixlen}"), config.mtu)
@@ -5302,46 +5476,704 @@ class Arrivals:
     size: int = 0
 
 
-class NetworkServer(Sessions):
-    """The data plane of `nc server`: one loop for every overlay network."""
+class Switch:
+    """Where packets go, on the server's loop: the planes (a TUN per overlay network, and
+    which session holds which address there) and the UDP socket (and which session each
+    datagram session id belongs to). Packets come from nodes (over TLS, handed over by
+    the session lifecycle, or as datagrams) and from this host's kernel; they leave to a
+    TUN or on another node's path."""
 
-    def __init__(self, config: ServerConfig, control: ControlPlane) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        epoll: Poller,
+        dirty: set[ServerSession],
+        counters: collections.Counter[str],
+        note: RateLimitedLog,
+    ) -> None:
         self.config = config
-        self.control = control
-        self.store = control.store
-        self.overlays = control.overlays
-        self.pki = control.pki
-        self.keepalive = config.keepalive
+        self.epoll = epoll
+        self.dirty = dirty  # sessions with frames queued: flushed once per loop turn
+        self.counters = counters
+        self.note = note
         self.planes: dict[str, Plane] = {}
         self.tun_planes: dict[int, Plane] = {}
-        self.sessions: dict[int, ServerSession] = {}
-        self.by_token: dict[str, ServerSession] = {}
-        self.dirty: set[ServerSession] = set()
-        self.udp_out: dict[ServerSession, list[bytes]] = {}  # frames for nodes on UDP, sent at the end of the turn
-        self.unauthenticated: set[ServerSession] = set()  # the hello is still to come
-        self.send_budget = SendBudget()
-        self.next_report = 0.0  # when the debug log gets the counters next
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.note = RateLimitedLog()
-        self.buffers = BufferPool()
-        self.worker = StoreWorker(self.call_soon)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
-        self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
-        self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
         self.udp: DatagramSocket | None = None  # the UDP data path's socket, unless transport is tcp
         self.udp_sessions: dict[int, ServerSession] = {}  # by datagram session id
         self.tun_batches: dict[Plane, list[bytes]] | None = None  # while a datagram batch is read: TUN writes held
-        self.handshaker: Handshaker | None = None
-        self.epoll: Poller | None = None
-        self.wake_r = self.wake_w = -1
+        self.udp_out: dict[ServerSession, list[bytes]] = {}  # frames for nodes on UDP, sent at the end of the turn
+        # The lifecycle's: a node whose datagrams break the rules is refused like one whose frames do.
+        self.refuse: Callable[[ServerSession, Refusal], None] = lambda _session, _refusal: None
+
+    def attach_plane(self, plane: Plane) -> None:
+        self.planes[plane.name] = plane
+        self.tun_planes[plane.tun.fd] = plane
+        self.epoll.register(plane.tun.fd, select.EPOLLIN)
+
+    def route_from_node(self, session: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
+        """One packet from a node: to the server's kernel, to another node, or dropped.
+        A GSO frame's virtio_net_hdr is replaced in the receive buffer by the one
+        gso_header rebuilt, so whatever goes on (to a TUN, a peer, or the segmenter)
+        carries only checked fields; raises BadFrame for a malformed frame."""
+        if kind == FRAME_GSO_PACKET:
+            view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.config.mtu)
+            src, dst = check_packet(view[start + VNET_HDR_LEN : end], MAX_PAYLOAD)  # gso_header bounded its size
+        else:
+            src, dst = check_packet(view[start:end], self.config.mtu)
+        plane = session.plane
+        if src != session.ip:
+            self.counters["dropped-spoofed"] += 1
+            self.note(
+                "spoof:" + session.node_token,
+                "node %s sent a packet with a forged source address; dropped",
+                session.node_token,
+            )
+            return
+        if dst == plane.server_ip:
+            self._write_tun(plane, view, kind, start, end)
+            return
+        peer = plane.by_ip.get(dst)
+        if peer is not None:
+            if plane.overlay.interconnection:
+                self._forward(peer, view, kind, start, end)
+            else:
+                self.counters["dropped-interconnection"] += 1
+        elif self.config.gateway and not any(p.contains(dst) for p in self.planes.values()):
+            self._write_tun(plane, view, kind, start, end)  # to the world; never into another overlay
+        else:
+            self.counters["dropped-no-route"] += 1
+
+    def bad_frame(self, session: ServerSession, error: BadFrame) -> None:
+        """Drop and count a malformed frame; end the session of a peer that keeps sending them."""
+        self.counters["dropped-" + error.reason] += 1
+        now = time.monotonic()
+        if now - session.bad_since > BAD_FRAME_WINDOW_S:
+            session.bad_since, session.bad_frames = now, 0
+        session.bad_frames += 1
+        if session.bad_frames > BAD_FRAME_LIMIT:
+            raise ProtocolError(
+                f"over {BAD_FRAME_LIMIT} malformed frames in {BAD_FRAME_WINDOW_S:.0f} s (last: {error})"
+            )
+        self.note(
+            "bad-frame:" + session.node_token, "node %s sent a malformed frame (%s); dropped", session.node_token, error
+        )
+
+    def _forward(self, peer: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
+        """Queue a node's frame for another node, as-is when the peer can take it."""
+        as_is = kind == FRAME_PACKET or peer.gso
+        self._queue_frames(peer, [bytes(view[start - 4 : end])] if as_is else plain_frames(view[start:end]))
+
+    def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
+        udp = peer.udp
+        if udp is not None and udp.carrying(self.epoll.now):
+            peer.tx_packets += len(frames)  # as handed to the socket: a datagram lost later is not known
+            self._queue_datagrams(peer, frames)
+            return
+        peer.tx_packets += peer.send(frames)
+        self.dirty.add(peer)
+
+    def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
+        """Hand a node's packet to this host's kernel (the server's own IP, or the gateway)."""
+        tun = plane.tun
+        if self.tun_batches is not None and tun.offload:
+            buffer = ZERO_VNET_HDR + bytes(view[start:end]) if kind == FRAME_PACKET else bytes(view[start:end])
+            self.tun_batches.setdefault(plane, []).append(buffer)
+            return
+        try:
+            if not tun.offload:
+                for packet in plain_packets(view[start:end]) if kind == FRAME_GSO_PACKET else [view[start:end]]:
+                    os.write(tun.fd, packet)
+            elif kind == FRAME_GSO_PACKET:
+                os.write(tun.fd, view[start:end])
+            else:
+                os.writev(tun.fd, [ZERO_VNET_HDR, view[start:end]])
+        except OSError as e:
+            self._tun_write_failed(e)
+
+    def _tun_write_failed(self, error: OSError) -> None:
+        self.counters["dropped-tun-write"] += 1
+        self.note("tun-write", "TUN write failed: %s", error.strerror)
+
+    def read_tun(self, plane: Plane) -> None:
+        """Packets from this host's kernel to the nodes of one overlay."""
+        offset = VNET_HDR_LEN if plane.tun.offload else 0
+        reader = plane.reader
+        for _ in range(1 if self.epoll.woke else 256):
+            try:
+                length = reader.read()
+            except (BlockingIOError, InterruptedError):
+                return
+            packet = reader.packet(length)
+            endpoints = ipv4_endpoints(packet[offset:])
+            peer = plane.by_ip.get(endpoints[1]) if endpoints else None
+            if peer is None:
+                self.counters["dropped-no-route"] += 1
+            else:
+                self._queue_frames(peer, reader.frames(length, peer.gso))
+
+    # -- the UDP data path: datagrams in; out through each node's ServerDatagramPath ----------
+
+    def new_udp_session_id(self) -> int:
+        while True:
+            session_id = secrets.randbits(32)
+            if session_id and session_id not in self.udp_sessions:
+                return session_id
+
+    def read_udp(self) -> None:
+        assert self.udp is not None
+        self.tun_batches = {}
+        arrivals: dict[ServerSession, Arrivals] = {}
+        try:
+            for datagrams, address, local in self.udp.receive(1 if self.epoll.woke else UDP_DATAGRAMS_PER_TURN):
+                self._open_datagrams(datagrams, (address, local), arrivals)
+            for session, arrived in arrivals.items():
+                self._on_session_datagrams(session, arrived)
+        finally:
+            batches, self.tun_batches = self.tun_batches, None
+            for plane, packets in batches.items():
+                write_tun_batch(plane.tun, packets, self._tun_write_failed)
+
+    def _queue_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
+        """Frames for a node on UDP leave at the end of the loop turn, together: the acks
+        of a bulk flow from the TUN go out in one send instead of one each."""
+        pending = self.udp_out.setdefault(session, [])
+        pending += frames
+        if len(pending) >= UDP_SEND_BATCH:
+            self._send_datagrams(session, self.udp_out.pop(session))
+
+    def flush_datagrams(self) -> None:
+        while self.udp_out:
+            self._send_datagrams(*self.udp_out.popitem())
+
+    @staticmethod
+    def _send_datagrams(session: ServerSession, frames: list[bytes]) -> None:
+        if session.udp is not None and not session.detached:
+            session.udp.send(frames)
+
+    def _drop_datagram(self, reason: str, address: Any) -> None:
+        self.counters["udp-" + reason] += 1
+        self.note(
+            "udp:" + reason,
+            "UDP datagram from %s dropped (%s); %d so far",
+            unmapped(str(address[0])),
+            reason,
+            self.counters["udp-" + reason],
+        )
+
+    def _open_datagrams(
+        self, datagrams: list[memoryview], path: tuple[Any, Any], arrivals: dict[ServerSession, Arrivals]
+    ) -> None:
+        """One read's datagrams, from one (node address, local address): each costs one
+        lookup and at most one tag check; what authenticates joins its session's arrivals."""
+        keys: DatagramKeys | None = None
+        arrived: Arrivals | None = None
+        for datagram in datagrams:
+            header = datagram_header(datagram)
+            if header is None:
+                self._drop_datagram("malformed", path[0])
+                continue
+            if keys is None or header[0] != keys.session_id:
+                session = self.udp_sessions.get(header[0])
+                if session is None or session.udp is None:
+                    keys = None
+                    self._drop_datagram("unknown-session", path[0])
+                    continue
+                keys = session.udp.openers[header[0]]
+                arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys, path))
+                arrived.keys, arrived.path = keys, path
+            try:
+                arrived.frames.append(keys.open(datagram, header[1]))  # type: ignore[union-attr]
+            except BadDatagram as e:
+                self._drop_datagram(e.reason, path[0])
+                continue
+            arrived.size += len(datagram)  # type: ignore[union-attr]
+
+    def _on_session_datagrams(self, session: ServerSession, arrived: Arrivals) -> None:
+        """A session's authenticated frames of one turn: only they move its path (to the
+        latest datagram's node and local address) or reach the switch, a burst's TCP
+        pieces joined into one super-packet first."""
+        udp = session.udp
+        if not arrived.frames or udp is None:
+            return
+        if arrived.keys is not udp.sealer:  # the node uses a rekey's keys: the old ones retire
+            self._retire_udp_keys(udp, arrived.keys)
+        address, frames = arrived.path[0], arrived.frames
+        if address != udp.addr:
+            if udp.addr is not None:
+                log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
+            udp.addr = address
+        udp.local = arrived.path[1]
+        udp.last_rx = session.last_rx = self.epoll.now
+        udp.rx_bytes += arrived.size
+        session.rx_packets += len(frames)  # less the keepalives, below
+        for frame in coalesce_pieces(frames):
+            if session.detached:
+                return  # refused for a frame before this one
+            kind = frame[0]
+            if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+                try:  # writable: a GSO frame's header is rebuilt in place
+                    view = memoryview(frame if isinstance(frame, bytearray) else bytearray(frame))
+                    self.route_from_node(session, view, kind, 4, len(frame))
+                except BadFrame as e:
+                    try:
+                        self.bad_frame(session, e)
+                    except ProtocolError as error:
+                        self.refuse(session, Refusal("protocol", str(error), retry=False))
+            elif kind == FRAME_KEEPALIVE:
+                session.rx_packets -= 1
+                self._queue_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
+            else:
+                self._drop_datagram("not-a-packet", address)
+
+    def _retire_udp_keys(self, udp: ServerDatagramPath, keys: DatagramKeys) -> None:
+        for old_id in [i for i in udp.openers if i != keys.session_id]:
+            del udp.openers[old_id]
+            self.udp_sessions.pop(old_id, None)
+        udp.sealer = keys
+
+    def drop_plane(self, plane: Plane) -> None:
+        """A deleted network's TUN leaves the loop (its sessions were refused first)."""
+        self.tun_planes.pop(plane.tun.fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(plane.tun.fd)
+        plane.close()
+
+    def close_planes(self) -> None:
+        for plane in list(self.planes.values()):
+            plane.close()
+        self.planes.clear()
+        self.tun_planes.clear()
+
+
+class SessionLifecycle:
+    """Every node session from a finished TLS handshake to its close, on the server's loop:
+    the hello and the admission (the control plane's decision, taken on the store worker),
+    the welcome, keepalives and deadlines, refusals, and the states and node-list columns
+    the store records. A session's packets go to the switch."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        control: ControlPlane,
+        switch: Switch,
+        worker: StoreWorker,
+        stopping: threading.Event,
+        counters: collections.Counter[str],
+        note: RateLimitedLog,
+    ) -> None:
+        self.config = config
+        self.control = control
+        self.store = control.store
+        self.keepalive = config.keepalive
+        self.switch = switch
+        self.epoll = switch.epoll
+        self.dirty = switch.dirty
+        self.worker = worker
+        self.stopping = stopping
+        self.counters = counters
+        self.note = note
+        self.sessions: dict[int, ServerSession] = {}  # by socket fd
+        self.by_token: dict[str, ServerSession] = {}  # admitted ones
+        self.unauthenticated: set[ServerSession] = set()  # the hello is still to come
+        self.send_budget = SendBudget()
+        self.buffers = BufferPool()
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
         self.closed_traffic: collections.Counter[str] = collections.Counter()  # of sessions gone (metrics)
-        self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # TLS latency (metrics)
         self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: their addresses, for the welcome
 
-    # -- lifecycle (called from the main thread) ---------------------------------
+    def adopt(self, tls: ssl.SSLSocket, peer: str) -> None:
+        if self.stopping.is_set():
+            tls.close()
+            return
+        session = ServerSession(tls, peer, self.buffers, self.send_budget, self.counters)
+        self.sessions[session.fd] = session
+        self.unauthenticated.add(session)
+        self.epoll.register(session.fd, select.EPOLLIN)
+        log.debug("TLS from %s: certificate CN %s", peer, loggable(session.cert.common_name))
+        self.service(session, select.EPOLLIN)  # the hello may have come with the handshake
+
+    def service(self, session: ServerSession, events: int) -> None:
+        try:
+            if events & select.EPOLLOUT:
+                self._flush(session)
+            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                session.receive(self._handle_frames, once=self.epoll.woke)
+        except PeerClosed as e:
+            self.close(session, str(e))
+        except ProtocolError as e:
+            self.counters["protocol-errors"] += 1
+            self.refuse(session, Refusal("protocol", str(e), retry=False))
+        except (OSError, ssl.SSLError) as e:
+            self.close(session, f"connection error: {e}")
+        except Exception:  # a bug must cost one session, never the loop
+            log.exception("unexpected error in %r; closing it", session)
+            self.close(session, "internal error")
+
+    def _handle_frames(self, session: ServerSession) -> None:
+        view = session.rx.view
+        for kind, start, end in session.rx.frames():
+            if session.phase == Phase.CLOSING:
+                continue  # the session is over; drain without acting
+            if session.phase == Phase.ESTABLISHED:
+                if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
+                    session.rx_packets += 1
+                    try:
+                        self.switch.route_from_node(session, view, kind, start, end)
+                    except BadFrame as e:
+                        self.switch.bad_frame(session, e)
+                elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp is not None:
+                    self._on_udp_control(session, session.udp, kind, decode_control(view[start:end]))
+                elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
+                    continue
+                else:
+                    raise ProtocolError(f"unexpected frame type {kind:#x} in an established session")
+            elif session.phase == Phase.HELLO:
+                if kind != FRAME_HELLO:
+                    raise ProtocolError("the first frame must be a hello")
+                self._on_hello(session, Hello.decode(view[start:end]))
+            elif session.phase == Phase.ADMITTING and kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                raise ProtocolError("frame sent before the welcome")
+            if session.phase == Phase.CLOSED:
+                return
+
+    # -- admission --------------------------------------------------------------------
+
+    def _on_hello(self, session: ServerSession, hello: Hello) -> None:
+        """Agree on capabilities here; whether the node may connect, and at which
+        address, is the control plane's decision (taken on the store worker)."""
+        self.unauthenticated.discard(session)
+        session.node_token = hello.node_token
+        session.host_name, session.version = hello.host_name, hello.version
+        offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
+        if self.switch.udp is None:
+            offered.discard(CAP_UDP)
+        session.caps = tuple(c for c in hello.caps if c in offered)
+        session.gso = CAP_GSO in session.caps
+        if CAP_UDP in session.caps:
+            session.caps = self._agree_udp(session, hello.udp_key)
+        log.debug(
+            "hello from %s: node %s, nc %s, offered %s, agreed %s",
+            session.peer,
+            hello.node_token,
+            loggable(hello.version),
+            loggable(list(hello.caps)),
+            list(session.caps),
+        )
+        session.phase = Phase.ADMITTING
+        cert, token, net_token = session.cert, hello.node_token, hello.net_token
+        assert cert is not None
+        self.worker.submit(
+            lambda: self.control.admit_session(cert, token, net_token),
+            lambda result, error: self._on_admitted(session, result, error),
+        )
+
+    def _agree_udp(self, session: ServerSession, node_share: bytes) -> tuple[str, ...]:
+        """Datagram keys for the node's share; the capabilities without "udp" if the share is unusable."""
+        private, share = new_x25519()
+        session_id = self.switch.new_udp_session_id()
+        try:
+            keys = datagram_keys(
+                private, node_share, datagram_transcript(node_share, share, session_id, session.node_token)
+            )
+        except BadDatagram:
+            return tuple(c for c in session.caps if c != CAP_UDP)
+        sealer = DatagramKeys.for_server(session_id, *keys)
+        assert self.switch.udp is not None  # "udp" is offered only with a socket
+        session.udp = ServerDatagramPath(
+            self.switch.udp, sealer, share, self.config.mtu, session.gso, session.node_token, self.counters, self.note
+        )
+        return session.caps
+
+    def _on_udp_control(self, session: ServerSession, udp: ServerDatagramPath, kind: int, message: dict) -> None:
+        """Over TLS: where the node wants its data now, or its share for fresh keys."""
+        if kind == FRAME_TRANSPORT:
+            wanted = message.get("transport") == "udp"
+            if wanted != udp.wanted:
+                udp.wanted = wanted
+                log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
+            return
+        node_share = decode_x25519_share(message.get("udpKey"))
+        if not node_share:
+            raise ProtocolError("rekey without a valid udpKey")
+        private, share = new_x25519()
+        session_id = self.switch.new_udp_session_id()
+        transcript = datagram_transcript(node_share, share, session_id, session.node_token)
+        try:
+            keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
+        except BadDatagram:
+            raise ProtocolError("rekey with an unusable udpKey") from None
+        for old_id in [i for i in udp.openers if i != udp.sealer.session_id]:
+            del udp.openers[old_id]  # an earlier rekey the node never used
+            self.switch.udp_sessions.pop(old_id, None)
+        udp.openers[session_id] = keys
+        self.switch.udp_sessions[session_id] = session
+        reply = {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
+        session.queue(encode_control(FRAME_REKEY, reply))
+        self.dirty.add(session)
+
+    def _on_admitted(
+        self, session: ServerSession, result: tuple[str, ipaddress.IPv4Address] | None, error: BaseException | None
+    ) -> None:
+        token = session.node_token
+        if session.phase in (Phase.CLOSED, Phase.CLOSING):
+            if error is None and token not in self.by_token:
+                self._set_idle(token, self.switch.planes.get(result[0]) if result else None)
+            return
+        plane = self.switch.planes.get(result[0]) if result is not None else None
+        if error is None and plane is None:
+            error = BadRequest("this node's network was deleted")
+        if error is not None or result is None or plane is None:
+            if isinstance(error, (BadRequest, Unauthenticated)):
+                self.counters["refused-hellos"] += 1
+                refusal = Refusal("unregistered", str(error), retry=False)
+            elif isinstance(error, PoolExhausted):
+                refusal = Refusal("overlay-full", str(error), retry=True)
+            else:
+                refusal = Refusal("server-error", "the server could not admit this node; see its log", retry=True)
+            self.refuse(session, refusal)
+            return
+        old = self.by_token.get(token)
+        if old is not None:
+            log.info("node %s reconnected from %s; replacing its session from %s", token, session.peer, old.peer)
+            self.by_token.pop(token)
+            self.refuse(old, Refusal("replaced", "a newer session with this node-token took over", retry=False))
+        ip = result[1]
+        overlay = plane.overlay
+        session.ip = int(ip)
+        session.plane = plane
+        session.phase = Phase.ESTABLISHED
+        self.by_token[token] = session
+        plane.by_ip[session.ip] = session
+        offer = (b"", 0)
+        if session.udp is not None:
+            offer = session.udp.offer
+            for session_id in session.udp.openers:
+                self.switch.udp_sessions[session_id] = session
+        welcome = Welcome(
+            str(ip),
+            overlay.network.prefixlen,
+            str(overlay.server_ip),
+            self.config.mtu,
+            self.keepalive,
+            (str(overlay.network),),
+            session.caps,
+            self.replicas(),
+            *offer,
+            self.config.udp_port if offer[1] else 0,
+        )
+        session.queue(welcome.encode())
+        self.dirty.add(session)
+        self.worker.submit(lambda: self._mark_connected(token, overlay))
+        details = (token, session.host_name, session.peer, "tcp", session.version)
+        self.worker.submit(lambda: self._record_session(*details))
+        log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
+
+    def _mark_connected(self, token: str, overlay: Overlay) -> None:
+        self._record_state(token, STATE_CONNECTED)
+        overlay.bindings.connected(token)
+
+    def _record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        """On the store worker: the node list's columns; a full disk costs only them."""
+        with contextlib.suppress(StoreError):
+            self.store.record_session(token, host_name, endpoint, transport, version)
+
+    def _record_state(self, token: str, state: int) -> None:
+        """On the store worker. A state the disk cannot take (full, read-only) keeps no
+        node out: states are reset at every start anyway. Logged once per outage."""
+        try:
+            self.store.set_state(token, state)
+        except StoreFull as e:
+            if not self.store_unwritable:
+                log.warning("%s; admitting nodes without recording their connection state", e)
+                self.store_unwritable = True
+            return
+        if self.store_unwritable:
+            log.info("the database takes writes again; connection states are recorded")
+            self.store_unwritable = False
+
+    def _set_idle(self, token: str, plane: Plane | None) -> None:
+        def job() -> None:
+            self._record_state(token, STATE_IDLE)
+            if plane is not None:
+                plane.overlay.bindings.idle(token)
+                self._record_session(token, "", "", "", "")  # last seen: now
+
+        self.worker.submit(job)
+
+    # -- what other threads ask (a copy of a table, then fields only the loop writes) ---------
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Connected nodes' sessions, for the node list (any thread)."""
+        live = {}
+        for token, session in list(self.by_token.items()):
+            traffic = session_traffic(session)
+            live[token] = {"since": session.since, "rx_bytes": traffic["rx_bytes"], "tx_bytes": traffic["tx_bytes"]}
+        return live
+
+    def traffic(self) -> collections.Counter[str]:
+        """Bytes and packets per direction since the start, live sessions included (any thread)."""
+        total = collections.Counter(self.closed_traffic)
+        for session in list(self.sessions.values()):
+            total.update(session_traffic(session))
+        return total
+
+    def transports(self) -> dict[str, str]:
+        """From a gRPC thread: a copy of the table (one C-level step under the GIL), then
+        each session's own fields, which only the loop writes."""
+        now = time.monotonic()
+        return {token: self.path(s, now).name for token, s in dict(self.by_token).items()}
+
+    @staticmethod
+    def path(session: ServerSession, now: float) -> PeerPath:
+        """Where data for this node goes now: its datagram path while it carries, else its stream."""
+        return session.udp if session.udp is not None and session.udp.carrying(now) else session
+
+    # -- output, liveness, teardown -----------------------------------------------------------
+
+    def flush_dirty(self) -> None:
+        while self.dirty:
+            self._flush(self.dirty.pop())
+
+    def _flush(self, session: ServerSession) -> None:
+        if session.phase == Phase.CLOSED:
+            return
+        try:
+            done = session.flush()
+        except (OSError, ssl.SSLError) as e:
+            self.close(session, f"send failed: {e}")
+            return
+        if done and session.phase == Phase.CLOSING:
+            self.close(session, session.close_reason)
+            return
+        self._watch_writable(session, not done)
+
+    def _watch_writable(self, session: ServerSession, on: bool) -> None:
+        """Ask epoll for EPOLLOUT only while a write is stuck (a syscall saved per flush otherwise)."""
+        if session.want_out != on:
+            session.want_out = on
+            self.epoll.modify(session.fd, select.EPOLLIN | select.EPOLLOUT if on else select.EPOLLIN)
+
+    def tick(self, now: float) -> None:
+        """Once a second: deadlines of unfinished hellos and refusals, keepalives, silence."""
+        silent_after = 3 * self.keepalive
+        for session in list(self.sessions.values()):
+            if session.phase == Phase.HELLO and now > session.deadline:
+                self.counters["handshake-timeouts"] += 1
+                self.close(session, "handshake timed out", quiet=True)
+            elif session.phase == Phase.CLOSING and now > session.deadline:
+                self.close(session, session.close_reason)
+            elif session.phase == Phase.ESTABLISHED:
+                if now - session.last_rx > silent_after:
+                    self.close(session, f"silent for {silent_after} s")
+                elif now - session.last_tx >= self.keepalive:
+                    session.queue(encode_frame(FRAME_KEEPALIVE))
+                    self.dirty.add(session)
+        self.flush_dirty()
+
+    def refuse_token(self, token: str, refusal: Refusal) -> None:
+        session = self.by_token.get(token)
+        if session is not None:
+            self.refuse(session, refusal)
+
+    def refuse(self, session: ServerSession, refusal: Refusal) -> None:
+        """Take the session out of routing, tell the peer why, and close once that
+        ERROR frame is written (or after a second, if the peer does not read)."""
+        reason = f"refused ({refusal.code}): {refusal.reason}"
+        if session.phase in (Phase.TLS, Phase.CLOSED, Phase.CLOSING):
+            self.close(session, reason)
+            return
+        self._detach(session)
+        session.drop_queue()  # queued packets are dropped; a started TLS write must finish
+        session.queue(refusal.encode())
+        session.phase = Phase.CLOSING
+        session.deadline = time.monotonic() + 1.0
+        session.close_reason = reason
+        self._flush(session)
+
+    def _detach(self, session: ServerSession) -> None:
+        """Remove the session from routing and record the node as idle (once)."""
+        token = session.node_token
+        if not token or session.detached:
+            return
+        session.detached = True
+        for session_id in session.udp.openers if session.udp is not None else ():
+            if self.switch.udp_sessions.get(session_id) is session:
+                del self.switch.udp_sessions[session_id]
+        plane = session.plane
+        if self.by_token.get(token) is session:
+            del self.by_token[token]
+            if plane is not None and plane.by_ip.get(session.ip) is session:
+                del plane.by_ip[session.ip]
+            self._set_idle(token, plane)
+        elif session.phase != Phase.ESTABLISHED and token not in self.by_token:
+            self._set_idle(token, None)  # undo the handshake's "init" state
+
+    def close(self, session: ServerSession, reason: str | None, quiet: bool = False) -> None:
+        if session.phase == Phase.CLOSED:
+            return
+        self._detach(session)
+        session.phase = Phase.CLOSED
+        self.sessions.pop(session.fd, None)
+        self.unauthenticated.discard(session)
+        self.dirty.discard(session)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(session.fd)
+        session.close()
+        self.closed_traffic.update(session_traffic(session))
+        if reason is not None:
+            if session.ip:
+                log.info("node %s disconnected (%s): %s", session.node_token, session.peer, reason)
+            elif not quiet:
+                self.note("close:" + reason[:40], "connection from %s closed: %s", session.peer, reason)
+
+    def close_all(self) -> None:
+        """The loop ends: every node hears why (if its socket takes it), then it is closed."""
+        for session in list(self.sessions.values()):
+            self.refuse(session, Refusal("server-stopping", "the server is shutting down", retry=True))
+            self.close(session, None)
+
+
+class NetworkServer(Sessions):
+    """The data plane of `nc server`: one event loop for every overlay network, and the
+    face the rest of the server sees. The loop (this class: the poller, the wake pipe and
+    the commands other threads hand it, the once-a-second tick, the listeners and the
+    threads) drives two parts: SessionLifecycle, every session from handshake to close,
+    and Switch, where each packet goes."""
+
+    def __init__(self, config: ServerConfig, control: ControlPlane) -> None:
+        self.config = config
+        self.pki = control.pki
+        self.overlays = control.overlays
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.note = RateLimitedLog()
+        self.epoll = Poller()
+        self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.worker = StoreWorker(self.call_soon)
+        self.stopping = threading.Event()
+        self.switch = Switch(config, self.epoll, set(), self.counters, self.note)
+        self.lifecycle = SessionLifecycle(
+            config, control, self.switch, self.worker, self.stopping, self.counters, self.note
+        )
+        self.switch.refuse = self.lifecycle.refuse
+        self.planes = self.switch.planes  # the same table: run_server reports how many
+        self.next_report = 0.0  # when the debug log gets the counters next
+        self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
+        self.forwarding = IpForwarding(Path(config.work_dir) / "ip_forward.orig")
+        self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
+        self.handshaker: Handshaker | None = None
+        self.wake_r = self.wake_w = -1
+        self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # TLS latency (metrics)
+
+    @property
+    def replicas(self) -> Callable[[], tuple[str, ...]]:
+        """Replicas on etcd: their addresses, for the welcome (the lifecycle sends it)."""
+        return self.lifecycle.replicas
+
+    @replicas.setter
+    def replicas(self, replicas: Callable[[], tuple[str, ...]]) -> None:
+        self.lifecycle.replicas = replicas
+
+    # -- start and stop (called from the main thread) ------------------------------
 
     def start(self) -> None:
         """Port, TUNs, NAT, threads; on any failure what was already made is undone."""
@@ -5351,11 +6183,10 @@ class NetworkServer(Sessions):
             self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
             self.handshaker.observe = self.observe_handshake
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self.epoll = Poller()
             self.epoll.register(self.wake_r, select.EPOLLIN)
             if self.config.transport != "tcp":
-                self.udp = self._listen_udp()
-                self.epoll.register(self.udp.fd, select.EPOLLIN)
+                self.switch.udp = self._listen_udp()
+                self.epoll.register(self.switch.udp.fd, select.EPOLLIN)
             # A killed run's rules, also of networks deleted since or with gateway now off;
             # without iptables there can be none.
             with contextlib.suppress(TunError):
@@ -5366,7 +6197,7 @@ class NetworkServer(Sessions):
             else:
                 self.forwarding.restore()  # a killed gateway run's, if any
             for overlay in self.overlays.all():
-                self._attach_plane(Plane(overlay, self.config))
+                self.switch.attach_plane(Plane(overlay, self.config))
         except BaseException:
             self.stop()
             raise
@@ -5393,47 +6224,35 @@ class NetworkServer(Sessions):
         self._close_planes()
         if self.listener is not None:
             self.listener.close()
-        if self.udp is not None:
-            self.udp.close()
-        if self.epoll is not None:
-            self.epoll.close()
+        if self.switch.udp is not None:
+            self.switch.udp.close()
+        self.epoll.close()
         for fd in (self.wake_r, self.wake_w):
             if fd >= 0:
                 os.close(fd)
         self.wake_r = self.wake_w = -1
 
-    def _attach_plane(self, plane: Plane) -> None:
-        self.planes[plane.name] = plane
-        self.tun_planes[plane.tun.fd] = plane
-        self.epoll.register(plane.tun.fd, select.EPOLLIN)
-
     def _close_planes(self) -> None:
-        for plane in list(self.planes.values()):
-            plane.close()
-        self.planes.clear()
-        self.tun_planes.clear()
+        self.switch.close_planes()
         self.forwarding.restore()
 
     def add_overlay(self, overlay: Overlay) -> None:
         """A network created at run time: its TUN is made here (errors reach the
         caller), then the loop starts serving it."""
         plane = Plane(overlay, self.config)
-        self.call_soon(lambda: self._attach_plane(plane))
+        self.call_soon(lambda: self.switch.attach_plane(plane))
 
     def remove_overlay(self, name: str) -> None:
         """A deleted network: its nodes are cut off and its TUN removed."""
         self.call_soon(lambda: self._detach_plane(name))
 
     def _detach_plane(self, name: str) -> None:
-        plane = self.planes.pop(name, None)
+        plane = self.switch.planes.pop(name, None)
         if plane is None:
             return
-        for session in [s for s in self.sessions.values() if s.plane is plane]:
-            self._refuse(session, Refusal("network-deleted", f"network {name} was deleted", retry=False))
-        self.tun_planes.pop(plane.tun.fd, None)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(plane.tun.fd)
-        plane.close()
+        for session in [s for s in self.lifecycle.sessions.values() if s.plane is plane]:
+            self.lifecycle.refuse(session, Refusal("network-deleted", f"network {name} was deleted", retry=False))
+        self.switch.drop_plane(plane)
 
     def _tls_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -5474,29 +6293,20 @@ class NetworkServer(Sessions):
 
     def _deliver_handshake(self, tls: ssl.SSLSocket, peer: str) -> None:
         """From the Handshaker: a stream whose TLS is done joins the loop."""
-        self.call_soon(lambda: self._adopt(tls, peer))
+        self.call_soon(lambda: self.lifecycle.adopt(tls, peer))
 
     def disconnect(self, token: str, reason: str) -> None:
         """End the node's live session (if any), telling it not to come back."""
-        self.call_soon(lambda: self._refuse_token(token, Refusal("unregistered", reason, retry=False)))
+        self.call_soon(lambda: self.lifecycle.refuse_token(token, Refusal("unregistered", reason, retry=False)))
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        return self.lifecycle.live()
 
     def traffic(self) -> collections.Counter[str]:
-        """Bytes and packets per direction since the start, live sessions included (any thread)."""
-        total = collections.Counter(self.closed_traffic)
-        for session in list(self.sessions.values()):
-            total.update(session_traffic(session))
-        return total
+        return self.lifecycle.traffic()
 
     def transports(self) -> dict[str, str]:
-        """From a gRPC thread: a copy of the table (one C-level step under the GIL), then
-        each session's own fields, which only the loop writes."""
-        now = time.monotonic()
-        return {token: "udp" if self._on_udp(s, now) else "tcp" for token, s in dict(self.by_token).items()}
-
-    @staticmethod
-    def _on_udp(session: ServerSession, now: float) -> bool:
-        """Data for this node goes out as datagrams: it asked, and its datagrams keep coming."""
-        return session.udp_wanted and now - session.udp_last_rx < UDP_SILENT_S
+        return self.lifecycle.transports()
 
     def running(self) -> bool:
         """The packet loop is alive and turning (health checks ask this): a loop that is
@@ -5507,29 +6317,29 @@ class NetworkServer(Sessions):
     # -- the loop -------------------------------------------------------------------
 
     def _run(self) -> None:
-        sessions, tun_planes = self.sessions, self.tun_planes
-        udp_fd = self.udp.fd if self.udp is not None else -1
+        lifecycle, switch = self.lifecycle, self.switch
+        sessions, tun_planes = lifecycle.sessions, switch.tun_planes
+        udp_fd = switch.udp.fd if switch.udp is not None else -1
         next_tick = time.monotonic() + 1.0
         try:
             while not self.stopping.is_set():
                 for fd, events in self.epoll.poll(1.0):
                     if (session := sessions.get(fd)) is not None:
-                        self._service(session, events)
+                        lifecycle.service(session, events)
                     elif (plane := tun_planes.get(fd)) is not None:
-                        self._read_tun(plane)
+                        switch.read_tun(plane)
                     elif fd == udp_fd:
-                        self._read_udp()
+                        switch.read_udp()
                     elif fd == self.wake_r:
                         self._run_commands()
-                self._flush_dirty()
+                switch.flush_datagrams()
+                lifecycle.flush_dirty()
                 now = self.epoll.now
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + 1.0
         finally:  # an exception goes on to the supervisor, which ends the process
-            for session in list(self.sessions.values()):
-                self._refuse(session, Refusal("server-stopping", "the server is shutting down", retry=True))
-                self._close(session, None)
+            lifecycle.close_all()
 
     def _run_commands(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -5545,590 +6355,28 @@ class NetworkServer(Sessions):
             except Exception:  # a bug in one command (one admission, one disconnect) must not end the loop
                 log.exception("network command failed")
 
-    def _adopt(self, tls: ssl.SSLSocket, peer: str) -> None:
-        if self.stopping.is_set():
-            tls.close()
-            return
-        session = ServerSession(tls, peer, self.buffers, self.send_budget)
-        self.sessions[session.fd] = session
-        self.unauthenticated.add(session)
-        self.epoll.register(session.fd, select.EPOLLIN)
-        log.debug("TLS from %s: certificate CN %s", peer, loggable(session.cert.common_name))
-        self._service(session, select.EPOLLIN)  # the hello may have come with the handshake
-
-    def _service(self, session: ServerSession, events: int) -> None:
-        try:
-            if events & select.EPOLLOUT:
-                self._flush(session)
-            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                session.receive(self._handle_frames, once=self.epoll.woke)
-        except PeerClosed as e:
-            self._close(session, str(e))
-        except ProtocolError as e:
-            self.counters["protocol-errors"] += 1
-            self._refuse(session, Refusal("protocol", str(e), retry=False))
-        except (OSError, ssl.SSLError) as e:
-            self._close(session, f"connection error: {e}")
-        except Exception:  # a bug must cost one session, never the loop
-            log.exception("unexpected error in %r; closing it", session)
-            self._close(session, "internal error")
-
-    def _handle_frames(self, session: ServerSession) -> None:
-        view = session.rx.view
-        for kind, start, end in session.rx.frames():
-            if session.phase == Phase.CLOSING:
-                continue  # the session is over; drain without acting
-            if session.phase == Phase.ESTABLISHED:
-                if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
-                    session.rx_packets += 1
-                    try:
-                        self._route_from_node(session, view, kind, start, end)
-                    except BadFrame as e:
-                        self._bad_frame(session, e)
-                elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp_sealer is not None:
-                    self._on_udp_control(session, kind, decode_control(view[start:end]))
-                elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
-                    continue
-                else:
-                    raise ProtocolError(f"unexpected frame type {kind:#x} in an established session")
-            elif session.phase == Phase.HELLO:
-                if kind != FRAME_HELLO:
-                    raise ProtocolError("the first frame must be a hello")
-                self._on_hello(session, Hello.decode(view[start:end]))
-            elif session.phase == Phase.ADMITTING and kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
-                raise ProtocolError("frame sent before the welcome")
-            if session.phase == Phase.CLOSED:
-                return
-
-    # -- admission --------------------------------------------------------------------
-
-    def _on_hello(self, session: ServerSession, hello: Hello) -> None:
-        """Agree on capabilities here; whether the node may connect, and at which
-        address, is the control plane's decision (taken on the store worker)."""
-        self.unauthenticated.discard(session)
-        session.node_token = hello.node_token
-        session.host_name, session.version = hello.host_name, hello.version
-        offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
-        if self.udp is None:
-            offered.discard(CAP_UDP)
-        session.caps = tuple(c for c in hello.caps if c in offered)
-        session.gso = CAP_GSO in session.caps
-        if CAP_UDP in session.caps:
-            session.caps = self._agree_udp(session, hello.udp_key)
-        log.debug(
-            "hello from %s: node %s, nc %s, offered %s, agreed %s",
-            session.peer,
-            hello.node_token,
-            loggable(hello.version),
-            loggable(list(hello.caps)),
-            list(session.caps),
-        )
-        session.phase = Phase.ADMITTING
-        cert, token, net_token = session.cert, hello.node_token, hello.net_token
-        assert cert is not None
-        self.worker.submit(
-            lambda: self.control.admit_session(cert, token, net_token),
-            lambda result, error: self._on_admitted(session, result, error),
-        )
-
-    def _on_admitted(
-        self, session: ServerSession, result: tuple[str, ipaddress.IPv4Address] | None, error: BaseException | None
-    ) -> None:
-        token = session.node_token
-        if session.phase in (Phase.CLOSED, Phase.CLOSING):
-            if error is None and token not in self.by_token:
-                self._set_idle(token, self.planes.get(result[0]) if result else None)
-            return
-        plane = self.planes.get(result[0]) if result is not None else None
-        if error is None and plane is None:
-            error = BadRequest("this node's network was deleted")
-        if error is not None or result is None or plane is None:
-            if isinstance(error, (BadRequest, Unauthenticated)):
-                self.counters["refused-hellos"] += 1
-                refusal = Refusal("unregistered", str(error), retry=False)
-            elif isinstance(error, PoolExhausted):
-                refusal = Refusal("overlay-full", str(error), retry=True)
-            else:
-                refusal = Refusal("server-error", "the server could not admit this node; see its log", retry=True)
-            self._refuse(session, refusal)
-            return
-        old = self.by_token.get(token)
-        if old is not None:
-            log.info("node %s reconnected from %s; replacing its session from %s", token, session.peer, old.peer)
-            self.by_token.pop(token)
-            self._refuse(old, Refusal("replaced", "a newer session with this node-token took over", retry=False))
-        ip = result[1]
-        overlay = plane.overlay
-        session.ip = int(ip)
-        session.plane = plane
-        session.phase = Phase.ESTABLISHED
-        self.by_token[token] = session
-        plane.by_ip[session.ip] = session
-        for session_id in session.udp_openers:
-            self.udp_sessions[session_id] = session
-        welcome = Welcome(
-            str(ip),
-            overlay.network.prefixlen,
-            str(overlay.server_ip),
-            self.config.mtu,
-            self.keepalive,
-            (str(overlay.network),),
-            session.caps,
-            self.replicas(),
-            *session.udp_offer,
-            self.config.udp_port if session.udp_offer[1] else 0,
-        )
-        session.queue(welcome.encode())
-        self.dirty.add(session)
-        self.worker.submit(lambda: self._mark_connected(token, overlay))
-        details = (token, session.host_name, session.peer, "tcp", session.version)
-        self.worker.submit(lambda: self._record_session(*details))
-        log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
-
-    def _mark_connected(self, token: str, overlay: Overlay) -> None:
-        self._record_state(token, STATE_CONNECTED)
-        overlay.bindings.connected(token)
-
-    def _record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
-        """On the store worker: the node list's columns; a full disk costs only them."""
-        with contextlib.suppress(StoreError):
-            self.store.record_session(token, host_name, endpoint, transport, version)
-
-    def live(self) -> dict[str, dict[str, Any]]:
-        """Connected nodes' sessions, for the node list (any thread)."""
-        return {
-            token: {"since": s.since, "rx_bytes": s.rx_bytes, "tx_bytes": s.tx_bytes}
-            for token, s in list(self.by_token.items())
-        }
-
-    def _record_state(self, token: str, state: int) -> None:
-        """On the store worker. A state the disk cannot take (full, read-only) keeps no
-        node out: states are reset at every start anyway. Logged once per outage."""
-        try:
-            self.store.set_state(token, state)
-        except StoreFull as e:
-            if not self.store_unwritable:
-                log.warning("%s; admitting nodes without recording their connection state", e)
-                self.store_unwritable = True
-            return
-        if self.store_unwritable:
-            log.info("the database takes writes again; connection states are recorded")
-            self.store_unwritable = False
-
-    def _set_idle(self, token: str, plane: Plane | None) -> None:
-        def job() -> None:
-            self._record_state(token, STATE_IDLE)
-            if plane is not None:
-                plane.overlay.bindings.idle(token)
-                self._record_session(token, "", "", "", "")  # last seen: now
-
-        self.worker.submit(job)
-
-    # -- switching --------------------------------------------------------------------------
-
-    def _route_from_node(self, session: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
-        """One packet from a node: to the server's kernel, to another node, or dropped.
-        A GSO frame's virtio_net_hdr is replaced in the receive buffer by the one
-        gso_header rebuilt, so whatever goes on (to a TUN, a peer, or the segmenter)
-        carries only checked fields; raises BadFrame for a malformed frame."""
-        if kind == FRAME_GSO_PACKET:
-            view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.config.mtu)
-            src, dst = check_packet(view[start + VNET_HDR_LEN : end], MAX_PAYLOAD)  # gso_header bounded its size
-        else:
-            src, dst = check_packet(view[start:end], self.config.mtu)
-        plane = session.plane
-        if src != session.ip:
-            self.counters["dropped-spoofed"] += 1
-            self.note(
-                "spoof:" + session.node_token,
-                "node %s sent a packet with a forged source address; dropped",
-                session.node_token,
-            )
-            return
-        if dst == plane.server_ip:
-            self._write_tun(plane, view, kind, start, end)
-            return
-        peer = plane.by_ip.get(dst)
-        if peer is not None:
-            if plane.overlay.interconnection:
-                self._forward(peer, view, kind, start, end)
-            else:
-                self.counters["dropped-interconnection"] += 1
-        elif self.config.gateway and not any(p.contains(dst) for p in self.planes.values()):
-            self._write_tun(plane, view, kind, start, end)  # to the world; never into another overlay
-        else:
-            self.counters["dropped-no-route"] += 1
-
-    def _bad_frame(self, session: ServerSession, error: BadFrame) -> None:
-        """Drop and count a malformed frame; end the session of a peer that keeps sending them."""
-        self.counters["dropped-" + error.reason] += 1
-        now = time.monotonic()
-        if now - session.bad_since > BAD_FRAME_WINDOW_S:
-            session.bad_since, session.bad_frames = now, 0
-        session.bad_frames += 1
-        if session.bad_frames > BAD_FRAME_LIMIT:
-            raise ProtocolError(
-                f"over {BAD_FRAME_LIMIT} malformed frames in {BAD_FRAME_WINDOW_S:.0f} s (last: {error})"
-            )
-        self.note(
-            "bad-frame:" + session.node_token, "node %s sent a malformed frame (%s); dropped", session.node_token, error
-        )
-
-    def _forward(self, peer: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
-        """Queue a node's frame for another node, as-is when the peer can take it."""
-        as_is = kind == FRAME_PACKET or peer.gso
-        self._queue_frames(peer, [bytes(view[start - 4 : end])] if as_is else plain_frames(view[start:end]))
-
-    def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
-        if self._on_udp(peer, self.epoll.now):
-            peer.tx_packets += len(frames)
-            self._queue_datagrams(peer, frames)
-            return
-        for frame in frames:
-            if not peer.queue(frame):
-                self.counters["dropped-queue-full"] += 1
-                break
-            peer.tx_packets += 1
-        self.dirty.add(peer)
-
-    def _write_tun(self, plane: Plane, view: memoryview, kind: int, start: int, end: int) -> None:
-        """Hand a node's packet to this host's kernel (the server's own IP, or the gateway)."""
-        tun = plane.tun
-        if self.tun_batches is not None and tun.offload:
-            buffer = ZERO_VNET_HDR + bytes(view[start:end]) if kind == FRAME_PACKET else bytes(view[start:end])
-            self.tun_batches.setdefault(plane, []).append(buffer)
-            return
-        try:
-            if not tun.offload:
-                for packet in plain_packets(view[start:end]) if kind == FRAME_GSO_PACKET else [view[start:end]]:
-                    os.write(tun.fd, packet)
-            elif kind == FRAME_GSO_PACKET:
-                os.write(tun.fd, view[start:end])
-            else:
-                os.writev(tun.fd, [ZERO_VNET_HDR, view[start:end]])
-        except OSError as e:
-            self.counters["dropped-tun-write"] += 1
-            self.note("tun-write", "TUN write failed: %s", e.strerror)
-
-    def _read_tun(self, plane: Plane) -> None:
-        """Packets from this host's kernel to the nodes of one overlay."""
-        offset = VNET_HDR_LEN if plane.tun.offload else 0
-        reader = plane.reader
-        for _ in range(1 if self.epoll.woke else 256):
-            try:
-                length = reader.read()
-            except (BlockingIOError, InterruptedError):
-                return
-            packet = reader.packet(length)
-            endpoints = ipv4_endpoints(packet[offset:])
-            peer = plane.by_ip.get(endpoints[1]) if endpoints else None
-            if peer is None:
-                self.counters["dropped-no-route"] += 1
-            elif not offset:
-                self._queue_frames(peer, [reader.frame(FRAME_PACKET, length)])
-            elif peer.gso:
-                self._queue_frames(peer, [reader.frame(FRAME_GSO_PACKET, length)])
-            else:
-                self._queue_frames(peer, plain_frames(packet))
-
-    # -- the UDP data path ------------------------------------------------------------------
-
-    def _new_udp_session_id(self) -> int:
-        while True:
-            session_id = secrets.randbits(32)
-            if session_id and session_id not in self.udp_sessions:
-                return session_id
-
-    def _agree_udp(self, session: ServerSession, node_share: bytes) -> tuple[str, ...]:
-        """Datagram keys for the node's share; the capabilities without "udp" if the share is unusable."""
-        private, share = new_x25519()
-        session_id = self._new_udp_session_id()
-        try:
-            keys = datagram_keys(
-                private, node_share, datagram_transcript(node_share, share, session_id, session.node_token)
-            )
-        except BadDatagram:
-            return tuple(c for c in session.caps if c != CAP_UDP)
-        session.udp_sealer = DatagramKeys.for_server(session_id, *keys)
-        session.udp_openers = {session_id: session.udp_sealer}
-        session.udp_offer = (share, session_id)
-        return session.caps
-
-    def _on_udp_control(self, session: ServerSession, kind: int, message: dict) -> None:
-        """Over TLS: where the node wants its data now, or its share for fresh keys."""
-        if kind == FRAME_TRANSPORT:
-            wanted = message.get("transport") == "udp"
-            if wanted != session.udp_wanted:
-                session.udp_wanted = wanted
-                log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
-            return
-        node_share = decode_x25519_share(message.get("udpKey"))
-        if not node_share:
-            raise ProtocolError("rekey without a valid udpKey")
-        private, share = new_x25519()
-        session_id = self._new_udp_session_id()
-        transcript = datagram_transcript(node_share, share, session_id, session.node_token)
-        try:
-            keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
-        except BadDatagram:
-            raise ProtocolError("rekey with an unusable udpKey") from None
-        for old_id in [i for i in session.udp_openers if i != session.udp_sealer.session_id]:
-            del session.udp_openers[old_id]  # an earlier rekey the node never used
-            self.udp_sessions.pop(old_id, None)
-        session.udp_openers[session_id] = keys
-        self.udp_sessions[session_id] = session
-        reply = {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
-        session.queue(encode_control(FRAME_REKEY, reply))
-        self.dirty.add(session)
-
-    def _read_udp(self) -> None:
-        assert self.udp is not None
-        self.tun_batches = {}
-        arrivals: dict[ServerSession, Arrivals] = {}
-        try:
-            for datagrams, address, local in self.udp.receive(1 if self.epoll.woke else UDP_DATAGRAMS_PER_TURN):
-                self._open_datagrams(datagrams, (address, local), arrivals)
-            for session, arrived in arrivals.items():
-                self._on_session_datagrams(session, arrived)
-        finally:
-            batches, self.tun_batches = self.tun_batches, None
-            for plane, packets in batches.items():
-                self._write_tun_batch(plane, packets)
-
-    def _write_tun_batch(self, plane: Plane, buffers: list[bytes]) -> None:
-        """The packets one batch of datagrams brought for this host, TCP runs coalesced (GRO)."""
-        for buffer in coalesce_tcp4(buffers):
-            try:
-                os.write(plane.tun.fd, buffer)
-            except OSError as e:
-                self.counters["dropped-tun-write"] += 1
-                self.note("tun-write", "TUN write failed: %s", e.strerror)
-
-    def _drop_datagram(self, reason: str, address: Any) -> None:
-        self.counters["udp-" + reason] += 1
-        self.note(
-            "udp:" + reason,
-            "UDP datagram from %s dropped (%s); %d so far",
-            unmapped(str(address[0])),
-            reason,
-            self.counters["udp-" + reason],
-        )
-
-    def _open_datagrams(
-        self, datagrams: list[memoryview], path: tuple[Any, Any], arrivals: dict[ServerSession, Arrivals]
-    ) -> None:
-        """One read's datagrams, from one (node address, local address): each costs one
-        lookup and at most one tag check; what authenticates joins its session's arrivals."""
-        session: ServerSession | None = None
-        keys: DatagramKeys | None = None
-        arrived: Arrivals | None = None
-        for datagram in datagrams:
-            header = datagram_header(datagram)
-            if header is None:
-                self._drop_datagram("malformed", path[0])
-                continue
-            if keys is None or header[0] != keys.session_id:
-                session = self.udp_sessions.get(header[0])
-                if session is None:
-                    keys = None
-                    self._drop_datagram("unknown-session", path[0])
-                    continue
-                keys = session.udp_openers[header[0]]  # type: ignore[index]
-                arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys, path))
-                arrived.keys, arrived.path = keys, path
-            try:
-                arrived.frames.append(keys.open(datagram, header[1]))  # type: ignore[union-attr]
-            except BadDatagram as e:
-                self._drop_datagram(e.reason, path[0])
-                continue
-            arrived.size += len(datagram)  # type: ignore[union-attr]
-
-    def _on_session_datagrams(self, session: ServerSession, arrived: Arrivals) -> None:
-        """A session's authenticated frames of one turn: only they move its path (to the
-        latest datagram's node and local address) or reach the switch, a burst's TCP
-        pieces joined into one super-packet first."""
-        if not arrived.frames:
-            return
-        if arrived.keys is not session.udp_sealer:  # the node uses a rekey's keys: the old ones retire
-            self._retire_udp_keys(session, arrived.keys)
-        address, frames = arrived.path[0], arrived.frames
-        if address != session.udp_addr:
-            if session.udp_addr is not None:
-                log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
-            session.udp_addr = address
-        session.udp_local = arrived.path[1]
-        session.udp_last_rx = session.last_rx = self.epoll.now
-        session.rx_bytes += arrived.size
-        session.rx_packets += len(frames)  # less the keepalives, below
-        for frame in coalesce_pieces(frames):
-            if session.detached:
-                return  # refused for a frame before this one
-            kind = frame[0]
-            if kind == FRAME_PACKET or (kind == FRAME_GSO_PACKET and session.gso):
-                try:  # writable: a GSO frame's header is rebuilt in place
-                    view = memoryview(frame if isinstance(frame, bytearray) else bytearray(frame))
-                    self._route_from_node(session, view, kind, 4, len(frame))
-                except BadFrame as e:
-                    try:
-                        self._bad_frame(session, e)
-                    except ProtocolError as error:
-                        self._refuse(session, Refusal("protocol", str(error), retry=False))
-            elif kind == FRAME_KEEPALIVE:
-                session.rx_packets -= 1
-                self._queue_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
-            else:
-                self._drop_datagram("not-a-packet", address)
-
-    def _retire_udp_keys(self, session: ServerSession, keys: DatagramKeys) -> None:
-        for old_id in [i for i in session.udp_openers if i != keys.session_id]:
-            del session.udp_openers[old_id]
-            self.udp_sessions.pop(old_id, None)
-        session.udp_sealer = keys
-
-    def _queue_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
-        """Frames for a node on UDP leave at the end of the loop turn, together: the acks
-        of a bulk flow from the TUN go out in one send instead of one each."""
-        pending = self.udp_out.setdefault(session, [])
-        pending += frames
-        if len(pending) >= UDP_SEND_BATCH:
-            self._send_datagrams(session, self.udp_out.pop(session))
-
-    def _send_datagrams(self, session: ServerSession, frames: list[bytes]) -> None:
-        """Seal each frame (a 64 KiB GSO frame cut into MTU-sized pieces first) and send
-        them to the session's latest authenticated address. A full socket drops the rest."""
-        keys, address, sock = session.udp_sealer, session.udp_addr, self.udp
-        if keys is None or address is None or sock is None or session.detached:
-            return
-        pieces: list[bytes] = []
-        for frame in frames:
-            if frame[0] == FRAME_GSO_PACKET:  # each burst named by the counter its first piece will get
-                pieces += datagram_frames(memoryview(frame)[4:], self.config.mtu, session.gso, keys.sent + len(pieces))
-            else:
-                pieces.append(frame)
-        try:
-            sealed = keys.seal(pieces)
-            sent = sock.send(sealed, address, session.udp_local)
-        except (OSError, BadDatagram):
-            self.counters["dropped-udp-send"] += 1
-            return
-        session.tx_bytes += sum(map(len, sealed[:sent]))
-        if sent < len(sealed):
-            self.counters["dropped-udp-full"] += 1
-
-    def _flush_dirty(self) -> None:
-        while self.udp_out:
-            self._send_datagrams(*self.udp_out.popitem())
-        while self.dirty:
-            self._flush(self.dirty.pop())
-
-    def _flush(self, session: ServerSession) -> None:
-        if session.phase == Phase.CLOSED:
-            return
-        try:
-            done = session.flush()
-        except (OSError, ssl.SSLError) as e:
-            self._close(session, f"send failed: {e}")
-            return
-        if done and session.phase == Phase.CLOSING:
-            self._close(session, session.close_reason)
-            return
-        self._watch_writable(session, not done)
-
-    def _watch_writable(self, session: ServerSession, on: bool) -> None:
-        """Ask epoll for EPOLLOUT only while a write is stuck (a syscall saved per flush otherwise)."""
-        if session.want_out != on:
-            session.want_out = on
-            self.epoll.modify(session.fd, select.EPOLLIN | select.EPOLLOUT if on else select.EPOLLIN)
-
     def _tick(self, now: float) -> None:
         if now >= self.next_report:
             self.next_report = now + 60.0
+            lifecycle = self.lifecycle
             log.debug(
                 "%d session(s), %d connected, %d byte(s) queued; counters %s, handshakes %s",
-                len(self.sessions),
-                len(self.by_token),
-                self.send_budget.queued,
+                len(lifecycle.sessions),
+                len(lifecycle.by_token),
+                lifecycle.send_budget.queued,
                 dict(self.counters),
                 dict(self.handshaker.counters),
             )
-        silent_after = 3 * self.keepalive
-        for session in list(self.sessions.values()):
-            if session.phase == Phase.HELLO and now > session.deadline:
-                self.counters["handshake-timeouts"] += 1
-                self._close(session, "handshake timed out", quiet=True)
-            elif session.phase == Phase.CLOSING and now > session.deadline:
-                self._close(session, session.close_reason)
-            elif session.phase == Phase.ESTABLISHED:
-                if now - session.last_rx > silent_after:
-                    self._close(session, f"silent for {silent_after} s")
-                elif now - session.last_tx >= self.keepalive:
-                    session.queue(encode_frame(FRAME_KEEPALIVE))
-                    self.dirty.add(session)
-        self._flush_dirty()
-
-    def _refuse_token(self, token: str, refusal: Refusal) -> None:
-        session = self.by_token.get(token)
-        if session is not None:
-            self._refuse(session, refusal)
-
-    def _refuse(self, session: ServerSession, refusal: Refusal) -> None:
-        """Take the session out of routing, tell the peer why, and close once that
-        ERROR frame is written (or after a second, if the peer does not read)."""
-        reason = f"refused ({refusal.code}): {refusal.reason}"
-        if session.phase in (Phase.TLS, Phase.CLOSED, Phase.CLOSING):
-            self._close(session, reason)
-            return
-        self._detach(session)
-        session.drop_queue()  # queued packets are dropped; a started TLS write must finish
-        session.queue(refusal.encode())
-        session.phase = Phase.CLOSING
-        session.deadline = time.monotonic() + 1.0
-        session.close_reason = reason
-        self._flush(session)
-
-    def _detach(self, session: ServerSession) -> None:
-        """Remove the session from routing and record the node as idle (once)."""
-        token = session.node_token
-        if not token or session.detached:
-            return
-        session.detached = True
-        for session_id in session.udp_openers:
-            if self.udp_sessions.get(session_id) is session:
-                del self.udp_sessions[session_id]
-        plane = session.plane
-        if self.by_token.get(token) is session:
-            del self.by_token[token]
-            if plane is not None and plane.by_ip.get(session.ip) is session:
-                del plane.by_ip[session.ip]
-            self._set_idle(token, plane)
-        elif session.phase != Phase.ESTABLISHED and token not in self.by_token:
-            self._set_idle(token, None)  # undo the handshake's "init" state
-
-    def _close(self, session: ServerSession, reason: str | None, quiet: bool = False) -> None:
-        if session.phase == Phase.CLOSED:
-            return
-        self._detach(session)
-        session.phase = Phase.CLOSED
-        self.sessions.pop(session.fd, None)
-        self.unauthenticated.discard(session)
-        self.dirty.discard(session)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(session.fd)
-        session.close()
-        self.closed_traffic.update(session_traffic(session))
-        if reason is not None:
-            if session.ip:
-                log.info("node %s disconnected (%s): %s", session.node_token, session.peer, reason)
-            elif not quiet:
-                self.note("close:" + reason[:40], "connection from %s closed: %s", session.peer, reason)
+        self.lifecycle.tick(now)
 
 
 # ============================================================================
-# 10. Network client
+# 11. Network client
 #    `nc client`: connect, handshake, configure the TUN from the welcome,
 #    move packets, and reconnect forever with backoff until told to stop.
 # ============================================================================
 
+HANDSHAKE_TIMEOUT_S = 10.0  # to connect, and then for the welcome
 BACKOFF_CAP_S = 30.0
 STABLE_SESSION_S = 10.0  # a session that lasted this long resets the reconnect backoff
 RENEW_CHECK_S = 60.0  # how often at most the client looks at its certificates' age
@@ -6299,17 +6547,18 @@ class NetworkClient:
         """What `nc status` shows (asked from the status socket's thread)."""
         link, since, udp = self.link, self.connected_since, self.udp
         connected = link is not None and since > 0
-        on_udp = connected and udp is not None and udp.carrying
+        paths: list[PeerPath] = [p for p in (link, udp) if p is not None] if connected else []
+        carrying = udp if udp is not None and udp.carrying else link
         return {
             "state": "connected" if connected else "connecting",
             "nodeToken": self.config.token,
             "overlayIp": str(self.address.ip) if connected and self.address else "",
             "server": self._server,
-            "transport": ("udp" if on_udp else "tcp") if connected else "",
+            "transport": carrying.name if connected and carrying is not None else "",
             "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
-            "rttMs": tcp_rtt_ms(link.sock) if connected else None,
-            "rxBytes": link.rx_bytes + (udp.rx_bytes if udp else 0) if connected else 0,
-            "txBytes": link.tx_bytes + (udp.tx_bytes if udp else 0) if connected else 0,
+            "rttMs": tcp_rtt_ms(link.sock) if connected and link is not None else None,
+            "rxBytes": sum(path.rx_bytes for path in paths),
+            "txBytes": sum(path.tx_bytes for path in paths),
             "lastError": "" if connected else self.last_error,
             "version": VERSION,
         }
@@ -6331,7 +6580,7 @@ class NetworkClient:
         except BaseException:
             raw.close()
             raise
-        link = Link(sock, self._server)
+        link = Link(sock, self._server, counters=self.counters)
         self._close_datagram_path()  # a failed connect's
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
@@ -6433,7 +6682,7 @@ class NetworkClient:
         self.server_mtu = welcome.mtu
         if self.tun is None:
             self.tun = Tun("nc0", offload=self.gso)
-            self.reader = TunReader(self.tun.fd)
+            self.reader = TunReader(self.tun)
 
     def _configure(self, welcome: Welcome) -> str | None:
         """Address and routes, set again only when the address changed; returns why
@@ -6572,7 +6821,7 @@ class NetworkClient:
             link.queue(rekey)
 
     def _read_datagrams(self, link: Link, limit: int) -> None:
-        assert self.udp is not None
+        assert self.udp is not None and self.tun is not None
         udp = self.udp
         buffers = []  # virtio_net_hdr + packet, checked
         for frame in coalesce_pieces(udp.receive(limit)):
@@ -6585,44 +6834,26 @@ class NetworkClient:
                     buffers.append(gso_header(view, self.server_mtu) + view[VNET_HDR_LEN:])
             except BadFrame as e:
                 self.counters["dropped-" + e.reason] += 1
-        self._write_packets(buffers)
+        write_tun_batch(self.tun, buffers, self._tun_write_failed)
         if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
             self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
 
-    def _write_packets(self, buffers: list[bytes]) -> None:
-        """Checked packets (virtio_net_hdr + packet) to the TUN: TCP runs coalesced into
-        super-packets where it takes them, else each packet completed in software."""
-        assert self.tun is not None
-        fd = self.tun.fd
-        packets = coalesce_tcp4(buffers) if self.tun.offload else [p for b in buffers for p in plain_packets(b)]
-        for packet in packets:
-            try:
-                os.write(fd, packet)
-            except OSError:
-                self.counters["dropped-tun-write"] += 1
+    def _tun_write_failed(self, _error: OSError) -> None:
+        self.counters["dropped-tun-write"] += 1
 
     def _read_tun(self, link: Link, limit: int) -> None:
         assert self.tun is not None and self.reader is not None
-        reader = self.reader
         udp = self.udp if self.udp is not None and self.udp.carrying else None
         if udp is not None:
             self._send_tun_datagrams(udp, limit)
             return
+        reader = self.reader
         for _ in range(limit):
             try:
                 length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
-            if not self.tun.offload:
-                frames = [reader.frame(FRAME_PACKET, length)]
-            elif self.gso:
-                frames = [reader.frame(FRAME_GSO_PACKET, length)]
-            else:  # a TUN made with offload, a server that (now) lacks it
-                frames = plain_frames(reader.packet(length))
-            for frame in frames:
-                if not link.queue(frame):
-                    self.counters["dropped-queue-full"] += 1
-                    break
+            link.send(reader.frames(length, self.gso))  # what it drops, it counts
 
     def _send_tun_datagrams(self, udp: DatagramPath, limit: int) -> None:
         """Up to `limit` packets from the TUN as datagrams, sent UDP_SEND_BATCH at a time
@@ -6927,7 +7158,7 @@ def ask_status(work_dir: Path) -> dict[str, Any]:
 
 
 # ============================================================================
-# 11. gRPC services
+# 12. gRPC services
 #     Thin module-level servicers: find the caller's identity, translate
 #     protobuf messages into control-plane calls and its errors into codes.
 #     The original services keep their exact contract; additions live in
@@ -6945,36 +7176,6 @@ def grpc_modules() -> tuple[Any, Any, Any]:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def listen_any(port: int) -> socket.socket:
-    """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
-    where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError:  # IPv6 disabled at boot
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(("::", port))
-        else:
-            sock.bind(("0.0.0.0", port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def unmapped(ip: str) -> str:
-    """An IPv4 peer of a dual-stack socket as plain IPv4 (::ffff:198.18.0.2 -> 198.18.0.2)."""
-    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
 
 
 def caller(control: ControlPlane, context: Any) -> Identity:
@@ -7588,7 +7789,7 @@ def bind(server: Any, address: str, creds: Any, field: str) -> int:
 
 
 # ============================================================================
-# 12. Server assembly
+# 13. Server assembly
 #     `nc server`: PKI, store, pool, gRPC, data plane and background threads,
 #     started in order and stopped in reverse.
 # ============================================================================
@@ -8447,7 +8648,7 @@ def serve_replica(config: ServerConfig, fd_limit: int) -> int:
 
 
 # ============================================================================
-# 13. Join and admin commands
+# 14. Join and admin commands
 #     The client side of the control plane: join strings and CA pins,
 #     saving node credentials, and `nc adm ...`.
 # ============================================================================
@@ -9123,7 +9324,7 @@ def adm_datastore_migrate(args: argparse.Namespace) -> int:
 
 
 # ============================================================================
-# 14. Logging and main
+# 15. Logging and main
 #     Log files that rotate daily (seven kept), argparse subcommands, and the
 #     single place where an NcError becomes one stderr line and an exit code.
 # ============================================================================

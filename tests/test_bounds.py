@@ -69,6 +69,18 @@ def test_one_peer_alone_stops_at_its_own_limit(sockets: list[socket.socket]) -> 
     assert ncctl.SEND_QUEUE_LIMIT < peer.queued <= ncctl.SEND_QUEUE_LIMIT + len(FRAME)
 
 
+def test_a_batch_stops_at_the_first_frame_the_queue_refuses_and_counts_one_drop(
+    sockets: list[socket.socket],
+) -> None:
+    budget = ncctl.SendBudget(limit=2_000, fair_share=3_500)
+    peer = link(sockets, budget)
+    taken = peer.send([FRAME] * 10)  # send is the data path's queue: the same policy, per batch
+    assert taken == 4  # over the total, queued while under its share; the fifth finds it spent
+    assert peer.queued == taken * len(FRAME) == budget.queued
+    assert peer.counters["dropped-queue-full"] == 1
+    assert peer.send([]) == 0 and peer.name == "tcp"
+
+
 @pytest.mark.parametrize("limit", [256, 1024, 20_000, 1_048_576])
 def test_grpc_ports_leave_most_file_descriptors_to_the_data_plane(limit: int) -> None:
     cap = ncctl.grpc_connection_cap(limit)

@@ -1,5 +1,5 @@
 """Peer bytes a hostile node can send, against the pure functions of the wire protocol
-(section 7 of ncctl.py): GSO frames (virtio_net_hdr + packet) checked and rebuilt by
+(section 8 of ncctl.py): GSO frames (virtio_net_hdr + packet) checked and rebuilt by
 gso_header, PACKET frames by check_packet, and the stream and HELLO parsers. Every input
 ends in a clean result or a ProtocolError (BadFrame for data frames), and what passes is
 safe to hand to a kernel or to cut into segments."""

@@ -4,9 +4,11 @@ independent checksum and against the stream they must reproduce."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -111,3 +113,32 @@ def test_plain_packets_passes_ordinary_packets_and_drops_what_it_cannot_handle()
     assert ncctl.plain_packets(b"\0" * 5) == []
     assert ncctl.plain_packets(vnet(flags=ncctl.VNET_F_NEEDS_CSUM, csum_start=200, csum_offset=16) + packet) == []
     assert ncctl.segment_tcp4(b"\x60" + packet[1:], 500) == []  # not IPv4
+
+
+class PipeTun:
+    """What TunReader needs of a Tun: a descriptor to read packets from, and its offload."""
+
+    def __init__(self, offload: bool) -> None:
+        self.fd, self.writer = os.pipe()
+        self.offload = offload
+
+
+@pytest.mark.parametrize(("offload", "gso"), [(False, False), (False, True), (True, True), (True, False)])
+def test_a_tun_read_becomes_the_frames_the_peer_takes(offload: bool, gso: bool) -> None:
+    """TunReader.frames, shared by server and client: as read (a GSO frame from a TUN with
+    offload to a peer that takes them), or a super-packet cut into PACKET frames."""
+    tun = PipeTun(offload)
+    packet = tcp_super_segment(bytes(range(256)) * 12)
+    read = vnet(ncctl.VNET_F_NEEDS_CSUM, ncctl.GSO_TCPV4, 1000, 20, 16) + packet if offload else packet
+    try:
+        os.write(tun.writer, read)
+        reader = ncctl.TunReader(tun)  # type: ignore[arg-type]
+        frames = reader.frames(reader.read(), gso)
+    finally:
+        os.close(tun.fd)
+        os.close(tun.writer)
+    if offload and not gso:
+        assert frames == ncctl.plain_frames(read) and len(frames) == 4
+    else:
+        kind = ncctl.FRAME_GSO_PACKET if offload else ncctl.FRAME_PACKET
+        assert frames == [ncctl.encode_frame(kind, read)]

@@ -1,4 +1,4 @@
-"""The server's Supervisor (section 11 of ncctl.py) in-process: a watched part that ends
+"""The server's Supervisor (section 13 of ncctl.py) in-process: a watched part that ends
 unasked makes wait() return 1 with one log line naming it and its cause; a stop request
 returns 0; threads it does not watch keep the usual excepthook."""
 

@@ -1,4 +1,4 @@
-"""The wire protocol (section 7 of ncctl.py): frames, handshake messages and the
+"""The wire protocol (section 8 of ncctl.py): frames, handshake messages and the
 IPv4 header peek, as pure functions of bytes, checked with hypothesis."""
 
 from __future__ import annotations

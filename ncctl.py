@@ -4950,7 +4950,7 @@ class DatagramSocket:
                     size = struct.unpack("=i", data[:4])[0] or count
                 elif (level, kind) == pktinfo:
                     local = local_source(level, kind, data)
-            datagrams = [view[start : start + size] for start in range(0, count, size)]
+            datagrams = [view[start : min(start + size, count)] for start in range(0, count, size)]
             limit -= len(datagrams)
             yield datagrams, address, local
 

@@ -431,3 +431,24 @@ def test_a_node_that_only_sends_still_asks_for_an_answer_each_second() -> None:
     finally:
         path.close()
         receiver.close()
+
+
+def test_a_batch_ending_in_a_shorter_datagram_arrives_as_the_same_datagrams() -> None:
+    """A super-packet's pieces and the ping after them leave in one UDP_SEGMENT send (the
+    last datagram shorter) and come back from one read: each exactly as sent, the short
+    one not padded with what the read buffer held before."""
+    receiver, sender = ncctl.DatagramSocket(), ncctl.DatagramSocket()
+    try:
+        sent = [bytes([i]) * 1446 for i in range(44)] + [b"\xee" * 130, b"\x01" * 1446, b"\x02" * 99]
+        for _ in range(2):  # the second read finds the first one's bytes in the buffer
+            address = ncctl.udp_address(sender.sock, "127.0.0.1", receiver.sock.getsockname()[1])
+            assert sender.send(sent, address) == len(sent)
+            got: list[bytes] = []
+            deadline = time.monotonic() + 5
+            while len(got) < len(sent) and time.monotonic() < deadline:
+                got += [bytes(d) for datagrams, _source, _local in receiver.receive(64) for d in datagrams]
+                time.sleep(0.01)
+            assert got == sent
+    finally:
+        receiver.close()
+        sender.close()

@@ -8157,6 +8157,8 @@ class ServerMetrics:
         for name, value in sorted(counters.items()):
             if name.startswith("dropped-"):
                 drops.add_metric([name.removeprefix("dropped-")], value)
+            elif name.startswith("udp-"):  # datagrams that did not authenticate, or carried no packet
+                drops.add_metric([name], value)
         yield drops
         refusals = CounterMetricFamily("nc_refusals", "Joins and connections refused by reason", labels=["reason"])
         reasons = collections.Counter(self.control.refusals)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from netlab import Host, Lab, NcClient, NcServer, Process, start_client, start_server, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 import ncctl
 
@@ -301,3 +302,20 @@ def tcp_transfer(sender: Host, receiver: Host, ip: str, size: int = 16 * 1024 * 
     assert wait_exit(server, timeout=30) == 0, server.log()
     received = server.log().split()[1:]
     assert received == sent, f"sent {sent}, received {received}"
+
+
+SCRAPE = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+
+
+def scrape(host: Host, address: str = "127.0.0.1:9441") -> dict[tuple[str, tuple], float]:
+    """Every sample as (name, sorted labels) -> value."""
+    text = host.run(sys.executable, "-c", SCRAPE, f"http://{address}/metrics").stdout
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

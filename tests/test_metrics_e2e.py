@@ -6,25 +6,8 @@ from __future__ import annotations
 import sys
 
 from control_helpers import adm_join, one_error_line
-from netlab import Host, Lab, NcServer, start_client, start_server, wait_for
-from network_helpers import assert_reaches, wait_connected
-from prometheus_client.parser import text_string_to_metric_families
-
-_SCRAPE = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
-
-
-def scrape(host: Host, address: str = "127.0.0.1:9441") -> dict[tuple[str, tuple], float]:
-    """Every sample as (name, sorted labels) -> value."""
-    text = host.run(sys.executable, "-c", _SCRAPE, f"http://{address}/metrics").stdout
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+from netlab import Lab, NcServer, start_client, start_server, wait_for
+from network_helpers import SCRAPE, assert_reaches, scrape, value, wait_connected
 
 
 def test_metrics_follow_nodes_traffic_and_refusals(lab: Lab) -> None:
@@ -61,7 +44,7 @@ def test_metrics_follow_nodes_traffic_and_refusals(lab: Lab) -> None:
 
 def test_empty_metrics_addr_turns_metrics_off_and_a_custom_one_is_used(lab: Lab) -> None:
     off = start_server(lab.add_host("off"), metricsAddr="")
-    done = off.host.run(sys.executable, "-c", _SCRAPE, "http://127.0.0.1:9441/metrics", check=False)
+    done = off.host.run(sys.executable, "-c", SCRAPE, "http://127.0.0.1:9441/metrics", check=False)
     assert done.returncode != 0 and "Connection refused" in done.stderr
     custom: NcServer = start_server(lab.add_host("custom"), metricsAddr="0.0.0.0:9500")
     assert wait_for(lambda: value(scrape(custom.host, f"{custom.host.ip}:9500"), "nc_sessions", transport="tcp") == 0)

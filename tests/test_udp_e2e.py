@@ -14,8 +14,10 @@ from network_helpers import (
     assert_reaches,
     build_overlay,
     ping_counts,
+    scrape,
     stop_client,
     tcp_transfer,
+    value,
     wait_exit,
 )
 from udp_helpers import spawn_udp_node, udp_node_result
@@ -179,8 +181,10 @@ def test_datagrams_that_do_not_authenticate_are_dropped_counted_and_never_answer
     assert result["old_socket_got"] == 0, result
     assert result["rekeyed"] and result["old_keys_answered"] == 0, result
     server_log = overlay.server.process.log()
+    samples = scrape(overlay.server_host)
     for reason in ("replayed", "forged", "malformed", "unknown-session"):  # counted, and logged with the count
         assert re.search(rf"UDP datagram from [\d.]+ dropped \({reason}\); \d+ so far", server_log), reason
+        assert value(samples, "nc_drops_total", reason=f"udp-{reason}") > 0, reason
 
 
 def test_transport_tcp_on_either_side_keeps_data_on_the_stream(lab: Lab) -> None:

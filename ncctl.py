@@ -805,6 +805,13 @@ def serial_key(serial: int) -> str:
     return format(serial, "x")
 
 
+def check_token_life(life_minutes: int) -> None:
+    """Either store refuses a life it could not record as a date (the control plane
+    checks first, with its own message; this holds for every caller of a store)."""
+    if life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
+        raise BadRequest(f"a token life of {life_minutes} minutes is too long; use at most ten years")
+
+
 class Store:
     """One sqlite connection shared by the server's threads, serialized by a lock.
 
@@ -908,8 +915,7 @@ class Store:
 
         A node's mint (minted_by) is logged and counted in the same transaction,
         so concurrent calls cannot pass hourly_limit together."""
-        if life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
-            raise BadRequest(f"a token life of {life_minutes} minutes is too long; use at most ten years")
+        check_token_life(life_minutes)
         with self.transaction() as db:
             if minted_by:
                 minted = db.execute(
@@ -1655,8 +1661,7 @@ class EtcdStore:
         minted_by: str = "",
         hourly_limit: int | None = None,
     ) -> str:
-        if life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
-            raise BadRequest(f"a token life of {life_minutes} minutes is too long; use at most ten years")
+        check_token_life(life_minutes)
         expire = NEVER_EXPIRES if life_minutes < 0 else local_time(int(life_minutes) * 60)
 
         def add(txn: EtcdTxn) -> None:
@@ -4124,17 +4129,25 @@ def gro_packet(run: list[Any], mss: int) -> bytes:
     first = memoryview(run[0])[VNET_HDR_LEN:]
     headers = 20 + (first[32] >> 4) * 4
     body = b"".join(memoryview(p)[VNET_HDR_LEN + headers :] for p in run)
+    return super_packet_headers(first, headers, len(body), run[-1][VNET_HDR_LEN + 33] & TCP_PSH, mss) + body
+
+
+def super_packet_headers(first: Any, headers: int, payload: int, last_flags: int, mss: int) -> bytes:
+    """virtio_net_hdr + IPv4 + TCP headers of a super-packet joined from segments: the
+    first segment's headers (`first` starts at its IPv4 header, `headers` long) with the
+    length and IP checksum for `payload` bytes, the last segment's `last_flags` added, and
+    only the pseudo-header sum in the TCP checksum field (NEEDS_CSUM: the kernel adds the
+    rest as it cuts the packet again)."""
     ip = bytearray(first[:20])
-    ip[2:4] = (headers + len(body)).to_bytes(2, "big")
+    ip[2:4] = (headers + payload).to_bytes(2, "big")
     ip[10:12] = b"\0\0"
     ip[10:12] = checksum(ip).to_bytes(2, "big")
     tcp = bytearray(first[20:headers])
-    tcp[13] |= run[-1][VNET_HDR_LEN + 33] & TCP_PSH
-    # NEEDS_CSUM: the checksum field holds the pseudo-header sum, the kernel adds the rest.
-    pseudo = bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
+    tcp[13] |= last_flags
+    pseudo = bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + payload).to_bytes(2, "big")
     tcp[16:18] = ones_sum(pseudo).to_bytes(2, "big")
-    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, headers, mss, 20, TCP_CSUM_OFFSET)
-    return vnet + bytes(ip) + bytes(tcp) + body
+    gso_type = GSO_TCPV4 | (GSO_ECN if tcp[13] & 0x80 else 0)  # CWR: the kernel keeps it on the first segment
+    return VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, headers, mss, 20, TCP_CSUM_OFFSET) + ip + tcp
 
 
 class FrameBuffer:
@@ -4174,8 +4187,7 @@ class FrameBuffer:
 DATAGRAM_HEADER = struct.Struct("!BxxxIQ")  # type, session id, counter
 DATAGRAM_SEALED = 0x01
 DATAGRAM_TAG_LEN = 16
-DATAGRAM_OVERHEAD = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # header, tag, and the sealed frame's header
-DATAGRAM_MIN = DATAGRAM_OVERHEAD  # an empty frame, sealed
+DATAGRAM_MIN = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # an empty frame, sealed: header, frame header, tag
 X25519_SHARE_LEN = 32
 # A key is replaced over TLS long before its counter could wrap, within AES-GCM's bound
 # for one key (RFC 8446 5.5: 2^24.5 full-size records), and often enough that a stolen
@@ -4420,22 +4432,11 @@ def join_pieces(run: list[Any], headers: int) -> bytearray:
     piece's headers (`headers` long), the kernel to cut it and complete the checksums."""
     if len(run) == 1:
         return lone_piece(run[0])
-    segment = memoryview(run[0])[PIECE_START:]
     start = PIECE_START + headers
-    mss = len(run[0]) - start
     body = b"".join([memoryview(piece)[start:] for piece in run])
-    ip = bytearray(segment[:20])
-    ip[2:4] = (headers + len(body)).to_bytes(2, "big")
-    ip[10:12] = b"\0\0"
-    ip[10:12] = checksum(ip).to_bytes(2, "big")
-    tcp = bytearray(segment[20:headers])
-    tcp[13] |= run[-1][PIECE_START + 33] & PIECE_FLAGS_KEPT & ~0x80
-    pseudo = bytes(ip[12:20]) + bytes((0, socket.IPPROTO_TCP)) + (headers - 20 + len(body)).to_bytes(2, "big")
-    tcp[16:18] = ones_sum(pseudo).to_bytes(2, "big")
-    gso_type = GSO_TCPV4 | (GSO_ECN if tcp[13] & 0x80 else 0)  # CWR: the kernel keeps it on the first segment
-    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, headers, mss, 20, TCP_CSUM_OFFSET)
-    frame = bytearray(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | VNET_HDR_LEN + headers + len(body)))
-    return frame + vnet + ip + tcp + body
+    last_flags = run[-1][PIECE_START + 33] & PIECE_FLAGS_KEPT & ~0x80
+    joined = super_packet_headers(memoryview(run[0])[PIECE_START:], headers, len(body), last_flags, len(run[0]) - start)
+    return bytearray(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | len(joined) + len(body))) + joined + body
 
 
 def coalesce_pieces(frames: list[Any]) -> list[Any]:

@@ -74,6 +74,19 @@ def ensure_tools() -> None:
         progress(f"warning: the reference should be OpenVPN 2.6, found {found}")
 
 
+def iperf_lab(lab: Lab) -> tuple[Host, Host, Host]:
+    """The server and two nodes on the bridge, an iperf3 server listening in the server and node2."""
+    server_host, node1, node2 = (lab.add_host(name) for name in ("server", "node1", "node2"))
+    for host in (server_host, node2):
+        host.spawn("iperf3", "-s", name=f"iperf3-{host.name}")
+    wait_for(lambda: node1.ping(server_host.ip) and node1.ping(node2.ip), what="the underlay")
+    wait_for(
+        lambda: all(":5201" in host.run("ss", "-ltn").stdout for host in (server_host, node2)),
+        what="the iperf3 servers to listen",
+    )
+    return server_host, node1, node2
+
+
 # -- measurements -----------------------------------------------------------------
 
 
@@ -346,14 +359,7 @@ def run(args: argparse.Namespace) -> int:
     with temp_dir("nc-bench-") as work:
         lab = Lab(work / "lab")
         try:
-            server_host, node1, node2 = (lab.add_host(n) for n in ("server", "node1", "node2"))
-            for host in (server_host, node2):
-                host.spawn("iperf3", "-s", name=f"iperf3-{host.name}")
-            wait_for(lambda: node1.ping(server_host.ip) and node1.ping(node2.ip), what="the underlay")
-            wait_for(
-                lambda: all(":5201" in h.run("ss", "-ltn").stdout for h in (server_host, node2)),
-                what="iperf3 servers to listen",
-            )
+            server_host, node1, node2 = iperf_lab(lab)
             underlay = measure(node1, node2, server_host.ip, node2.ip, args, "underlay")
             nc, nc_log = bench_nc(server_host, node1, node2, args)
             openvpn, openvpn_notes = bench_openvpn(server_host, node1, node2, work, args)

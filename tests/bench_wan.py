@@ -50,6 +50,7 @@ from bench_throughput import (
     MTU,
     OPENVPN_NET,
     ensure_tools,
+    iperf_lab,
     openvpn_client_conf,
     start_openvpn,
     stop,
@@ -302,15 +303,8 @@ def table(results: dict[str, Figures], args: argparse.Namespace) -> str:
 
 def set_up(lab: Lab, args: argparse.Namespace) -> tuple[Host, tuple[Host, Host]]:
     """The server and two nodes on the shaped bridge, an iperf3 server in the server and node2."""
-    server_host, node1, node2 = (lab.add_host(name) for name in ("server", "node1", "node2"))
+    server_host, node1, node2 = iperf_lab(lab)
     lab.shape_underlay(args.loss, args.rate, wire=args.wire)
-    for host in (server_host, node2):
-        host.spawn("iperf3", "-s", name=f"iperf3-{host.name}")
-    wait_for(lambda: node1.ping(server_host.ip) and node1.ping(node2.ip), what="the underlay")
-    wait_for(
-        lambda: all(":5201" in host.run("ss", "-ltn").stdout for host in (server_host, node2)),
-        what="the iperf3 servers to listen",
-    )
     return server_host, (node1, node2)
 
 

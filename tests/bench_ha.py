@@ -126,11 +126,8 @@ def join_worker(spec_path: str) -> int:
         if reply.code != ncctl.CODE_OK:
             errors[f"code {reply.code}: {reply.message}"] += 1
             return None
-        cert, key = work / f"{reply.token}.crt", work / f"{reply.token}.key"
-        cert.write_bytes(base64.b64decode(reply.NetworkClientCert))
-        key.write_bytes(base64.b64decode(reply.NetworkClientKey))
         (work / "network-ca.crt").write_bytes(base64.b64decode(reply.NetworkCaCert))
-        return bench_scale.SimNode(index, reply.token, cert, key)
+        return bench_scale.sim_node(index, reply, work)
 
     with ThreadPoolExecutor(spec["joins"]) as pool:
         nodes = [n for n in pool.map(one, range(spec["joins"])) if n is not None]

@@ -124,6 +124,14 @@ class FrameReader:
             self.buf += chunk
 
 
+def sim_node(index: int, reply: Any, work: Path) -> SimNode:
+    """A node from a GetToken reply, its certificate and key written to work."""
+    cert, key = work / f"{reply.token}.crt", work / f"{reply.token}.key"
+    cert.write_bytes(base64.b64decode(reply.NetworkClientCert))
+    key.write_bytes(base64.b64decode(reply.NetworkClientKey))
+    return SimNode(index, reply.token, cert, key)
+
+
 def icmp_echo_request(src: str, dst: str, ident: int, seq: int) -> bytes:
     """An IPv4 ICMP echo request with correct header and ICMP checksums."""
     payload = b"nc-bench-scale-" + struct.pack("!d", time.time())
@@ -185,11 +193,8 @@ def register_all(spec: dict, work: Path) -> tuple[list[SimNode], float, collecti
             if reply.code != ncctl.CODE_OK:
                 errors[f"GetToken code {reply.code}: {reply.message}"] += 1
                 return None
-            cert, key = work / f"{reply.token}.crt", work / f"{reply.token}.key"
-            cert.write_bytes(base64.b64decode(reply.NetworkClientCert))
-            key.write_bytes(base64.b64decode(reply.NetworkClientKey))
             cas.add(reply.NetworkCaCert)
-            return SimNode(index, reply.token, cert, key)
+            return sim_node(index, reply, work)
 
         started = time.perf_counter()
         with ThreadPoolExecutor(spec["reg_threads"], thread_name_prefix="register") as pool:

@@ -39,6 +39,7 @@ import itertools
 import json
 import logging
 import logging.handlers
+import operator
 import os
 import queue
 import random
@@ -4185,6 +4186,7 @@ class FrameBuffer:
 # and a counter that only grows, so no nonce ever repeats under a key.
 
 DATAGRAM_HEADER = struct.Struct("!BxxxIQ")  # type, session id, counter
+NONCE = struct.Struct("<Q4x")  # the counter as AES-GCM's 96-bit nonce
 DATAGRAM_SEALED = 0x01
 DATAGRAM_TAG_LEN = 16
 DATAGRAM_MIN = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # an empty frame, sealed: header, frame header, tag
@@ -4232,6 +4234,20 @@ class ReplayWindow:
                     self.words[skipped & self.mask] = 0
             self.top = counter
         self.words[counter >> 6 & self.mask] |= 1 << (counter & 63)
+
+    def accept_run(self, first: int, count: int) -> None:
+        """accept() for first, first + 1, ... (count of them), all newer than the newest
+        so far: a word of bits at a time."""
+        last = first + count - 1
+        block, newest = last >> 6, self.top >> 6
+        for skipped in range(max(newest + 1, block - self.mask), block + 1):
+            self.words[skipped & self.mask] = 0
+        self.top = last
+        counter = max(first, (block - self.mask) << 6)  # older ones left the ring already
+        while counter <= last:
+            end = min(last, counter | 63)
+            self.words[counter >> 6 & self.mask] |= ((1 << (end - counter + 1)) - 1) << (counter & 63)
+            counter = end + 1
 
 
 def new_x25519() -> tuple[Any, bytes]:
@@ -4297,14 +4313,41 @@ class DatagramKeys:
         counter, end = self.sent, self.sent + len(frames)
         if end > COUNTER_LIMIT:
             raise BadDatagram("counter-exhausted")
-        pack, encrypt, session_id = DATAGRAM_HEADER.pack, self.sealer.encrypt, self.session_id
-        sealed = []
-        for frame in frames:
-            header = pack(DATAGRAM_SEALED, session_id, counter)
-            sealed.append(header + encrypt(counter.to_bytes(12, "little"), frame, header))
-            counter += 1
+        count, counters = len(frames), range(counter, end)
+        # map() over C callables: no Python frame per datagram.
+        headers = list(
+            map(
+                DATAGRAM_HEADER.pack,
+                itertools.repeat(DATAGRAM_SEALED, count),
+                itertools.repeat(self.session_id, count),
+                counters,
+            )
+        )
+        bodies = map(self.sealer.encrypt, map(NONCE.pack, counters), frames, headers)
         self.sent = end
-        return sealed
+        return list(map(operator.add, headers, bodies))
+
+    def open_run(self, datagrams: list[Any], first: int) -> list[bytes] | None:
+        """The frames of datagrams of this session whose headers name first, first + 1,
+        ... (a read's usual content), opened together when all are newer than any seen
+        (else None, nothing checked): the frames of the longest prefix that authenticates.
+        The datagram after it (if any) failed its tag check; the rest are unopened."""
+        if first <= self.window.top:
+            return None
+        start = DATAGRAM_HEADER.size
+        frames: list[bytes] = []
+        with contextlib.suppress(self.forged):  # the frames before the forged datagram stay
+            frames.extend(
+                map(
+                    self.opener.decrypt,
+                    map(NONCE.pack, range(first, first + len(datagrams))),
+                    [datagram[start:] for datagram in datagrams],
+                    [datagram[:start] for datagram in datagrams],
+                )
+            )
+        if frames:
+            self.window.accept_run(first, len(frames))
+        return frames
 
     def open(self, datagram: Any, counter: int) -> bytes:
         """The one frame inside a datagram of this session whose header names `counter`
@@ -4314,12 +4357,12 @@ class DatagramKeys:
             raise BadDatagram("replayed")
         try:
             frame = self.opener.decrypt(
-                counter.to_bytes(12, "little"), datagram[DATAGRAM_HEADER.size :], datagram[: DATAGRAM_HEADER.size]
+                NONCE.pack(counter), datagram[DATAGRAM_HEADER.size :], datagram[: DATAGRAM_HEADER.size]
             )
         except self.forged:
             raise BadDatagram("forged") from None
         self.window.accept(counter)
-        if len(frame) < 4 or int.from_bytes(frame[1:4], "big") != len(frame) - 4:
+        if not one_frame(frame):
             raise BadDatagram("not-one-frame")  # authentic, so the peer is broken: counted, not fatal
         return frame
 
@@ -4330,6 +4373,85 @@ def datagram_header(datagram: Any) -> tuple[int, int] | None:
         return None
     _kind, session_id, counter = DATAGRAM_HEADER.unpack_from(datagram)
     return session_id, counter
+
+
+def one_frame(frame: Any) -> bool:
+    """An opened datagram holds exactly one frame: its length field agrees."""
+    return len(frame) >= 4 and int.from_bytes(frame[1:4], "big") == len(frame) - 4
+
+
+def whole_frames(frames: list[bytes]) -> bool:
+    """one_frame() of every frame, in C loops."""
+    try:
+        words = [word & 0xFFFFFF for (word,) in map(FRAME_HEADER.unpack_from, frames)]
+    except struct.error:
+        return False
+    return words == [length - 4 for length in map(len, frames)]
+
+
+def one_run(datagrams: list[Any]) -> tuple[int, int] | None:
+    """(session id, first counter) when every datagram of a read is sealed for one
+    session under consecutive counters, else None; compared in C loops."""
+    if min(map(len, datagrams)) < DATAGRAM_MIN:
+        return None
+    headers = list(map(DATAGRAM_HEADER.unpack_from, datagrams))
+    _kind, session_id, first = headers[0]
+    expected = zip(itertools.repeat(DATAGRAM_SEALED), itertools.repeat(session_id), range(first, first + len(headers)))
+    return (session_id, first) if headers == list(expected) else None
+
+
+def open_datagrams(
+    datagrams: list[Any], keys_for: Callable[[int], DatagramKeys | None], dropped: Callable[[str], None]
+) -> Iterator[tuple[DatagramKeys, list[bytes], int]]:
+    """The authenticated frames of one read's datagrams, as (the keys that opened them,
+    frames, bytes of their datagrams) for each run of one session; every other datagram
+    goes to `dropped` with its reason, having cost one lookup and at most one tag check.
+    A read usually holds one session's datagrams under new consecutive counters: those
+    open together."""
+    whole = one_run(datagrams) if len(datagrams) > 1 else None
+    keys = keys_for(whole[0]) if whole is not None else None
+    opened = keys.open_run(datagrams, whole[1]) if keys is not None and whole is not None else None
+    if keys is not None and opened is not None:
+        if len(opened) == len(datagrams) and whole_frames(opened):
+            yield keys, opened, sum(map(len, datagrams))
+            return
+        frames = [frame for frame in opened if one_frame(frame)]
+        for _ in range(len(opened) - len(frames)):
+            dropped("not-one-frame")
+        if frames:
+            yield keys, frames, sum(map(len, datagrams[: len(opened)]))
+        if len(opened) == len(datagrams):
+            return
+        dropped("forged")  # the datagram after the opened ones
+        datagrams = datagrams[len(opened) + 1 :]
+    yield from open_one_by_one(datagrams, keys_for, dropped)
+
+
+def open_one_by_one(
+    datagrams: list[Any], keys_for: Callable[[int], DatagramKeys | None], dropped: Callable[[str], None]
+) -> Iterator[tuple[DatagramKeys, list[bytes], int]]:
+    """open_datagrams() for any mix of sessions, counters and junk."""
+    keys: DatagramKeys | None = None
+    frames: list[bytes] = []
+    size = 0
+    for datagram in datagrams:
+        header = datagram_header(datagram)
+        opener = keys_for(header[0]) if header is not None else None
+        if opener is None:
+            dropped("malformed" if header is None else "unknown-session")
+            continue
+        if opener is not keys and frames:
+            yield keys, frames, size  # type: ignore[misc]
+            frames, size = [], 0
+        keys = opener
+        try:
+            frames.append(opener.open(datagram, header[1]))  # type: ignore[index]
+        except BadDatagram as e:
+            dropped(e.reason)
+            continue
+        size += len(datagram)
+    if frames:
+        yield keys, frames, size  # type: ignore[misc]
 
 
 # A TCP super-packet leaves as pieces, each one datagram: the segment a software TSO would
@@ -5046,23 +5168,17 @@ class DatagramPath:
     def receive(self, limit: int) -> list[bytes]:
         """The frames of the authenticated datagrams in up to `limit` reads; the rest are
         counted and dropped."""
-        frames = []
+        frames: list[bytes] = []
         for datagrams, _source, _local in self.sock.receive(limit):
-            for datagram in datagrams:
-                header = datagram_header(datagram)
-                keys = self.openers.get(header[0]) if header is not None else None
-                if keys is None:
-                    self.counters["udp-malformed" if header is None else "udp-unknown-session"] += 1
-                    continue
-                try:
-                    frames.append(keys.open(datagram, header[1]))
-                except BadDatagram as e:
-                    self.counters["udp-" + e.reason] += 1
-                    continue
-                self.rx_bytes += len(datagram)
+            for _keys, opened, size in open_datagrams(datagrams, self.openers.get, self._dropped):
+                frames += opened
+                self.rx_bytes += size
         if frames:
             self.last_rx = time.monotonic()
         return frames
+
+    def _dropped(self, reason: str) -> None:
+        self.counters["udp-" + reason] += 1
 
     def tick(self, now: float) -> str | None:
         """Advance the probe/up/down states; returns "udp" or "tcp" when the server must
@@ -5664,30 +5780,20 @@ class Switch:
     def _open_datagrams(
         self, datagrams: list[memoryview], path: tuple[Any, Any], arrivals: dict[ServerSession, Arrivals]
     ) -> None:
-        """One read's datagrams, from one (node address, local address): each costs one
-        lookup and at most one tag check; what authenticates joins its session's arrivals."""
-        keys: DatagramKeys | None = None
-        arrived: Arrivals | None = None
-        for datagram in datagrams:
-            header = datagram_header(datagram)
-            if header is None:
-                self._drop_datagram("malformed", path[0])
-                continue
-            if keys is None or header[0] != keys.session_id:
-                session = self.udp_sessions.get(header[0])
-                if session is None or session.udp is None:
-                    keys = None
-                    self._drop_datagram("unknown-session", path[0])
-                    continue
-                keys = session.udp.openers[header[0]]
-                arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys, path))
-                arrived.keys, arrived.path = keys, path
-            try:
-                arrived.frames.append(keys.open(datagram, header[1]))  # type: ignore[union-attr]
-            except BadDatagram as e:
-                self._drop_datagram(e.reason, path[0])
-                continue
-            arrived.size += len(datagram)  # type: ignore[union-attr]
+        """One read's datagrams, from one (node address, local address): what authenticates
+        joins its session's arrivals (open_datagrams)."""
+        for keys, frames, size in open_datagrams(
+            datagrams, self._udp_opener, lambda reason: self._drop_datagram(reason, path[0])
+        ):
+            session = self.udp_sessions[keys.session_id]
+            arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys, path))
+            arrived.keys, arrived.path = keys, path
+            arrived.frames += frames
+            arrived.size += size
+
+    def _udp_opener(self, session_id: int) -> DatagramKeys | None:
+        session = self.udp_sessions.get(session_id)
+        return session.udp.openers.get(session_id) if session is not None and session.udp is not None else None
 
     def _on_session_datagrams(self, session: ServerSession, arrived: Arrivals) -> None:
         """A session's authenticated frames of one turn: only they move its path (to the

@@ -199,6 +199,94 @@ def test_the_window_remembers_exactly_the_last_size_counters(size: int, base: in
             top = max(top, counter)
 
 
+@given(
+    st.sampled_from([64, 100, 4096]),
+    st.integers(0, 2**63),
+    st.lists(st.tuples(st.integers(0, 9000), st.integers(1, 300)), max_size=40),
+    st.lists(st.integers(0, 9500), max_size=60),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_run_accepted_at_once_is_the_same_as_accepted_one_by_one(
+    size: int, base: int, runs: list[tuple[int, int]], probes: list[int]
+) -> None:
+    together, one_by_one = ncctl.ReplayWindow(size), ncctl.ReplayWindow(size)
+    for offset, count in runs:
+        first = base + offset
+        if first <= together.top:
+            continue  # accept_run is only asked for counters newer than all seen
+        together.accept_run(first, count)
+        for counter in range(first, first + count):
+            one_by_one.accept(counter)
+        assert together.top == one_by_one.top
+    for probe in probes:
+        assert together.fresh(base + probe) == one_by_one.fresh(base + probe)
+
+
+def open_read(keys: dict[int, ncctl.DatagramKeys], datagrams: list[bytes]) -> tuple[list[bytes], list[str]]:
+    """What the server does with one read: (the frames that authenticated, drop reasons)."""
+    dropped: list[str] = []
+    views = [memoryview(datagram) for datagram in datagrams]
+    frames = [f for _keys, opened, _size in ncctl.open_datagrams(views, keys.get, dropped.append) for f in opened]
+    return frames, dropped
+
+
+def test_a_read_of_consecutive_datagrams_opens_together_and_counts_every_byte() -> None:
+    node, server = session_pair()
+    frames = [frame(bytes([i]) * 1300) for i in range(40)]
+    datagrams = node.seal(frames)
+    runs = list(ncctl.open_datagrams([memoryview(d) for d in datagrams], {SESSION_ID: server}.get, print))
+    assert [(keys, opened, size) for keys, opened, size in runs] == [(server, frames, sum(map(len, datagrams)))]
+    assert open_read({SESSION_ID: server}, datagrams) == ([], ["replayed"] * 40)  # the window moved for all
+
+
+@given(st.integers(2, 30), st.data())
+@settings(max_examples=100, deadline=None)
+def test_a_forged_datagram_in_a_read_costs_one_tag_check_and_nothing_else(count: int, data: st.DataObject) -> None:
+    node, server = session_pair()
+    frames = [frame(bytes([i]) * 100) for i in range(count)]
+    datagrams = node.seal(frames)
+    bad = data.draw(st.integers(0, count - 1))
+    forged = bytearray(datagrams[bad])
+    forged[-1] ^= 1
+    datagrams[bad] = bytes(forged)
+    checks = []
+    real_decrypt = server.opener.decrypt
+
+    class Counting:
+        def decrypt(self, *args: object) -> bytes:
+            checks.append(1)
+            return real_decrypt(*args)
+
+    server.opener = Counting()
+    opened, dropped = open_read({SESSION_ID: server}, datagrams)
+    assert opened == frames[:bad] + frames[bad + 1 :]
+    assert dropped == ["forged"]
+    assert len(checks) == count  # one tag check per datagram, the forged one's included
+
+
+@given(st.permutations(list(range(12))), st.integers(0, 12))
+@settings(max_examples=100, deadline=None)
+def test_a_read_of_any_order_mix_and_junk_opens_each_authentic_datagram_once(order: list[int], junk_at: int) -> None:
+    node, server = session_pair()
+    other_node, other_server = session_pair(SESSION_ID + 1)
+    frames = [frame(bytes([i]) * 200) for i in range(12)]
+    mine, theirs = node.seal(frames[:6]), other_node.seal(frames[6:])
+    datagrams = [(mine + theirs)[i] for i in order]
+    datagrams.insert(junk_at, b"\x01" + bytes(40))
+    keys = {SESSION_ID: server, SESSION_ID + 1: other_server}
+    opened, dropped = open_read(keys, datagrams + datagrams)  # and the same again: replays
+    assert sorted(opened) == sorted(frames)
+    assert sorted(dropped) == sorted(["unknown-session"] * 2 + ["replayed"] * 12)
+
+
+def test_an_authentic_datagram_holding_a_broken_frame_is_counted_and_the_rest_arrive() -> None:
+    node, server = session_pair()
+    frames = [frame(b"a" * 100), frame(b"b" * 100)[:-1], frame(b"c" * 100)]
+    opened, dropped = open_read({SESSION_ID: server}, node.seal(frames))
+    assert opened == [frames[0], frames[2]]
+    assert dropped == ["not-one-frame"]
+
+
 def test_hello_and_welcome_carry_the_shares() -> None:
     _private, share = ncctl.new_x25519()
     hello = ncctl.Hello(TOKEN, udp_key=share)

@@ -4555,10 +4555,12 @@ def join_pieces(run: list[Any], headers: int) -> bytearray:
     if len(run) == 1:
         return lone_piece(run[0])
     start = PIECE_START + headers
-    body = b"".join([memoryview(piece)[start:] for piece in run])
+    payloads = [piece[start:] for piece in run]
+    payload = sum(map(len, payloads))
     last_flags = run[-1][PIECE_START + 33] & PIECE_FLAGS_KEPT & ~0x80
-    joined = super_packet_headers(memoryview(run[0])[PIECE_START:], headers, len(body), last_flags, len(run[0]) - start)
-    return bytearray(FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | len(joined) + len(body))) + joined + body
+    joined = super_packet_headers(memoryview(run[0])[PIECE_START:], headers, payload, last_flags, len(run[0]) - start)
+    word = FRAME_HEADER.pack(FRAME_GSO_PACKET << 24 | len(joined) + payload)
+    return bytearray().join([word, joined, *payloads])  # one copy, writable
 
 
 def coalesce_pieces(frames: list[Any]) -> list[Any]:
@@ -5073,7 +5075,8 @@ class DatagramSocket:
                     size = struct.unpack("=i", data[:4])[0] or count
                 elif (level, kind) == pktinfo:
                     local = local_source(level, kind, data)
-            datagrams = [view[start : min(start + size, count)] for start in range(0, count, size)]
+            read = view[:count]  # slices of it end where the read ends
+            datagrams = [read[start : start + size] for start in range(0, count, size)]
             limit -= len(datagrams)
             yield datagrams, address, local
 

@@ -4313,16 +4313,10 @@ class DatagramKeys:
         counter, end = self.sent, self.sent + len(frames)
         if end > COUNTER_LIMIT:
             raise BadDatagram("counter-exhausted")
-        count, counters = len(frames), range(counter, end)
+        counters = range(counter, end)
         # map() over C callables: no Python frame per datagram.
-        headers = list(
-            map(
-                DATAGRAM_HEADER.pack,
-                itertools.repeat(DATAGRAM_SEALED, count),
-                itertools.repeat(self.session_id, count),
-                counters,
-            )
-        )
+        repeat = itertools.repeat
+        headers = list(map(DATAGRAM_HEADER.pack, repeat(DATAGRAM_SEALED), repeat(self.session_id), counters))
         bodies = map(self.sealer.encrypt, map(NONCE.pack, counters), frames, headers)
         self.sent = end
         return list(map(operator.add, headers, bodies))
@@ -4415,11 +4409,15 @@ def open_datagrams(
         if len(opened) == len(datagrams) and whole_frames(opened):
             yield keys, opened, sum(map(len, datagrams))
             return
-        frames = [frame for frame in opened if one_frame(frame)]
-        for _ in range(len(opened) - len(frames)):
+        whole_ones = [one_frame(frame) for frame in opened]
+        for _ in range(whole_ones.count(False)):
             dropped("not-one-frame")
-        if frames:
-            yield keys, frames, sum(map(len, datagrams[: len(opened)]))
+        if any(whole_ones):
+            yield (
+                keys,
+                list(itertools.compress(opened, whole_ones)),
+                sum(itertools.compress(map(len, datagrams), whole_ones)),
+            )
         if len(opened) == len(datagrams):
             return
         dropped("forged")  # the datagram after the opened ones
@@ -4793,20 +4791,32 @@ class SendBudget:
         return self.queued <= self.limit or link_queued < self.fair_share
 
 
-def listen_any(port: int) -> socket.socket:
-    """A TCP listener on every address: dual-stack (IPv6, and IPv4 as mapped addresses)
-    where the host has IPv6, else IPv4 only. This is what server.ip may name, either family."""
+def bound_any(kind: int, port: int, reuse_address: bool = False) -> socket.socket:
+    """A socket of `kind` bound to port on every address: dual-stack (IPv6, and IPv4 as
+    mapped addresses) where the host has IPv6, else IPv4 only. This is what server.ip
+    may name, either family."""
     try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6, kind)
     except OSError:  # IPv6 disabled at boot
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, kind)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_address:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if sock.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(("::", port))
         else:
             sock.bind(("0.0.0.0", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listen_any(port: int) -> socket.socket:
+    """A TCP listener on every address (bound_any)."""
+    sock = bound_any(socket.SOCK_STREAM, port, reuse_address=True)
+    try:
         sock.listen(1024)
     except OSError:
         sock.close()
@@ -4941,26 +4951,14 @@ class Link:
 def udp_socket(port: int = 0) -> socket.socket:
     """A non-blocking UDP socket on every address (dual-stack where the host has IPv6),
     bound to port (0: any), with buffers big enough for bursts of a fast link."""
-    try:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    except OSError:  # IPv6 disabled at boot
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(("::", port))
-        else:
-            sock.bind(("0.0.0.0", port))
-        for forced, option, size in UDP_BUFFERS:
-            try:  # root may pass net.core.[rw]mem_max, which a fresh namespace keeps at 208 KiB
-                sock.setsockopt(socket.SOL_SOCKET, forced, size)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, option, size)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
+    sock = bound_any(socket.SOCK_DGRAM, port)
+    for forced, option, size in UDP_BUFFERS:
+        try:  # root may pass net.core.[rw]mem_max, which a fresh namespace keeps at 208 KiB
+            sock.setsockopt(socket.SOL_SOCKET, forced, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+    sock.setblocking(False)
     return sock
 
 

@@ -9590,6 +9590,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 SYSTEMD_DIR = Path("/etc/systemd/system")
+SERVICE_EXECUTABLE = Path("/usr/local/lib/nc/nc")  # off PATH: `nc` there is netcat on many hosts
 SERVICE_CACHE = "/var/cache/nc"  # where the unit's nc unpacks its libraries (ProtectHome hides ~/.shiv)
 
 
@@ -9609,6 +9610,7 @@ def service_unit(mode: str, executable: Path, config: Path | None, work_dir: str
         "Type=notify",
         "NotifyAccess=main",
         f"ExecStart={shlex.join(command)}",
+        "SyslogIdentifier=nc",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
         "RestartSec=2s",
@@ -9643,34 +9645,92 @@ def service_unit(mode: str, executable: Path, config: Path | None, work_dir: str
     return "\n".join(lines)
 
 
+def hidden_from_services(path: Path) -> str | None:
+    """The directory that hides path from the unit's sandbox (PrivateTmp, ProtectHome), if any."""
+    for hidden in ("/tmp", "/var/tmp", "/home", "/root", "/run/user"):
+        if path == Path(hidden) or Path(hidden) in path.parents:
+            return hidden
+    return None
+
+
+def install_executable(source: Path, target: Path) -> None:
+    """Copy the running nc to target in one step: a service that restarts meanwhile runs
+    the old file or the new one, never half of one."""
+    import shutil
+
+    if source == target.resolve():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, scratch)
+        scratch.chmod(0o755)
+        os.replace(scratch, target)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
 def cmd_install_service(args: argparse.Namespace) -> int:
-    """Write (or print) a systemd unit for this nc and this config."""
+    """Copy this nc to SERVICE_EXECUTABLE and write a systemd unit that runs it with this
+    config (or print both with --print)."""
     mode = args.mode
     default_config = Path(DEFAULT_CLIENT_WORK_DIR) / "client.yml" if mode == "client" else None
     config_path = Path(args.config).resolve() if args.config else default_config
+    if config_path is not None and any(ch in str(config_path) for ch in "\n\r\0"):
+        raise UsageError("--config: a path with a line break cannot go into a unit file")
     if mode == "client" and config_path is not None and not config_path.exists() and not args.print:
         raise UsageError(f"{config_path}: no such file; join first (nc client --join ...) or pass --config")
     config = load_config(str(config_path), mode) if config_path and config_path.exists() else load_config(None, mode)
-    unit = service_unit(mode, Path(sys.argv[0]).resolve(), config_path, config.work_dir)
+    problems = [
+        f"{path}: the service's sandbox hides {hidden}, so it could not use {what}; "
+        "move it (for example under /etc/nc or /var/lib) and run install-service again"
+        for what, path in (("the config", config_path), ("its work dir", Path(config.work_dir)))
+        if path is not None and (hidden := hidden_from_services(path))
+    ]
+    archive = running_archive()
+    if archive is None:
+        raise UsageError("install-service installs the nc file ./build.sh writes; run it from that file")
+    unit = service_unit(mode, SERVICE_EXECUTABLE, config_path, config.work_dir)
+    root = Path(args.root).resolve() if args.root else Path("/")
+    executable = root / SERVICE_EXECUTABLE.relative_to("/")
+    unit_path = root / SYSTEMD_DIR.relative_to("/") / f"nc-{mode}.service"
     if args.print:
-        sys.stdout.write(unit)
+        copy = f"would copy {archive} to {executable}" if archive != executable.resolve() else f"runs {executable}"
+        warnings = "".join(f"# warning: {problem}\n" for problem in problems)
+        sys.stdout.write(f"# nc install-service {mode}: {copy} and write {unit_path}\n{warnings}{unit}")
         return 0
-    if os.geteuid() != 0:
-        raise NcError("writing a systemd unit needs root; run with sudo, or add --print to see it")
-    path = SYSTEMD_DIR / f"nc-{mode}.service"
+    if problems:
+        raise UsageError(problems[0])
+    if os.geteuid() != 0 and not args.root:
+        raise NcError("installing a service needs root; run with sudo, or add --print to see what it would do")
     try:
-        path.write_text(unit)
+        install_executable(archive, executable)
+        unit_path.parent.mkdir(parents=True, exist_ok=True)
+        unit_path.write_text(unit)
     except OSError as e:
-        raise NcError(os_error_line(e, "is this a systemd host? add --print to see the unit")) from None
-    print(f"wrote {path}; now: systemctl daemon-reload && systemctl enable --now nc-{mode}")
+        raise NcError(os_error_line(e, "is this a systemd host? add --print to see what it would write")) from None
+    print(
+        f"installed {executable} and wrote {unit_path}; now: systemctl daemon-reload && systemctl enable --now nc-{mode}"
+    )
     return 0
 
 
 def cmd_version(args: argparse.Namespace) -> int:
+    import platform
     from importlib import metadata
 
     print(f"nc {VERSION}")
-    print(f"python {sys.version.split()[0]}")
+    print(f"python {platform.python_version()} ({platform.python_implementation()}, {sys.executable})")
+    libc = " ".join(platform.libc_ver()) or "unknown libc"
+    print(f"platform {platform.machine()} {platform.system()}, {libc}")
+    archive, extraction = running_archive(), shiv_extraction()
+    if archive is None or extraction is None:
+        print("packages from this Python's own site-packages (ncctl.py runs from source)")
+    else:
+        index = bundle_index(archive)
+        carried = " ".join(sorted(index["sets"], key=lambda tag: int(tag[2:])))
+        print(f"packages set {interpreter_tag()} in {extraction / interpreter_tag()}")
+        print(f"file {archive}: CPython {index['pythons']} ({carried}) on {index['arch']}, glibc >= {index['glibc']}")
     for dist in (
         "grpcio",
         "grpcio-reflection",
@@ -9821,13 +9881,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     service = commands.add_parser(
         "install-service",
-        help="write a systemd unit for the server or the client",
-        description="Write /etc/systemd/system/nc-MODE.service (Type=notify, watchdog, restart on failure, "
-        "reload by SIGHUP, hardened), or print it with --print.",
+        help="install this nc as a systemd service (server or client)",
+        description=f"Copy this nc to {SERVICE_EXECUTABLE} and write /etc/systemd/system/nc-MODE.service "
+        "(Type=notify, watchdog, restart on failure, reload by SIGHUP, hardened) that runs it; "
+        "--print shows both without changing anything.",
     )
     service.add_argument("mode", choices=["server", "client"])
     service.add_argument("--config", metavar="FILE", help="server.yml / client.yml the service runs with")
-    service.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    service.add_argument("--print", action="store_true", help="print what it would copy and write, change nothing")
+    service.add_argument("--root", metavar="DIR", help="install under DIR instead of / (building an image)")
     service.set_defaults(func=cmd_install_service)
     replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
     replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)
@@ -9883,6 +9945,112 @@ def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-use", action="store_true", help="consumed by its first join")
     parser.add_argument("--net", metavar="NAME", help="network the node joins (default: the default network)")
     parser.set_defaults(func=adm_token_create)
+
+
+# The file carries one set of packages per CPython (sets.tar.xz: one xz stream for them all,
+# indexed by nc-bundle.json; build.sh writes both). Its launcher has already refused an
+# interpreter without a set, so here the running interpreter's set is put on sys.path,
+# unpacked beside shiv's site-packages the first time this build runs under it.
+BUNDLE_INDEX = "nc-bundle.json"
+BUNDLE_SETS = "sets.tar.xz"
+
+
+def interpreter_tag() -> str:
+    """The bundle's name for the running interpreter's set: cp39, cp310, ..."""
+    return f"cp{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def running_archive() -> Path | None:
+    """The nc file this process was started from; None when ncctl.py runs from source."""
+    if shiv_extraction() is None:
+        return None
+    path = Path(sys.argv[0]).resolve()
+    return path if path.is_file() else None
+
+
+def bundle_index(archive: Path) -> dict[str, Any]:
+    """What the file carries: its architecture, glibc floor, and each interpreter's wheels."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zipapp:
+        return json.loads(zipapp.read(BUNDLE_INDEX))
+
+
+def use_bundled_set() -> Path | None:
+    """Put this interpreter's packages on sys.path, after shiv's site-packages (ncctl.py and
+    proto/), before the host's own. Returns their directory; None when run from source."""
+    extraction, archive = shiv_extraction(), running_archive()
+    if extraction is None or archive is None:
+        return None
+    target = extraction / interpreter_tag()
+    if not target.is_dir():
+        unpack_bundled_set(archive, target)
+    site = str(extraction / "site-packages")
+    sys.path.insert(sys.path.index(site) + 1 if site in sys.path else 0, str(target))
+    return target
+
+
+def unpack_bundled_set(archive: Path, target: Path) -> None:
+    """Unpack this interpreter's wheels from the archive into target: into a scratch
+    directory renamed when complete, under a lock, so nc processes starting together
+    unpack it once and none ever sees half of it."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    lock = os.open(target.parent / f".{target.name}_lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return  # another nc unpacked it while this one waited
+        wanted = set(bundle_index(archive)["sets"].get(interpreter_tag(), ()))
+        if not wanted:
+            raise NcError(f"{archive} carries no packages for Python {sys.version.split()[0]}")
+        if sys.stderr.isatty():
+            print(f"nc: first start of this build on Python {sys.version.split()[0]}: unpacking", file=sys.stderr)
+        scratch = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(scratch, ignore_errors=True)
+        with zipfile.ZipFile(archive) as zipapp, zipapp.open(BUNDLE_SETS) as stream:
+            with tarfile.open(fileobj=stream, mode="r|xz") as tar:
+                for member in tar:  # grouped by wheel, in name order: stop after the last wanted
+                    wheel, _, name = member.name.partition("/")
+                    if wheel not in wanted:
+                        if all(other < wheel for other in wanted):
+                            break
+                        continue
+                    if not member.isfile() or name.startswith("/") or ".." in Path(name).parts:
+                        raise NcError(f"{archive}: a damaged package entry {member.name!r}; copy the file again")
+                    path = scratch / name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    source = tar.extractfile(member)
+                    assert source is not None  # a regular file, checked above
+                    with source, open(path, "wb") as out:
+                        shutil.copyfileobj(source, out)
+                    path.chmod(member.mode & 0o755)
+        scratch.rename(target)
+    finally:
+        os.close(lock)
+
+
+PR_SET_NAME = 15  # prctl(2): the thread's name, as top, ps -e and the journal (_COMM) show it
+
+
+def name_process(name: str = "nc") -> None:
+    """Show this process as nc rather than as the python3 that runs the file: its name
+    (threads started later inherit it) and, for ps, its command line without the
+    interpreter, rewritten in place in the memory the kernel reads it from."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()), 0, 0, 0)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
+        words = "\0".join(sys.argv).encode() + b"\0"
+        if len(words) <= end - start:
+            with open("/proc/self/mem", "r+b", buffering=0) as memory:
+                memory.seek(start)
+                memory.write(words.ljust(end - start, b"\0"))
 
 
 OLD_EXTRACTION_AGE_S = 3600  # unused this long (by its in-use marker, else since extraction): removable
@@ -10003,6 +10171,12 @@ def tidy_shiv_root() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        use_bundled_set()
+    except (NcError, OSError, KeyError, ValueError, EOFError) as e:  # a truncated or damaged file
+        print(f"nc: error: cannot unpack the packages this nc carries: {e}", file=sys.stderr)
+        return 2
+    name_process()
     tidy_shiv_root()
     args = build_parser().parse_args(argv)
     if args.command == "adm":
@@ -10014,8 +10188,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except ImportError as e:  # grpcio, PyYAML, cryptography are imported lazily, when first needed
         print(
-            f"nc: error: cannot load {e.name or 'a bundled library'} on Python {sys.version.split()[0]}: this nc needs "
-            "CPython 3.11 on x86_64 Linux with glibc 2.34 or newer, the platform its bundled wheels are built for",
+            f"nc: error: cannot load {e.name or 'a bundled library'} on Python {sys.version.split()[0]} ({e}); "
+            "copy this nc again, or rebuild it with ./build.sh",
             file=sys.stderr,
         )
         return 1

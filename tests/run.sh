@@ -11,7 +11,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 missing=()
-for pair in ip:iproute2 ping:iputils-ping iperf3:iperf3 iptables:iptables tcpdump:tcpdump systemd-analyze:systemd etcd:etcd-server etcdctl:etcd-client; do
+for pair in ip:iproute2 ping:iputils-ping iperf3:iperf3 iptables:iptables tcpdump:tcpdump systemd-analyze:systemd \
+    etcd:etcd-server etcdctl:etcd-client objdump:binutils ps:procps debootstrap:debootstrap \
+    qemu-aarch64-static:qemu-user-static update-binfmts:binfmt-support; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -20,8 +22,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# ./nc for this machine, and the file for the other architecture (the aarch64 tests run it
+# under qemu-user in a Debian arm64 root; the x86_64 one must refuse to run here).
 ./build.sh
+case $(uname -m) in x86_64) ./build.sh --arch aarch64 ;; *) ./build.sh --arch x86_64 ;; esac
 echo "==> test tools"
+[ -x .build/venv/bin/python ] || "${PYTHON:-python3}" -m venv .build/venv
 .build/venv/bin/pip install --quiet --disable-pip-version-check --require-hashes --only-binary=:all: -r .build/runtime.lock
 .build/venv/bin/pip install --quiet --disable-pip-version-check pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.15
 

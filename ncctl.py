@@ -10027,9 +10027,20 @@ def unpack_bundled_set(archive: Path, target: Path) -> None:
                     with source, open(path, "wb") as out:
                         shutil.copyfileobj(source, out)
                     path.chmod(member.mode & 0o755)
+        compile_for_this_interpreter(scratch, shown_as=target)
+        compile_for_this_interpreter(target.parent / "site-packages")  # another interpreter may have unpacked it
         scratch.rename(target)
     finally:
         os.close(lock)
+
+
+def compile_for_this_interpreter(directory: Path, shown_as: Path | None = None) -> None:
+    """Byte-compile once, at unpacking, what later starts import, even where
+    PYTHONDONTWRITEBYTECODE keeps the import system from writing it (compiling ncctl.py
+    alone takes longer than the rest of a start)."""
+    import compileall
+
+    compileall.compile_dir(str(directory), ddir=str(shown_as) if shown_as else None, quiet=2, workers=1)
 
 
 PR_SET_NAME = 15  # prctl(2): the thread's name, as top, ps -e and the journal (_COMM) show it

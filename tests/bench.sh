@@ -12,6 +12,8 @@
 #               (tests/bench_wan.py; not part of "all")
 #   fallback    UDP blocked before the join and mid-session: time to TCP and back
 #               (tests/bench_fallback.py; not part of "all")
+#   portable    the file's size, first and later start, unpacked size, per CPython
+#               3.9-3.13 beside the bare interpreter's start (tests/bench_portable.py)
 #   all         all of them, one after the other (default)
 # Extra arguments go to the one benchmark named, e.g.
 #   tests/bench.sh throughput --seconds 3 --repeat 1
@@ -23,7 +25,7 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 [ $# -gt 0 ] && shift
 case "$what" in
-    throughput | scale | pool | hostile | floods | ha | wan | fallback) ;;
+    throughput | scale | pool | hostile | floods | ha | wan | fallback | portable) ;;
     all)
         if [ $# -gt 0 ]; then
             echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool, hostile, floods or ha)" >&2
@@ -31,11 +33,11 @@ case "$what" in
         fi
         ;;
     -h | --help)
-        sed -n '2,19s/^# \{0,1\}//p' "$0"
+        sed -n '2,21s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)
-        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha, wan, fallback or all" >&2
+        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha, wan, fallback, portable or all" >&2
         exit 2
         ;;
 esac
@@ -68,6 +70,7 @@ if [ "$what" = all ]; then
     run hostile
     run floods
     run ha
+    run portable
 else
     run "$what" "$@"
 fi

@@ -80,12 +80,20 @@ class Process:
 class Host:
     def __init__(self, lab: Lab, name: str, ns: str, ip: str) -> None:
         self.lab, self.name, self.ns, self.ip = lab, name, ns, ip
+        # Another userland for this host: words put before every command it runs (e.g. a
+        # chroot into an arm64 root), and the nc that nc()/spawn_nc() run in it.
+        self.prefix: tuple[str, ...] = ()
+        self.nc_path = str(NC)
 
     def run(
         self, *args: str, check: bool = True, timeout: float = 60, input: str | None = None
     ) -> subprocess.CompletedProcess:
         done = subprocess.run(
-            ["ip", "netns", "exec", self.ns, *args], capture_output=True, text=True, timeout=timeout, input=input
+            ["ip", "netns", "exec", self.ns, *self.prefix, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
         )
         if check and done.returncode != 0:
             raise RuntimeError(
@@ -105,13 +113,13 @@ class Host:
         return ip6
 
     def nc(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        return self.run(str(NC), *args, check=check, timeout=timeout)
+        return self.run(self.nc_path, *args, check=check, timeout=timeout)
 
     def spawn(self, *args: str, name: str | None = None) -> Process:
         log_path = self.lab.dir / f"{name or self.name}-{len(self.lab.processes)}.log"
         with open(log_path, "wb") as handle:
             popen = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns, *args],
+                ["ip", "netns", "exec", self.ns, *self.prefix, *args],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -121,7 +129,7 @@ class Host:
         return process
 
     def spawn_nc(self, *args: str, name: str | None = None) -> Process:
-        return self.spawn(str(NC), *args, name=name)
+        return self.spawn(self.nc_path, *args, name=name)
 
     def ping(self, target: str, count: int = 1, timeout: float = 2) -> bool:
         done = self.run(

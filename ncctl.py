@@ -3007,6 +3007,7 @@ class Sessions:
 
     def live(self) -> dict[str, dict[str, Any]]:
         """Connected nodes: node-token -> since (epoch seconds), rx_bytes, tx_bytes."""
+        return {}
 
     def transports(self) -> dict[str, str]:
         """The data path ("udp" or "tcp") of each connected node, by node-token."""
@@ -3076,6 +3077,7 @@ class ControlPlane:
         self._network_lock = threading.Lock()  # one network create/delete at a time
         self.refusals: collections.Counter[str] = collections.Counter()  # joins refused, by reason (metrics)
         self.observe_join: Callable[[float], None] = lambda _seconds: None  # join latency (metrics)
+        self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # data-plane TLS latency (metrics)
         self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: every one's address
 
     # -- identity -----------------------------------------------------------------
@@ -6270,7 +6272,6 @@ class NetworkServer(Sessions):
         self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
         self.handshaker: Handshaker | None = None
         self.wake_r = self.wake_w = -1
-        self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # TLS latency (metrics)
 
     @property
     def replicas(self) -> Callable[[], tuple[str, ...]]:
@@ -6289,7 +6290,7 @@ class NetworkServer(Sessions):
             self.tls = self._tls_context()
             self.listener = self._listen()
             self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
-            self.handshaker.observe = self.observe_handshake
+            self.handshaker.observe = self.lifecycle.control.observe_handshake
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll.register(self.wake_r, select.EPOLLIN)
             if self.config.transport != "tcp":
@@ -8182,10 +8183,10 @@ class ServerMetrics:
     from the parts at scrape time (nothing on the packet path but plain integer counters);
     the two latency histograms are fed by hooks of the control plane and the handshaker."""
 
-    def __init__(self, control: ControlPlane, network: NetworkServer) -> None:
+    def __init__(self, control: ControlPlane, role: ServerRole) -> None:
         from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
 
-        self.control, self.network = control, network
+        self.control, self.role = control, role
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -8203,7 +8204,7 @@ class ServerMetrics:
         )
         self.registry.register(self)
         control.observe_join = self.join_seconds.observe
-        network.observe_handshake = self.handshake_seconds.observe
+        control.observe_handshake = self.handshake_seconds.observe
         self.httpd: Any = None
         self.guard: GrpcGuard | None = None  # its refusals count as "grpc-limit"
 
@@ -8245,12 +8246,16 @@ class ServerMetrics:
             pool.add_metric([overlay.name, "free"], overlay.bindings.pool.capacity - bound)
         yield nodes
         yield pool
+        info = GaugeMetricFamily("nc_server", "This server: its version and role", labels=["version", "role"])
+        info.add_metric([VERSION, self.role.describe()], 1)
+        yield info
+        network = self.role.data_plane()  # None on a standby: the leader carries the traffic
         sessions = GaugeMetricFamily("nc_sessions", "Live data-plane sessions by transport", labels=["transport"])
-        by_transport = collections.Counter(self.network.transports().values())
+        by_transport = collections.Counter(network.transports().values() if network else ())
         for transport in ("tcp", "udp"):
             sessions.add_metric([transport], by_transport[transport])
         yield sessions
-        traffic = self.network.traffic()
+        traffic = network.traffic() if network else collections.Counter()
         data = CounterMetricFamily("nc_data", "Data-plane traffic with nodes", labels=["direction"], unit="bytes")
         packets = CounterMetricFamily("nc_packets", "Data frames with nodes", labels=["direction"])
         for direction in ("rx", "tx"):
@@ -8258,9 +8263,9 @@ class ServerMetrics:
             packets.add_metric([direction], traffic[f"{direction}_packets"])
         yield data
         yield packets
-        counters = collections.Counter(self.network.counters)
-        if self.network.handshaker is not None:
-            counters.update(self.network.handshaker.counters)
+        counters = collections.Counter(network.counters if network else ())
+        if network is not None and network.handshaker is not None:
+            counters.update(network.handshaker.counters)
         drops = CounterMetricFamily("nc_drops", "Packets dropped by reason", labels=["reason"])
         for name, value in sorted(counters.items()):
             if name.startswith("dropped-"):
@@ -8291,71 +8296,163 @@ def run_server(config: ServerConfig, config_path: str | None = None) -> int:
     limit_malloc_arenas()  # before gRPC starts its threads
     os.umask(0o077)  # keys, the database and logs are for root only
     try:
-        return serve_replica(config, fd_limit) if config.datastore_endpoint else serve(config, fd_limit, config_path)
+        return serve(config, fd_limit, config_path)
     except OSError as e:  # files of the workDir: a read-only or full disk
         fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
         raise NcError(os_error_line(e, fix)) from None
 
 
+class ServerRole(Protocol):
+    """Where the data plane runs: on a single server always (SingleRole); on a replica
+    on etcd while it leads, its port referring nodes to the leader otherwise (ReplicaRole).
+    Everything else about a server is the same for both and lives in serve()."""
+
+    def prepare(self, admin_cert: CertRecord) -> None:
+        """The store's part of the start (the reserved node-token), before the pools load it."""
+
+    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
+        """Start the data plane (or the campaign for it); returns the threads serve() starts,
+        watches and joins."""
+        ...
+
+    def ready(self) -> str:
+        """Wait until the data plane (or a first role) is taken; what STATUS= says then."""
+        ...
+
+    def data_plane(self) -> NetworkServer | None:
+        """The data plane running here now, if any."""
+        ...
+
+    def describe(self) -> str:
+        """single, leader or standby: for logs and the metrics' role label."""
+        ...
+
+    def end(self) -> None:
+        """Stop what begin() started that its threads do not stop themselves."""
+
+
+class SingleRole:
+    """A server alone on its sqlite store: the data plane runs here from start to stop."""
+
+    def __init__(self, config: ServerConfig, store: Store, stop: threading.Event) -> None:
+        self.config, self.store, self.stop = config, store, stop
+        self.network: NetworkServer | None = None
+
+    def prepare(self, admin_cert: CertRecord) -> None:
+        reset = self.store.reset_states(STATE_CONNECTED)
+        if reset:
+            log.info("reset %d stale connection state(s) to idle", reset)
+        ensure_reserved(self.store, str(self.config.server_overlay_ip), admin_cert)
+
+    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
+        network = NetworkServer(self.config, control)
+        for thread in (network.thread, network.worker):
+            supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
+        network.start()
+        self.network = control.sessions = network
+        return [TokenSweeper(self.store, self.stop), CacheSync(control.overlays, self.stop)]
+
+    def ready(self) -> str:
+        return f"serving {len(self.network.planes) if self.network else 0} network(s)"
+
+    def data_plane(self) -> NetworkServer | None:
+        return self.network
+
+    def describe(self) -> str:
+        return "single"
+
+    def end(self) -> None:
+        if self.network is not None:
+            self.network.stop()
+        with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
+            self.store.reset_states(STATE_IDLE)
+
+
+def run_start_up_step(name: str, step: Callable[[], None]) -> None:
+    """Start-up work that the design runs in a thread of its own (the reserved-token
+    check): run it there and wait; its failure fails the start instead of leaving a
+    server that runs without, say, its admin identity."""
+    failures: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            step()
+        except BaseException as e:  # handed to the main thread, which raises it
+            failures.append(e)
+
+    thread = threading.Thread(target=body, name=name)
+    thread.start()
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
 def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -> int:
+    """`nc server`: alone on its sqlite store, or (datastoreEndpoint) one replica of several
+    on etcd. The same start-up, supervision (every long-lived part watched), READY=1 and
+    watchdog, SIGHUP reload, metrics and shutdown for both; the role decides only where
+    the data plane runs."""
+    kind = "replica" if config.datastore_endpoint else "server"
     with work_dir_lock(Path(config.work_dir)):
         advertised = config.ip or detect_server_ip()
         underlay_ip = resolve_host(advertised)  # a DNS name: for certificates and the CIDR rules
         server_ip = str(config.server_overlay_ip)
+        where = f", datastore {config.datastore_endpoint}" if config.datastore_endpoint else ""
         log.info(
-            "nc %s server starting: advertised address %s, overlay %s (server %s)",
+            "nc %s %s starting: advertised address %s, overlay %s (server %s)%s",
             VERSION,
+            kind,
             advertised,
             config.overlay,
             server_ip,
+            where,
         )
-        pki = Pki(config)
-        admin_cert = pki.ensure((underlay_ip, "127.0.0.1", server_ip))
-        store = Store(config.db_path)
+        store = open_store(config)
         stop = threading.Event()
         threads: list[threading.Thread] = []
         servers: list[Any] = []
-        network: NetworkServer | None = None
+        role: ServerRole | None = None
         metrics: ServerMetrics | None = None
         supervisor = Supervisor()
         threading.excepthook = supervisor.on_thread_exception
         code = 0
         try:
-            reset = store.reset_states(STATE_CONNECTED)
-            if reset:
-                log.info("reset %d stale connection state(s) to idle", reset)
-            check = threading.Thread(target=ensure_reserved, args=(store, server_ip, admin_cert), name="reserved-check")
-            check.start()
-            check.join()
+            pki = Pki(config)
+            if isinstance(store, EtcdStore):
+                share_pki(store.etcd, pki, config.cluster_token)
+            admin_cert = pki.ensure((underlay_ip, "127.0.0.1", server_ip))
+            chosen: ServerRole = (
+                ReplicaRole(store, config, advertised, stop)
+                if isinstance(store, EtcdStore)
+                else SingleRole(config, store, stop)
+            )
+            run_start_up_step("reserved-check", lambda: chosen.prepare(admin_cert))
             overlays = Overlays(store, config)
             control = ControlPlane(config, store, pki, overlays, advertised)
             control.underlay_ip = underlay_ip
             control.check_config_networks()
-            network = NetworkServer(config, control)
-            metrics = ServerMetrics(control, network) if config.metrics_addr else None
-            threads = [TokenSweeper(store, stop), CacheSync(overlays, stop), MemoryTrimmer(stop)]
-            for thread in (network.thread, network.worker, *threads):
-                supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
-            network.start()
-            control.sessions = network
+            metrics = ServerMetrics(control, chosen) if config.metrics_addr else None
+            role = chosen
+            threads = [*role.begin(control, supervisor), MemoryTrimmer(stop)]
             guard = GrpcGuard(stop)
             try:
                 servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
             except BaseException:
                 guard.close()  # its public ports; the thread never started
                 raise
-            supervisor.watch_thread(guard)
             threads.insert(0, guard)
             if metrics is not None:
                 metrics.guard = guard
             for thread in threads:
+                supervisor.watch_thread(thread)
                 thread.start()
             if metrics is not None:
                 metrics.serve(config.metrics_addr)
             for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
                 supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
-            log.info("nc server ready; join string pin %s", pki.ca_pin())
-            sd_notify(f"READY=1\nSTATUS=serving {len(network.planes)} network(s)")  # every port listens now
+            status = role.ready()
+            log.info("nc %s ready (%s); join string pin %s", kind, status, pki.ca_pin())
+            sd_notify(f"READY=1\nSTATUS={status}")  # every port listens now
             watchdog, reload = Watchdog(), threading.Event()
             signal.signal(signal.SIGHUP, lambda *_: reload.set())
 
@@ -8365,7 +8462,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
                     sd_notify("RELOADING=1")
                     reload_server_config(config, config_path, control)
                     sd_notify("READY=1")
-                watchdog.ping(network.running())
+                watchdog.ping(control.sessions.running())  # a leader's data plane, a standby's referrals
 
             code = wait_for_stop_signal(stop, supervisor, tick)
         finally:
@@ -8374,16 +8471,14 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
                 metrics.close()
             for server in servers:
                 server.stop(grace=1.0).wait(3.0)
-            if network is not None:
-                network.stop()
+            if role is not None:
+                role.end()
             for thread in threads:
                 if thread.ident is not None:  # a start that failed early never started them
-                    thread.join(timeout=5.0)
-            with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
-                store.reset_states(STATE_IDLE)
+                    thread.join(timeout=10.0)
             store.close()
             threading.excepthook = threading.__excepthook__
-            log.info("nc server stopped")
+            log.info("nc %s stopped", kind)
     return code
 
 
@@ -8477,16 +8572,10 @@ class ReplicaRole(threading.Thread):
     otherwise), heartbeats this replica's entry for `nc adm replica list`, and fences:
     a leader that cannot renew its lease stops its data plane before the lease ends."""
 
-    def __init__(
-        self,
-        store: EtcdStore,
-        config: ServerConfig,
-        control: ControlPlane,
-        advertised: str,
-        stop: threading.Event,
-    ) -> None:
+    def __init__(self, store: EtcdStore, config: ServerConfig, advertised: str, stop: threading.Event) -> None:
         super().__init__(name="replica-role", daemon=True)
-        self.store, self.etcd, self.config, self.control = store, store.etcd, config, control
+        self.store, self.etcd, self.config = store, store.etcd, config
+        self.control: ControlPlane  # begin() gives it
         self.advertised, self.stop = advertised, stop
         self.campaign_key = self.etcd.key("leader")
         self.lease = 0
@@ -8503,6 +8592,33 @@ class ReplicaRole(threading.Thread):
     @property
     def leading(self) -> bool:
         return self.network is not None
+
+    # -- its ServerRole part: what serve() asks of it ------------------------------
+
+    def prepare(self, admin_cert: CertRecord) -> None:
+        self.store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))  # every replica's admin identity
+
+    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
+        self.control = control
+        control.replicas = lambda: self.replicas
+        sweeper = TokenSweeper(self.store, self.stop)
+        sweeper.leads = lambda: self.store.fence is not None  # only the leader sweeps
+        return [sweeper, StoreWatch(self.store, control, self.stop), self]
+
+    def ready(self) -> str:
+        self.became.wait(10.0)
+        return self.describe()
+
+    def data_plane(self) -> NetworkServer | None:
+        return self.network
+
+    def describe(self) -> str:
+        return REPLICA_ROLE_LEADER if self.leading else REPLICA_ROLE_STANDBY
+
+    def end(self) -> None:
+        pass  # its own thread steps down and closes its port when stop is set
+
+    # -- the role loop --------------------------------------------------------------
 
     def run(self) -> None:
         try:
@@ -8700,61 +8816,6 @@ class StoreWatch(threading.Thread):
             log.info("network %s was deleted on another replica", name)
             self.overlays.remove(name)
             self.control.sessions.remove_overlay(name)
-
-
-def serve_replica(config: ServerConfig, fd_limit: int) -> int:
-    """`nc server` with datastoreEndpoint: one replica of several on etcd."""
-    with work_dir_lock(Path(config.work_dir)):
-        advertised = config.ip or detect_server_ip()
-        server_ip = str(config.server_overlay_ip)
-        log.info("nc %s replica starting: advertised %s, datastore %s", VERSION, advertised, config.datastore_endpoint)
-        store = open_store(config)
-        stop = threading.Event()
-        threads: list[threading.Thread] = []
-        servers: list[Any] = []
-        supervisor = Supervisor()
-        threading.excepthook = supervisor.on_thread_exception
-        code = 0
-        try:
-            pki = Pki(config)
-            share_pki(store.etcd, pki, config.cluster_token)
-            admin_cert = pki.ensure((advertised, "127.0.0.1", server_ip))
-            store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))  # every replica's admin identity
-            overlays = Overlays(store, config)
-            control = ControlPlane(config, store, pki, overlays, advertised)
-            control.check_config_networks()
-            role = ReplicaRole(store, config, control, advertised, stop)
-            control.replicas = lambda: role.replicas
-            sweeper = TokenSweeper(store, stop)
-            sweeper.leads = lambda: store.fence is not None
-            threads = [sweeper, StoreWatch(store, control, stop), MemoryTrimmer(stop)]
-            guard = GrpcGuard(stop)
-            try:
-                servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
-            except BaseException:
-                guard.close()
-                raise
-            threads.insert(0, guard)
-            threads.append(role)
-            for thread in threads:
-                supervisor.watch_thread(thread)
-                thread.start()
-            for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
-                supervisor.watch(name, lambda s=server: s.wait_for_termination(0))
-            role.became.wait(10.0)
-            log.info("nc replica ready; join string pin %s", pki.ca_pin())
-            code = wait_for_stop_signal(stop, supervisor)
-        finally:
-            stop.set()
-            for server in servers:
-                server.stop(grace=1.0).wait(3.0)
-            for thread in threads:
-                if thread.ident is not None:  # started: a failed start may come before that
-                    thread.join(timeout=10.0)
-            store.close()
-            threading.excepthook = threading.__excepthook__
-            log.info("nc replica stopped")
-    return code
 
 
 # ============================================================================

@@ -57,7 +57,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -6491,6 +6491,7 @@ BACKOFF_CAP_S = 30.0
 STABLE_SESSION_S = 10.0  # a session that lasted this long resets the reconnect backoff
 RENEW_CHECK_S = 60.0  # how often at most the client looks at its certificates' age
 CERTS_RENEWED = "certificates renewed"  # a session ended by this reconnects at once
+UNEXPECTED_CONNECT_ERROR = "unexpected error while connecting"  # a bug: logged, retried with backoff
 
 
 class Refused(NcError):
@@ -6507,28 +6508,338 @@ class StopRequested(BaseException):
     """Raised by the signal handler to abandon a blocking connect."""
 
 
-class NetworkClient:
+class ServerFollower:
+    """Which server the node tries next: the replicas it knows, in order, the leader a
+    standby named, and replicas a welcome names; and how long to wait between rounds."""
+
+    def __init__(self, server_addr: str, port: int, counters: collections.Counter[str]) -> None:
+        self.servers = server_addresses(server_addr)  # the replicas this node knows, in trying order
+        self.server = self.servers[0] if self.servers else server_addr
+        self.port = port
+        self.counters = counters
+        self.leader_hint = ""  # a standby's refusal named the leader: try it next
+        self.backoff = 0.5
+
+    @property
+    def address(self) -> str:
+        return host_port(self.server, self.port)
+
+    @property
+    def connect_timeout(self) -> float:
+        return HANDSHAKE_TIMEOUT_S if len(self.servers) < 2 else REPLICA_CONNECT_TIMEOUT_S
+
+    def follow(self) -> bool:
+        """After a failed or ended session: move to the leader a standby named, else to
+        the next known replica. False with one server (the old single-server retry)."""
+        hint, self.leader_hint = self.leader_hint, ""
+        if hint and hint != self.server:
+            if hint not in self.servers:
+                self.servers.append(hint)
+            self.server = hint
+            return True
+        if len(self.servers) < 2:
+            return False
+        index = self.servers.index(self.server) if self.server in self.servers else -1
+        self.server = self.servers[(index + 1) % len(self.servers)]
+        self.counters["replica-switches"] += 1
+        return self.counters["replica-switches"] % (2 * len(self.servers)) != 0  # a full round: back off once
+
+    def learn(self, replicas: Iterable[str]) -> None:
+        """Replicas added since the join, named by a welcome: followed from now on."""
+        learned = [r for r in replicas if r not in self.servers]
+        if learned:
+            self.servers.extend(learned)
+            log.info("server replicas: %s", ", ".join(self.servers))
+
+    def session_lasted(self, seconds: float) -> None:
+        if seconds > STABLE_SESSION_S:
+            self.backoff = 0.5
+
+    def next_delay(self) -> float:
+        """The wait before the next round: doubling, with jitter, up to a cap (short with
+        several replicas: one is normally up within a lease's time)."""
+        self.backoff = min(self.backoff * 2, BACKOFF_CAP_S if len(self.servers) < 2 else REPLICA_BACKOFF_CAP_S)
+        return random.uniform(0.5, 1.0) * self.backoff
+
+
+class NodeInterface:
+    """The node's side of the kernel: the nc0 TUN (made at the first welcome, kept across
+    sessions), its address, and the routes the welcome and redirectGateway ask for."""
+
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.stop = threading.Event()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.tun: Tun | None = None
+        self.reader: TunReader | None = None
         self.routes = RouteSet()
         self.address: ipaddress.IPv4Interface | None = None
         self.gso = False  # this session agreed on FRAME_GSO_PACKET
         self.server_mtu = DEFAULT_MTU  # the welcome's: the largest segment the server may send
-        self.reader: TunReader | None = None
+
+    def ensure(self, welcome: Welcome) -> Tun:
+        """The TUN device, created at the first welcome and kept across sessions."""
+        self.gso = CAP_GSO in welcome.caps
+        self.server_mtu = welcome.mtu
+        if self.tun is None:
+            self.tun = Tun("nc0", offload=self.gso)
+            self.reader = TunReader(self.tun)
+        return self.tun
+
+    def configure(self, welcome: Welcome, server_ip: str) -> str | None:
+        """Address and routes, set again only when the address changed; returns why
+        that failed (the session then ends and is retried from scratch)."""
+        assert self.tun is not None
+        if self.address == welcome.interface:
+            return None
+        if self.address is not None:
+            log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
+        self.routes.close()
+        self.address = None  # until it is configured in full
+        try:
+            self.tun.configure(welcome.interface, min(self.config.mtu, welcome.mtu))
+            self._add_welcome_routes(welcome)
+            if self.config.redirect_gateway:
+                self._redirect_gateway(server_ip)
+        except TunError as e:
+            self.routes.close()
+            return f"cannot configure {self.tun.name}: {e}"
+        self.address = welcome.interface
+        return None
+
+    def _add_welcome_routes(self, welcome: Welcome) -> None:
+        """Routes the server hands out, beyond the overlay subnet itself. One that
+        clashes with a route of this host is skipped: the host's own routing wins."""
+        assert self.tun is not None
+        for route in welcome.routes:
+            if ipaddress.IPv4Network(route).subnet_of(welcome.interface.network):
+                continue
+            try:
+                self.routes.add(route, "dev", self.tun.name)
+                log.info("routing %s into the tunnel, as the server asks", route)
+            except TunError as e:
+                log.warning("not routing %s into the tunnel: %s", route, e)
+
+    def _redirect_gateway(self, server_ip: str) -> None:
+        """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
+        IPv4 server via today's path, then 0/1 and 128/1 (more specific than default).
+        A tunnel over IPv6 needs no exception: IPv4 routes cannot capture it."""
+        assert self.tun is not None
+        if ipaddress.ip_address(server_ip).version == 4:
+            path = route_to(server_ip)
+            spec = [f"{server_ip}/32"] + (["via", path["gateway"]] if "gateway" in path else []) + ["dev", path["dev"]]
+            self.routes.replace(*spec)  # the one route a killed run leaves behind
+        self.routes.add("0.0.0.0/1", "dev", self.tun.name)
+        self.routes.add("128.0.0.0/1", "dev", self.tun.name)
+
+    def close(self) -> None:
+        self.routes.close()
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+            log.info("removed TUN device and routes")
+
+
+class NodeSession:
+    """One session's packet pump: TUN to server and back over the TLS link, or over the
+    UDP path while it carries; keepalives, the UDP path's probes and rekeys."""
+
+    def __init__(
+        self,
+        link: Link,
+        welcome: Welcome,
+        udp: DatagramPath | None,
+        interface: NodeInterface,
+        client: NetworkClient,
+    ) -> None:
+        assert interface.tun is not None and interface.reader is not None
+        self.link, self.welcome, self.udp = link, welcome, udp
+        self.tun, self.reader = interface.tun, interface.reader
+        self.gso, self.server_mtu = interface.gso, interface.server_mtu
+        self.client = client  # its stop and renewal events, wake pipe, counters, refusal handling
+        self.counters = client.counters
+
+    def pump(self) -> str | None:
+        """Move packets until the session ends; returns why (None when stopping)."""
+        link, udp, client = self.link, self.udp, self.client
+        poller = Poller()
+        tun_fd = self.tun.fd
+        try:
+            poller.register(link.fd, select.EPOLLIN)
+            poller.register(tun_fd, select.EPOLLIN)
+            poller.register(client.wake_r, select.EPOLLIN)
+            udp_fd, udp_stalled = -1, False
+            if udp is not None:
+                udp_fd = udp.fd
+                poller.register(udp_fd, select.EPOLLIN)
+                if udp.mode == "udp":
+                    link.queue(encode_control(FRAME_TRANSPORT, {"transport": "udp"}))
+                udp.tick(time.monotonic())  # the first probe
+            keepalive = self.welcome.keepalive
+            next_tick = time.monotonic() + 1.0
+            next_udp_tick = time.monotonic() + 0.25
+            want_out = False
+            self._deliver(link)  # frames that came in the same read as the welcome
+            while not client.stop.is_set():
+                if client.renewed.is_set():
+                    with contextlib.suppress(OSError):
+                        os.read(client.wake_r, 64)
+                    return CERTS_RENEWED
+                for fd, events in poller.poll(0.25 if udp is not None else 1.0):
+                    if fd == tun_fd:
+                        self._read_tun(1 if poller.woke else 256)
+                    elif fd == udp_fd:
+                        if events & select.EPOLLOUT:
+                            udp.flush()  # type: ignore[union-attr]
+                        if events & select.EPOLLIN:
+                            self._read_datagrams(1 if poller.woke else UDP_DATAGRAMS_PER_TURN)
+                    elif fd == link.fd:
+                        link.receive(self._deliver, once=poller.woke)
+                if udp is not None and bool(udp.backlog) != udp_stalled:
+                    # A full socket: wait for room before reading more from the TUN, so the
+                    # queue stays short and the inner TCP feels the limit instead of losses.
+                    udp_stalled = bool(udp.backlog)
+                    poller.modify(udp_fd, select.EPOLLIN | select.EPOLLOUT if udp_stalled else select.EPOLLIN)
+                    poller.modify(tun_fd, 0 if udp_stalled else select.EPOLLIN)
+                now = poller.now
+                if udp is not None and now >= next_udp_tick:
+                    next_udp_tick = now + 0.25
+                    self._tick_datagram_path(udp, now)
+                blocked = not link.flush()
+                if blocked != want_out:
+                    want_out = blocked
+                    poller.modify(link.fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
+                if now >= next_tick:
+                    next_tick = now + 1.0
+                    if now - link.last_rx > 3 * keepalive:
+                        return f"server silent for {3 * keepalive} s"
+                    if now - link.last_tx >= keepalive:
+                        link.queue(encode_frame(FRAME_KEEPALIVE))
+            return None
+        except PeerClosed:
+            return "server closed the connection"
+        except (OSError, ssl.SSLError) as e:
+            return f"connection error: {e}"
+        except ProtocolError as e:
+            return f"protocol error: {e}"
+        finally:
+            poller.close()
+
+    def _tick_datagram_path(self, udp: DatagramPath, now: float) -> None:
+        """Probe, switch and rekey the UDP path; the server hears of each over TLS."""
+        transport = udp.tick(now)
+        if transport is not None:
+            self.link.queue(encode_control(FRAME_TRANSPORT, {"transport": transport}))
+        if (rekey := udp.rekey_request(now)) is not None:
+            self.link.queue(rekey)
+
+    def _read_datagrams(self, limit: int) -> None:
+        udp = self.udp
+        assert udp is not None
+        buffers = []  # virtio_net_hdr + packet, checked
+        for frame in coalesce_pieces(udp.receive(limit)):
+            kind, view = frame[0], memoryview(frame)[4:]
+            try:
+                if kind == FRAME_PACKET:
+                    check_packet(view, self.server_mtu)
+                    buffers.append(ZERO_VNET_HDR + view)
+                elif kind == FRAME_GSO_PACKET and self.gso:
+                    buffers.append(gso_header(view, self.server_mtu) + view[VNET_HDR_LEN:])
+            except BadFrame as e:
+                self.counters["dropped-" + e.reason] += 1
+        write_tun_batch(self.tun, buffers, self._tun_write_failed)
+        if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
+            self._tick_datagram_path(udp, time.monotonic())  # the probe answered: switch now
+
+    def _tun_write_failed(self, _error: OSError) -> None:
+        self.counters["dropped-tun-write"] += 1
+
+    def _read_tun(self, limit: int) -> None:
+        udp = self.udp if self.udp is not None and self.udp.carrying else None
+        if udp is not None:
+            self._send_tun_datagrams(udp, limit)
+            return
+        reader = self.reader
+        for _ in range(limit):
+            try:
+                length = reader.read()
+            except (BlockingIOError, InterruptedError):
+                return
+            self.link.send(reader.frames(length, self.gso))  # what it drops, it counts
+
+    def _send_tun_datagrams(self, udp: DatagramPath, limit: int) -> None:
+        """Up to `limit` packets from the TUN as datagrams, sent UDP_SEND_BATCH at a time
+        (the acks of a bulk download in one send, not one each); a full socket stops the
+        reads, and the rest waits in the TUN's queue."""
+        reader, offload, frames = self.reader, self.tun.offload, []
+        for _ in range(limit):
+            if udp.backlog:
+                break
+            try:
+                length = reader.read()
+            except (BlockingIOError, InterruptedError):
+                break
+            if offload:  # each burst named by the counter its first piece will get
+                frames += datagram_frames(reader.packet(length), self.server_mtu, self.gso, udp.keys.sent + len(frames))
+            else:
+                frames.append(reader.frame(FRAME_PACKET, length))
+            if len(frames) >= UDP_SEND_BATCH:
+                udp.send(frames)
+                frames = []
+        if frames:
+            udp.send(frames)
+
+    def _deliver(self, link: Link) -> None:
+        view = link.rx.view
+        for kind, start, end in link.rx.frames():
+            self._deliver_frame(view, kind, start, end)
+
+    def _deliver_frame(self, view: memoryview, kind: int, start: int, end: int) -> None:
+        """One frame from the server, off the TLS stream or out of a datagram."""
+        fd, offload = self.tun.fd, self.tun.offload
+        try:
+            if kind == FRAME_PACKET:
+                check_packet(view[start:end], self.server_mtu)
+                if offload:
+                    os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
+                else:
+                    os.write(fd, view[start:end])
+            elif kind == FRAME_GSO_PACKET and self.gso:
+                view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
+                if offload:
+                    os.write(fd, view[start:end])
+                else:
+                    for packet in plain_packets(view[start:end]):
+                        os.write(fd, packet)
+            elif kind == FRAME_ERROR:
+                self.client.on_refusal(Refusal.decode(view[start:end]))
+                raise PeerClosed("server ended the session")
+            elif kind == FRAME_REKEY and self.udp is not None:
+                self.udp.on_rekey(decode_control(view[start:end]), time.monotonic())
+            elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                raise ProtocolError(f"unexpected frame type {kind:#x}")
+        except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
+            self.counters["dropped-" + e.reason] += 1
+        except OSError:
+            self.counters["dropped-tun-write"] += 1
+
+
+class NetworkClient:
+    """`nc client`'s connection to the server: connect (TLS, hello, welcome, the UDP path's
+    keys), run a NodeSession on the node's interface, and reconnect forever, following
+    replicas, until stopped or refused for good."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.interface = NodeInterface(config)
         self.udp: DatagramPath | None = None  # this session's UDP data path, if the server agreed
         self.udp_private: Any = None  # this session's X25519 key, offered in the hello
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
-        self.servers = server_addresses(config.server_addr)  # the replicas this node knows, in trying order
-        self.server = self.servers[0] if self.servers else config.server_addr
-        self.leader_hint = ""  # a standby's refusal named the leader: try it next
+        self.follower = ServerFollower(config.server_addr, config.port, self.counters)
         finish_credential_update(config)
         self.context = self._tls_context()
         self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
-        self.renewer = CertRenewer(config, self.stop, self._on_renewed)
         self.server_ip = ""  # serverAddr as resolved for the current session
         self.link: Link | None = None  # the live session, for `nc status`
         self.connected_since = 0.0  # epoch seconds; 0 while not connected
@@ -6547,7 +6858,7 @@ class NetworkClient:
             ) from None
         return context
 
-    def _on_renewed(self) -> None:
+    def on_renewed(self) -> None:
         """Called by the renewer: the next session uses the new certificates."""
         self.renewed.set()
         with contextlib.suppress(OSError):
@@ -6563,107 +6874,97 @@ class NetworkClient:
             raise StopRequested
 
     def run(self) -> int:
-        """Connect, pump, reconnect: forever, until stopped or refused for good.
-
-        The wait between attempts doubles (with jitter, capped at 30 s) until a
-        session has stayed up for a while, so a server that accepts and drops at
-        once is not hammered."""
-        backoff = 0.5
-        self.renewer.start()
+        """Connect, pump, reconnect: forever, until stopped or refused for good. The wait
+        between attempts doubles (with jitter, capped) until a session has stayed up for a
+        while, so a server that accepts and drops at once is not hammered."""
         try:
             while not self.stop.is_set():
-                check_certificate_alive(self.config)
-                if self.renewed.is_set():
-                    self.renewed.clear()
-                    self.context = self._tls_context()
-                try:
-                    self.connecting = True
-                    try:
-                        link, welcome = self._connect()
-                    finally:
-                        self.connecting = False
-                except StopRequested:
-                    break
-                except Refused:
-                    raise
-                except (OSError, ssl.SSLError, ProtocolError, TunError) as e:
-                    reason = f"cannot connect to {self._server}: {e}"
-                    if self._follow_replicas():
-                        log.info("%s; trying replica %s", reason, self.server)
-                        self.stop.wait(random.uniform(0.05, 0.2))  # another replica: no backoff
-                        continue
-                except Exception:  # a bug must not end a client that should reconnect forever
-                    log.exception("unexpected error while connecting")
-                    reason = "unexpected error while connecting"
-                else:
-                    started = time.monotonic()
-                    try:
-                        self._ensure_tun(welcome)  # a host that cannot make one ends the client
-                        reason = self._configure(welcome)
-                        if reason is None:
-                            self.link, self.connected_since = link, time.time()
-                            reason = self._pump(link, welcome)
-                    finally:
-                        self.link, self.connected_since = None, 0.0
-                        link.close()
-                        self._close_datagram_path()
-                    if reason is None:
-                        break  # asked to stop
-                    if reason == CERTS_RENEWED:
-                        log.info("reconnecting with the renewed certificates")
-                        continue
-                    if time.monotonic() - started > STABLE_SESSION_S:
-                        backoff = 0.5
-                    reason = f"disconnected: {reason}"
-                    log.debug("session counters %s", dict(self.counters))
-                    if self._follow_replicas():
+                reason, session_ended = self._one_attempt()
+                if reason is None:
+                    break  # asked to stop
+                if reason == CERTS_RENEWED:
+                    log.info("reconnecting with the renewed certificates")
+                    continue
+                if reason != UNEXPECTED_CONNECT_ERROR and self.follower.follow():
+                    if session_ended:
                         self.last_error = reason
-                        log.warning("%s; trying replica %s", reason, self.server)
-                        continue
+                        log.warning("%s; trying replica %s", reason, self.follower.server)
+                    else:
+                        log.info("%s; trying replica %s", reason, self.follower.server)
+                        self.stop.wait(random.uniform(0.05, 0.2))  # another replica: no backoff
+                    continue
                 self.last_error = reason
-                # Several replicas: one is normally up within a lease's time; wait no longer between rounds.
-                backoff = min(backoff * 2, BACKOFF_CAP_S if len(self.servers) < 2 else REPLICA_BACKOFF_CAP_S)
-                delay = random.uniform(0.5, 1.0) * backoff
+                delay = self.follower.next_delay()
                 log.warning("%s; retrying in %.1f s", reason, delay)
                 self.stop.wait(delay)
         finally:
             self.stop.set()
-            self.close()
-            if self.renewer.is_alive():
-                self.renewer.join(timeout=RPC_TIMEOUT_S)
+            self.interface.close()
         return 0
 
-    @property
-    def _server(self) -> str:
-        return host_port(self.server, self.config.port)
+    def _one_attempt(self) -> tuple[str | None, bool]:
+        """Connect once and run the session; returns why it ended (None: asked to stop),
+        and whether a session had started (False: the connect failed)."""
+        check_certificate_alive(self.config)
+        if self.renewed.is_set():
+            self.renewed.clear()
+            self.context = self._tls_context()
+        try:
+            self.connecting = True
+            try:
+                link, welcome = self._connect()
+            finally:
+                self.connecting = False
+        except StopRequested:
+            return None, False
+        except Refused:
+            raise
+        except (OSError, ssl.SSLError, ProtocolError, TunError) as e:
+            return f"cannot connect to {self.follower.address}: {e}", False
+        except Exception:  # a bug must not end a client that should reconnect forever
+            log.exception("unexpected error while connecting")
+            return UNEXPECTED_CONNECT_ERROR, False
+        started = time.monotonic()
+        try:
+            self.interface.ensure(welcome)  # a host that cannot make one ends the client
+            self.follower.learn(welcome.replicas)
+            reason = self.interface.configure(welcome, self.server_ip)
+            if reason is None:
+                self._log_connected(welcome)
+                self.link, self.connected_since = link, time.time()
+                reason = NodeSession(link, welcome, self.udp, self.interface, self).pump()
+        finally:
+            self.link, self.connected_since = None, 0.0
+            link.close()
+            self._close_datagram_path()
+        if reason is None or reason == CERTS_RENEWED:
+            return reason, True
+        self.follower.session_lasted(time.monotonic() - started)
+        log.debug("session counters %s", dict(self.counters))
+        return f"disconnected: {reason}", True
 
-    def _follow_replicas(self) -> bool:
-        """After a failed or ended session: move to the leader a standby named, else to
-        the next known replica. False with one server (the old single-server retry)."""
-        hint, self.leader_hint = self.leader_hint, ""
-        if hint and hint != self.server:
-            if hint not in self.servers:
-                self.servers.append(hint)
-            self.server = hint
-            return True
-        if len(self.servers) < 2:
-            return False
-        index = self.servers.index(self.server) if self.server in self.servers else -1
-        self.server = self.servers[(index + 1) % len(self.servers)]
-        self.counters["replica-switches"] += 1
-        return self.counters["replica-switches"] % (2 * len(self.servers)) != 0  # a full round: back off once
+    def _log_connected(self, welcome: Welcome) -> None:
+        mtu = min(self.config.mtu, welcome.mtu)
+        log.info("connected to %s as %s (mtu %d)", self.follower.address, welcome.interface, mtu)
+        log.debug(
+            "welcome: server %s, routes %s, keepalive %d s, capabilities %s",
+            welcome.server_ip,
+            list(welcome.routes),
+            welcome.keepalive,
+            list(welcome.caps),
+        )
 
     def status(self) -> dict[str, Any]:
         """What `nc status` shows (asked from the status socket's thread)."""
-        link, since, udp = self.link, self.connected_since, self.udp
+        link, since, udp, address = self.link, self.connected_since, self.udp, self.interface.address
         connected = link is not None and since > 0
         paths: list[PeerPath] = [p for p in (link, udp) if p is not None] if connected else []
         carrying = udp if udp is not None and udp.carrying else link
         return {
             "state": "connected" if connected else "connecting",
             "nodeToken": self.config.token,
-            "overlayIp": str(self.address.ip) if connected and self.address else "",
-            "server": self._server,
+            "overlayIp": str(address.ip) if connected and address else "",
+            "server": self.follower.address,
             "transport": carrying.name if connected and carrying is not None else "",
             "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
             "rttMs": tcp_rtt_ms(link.sock) if connected and link is not None else None,
@@ -6673,24 +6974,17 @@ class NetworkClient:
             "version": VERSION,
         }
 
-    def close(self) -> None:
-        self.routes.close()
-        if self.tun is not None:
-            self.tun.close()
-            self.tun = None
-            log.info("removed TUN device and routes")
-
     def _connect(self) -> tuple[Link, Welcome]:
-        timeout = HANDSHAKE_TIMEOUT_S if len(self.servers) < 2 else REPLICA_CONNECT_TIMEOUT_S
-        self.server_ip = resolve_host(self.server, self.config.port)  # each time: the server may move
-        raw = socket.create_connection((self.server_ip, self.config.port), timeout=timeout)
+        follower = self.follower
+        self.server_ip = resolve_host(follower.server, self.config.port)  # each time: the server may move
+        raw = socket.create_connection((self.server_ip, self.config.port), timeout=follower.connect_timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.context.wrap_socket(raw, server_hostname=SERVER_TLS_NAME)
         except BaseException:
             raw.close()
             raise
-        link = Link(sock, self._server, counters=self.counters)
+        link = Link(sock, follower.address, counters=self.counters)
         self._close_datagram_path()  # a failed connect's
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
@@ -6763,14 +7057,16 @@ class NetworkClient:
                 if kind == FRAME_WELCOME:
                     return Welcome.decode(payload)
                 if kind == FRAME_ERROR:
-                    self._on_refusal(Refusal.decode(payload))
+                    self.on_refusal(Refusal.decode(payload))
                     raise ProtocolError("server refused the session")
                 if kind < FRAME_OPTIONAL and kind != FRAME_KEEPALIVE:
                     raise ProtocolError(f"unexpected frame {kind:#x} before the welcome")
 
-    def _on_refusal(self, refusal: Refusal) -> None:
+    def on_refusal(self, refusal: Refusal) -> None:
+        """A refusal from the server: follow the leader it names; one that says retrying
+        will not help ends the client."""
         if refusal.leader:
-            self.leader_hint = refusal.leader
+            self.follower.leader_hint = refusal.leader
         if not refusal.retry:
             raise Refused(
                 f"server refused this node ({loggable(refusal.code)}): {loggable(refusal.reason)}", refusal.code
@@ -6785,243 +7081,6 @@ class NetworkClient:
         for network in (welcome.interface.network, *map(ipaddress.IPv4Network, welcome.routes)):
             if server in network:
                 raise ProtocolError(f"the welcome routes {network}, the server's own address, into the tunnel")
-
-    def _ensure_tun(self, welcome: Welcome) -> None:
-        """The TUN device, created at the first welcome and kept across sessions."""
-        self.gso = CAP_GSO in welcome.caps
-        self.server_mtu = welcome.mtu
-        if self.tun is None:
-            self.tun = Tun("nc0", offload=self.gso)
-            self.reader = TunReader(self.tun)
-
-    def _configure(self, welcome: Welcome) -> str | None:
-        """Address and routes, set again only when the address changed; returns why
-        that failed (the session then ends and is retried from scratch)."""
-        assert self.tun is not None
-        mtu = min(self.config.mtu, welcome.mtu)
-        learned = [r for r in welcome.replicas if r not in self.servers]
-        if learned:  # replicas added since the join: followed from now on
-            self.servers.extend(learned)
-            log.info("server replicas: %s", ", ".join(self.servers))
-        if self.address != welcome.interface:
-            if self.address is not None:
-                log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
-            self.routes.close()
-            self.address = None  # until it is configured in full
-            try:
-                self.tun.configure(welcome.interface, mtu)
-                self._add_welcome_routes(welcome)
-                if self.config.redirect_gateway:
-                    self._redirect_gateway()
-            except TunError as e:
-                self.routes.close()
-                return f"cannot configure {self.tun.name}: {e}"
-            self.address = welcome.interface
-        log.info("connected to %s as %s (mtu %d)", self._server, welcome.interface, mtu)
-        log.debug(
-            "welcome: server %s, routes %s, keepalive %d s, capabilities %s",
-            welcome.server_ip,
-            list(welcome.routes),
-            welcome.keepalive,
-            list(welcome.caps),
-        )
-        return None
-
-    def _add_welcome_routes(self, welcome: Welcome) -> None:
-        """Routes the server hands out, beyond the overlay subnet itself. One that
-        clashes with a route of this host is skipped: the host's own routing wins."""
-        assert self.tun is not None
-        for route in welcome.routes:
-            if ipaddress.IPv4Network(route).subnet_of(welcome.interface.network):
-                continue
-            try:
-                self.routes.add(route, "dev", self.tun.name)
-                log.info("routing %s into the tunnel, as the server asks", route)
-            except TunError as e:
-                log.warning("not routing %s into the tunnel: %s", route, e)
-
-    def _redirect_gateway(self) -> None:
-        """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
-        IPv4 server via today's path, then 0/1 and 128/1 (more specific than default).
-        A tunnel over IPv6 needs no exception: IPv4 routes cannot capture it."""
-        if ipaddress.ip_address(self.server_ip).version == 4:
-            path = route_to(self.server_ip)
-            spec = (
-                [f"{self.server_ip}/32"]
-                + (["via", path["gateway"]] if "gateway" in path else [])
-                + ["dev", path["dev"]]
-            )
-            self.routes.replace(*spec)  # the one route a killed run leaves behind
-        self.routes.add("0.0.0.0/1", "dev", self.tun.name)
-        self.routes.add("128.0.0.0/1", "dev", self.tun.name)
-
-    def _pump(self, link: Link, welcome: Welcome) -> str | None:
-        """Move packets until the session ends; returns why (None when stopping)."""
-        assert self.tun is not None
-        poller = Poller()
-        tun_fd = self.tun.fd
-        try:
-            poller.register(link.fd, select.EPOLLIN)
-            poller.register(tun_fd, select.EPOLLIN)
-            poller.register(self.wake_r, select.EPOLLIN)
-            udp = self.udp
-            udp_fd, udp_stalled = -1, False
-            if udp is not None:
-                udp_fd = udp.fd
-                poller.register(udp_fd, select.EPOLLIN)
-                if udp.mode == "udp":
-                    link.queue(encode_control(FRAME_TRANSPORT, {"transport": "udp"}))
-                udp.tick(time.monotonic())  # the first probe
-            keepalive = welcome.keepalive
-            next_tick = time.monotonic() + 1.0
-            next_udp_tick = time.monotonic() + 0.25
-            want_out = False
-            self._deliver(link)  # frames that came in the same read as the welcome
-            while not self.stop.is_set():
-                if self.renewed.is_set():
-                    with contextlib.suppress(OSError):
-                        os.read(self.wake_r, 64)
-                    return CERTS_RENEWED
-                for fd, events in poller.poll(0.25 if udp is not None else 1.0):
-                    if fd == tun_fd:
-                        self._read_tun(link, 1 if poller.woke else 256)
-                    elif fd == udp_fd:
-                        if events & select.EPOLLOUT:
-                            udp.flush()  # type: ignore[union-attr]
-                        if events & select.EPOLLIN:
-                            self._read_datagrams(link, 1 if poller.woke else UDP_DATAGRAMS_PER_TURN)
-                    elif fd == link.fd:
-                        link.receive(self._deliver, once=poller.woke)
-                if udp is not None and bool(udp.backlog) != udp_stalled:
-                    # A full socket: wait for room before reading more from the TUN, so the
-                    # queue stays short and the inner TCP feels the limit instead of losses.
-                    udp_stalled = bool(udp.backlog)
-                    poller.modify(udp_fd, select.EPOLLIN | select.EPOLLOUT if udp_stalled else select.EPOLLIN)
-                    poller.modify(tun_fd, 0 if udp_stalled else select.EPOLLIN)
-                now = poller.now
-                if udp is not None and now >= next_udp_tick:
-                    next_udp_tick = now + 0.25
-                    self._tick_datagram_path(link, udp, now)
-                blocked = not link.flush()
-                if blocked != want_out:
-                    want_out = blocked
-                    poller.modify(link.fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
-                if now >= next_tick:
-                    next_tick = now + 1.0
-                    if now - link.last_rx > 3 * keepalive:
-                        return f"server silent for {3 * keepalive} s"
-                    if now - link.last_tx >= keepalive:
-                        link.queue(encode_frame(FRAME_KEEPALIVE))
-            return None
-        except PeerClosed:
-            return "server closed the connection"
-        except (OSError, ssl.SSLError) as e:
-            return f"connection error: {e}"
-        except ProtocolError as e:
-            return f"protocol error: {e}"
-        finally:
-            poller.close()
-
-    def _tick_datagram_path(self, link: Link, udp: DatagramPath, now: float) -> None:
-        """Probe, switch and rekey the UDP path; the server hears of each over TLS."""
-        transport = udp.tick(now)
-        if transport is not None:
-            link.queue(encode_control(FRAME_TRANSPORT, {"transport": transport}))
-        if (rekey := udp.rekey_request(now)) is not None:
-            link.queue(rekey)
-
-    def _read_datagrams(self, link: Link, limit: int) -> None:
-        assert self.udp is not None and self.tun is not None
-        udp = self.udp
-        buffers = []  # virtio_net_hdr + packet, checked
-        for frame in coalesce_pieces(udp.receive(limit)):
-            kind, view = frame[0], memoryview(frame)[4:]
-            try:
-                if kind == FRAME_PACKET:
-                    check_packet(view, self.server_mtu)
-                    buffers.append(ZERO_VNET_HDR + view)
-                elif kind == FRAME_GSO_PACKET and self.gso:
-                    buffers.append(gso_header(view, self.server_mtu) + view[VNET_HDR_LEN:])
-            except BadFrame as e:
-                self.counters["dropped-" + e.reason] += 1
-        write_tun_batch(self.tun, buffers, self._tun_write_failed)
-        if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
-            self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
-
-    def _tun_write_failed(self, _error: OSError) -> None:
-        self.counters["dropped-tun-write"] += 1
-
-    def _read_tun(self, link: Link, limit: int) -> None:
-        assert self.tun is not None and self.reader is not None
-        udp = self.udp if self.udp is not None and self.udp.carrying else None
-        if udp is not None:
-            self._send_tun_datagrams(udp, limit)
-            return
-        reader = self.reader
-        for _ in range(limit):
-            try:
-                length = reader.read()
-            except (BlockingIOError, InterruptedError):
-                return
-            link.send(reader.frames(length, self.gso))  # what it drops, it counts
-
-    def _send_tun_datagrams(self, udp: DatagramPath, limit: int) -> None:
-        """Up to `limit` packets from the TUN as datagrams, sent UDP_SEND_BATCH at a time
-        (the acks of a bulk download in one send, not one each); a full socket stops the
-        reads, and the rest waits in the TUN's queue."""
-        assert self.tun is not None and self.reader is not None
-        reader, offload, frames = self.reader, self.tun.offload, []
-        for _ in range(limit):
-            if udp.backlog:
-                break
-            try:
-                length = reader.read()
-            except (BlockingIOError, InterruptedError):
-                break
-            if offload:  # each burst named by the counter its first piece will get
-                frames += datagram_frames(reader.packet(length), self.server_mtu, self.gso, udp.keys.sent + len(frames))
-            else:
-                frames.append(reader.frame(FRAME_PACKET, length))
-            if len(frames) >= UDP_SEND_BATCH:
-                udp.send(frames)
-                frames = []
-        if frames:
-            udp.send(frames)
-
-    def _deliver(self, link: Link) -> None:
-        view = link.rx.view
-        for kind, start, end in link.rx.frames():
-            self._deliver_frame(view, kind, start, end)
-
-    def _deliver_frame(self, view: memoryview, kind: int, start: int, end: int) -> None:
-        """One frame from the server, off the TLS stream or out of a datagram."""
-        assert self.tun is not None
-        fd, offload = self.tun.fd, self.tun.offload
-        try:
-            if kind == FRAME_PACKET:
-                check_packet(view[start:end], self.server_mtu)
-                if offload:
-                    os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
-                else:
-                    os.write(fd, view[start:end])
-            elif kind == FRAME_GSO_PACKET and self.gso:
-                view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
-                if offload:
-                    os.write(fd, view[start:end])
-                else:
-                    for packet in plain_packets(view[start:end]):
-                        os.write(fd, packet)
-            elif kind == FRAME_ERROR:
-                self._on_refusal(Refusal.decode(view[start:end]))
-                raise PeerClosed("server ended the session")
-            elif kind == FRAME_REKEY and self.udp is not None:
-                self.udp.on_rekey(decode_control(view[start:end]), time.monotonic())
-            elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
-                raise ProtocolError(f"unexpected frame type {kind:#x}")
-        except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
-            self.counters["dropped-" + e.reason] += 1
-        except OSError:
-            self.counters["dropped-tun-write"] += 1
 
 
 class CertRenewer(threading.Thread):
@@ -7233,16 +7292,20 @@ def run_client(config: ClientConfig) -> int:
         raise NcError("nc client must run as root (it creates a TUN device and routes)")
     os.umask(0o077)
     client = NetworkClient(config)
+    renewer = CertRenewer(config, client.stop, client.on_renewed)
     signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
     signal.signal(signal.SIGINT, lambda *_: client.request_stop())
     log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
     status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
     status.start()
     sd_notify("READY=1\nSTATUS=connecting")  # the client runs and answers `nc status`; it connects on its own
+    renewer.start()
     try:
         return client.run()
     finally:
         status.close()
+        if renewer.is_alive():
+            renewer.join(timeout=RPC_TIMEOUT_S)  # client.run() set stop on its way out
 
 
 def ask_status(work_dir: Path) -> dict[str, Any]:

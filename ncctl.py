@@ -8453,6 +8453,23 @@ def run_start_up_step(name: str, step: Callable[[], None]) -> None:
         raise failures[0]
 
 
+def reload_and_watchdog(config: ServerConfig, config_path: str | None, control: ControlPlane) -> Callable[[], None]:
+    """The server's tick, once a second while every part lives: a reload SIGHUP asked
+    for, and the watchdog, fed while the data plane (a standby: its referrals) runs."""
+    watchdog, reload = Watchdog(), threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+
+    def tick() -> None:
+        if reload.is_set():
+            reload.clear()
+            sd_notify("RELOADING=1")
+            reload_server_config(config, config_path, control)
+            sd_notify("READY=1")
+        watchdog.ping(control.sessions.running())
+
+    return tick
+
+
 def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -> int:
     """`nc server`: alone on its sqlite store, or (datastoreEndpoint) one replica of several
     on etcd. The same start-up, supervision (every long-lived part watched), READY=1 and
@@ -8463,16 +8480,10 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
         advertised = config.ip or detect_server_ip()
         underlay_ip = resolve_host(advertised)  # a DNS name: for certificates and the CIDR rules
         server_ip = str(config.server_overlay_ip)
-        where = f", datastore {config.datastore_endpoint}" if config.datastore_endpoint else ""
-        log.info(
-            "nc %s %s starting: advertised address %s, overlay %s (server %s)%s",
-            VERSION,
-            kind,
-            advertised,
-            config.overlay,
-            server_ip,
-            where,
+        where = f"overlay {config.overlay} (server {server_ip})" + (
+            f", datastore {config.datastore_endpoint}" if config.datastore_endpoint else ""
         )
+        log.info("nc %s %s starting: advertised address %s, %s", VERSION, kind, advertised, where)
         store = open_store(config)
         stop = threading.Event()
         threads: list[threading.Thread] = []
@@ -8519,18 +8530,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
             status = role.ready()
             log.info("nc %s ready (%s); join string pin %s", kind, status, pki.ca_pin())
             sd_notify(f"READY=1\nSTATUS={status}")  # every port listens now
-            watchdog, reload = Watchdog(), threading.Event()
-            signal.signal(signal.SIGHUP, lambda *_: reload.set())
-
-            def tick() -> None:
-                if reload.is_set():
-                    reload.clear()
-                    sd_notify("RELOADING=1")
-                    reload_server_config(config, config_path, control)
-                    sd_notify("READY=1")
-                watchdog.ping(control.sessions.running())  # a leader's data plane, a standby's referrals
-
-            code = wait_for_stop_signal(stop, supervisor, tick)
+            code = wait_for_stop_signal(stop, supervisor, reload_and_watchdog(config, config_path, control))
         finally:
             stop.set()
             if metrics is not None:
@@ -9857,6 +9857,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    add_server_and_client_commands(commands)
+    add_adm_commands(commands)
+    add_host_commands(commands)
+    return parser
+
+
+def add_server_and_client_commands(commands: Any) -> None:
     server = commands.add_parser(
         "server",
         help="run the cloud server (foreground)",
@@ -9878,6 +9885,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_unsafe_skip_ca_pin_flag(client)
     client.set_defaults(func=cmd_client)
 
+
+def add_adm_commands(commands: Any) -> None:
+    """`nc adm ...`: each group of subcommands, sharing the connection flags and -o."""
     adm = commands.add_parser(
         "adm",
         help="administer a server (tokens, nodes, health)",
@@ -9887,7 +9897,14 @@ def build_parser() -> argparse.ArgumentParser:
     adm_cmds = adm.add_subparsers(dest="adm_command", metavar="COMMAND", required=True)
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("-o", "--output", choices=["text", "json"], default=argparse.SUPPRESS, help="output format")
+    add_adm_token_commands(adm_cmds, output)
+    add_adm_network_commands(adm_cmds, output)
+    add_adm_node_commands(adm_cmds, output)
+    add_adm_server_commands(adm_cmds, output)
 
+
+def add_adm_token_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
+    """Bootstrap tokens, and joining with one (`adm join`, the original's get-token)."""
     token = adm_cmds.add_parser("token", help="bootstrap tokens: create, list, delete")
     token_cmds = token.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
     create = token_cmds.add_parser("create", parents=[output], help="mint a bootstrap token and print its join string")
@@ -9914,6 +9931,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_unsafe_skip_ca_pin_flag(join_cmd)
     join_cmd.set_defaults(func=adm_join)
 
+
+def add_adm_network_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
     network = adm_cmds.add_parser("network", help="overlay networks: create, list, delete")
     network_cmds = network.add_subparsers(dest="network_command", metavar="COMMAND", required=True)
     create_net = network_cmds.add_parser(
@@ -9936,6 +9955,8 @@ def build_parser() -> argparse.ArgumentParser:
     delete_net.add_argument("--force", action="store_true", help="also unregister the network's nodes")
     delete_net.set_defaults(func=adm_network_delete)
 
+
+def add_adm_node_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
     node = adm_cmds.add_parser("node", help="nodes: list, state, unregister")
     node_cmds = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
     node_cmds.add_parser("list", parents=[output], help="list registered nodes").set_defaults(func=adm_node_list)
@@ -9954,6 +9975,10 @@ def build_parser() -> argparse.ArgumentParser:
             legacy = adm_cmds.add_parser(alias, parents=[output], help=f"alias of `node {name}`")
             legacy.add_argument("--node-token", required=True, metavar="T")
             legacy.set_defaults(func=func)
+
+
+def add_adm_server_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
+    """The server itself: health, its CAs, its store (backup, restore, migrate) and replicas."""
     adm_cmds.add_parser(
         "health", aliases=["check-health"], parents=[output], help="check both gRPC ports and the data port"
     ).set_defaults(func=adm_health)
@@ -9972,7 +9997,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
     restore.set_defaults(func=adm_restore)
+    replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
+    replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)
+    replica_cmds.add_parser(
+        "list", parents=[output], help="address, role and last heartbeat of every replica"
+    ).set_defaults(func=adm_replica_list)
+    datastore = adm_cmds.add_parser("datastore", help="the server's store")
+    datastore_cmds = datastore.add_subparsers(dest="datastore_command", metavar="COMMAND", required=True)
+    migrate = datastore_cmds.add_parser(
+        "migrate", help="move a single server's store and PKI into etcd", description=adm_datastore_migrate.__doc__
+    )
+    migrate.add_argument("--to", required=True, metavar="ENDPOINTS", help="etcd URLs, comma-separated")
+    migrate.add_argument("--cluster-token", default="", metavar="SECRET", help="the replicas' shared clusterToken")
+    migrate.set_defaults(func=adm_datastore_migrate)
 
+
+def add_host_commands(commands: Any) -> None:
+    """What runs on the host itself: the client's status, the service unit, versions."""
     status = commands.add_parser(
         "status",
         help="ask the running client on this host how it is connected",
@@ -9994,22 +10035,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--print", action="store_true", help="print what it would copy and write, change nothing")
     service.add_argument("--root", metavar="DIR", help="install under DIR instead of / (building an image)")
     service.set_defaults(func=cmd_install_service)
-    replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
-    replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)
-    replica_cmds.add_parser(
-        "list", parents=[output], help="address, role and last heartbeat of every replica"
-    ).set_defaults(func=adm_replica_list)
-    datastore = adm_cmds.add_parser("datastore", help="the server's store")
-    datastore_cmds = datastore.add_subparsers(dest="datastore_command", metavar="COMMAND", required=True)
-    migrate = datastore_cmds.add_parser(
-        "migrate", help="move a single server's store and PKI into etcd", description=adm_datastore_migrate.__doc__
-    )
-    migrate.add_argument("--to", required=True, metavar="ENDPOINTS", help="etcd URLs, comma-separated")
-    migrate.add_argument("--cluster-token", default="", metavar="SECRET", help="the replicas' shared clusterToken")
-    migrate.set_defaults(func=adm_datastore_migrate)
-
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
-    return parser
 
 
 def add_admin_connection_flags(parser: argparse.ArgumentParser) -> None:

@@ -5734,6 +5734,46 @@ class Switch:
 
     # -- the UDP data path: datagrams in; out through each node's ServerDatagramPath ----------
 
+    # -- UDP sessions: their keys, agreed and renewed over the TLS session ---------------
+
+    def agree_udp(
+        self, session: ServerSession, node_share: bytes, counters: collections.Counter[str], note: RateLimitedLog
+    ) -> ServerDatagramPath | None:
+        """The session's datagram path, keyed from the node's share; None if the share is unusable."""
+        private, share = new_x25519()
+        session_id = self.new_udp_session_id()
+        try:
+            keys = datagram_keys(
+                private, node_share, datagram_transcript(node_share, share, session_id, session.node_token)
+            )
+        except BadDatagram:
+            return None
+        sealer = DatagramKeys.for_server(session_id, *keys)
+        assert self.udp is not None  # "udp" is offered only with a socket
+        return ServerDatagramPath(
+            self.udp, sealer, share, self.config.mtu, session.gso, session.node_token, counters, note
+        )
+
+    def rekey_udp(self, session: ServerSession, udp: ServerDatagramPath, udp_key: Any) -> dict[str, Any]:
+        """Fresh keys for the node's new share, under a new session id; returns the reply.
+        An earlier rekey the node never used is forgotten."""
+        node_share = decode_x25519_share(udp_key)
+        if not node_share:
+            raise ProtocolError("rekey without a valid udpKey")
+        private, share = new_x25519()
+        session_id = self.new_udp_session_id()
+        transcript = datagram_transcript(node_share, share, session_id, session.node_token)
+        try:
+            keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
+        except BadDatagram:
+            raise ProtocolError("rekey with an unusable udpKey") from None
+        for old_id in [i for i in udp.openers if i != udp.sealer.session_id]:
+            del udp.openers[old_id]
+            self.udp_sessions.pop(old_id, None)
+        udp.openers[session_id] = keys
+        self.udp_sessions[session_id] = session
+        return {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
+
     def new_udp_session_id(self) -> int:
         while True:
             session_id = secrets.randbits(32)
@@ -5856,6 +5896,52 @@ class Switch:
         self.tun_planes.clear()
 
 
+class SessionRecords:
+    """What the store keeps of sessions, written on the store worker so the loop never
+    waits for the disk: connection states, the node list's columns, the pools' idle
+    order. A disk that cannot take a write (full, read-only) keeps no node out: states
+    are reset at every start anyway. Logged once per outage."""
+
+    def __init__(self, store: Store, worker: StoreWorker) -> None:
+        self.store, self.worker = store, worker
+        self.store_unwritable = False  # the last state write failed for a full or read-only disk
+
+    def connected(self, token: str, overlay: Overlay, host_name: str, endpoint: str, version: str) -> None:
+        def job() -> None:
+            self._state(token, STATE_CONNECTED)
+            overlay.bindings.connected(token)
+            self._columns(token, host_name, endpoint, "tcp", version)
+
+        self.worker.submit(job)
+
+    def idle(self, token: str, plane: Plane | None) -> None:
+        """The session ended; with its plane (it was admitted), last seen is now."""
+
+        def job() -> None:
+            self._state(token, STATE_IDLE)
+            if plane is not None:
+                plane.overlay.bindings.idle(token)
+                self._columns(token, "", "", "", "")
+
+        self.worker.submit(job)
+
+    def _columns(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        with contextlib.suppress(StoreError):  # a full disk costs only the node list's columns
+            self.store.record_session(token, host_name, endpoint, transport, version)
+
+    def _state(self, token: str, state: int) -> None:
+        try:
+            self.store.set_state(token, state)
+        except StoreFull as e:
+            if not self.store_unwritable:
+                log.warning("%s; admitting nodes without recording their connection state", e)
+                self.store_unwritable = True
+            return
+        if self.store_unwritable:
+            log.info("the database takes writes again; connection states are recorded")
+            self.store_unwritable = False
+
+
 class SessionLifecycle:
     """Every node session from a finished TLS handshake to its close, on the server's loop:
     the hello and the admission (the control plane's decision, taken on the store worker),
@@ -5888,7 +5974,7 @@ class SessionLifecycle:
         self.unauthenticated: set[ServerSession] = set()  # the hello is still to come
         self.send_budget = SendBudget()
         self.buffers = BufferPool()
-        self.store_unwritable = False  # the last state write failed for a full or read-only disk
+        self.records = SessionRecords(control.store, worker)
         self.closed_traffic: collections.Counter[str] = collections.Counter()  # of sessions gone (metrics)
         self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: their addresses, for the welcome
 
@@ -5961,7 +6047,9 @@ class SessionLifecycle:
         session.caps = tuple(c for c in hello.caps if c in offered)
         session.gso = CAP_GSO in session.caps
         if CAP_UDP in session.caps:
-            session.caps = self._agree_udp(session, hello.udp_key)
+            session.udp = self.switch.agree_udp(session, hello.udp_key, self.counters, self.note)
+            if session.udp is None:  # the node's share is unusable: no UDP for this session
+                session.caps = tuple(c for c in session.caps if c != CAP_UDP)
         log.debug(
             "hello from %s: node %s, nc %s, offered %s, agreed %s",
             session.peer,
@@ -5978,23 +6066,6 @@ class SessionLifecycle:
             lambda result, error: self._on_admitted(session, result, error),
         )
 
-    def _agree_udp(self, session: ServerSession, node_share: bytes) -> tuple[str, ...]:
-        """Datagram keys for the node's share; the capabilities without "udp" if the share is unusable."""
-        private, share = new_x25519()
-        session_id = self.switch.new_udp_session_id()
-        try:
-            keys = datagram_keys(
-                private, node_share, datagram_transcript(node_share, share, session_id, session.node_token)
-            )
-        except BadDatagram:
-            return tuple(c for c in session.caps if c != CAP_UDP)
-        sealer = DatagramKeys.for_server(session_id, *keys)
-        assert self.switch.udp is not None  # "udp" is offered only with a socket
-        session.udp = ServerDatagramPath(
-            self.switch.udp, sealer, share, self.config.mtu, session.gso, session.node_token, self.counters, self.note
-        )
-        return session.caps
-
     def _on_udp_control(self, session: ServerSession, udp: ServerDatagramPath, kind: int, message: dict) -> None:
         """Over TLS: where the node wants its data now, or its share for fresh keys."""
         if kind == FRAME_TRANSPORT:
@@ -6003,23 +6074,7 @@ class SessionLifecycle:
                 udp.wanted = wanted
                 log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
             return
-        node_share = decode_x25519_share(message.get("udpKey"))
-        if not node_share:
-            raise ProtocolError("rekey without a valid udpKey")
-        private, share = new_x25519()
-        session_id = self.switch.new_udp_session_id()
-        transcript = datagram_transcript(node_share, share, session_id, session.node_token)
-        try:
-            keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
-        except BadDatagram:
-            raise ProtocolError("rekey with an unusable udpKey") from None
-        for old_id in [i for i in udp.openers if i != udp.sealer.session_id]:
-            del udp.openers[old_id]  # an earlier rekey the node never used
-            self.switch.udp_sessions.pop(old_id, None)
-        udp.openers[session_id] = keys
-        self.switch.udp_sessions[session_id] = session
-        reply = {"udpKey": base64.b64encode(share).decode(), "udpSession": session_id}
-        session.queue(encode_control(FRAME_REKEY, reply))
+        session.queue(encode_control(FRAME_REKEY, self.switch.rekey_udp(session, udp, message.get("udpKey"))))
         self.dirty.add(session)
 
     def _on_admitted(
@@ -6028,7 +6083,7 @@ class SessionLifecycle:
         token = session.node_token
         if session.phase in (Phase.CLOSED, Phase.CLOSING):
             if error is None and token not in self.by_token:
-                self._set_idle(token, self.switch.planes.get(result[0]) if result else None)
+                self.records.idle(token, self.switch.planes.get(result[0]) if result else None)
             return
         plane = self.switch.planes.get(result[0]) if result is not None else None
         if error is None and plane is None:
@@ -6074,42 +6129,8 @@ class SessionLifecycle:
         )
         session.queue(welcome.encode())
         self.dirty.add(session)
-        self.worker.submit(lambda: self._mark_connected(token, overlay))
-        details = (token, session.host_name, session.peer, "tcp", session.version)
-        self.worker.submit(lambda: self._record_session(*details))
+        self.records.connected(token, overlay, session.host_name, session.peer, session.version)
         log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
-
-    def _mark_connected(self, token: str, overlay: Overlay) -> None:
-        self._record_state(token, STATE_CONNECTED)
-        overlay.bindings.connected(token)
-
-    def _record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
-        """On the store worker: the node list's columns; a full disk costs only them."""
-        with contextlib.suppress(StoreError):
-            self.store.record_session(token, host_name, endpoint, transport, version)
-
-    def _record_state(self, token: str, state: int) -> None:
-        """On the store worker. A state the disk cannot take (full, read-only) keeps no
-        node out: states are reset at every start anyway. Logged once per outage."""
-        try:
-            self.store.set_state(token, state)
-        except StoreFull as e:
-            if not self.store_unwritable:
-                log.warning("%s; admitting nodes without recording their connection state", e)
-                self.store_unwritable = True
-            return
-        if self.store_unwritable:
-            log.info("the database takes writes again; connection states are recorded")
-            self.store_unwritable = False
-
-    def _set_idle(self, token: str, plane: Plane | None) -> None:
-        def job() -> None:
-            self._record_state(token, STATE_IDLE)
-            if plane is not None:
-                plane.overlay.bindings.idle(token)
-                self._record_session(token, "", "", "", "")  # last seen: now
-
-        self.worker.submit(job)
 
     # -- what other threads ask (a copy of a table, then fields only the loop writes) ---------
 
@@ -6215,9 +6236,9 @@ class SessionLifecycle:
             del self.by_token[token]
             if plane is not None and plane.by_ip.get(session.ip) is session:
                 del plane.by_ip[session.ip]
-            self._set_idle(token, plane)
+            self.records.idle(token, plane)
         elif session.phase != Phase.ESTABLISHED and token not in self.by_token:
-            self._set_idle(token, None)  # undo the handshake's "init" state
+            self.records.idle(token, None)  # undo the handshake's "init" state
 
     def close(self, session: ServerSession, reason: str | None, quiet: bool = False) -> None:
         if session.phase == Phase.CLOSED:

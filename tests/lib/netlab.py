@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NC = ROOT / "nc"
 UNDERLAY_PREFIX = "198.18.0"
 UNDERLAY6_PREFIX = "2001:2"

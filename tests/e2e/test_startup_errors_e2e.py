@@ -186,3 +186,30 @@ def test_a_full_disk_keeps_no_known_node_out(lab: Lab) -> None:
         assert node.ping(SERVER_OVERLAY_IP, count=2), client.process.log()
     assert process.log().count("admitting nodes without recording their connection state") == 1, process.log()
     assert process.alive()
+
+
+# -- the CLI: one line, exit 2 --------------------------------------------------
+
+
+def test_cli_bad_config_is_one_line_exit_2(lab: Lab) -> None:
+    """`nc server|client|adm --config bad.yml` prints one line naming file and field, exits 2, no traceback."""
+    host = lab.add_host("cfg")
+    server_bad = lab.dir / "bad-server.yml"
+    server_bad.write_text("mode: server\nserver:\n  grpcPort: 70000\n")
+    client_bad = lab.dir / "bad-client.yml"
+    client_bad.write_text("mode: client\nclient:\n  colour: blue\n")
+    unknown = lab.dir / "unknown.yml"
+    unknown.write_text("mode: server\nserver:\n  networkAddr: 10.1.1.0/99\n")
+    cases = [
+        (("server", "--config", str(server_bad)), str(server_bad), "grpcPort"),
+        (("server", "--config", str(unknown)), str(unknown), "networkAddr"),
+        (("client", "--config", str(client_bad)), str(client_bad), "colour"),
+        (("adm", "--config", str(server_bad), "health"), str(server_bad), "grpcPort"),
+        (("server", "--config", str(lab.dir / "nope.yml")), str(lab.dir / "nope.yml"), "no such file"),
+    ]
+    for args, path, field in cases:
+        done = host.nc(*args, check=False, timeout=30)
+        line = one_error_line(done)
+        assert done.returncode == 2, (args, done.returncode, done.stderr)
+        assert path in line and field in line, line
+        assert done.stdout == "", done.stdout

@@ -14,7 +14,7 @@ import pytest
 from netlab import Host, Lab, NcServer, Process, wait_for
 from network_helpers import wait_exit
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 FAULTY_SERVER = r'''
 """nc server with one fault armed by a trigger file: argv = repo, fault, trigger, config."""

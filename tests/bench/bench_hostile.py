@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # ncctl, for network_helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab and the helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # ncctl, for network_helpers
 
 from benchlib import (
     BenchError,

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from control_helpers import one_error_line
-from netlab import Lab
 
 import ncctl
 
@@ -174,30 +172,3 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "absent.yml"
     with pytest.raises(ncctl.ConfigError, match=r"absent\.yml"):
         ncctl.load_config(str(path), "server")
-
-
-# -- the CLI: one line, exit 2 --------------------------------------------------
-
-
-def test_cli_bad_config_is_one_line_exit_2(lab: Lab) -> None:
-    """`nc server|client|adm --config bad.yml` prints one line naming file and field, exits 2, no traceback."""
-    host = lab.add_host("cfg")
-    server_bad = lab.dir / "bad-server.yml"
-    server_bad.write_text("mode: server\nserver:\n  grpcPort: 70000\n")
-    client_bad = lab.dir / "bad-client.yml"
-    client_bad.write_text("mode: client\nclient:\n  colour: blue\n")
-    unknown = lab.dir / "unknown.yml"
-    unknown.write_text("mode: server\nserver:\n  networkAddr: 10.1.1.0/99\n")
-    cases = [
-        (("server", "--config", str(server_bad)), str(server_bad), "grpcPort"),
-        (("server", "--config", str(unknown)), str(unknown), "networkAddr"),
-        (("client", "--config", str(client_bad)), str(client_bad), "colour"),
-        (("adm", "--config", str(server_bad), "health"), str(server_bad), "grpcPort"),
-        (("server", "--config", str(lab.dir / "nope.yml")), str(lab.dir / "nope.yml"), "no such file"),
-    ]
-    for args, path, field in cases:
-        done = host.nc(*args, check=False, timeout=30)
-        line = one_error_line(done)
-        assert done.returncode == 2, (args, done.returncode, done.stderr)
-        assert path in line and field in line, line
-        assert done.stdout == "", done.stdout

@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab and the helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchlib import format_table, machine_note, median, progress, run_lab_bench, temp_dir
 from ha_helpers import Replicas

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab and the helpers
 
 from benchlib import format_table, progress, run_lab_bench, temp_dir
 from netlab import Host, Lab, start_client, start_server, wait_for

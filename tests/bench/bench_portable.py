@@ -19,11 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from benchlib import fmt, format_table, ratio
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYENV = Path.home() / ".pyenv" / "versions"
 INTERPRETERS = ("3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from netlab import Host, Process
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 UDP_NODE = r'''
 """argv: repo, server, plan (JSON). Prints one JSON line: what happened."""

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab and the helpers
 
 from benchlib import BenchError, fmt, format_table, machine_note, progress, ratio, run_lab_bench, temp_dir
 from netlab import Host, Lab, Process, start_client, start_server, wait_for

@@ -16,7 +16,7 @@ import ncctl
 
 # The design document's SQL blocks, copied verbatim into the repository so the suite passes
 # wherever it is cloned; NC_DESIGN_DOC checks against the design document itself instead.
-DESIGN_DOC = Path(os.environ.get("NC_DESIGN_DOC", Path(__file__).resolve().parent / "data" / "design-schema.md"))
+DESIGN_DOC = Path(os.environ.get("NC_DESIGN_DOC", Path(__file__).resolve().parents[1] / "data" / "design-schema.md"))
 OLD = "2000-01-01 00:00:00"
 DESIGN_OBJECTS = {"network_mgr", "token_mgr", "update_time_trigger", "update_time_trigger2"}
 

@@ -10,6 +10,7 @@ import json
 import re
 import threading
 
+from gso_frames import hostile_gso_frames
 from hostile_helpers import SPOOF_PORT, hostile_result, spawn_hostile_node
 from hypothesis import HealthCheck, Phase, given, settings
 from netlab import Host, Lab, Process
@@ -23,7 +24,6 @@ from network_helpers import (
     wait_connected,
     wait_exit,
 )
-from test_hostile_wire import hostile_gso_frames
 
 import ncctl
 

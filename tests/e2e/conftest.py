@@ -1,8 +1,10 @@
-"""End-to-end fixtures: the built ./nc artifact, and a namespace lab per test."""
+"""End-to-end fixtures: the built ./nc artifact, a namespace lab per test, and hosts files
+that give the lab's namespaces a server name."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,3 +30,14 @@ def lab(nc_binary: Path, tmp_path: Path) -> Iterator[netlab.Lab]:
         yield the_lab
     finally:
         the_lab.close()
+
+
+@pytest.fixture
+def hosts_files() -> Iterator[dict[str, Path]]:
+    """/etc/netns/<ns>/hosts for this test's namespaces; removed afterwards, also on failure."""
+    made: dict[str, Path] = {}
+    try:
+        yield made
+    finally:
+        for directory in made.values():
+            shutil.rmtree(directory, ignore_errors=True)

@@ -20,7 +20,6 @@ from control_helpers import (
     adm_join,
     admin_tls,
     command_paths,
-    db_execute,
     db_path,
     grpc_call,
     join_node,
@@ -30,6 +29,7 @@ from control_helpers import (
 )
 from cryptography import x509
 from netlab import NC, Host, Lab, Process, start_server, wait_for
+from server_db import db_execute
 
 import ncctl
 

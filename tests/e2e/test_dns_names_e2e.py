@@ -4,35 +4,13 @@ serverAddr, resolved through each namespace's own /etc/netns/<ns>/hosts (which
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 from control_helpers import one_error_line
-from netlab import Host, Lab, start_client, start_server
+from dns_helpers import NAME, name_server
+from netlab import Lab, start_client, start_server
 from network_helpers import assert_reaches, change_underlay, wait_connected
-
-NAME = "nc-server.lab.test"
-
-
-@pytest.fixture
-def hosts_files() -> Iterator[dict[str, Path]]:
-    """/etc/netns/<ns>/hosts for this test's namespaces; removed afterwards, also on failure."""
-    made: dict[str, Path] = {}
-    try:
-        yield made
-    finally:
-        for directory in made.values():
-            shutil.rmtree(directory, ignore_errors=True)
-
-
-def name_server(host: Host, ip: str, files: dict[str, Path]) -> None:
-    directory = Path("/etc/netns") / host.ns
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "hosts").write_text(f"127.0.0.1 localhost\n{ip} {NAME}\n")
-    files[host.ns] = directory
 
 
 def test_a_node_joins_and_follows_a_server_known_by_name(lab: Lab, hosts_files: dict[str, Path]) -> None:

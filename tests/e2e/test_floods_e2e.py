@@ -14,9 +14,9 @@ from network_helpers import (
     build_overlay,
     network_peers,
     ping_counts,
+    server_rss_kib,
     wait_connected,
 )
-from test_network_e2e import server_rss_kib
 
 import ncctl
 

@@ -8,7 +8,7 @@ import json
 import signal
 
 import yaml
-from etcd_helpers import EtcdCluster
+from etcd_cluster import EtcdCluster
 from ha_helpers import CLUSTER_TOKEN, Replicas, sample_holders
 from netlab import Lab, start_client, start_server, wait_for
 

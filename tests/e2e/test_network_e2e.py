@@ -8,7 +8,6 @@ import contextlib
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from netlab import Lab, start_client, wait_for
@@ -24,6 +23,7 @@ from network_helpers import (
     node_state,
     ping_counts,
     run_fuzz,
+    server_rss_kib,
     spawn_tcpdump,
     stop_client,
     tcp_transfer,
@@ -249,13 +249,6 @@ def test_a_second_session_with_the_same_token_replaces_the_first(lab: Lab) -> No
     assert f"{address}/" in twin_host.run("ip", "-4", "-o", "addr", "show", "dev", "nc0").stdout
     assert_reaches(peer.host, address)
     assert node_state(overlay.server, first.token())["connState"] == 3
-
-
-def server_rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 HALF_OPEN = """

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from control_helpers import db_execute, one_error_line
+from control_helpers import one_error_line
 from cryptography import x509
 from netlab import Host, Lab, NcClient, NcServer, start_client, start_server, wait_for
 from network_helpers import assert_reaches, spawn_tcpdump, wait_connected, wait_exit, wait_state
@@ -22,7 +22,6 @@ from networks_helpers import (
     NET_TOKEN_RE,
     assert_all_lost,
     create_network,
-    db_script,
     icmp_sources,
     in_cidr,
     links,
@@ -33,8 +32,8 @@ from networks_helpers import (
     server_tun_with,
     set_net_token,
     start_clients,
-    write_v1_database,
 )
+from server_db import db_execute, db_script, write_v1_database
 
 import ncctl
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import socket
 
-from control_helpers import db_execute, db_path, join_node, one_error_line
+from control_helpers import db_path, join_node, one_error_line
 from netlab import Lab, start_client, start_server
 from network_helpers import assert_reaches, wait_connected
+from server_db import db_execute
 
 import ncctl
 

@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from control_helpers import admin_tls, db_execute, db_path, grpc_call, join_node, node_tls, one_error_line
+from control_helpers import admin_tls, db_path, grpc_call, join_node, node_tls, one_error_line
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from netlab import Lab, NcServer, start_client, start_server, wait_for
 from network_helpers import wait_connected, wait_exit
+from server_db import db_execute
 from trust_helpers import (
     BOOTSTRAP,
     CONTROL,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -97,16 +96,6 @@ def node_tokens(server: NcServer) -> set[str]:
 
 def db_path(server: NcServer) -> Path:
     return server.work_dir / "nc.db"
-
-
-def db_execute(path: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    """A statement on the server's database from outside, as an operator with sqlite3 would."""
-    db = sqlite3.connect(path, timeout=10)
-    try:
-        with db:
-            return db.execute(sql, args).fetchall()
-    finally:
-        db.close()
 
 
 def node_tls(work_dir: Path, kind: str) -> dict[str, Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from etcd_helpers import EtcdCluster
+from etcd_cluster import EtcdCluster
 from netlab import Host, Lab, NcServer, start_server
 
 SERVER_OVERLAY_IP = "10.1.1.1"

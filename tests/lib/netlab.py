@@ -15,9 +15,10 @@ import os
 import secrets
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+
+from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NC = ROOT / "nc"
@@ -335,17 +336,3 @@ def lab(directory: Path) -> Iterator[Lab]:
         yield the_lab
     finally:
         the_lab.close()
-
-
-def wait_for(
-    predicate: Callable[[], object], timeout: float = 20, interval: float = 0.1, what: str = "condition"
-) -> object:
-    """Poll until predicate() is truthy; fail with `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)

@@ -151,6 +151,13 @@ def wait_exit(process: Process, timeout: float = 15) -> int:
     return process.popen.wait(1)
 
 
+def server_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def spawn_tcpdump(host: Host, device: str, name: str) -> Process:
     """tcpdump of ICMP on device, line-buffered into its log; returns once it listens."""
     process = host.spawn("tcpdump", "-n", "-l", "--immediate-mode", "-i", device, "icmp", name=name)

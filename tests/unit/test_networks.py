@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from control_helpers import db_execute
-from networks_helpers import write_v1_database
+from server_db import db_execute, write_v1_database
 
 import ncctl
 

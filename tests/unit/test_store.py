@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from control_helpers import db_execute
+from server_db import db_execute
 
 import ncctl
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etcd_helpers import LocalEtcd
+from etcd_member import LocalEtcd
 
 import ncctl
 

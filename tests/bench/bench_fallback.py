@@ -4,7 +4,7 @@ One server and one node on one bridge; iptables in the node's own namespace drop
 UDP to the server's data port. Measures: with UDP blocked before the join, the time
 from starting the client to the first answered ping over the overlay; with UDP blocked
 mid-session, the gap in replies of a ping every 50 ms; after unblocking, the time until
-the node is back on UDP. The issue's targets: 5 s, 5 s and a minute. Prints one table.
+the node is back on UDP. The targets: 5 s, 5 s and a minute. Prints one table.
 
     tests/bench.sh fallback
 """

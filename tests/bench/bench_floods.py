@@ -1,7 +1,7 @@
 """Floods: a real `nc server` while one address holds idle connections on all three ports.
 
 The attacker namespace keeps --connections (default 1000) connections open to each of
-6439, 6440 and 6441 (reopening whatever the server sheds; see tests/flood_helpers.py).
+6439, 6440 and 6441 (reopening whatever the server sheds; see tests/lib/flood_helpers.py).
 Meanwhile a new node joins (bootstrap gRPC, then the data plane) and a known node
 reconnects (data plane only); both are timed from process start to the overlay address
 on nc0, and compared with the same on the quiet server. Server RSS is sampled before,
@@ -9,7 +9,7 @@ during (peak) and after the flood. Prints one table on stdout; progress goes to 
 
     tests/bench.sh floods [--connections 1000] [--mode idle|half-open] [--repeat 3] [--rate 500]
 
-Targets (issue 11): connect <= 2 s under the flood, RSS growth <= 100 MB, and RSS back
+Targets: connect <= 2 s under the flood, RSS growth <= 100 MB, and RSS back
 within 20 MB of its start after the flood ends.
 """
 

@@ -1,4 +1,4 @@
-"""HA: nc replicas on a real three-member etcd cluster, against the issue's targets.
+"""HA: nc replicas on a real three-member etcd cluster, against its targets.
 
 1. failover    SIGKILL the leader N times (default 10); each time, the seconds until
                every node is back on its own overlay IP and node-to-node ping flows

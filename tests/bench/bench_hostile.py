@@ -6,9 +6,9 @@ gso_size 1, checksum-offset spoofs over the IP source, random virtio headers), r
 each time the server cuts it off. node2 pings node3, which runs without offload (so a
 bomb addressed to it is what the server would have to segment in software). Prints the
 ping p50/p99 between node2 and node3 without and with the flood, and their ratio; the
-issue's target is p99 with the flood at most 2x the unloaded value.
+target is p99 with the flood at most 2x the unloaded value.
 
-    .build/venv/bin/python tests/bench_hostile.py [--pings 1000] [--interval 0.01]
+    .build/venv/bin/python tests/bench/bench_hostile.py [--pings 1000] [--interval 0.01]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab and the helpers
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # ncctl, for network_helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # ncctl, for overlay_helpers
 
 from benchlib import (
     BenchError,
@@ -38,7 +38,7 @@ from benchlib import (
 )
 from hostile_helpers import hostile_result, spawn_hostile_node
 from netlab import Host, NcClient, lab
-from network_helpers import build_overlay, stop_client, wait_connected, wait_exit
+from overlay_helpers import build_overlay, stop_client, wait_connected, wait_exit
 
 
 def ping_rtts(host: Host, target: str, count: int, interval: float) -> tuple[list[float], int]:

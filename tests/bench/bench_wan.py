@@ -17,7 +17,7 @@ queues count packets. In one run, one after the other on the same topology:
                  and spoke like nc: the server has both nodes as peers and routes
                  between them (ip_forward in its namespace only)
     OpenVPN UDP  2.6, AES-256-GCM, tun-mtu 1400, client-to-client
-    OpenVPN TCP  the same over TCP (tests/bench_throughput.py's setup)
+    OpenVPN TCP  the same over TCP (tests/bench/bench_throughput.py's setup)
 
 For each: iperf3 TCP throughput node1->server, server->node1 (-R) and node1->node2
 (through the server on every tunnel, so across the lossy bridge twice; directly

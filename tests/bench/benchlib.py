@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (tests/bench_*.py): tables, process
+"""Helpers shared by the benchmark scripts (tests/bench/bench_*.py): tables, process
 facts from /proc, and turning termination signals into a clean teardown.
 
 Not a test module: benchmarks run on request through tests/bench.sh.

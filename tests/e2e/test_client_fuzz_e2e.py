@@ -20,7 +20,7 @@ from pathlib import Path
 import netlab
 import pytest
 from netlab import NcClient, Process, wait_for
-from network_helpers import NETWORK_PORT, SERVER_OVERLAY_IP, Overlay, assert_reaches, build_overlay, wait_connected
+from overlay_helpers import NETWORK_PORT, SERVER_OVERLAY_IP, Overlay, assert_reaches, build_overlay, wait_connected
 
 FAKE_SERVER = r'''
 """A fake nc network server: TLS with the real server's certificate, then each node's case."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from control_helpers import node_tokens, one_error_line
 from netlab import NC, Host, Lab, NcClient, start_client, wait_for
-from network_helpers import SERVER_OVERLAY_IP, build_overlay, wait_connected, wait_exit
+from overlay_helpers import SERVER_OVERLAY_IP, build_overlay, wait_connected, wait_exit
 
 
 def client_join(host: Host, join: str, work_dir: Path, prelude: str = "") -> subprocess.CompletedProcess:

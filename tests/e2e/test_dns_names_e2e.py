@@ -10,7 +10,7 @@ import yaml
 from control_helpers import one_error_line
 from dns_helpers import NAME, name_server
 from netlab import Lab, start_client, start_server
-from network_helpers import assert_reaches, change_underlay, wait_connected
+from overlay_helpers import assert_reaches, change_underlay, wait_connected
 
 
 def test_a_node_joins_and_follows_a_server_known_by_name(lab: Lab, hosts_files: dict[str, Path]) -> None:

@@ -1,4 +1,4 @@
-"""Floods against a real server (issue 11, bounded resources): idle and half-open
+"""Floods against a real server (bounded resources): idle and half-open
 connections on all three ports from one address while a new node joins and connects,
 and sessions that stop reading while traffic is sent to them."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from flood_helpers import BLAST, SLOW_READERS, held, start_flood, welcomed_ips
 from netlab import Lab, start_client, wait_for
-from network_helpers import (
+from overlay_helpers import (
     NETWORK_PORT,
     SERVER_OVERLAY_IP,
     assert_reaches,

@@ -1,4 +1,4 @@
-"""Issue 11, a hostile node against a real server: one node's certificate in the hands of
+"""A hostile node against a real server: one node's certificate in the hands of
 a raw TLS client that announces the gso capability and sends garbage frames, GSO bombs
 (gso_size 1) and checksum-offset spoofs (csum_start/csum_offset over the IP source),
 while two real nodes keep pinging each other through the server. One of them runs
@@ -14,7 +14,7 @@ from gso_frames import hostile_gso_frames
 from hostile_helpers import SPOOF_PORT, hostile_result, spawn_hostile_node
 from hypothesis import HealthCheck, Phase, given, settings
 from netlab import Host, Lab, Process
-from network_helpers import (
+from overlay_helpers import (
     SERVER_OVERLAY_IP,
     assert_full_mesh,
     assert_reaches,

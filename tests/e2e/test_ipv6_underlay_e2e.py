@@ -5,7 +5,7 @@ full-tunnel node keeps its tunnel up."""
 from __future__ import annotations
 
 from netlab import Lab, start_client, start_server
-from network_helpers import SERVER_OVERLAY_IP, assert_reaches, network_peers, ping_counts, wait_connected
+from overlay_helpers import SERVER_OVERLAY_IP, assert_reaches, network_peers, ping_counts, wait_connected
 
 
 def test_nodes_without_ipv4_join_and_talk_over_an_ipv6_underlay(lab: Lab) -> None:

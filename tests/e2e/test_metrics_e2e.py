@@ -7,7 +7,7 @@ import sys
 
 from control_helpers import adm_join, one_error_line
 from netlab import Lab, NcServer, start_client, start_server, wait_for
-from network_helpers import SCRAPE, assert_reaches, scrape, value, wait_connected
+from overlay_helpers import SCRAPE, assert_reaches, scrape, value, wait_connected
 
 
 def test_metrics_follow_nodes_traffic_and_refusals(lab: Lab) -> None:

@@ -7,7 +7,7 @@ import socket
 
 from control_helpers import db_path, join_node, one_error_line
 from netlab import Lab, start_client, start_server
-from network_helpers import assert_reaches, wait_connected
+from overlay_helpers import assert_reaches, wait_connected
 from server_db import db_execute
 
 import ncctl

@@ -12,7 +12,7 @@ from pathlib import Path
 from dns_helpers import NAME, name_server
 from ha_helpers import CLUSTER_TOKEN, Replicas
 from netlab import NC, Lab, start_client, wait_for
-from network_helpers import scrape, value, wait_connected
+from overlay_helpers import scrape, value, wait_connected
 
 
 def test_a_replica_is_a_service_like_a_single_server(lab: Lab, hosts_files: dict[str, Path]) -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from netlab import NC, Host, Lab, NcServer, Process, start_client, start_server, wait_for
-from network_helpers import wait_connected
+from overlay_helpers import wait_connected
 
 _CONNECTS = (
     "import socket, sys\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from control_helpers import db_path, one_error_line
 from netlab import NC, Host, Lab, NcServer, Process, start_client, start_server, wait_for
-from network_helpers import SERVER_OVERLAY_IP, wait_connected
+from overlay_helpers import SERVER_OVERLAY_IP, wait_connected
 
 
 def write_server_config(host: Host, **fields: object) -> Path:

@@ -9,7 +9,7 @@ import stat
 
 from control_helpers import one_error_line
 from netlab import Lab, start_client, start_server, wait_for
-from network_helpers import assert_reaches, wait_connected
+from overlay_helpers import assert_reaches, wait_connected
 
 
 def test_status_of_a_connected_node_and_of_one_that_lost_its_server(lab: Lab) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from netlab import Host, Lab, NcServer, Process, wait_for
-from network_helpers import wait_exit
+from overlay_helpers import wait_exit
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Issue 10, end to end with the real ./nc in namespaces: every caller is a live
+"""Trust, end to end with the real ./nc in namespaces: every caller is a live
 identity (revocation holds on both ports), least privilege for nodes, bounded and
 visible minting, certificates that age and renew, bounded input, and one atomic
 pool claim under concurrency."""
@@ -16,7 +16,7 @@ from control_helpers import admin_tls, db_path, grpc_call, join_node, node_tls, 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from netlab import Lab, NcServer, start_client, start_server, wait_for
-from network_helpers import wait_connected, wait_exit
+from overlay_helpers import wait_connected, wait_exit
 from server_db import db_execute
 from trust_helpers import (
     BOOTSTRAP,

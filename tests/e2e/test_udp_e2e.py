@@ -1,4 +1,4 @@
-"""Issue 12, end to end with the real ./nc in namespaces: the encrypted UDP data path is
+"""The UDP data path, end to end with the real ./nc in namespaces: the encrypted UDP data path is
 agreed after the welcome and carries the data; with UDP blocked (iptables in the node's own
 namespace) before the join or mid-session, data moves to the TLS/TCP stream with the same
 overlay IP, and back to UDP once datagrams flow again. No timed assertions: waits are
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from netlab import Host, Lab, start_client, start_server, wait_for
-from network_helpers import (
+from overlay_helpers import (
     SERVER_OVERLAY_IP,
     assert_reaches,
     build_overlay,

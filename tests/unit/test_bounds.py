@@ -1,4 +1,4 @@
-"""Unit tests of the resource bounds (issue 11): the shared send budget's policy, the
+"""Unit tests of the resource bounds: the shared send budget's policy, the
 gRPC connection caps cut from the file-descriptor limit, and the gRPC guard's splice."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Several overlay networks (issue 5), unit level: the `networks` config field, join strings and
+"""Several overlay networks, unit level: the `networks` config field, join strings and
 hellos carrying a net-token, migration 2 of the store, and per-network pools and overlap checks."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 3, end to end with the real ./nc in namespaces: nodes reach each other
+"""One overlay, end to end with the real ./nc in namespaces: nodes reach each other
 and the server over the overlay, keep their addresses across restarts and
 underlay changes, and a hostile or forging node cannot disturb the others."""
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 from netlab import Lab, start_client, wait_for
-from network_helpers import (
+from overlay_helpers import (
     FUZZ_CASES,
     SERVER_OVERLAY_IP,
     assert_blocked,

@@ -1,4 +1,4 @@
-"""Issue 5, end to end with the real ./nc in namespaces: several isolated overlay
+"""Several networks, end to end with the real ./nc in namespaces: several isolated overlay
 networks on one server, chosen by net-token. Pings stay inside a network (also
 with gateway mode's ip_forward on), each network has its own pool and LRU, wrong
 net-tokens and bad network definitions are refused in one clear line, deleting a
@@ -15,12 +15,12 @@ from pathlib import Path
 from control_helpers import one_error_line
 from cryptography import x509
 from netlab import Host, Lab, NcClient, NcServer, start_client, start_server, wait_for
-from network_helpers import assert_reaches, spawn_tcpdump, wait_connected, wait_exit, wait_state
-from networks_helpers import (
+from overlay_helpers import (
     DEFAULT_CIDR,
     DEFAULT_SERVER_IP,
     NET_TOKEN_RE,
     assert_all_lost,
+    assert_reaches,
     create_network,
     icmp_sources,
     in_cidr,
@@ -31,7 +31,11 @@ from networks_helpers import (
     saved_net_token,
     server_tun_with,
     set_net_token,
+    spawn_tcpdump,
     start_clients,
+    wait_connected,
+    wait_exit,
+    wait_state,
 )
 from server_db import db_execute, db_script, write_v1_database
 

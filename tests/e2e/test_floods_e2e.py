@@ -5,8 +5,8 @@ and sessions that stop reading while traffic is sent to them."""
 from __future__ import annotations
 
 import pytest
-from flood_helpers import BLAST, SLOW_READERS, held, start_flood, welcomed_ips
-from netlab import Lab, start_client, wait_for
+from flood_helpers import held, start_flood, welcomed_ips
+from netlab import SCRIPTS, Lab, start_client, wait_for
 from overlay_helpers import (
     NETWORK_PORT,
     SERVER_OVERLAY_IP,
@@ -75,13 +75,13 @@ def test_sessions_that_stop_reading_cost_only_their_own_packets(lab: Lab) -> Non
     pid = overlay.server.process.pid
     before = server_rss_kib(pid)
     slow = slow_host.spawn(
-        "python3", "-c", SLOW_READERS, overlay.server_host.ip, str(NETWORK_PORT), *work_dirs, name="slow"
+        "python3", str(SCRIPTS / "slow_readers.py"), overlay.server_host.ip, str(NETWORK_PORT), *work_dirs, name="slow"
     )
     slow.wait_for_output("all welcomed", timeout=60, what="the slow sessions to be admitted")
     ips = welcomed_ips(slow)
     assert len(ips) == 40
 
-    blast = sender.host.spawn("python3", "-c", BLAST, ",".join(ips), "1600", name="blast")
+    blast = sender.host.spawn("python3", str(SCRIPTS / "udp_blast.py"), ",".join(ips), "1600", name="blast")
     blast.wait_for_output("sent", timeout=120, what="the blast to finish")
     during = server_rss_kib(pid)
     sent, received = ping_counts(bystander.host, sender.overlay_ip(), count=10)

@@ -4,10 +4,9 @@ reflection, and the standard grpc.health.v1 service on both gRPC ports."""
 from __future__ import annotations
 
 import sys
-import textwrap
 
 from control_helpers import admin_tls, join_node
-from netlab import ROOT, Lab, start_server, wait_for
+from netlab import ROOT, SCRIPTS, Lab, start_server, wait_for
 from ops_helpers import grpcurl, grpcurl_json, mtls_flags
 
 SERVER_IP = "198.18.0.1"
@@ -85,30 +84,10 @@ def test_standard_health_on_both_ports(lab: Lab) -> None:
     join_node(lab.add_host("node"), server.join_string(), lab.dir / "node-work")  # the services still answer
 
 
-# A gRPC server with nc's standard services whose data-plane probe is a file: present
-# means the data plane is down. Runs in a lab namespace with the test interpreter.
-_HEALTH_SERVER = textwrap.dedent(
-    """
-    import sys, time
-    from concurrent import futures
-    from pathlib import Path
-    sys.path.insert(0, sys.argv[1])
-    import grpc, ncctl
-    down = Path(sys.argv[2])
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    ncctl.add_standard_services(server, lambda: not down.exists(), ncctl.CONTROL_SERVICES)
-    server.add_insecure_port("127.0.0.1:7440")
-    server.start()
-    print("listening", flush=True)
-    server.wait_for_termination()
-    """
-)
-
-
 def test_health_flips_to_not_serving_when_the_data_plane_stops(lab: Lab) -> None:
     host = lab.add_host("probe")
     down = lab.dir / "data-plane-down"
-    process = host.spawn(sys.executable, "-c", _HEALTH_SERVER, str(ROOT), str(down), name="health-server")
+    process = host.spawn(sys.executable, str(SCRIPTS / "health_server.py"), str(ROOT), str(down), name="health-server")
     process.wait_for_output("listening")
 
     def status() -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 
 from control_helpers import adm_join, one_error_line
-from netlab import Lab, NcServer, start_client, start_server, wait_for
-from overlay_helpers import SCRAPE, assert_reaches, scrape, value, wait_connected
+from netlab import SCRIPTS, Lab, NcServer, start_client, start_server, wait_for
+from overlay_helpers import assert_reaches, scrape, value, wait_connected
 
 
 def test_metrics_follow_nodes_traffic_and_refusals(lab: Lab) -> None:
@@ -44,7 +44,9 @@ def test_metrics_follow_nodes_traffic_and_refusals(lab: Lab) -> None:
 
 def test_empty_metrics_addr_turns_metrics_off_and_a_custom_one_is_used(lab: Lab) -> None:
     off = start_server(lab.add_host("off"), metricsAddr="")
-    done = off.host.run(sys.executable, "-c", SCRAPE, "http://127.0.0.1:9441/metrics", check=False)
+    done = off.host.run(
+        sys.executable, str(SCRIPTS / "scrape_metrics.py"), "http://127.0.0.1:9441/metrics", check=False
+    )
     assert done.returncode != 0 and "Connection refused" in done.stderr
     custom: NcServer = start_server(lab.add_host("custom"), metricsAddr="0.0.0.0:9500")
     assert wait_for(lambda: value(scrape(custom.host, f"{custom.host.ip}:9500"), "nc_sessions", transport="tcp") == 0)

@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from netlab import Lab, start_client, wait_for
+from netlab import SCRIPTS, Lab, start_client, wait_for
 from overlay_helpers import (
     FUZZ_CASES,
     SERVER_OVERLAY_IP,
@@ -251,31 +251,6 @@ def test_a_second_session_with_the_same_token_replaces_the_first(lab: Lab) -> No
     assert node_state(overlay.server, first.token())["connState"] == 3
 
 
-HALF_OPEN = """
-import resource, socket, ssl, sys, time
-resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
-server, count = sys.argv[1], int(sys.argv[2])
-socks = []
-for i in range(count):
-    try:
-        s = socket.create_connection((server, 6441), timeout=2)
-    except OSError:
-        continue
-    if i % 2:  # half of them start TLS and stop after the ClientHello
-        s.setblocking(False)
-        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
-        try:
-            s = tls.wrap_socket(s, do_handshake_on_connect=False)
-            s.do_handshake()
-        except OSError:  # want-read, or the server already shed this one (EOF or reset)
-            pass
-    socks.append(s)
-print("opened", len(socks), flush=True)
-time.sleep(float(sys.argv[3]))
-"""
-
-
 def test_thousands_of_half_open_connections_cost_bounded_memory(lab: Lab) -> None:
     """2000 connections that never finish a handshake: the server sheds what exceeds its
     pending limit, times out the rest, keeps the nodes' traffic flowing, and its memory
@@ -285,7 +260,9 @@ def test_thousands_of_half_open_connections_cost_bounded_memory(lab: Lab) -> Non
     pid = overlay.server.process.pid
     before = server_rss_kib(pid)
     attacker = lab.add_host("attacker")
-    flood = attacker.spawn("python3", "-c", HALF_OPEN, overlay.server_host.ip, "2000", "14", name="half-open")
+    flood = attacker.spawn(
+        "python3", str(SCRIPTS / "half_open.py"), overlay.server_host.ip, "2000", "14", name="half-open"
+    )
     flood.wait_for_output("opened", timeout=60, what="the flood to open its connections")
     sent, received = ping_counts(first.host, second.overlay_ip(), count=10)
     assert received == sent == 10

@@ -12,20 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netlab import NC, Host, Lab, NcServer, Process, start_client, start_server, wait_for
+from netlab import NC, SCRIPTS, Host, Lab, NcServer, Process, start_client, start_server, wait_for
 from overlay_helpers import wait_connected
-
-_CONNECTS = (
-    "import socket, sys\n"
-    "try:\n"
-    "    socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=3).close(); print('open')\n"
-    "except OSError as e:\n"
-    "    print('closed', e)\n"
-)
 
 
 def port_open(host: Host, port: int) -> bool:
-    return host.run(sys.executable, "-c", _CONNECTS, str(port)).stdout.startswith("open")
+    return host.run(sys.executable, str(SCRIPTS / "probe_connect.py"), str(port)).stdout.startswith("open")
 
 
 def spawn_server_with_env(host: Host, env: dict[str, str], **fields: object) -> tuple[Process, Path]:

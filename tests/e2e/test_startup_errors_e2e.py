@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from control_helpers import db_path, one_error_line
-from netlab import NC, Host, Lab, NcServer, Process, start_client, start_server, wait_for
+from netlab import NC, SCRIPTS, Host, Lab, NcServer, Process, start_client, start_server, wait_for
 from overlay_helpers import SERVER_OVERLAY_IP, wait_connected
 
 
@@ -40,12 +40,7 @@ def assert_nothing_left(host: Host) -> None:
 
 def occupy(host: Host, port: int) -> Process:
     """A listener on port inside host, held until the returned process is stopped."""
-    script = (
-        "import socket, sys, time\n"
-        "s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
-        f"s.bind(('::', {port})); s.listen(); print('listening', flush=True); time.sleep(600)\n"
-    )
-    process = host.spawn("python3", "-c", script, name=f"occupy-{port}")
+    process = host.spawn("python3", str(SCRIPTS / "occupy_port.py"), str(port), name=f"occupy-{port}")
     process.wait_for_output("listening", what=f"a listener on {port}")
     return process
 

@@ -321,7 +321,7 @@ def test_fifty_concurrent_joins_and_connects_into_a_27(lab: Lab) -> None:
     join = server.join_string("--net", "small", "--life", "30")
     token, net = join.split("@")[0], join.rsplit("net=", 1)[1]
     ca = server.work_dir / "tls" / "grpc" / "ca.crt"
-    script = swarm_script(lab.dir)
+    script = swarm_script()
     swarms = []
     for name in ("swarm-a", "swarm-b"):
         out = lab.dir / name

@@ -9,35 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netlab import ROOT, Host, NcServer
+from netlab import ROOT, SCRIPTS, Host, NcServer
 
 NODE_TOKEN_RE = re.compile(r"^[a-z0-9]{16}$")
 BOOTSTRAP_TOKEN_RE = re.compile(r"^[a-z0-9]{6}\.[a-z0-9]{16}$")
 JOIN_RE = re.compile(r"^(?P<token>[a-z0-9]{6}\.[a-z0-9]{16})@(?P<addr>[0-9.]+:[0-9]+)#(?P<pin>sha256:[0-9a-f]{64})$")
-
-# Runs inside a namespace with the test interpreter (it has grpcio and the
-# generated proto modules): one RPC, the outcome printed as one JSON line.
-_PROBE = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import grpc
-from google.protobuf import json_format
-from proto import nc_pb2, nc_pb2_grpc
-a = json.loads(sys.argv[2])
-read = lambda p: open(p, "rb").read() if p else None
-creds = grpc.ssl_channel_credentials(
-    root_certificates=read(a["ca"]), private_key=read(a["key"]), certificate_chain=read(a["cert"])
-)
-channel = grpc.secure_channel(a["address"], creds, options=[("grpc.ssl_target_name_override", "nc-server")])
-stub = getattr(nc_pb2_grpc, a["service"] + "Stub")(channel)
-request = getattr(nc_pb2, a["request"])(**a["fields"])
-try:
-    response = getattr(stub, a["method"])(request, timeout=8)
-    out = {"ok": True, "response": json_format.MessageToDict(response, always_print_fields_with_no_presence=True)}
-except grpc.RpcError as e:
-    out = {"ok": False, "status": e.code().name, "details": e.details()}
-print(json.dumps(out))
-"""
 
 
 def grpc_call(
@@ -63,7 +39,7 @@ def grpc_call(
         "cert": str(cert) if cert else None,
         "key": str(key) if key else None,
     }
-    done = host.run(sys.executable, "-c", _PROBE, str(ROOT), json.dumps(args), timeout=30)
+    done = host.run(sys.executable, str(SCRIPTS / "grpc_probe.py"), str(ROOT), json.dumps(args), timeout=30)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

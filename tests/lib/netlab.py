@@ -22,6 +22,7 @@ from waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NC = ROOT / "nc"
+SCRIPTS = Path(__file__).resolve().parent / "scripts"  # programs the tests run inside lab namespaces
 UNDERLAY_PREFIX = "198.18.0"
 UNDERLAY6_PREFIX = "2001:2"
 

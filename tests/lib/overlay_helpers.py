@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from netlab import Host, Lab, NcClient, NcServer, Process, start_client, start_server, wait_for
+from netlab import SCRIPTS, Host, Lab, NcClient, NcServer, Process, start_client, start_server, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import ncctl
@@ -184,95 +184,12 @@ FUZZ_CASES = [
     "nested-json-hello",  # valid cert, a legal-size hello whose JSON nests deeply
 ]
 
-FUZZ_SCRIPT = r'''
-"""Hostile streams against the nc network port; every connection's errors are expected."""
-import json, os, random, socket, ssl, struct, sys, time
-
-server, port, cert_dir, token, case, rounds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6])
-rng = random.Random(case)
-
-def frame(kind, payload, declared=None):
-    return struct.pack("!I", kind << 24 | (len(payload) if declared is None else declared)) + payload
-
-def tls(with_cert):
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if with_cert:
-        context.load_cert_chain(os.path.join(cert_dir, "client.crt"), os.path.join(cert_dir, "client.key"))
-    raw = socket.create_connection((server, port), timeout=1)
-    return context.wrap_socket(raw, server_hostname="nc-server")
-
-def drain(sock, seconds=0.3):
-    sock.settimeout(seconds)
-    try:
-        while sock.recv(65536):
-            pass
-    except Exception:
-        pass
-
-def hello(tok):
-    return json.dumps({"proto": 1, "nodeToken": tok, "version": "fuzz", "caps": []}).encode()
-
-def one_round():
-    if case == "raw-garbage":
-        sock = socket.create_connection((server, port), timeout=1)
-        sock.sendall(os.urandom(rng.randint(1, 5000)))
-        drain(sock)
-        sock.close()
-        return
-    if case == "idle-connections":
-        socks = [socket.create_connection((server, port), timeout=1) for _ in range(20)]
-        time.sleep(0.5)
-        for sock in socks:
-            sock.close()
-        return
-    sock = tls(case != "tls-without-cert")
-    try:
-        if case == "tls-without-cert":
-            sock.sendall(frame(0x01, hello(token)))
-        elif case == "tls-random-bytes":
-            sock.sendall(os.urandom(rng.randint(1, 20000)))
-        elif case == "packet-before-hello":
-            sock.sendall(frame(0x10, os.urandom(60)) + frame(0x01, hello(token)))
-        elif case == "oversized-data-frame":
-            sock.sendall(frame(0x10, os.urandom(1000), declared=0xFFFFFF))
-        elif case == "oversized-hello":
-            sock.sendall(frame(0x01, b"{" * 100, declared=5000))
-        elif case == "truncated-header":
-            sock.sendall(b"\x01\x00")
-        elif case == "truncated-hello":
-            body = hello(token)
-            sock.sendall(frame(0x01, body)[: 4 + len(body) // 2])
-        elif case == "wrong-token-hello":
-            sock.sendall(frame(0x01, hello("zzzzzzzzzzzzzzzz")))
-        elif case == "nested-json-hello":
-            body = b'{"proto":1,"nodeToken":"' + token.encode() + b'","caps":' + b"[" * 3500
-            sock.sendall(frame(0x01, body))
-        else:
-            raise SystemExit(f"unknown case {case}")
-        drain(sock)
-    finally:
-        sock.close()
-
-errors = 0
-for _ in range(rounds):
-    try:
-        one_round()
-    except (OSError, ssl.SSLError) as e:
-        errors += 1
-print(f"case {case}: {rounds} rounds, {errors} connection errors", flush=True)
-'''
-
 
 def run_fuzz(host: Host, server_ip: str, cert_dir: Path, token: str, case: str, rounds: int) -> Process:
     """Start the fuzzer for one case in host's namespace (background)."""
-    script = host.lab.dir / "fuzz_stream.py"
-    if not script.exists():
-        script.write_text(FUZZ_SCRIPT)
     return host.spawn(
         sys.executable,
-        str(script),
+        str(SCRIPTS / "fuzz_stream.py"),
         server_ip,
         str(NETWORK_PORT),
         str(cert_dir),
@@ -283,43 +200,19 @@ def run_fuzz(host: Host, server_ip: str, cert_dir: Path, token: str, case: str, 
     )
 
 
-RECEIVE = """
-import hashlib, socket, sys
-listener = socket.create_server((sys.argv[1], 7000))
-print("listening", flush=True)
-conn, _ = listener.accept()
-digest, total = hashlib.sha256(), 0
-while chunk := conn.recv(1 << 20):
-    digest.update(chunk)
-    total += len(chunk)
-print(total, digest.hexdigest(), flush=True)
-"""
-
-SEND = """
-import hashlib, socket, sys
-data = hashlib.sha256(b"nc").digest() * (int(sys.argv[2]) // 32)
-with socket.create_connection((sys.argv[1], 7000), timeout=30) as conn:
-    conn.sendall(data)
-print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
-"""
-
-
 def tcp_transfer(sender: Host, receiver: Host, ip: str, size: int = 16 * 1024 * 1024) -> None:
     """A TCP stream of `size` bytes from sender to receiver at ip arrives whole and unaltered."""
-    server = receiver.spawn("python3", "-c", RECEIVE, ip, name=f"receive-{receiver.name}")
+    server = receiver.spawn("python3", str(SCRIPTS / "tcp_receive.py"), ip, name=f"receive-{receiver.name}")
     server.wait_for_output("listening", timeout=10, what="the receiver to listen")
-    sent = sender.run("python3", "-c", SEND, ip, str(size), timeout=90).stdout.split()
+    sent = sender.run("python3", str(SCRIPTS / "tcp_send.py"), ip, str(size), timeout=90).stdout.split()
     assert wait_exit(server, timeout=30) == 0, server.log()
     received = server.log().split()[1:]
     assert received == sent, f"sent {sent}, received {received}"
 
 
-SCRAPE = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
-
-
 def scrape(host: Host, address: str = "127.0.0.1:9441") -> dict[tuple[str, tuple], float]:
     """Every sample as (name, sorted labels) -> value."""
-    text = host.run(sys.executable, "-c", SCRAPE, f"http://{address}/metrics").stdout
+    text = host.run(sys.executable, str(SCRIPTS / "scrape_metrics.py"), f"http://{address}/metrics").stdout
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)

@@ -1,4 +1,5 @@
-"""Config: server.yml / client.yml loading, validation messages, embedded defaults, CLI exit codes."""
+"""Config: server.yml / client.yml loading, validation messages, embedded defaults. (The CLI's
+one-line exit 2 for a bad config runs ./nc: e2e/test_startup_errors_e2e.py.)"""
 
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -56,7 +57,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -6490,6 +6491,7 @@ BACKOFF_CAP_S = 30.0
 STABLE_SESSION_S = 10.0  # a session that lasted this long resets the reconnect backoff
 RENEW_CHECK_S = 60.0  # how often at most the client looks at its certificates' age
 CERTS_RENEWED = "certificates renewed"  # a session ended by this reconnects at once
+UNEXPECTED_CONNECT_ERROR = "unexpected error while connecting"  # a bug: logged, retried with backoff
 
 
 class Refused(NcError):
@@ -6506,28 +6508,338 @@ class StopRequested(BaseException):
     """Raised by the signal handler to abandon a blocking connect."""
 
 
-class NetworkClient:
+class ServerFollower:
+    """Which server the node tries next: the replicas it knows, in order, the leader a
+    standby named, and replicas a welcome names; and how long to wait between rounds."""
+
+    def __init__(self, server_addr: str, port: int, counters: collections.Counter[str]) -> None:
+        self.servers = server_addresses(server_addr)  # the replicas this node knows, in trying order
+        self.server = self.servers[0] if self.servers else server_addr
+        self.port = port
+        self.counters = counters
+        self.leader_hint = ""  # a standby's refusal named the leader: try it next
+        self.backoff = 0.5
+
+    @property
+    def address(self) -> str:
+        return host_port(self.server, self.port)
+
+    @property
+    def connect_timeout(self) -> float:
+        return HANDSHAKE_TIMEOUT_S if len(self.servers) < 2 else REPLICA_CONNECT_TIMEOUT_S
+
+    def follow(self) -> bool:
+        """After a failed or ended session: move to the leader a standby named, else to
+        the next known replica. False with one server (the old single-server retry)."""
+        hint, self.leader_hint = self.leader_hint, ""
+        if hint and hint != self.server:
+            if hint not in self.servers:
+                self.servers.append(hint)
+            self.server = hint
+            return True
+        if len(self.servers) < 2:
+            return False
+        index = self.servers.index(self.server) if self.server in self.servers else -1
+        self.server = self.servers[(index + 1) % len(self.servers)]
+        self.counters["replica-switches"] += 1
+        return self.counters["replica-switches"] % (2 * len(self.servers)) != 0  # a full round: back off once
+
+    def learn(self, replicas: Iterable[str]) -> None:
+        """Replicas added since the join, named by a welcome: followed from now on."""
+        learned = [r for r in replicas if r not in self.servers]
+        if learned:
+            self.servers.extend(learned)
+            log.info("server replicas: %s", ", ".join(self.servers))
+
+    def session_lasted(self, seconds: float) -> None:
+        if seconds > STABLE_SESSION_S:
+            self.backoff = 0.5
+
+    def next_delay(self) -> float:
+        """The wait before the next round: doubling, with jitter, up to a cap (short with
+        several replicas: one is normally up within a lease's time)."""
+        self.backoff = min(self.backoff * 2, BACKOFF_CAP_S if len(self.servers) < 2 else REPLICA_BACKOFF_CAP_S)
+        return random.uniform(0.5, 1.0) * self.backoff
+
+
+class NodeInterface:
+    """The node's side of the kernel: the nc0 TUN (made at the first welcome, kept across
+    sessions), its address, and the routes the welcome and redirectGateway ask for."""
+
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.stop = threading.Event()
-        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.tun: Tun | None = None
+        self.reader: TunReader | None = None
         self.routes = RouteSet()
         self.address: ipaddress.IPv4Interface | None = None
         self.gso = False  # this session agreed on FRAME_GSO_PACKET
         self.server_mtu = DEFAULT_MTU  # the welcome's: the largest segment the server may send
-        self.reader: TunReader | None = None
+
+    def ensure(self, welcome: Welcome) -> Tun:
+        """The TUN device, created at the first welcome and kept across sessions."""
+        self.gso = CAP_GSO in welcome.caps
+        self.server_mtu = welcome.mtu
+        if self.tun is None:
+            self.tun = Tun("nc0", offload=self.gso)
+            self.reader = TunReader(self.tun)
+        return self.tun
+
+    def configure(self, welcome: Welcome, server_ip: str) -> str | None:
+        """Address and routes, set again only when the address changed; returns why
+        that failed (the session then ends and is retried from scratch)."""
+        assert self.tun is not None
+        if self.address == welcome.interface:
+            return None
+        if self.address is not None:
+            log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
+        self.routes.close()
+        self.address = None  # until it is configured in full
+        try:
+            self.tun.configure(welcome.interface, min(self.config.mtu, welcome.mtu))
+            self._add_welcome_routes(welcome)
+            if self.config.redirect_gateway:
+                self._redirect_gateway(server_ip)
+        except TunError as e:
+            self.routes.close()
+            return f"cannot configure {self.tun.name}: {e}"
+        self.address = welcome.interface
+        return None
+
+    def _add_welcome_routes(self, welcome: Welcome) -> None:
+        """Routes the server hands out, beyond the overlay subnet itself. One that
+        clashes with a route of this host is skipped: the host's own routing wins."""
+        assert self.tun is not None
+        for route in welcome.routes:
+            if ipaddress.IPv4Network(route).subnet_of(welcome.interface.network):
+                continue
+            try:
+                self.routes.add(route, "dev", self.tun.name)
+                log.info("routing %s into the tunnel, as the server asks", route)
+            except TunError as e:
+                log.warning("not routing %s into the tunnel: %s", route, e)
+
+    def _redirect_gateway(self, server_ip: str) -> None:
+        """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
+        IPv4 server via today's path, then 0/1 and 128/1 (more specific than default).
+        A tunnel over IPv6 needs no exception: IPv4 routes cannot capture it."""
+        assert self.tun is not None
+        if ipaddress.ip_address(server_ip).version == 4:
+            path = route_to(server_ip)
+            spec = [f"{server_ip}/32"] + (["via", path["gateway"]] if "gateway" in path else []) + ["dev", path["dev"]]
+            self.routes.replace(*spec)  # the one route a killed run leaves behind
+        self.routes.add("0.0.0.0/1", "dev", self.tun.name)
+        self.routes.add("128.0.0.0/1", "dev", self.tun.name)
+
+    def close(self) -> None:
+        self.routes.close()
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+            log.info("removed TUN device and routes")
+
+
+class NodeSession:
+    """One session's packet pump: TUN to server and back over the TLS link, or over the
+    UDP path while it carries; keepalives, the UDP path's probes and rekeys."""
+
+    def __init__(
+        self,
+        link: Link,
+        welcome: Welcome,
+        udp: DatagramPath | None,
+        interface: NodeInterface,
+        client: NetworkClient,
+    ) -> None:
+        assert interface.tun is not None and interface.reader is not None
+        self.link, self.welcome, self.udp = link, welcome, udp
+        self.tun, self.reader = interface.tun, interface.reader
+        self.gso, self.server_mtu = interface.gso, interface.server_mtu
+        self.client = client  # its stop and renewal events, wake pipe, counters, refusal handling
+        self.counters = client.counters
+
+    def pump(self) -> str | None:
+        """Move packets until the session ends; returns why (None when stopping)."""
+        link, udp, client = self.link, self.udp, self.client
+        poller = Poller()
+        tun_fd = self.tun.fd
+        try:
+            poller.register(link.fd, select.EPOLLIN)
+            poller.register(tun_fd, select.EPOLLIN)
+            poller.register(client.wake_r, select.EPOLLIN)
+            udp_fd, udp_stalled = -1, False
+            if udp is not None:
+                udp_fd = udp.fd
+                poller.register(udp_fd, select.EPOLLIN)
+                if udp.mode == "udp":
+                    link.queue(encode_control(FRAME_TRANSPORT, {"transport": "udp"}))
+                udp.tick(time.monotonic())  # the first probe
+            keepalive = self.welcome.keepalive
+            next_tick = time.monotonic() + 1.0
+            next_udp_tick = time.monotonic() + 0.25
+            want_out = False
+            self._deliver(link)  # frames that came in the same read as the welcome
+            while not client.stop.is_set():
+                if client.renewed.is_set():
+                    with contextlib.suppress(OSError):
+                        os.read(client.wake_r, 64)
+                    return CERTS_RENEWED
+                for fd, events in poller.poll(0.25 if udp is not None else 1.0):
+                    if fd == tun_fd:
+                        self._read_tun(1 if poller.woke else 256)
+                    elif fd == udp_fd:
+                        if events & select.EPOLLOUT:
+                            udp.flush()  # type: ignore[union-attr]
+                        if events & select.EPOLLIN:
+                            self._read_datagrams(1 if poller.woke else UDP_DATAGRAMS_PER_TURN)
+                    elif fd == link.fd:
+                        link.receive(self._deliver, once=poller.woke)
+                if udp is not None and bool(udp.backlog) != udp_stalled:
+                    # A full socket: wait for room before reading more from the TUN, so the
+                    # queue stays short and the inner TCP feels the limit instead of losses.
+                    udp_stalled = bool(udp.backlog)
+                    poller.modify(udp_fd, select.EPOLLIN | select.EPOLLOUT if udp_stalled else select.EPOLLIN)
+                    poller.modify(tun_fd, 0 if udp_stalled else select.EPOLLIN)
+                now = poller.now
+                if udp is not None and now >= next_udp_tick:
+                    next_udp_tick = now + 0.25
+                    self._tick_datagram_path(udp, now)
+                blocked = not link.flush()
+                if blocked != want_out:
+                    want_out = blocked
+                    poller.modify(link.fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
+                if now >= next_tick:
+                    next_tick = now + 1.0
+                    if now - link.last_rx > 3 * keepalive:
+                        return f"server silent for {3 * keepalive} s"
+                    if now - link.last_tx >= keepalive:
+                        link.queue(encode_frame(FRAME_KEEPALIVE))
+            return None
+        except PeerClosed:
+            return "server closed the connection"
+        except (OSError, ssl.SSLError) as e:
+            return f"connection error: {e}"
+        except ProtocolError as e:
+            return f"protocol error: {e}"
+        finally:
+            poller.close()
+
+    def _tick_datagram_path(self, udp: DatagramPath, now: float) -> None:
+        """Probe, switch and rekey the UDP path; the server hears of each over TLS."""
+        transport = udp.tick(now)
+        if transport is not None:
+            self.link.queue(encode_control(FRAME_TRANSPORT, {"transport": transport}))
+        if (rekey := udp.rekey_request(now)) is not None:
+            self.link.queue(rekey)
+
+    def _read_datagrams(self, limit: int) -> None:
+        udp = self.udp
+        assert udp is not None
+        buffers = []  # virtio_net_hdr + packet, checked
+        for frame in coalesce_pieces(udp.receive(limit)):
+            kind, view = frame[0], memoryview(frame)[4:]
+            try:
+                if kind == FRAME_PACKET:
+                    check_packet(view, self.server_mtu)
+                    buffers.append(ZERO_VNET_HDR + view)
+                elif kind == FRAME_GSO_PACKET and self.gso:
+                    buffers.append(gso_header(view, self.server_mtu) + view[VNET_HDR_LEN:])
+            except BadFrame as e:
+                self.counters["dropped-" + e.reason] += 1
+        write_tun_batch(self.tun, buffers, self._tun_write_failed)
+        if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
+            self._tick_datagram_path(udp, time.monotonic())  # the probe answered: switch now
+
+    def _tun_write_failed(self, _error: OSError) -> None:
+        self.counters["dropped-tun-write"] += 1
+
+    def _read_tun(self, limit: int) -> None:
+        udp = self.udp if self.udp is not None and self.udp.carrying else None
+        if udp is not None:
+            self._send_tun_datagrams(udp, limit)
+            return
+        reader = self.reader
+        for _ in range(limit):
+            try:
+                length = reader.read()
+            except (BlockingIOError, InterruptedError):
+                return
+            self.link.send(reader.frames(length, self.gso))  # what it drops, it counts
+
+    def _send_tun_datagrams(self, udp: DatagramPath, limit: int) -> None:
+        """Up to `limit` packets from the TUN as datagrams, sent UDP_SEND_BATCH at a time
+        (the acks of a bulk download in one send, not one each); a full socket stops the
+        reads, and the rest waits in the TUN's queue."""
+        reader, offload, frames = self.reader, self.tun.offload, []
+        for _ in range(limit):
+            if udp.backlog:
+                break
+            try:
+                length = reader.read()
+            except (BlockingIOError, InterruptedError):
+                break
+            if offload:  # each burst named by the counter its first piece will get
+                frames += datagram_frames(reader.packet(length), self.server_mtu, self.gso, udp.keys.sent + len(frames))
+            else:
+                frames.append(reader.frame(FRAME_PACKET, length))
+            if len(frames) >= UDP_SEND_BATCH:
+                udp.send(frames)
+                frames = []
+        if frames:
+            udp.send(frames)
+
+    def _deliver(self, link: Link) -> None:
+        view = link.rx.view
+        for kind, start, end in link.rx.frames():
+            self._deliver_frame(view, kind, start, end)
+
+    def _deliver_frame(self, view: memoryview, kind: int, start: int, end: int) -> None:
+        """One frame from the server, off the TLS stream or out of a datagram."""
+        fd, offload = self.tun.fd, self.tun.offload
+        try:
+            if kind == FRAME_PACKET:
+                check_packet(view[start:end], self.server_mtu)
+                if offload:
+                    os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
+                else:
+                    os.write(fd, view[start:end])
+            elif kind == FRAME_GSO_PACKET and self.gso:
+                view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
+                if offload:
+                    os.write(fd, view[start:end])
+                else:
+                    for packet in plain_packets(view[start:end]):
+                        os.write(fd, packet)
+            elif kind == FRAME_ERROR:
+                self.client.on_refusal(Refusal.decode(view[start:end]))
+                raise PeerClosed("server ended the session")
+            elif kind == FRAME_REKEY and self.udp is not None:
+                self.udp.on_rekey(decode_control(view[start:end]), time.monotonic())
+            elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
+                raise ProtocolError(f"unexpected frame type {kind:#x}")
+        except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
+            self.counters["dropped-" + e.reason] += 1
+        except OSError:
+            self.counters["dropped-tun-write"] += 1
+
+
+class NetworkClient:
+    """`nc client`'s connection to the server: connect (TLS, hello, welcome, the UDP path's
+    keys), run a NodeSession on the node's interface, and reconnect forever, following
+    replicas, until stopped or refused for good."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.stop = threading.Event()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.interface = NodeInterface(config)
         self.udp: DatagramPath | None = None  # this session's UDP data path, if the server agreed
         self.udp_private: Any = None  # this session's X25519 key, offered in the hello
         self.connecting = False  # inside _connect: a stop request interrupts it
         self.counters: collections.Counter[str] = collections.Counter()
-        self.servers = server_addresses(config.server_addr)  # the replicas this node knows, in trying order
-        self.server = self.servers[0] if self.servers else config.server_addr
-        self.leader_hint = ""  # a standby's refusal named the leader: try it next
+        self.follower = ServerFollower(config.server_addr, config.port, self.counters)
         finish_credential_update(config)
         self.context = self._tls_context()
         self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
-        self.renewer = CertRenewer(config, self.stop, self._on_renewed)
         self.server_ip = ""  # serverAddr as resolved for the current session
         self.link: Link | None = None  # the live session, for `nc status`
         self.connected_since = 0.0  # epoch seconds; 0 while not connected
@@ -6546,7 +6858,7 @@ class NetworkClient:
             ) from None
         return context
 
-    def _on_renewed(self) -> None:
+    def on_renewed(self) -> None:
         """Called by the renewer: the next session uses the new certificates."""
         self.renewed.set()
         with contextlib.suppress(OSError):
@@ -6562,107 +6874,97 @@ class NetworkClient:
             raise StopRequested
 
     def run(self) -> int:
-        """Connect, pump, reconnect: forever, until stopped or refused for good.
-
-        The wait between attempts doubles (with jitter, capped at 30 s) until a
-        session has stayed up for a while, so a server that accepts and drops at
-        once is not hammered."""
-        backoff = 0.5
-        self.renewer.start()
+        """Connect, pump, reconnect: forever, until stopped or refused for good. The wait
+        between attempts doubles (with jitter, capped) until a session has stayed up for a
+        while, so a server that accepts and drops at once is not hammered."""
         try:
             while not self.stop.is_set():
-                check_certificate_alive(self.config)
-                if self.renewed.is_set():
-                    self.renewed.clear()
-                    self.context = self._tls_context()
-                try:
-                    self.connecting = True
-                    try:
-                        link, welcome = self._connect()
-                    finally:
-                        self.connecting = False
-                except StopRequested:
-                    break
-                except Refused:
-                    raise
-                except (OSError, ssl.SSLError, ProtocolError, TunError) as e:
-                    reason = f"cannot connect to {self._server}: {e}"
-                    if self._follow_replicas():
-                        log.info("%s; trying replica %s", reason, self.server)
-                        self.stop.wait(random.uniform(0.05, 0.2))  # another replica: no backoff
-                        continue
-                except Exception:  # a bug must not end a client that should reconnect forever
-                    log.exception("unexpected error while connecting")
-                    reason = "unexpected error while connecting"
-                else:
-                    started = time.monotonic()
-                    try:
-                        self._ensure_tun(welcome)  # a host that cannot make one ends the client
-                        reason = self._configure(welcome)
-                        if reason is None:
-                            self.link, self.connected_since = link, time.time()
-                            reason = self._pump(link, welcome)
-                    finally:
-                        self.link, self.connected_since = None, 0.0
-                        link.close()
-                        self._close_datagram_path()
-                    if reason is None:
-                        break  # asked to stop
-                    if reason == CERTS_RENEWED:
-                        log.info("reconnecting with the renewed certificates")
-                        continue
-                    if time.monotonic() - started > STABLE_SESSION_S:
-                        backoff = 0.5
-                    reason = f"disconnected: {reason}"
-                    log.debug("session counters %s", dict(self.counters))
-                    if self._follow_replicas():
+                reason, session_ended = self._one_attempt()
+                if reason is None:
+                    break  # asked to stop
+                if reason == CERTS_RENEWED:
+                    log.info("reconnecting with the renewed certificates")
+                    continue
+                if reason != UNEXPECTED_CONNECT_ERROR and self.follower.follow():
+                    if session_ended:
                         self.last_error = reason
-                        log.warning("%s; trying replica %s", reason, self.server)
-                        continue
+                        log.warning("%s; trying replica %s", reason, self.follower.server)
+                    else:
+                        log.info("%s; trying replica %s", reason, self.follower.server)
+                        self.stop.wait(random.uniform(0.05, 0.2))  # another replica: no backoff
+                    continue
                 self.last_error = reason
-                # Several replicas: one is normally up within a lease's time; wait no longer between rounds.
-                backoff = min(backoff * 2, BACKOFF_CAP_S if len(self.servers) < 2 else REPLICA_BACKOFF_CAP_S)
-                delay = random.uniform(0.5, 1.0) * backoff
+                delay = self.follower.next_delay()
                 log.warning("%s; retrying in %.1f s", reason, delay)
                 self.stop.wait(delay)
         finally:
             self.stop.set()
-            self.close()
-            if self.renewer.is_alive():
-                self.renewer.join(timeout=RPC_TIMEOUT_S)
+            self.interface.close()
         return 0
 
-    @property
-    def _server(self) -> str:
-        return host_port(self.server, self.config.port)
+    def _one_attempt(self) -> tuple[str | None, bool]:
+        """Connect once and run the session; returns why it ended (None: asked to stop),
+        and whether a session had started (False: the connect failed)."""
+        check_certificate_alive(self.config)
+        if self.renewed.is_set():
+            self.renewed.clear()
+            self.context = self._tls_context()
+        try:
+            self.connecting = True
+            try:
+                link, welcome = self._connect()
+            finally:
+                self.connecting = False
+        except StopRequested:
+            return None, False
+        except Refused:
+            raise
+        except (OSError, ssl.SSLError, ProtocolError, TunError) as e:
+            return f"cannot connect to {self.follower.address}: {e}", False
+        except Exception:  # a bug must not end a client that should reconnect forever
+            log.exception("unexpected error while connecting")
+            return UNEXPECTED_CONNECT_ERROR, False
+        started = time.monotonic()
+        try:
+            self.interface.ensure(welcome)  # a host that cannot make one ends the client
+            self.follower.learn(welcome.replicas)
+            reason = self.interface.configure(welcome, self.server_ip)
+            if reason is None:
+                self._log_connected(welcome)
+                self.link, self.connected_since = link, time.time()
+                reason = NodeSession(link, welcome, self.udp, self.interface, self).pump()
+        finally:
+            self.link, self.connected_since = None, 0.0
+            link.close()
+            self._close_datagram_path()
+        if reason is None or reason == CERTS_RENEWED:
+            return reason, True
+        self.follower.session_lasted(time.monotonic() - started)
+        log.debug("session counters %s", dict(self.counters))
+        return f"disconnected: {reason}", True
 
-    def _follow_replicas(self) -> bool:
-        """After a failed or ended session: move to the leader a standby named, else to
-        the next known replica. False with one server (the old single-server retry)."""
-        hint, self.leader_hint = self.leader_hint, ""
-        if hint and hint != self.server:
-            if hint not in self.servers:
-                self.servers.append(hint)
-            self.server = hint
-            return True
-        if len(self.servers) < 2:
-            return False
-        index = self.servers.index(self.server) if self.server in self.servers else -1
-        self.server = self.servers[(index + 1) % len(self.servers)]
-        self.counters["replica-switches"] += 1
-        return self.counters["replica-switches"] % (2 * len(self.servers)) != 0  # a full round: back off once
+    def _log_connected(self, welcome: Welcome) -> None:
+        mtu = min(self.config.mtu, welcome.mtu)
+        log.info("connected to %s as %s (mtu %d)", self.follower.address, welcome.interface, mtu)
+        log.debug(
+            "welcome: server %s, routes %s, keepalive %d s, capabilities %s",
+            welcome.server_ip,
+            list(welcome.routes),
+            welcome.keepalive,
+            list(welcome.caps),
+        )
 
     def status(self) -> dict[str, Any]:
         """What `nc status` shows (asked from the status socket's thread)."""
-        link, since, udp = self.link, self.connected_since, self.udp
+        link, since, udp, address = self.link, self.connected_since, self.udp, self.interface.address
         connected = link is not None and since > 0
         paths: list[PeerPath] = [p for p in (link, udp) if p is not None] if connected else []
         carrying = udp if udp is not None and udp.carrying else link
         return {
             "state": "connected" if connected else "connecting",
             "nodeToken": self.config.token,
-            "overlayIp": str(self.address.ip) if connected and self.address else "",
-            "server": self._server,
+            "overlayIp": str(address.ip) if connected and address else "",
+            "server": self.follower.address,
             "transport": carrying.name if connected and carrying is not None else "",
             "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
             "rttMs": tcp_rtt_ms(link.sock) if connected and link is not None else None,
@@ -6672,24 +6974,17 @@ class NetworkClient:
             "version": VERSION,
         }
 
-    def close(self) -> None:
-        self.routes.close()
-        if self.tun is not None:
-            self.tun.close()
-            self.tun = None
-            log.info("removed TUN device and routes")
-
     def _connect(self) -> tuple[Link, Welcome]:
-        timeout = HANDSHAKE_TIMEOUT_S if len(self.servers) < 2 else REPLICA_CONNECT_TIMEOUT_S
-        self.server_ip = resolve_host(self.server, self.config.port)  # each time: the server may move
-        raw = socket.create_connection((self.server_ip, self.config.port), timeout=timeout)
+        follower = self.follower
+        self.server_ip = resolve_host(follower.server, self.config.port)  # each time: the server may move
+        raw = socket.create_connection((self.server_ip, self.config.port), timeout=follower.connect_timeout)
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = self.context.wrap_socket(raw, server_hostname=SERVER_TLS_NAME)
         except BaseException:
             raw.close()
             raise
-        link = Link(sock, self._server, counters=self.counters)
+        link = Link(sock, follower.address, counters=self.counters)
         self._close_datagram_path()  # a failed connect's
         try:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
@@ -6762,14 +7057,16 @@ class NetworkClient:
                 if kind == FRAME_WELCOME:
                     return Welcome.decode(payload)
                 if kind == FRAME_ERROR:
-                    self._on_refusal(Refusal.decode(payload))
+                    self.on_refusal(Refusal.decode(payload))
                     raise ProtocolError("server refused the session")
                 if kind < FRAME_OPTIONAL and kind != FRAME_KEEPALIVE:
                     raise ProtocolError(f"unexpected frame {kind:#x} before the welcome")
 
-    def _on_refusal(self, refusal: Refusal) -> None:
+    def on_refusal(self, refusal: Refusal) -> None:
+        """A refusal from the server: follow the leader it names; one that says retrying
+        will not help ends the client."""
         if refusal.leader:
-            self.leader_hint = refusal.leader
+            self.follower.leader_hint = refusal.leader
         if not refusal.retry:
             raise Refused(
                 f"server refused this node ({loggable(refusal.code)}): {loggable(refusal.reason)}", refusal.code
@@ -6784,243 +7081,6 @@ class NetworkClient:
         for network in (welcome.interface.network, *map(ipaddress.IPv4Network, welcome.routes)):
             if server in network:
                 raise ProtocolError(f"the welcome routes {network}, the server's own address, into the tunnel")
-
-    def _ensure_tun(self, welcome: Welcome) -> None:
-        """The TUN device, created at the first welcome and kept across sessions."""
-        self.gso = CAP_GSO in welcome.caps
-        self.server_mtu = welcome.mtu
-        if self.tun is None:
-            self.tun = Tun("nc0", offload=self.gso)
-            self.reader = TunReader(self.tun)
-
-    def _configure(self, welcome: Welcome) -> str | None:
-        """Address and routes, set again only when the address changed; returns why
-        that failed (the session then ends and is retried from scratch)."""
-        assert self.tun is not None
-        mtu = min(self.config.mtu, welcome.mtu)
-        learned = [r for r in welcome.replicas if r not in self.servers]
-        if learned:  # replicas added since the join: followed from now on
-            self.servers.extend(learned)
-            log.info("server replicas: %s", ", ".join(self.servers))
-        if self.address != welcome.interface:
-            if self.address is not None:
-                log.warning("overlay address changed from %s to %s", self.address, welcome.interface)
-            self.routes.close()
-            self.address = None  # until it is configured in full
-            try:
-                self.tun.configure(welcome.interface, mtu)
-                self._add_welcome_routes(welcome)
-                if self.config.redirect_gateway:
-                    self._redirect_gateway()
-            except TunError as e:
-                self.routes.close()
-                return f"cannot configure {self.tun.name}: {e}"
-            self.address = welcome.interface
-        log.info("connected to %s as %s (mtu %d)", self._server, welcome.interface, mtu)
-        log.debug(
-            "welcome: server %s, routes %s, keepalive %d s, capabilities %s",
-            welcome.server_ip,
-            list(welcome.routes),
-            welcome.keepalive,
-            list(welcome.caps),
-        )
-        return None
-
-    def _add_welcome_routes(self, welcome: Welcome) -> None:
-        """Routes the server hands out, beyond the overlay subnet itself. One that
-        clashes with a route of this host is skipped: the host's own routing wins."""
-        assert self.tun is not None
-        for route in welcome.routes:
-            if ipaddress.IPv4Network(route).subnet_of(welcome.interface.network):
-                continue
-            try:
-                self.routes.add(route, "dev", self.tun.name)
-                log.info("routing %s into the tunnel, as the server asks", route)
-            except TunError as e:
-                log.warning("not routing %s into the tunnel: %s", route, e)
-
-    def _redirect_gateway(self) -> None:
-        """All IPv4 traffic into the tunnel, except the tunnel itself: a host route to an
-        IPv4 server via today's path, then 0/1 and 128/1 (more specific than default).
-        A tunnel over IPv6 needs no exception: IPv4 routes cannot capture it."""
-        if ipaddress.ip_address(self.server_ip).version == 4:
-            path = route_to(self.server_ip)
-            spec = (
-                [f"{self.server_ip}/32"]
-                + (["via", path["gateway"]] if "gateway" in path else [])
-                + ["dev", path["dev"]]
-            )
-            self.routes.replace(*spec)  # the one route a killed run leaves behind
-        self.routes.add("0.0.0.0/1", "dev", self.tun.name)
-        self.routes.add("128.0.0.0/1", "dev", self.tun.name)
-
-    def _pump(self, link: Link, welcome: Welcome) -> str | None:
-        """Move packets until the session ends; returns why (None when stopping)."""
-        assert self.tun is not None
-        poller = Poller()
-        tun_fd = self.tun.fd
-        try:
-            poller.register(link.fd, select.EPOLLIN)
-            poller.register(tun_fd, select.EPOLLIN)
-            poller.register(self.wake_r, select.EPOLLIN)
-            udp = self.udp
-            udp_fd, udp_stalled = -1, False
-            if udp is not None:
-                udp_fd = udp.fd
-                poller.register(udp_fd, select.EPOLLIN)
-                if udp.mode == "udp":
-                    link.queue(encode_control(FRAME_TRANSPORT, {"transport": "udp"}))
-                udp.tick(time.monotonic())  # the first probe
-            keepalive = welcome.keepalive
-            next_tick = time.monotonic() + 1.0
-            next_udp_tick = time.monotonic() + 0.25
-            want_out = False
-            self._deliver(link)  # frames that came in the same read as the welcome
-            while not self.stop.is_set():
-                if self.renewed.is_set():
-                    with contextlib.suppress(OSError):
-                        os.read(self.wake_r, 64)
-                    return CERTS_RENEWED
-                for fd, events in poller.poll(0.25 if udp is not None else 1.0):
-                    if fd == tun_fd:
-                        self._read_tun(link, 1 if poller.woke else 256)
-                    elif fd == udp_fd:
-                        if events & select.EPOLLOUT:
-                            udp.flush()  # type: ignore[union-attr]
-                        if events & select.EPOLLIN:
-                            self._read_datagrams(link, 1 if poller.woke else UDP_DATAGRAMS_PER_TURN)
-                    elif fd == link.fd:
-                        link.receive(self._deliver, once=poller.woke)
-                if udp is not None and bool(udp.backlog) != udp_stalled:
-                    # A full socket: wait for room before reading more from the TUN, so the
-                    # queue stays short and the inner TCP feels the limit instead of losses.
-                    udp_stalled = bool(udp.backlog)
-                    poller.modify(udp_fd, select.EPOLLIN | select.EPOLLOUT if udp_stalled else select.EPOLLIN)
-                    poller.modify(tun_fd, 0 if udp_stalled else select.EPOLLIN)
-                now = poller.now
-                if udp is not None and now >= next_udp_tick:
-                    next_udp_tick = now + 0.25
-                    self._tick_datagram_path(link, udp, now)
-                blocked = not link.flush()
-                if blocked != want_out:
-                    want_out = blocked
-                    poller.modify(link.fd, select.EPOLLIN | select.EPOLLOUT if blocked else select.EPOLLIN)
-                if now >= next_tick:
-                    next_tick = now + 1.0
-                    if now - link.last_rx > 3 * keepalive:
-                        return f"server silent for {3 * keepalive} s"
-                    if now - link.last_tx >= keepalive:
-                        link.queue(encode_frame(FRAME_KEEPALIVE))
-            return None
-        except PeerClosed:
-            return "server closed the connection"
-        except (OSError, ssl.SSLError) as e:
-            return f"connection error: {e}"
-        except ProtocolError as e:
-            return f"protocol error: {e}"
-        finally:
-            poller.close()
-
-    def _tick_datagram_path(self, link: Link, udp: DatagramPath, now: float) -> None:
-        """Probe, switch and rekey the UDP path; the server hears of each over TLS."""
-        transport = udp.tick(now)
-        if transport is not None:
-            link.queue(encode_control(FRAME_TRANSPORT, {"transport": transport}))
-        if (rekey := udp.rekey_request(now)) is not None:
-            link.queue(rekey)
-
-    def _read_datagrams(self, link: Link, limit: int) -> None:
-        assert self.udp is not None and self.tun is not None
-        udp = self.udp
-        buffers = []  # virtio_net_hdr + packet, checked
-        for frame in coalesce_pieces(udp.receive(limit)):
-            kind, view = frame[0], memoryview(frame)[4:]
-            try:
-                if kind == FRAME_PACKET:
-                    check_packet(view, self.server_mtu)
-                    buffers.append(ZERO_VNET_HDR + view)
-                elif kind == FRAME_GSO_PACKET and self.gso:
-                    buffers.append(gso_header(view, self.server_mtu) + view[VNET_HDR_LEN:])
-            except BadFrame as e:
-                self.counters["dropped-" + e.reason] += 1
-        write_tun_batch(self.tun, buffers, self._tun_write_failed)
-        if udp.state == DatagramPath.PROBING and udp.last_rx >= udp.since:
-            self._tick_datagram_path(link, udp, time.monotonic())  # the probe answered: switch now
-
-    def _tun_write_failed(self, _error: OSError) -> None:
-        self.counters["dropped-tun-write"] += 1
-
-    def _read_tun(self, link: Link, limit: int) -> None:
-        assert self.tun is not None and self.reader is not None
-        udp = self.udp if self.udp is not None and self.udp.carrying else None
-        if udp is not None:
-            self._send_tun_datagrams(udp, limit)
-            return
-        reader = self.reader
-        for _ in range(limit):
-            try:
-                length = reader.read()
-            except (BlockingIOError, InterruptedError):
-                return
-            link.send(reader.frames(length, self.gso))  # what it drops, it counts
-
-    def _send_tun_datagrams(self, udp: DatagramPath, limit: int) -> None:
-        """Up to `limit` packets from the TUN as datagrams, sent UDP_SEND_BATCH at a time
-        (the acks of a bulk download in one send, not one each); a full socket stops the
-        reads, and the rest waits in the TUN's queue."""
-        assert self.tun is not None and self.reader is not None
-        reader, offload, frames = self.reader, self.tun.offload, []
-        for _ in range(limit):
-            if udp.backlog:
-                break
-            try:
-                length = reader.read()
-            except (BlockingIOError, InterruptedError):
-                break
-            if offload:  # each burst named by the counter its first piece will get
-                frames += datagram_frames(reader.packet(length), self.server_mtu, self.gso, udp.keys.sent + len(frames))
-            else:
-                frames.append(reader.frame(FRAME_PACKET, length))
-            if len(frames) >= UDP_SEND_BATCH:
-                udp.send(frames)
-                frames = []
-        if frames:
-            udp.send(frames)
-
-    def _deliver(self, link: Link) -> None:
-        view = link.rx.view
-        for kind, start, end in link.rx.frames():
-            self._deliver_frame(view, kind, start, end)
-
-    def _deliver_frame(self, view: memoryview, kind: int, start: int, end: int) -> None:
-        """One frame from the server, off the TLS stream or out of a datagram."""
-        assert self.tun is not None
-        fd, offload = self.tun.fd, self.tun.offload
-        try:
-            if kind == FRAME_PACKET:
-                check_packet(view[start:end], self.server_mtu)
-                if offload:
-                    os.writev(fd, [ZERO_VNET_HDR, view[start:end]])
-                else:
-                    os.write(fd, view[start:end])
-            elif kind == FRAME_GSO_PACKET and self.gso:
-                view[start : start + VNET_HDR_LEN] = gso_header(view[start:end], self.server_mtu)
-                if offload:
-                    os.write(fd, view[start:end])
-                else:
-                    for packet in plain_packets(view[start:end]):
-                        os.write(fd, packet)
-            elif kind == FRAME_ERROR:
-                self._on_refusal(Refusal.decode(view[start:end]))
-                raise PeerClosed("server ended the session")
-            elif kind == FRAME_REKEY and self.udp is not None:
-                self.udp.on_rekey(decode_control(view[start:end]), time.monotonic())
-            elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
-                raise ProtocolError(f"unexpected frame type {kind:#x}")
-        except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
-            self.counters["dropped-" + e.reason] += 1
-        except OSError:
-            self.counters["dropped-tun-write"] += 1
 
 
 class CertRenewer(threading.Thread):
@@ -7232,16 +7292,20 @@ def run_client(config: ClientConfig) -> int:
         raise NcError("nc client must run as root (it creates a TUN device and routes)")
     os.umask(0o077)
     client = NetworkClient(config)
+    renewer = CertRenewer(config, client.stop, client.on_renewed)
     signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
     signal.signal(signal.SIGINT, lambda *_: client.request_stop())
     log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
     status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
     status.start()
     sd_notify("READY=1\nSTATUS=connecting")  # the client runs and answers `nc status`; it connects on its own
+    renewer.start()
     try:
         return client.run()
     finally:
         status.close()
+        if renewer.is_alive():
+            renewer.join(timeout=RPC_TIMEOUT_S)  # client.run() set stop on its way out
 
 
 def ask_status(work_dir: Path) -> dict[str, Any]:
@@ -7275,7 +7339,9 @@ def ask_status(work_dir: Path) -> dict[str, Any]:
 # ============================================================================
 
 
+@functools.cache
 def grpc_modules() -> tuple[Any, Any, Any]:
+    """grpc and nc's generated modules, imported on first use (a `nc version` needs none)."""
     import grpc
 
     from proto import nc_pb2, nc_pb2_grpc
@@ -8387,6 +8453,23 @@ def run_start_up_step(name: str, step: Callable[[], None]) -> None:
         raise failures[0]
 
 
+def reload_and_watchdog(config: ServerConfig, config_path: str | None, control: ControlPlane) -> Callable[[], None]:
+    """The server's tick, once a second while every part lives: a reload SIGHUP asked
+    for, and the watchdog, fed while the data plane (a standby: its referrals) runs."""
+    watchdog, reload = Watchdog(), threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+
+    def tick() -> None:
+        if reload.is_set():
+            reload.clear()
+            sd_notify("RELOADING=1")
+            reload_server_config(config, config_path, control)
+            sd_notify("READY=1")
+        watchdog.ping(control.sessions.running())
+
+    return tick
+
+
 def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -> int:
     """`nc server`: alone on its sqlite store, or (datastoreEndpoint) one replica of several
     on etcd. The same start-up, supervision (every long-lived part watched), READY=1 and
@@ -8397,16 +8480,10 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
         advertised = config.ip or detect_server_ip()
         underlay_ip = resolve_host(advertised)  # a DNS name: for certificates and the CIDR rules
         server_ip = str(config.server_overlay_ip)
-        where = f", datastore {config.datastore_endpoint}" if config.datastore_endpoint else ""
-        log.info(
-            "nc %s %s starting: advertised address %s, overlay %s (server %s)%s",
-            VERSION,
-            kind,
-            advertised,
-            config.overlay,
-            server_ip,
-            where,
+        where = f"overlay {config.overlay} (server {server_ip})" + (
+            f", datastore {config.datastore_endpoint}" if config.datastore_endpoint else ""
         )
+        log.info("nc %s %s starting: advertised address %s, %s", VERSION, kind, advertised, where)
         store = open_store(config)
         stop = threading.Event()
         threads: list[threading.Thread] = []
@@ -8453,18 +8530,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
             status = role.ready()
             log.info("nc %s ready (%s); join string pin %s", kind, status, pki.ca_pin())
             sd_notify(f"READY=1\nSTATUS={status}")  # every port listens now
-            watchdog, reload = Watchdog(), threading.Event()
-            signal.signal(signal.SIGHUP, lambda *_: reload.set())
-
-            def tick() -> None:
-                if reload.is_set():
-                    reload.clear()
-                    sd_notify("RELOADING=1")
-                    reload_server_config(config, config_path, control)
-                    sd_notify("READY=1")
-                watchdog.ping(control.sessions.running())  # a leader's data plane, a standby's referrals
-
-            code = wait_for_stop_signal(stop, supervisor, tick)
+            code = wait_for_stop_signal(stop, supervisor, reload_and_watchdog(config, config_path, control))
         finally:
             stop.set()
             if metrics is not None:
@@ -9142,14 +9208,28 @@ def control_rpc(args: argparse.Namespace, method: str, request: Any) -> Any:
         return check_code(client.control(method, request))
 
 
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2))
+@dataclasses.dataclass
+class Table:
+    """Rows for a terminal, under a header of column names."""
+
+    header: list[str]
+    rows: list[list[Any]]
+
+    def lines(self) -> list[str]:
+        cells = [[loggable(cell) for cell in row] for row in [self.header, *self.rows]]  # peers wrote some of them
+        widths = [max(len(cell) for cell in column) for column in zip(*cells)]
+        return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
 
 
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+def show(args: argparse.Namespace, document: Any, text: str | Table) -> None:
+    """The one way a command prints its result: with `-o json` the JSON document (camelCase
+    keys, as the gRPC fields), else the text: a line (or lines) or a table."""
+    if getattr(args, "output", "text") == "json":
+        print(json.dumps(document, indent=2))
+    elif isinstance(text, Table):
+        print("\n".join(text.lines()))
+    else:
+        print(text)
 
 
 def message_json(message: Any) -> dict:
@@ -9163,13 +9243,11 @@ def adm_token_create(args: argparse.Namespace) -> int:
     request = pb.CreateBootstrapTokenRequest(lifeMinutes=args.life, singleUse=args.single_use, network=args.net or "")
     response = admin_rpc(args, "CreateBootstrapToken", request)
     command = join_command(response.joinString)
-    if args.output == "json":
-        fields = {k: v for k, v in message_json(response).items() if k not in ("code", "message")}
-        print_json({**fields, "joinCommand": command} if args.print_join_command else fields)
-    elif args.print_join_command:
-        print(command)
+    fields = {k: v for k, v in message_json(response).items() if k not in ("code", "message")}
+    if args.print_join_command:
+        show(args, {**fields, "joinCommand": command}, command)
     else:
-        print(response.joinString)
+        show(args, fields, response.joinString)
     return 0
 
 
@@ -9181,14 +9259,12 @@ def join_command(join_string: str) -> str:
 def adm_token_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListBootstrapTokens", pb.ListBootstrapTokensRequest())
-    if args.output == "json":
-        print_json([message_json(t) for t in response.tokens])
-    else:
-        rows = [
-            [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no", t.mintedBy or "admin"]
-            for t in response.tokens
-        ]
-        print_table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE", "MINTED-BY"], rows)
+    rows = [
+        [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no", t.mintedBy or "admin"]
+        for t in response.tokens
+    ]
+    table = Table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE", "MINTED-BY"], rows)
+    show(args, [message_json(t) for t in response.tokens], table)
     return 0
 
 
@@ -9196,49 +9272,42 @@ def adm_token_delete(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     admin_rpc(args, "DeleteBootstrapToken", pb.DeleteBootstrapTokenRequest(tokenId=args.token_id))
     deleted = args.token_id.split(".", 1)[0]  # the public id, even if the whole token was given
-    if args.output == "json":
-        print_json({"tokenId": deleted, "deleted": True})
-    else:
-        print(f"deleted bootstrap token {deleted}")
+    show(args, {"tokenId": deleted, "deleted": True}, f"deleted bootstrap token {deleted}")
     return 0
 
 
 def adm_join(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
     config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin)
-    if args.output == "json":
-        print_json({"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")})
-    else:
-        print(config.token)
+    document = {"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")}
+    show(args, document, config.token)
     return 0
 
 
 def adm_node_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListNodes", pb.ListNodesRequest())
-    if args.output == "json":
-        print_json([message_json(n) for n in response.nodes])
-    else:
-        rows = [
-            [
-                n.nodeToken,
-                n.network,
-                n.bindIp or "-",
-                "reserved" if n.reserved else f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
-                n.hostName or "-",
-                n.endpoint or "-",
-                n.transport or "-",
-                n.lastSeen or "never",
-                human_bytes(n.rxBytes),
-                human_bytes(n.txBytes),
-                n.nodeVersion or "-",
-                n.updateTime,
-                n.mintedBy or "admin",
-            ]
-            for n in response.nodes
+    rows = [
+        [
+            n.nodeToken,
+            n.network,
+            n.bindIp or "-",
+            "reserved" if n.reserved else f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
+            n.hostName or "-",
+            n.endpoint or "-",
+            n.transport or "-",
+            n.lastSeen or "never",
+            human_bytes(n.rxBytes),
+            human_bytes(n.txBytes),
+            n.nodeVersion or "-",
+            n.updateTime,
+            n.mintedBy or "admin",
         ]
-        headers = ["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
-        print_table([*headers, "RX", "TX", "VERSION", "UPDATED", "MINTED-BY"], rows)
+        for n in response.nodes
+    ]
+    headers = ["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
+    table = Table([*headers, "RX", "TX", "VERSION", "UPDATED", "MINTED-BY"], rows)
+    show(args, [message_json(n) for n in response.nodes], table)
     return 0
 
 
@@ -9255,11 +9324,9 @@ def adm_node_prune(args: argparse.Namespace) -> int:
     seconds = parse_duration_arg(args.idle_for, "--idle-for")
     response = admin_rpc(args, "PruneNodes", pb.PruneNodesRequest(idleForSeconds=seconds, dryRun=args.dry_run))
     tokens = list(response.nodeTokens)
-    if args.output == "json":
-        print_json({"nodeTokens": tokens, "dryRun": args.dry_run})
-    else:
-        verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {len(tokens)} node(s) idle for over {args.idle_for}" + "".join(f"\n  {t}" for t in tokens))
+    verb = "would remove" if args.dry_run else "removed"
+    text = f"{verb} {len(tokens)} node(s) idle for over {args.idle_for}" + "".join(f"\n  {t}" for t in tokens)
+    show(args, {"nodeTokens": tokens, "dryRun": args.dry_run}, text)
     return 0
 
 
@@ -9277,67 +9344,52 @@ def adm_network_create(args: argparse.Namespace) -> int:
         name=args.name, cidr=args.cidr, noInterconnection=args.no_interconnection, allowPublic=args.allow_public
     )
     response = admin_rpc(args, "CreateNetwork", request)
-    if args.output == "json":
-        print_json(message_json(response.network))
-    else:
-        print(response.network.netToken)
+    show(args, message_json(response.network), response.network.netToken)
     return 0
 
 
 def adm_network_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListNetworks", pb.ListNetworksRequest())
-    if args.output == "json":
-        print_json([message_json(n) for n in response.networks])
-    else:
-        rows = [
-            [
-                n.name,
-                n.cidr,
-                n.serverIp,
-                "yes" if n.interconnection else "no",
-                str(n.nodes),
-                "config" if n.fromConfig else "runtime",
-                n.netToken,
-            ]
-            for n in response.networks
+    rows = [
+        [
+            n.name,
+            n.cidr,
+            n.serverIp,
+            "yes" if n.interconnection else "no",
+            str(n.nodes),
+            "config" if n.fromConfig else "runtime",
+            n.netToken,
         ]
-        print_table(["NAME", "CIDR", "SERVER-IP", "INTERCONNECTION", "NODES", "DEFINED-IN", "NET-TOKEN"], rows)
+        for n in response.networks
+    ]
+    table = Table(["NAME", "CIDR", "SERVER-IP", "INTERCONNECTION", "NODES", "DEFINED-IN", "NET-TOKEN"], rows)
+    show(args, [message_json(n) for n in response.networks], table)
     return 0
 
 
 def adm_network_delete(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "DeleteNetwork", pb.DeleteNetworkRequest(name=args.name, force=args.force))
-    if args.output == "json":
-        print_json({"name": args.name, "deleted": True, "unregistered": list(response.unregistered)})
-    else:
-        print(
-            f"deleted network {args.name}"
-            + (f"; unregistered {len(response.unregistered)} node(s)" if response.unregistered else "")
-        )
+    removed = f"; unregistered {len(response.unregistered)} node(s)" if response.unregistered else ""
+    document = {"name": args.name, "deleted": True, "unregistered": list(response.unregistered)}
+    show(args, document, f"deleted network {args.name}{removed}")
     return 0
 
 
 def adm_node_state(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = control_rpc(args, "CheckConnState", pb.CheckConnStateRequest(token=args.node_token))
-    if args.output == "json":
-        print_json({"nodeToken": args.node_token, **message_json(response)})
-    else:
-        print(
-            f"{args.node_token}  bind-ip {response.bindIp or '-'}  state {STATE_NAMES.get(response.connState, '?')} ({response.connState})"
-        )
+    state = f"{STATE_NAMES.get(response.connState, '?')} ({response.connState})"
+    text = f"{loggable(args.node_token)}  bind-ip {response.bindIp or '-'}  state {state}"
+    show(args, {"nodeToken": args.node_token, **message_json(response)}, text)
     return 0
 
 
 def adm_node_unregister(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = control_rpc(args, "UnRegister", pb.UnRegisterRequest(token=args.node_token))
-    if args.output == "json":
-        print_json({"nodeToken": args.node_token, **message_json(response)})
-    else:
-        print(f"unregistered {args.node_token}")
+    show(args, {"nodeToken": args.node_token, **message_json(response)}, f"unregistered {loggable(args.node_token)}")
     return 0
 
 
@@ -9371,12 +9423,12 @@ def adm_ca_status(args: argparse.Namespace) -> int:
                 "expired": left.total_seconds() <= 0,
             }
         )
-    if args.output == "json":
-        print_json(rows)
-    else:
-        table = [[r["name"], r["notAfter"], "EXPIRED" if r["expired"] else f"{r['daysLeft']} days"] for r in rows]
-        print_table(["CERTIFICATE", "EXPIRES (UTC)", "LEFT"], table)
-        print(f"node certificates live {format_duration(config.node_cert_life)}; renewed at two thirds of it")
+    table = Table(
+        ["CERTIFICATE", "EXPIRES (UTC)", "LEFT"],
+        [[r["name"], r["notAfter"], "EXPIRED" if r["expired"] else f"{r['daysLeft']} days"] for r in rows],
+    )
+    renewal = f"node certificates live {format_duration(config.node_cert_life)}; renewed at two thirds of it"
+    show(args, rows, "\n".join([*table.lines(), renewal]))
     return 1 if any(r["expired"] for r in rows) else 0
 
 
@@ -9408,16 +9460,12 @@ def adm_health(args: argparse.Namespace) -> int:
         "bootstrap": target.bootstrap_address,
         "data": host_port(*target.data_address),
     }
-    if args.output == "json":
-        print_json(
-            {
-                "healthy": healthy,
-                **{k: {"address": addresses[k], "ok": v == CODE_OK, "detail": v} for k, v in results.items()},
-            }
-        )
-    else:
-        for name, value in results.items():
-            print(f"{name:9} {addresses[name]:21} {'ok' if value == CODE_OK else 'FAILED: ' + value}")
+    document = {
+        "healthy": healthy,
+        **{k: {"address": addresses[k], "ok": v == CODE_OK, "detail": v} for k, v in results.items()},
+    }
+    lines = [f"{name:9} {addresses[name]:21} {'ok' if v == CODE_OK else 'FAILED: ' + v}" for name, v in results.items()]
+    show(args, document, "\n".join(lines))
     return 0 if healthy else 1
 
 
@@ -9460,10 +9508,8 @@ def adm_replica_list(args: argparse.Namespace) -> int:
         entries = replica_entries(etcd)
     finally:
         etcd.close()
-    if args.output == "json":
-        print_json(entries)
-    else:
-        print_table(["ADDRESS", "ROLE", "LAST HEARTBEAT"], [[e["address"], e["role"], e["heartbeat"]] for e in entries])
+    table = Table(["ADDRESS", "ROLE", "LAST HEARTBEAT"], [[e["address"], e["role"], e["heartbeat"]] for e in entries])
+    show(args, entries, table)
     return 0
 
 
@@ -9629,24 +9675,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     """The running client's state; exit 1 when it is not connected (scripts wait on it)."""
     work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
     status = ask_status(work_dir)
-    if args.output == "json":
-        print_json(status)
-    else:
-        rtt = status.get("rttMs")
-        lines = [
-            ("state", status.get("state", "?")),
-            ("node", status.get("nodeToken", "")),
-            ("overlay ip", status.get("overlayIp") or "-"),
-            ("server", status.get("server", "")),
-            ("transport", status.get("transport") or "-"),
-            ("since", status.get("connectedSince") or "-"),
-            ("round trip", f"{rtt} ms" if rtt is not None else "-"),
-            ("rx / tx", f"{human_bytes(status.get('rxBytes', 0))} / {human_bytes(status.get('txBytes', 0))}"),
-        ]
-        if status.get("lastError"):
-            lines.append(("last error", status["lastError"]))
-        for name, value in lines:
-            print(f"{name + ':':12} {value}")
+    rtt = status.get("rttMs")
+    lines = [
+        ("state", status.get("state", "?")),
+        ("node", status.get("nodeToken", "")),
+        ("overlay ip", status.get("overlayIp") or "-"),
+        ("server", status.get("server", "")),
+        ("transport", status.get("transport") or "-"),
+        ("since", status.get("connectedSince") or "-"),
+        ("round trip", f"{rtt} ms" if rtt is not None else "-"),
+        ("rx / tx", f"{human_bytes(status.get('rxBytes', 0))} / {human_bytes(status.get('txBytes', 0))}"),
+    ]
+    if status.get("lastError"):
+        lines.append(("last error", status["lastError"]))
+    show(args, status, "\n".join(f"{name + ':':12} {loggable(value)}" for name, value in lines))
     return 0 if status.get("state") == "connected" else 1
 
 
@@ -9815,6 +9857,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    add_server_and_client_commands(commands)
+    add_adm_commands(commands)
+    add_host_commands(commands)
+    return parser
+
+
+def add_server_and_client_commands(commands: Any) -> None:
     server = commands.add_parser(
         "server",
         help="run the cloud server (foreground)",
@@ -9836,6 +9885,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_unsafe_skip_ca_pin_flag(client)
     client.set_defaults(func=cmd_client)
 
+
+def add_adm_commands(commands: Any) -> None:
+    """`nc adm ...`: each group of subcommands, sharing the connection flags and -o."""
     adm = commands.add_parser(
         "adm",
         help="administer a server (tokens, nodes, health)",
@@ -9845,7 +9897,14 @@ def build_parser() -> argparse.ArgumentParser:
     adm_cmds = adm.add_subparsers(dest="adm_command", metavar="COMMAND", required=True)
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("-o", "--output", choices=["text", "json"], default=argparse.SUPPRESS, help="output format")
+    add_adm_token_commands(adm_cmds, output)
+    add_adm_network_commands(adm_cmds, output)
+    add_adm_node_commands(adm_cmds, output)
+    add_adm_server_commands(adm_cmds, output)
 
+
+def add_adm_token_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
+    """Bootstrap tokens, and joining with one (`adm join`, the original's get-token)."""
     token = adm_cmds.add_parser("token", help="bootstrap tokens: create, list, delete")
     token_cmds = token.add_subparsers(dest="token_command", metavar="COMMAND", required=True)
     create = token_cmds.add_parser("create", parents=[output], help="mint a bootstrap token and print its join string")
@@ -9872,6 +9931,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_unsafe_skip_ca_pin_flag(join_cmd)
     join_cmd.set_defaults(func=adm_join)
 
+
+def add_adm_network_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
     network = adm_cmds.add_parser("network", help="overlay networks: create, list, delete")
     network_cmds = network.add_subparsers(dest="network_command", metavar="COMMAND", required=True)
     create_net = network_cmds.add_parser(
@@ -9894,6 +9955,8 @@ def build_parser() -> argparse.ArgumentParser:
     delete_net.add_argument("--force", action="store_true", help="also unregister the network's nodes")
     delete_net.set_defaults(func=adm_network_delete)
 
+
+def add_adm_node_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
     node = adm_cmds.add_parser("node", help="nodes: list, state, unregister")
     node_cmds = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
     node_cmds.add_parser("list", parents=[output], help="list registered nodes").set_defaults(func=adm_node_list)
@@ -9912,6 +9975,10 @@ def build_parser() -> argparse.ArgumentParser:
             legacy = adm_cmds.add_parser(alias, parents=[output], help=f"alias of `node {name}`")
             legacy.add_argument("--node-token", required=True, metavar="T")
             legacy.set_defaults(func=func)
+
+
+def add_adm_server_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
+    """The server itself: health, its CAs, its store (backup, restore, migrate) and replicas."""
     adm_cmds.add_parser(
         "health", aliases=["check-health"], parents=[output], help="check both gRPC ports and the data port"
     ).set_defaults(func=adm_health)
@@ -9930,7 +9997,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
     restore.set_defaults(func=adm_restore)
+    replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
+    replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)
+    replica_cmds.add_parser(
+        "list", parents=[output], help="address, role and last heartbeat of every replica"
+    ).set_defaults(func=adm_replica_list)
+    datastore = adm_cmds.add_parser("datastore", help="the server's store")
+    datastore_cmds = datastore.add_subparsers(dest="datastore_command", metavar="COMMAND", required=True)
+    migrate = datastore_cmds.add_parser(
+        "migrate", help="move a single server's store and PKI into etcd", description=adm_datastore_migrate.__doc__
+    )
+    migrate.add_argument("--to", required=True, metavar="ENDPOINTS", help="etcd URLs, comma-separated")
+    migrate.add_argument("--cluster-token", default="", metavar="SECRET", help="the replicas' shared clusterToken")
+    migrate.set_defaults(func=adm_datastore_migrate)
 
+
+def add_host_commands(commands: Any) -> None:
+    """What runs on the host itself: the client's status, the service unit, versions."""
     status = commands.add_parser(
         "status",
         help="ask the running client on this host how it is connected",
@@ -9952,22 +10035,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.add_argument("--print", action="store_true", help="print what it would copy and write, change nothing")
     service.add_argument("--root", metavar="DIR", help="install under DIR instead of / (building an image)")
     service.set_defaults(func=cmd_install_service)
-    replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
-    replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)
-    replica_cmds.add_parser(
-        "list", parents=[output], help="address, role and last heartbeat of every replica"
-    ).set_defaults(func=adm_replica_list)
-    datastore = adm_cmds.add_parser("datastore", help="the server's store")
-    datastore_cmds = datastore.add_subparsers(dest="datastore_command", metavar="COMMAND", required=True)
-    migrate = datastore_cmds.add_parser(
-        "migrate", help="move a single server's store and PKI into etcd", description=adm_datastore_migrate.__doc__
-    )
-    migrate.add_argument("--to", required=True, metavar="ENDPOINTS", help="etcd URLs, comma-separated")
-    migrate.add_argument("--cluster-token", default="", metavar="SECRET", help="the replicas' shared clusterToken")
-    migrate.set_defaults(func=adm_datastore_migrate)
-
     commands.add_parser("version", help="versions of nc, Python and dependencies").set_defaults(func=cmd_version)
-    return parser
 
 
 def add_admin_connection_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Run the benchmarks (not part of the pytest suite): builds ./nc, then runs
-#   throughput  nc vs OpenVPN 2.6 vs underlay: iperf3 and ping   (tests/bench_throughput.py)
-#   scale       one nc server, 1000 simulated nodes              (tests/bench_scale.py)
-#   pool        full /16 address pool, LRU reclaim               (tests/bench_pool.py)
-#   hostile     ping p99 while one node floods malicious GSO     (tests/bench_hostile.py)
-#   floods      1000 idle connections per port from one address  (tests/bench_floods.py)
-#   ha          replicas on etcd: failovers, one holder, 200 joins (tests/bench_ha.py)
+#   throughput  nc vs OpenVPN 2.6 vs underlay: iperf3 and ping   (tests/bench/bench_throughput.py)
+#   scale       one nc server, 1000 simulated nodes              (tests/bench/bench_scale.py)
+#   pool        full /16 address pool, LRU reclaim               (tests/bench/bench_pool.py)
+#   hostile     ping p99 while one node floods malicious GSO     (tests/bench/bench_hostile.py)
+#   floods      1000 idle connections per port from one address  (tests/bench/bench_floods.py)
+#   ha          replicas on etcd: failovers, one holder, 200 joins (tests/bench/bench_ha.py)
 #   wan         nc UDP and TCP vs wireguard-go and OpenVPN UDP/TCP on a lossy,
 #               rate-limited underlay; node to server, back, and node to node:
 #               [--loss PCT] [--rate MBIT] [--wire] [--seconds S] [--repeat N] [--only PATH]
-#               (tests/bench_wan.py; not part of "all")
+#               (tests/bench/bench_wan.py; not part of "all")
 #   fallback    UDP blocked before the join and mid-session: time to TCP and back
-#               (tests/bench_fallback.py; not part of "all")
+#               (tests/bench/bench_fallback.py; not part of "all")
 #   portable    the file's size, first and later start, unpacked size, per CPython
-#               3.9-3.13 beside the bare interpreter's start (tests/bench_portable.py)
+#               3.9-3.13 beside the bare interpreter's start (tests/bench/bench_portable.py)
 #   all         all of them, one after the other (default)
 # Extra arguments go to the one benchmark named, e.g.
 #   tests/bench.sh throughput --seconds 3 --repeat 1
@@ -55,7 +55,7 @@ failed=()
 run() {
     echo "==> benchmark: $1"
     local code=0
-    "$PYTHON" "tests/bench_$1.py" "${@:2}" || code=$?
+    "$PYTHON" "tests/bench/bench_$1.py" "${@:2}" || code=$?
     if [ "$code" -eq 130 ]; then
         exit 130 # interrupted: the benchmark cleaned up; do not start the next one
     elif [ "$code" -ne 0 ]; then

@@ -1,35 +1,11 @@
-"""Shared fixtures: the built ./nc artifact, and a namespace lab per test."""
+"""The test layers' shared imports: tests/lib (the lab and the helpers) and the repo root (ncctl,
+proto) go on sys.path for tests/unit and tests/e2e alike. Fixtures live with their layer."""
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import netlab
-
-
-@pytest.fixture(scope="session")
-def nc_binary() -> Path:
-    """The artifact under test: ./nc built by build.sh (tests/run.sh builds it first)."""
-    if not netlab.NC.exists():
-        pytest.fail("./nc is missing: run ./build.sh (tests/run.sh does) before the end-to-end tests")
-    if os.geteuid() != 0:
-        pytest.fail("end-to-end tests need root for namespaces and TUN devices")
-    return netlab.NC
-
-
-@pytest.fixture
-def lab(nc_binary: Path, tmp_path: Path) -> Iterator[netlab.Lab]:
-    """A fresh set of namespaces, removed after the test whatever its outcome."""
-    the_lab = netlab.Lab(tmp_path / "lab")
-    try:
-        yield the_lab
-    finally:
-        the_lab.close()
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS / "lib"))
+sys.path.insert(0, str(TESTS.parent))

@@ -1,0 +1,360 @@
+"""nc's data paths on a lossy, rate-limited underlay, beside the UDP tunnels.
+
+One server and two nodes on one bridge (198.18.0.0/15). Random loss is added on the
+bridge with nftables (`numgen random mod 1000 < N drop` in a bridge-family forward
+chain inside the lab namespace; this kernel has no netem) and an optional rate limit
+with tbf on the bridge ports. A veth hands a GSO super-packet on whole, so by default
+one dropped frame may be up to 64 datagrams or TCP segments of a path that sends with
+offload (nc; wireguard-go's Debian build does not), and a queue may hold megabytes in
+a few entries; --wire makes each host's eth0 act as a NIC on a wire instead: segments
+leave one by one (gso_max_segs 1) and are coalesced on arrival (GRO), so loss and
+queues count packets. In one run, one after the other on the same topology:
+
+    underlay     iperf3 and ping straight over the bridge
+    nc UDP       ./nc server + two clients, transport auto (the encrypted UDP data path)
+    nc TCP       the same, server transport tcp (the TLS/TCP stream)
+    wireguard-go Debian's userspace WireGuard, in the namespaces (no kernel module); hub
+                 and spoke like nc: the server has both nodes as peers and routes
+                 between them (ip_forward in its namespace only)
+    OpenVPN UDP  2.6, AES-256-GCM, tun-mtu 1400, client-to-client
+    OpenVPN TCP  the same over TCP (tests/bench/bench_throughput.py's setup)
+
+For each: iperf3 TCP throughput node1->server, server->node1 (-R) and node1->node2
+(through the server on every tunnel, so across the lossy bridge twice; directly
+across it once on the underlay), ping p50/p99 at 5/s while the node1->server load
+runs, and the idle RTT node1->server (median of 20 pings at 5/s). Each throughput is
+the median of --repeat runs. Prints one table with the ratios to wireguard-go;
+progress goes to stderr.
+
+    tests/bench.sh wan [--loss PCT] [--rate MBIT] [--wire] [--seconds S] [--repeat N] [--only PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shutil
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab and the helpers
+
+import bench_throughput
+from bench_throughput import (
+    COMMON_OPENVPN,
+    MTU,
+    OPENVPN_NET,
+    ensure_tools,
+    iperf_lab,
+    openvpn_client_conf,
+    start_openvpn,
+    stop,
+    write_openvpn_pki,
+)
+from benchlib import BenchError, fmt, format_table, machine_note, percentile, progress, run_lab_bench, temp_dir
+from netlab import Host, Lab, NcClient, Process, start_client, start_server, wait_for
+
+NC_OVERLAY = "10.1.1.1/24"
+WG_NET = "10.9.0"
+WG_PORT = 51820
+
+
+@dataclasses.dataclass
+class Figures:
+    up: float | None = None  # node -> server, Mbit/s
+    down: float | None = None  # server -> node, Mbit/s
+    node_to_node: float | None = None  # node1 -> node2 (through the server on a tunnel), Mbit/s
+    load_p50: float | None = None  # ping ms while node -> server runs
+    load_p99: float | None = None
+    load_lost: int = 0  # pings unanswered while loaded
+    idle: float | None = None  # median RTT, ms, no load
+
+
+# -- the lossy underlay ----------------------------------------------------------------
+
+
+# -- measurements ------------------------------------------------------------------------
+
+
+def iperf_mbps(client: Host, target: str, seconds: int, reverse: bool = False) -> float:
+    """bench_throughput's iperf3 run, again after a moment while the server still ends the
+    last test: it answers "busy", or on a stalled tunnel (nc TCP at 3 % loss) may reset
+    the new control connection."""
+    for _ in range(10):
+        try:
+            return bench_throughput.iperf_mbps(client, target, seconds, reverse)
+        except BenchError as e:
+            if "busy" not in str(e) and "reset by peer" not in str(e):
+                raise
+            time.sleep(1.0)
+    raise BenchError(f"iperf3 server on {target} stayed busy")
+
+
+def ping_times(host: Host, target: str, count: int, interval: float) -> tuple[list[float], int]:
+    done = host.run(
+        "ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2", target,
+        check=False, timeout=count * interval + 30,
+    )  # fmt: skip
+    times = [float(t) for t in re.findall(r"time=([\d.]+) ms", done.stdout)]
+    return times, count - len(times)
+
+
+def median_of(runs: int, what: str, one: Callable[[], float]) -> float:
+    values = []
+    for attempt in range(1, runs + 1):
+        values.append(one())
+        progress(f"{what}: run {attempt}/{runs}: {values[-1]:,.0f} Mbit/s")
+    return statistics.median(values)
+
+
+def measure(node: Host, target: str, peer: str, args: argparse.Namespace, label: str) -> Figures:
+    """From node: to and from the server at target, then to the other node at peer."""
+    node.run("ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target, check=False)  # warm up ARP and paths
+    idle, _ = ping_times(node, target, 20, 0.2)
+    figures = Figures(idle=statistics.median(idle) if idle else None)
+    loaded: dict[str, tuple[list[float], int]] = {}
+    pinger = threading.Thread(
+        target=lambda: loaded.update(run=ping_times(node, target, max(5, int(args.seconds * 5) - 5), 0.2))
+    )
+    pinger.start()
+    first_up = iperf_mbps(node, target, args.seconds)
+    pinger.join()
+    times, lost = loaded["run"]
+    if times:
+        figures.load_p50, figures.load_p99 = percentile(times, 0.5), percentile(times, 0.99)
+    figures.load_lost = lost
+    progress(f"{label} node->server: run 1/{args.repeat}: {first_up:,.0f} Mbit/s, ping under load p50 "
+             f"{fmt(figures.load_p50, 2)} p99 {fmt(figures.load_p99, 2)} ms, {lost} lost")  # fmt: skip
+    ups = [first_up] + [iperf_mbps(node, target, args.seconds) for _ in range(args.repeat - 1)]
+    figures.up = statistics.median(ups)
+    figures.down = median_of(args.repeat, f"{label} server->node", lambda: iperf_mbps(node, target, args.seconds, True))
+    figures.node_to_node = median_of(args.repeat, f"{label} node->node", lambda: iperf_mbps(node, peer, args.seconds))
+    return figures
+
+
+# -- the paths ---------------------------------------------------------------------------
+
+
+def bench_nc(server_host: Host, nodes: tuple[Host, Host], args: argparse.Namespace, transport: str) -> Figures:
+    """Both nodes join one nc server, which switches node1 -> node2 traffic itself."""
+    label = f"nc {transport.upper()}"
+    progress(f"{label}: starting server and two clients")
+    fields = {"ip": server_host.ip, "networkAddr": NC_OVERLAY, "transport": "auto" if transport == "udp" else "tcp"}
+    server = start_server(server_host, **fields)
+    clients: list[NcClient] = []
+    try:
+        join = server.join_string()
+        for node in nodes:
+            clients.append(start_client(node, join))
+        target, peer = NC_OVERLAY.split("/")[0], str(clients[1].overlay_ip())
+        wait_for(lambda: nodes[0].ping(target), timeout=20, what=f"{label}: node1 to reach the server")
+        wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{label}: node1 to reach node2")
+        if transport == "udp":
+            for client in clients:
+                wait_for(lambda: "data path: UDP" in client.process.log(), timeout=20,
+                         what=f"nc: the UDP data path on {client.host.name}")  # fmt: skip
+        return measure(nodes[0], target, peer, args, label)
+    finally:
+        for client in clients:
+            stop(client.process, f"nc client on {client.host.name}")
+            shutil.rmtree(client.work_dir, ignore_errors=True)
+        stop(server.process, "nc server")
+        shutil.rmtree(server.work_dir, ignore_errors=True)
+
+
+def wg_keys(host: Host) -> tuple[str, str]:
+    private = host.run("wg", "genkey").stdout.strip()
+    public = host.run("wg", "pubkey", input=private + "\n").stdout.strip()
+    return private, public
+
+
+@dataclasses.dataclass
+class WgPeer:
+    """One `wg set ... peer` entry: who, which overlay addresses it owns, where it listens."""
+
+    public_key: str
+    allowed_ips: str
+    endpoint: str
+
+
+def start_wireguard(host: Host, work: Path, index: int, private: str, peers: list[WgPeer]) -> Process:
+    """wireguard-go on host with overlay address WG_NET.<index>/24 and the given peers."""
+    # The UAPI socket (/var/run/wireguard/<name>.sock) is shared by every namespace: one
+    # name per device of this lab.
+    device = f"wg{host.lab.id}{index}"
+    process = host.spawn("wireguard-go", "-f", device, name=f"wireguard-go-{host.name}")
+    wait_for(lambda: host.has_link(device), timeout=10, what=f"wireguard-go on {host.name} to make {device}")
+    key = work / f"wg-{host.name}.key"
+    key.write_text(private + "\n")
+    key.chmod(0o600)
+    host.run("wg", "set", device, "private-key", str(key), "listen-port", str(WG_PORT))
+    for peer in peers:
+        host.run("wg", "set", device, "peer", peer.public_key, "allowed-ips", peer.allowed_ips,
+                 "endpoint", f"{peer.endpoint}:{WG_PORT}")  # fmt: skip
+    host.run("ip", "addr", "add", f"{WG_NET}.{index}/24", "dev", device)
+    host.run("ip", "link", "set", device, "mtu", str(MTU), "up")
+    return process
+
+
+def bench_wireguard(server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace) -> Figures:
+    """Hub and spoke: each node's one peer is the server, which forwards node1 -> node2."""
+    progress("wireguard-go: starting on the server and both nodes")
+    indexes = (2, 3)  # the nodes' host parts in WG_NET; the server is .1
+    server_private, server_public = wg_keys(server_host)
+    node_keys = [wg_keys(node) for node in nodes]
+    spokes = [
+        WgPeer(public, f"{WG_NET}.{index}/32", node.ip) for index, node, (_, public) in zip(indexes, nodes, node_keys)
+    ]
+    hub = WgPeer(server_public, f"{WG_NET}.0/24", server_host.ip)
+    processes = []
+    server_host.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+    try:
+        processes.append(start_wireguard(server_host, work, 1, server_private, spokes))
+        for index, node, (private, _) in zip(indexes, nodes, node_keys):
+            processes.append(start_wireguard(node, work, index, private, [hub]))
+        target, peer = f"{WG_NET}.1", f"{WG_NET}.{indexes[1]}"
+        wait_for(lambda: nodes[0].ping(target), timeout=20, what="wireguard-go: node1 to reach the server")
+        wait_for(lambda: nodes[0].ping(peer), timeout=20, what="wireguard-go: node1 to reach node2")
+        return measure(nodes[0], target, peer, args, "wireguard-go")
+    finally:
+        for process in reversed(processes):
+            stop(process, "wireguard-go")
+        server_host.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=0", check=False)
+
+
+def openvpn_confs(work: Path, pki: Path, proto: str, server_host: Host, nodes: tuple[Host, Host]) -> list[Path]:
+    """The server's config (client-to-client, so it switches node1 -> node2), then each node's."""
+
+    def over(conf: str) -> str:
+        return conf.replace("proto tcp", f"proto {proto}")
+
+    nodelay = "tcp-nodelay\n" if proto == "tcp" else ""
+    server_conf = work / f"openvpn-server-{proto}.conf"
+    server_conf.write_text(
+        over(COMMON_OPENVPN) + f"topology subnet\nserver {OPENVPN_NET} 255.255.255.0\nclient-to-client\n{nodelay}"
+        f"keepalive 10 60\ndh none\nca {pki}/ca.crt\ncert {pki}/server.crt\nkey {pki}/server.key\n"
+    )
+    confs = [server_conf]
+    for node in nodes:
+        node_conf = work / f"openvpn-{node.name}-{proto}.conf"
+        node_conf.write_text(over(openvpn_client_conf(pki, node.name, server_host.ip)))
+        confs.append(node_conf)
+    return confs
+
+
+def bench_openvpn(
+    server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace, proto: str
+) -> Figures:
+    label = f"OpenVPN {proto.upper()}"
+    pki = work / f"openvpn-pki-{proto}"
+    pki.mkdir()
+    write_openvpn_pki(pki, [node.name for node in nodes])
+    confs = openvpn_confs(work, pki, proto, server_host, nodes)
+    processes = []
+    try:
+        progress(f"{label}: starting server and two clients")
+        for host, conf in zip((server_host, *nodes), confs):
+            processes.append(start_openvpn(host, conf, f"openvpn-{host.name}-{proto}"))
+        target = str(wait_for(lambda: server_host.ipv4_address("tun0"), timeout=20, what=f"{label}: server tun0"))
+        peer = str(wait_for(lambda: nodes[1].ipv4_address("tun0"), timeout=20, what=f"{label}: node2 tun0"))
+        wait_for(lambda: nodes[0].ping(target), timeout=20, what=f"{label}: node1 to reach the server")
+        wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{label}: node1 to reach node2")
+        return measure(nodes[0], target, peer, args, label)
+    finally:
+        for process in reversed(processes):
+            stop(process, "openvpn")
+
+
+# -- the table ---------------------------------------------------------------------------
+
+ROWS = [
+    ("node->server", "Mbit/s", "up", 0),
+    ("server->node", "Mbit/s", "down", 0),
+    ("node->node", "Mbit/s", "node_to_node", 0),
+    ("ping p50 under load", "ms", "load_p50", 2),
+    ("ping p99 under load", "ms", "load_p99", 2),
+    ("pings lost under load", "", "load_lost", 0),
+    ("idle RTT", "ms", "idle", 3),
+]
+COLUMNS = ["underlay", "nc UDP", "nc TCP", "wireguard-go", "OpenVPN UDP", "OpenVPN TCP"]
+REFERENCE = "wireguard-go"
+COMPARED = ["nc UDP", "nc TCP"]  # each gets a ratio column: its figure over REFERENCE's
+
+
+def table(results: dict[str, Figures], args: argparse.Namespace) -> str:
+    rows = []
+    for label, unit, key, digits in ROWS:
+        value = {c: getattr(results[c], key) if c in results else None for c in COLUMNS}
+        wg = value[REFERENCE]
+        comparable = unit != ""  # a count of lost pings has no meaningful ratio
+        ratios = [fmt(value[c] / wg, 2) + "x" if comparable and value[c] is not None and wg else "-" for c in COMPARED]
+        rows.append([label, unit, *(fmt(value[c], digits) for c in COLUMNS), *ratios])
+    title = (
+        f"WAN: loss {args.loss} %{' per packet (--wire)' if args.wire else ''}, rate {args.rate or 'unlimited'} Mbit/s — iperf3 TCP median of {args.repeat} x "
+        f"{args.seconds} s, node->node through the server (underlay: direct); ping at 5/s during node->server; "
+        f"idle RTT median of 20 pings; MTU {MTU}"
+    )
+    headers = ["path", "unit", *COLUMNS, *(f"{c}/wg" for c in COMPARED)]
+    return format_table(headers, rows, title)
+
+
+def set_up(lab: Lab, args: argparse.Namespace) -> tuple[Host, tuple[Host, Host]]:
+    """The server and two nodes on the shaped bridge, an iperf3 server in the server and node2."""
+    server_host, node1, node2 = iperf_lab(lab)
+    lab.shape_underlay(args.loss, args.rate, wire=args.wire)
+    return server_host, (node1, node2)
+
+
+def run(args: argparse.Namespace) -> int:
+    ensure_tools()
+    for command, package in (("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools"), ("ethtool", "ethtool")):
+        if shutil.which(command) is None:
+            raise BenchError(f"{command} is missing: apt-get install {package}")
+    progress(f"before: {machine_note()}")
+    results: dict[str, Figures] = {}
+    with temp_dir("nc-bench-wan-") as work:
+        lab = Lab(work / "lab")
+        try:
+            server_host, nodes = set_up(lab, args)
+            stages: list[tuple[str, Callable[[], Figures]]] = [
+                ("underlay", lambda: measure(nodes[0], server_host.ip, nodes[1].ip, args, "underlay")),
+                ("nc UDP", lambda: bench_nc(server_host, nodes, args, "udp")),
+                ("nc TCP", lambda: bench_nc(server_host, nodes, args, "tcp")),
+                ("wireguard-go", lambda: bench_wireguard(server_host, nodes, work, args)),
+                ("OpenVPN UDP", lambda: bench_openvpn(server_host, nodes, work, args, "udp")),
+                ("OpenVPN TCP", lambda: bench_openvpn(server_host, nodes, work, args, "tcp")),
+            ]
+            for name, stage in stages:
+                if args.only and name not in args.only:
+                    continue
+                results[name] = stage()
+        finally:
+            lab.close()
+    progress(f"after: {machine_note()}")
+    print(table(results, args))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loss", type=float, default=0.0, help="random loss on the underlay, percent (default 0)")
+    parser.add_argument("--rate", type=float, default=0.0, help="underlay rate limit, Mbit/s (default: none)")
+    parser.add_argument(
+        "--wire", action="store_true", help="segment on egress and GRO on ingress, as NICs do: loss hits single packets"
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="length of each iperf3 run (default 10)")
+    parser.add_argument("--repeat", type=int, default=3, help="iperf3 runs per figure; the median (default 3)")
+    parser.add_argument("--only", action="append", choices=COLUMNS, help="measure only these paths (repeatable)")
+    args = parser.parse_args()
+    if args.seconds < 1 or args.repeat < 1 or not 0 <= args.loss < 100 or args.rate < 0:
+        parser.error("--seconds and --repeat must be at least 1, --loss 0-99, --rate not negative")
+    return run_lab_bench("bench_wan", lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Replicas on a real three-member etcd cluster: one leader holds the data plane,
+standbys point nodes at it, a killed leader is replaced and every node comes back
+with its address, and never do two replicas hold the server's overlay address."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import yaml
+from etcd_cluster import EtcdCluster
+from ha_helpers import CLUSTER_TOKEN, Replicas, sample_holders
+from netlab import Lab, start_client, start_server, wait_for
+
+
+def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    standby = next(name for name in replicas.servers if name != leader)
+    join = replicas.servers[standby].join_string()  # minted on the standby, from etcd
+    assert join.count(":6439") == 2, join
+    nodes = [start_client(lab.add_host(f"n{i}"), join) for i in range(2)]
+    addresses = [node.overlay_ip() for node in nodes]
+    assert len(set(addresses)) == 2
+    assert nodes[0].host.ping(addresses[1], count=3)
+    for node in nodes:  # client.yml lists both replicas
+        listed = yaml.safe_load(node.config.read_text())["client"]["serverAddr"]
+        assert sorted(listed) == sorted(h.ip for h in replicas.hosts[:2])
+
+    replicas.servers[leader].process.stop(signal.SIGKILL)
+    samples = sample_holders(replicas, seconds=0.5)
+    wait_for(lambda: replicas.leader() == standby, timeout=20, what="the standby to take over")
+    samples += sample_holders(replicas, seconds=0.5)
+    assert all(len(held) <= 1 for held in samples), samples
+    for node, address in zip(nodes, addresses):
+        wait_for(lambda n=node, a=address: n.overlay_ip() == a, timeout=20, what="the node back on its address")
+    wait_for(lambda: nodes[0].host.ping(addresses[1]), timeout=20, what="node-to-node traffic after failover")
+
+    # The killed replica comes back as a standby; the leader keeps the data plane.
+    replicas.servers[leader].start()
+    samples = sample_holders(replicas, seconds=3)
+    assert all(held == [standby] for held in samples), samples
+    listed = json.loads(replicas.servers[leader].adm("replica", "list", "-o", "json").stdout)
+    assert {(r["address"], r["role"]) for r in listed} == {
+        (replicas.servers[standby].host.ip, "leader"),
+        (replicas.servers[leader].host.ip, "standby"),
+    }
+
+
+def test_standby_refusal_names_the_leader(lab: Lab) -> None:
+    """A node whose client.yml lists only the standby is sent to the leader."""
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    standby = next(name for name in replicas.servers if name != leader)
+    server = replicas.servers[standby]
+    join = server.join_string()
+    token, _, rest = join.partition("@")
+    only_standby = f"{token}@{server.host.ip}:6439#{rest.partition('#')[2]}"
+    node = start_client(lab.add_host("n1"), only_standby)
+    assert node.overlay_ip() is not None
+    assert "the leader is " + replicas.servers[leader].host.ip in node.process.log()
+
+    # A network created on the standby is served by the leader's data plane, and goes with it.
+    leader_host = replicas.servers[leader].host
+
+    def leader_has(address: str) -> bool:
+        return address in leader_host.run("ip", "-4", "-o", "addr").stdout
+
+    server.adm("network", "create", "--name", "edge-b", "--cidr", "10.2.0.1/24")
+    wait_for(lambda: leader_has("10.2.0.1/24"), timeout=20, what="the leader to serve the new network")
+    server.adm("network", "delete", "--name", "edge-b")
+    wait_for(lambda: not leader_has("10.2.0.1/24"), timeout=20, what="the leader to drop the deleted network")
+
+
+def test_wrong_cluster_token_is_one_line(lab: Lab) -> None:
+    replicas = Replicas(lab, count=1)
+    host = replicas.hosts[1]
+    config = lab.dir / "wrong.yml"
+    config.write_text(
+        json.dumps(
+            {
+                "mode": "server",
+                "server": {
+                    "workDir": str(lab.dir / "wrong-work"),
+                    "ip": host.ip,
+                    "datastoreEndpoint": replicas.etcd.endpoints,
+                    "clusterToken": "not-the-cluster-token-at-all",
+                },
+            }
+        )
+    )
+    done = host.nc("server", "--config", str(config), check=False, timeout=60)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "clusterToken" in lines[0], done.stderr
+
+
+def test_an_etcd_member_killed_and_restarted_disconnects_no_node(lab: Lab) -> None:
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    join = replicas.servers[leader].join_string()
+    nodes = [start_client(lab.add_host(f"n{i}"), join) for i in range(2)]
+    addresses = [node.overlay_ip() for node in nodes]
+    member = next(h for h in replicas.hosts if h.name != leader)  # not the leader's own member
+    replicas.etcd.kill(member)
+    assert nodes[0].host.ping(addresses[1], count=10)
+    replicas.etcd.restart(member)
+    assert nodes[1].host.ping(addresses[0], count=10)  # any answer in 2 s: once, at load 7, none came in 1 s
+    assert replicas.holders() == [leader]
+    for node, address in zip(nodes, addresses):
+        assert node.overlay_ip() == address
+        assert "disconnected" not in node.process.log()
+
+
+def test_migrate_a_single_server_into_etcd_keeps_its_nodes(lab: Lab) -> None:
+    """A sqlite server's store and PKI move into etcd; the node reconnects to the
+    replica on its own, with its address, and a second replica serves the same CA."""
+    hosts = [lab.add_host(f"s{i}") for i in range(1, 4)]
+    single = start_server(hosts[0], ip=hosts[0].ip)
+    node = start_client(lab.add_host("n1"), single.join_string())
+    address = node.overlay_ip()
+    pin = single.join_string().rpartition("#")[2]
+    single.process.stop()
+    etcd = EtcdCluster(hosts)
+    done = single.adm("datastore", "migrate", "--to", etcd.endpoints, "--cluster-token", CLUSTER_TOKEN)
+    assert "1 nodes" in done.stdout  # the reserved node-token is not a node of the overlay
+    config = json.loads(single.config.read_text())
+    config["server"].update(datastoreEndpoint=etcd.endpoints, clusterToken=CLUSTER_TOKEN)
+    single.config.write_text(json.dumps(config))
+    single.start()
+    wait_for(lambda: node.overlay_ip() == address and node.host.ping("10.1.1.1"), timeout=40, what="the node back")
+    second = start_server(hosts[1], ip=hosts[1].ip, datastoreEndpoint=etcd.endpoints, clusterToken=CLUSTER_TOKEN)
+    assert second.join_string().rpartition("#")[2] == pin
+
+
+def test_a_leader_cut_off_from_etcd_stops_its_data_plane_before_another_takes_over(lab: Lab) -> None:
+    """Fencing: the leader's host loses its link (to etcd and everyone). It must drop
+    the server overlay address before its lease lapses and the standby is elected."""
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    standby = next(name for name in replicas.servers if name != leader)
+    replicas.servers[leader].host.run("ip", "link", "set", "eth0", "down")
+    samples = sample_holders(replicas, seconds=10)
+    assert all(len(held) <= 1 for held in samples), samples
+    assert [standby] in samples and samples[-1] == [standby], samples
+    gap = samples.index([standby]) - max(i for i, held in enumerate(samples) if held == [leader])
+    assert gap > 1, f"the standby took over {gap} samples after the leader let go"
+    assert "fencing" in replicas.servers[leader].process.log()
+
+
+def test_a_node_learns_a_replica_added_after_its_join(lab: Lab) -> None:
+    """The join string names two replicas; a third starts later. The node's next WELCOME
+    lists it, so when both first replicas are gone (no standby left to name a leader)
+    the node finds the third on its own, with its address."""
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    node = start_client(lab.add_host("n1"), replicas.servers["s1"].join_string())
+    address = node.overlay_ip()
+    third = replicas.start(replicas.hosts[2])
+    wait_for(
+        lambda: len(json.loads(third.adm("replica", "list", "-o", "json").stdout)) == 3,
+        timeout=20,
+        what="three replicas listed",
+    )
+    node.process.stop()
+    node.restart()  # its client.yml names s1 and s2 only; the leader's WELCOME adds s3
+    wait_for(lambda: "server replicas:" in node.process.log(), timeout=30, what="the node to learn the replicas")
+    assert replicas.hosts[2].ip in node.process.log().split("server replicas:")[1].splitlines()[0]
+    for name in ("s1", "s2"):
+        replicas.servers[name].process.stop(signal.SIGKILL)
+    wait_for(lambda: replicas.leader() == "s3", timeout=30, what="the third replica to lead")
+    wait_for(lambda: node.overlay_ip() == address and node.host.ping("10.1.1.1"), timeout=30, what="the node on s3")

@@ -1,0 +1,52 @@
+"""Prometheus /metrics of a real server: scraped over HTTP inside its namespace, parsed
+with the Prometheus text parser, and seen to move with traffic and with a bad token."""
+
+from __future__ import annotations
+
+import sys
+
+from control_helpers import adm_join, one_error_line
+from netlab import SCRIPTS, Lab, NcServer, start_client, start_server, wait_for
+from overlay_helpers import assert_reaches, scrape, value, wait_connected
+
+
+def test_metrics_follow_nodes_traffic_and_refusals(lab: Lab) -> None:
+    server = start_server(lab.add_host("server"))
+    before = scrape(server.host)
+    assert value(before, "nc_nodes", network="default", state="connected") == 0
+    assert value(before, "nc_pool_addresses", network="default", state="free") == 253
+    assert value(before, "nc_refusals_total", reason="token") == 0
+    assert ("nc_refusals_total", (("reason", "grpc-limit"),)) in before
+    assert "process_resident_memory_bytes" in {name for name, _ in before}
+
+    client = start_client(lab.add_host("node"), server.join_string())
+    wait_connected(server, client)
+    assert_reaches(client.host, "10.1.1.1")
+    client.host.run("ping", "-c", "5", "-i", "0.2", "-q", "10.1.1.1")
+    after = scrape(server.host)
+    assert value(after, "nc_nodes", network="default", state="connected") == 1
+    assert value(after, "nc_pool_addresses", network="default", state="bound") == 1
+    assert value(after, "nc_sessions", transport="tcp") + value(after, "nc_sessions", transport="udp") == 1
+    for direction in ("rx", "tx"):
+        assert value(after, "nc_packets_total", direction=direction) >= 5
+        assert value(after, "nc_data_bytes_total", direction=direction) > value(
+            before, "nc_data_bytes_total", direction=direction
+        )
+    assert value(after, "nc_join_duration_seconds_count") == 1
+    assert value(after, "nc_handshake_duration_seconds_count") >= 1
+
+    token, _, rest = server.join_string().partition("@")
+    bad = f"{token.split('.')[0]}.{'0' * 16}@{rest}"  # a real token id with a wrong secret
+    one_error_line(adm_join(lab.add_host("intruder"), bad, lab.dir / "intruder"))
+    refused = scrape(server.host)
+    assert value(refused, "nc_refusals_total", reason="token") == 1
+
+
+def test_empty_metrics_addr_turns_metrics_off_and_a_custom_one_is_used(lab: Lab) -> None:
+    off = start_server(lab.add_host("off"), metricsAddr="")
+    done = off.host.run(
+        sys.executable, str(SCRIPTS / "scrape_metrics.py"), "http://127.0.0.1:9441/metrics", check=False
+    )
+    assert done.returncode != 0 and "Connection refused" in done.stderr
+    custom: NcServer = start_server(lab.add_host("custom"), metricsAddr="0.0.0.0:9500")
+    assert wait_for(lambda: value(scrape(custom.host, f"{custom.host.ip}:9500"), "nc_sessions", transport="tcp") == 0)

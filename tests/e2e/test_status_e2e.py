@@ -1,0 +1,47 @@
+"""`nc status` on a real node, from its local control socket, and `nc adm health`
+probing the data port too."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from control_helpers import one_error_line
+from netlab import Lab, start_client, start_server, wait_for
+from overlay_helpers import assert_reaches, wait_connected
+
+
+def test_status_of_a_connected_node_and_of_one_that_lost_its_server(lab: Lab) -> None:
+    server = start_server(lab.add_host("server"))
+    client = start_client(lab.add_host("node"), server.join_string())
+    ip = wait_connected(server, client)
+    assert_reaches(client.host, "10.1.1.1")
+    done = client.host.nc("status", "--work-dir", str(client.work_dir), "-o", "json")
+    status = json.loads(done.stdout)
+    assert status["state"] == "connected" and status["overlayIp"] == ip
+    assert status["server"] == "198.18.0.1:6441" and status["transport"] in ("udp", "tcp")
+    assert status["nodeToken"] == client.token() and status["connectedSince"]
+    assert status["rttMs"] is not None and status["rttMs"] > 0
+    assert status["rxBytes"] > 0 and status["txBytes"] > 0
+    sock = client.work_dir / "nc-client.sock"
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600, "root only"
+    text = client.host.nc("status", "--work-dir", str(client.work_dir)).stdout
+    assert "state:" in text and "connected" in text and ip in text
+
+    server.process.stop()
+    wait_for(
+        lambda: client.host.nc("status", "--work-dir", str(client.work_dir), check=False).returncode == 1,
+        what="status to report the node as not connected",
+    )
+    client.process.stop()
+    gone = client.host.nc("status", "--work-dir", str(client.work_dir), check=False)
+    assert "no nc client is running" in one_error_line(gone)
+    assert not sock.exists()
+
+
+def test_adm_health_probes_the_data_port(lab: Lab) -> None:
+    server = start_server(lab.add_host("server"))
+    health = server.adm_json("health")
+    assert health["healthy"] is True and health["data"]["ok"] is True
+    assert health["data"]["address"] == "127.0.0.1:6441"

@@ -1,0 +1,27 @@
+"""A hostile node for end-to-end tests and benchmarks: a raw TLS client that holds a real
+node certificate, speaks the frame protocol by hand, announces the gso capability, and
+then sends what no real node sends (garbage, GSO bombs, checksum-offset spoofs)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from netlab import SCRIPTS, Host, Process
+
+NETWORK_PORT = 6441
+SPOOF_PORT = 7777  # UDP port the spoofed and the genuine test datagrams go to
+
+
+def spawn_hostile_node(host: Host, server_ip: str, cert_dir: Path, token: str, **plan: object) -> Process:
+    """The hostile node in host's namespace (background); its log ends with one JSON line."""
+    script = SCRIPTS / "hostile_node.py"
+    return host.spawn(sys.executable, str(script), server_ip, str(cert_dir), token, json.dumps(plan), name="hostile")
+
+
+def hostile_result(process: Process) -> list[dict]:
+    """The rounds the hostile node reported (it prints them last, as one JSON line)."""
+    lines = [line for line in process.log().splitlines() if line.startswith("[")]
+    assert lines, f"the hostile node printed no result:\n{process.log()[-3000:]}"
+    return json.loads(lines[-1])

@@ -1,0 +1,142 @@
+"""Unit tests of the resource bounds: the shared send budget's policy, the
+gRPC connection caps cut from the file-descriptor limit, and the gRPC guard's splice."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+import ncctl
+
+FRAME = b"x" * 1000
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    made: list[socket.socket] = []
+    yield made
+    for sock in made:
+        sock.close()
+
+
+def link(sockets: list[socket.socket], budget: ncctl.SendBudget) -> ncctl.Link:
+    """A link whose queue is never flushed: a peer that stopped reading."""
+    a, b = socket.socketpair()
+    sockets += [a, b]
+    return ncctl.Link(a, "peer", budget=budget)  # type: ignore[arg-type]
+
+
+def fill(peer: ncctl.Link) -> int:
+    queued = 0
+    while peer.queue(FRAME):
+        queued += 1
+    return queued
+
+
+def test_slow_peers_stop_at_the_total_and_fresh_peers_still_get_their_share(sockets: list[socket.socket]) -> None:
+    budget = ncctl.SendBudget(limit=100_000, fair_share=10_000)
+    slow = [link(sockets, budget) for _ in range(3)]
+    for peer in slow:
+        fill(peer)
+    # past the total only peers within their share may add to it, one frame each over
+    assert budget.queued <= budget.limit + len(slow) * (budget.fair_share + len(FRAME))
+    assert budget.queued == sum(peer.queued for peer in slow)
+    fresh = link(sockets, budget)
+    assert fill(fresh) == budget.fair_share // len(FRAME)  # never starved by the slow ones
+    assert not slow[0].queue(FRAME)  # while over the total, the slow ones get nothing more
+
+
+def test_closing_or_refusing_a_peer_gives_its_bytes_back(sockets: list[socket.socket]) -> None:
+    budget = ncctl.SendBudget(limit=50_000, fair_share=5_000)
+    first, second = link(sockets, budget), link(sockets, budget)
+    fill(first)
+    fill(second)
+    second.drop_queue()
+    assert budget.queued == first.queued and second.queued == 0
+    first.close()
+    assert budget.queued == 0
+    assert second.queue(FRAME)
+
+
+def test_one_peer_alone_stops_at_its_own_limit(sockets: list[socket.socket]) -> None:
+    budget = ncctl.SendBudget()
+    peer = link(sockets, budget)
+    fill(peer)
+    assert ncctl.SEND_QUEUE_LIMIT < peer.queued <= ncctl.SEND_QUEUE_LIMIT + len(FRAME)
+
+
+def test_a_batch_stops_at_the_first_frame_the_queue_refuses_and_counts_one_drop(
+    sockets: list[socket.socket],
+) -> None:
+    budget = ncctl.SendBudget(limit=2_000, fair_share=3_500)
+    peer = link(sockets, budget)
+    taken = peer.send([FRAME] * 10)  # send is the data path's queue: the same policy, per batch
+    assert taken == 4  # over the total, queued while under its share; the fifth finds it spent
+    assert peer.queued == taken * len(FRAME) == budget.queued
+    assert peer.counters["dropped-queue-full"] == 1
+    assert peer.send([]) == 0 and peer.name == "tcp"
+
+
+@pytest.mark.parametrize("limit", [256, 1024, 20_000, 1_048_576])
+def test_grpc_ports_leave_most_file_descriptors_to_the_data_plane(limit: int) -> None:
+    cap = ncctl.grpc_connection_cap(limit)
+    assert 16 <= cap <= ncctl.GRPC_MAX_CONNECTIONS
+    if limit >= 1024:  # both ports together, each connection with its three descriptors
+        assert 2 * cap * ncctl.FDS_PER_GRPC_CONNECTION <= 0.4 * limit
+    options = dict(ncctl.grpc_server_options(cap))
+    assert options["grpc.max_allowed_incoming_connections"] == cap
+    assert options["grpc.server_handshake_timeout_ms"] <= 10_000
+
+
+def echo_server() -> tuple[socket.socket, threading.Thread]:
+    """A loopback server that sends back what one caller sends, until it closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    thread = threading.Thread(target=serve, name="echo", daemon=True)
+    thread.start()
+    return listener, thread
+
+
+def read_exactly(sock: socket.socket, count: int, into: bytearray) -> None:
+    while len(into) < count and (chunk := sock.recv(1 << 16)):
+        into.extend(chunk)
+
+
+def test_the_grpc_guard_splices_both_ways_and_forgets_closed_callers() -> None:
+    """4 MiB through the guard to an echo server and back, written faster than it is
+    read, so both directions hit backpressure; then the caller's count is released."""
+    stop = threading.Event()
+    listener, echo = echo_server()
+    guard = ncctl.GrpcGuard(stop)
+    port = guard.listen(0, "test", cap=8, field="testPort")
+    port.backend_port = listener.getsockname()[1]
+    guard.start()
+    payload = bytes(range(256)) * (4 * 4096)
+    received = bytearray()
+    try:
+        with socket.create_connection(("127.0.0.1", port.listener.getsockname()[1]), timeout=30) as caller:
+            reader = threading.Thread(target=read_exactly, args=(caller, len(payload), received), daemon=True)
+            reader.start()
+            caller.sendall(payload)
+            reader.join(timeout=60)
+        assert bytes(received) == payload
+        echo.join(timeout=10)
+        for _ in range(100):  # the guard sees the close on its next poll
+            if not guard.splices:
+                break
+            time.sleep(0.05)
+        assert guard.splices == {} and port.total == 0 and not port.per_source
+    finally:
+        stop.set()
+        guard.join(timeout=5)
+        listener.close()

@@ -1,0 +1,366 @@
+"""One contract for every store: the same tests against sqlite and a real etcd.
+
+The etcd store is a single-member etcd on loopback, started by the session; each
+test gets its own key prefix, so tests never see each other's keys."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from etcd_member import LocalEtcd
+
+import ncctl
+
+CERT_A = ncctl.CertRecord(0xA1, "grpc", "2999-01-01T00:00:00+00:00")
+CERT_B = ncctl.CertRecord(0xA2, "network", "2999-01-01T00:00:00+00:00")
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
+    member = LocalEtcd(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield member
+    finally:
+        member.stop()
+
+
+class Stores:
+    """Opens the store under test; open() again gives a second handle on the same data
+    (a second replica for etcd, a second connection for sqlite)."""
+
+    def __init__(self, kind: str, tmp_path: Path, etcd: LocalEtcd | None) -> None:
+        self.kind, self.opened = kind, []
+        self.db = str(tmp_path / "nc.db")
+        self.prefix = f"/nc-test-{secrets.token_hex(4)}/"
+        self.etcd = etcd
+
+    def open(self) -> ncctl.Store | ncctl.EtcdStore:
+        if self.kind == "sqlite":
+            store = ncctl.Store(self.db)
+        else:
+            store = ncctl.EtcdStore(self.etcd.endpoint, prefix=self.prefix)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    etcd = request.getfixturevalue("etcd") if request.param == "etcd" else None
+    the_stores = Stores(request.param, tmp_path, etcd)
+    try:
+        yield the_stores
+    finally:
+        for store in the_stores.opened:
+            store.close()
+
+
+@pytest.fixture
+def store(stores: Stores) -> ncctl.Store | ncctl.EtcdStore:
+    return stores.open()
+
+
+def admitted(store: ncctl.Store, node: str, network: str = ncctl.DEFAULT_NETWORK, **token_args: object) -> str:
+    """A node admitted with a fresh multi-use token; returns the bootstrap token."""
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, False, network, **token_args)
+    store.admit_node(token, node)
+    return token
+
+
+# -- bootstrap tokens ---------------------------------------------------------
+
+
+def test_token_lifecycle(store: ncctl.Store) -> None:
+    token = ncctl.new_bootstrap_token()
+    expire = store.add_bootstrap_token(token, 60, single_use=False)
+    assert not store.is_expired(expire)
+    [row] = store.bootstrap_tokens_with_id(ncctl.token_id(token))
+    assert (row.token, row.single_use, row.uses, row.network) == (token, False, 0, ncctl.DEFAULT_NETWORK)
+    assert [r.token for r in store.list_bootstrap_tokens()] == [token]
+    assert store.delete_bootstrap_token(token)
+    assert not store.delete_bootstrap_token(token)
+    assert store.list_bootstrap_tokens() == []
+
+
+def test_never_expiring_and_listing_order(store: ncctl.Store) -> None:
+    tokens = [ncctl.new_bootstrap_token() for _ in range(3)]
+    for token in tokens:
+        store.add_bootstrap_token(token, -1, single_use=True)
+    rows = store.list_bootstrap_tokens()
+    assert [r.token for r in rows] == tokens
+    assert {r.expire_time for r in rows} == {ncctl.NEVER_EXPIRES}
+
+
+def test_single_use_token_admits_once(store: ncctl.Store) -> None:
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, single_use=True)
+    assert store.admit_node(token, "a" * 16) == ncctl.DEFAULT_NETWORK
+    with pytest.raises(ncctl.BadRequest, match="already been used"):
+        store.admit_node(token, "b" * 16)
+    assert not store.node_token_exists("b" * 16)
+
+
+def test_single_use_token_under_concurrency_across_handles(stores: Stores) -> None:
+    """Two replicas race for one single-use token: exactly one node gets in."""
+    first, second = stores.open(), stores.open()
+    token = ncctl.new_bootstrap_token()
+    first.add_bootstrap_token(token, 60, single_use=True)
+    results: list[str] = []
+
+    def join(store: ncctl.Store, node: str) -> None:
+        try:
+            store.admit_node(token, node)
+            results.append("ok")
+        except ncctl.BadRequest:
+            results.append("refused")
+
+    threads = [threading.Thread(target=join, args=(first if i % 2 else second, f"{i:016d}")) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == ["ok"] + ["refused"] * 7
+    assert len(first.nodes()) == 1
+    assert first.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1
+
+
+def test_multi_use_token_counts_uses(store: ncctl.Store) -> None:
+    token = admitted(store, "a" * 16)
+    store.admit_node(token, "b" * 16)
+    assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 2
+
+
+def test_expired_unknown_and_sweep(store: ncctl.Store) -> None:
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 0, single_use=False)  # expires now
+    with pytest.raises(ncctl.BadRequest, match="expired"):
+        store.admit_node(token, "a" * 16)
+    with pytest.raises(ncctl.BadRequest, match="unknown"):
+        store.admit_node(ncctl.new_bootstrap_token(), "a" * 16)
+    keep = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(keep, 60, single_use=False)
+    assert store.delete_expired_bootstrap_tokens() == 1
+    assert [r.token for r in store.list_bootstrap_tokens()] == [keep]
+
+
+def test_duplicate_node_token_is_refused(store: ncctl.Store) -> None:
+    token = admitted(store, "a" * 16)
+    with pytest.raises(Exception, match="UNIQUE"):
+        store.admit_node(token, "a" * 16)
+    assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1
+
+
+def test_mint_rate_limit(store: ncctl.Store) -> None:
+    minter = "m" * 16
+    for _ in range(3):
+        store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by=minter, hourly_limit=3)
+    with pytest.raises(ncctl.BadRequest, match="already minted 3"):
+        store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by=minter, hourly_limit=3)
+    store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by="n" * 16, hourly_limit=3)
+
+
+def test_token_for_unknown_network_is_refused(store: ncctl.Store) -> None:
+    with pytest.raises(ncctl.BadRequest, match="no network named 'nope'"):
+        store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, network="nope")
+
+
+# -- certificates ---------------------------------------------------------------
+
+
+def test_cert_owner_and_switch(store: ncctl.Store) -> None:
+    node = "a" * 16
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, False)
+    store.admit_node(token, node, (CERT_A, CERT_B))
+    assert store.cert_owner(CERT_A.serial) == (node, False)
+    assert store.cert_owner(0xFFFF) is None
+    renewed = ncctl.CertRecord(0xA3, "grpc", "2999-01-01T00:00:00+00:00")
+    store.record_certs(node, (renewed,))
+    assert store.has_older_live_certs(node, "grpc", renewed.serial)
+    assert not store.has_older_live_certs(node, "network", CERT_B.serial)
+    assert store.switch_to_cert(node, "grpc", renewed.serial) == 1
+    assert store.cert_owner(CERT_A.serial) == (node, True)
+    assert store.cert_owner(renewed.serial) == (node, False)
+    assert not store.has_older_live_certs(node, "grpc", renewed.serial)
+    assert store.switch_to_cert(node, "grpc", renewed.serial) == 0
+
+
+def test_prune_expired_certs(store: ncctl.Store) -> None:
+    old = ncctl.CertRecord(0xB1, "grpc", "2000-01-01T00:00:00+00:00")
+    store.record_certs("a" * 16, (old, CERT_B))
+    assert store.prune_expired_certs("2001-01-01T00:00:00+00:00") == 1
+    assert store.cert_owner(old.serial) is None
+    assert store.cert_owner(CERT_B.serial) is not None
+
+
+# -- nodes and bindings ---------------------------------------------------------------
+
+
+def test_bind_state_and_lru_order(store: ncctl.Store) -> None:
+    nodes = [f"{i:016d}" for i in range(3)]
+    for node in nodes:
+        admitted(store, node)
+    for i, node in enumerate(nodes):
+        store.bind(node, f"10.1.0.{i + 2}", None, ncctl.STATE_INIT)
+    assert store.node(nodes[1]).bind_ip == "10.1.0.3"
+    assert store.node(nodes[1]).state == ncctl.STATE_INIT
+    assert [r.token for r in store.bindings_oldest_first()] == nodes
+    assert store.set_state(nodes[0], ncctl.STATE_CONNECTED)
+    assert not store.set_state("z" * 16, ncctl.STATE_CONNECTED)
+    assert store.node(nodes[0]).state == ncctl.STATE_CONNECTED
+    assert [r.token for r in store.nodes()] == nodes
+
+
+def test_bind_evicts_the_victim_whole(store: ncctl.Store) -> None:
+    victim, winner = "v" * 16, "w" * 16
+    store.add_bootstrap_token(ncctl.new_bootstrap_token(), 60, False)
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, False)
+    store.admit_node(token, victim, (CERT_A,))
+    store.add_bootstrap_token(ncctl.new_bootstrap_token(), 60, True, minted_by=victim)
+    admitted(store, winner)
+    store.bind(victim, "10.1.0.2", None)
+    store.bind(winner, "10.1.0.2", victim, ncctl.STATE_INIT)
+    assert store.node(victim) is None
+    assert store.cert_owner(CERT_A.serial) is None
+    assert all(r.minted_by != victim for r in store.list_bootstrap_tokens())
+    assert store.node(winner).bind_ip == "10.1.0.2"
+
+
+def test_an_address_is_bound_once(store: ncctl.Store) -> None:
+    admitted(store, "a" * 16)
+    admitted(store, "b" * 16)
+    store.bind("a" * 16, "10.1.0.2", None)
+    with pytest.raises(ncctl.AddressTaken):
+        store.bind("b" * 16, "10.1.0.2", None)
+    assert store.node("b" * 16).bind_ip == ""
+    store.bind("a" * 16, "10.1.0.9", None)  # moving frees the old address
+    store.bind("b" * 16, "10.1.0.2", None)
+    with pytest.raises(ncctl.BadRequest, match="not registered"):
+        store.bind("z" * 16, "10.1.0.5", None)
+
+
+def test_delete_node_purges(store: ncctl.Store) -> None:
+    node = "a" * 16
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, False)
+    store.admit_node(token, node, (CERT_A,))
+    store.bind(node, "10.1.0.2", None)
+    assert store.delete_node(node)
+    assert not store.delete_node(node)
+    assert store.cert_owner(CERT_A.serial) is None
+    admitted(store, "b" * 16)
+    store.bind("b" * 16, "10.1.0.2", None)  # the address is free again
+
+
+def test_reserved_node_and_reset_states(store: ncctl.Store) -> None:
+    admitted(store, "a" * 16)
+    store.bind("a" * 16, "10.1.0.1", None)
+    assert store.ensure_reserved_node("10.1.0.1")
+    assert not store.ensure_reserved_node("10.1.0.1")
+    assert store.node(ncctl.RESERVED_NODE_TOKEN).bind_ip == "10.1.0.1"
+    assert store.node("a" * 16).bind_ip == ""
+    store.set_state("a" * 16, ncctl.STATE_CONNECTED)
+    assert store.reset_states(ncctl.STATE_CONNECTED) == 1
+    assert store.node("a" * 16).state == ncctl.STATE_IDLE
+    assert store.node(ncctl.RESERVED_NODE_TOKEN).state == ncctl.STATE_CONNECTED
+
+
+def test_concurrent_claims_across_handles_bind_no_address_twice(stores: Stores) -> None:
+    """Two replicas' Bindings claim addresses for different nodes at once: every node
+    gets an address and no address is bound twice, in the store or in the pools."""
+    first, second = stores.open(), stores.open()
+    nodes = [f"{i:016d}" for i in range(24)]
+    for node in nodes:
+        admitted(first, node)
+    network = ncctl.ipaddress.IPv4Network("10.1.0.0/24")
+    bindings = [ncctl.Bindings(first, network), ncctl.Bindings(second, network)]
+    got: dict[str, str] = {}
+    errors: list[BaseException] = []
+
+    def claim(index: int) -> None:
+        try:
+            got[nodes[index]] = str(bindings[index % 2].claim(nodes[index]))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(len(nodes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert len(set(got.values())) == len(nodes)
+    stored = {r.token: r.bind_ip for r in first.bindings_oldest_first()}
+    assert stored == got
+
+
+# -- networks -----------------------------------------------------------------
+
+
+def test_networks(store: ncctl.Store) -> None:
+    spec = ncctl.NetworkSpec("lab", "10.7.0.0/16", True)
+    store.put_config_network(spec, "t" * 16)
+    store.put_config_network(ncctl.NetworkSpec("lab", "10.7.0.0/16", False), "u" * 16)
+    store.add_network(ncctl.NetworkSpec("ops", "10.8.0.0/16", True), "o" * 16)
+    with pytest.raises(ncctl.BadRequest, match="already exists"):
+        store.add_network(ncctl.NetworkSpec("ops", "10.9.0.0/16", True), "p" * 16)
+    rows = store.networks()
+    assert [(r.name, r.interconnection, r.net_token, r.from_config) for r in rows] == [
+        ("lab", False, "t" * 16, True),
+        ("ops", True, "o" * 16, False),
+    ]
+    assert rows[0].id < rows[1].id
+    store.forget_config_network("lab")
+    assert not store.networks()[0].from_config
+    admitted(store, "a" * 16, network="ops")
+    assert store.node_tokens_in("ops") == ["a" * 16]
+    assert store.delete_network("ops") == ["a" * 16]
+    assert not store.node_token_exists("a" * 16)
+    with pytest.raises(ncctl.BadRequest, match="no network named"):
+        store.delete_network("ops")
+
+
+def test_deleting_a_network_of_many_nodes(store: ncctl.Store) -> None:
+    """More nodes than one etcd Txn may touch: every node, certificate and token goes."""
+    store.add_network(ncctl.NetworkSpec("big", "10.9.0.0/16", True), "b" * 16)
+    nodes = [f"{i:016d}" for i in range(40)]
+    for i, node in enumerate(nodes):
+        token = ncctl.new_bootstrap_token()
+        store.add_bootstrap_token(token, 60, True, network="big")
+        store.admit_node(token, node, (ncctl.CertRecord(0x1000 + i, "grpc", "2999-01-01T00:00:00+00:00"),))
+        store.bind(node, f"10.9.0.{i + 2}", None)
+    store.add_bootstrap_token(ncctl.new_bootstrap_token(), 60, False, network="big")
+    assert sorted(store.delete_network("big")) == nodes
+    assert store.nodes() == [] and store.list_bootstrap_tokens() == [] and store.networks() == []
+    assert all(store.cert_owner(0x1000 + i) is None for i in range(40))
+
+
+def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
+    """https endpoints: the store presents datastoreCertFile/KeyFile and checks etcd
+    against datastoreCAFile; without a client certificate etcd refuses it."""
+    authority = ncctl.CertAuthority(tmp_path / "ca", "etcd test")
+    authority.load_or_create()
+    files = {}
+    for name, kind in (("server", {"server": True, "ips": ("127.0.0.1",)}), ("client", {"client": True})):
+        pair, _ = authority.issue(f"etcd-{name}", **kind)
+        files[name] = (tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        files[name][0].write_bytes(pair.cert_pem)
+        files[name][1].write_bytes(pair.key_pem)
+    member = LocalEtcd(tmp_path / "etcd", (authority.ca_path, *files["server"]))
+    try:
+        tls = ncctl.EtcdTls(str(authority.ca_path), str(files["client"][0]), str(files["client"][1]))
+        store = ncctl.EtcdStore(member.endpoint, tls)
+        try:
+            admitted(store, "a" * 16)
+            assert [r.token for r in store.nodes()] == ["a" * 16]
+        finally:
+            store.close()
+        with pytest.raises(ncctl.StoreError, match=r"etcd at https://127\.0\.0\.1"):
+            ncctl.EtcdStore(member.endpoint, ncctl.EtcdTls(str(authority.ca_path)))
+    finally:
+        member.stop()

@@ -4,6 +4,7 @@ picks the next replica to try."""
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import pytest
@@ -88,22 +89,17 @@ def test_sealed_pki_opens_only_with_the_cluster_token() -> None:
         ncctl.unseal("the-right-cluster-token", "network", blob)  # bound to its name
 
 
-class Client:
-    """NetworkClient's replica choice without sockets or threads."""
-
-    def __init__(self, servers: list[str]) -> None:
-        self.servers, self.server, self.leader_hint = servers, servers[0], ""
-        self.counters: dict[str, int] = {"replica-switches": 0}
-
-    follow = ncctl.NetworkClient._follow_replicas
+def follower(servers: list[str]) -> ncctl.ServerFollower:
+    """The client's replica choice, without sockets or threads."""
+    return ncctl.ServerFollower(",".join(servers), 6441, collections.Counter())
 
 
 def test_a_node_tries_the_named_leader_first_then_the_others() -> None:
-    client = Client(["198.18.0.1", "198.18.0.2", "198.18.0.3"])
+    client = follower(["198.18.0.1", "198.18.0.2", "198.18.0.3"])
     client.leader_hint = "198.18.0.3"
     assert client.follow() and client.server == "198.18.0.3"
     assert client.follow() and client.server == "198.18.0.1"  # no hint: the next one
     client.leader_hint = "198.18.0.9"  # a leader added after the join
     assert client.follow() and client.server == "198.18.0.9" and "198.18.0.9" in client.servers
-    single = Client(["198.18.0.1"])
+    single = follower(["198.18.0.1"])
     assert not single.follow() and single.server == "198.18.0.1"  # one server: the old backoff

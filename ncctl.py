@@ -359,8 +359,10 @@ class ClientConfig:
 
 
 PORT_FIELDS = {"port", "grpc_port", "bootstrap_port", "udp_port"}
-DURATION_FIELDS = {"node_cert_life"}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 20 * 365 * 86400  # 7300d: longer than anything nc keeps, and a date every store can write
+MIN_CERT_LIFE_S = 10  # a node certificate is renewed at two thirds of its life: it needs a few seconds
+DURATION_FIELDS = {"node_cert_life": MIN_CERT_LIFE_S}  # server.yml durations, with the shortest each allows
 PATH_FIELDS = {
     "network_cert_dir",
     "grpc_cert_dir",
@@ -429,7 +431,7 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     if field.name == "networks":
         return check_networks_field(value, where)
     if field.name in DURATION_FIELDS:
-        return parse_duration(value, where)
+        return parse_duration(value, where, shortest=DURATION_FIELDS[field.name])
     default = field.default
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -451,17 +453,21 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     return text
 
 
-def parse_duration(value: Any, where: str) -> int:
-    """Seconds from a whole number of seconds or from text such as 30s, 90m, 12h, 365d."""
+def parse_duration(value: Any, where: str, shortest: int = 1, error: type[NcError] = ConfigError) -> int:
+    """Seconds from text such as 30s, 90m, 12h, 365d, or from a whole number of seconds
+    (a YAML int, a gRPC field): the one duration parser of server.yml, the command line
+    and the control plane. Errors are `error` (ConfigError, UsageError, BadRequest) and
+    start with `where`, the field or flag."""
     if isinstance(value, int) and not isinstance(value, bool):
         seconds = value
     else:
         match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", str(value))
         if match is None:
-            raise ConfigError(f"{where}: {value!r} is not a duration; write it like 30s, 90m, 12h or 365d")
+            raise error(f"{where}: {value!r} is not a duration; write it like 30s, 90m, 12h or 365d")
         seconds = int(match[1]) * DURATION_UNITS[match[2]]
-    if not 10 <= seconds <= 20 * 365 * 86400:
-        raise ConfigError(f"{where}: {value!r} is out of range; use 10s to 7300d")
+    if not shortest <= seconds <= MAX_DURATION_S:
+        span = f"{format_duration(shortest)} to {format_duration(MAX_DURATION_S)}"
+        raise error(f"{where}: {value!r} is out of range; use {span}")
     return seconds
 
 
@@ -3285,8 +3291,7 @@ class ControlPlane:
     def prune_nodes(self, who: Identity, idle_for_s: int, dry_run: bool) -> list[str]:
         """Unregister every node not connected for longer than idle_for_s (or, dry, name them)."""
         self.authorize(who, "administer")
-        if idle_for_s < 1:
-            raise BadRequest("the idle time must be at least 1s; write it like 30m, 12h or 30d")
+        parse_duration(idle_for_s, "idleForSeconds", error=BadRequest)  # the bounds --idle-for has
         tokens = self.store.idle_nodes(idle_for_s)
         if dry_run:
             return tokens
@@ -9158,9 +9163,21 @@ def message_json(message: Any) -> dict:
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
+def token_life_minutes(text: str) -> int:
+    """--life: whole minutes as the original wrote it (negative: never expires), or a
+    duration such as 90m, 12h or 30d; the server decides what lives it grants."""
+    with contextlib.suppress(ValueError):
+        return int(text)
+    seconds = parse_duration(text, "--life", error=UsageError)
+    if seconds % 60:
+        raise UsageError(f"--life: {text!r} is not whole minutes; write it like 90m, 12h or 30d")
+    return seconds // 60
+
+
 def adm_token_create(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    request = pb.CreateBootstrapTokenRequest(lifeMinutes=args.life, singleUse=args.single_use, network=args.net or "")
+    life = token_life_minutes(args.life)
+    request = pb.CreateBootstrapTokenRequest(lifeMinutes=life, singleUse=args.single_use, network=args.net or "")
     response = admin_rpc(args, "CreateBootstrapToken", request)
     command = join_command(response.joinString)
     if args.output == "json":
@@ -9252,7 +9269,7 @@ def human_bytes(count: int) -> str:
 
 def adm_node_prune(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    seconds = parse_duration_arg(args.idle_for, "--idle-for")
+    seconds = parse_duration(args.idle_for, "--idle-for", error=UsageError)
     response = admin_rpc(args, "PruneNodes", pb.PruneNodesRequest(idleForSeconds=seconds, dryRun=args.dry_run))
     tokens = list(response.nodeTokens)
     if args.output == "json":
@@ -9261,14 +9278,6 @@ def adm_node_prune(args: argparse.Namespace) -> int:
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {len(tokens)} node(s) idle for over {args.idle_for}" + "".join(f"\n  {t}" for t in tokens))
     return 0
-
-
-def parse_duration_arg(text: str, flag: str) -> int:
-    """A command-line duration (30s, 90m, 12h, 30d); a bad one is a usage error naming the flag."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text)
-    if match is None or int(match[1]) == 0:
-        raise UsageError(f"{flag}: {text!r} is not a duration; write it like 30m, 12h or 30d")
-    return int(match[1]) * DURATION_UNITS[match[2]]
 
 
 def adm_network_create(args: argparse.Namespace) -> int:
@@ -9993,10 +10002,9 @@ def add_unsafe_skip_ca_pin_flag(parser: argparse.ArgumentParser) -> None:
 def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--life",
-        type=int,
-        default=DEFAULT_TOKEN_LIFE_MIN,
-        metavar="MIN",
-        help="minutes the token lives (not 0); negative never expires (default 10)",
+        default=str(DEFAULT_TOKEN_LIFE_MIN),
+        metavar="LIFE",
+        help="minutes the token lives (not 0), or a duration like 12h or 30d; negative never expires (default 10)",
     )
     parser.add_argument(
         "--print-join-command",

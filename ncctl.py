@@ -658,10 +658,11 @@ def client_yaml(config: ClientConfig) -> str:
 
 # ============================================================================
 # 3. Store
-#    One set of atomic operations, two implementations: sqlite (the design
-#    document's tables and triggers verbatim, then versioned migrations) and
-#    etcd v3 (one Txn per operation). Every SQL statement and etcd key of nc
-#    lives in this section.
+#    One contract of atomic operations (Datastore) and the rules it keeps
+#    (token lives, expiry, single use, the mint rate), two implementations:
+#    sqlite (the design document's tables and triggers verbatim, then
+#    versioned migrations) and etcd v3 (one Txn per operation). Every SQL
+#    statement and etcd key of nc lives in this section.
 # ============================================================================
 
 DESIGN_SCHEMA = """

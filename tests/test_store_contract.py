@@ -5,6 +5,7 @@ test gets its own key prefix, so tests never see each other's keys."""
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import threading
 from collections.abc import Iterator
@@ -78,6 +79,24 @@ def admitted(store: ncctl.Datastore, node: str, network: str = ncctl.DEFAULT_NET
     store.add_bootstrap_token(token, 60, False, network, **token_args)
     store.admit_node(token, node)
     return token
+
+
+# -- the contract itself ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", [ncctl.Store, ncctl.EtcdStore])
+def test_both_stores_implement_every_operation_of_the_contract(implementation: type) -> None:
+    """Each Datastore member exists on both stores with the same parameters and defaults."""
+    members = [name for name in vars(ncctl.Datastore) if not name.startswith("_")]
+    assert {"shared", "leads", "lead", "follow", "admit_node", "bind"} <= set(members)
+    for name in members:
+        declared = getattr(ncctl.Datastore, name)
+        implemented = getattr(implementation, name)
+        if isinstance(declared, property):
+            assert isinstance(implemented, (property, bool)), name
+            continue
+        wanted = [(p.name, p.default) for p in inspect.signature(declared).parameters.values()]
+        assert [(p.name, p.default) for p in inspect.signature(implemented).parameters.values()] == wanted, name
 
 
 # -- bootstrap tokens ---------------------------------------------------------

@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -7534,7 +7535,9 @@ def ask_status(work_dir: Path) -> dict[str, Any]:
 # ============================================================================
 
 
+@functools.cache
 def grpc_modules() -> tuple[Any, Any, Any]:
+    """grpc and nc's generated modules, imported on first use (a `nc version` needs none)."""
     import grpc
 
     from proto import nc_pb2, nc_pb2_grpc
@@ -9400,14 +9403,28 @@ def control_rpc(args: argparse.Namespace, method: str, request: Any) -> Any:
         return check_code(client.control(method, request))
 
 
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2))
+@dataclasses.dataclass
+class Table:
+    """Rows for a terminal, under a header of column names."""
+
+    header: list[str]
+    rows: list[list[Any]]
+
+    def lines(self) -> list[str]:
+        cells = [[loggable(cell) for cell in row] for row in [self.header, *self.rows]]  # peers wrote some of them
+        widths = [max(len(cell) for cell in column) for column in zip(*cells)]
+        return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
 
 
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+def show(args: argparse.Namespace, document: Any, text: str | Table) -> None:
+    """The one way a command prints its result: with `-o json` the JSON document (camelCase
+    keys, as the gRPC fields), else the text: a line (or lines) or a table."""
+    if getattr(args, "output", "text") == "json":
+        print(json.dumps(document, indent=2))
+    elif isinstance(text, Table):
+        print("\n".join(text.lines()))
+    else:
+        print(text)
 
 
 def message_json(message: Any) -> dict:
@@ -9433,13 +9450,11 @@ def adm_token_create(args: argparse.Namespace) -> int:
     request = pb.CreateBootstrapTokenRequest(lifeMinutes=life, singleUse=args.single_use, network=args.net or "")
     response = admin_rpc(args, "CreateBootstrapToken", request)
     command = join_command(response.joinString)
-    if args.output == "json":
-        fields = {k: v for k, v in message_json(response).items() if k not in ("code", "message")}
-        print_json({**fields, "joinCommand": command} if args.print_join_command else fields)
-    elif args.print_join_command:
-        print(command)
+    fields = {k: v for k, v in message_json(response).items() if k not in ("code", "message")}
+    if args.print_join_command:
+        show(args, {**fields, "joinCommand": command}, command)
     else:
-        print(response.joinString)
+        show(args, fields, response.joinString)
     return 0
 
 
@@ -9451,14 +9466,12 @@ def join_command(join_string: str) -> str:
 def adm_token_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListBootstrapTokens", pb.ListBootstrapTokensRequest())
-    if args.output == "json":
-        print_json([message_json(t) for t in response.tokens])
-    else:
-        rows = [
-            [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no", t.mintedBy or "admin"]
-            for t in response.tokens
-        ]
-        print_table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE", "MINTED-BY"], rows)
+    rows = [
+        [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no", t.mintedBy or "admin"]
+        for t in response.tokens
+    ]
+    table = Table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE", "MINTED-BY"], rows)
+    show(args, [message_json(t) for t in response.tokens], table)
     return 0
 
 
@@ -9466,49 +9479,42 @@ def adm_token_delete(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     admin_rpc(args, "DeleteBootstrapToken", pb.DeleteBootstrapTokenRequest(tokenId=args.token_id))
     deleted = args.token_id.split(".", 1)[0]  # the public id, even if the whole token was given
-    if args.output == "json":
-        print_json({"tokenId": deleted, "deleted": True})
-    else:
-        print(f"deleted bootstrap token {deleted}")
+    show(args, {"tokenId": deleted, "deleted": True}, f"deleted bootstrap token {deleted}")
     return 0
 
 
 def adm_join(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
     config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin)
-    if args.output == "json":
-        print_json({"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")})
-    else:
-        print(config.token)
+    document = {"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")}
+    show(args, document, config.token)
     return 0
 
 
 def adm_node_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListNodes", pb.ListNodesRequest())
-    if args.output == "json":
-        print_json([message_json(n) for n in response.nodes])
-    else:
-        rows = [
-            [
-                n.nodeToken,
-                n.network,
-                n.bindIp or "-",
-                "reserved" if n.reserved else f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
-                n.hostName or "-",
-                n.endpoint or "-",
-                n.transport or "-",
-                n.lastSeen or "never",
-                human_bytes(n.rxBytes),
-                human_bytes(n.txBytes),
-                n.nodeVersion or "-",
-                n.updateTime,
-                n.mintedBy or "admin",
-            ]
-            for n in response.nodes
+    rows = [
+        [
+            n.nodeToken,
+            n.network,
+            n.bindIp or "-",
+            "reserved" if n.reserved else f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
+            n.hostName or "-",
+            n.endpoint or "-",
+            n.transport or "-",
+            n.lastSeen or "never",
+            human_bytes(n.rxBytes),
+            human_bytes(n.txBytes),
+            n.nodeVersion or "-",
+            n.updateTime,
+            n.mintedBy or "admin",
         ]
-        headers = ["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
-        print_table([*headers, "RX", "TX", "VERSION", "UPDATED", "MINTED-BY"], rows)
+        for n in response.nodes
+    ]
+    headers = ["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
+    table = Table([*headers, "RX", "TX", "VERSION", "UPDATED", "MINTED-BY"], rows)
+    show(args, [message_json(n) for n in response.nodes], table)
     return 0
 
 
@@ -9525,11 +9531,9 @@ def adm_node_prune(args: argparse.Namespace) -> int:
     seconds = parse_duration(args.idle_for, "--idle-for", error=UsageError)
     response = admin_rpc(args, "PruneNodes", pb.PruneNodesRequest(idleForSeconds=seconds, dryRun=args.dry_run))
     tokens = list(response.nodeTokens)
-    if args.output == "json":
-        print_json({"nodeTokens": tokens, "dryRun": args.dry_run})
-    else:
-        verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {len(tokens)} node(s) idle for over {args.idle_for}" + "".join(f"\n  {t}" for t in tokens))
+    verb = "would remove" if args.dry_run else "removed"
+    text = f"{verb} {len(tokens)} node(s) idle for over {args.idle_for}" + "".join(f"\n  {t}" for t in tokens)
+    show(args, {"nodeTokens": tokens, "dryRun": args.dry_run}, text)
     return 0
 
 
@@ -9539,67 +9543,52 @@ def adm_network_create(args: argparse.Namespace) -> int:
         name=args.name, cidr=args.cidr, noInterconnection=args.no_interconnection, allowPublic=args.allow_public
     )
     response = admin_rpc(args, "CreateNetwork", request)
-    if args.output == "json":
-        print_json(message_json(response.network))
-    else:
-        print(response.network.netToken)
+    show(args, message_json(response.network), response.network.netToken)
     return 0
 
 
 def adm_network_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListNetworks", pb.ListNetworksRequest())
-    if args.output == "json":
-        print_json([message_json(n) for n in response.networks])
-    else:
-        rows = [
-            [
-                n.name,
-                n.cidr,
-                n.serverIp,
-                "yes" if n.interconnection else "no",
-                str(n.nodes),
-                "config" if n.fromConfig else "runtime",
-                n.netToken,
-            ]
-            for n in response.networks
+    rows = [
+        [
+            n.name,
+            n.cidr,
+            n.serverIp,
+            "yes" if n.interconnection else "no",
+            str(n.nodes),
+            "config" if n.fromConfig else "runtime",
+            n.netToken,
         ]
-        print_table(["NAME", "CIDR", "SERVER-IP", "INTERCONNECTION", "NODES", "DEFINED-IN", "NET-TOKEN"], rows)
+        for n in response.networks
+    ]
+    table = Table(["NAME", "CIDR", "SERVER-IP", "INTERCONNECTION", "NODES", "DEFINED-IN", "NET-TOKEN"], rows)
+    show(args, [message_json(n) for n in response.networks], table)
     return 0
 
 
 def adm_network_delete(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "DeleteNetwork", pb.DeleteNetworkRequest(name=args.name, force=args.force))
-    if args.output == "json":
-        print_json({"name": args.name, "deleted": True, "unregistered": list(response.unregistered)})
-    else:
-        print(
-            f"deleted network {args.name}"
-            + (f"; unregistered {len(response.unregistered)} node(s)" if response.unregistered else "")
-        )
+    removed = f"; unregistered {len(response.unregistered)} node(s)" if response.unregistered else ""
+    document = {"name": args.name, "deleted": True, "unregistered": list(response.unregistered)}
+    show(args, document, f"deleted network {args.name}{removed}")
     return 0
 
 
 def adm_node_state(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = control_rpc(args, "CheckConnState", pb.CheckConnStateRequest(token=args.node_token))
-    if args.output == "json":
-        print_json({"nodeToken": args.node_token, **message_json(response)})
-    else:
-        print(
-            f"{args.node_token}  bind-ip {response.bindIp or '-'}  state {STATE_NAMES.get(response.connState, '?')} ({response.connState})"
-        )
+    state = f"{STATE_NAMES.get(response.connState, '?')} ({response.connState})"
+    text = f"{loggable(args.node_token)}  bind-ip {response.bindIp or '-'}  state {state}"
+    show(args, {"nodeToken": args.node_token, **message_json(response)}, text)
     return 0
 
 
 def adm_node_unregister(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = control_rpc(args, "UnRegister", pb.UnRegisterRequest(token=args.node_token))
-    if args.output == "json":
-        print_json({"nodeToken": args.node_token, **message_json(response)})
-    else:
-        print(f"unregistered {args.node_token}")
+    show(args, {"nodeToken": args.node_token, **message_json(response)}, f"unregistered {loggable(args.node_token)}")
     return 0
 
 
@@ -9633,12 +9622,12 @@ def adm_ca_status(args: argparse.Namespace) -> int:
                 "expired": left.total_seconds() <= 0,
             }
         )
-    if args.output == "json":
-        print_json(rows)
-    else:
-        table = [[r["name"], r["notAfter"], "EXPIRED" if r["expired"] else f"{r['daysLeft']} days"] for r in rows]
-        print_table(["CERTIFICATE", "EXPIRES (UTC)", "LEFT"], table)
-        print(f"node certificates live {format_duration(config.node_cert_life)}; renewed at two thirds of it")
+    table = Table(
+        ["CERTIFICATE", "EXPIRES (UTC)", "LEFT"],
+        [[r["name"], r["notAfter"], "EXPIRED" if r["expired"] else f"{r['daysLeft']} days"] for r in rows],
+    )
+    renewal = f"node certificates live {format_duration(config.node_cert_life)}; renewed at two thirds of it"
+    show(args, rows, "\n".join([*table.lines(), renewal]))
     return 1 if any(r["expired"] for r in rows) else 0
 
 
@@ -9670,16 +9659,12 @@ def adm_health(args: argparse.Namespace) -> int:
         "bootstrap": target.bootstrap_address,
         "data": host_port(*target.data_address),
     }
-    if args.output == "json":
-        print_json(
-            {
-                "healthy": healthy,
-                **{k: {"address": addresses[k], "ok": v == CODE_OK, "detail": v} for k, v in results.items()},
-            }
-        )
-    else:
-        for name, value in results.items():
-            print(f"{name:9} {addresses[name]:21} {'ok' if value == CODE_OK else 'FAILED: ' + value}")
+    document = {
+        "healthy": healthy,
+        **{k: {"address": addresses[k], "ok": v == CODE_OK, "detail": v} for k, v in results.items()},
+    }
+    lines = [f"{name:9} {addresses[name]:21} {'ok' if v == CODE_OK else 'FAILED: ' + v}" for name, v in results.items()]
+    show(args, document, "\n".join(lines))
     return 0 if healthy else 1
 
 
@@ -9722,10 +9707,8 @@ def adm_replica_list(args: argparse.Namespace) -> int:
         entries = replica_entries(etcd)
     finally:
         etcd.close()
-    if args.output == "json":
-        print_json(entries)
-    else:
-        print_table(["ADDRESS", "ROLE", "LAST HEARTBEAT"], [[e["address"], e["role"], e["heartbeat"]] for e in entries])
+    table = Table(["ADDRESS", "ROLE", "LAST HEARTBEAT"], [[e["address"], e["role"], e["heartbeat"]] for e in entries])
+    show(args, entries, table)
     return 0
 
 
@@ -9891,24 +9874,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     """The running client's state; exit 1 when it is not connected (scripts wait on it)."""
     work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
     status = ask_status(work_dir)
-    if args.output == "json":
-        print_json(status)
-    else:
-        rtt = status.get("rttMs")
-        lines = [
-            ("state", status.get("state", "?")),
-            ("node", status.get("nodeToken", "")),
-            ("overlay ip", status.get("overlayIp") or "-"),
-            ("server", status.get("server", "")),
-            ("transport", status.get("transport") or "-"),
-            ("since", status.get("connectedSince") or "-"),
-            ("round trip", f"{rtt} ms" if rtt is not None else "-"),
-            ("rx / tx", f"{human_bytes(status.get('rxBytes', 0))} / {human_bytes(status.get('txBytes', 0))}"),
-        ]
-        if status.get("lastError"):
-            lines.append(("last error", status["lastError"]))
-        for name, value in lines:
-            print(f"{name + ':':12} {value}")
+    rtt = status.get("rttMs")
+    lines = [
+        ("state", status.get("state", "?")),
+        ("node", status.get("nodeToken", "")),
+        ("overlay ip", status.get("overlayIp") or "-"),
+        ("server", status.get("server", "")),
+        ("transport", status.get("transport") or "-"),
+        ("since", status.get("connectedSince") or "-"),
+        ("round trip", f"{rtt} ms" if rtt is not None else "-"),
+        ("rx / tx", f"{human_bytes(status.get('rxBytes', 0))} / {human_bytes(status.get('txBytes', 0))}"),
+    ]
+    if status.get("lastError"):
+        lines.append(("last error", status["lastError"]))
+    show(args, status, "\n".join(f"{name + ':':12} {loggable(value)}" for name, value in lines))
     return 0 if status.get("state") == "connected" else 1
 
 

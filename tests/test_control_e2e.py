@@ -524,6 +524,7 @@ def test_version_prints_versions(nc_binary: Path) -> None:
     assert done.returncode == 0
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     assert lines["nc"] == ncctl.VERSION
-    assert lines["python"].count(".") == 2
+    assert lines["python"].split()[0].count(".") == 2 and "(CPython, " in lines["python"]
+    assert lines["packages"].startswith("set cp3") and lines["file"].startswith(str(nc_binary))
     for dist in ("grpcio", "grpcio-reflection", "grpcio-health-checking", "protobuf", "cryptography", "PyYAML"):
         assert dist in lines and lines[dist] != "missing" and lines[dist][0].isdigit(), (dist, done.stdout)

@@ -147,7 +147,12 @@ class NotLeader(StoreError):
     """A leader-only write by a replica that is not (or no longer) the leader."""
 
 
-class AddressTaken(StoreError):
+class Conflict(StoreError):
+    """A write that would make a unique key twice (a bootstrap token, a node-token, an
+    address): the key was taken, possibly by another writer since it was read."""
+
+
+class AddressTaken(Conflict):
     """Another writer (a replica sharing the store) bound this address first: the pool is stale."""
 
 
@@ -360,8 +365,10 @@ class ClientConfig:
 
 
 PORT_FIELDS = {"port", "grpc_port", "bootstrap_port", "udp_port"}
-DURATION_FIELDS = {"node_cert_life"}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_S = 20 * 365 * 86400  # 7300d: longer than anything nc keeps, and a date every store can write
+MIN_CERT_LIFE_S = 10  # a node certificate is renewed at two thirds of its life: it needs a few seconds
+DURATION_FIELDS = {"node_cert_life": MIN_CERT_LIFE_S}  # server.yml durations, with the shortest each allows
 PATH_FIELDS = {
     "network_cert_dir",
     "grpc_cert_dir",
@@ -430,7 +437,7 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     if field.name == "networks":
         return check_networks_field(value, where)
     if field.name in DURATION_FIELDS:
-        return parse_duration(value, where)
+        return parse_duration(value, where, shortest=DURATION_FIELDS[field.name])
     default = field.default
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -452,17 +459,21 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     return text
 
 
-def parse_duration(value: Any, where: str) -> int:
-    """Seconds from a whole number of seconds or from text such as 30s, 90m, 12h, 365d."""
+def parse_duration(value: Any, where: str, shortest: int = 1, error: type[NcError] = ConfigError) -> int:
+    """Seconds from text such as 30s, 90m, 12h, 365d, or from a whole number of seconds
+    (a YAML int, a gRPC field): the one duration parser of server.yml, the command line
+    and the control plane. Errors are `error` (ConfigError, UsageError, BadRequest) and
+    start with `where`, the field or flag."""
     if isinstance(value, int) and not isinstance(value, bool):
         seconds = value
     else:
         match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", str(value))
         if match is None:
-            raise ConfigError(f"{where}: {value!r} is not a duration; write it like 30s, 90m, 12h or 365d")
+            raise error(f"{where}: {value!r} is not a duration; write it like 30s, 90m, 12h or 365d")
         seconds = int(match[1]) * DURATION_UNITS[match[2]]
-    if not 10 <= seconds <= 20 * 365 * 86400:
-        raise ConfigError(f"{where}: {value!r} is out of range; use 10s to 7300d")
+    if not shortest <= seconds <= MAX_DURATION_S:
+        span = f"{format_duration(shortest)} to {format_duration(MAX_DURATION_S)}"
+        raise error(f"{where}: {value!r} is out of range; use {span}")
     return seconds
 
 
@@ -648,10 +659,11 @@ def client_yaml(config: ClientConfig) -> str:
 
 # ============================================================================
 # 3. Store
-#    One set of atomic operations, two implementations: sqlite (the design
-#    document's tables and triggers verbatim, then versioned migrations) and
-#    etcd v3 (one Txn per operation). Every SQL statement and etcd key of nc
-#    lives in this section.
+#    One contract of atomic operations (Datastore) and the rules it keeps
+#    (token lives, expiry, single use, the mint rate), two implementations:
+#    sqlite (the design document's tables and triggers verbatim, then
+#    versioned migrations) and etcd v3 (one Txn per operation). Every SQL
+#    statement and etcd key of nc lives in this section.
 # ============================================================================
 
 DESIGN_SCHEMA = """
@@ -807,19 +819,272 @@ def serial_key(serial: int) -> str:
     return format(serial, "x")
 
 
+class Datastore(Protocol):
+    """What nc keeps (nodes and their addresses, bootstrap tokens, networks, certificate
+    records), as every layer above this section sees it: Store (sqlite) and EtcdStore.
+
+    Every operation is atomic: it takes effect whole or not at all, also against other
+    handles on the same data (another connection to the sqlite file, another replica on
+    etcd). Besides what its line says, any operation may raise StoreError (StoreFull when
+    the disk refuses a write); a refusal the user can act on is BadRequest. Times are
+    local "YYYY-MM-DD HH:MM:SS" strings, as the design document's columns hold them."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes (replicas) write this store too, so a cache over it may be behind."""
+        ...
+
+    @property
+    def leads(self) -> bool:
+        """Whether leader-only work (the token sweep, the reserved node) is this handle's:
+        true from opening until follow(), and again after lead()."""
+        ...
+
+    def lead(self, fence: tuple[bytes, int]) -> None:
+        """Leader-only writes commit from now on, and only while fence (the campaign key and
+        its create revision) is the one in the store; afterwards they raise NotLeader."""
+
+    def follow(self) -> None:
+        """Leader-only writes (ensure_reserved_node, delete_expired_bootstrap_tokens) raise
+        NotLeader from now on, until lead()."""
+
+    def close(self) -> None:
+        """Release the connection; the handle is unusable afterwards."""
+
+    # -- bootstrap tokens
+
+    def add_bootstrap_token(
+        self,
+        token: str,
+        life_minutes: int,
+        single_use: bool,
+        network: str = DEFAULT_NETWORK,
+        minted_by: str = "",
+        hourly_limit: int | None = None,
+    ) -> str:
+        """Add a token for joining network (a negative life: never expires); returns its
+        expire_time. A node's mint (minted_by) is counted in the same step against
+        hourly_limit (refuse_over_mint_rate). BadRequest: a life over ten years, an unknown
+        network, the limit reached; Conflict: the token exists."""
+        ...
+
+    def bootstrap_tokens_with_id(self, token_id: str) -> list[BootstrapTokenRow]:
+        """The tokens whose public part (before the dot) is token_id, oldest first."""
+        ...
+
+    def list_bootstrap_tokens(self) -> list[BootstrapTokenRow]:
+        """Every bootstrap token, oldest first."""
+        ...
+
+    def delete_bootstrap_token(self, token: str) -> bool:
+        """Delete a token; False when there was none."""
+        ...
+
+    def delete_expired_bootstrap_tokens(self) -> int:
+        """Leader-only. Delete expired tokens and mint records past the rate window; returns
+        how many tokens went."""
+        ...
+
+    def admit_node(self, bootstrap_token: str, node_token: str, certs: tuple[CertRecord, ...] = ()) -> str:
+        """Re-check the token (refuse_unusable_token), count its use, add the node idle and
+        unbound to the token's network (returned) and record its certificates, in one step.
+        BadRequest: the token is unknown, expired or used up; Conflict: the node-token exists."""
+        ...
+
+    # -- certificates
+
+    def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
+        """Remember issued certificates as the node's; one already recorded is left as it is."""
+
+    def cert_owner(self, serial: int) -> tuple[str, bool] | None:
+        """(node-token, revoked) of a recorded certificate; None for one never recorded."""
+        ...
+
+    def is_legacy_node(self, token: str) -> bool:
+        """Whether the node is still accepted by certificate name (it joined before serials were kept)."""
+        ...
+
+    def has_older_live_certs(self, node_token: str, kind: str, serial: int) -> bool:
+        """Whether certificates of this kind issued before this one (or the legacy acceptance) still count."""
+        ...
+
+    def switch_to_cert(self, node_token: str, kind: str, serial: int) -> int:
+        """Revoke the node's older live certificates of this kind (and its legacy acceptance,
+        once renewed ones of both kinds are in use); returns how many were revoked."""
+        ...
+
+    def prune_expired_certs(self, now_iso: str) -> int:
+        """Forget certificate records that expired before now_iso (UTC, ISO 8601); returns how many."""
+        ...
+
+    # -- nodes and their addresses
+
+    def node(self, token: str) -> NodeRow | None:
+        """The node, or None when it is not registered."""
+        ...
+
+    def nodes(self) -> list[NodeRow]:
+        """Every node (the reserved one too), in joining order."""
+        ...
+
+    def node_token_exists(self, token: str) -> bool:
+        """Whether a node has this node-token."""
+        ...
+
+    def node_tokens_in(self, network: str) -> list[str]:
+        """The node-tokens of a network, in joining order."""
+        ...
+
+    def bindings_oldest_first(self, network: str = DEFAULT_NETWORK) -> list[NodeRow]:
+        """The network's nodes that have an address, least recently updated first (the LRU order)."""
+        ...
+
+    def bind(self, token: str, ip: str, evict: str | None, state: int | None = None) -> None:
+        """Bind ip ("": none) to the node and set its state, first purging the evicted node
+        whole. BadRequest: the node is not registered; AddressTaken: another node holds ip."""
+
+    def set_state(self, token: str, state: int) -> bool:
+        """Set a node's connection state; False when it is not registered."""
+        ...
+
+    def reset_states(self, reserved_state: int) -> int:
+        """Every node idle, the reserved one reserved_state; returns how many nodes changed."""
+        ...
+
+    def record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
+        """What the node's session showed and when (all empty: the session ended); no node, no change."""
+
+    def idle_nodes(self, idle_for_s: int) -> list[str]:
+        """Nodes (not the reserved one) not connected for longer than idle_for_s, in joining order."""
+        ...
+
+    def ensure_reserved_node(self, server_ip: str) -> bool:
+        """Leader-only. Bind the reserved node-token to server_ip, taking it from any node
+        that holds it; True when something changed."""
+        ...
+
+    def delete_node(self, token: str) -> bool:
+        """Unregister: the node, its address, certificates and unused minted tokens; False when absent."""
+        ...
+
+    # -- networks
+
+    def networks(self) -> list[NetworkRow]:
+        """Every overlay network (the default one too, once a server started), by id."""
+        ...
+
+    def put_config_network(self, spec: NetworkSpec, net_token: str) -> None:
+        """Create (with net_token) or update a network server.yml defines, marked as from the config."""
+
+    def add_network(self, spec: NetworkSpec, net_token: str) -> None:
+        """Create a network at run time. BadRequest: the name exists."""
+
+    def forget_config_network(self, name: str) -> None:
+        """A network gone from server.yml stays, as one created at run time."""
+
+    def delete_network(self, name: str) -> list[str]:
+        """Delete a network with its nodes (purged whole) and tokens; returns the node-tokens
+        removed. BadRequest: no such network."""
+        ...
+
+
+# -- the rules both stores keep -------------------------------------------------------
+#
+# Each store reads and writes in its own way, but what a token's life, expiry and
+# single use mean, and how many tokens a node may mint, is decided here, once.
+
+MINT_WINDOW_S = 3600  # server.nodeMintRate counts a node's mints over the last hour
+
+
+def local_time(offset_s: float = 0.0) -> str:
+    """Now (plus offset_s) as the stores write times: sqlite's datetime(CURRENT_TIMESTAMP, 'localtime')."""
+    return (datetime.datetime.now() + datetime.timedelta(seconds=offset_s)).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def check_token_life(life_minutes: int) -> None:
-    """Either store refuses a life it could not record as a date (the control plane
-    checks first, with its own message; this holds for every caller of a store)."""
+    """The bound on every token life, whoever asks: at most ten years (a negative life never
+    expires). Both stores and the control plane refuse with this one sentence."""
     if life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
-        raise BadRequest(f"a token life of {life_minutes} minutes is too long; use at most ten years")
+        raise BadRequest(f"a token life of {life_minutes} minutes is over ten years; use a negative life for never")
+
+
+def requested_token_life(life_minutes: int, by_node: bool, node_cap: int) -> int:
+    """The life a mint asked for, as the control plane grants it: 0 is refused (the original
+    read it as "the default"); a node's is refused when never-expiring or over a year and
+    capped at node_cap (server.nodeTokenMaxLife); the admin's is bounded by check_token_life."""
+    if life_minutes == 0:
+        raise BadRequest("a token life of 0 minutes is not allowed; ask for minutes > 0, or a negative life for never")
+    if not by_node:
+        check_token_life(life_minutes)
+        return life_minutes
+    if life_minutes < 0:
+        raise BadRequest(f"a node may not mint a never-expiring token; ask for at most {node_cap} minutes")
+    if life_minutes > MAX_NODE_TOKEN_LIFE_MIN:
+        raise BadRequest(f"a token life of {life_minutes} minutes is over a year; ask for at most {node_cap} minutes")
+    return min(life_minutes, node_cap)
+
+
+def token_expire_time(life_minutes: int) -> str:
+    """When a token minted now with this life expires: NEVER_EXPIRES for a negative life."""
+    check_token_life(life_minutes)
+    return NEVER_EXPIRES if life_minutes < 0 else local_time(int(life_minutes) * 60)
+
+
+def token_expired(expire_time: str, now: str | None = None) -> bool:
+    """Whether a token expiring at expire_time is expired now (at its expire_time already)."""
+    return expire_time <= (now or local_time())
+
+
+def refuse_unusable_token(expire_time: str, single_use: bool, uses: int) -> None:
+    """BadRequest when a bootstrap token may not admit a node now: expired, or single-use and used."""
+    if token_expired(expire_time):
+        raise BadRequest("bootstrap token has expired; ask the administrator for a new one")
+    if single_use and uses > 0:
+        raise BadRequest("bootstrap token was single-use and has already been used")
+
+
+def refuse_over_mint_rate(minted: int, hourly_limit: int | None) -> None:
+    """BadRequest when a node that minted `minted` tokens in the last MINT_WINDOW_S may mint no more."""
+    if hourly_limit is not None and minted >= hourly_limit:
+        raise BadRequest(
+            f"this node already minted {minted} bootstrap token(s) in the last hour, its limit "
+            "(server.nodeMintRate); ask the administrator"
+        )
+
+
+def unique_conflict(what: str) -> Conflict:
+    """The error both stores raise when a write would make a unique key twice."""
+    return Conflict(f"this {what} exists already (written meanwhile by another request); retry")
+
+
+# What a UNIQUE constraint of the schema protects, as a Conflict names it.
+SQLITE_UNIQUE_KEYS = {
+    "token_mgr.token": "bootstrap token",
+    "network_mgr.token": "node-token",
+    "network_mgr.network, network_mgr.bind_ip": "address",
+    "nc_network.name": "network name",
+    "nc_network.net_token": "net-token",
+}
+
+
+def sqlite_conflict(e: sqlite3.IntegrityError) -> Conflict | None:
+    """The Conflict a UNIQUE violation is; None for any other integrity error (a bug, not a race)."""
+    text = str(e)
+    if not text.startswith("UNIQUE constraint failed: "):
+        return None
+    columns = text.partition(": ")[2]
+    return unique_conflict(SQLITE_UNIQUE_KEYS.get(columns, columns))
 
 
 class Store:
-    """One sqlite connection shared by the server's threads, serialized by a lock.
+    """The Datastore in one sqlite file: one connection shared by the server's threads,
+    serialized by a lock. A single server is its only writer, so it leads from the start.
 
     WAL lets `sqlite3` readers in and survives a killed process; synchronous=FULL
     makes a committed join survive power loss too.
     """
+
+    shared = False
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -839,7 +1104,22 @@ class Store:
         if damage != "ok":  # found now, not by the first join that reads the broken page
             raise store_error(path, sqlite3.DatabaseError(damage))
         self._lock = threading.RLock()
+        self._leads = True
         self.migrate()
+
+    @property
+    def leads(self) -> bool:
+        return self._leads
+
+    def lead(self, fence: tuple[bytes, int]) -> None:
+        self._leads = True  # nobody else writes this file: no fence to check
+
+    def follow(self) -> None:
+        self._leads = False
+
+    def _leader_only(self) -> None:
+        if not self._leads:
+            raise NotLeader("this server is not the leader; a leader-only write was dropped")
 
     def close(self) -> None:
         with self._lock:
@@ -868,18 +1148,24 @@ class Store:
                     if not durable:
                         self._db.execute("PRAGMA synchronous = FULL")
             except sqlite3.DatabaseError as e:
-                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
-                    raise  # the caller's business (a duplicate token), not the file's
-                raise store_error(self.path, e) from None
+                raise self._translate(e) from None
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
             try:
                 return self._db.execute(sql, args).fetchall()
             except sqlite3.DatabaseError as e:
-                if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
-                    raise
-                raise store_error(self.path, e) from None
+                raise self._translate(e) from None
+
+    def _translate(self, e: sqlite3.DatabaseError) -> Exception:
+        """The store's error for a driver's: a UNIQUE violation is a Conflict (the caller's
+        business, as on etcd), a fault of the file a StoreError naming it; anything else
+        (a wrong statement, another integrity error) is a bug and stays as it is."""
+        if isinstance(e, sqlite3.IntegrityError):
+            return sqlite_conflict(e) or e
+        if isinstance(e, sqlite3.ProgrammingError):
+            return e
+        return store_error(self.path, e)
 
     # -- schema ---------------------------------------------------------------
 
@@ -913,29 +1199,17 @@ class Store:
         minted_by: str = "",
         hourly_limit: int | None = None,
     ) -> str:
-        """Store a new token for joining `network`; returns its expire_time.
-
-        A node's mint (minted_by) is logged and counted in the same transaction,
+        """A node's mint (minted_by) is logged and counted in the same transaction,
         so concurrent calls cannot pass hourly_limit together."""
-        check_token_life(life_minutes)
+        expire = token_expire_time(life_minutes)
         with self.transaction() as db:
             if minted_by:
                 minted = db.execute(
-                    f"SELECT count(*) FROM nc_mint WHERE minted_by = ? AND create_time > datetime({NOW_SQL}, '-1 hour')",
-                    (minted_by,),
+                    "SELECT count(*) FROM nc_mint WHERE minted_by = ? AND create_time > ?",
+                    (minted_by, local_time(-MINT_WINDOW_S)),
                 ).fetchone()[0]
-                if hourly_limit is not None and minted >= hourly_limit:
-                    raise BadRequest(
-                        f"this node already minted {minted} bootstrap token(s) in the last hour, its limit "
-                        "(server.nodeMintRate); ask the administrator"
-                    )
+                refuse_over_mint_rate(minted, hourly_limit)
                 db.execute("INSERT INTO nc_mint (minted_by) VALUES (?)", (minted_by,))
-            if life_minutes < 0:
-                expire = NEVER_EXPIRES
-            else:
-                expire = db.execute(
-                    f"SELECT datetime(CURRENT_TIMESTAMP, 'localtime', '+{int(life_minutes)} minutes')"
-                ).fetchone()[0]
             if (
                 network != DEFAULT_NETWORK
                 and not db.execute("SELECT 1 FROM nc_network WHERE name = ?", (network,)).fetchone()
@@ -965,12 +1239,10 @@ class Store:
 
     def delete_expired_bootstrap_tokens(self) -> int:
         """The periodic sweep: expired tokens, and mint-log entries past the rate window."""
+        self._leader_only()
         with self.transaction() as db:
-            db.execute(f"DELETE FROM nc_mint WHERE create_time <= datetime({NOW_SQL}, '-1 hour')")
-            return db.execute(f"DELETE FROM token_mgr WHERE expire_time <= {NOW_SQL}").rowcount
-
-    def is_expired(self, expire_time: str) -> bool:
-        return bool(self._query(f"SELECT ? <= {NOW_SQL}", (expire_time,))[0][0])
+            db.execute("DELETE FROM nc_mint WHERE create_time <= ?", (local_time(-MINT_WINDOW_S),))
+            return db.execute("DELETE FROM token_mgr WHERE expire_time <= ?", (local_time(),)).rowcount
 
     def admit_node(self, bootstrap_token: str, node_token: str, certs: tuple[CertRecord, ...] = ()) -> str:
         """Atomically re-check the bootstrap token, count its use, add the node to the
@@ -980,16 +1252,13 @@ class Store:
         """
         with self.transaction() as db:
             row = db.execute(
-                f"SELECT single_use, uses, expire_time <= {NOW_SQL}, network, minted_by FROM token_mgr WHERE token = ?",
+                "SELECT single_use, uses, expire_time, network, minted_by FROM token_mgr WHERE token = ?",
                 (bootstrap_token,),
             ).fetchone()
             if row is None:
                 raise BadRequest("bootstrap token is unknown or was deleted")
-            single_use, uses, expired, network, minted_by = row
-            if expired:
-                raise BadRequest("bootstrap token has expired; ask the administrator for a new one")
-            if single_use and uses > 0:
-                raise BadRequest("bootstrap token was single-use and has already been used")
+            single_use, uses, expire_time, network, minted_by = row
+            refuse_unusable_token(expire_time, bool(single_use), uses)
             db.execute("UPDATE token_mgr SET uses = uses + 1 WHERE token = ?", (bootstrap_token,))
             db.execute(
                 "INSERT INTO network_mgr (token, state, bind_ip, network, minted_by) VALUES (?, ?, '', ?, ?)",
@@ -1129,6 +1398,7 @@ class Store:
 
     def ensure_reserved_node(self, server_ip: str) -> bool:
         """Insert or re-bind the reserved node-token; True when the row changed."""
+        self._leader_only()
         with self.transaction() as db:
             row = db.execute("SELECT bind_ip FROM network_mgr WHERE token = ?", (RESERVED_NODE_TOKEN,)).fetchone()
             if row is not None and row[0] == server_ip:
@@ -1199,7 +1469,7 @@ class Store:
                     ).rowcount
                 if changed != 1:
                     raise BadRequest("node-token is not registered")
-        except sqlite3.IntegrityError:  # the unique index on (network, bind_ip)
+        except Conflict:  # the unique index on (network, bind_ip)
             raise AddressTaken(f"{ip} is bound to another node") from None
 
     def delete_node(self, token: str) -> bool:
@@ -1332,11 +1602,6 @@ ETCD_ATTEMPT_S = 1.0  # one attempt of a call; a silent member is then tried no 
 ETCD_TXN_ATTEMPTS = 100
 ETCD_CHUNK = 100  # etcd refuses a Txn of more than 128 operations (or compares) by default
 ETCD_NODES_PER_TXN = 10  # purging a node reads and writes about six keys
-
-
-def local_time(offset_s: float = 0.0) -> str:
-    """The sqlite store's datetime(CURRENT_TIMESTAMP, 'localtime') format."""
-    return (datetime.datetime.now() + datetime.timedelta(seconds=offset_s)).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -1583,16 +1848,33 @@ class EtcdTxn:
 
 
 class EtcdStore:
-    """The store on an etcd v3 cluster: the operations of Store, each one Txn."""
+    """The Datastore on an etcd v3 cluster, each operation one Txn. Replicas share it; a
+    handle leads (unguarded) until follow(), and after lead() its leader-only writes are
+    guarded by the campaign key's revision (the fence)."""
 
     shared = True  # other replicas write too: a cache over it may be behind
-    fence: tuple[bytes, int] | None = None  # (campaign key, its create_revision) while this replica leads
 
     def __init__(self, endpoints: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX) -> None:
         self.etcd = Etcd(endpoints, tls, prefix)
         self.path = endpoints  # what error lines name
         self._lock = threading.RLock()
+        self._fence: tuple[bytes, int] | None = None  # (campaign key, its create_revision) while leading
+        self._following = False
         self.migrate()
+
+    @property
+    def leads(self) -> bool:
+        return not self._following
+
+    # _commit reads _fence, then _following: these orders let it never see "no fence and
+    # not following" (an unguarded write) on the way from leading to following.
+    def lead(self, fence: tuple[bytes, int]) -> None:
+        self._fence = fence
+        self._following = False
+
+    def follow(self) -> None:
+        self._following = True
+        self._fence = None
 
     def close(self) -> None:
         self.etcd.close()
@@ -1614,11 +1896,11 @@ class EtcdStore:
         raise StoreError(f"etcd at {self.path}: too much contention on one key; retry")
 
     def _commit(self, compares: list, ops: list, leader_only: bool) -> bool:
-        if not leader_only:
-            return self.etcd.txn(compares, ops).succeeded
-        fence = self.fence
-        if fence is None:
+        fence = self._fence
+        if leader_only and self._following:
             raise NotLeader("this replica is not the leader; a leader-only write was dropped")
+        if not leader_only or fence is None:  # a handle that never followed: alone, unfenced
+            return self.etcd.txn(compares, ops).succeeded
         key, revision = fence
         pb = self.etcd.pb
         guard = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=key, create_revision=revision)
@@ -1663,25 +1945,20 @@ class EtcdStore:
         minted_by: str = "",
         hourly_limit: int | None = None,
     ) -> str:
-        check_token_life(life_minutes)
-        expire = NEVER_EXPIRES if life_minutes < 0 else local_time(int(life_minutes) * 60)
+        expire = token_expire_time(life_minutes)
 
         def add(txn: EtcdTxn) -> None:
             if minted_by:
-                hour_ago = local_time(-3600)
-                minted = sum(1 for _, v, _ in txn.scan(self._key("mint", minted_by, "")) if v["time"] > hour_ago)
-                if hourly_limit is not None and minted >= hourly_limit:
-                    raise BadRequest(
-                        f"this node already minted {minted} bootstrap token(s) in the last hour, its limit "
-                        "(server.nodeMintRate); ask the administrator"
-                    )
+                window_start = local_time(-MINT_WINDOW_S)
+                minted = sum(1 for _, v, _ in txn.scan(self._key("mint", minted_by, "")) if v["time"] > window_start)
+                refuse_over_mint_rate(minted, hourly_limit)
                 txn.put(
                     self._key("mint", minted_by, f"{time.time():.6f}-{secrets.token_hex(4)}"), {"time": local_time()}
                 )
             if network != DEFAULT_NETWORK and txn.get(self._key("network", network)) is None:
                 raise BadRequest(f"no network named {network!r}")
             if txn.get(self._key("token", token)) is not None:
-                raise sqlite3.IntegrityError("UNIQUE constraint failed: token_mgr.token")
+                raise unique_conflict("bootstrap token")
             now = local_time()
             txn.put(
                 self._key("token", token),
@@ -1725,7 +2002,7 @@ class EtcdStore:
 
         return self.atomically(delete)
 
-    def _delete_where(self, prefix: bytes, doomed: Callable[[dict], bool]) -> int:
+    def _delete_where(self, prefix: bytes, doomed: Callable[[dict], bool], leader_only: bool) -> int:
         """Delete the keys under prefix whose value is doomed, ETCD_CHUNK per Txn, each
         guarded by the key's own revision (a key changed meanwhile is looked at again)."""
         deleted = 0
@@ -1736,29 +2013,25 @@ class EtcdStore:
             for start in range(0, len(victims), ETCD_CHUNK):
                 chunk = victims[start : start + ETCD_CHUNK]
                 compares = [self.etcd.compare_mod(kv.key, kv.mod_revision) for kv in chunk]
-                if self._commit(compares, [self.etcd.delete_op(kv.key) for kv in chunk], self.fence is not None):
+                if self._commit(compares, [self.etcd.delete_op(kv.key) for kv in chunk], leader_only):
                     deleted += len(chunk)
         return deleted
 
     def delete_expired_bootstrap_tokens(self) -> int:
-        hour_ago, now = local_time(-3600), local_time()
-        self._delete_where(self._key("mint", ""), lambda v: v["time"] <= hour_ago)
-        return self._delete_where(self._key("token", ""), lambda v: v["expire_time"] <= now)
-
-    def is_expired(self, expire_time: str) -> bool:
-        return expire_time <= local_time()
+        window_start, now = local_time(-MINT_WINDOW_S), local_time()
+        self._delete_where(self._key("mint", ""), lambda v: v["time"] <= window_start, leader_only=True)
+        return self._delete_where(
+            self._key("token", ""), lambda v: token_expired(v["expire_time"], now), leader_only=True
+        )
 
     def admit_node(self, bootstrap_token: str, node_token: str, certs: tuple[CertRecord, ...] = ()) -> str:
         def admit(txn: EtcdTxn) -> str:
             row = txn.get(self._key("token", bootstrap_token))
             if row is None:
                 raise BadRequest("bootstrap token is unknown or was deleted")
-            if row["expire_time"] <= local_time():
-                raise BadRequest("bootstrap token has expired; ask the administrator for a new one")
-            if row["single_use"] and row["uses"] > 0:
-                raise BadRequest("bootstrap token was single-use and has already been used")
+            refuse_unusable_token(row["expire_time"], row["single_use"], row["uses"])
             if txn.get(self._key("node", node_token)) is not None:
-                raise sqlite3.IntegrityError("UNIQUE constraint failed: network_mgr.token")
+                raise unique_conflict("node-token")
             txn.put(self._key("token", bootstrap_token), {**row, "uses": row["uses"] + 1, "update_time": local_time()})
             now = local_time()
             txn.put(
@@ -1997,7 +2270,7 @@ class EtcdStore:
             txn.put(self._key("addr", DEFAULT_NETWORK, server_ip), {"token": RESERVED_NODE_TOKEN})
             return True
 
-        return self.atomically(ensure, leader_only=self.fence is not None)
+        return self.atomically(ensure, leader_only=True)
 
     def record_session(self, token: str, host_name: str, endpoint: str, transport: str, version: str) -> None:
         """What a node's session showed, and when: the start of a session, or (all empty) its end."""
@@ -2250,7 +2523,7 @@ class Bindings:
     share an address. Everything above this class asks here, never the pool.
     """
 
-    def __init__(self, store: Store, network: ipaddress.IPv4Network, name: str = DEFAULT_NETWORK) -> None:
+    def __init__(self, store: Datastore, network: ipaddress.IPv4Network, name: str = DEFAULT_NETWORK) -> None:
         self.store = store
         self.network = network
         self.name = name
@@ -2299,7 +2572,7 @@ class Bindings:
         claim can pick an address twice or a starting node as its victim."""
         with self._lock:
             ip = self.pool.ip_of(token)
-            if ip is None and getattr(self.store, "shared", False):
+            if ip is None and self.store.shared:
                 ip = self._adopt_stored_binding(token)
             if ip is not None:
                 with contextlib.suppress(StoreFull):  # a state the disk cannot take keeps no node out
@@ -2381,7 +2654,7 @@ class Overlays:
     """Every overlay network of the server, by name: the default one (networkAddr),
     those server.yml lists, and those `nc adm network create` added at run time."""
 
-    def __init__(self, store: Store, config: ServerConfig) -> None:
+    def __init__(self, store: Datastore, config: ServerConfig) -> None:
         self.store = store
         self._lock = threading.Lock()
         self._by_name: dict[str, Overlay] = {}
@@ -2473,18 +2746,19 @@ class CacheSync(threading.Thread):
 
 
 class TokenSweeper(threading.Thread):
-    """Deletes expired bootstrap tokens every ten minutes (GetToken also checks expiry)."""
+    """Deletes expired bootstrap tokens every ten minutes (GetToken also checks expiry);
+    on replicas only the leader does."""
 
-    def __init__(self, store: Store, stop: threading.Event, interval: float = TOKEN_SWEEP_INTERVAL_S) -> None:
+    def __init__(self, store: Datastore, stop: threading.Event, interval: float = TOKEN_SWEEP_INTERVAL_S) -> None:
         super().__init__(name="token-sweeper", daemon=True)
         self.store, self.stop, self.interval = store, stop, interval
-
-    leads: Callable[[], bool] = staticmethod(lambda: True)  # replicas: only the leader sweeps
 
     def run(self) -> None:
         while True:
             try:
-                swept = self.store.delete_expired_bootstrap_tokens() if self.leads() else 0
+                swept = 0
+                with contextlib.suppress(NotLeader):  # the leadership went since leads said yes
+                    swept = self.store.delete_expired_bootstrap_tokens() if self.store.leads else 0
                 if swept:
                     log.info("deleted %d expired bootstrap token(s)", swept)
                 self.store.prune_expired_certs(datetime.datetime.now(datetime.UTC).isoformat())
@@ -3067,7 +3341,9 @@ class ControlPlane:
     """Identity, permissions, token and CIDR rules, and admission: every decision
     about who may join, connect, mint, read or remove is taken here."""
 
-    def __init__(self, config: ServerConfig, store: Store, pki: Pki, overlays: Overlays, advertised_ip: str) -> None:
+    def __init__(
+        self, config: ServerConfig, store: Datastore, pki: Pki, overlays: Overlays, advertised_ip: str
+    ) -> None:
         self.config = config
         self.store = store
         self.pki = pki
@@ -3109,7 +3385,7 @@ class ControlPlane:
 
     def _retire_older_certs(self, token: str, kind: str, serial: int) -> None:
         """The first use of a renewed certificate revokes the ones it replaced."""
-        if token == RESERVED_NODE_TOKEN and getattr(self.store, "shared", False):
+        if token == RESERVED_NODE_TOKEN and self.store.shared:
             return  # replicas: each has its own admin identity, none replaces another's
         if self.store.has_older_live_certs(token, kind, serial):
             revoked = self.store.switch_to_cert(token, kind, serial)
@@ -3143,18 +3419,17 @@ class ControlPlane:
         self, who: Identity, life_minutes: int, single_use: bool = False, network: str = ""
     ) -> tuple[str, str, Overlay]:
         self.authorize(who, "mint")
-        if life_minutes == 0:  # the original read 0 as "the default"; a script asking for 0 meant something else
-            raise BadRequest(
-                "a token life of 0 minutes is not allowed; ask for minutes > 0, or a negative life for never"
-            )
         if who.role == NODE:
             if network and network != who.network:
                 raise BadRequest("a node may mint tokens only into its own network")
-            network, life_minutes = who.network, self._node_token_life(life_minutes)
-        elif life_minutes > MAX_ADMIN_TOKEN_LIFE_MIN:
-            raise BadRequest(f"a life of {life_minutes} minutes is over ten years; use a negative life for never")
+            if not self.config.nodes_may_mint:
+                raise PermissionDenied(
+                    "permission denied: nodes may not mint bootstrap tokens here (server.nodesMayMint is false); "
+                    "ask the administrator"
+                )
+            network = who.network
+        life = requested_token_life(life_minutes, who.role == NODE, self.config.node_token_max_life)
         overlay = self.overlay_named(network or DEFAULT_NETWORK)
-        life = life_minutes
         token = new_bootstrap_token()
         minted_by = who.node_token if who.role == NODE else ""
         limit = self.config.node_mint_rate if minted_by else None
@@ -3168,21 +3443,6 @@ class ControlPlane:
             ", single-use" if single_use else "",
         )
         return token, expire, overlay
-
-    def _node_token_life(self, life_minutes: int) -> int:
-        """A node's requested life, within its bounds: refused when never-expiring or
-        over a year, capped at nodeTokenMaxLife."""
-        if not self.config.nodes_may_mint:
-            raise PermissionDenied(
-                "permission denied: nodes may not mint bootstrap tokens here (server.nodesMayMint is false); "
-                "ask the administrator"
-            )
-        cap = self.config.node_token_max_life
-        if life_minutes < 0:
-            raise BadRequest(f"a node may not mint a never-expiring token; ask for at most {cap} minutes")
-        if life_minutes > MAX_NODE_TOKEN_LIFE_MIN:
-            raise BadRequest(f"a life of {life_minutes} minutes is over a year; ask for at most {cap} minutes")
-        return min(life_minutes, cap)
 
     def join_string(self, token: str, overlay: Overlay) -> str:
         """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
@@ -3286,8 +3546,7 @@ class ControlPlane:
     def prune_nodes(self, who: Identity, idle_for_s: int, dry_run: bool) -> list[str]:
         """Unregister every node not connected for longer than idle_for_s (or, dry, name them)."""
         self.authorize(who, "administer")
-        if idle_for_s < 1:
-            raise BadRequest("the idle time must be at least 1s; write it like 30m, 12h or 30d")
+        parse_duration(idle_for_s, "idleForSeconds", error=BadRequest)  # the bounds --idle-for has
         tokens = self.store.idle_nodes(idle_for_s)
         if dry_run:
             return tokens
@@ -8421,7 +8680,7 @@ class ServerRole(Protocol):
 class SingleRole:
     """A server alone on its sqlite store: the data plane runs here from start to stop."""
 
-    def __init__(self, config: ServerConfig, store: Store, stop: threading.Event) -> None:
+    def __init__(self, config: ServerConfig, store: Datastore, stop: threading.Event) -> None:
         self.config, self.store, self.stop = config, store, stop
         self.network: NetworkServer | None = None
 
@@ -8569,7 +8828,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
     return code
 
 
-def ensure_reserved(store: Store, server_ip: str, admin_cert: CertRecord) -> None:
+def ensure_reserved(store: Datastore, server_ip: str, admin_cert: CertRecord) -> None:
     """The reserved node-token: bound to the server's overlay IP, and held by the
     admin certificate on disk (any older admin certificate is revoked)."""
     if store.ensure_reserved_node(server_ip):
@@ -8593,7 +8852,7 @@ FENCE_AFTER_S = 3.5  # < LEADER_LEASE_TTL_S, with 1.5 s to take the TUNs down
 REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
 
 
-def open_store(config: ServerConfig) -> Store | EtcdStore:
+def open_store(config: ServerConfig) -> Datastore:
     if not config.datastore_endpoint:
         return Store(config.db_path)
     tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
@@ -8662,6 +8921,7 @@ class ReplicaRole(threading.Thread):
     def __init__(self, store: EtcdStore, config: ServerConfig, advertised: str, stop: threading.Event) -> None:
         super().__init__(name="replica-role", daemon=True)
         self.store, self.etcd, self.config = store, store.etcd, config
+        store.follow()  # a standby until elected: no leader-only write before lead()
         self.control: ControlPlane  # begin() gives it
         self.advertised, self.stop = advertised, stop
         self.campaign_key = self.etcd.key("leader")
@@ -8688,9 +8948,7 @@ class ReplicaRole(threading.Thread):
     def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
         self.control = control
         control.replicas = lambda: self.replicas
-        sweeper = TokenSweeper(self.store, self.stop)
-        sweeper.leads = lambda: self.store.fence is not None  # only the leader sweeps
-        return [sweeper, StoreWatch(self.store, control, self.stop), self]
+        return [TokenSweeper(self.store, self.stop), StoreWatch(self.store, control, self.stop), self]
 
     def ready(self) -> str:
         self.became.wait(10.0)
@@ -8781,7 +9039,7 @@ class ReplicaRole(threading.Thread):
         with self._lock:
             if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
                 return  # won with a lease too old to lead on; the fence lets it lapse
-            self.store.fence = (self.campaign_key, response.header.revision)
+            self.store.lead((self.campaign_key, response.header.revision))
             self.leader_address = self.advertised
             log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
             try:
@@ -8807,7 +9065,7 @@ class ReplicaRole(threading.Thread):
 
     def _step_down(self, abandon_lease: bool) -> None:
         network, self.network = self.network, None
-        self.store.fence = None
+        self.store.follow()
         self.control.sessions = StandbySessions(self)
         if network is not None:
             network.stop()
@@ -9259,9 +9517,21 @@ def message_json(message: Any) -> dict:
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
+def token_life_minutes(text: str) -> int:
+    """--life: whole minutes as the original wrote it (negative: never expires), or a
+    duration such as 90m, 12h or 30d; the server decides what lives it grants."""
+    with contextlib.suppress(ValueError):
+        return int(text)
+    seconds = parse_duration(text, "--life", error=UsageError)
+    if seconds % 60:
+        raise UsageError(f"--life: {text!r} is not whole minutes; write it like 90m, 12h or 30d")
+    return seconds // 60
+
+
 def adm_token_create(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    request = pb.CreateBootstrapTokenRequest(lifeMinutes=args.life, singleUse=args.single_use, network=args.net or "")
+    life = token_life_minutes(args.life)
+    request = pb.CreateBootstrapTokenRequest(lifeMinutes=life, singleUse=args.single_use, network=args.net or "")
     response = admin_rpc(args, "CreateBootstrapToken", request)
     command = join_command(response.joinString)
     fields = {k: v for k, v in message_json(response).items() if k not in ("code", "message")}
@@ -9342,21 +9612,13 @@ def human_bytes(count: int) -> str:
 
 def adm_node_prune(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    seconds = parse_duration_arg(args.idle_for, "--idle-for")
+    seconds = parse_duration(args.idle_for, "--idle-for", error=UsageError)
     response = admin_rpc(args, "PruneNodes", pb.PruneNodesRequest(idleForSeconds=seconds, dryRun=args.dry_run))
     tokens = list(response.nodeTokens)
     verb = "would remove" if args.dry_run else "removed"
     text = f"{verb} {len(tokens)} node(s) idle for over {args.idle_for}" + "".join(f"\n  {t}" for t in tokens)
     show(args, {"nodeTokens": tokens, "dryRun": args.dry_run}, text)
     return 0
-
-
-def parse_duration_arg(text: str, flag: str) -> int:
-    """A command-line duration (30s, 90m, 12h, 30d); a bad one is a usage error naming the flag."""
-    match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", text)
-    if match is None or int(match[1]) == 0:
-        raise UsageError(f"{flag}: {text!r} is not a duration; write it like 30m, 12h or 30d")
-    return int(match[1]) * DURATION_UNITS[match[2]]
 
 
 def adm_network_create(args: argparse.Namespace) -> int:
@@ -10082,10 +10344,9 @@ def add_unsafe_skip_ca_pin_flag(parser: argparse.ArgumentParser) -> None:
 def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--life",
-        type=int,
-        default=DEFAULT_TOKEN_LIFE_MIN,
-        metavar="MIN",
-        help="minutes the token lives (not 0); negative never expires (default 10)",
+        default=str(DEFAULT_TOKEN_LIFE_MIN),
+        metavar="LIFE",
+        help="minutes the token lives (not 0), or a duration like 12h or 30d; negative never expires (default 10)",
     )
     parser.add_argument(
         "--print-join-command",

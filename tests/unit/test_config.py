@@ -173,3 +173,68 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "absent.yml"
     with pytest.raises(ncctl.ConfigError, match=r"absent\.yml"):
         ncctl.load_config(str(path), "server")
+
+
+# -- the one duration parser ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("1s", 1), ("90m", 5400), (" 12h ", 43200), ("30d", 2592000), ("7300d", ncctl.MAX_DURATION_S), (45, 45)],
+)
+def test_a_duration_is_text_with_a_unit_or_whole_seconds(value: object, seconds: int) -> None:
+    assert ncctl.parse_duration(value, "x") == seconds
+    assert ncctl.parse_duration(ncctl.format_duration(seconds), "x") == seconds
+
+
+@pytest.mark.parametrize("error", [ncctl.ConfigError, ncctl.UsageError, ncctl.BadRequest])
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("soon", "'soon' is not a duration; write it like 30s, 90m, 12h or 365d"),
+        ("5", "'5' is not a duration"),  # text needs a unit; only a YAML or gRPC number is seconds
+        ("-5s", "is not a duration"),
+        ("1y", "is not a duration"),
+        (True, "True is not a duration"),
+        ("0s", "'0s' is out of range; use 1s to 7300d"),
+        (0, "0 is out of range; use 1s to 7300d"),
+        ("7301d", "'7301d' is out of range; use 1s to 7300d"),
+        ("9" * 30 + "d", "is out of range"),  # refused here, not overflowing a store's date
+    ],
+)
+def test_a_bad_duration_is_one_sentence_naming_where(error: type[ncctl.NcError], value: object, says: str) -> None:
+    """Every caller (server.yml, --idle-for, the control plane) gets the same sentence, as
+    its own error class, starting with the field or flag."""
+    with pytest.raises(error) as raised:
+        ncctl.parse_duration(value, "where", error=error)
+    assert type(raised.value) is error
+    assert str(raised.value).startswith("where: ") and says in str(raised.value)
+
+
+def test_the_shortest_duration_is_the_callers() -> None:
+    assert ncctl.parse_duration("10s", "nodeCertLife", shortest=10) == 10
+    with pytest.raises(ncctl.ConfigError, match="'9s' is out of range; use 10s to 7300d"):
+        ncctl.parse_duration("9s", "nodeCertLife", shortest=10)
+
+
+def test_node_cert_life_in_server_yml_goes_through_it(tmp_path: Path) -> None:
+    path = write(tmp_path, "mode: server\nserver:\n  nodeCertLife: 12h\n")
+    assert ncctl.load_config(str(path), "server").node_cert_life == 43200
+    path = write(tmp_path, "mode: server\nserver:\n  nodeCertLife: 3s\n")
+    with pytest.raises(ncctl.ConfigError, match=r"server\.nodeCertLife: '3s' is out of range; use 10s to 7300d"):
+        ncctl.load_config(str(path), "server")
+
+
+@pytest.mark.parametrize(
+    ("text", "minutes"), [("10", 10), ("-1", -1), ("0", 0), ("90m", 90), ("12h", 720), ("30d", 43200), ("120s", 2)]
+)
+def test_token_life_is_minutes_or_a_duration(text: str, minutes: int) -> None:
+    """`--life` keeps the original's whole minutes (0 and negatives are the server's to
+    judge) and takes a duration too."""
+    assert ncctl.token_life_minutes(text) == minutes
+
+
+@pytest.mark.parametrize(("text", "says"), [("soon", "is not a duration"), ("90s", "not whole minutes")])
+def test_a_bad_token_life_is_a_usage_error_naming_the_flag(text: str, says: str) -> None:
+    with pytest.raises(ncctl.UsageError, match=f"^--life: '{text}' .*{says}"):
+        ncctl.token_life_minutes(text)

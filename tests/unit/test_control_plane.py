@@ -174,4 +174,13 @@ def test_durations(text: object, seconds: int) -> None:
 @pytest.mark.parametrize("text", ["", "1y", "-5s", "5", "3s", "30000d", True])
 def test_bad_durations_name_the_field(text: object) -> None:
     with pytest.raises(ncctl.ConfigError, match="nodeCertLife"):
-        ncctl.parse_duration(text, "nodeCertLife")
+        ncctl.parse_duration(text, "nodeCertLife", shortest=ncctl.MIN_CERT_LIFE_S)
+
+
+def test_prune_takes_the_bounds_of_every_duration(control: ncctl.ControlPlane) -> None:
+    """The idle time of PruneNodes is checked by the one duration parser: the same sentence
+    as --idle-for's, as a refusal."""
+    for seconds in (0, -3, ncctl.MAX_DURATION_S + 1):
+        with pytest.raises(ncctl.BadRequest, match=r"^idleForSeconds: .* is out of range; use 1s to 7300d"):
+            control.prune_nodes(ADMIN, seconds, dry_run=True)
+    assert control.prune_nodes(ADMIN, ncctl.MAX_DURATION_S, dry_run=True) == []

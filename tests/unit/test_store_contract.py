@@ -5,6 +5,7 @@ test gets its own key prefix, so tests never see each other's keys."""
 
 from __future__ import annotations
 
+import inspect
 import secrets
 import threading
 from collections.abc import Iterator
@@ -38,13 +39,22 @@ class Stores:
         self.prefix = f"/nc-test-{secrets.token_hex(4)}/"
         self.etcd = etcd
 
-    def open(self) -> ncctl.Store | ncctl.EtcdStore:
+    def open(self) -> ncctl.Datastore:
         if self.kind == "sqlite":
             store = ncctl.Store(self.db)
         else:
             store = ncctl.EtcdStore(self.etcd.endpoint, prefix=self.prefix)
         self.opened.append(store)
         return store
+
+    def campaign(self, store: ncctl.Datastore) -> tuple[bytes, int]:
+        """A fence to lead with: on etcd a campaign key as the replica role writes one (its
+        create revision is the fence); sqlite has no other writer and takes any."""
+        if not isinstance(store, ncctl.EtcdStore):
+            return b"leader", 1
+        key = store.etcd.key("leader")
+        store.etcd.txn([], [store.etcd.put_op(key, b"{}")])
+        return key, store.etcd.get(key).create_revision
 
 
 @pytest.fixture(params=["sqlite", "etcd"])
@@ -59,11 +69,11 @@ def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
 
 
 @pytest.fixture
-def store(stores: Stores) -> ncctl.Store | ncctl.EtcdStore:
+def store(stores: Stores) -> ncctl.Datastore:
     return stores.open()
 
 
-def admitted(store: ncctl.Store, node: str, network: str = ncctl.DEFAULT_NETWORK, **token_args: object) -> str:
+def admitted(store: ncctl.Datastore, node: str, network: str = ncctl.DEFAULT_NETWORK, **token_args: object) -> str:
     """A node admitted with a fresh multi-use token; returns the bootstrap token."""
     token = ncctl.new_bootstrap_token()
     store.add_bootstrap_token(token, 60, False, network, **token_args)
@@ -71,13 +81,31 @@ def admitted(store: ncctl.Store, node: str, network: str = ncctl.DEFAULT_NETWORK
     return token
 
 
+# -- the contract itself ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", [ncctl.Store, ncctl.EtcdStore])
+def test_both_stores_implement_every_operation_of_the_contract(implementation: type) -> None:
+    """Each Datastore member exists on both stores with the same parameters and defaults."""
+    members = [name for name in vars(ncctl.Datastore) if not name.startswith("_")]
+    assert {"shared", "leads", "lead", "follow", "admit_node", "bind"} <= set(members)
+    for name in members:
+        declared = getattr(ncctl.Datastore, name)
+        implemented = getattr(implementation, name)
+        if isinstance(declared, property):
+            assert isinstance(implemented, (property, bool)), name
+            continue
+        wanted = [(p.name, p.default) for p in inspect.signature(declared).parameters.values()]
+        assert [(p.name, p.default) for p in inspect.signature(implemented).parameters.values()] == wanted, name
+
+
 # -- bootstrap tokens ---------------------------------------------------------
 
 
-def test_token_lifecycle(store: ncctl.Store) -> None:
+def test_token_lifecycle(store: ncctl.Datastore) -> None:
     token = ncctl.new_bootstrap_token()
     expire = store.add_bootstrap_token(token, 60, single_use=False)
-    assert not store.is_expired(expire)
+    assert not ncctl.token_expired(expire)
     [row] = store.bootstrap_tokens_with_id(ncctl.token_id(token))
     assert (row.token, row.single_use, row.uses, row.network) == (token, False, 0, ncctl.DEFAULT_NETWORK)
     assert [r.token for r in store.list_bootstrap_tokens()] == [token]
@@ -86,7 +114,7 @@ def test_token_lifecycle(store: ncctl.Store) -> None:
     assert store.list_bootstrap_tokens() == []
 
 
-def test_never_expiring_and_listing_order(store: ncctl.Store) -> None:
+def test_never_expiring_and_listing_order(store: ncctl.Datastore) -> None:
     tokens = [ncctl.new_bootstrap_token() for _ in range(3)]
     for token in tokens:
         store.add_bootstrap_token(token, -1, single_use=True)
@@ -95,7 +123,7 @@ def test_never_expiring_and_listing_order(store: ncctl.Store) -> None:
     assert {r.expire_time for r in rows} == {ncctl.NEVER_EXPIRES}
 
 
-def test_single_use_token_admits_once(store: ncctl.Store) -> None:
+def test_single_use_token_admits_once(store: ncctl.Datastore) -> None:
     token = ncctl.new_bootstrap_token()
     store.add_bootstrap_token(token, 60, single_use=True)
     assert store.admit_node(token, "a" * 16) == ncctl.DEFAULT_NETWORK
@@ -111,7 +139,7 @@ def test_single_use_token_under_concurrency_across_handles(stores: Stores) -> No
     first.add_bootstrap_token(token, 60, single_use=True)
     results: list[str] = []
 
-    def join(store: ncctl.Store, node: str) -> None:
+    def join(store: ncctl.Datastore, node: str) -> None:
         try:
             store.admit_node(token, node)
             results.append("ok")
@@ -128,13 +156,13 @@ def test_single_use_token_under_concurrency_across_handles(stores: Stores) -> No
     assert first.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1
 
 
-def test_multi_use_token_counts_uses(store: ncctl.Store) -> None:
+def test_multi_use_token_counts_uses(store: ncctl.Datastore) -> None:
     token = admitted(store, "a" * 16)
     store.admit_node(token, "b" * 16)
     assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 2
 
 
-def test_expired_unknown_and_sweep(store: ncctl.Store) -> None:
+def test_expired_unknown_and_sweep(store: ncctl.Datastore) -> None:
     token = ncctl.new_bootstrap_token()
     store.add_bootstrap_token(token, 0, single_use=False)  # expires now
     with pytest.raises(ncctl.BadRequest, match="expired"):
@@ -147,14 +175,76 @@ def test_expired_unknown_and_sweep(store: ncctl.Store) -> None:
     assert [r.token for r in store.list_bootstrap_tokens()] == [keep]
 
 
-def test_duplicate_node_token_is_refused(store: ncctl.Store) -> None:
+def test_duplicate_node_token_is_a_conflict(store: ncctl.Datastore) -> None:
+    """The store's own exception, the same from both: no driver error leaks out."""
     token = admitted(store, "a" * 16)
-    with pytest.raises(Exception, match="UNIQUE"):
+    with pytest.raises(ncctl.Conflict, match="this node-token exists already"):
         store.admit_node(token, "a" * 16)
     assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1
 
 
-def test_mint_rate_limit(store: ncctl.Store) -> None:
+def test_duplicate_bootstrap_token_is_a_conflict(store: ncctl.Datastore) -> None:
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, False)
+    with pytest.raises(ncctl.Conflict, match="this bootstrap token exists already"):
+        store.add_bootstrap_token(token, 5, True)
+    [row] = store.list_bootstrap_tokens()
+    assert (row.single_use, row.uses) == (False, 0), "the first one is left as it was"
+
+
+def test_a_taken_address_is_a_conflict_too(store: ncctl.Datastore) -> None:
+    """AddressTaken is a Conflict, and both are StoreErrors: a caller may catch either."""
+    assert issubclass(ncctl.AddressTaken, ncctl.Conflict) and issubclass(ncctl.Conflict, ncctl.StoreError)
+    admitted(store, "a" * 16)
+    admitted(store, "b" * 16)
+    store.bind("a" * 16, "10.1.0.2", None)
+    with pytest.raises(ncctl.Conflict):
+        store.bind("b" * 16, "10.1.0.2", None)
+
+
+# -- the shared rules, kept by both stores -------------------------------------------
+
+
+def test_token_lives_follow_the_one_rule(store: ncctl.Datastore) -> None:
+    """Expiry is now + life in the stores' time format; over ten years is refused with the
+    control plane's sentence; a negative life never expires."""
+    before = ncctl.local_time(60 * 60)
+    expire = store.add_bootstrap_token(ncctl.new_bootstrap_token(), 60, False)
+    assert before <= expire <= ncctl.local_time(60 * 60)
+    with pytest.raises(ncctl.BadRequest, match="over ten years; use a negative life for never"):
+        store.add_bootstrap_token(ncctl.new_bootstrap_token(), ncctl.MAX_ADMIN_TOKEN_LIFE_MIN + 1, False)
+    assert len(store.list_bootstrap_tokens()) == 1
+    assert store.add_bootstrap_token(ncctl.new_bootstrap_token(), -5, False) == ncctl.NEVER_EXPIRES
+
+
+def test_an_expired_multi_use_token_admits_nobody(store: ncctl.Datastore) -> None:
+    token = admitted(store, "a" * 16)
+    store.admit_node(token, "b" * 16)
+    expired = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(expired, 0, False)
+    for node in ("c" * 16, "d" * 16):
+        with pytest.raises(ncctl.BadRequest, match="bootstrap token has expired"):
+            store.admit_node(expired, node)
+    assert store.bootstrap_tokens_with_id(ncctl.token_id(expired))[0].uses == 0
+
+
+def test_a_refused_mint_is_not_counted(store: ncctl.Datastore) -> None:
+    """The limit counts the node's mints of the last hour; a refused one adds neither a
+    token nor a count, so a raised limit lets exactly one more through."""
+    minter = "m" * 16
+    for _ in range(2):
+        store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by=minter, hourly_limit=2)
+    for _ in range(3):
+        with pytest.raises(ncctl.BadRequest, match=r"already minted 2 bootstrap token\(s\) in the last hour"):
+            store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by=minter, hourly_limit=2)
+    store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by=minter, hourly_limit=3)
+    with pytest.raises(ncctl.BadRequest, match="already minted 3"):
+        store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by=minter, hourly_limit=3)
+    assert sum(row.minted_by == minter for row in store.list_bootstrap_tokens()) == 3
+    store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by=minter)  # no limit: the admin's call
+
+
+def test_mint_rate_limit(store: ncctl.Datastore) -> None:
     minter = "m" * 16
     for _ in range(3):
         store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by=minter, hourly_limit=3)
@@ -163,7 +253,7 @@ def test_mint_rate_limit(store: ncctl.Store) -> None:
     store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, minted_by="n" * 16, hourly_limit=3)
 
 
-def test_token_for_unknown_network_is_refused(store: ncctl.Store) -> None:
+def test_token_for_unknown_network_is_refused(store: ncctl.Datastore) -> None:
     with pytest.raises(ncctl.BadRequest, match="no network named 'nope'"):
         store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, True, network="nope")
 
@@ -171,7 +261,7 @@ def test_token_for_unknown_network_is_refused(store: ncctl.Store) -> None:
 # -- certificates ---------------------------------------------------------------
 
 
-def test_cert_owner_and_switch(store: ncctl.Store) -> None:
+def test_cert_owner_and_switch(store: ncctl.Datastore) -> None:
     node = "a" * 16
     token = ncctl.new_bootstrap_token()
     store.add_bootstrap_token(token, 60, False)
@@ -189,7 +279,7 @@ def test_cert_owner_and_switch(store: ncctl.Store) -> None:
     assert store.switch_to_cert(node, "grpc", renewed.serial) == 0
 
 
-def test_prune_expired_certs(store: ncctl.Store) -> None:
+def test_prune_expired_certs(store: ncctl.Datastore) -> None:
     old = ncctl.CertRecord(0xB1, "grpc", "2000-01-01T00:00:00+00:00")
     store.record_certs("a" * 16, (old, CERT_B))
     assert store.prune_expired_certs("2001-01-01T00:00:00+00:00") == 1
@@ -200,7 +290,7 @@ def test_prune_expired_certs(store: ncctl.Store) -> None:
 # -- nodes and bindings ---------------------------------------------------------------
 
 
-def test_bind_state_and_lru_order(store: ncctl.Store) -> None:
+def test_bind_state_and_lru_order(store: ncctl.Datastore) -> None:
     nodes = [f"{i:016d}" for i in range(3)]
     for node in nodes:
         admitted(store, node)
@@ -215,7 +305,7 @@ def test_bind_state_and_lru_order(store: ncctl.Store) -> None:
     assert [r.token for r in store.nodes()] == nodes
 
 
-def test_bind_evicts_the_victim_whole(store: ncctl.Store) -> None:
+def test_bind_evicts_the_victim_whole(store: ncctl.Datastore) -> None:
     victim, winner = "v" * 16, "w" * 16
     store.add_bootstrap_token(ncctl.new_bootstrap_token(), 60, False)
     token = ncctl.new_bootstrap_token()
@@ -231,7 +321,7 @@ def test_bind_evicts_the_victim_whole(store: ncctl.Store) -> None:
     assert store.node(winner).bind_ip == "10.1.0.2"
 
 
-def test_an_address_is_bound_once(store: ncctl.Store) -> None:
+def test_an_address_is_bound_once(store: ncctl.Datastore) -> None:
     admitted(store, "a" * 16)
     admitted(store, "b" * 16)
     store.bind("a" * 16, "10.1.0.2", None)
@@ -244,7 +334,7 @@ def test_an_address_is_bound_once(store: ncctl.Store) -> None:
         store.bind("z" * 16, "10.1.0.5", None)
 
 
-def test_delete_node_purges(store: ncctl.Store) -> None:
+def test_delete_node_purges(store: ncctl.Datastore) -> None:
     node = "a" * 16
     token = ncctl.new_bootstrap_token()
     store.add_bootstrap_token(token, 60, False)
@@ -257,7 +347,7 @@ def test_delete_node_purges(store: ncctl.Store) -> None:
     store.bind("b" * 16, "10.1.0.2", None)  # the address is free again
 
 
-def test_reserved_node_and_reset_states(store: ncctl.Store) -> None:
+def test_reserved_node_and_reset_states(store: ncctl.Datastore) -> None:
     admitted(store, "a" * 16)
     store.bind("a" * 16, "10.1.0.1", None)
     assert store.ensure_reserved_node("10.1.0.1")
@@ -302,7 +392,7 @@ def test_concurrent_claims_across_handles_bind_no_address_twice(stores: Stores) 
 # -- networks -----------------------------------------------------------------
 
 
-def test_networks(store: ncctl.Store) -> None:
+def test_networks(store: ncctl.Datastore) -> None:
     spec = ncctl.NetworkSpec("lab", "10.7.0.0/16", True)
     store.put_config_network(spec, "t" * 16)
     store.put_config_network(ncctl.NetworkSpec("lab", "10.7.0.0/16", False), "u" * 16)
@@ -325,7 +415,7 @@ def test_networks(store: ncctl.Store) -> None:
         store.delete_network("ops")
 
 
-def test_deleting_a_network_of_many_nodes(store: ncctl.Store) -> None:
+def test_deleting_a_network_of_many_nodes(store: ncctl.Datastore) -> None:
     """More nodes than one etcd Txn may touch: every node, certificate and token goes."""
     store.add_network(ncctl.NetworkSpec("big", "10.9.0.0/16", True), "b" * 16)
     nodes = [f"{i:016d}" for i in range(40)]
@@ -364,3 +454,71 @@ def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
             ncctl.EtcdStore(member.endpoint, ncctl.EtcdTls(str(authority.ca_path)))
     finally:
         member.stop()
+
+
+# -- leading and following ------------------------------------------------------------
+
+
+def reserved_ip(store: ncctl.Datastore) -> str:
+    row = store.node(ncctl.RESERVED_NODE_TOKEN)
+    return row.bind_ip if row is not None else ""
+
+
+def test_shared_says_whether_others_write(stores: Stores) -> None:
+    assert stores.open().shared is (stores.kind == "etcd")
+
+
+def test_a_follower_makes_no_leader_only_write(stores: Stores) -> None:
+    """A store leads from opening; after follow() its leader-only writes (the reserved
+    node, the sweep) raise NotLeader and change nothing, while every other write works;
+    after lead() they commit again."""
+    store = stores.open()
+    assert store.leads
+    assert store.ensure_reserved_node("10.1.0.1")
+    expired = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(expired, 0, False)
+    store.follow()
+    assert not store.leads
+    with pytest.raises(ncctl.NotLeader):
+        store.ensure_reserved_node("10.1.0.9")
+    with pytest.raises(ncctl.NotLeader):
+        store.delete_expired_bootstrap_tokens()
+    assert reserved_ip(store) == "10.1.0.1"
+    assert [r.token for r in store.list_bootstrap_tokens()] == [expired]
+    admitted(store, "a" * 16)  # everything else is any replica's
+    store.lead(stores.campaign(store))
+    assert store.leads
+    assert store.ensure_reserved_node("10.1.0.9")
+    assert store.delete_expired_bootstrap_tokens() == 1
+    assert reserved_ip(store) == "10.1.0.9"
+
+
+def test_following_is_per_handle(stores: Stores) -> None:
+    """One replica following does not stop another that leads."""
+    follower, leader = stores.open(), stores.open()
+    follower.follow()
+    leader.lead(stores.campaign(leader))
+    assert leader.ensure_reserved_node("10.1.0.1")
+    with pytest.raises(ncctl.NotLeader):
+        follower.ensure_reserved_node("10.1.0.2")
+    assert reserved_ip(follower) == "10.1.0.1"
+
+
+def test_etcd_a_lost_fence_stops_leader_only_writes(etcd: LocalEtcd) -> None:
+    """On etcd the fence is checked in the Txn: once the campaign key is gone (the lease
+    expired, another replica won), a leader-only write raises NotLeader and writes nothing."""
+    stores = Stores("etcd", Path("/nonexistent"), etcd)
+    store = stores.open()
+    try:
+        fence = stores.campaign(store)
+        store.lead(fence)
+        assert store.ensure_reserved_node("10.1.0.1")
+        store.etcd.txn([], [store.etcd.delete_op(fence[0])])
+        with pytest.raises(ncctl.NotLeader, match="lost the leadership"):
+            store.ensure_reserved_node("10.1.0.2")
+        assert reserved_ip(store) == "10.1.0.1"
+        stores.campaign(store)  # a new campaign key: a later revision, not this handle's fence
+        with pytest.raises(ncctl.NotLeader):
+            store.ensure_reserved_node("10.1.0.2")
+    finally:
+        store.close()

@@ -24,6 +24,7 @@ The file reads top-down; each section only uses the sections above it:
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import base64
 import collections
@@ -2761,7 +2762,7 @@ class TokenSweeper(threading.Thread):
                     swept = self.store.delete_expired_bootstrap_tokens() if self.store.leads else 0
                 if swept:
                     log.info("deleted %d expired bootstrap token(s)", swept)
-                self.store.prune_expired_certs(datetime.datetime.now(datetime.UTC).isoformat())
+                self.store.prune_expired_certs(datetime.datetime.now(datetime.timezone.utc).isoformat())
             except Exception:
                 log.exception("expired-token sweep failed")
             if self.stop.wait(self.interval):
@@ -2835,7 +2836,7 @@ def cert_record(cert: Any, kind: str) -> CertRecord:
 
 
 def utc_now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 def renewal_due(not_before: datetime.datetime, not_after: datetime.datetime, now: datetime.datetime) -> bool:
@@ -3876,7 +3877,7 @@ def remove_tagged_rules(wanted: Callable[[str], bool]) -> int:
     for table in GatewayNat.TABLES:
         for line in run_tool("iptables", "-t", table, "-S").splitlines():
             verb, *rule = shlex.split(line)
-            tags = [b for a, b in itertools.pairwise(rule) if a == "--comment" and b.startswith("nc:")]
+            tags = [b for a, b in zip(rule, rule[1:]) if a == "--comment" and b.startswith("nc:")]
             if verb == "-A" and tags and wanted(tags[0]):
                 run_tool("iptables", "-t", table, "-D", *rule)
                 removed += 1
@@ -8314,6 +8315,11 @@ def work_dir_lock(work_dir: Path, mode: str = "server") -> Iterator[None]:
         os.close(fd)
 
 
+# The interpreter's own thread-exception hook, to defer to and to put back. 3.10 names it
+# threading.__excepthook__; on 3.9 only _thread does (the same function on every version).
+THREAD_EXCEPTHOOK = threading.__excepthook__ if sys.version_info >= (3, 10) else _thread._excepthook
+
+
 class Supervisor:
     """Watches the server's long-lived parts (threads and gRPC servers). When one ends
     while nobody asked it to, the server must not go on half alive (gRPC answering, no
@@ -8335,7 +8341,7 @@ class Supervisor:
         to the debug log instead of stderr."""
         name = f"thread {args.thread.name}" if args.thread is not None else "a thread"
         if name not in self.parts:  # not one of ours (a library's): its traceback as usual
-            threading.__excepthook__(args)
+            THREAD_EXCEPTHOOK(args)
             return
         self.causes[name] = loggable(f"{args.exc_type.__name__}: {args.exc_value}")
         log.debug("%s failed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
@@ -8823,7 +8829,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
                 if thread.ident is not None:  # a start that failed early never started them
                     thread.join(timeout=10.0)
             store.close()
-            threading.excepthook = threading.__excepthook__
+            threading.excepthook = THREAD_EXCEPTHOOK
             log.info("nc %s stopped", kind)
     return code
 

@@ -256,7 +256,7 @@ def test_an_expired_node_certificate_says_to_join_again(lab: Lab) -> None:
     work = lab.dir / "node"
     join_node(host, server.join_string(), work)
     expiry = x509.load_pem_x509_certificate(node_tls(work, "network")["cert"].read_bytes()).not_valid_after_utc
-    time.sleep(max(0.0, (expiry - datetime.datetime.now(datetime.UTC)).total_seconds()) + 1)
+    time.sleep(max(0.0, (expiry - datetime.datetime.now(datetime.timezone.utc)).total_seconds()) + 1)
     done = host.nc("client", "--config", str(work / "client.yml"), check=False, timeout=30)
     line = [line for line in done.stderr.splitlines() if line.startswith("nc: error:")]
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
@@ -280,7 +280,7 @@ def test_admin_identity_renews_at_start_and_ca_status_shows_expiry(lab: Lab) -> 
     server.start()
     renewed = x509.load_pem_x509_certificate(admin["cert"].read_bytes())
     assert renewed.serial_number != short.serial_number
-    assert renewed.not_valid_after_utc - datetime.datetime.now(datetime.UTC) > datetime.timedelta(days=300)
+    assert renewed.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=300)
     refused = node_call(server.host, lab.dir, "HelloWorld", "HelloWorldRequest", kept, hello_text="hi")
     assert refused["status"] == "UNAUTHENTICATED", refused
     status = server.adm_json("ca", "status")

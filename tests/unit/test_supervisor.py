@@ -18,7 +18,7 @@ def supervisor() -> Iterator[ncctl.Supervisor]:
     supervisor = ncctl.Supervisor()
     threading.excepthook = supervisor.on_thread_exception
     yield supervisor
-    threading.excepthook = threading.__excepthook__
+    threading.excepthook = ncctl.THREAD_EXCEPTHOOK
 
 
 def fails() -> None:

@@ -4,7 +4,6 @@ IPv4 header peek, as pure functions of bytes, checked with hypothesis."""
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import json
 import struct
 from collections.abc import Callable
@@ -41,7 +40,7 @@ def feed(stream: bytes, cuts: list[int]) -> tuple[list[tuple[int, bytes]], int]:
     buffer = ncctl.FrameBuffer()
     got: list[tuple[int, bytes]] = []
     bounds = [0, *sorted({c for c in cuts if 0 < c < len(stream)}), len(stream)]
-    for low, high in itertools.pairwise(bounds):
+    for low, high in zip(bounds, bounds[1:]):
         chunk = stream[low:high]
         while chunk:
             space = buffer.space()
@@ -344,7 +343,9 @@ def test_hostile_control_payloads_within_the_frame_limit_raise_only_protocol_err
 def ipv4_packet(src: int, dst: int, ihl: int = 5, payload: bytes = b"", total: int | None = None) -> bytes:
     header_len = ihl * 4
     length = header_len + len(payload) if total is None else total
-    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, length, 0, 0, 64, 1, 0, src.to_bytes(4), dst.to_bytes(4))
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x40 | ihl, 0, length, 0, 0, 64, 1, 0, src.to_bytes(4, "big"), dst.to_bytes(4, "big")
+    )
     return header + b"\0" * (header_len - 20) + payload
 
 
@@ -411,5 +412,5 @@ def test_ipv4_endpoints_of_arbitrary_bytes_is_none_or_a_pair(packet: bytes) -> N
     """Random bytes give None or the two addresses at offsets 12 and 16, never an exception."""
     found = ncctl.ipv4_endpoints(packet)
     if found is not None:
-        assert found == (int.from_bytes(packet[12:16]), int.from_bytes(packet[16:20]))
+        assert found == (int.from_bytes(packet[12:16], "big"), int.from_bytes(packet[16:20], "big"))
         assert packet[0] >> 4 == 4

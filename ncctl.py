@@ -7324,11 +7324,13 @@ class NetworkClient:
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
-                    raise TimeoutError
+                    raise socket.timeout
                 link.sock.settimeout(left)
                 space = link.rx.space()
                 count = link.sock.recv_into(space, len(space))
-            except TimeoutError:  # the deadline, whether it passed here or during the read
+            # The deadline, whether it passed here or during the read. socket.timeout, not
+            # TimeoutError: on 3.9 a socket's timeout is its own OSError, not a TimeoutError.
+            except socket.timeout:
                 raise ProtocolError(f"no welcome from the server within {HANDSHAKE_TIMEOUT_S:.0f} s") from None
             if count == 0:
                 raise ProtocolError("server closed the connection during the handshake")
@@ -7553,7 +7555,7 @@ class StatusSocket(threading.Thread):
         while not self.stopping.is_set():
             try:
                 conn, _ = self.sock.accept()
-            except TimeoutError:
+            except socket.timeout:  # before the OSError below: on 3.9 it is one, not a TimeoutError
                 continue
             except OSError:
                 return

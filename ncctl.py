@@ -1489,11 +1489,34 @@ class Store:
 
 
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
+SQLITE_ERROR = 1  # sqlite's generic code
+# sqlite's own words for those codes (sqlite3_errstr), which is all an error carries
+# before Python 3.11 gave it sqlite_errorcode.
+SQLITE_MESSAGE_CODES = {
+    "attempt to write a readonly database": SQLITE_READONLY,
+    "disk I/O error": SQLITE_IOERR,
+    "database disk image is malformed": SQLITE_CORRUPT,
+    "unable to open database file": SQLITE_CANTOPEN,
+    "database or disk is full": SQLITE_FULL,
+    "file is not a database": SQLITE_NOTADB,
+}
+
+
+def sqlite_code(e: sqlite3.Error) -> int:
+    """sqlite's primary result code for e; 0 for an error nc made itself (a failed quick_check)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF
+    if sys.version_info >= (3, 11):
+        return 0
+    # Before 3.11: a code by its message; sqlite raises a bare DatabaseError only for
+    # the damaged kinds, so one with other words is nc's own, like a 0 above.
+    return SQLITE_MESSAGE_CODES.get(str(e), 0 if type(e) is sqlite3.DatabaseError else SQLITE_ERROR)
 
 
 def store_error(path: str, e: sqlite3.Error) -> StoreError:
     """One line for a failed store operation: which file, why, and how to recover."""
-    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    code = sqlite_code(e)
     folder = Path(path).parent
     if code == SQLITE_FULL:
         return StoreFull(f"{path}: no space left on the device; free space in {folder}")

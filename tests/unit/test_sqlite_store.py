@@ -147,6 +147,22 @@ def test_garbage_file_is_a_store_error(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+def test_a_full_store_is_named_full_not_damaged(store: ncctl.Store) -> None:
+    """sqlite's 'full' (here its page cap) is StoreFull on every Python, also before 3.11,
+    where the error carries no code and only its message names it."""
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(ncctl.StoreFull, match="no space left"):
+        for _ in range(1000):
+            store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, False)
+
+
+def test_a_read_only_store_is_named_read_only_not_damaged(store: ncctl.Store) -> None:
+    store._db.execute("PRAGMA query_only = ON")
+    with pytest.raises(ncctl.StoreFull, match="cannot write the database"):
+        store.add_bootstrap_token(ncctl.new_bootstrap_token(), 10, False)
+
+
 def test_newer_schema_is_a_store_error(db_file: Path) -> None:
     """A database from a newer nc (user_version beyond MIGRATIONS) is refused, not downgraded."""
     ncctl.Store(str(db_file)).close()

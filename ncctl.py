@@ -9261,6 +9261,73 @@ def join_address(address: str) -> tuple[str, int]:
     return host, port
 
 
+def tls_peer_chain(host: str, port: int) -> list[bytes]:
+    """The DER certificates a TLS server presents, leaf first, none of them verified
+    (the caller checks them by pin)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    if sys.version_info >= (3, 10):
+        with socket.create_connection((host, port), timeout=RPC_TIMEOUT_S) as raw:
+            with context.wrap_socket(raw) as tls:
+                return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in tls._sslobj.get_unverified_chain()]  # type: ignore[attr-defined]
+    return tls12_peer_chain(context, host, port)
+
+
+def tls12_peer_chain(context: ssl.SSLContext, host: str, port: int) -> list[bytes]:
+    """tls_peer_chain for Python 3.9, whose ssl hands over the leaf alone: under TLS 1.2
+    the server's Certificate message crosses in the clear, so it is read off the wire
+    once OpenSSL has completed the handshake over the same bytes."""
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing)
+    received = bytearray()
+    with socket.create_connection((host, port), timeout=RPC_TIMEOUT_S) as raw:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+            data = raw.recv(65536)
+            if data:
+                received += data
+                incoming.write(data)
+            else:
+                incoming.write_eof()  # the next do_handshake raises SSLEOFError
+        raw.sendall(outgoing.read())  # the client's Finished
+    chain = tls12_certificates(bytes(received))
+    if chain is None:
+        raise ssl.SSLError("the server's TLS 1.2 handshake carried no Certificate message")
+    return chain
+
+
+def tls12_certificates(records: bytes) -> list[bytes] | None:
+    """The certificate_list of the first Certificate message (RFC 5246 7.4.2) in a TLS
+    1.2 server's records, or None when there is none before ChangeCipherSpec."""
+    handshake = bytearray()
+    at = 0
+    while at + 5 <= len(records) and records[at] != 20:  # 20: ChangeCipherSpec, encrypted after it
+        length = int.from_bytes(records[at + 3 : at + 5], "big")
+        if records[at] == 22:  # a handshake record; messages may span records
+            handshake += records[at + 5 : at + 5 + length]
+        at += 5 + length
+    at = 0
+    while at + 4 <= len(handshake):
+        kind, length = handshake[at], int.from_bytes(handshake[at + 1 : at + 4], "big")
+        body = bytes(handshake[at + 4 : at + 4 + length])
+        if kind == 11:  # Certificate: a 3-byte list length, then 3-byte-length-prefixed DER certificates
+            chain, inner = [], 3
+            while inner + 3 <= len(body):
+                size = int.from_bytes(body[inner : inner + 3], "big")
+                chain.append(body[inner + 3 : inner + 3 + size])
+                inner += 3 + size
+            return chain
+        at += 4 + length
+    return None
+
+
 def fetch_server_ca(target: JoinTarget) -> bytes:
     """The server's gRPC CA, taken from its TLS chain and checked against the pin.
 
@@ -9269,14 +9336,8 @@ def fetch_server_ca(target: JoinTarget) -> bytes:
     """
     from cryptography import x509
 
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # verified below, by pin
-    context.set_alpn_protocols(["h2"])
     try:
-        with socket.create_connection((target.host, target.port), timeout=RPC_TIMEOUT_S) as raw:
-            with context.wrap_socket(raw) as tls:
-                ders = [c.public_bytes(ssl._ssl.ENCODING_DER) for c in tls._sslobj.get_unverified_chain()]  # type: ignore[attr-defined]
+        ders = tls_peer_chain(target.host, target.port)
     except (OSError, ssl.SSLError) as e:
         raise RemoteError(f"cannot reach the bootstrap service at {target.address}: {e}") from None
     certs = [x509.load_der_x509_certificate(der) for der in ders]

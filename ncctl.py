@@ -64,6 +64,12 @@ from typing import Any, Protocol
 
 log = logging.getLogger("nc")
 
+# nc forks only to exec a tool (`ip`, `iptables`), so gRPC's fork handlers have nothing to
+# keep alive in the child. On 3.9, whose subprocess forks (3.10 on uses vfork, which runs no
+# handlers), they restart gRPC's pollers in the child and may abort it before the exec.
+# Read when grpc is first imported, which nc does only inside functions.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 # ============================================================================
 # 1. Constants and errors
 #    Ports, states, status codes, and the NcError family whose message is

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
 
 import ncctl
@@ -26,6 +25,7 @@ def authority(tmp_path: Path) -> ncctl.CertAuthority:
 @pytest.fixture
 def server_port(authority: ncctl.CertAuthority) -> Iterator[int]:
     """A gRPC server with no services, behind the bootstrap service's credentials."""
+    grpc, _, _ = ncctl.grpc_modules()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     creds = grpc.ssl_server_credentials([(authority.server_key_path.read_bytes(), authority.server_chain_pem())])
     port = server.add_secure_port("127.0.0.1:0", creds)

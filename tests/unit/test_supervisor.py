@@ -1,12 +1,14 @@
 """The server's Supervisor (section 13 of ncctl.py) in-process: a watched part that ends
 unasked makes wait() return 1 with one log line naming it and its cause; a stop request
-returns 0; threads it does not watch keep the usual excepthook."""
+returns 0; threads it does not watch keep the usual excepthook. And the tools the server
+runs keep running while its gRPC servers serve."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Iterator
+from concurrent import futures
 
 import pytest
 
@@ -67,3 +69,17 @@ def test_threads_it_does_not_watch_keep_the_usual_traceback(
     stranger.join()
     assert "Traceback" in capsys.readouterr().err
     assert supervisor.dead() is None and not supervisor.causes
+
+
+def test_tools_run_while_grpc_serves() -> None:
+    """On 3.9, whose subprocess forks, gRPC's fork handlers aborted some children of a
+    serving process before their exec (nc turns the handlers off; see the top of ncctl)."""
+    grpc, _, _ = ncctl.grpc_modules()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        for _ in range(300):
+            ncctl.run_tool("true")
+    finally:
+        server.stop(grace=None)

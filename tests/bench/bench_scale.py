@@ -254,7 +254,7 @@ async def echo(node: SimNode, spec: dict, ncctl: Any) -> tuple[int, float] | Non
         packet = icmp_echo_request(node.ip, node.server_ip, ident, attempt)
         node.writer.write(ncctl.encode_frame(ncctl.FRAME_PACKET, packet))
         deadline = sent + spec["echo_timeout"]
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(asyncio.TimeoutError):  # the builtin TimeoutError only from 3.11 on
             while (left := deadline - time.perf_counter()) > 0:
                 kind, payload = await asyncio.wait_for(node.frames.next(), left)
                 if kind == ncctl.FRAME_PACKET and is_echo_reply(payload, node.server_ip, ident, attempt):

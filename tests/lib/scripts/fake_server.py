@@ -35,7 +35,7 @@ def drain(sock, seconds):
         try:
             if not sock.recv(65536):
                 return
-        except TimeoutError:
+        except socket.timeout:  # TimeoutError only from 3.10 on
             return
 
 

@@ -102,7 +102,7 @@ def answered(session, sock, wait=1.0):
     while time.monotonic() < deadline:
         try:
             datagram = sock.recv(65536)
-        except TimeoutError:
+        except socket.timeout:  # TimeoutError only from 3.10 on
             continue
         anything += 1
         try:

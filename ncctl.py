@@ -10,16 +10,24 @@ gRPC control plane with bootstrap tokens, and an admin CLI.
     nc adm ...                          administration
     nc version
 
-The file reads top-down; each section only uses the sections above it:
+The file reads top-down; each section uses only the sections above it:
 
-     1. constants and errors         9. transport (stream, datagrams)
-     2. config                      10. network server
-     3. store (sqlite, etcd)        11. network client
-     4. address pools, networks     12. gRPC services
-     5. pki                         13. server assembly
-     6. control plane (the rules)   14. join and admin commands
-     7. tun and routes              15. logging and main
-     8. wire protocol
+     1. Constants and errors          ports, states, status codes; NcError is what stderr says
+     2. Config                        dataclasses whose defaults are nc's; one duration parser
+     3. Process plumbing              locks, sd_notify, watchdog, supervision, the unit, packages
+     4. Store                         the Datastore contract and its rules; sqlite and etcd
+     5. Address pools and networks    the pools over the store, LRU reclaim, the overlays
+     6. PKI                           CAs, certificates, serials, revocation, pins
+     7. Control plane                 the one owner of the rules: identity, tokens, admission
+     8. TUN and routes                the kernel side: ioctls, `ip`, NAT, undone on the way out
+     9. Wire protocol                 frame and datagram formats, handshake messages
+    10. Transport                     a secured path to a peer: TLS stream, UDP datagrams
+    11. Network server                event loop, session lifecycle, switching
+    12. Network client                replica following, the session, the node's TUN and routes
+    13. gRPC services and clients     thin servicers; join, renewal and admin calls
+    14. High availability             replicas on etcd: election, fencing, the standby's port
+    15. Server and client assembly    one server with a role (single or replica); the client
+    16. Admin commands, logging and main   `nc adm`, one printer, logs, argparse, exit codes
 """
 
 from __future__ import annotations
@@ -70,65 +78,136 @@ log = logging.getLogger("nc")
 # Read when grpc is first imported, which nc does only inside functions.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+
 # ============================================================================
 # 1. Constants and errors
 #    Ports, states, status codes, and the NcError family whose message is
 #    exactly what the user reads on stderr.
 # ============================================================================
 
+
 VERSION = "0.3.0"
 
+
 DEFAULT_BOOTSTRAP_PORT = 6439
+
+
 DEFAULT_GRPC_PORT = 6440
+
+
 DEFAULT_NETWORK_PORT = 6441
+
+
 DEFAULT_NETWORK_ADDR = "10.1.1.1/24"
+
+
 DEFAULT_MTU = 1400
+
+
 TRANSPORTS = ("auto", "udp", "tcp")  # the data path: UDP with TLS/TCP as fallback, UDP only, TLS/TCP only
+
+
 DEFAULT_TOKEN_LIFE_MIN = 10
+
+
 DEFAULT_SERVER_WORK_DIR = "/var/lib/nc"
+
+
 DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
+
+
 DEFAULT_METRICS_ADDR = "127.0.0.1:9441"
+
 
 # The server's own identity: bound to its overlay IP, held by the admin cert.
 # Nine characters on purpose, so no generated 16-character node-token collides.
 RESERVED_NODE_TOKEN = "reserverd"
+
+
 DEFAULT_NETWORK = "default"  # the networkAddr network; nodes that know no net-token belong to it
+
+
 NETWORK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
 # Never a node's overlay address or a route into the tunnel: "this network", loopback,
 # link-local, multicast, and reserved (with the limited broadcast address).
 SPECIAL_IPV4 = tuple(
     ipaddress.IPv4Network(n) for n in ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4")
 )
+
+
 NODE_TOKEN_LEN = 16
+
+
 TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
 
 # network_mgr.state values, as the original defines them.
 STATE_IDLE = -1
+
+
 STATE_INIT = 1
+
+
 STATE_CONNECTED = 3
+
+
 STATE_NAMES = {STATE_IDLE: "idle", STATE_INIT: "init", STATE_CONNECTED: "connected"}
+
 
 # gRPC response codes are strings in the original contract.
 CODE_OK = "200"
+
+
 CODE_BAD_REQUEST = "400"
+
+
 CODE_SERVER_ERROR = "500"
+
+
 ORIGINAL_OK = "ok"  # the original's message with every code 200; scripts compare it
+
 
 # Every server certificate carries this DNS name, so clients verify the server
 # by name and keep working when its underlay address changes.
 SERVER_TLS_NAME = "nc-server"
+
+
 NEVER_EXPIRES = "9999-12-31 23:59:59"
+
+
 TOKEN_SWEEP_INTERVAL_S = 600.0
+
+
 # Bounds on what a caller may ask for (minutes); negative lives ("never") are the admin's only.
 MAX_NODE_TOKEN_LIFE_MIN = 365 * 24 * 60
+
+
 MAX_ADMIN_TOKEN_LIFE_MIN = 10 * 365 * 24 * 60
+
+
 DEFAULT_NODE_CERT_LIFE_S = 365 * 86400
+
+
 ADMIN_RENEW_BEFORE_S = 30 * 86400  # the admin identity is renewed at start when less than this is left
+
+
 CACHE_SYNC_INTERVAL_S = 30.0
+
+
 MAX_WELCOME_REPLICAS = 16
+
+
 REPLICA_CONNECT_TIMEOUT_S = 2.0  # with other replicas to try, a dead one is given up on sooner
+
+
 REPLICA_BACKOFF_CAP_S = 2.0  # between rounds over every replica (a single server's cap is BACKOFF_CAP_S)
+
+
 MIN_CLUSTER_TOKEN_LEN = 16
+
+
 RPC_TIMEOUT_S = 10.0
 
 
@@ -372,10 +451,20 @@ class ClientConfig:
 
 
 PORT_FIELDS = {"port", "grpc_port", "bootstrap_port", "udp_port"}
+
+
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 MAX_DURATION_S = 20 * 365 * 86400  # 7300d: longer than anything nc keeps, and a date every store can write
+
+
 MIN_CERT_LIFE_S = 10  # a node certificate is renewed at two thirds of its life: it needs a few seconds
+
+
 DURATION_FIELDS = {"node_cert_life": MIN_CERT_LIFE_S}  # server.yml durations, with the shortest each allows
+
+
 PATH_FIELDS = {
     "network_cert_dir",
     "grpc_cert_dir",
@@ -665,13 +754,541 @@ def client_yaml(config: ClientConfig) -> str:
 
 
 # ============================================================================
-# 3. Store
+# 3. Process plumbing
+#    What every mode needs from the host: the work-dir lock, sd_notify and the
+#    watchdog, supervision, limits, the systemd unit, the bundled packages.
+# ============================================================================
+
+
+def sd_notify(message: str) -> bool:
+    """Tell the service manager (systemd's NOTIFY_SOCKET protocol, one datagram); False
+    when nc does not run under one."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as e:
+        log.warning("cannot notify the service manager at %s: %s", loggable(address), e.strerror or e)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path, mode: str = "server") -> Iterator[None]:
+    """One server (or client) per workDir: a second start fails fast, naming the first,
+    instead of sharing its database or TUN. The kernel drops the lock with the process."""
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(work_dir / f"nc-{mode}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise NcError(os_error_line(e, f"give nc a writable {mode}.workDir")) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise NcError(
+                f"another nc {mode} (pid {holder}) is running with workDir {work_dir}; stop it first"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            e.filename = str(work_dir)
+            raise NcError(os_error_line(e, f"free space there or set another {mode}.workDir")) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+# The interpreter's own thread-exception hook, to defer to and to put back. 3.10 names it
+# threading.__excepthook__; on 3.9 only _thread does (the same function on every version).
+THREAD_EXCEPTHOOK = threading.__excepthook__ if sys.version_info >= (3, 10) else _thread._excepthook
+
+
+class Supervisor:
+    """Watches the server's long-lived parts (threads and gRPC servers). When one ends
+    while nobody asked it to, the server must not go on half alive (gRPC answering, no
+    data plane): wait() logs one line naming the part and the server exits non-zero, so
+    a service manager restarts all of it."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, Callable[[], bool]] = {}
+        self.causes: dict[str, str] = {}  # thread name -> the exception that ended it
+
+    def watch(self, name: str, alive: Callable[[], bool]) -> None:
+        self.parts[name] = alive
+
+    def watch_thread(self, thread: threading.Thread) -> None:
+        self.watch(f"thread {thread.name}", thread.is_alive)
+
+    def on_thread_exception(self, args: Any) -> None:
+        """threading.excepthook: keep the cause for wait()'s one line; the traceback goes
+        to the debug log instead of stderr."""
+        name = f"thread {args.thread.name}" if args.thread is not None else "a thread"
+        if name not in self.parts:  # not one of ours (a library's): its traceback as usual
+            THREAD_EXCEPTHOOK(args)
+            return
+        self.causes[name] = loggable(f"{args.exc_type.__name__}: {args.exc_value}")
+        log.debug("%s failed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+    def dead(self) -> str | None:
+        return next((name for name, alive in self.parts.items() if not alive()), None)
+
+    def wait(self, stop: threading.Event, tick: Callable[[], None] = lambda: None) -> int:
+        """Until a signal sets stop (0) or a part ends on its own (1); tick() once a second
+        while all parts live (the service manager's watchdog, a pending reload)."""
+        while not stop.wait(1.0):
+            if (name := self.dead()) is not None:
+                cause = self.causes.get(name, "it ended")
+                log.critical("%s stopped unexpectedly (%s); exiting so nc can be restarted whole", name, cause)
+                return 1
+            tick()
+        return 0
+
+
+def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor, tick: Callable[[], None] = lambda: None) -> int:
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return supervisor.wait(stop, tick)
+
+
+class Watchdog:
+    """systemd's WatchdogSec: WATCHDOG=1 at half the interval, and only while the server
+    is healthy, so a stuck data plane gets the service restarted."""
+
+    def __init__(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        meant = not pid or pid == str(os.getpid())
+        self.interval = int(usec) / 2e6 if usec.isdigit() and meant else 0.0
+        self.next = 0.0
+
+    def ping(self, healthy: bool) -> None:
+        now = time.monotonic()
+        if self.interval and healthy and now >= self.next:
+            sd_notify("WATCHDOG=1")
+            self.next = now + self.interval
+
+
+def raise_open_file_limit() -> int:
+    """Every node holds a socket: take the hard limit, not the default 1024. Returns the
+    limit now in force, which the gRPC servers' connection caps are cut from."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+MALLINFO2_FIELDS = (
+    "arena",
+    "ordblks",
+    "smblks",
+    "hblks",
+    "hblkhd",
+    "usmblks",
+    "fsmblks",
+    "uordblks",
+    "fordblks",
+    "keepcost",
+)
+
+
+M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread that allocates under contention its own arena, up to
+    8 per core, and memory freed in one arena is not reused by the others: gRPC's
+    threads churning through a flood of connections then grow the heap cycle after
+    cycle. Two arenas keep it reusable (a no-op off glibc)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+
+
+class MemoryTrimmer(threading.Thread):
+    """Gives freed heap back to the kernel after a flood. glibc keeps what tens of
+    thousands of connections freed in its arenas for reuse, so RSS never falls by
+    itself; malloc_trim returns the free pages. It runs only when the free heap has
+    grown by TRIM_AFTER since the last trim, so a steady server never pays for it."""
+
+    TRIM_AFTER = 16 * 1024 * 1024
+
+    def __init__(self, stop: threading.Event, interval: float = 5.0) -> None:
+        super().__init__(name="memory-trimmer", daemon=True)
+        self.stop = stop
+        self.interval = interval
+
+    def run(self) -> None:
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            trim, info = libc.malloc_trim, libc.mallinfo2
+        except (OSError, AttributeError):  # not glibc (or older than 2.33): nothing to do
+            return
+        info.restype = type(
+            "mallinfo2", (ctypes.Structure,), {"_fields_": [(name, ctypes.c_size_t) for name in MALLINFO2_FIELDS]}
+        )
+        trim.argtypes = [ctypes.c_size_t]
+        low = info().fordblks
+        while not self.stop.wait(self.interval):
+            free = info().fordblks
+            if free > low + self.TRIM_AFTER:
+                trim(0)
+                log.debug("returned free heap to the kernel (%d MiB free in the arenas)", free >> 20)
+                low = free
+            low = min(low, free)
+
+
+def check_root(mode: str) -> None:
+    if os.geteuid() != 0:
+        raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
+
+
+SYSTEMD_DIR = Path("/etc/systemd/system")
+
+
+SERVICE_EXECUTABLE = Path("/usr/local/lib/nc/nc")  # off PATH: `nc` there is netcat on many hosts
+
+
+SERVICE_CACHE = "/var/cache/nc"  # where the unit's nc unpacks its libraries (ProtectHome hides ~/.shiv)
+
+
+def service_unit(mode: str, executable: Path, config: Path | None, work_dir: str) -> str:
+    """A systemd unit for `nc server` or `nc client`: Type=notify (nc says READY=1 once it
+    serves), a watchdog nc feeds only while healthy, restart on failure, reload by SIGHUP,
+    and the hardening that still lets it make TUN devices, routes and NAT rules."""
+    command = [str(executable), mode] + (["--config", str(config)] if config else [])
+    what = "server (cloud side)" if mode == "server" else "client (edge node)"
+    lines = [
+        "[Unit]",
+        f"Description=nc {what}: LiteKube network controller",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=notify",
+        "NotifyAccess=main",
+        f"ExecStart={shlex.join(command)}",
+        "SyslogIdentifier=nc",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "RestartSec=2s",
+        "TimeoutStartSec=90s",
+        "WatchdogSec=30s",
+        "LimitNOFILE=1048576",
+        f"Environment=SHIV_ROOT={SERVICE_CACHE}",
+        "CacheDirectory=nc",
+        # root, but only the capabilities a VPN needs: TUN devices, addresses, routes, iptables
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        f"ReadWritePaths={work_dir}",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "ProtectControlGroups=yes",
+        "ProtectClock=yes",
+        "ProtectHostname=yes",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+        "RestrictNamespaces=yes",
+        "RestrictRealtime=yes",
+        "LockPersonality=yes",
+        "SystemCallArchitectures=native",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/net/tun rw",
+        "",
+        "[Install]",
+        "WantedBy=multi-user.target",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def hidden_from_services(path: Path) -> str | None:
+    """The directory that hides path from the unit's sandbox (PrivateTmp, ProtectHome), if any."""
+    for hidden in ("/tmp", "/var/tmp", "/home", "/root", "/run/user"):
+        if path == Path(hidden) or Path(hidden) in path.parents:
+            return hidden
+    return None
+
+
+def install_executable(source: Path, target: Path) -> None:
+    """Copy the running nc to target in one step: a service that restarts meanwhile runs
+    the old file or the new one, never half of one."""
+    import shutil
+
+    if source == target.resolve():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(source, scratch)
+        scratch.chmod(0o755)
+        os.replace(scratch, target)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+# The file carries one set of packages per CPython (sets.tar.xz: one xz stream for them all,
+# indexed by nc-bundle.json; build.sh writes both). Its launcher has already refused an
+# interpreter without a set, so here the running interpreter's set is put on sys.path,
+# unpacked beside shiv's site-packages the first time this build runs under it.
+BUNDLE_INDEX = "nc-bundle.json"
+
+
+BUNDLE_SETS = "sets.tar.xz"
+
+
+def interpreter_tag() -> str:
+    """The bundle's name for the running interpreter's set: cp39, cp310, ..."""
+    return f"cp{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def running_archive() -> Path | None:
+    """The nc file this process was started from; None when ncctl.py runs from source."""
+    if shiv_extraction() is None:
+        return None
+    path = Path(sys.argv[0]).resolve()
+    return path if path.is_file() else None
+
+
+def bundle_index(archive: Path) -> dict[str, Any]:
+    """What the file carries: its architecture, glibc floor, and each interpreter's wheels."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zipapp:
+        return json.loads(zipapp.read(BUNDLE_INDEX))
+
+
+def use_bundled_set() -> Path | None:
+    """Put this interpreter's packages on sys.path, after shiv's site-packages (ncctl.py and
+    proto/), before the host's own. Returns their directory; None when run from source."""
+    extraction, archive = shiv_extraction(), running_archive()
+    if extraction is None or archive is None:
+        return None
+    target = extraction / interpreter_tag()
+    if not target.is_dir():
+        unpack_bundled_set(archive, target)
+    site = str(extraction / "site-packages")
+    sys.path.insert(sys.path.index(site) + 1 if site in sys.path else 0, str(target))
+    return target
+
+
+def unpack_bundled_set(archive: Path, target: Path) -> None:
+    """Unpack this interpreter's wheels from the archive into target: into a scratch
+    directory renamed when complete, under a lock, so nc processes starting together
+    unpack it once and none ever sees half of it."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    lock = os.open(target.parent / f".{target.name}_lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir():
+            return  # another nc unpacked it while this one waited
+        wanted = set(bundle_index(archive)["sets"].get(interpreter_tag(), ()))
+        if not wanted:
+            raise NcError(f"{archive} carries no packages for Python {sys.version.split()[0]}")
+        if sys.stderr.isatty():
+            print(f"nc: first start of this build on Python {sys.version.split()[0]}: unpacking", file=sys.stderr)
+        scratch = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        shutil.rmtree(scratch, ignore_errors=True)
+        with zipfile.ZipFile(archive) as zipapp, zipapp.open(BUNDLE_SETS) as stream:
+            with tarfile.open(fileobj=stream, mode="r|xz") as tar:
+                for member in tar:  # grouped by wheel, in name order: stop after the last wanted
+                    wheel, _, name = member.name.partition("/")
+                    if wheel not in wanted:
+                        if all(other < wheel for other in wanted):
+                            break
+                        continue
+                    if not member.isfile() or name.startswith("/") or ".." in Path(name).parts:
+                        raise NcError(f"{archive}: a damaged package entry {member.name!r}; copy the file again")
+                    path = scratch / name
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    source = tar.extractfile(member)
+                    assert source is not None  # a regular file, checked above
+                    with source, open(path, "wb") as out:
+                        shutil.copyfileobj(source, out)
+                    path.chmod(member.mode & 0o755)
+        compile_for_this_interpreter(scratch, shown_as=target)
+        compile_for_this_interpreter(target.parent / "site-packages")  # another interpreter may have unpacked it
+        scratch.rename(target)
+    finally:
+        os.close(lock)
+
+
+def compile_for_this_interpreter(directory: Path, shown_as: Path | None = None) -> None:
+    """Byte-compile once, at unpacking, what later starts import, even where
+    PYTHONDONTWRITEBYTECODE keeps the import system from writing it (compiling ncctl.py
+    alone takes longer than the rest of a start)."""
+    import compileall
+
+    compileall.compile_dir(str(directory), ddir=str(shown_as) if shown_as else None, quiet=2, workers=1)
+
+
+PR_SET_NAME = 15  # prctl(2): the thread's name, as top, ps -e and the journal (_COMM) show it
+
+
+def name_process(name: str = "nc") -> None:
+    """Show this process as nc rather than as the python3 that runs the file: its name
+    (threads started later inherit it) and, for ps, its command line without the
+    interpreter, rewritten in place in the memory the kernel reads it from."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()), 0, 0, 0)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
+        words = "\0".join(sys.argv).encode() + b"\0"
+        if len(words) <= end - start:
+            with open("/proc/self/mem", "r+b", buffering=0) as memory:
+                memory.seek(start)
+                memory.write(words.ljust(end - start, b"\0"))
+
+
+OLD_EXTRACTION_AGE_S = 3600  # unused this long (by its in-use marker, else since extraction): removable
+
+
+def shiv_extraction() -> Path | None:
+    """The ~/.shiv/<name>_<build-id> directory this nc runs from, if it runs from one."""
+    site = Path(__file__).resolve().parent
+    return (
+        site.parent
+        if site.name == "site-packages" and (site.parent.parent / f".{site.parent.name}_lock").exists()
+        else None
+    )
+
+
+def mark_extraction_in_use(extraction: Path) -> int | None:
+    """Hold a shared lock on <root>/.<extraction>_inuse for this process's life, so another
+    build's clean-up leaves this extraction alone (not shiv's own _lock: it takes that one
+    exclusively while extracting, and a shared hold would make the next start wait)."""
+    marker = extraction.parent / f".{extraction.name}_inuse"
+    try:
+        fd = os.open(marker, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        os.utime(marker)  # last used: now
+    except OSError:
+        return None
+    return fd
+
+
+def extractions_in_use(name: str) -> str:
+    """What live processes use, as one text to search: the files they map (their libraries)
+    and the build ids of the zipapps named `name` they run (one still starting has mapped
+    nothing yet)."""
+    import zipfile
+
+    used = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, KeyError, ValueError, zipfile.BadZipFile):
+            used.append((proc / "maps").read_text())
+            for arg in (proc / "cmdline").read_bytes().split(b"\0")[1:3]:
+                path = proc / "cwd" / os.fsdecode(arg)  # relative to that process's directory
+                if path.name == name and zipfile.is_zipfile(path):
+                    with zipfile.ZipFile(path) as archive:
+                        build = json.loads(archive.read("environment.json")).get("build_id", "")
+                    used.append(f"/{name}_{build}/")
+    return "".join(used)
+
+
+def last_used(extraction: Path) -> float:
+    """When an nc last started from this extraction: its in-use marker's time, or (a build
+    that kept no marker) when it was extracted."""
+    marker = extraction.parent / f".{extraction.name}_inuse"
+    try:
+        return max(marker.stat().st_mtime, extraction.stat().st_mtime)
+    except OSError:
+        return extraction.stat().st_mtime
+
+
+def remove_old_extractions(extraction: Path) -> list[Path]:
+    """Delete the extractions earlier builds of this nc left beside ours (about 40 MB each)
+    and nobody used for an hour, except those a running nc uses: locked by it, its
+    libraries mapped, or its zipapp running. Returns them."""
+    root, prefix = extraction.parent, extraction.name.rsplit("_", 1)[0] + "_"
+    now = time.time()
+    candidates = []
+    for other in root.glob(prefix + "*"):
+        with contextlib.suppress(OSError):
+            old = now - last_used(other) > OLD_EXTRACTION_AGE_S
+            if other != extraction and other.is_dir() and not other.name.endswith((".tmp", ".removing")) and old:
+                candidates.append(other)
+    if not candidates:
+        return []
+    import shutil
+
+    in_use = extractions_in_use(prefix[:-1])
+    removed = []
+    for other in candidates:
+        marker = root / f".{other.name}_inuse"
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an nc of that build runs
+            if f"/{other.name}/" in in_use:
+                continue
+            # Out of the way in one step (an nc starting from now on extracts it again), then
+            # look once more for one that started since the first look, before deleting.
+            parked = other.with_name(f"{other.name}.{os.getpid()}.removing")
+            other.rename(parked)
+            now_used = extractions_in_use(prefix[:-1])  # maps name the moved files by their new path
+            if f"/{other.name}/" in now_used or f"/{parked.name}/" in now_used:
+                with contextlib.suppress(OSError):
+                    parked.rename(other)  # unless it was extracted again meanwhile
+                if parked.exists():
+                    shutil.rmtree(parked, ignore_errors=True)
+                continue
+            shutil.rmtree(parked, ignore_errors=True)
+            for leftover in (root / f".{other.name}_lock", marker):
+                leftover.unlink(missing_ok=True)
+            removed.append(other)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def tidy_shiv_root() -> None:
+    """Mark our extraction in use and remove the ones older builds left."""
+    extraction = shiv_extraction()
+    if extraction is None or mark_extraction_in_use(extraction) is None:
+        return
+    with contextlib.suppress(OSError):
+        remove_old_extractions(extraction)
+
+
+# ============================================================================
+# 4. Store
 #    One contract of atomic operations (Datastore) and the rules it keeps
 #    (token lives, expiry, single use, the mint rate), two implementations:
 #    sqlite (the design document's tables and triggers verbatim, then
 #    versioned migrations) and etcd v3 (one Txn per operation). Every SQL
 #    statement and etcd key of nc lives in this section.
 # ============================================================================
+
 
 DESIGN_SCHEMA = """
 create table if not exists "network_mgr" (
@@ -701,6 +1318,7 @@ BEGIN
   UPDATE token_mgr SET update_time=datetime(CURRENT_TIMESTAMP, 'localtime') WHERE id=OLD.id;
 END;
 """
+
 
 # Migration N brings PRAGMA user_version from N-1 to N. Append only.
 MIGRATIONS: list[list[str]] = [
@@ -756,6 +1374,7 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE network_mgr ADD COLUMN last_seen text not null default ''",
     ],
 ]
+
 
 NOW_SQL = "datetime(CURRENT_TIMESTAMP, 'localtime')"
 
@@ -1495,7 +2114,11 @@ class Store:
 
 
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
+
+
 SQLITE_ERROR = 1  # sqlite's generic code
+
+
 # sqlite's own words for those codes (sqlite3_errstr), which is all an error carries
 # before Python 3.11 gave it sqlite_errorcode.
 SQLITE_MESSAGE_CODES = {
@@ -1626,11 +2249,23 @@ def split_sql(script: str) -> list[str]:
 # replica makes it start over instead of overwriting.
 
 ETCD_PREFIX = "/nc/"
+
+
 ETCD_LAYOUT_VERSION = 1
+
+
 ETCD_RPC_TIMEOUT_S = 5.0
+
+
 ETCD_ATTEMPT_S = 1.0  # one attempt of a call; a silent member is then tried no longer
+
+
 ETCD_TXN_ATTEMPTS = 100
+
+
 ETCD_CHUNK = 100  # etcd refuses a Txn of more than 128 operations (or compares) by default
+
+
 ETCD_NODES_PER_TXN = 10  # purging a node reads and writes about six keys
 
 
@@ -2426,8 +3061,20 @@ class EtcdStore:
         return {"nodes": overlay_nodes, "tokens": len(tokens), "networks": len(networks), "certificates": len(certs)}
 
 
+def token_id(token: str) -> str:
+    """What may be logged of a bootstrap token: its public id."""
+    return token.split(".", 1)[0] if "." in token else token[:4] + "…"
+
+
+def open_store(config: ServerConfig) -> Datastore:
+    if not config.datastore_endpoint:
+        return Store(config.db_path)
+    tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
+    return EtcdStore(config.datastore_endpoint, tls)
+
+
 # ============================================================================
-# 4. Address pools and networks
+# 5. Address pools and networks
 #    The in-memory cache over network_mgr bindings: O(1) allocation, LRU
 #    reclaim of the longest-idle node; the overlay networks that own the
 #    pools; the threads that keep them in sync and sweep expired tokens.
@@ -2799,14 +3446,21 @@ class TokenSweeper(threading.Thread):
 
 
 # ============================================================================
-# 5. PKI
+# 6. PKI
 #    Two CAs (gRPC and network), server certificates, the admin identity and
 #    per-node client certificates; EC P-256, files written 0600 atomically.
 # ============================================================================
 
+
 CA_LIFE = datetime.timedelta(days=365 * 20)
+
+
 SERVER_CERT_LIFE = datetime.timedelta(days=365 * 10)
+
+
 ADMIN_CERT_LIFE = datetime.timedelta(days=365)
+
+
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
@@ -3258,7 +3912,7 @@ def csr_public_key(csr_pem: bytes, kind: str) -> Any:
 
 
 # ============================================================================
-# 6. Control plane
+# 7. Control plane
 #    The one owner of the rules: who a caller is (a live identity, found by
 #    its certificate's serial), what it may do (the permission table), the
 #    bootstrap-token and CIDR rules, and admission on both paths: a join
@@ -3266,8 +3920,12 @@ def csr_public_key(csr_pem: bytes, kind: str) -> Any:
 #    sockets; the services and the packet loop translate to and from it.
 # ============================================================================
 
+
 ADMIN = "admin"
+
+
 NODE = "node"
+
 
 # Who may do what. The scope narrows a node's reach; ControlPlane.authorize is
 # the only reader, and the README's permission table is this table.
@@ -3279,8 +3937,14 @@ PERMISSIONS: dict[str, dict[str, str]] = {
     "renew": {NODE: "itself"},  # NcNodeService.RenewCertificates
     "administer": {ADMIN: "any"},  # NcAdminService: token, node and network management
 }
+
+
 NOT_REGISTERED = "node-token is not registered"
+
+
 BOOTSTRAP_TOKEN_RE = re.compile(r"^[a-z0-9]{6}\.[a-z0-9]{16}$")
+
+
 CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
 
 
@@ -3322,11 +3986,6 @@ class Sessions:
 def new_bootstrap_token() -> str:
     """<6-char id>.<16-char secret>: the id is looked up, the whole token compared in constant time."""
     return f"{random_token(6)}.{random_token(16)}"
-
-
-def token_id(token: str) -> str:
-    """What may be logged of a bootstrap token: its public id."""
-    return token.split(".", 1)[0] if "." in token else token[:4] + "…"
 
 
 def host_routes() -> dict[str, ipaddress.IPv4Network]:
@@ -3703,23 +4362,42 @@ class ControlPlane:
 
 
 # ============================================================================
-# 7. TUN and routes
+# 8. TUN and routes
 #    The kernel side: TUN devices (ioctls), addresses and routes through the
 #    `ip` command, and the server's optional NAT gateway. Whatever is added
 #    here is recorded and removed again by the same object.
 # ============================================================================
 
+
 TUNSETIFF = 0x400454CA
+
+
 TUNSETOFFLOAD = 0x400454D0
+
+
 IFF_TUN = 0x0001
+
+
 IFF_NO_PI = 0x1000
+
+
 IFF_VNET_HDR = 0x4000
+
+
 # TUNSETOFFLOAD flags: the kernel may hand us (and accept) 64 KiB TCP segments
 # with partial checksums instead of MTU-sized packets.
 TUN_F_CSUM = 0x01
+
+
 TUN_F_TSO4 = 0x02
+
+
 TUN_F_TSO6 = 0x04
+
+
 TUN_F_TSO_ECN = 0x08
+
+
 TUN_READ_SIZE = 65536 + 64
 
 
@@ -3915,47 +4593,141 @@ def remove_tagged_rules(wanted: Callable[[str], bool]) -> int:
     return removed
 
 
+def default_route_interface() -> str | None:
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
+            return fields[0]
+    return None
+
+
+def interface_ipv4(name: str) -> str | None:
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def detect_server_ip() -> str:
+    """The address of the default-route interface, else the first non-loopback IPv4."""
+    iface = default_route_interface()
+    if iface:
+        ip = interface_ipv4(iface)
+        if ip:
+            return ip
+    for _, name in socket.if_nameindex():
+        ip = interface_ipv4(name)
+        if ip and not ip.startswith("127."):
+            return ip
+    raise ConfigError("cannot find this host's IPv4 address; set server.ip in server.yml")
+
+
 # ============================================================================
-# 8. Wire protocol
+# 9. Wire protocol
 #    Frames on the TLS stream: a 4-byte header (type:8, length:24) and a
 #    payload. Handshake frames carry JSON objects whose unknown keys are
 #    ignored; frame types >= 0x80 are optional and skipped by peers that do
 #    not know them. Pure functions of bytes.
 # ============================================================================
 
+
 PROTOCOL_VERSION = 1
+
+
 FRAME_HELLO = 0x01  # client -> server: who I am, what I can do
+
+
 FRAME_WELCOME = 0x02  # server -> client: your address, MTU, routes, agreed capabilities
+
+
 FRAME_ERROR = 0x03  # either way: why the session ends, and whether to retry
+
+
 FRAME_PACKET = 0x10  # one IP packet
+
+
 FRAME_KEEPALIVE = 0x11  # liveness, empty
+
+
 FRAME_GSO_PACKET = 0x12  # virtio_net_hdr + a packet of up to 64 KiB (capability "gso")
+
+
 FRAME_OPTIONAL = 0x80  # types from here up may be ignored by a peer that lacks them
+
+
 FRAME_HEADER = struct.Struct("!I")
+
+
 MAX_PAYLOAD = 65535 + 64
+
+
 MAX_CONTROL_PAYLOAD = 4096
+
+
 FRAME_TRANSPORT = 0x81  # node -> server over TLS (capability "udp"): the path it wants data on now
+
+
 FRAME_REKEY = 0x82  # either way over TLS (capability "udp"): fresh X25519 shares for the datagram keys
+
+
 CAP_GSO = "gso"
+
+
 CAP_UDP = "udp"  # the encrypted UDP data path; its keys travel in HELLO/WELCOME (udpKey, udpSession)
+
+
 CAPABILITIES: tuple[str, ...] = (CAP_GSO, CAP_UDP)  # negotiated per peer: offered in HELLO, agreed in WELCOME
+
 
 # struct virtio_net_hdr (host byte order), as TUN with IFF_VNET_HDR reads and writes it.
 VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+
+
 VNET_HDR_LEN = VNET_HDR.size
+
+
 ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+
+
 VNET_F_NEEDS_CSUM = 0x01
+
+
 VNET_F_DATA_VALID = 0x02
+
+
 VNET_KNOWN_FLAGS = VNET_F_NEEDS_CSUM | VNET_F_DATA_VALID
+
+
 GSO_NONE = 0
+
+
 GSO_TCPV4 = 1
+
+
 GSO_ECN = 0x80
+
+
 GSO_TYPES = (GSO_NONE, GSO_TCPV4, GSO_TCPV4 | GSO_ECN)  # all the kernel hands us for IPv4 (TUNSETOFFLOAD)
+
+
 # TCP payload per segment: a smaller gso_size makes one frame cost hundreds of segments
 # (gso_size 1 would cut 65 000). Real peers send MTU-sized pieces; 500 leaves room for small MSS.
 GSO_MIN_SIZE = 500
+
+
 MAX_GSO_SEGMENTS = -(-MAX_PAYLOAD // GSO_MIN_SIZE)
+
+
 TCP_CSUM_OFFSET = 16  # where the checksum field sits in a TCP header
+
+
 UDP_CSUM_OFFSET = 6
 
 
@@ -4362,6 +5134,8 @@ def segment_tcp4(packet: Any, mss: int) -> list[bytes]:
 # Userspace GRO: a run of consecutive TCP segments of one flow becomes one super-packet
 # for a TUN with offload, so the kernel's TCP takes 64 KiB per write, as from the stream.
 TCP_ACK, TCP_PSH = 0x10, 0x08
+
+
 GRO_MAX_LENGTH = 65535
 
 
@@ -4478,17 +5252,35 @@ class FrameBuffer:
 # and a counter that only grows, so no nonce ever repeats under a key.
 
 DATAGRAM_HEADER = struct.Struct("!BxxxIQ")  # type, session id, counter
+
+
 NONCE = struct.Struct("<Q4x")  # the counter as AES-GCM's 96-bit nonce
+
+
 DATAGRAM_SEALED = 0x01
+
+
 DATAGRAM_TAG_LEN = 16
+
+
 DATAGRAM_MIN = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # an empty frame, sealed: header, frame header, tag
+
+
 X25519_SHARE_LEN = 32
+
+
 # A key is replaced over TLS long before its counter could wrap, within AES-GCM's bound
 # for one key (RFC 8446 5.5: 2^24.5 full-size records), and often enough that a stolen
 # key reads little traffic.
 REKEY_AFTER_DATAGRAMS = 1 << 24
+
+
 REKEY_AFTER_S = 120.0
+
+
 COUNTER_LIMIT = (1 << 64) - 1  # never sealed: seal refuses before the counter could repeat
+
+
 REPLAY_WINDOW = 4096  # datagrams a counter may lag the newest and still count as reordered, not replayed
 
 
@@ -4751,8 +5543,14 @@ def open_one_by_one(
 # where general GRO would parse and compare every header: the sender made them from one
 # packet, so their headers agree. A lost piece only splits the burst in two.
 FRAME_TSO_PIECE = 0x13  # inside datagrams only (capabilities "udp" and "gso"): burst, index, IPv4/TCP segment
+
+
 PIECE_TAG = struct.Struct("!IH")  # burst, index
+
+
 PIECE_START = 4 + PIECE_TAG.size  # where the segment starts in a piece frame
+
+
 PIECE_FLAGS_KEPT = 0x89  # CWR only on a burst's first piece; FIN and PSH only on its last
 
 
@@ -4893,37 +5691,64 @@ def coalesce_pieces(frames: list[Any]) -> list[Any]:
 
 
 # ============================================================================
-# 9. Transport
+# 10. Transport
 #    A secured path to a peer (PeerPath), shared by server and client: the TLS
 #    stream (Link) and the UDP datagram paths, the sockets that move batches,
 #    the poller, receive buffers and send budgets, and the TUN's batch reads
 #    and writes.
 # ============================================================================
 
+
 SEND_QUEUE_LIMIT = 4 * 1024 * 1024  # bytes queued per peer before packets are dropped
+
+
 # All sessions together queue at most this much; past it, only peers holding more
 # than their fair share lose packets, so one slow reader never costs the others.
 TOTAL_SEND_QUEUE_LIMIT = 64 * 1024 * 1024
+
+
 FAIR_SEND_QUEUE = 256 * 1024
+
+
 RECEIVE_BUDGET = 512 * 1024  # bytes read from one peer per loop turn, for fairness
+
+
 UDP_PROBE_S = 2.0  # auto: datagrams must flow both ways this soon after a probe starts, or data stays on TLS
+
+
 UDP_SILENT_S = 3.0  # no authenticated datagram for this long: the UDP path is down, data moves to TLS
+
+
 UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often; the server answers each
+
+
 UDP_RETRY_S = 20.0  # a failed or lost UDP path is probed again after this long
+
+
 UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this long
+
+
 UDP_RECEIVE_SIZE = 65536
+
+
 # Socket buffers. Sending: room for a few 64 KiB super-packets in flight, no more (a deeper
 # queue is latency under load; a full socket stops TUN reads instead). Receiving: a GRO
 # read holds up to 64 datagrams, each charged its full buffer, so 256 KiB overflowed in
 # bursts and every overflow cost the inner TCP a loss; 1 MiB is ~8 ms at 1 Gbit/s.
 # SO_*BUFFORCE is 32/33 in socket.h; Python names neither.
 UDP_BUFFERS = ((32, socket.SO_SNDBUF, 256 << 10), (33, socket.SO_RCVBUF, 1 << 20))
+
+
 UDP_BACKLOG = 256  # sealed datagrams a node holds while its socket is full, before dropping
+
+
 # Datagrams read from the UDP socket per loop turn (a GRO read holds up to 64, a read
 # without GRO one): enough to join a super-packet's pieces even when the kernel hands
 # them over one by one, few enough that a bulk flow does not hold the loop while a ping's
 # answer waits on the TUN behind it.
 UDP_DATAGRAMS_PER_TURN = 128
+
+
 # Datagrams a session has waiting for the end of the loop turn before they go anyway.
 UDP_SEND_BATCH = 64
 
@@ -5255,11 +6080,23 @@ def udp_socket(port: int = 0) -> socket.socket:
 
 
 UDP_SEGMENT = 103  # linux/udp.h: UDP GSO, one send of equal-sized datagrams
+
+
 UDP_GRO = 104  # linux/udp.h: the kernel hands over runs of equal-sized datagrams in one read
+
+
 UDP_MAX_SEGMENTS = 64  # per UDP_SEGMENT send (the kernel's limit on older releases)
+
+
 UDP_GSO_BYTES = 65535 - 48  # one UDP_SEGMENT send is one IP packet before segmentation (IPv6 header + UDP)
+
+
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+
 IP_PKTINFO = 8  # linux/in.h (Python names only the IPv6 one): a datagram's local address
+
+
 PKTINFO_CMSG_SPACE = socket.CMSG_SPACE(20)  # struct in6_pktinfo; in_pktinfo is 12
 
 
@@ -5599,22 +6436,33 @@ class ServerDatagramPath:
 
 
 # ============================================================================
-# 10. Network server
+# 11. Network server
 #    One epoll loop (NetworkServer) owns the sockets, the server's TUNs and
 #    every session; SessionLifecycle takes a session from handshake to close,
 #    Switch moves node-to-node packets in userspace. Store work runs on a
 #    worker thread so sqlite never stalls packets.
 # ============================================================================
 
+
 # A server gives an unfinished TLS handshake, and then the hello, this long each: a
 # real node needs a few round trips, an idle connection only holds a slot.
 SERVER_HANDSHAKE_DEADLINE_S = 5.0
+
+
 MAX_PENDING_HANDSHAKES = 512
+
+
 MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
+
+
 # A peer that sends more malformed frames than this within the window is cut off:
 # a real node sends none, so this only ends floods (each bad frame costs a log check).
 BAD_FRAME_LIMIT = 100
+
+
 BAD_FRAME_WINDOW_S = 10.0
+
+
 LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 
 
@@ -6791,16 +7639,28 @@ class NetworkServer(Sessions):
 
 
 # ============================================================================
-# 11. Network client
-#    `nc client`: connect, handshake, configure the TUN from the welcome,
-#    move packets, and reconnect forever with backoff until told to stop.
+# 12. Network client
+#    `nc client`, split like the server: which server to try next (ServerFollower),
+#    the node's TUN and routes (NodeInterface), one session's packet pump
+#    (NodeSession), and the loop that connects and reconnects (NetworkClient).
 # ============================================================================
 
+
 HANDSHAKE_TIMEOUT_S = 10.0  # to connect, and then for the welcome
+
+
 BACKOFF_CAP_S = 30.0
+
+
 STABLE_SESSION_S = 10.0  # a session that lasted this long resets the reconnect backoff
+
+
 RENEW_CHECK_S = 60.0  # how often at most the client looks at its certificates' age
+
+
 CERTS_RENEWED = "certificates renewed"  # a session ended by this reconnects at once
+
+
 UNEXPECTED_CONNECT_ERROR = "unexpected error while connecting"  # a bug: logged, retried with backoff
 
 
@@ -7395,6 +8255,125 @@ class NetworkClient:
                 raise ProtocolError(f"the welcome routes {network}, the server's own address, into the tunnel")
 
 
+def node_credential_files(config: ClientConfig) -> dict[str, Path]:
+    grpc_dir, network_dir = config.grpc_cert_dir, Path(config.network_cert_dir)
+    return {
+        "grpc_ca": grpc_dir / "ca.crt",
+        "grpc_cert": grpc_dir / "client.crt",
+        "grpc_key": grpc_dir / "client.key",
+        "network_ca": network_dir / "ca.crt",
+        "network_cert": network_dir / "client.crt",
+        "network_key": network_dir / "client.key",
+    }
+
+
+def replace_credentials(update: dict[Path, bytes]) -> None:
+    """Write every new file beside its target, then rename them all: a crash between
+    leaves `.new` files that finish_credential_update completes at the next start."""
+    for path, data in update.items():
+        write_private(path.with_name(path.name + ".new"), data, 0o600 if path.suffix == ".key" else 0o644)
+    for path in update:
+        os.replace(path.with_name(path.name + ".new"), path)
+
+
+def finish_credential_update(config: ClientConfig) -> None:
+    for path in node_credential_files(config).values():
+        pending = path.with_name(path.name + ".new")
+        if pending.exists():
+            os.replace(pending, path)
+            log.info("completed the update of %s left by an interrupted renewal", path)
+
+
+def check_certificate_alive(config: ClientConfig) -> None:
+    """An expired network certificate cannot connect again: say so once, plainly."""
+    path = node_credential_files(config)["network_cert"]
+    try:
+        not_after = load_cert_file(path).not_valid_after_utc
+    except NcError:
+        return  # unreadable: the TLS context reports it
+    if not_after <= utc_now():
+        raise Refused(
+            f"this node's certificate ({path}) expired on {not_after:%Y-%m-%d %H:%M} UTC; "
+            f"join again with a new token: nc client --join '<join string>' --work-dir {config.work_dir}"
+        )
+
+
+def tcp_rtt_ms(sock: socket.socket) -> float | None:
+    """The kernel's smoothed round-trip time of the session's TCP connection (kept fresh
+    by keepalives): tcp_info.tcpi_rtt, microseconds at byte 68."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    return round(struct.unpack_from("I", info, 68)[0] / 1000, 3) if len(info) >= 72 else None
+
+
+STATUS_SOCKET = "nc-client.sock"
+
+
+class StatusSocket(threading.Thread):
+    """`nc status` asks the running client here: a unix socket in its work dir, for root
+    only (mode 0600), that answers every connection with one JSON object and closes."""
+
+    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
+        super().__init__(name="status-socket", daemon=True)
+        self.path, self.status = path, status
+        self.stopping = threading.Event()
+        self.path.unlink(missing_ok=True)  # a killed client's; the work-dir lock says none runs
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        os.chmod(path, 0o600)
+        self.sock.listen(8)
+        self.sock.settimeout(0.5)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:  # before the OSError below: on 3.9 it is one, not a TimeoutError
+                continue
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(json.dumps(self.status()).encode() + b"\n")
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=2.0)
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def ask_status(work_dir: Path) -> dict[str, Any]:
+    """The running client's status from its socket, or one line saying why not."""
+    path = work_dir / STATUS_SOCKET
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(str(path))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        except PermissionError:
+            raise NcError(f"{path}: permission denied; run nc status as root") from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise NcError(
+                f"no nc client is running with work dir {work_dir} ({path} does not answer); "
+                f"start it with: nc client --config {work_dir / 'client.yml'}"
+            ) from None
+        except OSError as e:
+            raise NcError(f"{path}: {e.strerror or e}") from None
+    return json.loads(data)
+
+
+# ============================================================================
+# 13. gRPC services and clients
+#    The servicers (thin: each call is one control-plane call) and the
+#    client side: join strings and CA pins, joining, renewal, admin calls.
+# ============================================================================
+
+
 class CertRenewer(threading.Thread):
     """Renews the node's certificates over mutual TLS on the control port once two
     thirds of their life has passed; the new keys never leave the node (CSRs)."""
@@ -7431,18 +8410,6 @@ class CertRenewer(threading.Thread):
             return RENEW_CHECK_S
         due = min(c.not_valid_before_utc + (c.not_valid_after_utc - c.not_valid_before_utc) * 2 / 3 for c in certs)
         return min(RENEW_CHECK_S, max(1.0, (due - utc_now()).total_seconds()))
-
-
-def node_credential_files(config: ClientConfig) -> dict[str, Path]:
-    grpc_dir, network_dir = config.grpc_cert_dir, Path(config.network_cert_dir)
-    return {
-        "grpc_ca": grpc_dir / "ca.crt",
-        "grpc_cert": grpc_dir / "client.crt",
-        "grpc_key": grpc_dir / "client.key",
-        "network_ca": network_dir / "ca.crt",
-        "network_cert": network_dir / "client.crt",
-        "network_key": network_dir / "client.key",
-    }
 
 
 def new_csr(key: Any, node_token: str) -> bytes:
@@ -7502,153 +8469,6 @@ def check_renewed_cert(pem: bytes, key: Any, ca: Any, node_token: str, kind: str
         ) from None
     if not same_public_key(cert, key) or peer_cert(pem).common_name != node_token:
         raise RemoteError(f"the server's renewed {kind} certificate is not for this node's new key; kept the old one")
-
-
-def replace_credentials(update: dict[Path, bytes]) -> None:
-    """Write every new file beside its target, then rename them all: a crash between
-    leaves `.new` files that finish_credential_update completes at the next start."""
-    for path, data in update.items():
-        write_private(path.with_name(path.name + ".new"), data, 0o600 if path.suffix == ".key" else 0o644)
-    for path in update:
-        os.replace(path.with_name(path.name + ".new"), path)
-
-
-def finish_credential_update(config: ClientConfig) -> None:
-    for path in node_credential_files(config).values():
-        pending = path.with_name(path.name + ".new")
-        if pending.exists():
-            os.replace(pending, path)
-            log.info("completed the update of %s left by an interrupted renewal", path)
-
-
-def check_certificate_alive(config: ClientConfig) -> None:
-    """An expired network certificate cannot connect again: say so once, plainly."""
-    path = node_credential_files(config)["network_cert"]
-    try:
-        not_after = load_cert_file(path).not_valid_after_utc
-    except NcError:
-        return  # unreadable: the TLS context reports it
-    if not_after <= utc_now():
-        raise Refused(
-            f"this node's certificate ({path}) expired on {not_after:%Y-%m-%d %H:%M} UTC; "
-            f"join again with a new token: nc client --join '<join string>' --work-dir {config.work_dir}"
-        )
-
-
-def sd_notify(message: str) -> bool:
-    """Tell the service manager (systemd's NOTIFY_SOCKET protocol, one datagram); False
-    when nc does not run under one."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # an abstract socket
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError as e:
-        log.warning("cannot notify the service manager at %s: %s", loggable(address), e.strerror or e)
-        return False
-    return True
-
-
-def tcp_rtt_ms(sock: socket.socket) -> float | None:
-    """The kernel's smoothed round-trip time of the session's TCP connection (kept fresh
-    by keepalives): tcp_info.tcpi_rtt, microseconds at byte 68."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except OSError:
-        return None
-    return round(struct.unpack_from("I", info, 68)[0] / 1000, 3) if len(info) >= 72 else None
-
-
-STATUS_SOCKET = "nc-client.sock"
-
-
-class StatusSocket(threading.Thread):
-    """`nc status` asks the running client here: a unix socket in its work dir, for root
-    only (mode 0600), that answers every connection with one JSON object and closes."""
-
-    def __init__(self, path: Path, status: Callable[[], dict[str, Any]]) -> None:
-        super().__init__(name="status-socket", daemon=True)
-        self.path, self.status = path, status
-        self.stopping = threading.Event()
-        self.path.unlink(missing_ok=True)  # a killed client's; the work-dir lock says none runs
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(path))
-        os.chmod(path, 0o600)
-        self.sock.listen(8)
-        self.sock.settimeout(0.5)
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except socket.timeout:  # before the OSError below: on 3.9 it is one, not a TimeoutError
-                continue
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                conn.sendall(json.dumps(self.status()).encode() + b"\n")
-
-    def close(self) -> None:
-        self.stopping.set()
-        if self.is_alive():
-            self.join(timeout=2.0)
-        self.sock.close()
-        self.path.unlink(missing_ok=True)
-
-
-def run_client(config: ClientConfig) -> int:
-    if os.geteuid() != 0:
-        raise NcError("nc client must run as root (it creates a TUN device and routes)")
-    os.umask(0o077)
-    client = NetworkClient(config)
-    renewer = CertRenewer(config, client.stop, client.on_renewed)
-    signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: client.request_stop())
-    log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
-    status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
-    status.start()
-    sd_notify("READY=1\nSTATUS=connecting")  # the client runs and answers `nc status`; it connects on its own
-    renewer.start()
-    try:
-        return client.run()
-    finally:
-        status.close()
-        if renewer.is_alive():
-            renewer.join(timeout=RPC_TIMEOUT_S)  # client.run() set stop on its way out
-
-
-def ask_status(work_dir: Path) -> dict[str, Any]:
-    """The running client's status from its socket, or one line saying why not."""
-    path = work_dir / STATUS_SOCKET
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5.0)
-        try:
-            sock.connect(str(path))
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        except PermissionError:
-            raise NcError(f"{path}: permission denied; run nc status as root") from None
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise NcError(
-                f"no nc client is running with work dir {work_dir} ({path} does not answer); "
-                f"start it with: nc client --config {work_dir / 'client.yml'}"
-            ) from None
-        except OSError as e:
-            raise NcError(f"{path}: {e.strerror or e}") from None
-    return json.loads(data)
-
-
-# ============================================================================
-# 12. gRPC services
-#     Thin module-level servicers: find the caller's identity, translate
-#     protobuf messages into control-plane calls and its errors into codes.
-#     The original services keep their exact contract; additions live in
-#     NcNodeService (a node's own requests) and NcAdminService.
-# ============================================================================
 
 
 @functools.cache
@@ -7719,7 +8539,11 @@ def health_code(control: ControlPlane) -> str:
 
 # The services a port offers, as grpc.health.v1 and reflection name them ("" is the whole server).
 BOOTSTRAP_SERVICES = ("pb.LiteKubeNCBootstrapService",)
+
+
 CONTROL_SERVICES = ("pb.LiteKubeNCService", "pb.NcNodeService", "pb.NcAdminService")
+
+
 HEALTH_WATCH_INTERVAL_S = 1.0
 
 
@@ -8011,8 +8835,14 @@ class AdminService:
 
 
 GRPC_MAX_CONNECTIONS = 4096  # per gRPC port, before the file-descriptor share below
+
+
 GRPC_FD_SHARE = 0.2  # of RLIMIT_NOFILE, per gRPC port: both together leave 60 % to the data plane
+
+
 FDS_PER_GRPC_CONNECTION = 3  # the caller's socket, the guard's twin to the private port, gRPC's end of it
+
+
 GRPC_MAX_CONCURRENT_RPCS = 64  # per server; more are answered RESOURCE_EXHAUSTED at once
 
 
@@ -8043,6 +8873,8 @@ def grpc_server_options(max_connections: int) -> list[tuple[str, int]]:
 
 
 GRPC_MAX_PER_SOURCE = 64  # connections one address may hold on one gRPC port (loopback: no limit)
+
+
 GUARD_CHUNK = 64 * 1024
 
 
@@ -8273,938 +9105,6 @@ def bind(server: Any, address: str, creds: Any, field: str) -> int:
     if port == 0:
         raise NcError(f"cannot listen on {address}: address in use or not available; change server.{field}")
     return port
-
-
-# ============================================================================
-# 13. Server assembly
-#     `nc server`: PKI, store, pool, gRPC, data plane and background threads,
-#     started in order and stopped in reverse.
-# ============================================================================
-
-
-def default_route_interface() -> str | None:
-    try:
-        lines = Path("/proc/net/route").read_text().splitlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 7 and fields[1] == "00000000" and fields[7] == "00000000":
-            return fields[0]
-    return None
-
-
-def interface_ipv4(name: str) -> str | None:
-    siocgifaddr = 0x8915
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None
-    return socket.inet_ntoa(packed[20:24])
-
-
-def detect_server_ip() -> str:
-    """The address of the default-route interface, else the first non-loopback IPv4."""
-    iface = default_route_interface()
-    if iface:
-        ip = interface_ipv4(iface)
-        if ip:
-            return ip
-    for _, name in socket.if_nameindex():
-        ip = interface_ipv4(name)
-        if ip and not ip.startswith("127."):
-            return ip
-    raise ConfigError("cannot find this host's IPv4 address; set server.ip in server.yml")
-
-
-@contextlib.contextmanager
-def work_dir_lock(work_dir: Path, mode: str = "server") -> Iterator[None]:
-    """One server (or client) per workDir: a second start fails fast, naming the first,
-    instead of sharing its database or TUN. The kernel drops the lock with the process."""
-    try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(work_dir / f"nc-{mode}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise NcError(os_error_line(e, f"give nc a writable {mode}.workDir")) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise NcError(
-                f"another nc {mode} (pid {holder}) is running with workDir {work_dir}; stop it first"
-            ) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError as e:
-            e.filename = str(work_dir)
-            raise NcError(os_error_line(e, f"free space there or set another {mode}.workDir")) from None
-        yield
-    finally:
-        os.close(fd)
-
-
-# The interpreter's own thread-exception hook, to defer to and to put back. 3.10 names it
-# threading.__excepthook__; on 3.9 only _thread does (the same function on every version).
-THREAD_EXCEPTHOOK = threading.__excepthook__ if sys.version_info >= (3, 10) else _thread._excepthook
-
-
-class Supervisor:
-    """Watches the server's long-lived parts (threads and gRPC servers). When one ends
-    while nobody asked it to, the server must not go on half alive (gRPC answering, no
-    data plane): wait() logs one line naming the part and the server exits non-zero, so
-    a service manager restarts all of it."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, Callable[[], bool]] = {}
-        self.causes: dict[str, str] = {}  # thread name -> the exception that ended it
-
-    def watch(self, name: str, alive: Callable[[], bool]) -> None:
-        self.parts[name] = alive
-
-    def watch_thread(self, thread: threading.Thread) -> None:
-        self.watch(f"thread {thread.name}", thread.is_alive)
-
-    def on_thread_exception(self, args: Any) -> None:
-        """threading.excepthook: keep the cause for wait()'s one line; the traceback goes
-        to the debug log instead of stderr."""
-        name = f"thread {args.thread.name}" if args.thread is not None else "a thread"
-        if name not in self.parts:  # not one of ours (a library's): its traceback as usual
-            THREAD_EXCEPTHOOK(args)
-            return
-        self.causes[name] = loggable(f"{args.exc_type.__name__}: {args.exc_value}")
-        log.debug("%s failed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
-
-    def dead(self) -> str | None:
-        return next((name for name, alive in self.parts.items() if not alive()), None)
-
-    def wait(self, stop: threading.Event, tick: Callable[[], None] = lambda: None) -> int:
-        """Until a signal sets stop (0) or a part ends on its own (1); tick() once a second
-        while all parts live (the service manager's watchdog, a pending reload)."""
-        while not stop.wait(1.0):
-            if (name := self.dead()) is not None:
-                cause = self.causes.get(name, "it ended")
-                log.critical("%s stopped unexpectedly (%s); exiting so nc can be restarted whole", name, cause)
-                return 1
-            tick()
-        return 0
-
-
-def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor, tick: Callable[[], None] = lambda: None) -> int:
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return supervisor.wait(stop, tick)
-
-
-class Watchdog:
-    """systemd's WatchdogSec: WATCHDOG=1 at half the interval, and only while the server
-    is healthy, so a stuck data plane gets the service restarted."""
-
-    def __init__(self) -> None:
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        pid = os.environ.get("WATCHDOG_PID", "")
-        meant = not pid or pid == str(os.getpid())
-        self.interval = int(usec) / 2e6 if usec.isdigit() and meant else 0.0
-        self.next = 0.0
-
-    def ping(self, healthy: bool) -> None:
-        now = time.monotonic()
-        if self.interval and healthy and now >= self.next:
-            sd_notify("WATCHDOG=1")
-            self.next = now + self.interval
-
-
-def reload_networks(config: ServerConfig, fresh: ServerConfig, control: ControlPlane) -> tuple[list[str], bool]:
-    """Serve the networks the file gained; returns their names, and False when it also
-    removed or changed one (that needs a restart: its nodes hold addresses in it)."""
-    running = {spec.name: spec for spec in config.networks}
-    added = []
-    for spec in fresh.networks:
-        if spec.name in running:
-            continue
-        try:
-            control.add_config_network(spec)
-        except NcError as e:
-            log.error("SIGHUP: network %s not added: %s", spec.name, e)
-            continue
-        config.networks.append(spec)
-        added.append(spec.name)
-    wanted = {spec.name: spec for spec in fresh.networks}
-    kept = all(wanted.get(name) == spec for name, spec in running.items())
-    return added, kept
-
-
-# What SIGHUP applies to a running server (read at each use); anything else needs a restart.
-RELOADABLE_FIELDS = ("debug", "nodes_may_mint", "node_mint_rate", "node_token_max_life", "node_cert_life")
-
-
-def reload_server_config(config: ServerConfig, path: str | None, control: ControlPlane | None = None) -> None:
-    """SIGHUP: re-read the config file, apply what can change without dropping sessions,
-    and say in one line what was applied and what needs a restart."""
-    if path is None:
-        log.info("SIGHUP: running on the embedded defaults (no --config); nothing to re-read")
-        return
-    try:
-        fresh: ServerConfig = load_config(path, "server")
-    except ConfigError as e:
-        log.error("SIGHUP: %s; the running configuration stays", e)
-        return
-    changed = [f.name for f in dataclasses.fields(ServerConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
-    applied = [camel(name) for name in changed if name in RELOADABLE_FIELDS]
-    for name in changed:
-        if name in RELOADABLE_FIELDS:
-            setattr(config, name, getattr(fresh, name))
-    logging.getLogger("nc").setLevel(logging.DEBUG if config.debug else logging.INFO)
-    restart = [camel(name) for name in changed if name not in (*RELOADABLE_FIELDS, "networks")]
-    if "networks" in changed and control is not None:
-        added, kept = reload_networks(config, fresh, control)
-        applied += [f"networks (+{name})" for name in added]
-        restart += [] if kept else ["networks (removed or changed ones)"]
-    log.info(
-        "SIGHUP: re-read %s; applied: %s; needs a restart: %s",
-        path,
-        ", ".join(applied) or "nothing changed",
-        ", ".join(restart) or "nothing",
-    )
-
-
-def raise_open_file_limit() -> int:
-    """Every node holds a socket: take the hard limit, not the default 1024. Returns the
-    limit now in force, which the gRPC servers' connection caps are cut from."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    return soft
-
-
-MALLINFO2_FIELDS = (
-    "arena",
-    "ordblks",
-    "smblks",
-    "hblks",
-    "hblkhd",
-    "usmblks",
-    "fsmblks",
-    "uordblks",
-    "fordblks",
-    "keepcost",
-)
-
-
-M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each thread that allocates under contention its own arena, up to
-    8 per core, and memory freed in one arena is not reused by the others: gRPC's
-    threads churning through a flood of connections then grow the heap cycle after
-    cycle. Two arenas keep it reusable (a no-op off glibc)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
-
-
-class MemoryTrimmer(threading.Thread):
-    """Gives freed heap back to the kernel after a flood. glibc keeps what tens of
-    thousands of connections freed in its arenas for reuse, so RSS never falls by
-    itself; malloc_trim returns the free pages. It runs only when the free heap has
-    grown by TRIM_AFTER since the last trim, so a steady server never pays for it."""
-
-    TRIM_AFTER = 16 * 1024 * 1024
-
-    def __init__(self, stop: threading.Event, interval: float = 5.0) -> None:
-        super().__init__(name="memory-trimmer", daemon=True)
-        self.stop = stop
-        self.interval = interval
-
-    def run(self) -> None:
-        import ctypes
-
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            trim, info = libc.malloc_trim, libc.mallinfo2
-        except (OSError, AttributeError):  # not glibc (or older than 2.33): nothing to do
-            return
-        info.restype = type(
-            "mallinfo2", (ctypes.Structure,), {"_fields_": [(name, ctypes.c_size_t) for name in MALLINFO2_FIELDS]}
-        )
-        trim.argtypes = [ctypes.c_size_t]
-        low = info().fordblks
-        while not self.stop.wait(self.interval):
-            free = info().fordblks
-            if free > low + self.TRIM_AFTER:
-                trim(0)
-                log.debug("returned free heap to the kernel (%d MiB free in the arenas)", free >> 20)
-                low = free
-            low = min(low, free)
-
-
-# NetworkServer counters ("dropped-<reason>", handshaker's) -> nc_refusals_total reasons.
-REFUSAL_COUNTERS = {
-    "refused-hellos": "session",
-    "dropped-spoofed": "spoofing",
-    "protocol-errors": "protocol",
-    "refused-busy": "handshake-limit",
-    "tls-failures": "handshake",
-    "handshake-timeouts": "handshake-timeout",
-}
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-
-class ServerMetrics:
-    """Prometheus metrics of a running server, served on metricsAddr. Most are read live
-    from the parts at scrape time (nothing on the packet path but plain integer counters);
-    the two latency histograms are fed by hooks of the control plane and the handshaker."""
-
-    def __init__(self, control: ControlPlane, role: ServerRole) -> None:
-        from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
-
-        self.control, self.role = control, role
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.join_seconds = Histogram(
-            "nc_join_duration_seconds",
-            "Time to admit a join (GetToken)",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.handshake_seconds = Histogram(
-            "nc_handshake_duration_seconds",
-            "Data-plane TLS handshake time",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.registry.register(self)
-        control.observe_join = self.join_seconds.observe
-        control.observe_handshake = self.handshake_seconds.observe
-        self.httpd: Any = None
-        self.guard: GrpcGuard | None = None  # its refusals count as "grpc-limit"
-
-    def serve(self, address: str) -> None:
-        from prometheus_client import start_http_server
-
-        host, port = split_host_port(address, "server.metricsAddr")
-        try:
-            self.httpd, _ = start_http_server(port, host, registry=self.registry)
-        except OSError as e:
-            raise NcError(
-                f"cannot serve metrics on {address} ({e.strerror}); change server.metricsAddr or set it empty"
-            ) from None
-        log.info("Prometheus metrics on http://%s/metrics", address)
-
-    def close(self) -> None:
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-
-    def describe(self) -> list[Any]:
-        return []  # families are known only at scrape time; an empty describe keeps registration cheap
-
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        nodes = GaugeMetricFamily("nc_nodes", "Registered nodes by network and state", labels=["network", "state"])
-        counts = collections.Counter(
-            (row.network, STATE_NAMES.get(row.state, "unknown"))
-            for row in self.control.store.nodes()
-            if row.token != RESERVED_NODE_TOKEN
-        )
-        pool = GaugeMetricFamily("nc_pool_addresses", "Overlay addresses by network", labels=["network", "state"])
-        for overlay in self.control.overlays.all():
-            for state in STATE_NAMES.values():
-                nodes.add_metric([overlay.name, state], counts.get((overlay.name, state), 0))
-            bound = len(overlay.bindings.pool)
-            pool.add_metric([overlay.name, "bound"], bound)
-            pool.add_metric([overlay.name, "free"], overlay.bindings.pool.capacity - bound)
-        yield nodes
-        yield pool
-        info = GaugeMetricFamily("nc_server", "This server: its version and role", labels=["version", "role"])
-        info.add_metric([VERSION, self.role.describe()], 1)
-        yield info
-        network = self.role.data_plane()  # None on a standby: the leader carries the traffic
-        sessions = GaugeMetricFamily("nc_sessions", "Live data-plane sessions by transport", labels=["transport"])
-        by_transport = collections.Counter(network.transports().values() if network else ())
-        for transport in ("tcp", "udp"):
-            sessions.add_metric([transport], by_transport[transport])
-        yield sessions
-        traffic = network.traffic() if network else collections.Counter()
-        data = CounterMetricFamily("nc_data", "Data-plane traffic with nodes", labels=["direction"], unit="bytes")
-        packets = CounterMetricFamily("nc_packets", "Data frames with nodes", labels=["direction"])
-        for direction in ("rx", "tx"):
-            data.add_metric([direction], traffic[f"{direction}_bytes"])
-            packets.add_metric([direction], traffic[f"{direction}_packets"])
-        yield data
-        yield packets
-        counters = collections.Counter(network.counters if network else ())
-        if network is not None and network.handshaker is not None:
-            counters.update(network.handshaker.counters)
-        drops = CounterMetricFamily("nc_drops", "Packets dropped by reason", labels=["reason"])
-        for name, value in sorted(counters.items()):
-            if name.startswith("dropped-"):
-                drops.add_metric([name.removeprefix("dropped-")], value)
-            elif name.startswith("udp-"):  # datagrams that did not authenticate, or carried no packet
-                drops.add_metric([name], value)
-        yield drops
-        refusals = CounterMetricFamily("nc_refusals", "Joins and connections refused by reason", labels=["reason"])
-        reasons = collections.Counter(self.control.refusals)
-        for name, reason in REFUSAL_COUNTERS.items():
-            reasons[reason] += counters.get(name, 0)
-        reasons["grpc-limit"] += self.guard.refused if self.guard is not None else 0
-        for reason in ("token", "network-full"):
-            reasons[reason] += 0  # present from the start, so rate() has a baseline
-        for reason, value in sorted(reasons.items()):
-            refusals.add_metric([reason], value)
-        yield refusals
-
-
-def check_root(mode: str) -> None:
-    if os.geteuid() != 0:
-        raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
-
-
-def run_server(config: ServerConfig, config_path: str | None = None) -> int:
-    check_root("server")
-    fd_limit = raise_open_file_limit()
-    limit_malloc_arenas()  # before gRPC starts its threads
-    os.umask(0o077)  # keys, the database and logs are for root only
-    try:
-        return serve(config, fd_limit, config_path)
-    except OSError as e:  # files of the workDir: a read-only or full disk
-        fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
-        raise NcError(os_error_line(e, fix)) from None
-
-
-class ServerRole(Protocol):
-    """Where the data plane runs: on a single server always (SingleRole); on a replica
-    on etcd while it leads, its port referring nodes to the leader otherwise (ReplicaRole).
-    Everything else about a server is the same for both and lives in serve()."""
-
-    def prepare(self, admin_cert: CertRecord) -> None:
-        """The store's part of the start (the reserved node-token), before the pools load it."""
-
-    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
-        """Start the data plane (or the campaign for it); returns the threads serve() starts,
-        watches and joins."""
-        ...
-
-    def ready(self) -> str:
-        """Wait until the data plane (or a first role) is taken; what STATUS= says then."""
-        ...
-
-    def data_plane(self) -> NetworkServer | None:
-        """The data plane running here now, if any."""
-        ...
-
-    def describe(self) -> str:
-        """single, leader or standby: for logs and the metrics' role label."""
-        ...
-
-    def end(self) -> None:
-        """Stop what begin() started that its threads do not stop themselves."""
-
-
-class SingleRole:
-    """A server alone on its sqlite store: the data plane runs here from start to stop."""
-
-    def __init__(self, config: ServerConfig, store: Datastore, stop: threading.Event) -> None:
-        self.config, self.store, self.stop = config, store, stop
-        self.network: NetworkServer | None = None
-
-    def prepare(self, admin_cert: CertRecord) -> None:
-        reset = self.store.reset_states(STATE_CONNECTED)
-        if reset:
-            log.info("reset %d stale connection state(s) to idle", reset)
-        ensure_reserved(self.store, str(self.config.server_overlay_ip), admin_cert)
-
-    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
-        network = NetworkServer(self.config, control)
-        for thread in (network.thread, network.worker):
-            supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
-        network.start()
-        self.network = control.sessions = network
-        return [TokenSweeper(self.store, self.stop), CacheSync(control.overlays, self.stop)]
-
-    def ready(self) -> str:
-        return f"serving {len(self.network.planes) if self.network else 0} network(s)"
-
-    def data_plane(self) -> NetworkServer | None:
-        return self.network
-
-    def describe(self) -> str:
-        return "single"
-
-    def end(self) -> None:
-        if self.network is not None:
-            self.network.stop()
-        with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
-            self.store.reset_states(STATE_IDLE)
-
-
-def run_start_up_step(name: str, step: Callable[[], None]) -> None:
-    """Start-up work that the design runs in a thread of its own (the reserved-token
-    check): run it there and wait; its failure fails the start instead of leaving a
-    server that runs without, say, its admin identity."""
-    failures: list[BaseException] = []
-
-    def body() -> None:
-        try:
-            step()
-        except BaseException as e:  # handed to the main thread, which raises it
-            failures.append(e)
-
-    thread = threading.Thread(target=body, name=name)
-    thread.start()
-    thread.join()
-    if failures:
-        raise failures[0]
-
-
-def reload_and_watchdog(config: ServerConfig, config_path: str | None, control: ControlPlane) -> Callable[[], None]:
-    """The server's tick, once a second while every part lives: a reload SIGHUP asked
-    for, and the watchdog, fed while the data plane (a standby: its referrals) runs."""
-    watchdog, reload = Watchdog(), threading.Event()
-    signal.signal(signal.SIGHUP, lambda *_: reload.set())
-
-    def tick() -> None:
-        if reload.is_set():
-            reload.clear()
-            sd_notify("RELOADING=1")
-            reload_server_config(config, config_path, control)
-            sd_notify("READY=1")
-        watchdog.ping(control.sessions.running())
-
-    return tick
-
-
-def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -> int:
-    """`nc server`: alone on its sqlite store, or (datastoreEndpoint) one replica of several
-    on etcd. The same start-up, supervision (every long-lived part watched), READY=1 and
-    watchdog, SIGHUP reload, metrics and shutdown for both; the role decides only where
-    the data plane runs."""
-    kind = "replica" if config.datastore_endpoint else "server"
-    with work_dir_lock(Path(config.work_dir)):
-        advertised = config.ip or detect_server_ip()
-        underlay_ip = resolve_host(advertised)  # a DNS name: for certificates and the CIDR rules
-        server_ip = str(config.server_overlay_ip)
-        where = f"overlay {config.overlay} (server {server_ip})" + (
-            f", datastore {config.datastore_endpoint}" if config.datastore_endpoint else ""
-        )
-        log.info("nc %s %s starting: advertised address %s, %s", VERSION, kind, advertised, where)
-        store = open_store(config)
-        stop = threading.Event()
-        threads: list[threading.Thread] = []
-        servers: list[Any] = []
-        role: ServerRole | None = None
-        metrics: ServerMetrics | None = None
-        supervisor = Supervisor()
-        threading.excepthook = supervisor.on_thread_exception
-        code = 0
-        try:
-            pki = Pki(config)
-            if isinstance(store, EtcdStore):
-                share_pki(store.etcd, pki, config.cluster_token)
-            admin_cert = pki.ensure((underlay_ip, "127.0.0.1", server_ip))
-            chosen: ServerRole = (
-                ReplicaRole(store, config, advertised, stop)
-                if isinstance(store, EtcdStore)
-                else SingleRole(config, store, stop)
-            )
-            run_start_up_step("reserved-check", lambda: chosen.prepare(admin_cert))
-            overlays = Overlays(store, config)
-            control = ControlPlane(config, store, pki, overlays, advertised)
-            control.underlay_ip = underlay_ip
-            control.check_config_networks()
-            metrics = ServerMetrics(control, chosen) if config.metrics_addr else None
-            role = chosen
-            threads = [*role.begin(control, supervisor), MemoryTrimmer(stop)]
-            guard = GrpcGuard(stop)
-            try:
-                servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
-            except BaseException:
-                guard.close()  # its public ports; the thread never started
-                raise
-            threads.insert(0, guard)
-            if metrics is not None:
-                metrics.guard = guard
-            for thread in threads:
-                supervisor.watch_thread(thread)
-                thread.start()
-            if metrics is not None:
-                metrics.serve(config.metrics_addr)
-            for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
-                supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
-            status = role.ready()
-            log.info("nc %s ready (%s); join string pin %s", kind, status, pki.ca_pin())
-            sd_notify(f"READY=1\nSTATUS={status}")  # every port listens now
-            code = wait_for_stop_signal(stop, supervisor, reload_and_watchdog(config, config_path, control))
-        finally:
-            stop.set()
-            if metrics is not None:
-                metrics.close()
-            for server in servers:
-                server.stop(grace=1.0).wait(3.0)
-            if role is not None:
-                role.end()
-            for thread in threads:
-                if thread.ident is not None:  # a start that failed early never started them
-                    thread.join(timeout=10.0)
-            store.close()
-            threading.excepthook = THREAD_EXCEPTHOOK
-            log.info("nc %s stopped", kind)
-    return code
-
-
-def ensure_reserved(store: Datastore, server_ip: str, admin_cert: CertRecord) -> None:
-    """The reserved node-token: bound to the server's overlay IP, and held by the
-    admin certificate on disk (any older admin certificate is revoked)."""
-    if store.ensure_reserved_node(server_ip):
-        log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
-    store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))
-    if store.switch_to_cert(RESERVED_NODE_TOKEN, "grpc", admin_cert.serial):
-        log.info("revoked the previous admin certificate")
-
-
-# -- replicas on etcd ----------------------------------------------------------------
-#
-# Every replica serves both gRPC ports from etcd (active/active). One, the leader,
-# holds the data plane: the TUNs with the server's overlay addresses and port 6441
-# (active/passive). It leads while its campaign key, bound to its lease, is in
-# etcd; it stops its data plane FENCE_AFTER_S after the last renewal it sent, while
-# the lease (LEADER_LEASE_TTL_S from that renewal) still keeps everyone else out.
-
-LEADER_LEASE_TTL_S = 5
-LEASE_RENEW_EVERY_S = 1.0
-FENCE_AFTER_S = 3.5  # < LEADER_LEASE_TTL_S, with 1.5 s to take the TUNs down
-REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
-
-
-def open_store(config: ServerConfig) -> Datastore:
-    if not config.datastore_endpoint:
-        return Store(config.db_path)
-    tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
-    return EtcdStore(config.datastore_endpoint, tls)
-
-
-class StandbyPort:
-    """A standby's port 6441: it finishes the TLS handshake and answers every node with
-    an ERROR naming the leader, so the node goes there at once."""
-
-    def __init__(self, config: ServerConfig, pki: Pki, leader: Callable[[], str]) -> None:
-        self.leader = leader
-        self.listener = listen_any(config.port)
-        self.listener.setblocking(False)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        context.load_cert_chain(pki.network.server_cert_path, pki.network.server_key_path)
-        context.load_verify_locations(cafile=str(pki.network.ca_path))
-        context.verify_mode = ssl.CERT_REQUIRED
-        self.pending: queue.SimpleQueue[ssl.SSLSocket | None] = queue.SimpleQueue()
-        self.handshaker = Handshaker(self.listener, context, lambda tls, _peer: self.pending.put(tls))
-        self.thread = threading.Thread(target=self._refuse_all, name="standby-refusals", daemon=True)
-
-    def start(self) -> None:
-        self.handshaker.start()
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.handshaker.stop()
-        self.pending.put(None)
-        self.thread.join(timeout=5.0)
-        self.listener.close()
-
-    def _refuse_all(self) -> None:
-        while (tls := self.pending.get()) is not None:
-            leader = self.leader()
-            reason = f"this replica is a standby; the leader is {leader}" if leader else "no leader is elected yet"
-            try:
-                tls.setblocking(True)
-                tls.settimeout(2.0)
-                tls.sendall(Refusal("standby", reason, retry=True, leader=leader).encode())
-                with contextlib.suppress(OSError, ssl.SSLError):
-                    tls.recv(4096)  # the hello: read before closing, so no reset eats the refusal
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                tls.close()
-
-
-class StandbySessions(Sessions):
-    """A standby's data plane is the leader's: the standby is healthy (its port refers
-    nodes to the leader) while its role loop follows etcd; sessions are not its own."""
-
-    def __init__(self, role: ReplicaRole) -> None:
-        self.role = role
-
-    def running(self) -> bool:
-        return self.role.is_alive() and not self.role.stop.is_set() and self.role.standby is not None
-
-
-class ReplicaRole(threading.Thread):
-    """Campaigns for leadership, runs the data plane while leading (a StandbyPort
-    otherwise), heartbeats this replica's entry for `nc adm replica list`, and fences:
-    a leader that cannot renew its lease stops its data plane before the lease ends."""
-
-    def __init__(self, store: EtcdStore, config: ServerConfig, advertised: str, stop: threading.Event) -> None:
-        super().__init__(name="replica-role", daemon=True)
-        self.store, self.etcd, self.config = store, store.etcd, config
-        store.follow()  # a standby until elected: no leader-only write before lead()
-        self.control: ControlPlane  # begin() gives it
-        self.advertised, self.stop = advertised, stop
-        self.campaign_key = self.etcd.key("leader")
-        self.lease = 0
-        self.renewed_at = 0.0  # monotonic time the last successful renewal was sent
-        self.network: NetworkServer | None = None
-        self.standby: StandbyPort | None = None
-        self.leader_address = ""
-        self.became = threading.Event()  # set once the first role (leader or standby) is taken
-        self._lock = threading.RLock()  # one role change at a time: the loop's or the fence's
-        self.heartbeat_at = 0.0
-        self.fence_watch = threading.Thread(target=self._fence_watch, name="replica-fence", daemon=True)
-        self.replicas: tuple[str, ...] = (advertised,)
-
-    @property
-    def leading(self) -> bool:
-        return self.network is not None
-
-    # -- its ServerRole part: what serve() asks of it ------------------------------
-
-    def prepare(self, admin_cert: CertRecord) -> None:
-        self.store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))  # every replica's admin identity
-
-    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
-        self.control = control
-        control.replicas = lambda: self.replicas
-        return [TokenSweeper(self.store, self.stop), StoreWatch(self.store, control, self.stop), self]
-
-    def ready(self) -> str:
-        self.became.wait(10.0)
-        return self.describe()
-
-    def data_plane(self) -> NetworkServer | None:
-        return self.network
-
-    def describe(self) -> str:
-        return REPLICA_ROLE_LEADER if self.leading else REPLICA_ROLE_STANDBY
-
-    def end(self) -> None:
-        pass  # its own thread steps down and closes its port when stop is set
-
-    # -- the role loop --------------------------------------------------------------
-
-    def run(self) -> None:
-        try:
-            self._become_standby()
-            self.became.set()
-            self.fence_watch.start()
-            while not self.stop.is_set():
-                self._renew()
-                if not self.leading and self.lease:
-                    self._campaign()
-                self._check_data_plane()
-                self._heartbeat()
-                # A leader whose last renewal failed tries again at once (an etcd election is short).
-                behind = time.monotonic() - self.renewed_at > LEASE_RENEW_EVERY_S * 1.5
-                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading and not behind else LEASE_RENEW_EVERY_S / 4)
-        finally:
-            if self.fence_watch.is_alive():
-                self.fence_watch.join(timeout=5.0)
-            if self.leading:
-                self._step_down(abandon_lease=False)
-            if self.standby is not None:
-                self.standby.stop()
-                self.standby = None
-            if self.lease:
-                self.etcd.revoke(self.lease)  # the others need not wait for the TTL
-
-    def _fence_watch(self) -> None:
-        """Apart from the loop, whose etcd calls may block: the data plane stops
-        FENCE_AFTER_S after the last renewal sent, whatever the loop is waiting for."""
-        while not self.stop.wait(0.1):
-            if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                with self._lock:
-                    if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                        log.warning("lease not renewed for %.1f s: stopping the data plane (fencing)", FENCE_AFTER_S)
-                        self._step_down(abandon_lease=True)
-
-    def _renew(self) -> None:
-        sent = time.monotonic()
-        try:
-            if not self.lease:
-                self.lease = self.etcd.grant(LEADER_LEASE_TTL_S)
-                self.renewed_at = sent
-                return
-            if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9:
-                return
-            if self.etcd.keep_alive(self.lease, timeout=1.8) > 0:
-                self.renewed_at = sent
-            else:
-                log.warning("lease %x expired in etcd", self.lease)
-                with self._lock:
-                    if self.leading:
-                        self._step_down(abandon_lease=True)
-                    self.lease = 0
-        except StoreError as e:
-            log.warning("%s", e)
-
-    def _campaign(self) -> None:
-        pb = self.etcd.pb
-        absent = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=self.campaign_key, create_revision=0)
-        value = json.dumps({"address": self.advertised, "port": self.config.port}).encode()
-        get = pb.RequestOp(request_range=pb.RangeRequest(key=self.campaign_key))
-        try:
-            request = pb.TxnRequest(compare=[absent], success=[self.etcd.put_op(self.campaign_key, value, self.lease)])
-            request.failure.append(get)
-            response = self.etcd.call(self.etcd.kv.Txn, request, timeout=1.0)
-        except StoreError as e:
-            log.warning("%s", e)
-            return
-        if not response.succeeded:
-            kvs = response.responses[0].response_range.kvs
-            self.leader_address = json.loads(kvs[0].value)["address"] if kvs else ""
-            return
-        with self._lock:
-            if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                return  # won with a lease too old to lead on; the fence lets it lapse
-            self.store.lead((self.campaign_key, response.header.revision))
-            self.leader_address = self.advertised
-            log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
-            try:
-                self._become_leader()
-            except NcError as e:
-                log.error("cannot take the data plane: %s; giving the leadership up", e)
-                self._step_down(abandon_lease=True)
-
-    def _become_leader(self) -> None:
-        if self.standby is not None:
-            self.standby.stop()
-            self.standby = None
-        store, server_ip = self.store, str(self.config.server_overlay_ip)
-        with contextlib.suppress(NotLeader):
-            store.reset_states(STATE_CONNECTED)  # the old leader's sessions are gone
-            if store.ensure_reserved_node(server_ip):
-                log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
-        network = NetworkServer(self.config, self.control)
-        network.replicas = lambda: self.replicas  # refreshed by the heartbeat: no etcd call on the packet loop
-        network.start()
-        self.network = network
-        self.control.sessions = network
-
-    def _step_down(self, abandon_lease: bool) -> None:
-        network, self.network = self.network, None
-        self.store.follow()
-        self.control.sessions = StandbySessions(self)
-        if network is not None:
-            network.stop()
-            log.info("data plane stopped; this replica is a standby")
-        if abandon_lease:
-            self.lease = 0  # its campaign key lapses with it; campaign again on a new one
-        if not self.stop.is_set():
-            self._become_standby()
-
-    def _become_standby(self) -> None:
-        try:
-            self.standby = StandbyPort(self.config, self.control.pki, lambda: self.leader_address)
-            self.standby.start()
-            self.control.sessions = StandbySessions(self)
-        except OSError as e:
-            raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it") from None
-
-    def _check_data_plane(self) -> None:
-        network = self.network
-        if network is not None and not (network.thread.is_alive() and network.worker.is_alive()):
-            raise NcError("the data plane stopped unexpectedly")
-
-    def _heartbeat(self) -> None:
-        if not self.lease or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:
-            return
-        self.heartbeat_at = time.monotonic()
-        entry = {
-            "address": self.advertised,
-            "role": REPLICA_ROLE_LEADER if self.leading else REPLICA_ROLE_STANDBY,
-            "heartbeat": utc_now().isoformat(timespec="seconds"),
-            "port": self.config.port,
-            "grpcPort": self.config.grpc_port,
-            "bootstrapPort": self.config.bootstrap_port,
-        }
-        key = self.etcd.key("replica", self.advertised)
-        with contextlib.suppress(StoreError):  # short timeouts: the loop renews the lease too
-            self.replicas = tuple(r["address"] for r in replica_entries(self.etcd, timeout=0.5)) or (self.advertised,)
-            self.etcd.call(
-                self.etcd.kv.Put,
-                self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease),
-                timeout=0.5,
-            )
-
-
-def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dict]:
-    prefix = etcd.key("replica", "")
-    response = etcd.call(etcd.kv.Range, etcd.pb.RangeRequest(key=prefix, range_end=prefix_end(prefix)), timeout)
-    return sorted((json.loads(kv.value) for kv in response.kvs), key=lambda r: r["address"])
-
-
-class StoreWatch(threading.Thread):
-    """For replicas: follows the store in etcd by Watch. A node key changed: the pools
-    are reloaded, so a binding another replica made is known here at once. A network
-    key changed: networks created or deleted on another replica are served or dropped
-    here too (the leader makes or removes their TUNs)."""
-
-    def __init__(self, store: EtcdStore, control: ControlPlane, stop: threading.Event) -> None:
-        super().__init__(name="store-watch", daemon=True)
-        self.store, self.control, self.overlays, self.stop = store, control, control.overlays, stop
-
-    def run(self) -> None:
-        etcd = self.store.etcd
-        nodes, networks = etcd.key("node", ""), etcd.key("network", "")
-        while not self.stop.is_set():
-            try:
-                revision = etcd.range(nodes).header.revision
-                self._sync_networks()
-                self._reload()
-                for events in etcd.watch(etcd.prefix, revision + 1, self.stop):
-                    keys = [event.kv.key for event in events]
-                    if any(key.startswith(networks) for key in keys):
-                        self._sync_networks()
-                    if any(key.startswith(nodes) for key in keys):
-                        self._reload()
-            except StoreError as e:
-                log.warning("%s; watching again in 1 s", e)
-                self.stop.wait(1.0)
-
-    def _reload(self) -> None:
-        for overlay in self.overlays.all():
-            overlay.bindings.reload()
-
-    def _sync_networks(self) -> None:
-        rows = {row.name: row for row in self.store.networks()}
-        known = {overlay.name for overlay in self.overlays.all()}
-        for name in sorted(rows.keys() - known):
-            overlay = self.overlays.adopt(rows[name])
-            if overlay is not None:
-                log.info("network %s (%s) was created on another replica", name, overlay.network)
-                with contextlib.suppress(NcError):
-                    self.control.sessions.add_overlay(overlay)
-        for name in sorted(known - rows.keys() - {DEFAULT_NETWORK}):
-            log.info("network %s was deleted on another replica", name)
-            self.overlays.remove(name)
-            self.control.sessions.remove_overlay(name)
-
-
-# ============================================================================
-# 14. Join and admin commands
-#     The client side of the control plane: join strings and CA pins,
-#     saving node credentials, and `nc adm ...`.
-# ============================================================================
 
 
 @dataclasses.dataclass(frozen=True)
@@ -9585,6 +9485,749 @@ def control_rpc(args: argparse.Namespace, method: str, request: Any) -> Any:
         return check_code(client.control(method, request))
 
 
+# ============================================================================
+# 14. High availability
+#    Replicas on etcd: election by lease, fencing, the standby's port, and
+#    the watch that keeps every replica's pools and networks current.
+# ============================================================================
+
+
+# -- replicas on etcd ----------------------------------------------------------------
+#
+# Every replica serves both gRPC ports from etcd (active/active). One, the leader,
+# holds the data plane: the TUNs with the server's overlay addresses and port 6441
+# (active/passive). It leads while its campaign key, bound to its lease, is in
+# etcd; it stops its data plane FENCE_AFTER_S after the last renewal it sent, while
+# the lease (LEADER_LEASE_TTL_S from that renewal) still keeps everyone else out.
+
+LEADER_LEASE_TTL_S = 5
+
+
+LEASE_RENEW_EVERY_S = 1.0
+
+
+FENCE_AFTER_S = 3.5  # < LEADER_LEASE_TTL_S, with 1.5 s to take the TUNs down
+
+
+REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
+
+
+class StandbyPort:
+    """A standby's port 6441: it finishes the TLS handshake and answers every node with
+    an ERROR naming the leader, so the node goes there at once."""
+
+    def __init__(self, config: ServerConfig, pki: Pki, leader: Callable[[], str]) -> None:
+        self.leader = leader
+        self.listener = listen_any(config.port)
+        self.listener.setblocking(False)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.load_cert_chain(pki.network.server_cert_path, pki.network.server_key_path)
+        context.load_verify_locations(cafile=str(pki.network.ca_path))
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.pending: queue.SimpleQueue[ssl.SSLSocket | None] = queue.SimpleQueue()
+        self.handshaker = Handshaker(self.listener, context, lambda tls, _peer: self.pending.put(tls))
+        self.thread = threading.Thread(target=self._refuse_all, name="standby-refusals", daemon=True)
+
+    def start(self) -> None:
+        self.handshaker.start()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.handshaker.stop()
+        self.pending.put(None)
+        self.thread.join(timeout=5.0)
+        self.listener.close()
+
+    def _refuse_all(self) -> None:
+        while (tls := self.pending.get()) is not None:
+            leader = self.leader()
+            reason = f"this replica is a standby; the leader is {leader}" if leader else "no leader is elected yet"
+            try:
+                tls.setblocking(True)
+                tls.settimeout(2.0)
+                tls.sendall(Refusal("standby", reason, retry=True, leader=leader).encode())
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    tls.recv(4096)  # the hello: read before closing, so no reset eats the refusal
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                tls.close()
+
+
+class StandbySessions(Sessions):
+    """A standby's data plane is the leader's: the standby is healthy (its port refers
+    nodes to the leader) while its role loop follows etcd; sessions are not its own."""
+
+    def __init__(self, role: ReplicaRole) -> None:
+        self.role = role
+
+    def running(self) -> bool:
+        return self.role.is_alive() and not self.role.stop.is_set() and self.role.standby is not None
+
+
+class ReplicaRole(threading.Thread):
+    """Campaigns for leadership, runs the data plane while leading (a StandbyPort
+    otherwise), heartbeats this replica's entry for `nc adm replica list`, and fences:
+    a leader that cannot renew its lease stops its data plane before the lease ends."""
+
+    def __init__(self, store: EtcdStore, config: ServerConfig, advertised: str, stop: threading.Event) -> None:
+        super().__init__(name="replica-role", daemon=True)
+        self.store, self.etcd, self.config = store, store.etcd, config
+        store.follow()  # a standby until elected: no leader-only write before lead()
+        self.control: ControlPlane  # begin() gives it
+        self.advertised, self.stop = advertised, stop
+        self.campaign_key = self.etcd.key("leader")
+        self.lease = 0
+        self.renewed_at = 0.0  # monotonic time the last successful renewal was sent
+        self.network: NetworkServer | None = None
+        self.standby: StandbyPort | None = None
+        self.leader_address = ""
+        self.became = threading.Event()  # set once the first role (leader or standby) is taken
+        self._lock = threading.RLock()  # one role change at a time: the loop's or the fence's
+        self.heartbeat_at = 0.0
+        self.fence_watch = threading.Thread(target=self._fence_watch, name="replica-fence", daemon=True)
+        self.replicas: tuple[str, ...] = (advertised,)
+
+    @property
+    def leading(self) -> bool:
+        return self.network is not None
+
+    # -- its ServerRole part: what serve() asks of it ------------------------------
+
+    def prepare(self, admin_cert: CertRecord) -> None:
+        self.store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))  # every replica's admin identity
+
+    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
+        self.control = control
+        control.replicas = lambda: self.replicas
+        return [TokenSweeper(self.store, self.stop), StoreWatch(self.store, control, self.stop), self]
+
+    def ready(self) -> str:
+        self.became.wait(10.0)
+        return self.describe()
+
+    def data_plane(self) -> NetworkServer | None:
+        return self.network
+
+    def describe(self) -> str:
+        return REPLICA_ROLE_LEADER if self.leading else REPLICA_ROLE_STANDBY
+
+    def end(self) -> None:
+        pass  # its own thread steps down and closes its port when stop is set
+
+    # -- the role loop --------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            self._become_standby()
+            self.became.set()
+            self.fence_watch.start()
+            while not self.stop.is_set():
+                self._renew()
+                if not self.leading and self.lease:
+                    self._campaign()
+                self._check_data_plane()
+                self._heartbeat()
+                # A leader whose last renewal failed tries again at once (an etcd election is short).
+                behind = time.monotonic() - self.renewed_at > LEASE_RENEW_EVERY_S * 1.5
+                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading and not behind else LEASE_RENEW_EVERY_S / 4)
+        finally:
+            if self.fence_watch.is_alive():
+                self.fence_watch.join(timeout=5.0)
+            if self.leading:
+                self._step_down(abandon_lease=False)
+            if self.standby is not None:
+                self.standby.stop()
+                self.standby = None
+            if self.lease:
+                self.etcd.revoke(self.lease)  # the others need not wait for the TTL
+
+    def _fence_watch(self) -> None:
+        """Apart from the loop, whose etcd calls may block: the data plane stops
+        FENCE_AFTER_S after the last renewal sent, whatever the loop is waiting for."""
+        while not self.stop.wait(0.1):
+            if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                with self._lock:
+                    if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                        log.warning("lease not renewed for %.1f s: stopping the data plane (fencing)", FENCE_AFTER_S)
+                        self._step_down(abandon_lease=True)
+
+    def _renew(self) -> None:
+        sent = time.monotonic()
+        try:
+            if not self.lease:
+                self.lease = self.etcd.grant(LEADER_LEASE_TTL_S)
+                self.renewed_at = sent
+                return
+            if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9:
+                return
+            if self.etcd.keep_alive(self.lease, timeout=1.8) > 0:
+                self.renewed_at = sent
+            else:
+                log.warning("lease %x expired in etcd", self.lease)
+                with self._lock:
+                    if self.leading:
+                        self._step_down(abandon_lease=True)
+                    self.lease = 0
+        except StoreError as e:
+            log.warning("%s", e)
+
+    def _campaign(self) -> None:
+        pb = self.etcd.pb
+        absent = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=self.campaign_key, create_revision=0)
+        value = json.dumps({"address": self.advertised, "port": self.config.port}).encode()
+        get = pb.RequestOp(request_range=pb.RangeRequest(key=self.campaign_key))
+        try:
+            request = pb.TxnRequest(compare=[absent], success=[self.etcd.put_op(self.campaign_key, value, self.lease)])
+            request.failure.append(get)
+            response = self.etcd.call(self.etcd.kv.Txn, request, timeout=1.0)
+        except StoreError as e:
+            log.warning("%s", e)
+            return
+        if not response.succeeded:
+            kvs = response.responses[0].response_range.kvs
+            self.leader_address = json.loads(kvs[0].value)["address"] if kvs else ""
+            return
+        with self._lock:
+            if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+                return  # won with a lease too old to lead on; the fence lets it lapse
+            self.store.lead((self.campaign_key, response.header.revision))
+            self.leader_address = self.advertised
+            log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
+            try:
+                self._become_leader()
+            except NcError as e:
+                log.error("cannot take the data plane: %s; giving the leadership up", e)
+                self._step_down(abandon_lease=True)
+
+    def _become_leader(self) -> None:
+        if self.standby is not None:
+            self.standby.stop()
+            self.standby = None
+        store, server_ip = self.store, str(self.config.server_overlay_ip)
+        with contextlib.suppress(NotLeader):
+            store.reset_states(STATE_CONNECTED)  # the old leader's sessions are gone
+            if store.ensure_reserved_node(server_ip):
+                log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
+        network = NetworkServer(self.config, self.control)
+        network.replicas = lambda: self.replicas  # refreshed by the heartbeat: no etcd call on the packet loop
+        network.start()
+        self.network = network
+        self.control.sessions = network
+
+    def _step_down(self, abandon_lease: bool) -> None:
+        network, self.network = self.network, None
+        self.store.follow()
+        self.control.sessions = StandbySessions(self)
+        if network is not None:
+            network.stop()
+            log.info("data plane stopped; this replica is a standby")
+        if abandon_lease:
+            self.lease = 0  # its campaign key lapses with it; campaign again on a new one
+        if not self.stop.is_set():
+            self._become_standby()
+
+    def _become_standby(self) -> None:
+        try:
+            self.standby = StandbyPort(self.config, self.control.pki, lambda: self.leader_address)
+            self.standby.start()
+            self.control.sessions = StandbySessions(self)
+        except OSError as e:
+            raise NcError(f"cannot listen on :{self.config.port} ({e.strerror}); stop what uses it") from None
+
+    def _check_data_plane(self) -> None:
+        network = self.network
+        if network is not None and not (network.thread.is_alive() and network.worker.is_alive()):
+            raise NcError("the data plane stopped unexpectedly")
+
+    def _heartbeat(self) -> None:
+        if not self.lease or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:
+            return
+        self.heartbeat_at = time.monotonic()
+        entry = {
+            "address": self.advertised,
+            "role": REPLICA_ROLE_LEADER if self.leading else REPLICA_ROLE_STANDBY,
+            "heartbeat": utc_now().isoformat(timespec="seconds"),
+            "port": self.config.port,
+            "grpcPort": self.config.grpc_port,
+            "bootstrapPort": self.config.bootstrap_port,
+        }
+        key = self.etcd.key("replica", self.advertised)
+        with contextlib.suppress(StoreError):  # short timeouts: the loop renews the lease too
+            self.replicas = tuple(r["address"] for r in replica_entries(self.etcd, timeout=0.5)) or (self.advertised,)
+            self.etcd.call(
+                self.etcd.kv.Put,
+                self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease),
+                timeout=0.5,
+            )
+
+
+def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dict]:
+    prefix = etcd.key("replica", "")
+    response = etcd.call(etcd.kv.Range, etcd.pb.RangeRequest(key=prefix, range_end=prefix_end(prefix)), timeout)
+    return sorted((json.loads(kv.value) for kv in response.kvs), key=lambda r: r["address"])
+
+
+class StoreWatch(threading.Thread):
+    """For replicas: follows the store in etcd by Watch. A node key changed: the pools
+    are reloaded, so a binding another replica made is known here at once. A network
+    key changed: networks created or deleted on another replica are served or dropped
+    here too (the leader makes or removes their TUNs)."""
+
+    def __init__(self, store: EtcdStore, control: ControlPlane, stop: threading.Event) -> None:
+        super().__init__(name="store-watch", daemon=True)
+        self.store, self.control, self.overlays, self.stop = store, control, control.overlays, stop
+
+    def run(self) -> None:
+        etcd = self.store.etcd
+        nodes, networks = etcd.key("node", ""), etcd.key("network", "")
+        while not self.stop.is_set():
+            try:
+                revision = etcd.range(nodes).header.revision
+                self._sync_networks()
+                self._reload()
+                for events in etcd.watch(etcd.prefix, revision + 1, self.stop):
+                    keys = [event.kv.key for event in events]
+                    if any(key.startswith(networks) for key in keys):
+                        self._sync_networks()
+                    if any(key.startswith(nodes) for key in keys):
+                        self._reload()
+            except StoreError as e:
+                log.warning("%s; watching again in 1 s", e)
+                self.stop.wait(1.0)
+
+    def _reload(self) -> None:
+        for overlay in self.overlays.all():
+            overlay.bindings.reload()
+
+    def _sync_networks(self) -> None:
+        rows = {row.name: row for row in self.store.networks()}
+        known = {overlay.name for overlay in self.overlays.all()}
+        for name in sorted(rows.keys() - known):
+            overlay = self.overlays.adopt(rows[name])
+            if overlay is not None:
+                log.info("network %s (%s) was created on another replica", name, overlay.network)
+                with contextlib.suppress(NcError):
+                    self.control.sessions.add_overlay(overlay)
+        for name in sorted(known - rows.keys() - {DEFAULT_NETWORK}):
+            log.info("network %s was deleted on another replica", name)
+            self.overlays.remove(name)
+            self.control.sessions.remove_overlay(name)
+
+
+# ============================================================================
+# 15. Server and client assembly
+#    ONE assembly for a single server and a replica (a role decides where the
+#    data plane runs): start-up, supervision, notify, reload, metrics, stop.
+# ============================================================================
+
+
+def run_client(config: ClientConfig) -> int:
+    if os.geteuid() != 0:
+        raise NcError("nc client must run as root (it creates a TUN device and routes)")
+    os.umask(0o077)
+    client = NetworkClient(config)
+    renewer = CertRenewer(config, client.stop, client.on_renewed)
+    signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: client.request_stop())
+    log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
+    status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
+    status.start()
+    sd_notify("READY=1\nSTATUS=connecting")  # the client runs and answers `nc status`; it connects on its own
+    renewer.start()
+    try:
+        return client.run()
+    finally:
+        status.close()
+        if renewer.is_alive():
+            renewer.join(timeout=RPC_TIMEOUT_S)  # client.run() set stop on its way out
+
+
+def reload_networks(config: ServerConfig, fresh: ServerConfig, control: ControlPlane) -> tuple[list[str], bool]:
+    """Serve the networks the file gained; returns their names, and False when it also
+    removed or changed one (that needs a restart: its nodes hold addresses in it)."""
+    running = {spec.name: spec for spec in config.networks}
+    added = []
+    for spec in fresh.networks:
+        if spec.name in running:
+            continue
+        try:
+            control.add_config_network(spec)
+        except NcError as e:
+            log.error("SIGHUP: network %s not added: %s", spec.name, e)
+            continue
+        config.networks.append(spec)
+        added.append(spec.name)
+    wanted = {spec.name: spec for spec in fresh.networks}
+    kept = all(wanted.get(name) == spec for name, spec in running.items())
+    return added, kept
+
+
+# What SIGHUP applies to a running server (read at each use); anything else needs a restart.
+RELOADABLE_FIELDS = ("debug", "nodes_may_mint", "node_mint_rate", "node_token_max_life", "node_cert_life")
+
+
+def reload_server_config(config: ServerConfig, path: str | None, control: ControlPlane | None = None) -> None:
+    """SIGHUP: re-read the config file, apply what can change without dropping sessions,
+    and say in one line what was applied and what needs a restart."""
+    if path is None:
+        log.info("SIGHUP: running on the embedded defaults (no --config); nothing to re-read")
+        return
+    try:
+        fresh: ServerConfig = load_config(path, "server")
+    except ConfigError as e:
+        log.error("SIGHUP: %s; the running configuration stays", e)
+        return
+    changed = [f.name for f in dataclasses.fields(ServerConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
+    applied = [camel(name) for name in changed if name in RELOADABLE_FIELDS]
+    for name in changed:
+        if name in RELOADABLE_FIELDS:
+            setattr(config, name, getattr(fresh, name))
+    logging.getLogger("nc").setLevel(logging.DEBUG if config.debug else logging.INFO)
+    restart = [camel(name) for name in changed if name not in (*RELOADABLE_FIELDS, "networks")]
+    if "networks" in changed and control is not None:
+        added, kept = reload_networks(config, fresh, control)
+        applied += [f"networks (+{name})" for name in added]
+        restart += [] if kept else ["networks (removed or changed ones)"]
+    log.info(
+        "SIGHUP: re-read %s; applied: %s; needs a restart: %s",
+        path,
+        ", ".join(applied) or "nothing changed",
+        ", ".join(restart) or "nothing",
+    )
+
+
+# NetworkServer counters ("dropped-<reason>", handshaker's) -> nc_refusals_total reasons.
+REFUSAL_COUNTERS = {
+    "refused-hellos": "session",
+    "dropped-spoofed": "spoofing",
+    "protocol-errors": "protocol",
+    "refused-busy": "handshake-limit",
+    "tls-failures": "handshake",
+    "handshake-timeouts": "handshake-timeout",
+}
+
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServerMetrics:
+    """Prometheus metrics of a running server, served on metricsAddr. Most are read live
+    from the parts at scrape time (nothing on the packet path but plain integer counters);
+    the two latency histograms are fed by hooks of the control plane and the handshaker."""
+
+    def __init__(self, control: ControlPlane, role: ServerRole) -> None:
+        from prometheus_client import CollectorRegistry, Histogram, PlatformCollector, ProcessCollector
+
+        self.control, self.role = control, role
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.join_seconds = Histogram(
+            "nc_join_duration_seconds",
+            "Time to admit a join (GetToken)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.handshake_seconds = Histogram(
+            "nc_handshake_duration_seconds",
+            "Data-plane TLS handshake time",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(self)
+        control.observe_join = self.join_seconds.observe
+        control.observe_handshake = self.handshake_seconds.observe
+        self.httpd: Any = None
+        self.guard: GrpcGuard | None = None  # its refusals count as "grpc-limit"
+
+    def serve(self, address: str) -> None:
+        from prometheus_client import start_http_server
+
+        host, port = split_host_port(address, "server.metricsAddr")
+        try:
+            self.httpd, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise NcError(
+                f"cannot serve metrics on {address} ({e.strerror}); change server.metricsAddr or set it empty"
+            ) from None
+        log.info("Prometheus metrics on http://%s/metrics", address)
+
+    def close(self) -> None:
+        if self.httpd is not None:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def describe(self) -> list[Any]:
+        return []  # families are known only at scrape time; an empty describe keeps registration cheap
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        nodes = GaugeMetricFamily("nc_nodes", "Registered nodes by network and state", labels=["network", "state"])
+        counts = collections.Counter(
+            (row.network, STATE_NAMES.get(row.state, "unknown"))
+            for row in self.control.store.nodes()
+            if row.token != RESERVED_NODE_TOKEN
+        )
+        pool = GaugeMetricFamily("nc_pool_addresses", "Overlay addresses by network", labels=["network", "state"])
+        for overlay in self.control.overlays.all():
+            for state in STATE_NAMES.values():
+                nodes.add_metric([overlay.name, state], counts.get((overlay.name, state), 0))
+            bound = len(overlay.bindings.pool)
+            pool.add_metric([overlay.name, "bound"], bound)
+            pool.add_metric([overlay.name, "free"], overlay.bindings.pool.capacity - bound)
+        yield nodes
+        yield pool
+        info = GaugeMetricFamily("nc_server", "This server: its version and role", labels=["version", "role"])
+        info.add_metric([VERSION, self.role.describe()], 1)
+        yield info
+        network = self.role.data_plane()  # None on a standby: the leader carries the traffic
+        sessions = GaugeMetricFamily("nc_sessions", "Live data-plane sessions by transport", labels=["transport"])
+        by_transport = collections.Counter(network.transports().values() if network else ())
+        for transport in ("tcp", "udp"):
+            sessions.add_metric([transport], by_transport[transport])
+        yield sessions
+        traffic = network.traffic() if network else collections.Counter()
+        data = CounterMetricFamily("nc_data", "Data-plane traffic with nodes", labels=["direction"], unit="bytes")
+        packets = CounterMetricFamily("nc_packets", "Data frames with nodes", labels=["direction"])
+        for direction in ("rx", "tx"):
+            data.add_metric([direction], traffic[f"{direction}_bytes"])
+            packets.add_metric([direction], traffic[f"{direction}_packets"])
+        yield data
+        yield packets
+        counters = collections.Counter(network.counters if network else ())
+        if network is not None and network.handshaker is not None:
+            counters.update(network.handshaker.counters)
+        drops = CounterMetricFamily("nc_drops", "Packets dropped by reason", labels=["reason"])
+        for name, value in sorted(counters.items()):
+            if name.startswith("dropped-"):
+                drops.add_metric([name.removeprefix("dropped-")], value)
+            elif name.startswith("udp-"):  # datagrams that did not authenticate, or carried no packet
+                drops.add_metric([name], value)
+        yield drops
+        refusals = CounterMetricFamily("nc_refusals", "Joins and connections refused by reason", labels=["reason"])
+        reasons = collections.Counter(self.control.refusals)
+        for name, reason in REFUSAL_COUNTERS.items():
+            reasons[reason] += counters.get(name, 0)
+        reasons["grpc-limit"] += self.guard.refused if self.guard is not None else 0
+        for reason in ("token", "network-full"):
+            reasons[reason] += 0  # present from the start, so rate() has a baseline
+        for reason, value in sorted(reasons.items()):
+            refusals.add_metric([reason], value)
+        yield refusals
+
+
+def run_server(config: ServerConfig, config_path: str | None = None) -> int:
+    check_root("server")
+    fd_limit = raise_open_file_limit()
+    limit_malloc_arenas()  # before gRPC starts its threads
+    os.umask(0o077)  # keys, the database and logs are for root only
+    try:
+        return serve(config, fd_limit, config_path)
+    except OSError as e:  # files of the workDir: a read-only or full disk
+        fix = f"give nc a writable workDir with free space (server.workDir {config.work_dir})"
+        raise NcError(os_error_line(e, fix)) from None
+
+
+class ServerRole(Protocol):
+    """Where the data plane runs: on a single server always (SingleRole); on a replica
+    on etcd while it leads, its port referring nodes to the leader otherwise (ReplicaRole).
+    Everything else about a server is the same for both and lives in serve()."""
+
+    def prepare(self, admin_cert: CertRecord) -> None:
+        """The store's part of the start (the reserved node-token), before the pools load it."""
+
+    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
+        """Start the data plane (or the campaign for it); returns the threads serve() starts,
+        watches and joins."""
+        ...
+
+    def ready(self) -> str:
+        """Wait until the data plane (or a first role) is taken; what STATUS= says then."""
+        ...
+
+    def data_plane(self) -> NetworkServer | None:
+        """The data plane running here now, if any."""
+        ...
+
+    def describe(self) -> str:
+        """single, leader or standby: for logs and the metrics' role label."""
+        ...
+
+    def end(self) -> None:
+        """Stop what begin() started that its threads do not stop themselves."""
+
+
+class SingleRole:
+    """A server alone on its sqlite store: the data plane runs here from start to stop."""
+
+    def __init__(self, config: ServerConfig, store: Datastore, stop: threading.Event) -> None:
+        self.config, self.store, self.stop = config, store, stop
+        self.network: NetworkServer | None = None
+
+    def prepare(self, admin_cert: CertRecord) -> None:
+        reset = self.store.reset_states(STATE_CONNECTED)
+        if reset:
+            log.info("reset %d stale connection state(s) to idle", reset)
+        ensure_reserved(self.store, str(self.config.server_overlay_ip), admin_cert)
+
+    def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
+        network = NetworkServer(self.config, control)
+        for thread in (network.thread, network.worker):
+            supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
+        network.start()
+        self.network = control.sessions = network
+        return [TokenSweeper(self.store, self.stop), CacheSync(control.overlays, self.stop)]
+
+    def ready(self) -> str:
+        return f"serving {len(self.network.planes) if self.network else 0} network(s)"
+
+    def data_plane(self) -> NetworkServer | None:
+        return self.network
+
+    def describe(self) -> str:
+        return "single"
+
+    def end(self) -> None:
+        if self.network is not None:
+            self.network.stop()
+        with contextlib.suppress(StoreError):  # a damaged or full store is reported once, above
+            self.store.reset_states(STATE_IDLE)
+
+
+def run_start_up_step(name: str, step: Callable[[], None]) -> None:
+    """Start-up work that the design runs in a thread of its own (the reserved-token
+    check): run it there and wait; its failure fails the start instead of leaving a
+    server that runs without, say, its admin identity."""
+    failures: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            step()
+        except BaseException as e:  # handed to the main thread, which raises it
+            failures.append(e)
+
+    thread = threading.Thread(target=body, name=name)
+    thread.start()
+    thread.join()
+    if failures:
+        raise failures[0]
+
+
+def reload_and_watchdog(config: ServerConfig, config_path: str | None, control: ControlPlane) -> Callable[[], None]:
+    """The server's tick, once a second while every part lives: a reload SIGHUP asked
+    for, and the watchdog, fed while the data plane (a standby: its referrals) runs."""
+    watchdog, reload = Watchdog(), threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+
+    def tick() -> None:
+        if reload.is_set():
+            reload.clear()
+            sd_notify("RELOADING=1")
+            reload_server_config(config, config_path, control)
+            sd_notify("READY=1")
+        watchdog.ping(control.sessions.running())
+
+    return tick
+
+
+def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -> int:
+    """`nc server`: alone on its sqlite store, or (datastoreEndpoint) one replica of several
+    on etcd. The same start-up, supervision (every long-lived part watched), READY=1 and
+    watchdog, SIGHUP reload, metrics and shutdown for both; the role decides only where
+    the data plane runs."""
+    kind = "replica" if config.datastore_endpoint else "server"
+    with work_dir_lock(Path(config.work_dir)):
+        advertised = config.ip or detect_server_ip()
+        underlay_ip = resolve_host(advertised)  # a DNS name: for certificates and the CIDR rules
+        server_ip = str(config.server_overlay_ip)
+        where = f"overlay {config.overlay} (server {server_ip})" + (
+            f", datastore {config.datastore_endpoint}" if config.datastore_endpoint else ""
+        )
+        log.info("nc %s %s starting: advertised address %s, %s", VERSION, kind, advertised, where)
+        store = open_store(config)
+        stop = threading.Event()
+        threads: list[threading.Thread] = []
+        servers: list[Any] = []
+        role: ServerRole | None = None
+        metrics: ServerMetrics | None = None
+        supervisor = Supervisor()
+        threading.excepthook = supervisor.on_thread_exception
+        code = 0
+        try:
+            pki = Pki(config)
+            if isinstance(store, EtcdStore):
+                share_pki(store.etcd, pki, config.cluster_token)
+            admin_cert = pki.ensure((underlay_ip, "127.0.0.1", server_ip))
+            chosen: ServerRole = (
+                ReplicaRole(store, config, advertised, stop)
+                if isinstance(store, EtcdStore)
+                else SingleRole(config, store, stop)
+            )
+            run_start_up_step("reserved-check", lambda: chosen.prepare(admin_cert))
+            overlays = Overlays(store, config)
+            control = ControlPlane(config, store, pki, overlays, advertised)
+            control.underlay_ip = underlay_ip
+            control.check_config_networks()
+            metrics = ServerMetrics(control, chosen) if config.metrics_addr else None
+            role = chosen
+            threads = [*role.begin(control, supervisor), MemoryTrimmer(stop)]
+            guard = GrpcGuard(stop)
+            try:
+                servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
+            except BaseException:
+                guard.close()  # its public ports; the thread never started
+                raise
+            threads.insert(0, guard)
+            if metrics is not None:
+                metrics.guard = guard
+            for thread in threads:
+                supervisor.watch_thread(thread)
+                thread.start()
+            if metrics is not None:
+                metrics.serve(config.metrics_addr)
+            for name, server in zip(("gRPC bootstrap server", "gRPC control server"), servers):
+                supervisor.watch(name, lambda s=server: s.wait_for_termination(0))  # True: still serving
+            status = role.ready()
+            log.info("nc %s ready (%s); join string pin %s", kind, status, pki.ca_pin())
+            sd_notify(f"READY=1\nSTATUS={status}")  # every port listens now
+            code = wait_for_stop_signal(stop, supervisor, reload_and_watchdog(config, config_path, control))
+        finally:
+            stop.set()
+            if metrics is not None:
+                metrics.close()
+            for server in servers:
+                server.stop(grace=1.0).wait(3.0)
+            if role is not None:
+                role.end()
+            for thread in threads:
+                if thread.ident is not None:  # a start that failed early never started them
+                    thread.join(timeout=10.0)
+            store.close()
+            threading.excepthook = THREAD_EXCEPTHOOK
+            log.info("nc %s stopped", kind)
+    return code
+
+
+def ensure_reserved(store: Datastore, server_ip: str, admin_cert: CertRecord) -> None:
+    """The reserved node-token: bound to the server's overlay IP, and held by the
+    admin certificate on disk (any older admin certificate is revoked)."""
+    if store.ensure_reserved_node(server_ip):
+        log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
+    store.record_certs(RESERVED_NODE_TOKEN, (admin_cert,))
+    if store.switch_to_cert(RESERVED_NODE_TOKEN, "grpc", admin_cert.serial):
+        log.info("revoked the previous admin certificate")
+
+
+# ============================================================================
+# 16. Admin commands, logging and main
+#    `nc adm ...` and one printer for its tables and JSON, log files that
+#    rotate daily, argparse, and where an NcError becomes one stderr line.
+# ============================================================================
+
+
 @dataclasses.dataclass
 class Table:
     """Rows for a terminal, under a header of column names."""
@@ -9921,12 +10564,6 @@ def adm_datastore_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-# ============================================================================
-# 15. Logging and main
-#     Log files that rotate daily (seven kept), argparse subcommands, and the
-#     single place where an NcError becomes one stderr line and an exit code.
-# ============================================================================
-
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(threadName)s: %(message)s"
 
 
@@ -10071,87 +10708,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines.append(("last error", status["lastError"]))
     show(args, status, "\n".join(f"{name + ':':12} {loggable(value)}" for name, value in lines))
     return 0 if status.get("state") == "connected" else 1
-
-
-SYSTEMD_DIR = Path("/etc/systemd/system")
-SERVICE_EXECUTABLE = Path("/usr/local/lib/nc/nc")  # off PATH: `nc` there is netcat on many hosts
-SERVICE_CACHE = "/var/cache/nc"  # where the unit's nc unpacks its libraries (ProtectHome hides ~/.shiv)
-
-
-def service_unit(mode: str, executable: Path, config: Path | None, work_dir: str) -> str:
-    """A systemd unit for `nc server` or `nc client`: Type=notify (nc says READY=1 once it
-    serves), a watchdog nc feeds only while healthy, restart on failure, reload by SIGHUP,
-    and the hardening that still lets it make TUN devices, routes and NAT rules."""
-    command = [str(executable), mode] + (["--config", str(config)] if config else [])
-    what = "server (cloud side)" if mode == "server" else "client (edge node)"
-    lines = [
-        "[Unit]",
-        f"Description=nc {what}: LiteKube network controller",
-        "Wants=network-online.target",
-        "After=network-online.target",
-        "",
-        "[Service]",
-        "Type=notify",
-        "NotifyAccess=main",
-        f"ExecStart={shlex.join(command)}",
-        "SyslogIdentifier=nc",
-        "ExecReload=/bin/kill -HUP $MAINPID",
-        "Restart=on-failure",
-        "RestartSec=2s",
-        "TimeoutStartSec=90s",
-        "WatchdogSec=30s",
-        "LimitNOFILE=1048576",
-        f"Environment=SHIV_ROOT={SERVICE_CACHE}",
-        "CacheDirectory=nc",
-        # root, but only the capabilities a VPN needs: TUN devices, addresses, routes, iptables
-        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
-        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        f"ReadWritePaths={work_dir}",
-        "ProtectHome=yes",
-        "PrivateTmp=yes",
-        "ProtectControlGroups=yes",
-        "ProtectClock=yes",
-        "ProtectHostname=yes",
-        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
-        "RestrictNamespaces=yes",
-        "RestrictRealtime=yes",
-        "LockPersonality=yes",
-        "SystemCallArchitectures=native",
-        "DevicePolicy=closed",
-        "DeviceAllow=/dev/net/tun rw",
-        "",
-        "[Install]",
-        "WantedBy=multi-user.target",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def hidden_from_services(path: Path) -> str | None:
-    """The directory that hides path from the unit's sandbox (PrivateTmp, ProtectHome), if any."""
-    for hidden in ("/tmp", "/var/tmp", "/home", "/root", "/run/user"):
-        if path == Path(hidden) or Path(hidden) in path.parents:
-            return hidden
-    return None
-
-
-def install_executable(source: Path, target: Path) -> None:
-    """Copy the running nc to target in one step: a service that restarts meanwhile runs
-    the old file or the new one, never half of one."""
-    import shutil
-
-    if source == target.resolve():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(source, scratch)
-        scratch.chmod(0o755)
-        os.replace(scratch, target)
-    finally:
-        scratch.unlink(missing_ok=True)
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
@@ -10454,240 +11010,6 @@ def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-use", action="store_true", help="consumed by its first join")
     parser.add_argument("--net", metavar="NAME", help="network the node joins (default: the default network)")
     parser.set_defaults(func=adm_token_create)
-
-
-# The file carries one set of packages per CPython (sets.tar.xz: one xz stream for them all,
-# indexed by nc-bundle.json; build.sh writes both). Its launcher has already refused an
-# interpreter without a set, so here the running interpreter's set is put on sys.path,
-# unpacked beside shiv's site-packages the first time this build runs under it.
-BUNDLE_INDEX = "nc-bundle.json"
-BUNDLE_SETS = "sets.tar.xz"
-
-
-def interpreter_tag() -> str:
-    """The bundle's name for the running interpreter's set: cp39, cp310, ..."""
-    return f"cp{sys.version_info[0]}{sys.version_info[1]}"
-
-
-def running_archive() -> Path | None:
-    """The nc file this process was started from; None when ncctl.py runs from source."""
-    if shiv_extraction() is None:
-        return None
-    path = Path(sys.argv[0]).resolve()
-    return path if path.is_file() else None
-
-
-def bundle_index(archive: Path) -> dict[str, Any]:
-    """What the file carries: its architecture, glibc floor, and each interpreter's wheels."""
-    import zipfile
-
-    with zipfile.ZipFile(archive) as zipapp:
-        return json.loads(zipapp.read(BUNDLE_INDEX))
-
-
-def use_bundled_set() -> Path | None:
-    """Put this interpreter's packages on sys.path, after shiv's site-packages (ncctl.py and
-    proto/), before the host's own. Returns their directory; None when run from source."""
-    extraction, archive = shiv_extraction(), running_archive()
-    if extraction is None or archive is None:
-        return None
-    target = extraction / interpreter_tag()
-    if not target.is_dir():
-        unpack_bundled_set(archive, target)
-    site = str(extraction / "site-packages")
-    sys.path.insert(sys.path.index(site) + 1 if site in sys.path else 0, str(target))
-    return target
-
-
-def unpack_bundled_set(archive: Path, target: Path) -> None:
-    """Unpack this interpreter's wheels from the archive into target: into a scratch
-    directory renamed when complete, under a lock, so nc processes starting together
-    unpack it once and none ever sees half of it."""
-    import shutil
-    import tarfile
-    import zipfile
-
-    lock = os.open(target.parent / f".{target.name}_lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.is_dir():
-            return  # another nc unpacked it while this one waited
-        wanted = set(bundle_index(archive)["sets"].get(interpreter_tag(), ()))
-        if not wanted:
-            raise NcError(f"{archive} carries no packages for Python {sys.version.split()[0]}")
-        if sys.stderr.isatty():
-            print(f"nc: first start of this build on Python {sys.version.split()[0]}: unpacking", file=sys.stderr)
-        scratch = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        shutil.rmtree(scratch, ignore_errors=True)
-        with zipfile.ZipFile(archive) as zipapp, zipapp.open(BUNDLE_SETS) as stream:
-            with tarfile.open(fileobj=stream, mode="r|xz") as tar:
-                for member in tar:  # grouped by wheel, in name order: stop after the last wanted
-                    wheel, _, name = member.name.partition("/")
-                    if wheel not in wanted:
-                        if all(other < wheel for other in wanted):
-                            break
-                        continue
-                    if not member.isfile() or name.startswith("/") or ".." in Path(name).parts:
-                        raise NcError(f"{archive}: a damaged package entry {member.name!r}; copy the file again")
-                    path = scratch / name
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    source = tar.extractfile(member)
-                    assert source is not None  # a regular file, checked above
-                    with source, open(path, "wb") as out:
-                        shutil.copyfileobj(source, out)
-                    path.chmod(member.mode & 0o755)
-        compile_for_this_interpreter(scratch, shown_as=target)
-        compile_for_this_interpreter(target.parent / "site-packages")  # another interpreter may have unpacked it
-        scratch.rename(target)
-    finally:
-        os.close(lock)
-
-
-def compile_for_this_interpreter(directory: Path, shown_as: Path | None = None) -> None:
-    """Byte-compile once, at unpacking, what later starts import, even where
-    PYTHONDONTWRITEBYTECODE keeps the import system from writing it (compiling ncctl.py
-    alone takes longer than the rest of a start)."""
-    import compileall
-
-    compileall.compile_dir(str(directory), ddir=str(shown_as) if shown_as else None, quiet=2, workers=1)
-
-
-PR_SET_NAME = 15  # prctl(2): the thread's name, as top, ps -e and the journal (_COMM) show it
-
-
-def name_process(name: str = "nc") -> None:
-    """Show this process as nc rather than as the python3 that runs the file: its name
-    (threads started later inherit it) and, for ps, its command line without the
-    interpreter, rewritten in place in the memory the kernel reads it from."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()), 0, 0, 0)
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
-        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
-        words = "\0".join(sys.argv).encode() + b"\0"
-        if len(words) <= end - start:
-            with open("/proc/self/mem", "r+b", buffering=0) as memory:
-                memory.seek(start)
-                memory.write(words.ljust(end - start, b"\0"))
-
-
-OLD_EXTRACTION_AGE_S = 3600  # unused this long (by its in-use marker, else since extraction): removable
-
-
-def shiv_extraction() -> Path | None:
-    """The ~/.shiv/<name>_<build-id> directory this nc runs from, if it runs from one."""
-    site = Path(__file__).resolve().parent
-    return (
-        site.parent
-        if site.name == "site-packages" and (site.parent.parent / f".{site.parent.name}_lock").exists()
-        else None
-    )
-
-
-def mark_extraction_in_use(extraction: Path) -> int | None:
-    """Hold a shared lock on <root>/.<extraction>_inuse for this process's life, so another
-    build's clean-up leaves this extraction alone (not shiv's own _lock: it takes that one
-    exclusively while extracting, and a shared hold would make the next start wait)."""
-    marker = extraction.parent / f".{extraction.name}_inuse"
-    try:
-        fd = os.open(marker, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        os.utime(marker)  # last used: now
-    except OSError:
-        return None
-    return fd
-
-
-def extractions_in_use(name: str) -> str:
-    """What live processes use, as one text to search: the files they map (their libraries)
-    and the build ids of the zipapps named `name` they run (one still starting has mapped
-    nothing yet)."""
-    import zipfile
-
-    used = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, KeyError, ValueError, zipfile.BadZipFile):
-            used.append((proc / "maps").read_text())
-            for arg in (proc / "cmdline").read_bytes().split(b"\0")[1:3]:
-                path = proc / "cwd" / os.fsdecode(arg)  # relative to that process's directory
-                if path.name == name and zipfile.is_zipfile(path):
-                    with zipfile.ZipFile(path) as archive:
-                        build = json.loads(archive.read("environment.json")).get("build_id", "")
-                    used.append(f"/{name}_{build}/")
-    return "".join(used)
-
-
-def last_used(extraction: Path) -> float:
-    """When an nc last started from this extraction: its in-use marker's time, or (a build
-    that kept no marker) when it was extracted."""
-    marker = extraction.parent / f".{extraction.name}_inuse"
-    try:
-        return max(marker.stat().st_mtime, extraction.stat().st_mtime)
-    except OSError:
-        return extraction.stat().st_mtime
-
-
-def remove_old_extractions(extraction: Path) -> list[Path]:
-    """Delete the extractions earlier builds of this nc left beside ours (about 40 MB each)
-    and nobody used for an hour, except those a running nc uses: locked by it, its
-    libraries mapped, or its zipapp running. Returns them."""
-    root, prefix = extraction.parent, extraction.name.rsplit("_", 1)[0] + "_"
-    now = time.time()
-    candidates = []
-    for other in root.glob(prefix + "*"):
-        with contextlib.suppress(OSError):
-            old = now - last_used(other) > OLD_EXTRACTION_AGE_S
-            if other != extraction and other.is_dir() and not other.name.endswith((".tmp", ".removing")) and old:
-                candidates.append(other)
-    if not candidates:
-        return []
-    import shutil
-
-    in_use = extractions_in_use(prefix[:-1])
-    removed = []
-    for other in candidates:
-        marker = root / f".{other.name}_inuse"
-        try:
-            fd = os.open(marker, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while an nc of that build runs
-            if f"/{other.name}/" in in_use:
-                continue
-            # Out of the way in one step (an nc starting from now on extracts it again), then
-            # look once more for one that started since the first look, before deleting.
-            parked = other.with_name(f"{other.name}.{os.getpid()}.removing")
-            other.rename(parked)
-            now_used = extractions_in_use(prefix[:-1])  # maps name the moved files by their new path
-            if f"/{other.name}/" in now_used or f"/{parked.name}/" in now_used:
-                with contextlib.suppress(OSError):
-                    parked.rename(other)  # unless it was extracted again meanwhile
-                if parked.exists():
-                    shutil.rmtree(parked, ignore_errors=True)
-                continue
-            shutil.rmtree(parked, ignore_errors=True)
-            for leftover in (root / f".{other.name}_lock", marker):
-                leftover.unlink(missing_ok=True)
-            removed.append(other)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return removed
-
-
-def tidy_shiv_root() -> None:
-    """Mark our extraction in use and remove the ones older builds left."""
-    extraction = shiv_extraction()
-    if extraction is None or mark_extraction_in_use(extraction) is None:
-        return
-    with contextlib.suppress(OSError):
-        remove_old_extractions(extraction)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10721,6 +10721,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     if mode == "client" and config_path is not None and not config_path.exists() and not args.print:
         raise UsageError(f"{config_path}: no such file; join first (nc client --join ...) or pass --config")
     config = load_config(str(config_path), mode) if config_path and config_path.exists() else load_config(None, mode)
+    if any(ch in config.work_dir for ch in "\n\r\0"):
+        raise UsageError(f"{mode}.workDir: a path with a line break cannot go into a unit file")
     problems = [
         f"{path}: the service's sandbox hides {hidden}, so it could not use {what}; "
         "move it (for example under /etc/nc or /var/lib) and run install-service again"

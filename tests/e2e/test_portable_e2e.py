@@ -197,3 +197,18 @@ def test_install_service_refuses_a_config_its_sandbox_would_hide(tmp_path: Path)
         [str(NC), "install-service", "server", "--config", str(config), "--print"], capture_output=True, text=True
     )
     assert shown.returncode == 0 and "# warning: " in shown.stdout
+
+
+def test_install_service_refuses_a_line_break_that_would_add_unit_lines(tmp_path: Path) -> None:
+    """A path is one line of the unit: a line break in it would add directives of its own."""
+    forged = "/x.yml\nExecStartPre=/bin/touch /tmp/pwned"
+    done = subprocess.run(
+        [str(NC), "install-service", "server", "--config", forged, "--print"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "line break" in done.stderr and "ExecStartPre" not in done.stdout, done
+    config = tmp_path / "server.yml"
+    config.write_text(json.dumps({"mode": "server", "server": {"workDir": "/var/lib/nc\nExecStartPre=/bin/true"}}))
+    done = subprocess.run(
+        [str(NC), "install-service", "server", "--config", str(config), "--print"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "workDir" in done.stderr and "ExecStartPre" not in done.stdout, done

@@ -968,11 +968,13 @@ SERVICE_EXECUTABLE = Path("/usr/local/lib/nc/nc")  # off PATH: `nc` there is net
 SERVICE_CACHE = "/var/cache/nc"  # where the unit's nc unpacks its libraries (ProtectHome hides ~/.shiv)
 
 
-def service_unit(mode: str, executable: Path, config: Path | None, work_dir: str) -> str:
+def service_unit(
+    mode: str, executable: Path, config: Path | None, work_dir: str, interpreter: tuple[str, ...] = ()
+) -> str:
     """A systemd unit for `nc server` or `nc client`: Type=notify (nc says READY=1 once it
     serves), a watchdog nc feeds only while healthy, restart on failure, reload by SIGHUP,
     and the hardening that still lets it make TUN devices, routes and NAT rules."""
-    command = [str(executable), mode] + (["--config", str(config)] if config else [])
+    command = [*interpreter, str(executable), mode] + (["--config", str(config)] if config else [])
     what = "server (cloud side)" if mode == "server" else "client (edge node)"
     lines = [
         "[Unit]",
@@ -1025,6 +1027,26 @@ def hidden_from_services(path: Path) -> str | None:
         if path == Path(hidden) or Path(hidden) in path.parents:
             return hidden
     return None
+
+
+SERVICE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # systemd's PATH for services
+
+
+def service_interpreter() -> tuple[tuple[str, ...], str | None]:
+    """How the unit starts the file, and a warning. Through its `#!/usr/bin/env python3`
+    when that finds this very interpreter on systemd's PATH (the unit then follows the
+    host's upgrades); else with this interpreter named (a python3.9 next to an older
+    python3); else, when the sandbox would hide this one, python3 from PATH, said aloud."""
+    import shutil
+
+    found = shutil.which("python3", path=SERVICE_PATH)
+    if found and Path(found).resolve() == Path(sys.executable).resolve():
+        return (), None
+    hidden = hidden_from_services(Path(sys.executable).resolve()) or hidden_from_services(Path(sys.executable))
+    if hidden is None:
+        return (sys.executable,), None
+    instead = f"{found} ({os.path.realpath(found)})" if found else "no python3 on systemd's PATH"
+    return (), f"this Python ({sys.executable}) is under {hidden}, hidden from the service; it runs {instead}"
 
 
 def install_executable(source: Path, target: Path) -> None:
@@ -10732,17 +10754,21 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     archive = running_archive()
     if archive is None:
         raise UsageError("install-service installs the nc file ./build.sh writes; run it from that file")
-    unit = service_unit(mode, SERVICE_EXECUTABLE, config_path, config.work_dir)
+    interpreter, interpreter_warning = service_interpreter()
+    unit = service_unit(mode, SERVICE_EXECUTABLE, config_path, config.work_dir, interpreter)
     root = Path(args.root).resolve() if args.root else Path("/")
     executable = root / SERVICE_EXECUTABLE.relative_to("/")
     unit_path = root / SYSTEMD_DIR.relative_to("/") / f"nc-{mode}.service"
     if args.print:
         copy = f"would copy {archive} to {executable}" if archive != executable.resolve() else f"runs {executable}"
-        warnings = "".join(f"# warning: {problem}\n" for problem in problems)
+        notes = [*problems, *([interpreter_warning] if interpreter_warning else [])]
+        warnings = "".join(f"# warning: {note}\n" for note in notes)
         sys.stdout.write(f"# nc install-service {mode}: {copy} and write {unit_path}\n{warnings}{unit}")
         return 0
     if problems:
         raise UsageError(problems[0])
+    if interpreter_warning:
+        print(f"nc: warning: {interpreter_warning}", file=sys.stderr)
     if os.geteuid() != 0 and not args.root:
         raise NcError("installing a service needs root; run with sudo, or add --print to see what it would do")
     try:

@@ -151,8 +151,9 @@ def test_install_service_copies_the_file_off_path_and_the_unit_runs_it(tmp_path:
         config_dir.mkdir()
         config = config_dir / "server.yml"
         config.write_text(json.dumps({"mode": "server", "server": {"workDir": "/var/lib/nc"}}))
+        system_python = "/usr/bin/python3"  # Debian's, what the unit's #!/usr/bin/env python3 finds
         shown = subprocess.run(
-            [str(NC), "install-service", "server", "--config", str(config), "--print"],
+            [system_python, str(NC), "install-service", "server", "--config", str(config), "--print"],
             capture_output=True,
             text=True,
             check=True,
@@ -161,7 +162,7 @@ def test_install_service_copies_the_file_off_path_and_the_unit_runs_it(tmp_path:
         assert f"ExecStart=/usr/local/lib/nc/nc server --config {config}" in shown.splitlines()
         assert "SyslogIdentifier=nc" in shown.splitlines() and "# warning" not in shown
         subprocess.run(
-            [str(NC), "install-service", "server", "--config", str(config), "--root", str(root)],
+            [system_python, str(NC), "install-service", "server", "--config", str(config), "--root", str(root)],
             capture_output=True,
             text=True,
             check=True,
@@ -176,6 +177,15 @@ def test_install_service_copies_the_file_off_path_and_the_unit_runs_it(tmp_path:
         assert verified.returncode == 0 and verified.stderr == "", verified.stderr
         described = subprocess.run([str(installed), "version"], capture_output=True, text=True, check=True).stdout
         assert f"file {installed}:" in described
+        hidden = str(interpreter("3.11.7"))  # under /root: ProtectHome hides it from the unit, which says so
+        shown = subprocess.run(
+            [hidden, str(NC), "install-service", "server", "--config", str(config), "--print"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"# warning: this Python ({hidden}) is under /root, hidden from the service" in shown, shown
+        assert f"ExecStart=/usr/local/lib/nc/nc server --config {config}" in shown.splitlines()
     finally:
         for leftover in config_dir.glob("*"):
             leftover.unlink()

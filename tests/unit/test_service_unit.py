@@ -1,0 +1,37 @@
+"""The systemd unit install-service writes: which interpreter runs the file, and that the
+unit carries nothing but what it means to (a path is one line)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import ncctl
+
+SYSTEM_PYTHON = shutil.which("python3", path=ncctl.SERVICE_PATH)
+
+
+def test_the_hosts_python3_runs_the_file_through_its_shebang(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert SYSTEM_PYTHON, "a python3 on systemd's PATH (Debian's) is part of this machine image"
+    monkeypatch.setattr(ncctl.sys, "executable", SYSTEM_PYTHON)
+    assert ncctl.service_interpreter() == ((), None)
+
+
+def test_another_interpreter_outside_the_sandboxed_paths_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RHEL 8: python3 is 3.6, the operator ran nc with python3.9 beside it."""
+    monkeypatch.setattr(ncctl.sys, "executable", "/usr/bin/python3.9-not-the-default")
+    assert ncctl.service_interpreter() == (("/usr/bin/python3.9-not-the-default",), None)
+    unit = ncctl.service_unit("server", ncctl.SERVICE_EXECUTABLE, Path("/etc/nc/server.yml"), "/var/lib/nc", ("/p",))
+    assert "ExecStart=/p /usr/local/lib/nc/nc server --config /etc/nc/server.yml" in unit.splitlines()
+
+
+@pytest.mark.parametrize("where", ["/root/.pyenv/versions/3.12.1/bin/python3", "/home/ops/venv/bin/python"])
+def test_an_interpreter_the_sandbox_hides_falls_back_to_python3_and_says_so(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ncctl.sys, "executable", where)
+    words, warning = ncctl.service_interpreter()
+    assert words == () and warning is not None
+    assert warning.startswith(f"this Python ({where}) is under /") and "hidden from the service" in warning

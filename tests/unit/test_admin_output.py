@@ -1,0 +1,31 @@
+"""The one printer of the admin commands: a table shows what a peer wrote (a node's host
+name, its version) with control characters escaped, so a crafted HELLO cannot clear the
+screen, retitle the terminal or forge a row; -o json keeps the exact strings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+import ncctl
+
+HOSTILE = "\x1b[2J\x1b]0;owned\x07edge\r\nreserverd  default  10.1.1.1"
+
+
+def test_a_table_escapes_control_characters_in_every_cell() -> None:
+    lines = ncctl.Table(["NODE-TOKEN", "HOST"], [["abc", HOSTILE]]).lines()
+    assert len(lines) == 2, lines  # the CR/LF did not make a row of its own
+    assert not any(ch in "".join(lines) for ch in "\x1b\x07\r\n")
+    assert "\\x1b[2J" in lines[1] and "\\r\\nreserverd" in lines[1]
+
+
+def test_json_keeps_the_exact_string(capsys: pytest.CaptureFixture[str]) -> None:
+    ncctl.show(argparse.Namespace(output="json"), [{"hostName": HOSTILE}], ncctl.Table(["HOST"], [[HOSTILE]]))
+    assert json.loads(capsys.readouterr().out) == [{"hostName": HOSTILE}]
+
+
+def test_text_output_is_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    ncctl.show(argparse.Namespace(output="text"), {}, ncctl.Table(["A", "B"], [["1", "22"], ["333", "4"]]))
+    assert capsys.readouterr().out.splitlines() == ["A    B", "1    22", "333  4"]

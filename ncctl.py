@@ -9650,6 +9650,7 @@ class ReplicaRole(threading.Thread):
                 if not self.leading and self.lease:
                     self._campaign()
                 self._check_data_plane()
+                self._check_campaign_key()
                 self._heartbeat()
                 # A leader whose last renewal failed tries again at once (an etcd election is short).
                 behind = time.monotonic() - self.renewed_at > LEASE_RENEW_EVERY_S * 1.5
@@ -9762,6 +9763,30 @@ class ReplicaRole(threading.Thread):
         network = self.network
         if network is not None and not (network.thread.is_alive() and network.worker.is_alive()):
             raise NcError("the data plane stopped unexpectedly")
+
+    def _check_campaign_key(self) -> None:
+        """A leader leads only while the campaign key is its own: held by its lease, naming
+        it. Anything else (a plain put by whoever can write to etcd, a key taken over) makes
+        it step down at once and say so; the fence covers an etcd it cannot reach."""
+        if not self.leading:
+            return
+        try:
+            kv = self.etcd.call(self.etcd.kv.Range, self.etcd.pb.RangeRequest(key=self.campaign_key), timeout=0.5)
+        except StoreError:
+            return
+        kvs = kv.kvs
+        mine = json.dumps({"address": self.advertised, "port": self.config.port}).encode()
+        if kvs and kvs[0].lease == self.lease and kvs[0].value == mine:
+            return
+        found = f"lease {kvs[0].lease:x}, {loggable(kvs[0].value.decode(errors='replace'))}" if kvs else "no key"
+        log.warning(
+            "the leader key %s is not this replica's any more (%s); stepping down",
+            self.campaign_key.decode(),
+            found,
+        )
+        with self._lock:
+            if self.leading:
+                self._step_down(abandon_lease=False)
 
     def _heartbeat(self) -> None:
         if not self.lease or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:

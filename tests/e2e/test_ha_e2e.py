@@ -174,3 +174,16 @@ def test_a_node_learns_a_replica_added_after_its_join(lab: Lab) -> None:
         replicas.servers[name].process.stop(signal.SIGKILL)
     wait_for(lambda: replicas.leader() == "s3", timeout=30, what="the third replica to lead")
     wait_for(lambda: node.overlay_ip() == address and node.host.ping("10.1.1.1"), timeout=30, what="the node on s3")
+
+
+def test_a_leader_whose_key_is_overwritten_steps_down_and_says_so(lab: Lab) -> None:
+    """Whoever can write to etcd can put /nc/leader without a lease: the leader must not go
+    on holding the data plane under a key that is not its own any more."""
+    replicas = Replicas(lab, count=1)
+    wait_for(replicas.leader, timeout=30, what="the replica to lead")
+    server = replicas.servers[replicas.leader() or ""]
+    forged = '{"address": "198.18.0.99", "port": 6441}'
+    server.host.run("etcdctl", f"--endpoints={replicas.etcd.endpoints}", "put", "/nc/leader", forged)
+    wait_for(lambda: replicas.holders() == [], timeout=15, what="the leader to give the data plane up")
+    assert "/nc/leader is not this replica's any more (lease 0, " in server.process.log()
+    assert server.process.alive()

@@ -3125,6 +3125,10 @@ class AddressPool:
         self._token_of: dict[int, str] = {}
         self._ip_of: dict[str, int] = {}
         self._idle: collections.OrderedDict[str, None] = collections.OrderedDict()  # oldest first
+        # The idle bindings of nodes another node minted, in the same order: the only ones a
+        # node-minted newcomer may take over (never one the admin admitted).
+        self._minted: set[str] = set()
+        self._idle_minted: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     @property
     def capacity(self) -> int:
@@ -3143,19 +3147,22 @@ class AddressPool:
     def in_range(self, ip: ipaddress.IPv4Address) -> bool:
         return self._first <= int(ip) <= self._last
 
-    def load(self, token: str, ip: ipaddress.IPv4Address, idle: bool) -> bool:
+    def load(self, token: str, ip: ipaddress.IPv4Address, idle: bool, minted: bool = False) -> bool:
         """Record an existing binding (from the store); False if it cannot be kept."""
         value = int(ip)
         if not self.in_range(ip) or value in self._token_of or token in self._ip_of:
             return False
         self._token_of[value] = token
         self._ip_of[token] = value
+        if minted:
+            self._minted.add(token)
         if idle:
-            self._idle[token] = None
+            self.mark_idle(token)
         return True
 
-    def choose(self) -> tuple[ipaddress.IPv4Address, str | None]:
-        """The address for a new binding, and the node-token that must lose it (LRU) if any.
+    def choose(self, minted: bool = False) -> tuple[ipaddress.IPv4Address, str | None]:
+        """The address for a new binding, and the node-token that must lose it (LRU) if any:
+        for a node another node minted, only a node-minted one may lose it.
 
         Does not change the pool: the caller persists first, then calls assign().
         """
@@ -3168,21 +3175,27 @@ class AddressPool:
             if self._cursor not in self._token_of:
                 return ipaddress.IPv4Address(self._cursor), None
             self._cursor += 1
-        if not self._idle:
-            raise PoolExhausted(f"overlay {self.network} is full and every node is connected")
-        victim = next(iter(self._idle))
+        idle = self._idle_minted if minted else self._idle
+        if not idle:
+            who = (
+                "every node is connected or was admitted by the administrator" if minted else "every node is connected"
+            )
+            raise PoolExhausted(f"overlay {self.network} is full and {who}")
+        victim = next(iter(idle))
         return ipaddress.IPv4Address(self._ip_of[victim]), victim
 
-    def has_room(self) -> bool:
+    def has_room(self, minted: bool = False) -> bool:
         try:
-            self.choose()
+            self.choose(minted)
         except PoolExhausted:
             return False
         return True
 
-    def assign(self, token: str, ip: ipaddress.IPv4Address, evicted: str | None) -> None:
+    def assign(self, token: str, ip: ipaddress.IPv4Address, evicted: str | None, minted: bool = False) -> None:
         if evicted is not None:
             self.release(evicted)
+        if minted:
+            self._minted.add(token)
         value = int(ip)
         if self._released and self._released[-1] == value:
             self._released.pop()
@@ -3190,23 +3203,29 @@ class AddressPool:
             self._cursor += 1
         self._token_of[value] = token
         self._ip_of[token] = value
-        self._idle[token] = None  # bound but not yet connected
+        self.mark_idle(token)  # bound but not yet connected
 
     def release(self, token: str) -> None:
         value = self._ip_of.pop(token, None)
         self._idle.pop(token, None)
+        self._idle_minted.pop(token, None)
+        self._minted.discard(token)
         if value is not None:
             del self._token_of[value]
             self._released.append(value)
 
     def mark_connected(self, token: str) -> None:
         self._idle.pop(token, None)
+        self._idle_minted.pop(token, None)
 
     def mark_idle(self, token: str) -> None:
         """The node just went idle: it becomes the most recently used idle binding."""
         if token in self._ip_of:
             self._idle.pop(token, None)
             self._idle[token] = None
+            if token in self._minted:
+                self._idle_minted.pop(token, None)
+                self._idle_minted[token] = None
 
     def tokens(self) -> set[str]:
         return set(self._ip_of)
@@ -3248,7 +3267,9 @@ class Bindings:
                 ip = ipaddress.IPv4Address(row.bind_ip)
             except ValueError:
                 ip = None
-            if ip is None or not pool.load(row.token, ip, idle=row.state != STATE_CONNECTED):
+            if ip is None or not pool.load(
+                row.token, ip, idle=row.state != STATE_CONNECTED, minted=bool(row.minted_by)
+            ):
                 dropped.append(row)
         for token in self.pool.connected_tokens() & pool.tokens():
             pool.mark_connected(token)  # the data plane knows better than a stale state column
@@ -3278,8 +3299,10 @@ class Bindings:
                     self.store.set_state(token, STATE_INIT)
                 self.pool.mark_connected(token)
                 return ip
+            row = self.store.node(token)
+            minted = row is not None and bool(row.minted_by)  # such a node never evicts one the admin admitted
             for attempt in itertools.count():
-                ip, victim = self.pool.choose()
+                ip, victim = self.pool.choose(minted)
                 try:
                     self.store.bind(token, str(ip), victim, STATE_INIT)
                     break
@@ -3287,7 +3310,7 @@ class Bindings:
                     if attempt >= 8:
                         raise
                     self._reload_locked()
-            self.pool.assign(token, ip, victim)
+            self.pool.assign(token, ip, victim, minted)
             self.pool.mark_connected(token)
         if victim is not None:
             log.warning(
@@ -3308,10 +3331,11 @@ class Bindings:
                 return ip
         return None
 
-    def has_room(self) -> bool:
-        """Whether a new node could get an address: a free one, or an idle node's."""
+    def has_room(self, minted: bool = False) -> bool:
+        """Whether a new node could get an address: a free one, or an idle node's (for a
+        node another node minted: a node-minted idle node's)."""
         with self._lock:
-            return self.pool.has_room()
+            return self.pool.has_room(minted)
 
     def forget(self, token: str) -> bool:
         """Unregister: delete the row and free the address."""
@@ -4138,6 +4162,12 @@ class ControlPlane:
                     "permission denied: nodes may not mint bootstrap tokens here (server.nodesMayMint is false); "
                     "ask the administrator"
                 )
+            minter = self.store.node(who.node_token)
+            if minter is not None and minter.minted_by:
+                raise PermissionDenied(
+                    "permission denied: this node joined with another node's token, and what a node minted "
+                    "may not mint further; ask the administrator"
+                )
             network = who.network
         life = requested_token_life(life_minutes, who.role == NODE, self.config.node_token_max_life)
         overlay = self.overlay_named(network or DEFAULT_NETWORK)
@@ -4200,7 +4230,7 @@ class ControlPlane:
     def _admit_join(self, bootstrap_token: str) -> tuple[str, NodeCredentials]:
         row = self._find_bootstrap_token(bootstrap_token)
         overlay = self.overlay_named(row.network)
-        if not overlay.bindings.has_room():
+        if not overlay.bindings.has_room(minted=bool(row.minted_by)):
             raise NetworkFull(
                 f"network {overlay.name} is full: every address belongs to a connected node; "
                 "ask the administrator to unregister nodes or use a larger network"

@@ -184,3 +184,15 @@ def test_prune_takes_the_bounds_of_every_duration(control: ncctl.ControlPlane) -
         with pytest.raises(ncctl.BadRequest, match=r"^idleForSeconds: .* is out of range; use 1s to 7300d"):
             control.prune_nodes(ADMIN, seconds, dry_run=True)
     assert control.prune_nodes(ADMIN, ncctl.MAX_DURATION_S, dry_run=True) == []
+
+
+def test_what_a_node_minted_may_not_mint_further(control: ncctl.ControlPlane) -> None:
+    token, creds = join(control)
+    minter = control.identify(cert_of(creds.grpc), "grpc")
+    child_token, _, _ = control.create_bootstrap_token(minter, 5)
+    child, child_creds = control.admit_join(child_token)
+    child_identity = control.identify(cert_of(child_creds.grpc), "grpc")
+    with pytest.raises(ncctl.PermissionDenied, match="may not mint further"):
+        control.create_bootstrap_token(child_identity, 5)
+    assert control.store.node(child).minted_by == token
+    control.create_bootstrap_token(minter, 5)  # the admin's node still may

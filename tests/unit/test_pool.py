@@ -443,3 +443,33 @@ def test_concurrent_claims_into_a_full_pool_never_take_a_live_nodes_address(stor
     rows = assert_pool_matches_store(bindings, store)
     assert rows == {t: str(ip) for t, ip in got.items()}, "a connected node lost its address"
     assert not bindings.has_room()
+
+
+def test_a_node_minted_newcomer_takes_over_only_a_node_minted_idle_node(store: ncctl.Store) -> None:
+    """A full /29 of idle nodes: a newcomer that joined with a node's token may take the
+    longest-idle node-minted node's address, never an admin-admitted node's; with none of
+    those idle it is refused, and the admin's nodes keep their addresses."""
+    network = ipaddress.IPv4Network("10.9.9.0/29")
+    bindings = ncctl.Bindings(store, network)
+    admins = register(store, 4)
+    store.add_bootstrap_token("mintd1.0123456789abcdef", -1, False, minted_by=admins[0])
+    (minted_old,) = [ncctl.random_token()]
+    store.admit_node("mintd1.0123456789abcdef", minted_old)
+    for token in [*admins, minted_old]:
+        bindings.claim(token)
+        store.set_state(token, ncctl.STATE_IDLE)
+        bindings.idle(token)  # the admins' nodes idle longest
+    newcomers = [ncctl.random_token() for _ in range(2)]
+    for token in newcomers:
+        store.admit_node("mintd1.0123456789abcdef", token)
+    taken = bindings.pool.ip_of(minted_old)
+    assert bindings.claim(newcomers[0]) == taken and store.node(minted_old) is None
+    with pytest.raises(ncctl.PoolExhausted, match="admitted by the administrator"):
+        bindings.claim(newcomers[1])
+    assert all(store.node(token).bind_ip for token in admins)
+    (admin_newcomer,) = register(store, 1)
+    assert bindings.claim(admin_newcomer) == ipaddress.IPv4Address(store.node(admin_newcomer).bind_ip)
+    assert store.node(admins[0]) is None, "an admin-admitted newcomer still takes the longest-idle node"
+    assert_pool_matches_store(bindings, store)
+    again = ncctl.Bindings(store, network)  # a restart knows which bindings were node-minted
+    assert again.pool.has_room(minted=True) and again.pool.choose(minted=True)[1] == newcomers[0]

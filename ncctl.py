@@ -366,6 +366,12 @@ def overlapping(network: ipaddress.IPv4Network, others: dict[str, ipaddress.IPv4
     return None
 
 
+DEFAULT_SOURCE_PREFIX6 = 64  # one IPv6 host is routinely handed a whole /64
+
+
+MIN_SOURCE_PREFIX6 = 32  # shorter would make whole providers one source
+
+
 @dataclasses.dataclass
 class ServerConfig:
     ip: str = ""  # advertised underlay address; empty: detected at start
@@ -387,6 +393,7 @@ class ServerConfig:
     transport: str = "auto"  # auto or udp: offer nodes the UDP data path; tcp: TLS only
     udp_port: int = DEFAULT_NETWORK_PORT  # where the UDP data path listens (TCP keeps `port`)
     keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
+    source_prefix6: int = DEFAULT_SOURCE_PREFIX6  # per-source limits count an IPv6 /N as one source
     networks: list[NetworkSpec] = dataclasses.field(default_factory=list)  # more overlays, by net-token
     nodes_may_mint: bool = True  # a node may mint bootstrap tokens into its own network (the "trusted node" flow)
     node_mint_rate: int = 10  # bootstrap tokens one node may mint per hour
@@ -637,6 +644,11 @@ def check_config(config: Any, path: str, mode: str) -> None:
             raise ConfigError(f"{where}: port, grpcPort and bootstrapPort must differ, got {ports}")
         if not 1 <= config.keepalive <= 3600:
             raise ConfigError(f"{where}.keepalive: use 1-3600 seconds (default 10)")
+        if not MIN_SOURCE_PREFIX6 <= config.source_prefix6 <= 128:
+            raise ConfigError(
+                f"{where}.sourcePrefix6: use {MIN_SOURCE_PREFIX6}-128 (the IPv6 prefix one source holds; default "
+                f"{DEFAULT_SOURCE_PREFIX6})"
+            )
         if not 0 <= config.node_mint_rate <= 10000:
             raise ConfigError(f"{where}.nodeMintRate: use 0-10000 tokens per node per hour (default 10)")
         if not 1 <= config.node_token_max_life <= MAX_NODE_TOKEN_LIFE_MIN:
@@ -681,6 +693,20 @@ def host_port(host: str, port: int) -> str:
 def unmapped(ip: str) -> str:
     """An IPv4 peer of a dual-stack socket as plain IPv4 (::ffff:198.18.0.2 -> 198.18.0.2)."""
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def source_key(ip: str, prefix6: int = DEFAULT_SOURCE_PREFIX6) -> str:
+    """What a per-source limit counts as one source: an IPv4 address as it is, an IPv6
+    address as the /prefix6 it lies in (198.18.0.2; 2001:2:0:1::/64). The one mapping
+    from a peer's address to its key, for every port's limits and their log lines."""
+    ip = unmapped(ip)
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 4 or prefix6 >= 128:
+        return str(address)
+    return str(ipaddress.IPv6Network((address, prefix6), strict=False))
 
 
 HOST_NAME_RE = re.compile(
@@ -6541,6 +6567,55 @@ def session_traffic(session: ServerSession) -> dict[str, int]:
     }
 
 
+RESERVE_SHARE = 4  # a source holding fewer slots than this may still take one of a port's last eighth
+
+
+class SourceSlots:
+    """What one listening port holds (connections, unfinished handshakes), counted per
+    source (source_key: an IPv6 /64 is one source). A source gets at most per_source,
+    everyone together at most cap; and the last eighth of cap is kept for sources holding
+    fewer than RESERVE_SHARE, so sources at their limit cannot fill the port between
+    them and a new host still gets in."""
+
+    def __init__(self, cap: int, per_source: int, prefix6: int = DEFAULT_SOURCE_PREFIX6) -> None:
+        self.cap, self.per_source, self.prefix6 = cap, per_source, prefix6
+        self.reserve = max(1, cap // 8)
+        self.held: collections.Counter[str] = collections.Counter()
+        self.total = 0
+        self.top = ""  # the source holding most (kept as slots are taken; found again when it empties)
+
+    def key(self, ip: str) -> str:
+        return source_key(ip, self.prefix6)
+
+    def take(self, key: str, unlimited: bool = False) -> tuple[str, str] | None:
+        """Count one more slot for key (unlimited: no per-source limit, as for loopback);
+        None when counted, else (the source to blame, why): key itself past its own
+        limit, else the source holding most, never a newcomer the crowd kept out."""
+        held = self.held.get(key, 0)
+        if not unlimited and held >= self.per_source:
+            return key, f"{held} from {key}, its limit"
+        if self.total >= self.cap or (self.total >= self.cap - self.reserve and held >= RESERVE_SHARE):
+            top = self.top
+            return top, f"{self.total} of {self.cap} taken, the most ({self.held.get(top, 0)}) from {top}"
+        self.held[key] = held + 1
+        self.total += 1
+        if held + 1 > self.held.get(self.top, 0):
+            self.top = key
+        return None
+
+    def release(self, key: str) -> None:
+        held = self.held.get(key, 0)
+        if held <= 0:
+            return
+        self.total -= 1
+        if held > 1:
+            self.held[key] = held - 1
+            return
+        del self.held[key]
+        if key == self.top:
+            self.top = max(self.held, key=self.held.__getitem__, default="")
+
+
 class PendingHandshake:
     __slots__ = ("deadline", "peer", "source", "tls")
 
@@ -6561,6 +6636,7 @@ class Handshaker(threading.Thread):
         listener: socket.socket,
         tls: ssl.SSLContext,
         deliver: Callable[[ssl.SSLSocket, str], None],
+        prefix6: int = DEFAULT_SOURCE_PREFIX6,
     ) -> None:
         super().__init__(name="network-handshakes", daemon=True)
         self.listener = listener
@@ -6569,7 +6645,7 @@ class Handshaker(threading.Thread):
         self.counters: collections.Counter[str] = collections.Counter()
         self.note = RateLimitedLog()
         self.pending: dict[int, PendingHandshake] = {}
-        self.per_source: collections.Counter[str] = collections.Counter()
+        self.slots = SourceSlots(MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, prefix6)
         self.stopping = threading.Event()
         self.epoll = select.epoll()
         self.paused_until = 0.0  # accept() ran out of file descriptors; try again then
@@ -6613,27 +6689,30 @@ class Handshaker(threading.Thread):
                 self.epoll.modify(self.listener.fileno(), 0)
                 self.paused_until = time.monotonic() + 1.0
                 return
-            source = unmapped(address[0])
-            if len(self.pending) >= MAX_PENDING_HANDSHAKES or self.per_source[source] >= MAX_PENDING_PER_SOURCE:
-                self._refuse_busy(sock, source)
+            peer = unmapped(address[0])
+            source = self.slots.key(peer)
+            refusal = self.slots.take(source)
+            if refusal is not None:
+                self._refuse_busy(sock, refusal)
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             except OSError:  # reset before we looked at it
+                self.slots.release(source)
                 sock.close()
                 continue
-            pending = PendingHandshake(tls, host_port(source, address[1]), source)
+            pending = PendingHandshake(tls, host_port(peer, address[1]), source)
             self.pending[tls.fileno()] = pending
-            self.per_source[source] += 1
             self.epoll.register(tls.fileno(), select.EPOLLIN)
             self._step(pending)
 
-    def _refuse_busy(self, sock: socket.socket, source: str) -> None:
+    def _refuse_busy(self, sock: socket.socket, refusal: tuple[str, str]) -> None:
         """Close at once, with a reset: the slot stays free and no FIN_WAIT lingers."""
         self.counters["refused-busy"] += 1
-        self.note("busy:" + source, "too many unfinished handshakes from %s; refusing more", source)
+        blamed, why = refusal
+        self.note("busy:" + blamed, "unfinished TLS handshakes: %s; refusing more", why)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
@@ -6671,9 +6750,7 @@ class Handshaker(threading.Thread):
             return
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(fd)
-        self.per_source[pending.source] -= 1
-        if self.per_source[pending.source] <= 0:
-            del self.per_source[pending.source]
+        self.slots.release(pending.source)
 
     def _drop(self, pending: PendingHandshake) -> None:
         self._forget(pending)
@@ -7470,7 +7547,9 @@ class NetworkServer(Sessions):
         try:
             self.tls = self._tls_context()
             self.listener = self._listen()
-            self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
+            self.handshaker = Handshaker(
+                self.listener, self.tls, self._deliver_handshake, self.config.source_prefix6
+            )
             self.handshaker.observe = self.lifecycle.control.observe_handshake
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll.register(self.wake_r, select.EPOLLIN)
@@ -8924,23 +9003,22 @@ class Splice:
 class GuardedPort:
     """A public gRPC port: who holds how many connections to it."""
 
-    def __init__(self, listener: socket.socket, name: str, cap: int) -> None:
-        self.listener, self.name, self.cap = listener, name, cap
+    def __init__(self, listener: socket.socket, name: str, slots: SourceSlots) -> None:
+        self.listener, self.name, self.slots = listener, name, slots
         self.backend_port = 0  # the gRPC server's private loopback port, known once it is bound
-        self.per_source: collections.Counter[str] = collections.Counter()
-        self.total = 0
 
 
 class GrpcGuard(threading.Thread):
     """The accept side of the gRPC ports, which grpc core cannot limit per address:
     the servers listen on private loopback ports, and this loop accepts on the public
-    ones, refuses (with a reset) an address past GRPC_MAX_PER_SOURCE or everyone past
-    the port's cap, and splices the rest through. gRPC's own handshake and idle
-    timeouts still end idle connections: their close passes back through here."""
+    ones, refuses (with a reset) a source past GRPC_MAX_PER_SOURCE or past what the
+    port's SourceSlots leave it, and splices the rest through. gRPC's own handshake and
+    idle timeouts still end idle connections: their close passes back through here."""
 
-    def __init__(self, stop: threading.Event) -> None:
+    def __init__(self, stop: threading.Event, prefix6: int = DEFAULT_SOURCE_PREFIX6) -> None:
         super().__init__(name="grpc-guard", daemon=True)
         self.stop = stop
+        self.prefix6 = prefix6
         self.ports: dict[int, GuardedPort] = {}  # listener fd -> port
         self.splices: dict[int, Splice] = {}  # either side's fd -> splice
         self.epoll = select.epoll()
@@ -8956,7 +9034,7 @@ class GrpcGuard(threading.Thread):
                 f"cannot listen on :{port} ({e.strerror}); stop what uses it or change server.{field}"
             ) from None
         listener.setblocking(False)
-        guarded = GuardedPort(listener, name, cap)
+        guarded = GuardedPort(listener, name, SourceSlots(cap, GRPC_MAX_PER_SOURCE, self.prefix6))
         self.ports[listener.fileno()] = guarded
         return guarded
 
@@ -9001,13 +9079,13 @@ class GrpcGuard(threading.Thread):
                     self.epoll.modify(fd, 0)
                 self.paused_until = time.monotonic() + 1.0
                 return
-            source = unmapped(address[0])
-            local = ipaddress.ip_address(source).is_loopback
-            if port.total >= port.cap or (not local and port.per_source[source] >= GRPC_MAX_PER_SOURCE):
+            peer = unmapped(address[0])
+            source = port.slots.key(peer)
+            refusal = port.slots.take(source, unlimited=ipaddress.ip_address(peer).is_loopback)
+            if refusal is not None:
                 self.refused += 1
-                self.note(
-                    "busy:" + source, "gRPC %s port: too many connections from %s; refusing more", port.name, source
-                )
+                blamed, why = refusal
+                self.note("busy:" + blamed, "gRPC %s port: %s; refusing more", port.name, why)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
@@ -9016,10 +9094,9 @@ class GrpcGuard(threading.Thread):
             try:
                 splice = Splice(port, sock, source)
             except OSError:
+                port.slots.release(source)
                 sock.close()
                 continue
-            port.total += 1
-            port.per_source[source] += 1
             for side in (splice.client, splice.backend):
                 self.splices[side.fileno()] = splice
                 self.epoll.register(side.fileno(), select.EPOLLIN | select.EPOLLOUT)
@@ -9054,12 +9131,8 @@ class GrpcGuard(threading.Thread):
             self.epoll.modify(side.fileno(), reading | (select.EPOLLOUT if splice.out[side.fileno()] else 0))
 
     def _close(self, splice: Splice) -> None:
-        port = splice.port  # the caller's count goes first: a splice gone means its count is too
-        if splice.source in port.per_source:
-            port.total -= 1
-            port.per_source[splice.source] -= 1
-            if port.per_source[splice.source] <= 0:
-                del port.per_source[splice.source]
+        if splice.source:  # the caller's count goes first: a splice gone means its count is too
+            splice.port.slots.release(splice.source)
         splice.source = ""  # counted down once
         for side in (splice.client, splice.backend):
             if self.splices.pop(side.fileno(), None) is not None:
@@ -9548,7 +9621,9 @@ class StandbyPort:
         context.load_verify_locations(cafile=str(pki.network.ca_path))
         context.verify_mode = ssl.CERT_REQUIRED
         self.pending: queue.SimpleQueue[ssl.SSLSocket | None] = queue.SimpleQueue()
-        self.handshaker = Handshaker(self.listener, context, lambda tls, _peer: self.pending.put(tls))
+        self.handshaker = Handshaker(
+            self.listener, context, lambda tls, _peer: self.pending.put(tls), config.source_prefix6
+        )
         self.thread = threading.Thread(target=self._refuse_all, name="standby-refusals", daemon=True)
 
     def start(self) -> None:
@@ -10196,7 +10271,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
             metrics = ServerMetrics(control, chosen) if config.metrics_addr else None
             role = chosen
             threads = [*role.begin(control, supervisor), MemoryTrimmer(stop)]
-            guard = GrpcGuard(stop)
+            guard = GrpcGuard(stop, config.source_prefix6)
             try:
                 servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
             except BaseException:

@@ -119,6 +119,9 @@ DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9441"
 
 
+MAX_JOIN_REPLICAS = 16  # replica addresses one join string lists at most: a node tries each in turn
+
+
 # The server's own identity: bound to its overlay IP, held by the admin cert.
 # Nine characters on purpose, so no generated 16-character node-token collides.
 RESERVED_NODE_TOKEN = "reserverd"
@@ -4184,7 +4187,8 @@ class ControlPlane:
     def join_string(self, token: str, overlay: Overlay) -> str:
         """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
         hosts = dict.fromkeys([self.advertised_ip, *self.replicas()])  # replicas: a:6439,b:6439
-        addresses = ",".join(host_port(host, self.config.bootstrap_port) for host in hosts)
+        listed = list(hosts)[:MAX_JOIN_REPLICAS]  # what a node accepts
+        addresses = ",".join(host_port(host, self.config.bootstrap_port) for host in listed)
         text = f"{token}@{addresses}#{self.pki.ca_pin()}"
         return text if overlay.name == DEFAULT_NETWORK else f"{text},net={overlay.net_token}"
 
@@ -9241,7 +9245,13 @@ def parse_join_string(text: str) -> JoinTarget:
         raise UsageError(
             "join string must look like <token>@<ip>:<port>#sha256:<hex>; copy it whole from `nc adm token create`"
         )
-    (host, port), *others = [join_address(a) for a in addresses.split(",")]  # replicas: a:6439,b:6439
+    listed = addresses.split(",")  # replicas: a:6439,b:6439
+    if len(listed) > MAX_JOIN_REPLICAS:
+        raise UsageError(
+            f"join string lists {len(listed)} replica addresses, more than the {MAX_JOIN_REPLICAS} nc accepts; "
+            "copy it whole from `nc adm token create`"
+        )
+    (host, port), *others = [join_address(a) for a in listed]
     if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
         raise UsageError("join string CA pin must be sha256:<64 hex digits>")
     return JoinTarget(token, host, port, pin or None, net_token, tuple(others))

@@ -3957,8 +3957,9 @@ def csr_public_key(csr_pem: bytes, kind: str) -> Any:
     except ValueError:
         raise BadRequest(f"the {kind} certificate request is not a PEM CSR") from None
     key = csr.public_key()
-    if not csr.is_signature_valid or not isinstance(key, ec.EllipticCurvePublicKey) or key.key_size < 256:
-        raise BadRequest(f"the {kind} certificate request must be a self-signed EC P-256 (or stronger) CSR")
+    curves = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # the NIST curves; not secp256k1 nor brainpool
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, curves) or not csr.is_signature_valid:
+        raise BadRequest(f"the {kind} certificate request must be a self-signed EC P-256, P-384 or P-521 CSR")
     return key
 
 

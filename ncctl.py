@@ -301,6 +301,14 @@ def loggable(value: object, limit: int = 200) -> str:
     return repr(text[:limit])[1:-1] + ("..." if len(text) > limit else "")
 
 
+def one_line(text: str, most: int | None = None) -> str:
+    """Text that may span lines (sqlite's integrity report, a library's message) as one
+    line: its lines joined by '; ', past the first `most` only counted."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    kept = lines if most is None else lines[:most]
+    return "; ".join(kept) + (f" (+{len(lines) - len(kept)} more)" if len(lines) > len(kept) else "")
+
+
 # ============================================================================
 # 2. Config
 #    Dataclasses whose defaults are the embedded defaults, loaded from the
@@ -2203,11 +2211,12 @@ def store_error(path: str, e: sqlite3.Error) -> StoreError:
     if code in (SQLITE_READONLY, SQLITE_CANTOPEN):
         return StoreFull(f"{path}: cannot write the database ({e}); make {folder} writable (read-only file system?)")
     if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or (code == 0 and isinstance(e, sqlite3.DatabaseError)):
+        report = [line for line in str(e).splitlines() if not line.startswith("*** in database")]  # quick_check's
         return StoreError(
-            f"{path}: the database is damaged ({e}); stop nc and recover it with "
+            f"{path}: the database is damaged ({one_line(chr(10).join(report), most=2)}); stop nc and recover it with "
             "`nc adm restore --from BACKUP`, or move it away to start with an empty one"
         )
-    return StoreError(f"{path}: database error: {e}")
+    return StoreError(f"{path}: database error: {one_line(str(e))}")
 
 
 def backup_database(db_path: str, out: Path) -> None:
@@ -11140,7 +11149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NcError as e:
-        print(f"nc: error: {e}", file=sys.stderr)
+        print(f"nc: error: {one_line(str(e))}", file=sys.stderr)  # one line, whatever a library put into it
         return e.exit_code
     except ImportError as e:  # grpcio, PyYAML, cryptography are imported lazily, when first needed
         print(

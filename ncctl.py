@@ -3967,7 +3967,11 @@ def csr_public_key(csr_pem: bytes, kind: str) -> Any:
         raise BadRequest(f"the {kind} certificate request is not a PEM CSR") from None
     key = csr.public_key()
     curves = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # the NIST curves; not secp256k1 nor brainpool
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, curves) or not csr.is_signature_valid:
+    if (
+        not isinstance(key, ec.EllipticCurvePublicKey)
+        or not isinstance(key.curve, curves)
+        or not csr.is_signature_valid
+    ):
         raise BadRequest(f"the {kind} certificate request must be a self-signed EC P-256, P-384 or P-521 CSR")
     return key
 
@@ -7561,9 +7565,7 @@ class NetworkServer(Sessions):
         try:
             self.tls = self._tls_context()
             self.listener = self._listen()
-            self.handshaker = Handshaker(
-                self.listener, self.tls, self._deliver_handshake, self.config.source_prefix6
-            )
+            self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake, self.config.source_prefix6)
             self.handshaker.observe = self.lifecycle.control.observe_handshake
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll.register(self.wake_r, select.EPOLLIN)

@@ -3525,15 +3525,25 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file atomically (temp file, fsync, rename) with the given mode."""
+    """Write a file atomically (temp file, fsync, rename) with the given mode. The temp
+    file is always a new one (O_EXCL, O_NOFOLLOW): whatever lies at its name, a link
+    planted there above all, is removed, never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except FileExistsError:  # left by a crash, or planted: the name only, not its target
+        tmp.unlink()
+        fd = os.open(tmp, flags, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
 
 
@@ -10742,13 +10752,29 @@ def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdo
     add_file_log(root, mode, log_dir, formatter)
 
 
+class PrivateLogFile(logging.handlers.TimedRotatingFileHandler):
+    """The log file, and each one rotation starts, 0640 whatever the umask: its lines
+    name nodes and their addresses, for root and its group only."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+        os.fchmod(fd, LOG_FILE_MODE)  # a file an older nc made wider
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
+LOG_FILE_MODE = 0o640
+
+
+LOG_DIR_MODE = 0o750
+
+
 def add_file_log(root: logging.Logger, mode: str | None, log_dir: str | None, formatter: logging.Formatter) -> None:
     if mode and log_dir:
         try:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.TimedRotatingFileHandler(
-                Path(log_dir) / f"nc-{mode}.log", when="midnight", backupCount=7, encoding="utf-8"
-            )
+            if not Path(log_dir).is_dir():  # one nc makes is its own; a directory given as logDir keeps its mode
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                os.chmod(log_dir, LOG_DIR_MODE)
+            handler = PrivateLogFile(Path(log_dir) / f"nc-{mode}.log", when="midnight", backupCount=7, encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"logDir {log_dir}: cannot write logs there ({e.strerror}); set {mode}.logDir") from None
         handler.setFormatter(formatter)

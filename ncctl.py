@@ -10041,6 +10041,127 @@ REFUSAL_COUNTERS = {
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+METRICS_MAX_CLIENTS = 32  # HTTP clients held at once; one more displaces the one waiting longest
+
+
+METRICS_CLIENT_TIMEOUT_S = 10.0  # to send a request and take the answer
+
+
+METRICS_MAX_REQUEST = 8192  # bytes of request line and headers
+
+
+class MetricsClient:
+    __slots__ = ("deadline", "received", "sock", "unsent")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.received = b""
+        self.unsent = b""
+        self.deadline = time.monotonic() + METRICS_CLIENT_TIMEOUT_S
+
+
+class MetricsHttp(threading.Thread):
+    """GET /metrics over HTTP/1.0, every client on one epoll loop: a slow or idle client
+    costs a socket, never a thread (prometheus_client's server starts one per
+    connection). At most METRICS_MAX_CLIENTS at once, the longest waiting closed for a
+    newcomer, each for METRICS_CLIENT_TIMEOUT_S."""
+
+    def __init__(self, listener: socket.socket, render: Callable[[], tuple[bytes, str]]) -> None:
+        super().__init__(name="metrics-http", daemon=True)
+        self.listener, self.render = listener, render
+        self.listener.setblocking(False)
+        self.clients: dict[int, MetricsClient] = {}  # in order of arrival
+        self.stopping = threading.Event()
+        self.epoll = select.epoll()
+        self.paused_until = 0.0  # accept() ran out of file descriptors; listen again then
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=5.0)
+        for client in list(self.clients.values()):
+            self._close(client)
+        self.listener.close()
+        self.epoll.close()
+
+    def run(self) -> None:
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        while not self.stopping.is_set():
+            for fd, events in self.epoll.poll(0.5):
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif (client := self.clients.get(fd)) is not None:
+                    try:
+                        self._step(client, events)
+                    except OSError:
+                        self._close(client)
+            now = time.monotonic()
+            for client in [c for c in self.clients.values() if now > c.deadline]:
+                self._close(client)
+            if self.paused_until and now >= self.paused_until:
+                self.paused_until = 0.0
+                self.epoll.modify(self.listener.fileno(), select.EPOLLIN)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of file descriptors: stop listening for a second (epoll would spin)
+                self.epoll.modify(self.listener.fileno(), 0)
+                self.paused_until = time.monotonic() + 1.0
+                return
+            if len(self.clients) >= METRICS_MAX_CLIENTS:
+                self._close(next(iter(self.clients.values())))
+            sock.setblocking(False)
+            self.clients[sock.fileno()] = MetricsClient(sock)
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def _step(self, client: MetricsClient, events: int) -> None:
+        if events & select.EPOLLIN and not client.unsent:
+            data = client.sock.recv(4096)
+            client.received += data
+            if not data or len(client.received) > METRICS_MAX_REQUEST:
+                self._close(client)
+                return
+            if b"\r\n\r\n" not in client.received and b"\n\n" not in client.received:
+                return
+            client.unsent = self._answer(client.received)
+            self.epoll.modify(client.sock.fileno(), select.EPOLLOUT)
+        if client.unsent:
+            try:
+                sent = client.sock.send(client.unsent)
+            except BlockingIOError:
+                return
+            client.unsent = client.unsent[sent:]
+            if not client.unsent:
+                self._close(client)
+
+    def _answer(self, request: bytes) -> bytes:
+        method, _, rest = request.partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            status, body, kind = "405 Method Not Allowed", b"only GET\n", "text/plain"
+        elif path not in (b"/", b"/metrics"):
+            status, body, kind = "404 Not Found", b"metrics are at /metrics\n", "text/plain"
+        else:
+            try:
+                body, kind = self.render()
+                status = "200 OK"
+            except Exception:  # a collector's bug costs one scrape, never the metrics port
+                log.exception("metrics: collecting failed")
+                status, body, kind = "500 Internal Server Error", b"collecting failed\n", "text/plain"
+        head = f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        return head.encode() + (b"" if method == b"HEAD" else body)
+
+    def _close(self, client: MetricsClient) -> None:
+        if self.clients.pop(client.sock.fileno(), None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(client.sock.fileno())
+        client.sock.close()
+
+
 class ServerMetrics:
     """Prometheus metrics of a running server, served on metricsAddr. Most are read live
     from the parts at scrape time (nothing on the packet path but plain integer counters);
@@ -10068,25 +10189,27 @@ class ServerMetrics:
         self.registry.register(self)
         control.observe_join = self.join_seconds.observe
         control.observe_handshake = self.handshake_seconds.observe
-        self.httpd: Any = None
+        self.httpd: MetricsHttp | None = None
         self.guard: GrpcGuard | None = None  # its refusals count as "grpc-limit"
 
     def serve(self, address: str) -> None:
-        from prometheus_client import start_http_server
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         host, port = split_host_port(address, "server.metricsAddr")
         try:
-            self.httpd, _ = start_http_server(port, host, registry=self.registry)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.create_server((host, port), family=family, backlog=128)
         except OSError as e:
             raise NcError(
                 f"cannot serve metrics on {address} ({e.strerror}); change server.metricsAddr or set it empty"
             ) from None
+        self.httpd = MetricsHttp(listener, lambda: (generate_latest(self.registry), CONTENT_TYPE_LATEST))
+        self.httpd.start()
         log.info("Prometheus metrics on http://%s/metrics", address)
 
     def close(self) -> None:
         if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+            self.httpd.close()
 
     def describe(self) -> list[Any]:
         return []  # families are known only at scrape time; an empty describe keeps registration cheap

@@ -183,3 +183,35 @@ def test_loopback_has_no_per_source_limit_on_the_grpc_ports() -> None:
     assert all(slots.take("127.0.0.1", unlimited=True) is None for _ in range(4))
     assert slots.take("198.18.0.9") is None and slots.take("198.18.0.9") is None
     assert slots.take("198.18.0.9") is not None
+
+
+def test_the_metrics_server_holds_slow_clients_without_a_thread_each_and_still_answers() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = listener.getsockname()
+    server = ncctl.MetricsHttp(listener, lambda: (b"nc_up 1\n", "text/plain; version=0.0.4"))
+    threads = threading.active_count()
+    server.start()
+    slow: list[socket.socket] = []
+    try:
+        for n in range(300):  # connected, some halfway through a request line, none finishing it
+            sock = socket.create_connection(address, timeout=5)
+            if n % 2:
+                sock.sendall(b"GET /met")
+            slow.append(sock)
+        time.sleep(0.5)
+        assert threading.active_count() <= threads + 1
+        assert len(server.clients) <= ncctl.METRICS_MAX_CLIENTS
+        with socket.create_connection(address, timeout=5) as scraper:  # a real scrape still gets through
+            scraper.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := scraper.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n") and answer.endswith(b"\r\n\r\nnc_up 1\n"), answer
+        with socket.create_connection(address, timeout=5) as stray:
+            stray.sendall(b"GET /other HTTP/1.0\r\n\r\n")
+            assert stray.recv(4096).startswith(b"HTTP/1.0 404")
+    finally:
+        for sock in slow:
+            sock.close()
+        server.close()
+    assert not server.is_alive()

@@ -6528,7 +6528,7 @@ SERVER_HANDSHAKE_DEADLINE_S = 5.0
 MAX_PENDING_HANDSHAKES = 512
 
 
-MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
+MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one source (a NAT may hide many nodes)
 
 
 # A peer that sends more malformed frames than this within the window is cut off:
@@ -6654,10 +6654,11 @@ class PendingHandshake:
 
 class Handshaker(threading.Thread):
     """Owns the data-plane listener: accepts, runs TLS handshakes on its own epoll, and
-    hands finished ones to the packet loop. An address gets MAX_PENDING_PER_SOURCE
-    unfinished handshakes, everyone MAX_PENDING_HANDSHAKES, each for
-    SERVER_HANDSHAKE_DEADLINE_S; so one flooding address cannot lock nodes out, and the
-    handshake's crypto (OpenSSL drops the GIL for it) never runs on the packet loop."""
+    hands finished ones to the packet loop. A source (an address, an IPv6 /64) gets
+    MAX_PENDING_PER_SOURCE unfinished handshakes, everyone what SourceSlots leave it of
+    MAX_PENDING_HANDSHAKES, each for SERVER_HANDSHAKE_DEADLINE_S; so one flooding source
+    cannot lock nodes out, and the handshake's crypto (OpenSSL drops the GIL for it)
+    never runs on the packet loop."""
 
     def __init__(
         self,
@@ -8999,7 +9000,7 @@ def grpc_server_options(max_connections: int) -> list[tuple[str, int]]:
     ]
 
 
-GRPC_MAX_PER_SOURCE = 64  # connections one address may hold on one gRPC port (loopback: no limit)
+GRPC_MAX_PER_SOURCE = 64  # connections one source may hold on one gRPC port (loopback: no limit)
 
 
 GUARD_CHUNK = 64 * 1024
@@ -9209,7 +9210,7 @@ def start_grpc_servers(
     bootstrap.start()
     control_server.start()
     log.info(
-        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS); %d connections each, %d per address",
+        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS); %d connections each, %d per source",
         cfg.bootstrap_port,
         cfg.grpc_port,
         cap,

@@ -119,6 +119,9 @@ DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9441"
 
 
+MAX_JOIN_REPLICAS = 16  # replica addresses one join string lists at most: a node tries each in turn
+
+
 # The server's own identity: bound to its overlay IP, held by the admin cert.
 # Nine characters on purpose, so no generated 16-character node-token collides.
 RESERVED_NODE_TOKEN = "reserverd"
@@ -298,6 +301,14 @@ def loggable(value: object, limit: int = 200) -> str:
     return repr(text[:limit])[1:-1] + ("..." if len(text) > limit else "")
 
 
+def one_line(text: str, most: int | None = None) -> str:
+    """Text that may span lines (sqlite's integrity report, a library's message) as one
+    line: its lines joined by '; ', past the first `most` only counted."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    kept = lines if most is None else lines[:most]
+    return "; ".join(kept) + (f" (+{len(lines) - len(kept)} more)" if len(lines) > len(kept) else "")
+
+
 # ============================================================================
 # 2. Config
 #    Dataclasses whose defaults are the embedded defaults, loaded from the
@@ -366,6 +377,12 @@ def overlapping(network: ipaddress.IPv4Network, others: dict[str, ipaddress.IPv4
     return None
 
 
+DEFAULT_SOURCE_PREFIX6 = 64  # one IPv6 host is routinely handed a whole /64
+
+
+MIN_SOURCE_PREFIX6 = 32  # shorter would make whole providers one source
+
+
 @dataclasses.dataclass
 class ServerConfig:
     ip: str = ""  # advertised underlay address; empty: detected at start
@@ -387,6 +404,7 @@ class ServerConfig:
     transport: str = "auto"  # auto or udp: offer nodes the UDP data path; tcp: TLS only
     udp_port: int = DEFAULT_NETWORK_PORT  # where the UDP data path listens (TCP keeps `port`)
     keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
+    source_prefix6: int = DEFAULT_SOURCE_PREFIX6  # per-source limits count an IPv6 /N as one source
     networks: list[NetworkSpec] = dataclasses.field(default_factory=list)  # more overlays, by net-token
     nodes_may_mint: bool = True  # a node may mint bootstrap tokens into its own network (the "trusted node" flow)
     node_mint_rate: int = 10  # bootstrap tokens one node may mint per hour
@@ -637,6 +655,11 @@ def check_config(config: Any, path: str, mode: str) -> None:
             raise ConfigError(f"{where}: port, grpcPort and bootstrapPort must differ, got {ports}")
         if not 1 <= config.keepalive <= 3600:
             raise ConfigError(f"{where}.keepalive: use 1-3600 seconds (default 10)")
+        if not MIN_SOURCE_PREFIX6 <= config.source_prefix6 <= 128:
+            raise ConfigError(
+                f"{where}.sourcePrefix6: use {MIN_SOURCE_PREFIX6}-128 (the IPv6 prefix one source holds; default "
+                f"{DEFAULT_SOURCE_PREFIX6})"
+            )
         if not 0 <= config.node_mint_rate <= 10000:
             raise ConfigError(f"{where}.nodeMintRate: use 0-10000 tokens per node per hour (default 10)")
         if not 1 <= config.node_token_max_life <= MAX_NODE_TOKEN_LIFE_MIN:
@@ -681,6 +704,20 @@ def host_port(host: str, port: int) -> str:
 def unmapped(ip: str) -> str:
     """An IPv4 peer of a dual-stack socket as plain IPv4 (::ffff:198.18.0.2 -> 198.18.0.2)."""
     return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def source_key(ip: str, prefix6: int = DEFAULT_SOURCE_PREFIX6) -> str:
+    """What a per-source limit counts as one source: an IPv4 address as it is, an IPv6
+    address as the /prefix6 it lies in (198.18.0.2; 2001:2:0:1::/64). The one mapping
+    from a peer's address to its key, for every port's limits and their log lines."""
+    ip = unmapped(ip)
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.version == 4 or prefix6 >= 128:
+        return str(address)
+    return str(ipaddress.IPv6Network((address, prefix6), strict=False))
 
 
 HOST_NAME_RE = re.compile(
@@ -2174,11 +2211,12 @@ def store_error(path: str, e: sqlite3.Error) -> StoreError:
     if code in (SQLITE_READONLY, SQLITE_CANTOPEN):
         return StoreFull(f"{path}: cannot write the database ({e}); make {folder} writable (read-only file system?)")
     if code in (SQLITE_CORRUPT, SQLITE_NOTADB) or (code == 0 and isinstance(e, sqlite3.DatabaseError)):
+        report = [line for line in str(e).splitlines() if not line.startswith("*** in database")]  # quick_check's
         return StoreError(
-            f"{path}: the database is damaged ({e}); stop nc and recover it with "
+            f"{path}: the database is damaged ({one_line(chr(10).join(report), most=2)}); stop nc and recover it with "
             "`nc adm restore --from BACKUP`, or move it away to start with an empty one"
         )
-    return StoreError(f"{path}: database error: {e}")
+    return StoreError(f"{path}: database error: {one_line(str(e))}")
 
 
 def backup_database(db_path: str, out: Path) -> None:
@@ -3511,15 +3549,25 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
 def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a file atomically (temp file, fsync, rename) with the given mode."""
+    """Write a file atomically (temp file, fsync, rename) with the given mode. The temp
+    file is always a new one (O_EXCL, O_NOFOLLOW): whatever lies at its name, a link
+    planted there above all, is removed, never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except FileExistsError:  # left by a crash, or planted: the name only, not its target
+        tmp.unlink()
+        fd = os.open(tmp, flags, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
 
 
@@ -3952,8 +4000,13 @@ def csr_public_key(csr_pem: bytes, kind: str) -> Any:
     except ValueError:
         raise BadRequest(f"the {kind} certificate request is not a PEM CSR") from None
     key = csr.public_key()
-    if not csr.is_signature_valid or not isinstance(key, ec.EllipticCurvePublicKey) or key.key_size < 256:
-        raise BadRequest(f"the {kind} certificate request must be a self-signed EC P-256 (or stronger) CSR")
+    curves = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)  # the NIST curves; not secp256k1 nor brainpool
+    if (
+        not isinstance(key, ec.EllipticCurvePublicKey)
+        or not isinstance(key.curve, curves)
+        or not csr.is_signature_valid
+    ):
+        raise BadRequest(f"the {kind} certificate request must be a self-signed EC P-256, P-384 or P-521 CSR")
     return key
 
 
@@ -4188,7 +4241,8 @@ class ControlPlane:
     def join_string(self, token: str, overlay: Overlay) -> str:
         """token@ip:port#sha256:<pin>, plus ,net=<net-token> for a network other than the default."""
         hosts = dict.fromkeys([self.advertised_ip, *self.replicas()])  # replicas: a:6439,b:6439
-        addresses = ",".join(host_port(host, self.config.bootstrap_port) for host in hosts)
+        listed = list(hosts)[:MAX_JOIN_REPLICAS]  # what a node accepts
+        addresses = ",".join(host_port(host, self.config.bootstrap_port) for host in listed)
         text = f"{token}@{addresses}#{self.pki.ca_pin()}"
         return text if overlay.name == DEFAULT_NETWORK else f"{text},net={overlay.net_token}"
 
@@ -6504,7 +6558,7 @@ SERVER_HANDSHAKE_DEADLINE_S = 5.0
 MAX_PENDING_HANDSHAKES = 512
 
 
-MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
+MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one source (a NAT may hide many nodes)
 
 
 # A peer that sends more malformed frames than this within the window is cut off:
@@ -6571,6 +6625,55 @@ def session_traffic(session: ServerSession) -> dict[str, int]:
     }
 
 
+RESERVE_SHARE = 4  # a source holding fewer slots than this may still take one of a port's last eighth
+
+
+class SourceSlots:
+    """What one listening port holds (connections, unfinished handshakes), counted per
+    source (source_key: an IPv6 /64 is one source). A source gets at most per_source,
+    everyone together at most cap; and the last eighth of cap is kept for sources holding
+    fewer than RESERVE_SHARE, so sources at their limit cannot fill the port between
+    them and a new host still gets in."""
+
+    def __init__(self, cap: int, per_source: int, prefix6: int = DEFAULT_SOURCE_PREFIX6) -> None:
+        self.cap, self.per_source, self.prefix6 = cap, per_source, prefix6
+        self.reserve = max(1, cap // 8)
+        self.held: collections.Counter[str] = collections.Counter()
+        self.total = 0
+        self.top = ""  # the source holding most (kept as slots are taken; found again when it empties)
+
+    def key(self, ip: str) -> str:
+        return source_key(ip, self.prefix6)
+
+    def take(self, key: str, unlimited: bool = False) -> tuple[str, str] | None:
+        """Count one more slot for key (unlimited: no per-source limit, as for loopback);
+        None when counted, else (the source to blame, why): key itself past its own
+        limit, else the source holding most, never a newcomer the crowd kept out."""
+        held = self.held.get(key, 0)
+        if not unlimited and held >= self.per_source:
+            return key, f"{held} from {key}, its limit"
+        if self.total >= self.cap or (self.total >= self.cap - self.reserve and held >= RESERVE_SHARE):
+            top = self.top
+            return top, f"{self.total} of {self.cap} taken, the most ({self.held.get(top, 0)}) from {top}"
+        self.held[key] = held + 1
+        self.total += 1
+        if held + 1 > self.held.get(self.top, 0):
+            self.top = key
+        return None
+
+    def release(self, key: str) -> None:
+        held = self.held.get(key, 0)
+        if held <= 0:
+            return
+        self.total -= 1
+        if held > 1:
+            self.held[key] = held - 1
+            return
+        del self.held[key]
+        if key == self.top:
+            self.top = max(self.held, key=self.held.__getitem__, default="")
+
+
 class PendingHandshake:
     __slots__ = ("deadline", "peer", "source", "tls")
 
@@ -6581,16 +6684,18 @@ class PendingHandshake:
 
 class Handshaker(threading.Thread):
     """Owns the data-plane listener: accepts, runs TLS handshakes on its own epoll, and
-    hands finished ones to the packet loop. An address gets MAX_PENDING_PER_SOURCE
-    unfinished handshakes, everyone MAX_PENDING_HANDSHAKES, each for
-    SERVER_HANDSHAKE_DEADLINE_S; so one flooding address cannot lock nodes out, and the
-    handshake's crypto (OpenSSL drops the GIL for it) never runs on the packet loop."""
+    hands finished ones to the packet loop. A source (an address, an IPv6 /64) gets
+    MAX_PENDING_PER_SOURCE unfinished handshakes, everyone what SourceSlots leave it of
+    MAX_PENDING_HANDSHAKES, each for SERVER_HANDSHAKE_DEADLINE_S; so one flooding source
+    cannot lock nodes out, and the handshake's crypto (OpenSSL drops the GIL for it)
+    never runs on the packet loop."""
 
     def __init__(
         self,
         listener: socket.socket,
         tls: ssl.SSLContext,
         deliver: Callable[[ssl.SSLSocket, str], None],
+        prefix6: int = DEFAULT_SOURCE_PREFIX6,
     ) -> None:
         super().__init__(name="network-handshakes", daemon=True)
         self.listener = listener
@@ -6599,7 +6704,7 @@ class Handshaker(threading.Thread):
         self.counters: collections.Counter[str] = collections.Counter()
         self.note = RateLimitedLog()
         self.pending: dict[int, PendingHandshake] = {}
-        self.per_source: collections.Counter[str] = collections.Counter()
+        self.slots = SourceSlots(MAX_PENDING_HANDSHAKES, MAX_PENDING_PER_SOURCE, prefix6)
         self.stopping = threading.Event()
         self.epoll = select.epoll()
         self.paused_until = 0.0  # accept() ran out of file descriptors; try again then
@@ -6643,27 +6748,30 @@ class Handshaker(threading.Thread):
                 self.epoll.modify(self.listener.fileno(), 0)
                 self.paused_until = time.monotonic() + 1.0
                 return
-            source = unmapped(address[0])
-            if len(self.pending) >= MAX_PENDING_HANDSHAKES or self.per_source[source] >= MAX_PENDING_PER_SOURCE:
-                self._refuse_busy(sock, source)
+            peer = unmapped(address[0])
+            source = self.slots.key(peer)
+            refusal = self.slots.take(source)
+            if refusal is not None:
+                self._refuse_busy(sock, refusal)
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             except OSError:  # reset before we looked at it
+                self.slots.release(source)
                 sock.close()
                 continue
-            pending = PendingHandshake(tls, host_port(source, address[1]), source)
+            pending = PendingHandshake(tls, host_port(peer, address[1]), source)
             self.pending[tls.fileno()] = pending
-            self.per_source[source] += 1
             self.epoll.register(tls.fileno(), select.EPOLLIN)
             self._step(pending)
 
-    def _refuse_busy(self, sock: socket.socket, source: str) -> None:
+    def _refuse_busy(self, sock: socket.socket, refusal: tuple[str, str]) -> None:
         """Close at once, with a reset: the slot stays free and no FIN_WAIT lingers."""
         self.counters["refused-busy"] += 1
-        self.note("busy:" + source, "too many unfinished handshakes from %s; refusing more", source)
+        blamed, why = refusal
+        self.note("busy:" + blamed, "unfinished TLS handshakes: %s; refusing more", why)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
@@ -6701,9 +6809,7 @@ class Handshaker(threading.Thread):
             return
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(fd)
-        self.per_source[pending.source] -= 1
-        if self.per_source[pending.source] <= 0:
-            del self.per_source[pending.source]
+        self.slots.release(pending.source)
 
     def _drop(self, pending: PendingHandshake) -> None:
         self._forget(pending)
@@ -7500,7 +7606,7 @@ class NetworkServer(Sessions):
         try:
             self.tls = self._tls_context()
             self.listener = self._listen()
-            self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake)
+            self.handshaker = Handshaker(self.listener, self.tls, self._deliver_handshake, self.config.source_prefix6)
             self.handshaker.observe = self.lifecycle.control.observe_handshake
             self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self.epoll.register(self.wake_r, select.EPOLLIN)
@@ -8924,7 +9030,7 @@ def grpc_server_options(max_connections: int) -> list[tuple[str, int]]:
     ]
 
 
-GRPC_MAX_PER_SOURCE = 64  # connections one address may hold on one gRPC port (loopback: no limit)
+GRPC_MAX_PER_SOURCE = 64  # connections one source may hold on one gRPC port (loopback: no limit)
 
 
 GUARD_CHUNK = 64 * 1024
@@ -8954,23 +9060,22 @@ class Splice:
 class GuardedPort:
     """A public gRPC port: who holds how many connections to it."""
 
-    def __init__(self, listener: socket.socket, name: str, cap: int) -> None:
-        self.listener, self.name, self.cap = listener, name, cap
+    def __init__(self, listener: socket.socket, name: str, slots: SourceSlots) -> None:
+        self.listener, self.name, self.slots = listener, name, slots
         self.backend_port = 0  # the gRPC server's private loopback port, known once it is bound
-        self.per_source: collections.Counter[str] = collections.Counter()
-        self.total = 0
 
 
 class GrpcGuard(threading.Thread):
     """The accept side of the gRPC ports, which grpc core cannot limit per address:
     the servers listen on private loopback ports, and this loop accepts on the public
-    ones, refuses (with a reset) an address past GRPC_MAX_PER_SOURCE or everyone past
-    the port's cap, and splices the rest through. gRPC's own handshake and idle
-    timeouts still end idle connections: their close passes back through here."""
+    ones, refuses (with a reset) a source past GRPC_MAX_PER_SOURCE or past what the
+    port's SourceSlots leave it, and splices the rest through. gRPC's own handshake and
+    idle timeouts still end idle connections: their close passes back through here."""
 
-    def __init__(self, stop: threading.Event) -> None:
+    def __init__(self, stop: threading.Event, prefix6: int = DEFAULT_SOURCE_PREFIX6) -> None:
         super().__init__(name="grpc-guard", daemon=True)
         self.stop = stop
+        self.prefix6 = prefix6
         self.ports: dict[int, GuardedPort] = {}  # listener fd -> port
         self.splices: dict[int, Splice] = {}  # either side's fd -> splice
         self.epoll = select.epoll()
@@ -8986,7 +9091,7 @@ class GrpcGuard(threading.Thread):
                 f"cannot listen on :{port} ({e.strerror}); stop what uses it or change server.{field}"
             ) from None
         listener.setblocking(False)
-        guarded = GuardedPort(listener, name, cap)
+        guarded = GuardedPort(listener, name, SourceSlots(cap, GRPC_MAX_PER_SOURCE, self.prefix6))
         self.ports[listener.fileno()] = guarded
         return guarded
 
@@ -9031,13 +9136,13 @@ class GrpcGuard(threading.Thread):
                     self.epoll.modify(fd, 0)
                 self.paused_until = time.monotonic() + 1.0
                 return
-            source = unmapped(address[0])
-            local = ipaddress.ip_address(source).is_loopback
-            if port.total >= port.cap or (not local and port.per_source[source] >= GRPC_MAX_PER_SOURCE):
+            peer = unmapped(address[0])
+            source = port.slots.key(peer)
+            refusal = port.slots.take(source, unlimited=ipaddress.ip_address(peer).is_loopback)
+            if refusal is not None:
                 self.refused += 1
-                self.note(
-                    "busy:" + source, "gRPC %s port: too many connections from %s; refusing more", port.name, source
-                )
+                blamed, why = refusal
+                self.note("busy:" + blamed, "gRPC %s port: %s; refusing more", port.name, why)
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
@@ -9046,10 +9151,9 @@ class GrpcGuard(threading.Thread):
             try:
                 splice = Splice(port, sock, source)
             except OSError:
+                port.slots.release(source)
                 sock.close()
                 continue
-            port.total += 1
-            port.per_source[source] += 1
             for side in (splice.client, splice.backend):
                 self.splices[side.fileno()] = splice
                 self.epoll.register(side.fileno(), select.EPOLLIN | select.EPOLLOUT)
@@ -9084,12 +9188,8 @@ class GrpcGuard(threading.Thread):
             self.epoll.modify(side.fileno(), reading | (select.EPOLLOUT if splice.out[side.fileno()] else 0))
 
     def _close(self, splice: Splice) -> None:
-        port = splice.port  # the caller's count goes first: a splice gone means its count is too
-        if splice.source in port.per_source:
-            port.total -= 1
-            port.per_source[splice.source] -= 1
-            if port.per_source[splice.source] <= 0:
-                del port.per_source[splice.source]
+        if splice.source:  # the caller's count goes first: a splice gone means its count is too
+            splice.port.slots.release(splice.source)
         splice.source = ""  # counted down once
         for side in (splice.client, splice.backend):
             if self.splices.pop(side.fileno(), None) is not None:
@@ -9140,7 +9240,7 @@ def start_grpc_servers(
     bootstrap.start()
     control_server.start()
     log.info(
-        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS); %d connections each, %d per address",
+        "gRPC bootstrap service on :%d (TLS), control service on :%d (mutual TLS); %d connections each, %d per source",
         cfg.bootstrap_port,
         cfg.grpc_port,
         cap,
@@ -9198,7 +9298,13 @@ def parse_join_string(text: str) -> JoinTarget:
         raise UsageError(
             "join string must look like <token>@<ip>:<port>#sha256:<hex>; copy it whole from `nc adm token create`"
         )
-    (host, port), *others = [join_address(a) for a in addresses.split(",")]  # replicas: a:6439,b:6439
+    listed = addresses.split(",")  # replicas: a:6439,b:6439
+    if len(listed) > MAX_JOIN_REPLICAS:
+        raise UsageError(
+            f"join string lists {len(listed)} replica addresses, more than the {MAX_JOIN_REPLICAS} nc accepts; "
+            "copy it whole from `nc adm token create`"
+        )
+    (host, port), *others = [join_address(a) for a in listed]
     if pin and not re.fullmatch(r"sha256:[0-9a-f]{64}", pin):
         raise UsageError("join string CA pin must be sha256:<64 hex digits>")
     return JoinTarget(token, host, port, pin or None, net_token, tuple(others))
@@ -9578,7 +9684,9 @@ class StandbyPort:
         context.load_verify_locations(cafile=str(pki.network.ca_path))
         context.verify_mode = ssl.CERT_REQUIRED
         self.pending: queue.SimpleQueue[ssl.SSLSocket | None] = queue.SimpleQueue()
-        self.handshaker = Handshaker(self.listener, context, lambda tls, _peer: self.pending.put(tls))
+        self.handshaker = Handshaker(
+            self.listener, context, lambda tls, _peer: self.pending.put(tls), config.source_prefix6
+        )
         self.thread = threading.Thread(target=self._refuse_all, name="standby-refusals", daemon=True)
 
     def start(self) -> None:
@@ -9989,6 +10097,127 @@ REFUSAL_COUNTERS = {
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
+METRICS_MAX_CLIENTS = 32  # HTTP clients held at once; one more displaces the one waiting longest
+
+
+METRICS_CLIENT_TIMEOUT_S = 10.0  # to send a request and take the answer
+
+
+METRICS_MAX_REQUEST = 8192  # bytes of request line and headers
+
+
+class MetricsClient:
+    __slots__ = ("deadline", "received", "sock", "unsent")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.received = b""
+        self.unsent = b""
+        self.deadline = time.monotonic() + METRICS_CLIENT_TIMEOUT_S
+
+
+class MetricsHttp(threading.Thread):
+    """GET /metrics over HTTP/1.0, every client on one epoll loop: a slow or idle client
+    costs a socket, never a thread (prometheus_client's server starts one per
+    connection). At most METRICS_MAX_CLIENTS at once, the longest waiting closed for a
+    newcomer, each for METRICS_CLIENT_TIMEOUT_S."""
+
+    def __init__(self, listener: socket.socket, render: Callable[[], tuple[bytes, str]]) -> None:
+        super().__init__(name="metrics-http", daemon=True)
+        self.listener, self.render = listener, render
+        self.listener.setblocking(False)
+        self.clients: dict[int, MetricsClient] = {}  # in order of arrival
+        self.stopping = threading.Event()
+        self.epoll = select.epoll()
+        self.paused_until = 0.0  # accept() ran out of file descriptors; listen again then
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            self.join(timeout=5.0)
+        for client in list(self.clients.values()):
+            self._close(client)
+        self.listener.close()
+        self.epoll.close()
+
+    def run(self) -> None:
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        while not self.stopping.is_set():
+            for fd, events in self.epoll.poll(0.5):
+                if fd == self.listener.fileno():
+                    self._accept()
+                elif (client := self.clients.get(fd)) is not None:
+                    try:
+                        self._step(client, events)
+                    except OSError:
+                        self._close(client)
+            now = time.monotonic()
+            for client in [c for c in self.clients.values() if now > c.deadline]:
+                self._close(client)
+            if self.paused_until and now >= self.paused_until:
+                self.paused_until = 0.0
+                self.epoll.modify(self.listener.fileno(), select.EPOLLIN)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of file descriptors: stop listening for a second (epoll would spin)
+                self.epoll.modify(self.listener.fileno(), 0)
+                self.paused_until = time.monotonic() + 1.0
+                return
+            if len(self.clients) >= METRICS_MAX_CLIENTS:
+                self._close(next(iter(self.clients.values())))
+            sock.setblocking(False)
+            self.clients[sock.fileno()] = MetricsClient(sock)
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def _step(self, client: MetricsClient, events: int) -> None:
+        if events & select.EPOLLIN and not client.unsent:
+            data = client.sock.recv(4096)
+            client.received += data
+            if not data or len(client.received) > METRICS_MAX_REQUEST:
+                self._close(client)
+                return
+            if b"\r\n\r\n" not in client.received and b"\n\n" not in client.received:
+                return
+            client.unsent = self._answer(client.received)
+            self.epoll.modify(client.sock.fileno(), select.EPOLLOUT)
+        if client.unsent:
+            try:
+                sent = client.sock.send(client.unsent)
+            except BlockingIOError:
+                return
+            client.unsent = client.unsent[sent:]
+            if not client.unsent:
+                self._close(client)
+
+    def _answer(self, request: bytes) -> bytes:
+        method, _, rest = request.partition(b" ")
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            status, body, kind = "405 Method Not Allowed", b"only GET\n", "text/plain"
+        elif path not in (b"/", b"/metrics"):
+            status, body, kind = "404 Not Found", b"metrics are at /metrics\n", "text/plain"
+        else:
+            try:
+                body, kind = self.render()
+                status = "200 OK"
+            except Exception:  # a collector's bug costs one scrape, never the metrics port
+                log.exception("metrics: collecting failed")
+                status, body, kind = "500 Internal Server Error", b"collecting failed\n", "text/plain"
+        head = f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        return head.encode() + (b"" if method == b"HEAD" else body)
+
+    def _close(self, client: MetricsClient) -> None:
+        if self.clients.pop(client.sock.fileno(), None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(client.sock.fileno())
+        client.sock.close()
+
+
 class ServerMetrics:
     """Prometheus metrics of a running server, served on metricsAddr. Most are read live
     from the parts at scrape time (nothing on the packet path but plain integer counters);
@@ -10016,25 +10245,27 @@ class ServerMetrics:
         self.registry.register(self)
         control.observe_join = self.join_seconds.observe
         control.observe_handshake = self.handshake_seconds.observe
-        self.httpd: Any = None
+        self.httpd: MetricsHttp | None = None
         self.guard: GrpcGuard | None = None  # its refusals count as "grpc-limit"
 
     def serve(self, address: str) -> None:
-        from prometheus_client import start_http_server
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         host, port = split_host_port(address, "server.metricsAddr")
         try:
-            self.httpd, _ = start_http_server(port, host, registry=self.registry)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            listener = socket.create_server((host, port), family=family, backlog=128)
         except OSError as e:
             raise NcError(
                 f"cannot serve metrics on {address} ({e.strerror}); change server.metricsAddr or set it empty"
             ) from None
+        self.httpd = MetricsHttp(listener, lambda: (generate_latest(self.registry), CONTENT_TYPE_LATEST))
+        self.httpd.start()
         log.info("Prometheus metrics on http://%s/metrics", address)
 
     def close(self) -> None:
         if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+            self.httpd.close()
 
     def describe(self) -> list[Any]:
         return []  # families are known only at scrape time; an empty describe keeps registration cheap
@@ -10251,7 +10482,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
             metrics = ServerMetrics(control, chosen) if config.metrics_addr else None
             role = chosen
             threads = [*role.begin(control, supervisor), MemoryTrimmer(stop)]
-            guard = GrpcGuard(stop)
+            guard = GrpcGuard(stop, config.source_prefix6)
             try:
                 servers = start_grpc_servers(control, guard, fd_limit=fd_limit)
             except BaseException:
@@ -10700,13 +10931,29 @@ def setup_logging(mode: str | None, log_dir: str | None, debug: bool, quiet_stdo
     add_file_log(root, mode, log_dir, formatter)
 
 
+class PrivateLogFile(logging.handlers.TimedRotatingFileHandler):
+    """The log file, and each one rotation starts, 0640 whatever the umask: its lines
+    name nodes and their addresses, for root and its group only."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, LOG_FILE_MODE)
+        os.fchmod(fd, LOG_FILE_MODE)  # a file an older nc made wider
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
+LOG_FILE_MODE = 0o640
+
+
+LOG_DIR_MODE = 0o750
+
+
 def add_file_log(root: logging.Logger, mode: str | None, log_dir: str | None, formatter: logging.Formatter) -> None:
     if mode and log_dir:
         try:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.TimedRotatingFileHandler(
-                Path(log_dir) / f"nc-{mode}.log", when="midnight", backupCount=7, encoding="utf-8"
-            )
+            if not Path(log_dir).is_dir():  # one nc makes is its own; a directory given as logDir keeps its mode
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                os.chmod(log_dir, LOG_DIR_MODE)
+            handler = PrivateLogFile(Path(log_dir) / f"nc-{mode}.log", when="midnight", backupCount=7, encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"logDir {log_dir}: cannot write logs there ({e.strerror}); set {mode}.logDir") from None
         handler.setFormatter(formatter)
@@ -11109,7 +11356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NcError as e:
-        print(f"nc: error: {e}", file=sys.stderr)
+        print(f"nc: error: {one_line(str(e))}", file=sys.stderr)  # one line, whatever a library put into it
         return e.exit_code
     except ImportError as e:  # grpcio, PyYAML, cryptography are imported lazily, when first needed
         print(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from flood_helpers import held, start_flood, welcomed_ips
-from netlab import SCRIPTS, Lab, start_client, wait_for
+from netlab import SCRIPTS, UNDERLAY6_PREFIX, Lab, start_client, start_server, wait_for
 from overlay_helpers import (
     NETWORK_PORT,
     SERVER_OVERLAY_IP,
@@ -57,6 +57,38 @@ def test_a_node_joins_and_connects_through_a_flood_on_every_port(lab: Lab, mode:
     )
     assert overlay.server.process.alive()
     assert_reaches(overlay.hosts[0], newcomer.overlay_ip())
+
+
+def test_one_ipv6_prefix_is_one_source_and_the_log_names_it(lab: Lab) -> None:
+    """24 addresses of one /64 x 64 connections to 6439 would hold more than the port's
+    cap if each address counted alone: the /64 holds its one source's 64, a node on
+    another host joins and connects, and the refusals name the /64, not the node."""
+    server_host = lab.add_host("server")
+    server_ip6 = server_host.use_ipv6_underlay(keep_ipv4=True)
+    attacker = lab.add_host("attacker")
+    attacker.use_ipv6_underlay()
+    crowd = tuple(f"{UNDERLAY6_PREFIX}:0:1::{n:x}" for n in range(1, 25))  # one /64 of its own
+    for address in crowd:
+        attacker.run("ip", "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+    server_host.run("ip", "-6", "route", "add", f"{UNDERLAY6_PREFIX}:0:1::/64", "dev", "eth0")
+    server = start_server(server_host, ip=server_ip6)
+    join = server.join_string()
+    port = ncctl.DEFAULT_BOOTSTRAP_PORT
+    flood = start_flood(attacker, server_ip6, (port,), len(crowd) * 64, "idle", sources=crowd)
+    wait_for(lambda: held(flood) >= ncctl.GRPC_MAX_PER_SOURCE, timeout=30, what="the flood to hold connections")
+
+    newcomer = lab.add_host("newcomer")
+    newcomer_ip6 = newcomer.use_ipv6_underlay()
+    client = start_client(newcomer, join)
+    wait_connected(server, client)
+    established = server_host.run("ss", "-Htn", "state", "established", f"( sport = :{port} )").stdout
+    from_crowd = sum(f"{UNDERLAY6_PREFIX}:0:1:" in line for line in established.splitlines())
+    assert from_crowd <= ncctl.GRPC_MAX_PER_SOURCE + 64, f"the /64 holds {from_crowd}"  # + a burst in the backlog
+    assert flood.alive(), flood.log()[-1000:]
+    refusals = [line for line in server.process.log().splitlines() if "refusing more" in line]
+    assert refusals and all(f"{UNDERLAY6_PREFIX}:0:1::/64" in line for line in refusals), refusals
+    assert not any(newcomer_ip6 in line for line in refusals), refusals
+    flood.stop()
 
 
 def test_sessions_that_stop_reading_cost_only_their_own_packets(lab: Lab) -> None:

@@ -4,8 +4,11 @@ with the Prometheus text parser, and seen to move with traffic and with a bad to
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 from control_helpers import adm_join, one_error_line
+from flood_helpers import held, start_flood
 from netlab import SCRIPTS, Lab, NcServer, start_client, start_server, wait_for
 from overlay_helpers import assert_reaches, scrape, value, wait_connected
 
@@ -50,3 +53,18 @@ def test_empty_metrics_addr_turns_metrics_off_and_a_custom_one_is_used(lab: Lab)
     assert done.returncode != 0 and "Connection refused" in done.stderr
     custom: NcServer = start_server(lab.add_host("custom"), metricsAddr="0.0.0.0:9500")
     assert wait_for(lambda: value(scrape(custom.host, f"{custom.host.ip}:9500"), "nc_sessions", transport="tcp") == 0)
+
+
+def test_slow_clients_on_the_metrics_port_cost_no_thread_each(lab: Lab) -> None:
+    """300 clients that connect to /metrics and never send a request (reconnecting when
+    closed): the server keeps its thread count, and a scrape still answers."""
+    server = start_server(lab.add_host("server"))
+    tasks = Path(f"/proc/{server.process.pid}/task")
+    threads = len(list(tasks.iterdir()))
+    flood = start_flood(server.host, "127.0.0.1", (9441,), 300, "idle", rate=300.0)
+    wait_for(lambda: held(flood) >= 16, timeout=30, what="the slow clients to connect")
+    time.sleep(2.0)
+    assert len(list(tasks.iterdir())) <= threads + 4
+    assert value(scrape(server.host), "nc_sessions", transport="tcp") == 0
+    assert flood.alive(), flood.log()[-1000:]
+    flood.stop()

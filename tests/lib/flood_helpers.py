@@ -16,9 +16,16 @@ from netlab import SCRIPTS, Host, Process
 
 
 def start_flood(
-    attacker: Host, server_ip: str, ports: tuple[int, ...], count: int, mode: str, rate: float = 2000.0
+    attacker: Host,
+    server_ip: str,
+    ports: tuple[int, ...],
+    count: int,
+    mode: str,
+    rate: float = 2000.0,
+    sources: tuple[str, ...] = (),
 ) -> Process:
-    """Start the flood in the attacker's namespace and wait until it tried every slot once."""
+    """Start the flood in the attacker's namespace and wait until it tried every slot once;
+    `sources`: the attacker's addresses to connect from, in turn (default: its own)."""
     flood = attacker.spawn(
         "python3",
         str(SCRIPTS / "flood_connections.py"),
@@ -27,6 +34,7 @@ def start_flood(
         str(count),
         mode,
         str(rate),
+        ",".join(sources),
         name=f"flood-{mode}",
     )
     flood.wait_for_output("opened", timeout=60, what="the flood to open its connections")

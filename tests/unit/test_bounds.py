@@ -135,8 +135,83 @@ def test_the_grpc_guard_splices_both_ways_and_forgets_closed_callers() -> None:
             if not guard.splices:
                 break
             time.sleep(0.05)
-        assert guard.splices == {} and port.total == 0 and not port.per_source
+        assert guard.splices == {} and port.slots.total == 0 and not port.slots.held
     finally:
         stop.set()
         guard.join(timeout=5)
         listener.close()
+
+
+def test_an_ipv6_source_is_its_prefix_and_ipv4_its_address() -> None:
+    assert ncctl.source_key("2001:2:0:1::17") == ncctl.source_key("2001:2:0:1:ffff::1") == "2001:2:0:1::/64"
+    assert ncctl.source_key("2001:2:0:1::17", 48) == "2001:2::/48"
+    assert ncctl.source_key("2001:2:0:1::17", 128) == "2001:2:0:1::17"
+    assert ncctl.source_key("::ffff:198.18.0.2") == ncctl.source_key("198.18.0.2") == "198.18.0.2"
+
+
+def test_addresses_of_one_prefix_share_one_limit_and_the_refusal_names_the_prefix() -> None:
+    slots = ncctl.SourceSlots(cap=1333, per_source=64)
+    crowd = [slots.key(f"2001:2:0:1::{n:x}") for n in range(24 * 64)]  # 24 addresses x 64 would hold 1536
+    refusals = [refusal for source in crowd if (refusal := slots.take(source)) is not None]
+    assert slots.total == 64 and len(refusals) == len(crowd) - 64
+    assert {blamed for blamed, _ in refusals} == {"2001:2:0:1::/64"}
+    assert all("2001:2:0:1::/64" in why for _, why in refusals)
+    assert slots.take(slots.key("2001:2:0:2::1")) is None  # another /64 is another source
+
+
+def test_sources_at_their_limit_leave_room_for_a_new_one_and_the_log_blames_them() -> None:
+    slots = ncctl.SourceSlots(cap=64, per_source=16)
+    for flooder in range(4):  # four sources at their limit would hold the whole cap
+        for _ in range(16):
+            slots.take(f"198.18.1.{flooder}")
+    assert slots.total == slots.cap - slots.reserve  # the last eighth is kept
+    assert slots.take("198.18.2.1") is None  # a host holding nothing still gets in
+    assert slots.take("198.18.2.1") is None
+    for newcomer in range(slots.reserve):  # until the port is truly full
+        slots.take(f"198.18.3.{newcomer}")
+    assert slots.total == slots.cap
+    blamed, why = slots.take("198.18.4.1") or ("", "")
+    assert blamed.startswith("198.18.1.") and "198.18.4.1" not in why  # never the victim
+    for _ in range(16):
+        slots.release("198.18.1.0")
+    assert "198.18.1.0" not in slots.held and slots.top != "198.18.1.0"
+    assert slots.take("198.18.4.1") is None
+
+
+def test_loopback_has_no_per_source_limit_on_the_grpc_ports() -> None:
+    slots = ncctl.SourceSlots(cap=100, per_source=2)
+    assert all(slots.take("127.0.0.1", unlimited=True) is None for _ in range(4))
+    assert slots.take("198.18.0.9") is None and slots.take("198.18.0.9") is None
+    assert slots.take("198.18.0.9") is not None
+
+
+def test_the_metrics_server_holds_slow_clients_without_a_thread_each_and_still_answers() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = listener.getsockname()
+    server = ncctl.MetricsHttp(listener, lambda: (b"nc_up 1\n", "text/plain; version=0.0.4"))
+    threads = threading.active_count()
+    server.start()
+    slow: list[socket.socket] = []
+    try:
+        for n in range(300):  # connected, some halfway through a request line, none finishing it
+            sock = socket.create_connection(address, timeout=5)
+            if n % 2:
+                sock.sendall(b"GET /met")
+            slow.append(sock)
+        time.sleep(0.5)
+        assert threading.active_count() <= threads + 1
+        assert len(server.clients) <= ncctl.METRICS_MAX_CLIENTS
+        with socket.create_connection(address, timeout=5) as scraper:  # a real scrape still gets through
+            scraper.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while chunk := scraper.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n") and answer.endswith(b"\r\n\r\nnc_up 1\n"), answer
+        with socket.create_connection(address, timeout=5) as stray:
+            stray.sendall(b"GET /other HTTP/1.0\r\n\r\n")
+            assert stray.recv(4096).startswith(b"HTTP/1.0 404")
+    finally:
+        for sock in slow:
+            sock.close()
+        server.close()
+    assert not server.is_alive()

@@ -49,13 +49,13 @@ def test_camel_case_fields_land_in_the_config(tmp_path: Path) -> None:
         tmp_path,
         "mode: server\nserver:\n  grpcPort: 7440\n  bootstrapPort: 7439\n  port: 7441\n"
         "  networkAddr: 10.9.0.1/16\n  workDir: /srv/nc\n  debug: true\n  mtu: 1300\n  ip: 198.18.0.9\n"
-        "  interconnection: false\n  keepalive: null\n",
+        "  interconnection: false\n  keepalive: null\n  sourcePrefix6: 56\n",
     )
     config = ncctl.load_config(str(path), "server")
     assert (config.grpc_port, config.bootstrap_port, config.port) == (7440, 7439, 7441)
     assert config.network_addr == "10.9.0.1/16" and config.mtu == 1300 and config.debug is True
     assert config.ip == "198.18.0.9" and config.interconnection is False
-    assert config.keepalive == ncctl.ServerConfig().keepalive
+    assert config.keepalive == ncctl.ServerConfig().keepalive and config.source_prefix6 == 56
     assert config.db_path == "/srv/nc/nc.db" and config.tls_dir == "/srv/nc/tls"
     assert str(config.server_overlay_ip) == "10.9.0.1"
 
@@ -122,6 +122,9 @@ BAD_SERVER = [
     ("section not a map", {"server": ["a"]}, "server"),
     ("same ports", {"server": {"grpcPort": 6441}}, "grpcPort"),
     ("metrics address", {"server": {"metricsAddr": "9441"}}, "server.metricsAddr"),
+    ("source prefix too short", {"server": {"sourcePrefix6": 16}}, "server.sourcePrefix6"),
+    ("source prefix too long", {"server": {"sourcePrefix6": 129}}, "server.sourcePrefix6"),
+    ("source prefix text", {"server": {"sourcePrefix6": "/64"}}, "server.sourcePrefix6"),
 ]
 
 BAD_CLIENT = [

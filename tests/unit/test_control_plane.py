@@ -147,6 +147,21 @@ def test_a_csr_must_be_a_valid_ec_request(control: ncctl.ControlPlane) -> None:
 
 
 @pytest.mark.parametrize(
+    ("curve", "accepted"),
+    [("SECP256R1", True), ("SECP384R1", True), ("SECP521R1", True), ("SECP256K1", False), ("BrainpoolP256R1", False)],
+)
+def test_a_csr_key_is_on_a_nist_curve_as_the_refusal_says(curve: str, accepted: bool) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    csr = ncctl.new_csr(ec.generate_private_key(getattr(ec, curve)()), "abcdefghij012345")
+    if accepted:
+        assert ncctl.csr_public_key(csr, "grpc").curve.name == getattr(ec, curve).name
+    else:
+        with pytest.raises(ncctl.BadRequest, match="P-256, P-384 or P-521"):
+            ncctl.csr_public_key(csr, "grpc")
+
+
+@pytest.mark.parametrize(
     ("cidr", "allow_public", "why"),
     [
         ("198.18.0.0/24", False, "server's own address"),

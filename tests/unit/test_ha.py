@@ -32,6 +32,16 @@ def test_join_string_with_a_bad_replica_address_is_refused(addresses: str) -> No
         ncctl.parse_join_string(f"{TOKEN}@{addresses}#{PIN}")
 
 
+def test_a_join_string_lists_at_most_sixteen_replicas() -> None:
+    sixteen = ",".join(f"198.18.0.{n}:6439" for n in range(1, 17))
+    assert len(ncctl.parse_join_string(f"{TOKEN}@{sixteen}#{PIN}").alternatives()) == 16
+    crowd = ",".join(f"198.18.{n // 250}.{n % 250 + 1}:6439" for n in range(10_000))
+    with pytest.raises(ncctl.UsageError) as info:
+        ncctl.parse_join_string(f"{TOKEN}@{crowd}#{PIN}")
+    message = str(info.value)
+    assert "10000" in message and "16" in message and "\n" not in message and len(message) < 200, message
+
+
 def write(path: Path, body: dict) -> str:
     path.write_text(yaml.safe_dump(body))
     return str(path)

@@ -147,6 +147,27 @@ def test_garbage_file_is_a_store_error(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+def test_a_damaged_store_is_one_line_with_the_integrity_report_folded_in(tmp_path: Path) -> None:
+    """quick_check reports a damaged tree over many lines: the error stays one line."""
+    path = tmp_path / "nc.db"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b TEXT)")
+        db.execute("CREATE INDEX t_b ON t (b)")
+        db.executemany("INSERT INTO t VALUES (?, ?)", [(n, "x" * 50 + str(n)) for n in range(2000)])
+    db.close()
+    data = bytearray(path.read_bytes())
+    for offset in range(4096 * 5 + 100, 4096 * 5 + 200):  # cell pointers of a page of the table's tree
+        data[offset] ^= 0x55
+    path.write_bytes(bytes(data))
+    report = sqlite3.connect(path).execute("PRAGMA quick_check").fetchone()[0]
+    assert report.count("\n") > 2  # the damage this test needs: a report of many lines
+    with pytest.raises(ncctl.StoreError) as info:
+        ncctl.Store(str(path))
+    message = str(info.value)
+    assert "\n" not in message and "more)" in message and len(message) < 400, message
+    assert str(path) in message and "nc adm restore" in message and "Offset" in message, message
+
+
 def test_a_full_store_is_named_full_not_damaged(store: ncctl.Store) -> None:
     """sqlite's 'full' (here its page cap) is StoreFull on every Python, also before 3.11,
     where the error carries no code and only its message names it."""

@@ -1,5 +1,6 @@
-"""argv = server, ports (comma-separated), count, mode (idle or half-open), rate: see
-flood_helpers.py. Prints "opened" once every slot was tried, then "held N" lines."""
+"""argv = server, ports (comma-separated), count, mode (idle or half-open), rate, and
+optionally source addresses (comma-separated, used in turn): see flood_helpers.py.
+Prints "opened" once every slot was tried, then "held N" lines."""
 
 import collections
 import resource
@@ -18,6 +19,8 @@ server, ports, count, mode, rate = (
     sys.argv[4],
     float(sys.argv[5]),
 )
+sources = sys.argv[6].split(",") if len(sys.argv) > 6 and sys.argv[6] else []
+family = socket.AF_INET6 if ":" in server else socket.AF_INET
 tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
 poll = select.epoll()
@@ -26,9 +29,11 @@ todo = collections.deque(p for _ in range(count) for p in ports)  # first in, fi
 
 
 def open_one(port):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(family, socket.SOCK_STREAM)
     s.setblocking(False)
     try:
+        if sources:
+            s.bind((sources[tried % len(sources)], 0))
         s.connect((server, port))
     except BlockingIOError:
         pass

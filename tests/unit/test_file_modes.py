@@ -32,13 +32,17 @@ def test_a_link_planted_at_the_temp_name_is_not_written_through(tmp_path: Path) 
 
 @pytest.fixture
 def umask_022() -> Iterator[None]:
+    """A umask that would leave files world-readable; setup_logging's changes to the "nc"
+    logger are undone afterwards, so later tests' caplog still sees its records."""
+    logger = logging.getLogger("nc")
+    saved = (logger.level, logger.propagate, logging.raiseExceptions)
     old = os.umask(0o022)
     yield
     os.umask(old)
-    logger = logging.getLogger("nc")
     for handler in logger.handlers:
         handler.close()
     logger.handlers.clear()
+    logger.level, logger.propagate, logging.raiseExceptions = saved
 
 
 @pytest.mark.usefixtures("umask_022")

@@ -4048,6 +4048,161 @@ def cidr_problem(
     return None
 
 
+class OverBudget(NcError):
+    """A node did something costly more often than its budget allows; `reason` is the
+    nc_refusals_total reason its refusal counts under."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TokenBucket:
+    """Room for `burst` events at once, refilled at `per_s` a second."""
+
+    __slots__ = ("level", "logged_at", "stamp")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.level, self.stamp = float(burst), now
+        self.logged_at = -1e9  # when a refusal of this key was last logged
+
+    def take(self, burst: float, per_s: float, now: float, cost: float = 1.0) -> bool:
+        """Whether one event fits (cost 0: asks without taking)."""
+        self.level = min(float(burst), self.level + max(0.0, now - self.stamp) * per_s)
+        self.stamp = now
+        if self.level < 1.0:
+            return False
+        self.level -= cost
+        return True
+
+    def full(self, burst: float, per_s: float, now: float) -> bool:
+        return self.level + max(0.0, now - self.stamp) * per_s >= burst
+
+
+class Budget:
+    """How often a node (or a session) may do one costly thing: `burst` at once, then
+    `per_s` a second. The one owner of such limits (malformed frames, control frames,
+    certificate renewals): every path spends from its budget and acts on OverBudget.
+    Buckets are kept by key (a node-token, or a session) and forgotten once full again,
+    so the table holds only what spent recently; a refusal is logged at most once per
+    LOG_EVERY_S per key. Thread-safe (the packet loop and gRPC threads share some)."""
+
+    LOG_EVERY_S = 60.0
+    PRUNE_EVERY_S = 60.0
+
+    def __init__(self, reason: str, what: str, burst: int, per_s: float) -> None:
+        self.reason, self.what = reason, what  # nc_refusals_total's reason; "control frames" for messages
+        self.burst, self.per_s = burst, per_s
+        self.refused = 0  # refusals so far (metrics)
+        self._buckets: dict[Any, TokenBucket] = {}
+        self._lock = threading.Lock()
+        self._pruned_at = float("-inf")
+
+    def spend(
+        self,
+        key: Any,
+        name: str,
+        per_s: float | None = None,
+        now: float | None = None,
+        last: object = None,
+        cost: float = 1.0,
+    ) -> None:
+        """Take one from key's bucket, or raise OverBudget (counted; logged at most once
+        per LOG_EVERY_S per key). `name` is who, as a log line says it; `per_s`
+        overrides the rate (one read from the config at each use); `last` is what the
+        refusal says was spent last; cost 0 only asks whether the key has room left."""
+        now = time.monotonic() if now is None else now
+        rate = self.per_s if per_s is None else per_s
+        with self._lock:
+            if now - self._pruned_at >= self.PRUNE_EVERY_S:
+                self._prune(rate, now)
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(self.burst, now)
+            if bucket.take(self.burst, rate, now, cost):
+                return
+            self.refused += 1
+            log_it = now - bucket.logged_at >= self.LOG_EVERY_S
+            if log_it:
+                bucket.logged_at = now
+        message = f"over {self.burst} {self.what} at once or {format_rate(rate)}"
+        message += f" (last: {last})" if last is not None else ""
+        if log_it:
+            log.warning("%s refused: %s (%s)", name, message, self.reason)
+        raise OverBudget(message, self.reason)
+
+    def forget(self, key: Any) -> None:
+        with self._lock:
+            self._buckets.pop(key, None)
+
+    def _prune(self, rate: float, now: float) -> None:
+        self._pruned_at = now
+        for key in [k for k, b in self._buckets.items() if b.full(self.burst, rate, now)]:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def format_rate(per_s: float) -> str:
+    """ "20 per minute", "4 per hour": a budget's refill as a message says it."""
+    for unit, seconds in (("second", 1), ("minute", 60), ("hour", 3600)):
+        if per_s * seconds >= 1:
+            return f"{per_s * seconds:.3g} per {unit}"
+    return f"{per_s * 86400:.3g} per day"
+
+
+# A node that sends more malformed frames than this within the window is cut off: a
+# real node sends none, so this only ends floods (each bad frame costs a log check).
+# Counted per session: a reconnect starts afresh.
+BAD_FRAME_LIMIT = 100
+
+
+BAD_FRAME_WINDOW_S = 10.0
+
+
+# REKEY and TRANSPORT frames, per node (across its reconnects). A well-behaved node
+# rekeys every 120 s (sooner only past 2^24 datagrams), and says TRANSPORT when its UDP
+# path comes up or fails: at most twice per 3 s of silence plus a 20 s wait, and once
+# per session; about 7 a minute at worst, 12 for one that also reconnects every 10 s.
+CONTROL_FRAME_BURST = 20
+
+
+CONTROL_FRAMES_PER_MINUTE = 20
+
+
+# Certificate renewals, per node: a few an hour, or three per renewal interval (two
+# thirds of nodeCertLife) when certificates live so short that they need more.
+RENEWAL_BURST = 4
+
+
+RENEWALS_PER_HOUR = 4
+
+
+RENEWALS_PER_INTERVAL = 3
+
+
+class Budgets:
+    """The per-node and per-session budgets the server keeps (each a Budget)."""
+
+    def __init__(self) -> None:
+        self.bad_frames = Budget(
+            "bad-frames", "malformed frames", BAD_FRAME_LIMIT, BAD_FRAME_LIMIT / BAD_FRAME_WINDOW_S
+        )
+        self.control_frames = Budget(
+            "control-budget", "control frames (REKEY, TRANSPORT)", CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_MINUTE / 60
+        )
+        self.renewals = Budget("renewal-budget", "certificate renewals", RENEWAL_BURST, RENEWALS_PER_HOUR / 3600)
+
+    def all(self) -> tuple[Budget, ...]:
+        return (self.bad_frames, self.control_frames, self.renewals)
+
+
+def renewals_per_s(node_cert_life: float) -> float:
+    """The renewal budget's refill: RENEWALS_PER_HOUR, or more for short-lived certificates."""
+    return max(RENEWALS_PER_HOUR / 3600, RENEWALS_PER_INTERVAL / (node_cert_life * 2 / 3))
+
+
 class ControlPlane:
     """Identity, permissions, token and CIDR rules, and admission: every decision
     about who may join, connect, mint, read or remove is taken here."""
@@ -4067,6 +4222,7 @@ class ControlPlane:
         self.observe_join: Callable[[float], None] = lambda _seconds: None  # join latency (metrics)
         self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # data-plane TLS latency (metrics)
         self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: every one's address
+        self.budgets = Budgets()  # what one node may cost: renewals here, frames on the packet loop
 
     # -- identity -----------------------------------------------------------------
 
@@ -6477,14 +6633,6 @@ MAX_PENDING_HANDSHAKES = 512
 MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one address (a NAT may hide many nodes)
 
 
-# A peer that sends more malformed frames than this within the window is cut off:
-# a real node sends none, so this only ends floods (each bad frame costs a log check).
-BAD_FRAME_LIMIT = 100
-
-
-BAD_FRAME_WINDOW_S = 10.0
-
-
 LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 
 
@@ -6520,8 +6668,6 @@ class ServerSession(Link):
         self.plane: Plane | None = None  # the overlay network it is on, once admitted
         self.detached = False  # no longer in the routing tables
         self.close_reason = ""
-        self.bad_frames = 0  # malformed frames since bad_since
-        self.bad_since = 0.0
         self.rx_packets = self.tx_packets = 0  # data frames from and to the node
         self.host_name = self.version = ""  # what the node's hello said
         self.since = time.time()
@@ -6770,12 +6916,14 @@ class Switch:
         dirty: set[ServerSession],
         counters: collections.Counter[str],
         note: RateLimitedLog,
+        budgets: Budgets,
     ) -> None:
         self.config = config
         self.epoll = epoll
         self.dirty = dirty  # sessions with frames queued: flushed once per loop turn
         self.counters = counters
         self.note = note
+        self.budgets = budgets  # malformed frames (per session) and control frames (per node)
         self.planes: dict[str, Plane] = {}
         self.tun_planes: dict[int, Plane] = {}
         self.udp: DatagramSocket | None = None  # the UDP data path's socket, unless transport is tcp
@@ -6824,16 +6972,10 @@ class Switch:
             self.counters["dropped-no-route"] += 1
 
     def bad_frame(self, session: ServerSession, error: BadFrame) -> None:
-        """Drop and count a malformed frame; end the session of a peer that keeps sending them."""
+        """Drop and count a malformed frame; end the session of a peer that keeps sending
+        them (OverBudget)."""
         self.counters["dropped-" + error.reason] += 1
-        now = time.monotonic()
-        if now - session.bad_since > BAD_FRAME_WINDOW_S:
-            session.bad_since, session.bad_frames = now, 0
-        session.bad_frames += 1
-        if session.bad_frames > BAD_FRAME_LIMIT:
-            raise ProtocolError(
-                f"over {BAD_FRAME_LIMIT} malformed frames in {BAD_FRAME_WINDOW_S:.0f} s (last: {error})"
-            )
+        self.budgets.bad_frames.spend(session, f"node {session.node_token}", now=self.epoll.now, last=error)
         self.note(
             "bad-frame:" + session.node_token, "node %s sent a malformed frame (%s); dropped", session.node_token, error
         )
@@ -7027,13 +7169,13 @@ class Switch:
                 except BadFrame as e:
                     try:
                         self.bad_frame(session, e)
-                    except ProtocolError as error:
+                    except OverBudget as error:
                         self.refuse(session, Refusal("protocol", str(error), retry=False))
             elif kind == FRAME_KEEPALIVE:
                 session.rx_packets -= 1
                 self._queue_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
             else:
-                self._drop_datagram("not-a-packet", address)
+                self._drop_datagram("not-a-packet", udp.addr or ("?", 0))
 
     def _retire_udp_keys(self, udp: ServerDatagramPath, keys: DatagramKeys) -> None:
         for old_id in [i for i in udp.openers if i != keys.session_id]:
@@ -7156,6 +7298,8 @@ class SessionLifecycle:
                 session.receive(self._handle_frames, once=self.epoll.woke)
         except PeerClosed as e:
             self.close(session, str(e))
+        except OverBudget as e:  # counted by its budget, under its own reason
+            self.refuse(session, Refusal("protocol", str(e), retry=False))
         except ProtocolError as e:
             self.counters["protocol-errors"] += 1
             self.refuse(session, Refusal("protocol", str(e), retry=False))
@@ -7410,6 +7554,7 @@ class SessionLifecycle:
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(session.fd)
         session.close()
+        self.switch.budgets.bad_frames.forget(session)
         self.closed_traffic.update(session_traffic(session))
         if reason is not None:
             if session.ip:
@@ -7441,7 +7586,7 @@ class NetworkServer(Sessions):
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.worker = StoreWorker(self.call_soon)
         self.stopping = threading.Event()
-        self.switch = Switch(config, self.epoll, set(), self.counters, self.note)
+        self.switch = Switch(config, self.epoll, set(), self.counters, self.note, control.budgets)
         self.lifecycle = SessionLifecycle(
             config, control, self.switch, self.worker, self.stopping, self.counters, self.note
         )
@@ -10034,6 +10179,8 @@ class ServerMetrics:
         for name, reason in REFUSAL_COUNTERS.items():
             reasons[reason] += counters.get(name, 0)
         reasons["grpc-limit"] += self.guard.refused if self.guard is not None else 0
+        for budget in self.control.budgets.all():
+            reasons[budget.reason] += budget.refused
         for reason in ("token", "network-full"):
             reasons[reason] += 0  # present from the start, so rate() has a baseline
         for reason, value in sorted(reasons.items()):

@@ -7344,6 +7344,9 @@ class SessionLifecycle:
         self.unauthenticated.discard(session)
         session.node_token = hello.node_token
         session.host_name, session.version = hello.host_name, hello.version
+        # A node refused for its control frames comes back refused until its budget has room
+        # again: a reconnect loop costs no admission and no log line per session.
+        self.control.budgets.control_frames.spend(hello.node_token, f"node {hello.node_token}", cost=0)
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
         if self.switch.udp is None:
             offered.discard(CAP_UDP)
@@ -7370,12 +7373,16 @@ class SessionLifecycle:
         )
 
     def _on_udp_control(self, session: ServerSession, udp: ServerDatagramPath, kind: int, message: dict) -> None:
-        """Over TLS: where the node wants its data now, or its share for fresh keys."""
+        """Over TLS: where the node wants its data now, or its share for fresh keys. Each
+        is spent from the node's control-frame budget (OverBudget past it), and a change
+        of path is logged at most once per interval."""
+        token = session.node_token
+        self.control.budgets.control_frames.spend(token, f"node {token}", now=self.epoll.now)
         if kind == FRAME_TRANSPORT:
             wanted = message.get("transport") == "udp"
             if wanted != udp.wanted:
                 udp.wanted = wanted
-                log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
+                self.note("transport:" + token, "node %s: data path %s", token, "UDP" if wanted else "TLS/TCP")
             return
         session.queue(encode_control(FRAME_REKEY, self.switch.rekey_udp(session, udp, message.get("udpKey"))))
         self.dirty.add(session)

@@ -1544,6 +1544,13 @@ class Datastore(Protocol):
     def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
         """Remember issued certificates as the node's; one already recorded is left as it is."""
 
+    def record_renewal(self, node_token: str, certs: tuple[CertRecord, ...]) -> int:
+        """record_certs for a renewal, having first revoked, of each kind, every live
+        certificate but the oldest (the one the node uses: using a newer one revokes the
+        older): renewals it never used. So a node holds at most two live certificates per
+        kind. Returns how many were revoked."""
+        ...
+
     def cert_owner(self, serial: int) -> tuple[str, bool] | None:
         """(node-token, revoked) of a recorded certificate; None for one never recorded."""
         ...
@@ -1920,6 +1927,18 @@ class Store:
     def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
         with self.transaction() as db:
             self._record_certs(db, node_token, certs)
+
+    def record_renewal(self, node_token: str, certs: tuple[CertRecord, ...]) -> int:
+        with self.transaction() as db:
+            revoked = 0
+            for kind in sorted({cert.kind for cert in certs}):
+                revoked += db.execute(
+                    "UPDATE nc_cert SET revoked = 1 WHERE node_token = ? AND kind = ? AND revoked = 0 AND rowid > "
+                    "(SELECT min(rowid) FROM nc_cert WHERE node_token = ? AND kind = ? AND revoked = 0)",
+                    (node_token, kind, node_token, kind),
+                ).rowcount
+            self._record_certs(db, node_token, certs)
+            return revoked
 
     @staticmethod
     def _record_certs(db: sqlite3.Connection, node_token: str, certs: tuple[CertRecord, ...]) -> None:
@@ -2741,6 +2760,20 @@ class EtcdStore:
 
     def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
         self.atomically(lambda txn: self._record_certs(txn, node_token, certs))
+
+    def record_renewal(self, node_token: str, certs: tuple[CertRecord, ...]) -> int:
+        def renewal(txn: EtcdTxn) -> int:
+            revoked = 0
+            kinds = {cert.kind for cert in certs}
+            live = [c for c in self._certs_of(txn, node_token) if c[1]["kind"] in kinds and not c[1]["revoked"]]
+            for kind in kinds:
+                for key, value, _ in [c for c in live if c[1]["kind"] == kind][1:]:  # oldest first
+                    txn.put(self._key("cert", key), {**value, "revoked": True})
+                    revoked += 1
+            self._record_certs(txn, node_token, certs)
+            return revoked
+
+        return self.atomically(renewal)
 
     def _record_certs(self, txn: EtcdTxn, node_token: str, certs: tuple[CertRecord, ...]) -> None:
         for cert in certs:
@@ -4447,12 +4480,22 @@ class ControlPlane:
         """New certificates for the calling node; the old ones stay valid until the
         node first uses the new ones."""
         self.authorize(who, "renew")
+        try:
+            per_s = renewals_per_s(self.config.node_cert_life)
+            self.budgets.renewals.spend(who.node_token, f"node {who.node_token}", per_s)
+        except OverBudget as e:
+            raise BadRequest(f"renewed too often: {e}; the current certificates stay valid, try later") from None
         grpc_pem, network_pem, records = self.pki.renew_node(who.node_token, grpc_csr, network_csr)
-        self.store.record_certs(who.node_token, records)
+        unused = self.store.record_renewal(who.node_token, records)
         if self.store.node(who.node_token) is None:  # unregistered meanwhile: forget what was just recorded
             self.store.delete_node(who.node_token)
             raise Unauthenticated("this node was unregistered; join again")
-        log.info("node %s renewed its certificates (valid until %s)", who.node_token, records[0].not_after)
+        log.info(
+            "node %s renewed its certificates (valid until %s)%s",
+            who.node_token,
+            records[0].not_after,
+            f"; {unused} earlier renewal(s) it never used revoked" if unused else "",
+        )
         return grpc_pem, network_pem
 
     # -- networks -------------------------------------------------------------------

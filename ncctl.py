@@ -5757,6 +5757,25 @@ def open_one_by_one(
         yield keys, frames, size  # type: ignore[misc]
 
 
+def open_newest(
+    datagrams: list[Any], keys_for: Callable[[int], DatagramKeys | None], dropped: Callable[[str], None]
+) -> Iterator[tuple[DatagramKeys, list[bytes], int, bool]]:
+    """open_datagrams(), each run also saying whether it held a datagram newer than any its
+    keys opened before (the replay window's top moved). Only such a datagram may move a
+    session's address: an older one, captured on its way and replayed from elsewhere,
+    is authentic and unseen, yet not the node's latest word on where it is."""
+    tops: dict[int, int] = {}  # each session id's newest counter before this read
+
+    def keys_before(session_id: int) -> DatagramKeys | None:
+        keys = keys_for(session_id)
+        if keys is not None:
+            tops.setdefault(session_id, keys.window.top)
+        return keys
+
+    for keys, frames, size in open_datagrams(datagrams, keys_before, dropped):
+        yield keys, frames, size, keys.window.top > tops[keys.session_id]
+
+
 # A TCP super-packet leaves as pieces, each one datagram: the segment a software TSO would
 # make (its TCP checksum field holding only the pseudo-header sum), tagged with the burst
 # (the counter of the super-packet's first datagram) and its index in it. The receiver
@@ -6940,7 +6959,7 @@ class Arrivals:
     """What one session's datagrams brought in one loop turn."""
 
     keys: DatagramKeys  # that opened the latest of them
-    path: tuple[Any, Any]  # (node address, local address) of the latest
+    path: tuple[Any, Any] | None = None  # (node address, local address) of the newest, if newer than any before
     frames: list[bytes] = dataclasses.field(default_factory=list)
     size: int = 0
 
@@ -7169,13 +7188,16 @@ class Switch:
         self, datagrams: list[memoryview], path: tuple[Any, Any], arrivals: dict[ServerSession, Arrivals]
     ) -> None:
         """One read's datagrams, from one (node address, local address): what authenticates
-        joins its session's arrivals (open_datagrams)."""
-        for keys, frames, size in open_datagrams(
+        joins its session's arrivals, the path only with a datagram newer than any before
+        (open_newest)."""
+        for keys, frames, size, newest in open_newest(
             datagrams, self._udp_opener, lambda reason: self._drop_datagram(reason, path[0])
         ):
             session = self.udp_sessions[keys.session_id]
-            arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys, path))
-            arrived.keys, arrived.path = keys, path
+            arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys))
+            arrived.keys = keys
+            if newest:
+                arrived.path = path
             arrived.frames += frames
             arrived.size += size
 
@@ -7185,19 +7207,18 @@ class Switch:
 
     def _on_session_datagrams(self, session: ServerSession, arrived: Arrivals) -> None:
         """A session's authenticated frames of one turn: only they move its path (to the
-        latest datagram's node and local address) or reach the switch, a burst's TCP
+        newest datagram's node and local address) or reach the switch, a burst's TCP
         pieces joined into one super-packet first."""
         udp = session.udp
         if not arrived.frames or udp is None:
             return
         if arrived.keys is not udp.sealer:  # the node uses a rekey's keys: the old ones retire
             self._retire_udp_keys(udp, arrived.keys)
-        address, frames = arrived.path[0], arrived.frames
-        if address != udp.addr:
-            if udp.addr is not None:
-                log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
-            udp.addr = address
-        udp.local = arrived.path[1]
+        frames, token = arrived.frames, session.node_token
+        if arrived.path is not None:
+            if udp.addr is not None and arrived.path[0] != udp.addr:
+                self.note("udp-moved:" + token, "node %s: UDP now from %s", token, unmapped(str(arrived.path[0][0])))
+            udp.addr, udp.local = arrived.path
         udp.last_rx = session.last_rx = self.epoll.now
         udp.rx_bytes += arrived.size
         session.rx_packets += len(frames)  # less the keepalives, below

@@ -3,7 +3,7 @@ agrees the UDP path in its hello, then floods control frames over its TLS sessio
 REKEY (one valid X25519 share, again and again) or TRANSPORT alternating udp/tcp, until
 the server refuses it; then again in a new session, up to plan["rounds"] sessions and
 plan["seconds"] in all. Prints one JSON line: each round's frames sent, REKEY answers,
-refusal."""
+refusal (and whether it came instead of the welcome)."""
 
 import base64
 import json
@@ -32,6 +32,10 @@ def read_frame(tls):
 
     header = exact(ncctl.FRAME_HEADER.size)
     return header[0], exact(ncctl.FRAME_HEADER.unpack(header)[0] & 0xFFFFFF)
+
+
+class RefusedAtHello(Exception):
+    pass
 
 
 class Reader(threading.Thread):
@@ -64,6 +68,9 @@ def connect():
     _private, share = ncctl.new_x25519()
     tls.sendall(ncctl.Hello(token, caps=("udp",), udp_key=share).encode())
     kind, payload = read_frame(tls)
+    if kind == ncctl.FRAME_ERROR:
+        tls.close()
+        raise RefusedAtHello(json.loads(payload))
     assert kind == ncctl.FRAME_WELCOME, (kind, payload[:200])
     assert ncctl.Welcome.decode(payload).udp_session, "the server did not agree on UDP"
     return tls
@@ -81,7 +88,10 @@ def frames():
 
 
 def flood(deadline):
-    tls = connect()
+    try:
+        tls = connect()
+    except RefusedAtHello as e:
+        return {"sent": 0, "answers": 0, "refusal": e.args[0], "at_hello": True}
     reader = Reader(tls)
     reader.start()
     result = {"sent": 0}

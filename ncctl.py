@@ -1581,6 +1581,13 @@ class Datastore(Protocol):
     def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
         """Remember issued certificates as the node's; one already recorded is left as it is."""
 
+    def record_renewal(self, node_token: str, certs: tuple[CertRecord, ...]) -> int:
+        """record_certs for a renewal, having first revoked, of each kind, every live
+        certificate but the oldest (the one the node uses: using a newer one revokes the
+        older): renewals it never used. So a node holds at most two live certificates per
+        kind. Returns how many were revoked."""
+        ...
+
     def cert_owner(self, serial: int) -> tuple[str, bool] | None:
         """(node-token, revoked) of a recorded certificate; None for one never recorded."""
         ...
@@ -1957,6 +1964,18 @@ class Store:
     def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
         with self.transaction() as db:
             self._record_certs(db, node_token, certs)
+
+    def record_renewal(self, node_token: str, certs: tuple[CertRecord, ...]) -> int:
+        with self.transaction() as db:
+            revoked = 0
+            for kind in sorted({cert.kind for cert in certs}):
+                revoked += db.execute(
+                    "UPDATE nc_cert SET revoked = 1 WHERE node_token = ? AND kind = ? AND revoked = 0 AND rowid > "
+                    "(SELECT min(rowid) FROM nc_cert WHERE node_token = ? AND kind = ? AND revoked = 0)",
+                    (node_token, kind, node_token, kind),
+                ).rowcount
+            self._record_certs(db, node_token, certs)
+            return revoked
 
     @staticmethod
     def _record_certs(db: sqlite3.Connection, node_token: str, certs: tuple[CertRecord, ...]) -> None:
@@ -2779,6 +2798,20 @@ class EtcdStore:
 
     def record_certs(self, node_token: str, certs: tuple[CertRecord, ...]) -> None:
         self.atomically(lambda txn: self._record_certs(txn, node_token, certs))
+
+    def record_renewal(self, node_token: str, certs: tuple[CertRecord, ...]) -> int:
+        def renewal(txn: EtcdTxn) -> int:
+            revoked = 0
+            kinds = {cert.kind for cert in certs}
+            live = [c for c in self._certs_of(txn, node_token) if c[1]["kind"] in kinds and not c[1]["revoked"]]
+            for kind in kinds:
+                for key, value, _ in [c for c in live if c[1]["kind"] == kind][1:]:  # oldest first
+                    txn.put(self._key("cert", key), {**value, "revoked": True})
+                    revoked += 1
+            self._record_certs(txn, node_token, certs)
+            return revoked
+
+        return self.atomically(renewal)
 
     def _record_certs(self, txn: EtcdTxn, node_token: str, certs: tuple[CertRecord, ...]) -> None:
         for cert in certs:
@@ -4125,6 +4158,161 @@ def cidr_problem(
     return None
 
 
+class OverBudget(NcError):
+    """A node did something costly more often than its budget allows; `reason` is the
+    nc_refusals_total reason its refusal counts under."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TokenBucket:
+    """Room for `burst` events at once, refilled at `per_s` a second."""
+
+    __slots__ = ("level", "logged_at", "stamp")
+
+    def __init__(self, burst: float, now: float) -> None:
+        self.level, self.stamp = float(burst), now
+        self.logged_at = -1e9  # when a refusal of this key was last logged
+
+    def take(self, burst: float, per_s: float, now: float, cost: float = 1.0) -> bool:
+        """Whether one event fits (cost 0: asks without taking)."""
+        self.level = min(float(burst), self.level + max(0.0, now - self.stamp) * per_s)
+        self.stamp = now
+        if self.level < 1.0:
+            return False
+        self.level -= cost
+        return True
+
+    def full(self, burst: float, per_s: float, now: float) -> bool:
+        return self.level + max(0.0, now - self.stamp) * per_s >= burst
+
+
+class Budget:
+    """How often a node (or a session) may do one costly thing: `burst` at once, then
+    `per_s` a second. The one owner of such limits (malformed frames, control frames,
+    certificate renewals): every path spends from its budget and acts on OverBudget.
+    Buckets are kept by key (a node-token, or a session) and forgotten once full again,
+    so the table holds only what spent recently; a refusal is logged at most once per
+    LOG_EVERY_S per key. Thread-safe (the packet loop and gRPC threads share some)."""
+
+    LOG_EVERY_S = 60.0
+    PRUNE_EVERY_S = 60.0
+
+    def __init__(self, reason: str, what: str, burst: int, per_s: float) -> None:
+        self.reason, self.what = reason, what  # nc_refusals_total's reason; "control frames" for messages
+        self.burst, self.per_s = burst, per_s
+        self.refused = 0  # refusals so far (metrics)
+        self._buckets: dict[Any, TokenBucket] = {}
+        self._lock = threading.Lock()
+        self._pruned_at = float("-inf")
+
+    def spend(
+        self,
+        key: Any,
+        name: str,
+        per_s: float | None = None,
+        now: float | None = None,
+        last: object = None,
+        cost: float = 1.0,
+    ) -> None:
+        """Take one from key's bucket, or raise OverBudget (counted; logged at most once
+        per LOG_EVERY_S per key). `name` is who, as a log line says it; `per_s`
+        overrides the rate (one read from the config at each use); `last` is what the
+        refusal says was spent last; cost 0 only asks whether the key has room left."""
+        now = time.monotonic() if now is None else now
+        rate = self.per_s if per_s is None else per_s
+        with self._lock:
+            if now - self._pruned_at >= self.PRUNE_EVERY_S:
+                self._prune(rate, now)
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(self.burst, now)
+            if bucket.take(self.burst, rate, now, cost):
+                return
+            self.refused += 1
+            log_it = now - bucket.logged_at >= self.LOG_EVERY_S
+            if log_it:
+                bucket.logged_at = now
+        message = f"over {self.burst} {self.what} at once or {format_rate(rate)}"
+        message += f" (last: {last})" if last is not None else ""
+        if log_it:
+            log.warning("%s refused: %s (%s)", name, message, self.reason)
+        raise OverBudget(message, self.reason)
+
+    def forget(self, key: Any) -> None:
+        with self._lock:
+            self._buckets.pop(key, None)
+
+    def _prune(self, rate: float, now: float) -> None:
+        self._pruned_at = now
+        for key in [k for k, b in self._buckets.items() if b.full(self.burst, rate, now)]:
+            del self._buckets[key]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def format_rate(per_s: float) -> str:
+    """ "20 per minute", "4 per hour": a budget's refill as a message says it."""
+    for unit, seconds in (("second", 1), ("minute", 60), ("hour", 3600)):
+        if per_s * seconds >= 1:
+            return f"{per_s * seconds:.3g} per {unit}"
+    return f"{per_s * 86400:.3g} per day"
+
+
+# A node that sends more malformed frames than this within the window is cut off: a
+# real node sends none, so this only ends floods (each bad frame costs a log check).
+# Counted per session: a reconnect starts afresh.
+BAD_FRAME_LIMIT = 100
+
+
+BAD_FRAME_WINDOW_S = 10.0
+
+
+# REKEY and TRANSPORT frames, per node (across its reconnects). A well-behaved node
+# rekeys every 120 s (sooner only past 2^24 datagrams), and says TRANSPORT when its UDP
+# path comes up or fails: at most twice per 3 s of silence plus a 20 s wait, and once
+# per session; about 7 a minute at worst, 12 for one that also reconnects every 10 s.
+CONTROL_FRAME_BURST = 20
+
+
+CONTROL_FRAMES_PER_MINUTE = 20
+
+
+# Certificate renewals, per node: a few an hour, or three per renewal interval (two
+# thirds of nodeCertLife) when certificates live so short that they need more.
+RENEWAL_BURST = 4
+
+
+RENEWALS_PER_HOUR = 4
+
+
+RENEWALS_PER_INTERVAL = 3
+
+
+class Budgets:
+    """The per-node and per-session budgets the server keeps (each a Budget)."""
+
+    def __init__(self) -> None:
+        self.bad_frames = Budget(
+            "bad-frames", "malformed frames", BAD_FRAME_LIMIT, BAD_FRAME_LIMIT / BAD_FRAME_WINDOW_S
+        )
+        self.control_frames = Budget(
+            "control-budget", "control frames (REKEY, TRANSPORT)", CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_MINUTE / 60
+        )
+        self.renewals = Budget("renewal-budget", "certificate renewals", RENEWAL_BURST, RENEWALS_PER_HOUR / 3600)
+
+    def all(self) -> tuple[Budget, ...]:
+        return (self.bad_frames, self.control_frames, self.renewals)
+
+
+def renewals_per_s(node_cert_life: float) -> float:
+    """The renewal budget's refill: RENEWALS_PER_HOUR, or more for short-lived certificates."""
+    return max(RENEWALS_PER_HOUR / 3600, RENEWALS_PER_INTERVAL / (node_cert_life * 2 / 3))
+
+
 class ControlPlane:
     """Identity, permissions, token and CIDR rules, and admission: every decision
     about who may join, connect, mint, read or remove is taken here."""
@@ -4144,6 +4332,7 @@ class ControlPlane:
         self.observe_join: Callable[[float], None] = lambda _seconds: None  # join latency (metrics)
         self.observe_handshake: Callable[[float], None] = lambda _seconds: None  # data-plane TLS latency (metrics)
         self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: every one's address
+        self.budgets = Budgets()  # what one node may cost: renewals here, frames on the packet loop
 
     # -- identity -----------------------------------------------------------------
 
@@ -4375,12 +4564,22 @@ class ControlPlane:
         """New certificates for the calling node; the old ones stay valid until the
         node first uses the new ones."""
         self.authorize(who, "renew")
+        try:
+            per_s = renewals_per_s(self.config.node_cert_life)
+            self.budgets.renewals.spend(who.node_token, f"node {who.node_token}", per_s)
+        except OverBudget as e:
+            raise BadRequest(f"renewed too often: {e}; the current certificates stay valid, try later") from None
         grpc_pem, network_pem, records = self.pki.renew_node(who.node_token, grpc_csr, network_csr)
-        self.store.record_certs(who.node_token, records)
+        unused = self.store.record_renewal(who.node_token, records)
         if self.store.node(who.node_token) is None:  # unregistered meanwhile: forget what was just recorded
             self.store.delete_node(who.node_token)
             raise Unauthenticated("this node was unregistered; join again")
-        log.info("node %s renewed its certificates (valid until %s)", who.node_token, records[0].not_after)
+        log.info(
+            "node %s renewed its certificates (valid until %s)%s",
+            who.node_token,
+            records[0].not_after,
+            f"; {unused} earlier renewal(s) it never used revoked" if unused else "",
+        )
         return grpc_pem, network_pem
 
     # -- networks -------------------------------------------------------------------
@@ -5642,6 +5841,25 @@ def open_one_by_one(
         yield keys, frames, size  # type: ignore[misc]
 
 
+def open_newest(
+    datagrams: list[Any], keys_for: Callable[[int], DatagramKeys | None], dropped: Callable[[str], None]
+) -> Iterator[tuple[DatagramKeys, list[bytes], int, bool]]:
+    """open_datagrams(), each run also saying whether it held a datagram newer than any its
+    keys opened before (the replay window's top moved). Only such a datagram may move a
+    session's address: an older one, captured on its way and replayed from elsewhere,
+    is authentic and unseen, yet not the node's latest word on where it is."""
+    tops: dict[int, int] = {}  # each session id's newest counter before this read
+
+    def keys_before(session_id: int) -> DatagramKeys | None:
+        keys = keys_for(session_id)
+        if keys is not None:
+            tops.setdefault(session_id, keys.window.top)
+        return keys
+
+    for keys, frames, size in open_datagrams(datagrams, keys_before, dropped):
+        yield keys, frames, size, keys.window.top > tops[keys.session_id]
+
+
 # A TCP super-packet leaves as pieces, each one datagram: the segment a software TSO would
 # make (its TCP checksum field holding only the pseudo-header sum), tagged with the burst
 # (the counter of the super-packet's first datagram) and its index in it. The receiver
@@ -6561,14 +6779,6 @@ MAX_PENDING_HANDSHAKES = 512
 MAX_PENDING_PER_SOURCE = 32  # unfinished handshakes from one source (a NAT may hide many nodes)
 
 
-# A peer that sends more malformed frames than this within the window is cut off:
-# a real node sends none, so this only ends floods (each bad frame costs a log check).
-BAD_FRAME_LIMIT = 100
-
-
-BAD_FRAME_WINDOW_S = 10.0
-
-
 LOOP_STALL_S = 5.0  # the loop wakes every second; one that has not turned for this long is down
 
 
@@ -6604,8 +6814,6 @@ class ServerSession(Link):
         self.plane: Plane | None = None  # the overlay network it is on, once admitted
         self.detached = False  # no longer in the routing tables
         self.close_reason = ""
-        self.bad_frames = 0  # malformed frames since bad_since
-        self.bad_since = 0.0
         self.rx_packets = self.tx_packets = 0  # data frames from and to the node
         self.host_name = self.version = ""  # what the node's hello said
         self.since = time.time()
@@ -6887,7 +7095,7 @@ class Arrivals:
     """What one session's datagrams brought in one loop turn."""
 
     keys: DatagramKeys  # that opened the latest of them
-    path: tuple[Any, Any]  # (node address, local address) of the latest
+    path: tuple[Any, Any] | None = None  # (node address, local address) of the newest, if newer than any before
     frames: list[bytes] = dataclasses.field(default_factory=list)
     size: int = 0
 
@@ -6906,12 +7114,14 @@ class Switch:
         dirty: set[ServerSession],
         counters: collections.Counter[str],
         note: RateLimitedLog,
+        budgets: Budgets,
     ) -> None:
         self.config = config
         self.epoll = epoll
         self.dirty = dirty  # sessions with frames queued: flushed once per loop turn
         self.counters = counters
         self.note = note
+        self.budgets = budgets  # malformed frames (per session) and control frames (per node)
         self.planes: dict[str, Plane] = {}
         self.tun_planes: dict[int, Plane] = {}
         self.udp: DatagramSocket | None = None  # the UDP data path's socket, unless transport is tcp
@@ -6960,16 +7170,10 @@ class Switch:
             self.counters["dropped-no-route"] += 1
 
     def bad_frame(self, session: ServerSession, error: BadFrame) -> None:
-        """Drop and count a malformed frame; end the session of a peer that keeps sending them."""
+        """Drop and count a malformed frame; end the session of a peer that keeps sending
+        them (OverBudget)."""
         self.counters["dropped-" + error.reason] += 1
-        now = time.monotonic()
-        if now - session.bad_since > BAD_FRAME_WINDOW_S:
-            session.bad_since, session.bad_frames = now, 0
-        session.bad_frames += 1
-        if session.bad_frames > BAD_FRAME_LIMIT:
-            raise ProtocolError(
-                f"over {BAD_FRAME_LIMIT} malformed frames in {BAD_FRAME_WINDOW_S:.0f} s (last: {error})"
-            )
+        self.budgets.bad_frames.spend(session, f"node {session.node_token}", now=self.epoll.now, last=error)
         self.note(
             "bad-frame:" + session.node_token, "node %s sent a malformed frame (%s); dropped", session.node_token, error
         )
@@ -7120,13 +7324,16 @@ class Switch:
         self, datagrams: list[memoryview], path: tuple[Any, Any], arrivals: dict[ServerSession, Arrivals]
     ) -> None:
         """One read's datagrams, from one (node address, local address): what authenticates
-        joins its session's arrivals (open_datagrams)."""
-        for keys, frames, size in open_datagrams(
+        joins its session's arrivals, the path only with a datagram newer than any before
+        (open_newest)."""
+        for keys, frames, size, newest in open_newest(
             datagrams, self._udp_opener, lambda reason: self._drop_datagram(reason, path[0])
         ):
             session = self.udp_sessions[keys.session_id]
-            arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys, path))
-            arrived.keys, arrived.path = keys, path
+            arrived = arrivals.get(session) or arrivals.setdefault(session, Arrivals(keys))
+            arrived.keys = keys
+            if newest:
+                arrived.path = path
             arrived.frames += frames
             arrived.size += size
 
@@ -7136,19 +7343,18 @@ class Switch:
 
     def _on_session_datagrams(self, session: ServerSession, arrived: Arrivals) -> None:
         """A session's authenticated frames of one turn: only they move its path (to the
-        latest datagram's node and local address) or reach the switch, a burst's TCP
+        newest datagram's node and local address) or reach the switch, a burst's TCP
         pieces joined into one super-packet first."""
         udp = session.udp
         if not arrived.frames or udp is None:
             return
         if arrived.keys is not udp.sealer:  # the node uses a rekey's keys: the old ones retire
             self._retire_udp_keys(udp, arrived.keys)
-        address, frames = arrived.path[0], arrived.frames
-        if address != udp.addr:
-            if udp.addr is not None:
-                log.info("node %s: UDP now from %s", session.node_token, unmapped(str(address[0])))
-            udp.addr = address
-        udp.local = arrived.path[1]
+        frames, token = arrived.frames, session.node_token
+        if arrived.path is not None:
+            if udp.addr is not None and arrived.path[0] != udp.addr:
+                self.note("udp-moved:" + token, "node %s: UDP now from %s", token, unmapped(str(arrived.path[0][0])))
+            udp.addr, udp.local = arrived.path
         udp.last_rx = session.last_rx = self.epoll.now
         udp.rx_bytes += arrived.size
         session.rx_packets += len(frames)  # less the keepalives, below
@@ -7163,13 +7369,13 @@ class Switch:
                 except BadFrame as e:
                     try:
                         self.bad_frame(session, e)
-                    except ProtocolError as error:
+                    except OverBudget as error:
                         self.refuse(session, Refusal("protocol", str(error), retry=False))
             elif kind == FRAME_KEEPALIVE:
                 session.rx_packets -= 1
                 self._queue_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
             else:
-                self._drop_datagram("not-a-packet", address)
+                self._drop_datagram("not-a-packet", udp.addr or ("?", 0))
 
     def _retire_udp_keys(self, udp: ServerDatagramPath, keys: DatagramKeys) -> None:
         for old_id in [i for i in udp.openers if i != keys.session_id]:
@@ -7292,6 +7498,8 @@ class SessionLifecycle:
                 session.receive(self._handle_frames, once=self.epoll.woke)
         except PeerClosed as e:
             self.close(session, str(e))
+        except OverBudget as e:  # counted by its budget, under its own reason
+            self.refuse(session, Refusal("protocol", str(e), retry=False))
         except ProtocolError as e:
             self.counters["protocol-errors"] += 1
             self.refuse(session, Refusal("protocol", str(e), retry=False))
@@ -7336,6 +7544,9 @@ class SessionLifecycle:
         self.unauthenticated.discard(session)
         session.node_token = hello.node_token
         session.host_name, session.version = hello.host_name, hello.version
+        # A node refused for its control frames comes back refused until its budget has room
+        # again: a reconnect loop costs no admission and no log line per session.
+        self.control.budgets.control_frames.spend(hello.node_token, f"node {hello.node_token}", cost=0)
         offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
         if self.switch.udp is None:
             offered.discard(CAP_UDP)
@@ -7362,12 +7573,16 @@ class SessionLifecycle:
         )
 
     def _on_udp_control(self, session: ServerSession, udp: ServerDatagramPath, kind: int, message: dict) -> None:
-        """Over TLS: where the node wants its data now, or its share for fresh keys."""
+        """Over TLS: where the node wants its data now, or its share for fresh keys. Each
+        is spent from the node's control-frame budget (OverBudget past it), and a change
+        of path is logged at most once per interval."""
+        token = session.node_token
+        self.control.budgets.control_frames.spend(token, f"node {token}", now=self.epoll.now)
         if kind == FRAME_TRANSPORT:
             wanted = message.get("transport") == "udp"
             if wanted != udp.wanted:
                 udp.wanted = wanted
-                log.info("node %s: data path %s", session.node_token, "UDP" if wanted else "TLS/TCP")
+                self.note("transport:" + token, "node %s: data path %s", token, "UDP" if wanted else "TLS/TCP")
             return
         session.queue(encode_control(FRAME_REKEY, self.switch.rekey_udp(session, udp, message.get("udpKey"))))
         self.dirty.add(session)
@@ -7546,6 +7761,7 @@ class SessionLifecycle:
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(session.fd)
         session.close()
+        self.switch.budgets.bad_frames.forget(session)
         self.closed_traffic.update(session_traffic(session))
         if reason is not None:
             if session.ip:
@@ -7577,7 +7793,7 @@ class NetworkServer(Sessions):
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.worker = StoreWorker(self.call_soon)
         self.stopping = threading.Event()
-        self.switch = Switch(config, self.epoll, set(), self.counters, self.note)
+        self.switch = Switch(config, self.epoll, set(), self.counters, self.note, control.budgets)
         self.lifecycle = SessionLifecycle(
             config, control, self.switch, self.worker, self.stopping, self.counters, self.note
         )
@@ -10320,6 +10536,8 @@ class ServerMetrics:
         for name, reason in REFUSAL_COUNTERS.items():
             reasons[reason] += counters.get(name, 0)
         reasons["grpc-limit"] += self.guard.refused if self.guard is not None else 0
+        for budget in self.control.budgets.all():
+            reasons[budget.reason] += budget.refused
         for reason in ("token", "network-full"):
             reasons[reason] += 0  # present from the start, so rate() has a baseline
         for reason, value in sorted(reasons.items()):

@@ -15,8 +15,8 @@ from pathlib import Path
 from control_helpers import admin_tls, db_path, grpc_call, join_node, node_tls, one_error_line
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from netlab import Lab, NcServer, start_client, start_server, wait_for
-from overlay_helpers import wait_connected, wait_exit
+from netlab import ROOT, SCRIPTS, Lab, NcServer, start_client, start_server, wait_for
+from overlay_helpers import scrape, value, wait_connected, wait_exit
 from server_db import db_execute
 from trust_helpers import (
     BOOTSTRAP,
@@ -247,6 +247,35 @@ def test_renewals_keep_the_node_connected_with_its_ip_and_revoke_the_old_certifi
     assert server.node(token)["bindIp"] == ip
     current = node_call(host, client.work_dir, "CheckConnState", "CheckConnStateRequest", token=token)
     assert current["response"]["code"] == "200", current
+
+
+def test_renewals_in_a_loop_are_refused_past_the_budget_and_keep_two_live_certificates(lab: Lab) -> None:
+    """A node calling RenewCertificates over and over (never using what it gets) is refused
+    past a few renewals, counted in /metrics; each renewal revokes the earlier ones it never
+    used, so it holds at most two live certificates per kind, and the ones it uses still work."""
+    server = start_server(lab.add_host("server"))
+    host = lab.add_host("node")
+    work = lab.dir / "node"
+    token = join_node(host, server.join_string(), work)
+    count = ncctl.RENEWAL_BURST + 4
+    script = SCRIPTS / "renew_loop.py"
+    done = host.run(sys.executable, str(script), str(ROOT), CONTROL, str(work / "tls" / "grpc"), token, str(count))
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [a.get("code") for a in answers] == ["200"] * ncctl.RENEWAL_BURST + ["400"] * 4, answers
+    assert "renewed too often" in answers[-1]["message"], answers
+    live = db_execute(
+        db_path(server),
+        "SELECT kind, count(*) FROM nc_cert WHERE node_token = ? AND revoked = 0 GROUP BY kind",
+        (token,),
+    )
+    assert dict(live) == {"grpc": 2, "network": 2}, live
+    assert samples_value(server, "renewal-budget") == 4
+    still = node_call(host, work, "CheckConnState", "CheckConnStateRequest", token=token)
+    assert still["response"]["code"] == "200", still
+
+
+def samples_value(server: NcServer, reason: str) -> float:
+    return value(scrape(server.host), "nc_refusals_total", reason=reason)
 
 
 def test_an_expired_node_certificate_says_to_join_again(lab: Lab) -> None:

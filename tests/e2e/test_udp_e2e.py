@@ -154,22 +154,25 @@ def test_datagrams_that_do_not_authenticate_are_dropped_counted_and_never_answer
     """Two real sessions agreed with a real server. Replayed, truncated, forged and
     cross-session datagrams get no answer and are counted in the server's log; reordered
     ones are all answered; a stranger gets not one byte back, even for a captured
-    datagram; a node that changes port and then underlay address keeps its session, and
-    answers go only to the newest authenticated address; after a rekey over TLS the new
-    keys are answered and the old ones are not."""
+    datagram; one captured on its way and replayed from a third address after newer ones
+    arrived is answered to the node, not the replayer; a node that changes port and then
+    underlay address keeps its session, and answers go only to the newest authenticated
+    address; after a rekey over TLS the new keys are answered and the old ones are not."""
     overlay = build_overlay(lab, 2, keepalive=5)
     a, b = overlay.clients
     for client in overlay.clients:
         assert stop_client(client) == 0  # their certificates now belong to the scripted node
     node = a.host
-    new_ip = "198.18.0.200"
-    node.run("ip", "addr", "add", f"{new_ip}/24", "dev", "eth0")
+    new_ip, thief_ip = "198.18.0.200", "198.18.0.201"
+    for ip in (new_ip, thief_ip):
+        node.run("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
     process = spawn_udp_node(
         node,
         overlay.server_host.ip,
         cert_dirs=[str(c.work_dir / "tls" / "network") for c in (a, b)],
         tokens=[a.token(), b.token()],
         new_ip=new_ip,
+        thief_ip=thief_ip,
     )
     wait_exit(process, timeout=60)
     result = udp_node_result(process)
@@ -177,6 +180,7 @@ def test_datagrams_that_do_not_authenticate_are_dropped_counted_and_never_answer
     assert result["replayed"] == [] and result["truncated"] == [] and result["forged"] == [], result
     assert result["cross_session_a"] == [] and result["cross_session_b"] == [], result
     assert result["stranger_got"] == 0, result
+    assert result["thief_got"] == 0 and result["held_answered_home"], result
     assert result["moved_port"] and result["moved_address"] and result["stays_moved"], result
     assert result["old_socket_got"] == 0, result
     assert result["rekeyed"] and result["old_keys_answered"] == 0, result

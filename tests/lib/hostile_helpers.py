@@ -1,6 +1,7 @@
-"""A hostile node for end-to-end tests and benchmarks: a raw TLS client that holds a real
+"""Hostile nodes for end-to-end tests and benchmarks. One is a raw TLS client that holds a real
 node certificate, speaks the frame protocol by hand, announces the gso capability, and
-then sends what no real node sends (garbage, GSO bombs, checksum-offset spoofs)."""
+then sends what no real node sends (garbage, GSO bombs, checksum-offset spoofs); the
+other floods control frames (REKEY, TRANSPORT) with ncctl's own wire code."""
 
 from __future__ import annotations
 
@@ -25,3 +26,13 @@ def hostile_result(process: Process) -> list[dict]:
     lines = [line for line in process.log().splitlines() if line.startswith("[")]
     assert lines, f"the hostile node printed no result:\n{process.log()[-3000:]}"
     return json.loads(lines[-1])
+
+
+def spawn_control_flood(host: Host, server_ip: str, cert_dir: Path, token: str, **plan: object) -> Process:
+    """A node flooding REKEY or TRANSPORT frames over its TLS session (plan: kind, seconds,
+    rounds), in host's namespace with the test interpreter; its log ends with one JSON line."""
+    script = SCRIPTS / "control_flood.py"
+    repo = str(Path(__file__).resolve().parents[2])
+    return host.spawn(
+        sys.executable, str(script), repo, server_ip, str(cert_dir), token, json.dumps(plan), name="flood"
+    )

@@ -120,6 +120,19 @@ def ping_counts(host: Host, ip: str, count: int, interval: float = 0.2) -> tuple
     return int(found.group(1)), int(found.group(2))
 
 
+def ping_rtts(host: Host, ip: str, count: int, interval: float = 0.2) -> tuple[int, list[float]]:
+    """(sent, the round-trip times in ms of the answered ones) for `count` pings at `interval`."""
+    done = host.run("ping", "-n", "-c", str(count), "-i", str(interval), "-W", "1", ip, check=False, timeout=count + 15)
+    found = re.search(r"(\d+) packets transmitted", done.stdout)
+    assert found, f"unexpected ping output: {done.stdout} {done.stderr}"
+    return int(found.group(1)), [float(t) for t in re.findall(r"time=([\d.]+) ms", done.stdout)]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("inf")
+
+
 def change_underlay(host: Host, new_ip: str) -> None:
     """Move host's eth0 to new_ip the way a DHCP renumbering would: add the new, drop the old.
 

@@ -542,3 +542,20 @@ def test_a_batch_ending_in_a_shorter_datagram_arrives_as_the_same_datagrams() ->
     finally:
         receiver.close()
         sender.close()
+
+
+def newest_runs(server: ncctl.DatagramKeys, datagrams: list[bytes]) -> list[tuple[int, bool]]:
+    """(frames, newer than any before) of each run of one read, as the server opens it."""
+    views = [memoryview(d) for d in datagrams]
+    return [(len(f), newest) for _k, f, _s, newest in ncctl.open_newest(views, {SESSION_ID: server}.get, print)]
+
+
+def test_only_a_datagram_newer_than_any_seen_is_the_sessions_newest() -> None:
+    """A datagram captured on its way (never seen by the server) and replayed after newer
+    ones arrived still opens, but is not the newest: it may not move the session's address."""
+    node, server = session_pair()
+    held, *later = node.seal([frame(bytes([i]) * 100) for i in range(3)])
+    assert newest_runs(server, later) == [(2, True)]
+    assert newest_runs(server, [held]) == [(1, False)]  # authentic, unseen, older: opened, not newest
+    assert newest_runs(server, node.seal([frame(b"next")])) == [(1, True)]
+    assert newest_runs(server, [held]) == []  # and once seen, a replay

@@ -279,6 +279,28 @@ def test_cert_owner_and_switch(store: ncctl.Datastore) -> None:
     assert store.switch_to_cert(node, "grpc", renewed.serial) == 0
 
 
+def test_a_renewal_revokes_the_renewals_never_used(store: ncctl.Datastore) -> None:
+    """Renewals the node never switched to are revoked by the next one: of each kind the
+    certificate in use (the oldest live) and the newest stay, at most two."""
+    node = "a" * 16
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, False)
+    store.admit_node(token, node, (CERT_A, CERT_B))
+    renewals = [
+        (
+            ncctl.CertRecord(0xC0 + 2 * i, "grpc", "2999-01-01T00:00:00+00:00"),
+            ncctl.CertRecord(0xC1 + 2 * i, "network", "2999-01-01T00:00:00+00:00"),
+        )
+        for i in range(4)
+    ]
+    assert store.record_renewal(node, renewals[0]) == 0
+    for renewal in renewals[1:]:
+        assert store.record_renewal(node, renewal) == 2
+    live = [r for r in (CERT_A, CERT_B, *sum(renewals, ())) if store.cert_owner(r.serial) == (node, False)]
+    assert live == [CERT_A, CERT_B, *renewals[-1]]
+    assert store.switch_to_cert(node, "grpc", renewals[-1][0].serial) == 1  # the one in use, once the node switches
+
+
 def test_prune_expired_certs(store: ncctl.Datastore) -> None:
     old = ncctl.CertRecord(0xB1, "grpc", "2000-01-01T00:00:00+00:00")
     store.record_certs("a" * 16, (old, CERT_B))

@@ -159,6 +159,18 @@ stranger.sendto(struct.pack("!BxxxIQ", 1, a.keys.session_id ^ b.keys.session_id 
 stranger.sendto(genuine, target)
 result["stranger_got"] = answered(a, stranger, 1.5)[1]
 
+# A datagram captured on its way (it never reached the server) and replayed from a third
+# address after newer ones arrived: authentic and unseen, so its ping is answered, but to
+# the node's own address; only a datagram newer than any seen moves the session.
+held_seq, held = a.sealed_ping()
+seq, newer = a.sealed_ping()
+first.sendto(newer, target)
+answered(a, first)
+thief = udp_socket(plan["thief_ip"])
+thief.sendto(held, target)
+result["thief_got"] = answered(a, thief)[1]
+result["held_answered_home"] = answered(a, first, 0.2)[0] == [held_seq]
+
 # The node moves: a new source port, then a new underlay address; answers follow it.
 moved = udp_socket()
 seq, hello_again = a.sealed_ping()

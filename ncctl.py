@@ -7403,7 +7403,7 @@ class SessionRecords:
     order. A disk that cannot take a write (full, read-only) keeps no node out: states
     are reset at every start anyway. Logged once per outage."""
 
-    def __init__(self, store: Store, worker: StoreWorker) -> None:
+    def __init__(self, store: Datastore, worker: StoreWorker) -> None:
         self.store, self.worker = store, worker
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
 
@@ -9954,6 +9954,7 @@ class ReplicaRole(threading.Thread):
         self.control: ControlPlane  # begin() gives it
         self.advertised, self.stop = advertised, stop
         self.campaign_key = self.etcd.key("leader")
+        self.campaign_value = json.dumps({"address": advertised, "port": config.port}).encode()  # what it puts there
         self.lease = 0
         self.renewed_at = 0.0  # monotonic time the last successful renewal was sent
         self.network: NetworkServer | None = None
@@ -9977,7 +9978,7 @@ class ReplicaRole(threading.Thread):
     def begin(self, control: ControlPlane, supervisor: Supervisor) -> list[threading.Thread]:
         self.control = control
         control.replicas = lambda: self.replicas
-        return [TokenSweeper(self.store, self.stop), StoreWatch(self.store, control, self.stop), self]
+        return [StoreWatch(self.store, control, self.stop), self]
 
     def ready(self) -> str:
         self.became.wait(10.0)
@@ -10053,10 +10054,11 @@ class ReplicaRole(threading.Thread):
     def _campaign(self) -> None:
         pb = self.etcd.pb
         absent = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=self.campaign_key, create_revision=0)
-        value = json.dumps({"address": self.advertised, "port": self.config.port}).encode()
         get = pb.RequestOp(request_range=pb.RangeRequest(key=self.campaign_key))
         try:
-            request = pb.TxnRequest(compare=[absent], success=[self.etcd.put_op(self.campaign_key, value, self.lease)])
+            request = pb.TxnRequest(
+                compare=[absent], success=[self.etcd.put_op(self.campaign_key, self.campaign_value, self.lease)]
+            )
             request.failure.append(get)
             response = self.etcd.call(self.etcd.kv.Txn, request, timeout=1.0)
         except StoreError as e:
@@ -10129,8 +10131,7 @@ class ReplicaRole(threading.Thread):
         except StoreError:
             return
         kvs = kv.kvs
-        mine = json.dumps({"address": self.advertised, "port": self.config.port}).encode()
-        if kvs and kvs[0].lease == self.lease and kvs[0].value == mine:
+        if kvs and kvs[0].lease == self.lease and kvs[0].value == self.campaign_value:
             return
         found = f"lease {kvs[0].lease:x}, {loggable(kvs[0].value.decode(errors='replace'))}" if kvs else "no key"
         log.warning(
@@ -10605,7 +10606,7 @@ class SingleRole:
             supervisor.watch_thread(thread)  # before they start, so an early death is theirs to report
         network.start()
         self.network = control.sessions = network
-        return [TokenSweeper(self.store, self.stop), CacheSync(control.overlays, self.stop)]
+        return [CacheSync(control.overlays, self.stop)]
 
     def ready(self) -> str:
         return f"serving {len(self.network.planes) if self.network else 0} network(s)"
@@ -10699,7 +10700,7 @@ def serve(config: ServerConfig, fd_limit: int, config_path: str | None = None) -
             control.check_config_networks()
             metrics = ServerMetrics(control, chosen) if config.metrics_addr else None
             role = chosen
-            threads = [*role.begin(control, supervisor), MemoryTrimmer(stop)]
+            threads = [*role.begin(control, supervisor), TokenSweeper(store, stop), MemoryTrimmer(stop)]
             guard = GrpcGuard(stop, config.source_prefix6)
             try:
                 servers = start_grpc_servers(control, guard, fd_limit=fd_limit)

@@ -13,9 +13,10 @@ import threading
 from gso_frames import hostile_gso_frames
 from hostile_helpers import SPOOF_PORT, hostile_result, spawn_hostile_node
 from hypothesis import HealthCheck, Phase, given, settings
-from netlab import Host, Lab, Process
+from netlab import Host, Lab, NcClient, Process
 from overlay_helpers import (
     SERVER_OVERLAY_IP,
+    Overlay,
     assert_full_mesh,
     assert_reaches,
     build_overlay,
@@ -41,15 +42,21 @@ def udp_sources(capture: Process) -> list[str]:
     return re.findall(rf"IP (\d+\.\d+\.\d+\.\d+)\.\d+ > [\d.]+\.{SPOOF_PORT}:", capture.log())
 
 
-def test_a_hostile_node_cannot_hurt_the_others(lab: Lab) -> None:
-    overlay = build_overlay(lab, 3, keepalive=2, debug=True)
+def hostile_sender_and_plain(overlay: Overlay) -> tuple[NcClient, NcClient, NcClient, str]:
+    """The overlay's three nodes as the attack tests use them: the first's real client
+    steps aside (its certificate now belongs to the raw hostile client), the third runs
+    without offload (the plain packets a GSO frame must be cut into); the third's address."""
     hostile, sender, plain = overlay.clients
-    # The hostile node's real client steps aside: its certificate now belongs to the raw client.
     assert stop_client(hostile) == 0
     stop_client(plain)
     plain.config.write_text(plain.config.read_text().replace("offload: true", "offload: false"))
     plain.restart()
-    plain_ip = wait_connected(overlay.server, plain)
+    return hostile, sender, plain, wait_connected(overlay.server, plain)
+
+
+def test_a_hostile_node_cannot_hurt_the_others(lab: Lab) -> None:
+    overlay = build_overlay(lab, 3, keepalive=2, debug=True)
+    hostile, sender, plain, plain_ip = hostile_sender_and_plain(overlay)
     assert_reaches(sender.host, plain_ip)
     at_plain = spawn_udp_capture(plain.host, "nc0", "udp-plain")
     at_server = spawn_udp_capture(overlay.server_host, "ncsrv0", "udp-server")
@@ -125,12 +132,7 @@ def test_fuzzed_frames_through_a_real_server(lab: Lab) -> None:
     overlay: the server stays up and healthy, the real nodes keep pinging each other, and
     the server logs no traceback."""
     overlay = build_overlay(lab, 3, keepalive=2)
-    hostile, sender, plain = overlay.clients
-    assert stop_client(hostile) == 0
-    stop_client(plain)
-    plain.config.write_text(plain.config.read_text().replace("offload: true", "offload: false"))
-    plain.restart()
-    plain_ip = wait_connected(overlay.server, plain)
+    hostile, sender, _plain, plain_ip = hostile_sender_and_plain(overlay)
     frames = fuzzer_frames(600)
     fuzz_file = lab.dir / "fuzzed-frames.json"
     fuzz_file.write_text(json.dumps(frames))

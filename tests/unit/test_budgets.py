@@ -4,8 +4,6 @@ buckets by key, and the renewal budget as the control plane spends it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -74,20 +72,6 @@ def test_a_per_use_rate_overrides_the_budgets() -> None:
 def test_renewals_a_few_per_hour_or_three_per_renewal_interval() -> None:
     assert ncctl.renewals_per_s(365 * 86400) == ncctl.RENEWALS_PER_HOUR / 3600
     assert ncctl.renewals_per_s(30) == pytest.approx(3 / 20)  # renewed every 20 s: three per 20 s
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Iterator[ncctl.ControlPlane]:
-    config = ncctl.ServerConfig(work_dir=str(tmp_path)).resolve()
-    store = ncctl.Store(config.db_path)
-    pki = ncctl.Pki(config)
-    admin = pki.ensure(("198.18.0.1",))
-    ncctl.ensure_reserved(store, str(config.server_overlay_ip), admin)
-    plane = ncctl.ControlPlane(config, store, pki, ncctl.Overlays(store, config), "198.18.0.1")
-    try:
-        yield plane
-    finally:
-        store.close()
 
 
 def test_renewals_in_a_loop_are_refused_past_the_budget_with_two_live_certificates_per_kind(

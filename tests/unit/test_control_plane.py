@@ -4,29 +4,10 @@ serial, the permission table, token and CIDR rules, renewal and revocation."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 import ncctl
-
-
-@pytest.fixture
-def control(tmp_path: Path) -> Iterator[ncctl.ControlPlane]:
-    config = ncctl.ServerConfig(
-        work_dir=str(tmp_path), networks=[ncctl.NetworkSpec("edge-b", "10.2.0.1/24")], node_mint_rate=2
-    ).resolve()
-    store = ncctl.Store(config.db_path)
-    pki = ncctl.Pki(config)
-    admin = pki.ensure(("198.18.0.1",))
-    ncctl.ensure_reserved(store, str(config.server_overlay_ip), admin)
-    plane = ncctl.ControlPlane(config, store, pki, ncctl.Overlays(store, config), "198.18.0.1")
-    try:
-        yield plane
-    finally:
-        store.close()
-
 
 ADMIN = ncctl.Identity(ncctl.ADMIN, ncctl.RESERVED_NODE_TOKEN, ncctl.DEFAULT_NETWORK)
 

@@ -1151,7 +1151,9 @@ def use_bundled_set() -> Path | None:
 def unpack_bundled_set(archive: Path, target: Path) -> None:
     """Unpack this interpreter's wheels from the archive into target: into a scratch
     directory renamed when complete, under a lock, so nc processes starting together
-    unpack it once and none ever sees half of it."""
+    unpack it once and none ever sees half of it. A damaged file is one NcError, and
+    what a start killed halfway (or this one) left is removed."""
+    import lzma
     import shutil
     import tarfile
     import zipfile
@@ -1166,30 +1168,45 @@ def unpack_bundled_set(archive: Path, target: Path) -> None:
             raise NcError(f"{archive} carries no packages for Python {sys.version.split()[0]}")
         if sys.stderr.isatty():
             print(f"nc: first start of this build on Python {sys.version.split()[0]}: unpacking", file=sys.stderr)
+        for stale in target.parent.glob(f"{target.name}.*.tmp"):  # under the lock: nobody unpacks there now
+            shutil.rmtree(stale, ignore_errors=True)
         scratch = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        shutil.rmtree(scratch, ignore_errors=True)
-        with zipfile.ZipFile(archive) as zipapp, zipapp.open(BUNDLE_SETS) as stream:
-            with tarfile.open(fileobj=stream, mode="r|xz") as tar:
-                for member in tar:  # grouped by wheel, in name order: stop after the last wanted
-                    wheel, _, name = member.name.partition("/")
-                    if wheel not in wanted:
-                        if all(other < wheel for other in wanted):
-                            break
-                        continue
-                    if not member.isfile() or name.startswith("/") or ".." in Path(name).parts:
-                        raise NcError(f"{archive}: a damaged package entry {member.name!r}; copy the file again")
-                    path = scratch / name
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    source = tar.extractfile(member)
-                    assert source is not None  # a regular file, checked above
-                    with source, open(path, "wb") as out:
-                        shutil.copyfileobj(source, out)
-                    path.chmod(member.mode & 0o755)
-        compile_for_this_interpreter(scratch, shown_as=target)
+        try:
+            extract_wheels(archive, wanted, scratch)
+            compile_for_this_interpreter(scratch, shown_as=target)
+            scratch.rename(target)
+        except (tarfile.TarError, lzma.LZMAError, zipfile.BadZipFile, EOFError) as e:
+            raise NcError(f"{archive} is damaged ({e}); copy the file again") from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # gone already when it became target
         compile_for_this_interpreter(target.parent / "site-packages")  # another interpreter may have unpacked it
-        scratch.rename(target)
     finally:
         os.close(lock)
+
+
+def extract_wheels(archive: Path, wanted: set[str], into: Path) -> None:
+    """Write the files of the wanted wheels from the archive's xz stream under into."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    with zipfile.ZipFile(archive) as zipapp, zipapp.open(BUNDLE_SETS) as stream:
+        with tarfile.open(fileobj=stream, mode="r|xz") as tar:
+            for member in tar:  # grouped by wheel, in name order: stop after the last wanted
+                wheel, _, name = member.name.partition("/")
+                if wheel not in wanted:
+                    if all(other < wheel for other in wanted):
+                        break
+                    continue
+                if not member.isfile() or name.startswith("/") or ".." in Path(name).parts:
+                    raise NcError(f"{archive}: a damaged package entry {member.name!r}; copy the file again")
+                path = into / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                assert source is not None  # a regular file, checked above
+                with source, open(path, "wb") as out:
+                    shutil.copyfileobj(source, out)
+                path.chmod(member.mode & 0o755)
 
 
 def compile_for_this_interpreter(directory: Path, shown_as: Path | None = None) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import tarfile
 import zipfile
@@ -222,3 +223,40 @@ def test_install_service_refuses_a_line_break_that_would_add_unit_lines(tmp_path
         [str(NC), "install-service", "server", "--config", str(config), "--print"], capture_output=True, text=True
     )
     assert done.returncode == 2 and "workDir" in done.stderr and "ExecStartPre" not in done.stdout, done
+
+
+def test_a_damaged_file_is_one_line_and_leaves_nothing_half_unpacked(tmp_path: Path) -> None:
+    damaged = tmp_path / "nc"
+    with NC.open("rb") as source:
+        shebang = source.readline()
+    with zipfile.ZipFile(NC) as old, damaged.open("wb") as out:
+        out.write(shebang)
+        with zipfile.ZipFile(out, "w") as new:
+            for info in old.infolist():
+                data = old.read(info)
+                if info.filename == "sets.tar.xz":  # bytes flipped in the middle of the xz stream
+                    middle = len(data) // 2
+                    data = data[:middle] + bytes(64) + data[middle + 64 :]
+                new.writestr(info, data, compress_type=info.compress_type)
+    damaged.chmod(0o755)
+    cache = tmp_path / "cache"
+    done = subprocess.run(
+        [str(damaged), "version"], capture_output=True, text=True, env={**os.environ, "SHIV_ROOT": str(cache)}
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{damaged} is damaged" in done.stderr and "copy the file again" in done.stderr
+    (extraction,) = cache.glob("nc_*")
+    unpacked = sorted(p.name for p in extraction.iterdir() if not p.name.startswith("."))  # .cp3*_lock stays
+    assert unpacked == ["site-packages"], "no half-unpacked set stays"
+
+
+def test_a_start_killed_while_unpacking_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    env = {**os.environ, "SHIV_ROOT": str(tmp_path)}
+    subprocess.run([str(NC), "version"], capture_output=True, env=env, check=True)
+    (extraction,) = tmp_path.glob("nc_*")
+    (unpacked,) = [p for p in extraction.iterdir() if p.name.startswith("cp3")]
+    shutil.rmtree(unpacked)
+    killed = extraction / f"{unpacked.name}.99999.tmp"  # what a SIGKILL halfway leaves
+    (killed / "grpc").mkdir(parents=True)
+    assert "packages set" in subprocess.run([str(NC), "version"], capture_output=True, text=True, env=env).stdout
+    assert unpacked.is_dir() and not killed.exists()

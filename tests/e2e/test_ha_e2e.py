@@ -9,8 +9,8 @@ import signal
 
 import yaml
 from etcd_cluster import EtcdCluster
-from ha_helpers import CLUSTER_TOKEN, Replicas, sample_holders
-from netlab import Lab, start_client, start_server, wait_for
+from ha_helpers import CLUSTER_TOKEN, Replicas, etcd_dump, layout1_nc, sample_holders
+from netlab import NC, Lab, start_client, start_server, wait_for
 
 
 def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
@@ -187,3 +187,43 @@ def test_a_leader_whose_key_is_overwritten_steps_down_and_says_so(lab: Lab) -> N
     wait_for(lambda: replicas.holders() == [], timeout=15, what="the leader to give the data plane up")
     assert "/nc/leader is not this replica's any more (lease 0, " in server.process.log()
     assert server.process.alive()
+
+
+def test_replicas_upgraded_from_key_layout_1_keep_their_nodes_and_tokens(lab: Lab) -> None:
+    """Two replicas of the last build with plain token names in etcd, a node joined and a
+    token made; both stopped, the new build started: the first migrates the keys, the node
+    comes back on its address without joining again, the old token joins a second node,
+    etcd no longer shows either token, and the previous build refuses the migrated tree."""
+    hosts = [lab.add_host(f"s{i}") for i in range(1, 4)]
+    old_nc = layout1_nc(lab)
+    for host in hosts:
+        host.nc_path = old_nc
+    etcd = EtcdCluster(hosts)
+    fields = {"datastoreEndpoint": etcd.endpoints, "clusterToken": CLUSTER_TOKEN}
+    servers = [start_server(host, ip=host.ip, **fields) for host in hosts[:2]]
+    first = start_client(lab.add_host("n1"), servers[0].join_string())
+    address, node_token = first.overlay_ip(), first.token()
+    later = servers[1].join_string("--life=-1")
+    token = later.partition("@")[0]
+    assert token.encode() in etcd_dump(hosts[0], etcd.endpoints)  # what layout 1 showed anyone reading etcd
+
+    for server in servers:
+        server.process.stop()
+    for host in hosts:
+        host.nc_path = str(NC)
+    for server in servers:
+        server.start()
+    assert "migrating key layout 1 to 2" in servers[0].process.log() + servers[1].process.log()
+    wait_for(lambda: first.overlay_ip() == address, timeout=40, what="the old node back on its address")
+    assert first.token() == node_token  # it reconnected with its credentials: no new join
+    second = start_client(lab.add_host("n2"), later)  # the token made before the upgrade
+    wait_for(lambda: first.host.ping(second.overlay_ip()), timeout=30, what="old and new node to talk")
+    dump = etcd_dump(hosts[0], etcd.endpoints)
+    assert token.split(".")[1].encode() not in dump
+    assert all("no valid MAC" not in server.process.log() for server in servers)
+
+    config = lab.dir / "s3-server.yml"
+    config.write_text(json.dumps({"mode": "server", "server": {"workDir": str(lab.dir / "s3-work"), **fields}}))
+    refused = hosts[2].run(old_nc, "server", "--config", str(config), check=False, timeout=60)
+    assert refused.returncode != 0
+    assert "key layout 2 is newer than this nc knows (1); run a newer nc" in refused.stderr, refused.stderr

@@ -3429,32 +3429,20 @@ class EtcdLayout:
         return self.etcd.txn([self.etcd.compare_mod(self.key, mod_revision)], [put]).succeeded
 
     def _begin(self, mod_revision: int) -> None:
-        """Mark the start of the migration, once nothing speaks against it."""
+        """Mark the start of the migration, once nothing speaks against it. Another replica
+        of this build may start the migration meanwhile (the layout key then changes): this
+        one returns and joins in instead of taking that replica's work for an objection."""
         for kv in self.etcd.range(self.etcd.key("pki", "")).kvs:  # the wrong clusterToken would MAC it all
             unseal(self.store.cluster_token, kv.key.decode().rpartition("/")[2], kv.value)
-        for family in ("node", "network", "token"):
-            for kv in self.etcd.range(self.etcd.key(family, "")).kvs:
-                if self.records.authentic(kv.key, kv.value) is not None:
-                    raise StoreError(
-                        f"{self.where}: {self.key.decode()} says layout 1, yet records of layout "
-                        f"{ETCD_LAYOUT_VERSION} are there (the key was rewritten outside nc); delete "
-                        f"{self.key.decode()} and start again: nc keeps its own records and ignores the others"
-                    )
-        self._wait_for_older_replicas()
-        if self._put({"version": ETCD_LAYOUT_VERSION, "migrating": 1}, mod_revision):
-            log.info(
-                "%s: migrating key layout 1 to %d (bootstrap tokens under keyed hashes, every record authenticated)",
-                self.where,
-                ETCD_LAYOUT_VERSION,
+        if self._authentic_records() and not self._moved(mod_revision):
+            raise StoreError(
+                f"{self.where}: {self.key.decode()} says layout 1, yet records of layout "
+                f"{ETCD_LAYOUT_VERSION} are there (the key was rewritten outside nc); delete "
+                f"{self.key.decode()} and start again: nc keeps its own records and ignores the others"
             )
-
-    def _wait_for_older_replicas(self) -> None:
-        """A replica still running on layout 1 would write records the new layout refuses."""
         deadline = time.monotonic() + OLDER_REPLICAS_WAIT_S
-        while True:
-            prefix = self.etcd.key("replica", "")
-            running = sorted(kv.key[len(prefix) :].decode(errors="replace") for kv in self.etcd.range(prefix).kvs)
-            if not running:
+        while running := self._running_replicas():  # on layout 1: replicas of an older build
+            if self._moved(mod_revision):
                 return
             if time.monotonic() > deadline:
                 raise StoreError(
@@ -3463,6 +3451,29 @@ class EtcdLayout:
                     f"to layout {ETCD_LAYOUT_VERSION})"
                 )
             time.sleep(0.5)
+        if self._put({"version": ETCD_LAYOUT_VERSION, "migrating": 1}, mod_revision):
+            log.info(
+                "%s: migrating key layout 1 to %d (bootstrap tokens under keyed hashes, every record authenticated)",
+                self.where,
+                ETCD_LAYOUT_VERSION,
+            )
+
+    def _moved(self, mod_revision: int) -> bool:
+        kv = self.etcd.get(self.key)
+        return kv is None or kv.mod_revision != mod_revision
+
+    def _authentic_records(self) -> bool:
+        """Whether records of this layout are in the tree (a genuine layout-1 tree has none)."""
+        for family in ("node", "network", "token"):
+            kvs = self.etcd.range(self.etcd.key(family, "")).kvs
+            if any(self.records.authentic(kv.key, kv.value) is not None for kv in kvs):
+                return True
+        return False
+
+    def _running_replicas(self) -> list[str]:
+        """The replicas whose heartbeat key is in etcd (on their leases)."""
+        prefix = self.etcd.key("replica", "")
+        return sorted(kv.key[len(prefix) :].decode(errors="replace") for kv in self.etcd.range(prefix).kvs)
 
     def _rewrite_all(self) -> int:
         """Rewrite every record of layout 1 left, in Txns of a few records each; a Txn that

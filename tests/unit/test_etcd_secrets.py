@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -236,6 +237,44 @@ def test_an_interrupted_migration_is_finished_by_the_next_start(
     assert "migrating" not in json.loads(tree.get("layout"))
     assert refusal_lines(caplog) == []
     assert_layout1_kept(tree, store)
+
+
+def test_replicas_starting_together_on_a_layout1_tree_migrate_it_once(tree: Tree) -> None:
+    """Each may find the other's work half done: neither takes it for a rolled-back layout."""
+    tree.load_layout1()
+    opened: list[object] = []
+
+    def start() -> None:
+        try:
+            opened.append(tree.open(LAYOUT1["clusterToken"]))
+        except BaseException as e:
+            opened.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(store, ncctl.EtcdStore) for store in opened), opened
+    assert_layout1_kept(tree, opened[0])
+
+
+def test_a_replica_that_finds_the_migration_done_meanwhile_joins_in(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It read layout 1; before it looked further, another replica migrated the tree and
+    put its heartbeat: neither is an objection, the layout key moved on."""
+    tree.load_layout1()
+    real_begin = ncctl.EtcdLayout._begin
+
+    def another_replica_first(layout: ncctl.EtcdLayout, mod_revision: int) -> None:
+        monkeypatch.setattr(ncctl.EtcdLayout, "_begin", real_begin)
+        tree.open(LAYOUT1["clusterToken"])
+        tree.put("replica/198.18.0.1", b'{"address": "198.18.0.1"}')
+        real_begin(layout, mod_revision)
+
+    monkeypatch.setattr(ncctl.EtcdLayout, "_begin", another_replica_first)
+    assert_layout1_kept(tree, tree.open(LAYOUT1["clusterToken"]))
 
 
 def test_a_layout1_tree_is_not_migrated_with_another_cluster_token(tree: Tree) -> None:

@@ -2630,6 +2630,9 @@ REFUSED_LOG_EVERY_S = 600.0  # one line per refused key and interval
 REFUSED_LOG_BURST = 10  # and at most this many lines in a minute, whatever the keys
 
 
+VERIFIED_CACHE_SIZE = 8192  # values whose MAC was checked, kept whole (about 1 KiB each), emptied when full
+
+
 class EtcdRecords:
     """How the store's values look in etcd (layout 2): JSON carrying a MAC over the key
     name and the value, under a key derived from the clusterToken; bootstrap tokens named
@@ -2648,6 +2651,7 @@ class EtcdRecords:
         self._name_key = cluster_key(cluster_token, TOKEN_NAME_LABEL)
         self._sealer = AESGCM(cluster_key(cluster_token, SECRET_SEAL_LABEL))
         self._refused_at: dict[bytes, float] = {}
+        self._verified: dict[tuple[bytes, bytes], dict] = {}  # (key, raw) checked already: a reload re-reads most
         self._lines: collections.deque[float] = collections.deque(maxlen=REFUSED_LOG_BURST)
         self.refused = 0  # values refused since the start
 
@@ -2662,6 +2666,17 @@ class EtcdRecords:
 
     def authentic(self, key: bytes, raw: bytes) -> dict | None:
         """The value (without its MAC) when raw carries a valid MAC for key; else None."""
+        known = self._verified.get((key, raw))
+        if known is not None:
+            return dict(known)
+        plain = self._check(key, raw)
+        if plain is not None:
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[(key, raw)] = dict(plain)
+        return plain
+
+    def _check(self, key: bytes, raw: bytes) -> dict | None:
         try:
             value = json.loads(raw)
         except ValueError:

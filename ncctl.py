@@ -2945,8 +2945,9 @@ class EtcdStore:
         return [row for row in rows if row is not None]
 
     def bootstrap_tokens_with_id(self, token_id: str) -> list[BootstrapTokenRow]:
-        # Not token/<id>/ alone: a key forged under the id in any form is read, refused and logged.
-        return self._tokens(self._key("token", token_id))
+        # The range is token/<id>, not token/<id>/ alone: a key forged under the id in any
+        # form is read, so refused and logged. Only an exact id matches, as on sqlite.
+        return [row for row in self._tokens(self._key("token", token_id)) if row.token.startswith(token_id + ".")]
 
     def list_bootstrap_tokens(self) -> list[BootstrapTokenRow]:
         return self._tokens(self._key("token", ""))

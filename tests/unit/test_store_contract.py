@@ -115,6 +115,16 @@ def test_token_lifecycle(store: ncctl.Datastore) -> None:
     assert store.list_bootstrap_tokens() == []
 
 
+def test_tokens_are_found_by_their_whole_id_only(store: ncctl.Datastore) -> None:
+    """A part of an id, or none, finds nothing (a delete by id must never take more)."""
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, single_use=False)
+    public = ncctl.token_id(token)
+    assert [row.token for row in store.bootstrap_tokens_with_id(public)] == [token]
+    for partial in ("", public[:3], public + "x", token):
+        assert store.bootstrap_tokens_with_id(partial) == [], partial
+
+
 def test_never_expiring_and_listing_order(store: ncctl.Datastore) -> None:
     tokens = [ncctl.new_bootstrap_token() for _ in range(3)]
     for token in tokens:

@@ -173,6 +173,19 @@ def test_a_value_moved_to_another_key_or_edited_is_refused(tree: Tree, caplog: p
     assert len(refusal_lines(caplog)) >= 4
 
 
+def test_many_forged_records_cost_a_few_log_lines(tree: Tree, caplog: pytest.LogCaptureFixture) -> None:
+    """Thirty forged node keys read again and again: one line per key at most, and no
+    more than REFUSED_LOG_BURST lines in a minute; the records are counted all the same."""
+    caplog.set_level(logging.WARNING, logger="nc")
+    store = tree.open()
+    for i in range(30):
+        tree.put(f"node/{i:016d}", b'{"state": 0, "bind_ip": "", "network": "default"}')
+    for _ in range(5):
+        assert store.nodes() == []
+    assert len(refusal_lines(caplog)) == ncctl.REFUSED_LOG_BURST
+    assert store.records.refused == 150
+
+
 # -- layout 1, migrated in place -------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import json
 import signal
 
 import yaml
+from control_helpers import adm_join, join_node, one_error_line
 from etcd_cluster import EtcdCluster
 from ha_helpers import CLUSTER_TOKEN, Replicas, etcd_dump, layout1_nc, sample_holders
 from netlab import NC, Lab, start_client, start_server, wait_for
@@ -227,3 +228,25 @@ def test_replicas_upgraded_from_key_layout_1_keep_their_nodes_and_tokens(lab: La
     refused = hosts[2].run(old_nc, "server", "--config", str(config), check=False, timeout=60)
     assert refused.returncode != 0
     assert "key layout 2 is newer than this nc knows (1); run a newer nc" in refused.stderr, refused.stderr
+
+
+def test_a_token_key_forged_in_etcd_admits_no_join_and_is_logged(lab: Lab) -> None:
+    """Whoever can write to etcd (but has no clusterToken) puts a token as layout 1 named
+    them, never expiring, minted by the admin: the join is refused and the replica logs the
+    key once, by the token's id only."""
+    replicas = Replicas(lab, count=1)
+    server = next(iter(replicas.servers.values()))
+    real = server.join_string()
+    forged = "forged.0123456789abcdef"
+    value = {"expire_time": "9999-12-31 23:59:59", "create_time": "2026-01-01 00:00:00", "update_time": ""}
+    value.update(single_use=False, uses=0, network="default", minted_by="")
+    etcdctl = ("etcdctl", f"--endpoints={replicas.etcd.endpoints}")
+    server.host.run(*etcdctl, "put", f"/nc/token/{forged}", json.dumps(value))
+    node = lab.add_host("n1")
+    for attempt in range(2):
+        line = one_error_line(adm_join(node, f"{forged}@{real.partition('@')[2]}", lab.dir / f"forged{attempt}"))
+        assert "unknown or was deleted" in line, line
+    log = server.process.log()
+    assert log.count("etcd key /nc/token/forged has no valid MAC") == 1, log[-2000:]
+    assert "0123456789abcdef" not in log
+    join_node(node, real, lab.dir / "real")  # the replica's own tokens still join

@@ -2328,13 +2328,58 @@ def split_sql(script: str) -> list[str]:
     return statements
 
 
+# -- what the clusterToken keys ---------------------------------------------------------
+#
+# Replicas share one secret, server.clusterToken. Every key nc derives from it comes from
+# cluster_key (HKDF-SHA256) with its own label, so no two uses share a key: the CAs
+# sealed in etcd (section 6), the MACs of the etcd store's records, the keyed hashes that
+# name bootstrap tokens there, and the secrets a replica must show again (sealed).
+
+CLUSTER_KEY_SALT = b"litekube-nc"
+
+
+PKI_SEAL_LABEL = b"nc pki in etcd v1"
+
+
+def cluster_key(cluster_token: str, label: bytes) -> bytes:
+    """The 32-byte key for one use (label) of the clusterToken."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=CLUSTER_KEY_SALT, info=label).derive(cluster_token.encode())
+
+
+def cluster_cipher(cluster_token: str, label: bytes = PKI_SEAL_LABEL) -> Any:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(cluster_key(cluster_token, label))
+
+
+def seal(cluster_token: str, name: str, data: bytes) -> bytes:
+    """data encrypted and authenticated (AES-GCM) for etcd, bound to name."""
+    nonce = secrets.token_bytes(12)
+    return nonce + cluster_cipher(cluster_token).encrypt(nonce, data, name.encode())
+
+
+def unseal(cluster_token: str, name: str, blob: bytes) -> bytes:
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        return cluster_cipher(cluster_token).decrypt(blob[:12], blob[12:], name.encode())
+    except (InvalidTag, ValueError):
+        raise ConfigError(
+            "server.clusterToken does not open the PKI the other replicas stored in etcd; "
+            "set the same clusterToken as they have"
+        ) from None
+
+
 # -- etcd v3 -------------------------------------------------------------------
 #
 # The same operations on etcd, for replicas that share one store. Key layout
 # (all under ETCD_PREFIX; values are JSON unless said otherwise):
 #   node/<node-token>               a node: state, bind_ip, times, network, minted_by
 #   addr/<network>/<ip>             the node-token bound to ip (created only if absent)
-#   token/<bootstrap-token>         a bootstrap token
+#   token/<id>/<keyed hash>         a bootstrap token <id>.<secret>, named by its HMAC
 #   mint/<node-token>/<time>-<rand> one mint by a node, for its hourly limit
 #   network/<name>                  an overlay network (its id from seq/network)
 #   cert/<serial>                   an issued certificate; certs-of/<node-token>/<serial> indexes it
@@ -2343,11 +2388,22 @@ def split_sql(script: str) -> list[str]:
 # Every operation is one Txn: it reads at one revision, and its writes are guarded
 # by compares on every key (and prefix) it read, so a concurrent change by another
 # replica makes it start over instead of overwriting.
+#
+# Since layout 2, etcd holds no usable secret and accepts no forged record
+# (EtcdRecords): every value above carries "mac", an HMAC-SHA256 under a clusterToken
+# key over the key name and the value, so a value written by anyone without the
+# clusterToken, or moved to another key, is refused (read as absent) and logged. A
+# bootstrap token's key name is an HMAC of the token, and the secrets a replica shows
+# again (the bootstrap token in the store's rows, a network's net-token in join strings)
+# are sealed in the value. Node-tokens stay in key names: a node-token is a name, not a
+# credential (a node proves itself with a certificate the sealed CA signed). Layout 1
+# (plain token names, no MACs) is migrated in place by the first replica of this build
+# (EtcdLayout).
 
 ETCD_PREFIX = "/nc/"
 
 
-ETCD_LAYOUT_VERSION = 1
+ETCD_LAYOUT_VERSION = 2
 
 
 ETCD_RPC_TIMEOUT_S = 5.0
@@ -2559,11 +2615,134 @@ class Etcd:
         )
 
 
-class EtcdTxn:
-    """The reads and writes of one attempt at an atomic operation."""
+RECORD_MAC_LABEL = b"nc etcd records v2"
 
-    def __init__(self, etcd: Etcd) -> None:
-        self.etcd = etcd
+
+TOKEN_NAME_LABEL = b"nc etcd token names v2"
+
+
+SECRET_SEAL_LABEL = b"nc etcd secrets v2"
+
+
+REFUSED_LOG_EVERY_S = 600.0  # one line per refused key and interval
+
+
+REFUSED_LOG_BURST = 10  # and at most this many lines in a minute, whatever the keys
+
+
+VERIFIED_CACHE_SIZE = 8192  # values whose MAC was checked, kept whole (about 1 KiB each), emptied when full
+
+
+class EtcdRecords:
+    """How the store's values look in etcd (layout 2): JSON carrying a MAC over the key
+    name and the value, under a key derived from the clusterToken; bootstrap tokens named
+    by a keyed hash; secrets a replica must show again sealed with AES-GCM, bound to their
+    key. A value without a valid MAC is refused: read as absent, its key logged (rate-limited)."""
+
+    def __init__(self, cluster_token: str) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if len(cluster_token) < MIN_CLUSTER_TOKEN_LEN:
+            raise ConfigError(
+                f"server.clusterToken: replicas on etcd need a shared secret of at least {MIN_CLUSTER_TOKEN_LEN} "
+                "characters; set the same one on every replica"
+            )
+        self._mac_key = cluster_key(cluster_token, RECORD_MAC_LABEL)
+        self._name_key = cluster_key(cluster_token, TOKEN_NAME_LABEL)
+        self._sealer = AESGCM(cluster_key(cluster_token, SECRET_SEAL_LABEL))
+        self._refused_at: dict[bytes, float] = {}
+        self._verified: dict[tuple[bytes, bytes], dict] = {}  # (key, raw) checked already: a reload re-reads most
+        self._lines: collections.deque[float] = collections.deque(maxlen=REFUSED_LOG_BURST)
+        self.refused = 0  # values refused since the start
+
+    def _mac(self, key: bytes, plain: dict) -> str:
+        body = json.dumps(plain, sort_keys=True).encode()
+        return hmac.new(self._mac_key, key + b"\0" + body, hashlib.sha256).hexdigest()
+
+    def dump(self, key: bytes, value: dict) -> bytes:
+        """The bytes etcd holds for value at key: the value with its MAC."""
+        plain = {k: v for k, v in value.items() if k != "mac"}
+        return json.dumps({**plain, "mac": self._mac(key, plain)}, sort_keys=True).encode()
+
+    def authentic(self, key: bytes, raw: bytes) -> dict | None:
+        """The value (without its MAC) when raw carries a valid MAC for key; else None."""
+        known = self._verified.get((key, raw))
+        if known is not None:
+            return dict(known)
+        plain = self._check(key, raw)
+        if plain is not None:
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[(key, raw)] = dict(plain)
+        return plain
+
+    def _check(self, key: bytes, raw: bytes) -> dict | None:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("mac"), str):
+            return None
+        plain = {k: v for k, v in value.items() if k != "mac"}
+        return plain if hmac.compare_digest(value["mac"], self._mac(key, plain)) else None
+
+    def load(self, key: bytes, raw: bytes) -> dict | None:
+        """authentic, logging a refusal."""
+        value = self.authentic(key, raw)
+        if value is None:
+            self.refuse(key)
+        return value
+
+    def refuse(self, key: bytes) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refused_at.get(key, -REFUSED_LOG_EVERY_S) < REFUSED_LOG_EVERY_S:
+            return
+        if len(self._lines) == REFUSED_LOG_BURST and now - self._lines[0] < 60.0:
+            return
+        if len(self._refused_at) > 4096:
+            self._refused_at.clear()
+        self._refused_at[key] = now
+        self._lines.append(now)
+        log.warning(
+            "etcd key %s has no valid MAC (written without the clusterToken, or moved from another key): ignored",
+            loggable(key_for_log(key)),
+        )
+
+    def token_name(self, token: str) -> str:
+        """The keyed hash a bootstrap token is stored under."""
+        return hmac.new(self._name_key, token.encode(), hashlib.sha256).hexdigest()
+
+    def seal_secret(self, key: bytes, secret: str) -> str:
+        nonce = secrets.token_bytes(12)
+        return base64.b64encode(nonce + self._sealer.encrypt(nonce, secret.encode(), key)).decode()
+
+    def open_secret(self, key: bytes, sealed: object) -> str | None:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            blob = base64.b64decode(str(sealed), validate=True)
+            return self._sealer.decrypt(blob[:12], blob[12:], key).decode()
+        except (InvalidTag, ValueError):
+            return None
+
+
+def key_for_log(key: bytes) -> str:
+    """An etcd key as a log line may show it: a token key that is not a keyed hash (a
+    layout-1 or forged name, maybe a real token) shows only the token's id."""
+    text = key.decode(errors="replace")
+    head, sep, rest = text.partition("/token/")
+    if sep and "/" not in rest:
+        return f"{head}/token/{token_id(rest)}"
+    return text
+
+
+class EtcdTxn:
+    """The reads and writes of one attempt at an atomic operation. Values are read and
+    written through records: one without a valid MAC reads as absent."""
+
+    def __init__(self, etcd: Etcd, records: EtcdRecords) -> None:
+        self.etcd, self.records = etcd, records
         self.revision = 0  # every read of the attempt sees this one revision
         self.compares: list = []
         self._written: dict[bytes, dict | None] = {}  # etcd refuses a Txn naming one key twice: last write wins
@@ -2571,9 +2750,7 @@ class EtcdTxn:
     @property
     def ops(self) -> list:
         return [
-            self.etcd.delete_op(key)
-            if value is None
-            else self.etcd.put_op(key, json.dumps(value, sort_keys=True).encode())
+            self.etcd.delete_op(key) if value is None else self.etcd.put_op(key, self.records.dump(key, value))
             for key, value in self._written.items()
         ]
 
@@ -2591,7 +2768,7 @@ class EtcdTxn:
             return self._written[key]
         kvs = self._range(key)
         self.compares.append(self.etcd.compare_mod(key, kvs[0].mod_revision if kvs else 0))
-        return json.loads(kvs[0].value) if kvs else None
+        return self.records.load(key, kvs[0].value) if kvs else None
 
     def scan(self, prefix: bytes) -> list[tuple[bytes, dict, int]]:
         """(key, value, create_revision) under prefix, oldest first; a key added or
@@ -2599,7 +2776,8 @@ class EtcdTxn:
         end = prefix_end(prefix)
         kvs = self._range(prefix, end)
         self.compares.append(self.etcd.compare_mod(prefix, self.revision + 1, "LESS", end))
-        return sorted(((kv.key, json.loads(kv.value), kv.create_revision) for kv in kvs), key=lambda r: r[2])
+        loaded = ((kv.key, self.records.load(kv.key, kv.value), kv.create_revision) for kv in kvs)
+        return sorted(((k, v, r) for k, v, r in loaded if v is not None), key=lambda r: r[2])
 
     def put(self, key: bytes, value: dict) -> None:
         self._written[key] = value
@@ -2615,7 +2793,11 @@ class EtcdStore:
 
     shared = True  # other replicas write too: a cache over it may be behind
 
-    def __init__(self, endpoints: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX) -> None:
+    def __init__(
+        self, endpoints: str, cluster_token: str, tls: EtcdTls | None = None, prefix: str = ETCD_PREFIX
+    ) -> None:
+        self.records = EtcdRecords(cluster_token)
+        self.cluster_token = cluster_token  # checked against the sealed PKI before a migration
         self.etcd = Etcd(endpoints, tls, prefix)
         self.path = endpoints  # what error lines name
         self._lock = threading.RLock()
@@ -2646,7 +2828,7 @@ class EtcdStore:
         commits only while this replica's campaign key is the one in etcd."""
         for attempt in range(ETCD_TXN_ATTEMPTS):
             with self._lock:  # this replica's own writers take turns: only other replicas' can conflict
-                txn = EtcdTxn(self.etcd)
+                txn = EtcdTxn(self.etcd, self.records)
                 result = operation(txn)
                 ops = txn.ops
                 if not ops:
@@ -2677,20 +2859,30 @@ class EtcdStore:
     def _key(self, *parts: str) -> bytes:
         return self.etcd.key(*parts)
 
+    def _get(self, key: bytes) -> dict | None:
+        """The value at key, None when absent or not authentic (refused)."""
+        kv = self.etcd.get(key)
+        return None if kv is None else self.records.load(key, kv.value)
+
+    def _range(self, prefix: bytes) -> list[tuple[Any, dict]]:
+        """(kv, value) of the authentic keys under prefix, oldest first."""
+        kvs = sorted(self.etcd.range(prefix).kvs, key=lambda kv: kv.create_revision)
+        loaded = ((kv, self.records.load(kv.key, kv.value)) for kv in kvs)
+        return [(kv, value) for kv, value in loaded if value is not None]
+
+    def _token_key(self, token: str) -> bytes:
+        """token/<id>/<keyed hash>: the id alone is public (`nc adm token list` shows it)."""
+        public = token.split(".", 1)[0]
+        return self._key(
+            "token",
+            public if public.isascii() and public.isalnum() and "." in token else "-",
+            self.records.token_name(token),
+        )
+
     # -- schema -----------------------------------------------------------------
 
     def migrate(self) -> None:
-        def check(txn: EtcdTxn) -> None:
-            layout = txn.get(self._key("layout"))
-            if layout is None:
-                txn.put(self._key("layout"), {"version": ETCD_LAYOUT_VERSION})
-            elif layout["version"] > ETCD_LAYOUT_VERSION:
-                raise StoreError(
-                    f"etcd at {self.path}: key layout {layout['version']} is newer than this nc knows "
-                    f"({ETCD_LAYOUT_VERSION}); run a newer nc"
-                )
-
-        self.atomically(check)
+        EtcdLayout(self).settle()
 
     def schema_version(self) -> int:
         return ETCD_LAYOUT_VERSION
@@ -2718,11 +2910,12 @@ class EtcdStore:
                 )
             if network != DEFAULT_NETWORK and txn.get(self._key("network", network)) is None:
                 raise BadRequest(f"no network named {network!r}")
-            if txn.get(self._key("token", token)) is not None:
+            key = self._token_key(token)
+            if txn.get(key) is not None:
                 raise unique_conflict("bootstrap token")
             now = local_time()
             txn.put(
-                self._key("token", token),
+                key,
                 {
                     "expire_time": expire,
                     "create_time": now,
@@ -2731,34 +2924,39 @@ class EtcdStore:
                     "uses": 0,
                     "network": network,
                     "minted_by": minted_by,
+                    "sealed": self.records.seal_secret(key, token),
                 },
             )
 
         self.atomically(add)
         return expire
 
-    @staticmethod
-    def _token_row(key: bytes, v: dict) -> BootstrapTokenRow:
-        token = key.decode().rpartition("/")[2]
+    def _token_row(self, key: bytes, v: dict) -> BootstrapTokenRow | None:
+        token = self.records.open_secret(key, v.get("sealed"))
+        if token is None:
+            self.records.refuse(key)
+            return None
         return BootstrapTokenRow(
             token, v["expire_time"], v["create_time"], v["single_use"], v["uses"], v["network"], v["minted_by"]
         )
 
     def _tokens(self, prefix: bytes) -> list[BootstrapTokenRow]:
-        kvs = sorted(self.etcd.range(prefix).kvs, key=lambda kv: kv.create_revision)
-        return [self._token_row(kv.key, json.loads(kv.value)) for kv in kvs]
+        rows = (self._token_row(kv.key, value) for kv, value in self._range(prefix))
+        return [row for row in rows if row is not None]
 
     def bootstrap_tokens_with_id(self, token_id: str) -> list[BootstrapTokenRow]:
-        return self._tokens(self._key("token", token_id + "."))
+        # The range is token/<id>, not token/<id>/ alone: a key forged under the id in any
+        # form is read, so refused and logged. Only an exact id matches, as on sqlite.
+        return [row for row in self._tokens(self._key("token", token_id)) if row.token.startswith(token_id + ".")]
 
     def list_bootstrap_tokens(self) -> list[BootstrapTokenRow]:
         return self._tokens(self._key("token", ""))
 
     def delete_bootstrap_token(self, token: str) -> bool:
         def delete(txn: EtcdTxn) -> bool:
-            if txn.get(self._key("token", token)) is None:
+            if txn.get(self._token_key(token)) is None:
                 return False
-            txn.delete(self._key("token", token))
+            txn.delete(self._token_key(token))
             return True
 
         return self.atomically(delete)
@@ -2768,7 +2966,7 @@ class EtcdStore:
         guarded by the key's own revision (a key changed meanwhile is looked at again)."""
         deleted = 0
         for _ in range(ETCD_TXN_ATTEMPTS):
-            victims = [kv for kv in self.etcd.range(prefix).kvs if doomed(json.loads(kv.value))]
+            victims = [kv for kv, value in self._range(prefix) if doomed(value)]
             if not victims:
                 return deleted
             for start in range(0, len(victims), ETCD_CHUNK):
@@ -2786,14 +2984,16 @@ class EtcdStore:
         )
 
     def admit_node(self, bootstrap_token: str, node_token: str, certs: tuple[CertRecord, ...] = ()) -> str:
+        token_key = self._token_key(bootstrap_token)
+
         def admit(txn: EtcdTxn) -> str:
-            row = txn.get(self._key("token", bootstrap_token))
+            row = txn.get(token_key)
             if row is None:
                 raise BadRequest("bootstrap token is unknown or was deleted")
             refuse_unusable_token(row["expire_time"], row["single_use"], row["uses"])
             if txn.get(self._key("node", node_token)) is not None:
                 raise unique_conflict("node-token")
-            txn.put(self._key("token", bootstrap_token), {**row, "uses": row["uses"] + 1, "update_time": local_time()})
+            txn.put(token_key, {**row, "uses": row["uses"] + 1, "update_time": local_time()})
             now = local_time()
             txn.put(
                 self._key("node", node_token),
@@ -2838,14 +3038,11 @@ class EtcdStore:
                 txn.put(self._key("certs-of", node_token, cert.key), {})
 
     def cert_owner(self, serial: int) -> tuple[str, bool] | None:
-        kv = self.etcd.get(self._key("cert", serial_key(serial)))
-        if kv is None:
-            return None
-        value = json.loads(kv.value)
-        return value["node_token"], value["revoked"]
+        value = self._get(self._key("cert", serial_key(serial)))
+        return None if value is None else (value["node_token"], value["revoked"])
 
     def is_legacy_node(self, token: str) -> bool:
-        return self.etcd.get(self._key("legacy", token)) is not None
+        return self._get(self._key("legacy", token)) is not None
 
     def _certs_of(self, txn: EtcdTxn, node_token: str) -> list[tuple[str, dict, int]]:
         """(serial key, record, issue order) of the node's certificates, oldest first."""
@@ -2854,8 +3051,10 @@ class EtcdStore:
             serial = key.decode().rpartition("/")[2]
             kvs = txn._range(self._key("cert", serial))
             if kvs:
-                certs.append((serial, json.loads(kvs[0].value), kvs[0].create_revision))
                 txn.compares.append(self.etcd.compare_mod(kvs[0].key, kvs[0].mod_revision))
+                value = self.records.load(kvs[0].key, kvs[0].value)
+                if value is not None:
+                    certs.append((serial, value, kvs[0].create_revision))
         return sorted(certs, key=lambda c: c[2])
 
     def _older_live(self, txn: EtcdTxn, node_token: str, kind: str, serial: int) -> list[tuple[str, dict, int]]:
@@ -2866,7 +3065,9 @@ class EtcdStore:
         return [c for c in certs if c[1]["kind"] == kind and not c[1]["revoked"] and c[2] < mine]
 
     def has_older_live_certs(self, node_token: str, kind: str, serial: int) -> bool:
-        return bool(self._older_live(EtcdTxn(self.etcd), node_token, kind, serial)) or self.is_legacy_node(node_token)
+        return bool(
+            self._older_live(EtcdTxn(self.etcd, self.records), node_token, kind, serial)
+        ) or self.is_legacy_node(node_token)
 
     def switch_to_cert(self, node_token: str, kind: str, serial: int) -> int:
         def switch(txn: EtcdTxn) -> int:
@@ -2883,8 +3084,7 @@ class EtcdStore:
 
     def prune_expired_certs(self, now_iso: str) -> int:
         pruned = 0
-        for kv in self.etcd.range(self._key("cert", "")).kvs:
-            value = json.loads(kv.value)
+        for kv, value in self._range(self._key("cert", "")):
             if value["not_after"] < now_iso:
                 index = self._key("certs-of", value["node_token"], kv.key.decode().rpartition("/")[2])
                 ops = [self.etcd.delete_op(kv.key), self.etcd.delete_op(index)]
@@ -2926,14 +3126,12 @@ class EtcdStore:
         )
 
     def _node_rows(self) -> list[tuple[NodeRow, int]]:
-        kvs = self.etcd.range(self._key("node", "")).kvs
-        return sorted(
-            ((self._node_row(kv.key, json.loads(kv.value)), kv.create_revision) for kv in kvs), key=lambda r: r[1]
-        )
+        return [(self._node_row(kv.key, value), kv.create_revision) for kv, value in self._range(self._key("node", ""))]
 
     def node(self, token: str) -> NodeRow | None:
-        kv = self.etcd.get(self._key("node", token))
-        return None if kv is None else self._node_row(kv.key, json.loads(kv.value))
+        key = self._key("node", token)
+        value = self._get(key)
+        return None if value is None else self._node_row(key, value)
 
     def nodes(self) -> list[NodeRow]:
         return [row for row, _ in self._node_rows()]
@@ -2946,31 +3144,34 @@ class EtcdStore:
         return [row.token for row, _ in self._node_rows() if row.network == network]
 
     def node_token_exists(self, token: str) -> bool:
-        return self.etcd.get(self._key("node", token)) is not None
+        return self._get(self._key("node", token)) is not None
 
     # -- networks ---------------------------------------------------------------
 
     def networks(self) -> list[NetworkRow]:
-        rows = [json.loads(kv.value) for kv in self.etcd.range(self._key("network", "")).kvs]
-        rows.sort(key=lambda v: v["id"])
-        return [
-            NetworkRow(v["id"], v["name"], v["cidr"], v["interconnection"], v["net_token"], v["from_config"])
-            for v in rows
-        ]
+        rows = []
+        for kv, v in self._range(self._key("network", "")):
+            net_token = self.records.open_secret(kv.key, v.get("sealed_net_token"))
+            if net_token is None:
+                self.records.refuse(kv.key)
+                continue
+            rows.append(NetworkRow(v["id"], v["name"], v["cidr"], v["interconnection"], net_token, v["from_config"]))
+        return sorted(rows, key=lambda row: row.id)
 
     def _insert_network(self, txn: EtcdTxn, spec: NetworkSpec, net_token: str, from_config: bool) -> None:
         seq = txn.get(self._key("seq", "network")) or {"last": 0}
         txn.put(self._key("seq", "network"), {"last": seq["last"] + 1})
+        key = self._key("network", spec.name)
         value = {
             "id": seq["last"] + 1,
             "name": spec.name,
             "cidr": spec.cidr,
             "interconnection": bool(spec.interconnection),
-            "net_token": net_token,
+            "sealed_net_token": self.records.seal_secret(key, net_token),
             "from_config": from_config,
             "create_time": local_time(),
         }
-        txn.put(self._key("network", spec.name), value)
+        txn.put(key, value)
 
     def put_config_network(self, spec: NetworkSpec, net_token: str) -> None:
         def put(txn: EtcdTxn) -> None:
@@ -3004,7 +3205,7 @@ class EtcdStore:
         """Its nodes go first, ETCD_NODES_PER_TXN per Txn (etcd caps the operations of one),
         then its tokens and the network in one; a failure midway leaves the network with
         fewer nodes, and deleting it again finishes the job."""
-        if self.etcd.get(self._key("network", name)) is None:
+        if self._get(self._key("network", name)) is None:
             raise BadRequest(f"no network named {name!r}")
         tokens = self.node_tokens_in(name)
         for start in range(0, len(tokens), ETCD_NODES_PER_TXN):
@@ -3129,8 +3330,10 @@ class EtcdStore:
         puts: list[tuple[bytes, dict]] = []
         networks = source.networks()
         for row in networks:
+            key = self._key("network", row.name)
             value = {**dataclasses.asdict(row), "create_time": local_time()}
-            puts.append((self._key("network", row.name), value))
+            value["sealed_net_token"] = self.records.seal_secret(key, value.pop("net_token"))
+            puts.append((key, value))
         puts.append((self._key("seq", "network"), {"last": max((r.id for r in networks), default=0)}))
         tokens = source.list_bootstrap_tokens()
         for t in tokens:
@@ -3142,8 +3345,9 @@ class EtcdStore:
                 "uses": t.uses,
                 "network": t.network,
                 "minted_by": t.minted_by,
+                "sealed": self.records.seal_secret(self._token_key(t.token), t.token),
             }
-            puts.append((self._key("token", t.token), value))
+            puts.append((self._token_key(t.token), value))
         nodes = source.nodes()
         for n in nodes:
             value = {
@@ -3166,9 +3370,176 @@ class EtcdStore:
             puts.append((self._key("legacy", token), {}))
         for start in range(0, len(puts), ETCD_CHUNK):
             chunk = puts[start : start + ETCD_CHUNK]
-            self.etcd.txn([], [self.etcd.put_op(k, json.dumps(v, sort_keys=True).encode()) for k, v in chunk])
+            self.etcd.txn([], [self.etcd.put_op(k, self.records.dump(k, v)) for k, v in chunk])
         overlay_nodes = sum(1 for n in nodes if n.token != RESERVED_NODE_TOKEN)
         return {"nodes": overlay_nodes, "tokens": len(tokens), "networks": len(networks), "certificates": len(certs)}
+
+
+# The key families EtcdLayout rewrites from layout 1: every one the store writes.
+LAYOUT_RECORD_FAMILIES = ("node", "addr", "token", "mint", "network", "seq", "cert", "certs-of", "legacy")
+
+
+OLDER_REPLICAS_WAIT_S = 8.0  # a killed replica's heartbeat key lives on until its lease (TTL 5 s) ends
+
+
+class EtcdLayout:
+    """The layout key of a store's tree, and the move of a layout-1 tree to this layout in place.
+
+    Three steps: the layout key says {"version": 2, "migrating": 1} (with its MAC; older
+    builds refuse to start from then on); every record not yet authentic is rewritten, each
+    guarded by its revision (a bootstrap token moves to its keyed-hash name, its old key
+    deleted in the same Txn; a net-token is sealed; every value gets its MAC); the layout
+    key says {"version": 2}. A replica stopped midway leaves the mark, and the next one to
+    start finishes the job. Node-tokens, addresses and certificate serials do not change,
+    so every node keeps its IP and certificates, and an old bootstrap token still joins."""
+
+    def __init__(self, store: EtcdStore) -> None:
+        self.store, self.etcd, self.records = store, store.etcd, store.records
+        self.key = store.etcd.key("layout")
+        self.where = f"etcd at {store.path}"
+
+    def settle(self) -> None:
+        """Return once the tree is of this layout: fresh, as it was, or migrated."""
+        for _ in range(ETCD_TXN_ATTEMPTS):
+            kv = self.etcd.get(self.key)
+            if kv is None:  # a fresh tree
+                if self._put({"version": ETCD_LAYOUT_VERSION}, 0):
+                    return
+                continue
+            if self._version(kv.value) == 1:
+                self._begin(kv.mod_revision)
+                continue
+            layout = self.records.authentic(self.key, kv.value)
+            if layout is None:
+                raise ConfigError(
+                    f"{self.where}: server.clusterToken does not authenticate the records the other replicas "
+                    "wrote; set the same clusterToken as they have"
+                )
+            if not layout.get("migrating"):
+                return
+            rewritten = self._rewrite_all()
+            if self._put({"version": ETCD_LAYOUT_VERSION}, kv.mod_revision):
+                log.info(
+                    "%s: key layout %d reached (%d record(s) rewritten)", self.where, ETCD_LAYOUT_VERSION, rewritten
+                )
+                return
+        raise StoreError(f"{self.where}: too much contention on the layout key; retry")
+
+    def _version(self, raw: bytes) -> int:
+        try:
+            version = json.loads(raw)["version"]
+        except (ValueError, TypeError, KeyError):
+            version = None
+        if not isinstance(version, int) or version < 1:
+            raise StoreError(
+                f"{self.where}: {self.key.decode()} holds no layout version; delete that key and start again"
+            )
+        if version > ETCD_LAYOUT_VERSION:
+            raise StoreError(
+                f"{self.where}: key layout {version} is newer than this nc knows ({ETCD_LAYOUT_VERSION}); run a newer nc"
+            )
+        return version
+
+    def _put(self, layout: dict, mod_revision: int) -> bool:
+        put = self.etcd.put_op(self.key, self.records.dump(self.key, layout))
+        return self.etcd.txn([self.etcd.compare_mod(self.key, mod_revision)], [put]).succeeded
+
+    def _begin(self, mod_revision: int) -> None:
+        """Mark the start of the migration, once nothing speaks against it. Another replica
+        of this build may start the migration meanwhile (the layout key then changes): this
+        one returns and joins in instead of taking that replica's work for an objection."""
+        for kv in self.etcd.range(self.etcd.key("pki", "")).kvs:  # the wrong clusterToken would MAC it all
+            unseal(self.store.cluster_token, kv.key.decode().rpartition("/")[2], kv.value)
+        if self._authentic_records() and not self._moved(mod_revision):
+            raise StoreError(
+                f"{self.where}: {self.key.decode()} says layout 1, yet records of layout "
+                f"{ETCD_LAYOUT_VERSION} are there (the key was rewritten outside nc); delete "
+                f"{self.key.decode()} and start again: nc keeps its own records and ignores the others"
+            )
+        deadline = time.monotonic() + OLDER_REPLICAS_WAIT_S
+        while running := self._running_replicas():  # on layout 1: replicas of an older build
+            if self._moved(mod_revision):
+                return
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"{self.where}: replica(s) {loggable(', '.join(running))} of an older nc still run on key "
+                    f"layout 1; stop every replica, then start this build (its first replica moves the keys "
+                    f"to layout {ETCD_LAYOUT_VERSION})"
+                )
+            time.sleep(0.5)
+        if self._put({"version": ETCD_LAYOUT_VERSION, "migrating": 1}, mod_revision):
+            log.info(
+                "%s: migrating key layout 1 to %d (bootstrap tokens under keyed hashes, every record authenticated)",
+                self.where,
+                ETCD_LAYOUT_VERSION,
+            )
+
+    def _moved(self, mod_revision: int) -> bool:
+        kv = self.etcd.get(self.key)
+        return kv is None or kv.mod_revision != mod_revision
+
+    def _authentic_records(self) -> bool:
+        """Whether records of this layout are in the tree (a genuine layout-1 tree has none)."""
+        for family in ("node", "network", "token"):
+            kvs = self.etcd.range(self.etcd.key(family, "")).kvs
+            if any(self.records.authentic(kv.key, kv.value) is not None for kv in kvs):
+                return True
+        return False
+
+    def _running_replicas(self) -> list[str]:
+        """The replicas whose heartbeat key is in etcd (on their leases)."""
+        prefix = self.etcd.key("replica", "")
+        return sorted(kv.key[len(prefix) :].decode(errors="replace") for kv in self.etcd.range(prefix).kvs)
+
+    def _rewrite_all(self) -> int:
+        """Rewrite every record of layout 1 left, in Txns of a few records each; a Txn that
+        lost a race (another replica migrating too) is retried on what the tree holds then."""
+        rewritten = 0
+        per_txn = ETCD_CHUNK // 2  # a token's rewrite is two operations
+        for _ in range(ETCD_TXN_ATTEMPTS):
+            pending = [r for family in LAYOUT_RECORD_FAMILIES for r in self._pending(family)]
+            if not pending:
+                return rewritten
+            for start in range(0, len(pending), per_txn):
+                chunk = pending[start : start + per_txn]
+                compares = [compare for compare, _ in chunk]
+                if self.etcd.txn(compares, [op for _, ops in chunk for op in ops]).succeeded:
+                    rewritten += len(chunk)
+        raise StoreError(f"{self.where}: the key layout migration did not finish; start the replica again")
+
+    def _pending(self, family: str) -> list[tuple[Any, list]]:
+        """(compare, operations) that rewrite each layout-1 record of family."""
+        prefix, pending = self.etcd.key(family, ""), []
+        for kv in self.etcd.range(prefix).kvs:
+            if self.records.authentic(kv.key, kv.value) is not None:
+                continue  # rewritten already
+            key, value = kv.key, self._layout1_value(kv.value)
+            rest = key[len(prefix) :].decode(errors="replace")
+            if (
+                value is None
+                or (family == "token" and "/" in rest)
+                or (family == "network" and "net_token" not in value)
+            ):
+                self.records.refuse(key)  # not something layout 1 wrote: left for the reads to refuse
+                continue
+            ops = []
+            if family == "token":
+                key = self.store._token_key(rest)
+                value["sealed"] = self.records.seal_secret(key, rest)
+                ops.append(self.etcd.delete_op(kv.key))
+            if family == "network":
+                value["sealed_net_token"] = self.records.seal_secret(key, value.pop("net_token"))
+            ops.append(self.etcd.put_op(key, self.records.dump(key, value)))
+            pending.append((self.etcd.compare_mod(kv.key, kv.mod_revision), ops))
+        return pending
+
+    @staticmethod
+    def _layout1_value(raw: bytes) -> dict | None:
+        with contextlib.suppress(ValueError):
+            value = json.loads(raw)
+            if isinstance(value, dict):
+                return value
+        return None
 
 
 def token_id(token: str) -> str:
@@ -3180,7 +3551,7 @@ def open_store(config: ServerConfig) -> Datastore:
     if not config.datastore_endpoint:
         return Store(config.db_path)
     tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
-    return EtcdStore(config.datastore_endpoint, tls)
+    return EtcdStore(config.datastore_endpoint, config.cluster_token, tls)
 
 
 # ============================================================================
@@ -3958,37 +4329,9 @@ class Pki:
 
 # -- the PKI shared by replicas -------------------------------------------------------
 #
-# Replicas on etcd serve the same two CAs: the CA pairs live in etcd, sealed with
-# AES-GCM under a key derived (HKDF-SHA256) from the clusterToken every replica
-# has. Each replica issues its own server certificates from them.
-
-
-def cluster_cipher(cluster_token: str) -> Any:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"litekube-nc", info=b"nc pki in etcd v1").derive(
-        cluster_token.encode()
-    )
-    return AESGCM(key)
-
-
-def seal(cluster_token: str, name: str, data: bytes) -> bytes:
-    nonce = secrets.token_bytes(12)
-    return nonce + cluster_cipher(cluster_token).encrypt(nonce, data, name.encode())
-
-
-def unseal(cluster_token: str, name: str, blob: bytes) -> bytes:
-    from cryptography.exceptions import InvalidTag
-
-    try:
-        return cluster_cipher(cluster_token).decrypt(blob[:12], blob[12:], name.encode())
-    except (InvalidTag, ValueError):
-        raise ConfigError(
-            "server.clusterToken does not open the PKI the other replicas stored in etcd; "
-            "set the same clusterToken as they have"
-        ) from None
+# Replicas on etcd serve the same two CAs: the CA pairs live in etcd, sealed (section 4's
+# seal) under a key derived from the clusterToken every replica has. Each replica issues
+# its own server certificates from them.
 
 
 def share_ca(etcd: Any, authority: CertAuthority, cluster_token: str) -> None:
@@ -11096,7 +11439,7 @@ def adm_datastore_migrate(args: argparse.Namespace) -> int:
         if not Path(config.db_path).exists():
             raise StoreError(f"{config.db_path}: no database there; pass the server's --config")
         source = Store(config.db_path)
-        target = EtcdStore(args.to)
+        target = EtcdStore(args.to, cluster_token)
         try:
             counts = target.import_store(source)
             share_pki(target.etcd, Pki(config), cluster_token)

@@ -8,9 +8,10 @@ import json
 import signal
 
 import yaml
+from control_helpers import adm_join, join_node, one_error_line
 from etcd_cluster import EtcdCluster
-from ha_helpers import CLUSTER_TOKEN, Replicas, sample_holders
-from netlab import Lab, start_client, start_server, wait_for
+from ha_helpers import CLUSTER_TOKEN, Replicas, etcd_dump, layout1_nc, sample_holders
+from netlab import NC, Lab, start_client, start_server, wait_for
 
 
 def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
@@ -187,3 +188,65 @@ def test_a_leader_whose_key_is_overwritten_steps_down_and_says_so(lab: Lab) -> N
     wait_for(lambda: replicas.holders() == [], timeout=15, what="the leader to give the data plane up")
     assert "/nc/leader is not this replica's any more (lease 0, " in server.process.log()
     assert server.process.alive()
+
+
+def test_replicas_upgraded_from_key_layout_1_keep_their_nodes_and_tokens(lab: Lab) -> None:
+    """Two replicas of the last build with plain token names in etcd, a node joined and a
+    token made; both stopped, the new build started: the first migrates the keys, the node
+    comes back on its address without joining again, the old token joins a second node,
+    etcd no longer shows either token, and the previous build refuses the migrated tree."""
+    hosts = [lab.add_host(f"s{i}") for i in range(1, 4)]
+    old_nc = layout1_nc(lab)
+    for host in hosts:
+        host.nc_path = old_nc
+    etcd = EtcdCluster(hosts)
+    fields = {"datastoreEndpoint": etcd.endpoints, "clusterToken": CLUSTER_TOKEN}
+    servers = [start_server(host, ip=host.ip, **fields) for host in hosts[:2]]
+    first = start_client(lab.add_host("n1"), servers[0].join_string())
+    address, node_token = first.overlay_ip(), first.token()
+    later = servers[1].join_string("--life=-1")
+    token = later.partition("@")[0]
+    assert token.encode() in etcd_dump(hosts[0], etcd.endpoints)  # what layout 1 showed anyone reading etcd
+
+    for server in servers:
+        server.process.stop()
+    for host in hosts:
+        host.nc_path = str(NC)
+    for server in servers:
+        server.start()
+    assert "migrating key layout 1 to 2" in servers[0].process.log() + servers[1].process.log()
+    wait_for(lambda: first.overlay_ip() == address, timeout=40, what="the old node back on its address")
+    assert first.token() == node_token  # it reconnected with its credentials: no new join
+    second = start_client(lab.add_host("n2"), later)  # the token made before the upgrade
+    wait_for(lambda: first.host.ping(second.overlay_ip()), timeout=30, what="old and new node to talk")
+    dump = etcd_dump(hosts[0], etcd.endpoints)
+    assert token.split(".")[1].encode() not in dump
+    assert all("no valid MAC" not in server.process.log() for server in servers)
+
+    config = lab.dir / "s3-server.yml"
+    config.write_text(json.dumps({"mode": "server", "server": {"workDir": str(lab.dir / "s3-work"), **fields}}))
+    refused = hosts[2].run(old_nc, "server", "--config", str(config), check=False, timeout=60)
+    assert refused.returncode != 0
+    assert "key layout 2 is newer than this nc knows (1); run a newer nc" in refused.stderr, refused.stderr
+
+
+def test_a_token_key_forged_in_etcd_admits_no_join_and_is_logged(lab: Lab) -> None:
+    """Whoever can write to etcd (but has no clusterToken) puts a token as layout 1 named
+    them, never expiring, minted by the admin: the join is refused and the replica logs the
+    key once, by the token's id only."""
+    replicas = Replicas(lab, count=1)
+    server = next(iter(replicas.servers.values()))
+    real = server.join_string()
+    forged = "forged.0123456789abcdef"
+    value = {"expire_time": "9999-12-31 23:59:59", "create_time": "2026-01-01 00:00:00", "update_time": ""}
+    value.update(single_use=False, uses=0, network="default", minted_by="")
+    etcdctl = ("etcdctl", f"--endpoints={replicas.etcd.endpoints}")
+    server.host.run(*etcdctl, "put", f"/nc/token/{forged}", json.dumps(value))
+    node = lab.add_host("n1")
+    for attempt in range(2):
+        line = one_error_line(adm_join(node, f"{forged}@{real.partition('@')[2]}", lab.dir / f"forged{attempt}"))
+        assert "unknown or was deleted" in line, line
+    log = server.process.log()
+    assert log.count("etcd key /nc/token/forged has no valid MAC") == 1, log[-2000:]
+    assert "0123456789abcdef" not in log
+    join_node(node, real, lab.dir / "real")  # the replica's own tokens still join

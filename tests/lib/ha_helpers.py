@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import subprocess
+import sys
 import time
 
 from etcd_cluster import EtcdCluster
-from netlab import Host, Lab, NcServer, start_server
+from netlab import ROOT, Host, Lab, NcServer, start_server
 
 SERVER_OVERLAY_IP = "10.1.1.1"
 CLUSTER_TOKEN = "ha-test-cluster-token-0123456789"
@@ -45,3 +49,34 @@ def sample_holders(replicas: Replicas, seconds: float, interval: float = 0.1) ->
         samples.append(replicas.holders())
         time.sleep(interval)
     return samples
+
+
+# The last build whose etcd store wrote key layout 1 (plain bootstrap-token names, no MACs).
+LAYOUT1_COMMIT = "a97ea62b3f2dc028b06fbd6c15313a98a8977eef"
+
+
+def layout1_nc(lab: Lab) -> str:
+    """That build's ncctl.py, from the repo's history, run from source (with this repo's
+    generated proto modules): the path of a program that behaves as its ./nc."""
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{LAYOUT1_COMMIT}:ncctl.py"], capture_output=True, text=True, check=False
+    )
+    if source.returncode != 0:
+        raise AssertionError(
+            f"the upgrade test needs the repo's history (commit {LAYOUT1_COMMIT[:12]}, the last build of etcd "
+            f"key layout 1): {source.stderr.strip()}"
+        )
+    directory = lab.dir / "layout1-nc"
+    directory.mkdir()
+    (directory / "ncctl.py").write_text(source.stdout)
+    program = directory / "nc"
+    program.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} {directory / "ncctl.py"} "$@"\n')
+    program.chmod(0o755)
+    return str(program)
+
+
+def etcd_dump(host: Host, endpoints: str) -> bytes:
+    """Every key and value under /nc/, as anyone with read access to etcd sees them."""
+    done = host.run("etcdctl", f"--endpoints={endpoints}", "get", "--prefix", "/nc/", "-w", "json")
+    kvs = json.loads(done.stdout).get("kvs", [])
+    return b"\n".join(base64.b64decode(kv["key"]) + b" " + base64.b64decode(kv.get("value", "")) for kv in kvs)

@@ -16,6 +16,7 @@ from etcd_member import LocalEtcd
 
 import ncctl
 
+CLUSTER_TOKEN = "the-replicas-shared-secret"
 CERT_A = ncctl.CertRecord(0xA1, "grpc", "2999-01-01T00:00:00+00:00")
 CERT_B = ncctl.CertRecord(0xA2, "network", "2999-01-01T00:00:00+00:00")
 
@@ -43,7 +44,7 @@ class Stores:
         if self.kind == "sqlite":
             store = ncctl.Store(self.db)
         else:
-            store = ncctl.EtcdStore(self.etcd.endpoint, prefix=self.prefix)
+            store = ncctl.EtcdStore(self.etcd.endpoint, CLUSTER_TOKEN, prefix=self.prefix)
         self.opened.append(store)
         return store
 
@@ -112,6 +113,16 @@ def test_token_lifecycle(store: ncctl.Datastore) -> None:
     assert store.delete_bootstrap_token(token)
     assert not store.delete_bootstrap_token(token)
     assert store.list_bootstrap_tokens() == []
+
+
+def test_tokens_are_found_by_their_whole_id_only(store: ncctl.Datastore) -> None:
+    """A part of an id, or none, finds nothing (a delete by id must never take more)."""
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, single_use=False)
+    public = ncctl.token_id(token)
+    assert [row.token for row in store.bootstrap_tokens_with_id(public)] == [token]
+    for partial in ("", public[:3], public + "x", token):
+        assert store.bootstrap_tokens_with_id(partial) == [], partial
 
 
 def test_never_expiring_and_listing_order(store: ncctl.Datastore) -> None:
@@ -466,14 +477,14 @@ def test_etcd_over_mutual_tls(tmp_path: Path) -> None:
     member = LocalEtcd(tmp_path / "etcd", (authority.ca_path, *files["server"]))
     try:
         tls = ncctl.EtcdTls(str(authority.ca_path), str(files["client"][0]), str(files["client"][1]))
-        store = ncctl.EtcdStore(member.endpoint, tls)
+        store = ncctl.EtcdStore(member.endpoint, CLUSTER_TOKEN, tls)
         try:
             admitted(store, "a" * 16)
             assert [r.token for r in store.nodes()] == ["a" * 16]
         finally:
             store.close()
         with pytest.raises(ncctl.StoreError, match=r"etcd at https://127\.0\.0\.1"):
-            ncctl.EtcdStore(member.endpoint, ncctl.EtcdTls(str(authority.ca_path)))
+            ncctl.EtcdStore(member.endpoint, CLUSTER_TOKEN, ncctl.EtcdTls(str(authority.ca_path)))
     finally:
         member.stop()
 

@@ -480,7 +480,21 @@ MAX_DURATION_S = 20 * 365 * 86400  # 7300d: longer than anything nc keeps, and a
 MIN_CERT_LIFE_S = 10  # a node certificate is renewed at two thirds of its life: it needs a few seconds
 
 
-DURATION_FIELDS = {"node_cert_life": MIN_CERT_LIFE_S}  # server.yml durations, with the shortest each allows
+@dataclasses.dataclass(frozen=True)
+class DurationField:
+    """A config field that takes a duration (30s, 10m, 2h, 7d): the shortest it allows, what
+    a bare number counts in, and the unit the config keeps it in (all in seconds)."""
+
+    shortest: int
+    number_unit: int = 1
+    kept_in: int = 1
+
+
+DURATION_FIELDS = {  # every duration of server.yml; a bare number keeps the unit the field always had
+    "node_cert_life": DurationField(MIN_CERT_LIFE_S),
+    "keepalive": DurationField(1),
+    "node_token_max_life": DurationField(60, number_unit=60, kept_in=60),  # minutes, as the original's lives
+}
 
 
 PATH_FIELDS = {
@@ -551,7 +565,7 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     if field.name == "networks":
         return check_networks_field(value, where)
     if field.name in DURATION_FIELDS:
-        return parse_duration(value, where, shortest=DURATION_FIELDS[field.name])
+        return duration_field(value, where, DURATION_FIELDS[field.name])
     default = field.default
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -573,22 +587,33 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     return text
 
 
-def parse_duration(value: Any, where: str, shortest: int = 1, error: type[NcError] = ConfigError) -> int:
+def parse_duration(
+    value: Any, where: str, shortest: int = 1, error: type[NcError] = ConfigError, number_unit: int | None = None
+) -> int:
     """Seconds from text such as 30s, 90m, 12h, 365d, or from a whole number of seconds
     (a YAML int, a gRPC field): the one duration parser of server.yml, the command line
-    and the control plane. Errors are `error` (ConfigError, UsageError, BadRequest) and
-    start with `where`, the field or flag."""
+    and the control plane. With number_unit, a bare number (also as text) counts in that
+    many seconds (60: the original's minutes). Errors are `error` (ConfigError,
+    UsageError, BadRequest) and start with `where`, the field or flag."""
     if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value
+        seconds = value * (number_unit or 1)
     else:
-        match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", str(value))
-        if match is None:
+        match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(value))
+        if match is None or (not match[2] and number_unit is None):
             raise error(f"{where}: {value!r} is not a duration; write it like 30s, 90m, 12h or 365d")
-        seconds = int(match[1]) * DURATION_UNITS[match[2]]
+        seconds = int(match[1]) * (DURATION_UNITS[match[2]] if match[2] else number_unit or 1)
     if not shortest <= seconds <= MAX_DURATION_S:
         span = f"{format_duration(shortest)} to {format_duration(MAX_DURATION_S)}"
         raise error(f"{where}: {value!r} is out of range; use {span}")
     return seconds
+
+
+def duration_field(value: Any, where: str, spec: DurationField) -> int:
+    """A server.yml duration, in the unit the config keeps it in."""
+    seconds = parse_duration(value, where, shortest=spec.shortest, number_unit=spec.number_unit)
+    if seconds % spec.kept_in:
+        raise ConfigError(f"{where}: {value!r} is not whole minutes; write it like 90m or 2h")
+    return seconds // spec.kept_in
 
 
 def format_duration(seconds: int) -> str:
@@ -1737,6 +1762,23 @@ def token_expire_time(life_minutes: int) -> str:
     """When a token minted now with this life expires: NEVER_EXPIRES for a negative life."""
     check_token_life(life_minutes)
     return NEVER_EXPIRES if life_minutes < 0 else local_time(int(life_minutes) * 60)
+
+
+def rfc3339(local: str) -> str:
+    """A time as the stores write it (local "YYYY-MM-DD HH:MM:SS") as RFC 3339 with this
+    host's offset; one that already is, or that is no time ("", "never"), as it is."""
+    try:
+        moment = datetime.datetime.strptime(local, "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return local
+    return moment.astimezone().isoformat(timespec="seconds")
+
+
+def token_state(expire_time: str, single_use: bool, uses: int) -> str:
+    """What `nc adm token list` shows of a bootstrap token: valid, used (spent) or expired."""
+    if token_expired(expire_time):
+        return "expired"
+    return "used" if single_use and uses > 0 else "valid"
 
 
 def token_expired(expire_time: str, now: str | None = None) -> bool:
@@ -8527,7 +8569,9 @@ class NetworkClient:
             "overlayIp": str(address.ip) if connected and address else "",
             "server": self.follower.address,
             "transport": carrying.name if connected and carrying is not None else "",
-            "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
+            "connectedSince": datetime.datetime.fromtimestamp(since).astimezone().isoformat(timespec="seconds")
+            if connected
+            else "",
             "rttMs": tcp_rtt_ms(link.sock) if connected and link is not None else None,
             "rxBytes": sum(path.rx_bytes for path in paths),
             "txBytes": sum(path.tx_bytes for path in paths),
@@ -9002,7 +9046,7 @@ def add_standard_services(server: Any, running: Callable[[], bool], services: tu
 
 
 def expire_text(expire_time: str) -> str:
-    return "never" if expire_time == NEVER_EXPIRES else expire_time
+    return "never" if expire_time == NEVER_EXPIRES else rfc3339(expire_time)
 
 
 class BootstrapService:
@@ -9137,10 +9181,13 @@ class AdminService:
             pb.BootstrapTokenInfo(
                 tokenId=token_id(row.token),
                 expireTime=expire_text(row.expire_time),
-                createTime=row.create_time,
+                createTime=rfc3339(row.create_time),
                 singleUse=row.single_use,
                 network=row.network,
                 mintedBy=row.minted_by,
+                uses=row.uses,
+                useLimit=1 if row.single_use else 0,
+                state=token_state(row.expire_time, row.single_use, row.uses),
             )
             for row in self.control.list_bootstrap_tokens(self._admin(context))
         ]
@@ -9161,20 +9208,20 @@ class AdminService:
         nodes = []
         for r in rows:
             session = live.get(r.token, {})
-            seen = time.strftime("%Y-%m-%d %H:%M:%S") if session else r.last_seen
+            seen = local_time() if session else r.last_seen
             nodes.append(
                 pb.NodeInfo(
                     nodeToken=r.token,
                     bindIp=r.bind_ip,
                     connState=r.state,
-                    createTime=r.create_time,
-                    updateTime=r.update_time,
+                    createTime=rfc3339(r.create_time),
+                    updateTime=rfc3339(r.update_time),
                     network=r.network,
                     mintedBy=r.minted_by,
                     hostName=r.host_name,
                     endpoint=r.endpoint,
                     transport=transports.get(r.token, "") or r.transport,
-                    lastSeen=seen,
+                    lastSeen=rfc3339(seen),
                     rxBytes=session.get("rx_bytes", 0),
                     txBytes=session.get("tx_bytes", 0),
                     nodeVersion=r.node_version,
@@ -10796,10 +10843,30 @@ def show(args: argparse.Namespace, document: Any, text: str | Table) -> None:
         print(text)
 
 
+TIME_KEYS = {"createTime", "updateTime", "expireTime", "lastSeen"}  # as the stores write them: local, no zone
+
+
 def message_json(message: Any) -> dict:
+    """A gRPC message as nc's CLI prints it: every field under its camelCase name, 64-bit
+    counters as numbers (protobuf's own JSON writes them as strings), times RFC 3339 with
+    a zone (an older server sends its local time without one), a state's name beside its
+    code. The message itself keeps its types: this is the CLI's document, not the wire's."""
     from google.protobuf import json_format
 
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    document = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    for field in message.DESCRIPTOR.fields:
+        key, value = field.json_name, getattr(message, field.name)
+        if key not in document:
+            continue
+        if field.message_type is not None:
+            document[key] = [message_json(m) for m in value] if isinstance(document[key], list) else message_json(value)
+        elif field.cpp_type in (field.CPPTYPE_INT64, field.CPPTYPE_UINT64):
+            document[key] = list(value) if isinstance(document[key], list) else int(value)
+        elif key in TIME_KEYS:
+            document[key] = rfc3339(value) or None
+        if key == "connState":
+            document["connStateName"] = STATE_NAMES.get(value, "unknown")
+    return document
 
 
 def token_life_minutes(text: str) -> int:
@@ -10807,7 +10874,7 @@ def token_life_minutes(text: str) -> int:
     duration such as 90m, 12h or 30d; the server decides what lives it grants."""
     with contextlib.suppress(ValueError):
         return int(text)
-    seconds = parse_duration(text, "--life", error=UsageError)
+    seconds = parse_duration(text, "--life", error=UsageError, number_unit=60)
     if seconds % 60:
         raise UsageError(f"--life: {text!r} is not whole minutes; write it like 90m, 12h or 30d")
     return seconds // 60
@@ -10836,12 +10903,28 @@ def adm_token_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListBootstrapTokens", pb.ListBootstrapTokensRequest())
     rows = [
-        [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no", t.mintedBy or "admin"]
+        [
+            t.tokenId,
+            t.network,
+            t.state or "-",  # an older server does not say
+            f"{t.uses}/{t.useLimit or 'unlimited'}" if t.state else ("1" if t.singleUse else "-"),
+            short_time(t.expireTime),
+            short_time(t.createTime),
+            t.mintedBy or "admin",
+        ]
         for t in response.tokens
     ]
-    table = Table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE", "MINTED-BY"], rows)
+    table = Table(["TOKEN-ID", "NETWORK", "STATE", "USES", "EXPIRES", "CREATED", "MINTED-BY"], rows)
     show(args, [message_json(t) for t in response.tokens], table)
     return 0
+
+
+def short_time(text: str) -> str:
+    """A time for a table: local, to the second, without the zone (the JSON has it)."""
+    with contextlib.suppress(ValueError):
+        moment = datetime.datetime.fromisoformat(rfc3339(text))
+        return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return text or "-"
 
 
 def adm_token_delete(args: argparse.Namespace) -> int:
@@ -11592,22 +11675,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NcError as e:
-        print(f"nc: error: {one_line(str(e))}", file=sys.stderr)  # one line, whatever a library put into it
-        return e.exit_code
+        return fail(args, one_line(str(e)), e.exit_code)  # one line, whatever a library put into it
     except ImportError as e:  # grpcio, PyYAML, cryptography are imported lazily, when first needed
-        print(
-            f"nc: error: cannot load {e.name or 'a bundled library'} on Python {sys.version.split()[0]} ({e}); "
+        return fail(
+            args,
+            f"cannot load {e.name or 'a bundled library'} on Python {sys.version.split()[0]} ({e}); "
             "copy this nc again, or rebuild it with ./build.sh",
-            file=sys.stderr,
+            1,
         )
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 1
     except OSError as e:  # a file nc needs: missing, read-only, or on a full disk
-        print(f"nc: error: {os_error_line(e, 'check the path and the free space there')}", file=sys.stderr)
-        return 1
+        return fail(args, os_error_line(e, "check the path and the free space there"), 1)
+
+
+def fail(args: argparse.Namespace, line: str, code: int) -> int:
+    """A failed command: its one line on stderr and, under `-o json`, the same as a JSON
+    object on stdout, so a script reading stdout sees an error, not an empty document."""
+    print(f"nc: error: {line}", file=sys.stderr)
+    if getattr(args, "output", "text") == "json":
+        print(json.dumps({"error": line, "code": code}))
+    return code
 
 
 if __name__ == "__main__":

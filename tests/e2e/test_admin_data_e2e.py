@@ -1,0 +1,85 @@
+"""What `nc adm` shows an operator, as one would use it for a week: tokens that say whether
+they still admit anyone, JSON that scripts can read without guessing types, and errors a
+script sees on stdout."""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from control_helpers import db_path, join_node
+from netlab import Lab, start_client, start_server
+from overlay_helpers import wait_connected
+from server_db import db_execute
+
+
+def rfc3339(text: str) -> datetime.datetime:
+    """A time from nc's JSON: RFC 3339 with a zone, or the test fails."""
+    moment = datetime.datetime.fromisoformat(text)
+    assert moment.tzinfo is not None, f"{text!r} has no zone"
+    assert text[10] == "T", text
+    return moment
+
+
+def test_token_list_says_valid_used_or_expired_and_counts_uses(lab: Lab) -> None:
+    server = start_server(lab.add_host("server"))
+    node = lab.add_host("node")
+    single = server.join_string("--life", "10m", "--single-use")  # a duration, as every other flag takes
+    multi = server.join_string("--life", "2h")
+    stale = server.join_string("--life", "30")  # a bare number: the original's minutes
+    join_node(node, single, lab.dir / "a")
+    join_node(node, multi, lab.dir / "b")
+    join_node(node, multi, lab.dir / "c")
+    db_execute(
+        db_path(server),
+        "UPDATE token_mgr SET expire_time = '2000-01-01 00:00:00' WHERE token = ?",
+        (stale.split("@")[0],),
+    )
+
+    listed = {t["tokenId"]: t for t in server.adm_json("token", "list")}
+    by_join = {
+        name: listed[join.split(".")[0]] for name, join in (("single", single), ("multi", multi), ("stale", stale))
+    }
+    assert (by_join["single"]["state"], by_join["single"]["uses"], by_join["single"]["useLimit"]) == ("used", 1, 1)
+    assert (by_join["multi"]["state"], by_join["multi"]["uses"], by_join["multi"]["useLimit"]) == ("valid", 2, 0)
+    assert by_join["stale"]["state"] == "expired" and by_join["stale"]["uses"] == 0
+    multi_life = rfc3339(by_join["multi"]["expireTime"]) - rfc3339(by_join["multi"]["createTime"])
+    assert datetime.timedelta(minutes=119) <= multi_life <= datetime.timedelta(minutes=121), by_join["multi"]
+
+    table = server.adm("token", "list").stdout.splitlines()
+    assert table[0].split()[:4] == ["TOKEN-ID", "NETWORK", "STATE", "USES"], table
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows[single.split(".")[0]][2:4] == ["used", "1/1"]
+    assert rows[multi.split(".")[0]][2:4] == ["valid", "2/unlimited"]
+    assert rows[stale.split(".")[0]][2] == "expired"
+
+
+def test_json_has_numbers_zoned_times_and_state_names(lab: Lab) -> None:
+    server = start_server(lab.add_host("server"))
+    client = start_client(lab.add_host("node"), server.join_string())
+    wait_connected(server, client)
+    row = server.node(client.token())
+    assert isinstance(row["rxBytes"], int) and isinstance(row["txBytes"], int), row
+    assert row["connState"] == 3 and row["connStateName"] == "connected"
+    for key in ("createTime", "updateTime", "lastSeen"):
+        rfc3339(row[key])
+    state = server.adm_json("node", "state", "--node-token", client.token())
+    assert state["connState"] == 3 and state["connStateName"] == "connected"
+    status = json.loads(client.host.nc("status", "--work-dir", str(client.work_dir), "-o", "json").stdout)
+    rfc3339(status["connectedSince"])
+    assert isinstance(status["rxBytes"], int)
+
+    client.process.stop()
+    idle = server.node(client.token())
+    assert idle["connState"] == -1 and idle["connStateName"] == "idle"
+
+
+def test_a_failing_command_under_json_prints_an_error_object(lab: Lab) -> None:
+    server = start_server(lab.add_host("server"))
+    done = server.adm("node", "state", "--node-token", "a" * 16, "-o", "json", check=False)
+    assert done.returncode != 0
+    document = json.loads(done.stdout)
+    assert document["code"] == done.returncode and "not registered" in document["error"], document
+    assert done.stderr.startswith("nc: error: ")
+    text = server.adm("node", "state", "--node-token", "a" * 16, check=False)
+    assert text.stdout == "" and text.returncode == done.returncode  # only JSON output gets the object

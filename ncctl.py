@@ -44,6 +44,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import io
 import ipaddress
 import itertools
 import json
@@ -2648,6 +2649,28 @@ class EtcdTxn:
 
     def delete(self, key: bytes) -> None:
         self._written[key] = None
+
+
+ETCD_LOAD_BATCH = 64  # puts per Txn when a backup is loaded (etcd allows 128 operations in one)
+
+
+def etcd_snapshot(etcd: Etcd) -> list[tuple[bytes, bytes]]:
+    """nc's keys as of one revision (a single Range reads them all at once), the sealed
+    PKI among them, without those bound to a lease (a replica's heartbeat, the leader's
+    campaign), which live only as long as the process that holds them."""
+    return [(kv.key, kv.value) for kv in etcd.range(etcd.prefix).kvs if not kv.lease]
+
+
+def etcd_load(etcd: Etcd, pairs: list[tuple[bytes, bytes]]) -> int:
+    """Put a snapshot's keys into an etcd that holds none of nc's yet; returns how many."""
+    if etcd.range(etcd.prefix).kvs:
+        raise StoreError(
+            f"etcd at {etcd.endpoints} already holds nc's keys ({etcd.prefix.decode()}); "
+            "restore only into an empty one, with every replica stopped"
+        )
+    for start in range(0, len(pairs), ETCD_LOAD_BATCH):
+        etcd.txn([], [etcd.put_op(key, value) for key, value in pairs[start : start + ETCD_LOAD_BATCH]])
+    return len(pairs)
 
 
 class EtcdStore:
@@ -11130,22 +11153,241 @@ def probe_data_port(address: tuple[str, int]) -> str:
         return f"cannot connect to the data port {host_port(*address)}: {e.strerror or e}"
 
 
+BACKUP_FORMAT = "nc-backup"
+
+
+BACKUP_VERSION = 1  # a newer nc reads every older version; an older one refuses a newer file
+
+
+BACKUP_MANIFEST = "manifest.json"
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"  # an older nc's backup: the database alone
+
+
+def pki_files(config: ServerConfig) -> dict[str, Path]:
+    """The PKI a backup holds, by its name in the file: both CAs with their keys, the
+    server certificates and the admin identity."""
+    files = {}
+    for kind, folder in (("grpc", Path(config.grpc_cert_dir)), ("network", Path(config.network_cert_dir))):
+        for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
+            files[f"pki/{kind}/{name}"] = folder / name
+    for name in ("client.crt", "client.key", "ca.crt"):
+        files[f"pki/admin/{name}"] = config.admin_dir / name
+    return files
+
+
+def pki_file_mode(name: str) -> int:
+    """The mode the server gives each file: keys and the admin identity private, the rest public."""
+    return 0o600 if name.endswith(".key") or name.startswith("pki/admin/client") else 0o644
+
+
 def adm_backup(args: argparse.Namespace) -> int:
-    """A copy of the server's store, taken while it runs (sqlite's online backup)."""
+    """Write one file (mode 0600: it holds the CA keys) that recovers the server's host: a
+    consistent copy of the store (sqlite's online backup; on etcd, nc's keys at one
+    revision with the sealed PKI), the PKI (CAs, server certificates, admin identity) and
+    the server.yml given by --config. Safe while the server runs."""
     config: ServerConfig = load_config(args.config, "server")
-    out = Path(args.out).resolve()
-    backup_database(config.db_path, out)
-    print(out)
+    out = Path(backup_path_arg(args, "out")).resolve()
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it, or choose another file")
+    members = {**store_members(config), **host_members(args.config, config)}
+    store = "etcd" if config.datastore_endpoint else "sqlite"
+    manifest = {"format": BACKUP_FORMAT, "version": BACKUP_VERSION, "nc": VERSION, "store": store}
+    members[BACKUP_MANIFEST] = json.dumps({**manifest, "created": utc_now().isoformat(timespec="seconds")}).encode()
+    write_backup(out, members, args.force)
+    document = {"file": str(out), "store": store, "contents": sorted(members)}
+    show(
+        args,
+        document,
+        f"{out}: the {store} store, {sum(n.startswith('pki/') for n in members)} PKI files"
+        + (" and server.yml" if "server.yml" in members else ""),
+    )
     return 0
+
+
+def backup_path_arg(args: argparse.Namespace, flag: str) -> str:
+    """The file a backup or restore names: positional, or the older --out / --from."""
+    path = args.file or getattr(args, "out" if flag == "out" else "source")
+    if not path:
+        raise UsageError(f"name the backup file: nc adm {args.adm_command} FILE")
+    return path
+
+
+def store_members(config: ServerConfig) -> dict[str, bytes]:
+    if config.datastore_endpoint:
+        etcd = Etcd(
+            config.datastore_endpoint,
+            EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file),
+        )
+        try:
+            pairs = etcd_snapshot(etcd)
+        finally:
+            etcd.close()
+        encoded = [[base64.b64encode(k).decode(), base64.b64encode(v).decode()] for k, v in pairs]
+        return {"etcd.json": json.dumps(encoded).encode()}
+    folder = Path(config.db_path).parent
+    tmp = folder / f".nc-backup.{os.getpid()}.db"
+    try:
+        backup_database(config.db_path, tmp)
+        return {"nc.db": tmp.read_bytes()}
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def host_members(config_path: str | None, config: ServerConfig) -> dict[str, bytes]:
+    members = {name: path.read_bytes() for name, path in pki_files(config).items() if path.exists()}
+    if "pki/grpc/ca.key" not in members:
+        raise UsageError(f"{config.grpc_cert_dir}: no CA there; run on the server host (as root) or pass --config")
+    if config_path is not None:
+        members["server.yml"] = Path(config_path).read_bytes()
+    return members
+
+
+def write_backup(out: Path, members: dict[str, bytes], replace: bool) -> None:
+    """A gzip'd tar of members, written beside out and then linked (or, with replace,
+    renamed) into place: out is whole or untouched, and never overwritten by accident."""
+    import tarfile
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            with tarfile.open(fileobj=handle, mode="w:gz") as archive:
+                for name, data in sorted(members.items()):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+                    archive.addfile(info, io.BytesIO(data))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(tmp, out)
+        else:
+            os.link(tmp, out)  # fails if out appeared meanwhile
+    except FileExistsError:
+        raise UsageError(f"{out} exists; pass --force to overwrite it, or choose another file") from None
+    except OSError as e:
+        raise StoreError(os_error_line(e, "choose a backup file in a writable directory with free space")) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_backup(source: Path) -> dict[str, bytes]:
+    """The members of a backup file, only those nc writes (no path of the file's choosing
+    is ever used); an older nc's backup (the database alone) as its nc.db."""
+    import tarfile
+    import zlib
+
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{source}: no such backup file") from None
+    if data.startswith(SQLITE_MAGIC):
+        return {"nc.db": data}
+    known = {BACKUP_MANIFEST, "nc.db", "etcd.json", "server.yml", *pki_files(ServerConfig().resolve())}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+            members = {
+                m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile() and m.name in known
+            }
+        manifest = json.loads(members[BACKUP_MANIFEST])
+    except (tarfile.TarError, EOFError, zlib.error, OSError, KeyError, ValueError):
+        raise StoreError(
+            f"{source}: not a backup nc wrote (or a damaged one); pick a file `nc adm backup` wrote"
+        ) from None
+    if manifest.get("format") != BACKUP_FORMAT or not isinstance(manifest.get("version"), int):
+        raise StoreError(f"{source}: not a backup nc wrote; pick a file `nc adm backup` wrote")
+    if manifest["version"] > BACKUP_VERSION:
+        raise StoreError(f"{source}: written by a newer nc ({manifest.get('nc')}); restore it with that version")
+    return members
 
 
 def adm_restore(args: argparse.Namespace) -> int:
-    """Put a backup in place of the store; only while the server is stopped (its lock is free)."""
-    config: ServerConfig = load_config(args.config, "server")
+    """Put a backup in place, the server stopped (its workDir lock free): the store, the
+    PKI and, where --config names no file yet, the server.yml it holds. On a fresh host
+    every node comes back with its address and certificates, without joining again."""
+    source = Path(backup_path_arg(args, "from")).resolve()
+    members = read_backup(source)
+    config_path, wrote_config = restore_config(args.config, members, source)
+    config: ServerConfig = load_config(config_path, "server")
     with work_dir_lock(Path(config.work_dir)):
-        restore_database(Path(args.source).resolve(), config.db_path)
-    print(f"restored {config.db_path} from {args.source}")
+        refuse_another_ca(config, members, args.force)
+        restored = restore_store(config, members, source)
+        pki = pki_files(config)
+        for name, path in pki.items():
+            if name in members:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_private(path, members[name], pki_file_mode(name))
+    lines = [f"restored {restored} from {source}"]
+    lines += [f"wrote {config_path} (the backup's server.yml)"] if wrote_config else []
+    lines += [f"restored {sum(n in members for n in pki)} PKI files under {config.tls_dir}"]
+    lines += [f"start the server: nc server{f' --config {config_path}' if config_path else ''}"]
+    show(
+        args,
+        {"file": str(source), "store": restored, "config": config_path, "wroteConfig": wrote_config},
+        "\n".join(lines),
+    )
     return 0
+
+
+def restore_config(config_path: str | None, members: dict[str, bytes], source: Path) -> tuple[str | None, bool]:
+    """The server.yml to restore into: --config's (written from the backup when absent)."""
+    if config_path is None:
+        if "server.yml" in members:
+            raise UsageError(
+                f"{source} holds the server's server.yml: pass --config PATH (written there when no file is, "
+                "else that file is used)"
+            )
+        return None, False
+    path = Path(config_path)
+    if path.exists() or "server.yml" not in members:
+        return config_path, False
+    write_private(path, members["server.yml"])  # it may hold the clusterToken
+    return config_path, True
+
+
+def refuse_another_ca(config: ServerConfig, members: dict[str, bytes], force: bool) -> None:
+    """A restore over a host whose CA differs would lock out every node of that CA: only with --force."""
+    if force:
+        return
+    for name, path in pki_files(config).items():
+        if name.endswith("/ca.crt") and name in members and path.exists() and path.read_bytes() != members[name]:
+            raise UsageError(
+                f"{path} holds another CA than the backup; restoring replaces it and nodes admitted by it "
+                "must join again: pass --force if that is what you want"
+            )
+
+
+def restore_store(config: ServerConfig, members: dict[str, bytes], source: Path) -> str:
+    """The store of the backup into the store config names; returns what it restored."""
+    if "etcd.json" in members:
+        if not config.datastore_endpoint:
+            raise UsageError(
+                f"{source} is of replicas on etcd; pass a server.yml whose datastoreEndpoint names an empty etcd"
+            )
+        pairs = [(base64.b64decode(k), base64.b64decode(v)) for k, v in json.loads(members["etcd.json"])]
+        tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
+        etcd = Etcd(config.datastore_endpoint, tls)
+        try:
+            count = etcd_load(etcd, pairs)
+        finally:
+            etcd.close()
+        return f"{count} keys into etcd at {config.datastore_endpoint}"
+    if config.datastore_endpoint:
+        raise UsageError(
+            f"{source} holds a single server's sqlite store; restore it without datastoreEndpoint, then move it "
+            "with `nc adm datastore migrate`"
+        )
+    if "nc.db" not in members:
+        raise StoreError(f"{source}: holds no store; pick a file `nc adm backup` wrote")
+    Path(config.db_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = Path(config.db_path).with_name(f".nc-restore.{os.getpid()}.db")
+    try:
+        write_private(tmp, members["nc.db"])
+        restore_database(tmp, config.db_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return config.db_path
 
 
 def adm_replica_list(args: argparse.Namespace) -> int:
@@ -11574,14 +11816,24 @@ def add_adm_server_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> N
         "status", parents=[output], help="expiry of the CAs, server certificates and admin identity"
     ).set_defaults(func=adm_ca_status)
     backup = adm_cmds.add_parser(
-        "backup", help="copy the server's database (safe while it runs)", description=adm_backup.__doc__
+        "backup",
+        parents=[output],
+        help="one file with the store, the PKI and server.yml (safe while the server runs)",
+        description=adm_backup.__doc__,
     )
-    backup.add_argument("--out", required=True, metavar="FILE", help="where to write the copy")
+    backup.add_argument("file", nargs="?", metavar="FILE", help="where to write it (mode 0600)")
+    backup.add_argument("--out", metavar="FILE", help=argparse.SUPPRESS)  # the older spelling of FILE
+    backup.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     backup.set_defaults(func=adm_backup)
     restore = adm_cmds.add_parser(
-        "restore", help="replace the server's database with a backup (server stopped)", description=adm_restore.__doc__
+        "restore",
+        parents=[output],
+        help="bring a host back from a backup (server stopped)",
+        description=adm_restore.__doc__,
     )
-    restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
+    restore.add_argument("file", nargs="?", metavar="FILE", help="a file `nc adm backup` wrote")
+    restore.add_argument("--from", dest="source", metavar="FILE", help=argparse.SUPPRESS)  # the older spelling
+    restore.add_argument("--force", action="store_true", help="replace a different CA already on this host")
     restore.set_defaults(func=adm_restore)
     replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
     replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)

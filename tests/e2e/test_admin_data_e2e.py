@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 
-from control_helpers import db_path, join_node
+from control_helpers import db_path, join_node, one_error_line
 from netlab import Lab, start_client, start_server
-from overlay_helpers import wait_connected
+from overlay_helpers import assert_reaches, wait_connected
 from server_db import db_execute
 
 
@@ -83,3 +84,49 @@ def test_a_failing_command_under_json_prints_an_error_object(lab: Lab) -> None:
     assert done.stderr.startswith("nc: error: ")
     text = server.adm("node", "state", "--node-token", "a" * 16, check=False)
     assert text.stdout == "" and text.returncode == done.returncode  # only JSON output gets the object
+
+
+def test_a_backup_recovers_a_lost_server_host(lab: Lab) -> None:
+    """backup -> the server's work dir and server.yml destroyed -> restore on the empty
+    host -> start: the node comes back on its own, same token, same address, no join."""
+    server = start_server(lab.add_host("server"))
+    client = start_client(lab.add_host("node"), server.join_string())
+    ip = wait_connected(server, client)
+    token = client.token()
+    backup = lab.dir / "server.ncbackup"
+    server.adm("backup", str(backup))
+    assert backup.stat().st_mode & 0o777 == 0o600
+    before = backup.read_bytes()
+    refused = server.adm("backup", str(backup), check=False)
+    assert refused.returncode != 0 and "--force" in one_error_line(refused)
+    assert backup.read_bytes() == before, "a refused backup leaves the file alone"
+    server.adm("backup", str(backup), "--force")
+
+    assert server.process.stop() == 0
+    shutil.rmtree(server.work_dir)
+    server.config.unlink()
+    without_config = server.host.nc("adm", "restore", str(backup), check=False)
+    assert "--config" in one_error_line(without_config)
+    server.adm("restore", str(backup))  # --config names the file to write back
+    assert server.config.exists() and (server.work_dir / "tls" / "grpc" / "ca.key").exists()
+
+    server.start()
+    assert wait_connected(server, client, timeout=60) == ip
+    row = server.node(token)
+    assert row["bindIp"] == ip and row["connStateName"] == "connected"
+    assert client.token() == token and client.process.alive(), "the node never joined again"
+    assert_reaches(client.host, "10.1.1.1")
+    assert "join again" not in client.process.log()
+
+
+def test_restore_refuses_to_replace_another_ca_without_force(lab: Lab) -> None:
+    first = start_server(lab.add_host("first"))
+    backup = lab.dir / "first.ncbackup"
+    first.adm("backup", str(backup))
+    second = start_server(lab.add_host("second"))
+    assert second.process.stop() == 0
+    refused = second.adm("restore", str(backup), check=False)
+    assert refused.returncode != 0 and "another CA" in one_error_line(refused)
+    second.adm("restore", str(backup), "--force")
+    ca = "tls/grpc/ca.crt"
+    assert (second.work_dir / ca).read_bytes() == (first.work_dir / ca).read_bytes()

@@ -544,3 +544,31 @@ def test_etcd_a_lost_fence_stops_leader_only_writes(etcd: LocalEtcd) -> None:
             store.ensure_reserved_node("10.1.0.2")
     finally:
         store.close()
+
+
+def test_etcd_snapshot_loads_into_an_empty_etcd_whole(etcd: LocalEtcd) -> None:
+    """`nc adm backup` on replicas: nc's keys at one revision, without leased ones (a
+    replica's heartbeat); `nc adm restore` puts them into an empty prefix and refuses a
+    prefix that holds nc's keys already."""
+    stores = Stores("etcd", Path("/nonexistent"), etcd)
+    source = stores.open()
+    empty = ncctl.Etcd(etcd.endpoint, prefix=f"/nc-restored-{secrets.token_hex(4)}/")  # no store opened on it yet
+    try:
+        admitted(source, "a" * 16)
+        lease = source.etcd.grant(30)
+        source.etcd.txn([], [source.etcd.put_op(source.etcd.key("replica", "x"), b"{}", lease=lease)])
+        pairs = ncctl.etcd_snapshot(source.etcd)
+        assert pairs and all(key.startswith(source.etcd.prefix) for key, _ in pairs)
+        assert source.etcd.key("replica", "x") not in dict(pairs)
+        moved = [(empty.prefix + key[len(source.etcd.prefix) :], value) for key, value in pairs]
+        assert ncctl.etcd_load(empty, moved) == len(pairs)
+        restored = ncctl.EtcdStore(etcd.endpoint, prefix=empty.prefix.decode())
+        try:
+            assert restored.node("a" * 16) == source.node("a" * 16)
+        finally:
+            restored.close()
+        with pytest.raises(ncctl.StoreError, match="only into an empty one"):
+            ncctl.etcd_load(empty, moved)
+    finally:
+        source.close()
+        empty.close()

@@ -457,6 +457,7 @@ class ClientConfig:
     offload: bool = True  # offer 64 KiB TSO/GSO frames to the server
     transport: str = "auto"  # auto: UDP when it works, else TLS/TCP; udp: UDP for data; tcp: TLS only
     udp_port: int = DEFAULT_NETWORK_PORT  # the server's UDP port; at the default, the one its welcome names
+    name: str = ""  # the name this node asks for at its first session (--name); empty: its host name
 
     def resolve(self) -> ClientConfig:
         work = Path(self.work_dir)
@@ -710,6 +711,10 @@ def check_config(config: Any, path: str, mode: str) -> None:
             check_host(address, f"{where}.serverAddr")
         if config.token and not valid_node_token(config.token):
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
+        if config.name and node_name_from(config.name) != config.name:
+            raise ConfigError(
+                f"{where}.name: {config.name!r} cannot name a node; use a-z, 0-9 and '-' (or leave it empty)"
+            )
         if config.net_token and not valid_net_token(config.net_token):
             raise ConfigError(f"{where}.netToken: {config.net_token!r} is not a net-token; use the one the join saved")
 
@@ -804,6 +809,37 @@ def valid_net_token(token: str) -> bool:
 
 def valid_node_token(token: str) -> bool:
     return token == RESERVED_NODE_TOKEN or (len(token) == NODE_TOKEN_LEN and all(c in TOKEN_ALPHABET for c in token))
+
+
+NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def node_name_from(text: str) -> str:
+    """A usable node name from what a node says of itself (its host name, or --name):
+    lowercase, the first DNS label, anything else as '-'; "" when nothing is left."""
+    label = re.sub(r"[^a-z0-9-]+", "-", text.strip().lower().split(".")[0])
+    return label.strip("-")[:63].strip("-")
+
+
+def check_node_name(name: str) -> None:
+    """BadRequest unless name can name a node: a DNS label that cannot be read as a node-token."""
+    if not NODE_NAME_RE.match(name) or valid_node_token(name):
+        raise BadRequest(
+            f"{name!r} cannot name a node; use 1-63 of a-z, 0-9 and '-' (not first or last), "
+            "and not 16 letters and digits (that reads as a node-token)"
+        )
+
+
+def free_node_name(wanted: str, taken: set[str]) -> str:
+    """wanted, or the first of wanted-2, wanted-3, ... that no other node of the network
+    has: a name clash at a join gets a suffix (an admin's rename is refused instead)."""
+    if wanted not in taken and not valid_node_token(wanted):
+        return wanted
+    for n in itertools.count(2):
+        candidate = f"{wanted[: 62 - len(str(n))]}-{n}"
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")
 
 
 def client_yaml(config: ClientConfig) -> str:
@@ -1475,6 +1511,10 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE network_mgr ADD COLUMN node_version text not null default ''",
         "ALTER TABLE network_mgr ADD COLUMN last_seen text not null default ''",
     ],
+    [  # 5: a node's human name, unique within its network (existing nodes take theirs at their next hello)
+        "ALTER TABLE network_mgr ADD COLUMN name text not null default ''",
+        "CREATE UNIQUE INDEX IF NOT EXISTS network_mgr_name ON network_mgr(network, name) WHERE name != ''",
+    ],
 ]
 
 
@@ -1498,11 +1538,12 @@ class NodeRow:
     transport: str = ""
     node_version: str = ""
     last_seen: str = ""  # local time its last session started or ended; empty: never connected
+    name: str = ""  # its human name, unique within its network; empty: not named yet
 
 
 NODE_COLUMNS = (
     "token, state, bind_ip, create_time, update_time, network, minted_by,"
-    " host_name, endpoint, transport, node_version, last_seen"
+    " host_name, endpoint, transport, node_version, last_seen, name"
 )
 
 
@@ -1693,6 +1734,15 @@ class Datastore(Protocol):
         """Nodes (not the reserved one) not connected for longer than idle_for_s, in joining order."""
         ...
 
+    def claim_node_name(self, token: str, wanted: str) -> str:
+        """The node's name: the one it has, else wanted made unique in its network
+        (free_node_name), kept from now on; "" when the node is not registered or wanted is ""."""
+        ...
+
+    def rename_node(self, token: str, name: str) -> None:
+        """Give the node this name (check_node_name first). BadRequest: the node is not
+        registered, or another node of its network has the name."""
+
     def ensure_reserved_node(self, server_ip: str) -> bool:
         """Leader-only. Bind the reserved node-token to server_ip, taking it from any node
         that holds it; True when something changed."""
@@ -1795,6 +1845,11 @@ def refuse_unusable_token(expire_time: str, single_use: bool, uses: int) -> None
         raise BadRequest("bootstrap token was single-use and has already been used")
 
 
+def refuse_taken_name(name: str, holder: str | None, token: str) -> None:
+    if holder is not None and holder != token:
+        raise BadRequest(f"another node of its network ({holder}) is named {name!r}; rename that one first")
+
+
 def refuse_over_mint_rate(minted: int, hourly_limit: int | None) -> None:
     """BadRequest when a node that minted `minted` tokens in the last MINT_WINDOW_S may mint no more."""
     if hourly_limit is not None and minted >= hourly_limit:
@@ -1814,6 +1869,7 @@ SQLITE_UNIQUE_KEYS = {
     "token_mgr.token": "bootstrap token",
     "network_mgr.token": "node-token",
     "network_mgr.network, network_mgr.bind_ip": "address",
+    "network_mgr.network, network_mgr.name": "node name",
     "nc_network.name": "network name",
     "nc_network.net_token": "net-token",
 }
@@ -2208,6 +2264,28 @@ class Store:
                 )
             else:
                 db.execute(f"UPDATE network_mgr SET last_seen = {NOW_SQL} WHERE token = ?", (token,))
+
+    def claim_node_name(self, token: str, wanted: str) -> str:
+        with self.transaction() as db:
+            row = db.execute("SELECT name, network FROM network_mgr WHERE token = ?", (token,)).fetchone()
+            if row is None or row[0] or not wanted:
+                return row[0] if row else ""
+            taken = {r[0] for r in db.execute("SELECT name FROM network_mgr WHERE network = ?", (row[1],))}
+            name = free_node_name(wanted, taken)
+            db.execute("UPDATE network_mgr SET name = ? WHERE token = ?", (name, token))
+            return name
+
+    def rename_node(self, token: str, name: str) -> None:
+        check_node_name(name)
+        with self.transaction() as db:
+            row = db.execute("SELECT network FROM network_mgr WHERE token = ?", (token,)).fetchone()
+            if row is None:
+                raise BadRequest("node-token is not registered")
+            holder = db.execute(
+                "SELECT token FROM network_mgr WHERE network = ? AND name = ?", (row[0], name)
+            ).fetchone()
+            refuse_taken_name(name, holder[0] if holder else None, token)
+            db.execute("UPDATE network_mgr SET name = ? WHERE token = ?", (name, token))
 
     def idle_nodes(self, idle_for_s: int) -> list[str]:
         """Nodes not connected for longer than idle_for_s (by their last state change)."""
@@ -2988,6 +3066,7 @@ class EtcdStore:
             v["network"],
             v["minted_by"],
             *(v.get(f, "") for f in SESSION_FIELDS),
+            v.get("name", ""),  # absent on a node stored before names
         )
 
     def _node_rows(self) -> list[tuple[NodeRow, int]]:
@@ -3125,6 +3204,32 @@ class EtcdStore:
 
         self.atomically(update)
 
+    def claim_node_name(self, token: str, wanted: str) -> str:
+        def claim(txn: EtcdTxn) -> str:
+            node = txn.get(self._key("node", token))
+            if node is None or node.get("name") or not wanted:
+                return node.get("name", "") if node else ""
+            nodes = txn.scan(self._key("node", ""))  # any node changed meanwhile: start over
+            name = free_node_name(wanted, {v.get("name", "") for _, v, _ in nodes if v["network"] == node["network"]})
+            txn.put(self._key("node", token), {**node, "name": name})
+            return name
+
+        return self.atomically(claim)
+
+    def rename_node(self, token: str, name: str) -> None:
+        check_node_name(name)
+
+        def rename(txn: EtcdTxn) -> None:
+            node = txn.get(self._key("node", token))
+            if node is None:
+                raise BadRequest("node-token is not registered")
+            nodes = txn.scan(self._key("node", ""))
+            holders = [k for k, v, _ in nodes if v["network"] == node["network"] and v.get("name") == name]
+            refuse_taken_name(name, holders[0].decode().rpartition("/")[2] if holders else None, token)
+            txn.put(self._key("node", token), {**node, "name": name})
+
+        self.atomically(rename)
+
     def idle_nodes(self, idle_for_s: int) -> list[str]:
         """Nodes not connected for longer than idle_for_s (by their last state change)."""
         before = local_time(-idle_for_s)
@@ -3218,6 +3323,7 @@ class EtcdStore:
                 "update_time": n.update_time,
                 "network": n.network,
                 "minted_by": n.minted_by,
+                "name": n.name,
             }
             puts.append((self._key("node", n.token), value))
             if n.bind_ip:
@@ -4609,6 +4715,14 @@ class ControlPlane:
         self.authorize(who, "administer")
         return self.store.nodes()
 
+    def rename_node(self, who: Identity, token: str, name: str) -> None:
+        """The admin names a node; a name its network has already is refused (no suffix here)."""
+        self.authorize(who, "administer")
+        if token == RESERVED_NODE_TOKEN:
+            raise BadRequest("the reserved node-token is the server's own row and has no name")
+        self.store.rename_node(token, name.strip())
+        log.info("node %s renamed %s by the admin", loggable(token), name.strip())
+
     def prune_nodes(self, who: Identity, idle_for_s: int, dry_run: bool) -> list[str]:
         """Unregister every node not connected for longer than idle_for_s (or, dry, name them)."""
         self.authorize(who, "administer")
@@ -5170,6 +5284,7 @@ class Hello:
     net_token: str = ""  # empty: the default network (peers that predate networks send none)
     host_name: str = ""  # optional, for the operator's node list
     udp_key: bytes = b""  # the node's X25519 share for the datagram keys (with capability "udp")
+    name: str = ""  # the name the node asks for (--name at its join); older nodes send none: their host name is used
 
     def encode(self) -> bytes:
         message = {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)}
@@ -5179,6 +5294,8 @@ class Hello:
             message["hostName"] = self.host_name
         if self.udp_key:
             message["udpKey"] = base64.b64encode(self.udp_key).decode()
+        if self.name:
+            message["name"] = self.name  # an older server ignores it
         return encode_control(FRAME_HELLO, message)
 
     @classmethod
@@ -5197,10 +5314,14 @@ class Hello:
         host_name = m.get("hostName", "")
         if not isinstance(host_name, str):
             raise ProtocolError("hello host name must be a string")
+        name = m.get("name", "")
+        if not isinstance(name, str):
+            raise ProtocolError("hello name must be a string")
         udp_key = decode_x25519_share(m.get("udpKey"))
         if CAP_UDP in caps and not udp_key:
             caps = [c for c in caps if c != CAP_UDP]  # no share, no datagram keys: the TLS path only
-        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token, host_name[:64], udp_key)
+        version = str(m.get("version", "?"))[:32]
+        return cls(token, version, tuple(caps[:32]), proto, net_token, host_name[:64], udp_key, name[:63])
 
 
 def decode_x25519_share(value: Any) -> bytes:
@@ -6897,7 +7018,7 @@ class ServerSession(Link):
         self.detached = False  # no longer in the routing tables
         self.close_reason = ""
         self.rx_packets = self.tx_packets = 0  # data frames from and to the node
-        self.host_name = self.version = ""  # what the node's hello said
+        self.host_name = self.version = self.asked_name = ""  # what the node's hello said
         self.since = time.time()
         self.udp: ServerDatagramPath | None = None  # the UDP data path, when the hello agreed on "udp"
 
@@ -7489,11 +7610,15 @@ class SessionRecords:
         self.store, self.worker = store, worker
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
 
-    def connected(self, token: str, overlay: Overlay, host_name: str, endpoint: str, version: str) -> None:
+    def connected(
+        self, token: str, overlay: Overlay, host_name: str, endpoint: str, version: str, name: str = ""
+    ) -> None:
         def job() -> None:
             self._state(token, STATE_CONNECTED)
             overlay.bindings.connected(token)
             self._columns(token, host_name, endpoint, "tcp", version)
+            with contextlib.suppress(StoreError):  # unnamed until its next session
+                self.store.claim_node_name(token, node_name_from(name or host_name))
 
         self.worker.submit(job)
 
@@ -7625,7 +7750,7 @@ class SessionLifecycle:
         address, is the control plane's decision (taken on the store worker)."""
         self.unauthenticated.discard(session)
         session.node_token = hello.node_token
-        session.host_name, session.version = hello.host_name, hello.version
+        session.host_name, session.version, session.asked_name = hello.host_name, hello.version, hello.name
         # A node refused for its control frames comes back refused until its budget has room
         # again: a reconnect loop costs no admission and no log line per session.
         self.control.budgets.control_frames.spend(hello.node_token, f"node {hello.node_token}", cost=0)
@@ -7721,7 +7846,7 @@ class SessionLifecycle:
         )
         session.queue(welcome.encode())
         self.dirty.add(session)
-        self.records.connected(token, overlay, session.host_name, session.peer, session.version)
+        self.records.connected(token, overlay, session.host_name, session.peer, session.version, session.asked_name)
         log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
 
     # -- what other threads ask (a copy of a table, then fields only the loop writes) ---------
@@ -8627,6 +8752,7 @@ class NetworkClient:
                 net_token=self.config.net_token,
                 host_name=socket.gethostname(),
                 udp_key=share,
+                name=self.config.name,
             )
             sock.sendall(hello.encode())
             welcome = self._await_welcome(link)
@@ -9249,9 +9375,15 @@ class AdminService:
                     txBytes=session.get("tx_bytes", 0),
                     nodeVersion=r.node_version,
                     reserved=r.token == RESERVED_NODE_TOKEN,
+                    name=r.name,
                 )
             )
         return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
+
+    @guarded("RenameNodeResponse", denied_as_status=True)
+    def RenameNode(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.control.rename_node(self._admin(context), request.nodeToken, request.name)
+        return grpc_modules()[1].RenameNodeResponse(code=CODE_OK, message="renamed", name=request.name.strip())
 
     @guarded("PruneNodesResponse", denied_as_status=True)
     def PruneNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -9811,7 +9943,7 @@ UNPINNED_JOIN = (
 )
 
 
-def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> ClientConfig:
+def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, name: str = "") -> ClientConfig:
     """Fetch this node's token and certificates with a bootstrap token and save them;
     with several replicas in the join string, from the first one that answers. Like
     kubeadm, a join string without a CA pin needs the explicit unsafe flag."""
@@ -9822,13 +9954,13 @@ def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> 
     *others, last = listed.alternatives()
     for target in others:
         try:
-            return join_at(target, listed, work_dir)
+            return join_at(target, listed, work_dir, name)
         except RemoteError as e:  # unreachable: the next replica
             log.warning("%s; trying the next replica", e)
-    return join_at(last, listed, work_dir)
+    return join_at(last, listed, work_dir, name)
 
 
-def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientConfig:
+def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path, node_name: str = "") -> ClientConfig:
     _, pb, pb_grpc = grpc_modules()
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
@@ -9868,6 +10000,7 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientCon
         token=response.token,
         net_token=target.net_token,
         work_dir=str(work_dir),
+        name=node_name,  # asked for in the hello (GetToken is the original's message, with no room for it)
     ).resolve()
     write_private(files["config"], client_yaml(config).encode(), 0o600)
     log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
@@ -10960,37 +11093,56 @@ def adm_token_delete(args: argparse.Namespace) -> int:
 
 def adm_join(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
-    config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin)
+    config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin, args.name or "")
     document = {"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")}
     show(args, document, config.token)
     return 0
 
 
 def adm_node_list(args: argparse.Namespace) -> int:
+    """The nodes: by default the columns that fit 100 characters; -o wide shows every one."""
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListNodes", pb.ListNodesRequest())
-    rows = [
-        [
-            n.nodeToken,
-            n.network,
-            n.bindIp or "-",
-            "reserved" if n.reserved else f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
-            n.hostName or "-",
-            n.endpoint or "-",
-            n.transport or "-",
-            n.lastSeen or "never",
-            human_bytes(n.rxBytes),
-            human_bytes(n.txBytes),
-            n.nodeVersion or "-",
-            n.updateTime,
-            n.mintedBy or "admin",
-        ]
-        for n in response.nodes
-    ]
-    headers = ["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
-    table = Table([*headers, "RX", "TX", "VERSION", "UPDATED", "MINTED-BY"], rows)
-    show(args, [message_json(n) for n in response.nodes], table)
+    nodes = list(response.nodes)
+    if getattr(args, "output", "text") == "wide":
+        header = ["NAME", "NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
+        header += ["RX", "TX", "VERSION", "UPDATED", "MINTED-BY"]
+        rows = [[n.name or "-", *node_cells(n, wide=True)] for n in nodes]
+    else:
+        header = ["NAME", "NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "TRANSPORT", "LAST-SEEN"]
+        rows = [[clip(n.name or "-", 16), *node_cells(n, wide=False)] for n in nodes]
+    show(args, [message_json(n) for n in nodes], Table(header, rows))
     return 0
+
+
+def node_cells(n: Any, wide: bool) -> list[str]:
+    """A node's row after its name: the identity and state columns, then (wide) the rest."""
+    state = "reserved" if n.reserved else STATE_NAMES.get(n.connState, str(n.connState))
+    seen = (short_time(n.lastSeen) if n.lastSeen else "never") if wide else time_ago(n.lastSeen, n.connState)
+    cells = [n.nodeToken, n.network if wide else clip(n.network, 10), n.bindIp or "-", state]
+    if not wide:
+        return [*cells, n.transport or "-", seen]
+    cells += [n.hostName or "-", n.endpoint or "-", n.transport or "-", seen, human_bytes(n.rxBytes)]
+    return [*cells, human_bytes(n.txBytes), n.nodeVersion or "-", short_time(n.updateTime), n.mintedBy or "admin"]
+
+
+def clip(text: str, width: int) -> str:
+    """text cut to width for a narrow table, the cut marked with '~' (-o wide shows it whole)."""
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def time_ago(when: str, state: int) -> str:
+    """How long ago a node was last seen: now (connected), 45s, 12m, 5h, 3d; never."""
+    if state == STATE_CONNECTED:
+        return "now"
+    try:
+        seconds = (utc_now() - datetime.datetime.fromisoformat(rfc3339(when))).total_seconds()
+    except ValueError:
+        return when or "never"
+    for unit, size, from_s in (("d", 86400, 2 * 86400), ("h", 3600, 2 * 3600), ("m", 60, 60)):
+        if seconds >= from_s:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{max(int(seconds), 0)}s ago"
 
 
 def human_bytes(count: int) -> str:
@@ -11053,18 +11205,43 @@ def adm_network_delete(args: argparse.Namespace) -> int:
 
 def adm_node_state(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    response = control_rpc(args, "CheckConnState", pb.CheckConnStateRequest(token=args.node_token))
+    token = node_token_of(args, args.node_token)
+    response = control_rpc(args, "CheckConnState", pb.CheckConnStateRequest(token=token))
     state = f"{STATE_NAMES.get(response.connState, '?')} ({response.connState})"
-    text = f"{loggable(args.node_token)}  bind-ip {response.bindIp or '-'}  state {state}"
-    show(args, {"nodeToken": args.node_token, **message_json(response)}, text)
+    text = f"{loggable(token)}  bind-ip {response.bindIp or '-'}  state {state}"
+    show(args, {"nodeToken": token, **message_json(response)}, text)
     return 0
 
 
 def adm_node_unregister(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    response = control_rpc(args, "UnRegister", pb.UnRegisterRequest(token=args.node_token))
-    show(args, {"nodeToken": args.node_token, **message_json(response)}, f"unregistered {loggable(args.node_token)}")
+    token = node_token_of(args, args.node_token)
+    response = control_rpc(args, "UnRegister", pb.UnRegisterRequest(token=token))
+    show(args, {"nodeToken": token, **message_json(response)}, f"unregistered {loggable(token)}")
     return 0
+
+
+def adm_node_rename(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    token = node_token_of(args, args.node)
+    response = admin_rpc(args, "RenameNode", pb.RenameNodeRequest(nodeToken=token, name=args.new_name))
+    show(args, {"nodeToken": token, "name": response.name}, f"node {token} is now named {response.name}")
+    return 0
+
+
+def node_token_of(args: argparse.Namespace, ref: str) -> str:
+    """A node-token as given, or the token of the node named ref (a name never reads as a
+    token: check_node_name). One name in several networks: ask for the token."""
+    if valid_node_token(ref):
+        return ref
+    _, pb, _ = grpc_modules()
+    named = [n for n in admin_rpc(args, "ListNodes", pb.ListNodesRequest()).nodes if n.name == ref]
+    if not named:
+        raise UsageError(f"no node-token or node name {loggable(ref)!r}; `nc adm node list` shows both")
+    if len(named) > 1:
+        networks = ", ".join(n.network for n in named)
+        raise UsageError(f"{ref!r} names a node in each of the networks {networks}; give its node-token")
+    return named[0].nodeToken
 
 
 def adm_ca_status(args: argparse.Namespace) -> int:
@@ -11536,7 +11713,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
         setup_logging(None, None, False)
         with work_dir_lock(work_dir, "client"):
-            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin)
+            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin, args.name or "")
     if args.config:
         config = load_config(args.config, "client")
     elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
@@ -11547,7 +11724,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         return run_joined_client(config)
 
 
-def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> int:
+def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, name: str = "") -> int:
     """`nc client --join`: join unless the work dir already holds credentials, then run.
     Credentials of a node the server no longer knows (unregistered) are replaced by a
     join with this join string, so `--join NEW` after an unregister just works."""
@@ -11555,7 +11732,7 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
         if parse_join_string(join_string).pin is None and not unsafe_skip_ca_pin:
             raise UsageError(UNPINNED_JOIN)
         check_tun_device()  # the rest of what a node needs is checked by join(), before the token is spent
-        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
+        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, name))
     log.info("%s already holds credentials; not joining again", work_dir)
     config = load_config(str(work_dir / "client.yml"), "client")
     try:
@@ -11564,7 +11741,7 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
         if e.code != "unregistered":
             raise
         log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
-    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
+    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, name or config.name))
 
 
 def run_joined_client(config: ClientConfig) -> int:
@@ -11710,6 +11887,7 @@ def add_server_and_client_commands(commands: Any) -> None:
         "--work-dir", metavar="DIR", help=f"where credentials and client.yml live (default {DEFAULT_CLIENT_WORK_DIR})"
     )
     client.add_argument("--config", metavar="FILE", help="client.yml written by a previous join")
+    add_node_name_flag(client)
     add_unsafe_skip_ca_pin_flag(client)
     client.set_defaults(func=cmd_client)
 
@@ -11757,6 +11935,7 @@ def add_adm_token_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> No
         help=f"where to save them (default {DEFAULT_CLIENT_WORK_DIR})",
     )
     add_unsafe_skip_ca_pin_flag(join_cmd)
+    add_node_name_flag(join_cmd)
     join_cmd.set_defaults(func=adm_join)
 
 
@@ -11785,9 +11964,15 @@ def add_adm_network_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> 
 
 
 def add_adm_node_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
-    node = adm_cmds.add_parser("node", help="nodes: list, state, unregister")
+    node = adm_cmds.add_parser("node", help="nodes: list, state, rename, unregister, prune")
     node_cmds = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    node_cmds.add_parser("list", parents=[output], help="list registered nodes").set_defaults(func=adm_node_list)
+    listing = node_cmds.add_parser("list", help="list registered nodes (-o wide: every column)")
+    listing.add_argument("-o", "--output", choices=["text", "wide", "json"], default=argparse.SUPPRESS)
+    listing.set_defaults(func=adm_node_list)
+    rename = node_cmds.add_parser("rename", parents=[output], help="give a node another name")
+    rename.add_argument("node", metavar="NODE", help="its node-token or its name")
+    rename.add_argument("new_name", metavar="NAME", type=node_name_arg, help="a-z, 0-9, '-'; unique in its network")
+    rename.set_defaults(func=adm_node_rename)
     prune = node_cmds.add_parser("prune", parents=[output], help="unregister nodes idle for longer than a duration")
     prune.add_argument("--idle-for", required=True, metavar="DURATION", help="30m, 12h, 30d: not connected that long")
     prune.add_argument("--dry-run", action="store_true", help="only list the nodes that would be removed")
@@ -11797,11 +11982,11 @@ def add_adm_node_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> Non
         ("unregister", [], adm_node_unregister, "unregister a node: cut it off and free its address"),
     ):
         sub = node_cmds.add_parser(name, parents=[output], help=text)
-        sub.add_argument("--node-token", required=True, metavar="T")
+        sub.add_argument("--node-token", required=True, metavar="NODE", help="its node-token or its name")
         sub.set_defaults(func=func)
         for alias in aliases + ([name] if name == "unregister" else []):
             legacy = adm_cmds.add_parser(alias, parents=[output], help=f"alias of `node {name}`")
-            legacy.add_argument("--node-token", required=True, metavar="T")
+            legacy.add_argument("--node-token", required=True, metavar="NODE", help="its node-token or its name")
             legacy.set_defaults(func=func)
 
 
@@ -11894,6 +12079,23 @@ def add_unsafe_skip_ca_pin_flag(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accept a join string without a CA pin: the server is NOT verified (trust on first use)",
     )
+
+
+def add_node_name_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--name",
+        type=node_name_arg,
+        metavar="NAME",
+        help="this node's name in `nc adm node list` (default: its host name; a name taken in its network gets -2, -3...)",
+    )
+
+
+def node_name_arg(text: str) -> str:
+    try:
+        check_node_name(text)
+    except BadRequest as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def add_token_create_flags(parser: argparse.ArgumentParser) -> None:

@@ -7,11 +7,15 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import socket
 
 from control_helpers import db_path, join_node, one_error_line
-from netlab import Lab, start_client, start_server
+from netlab import Lab, NcClient, start_client, start_server
 from overlay_helpers import assert_reaches, wait_connected
 from server_db import db_execute
+from waiting import wait_for
+
+import ncctl
 
 
 def rfc3339(text: str) -> datetime.datetime:
@@ -130,3 +134,45 @@ def test_restore_refuses_to_replace_another_ca_without_force(lab: Lab) -> None:
     second.adm("restore", str(backup), "--force")
     ca = "tls/grpc/ca.crt"
     assert (second.work_dir / ca).read_bytes() == (first.work_dir / ca).read_bytes()
+
+
+def test_nodes_have_names_unique_in_their_network_and_commands_take_them(lab: Lab) -> None:
+    """A node is named by its host name (a node that sends no name, as an older one, too),
+    a clash gets a suffix, --name at the join wins; a name works wherever a node-token does."""
+    server = start_server(lab.add_host("server"))
+    first = start_client(lab.add_host("first"), server.join_string())  # no --name: its host name
+    second = start_client(lab.add_host("second"), server.join_string())  # the same host name (one UTS here)
+    third_host = lab.add_host("third")
+    work = lab.dir / "third-client"
+    process = third_host.spawn_nc(
+        "client", "--join", server.join_string(), "--work-dir", str(work), "--name", "edge-c", name="third"
+    )
+    third = NcClient(third_host, process, work)
+    for client in (first, second, third):
+        wait_connected(server, client, timeout=40)
+    host = ncctl.node_name_from(socket.gethostname())
+    names = wait_for(
+        lambda: (found := {c.token(): server.node(c.token()).get("name") for c in (first, second, third)})
+        and all(found.values())
+        and found,
+        what="every node to be named",
+    )
+    assert names == {first.token(): host, second.token(): f"{host}-2", third.token(): "edge-c"}
+
+    table = server.adm("node", "list").stdout.splitlines()
+    assert table[0].split() == ["NAME", "NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "TRANSPORT", "LAST-SEEN"]
+    assert all(len(line) <= 100 for line in table), table
+    row = next(line.split() for line in table if line.startswith("edge-c "))
+    assert row[1] == third.token() and row[4] == "connected" and row[6] == "now", row
+    wide = server.adm("node", "list", "-o", "wide").stdout.splitlines()
+    assert {"HOST", "ENDPOINT", "RX", "TX", "VERSION", "MINTED-BY"} <= set(wide[0].split())
+
+    assert server.adm_json("node", "state", "--node-token", "edge-c")["nodeToken"] == third.token()
+    server.adm("node", "rename", "edge-c", "gateway")
+    assert server.node(third.token())["name"] == "gateway"
+    clash = server.adm("node", "rename", "gateway", host, check=False)
+    assert clash.returncode != 0 and f"is named '{host}'" in one_error_line(clash)
+    unknown = server.adm("node", "state", "--node-token", "nobody", check=False)
+    assert unknown.returncode != 0 and "nobody" in one_error_line(unknown)
+    server.adm("node", "unregister", "--node-token", "gateway")
+    assert third.token() not in {n["nodeToken"] for n in server.adm_json("node", "list")}

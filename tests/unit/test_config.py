@@ -269,3 +269,24 @@ def test_a_minutes_field_refuses_seconds_it_cannot_keep(tmp_path: Path) -> None:
     path = write(tmp_path, "mode: server\nserver:\n  nodeTokenMaxLife: 90s\n")
     with pytest.raises(ncctl.ConfigError, match=r"server\.nodeTokenMaxLife: '90s' is not whole minutes"):
         ncctl.load_config(str(path), "server")
+
+
+@pytest.mark.parametrize(
+    ("said", "name"),
+    [
+        ("edge-01", "edge-01"),
+        ("Edge_01.example.com", "edge-01"),
+        ("--x--", "x"),
+        ("ünï", "n"),
+        ("", ""),
+        ("a" * 80, "a" * 63),
+    ],
+)
+def test_a_node_name_comes_from_what_a_node_says(said: str, name: str) -> None:
+    assert ncctl.node_name_from(said) == name
+
+
+def test_a_clashing_name_gets_the_first_free_suffix() -> None:
+    assert ncctl.free_node_name("edge", {"edge", "edge-2"}) == "edge-3"
+    assert ncctl.free_node_name("a" * 16, set()) == "a" * 16 + "-2"  # not readable as a node-token
+    assert len(ncctl.free_node_name("x" * 63, {"x" * 63})) <= 63

@@ -414,6 +414,30 @@ def test_concurrent_claims_across_handles_bind_no_address_twice(stores: Stores) 
 # -- networks -----------------------------------------------------------------
 
 
+def test_node_names_are_unique_within_a_network(store: ncctl.Datastore) -> None:
+    """A node takes the name it asks for, with a suffix when its network has it already
+    (another network may have it too); it keeps it; a rename to a taken name is refused."""
+    store.add_network(ncctl.NetworkSpec("ops", "10.8.0.0/16", True), "o" * 16)
+    for token, network in (("a" * 16, ncctl.DEFAULT_NETWORK), ("b" * 16, ncctl.DEFAULT_NETWORK), ("c" * 16, "ops")):
+        admitted(store, token, network=network)
+    assert store.claim_node_name("a" * 16, "edge") == "edge"
+    assert store.claim_node_name("a" * 16, "other") == "edge", "a node keeps its name"
+    assert store.claim_node_name("b" * 16, "edge") == "edge-2"
+    assert store.claim_node_name("c" * 16, "edge") == "edge", "names are per network"
+    assert store.claim_node_name("d" * 16, "edge") == "", "no node, no name"
+    assert [store.node(t).name for t in ("a" * 16, "b" * 16, "c" * 16)] == ["edge", "edge-2", "edge"]
+    with pytest.raises(ncctl.BadRequest, match="is named 'edge'"):
+        store.rename_node("b" * 16, "edge")
+    store.rename_node("b" * 16, "gateway")
+    store.rename_node("a" * 16, "edge")  # its own name again: no clash with itself
+    assert store.node("b" * 16).name == "gateway"
+    with pytest.raises(ncctl.BadRequest, match="cannot name a node"):
+        store.rename_node("b" * 16, "Bad_Name")
+    with pytest.raises(ncctl.BadRequest, match="not registered"):
+        store.rename_node("d" * 16, "new")
+    assert store.claim_node_name("b" * 16, "") == "gateway"
+
+
 def test_networks(store: ncctl.Datastore) -> None:
     spec = ncctl.NetworkSpec("lab", "10.7.0.0/16", True)
     store.put_config_network(spec, "t" * 16)

@@ -6252,6 +6252,9 @@ UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often;
 UDP_RETRY_S = 20.0  # a failed or lost UDP path is probed again after this long
 
 
+UDP_RTT_PING_S = 5.0  # a keepalive at least this often, also while data flows both ways: its echo times the path
+
+
 UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this long
 
 
@@ -6778,6 +6781,9 @@ class DatagramPath:
         self.rekey_share = b""
         self.counters: collections.Counter[str] = collections.Counter()
         self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
+        self.ping_at = 0.0  # when the keepalive now awaiting its echo went out (0: none)
+        self.pinged_at = 0.0  # when the last keepalive went out
+        self.rtt_s: float | None = None  # smoothed round trip of keepalive echoes (as TCP's srtt: 1/8 a sample)
 
     @property
     def carrying(self) -> bool:
@@ -6832,7 +6838,22 @@ class DatagramPath:
                 self.rx_bytes += size
         if frames:
             self.last_rx = time.monotonic()
+            if self.ping_at:  # the server answers each keepalive with one: the first back is its echo
+                self._time_echo(frames, self.last_rx)
         return frames
+
+    def _time_echo(self, frames: list[bytes], now: float) -> None:
+        if any(frame[0] == FRAME_KEEPALIVE for frame in frames):
+            sample = now - self.ping_at
+            self.rtt_s = sample if self.rtt_s is None else self.rtt_s * 0.875 + sample * 0.125
+            self.ping_at = 0.0
+
+    def _ping(self, now: float) -> None:
+        """A keepalive; timed unless one is awaiting its echo (one lost is given up after UDP_SILENT_S)."""
+        if not self.ping_at or now - self.ping_at > UDP_SILENT_S:
+            self.ping_at = now
+        self.pinged_at = now
+        self.send([encode_frame(FRAME_KEEPALIVE)])
 
     def _dropped(self, reason: str) -> None:
         self.counters["udp-" + reason] += 1
@@ -6853,18 +6874,19 @@ class DatagramPath:
                     UDP_RETRY_S,
                 )
                 return self._become(self.DOWN, now)
-            self.send([encode_frame(FRAME_KEEPALIVE)])
+            self._ping(now)
         elif self.state == self.UP:
             if now - self.last_rx > UDP_SILENT_S:
                 log.warning("UDP to %s silent for %.0f s; data moves to TLS/TCP", self.server[0], UDP_SILENT_S)
                 return self._become(self.DOWN, now)
-            if now - self.last_tx >= UDP_PING_S or now - self.last_rx >= UDP_PING_S:
+            quiet = now - self.last_tx >= UDP_PING_S or now - self.last_rx >= UDP_PING_S
+            if quiet or now - self.pinged_at >= UDP_RTT_PING_S:
                 # Also while data only leaves: the server answers each keepalive, so a
                 # one-way flow keeps the path alive instead of looking silent.
-                self.send([encode_frame(FRAME_KEEPALIVE)])
+                self._ping(now)
         elif now - self.since >= UDP_RETRY_S:
             self._become(self.PROBING, now)
-            self.send([encode_frame(FRAME_KEEPALIVE)])
+            self._ping(now)
         return None
 
     def _become(self, state: str, now: float) -> str | None:
@@ -8720,12 +8742,21 @@ class NetworkClient:
             "connectedSince": datetime.datetime.fromtimestamp(since).astimezone().isoformat(timespec="seconds")
             if connected
             else "",
-            "rttMs": tcp_rtt_ms(link.sock) if connected and link is not None else None,
+            **self._round_trip(carrying if connected else None),
             "rxBytes": sum(path.rx_bytes for path in paths),
             "txBytes": sum(path.tx_bytes for path in paths),
             "lastError": "" if connected else self.last_error,
             "version": VERSION,
         }
+
+    def _round_trip(self, carrying: PeerPath | None) -> dict[str, Any]:
+        """The round trip on the path in use: on UDP the keepalive echo, timed over the
+        datagrams themselves; on TLS (or before an echo came back) the kernel's TCP estimate."""
+        udp = self.udp
+        if carrying is not None and carrying is udp and udp is not None and udp.rtt_s is not None:
+            return {"rttMs": round(udp.rtt_s * 1000, 2), "rttSource": "udp-echo"}
+        rtt = tcp_rtt_ms(self.link.sock) if carrying is not None and self.link is not None else None
+        return {"rttMs": rtt, "rttSource": "tcp-estimate" if rtt is not None else ""}
 
     def _connect(self) -> tuple[Link, Welcome]:
         follower = self.follower
@@ -10655,6 +10686,25 @@ class MetricsHttp(threading.Thread):
         client.sock.close()
 
 
+DROP_REASONS = (  # every nc_drops_total reason, there (at 0) from the first scrape so rate() has a baseline
+    *("queue-full", "udp-send", "udp-full", "spoofed", "interconnection", "no-route", "tun-write"),  # the loop's
+    *("oversized", "not-ipv4", "runt", "gso-type", "gso-hdr-len", "gso-csum", "gso-size", "gso-segments"),  # BadFrame
+    *("udp-malformed", "udp-unknown-session", "udp-forged", "udp-replayed", "udp-not-one-frame", "udp-not-a-packet"),
+)
+
+
+def certificate_files(config: ServerConfig) -> dict[str, Path]:
+    """The server's certificates an operator must renew in time, by the name metrics and
+    `nc adm ca status` give them."""
+    return {
+        "grpc-ca": Path(config.grpc_cert_dir) / "ca.crt",
+        "network-ca": Path(config.network_cert_dir) / "ca.crt",
+        "grpc-server": Path(config.grpc_cert_dir) / "server.crt",
+        "network-server": Path(config.network_cert_dir) / "server.crt",
+        "admin": config.admin_dir / "client.crt",
+    }
+
+
 class ServerMetrics:
     """Prometheus metrics of a running server, served on metricsAddr. Most are read live
     from the parts at scrape time (nothing on the packet path but plain integer counters);
@@ -10707,6 +10757,22 @@ class ServerMetrics:
     def describe(self) -> list[Any]:
         return []  # families are known only at scrape time; an empty describe keeps registration cheap
 
+    def _certificate_expiry(self) -> Any:
+        """Seconds until each of the server's certificates expires (negative: expired), read
+        from its file at each scrape, so a renewal or a restore shows at once."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "nc_certificate_expiry_seconds",
+            "Seconds until a certificate of this server expires",
+            labels=["certificate"],
+        )
+        now = utc_now()
+        for name, path in certificate_files(self.control.config).items():
+            with contextlib.suppress(PkiError, OSError):
+                family.add_metric([name], (load_cert_file(path).not_valid_after_utc - now).total_seconds())
+        return family
+
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -10728,6 +10794,12 @@ class ServerMetrics:
         info = GaugeMetricFamily("nc_server", "This server: its version and role", labels=["version", "role"])
         info.add_metric([VERSION, self.role.describe()], 1)
         yield info
+        build = GaugeMetricFamily(
+            "nc_build_info", "The nc build and the Python it runs on", labels=["version", "python"]
+        )
+        build.add_metric([VERSION, platform_python()], 1)
+        yield build
+        yield self._certificate_expiry()
         network = self.role.data_plane()  # None on a standby: the leader carries the traffic
         sessions = GaugeMetricFamily("nc_sessions", "Live data-plane sessions by transport", labels=["transport"])
         by_transport = collections.Counter(network.transports().values() if network else ())
@@ -10746,11 +10818,14 @@ class ServerMetrics:
         if network is not None and network.handshaker is not None:
             counters.update(network.handshaker.counters)
         drops = CounterMetricFamily("nc_drops", "Packets dropped by reason", labels=["reason"])
-        for name, value in sorted(counters.items()):
+        dropped = dict.fromkeys(DROP_REASONS, 0)
+        for name, value in counters.items():
             if name.startswith("dropped-"):
-                drops.add_metric([name.removeprefix("dropped-")], value)
+                dropped[name.removeprefix("dropped-")] = value
             elif name.startswith("udp-"):  # datagrams that did not authenticate, or carried no packet
-                drops.add_metric([name], value)
+                dropped[name] = value
+        for reason, value in sorted(dropped.items()):
+            drops.add_metric([reason], value)
         yield drops
         refusals = CounterMetricFamily("nc_refusals", "Joins and connections refused by reason", labels=["reason"])
         reasons = collections.Counter(self.control.refusals)
@@ -10764,6 +10839,10 @@ class ServerMetrics:
         for reason, value in sorted(reasons.items()):
             refusals.add_metric([reason], value)
         yield refusals
+
+
+def platform_python() -> str:
+    return sys.version.split()[0]
 
 
 def run_server(config: ServerConfig, config_path: str | None = None) -> int:
@@ -11751,6 +11830,9 @@ def run_joined_client(config: ClientConfig) -> int:
     return run_client(config)
 
 
+RTT_SOURCES = {"udp-echo": " (UDP keepalive echo)", "tcp-estimate": " (TCP estimate of the TLS channel)"}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """The running client's state; exit 1 when it is not connected (scripts wait on it)."""
     work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
@@ -11763,7 +11845,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("server", status.get("server", "")),
         ("transport", status.get("transport") or "-"),
         ("since", status.get("connectedSince") or "-"),
-        ("round trip", f"{rtt} ms" if rtt is not None else "-"),
+        ("round trip", f"{rtt} ms{RTT_SOURCES.get(status.get('rttSource', ''), '')}" if rtt is not None else "-"),
         ("rx / tx", f"{human_bytes(status.get('rxBytes', 0))} / {human_bytes(status.get('txBytes', 0))}"),
     ]
     if status.get("lastError"):

@@ -2266,6 +2266,9 @@ class Store:
                 db.execute(f"UPDATE network_mgr SET last_seen = {NOW_SQL} WHERE token = ?", (token,))
 
     def claim_node_name(self, token: str, wanted: str) -> str:
+        named = self._query("SELECT name FROM network_mgr WHERE token = ? AND name != ''", (token,))
+        if named:  # every session but a node's first: a read, no write lock
+            return named[0][0]
         with self.transaction() as db:
             row = db.execute("SELECT name, network FROM network_mgr WHERE token = ?", (token,)).fetchone()
             if row is None or row[0] or not wanted:
@@ -3205,6 +3208,10 @@ class EtcdStore:
         self.atomically(update)
 
     def claim_node_name(self, token: str, wanted: str) -> str:
+        node = self.node(token)
+        if node is not None and node.name:  # every session but a node's first: one read, no Txn
+            return node.name
+
         def claim(txn: EtcdTxn) -> str:
             node = txn.get(self._key("node", token))
             if node is None or node.get("name") or not wanted:
@@ -11444,7 +11451,7 @@ def adm_backup(args: argparse.Namespace) -> int:
     revision with the sealed PKI), the PKI (CAs, server certificates, admin identity) and
     the server.yml given by --config. Safe while the server runs."""
     config: ServerConfig = load_config(args.config, "server")
-    out = Path(backup_path_arg(args, "out")).resolve()
+    out = Path(backup_path_arg(args)).resolve()
     if out.exists() and not args.force:
         raise UsageError(f"{out} exists; pass --force to overwrite it, or choose another file")
     members = {**store_members(config), **host_members(args.config, config)}
@@ -11452,19 +11459,16 @@ def adm_backup(args: argparse.Namespace) -> int:
     manifest = {"format": BACKUP_FORMAT, "version": BACKUP_VERSION, "nc": VERSION, "store": store}
     members[BACKUP_MANIFEST] = json.dumps({**manifest, "created": utc_now().isoformat(timespec="seconds")}).encode()
     write_backup(out, members, args.force)
+    pki = sum(name.startswith("pki/") for name in members)
+    config_note = " and server.yml" if "server.yml" in members else ""
     document = {"file": str(out), "store": store, "contents": sorted(members)}
-    show(
-        args,
-        document,
-        f"{out}: the {store} store, {sum(n.startswith('pki/') for n in members)} PKI files"
-        + (" and server.yml" if "server.yml" in members else ""),
-    )
+    show(args, document, f"{out}: the {store} store, {pki} PKI files{config_note}")
     return 0
 
 
-def backup_path_arg(args: argparse.Namespace, flag: str) -> str:
+def backup_path_arg(args: argparse.Namespace) -> str:
     """The file a backup or restore names: positional, or the older --out / --from."""
-    path = args.file or getattr(args, "out" if flag == "out" else "source")
+    path = args.file or getattr(args, "out", None) or getattr(args, "source", None)
     if not path:
         raise UsageError(f"name the backup file: nc adm {args.adm_command} FILE")
     return path
@@ -11562,7 +11566,7 @@ def adm_restore(args: argparse.Namespace) -> int:
     """Put a backup in place, the server stopped (its workDir lock free): the store, the
     PKI and, where --config names no file yet, the server.yml it holds. On a fresh host
     every node comes back with its address and certificates, without joining again."""
-    source = Path(backup_path_arg(args, "from")).resolve()
+    source = Path(backup_path_arg(args)).resolve()
     members = read_backup(source)
     config_path, wrote_config = restore_config(args.config, members, source)
     config: ServerConfig = load_config(config_path, "server")

@@ -4,12 +4,15 @@ script sees on stdout."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import shutil
 import socket
+import tarfile
 
 from control_helpers import db_path, join_node, one_error_line
+from ha_helpers import Replicas
 from netlab import Lab, NcClient, start_client, start_server
 from overlay_helpers import assert_reaches, wait_connected
 from server_db import db_execute
@@ -176,3 +179,34 @@ def test_nodes_have_names_unique_in_their_network_and_commands_take_them(lab: La
     assert unknown.returncode != 0 and "nobody" in one_error_line(unknown)
     server.adm("node", "unregister", "--node-token", "gateway")
     assert third.token() not in {n["nodeToken"] for n in server.adm_json("node", "list")}
+
+
+def test_a_replica_backup_restores_into_an_empty_etcd(lab: Lab) -> None:
+    """On replicas the backup holds nc's keys in etcd (the sealed PKI among them, not the
+    leased heartbeat): etcd emptied and the replica's host wiped, a restore and a start
+    bring the node back on its address without a join."""
+    replicas = Replicas(lab, count=1)
+    server = next(iter(replicas.servers.values()))
+    wait_for(replicas.leader, timeout=30, what="the replica to lead")
+    client = start_client(lab.add_host("node"), server.join_string())
+    address = client.overlay_ip()
+    backup = lab.dir / "replica.ncbackup"
+    server.adm("backup", str(backup))
+    with tarfile.open(backup) as archive:
+        keys = [base64.b64decode(k).decode() for k, _ in json.load(archive.extractfile("etcd.json"))]
+    assert f"/nc/node/{client.token()}" in keys and any(k.startswith("/nc/pki/") for k in keys), keys
+    assert not any(k.startswith("/nc/replica") for k in keys), "leased keys stay out"
+
+    assert server.process.stop() == 0
+    endpoint = f"--endpoints={replicas.etcd.endpoints}"
+    server.host.run("etcdctl", endpoint, "del", "--prefix", "/nc/")
+    shutil.rmtree(server.work_dir)
+    server.config.unlink()
+    server.adm("restore", str(backup))
+    assert server.host.run("etcdctl", endpoint, "get", "--prefix", "--keys-only", "/nc/node/").stdout.strip()
+    again = server.adm("restore", str(backup), check=False)
+    assert again.returncode != 0 and "empty" in one_error_line(again)
+
+    server.start()
+    wait_for(lambda: client.overlay_ip() == address and client.host.ping("10.1.1.1"), timeout=60, what="the node back")
+    assert client.process.alive() and server.node(client.token())["bindIp"] == address

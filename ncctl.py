@@ -6858,7 +6858,7 @@ class DatagramPath:
     def _ping(self, now: float) -> None:
         """A keepalive; timed unless one is awaiting its echo (one lost is given up after UDP_SILENT_S)."""
         if not self.ping_at or now - self.ping_at > UDP_SILENT_S:
-            self.ping_at = now
+            self.ping_at = time.monotonic()  # now is when the loop woke; the echo is timed from the send
         self.pinged_at = now
         self.send([encode_frame(FRAME_KEEPALIVE)])
 

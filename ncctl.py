@@ -44,6 +44,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import io
 import ipaddress
 import itertools
 import json
@@ -456,6 +457,7 @@ class ClientConfig:
     offload: bool = True  # offer 64 KiB TSO/GSO frames to the server
     transport: str = "auto"  # auto: UDP when it works, else TLS/TCP; udp: UDP for data; tcp: TLS only
     udp_port: int = DEFAULT_NETWORK_PORT  # the server's UDP port; at the default, the one its welcome names
+    name: str = ""  # the name this node asks for at its first session (--name); empty: its host name
 
     def resolve(self) -> ClientConfig:
         work = Path(self.work_dir)
@@ -480,7 +482,21 @@ MAX_DURATION_S = 20 * 365 * 86400  # 7300d: longer than anything nc keeps, and a
 MIN_CERT_LIFE_S = 10  # a node certificate is renewed at two thirds of its life: it needs a few seconds
 
 
-DURATION_FIELDS = {"node_cert_life": MIN_CERT_LIFE_S}  # server.yml durations, with the shortest each allows
+@dataclasses.dataclass(frozen=True)
+class DurationField:
+    """A config field that takes a duration (30s, 10m, 2h, 7d): the shortest it allows, what
+    a bare number counts in, and the unit the config keeps it in (all in seconds)."""
+
+    shortest: int
+    number_unit: int = 1
+    kept_in: int = 1
+
+
+DURATION_FIELDS = {  # every duration of server.yml; a bare number keeps the unit the field always had
+    "node_cert_life": DurationField(MIN_CERT_LIFE_S),
+    "keepalive": DurationField(1),
+    "node_token_max_life": DurationField(60, number_unit=60, kept_in=60),  # minutes, as the original's lives
+}
 
 
 PATH_FIELDS = {
@@ -551,7 +567,7 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     if field.name == "networks":
         return check_networks_field(value, where)
     if field.name in DURATION_FIELDS:
-        return parse_duration(value, where, shortest=DURATION_FIELDS[field.name])
+        return duration_field(value, where, DURATION_FIELDS[field.name])
     default = field.default
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -573,22 +589,33 @@ def check_field(path: str, mode: str, key: str, field: dataclasses.Field, value:
     return text
 
 
-def parse_duration(value: Any, where: str, shortest: int = 1, error: type[NcError] = ConfigError) -> int:
+def parse_duration(
+    value: Any, where: str, shortest: int = 1, error: type[NcError] = ConfigError, number_unit: int | None = None
+) -> int:
     """Seconds from text such as 30s, 90m, 12h, 365d, or from a whole number of seconds
     (a YAML int, a gRPC field): the one duration parser of server.yml, the command line
-    and the control plane. Errors are `error` (ConfigError, UsageError, BadRequest) and
-    start with `where`, the field or flag."""
+    and the control plane. With number_unit, a bare number (also as text) counts in that
+    many seconds (60: the original's minutes). Errors are `error` (ConfigError,
+    UsageError, BadRequest) and start with `where`, the field or flag."""
     if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value
+        seconds = value * (number_unit or 1)
     else:
-        match = re.fullmatch(r"\s*(\d+)\s*([smhd])\s*", str(value))
-        if match is None:
+        match = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(value))
+        if match is None or (not match[2] and number_unit is None):
             raise error(f"{where}: {value!r} is not a duration; write it like 30s, 90m, 12h or 365d")
-        seconds = int(match[1]) * DURATION_UNITS[match[2]]
+        seconds = int(match[1]) * (DURATION_UNITS[match[2]] if match[2] else number_unit or 1)
     if not shortest <= seconds <= MAX_DURATION_S:
         span = f"{format_duration(shortest)} to {format_duration(MAX_DURATION_S)}"
         raise error(f"{where}: {value!r} is out of range; use {span}")
     return seconds
+
+
+def duration_field(value: Any, where: str, spec: DurationField) -> int:
+    """A server.yml duration, in the unit the config keeps it in."""
+    seconds = parse_duration(value, where, shortest=spec.shortest, number_unit=spec.number_unit)
+    if seconds % spec.kept_in:
+        raise ConfigError(f"{where}: {value!r} is not whole minutes; write it like 90m or 2h")
+    return seconds // spec.kept_in
 
 
 def format_duration(seconds: int) -> str:
@@ -684,6 +711,10 @@ def check_config(config: Any, path: str, mode: str) -> None:
             check_host(address, f"{where}.serverAddr")
         if config.token and not valid_node_token(config.token):
             raise ConfigError(f"{where}.token: {config.token!r} is not a node-token; use the one `nc adm join` saved")
+        if config.name and node_name_from(config.name) != config.name:
+            raise ConfigError(
+                f"{where}.name: {config.name!r} cannot name a node; use a-z, 0-9 and '-' (or leave it empty)"
+            )
         if config.net_token and not valid_net_token(config.net_token):
             raise ConfigError(f"{where}.netToken: {config.net_token!r} is not a net-token; use the one the join saved")
 
@@ -778,6 +809,37 @@ def valid_net_token(token: str) -> bool:
 
 def valid_node_token(token: str) -> bool:
     return token == RESERVED_NODE_TOKEN or (len(token) == NODE_TOKEN_LEN and all(c in TOKEN_ALPHABET for c in token))
+
+
+NODE_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def node_name_from(text: str) -> str:
+    """A usable node name from what a node says of itself (its host name, or --name):
+    lowercase, the first DNS label, anything else as '-'; "" when nothing is left."""
+    label = re.sub(r"[^a-z0-9-]+", "-", text.strip().lower().split(".")[0])
+    return label.strip("-")[:63].strip("-")
+
+
+def check_node_name(name: str) -> None:
+    """BadRequest unless name can name a node: a DNS label that cannot be read as a node-token."""
+    if not NODE_NAME_RE.match(name) or valid_node_token(name):
+        raise BadRequest(
+            f"{name!r} cannot name a node; use 1-63 of a-z, 0-9 and '-' (not first or last), "
+            "and not 16 letters and digits (that reads as a node-token)"
+        )
+
+
+def free_node_name(wanted: str, taken: set[str]) -> str:
+    """wanted, or the first of wanted-2, wanted-3, ... that no other node of the network
+    has: a name clash at a join gets a suffix (an admin's rename is refused instead)."""
+    if wanted not in taken and not valid_node_token(wanted):
+        return wanted
+    for n in itertools.count(2):
+        candidate = f"{wanted[: 62 - len(str(n))]}-{n}"
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")
 
 
 def client_yaml(config: ClientConfig) -> str:
@@ -1449,6 +1511,10 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE network_mgr ADD COLUMN node_version text not null default ''",
         "ALTER TABLE network_mgr ADD COLUMN last_seen text not null default ''",
     ],
+    [  # 5: a node's human name, unique within its network (existing nodes take theirs at their next hello)
+        "ALTER TABLE network_mgr ADD COLUMN name text not null default ''",
+        "CREATE UNIQUE INDEX IF NOT EXISTS network_mgr_name ON network_mgr(network, name) WHERE name != ''",
+    ],
 ]
 
 
@@ -1472,11 +1538,12 @@ class NodeRow:
     transport: str = ""
     node_version: str = ""
     last_seen: str = ""  # local time its last session started or ended; empty: never connected
+    name: str = ""  # its human name, unique within its network; empty: not named yet
 
 
 NODE_COLUMNS = (
     "token, state, bind_ip, create_time, update_time, network, minted_by,"
-    " host_name, endpoint, transport, node_version, last_seen"
+    " host_name, endpoint, transport, node_version, last_seen, name"
 )
 
 
@@ -1667,6 +1734,15 @@ class Datastore(Protocol):
         """Nodes (not the reserved one) not connected for longer than idle_for_s, in joining order."""
         ...
 
+    def claim_node_name(self, token: str, wanted: str) -> str:
+        """The node's name: the one it has, else wanted made unique in its network
+        (free_node_name), kept from now on; "" when the node is not registered or wanted is ""."""
+        ...
+
+    def rename_node(self, token: str, name: str) -> None:
+        """Give the node this name (check_node_name first). BadRequest: the node is not
+        registered, or another node of its network has the name."""
+
     def ensure_reserved_node(self, server_ip: str) -> bool:
         """Leader-only. Bind the reserved node-token to server_ip, taking it from any node
         that holds it; True when something changed."""
@@ -1739,6 +1815,23 @@ def token_expire_time(life_minutes: int) -> str:
     return NEVER_EXPIRES if life_minutes < 0 else local_time(int(life_minutes) * 60)
 
 
+def rfc3339(local: str) -> str:
+    """A time as the stores write it (local "YYYY-MM-DD HH:MM:SS") as RFC 3339 with this
+    host's offset; one that already is, or that is no time ("", "never"), as it is."""
+    try:
+        moment = datetime.datetime.strptime(local, "%Y-%m-%d %H:%M:%S")
+    except ValueError:
+        return local
+    return moment.astimezone().isoformat(timespec="seconds")
+
+
+def token_state(expire_time: str, single_use: bool, uses: int) -> str:
+    """What `nc adm token list` shows of a bootstrap token: valid, used (spent) or expired."""
+    if token_expired(expire_time):
+        return "expired"
+    return "used" if single_use and uses > 0 else "valid"
+
+
 def token_expired(expire_time: str, now: str | None = None) -> bool:
     """Whether a token expiring at expire_time is expired now (at its expire_time already)."""
     return expire_time <= (now or local_time())
@@ -1750,6 +1843,11 @@ def refuse_unusable_token(expire_time: str, single_use: bool, uses: int) -> None
         raise BadRequest("bootstrap token has expired; ask the administrator for a new one")
     if single_use and uses > 0:
         raise BadRequest("bootstrap token was single-use and has already been used")
+
+
+def refuse_taken_name(name: str, holder: str | None, token: str) -> None:
+    if holder is not None and holder != token:
+        raise BadRequest(f"another node of its network ({holder}) is named {name!r}; rename that one first")
 
 
 def refuse_over_mint_rate(minted: int, hourly_limit: int | None) -> None:
@@ -1771,6 +1869,7 @@ SQLITE_UNIQUE_KEYS = {
     "token_mgr.token": "bootstrap token",
     "network_mgr.token": "node-token",
     "network_mgr.network, network_mgr.bind_ip": "address",
+    "network_mgr.network, network_mgr.name": "node name",
     "nc_network.name": "network name",
     "nc_network.net_token": "net-token",
 }
@@ -2165,6 +2264,31 @@ class Store:
                 )
             else:
                 db.execute(f"UPDATE network_mgr SET last_seen = {NOW_SQL} WHERE token = ?", (token,))
+
+    def claim_node_name(self, token: str, wanted: str) -> str:
+        named = self._query("SELECT name FROM network_mgr WHERE token = ? AND name != ''", (token,))
+        if named:  # every session but a node's first: a read, no write lock
+            return named[0][0]
+        with self.transaction() as db:
+            row = db.execute("SELECT name, network FROM network_mgr WHERE token = ?", (token,)).fetchone()
+            if row is None or row[0] or not wanted:
+                return row[0] if row else ""
+            taken = {r[0] for r in db.execute("SELECT name FROM network_mgr WHERE network = ?", (row[1],))}
+            name = free_node_name(wanted, taken)
+            db.execute("UPDATE network_mgr SET name = ? WHERE token = ?", (name, token))
+            return name
+
+    def rename_node(self, token: str, name: str) -> None:
+        check_node_name(name)
+        with self.transaction() as db:
+            row = db.execute("SELECT network FROM network_mgr WHERE token = ?", (token,)).fetchone()
+            if row is None:
+                raise BadRequest("node-token is not registered")
+            holder = db.execute(
+                "SELECT token FROM network_mgr WHERE network = ? AND name = ?", (row[0], name)
+            ).fetchone()
+            refuse_taken_name(name, holder[0] if holder else None, token)
+            db.execute("UPDATE network_mgr SET name = ? WHERE token = ?", (name, token))
 
     def idle_nodes(self, idle_for_s: int) -> list[str]:
         """Nodes not connected for longer than idle_for_s (by their last state change)."""
@@ -2786,6 +2910,28 @@ class EtcdTxn:
         self._written[key] = None
 
 
+ETCD_LOAD_BATCH = 64  # puts per Txn when a backup is loaded (etcd allows 128 operations in one)
+
+
+def etcd_snapshot(etcd: Etcd) -> list[tuple[bytes, bytes]]:
+    """nc's keys as of one revision (a single Range reads them all at once), the sealed
+    PKI among them, without those bound to a lease (a replica's heartbeat, the leader's
+    campaign), which live only as long as the process that holds them."""
+    return [(kv.key, kv.value) for kv in etcd.range(etcd.prefix).kvs if not kv.lease]
+
+
+def etcd_load(etcd: Etcd, pairs: list[tuple[bytes, bytes]]) -> int:
+    """Put a snapshot's keys into an etcd that holds none of nc's yet; returns how many."""
+    if etcd.range(etcd.prefix).kvs:
+        raise StoreError(
+            f"etcd at {etcd.endpoints} already holds nc's keys ({etcd.prefix.decode()}); "
+            "restore only into an empty one, with every replica stopped"
+        )
+    for start in range(0, len(pairs), ETCD_LOAD_BATCH):
+        etcd.txn([], [etcd.put_op(key, value) for key, value in pairs[start : start + ETCD_LOAD_BATCH]])
+    return len(pairs)
+
+
 class EtcdStore:
     """The Datastore on an etcd v3 cluster, each operation one Txn. Replicas share it; a
     handle leads (unguarded) until follow(), and after lead() its leader-only writes are
@@ -3123,6 +3269,7 @@ class EtcdStore:
             v["network"],
             v["minted_by"],
             *(v.get(f, "") for f in SESSION_FIELDS),
+            v.get("name", ""),  # absent on a node stored before names
         )
 
     def _node_rows(self) -> list[tuple[NodeRow, int]]:
@@ -3261,6 +3408,36 @@ class EtcdStore:
 
         self.atomically(update)
 
+    def claim_node_name(self, token: str, wanted: str) -> str:
+        node = self.node(token)
+        if node is not None and node.name:  # every session but a node's first: one read, no Txn
+            return node.name
+
+        def claim(txn: EtcdTxn) -> str:
+            node = txn.get(self._key("node", token))
+            if node is None or node.get("name") or not wanted:
+                return node.get("name", "") if node else ""
+            nodes = txn.scan(self._key("node", ""))  # any node changed meanwhile: start over
+            name = free_node_name(wanted, {v.get("name", "") for _, v, _ in nodes if v["network"] == node["network"]})
+            txn.put(self._key("node", token), {**node, "name": name})
+            return name
+
+        return self.atomically(claim)
+
+    def rename_node(self, token: str, name: str) -> None:
+        check_node_name(name)
+
+        def rename(txn: EtcdTxn) -> None:
+            node = txn.get(self._key("node", token))
+            if node is None:
+                raise BadRequest("node-token is not registered")
+            nodes = txn.scan(self._key("node", ""))
+            holders = [k for k, v, _ in nodes if v["network"] == node["network"] and v.get("name") == name]
+            refuse_taken_name(name, holders[0].decode().rpartition("/")[2] if holders else None, token)
+            txn.put(self._key("node", token), {**node, "name": name})
+
+        self.atomically(rename)
+
     def idle_nodes(self, idle_for_s: int) -> list[str]:
         """Nodes not connected for longer than idle_for_s (by their last state change)."""
         before = local_time(-idle_for_s)
@@ -3357,6 +3534,7 @@ class EtcdStore:
                 "update_time": n.update_time,
                 "network": n.network,
                 "minted_by": n.minted_by,
+                "name": n.name,
             }
             puts.append((self._key("node", n.token), value))
             if n.bind_ip:
@@ -4887,6 +5065,14 @@ class ControlPlane:
         self.authorize(who, "administer")
         return self.store.nodes()
 
+    def rename_node(self, who: Identity, token: str, name: str) -> None:
+        """The admin names a node; a name its network has already is refused (no suffix here)."""
+        self.authorize(who, "administer")
+        if token == RESERVED_NODE_TOKEN:
+            raise BadRequest("the reserved node-token is the server's own row and has no name")
+        self.store.rename_node(token, name.strip())
+        log.info("node %s renamed %s by the admin", loggable(token), name.strip())
+
     def prune_nodes(self, who: Identity, idle_for_s: int, dry_run: bool) -> list[str]:
         """Unregister every node not connected for longer than idle_for_s (or, dry, name them)."""
         self.authorize(who, "administer")
@@ -5448,6 +5634,7 @@ class Hello:
     net_token: str = ""  # empty: the default network (peers that predate networks send none)
     host_name: str = ""  # optional, for the operator's node list
     udp_key: bytes = b""  # the node's X25519 share for the datagram keys (with capability "udp")
+    name: str = ""  # the name the node asks for (--name at its join); older nodes send none: their host name is used
 
     def encode(self) -> bytes:
         message = {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)}
@@ -5457,6 +5644,8 @@ class Hello:
             message["hostName"] = self.host_name
         if self.udp_key:
             message["udpKey"] = base64.b64encode(self.udp_key).decode()
+        if self.name:
+            message["name"] = self.name  # an older server ignores it
         return encode_control(FRAME_HELLO, message)
 
     @classmethod
@@ -5475,10 +5664,14 @@ class Hello:
         host_name = m.get("hostName", "")
         if not isinstance(host_name, str):
             raise ProtocolError("hello host name must be a string")
+        name = m.get("name", "")
+        if not isinstance(name, str):
+            raise ProtocolError("hello name must be a string")
         udp_key = decode_x25519_share(m.get("udpKey"))
         if CAP_UDP in caps and not udp_key:
             caps = [c for c in caps if c != CAP_UDP]  # no share, no datagram keys: the TLS path only
-        return cls(token, str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token, host_name[:64], udp_key)
+        version = str(m.get("version", "?"))[:32]
+        return cls(token, version, tuple(caps[:32]), proto, net_token, host_name[:64], udp_key, name[:63])
 
 
 def decode_x25519_share(value: Any) -> bytes:
@@ -6409,6 +6602,9 @@ UDP_PING_S = 1.0  # while on UDP the node sends a keepalive datagram this often;
 UDP_RETRY_S = 20.0  # a failed or lost UDP path is probed again after this long
 
 
+UDP_RTT_PING_S = 5.0  # a keepalive at least this often, also while data flows both ways: its echo times the path
+
+
 UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this long
 
 
@@ -6935,6 +7131,9 @@ class DatagramPath:
         self.rekey_share = b""
         self.counters: collections.Counter[str] = collections.Counter()
         self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
+        self.ping_at = 0.0  # when the keepalive now awaiting its echo went out (0: none)
+        self.pinged_at = 0.0  # when the last keepalive went out
+        self.rtt_s: float | None = None  # smoothed round trip of keepalive echoes (as TCP's srtt: 1/8 a sample)
 
     @property
     def carrying(self) -> bool:
@@ -6989,7 +7188,22 @@ class DatagramPath:
                 self.rx_bytes += size
         if frames:
             self.last_rx = time.monotonic()
+            if self.ping_at:  # the server answers each keepalive with one: the first back is its echo
+                self._time_echo(frames, self.last_rx)
         return frames
+
+    def _time_echo(self, frames: list[bytes], now: float) -> None:
+        if any(frame[0] == FRAME_KEEPALIVE for frame in frames):
+            sample = now - self.ping_at
+            self.rtt_s = sample if self.rtt_s is None else self.rtt_s * 0.875 + sample * 0.125
+            self.ping_at = 0.0
+
+    def _ping(self, now: float) -> None:
+        """A keepalive; timed unless one is awaiting its echo (one lost is given up after UDP_SILENT_S)."""
+        if not self.ping_at or now - self.ping_at > UDP_SILENT_S:
+            self.ping_at = time.monotonic()  # now is when the loop woke; the echo is timed from the send
+        self.pinged_at = now
+        self.send([encode_frame(FRAME_KEEPALIVE)])
 
     def _dropped(self, reason: str) -> None:
         self.counters["udp-" + reason] += 1
@@ -7010,18 +7224,19 @@ class DatagramPath:
                     UDP_RETRY_S,
                 )
                 return self._become(self.DOWN, now)
-            self.send([encode_frame(FRAME_KEEPALIVE)])
+            self._ping(now)
         elif self.state == self.UP:
             if now - self.last_rx > UDP_SILENT_S:
                 log.warning("UDP to %s silent for %.0f s; data moves to TLS/TCP", self.server[0], UDP_SILENT_S)
                 return self._become(self.DOWN, now)
-            if now - self.last_tx >= UDP_PING_S or now - self.last_rx >= UDP_PING_S:
+            quiet = now - self.last_tx >= UDP_PING_S or now - self.last_rx >= UDP_PING_S
+            if quiet or now - self.pinged_at >= UDP_RTT_PING_S:
                 # Also while data only leaves: the server answers each keepalive, so a
                 # one-way flow keeps the path alive instead of looking silent.
-                self.send([encode_frame(FRAME_KEEPALIVE)])
+                self._ping(now)
         elif now - self.since >= UDP_RETRY_S:
             self._become(self.PROBING, now)
-            self.send([encode_frame(FRAME_KEEPALIVE)])
+            self._ping(now)
         return None
 
     def _become(self, state: str, now: float) -> str | None:
@@ -7175,7 +7390,7 @@ class ServerSession(Link):
         self.detached = False  # no longer in the routing tables
         self.close_reason = ""
         self.rx_packets = self.tx_packets = 0  # data frames from and to the node
-        self.host_name = self.version = ""  # what the node's hello said
+        self.host_name = self.version = self.asked_name = ""  # what the node's hello said
         self.since = time.time()
         self.udp: ServerDatagramPath | None = None  # the UDP data path, when the hello agreed on "udp"
 
@@ -7767,11 +7982,15 @@ class SessionRecords:
         self.store, self.worker = store, worker
         self.store_unwritable = False  # the last state write failed for a full or read-only disk
 
-    def connected(self, token: str, overlay: Overlay, host_name: str, endpoint: str, version: str) -> None:
+    def connected(
+        self, token: str, overlay: Overlay, host_name: str, endpoint: str, version: str, name: str = ""
+    ) -> None:
         def job() -> None:
             self._state(token, STATE_CONNECTED)
             overlay.bindings.connected(token)
             self._columns(token, host_name, endpoint, "tcp", version)
+            with contextlib.suppress(StoreError):  # unnamed until its next session
+                self.store.claim_node_name(token, node_name_from(name or host_name))
 
         self.worker.submit(job)
 
@@ -7903,7 +8122,7 @@ class SessionLifecycle:
         address, is the control plane's decision (taken on the store worker)."""
         self.unauthenticated.discard(session)
         session.node_token = hello.node_token
-        session.host_name, session.version = hello.host_name, hello.version
+        session.host_name, session.version, session.asked_name = hello.host_name, hello.version, hello.name
         # A node refused for its control frames comes back refused until its budget has room
         # again: a reconnect loop costs no admission and no log line per session.
         self.control.budgets.control_frames.spend(hello.node_token, f"node {hello.node_token}", cost=0)
@@ -7999,7 +8218,7 @@ class SessionLifecycle:
         )
         session.queue(welcome.encode())
         self.dirty.add(session)
-        self.records.connected(token, overlay, session.host_name, session.peer, session.version)
+        self.records.connected(token, overlay, session.host_name, session.peer, session.version, session.asked_name)
         log.info("node %s connected from %s as %s (network %s)", token, session.peer, ip, overlay.name)
 
     # -- what other threads ask (a copy of a table, then fields only the loop writes) ---------
@@ -8870,13 +9089,24 @@ class NetworkClient:
             "overlayIp": str(address.ip) if connected and address else "",
             "server": self.follower.address,
             "transport": carrying.name if connected and carrying is not None else "",
-            "connectedSince": datetime.datetime.fromtimestamp(since).isoformat(timespec="seconds") if connected else "",
-            "rttMs": tcp_rtt_ms(link.sock) if connected and link is not None else None,
+            "connectedSince": datetime.datetime.fromtimestamp(since).astimezone().isoformat(timespec="seconds")
+            if connected
+            else "",
+            **self._round_trip(carrying if connected else None),
             "rxBytes": sum(path.rx_bytes for path in paths),
             "txBytes": sum(path.tx_bytes for path in paths),
             "lastError": "" if connected else self.last_error,
             "version": VERSION,
         }
+
+    def _round_trip(self, carrying: PeerPath | None) -> dict[str, Any]:
+        """The round trip on the path in use: on UDP the keepalive echo, timed over the
+        datagrams themselves; on TLS (or before an echo came back) the kernel's TCP estimate."""
+        udp = self.udp
+        if carrying is not None and carrying is udp and udp is not None and udp.rtt_s is not None:
+            return {"rttMs": round(udp.rtt_s * 1000, 2), "rttSource": "udp-echo"}
+        rtt = tcp_rtt_ms(self.link.sock) if carrying is not None and self.link is not None else None
+        return {"rttMs": rtt, "rttSource": "tcp-estimate" if rtt is not None else ""}
 
     def _connect(self) -> tuple[Link, Welcome]:
         follower = self.follower
@@ -8903,6 +9133,7 @@ class NetworkClient:
                 net_token=self.config.net_token,
                 host_name=socket.gethostname(),
                 udp_key=share,
+                name=self.config.name,
             )
             sock.sendall(hello.encode())
             welcome = self._await_welcome(link)
@@ -9345,7 +9576,7 @@ def add_standard_services(server: Any, running: Callable[[], bool], services: tu
 
 
 def expire_text(expire_time: str) -> str:
-    return "never" if expire_time == NEVER_EXPIRES else expire_time
+    return "never" if expire_time == NEVER_EXPIRES else rfc3339(expire_time)
 
 
 class BootstrapService:
@@ -9480,10 +9711,13 @@ class AdminService:
             pb.BootstrapTokenInfo(
                 tokenId=token_id(row.token),
                 expireTime=expire_text(row.expire_time),
-                createTime=row.create_time,
+                createTime=rfc3339(row.create_time),
                 singleUse=row.single_use,
                 network=row.network,
                 mintedBy=row.minted_by,
+                uses=row.uses,
+                useLimit=1 if row.single_use else 0,
+                state=token_state(row.expire_time, row.single_use, row.uses),
             )
             for row in self.control.list_bootstrap_tokens(self._admin(context))
         ]
@@ -9504,27 +9738,33 @@ class AdminService:
         nodes = []
         for r in rows:
             session = live.get(r.token, {})
-            seen = time.strftime("%Y-%m-%d %H:%M:%S") if session else r.last_seen
+            seen = local_time() if session else r.last_seen
             nodes.append(
                 pb.NodeInfo(
                     nodeToken=r.token,
                     bindIp=r.bind_ip,
                     connState=r.state,
-                    createTime=r.create_time,
-                    updateTime=r.update_time,
+                    createTime=rfc3339(r.create_time),
+                    updateTime=rfc3339(r.update_time),
                     network=r.network,
                     mintedBy=r.minted_by,
                     hostName=r.host_name,
                     endpoint=r.endpoint,
                     transport=transports.get(r.token, "") or r.transport,
-                    lastSeen=seen,
+                    lastSeen=rfc3339(seen),
                     rxBytes=session.get("rx_bytes", 0),
                     txBytes=session.get("tx_bytes", 0),
                     nodeVersion=r.node_version,
                     reserved=r.token == RESERVED_NODE_TOKEN,
+                    name=r.name,
                 )
             )
         return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
+
+    @guarded("RenameNodeResponse", denied_as_status=True)
+    def RenameNode(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.control.rename_node(self._admin(context), request.nodeToken, request.name)
+        return grpc_modules()[1].RenameNodeResponse(code=CODE_OK, message="renamed", name=request.name.strip())
 
     @guarded("PruneNodesResponse", denied_as_status=True)
     def PruneNodes(self, request: Any, context: Any) -> Any:  # noqa: N802
@@ -10084,7 +10324,7 @@ UNPINNED_JOIN = (
 )
 
 
-def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> ClientConfig:
+def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, name: str = "") -> ClientConfig:
     """Fetch this node's token and certificates with a bootstrap token and save them;
     with several replicas in the join string, from the first one that answers. Like
     kubeadm, a join string without a CA pin needs the explicit unsafe flag."""
@@ -10095,13 +10335,13 @@ def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> 
     *others, last = listed.alternatives()
     for target in others:
         try:
-            return join_at(target, listed, work_dir)
+            return join_at(target, listed, work_dir, name)
         except RemoteError as e:  # unreachable: the next replica
             log.warning("%s; trying the next replica", e)
-    return join_at(last, listed, work_dir)
+    return join_at(last, listed, work_dir, name)
 
 
-def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientConfig:
+def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path, node_name: str = "") -> ClientConfig:
     _, pb, pb_grpc = grpc_modules()
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
@@ -10141,6 +10381,7 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientCon
         token=response.token,
         net_token=target.net_token,
         work_dir=str(work_dir),
+        name=node_name,  # asked for in the hello (GetToken is the original's message, with no room for it)
     ).resolve()
     write_private(files["config"], client_yaml(config).encode(), 0o600)
     log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
@@ -10795,6 +11036,25 @@ class MetricsHttp(threading.Thread):
         client.sock.close()
 
 
+DROP_REASONS = (  # every nc_drops_total reason, there (at 0) from the first scrape so rate() has a baseline
+    *("queue-full", "udp-send", "udp-full", "spoofed", "interconnection", "no-route", "tun-write"),  # the loop's
+    *("oversized", "not-ipv4", "runt", "gso-type", "gso-hdr-len", "gso-csum", "gso-size", "gso-segments"),  # BadFrame
+    *("udp-malformed", "udp-unknown-session", "udp-forged", "udp-replayed", "udp-not-one-frame", "udp-not-a-packet"),
+)
+
+
+def certificate_files(config: ServerConfig) -> dict[str, Path]:
+    """The server's certificates an operator must renew in time, by the name metrics and
+    `nc adm ca status` give them."""
+    return {
+        "grpc-ca": Path(config.grpc_cert_dir) / "ca.crt",
+        "network-ca": Path(config.network_cert_dir) / "ca.crt",
+        "grpc-server": Path(config.grpc_cert_dir) / "server.crt",
+        "network-server": Path(config.network_cert_dir) / "server.crt",
+        "admin": config.admin_dir / "client.crt",
+    }
+
+
 class ServerMetrics:
     """Prometheus metrics of a running server, served on metricsAddr. Most are read live
     from the parts at scrape time (nothing on the packet path but plain integer counters);
@@ -10847,6 +11107,22 @@ class ServerMetrics:
     def describe(self) -> list[Any]:
         return []  # families are known only at scrape time; an empty describe keeps registration cheap
 
+    def _certificate_expiry(self) -> Any:
+        """Seconds until each of the server's certificates expires (negative: expired), read
+        from its file at each scrape, so a renewal or a restore shows at once."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "nc_certificate_expiry_seconds",
+            "Seconds until a certificate of this server expires",
+            labels=["certificate"],
+        )
+        now = utc_now()
+        for name, path in certificate_files(self.control.config).items():
+            with contextlib.suppress(PkiError, OSError):
+                family.add_metric([name], (load_cert_file(path).not_valid_after_utc - now).total_seconds())
+        return family
+
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -10868,6 +11144,12 @@ class ServerMetrics:
         info = GaugeMetricFamily("nc_server", "This server: its version and role", labels=["version", "role"])
         info.add_metric([VERSION, self.role.describe()], 1)
         yield info
+        build = GaugeMetricFamily(
+            "nc_build_info", "The nc build and the Python it runs on", labels=["version", "python"]
+        )
+        build.add_metric([VERSION, platform_python()], 1)
+        yield build
+        yield self._certificate_expiry()
         network = self.role.data_plane()  # None on a standby: the leader carries the traffic
         sessions = GaugeMetricFamily("nc_sessions", "Live data-plane sessions by transport", labels=["transport"])
         by_transport = collections.Counter(network.transports().values() if network else ())
@@ -10886,11 +11168,14 @@ class ServerMetrics:
         if network is not None and network.handshaker is not None:
             counters.update(network.handshaker.counters)
         drops = CounterMetricFamily("nc_drops", "Packets dropped by reason", labels=["reason"])
-        for name, value in sorted(counters.items()):
+        dropped = dict.fromkeys(DROP_REASONS, 0)
+        for name, value in counters.items():
             if name.startswith("dropped-"):
-                drops.add_metric([name.removeprefix("dropped-")], value)
+                dropped[name.removeprefix("dropped-")] = value
             elif name.startswith("udp-"):  # datagrams that did not authenticate, or carried no packet
-                drops.add_metric([name], value)
+                dropped[name] = value
+        for reason, value in sorted(dropped.items()):
+            drops.add_metric([reason], value)
         yield drops
         refusals = CounterMetricFamily("nc_refusals", "Joins and connections refused by reason", labels=["reason"])
         reasons = collections.Counter(self.control.refusals)
@@ -10904,6 +11189,10 @@ class ServerMetrics:
         for reason, value in sorted(reasons.items()):
             refusals.add_metric([reason], value)
         yield refusals
+
+
+def platform_python() -> str:
+    return sys.version.split()[0]
 
 
 def run_server(config: ServerConfig, config_path: str | None = None) -> int:
@@ -11139,10 +11428,30 @@ def show(args: argparse.Namespace, document: Any, text: str | Table) -> None:
         print(text)
 
 
+TIME_KEYS = {"createTime", "updateTime", "expireTime", "lastSeen"}  # as the stores write them: local, no zone
+
+
 def message_json(message: Any) -> dict:
+    """A gRPC message as nc's CLI prints it: every field under its camelCase name, 64-bit
+    counters as numbers (protobuf's own JSON writes them as strings), times RFC 3339 with
+    a zone (an older server sends its local time without one), a state's name beside its
+    code. The message itself keeps its types: this is the CLI's document, not the wire's."""
     from google.protobuf import json_format
 
-    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    document = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    for field in message.DESCRIPTOR.fields:
+        key, value = field.json_name, getattr(message, field.name)
+        if key not in document:
+            continue
+        if field.message_type is not None:
+            document[key] = [message_json(m) for m in value] if isinstance(document[key], list) else message_json(value)
+        elif field.cpp_type in (field.CPPTYPE_INT64, field.CPPTYPE_UINT64):
+            document[key] = list(value) if isinstance(document[key], list) else int(value)
+        elif key in TIME_KEYS:
+            document[key] = rfc3339(value) or None
+        if key == "connState":
+            document["connStateName"] = STATE_NAMES.get(value, "unknown")
+    return document
 
 
 def token_life_minutes(text: str) -> int:
@@ -11150,7 +11459,7 @@ def token_life_minutes(text: str) -> int:
     duration such as 90m, 12h or 30d; the server decides what lives it grants."""
     with contextlib.suppress(ValueError):
         return int(text)
-    seconds = parse_duration(text, "--life", error=UsageError)
+    seconds = parse_duration(text, "--life", error=UsageError, number_unit=60)
     if seconds % 60:
         raise UsageError(f"--life: {text!r} is not whole minutes; write it like 90m, 12h or 30d")
     return seconds // 60
@@ -11179,12 +11488,28 @@ def adm_token_list(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListBootstrapTokens", pb.ListBootstrapTokensRequest())
     rows = [
-        [t.tokenId, t.network, t.expireTime, t.createTime, "yes" if t.singleUse else "no", t.mintedBy or "admin"]
+        [
+            t.tokenId,
+            t.network,
+            t.state or "-",  # an older server does not say
+            f"{t.uses}/{t.useLimit or 'unlimited'}" if t.state else ("1" if t.singleUse else "-"),
+            short_time(t.expireTime),
+            short_time(t.createTime),
+            t.mintedBy or "admin",
+        ]
         for t in response.tokens
     ]
-    table = Table(["TOKEN-ID", "NETWORK", "EXPIRES", "CREATED", "SINGLE-USE", "MINTED-BY"], rows)
+    table = Table(["TOKEN-ID", "NETWORK", "STATE", "USES", "EXPIRES", "CREATED", "MINTED-BY"], rows)
     show(args, [message_json(t) for t in response.tokens], table)
     return 0
+
+
+def short_time(text: str) -> str:
+    """A time for a table: local, to the second, without the zone (the JSON has it)."""
+    with contextlib.suppress(ValueError):
+        moment = datetime.datetime.fromisoformat(rfc3339(text))
+        return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return text or "-"
 
 
 def adm_token_delete(args: argparse.Namespace) -> int:
@@ -11197,37 +11522,56 @@ def adm_token_delete(args: argparse.Namespace) -> int:
 
 def adm_join(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
-    config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin)
+    config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin, args.name or "")
     document = {"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")}
     show(args, document, config.token)
     return 0
 
 
 def adm_node_list(args: argparse.Namespace) -> int:
+    """The nodes: by default the columns that fit 100 characters; -o wide shows every one."""
     _, pb, _ = grpc_modules()
     response = admin_rpc(args, "ListNodes", pb.ListNodesRequest())
-    rows = [
-        [
-            n.nodeToken,
-            n.network,
-            n.bindIp or "-",
-            "reserved" if n.reserved else f"{STATE_NAMES.get(n.connState, '?')} ({n.connState})",
-            n.hostName or "-",
-            n.endpoint or "-",
-            n.transport or "-",
-            n.lastSeen or "never",
-            human_bytes(n.rxBytes),
-            human_bytes(n.txBytes),
-            n.nodeVersion or "-",
-            n.updateTime,
-            n.mintedBy or "admin",
-        ]
-        for n in response.nodes
-    ]
-    headers = ["NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
-    table = Table([*headers, "RX", "TX", "VERSION", "UPDATED", "MINTED-BY"], rows)
-    show(args, [message_json(n) for n in response.nodes], table)
+    nodes = list(response.nodes)
+    if getattr(args, "output", "text") == "wide":
+        header = ["NAME", "NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
+        header += ["RX", "TX", "VERSION", "UPDATED", "MINTED-BY"]
+        rows = [[n.name or "-", *node_cells(n, wide=True)] for n in nodes]
+    else:
+        header = ["NAME", "NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "TRANSPORT", "LAST-SEEN"]
+        rows = [[clip(n.name or "-", 16), *node_cells(n, wide=False)] for n in nodes]
+    show(args, [message_json(n) for n in nodes], Table(header, rows))
     return 0
+
+
+def node_cells(n: Any, wide: bool) -> list[str]:
+    """A node's row after its name: the identity and state columns, then (wide) the rest."""
+    state = "reserved" if n.reserved else STATE_NAMES.get(n.connState, str(n.connState))
+    seen = (short_time(n.lastSeen) if n.lastSeen else "never") if wide else time_ago(n.lastSeen, n.connState)
+    cells = [n.nodeToken, n.network if wide else clip(n.network, 10), n.bindIp or "-", state]
+    if not wide:
+        return [*cells, n.transport or "-", seen]
+    cells += [n.hostName or "-", n.endpoint or "-", n.transport or "-", seen, human_bytes(n.rxBytes)]
+    return [*cells, human_bytes(n.txBytes), n.nodeVersion or "-", short_time(n.updateTime), n.mintedBy or "admin"]
+
+
+def clip(text: str, width: int) -> str:
+    """text cut to width for a narrow table, the cut marked with '~' (-o wide shows it whole)."""
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def time_ago(when: str, state: int) -> str:
+    """How long ago a node was last seen: now (connected), 45s, 12m, 5h, 3d; never."""
+    if state == STATE_CONNECTED:
+        return "now"
+    try:
+        seconds = (utc_now() - datetime.datetime.fromisoformat(rfc3339(when))).total_seconds()
+    except ValueError:
+        return when or "never"
+    for unit, size, from_s in (("d", 86400, 2 * 86400), ("h", 3600, 2 * 3600), ("m", 60, 60)):
+        if seconds >= from_s:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{max(int(seconds), 0)}s ago"
 
 
 def human_bytes(count: int) -> str:
@@ -11290,18 +11634,43 @@ def adm_network_delete(args: argparse.Namespace) -> int:
 
 def adm_node_state(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    response = control_rpc(args, "CheckConnState", pb.CheckConnStateRequest(token=args.node_token))
+    token = node_token_of(args, args.node_token)
+    response = control_rpc(args, "CheckConnState", pb.CheckConnStateRequest(token=token))
     state = f"{STATE_NAMES.get(response.connState, '?')} ({response.connState})"
-    text = f"{loggable(args.node_token)}  bind-ip {response.bindIp or '-'}  state {state}"
-    show(args, {"nodeToken": args.node_token, **message_json(response)}, text)
+    text = f"{loggable(token)}  bind-ip {response.bindIp or '-'}  state {state}"
+    show(args, {"nodeToken": token, **message_json(response)}, text)
     return 0
 
 
 def adm_node_unregister(args: argparse.Namespace) -> int:
     _, pb, _ = grpc_modules()
-    response = control_rpc(args, "UnRegister", pb.UnRegisterRequest(token=args.node_token))
-    show(args, {"nodeToken": args.node_token, **message_json(response)}, f"unregistered {loggable(args.node_token)}")
+    token = node_token_of(args, args.node_token)
+    response = control_rpc(args, "UnRegister", pb.UnRegisterRequest(token=token))
+    show(args, {"nodeToken": token, **message_json(response)}, f"unregistered {loggable(token)}")
     return 0
+
+
+def adm_node_rename(args: argparse.Namespace) -> int:
+    _, pb, _ = grpc_modules()
+    token = node_token_of(args, args.node)
+    response = admin_rpc(args, "RenameNode", pb.RenameNodeRequest(nodeToken=token, name=args.new_name))
+    show(args, {"nodeToken": token, "name": response.name}, f"node {token} is now named {response.name}")
+    return 0
+
+
+def node_token_of(args: argparse.Namespace, ref: str) -> str:
+    """A node-token as given, or the token of the node named ref (a name never reads as a
+    token: check_node_name). One name in several networks: ask for the token."""
+    if valid_node_token(ref):
+        return ref
+    _, pb, _ = grpc_modules()
+    named = [n for n in admin_rpc(args, "ListNodes", pb.ListNodesRequest()).nodes if n.name == ref]
+    if not named:
+        raise UsageError(f"no node-token or node name {loggable(ref)!r}; `nc adm node list` shows both")
+    if len(named) > 1:
+        networks = ", ".join(n.network for n in named)
+        raise UsageError(f"{ref!r} names a node in each of the networks {networks}; give its node-token")
+    return named[0].nodeToken
 
 
 def adm_ca_status(args: argparse.Namespace) -> int:
@@ -11390,22 +11759,238 @@ def probe_data_port(address: tuple[str, int]) -> str:
         return f"cannot connect to the data port {host_port(*address)}: {e.strerror or e}"
 
 
+BACKUP_FORMAT = "nc-backup"
+
+
+BACKUP_VERSION = 1  # a newer nc reads every older version; an older one refuses a newer file
+
+
+BACKUP_MANIFEST = "manifest.json"
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"  # an older nc's backup: the database alone
+
+
+def pki_files(config: ServerConfig) -> dict[str, Path]:
+    """The PKI a backup holds, by its name in the file: both CAs with their keys, the
+    server certificates and the admin identity."""
+    files = {}
+    for kind, folder in (("grpc", Path(config.grpc_cert_dir)), ("network", Path(config.network_cert_dir))):
+        for name in ("ca.crt", "ca.key", "server.crt", "server.key"):
+            files[f"pki/{kind}/{name}"] = folder / name
+    for name in ("client.crt", "client.key", "ca.crt"):
+        files[f"pki/admin/{name}"] = config.admin_dir / name
+    return files
+
+
+def pki_file_mode(name: str) -> int:
+    """The mode the server gives each file: keys and the admin identity private, the rest public."""
+    return 0o600 if name.endswith(".key") or name.startswith("pki/admin/client") else 0o644
+
+
 def adm_backup(args: argparse.Namespace) -> int:
-    """A copy of the server's store, taken while it runs (sqlite's online backup)."""
+    """Write one file (mode 0600: it holds the CA keys) that recovers the server's host: a
+    consistent copy of the store (sqlite's online backup; on etcd, nc's keys at one
+    revision with the sealed PKI), the PKI (CAs, server certificates, admin identity) and
+    the server.yml given by --config. Safe while the server runs."""
     config: ServerConfig = load_config(args.config, "server")
-    out = Path(args.out).resolve()
-    backup_database(config.db_path, out)
-    print(out)
+    out = Path(backup_path_arg(args)).resolve()
+    if out.exists() and not args.force:
+        raise UsageError(f"{out} exists; pass --force to overwrite it, or choose another file")
+    members = {**store_members(config), **host_members(args.config, config)}
+    store = "etcd" if config.datastore_endpoint else "sqlite"
+    manifest = {"format": BACKUP_FORMAT, "version": BACKUP_VERSION, "nc": VERSION, "store": store}
+    members[BACKUP_MANIFEST] = json.dumps({**manifest, "created": utc_now().isoformat(timespec="seconds")}).encode()
+    write_backup(out, members, args.force)
+    pki = sum(name.startswith("pki/") for name in members)
+    config_note = " and server.yml" if "server.yml" in members else ""
+    document = {"file": str(out), "store": store, "contents": sorted(members)}
+    show(args, document, f"{out}: the {store} store, {pki} PKI files{config_note}")
     return 0
+
+
+def backup_path_arg(args: argparse.Namespace) -> str:
+    """The file a backup or restore names: positional, or the older --out / --from."""
+    path = args.file or getattr(args, "out", None) or getattr(args, "source", None)
+    if not path:
+        raise UsageError(f"name the backup file: nc adm {args.adm_command} FILE")
+    return path
+
+
+def store_members(config: ServerConfig) -> dict[str, bytes]:
+    if config.datastore_endpoint:
+        etcd = Etcd(
+            config.datastore_endpoint,
+            EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file),
+        )
+        try:
+            pairs = etcd_snapshot(etcd)
+        finally:
+            etcd.close()
+        encoded = [[base64.b64encode(k).decode(), base64.b64encode(v).decode()] for k, v in pairs]
+        return {"etcd.json": json.dumps(encoded).encode()}
+    folder = Path(config.db_path).parent
+    tmp = folder / f".nc-backup.{os.getpid()}.db"
+    try:
+        backup_database(config.db_path, tmp)
+        return {"nc.db": tmp.read_bytes()}
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def host_members(config_path: str | None, config: ServerConfig) -> dict[str, bytes]:
+    members = {name: path.read_bytes() for name, path in pki_files(config).items() if path.exists()}
+    if "pki/grpc/ca.key" not in members:
+        raise UsageError(f"{config.grpc_cert_dir}: no CA there; run on the server host (as root) or pass --config")
+    if config_path is not None:
+        members["server.yml"] = Path(config_path).read_bytes()
+    return members
+
+
+def write_backup(out: Path, members: dict[str, bytes], replace: bool) -> None:
+    """A gzip'd tar of members, written beside out and then linked (or, with replace,
+    renamed) into place: out is whole or untouched, and never overwritten by accident."""
+    import tarfile
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            with tarfile.open(fileobj=handle, mode="w:gz") as archive:
+                for name, data in sorted(members.items()):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode, info.mtime = len(data), 0o600, int(time.time())
+                    archive.addfile(info, io.BytesIO(data))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(tmp, out)
+        else:
+            os.link(tmp, out)  # fails if out appeared meanwhile
+    except FileExistsError:
+        raise UsageError(f"{out} exists; pass --force to overwrite it, or choose another file") from None
+    except OSError as e:
+        raise StoreError(os_error_line(e, "choose a backup file in a writable directory with free space")) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_backup(source: Path) -> dict[str, bytes]:
+    """The members of a backup file, only those nc writes (no path of the file's choosing
+    is ever used); an older nc's backup (the database alone) as its nc.db."""
+    import tarfile
+    import zlib
+
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise StoreError(f"{source}: no such backup file") from None
+    if data.startswith(SQLITE_MAGIC):
+        return {"nc.db": data}
+    known = {BACKUP_MANIFEST, "nc.db", "etcd.json", "server.yml", *pki_files(ServerConfig().resolve())}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
+            members = {
+                m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile() and m.name in known
+            }
+        manifest = json.loads(members[BACKUP_MANIFEST])
+    except (tarfile.TarError, EOFError, zlib.error, OSError, KeyError, ValueError):
+        raise StoreError(
+            f"{source}: not a backup nc wrote (or a damaged one); pick a file `nc adm backup` wrote"
+        ) from None
+    if manifest.get("format") != BACKUP_FORMAT or not isinstance(manifest.get("version"), int):
+        raise StoreError(f"{source}: not a backup nc wrote; pick a file `nc adm backup` wrote")
+    if manifest["version"] > BACKUP_VERSION:
+        raise StoreError(f"{source}: written by a newer nc ({manifest.get('nc')}); restore it with that version")
+    return members
 
 
 def adm_restore(args: argparse.Namespace) -> int:
-    """Put a backup in place of the store; only while the server is stopped (its lock is free)."""
-    config: ServerConfig = load_config(args.config, "server")
+    """Put a backup in place, the server stopped (its workDir lock free): the store, the
+    PKI and, where --config names no file yet, the server.yml it holds. On a fresh host
+    every node comes back with its address and certificates, without joining again."""
+    source = Path(backup_path_arg(args)).resolve()
+    members = read_backup(source)
+    config_path, wrote_config = restore_config(args.config, members, source)
+    config: ServerConfig = load_config(config_path, "server")
     with work_dir_lock(Path(config.work_dir)):
-        restore_database(Path(args.source).resolve(), config.db_path)
-    print(f"restored {config.db_path} from {args.source}")
+        refuse_another_ca(config, members, args.force)
+        restored = restore_store(config, members, source)
+        pki = pki_files(config)
+        for name, path in pki.items():
+            if name in members:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                write_private(path, members[name], pki_file_mode(name))
+    lines = [f"restored {restored} from {source}"]
+    lines += [f"wrote {config_path} (the backup's server.yml)"] if wrote_config else []
+    lines += [f"restored {sum(n in members for n in pki)} PKI files under {config.tls_dir}"]
+    lines += [f"start the server: nc server{f' --config {config_path}' if config_path else ''}"]
+    show(
+        args,
+        {"file": str(source), "store": restored, "config": config_path, "wroteConfig": wrote_config},
+        "\n".join(lines),
+    )
     return 0
+
+
+def restore_config(config_path: str | None, members: dict[str, bytes], source: Path) -> tuple[str | None, bool]:
+    """The server.yml to restore into: --config's (written from the backup when absent)."""
+    if config_path is None:
+        if "server.yml" in members:
+            raise UsageError(
+                f"{source} holds the server's server.yml: pass --config PATH (written there when no file is, "
+                "else that file is used)"
+            )
+        return None, False
+    path = Path(config_path)
+    if path.exists() or "server.yml" not in members:
+        return config_path, False
+    write_private(path, members["server.yml"])  # it may hold the clusterToken
+    return config_path, True
+
+
+def refuse_another_ca(config: ServerConfig, members: dict[str, bytes], force: bool) -> None:
+    """A restore over a host whose CA differs would lock out every node of that CA: only with --force."""
+    if force:
+        return
+    for name, path in pki_files(config).items():
+        if name.endswith("/ca.crt") and name in members and path.exists() and path.read_bytes() != members[name]:
+            raise UsageError(
+                f"{path} holds another CA than the backup; restoring replaces it and nodes admitted by it "
+                "must join again: pass --force if that is what you want"
+            )
+
+
+def restore_store(config: ServerConfig, members: dict[str, bytes], source: Path) -> str:
+    """The store of the backup into the store config names; returns what it restored."""
+    if "etcd.json" in members:
+        if not config.datastore_endpoint:
+            raise UsageError(
+                f"{source} is of replicas on etcd; pass a server.yml whose datastoreEndpoint names an empty etcd"
+            )
+        pairs = [(base64.b64decode(k), base64.b64decode(v)) for k, v in json.loads(members["etcd.json"])]
+        tls = EtcdTls(config.datastore_ca_file, config.datastore_cert_file, config.datastore_key_file)
+        etcd = Etcd(config.datastore_endpoint, tls)
+        try:
+            count = etcd_load(etcd, pairs)
+        finally:
+            etcd.close()
+        return f"{count} keys into etcd at {config.datastore_endpoint}"
+    if config.datastore_endpoint:
+        raise UsageError(
+            f"{source} holds a single server's sqlite store; restore it without datastoreEndpoint, then move it "
+            "with `nc adm datastore migrate`"
+        )
+    if "nc.db" not in members:
+        raise StoreError(f"{source}: holds no store; pick a file `nc adm backup` wrote")
+    Path(config.db_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = Path(config.db_path).with_name(f".nc-restore.{os.getpid()}.db")
+    try:
+        write_private(tmp, members["nc.db"])
+        restore_database(tmp, config.db_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return config.db_path
 
 
 def adm_replica_list(args: argparse.Namespace) -> int:
@@ -11554,7 +12139,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
         setup_logging(None, None, False)
         with work_dir_lock(work_dir, "client"):
-            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin)
+            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin, args.name or "")
     if args.config:
         config = load_config(args.config, "client")
     elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
@@ -11565,7 +12150,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         return run_joined_client(config)
 
 
-def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> int:
+def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, name: str = "") -> int:
     """`nc client --join`: join unless the work dir already holds credentials, then run.
     Credentials of a node the server no longer knows (unregistered) are replaced by a
     join with this join string, so `--join NEW` after an unregister just works."""
@@ -11573,7 +12158,7 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
         if parse_join_string(join_string).pin is None and not unsafe_skip_ca_pin:
             raise UsageError(UNPINNED_JOIN)
         check_tun_device()  # the rest of what a node needs is checked by join(), before the token is spent
-        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
+        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, name))
     log.info("%s already holds credentials; not joining again", work_dir)
     config = load_config(str(work_dir / "client.yml"), "client")
     try:
@@ -11582,7 +12167,7 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
         if e.code != "unregistered":
             raise
         log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
-    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
+    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, name or config.name))
 
 
 def run_joined_client(config: ClientConfig) -> int:
@@ -11590,6 +12175,9 @@ def run_joined_client(config: ClientConfig) -> int:
     if not config.server_addr or not config.token:
         raise ConfigError("client config needs client.serverAddr and client.token; join first with --join")
     return run_client(config)
+
+
+RTT_SOURCES = {"udp-echo": " (UDP keepalive echo)", "tcp-estimate": " (TCP estimate of the TLS channel)"}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -11604,7 +12192,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("server", status.get("server", "")),
         ("transport", status.get("transport") or "-"),
         ("since", status.get("connectedSince") or "-"),
-        ("round trip", f"{rtt} ms" if rtt is not None else "-"),
+        ("round trip", f"{rtt} ms{RTT_SOURCES.get(status.get('rttSource', ''), '')}" if rtt is not None else "-"),
         ("rx / tx", f"{human_bytes(status.get('rxBytes', 0))} / {human_bytes(status.get('txBytes', 0))}"),
     ]
     if status.get("lastError"):
@@ -11728,6 +12316,7 @@ def add_server_and_client_commands(commands: Any) -> None:
         "--work-dir", metavar="DIR", help=f"where credentials and client.yml live (default {DEFAULT_CLIENT_WORK_DIR})"
     )
     client.add_argument("--config", metavar="FILE", help="client.yml written by a previous join")
+    add_node_name_flag(client)
     add_unsafe_skip_ca_pin_flag(client)
     client.set_defaults(func=cmd_client)
 
@@ -11775,6 +12364,7 @@ def add_adm_token_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> No
         help=f"where to save them (default {DEFAULT_CLIENT_WORK_DIR})",
     )
     add_unsafe_skip_ca_pin_flag(join_cmd)
+    add_node_name_flag(join_cmd)
     join_cmd.set_defaults(func=adm_join)
 
 
@@ -11803,9 +12393,15 @@ def add_adm_network_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> 
 
 
 def add_adm_node_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
-    node = adm_cmds.add_parser("node", help="nodes: list, state, unregister")
+    node = adm_cmds.add_parser("node", help="nodes: list, state, rename, unregister, prune")
     node_cmds = node.add_subparsers(dest="node_command", metavar="COMMAND", required=True)
-    node_cmds.add_parser("list", parents=[output], help="list registered nodes").set_defaults(func=adm_node_list)
+    listing = node_cmds.add_parser("list", help="list registered nodes (-o wide: every column)")
+    listing.add_argument("-o", "--output", choices=["text", "wide", "json"], default=argparse.SUPPRESS)
+    listing.set_defaults(func=adm_node_list)
+    rename = node_cmds.add_parser("rename", parents=[output], help="give a node another name")
+    rename.add_argument("node", metavar="NODE", help="its node-token or its name")
+    rename.add_argument("new_name", metavar="NAME", type=node_name_arg, help="a-z, 0-9, '-'; unique in its network")
+    rename.set_defaults(func=adm_node_rename)
     prune = node_cmds.add_parser("prune", parents=[output], help="unregister nodes idle for longer than a duration")
     prune.add_argument("--idle-for", required=True, metavar="DURATION", help="30m, 12h, 30d: not connected that long")
     prune.add_argument("--dry-run", action="store_true", help="only list the nodes that would be removed")
@@ -11815,11 +12411,11 @@ def add_adm_node_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> Non
         ("unregister", [], adm_node_unregister, "unregister a node: cut it off and free its address"),
     ):
         sub = node_cmds.add_parser(name, parents=[output], help=text)
-        sub.add_argument("--node-token", required=True, metavar="T")
+        sub.add_argument("--node-token", required=True, metavar="NODE", help="its node-token or its name")
         sub.set_defaults(func=func)
         for alias in aliases + ([name] if name == "unregister" else []):
             legacy = adm_cmds.add_parser(alias, parents=[output], help=f"alias of `node {name}`")
-            legacy.add_argument("--node-token", required=True, metavar="T")
+            legacy.add_argument("--node-token", required=True, metavar="NODE", help="its node-token or its name")
             legacy.set_defaults(func=func)
 
 
@@ -11834,14 +12430,24 @@ def add_adm_server_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> N
         "status", parents=[output], help="expiry of the CAs, server certificates and admin identity"
     ).set_defaults(func=adm_ca_status)
     backup = adm_cmds.add_parser(
-        "backup", help="copy the server's database (safe while it runs)", description=adm_backup.__doc__
+        "backup",
+        parents=[output],
+        help="one file with the store, the PKI and server.yml (safe while the server runs)",
+        description=adm_backup.__doc__,
     )
-    backup.add_argument("--out", required=True, metavar="FILE", help="where to write the copy")
+    backup.add_argument("file", nargs="?", metavar="FILE", help="where to write it (mode 0600)")
+    backup.add_argument("--out", metavar="FILE", help=argparse.SUPPRESS)  # the older spelling of FILE
+    backup.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     backup.set_defaults(func=adm_backup)
     restore = adm_cmds.add_parser(
-        "restore", help="replace the server's database with a backup (server stopped)", description=adm_restore.__doc__
+        "restore",
+        parents=[output],
+        help="bring a host back from a backup (server stopped)",
+        description=adm_restore.__doc__,
     )
-    restore.add_argument("--from", dest="source", required=True, metavar="FILE", help="a file `nc adm backup` wrote")
+    restore.add_argument("file", nargs="?", metavar="FILE", help="a file `nc adm backup` wrote")
+    restore.add_argument("--from", dest="source", metavar="FILE", help=argparse.SUPPRESS)  # the older spelling
+    restore.add_argument("--force", action="store_true", help="replace a different CA already on this host")
     restore.set_defaults(func=adm_restore)
     replica = adm_cmds.add_parser("replica", help="server replicas on etcd")
     replica_cmds = replica.add_subparsers(dest="replica_command", metavar="COMMAND", required=True)
@@ -11904,6 +12510,23 @@ def add_unsafe_skip_ca_pin_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_node_name_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--name",
+        type=node_name_arg,
+        metavar="NAME",
+        help="this node's name in `nc adm node list` (default: its host name; a name taken in its network gets -2, -3...)",
+    )
+
+
+def node_name_arg(text: str) -> str:
+    try:
+        check_node_name(text)
+    except BadRequest as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def add_token_create_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--life",
@@ -11935,22 +12558,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except NcError as e:
-        print(f"nc: error: {one_line(str(e))}", file=sys.stderr)  # one line, whatever a library put into it
-        return e.exit_code
+        return fail(args, one_line(str(e)), e.exit_code)  # one line, whatever a library put into it
     except ImportError as e:  # grpcio, PyYAML, cryptography are imported lazily, when first needed
-        print(
-            f"nc: error: cannot load {e.name or 'a bundled library'} on Python {sys.version.split()[0]} ({e}); "
+        return fail(
+            args,
+            f"cannot load {e.name or 'a bundled library'} on Python {sys.version.split()[0]} ({e}); "
             "copy this nc again, or rebuild it with ./build.sh",
-            file=sys.stderr,
+            1,
         )
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 1
     except OSError as e:  # a file nc needs: missing, read-only, or on a full disk
-        print(f"nc: error: {os_error_line(e, 'check the path and the free space there')}", file=sys.stderr)
-        return 1
+        return fail(args, os_error_line(e, "check the path and the free space there"), 1)
+
+
+def fail(args: argparse.Namespace, line: str, code: int) -> int:
+    """A failed command: its one line on stderr and, under `-o json`, the same as a JSON
+    object on stdout, so a script reading stdout sees an error, not an empty document."""
+    print(f"nc: error: {line}", file=sys.stderr)
+    if getattr(args, "output", "text") == "json":
+        print(json.dumps({"error": line, "code": code}))
+    return code
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ CONTROL = f"{SERVER_IP}:6440"
 BOOTSTRAP = f"{SERVER_IP}:6439"
 NODE_KEYS = {"nodeToken", "bindIp", "connState", "createTime", "updateTime", "network", "mintedBy"}
 NODE_KEYS |= {"hostName", "endpoint", "transport", "lastSeen", "rxBytes", "txBytes", "nodeVersion", "reserved"}
+NODE_KEYS |= {"connStateName", "name"}  # the CLI's JSON names the state beside its code; the node's name
 
 
 def ca_pin_of(path: Path) -> str:

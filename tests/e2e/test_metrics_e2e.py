@@ -12,6 +12,8 @@ from flood_helpers import held, start_flood
 from netlab import SCRIPTS, Lab, NcServer, start_client, start_server, wait_for
 from overlay_helpers import assert_reaches, scrape, value, wait_connected
 
+import ncctl
+
 
 def test_metrics_follow_nodes_traffic_and_refusals(lab: Lab) -> None:
     server = start_server(lab.add_host("server"))
@@ -68,3 +70,19 @@ def test_slow_clients_on_the_metrics_port_cost_no_thread_each(lab: Lab) -> None:
     assert value(scrape(server.host), "nc_sessions", transport="tcp") == 0
     assert flood.alive(), flood.log()[-1000:]
     flood.stop()
+
+
+def test_metrics_carry_the_build_certificate_expiry_and_every_drop_reason(lab: Lab) -> None:
+    """nc_build_info names the version and Python; each of the server's certificates has
+    an expiry gauge; every drop reason has a series, at 0, from the first scrape."""
+    server = start_server(lab.add_host("server"))
+    samples = scrape(server.host)
+    builds = [labels for name, labels in samples if name == "nc_build_info"]
+    assert len(builds) == 1 and dict(builds[0])["version"] == ncctl.VERSION and dict(builds[0])["python"], builds
+    year = 365 * 86400
+    for certificate, at_least in (("grpc-ca", 19 * year), ("network-ca", 19 * year), ("grpc-server", 9 * year)):
+        assert value(samples, "nc_certificate_expiry_seconds", certificate=certificate) > at_least, certificate
+    assert 0 < value(samples, "nc_certificate_expiry_seconds", certificate="admin") <= year
+    assert ("nc_certificate_expiry_seconds", (("certificate", "network-server"),)) in samples
+    for reason in ncctl.DROP_REASONS:
+        assert ("nc_drops_total", (("reason", reason),)) in samples, reason

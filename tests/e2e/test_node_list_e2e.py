@@ -27,8 +27,9 @@ def test_node_list_shows_host_endpoint_transport_traffic_and_version(lab: Lab) -
     assert row["reserved"] is False
     reserved = server.node("reserverd")
     assert reserved["reserved"] is True
-    table = server.adm("node", "list").stdout.splitlines()
-    assert table[0].split()[:8] == [
+    table = server.adm("node", "list", "-o", "wide").stdout.splitlines()
+    assert table[0].split()[:9] == [
+        "NAME",
         "NODE-TOKEN",
         "NETWORK",
         "BIND-IP",
@@ -38,7 +39,7 @@ def test_node_list_shows_host_endpoint_transport_traffic_and_version(lab: Lab) -
         "TRANSPORT",
         "LAST-SEEN",
     ]
-    assert any(line.startswith("reserverd") and " reserved " in line for line in table), table
+    assert any(line.split()[1] == "reserverd" and " reserved " in line for line in table[1:]), table
 
     client.process.stop()
     gone = server.node(client.token())

@@ -460,7 +460,9 @@ def test_real_nodes_keep_their_addresses_across_the_upgrade_from_version_1(lab: 
     ips = {client.token(): wait_connected(server, client) for client in clients}
     assert server.process.stop() == 0
     path = server.work_dir / "nc.db"
-    statements = [  # undo migration 4, 3, then migration 2
+    statements = [  # undo migration 5, 4, 3, then migration 2
+        "DROP INDEX network_mgr_name",
+        "ALTER TABLE network_mgr DROP COLUMN name",
         *(f"ALTER TABLE network_mgr DROP COLUMN {c}" for c in ("host_name", "endpoint", "transport", "node_version")),
         "ALTER TABLE network_mgr DROP COLUMN last_seen",
         "DROP TABLE nc_cert",
@@ -485,4 +487,5 @@ def test_real_nodes_keep_their_addresses_across_the_upgrade_from_version_1(lab: 
     for client in clients:
         assert wait_connected(server, client, timeout=40) == ips[client.token()]
         assert nodes(server)[client.token()]["network"] == "default"
+    wait_for(lambda: all(nodes(server)[c.token()]["name"] for c in clients), what="the nodes named at their hello")
     assert_reaches(clients[0].host, ips[clients[1].token()])

@@ -8,7 +8,7 @@ import os
 import stat
 
 from control_helpers import one_error_line
-from netlab import Lab, start_client, start_server, wait_for
+from netlab import Lab, NcClient, start_client, start_server, wait_for
 from overlay_helpers import assert_reaches, wait_connected
 
 
@@ -45,3 +45,29 @@ def test_adm_health_probes_the_data_port(lab: Lab) -> None:
     health = server.adm_json("health")
     assert health["healthy"] is True and health["data"]["ok"] is True
     assert health["data"]["address"] == "127.0.0.1:6441"
+
+
+def status_of(client: NcClient) -> dict:
+    return json.loads(client.host.nc("status", "--work-dir", str(client.work_dir), "-o", "json", check=False).stdout)
+
+
+def test_round_trip_is_timed_on_the_path_in_use(lab: Lab) -> None:
+    """On the UDP path `nc status` times keepalive echoes over the datagrams themselves;
+    on TLS it shows the kernel's TCP estimate; either way it says which."""
+    server = start_server(lab.add_host("server"))
+    client = start_client(lab.add_host("node"), server.join_string())
+    wait_connected(server, client)
+    on_udp = wait_for(
+        lambda: (s := status_of(client)).get("transport") == "udp" and s.get("rttSource") == "udp-echo" and s,
+        timeout=30,
+        what="a round trip timed over UDP",
+    )
+    assert 0 < on_udp["rttMs"] < 500, on_udp
+    text = client.host.nc("status", "--work-dir", str(client.work_dir)).stdout
+    assert "(UDP keepalive echo)" in text, text
+
+    tls_server = start_server(lab.add_host("tls-server"), transport="tcp", metricsAddr="")
+    tls_client = start_client(lab.add_host("tls-node"), tls_server.join_string())
+    wait_connected(tls_server, tls_client)
+    on_tls = wait_for(lambda: (s := status_of(tls_client)).get("rttMs") and s, what="a round trip on TLS")
+    assert on_tls["transport"] == "tcp" and on_tls["rttSource"] == "tcp-estimate", on_tls

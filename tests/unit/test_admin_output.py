@@ -29,3 +29,18 @@ def test_json_keeps_the_exact_string(capsys: pytest.CaptureFixture[str]) -> None
 def test_text_output_is_the_table(capsys: pytest.CaptureFixture[str]) -> None:
     ncctl.show(argparse.Namespace(output="text"), {}, ncctl.Table(["A", "B"], [["1", "22"], ["333", "4"]]))
     assert capsys.readouterr().out.splitlines() == ["A    B", "1    22", "333  4"]
+
+
+def test_every_drop_reason_in_the_code_is_a_metric_series_from_the_start() -> None:
+    """nc_drops_total lists DROP_REASONS at 0 before anything drops; a reason the code
+    counts but the list lacks would appear only once it happens (no baseline for rate())."""
+    import re
+    from pathlib import Path
+
+    source = Path(ncctl.__file__).read_text()
+    counted = set(re.findall(r'counters\["dropped-([a-z-]+)"\]', source))
+    counted |= set(re.findall(r'BadFrame\(\s*"([a-z-]+)"', source))
+    counted |= {"udp-" + r for r in re.findall(r'(?:_drop_datagram|dropped)\(\s*"([a-z-]+)"', source)}
+    sealing = {"udp-bad-share", "udp-counter-exhausted"}  # a key share refused at the hello; a sender's own counter
+    counted |= {"udp-" + r for r in re.findall(r'BadDatagram\("([a-z-]+)"\)', source)} - sealing
+    assert counted and counted <= set(ncctl.DROP_REASONS), counted - set(ncctl.DROP_REASONS)

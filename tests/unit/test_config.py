@@ -241,3 +241,52 @@ def test_token_life_is_minutes_or_a_duration(text: str, minutes: int) -> None:
 def test_a_bad_token_life_is_a_usage_error_naming_the_flag(text: str, says: str) -> None:
     with pytest.raises(ncctl.UsageError, match=f"^--life: '{text}' .*{says}"):
         ncctl.token_life_minutes(text)
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "kept"),
+    [
+        ("keepalive", "10", 10),  # seconds, as it always was
+        ("keepalive", "1m", 60),
+        ("nodeTokenMaxLife", "60", 60),  # minutes, as the original's token lives
+        ("nodeTokenMaxLife", "2h", 120),
+        ("nodeCertLife", "7d", 7 * 86400),
+    ],
+)
+def test_every_duration_field_takes_one_syntax(tmp_path: Path, field: str, text: str, kept: int) -> None:
+    """One duration syntax for every field; a bare number keeps the unit the field had."""
+    path = write(tmp_path, f"mode: server\nserver:\n  {field}: {text}\n")
+    config = ncctl.load_config(str(path), "server")
+    assert (
+        getattr(
+            config, {"keepalive": "keepalive", "nodeTokenMaxLife": "node_token_max_life"}.get(field, "node_cert_life")
+        )
+        == kept
+    )
+
+
+def test_a_minutes_field_refuses_seconds_it_cannot_keep(tmp_path: Path) -> None:
+    path = write(tmp_path, "mode: server\nserver:\n  nodeTokenMaxLife: 90s\n")
+    with pytest.raises(ncctl.ConfigError, match=r"server\.nodeTokenMaxLife: '90s' is not whole minutes"):
+        ncctl.load_config(str(path), "server")
+
+
+@pytest.mark.parametrize(
+    ("said", "name"),
+    [
+        ("edge-01", "edge-01"),
+        ("Edge_01.example.com", "edge-01"),
+        ("--x--", "x"),
+        ("ünï", "n"),
+        ("", ""),
+        ("a" * 80, "a" * 63),
+    ],
+)
+def test_a_node_name_comes_from_what_a_node_says(said: str, name: str) -> None:
+    assert ncctl.node_name_from(said) == name
+
+
+def test_a_clashing_name_gets_the_first_free_suffix() -> None:
+    assert ncctl.free_node_name("edge", {"edge", "edge-2"}) == "edge-3"
+    assert ncctl.free_node_name("a" * 16, set()) == "a" * 16 + "-2"  # not readable as a node-token
+    assert len(ncctl.free_node_name("x" * 63, {"x" * 63})) <= 63

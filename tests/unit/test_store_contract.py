@@ -425,6 +425,30 @@ def test_concurrent_claims_across_handles_bind_no_address_twice(stores: Stores) 
 # -- networks -----------------------------------------------------------------
 
 
+def test_node_names_are_unique_within_a_network(store: ncctl.Datastore) -> None:
+    """A node takes the name it asks for, with a suffix when its network has it already
+    (another network may have it too); it keeps it; a rename to a taken name is refused."""
+    store.add_network(ncctl.NetworkSpec("ops", "10.8.0.0/16", True), "o" * 16)
+    for token, network in (("a" * 16, ncctl.DEFAULT_NETWORK), ("b" * 16, ncctl.DEFAULT_NETWORK), ("c" * 16, "ops")):
+        admitted(store, token, network=network)
+    assert store.claim_node_name("a" * 16, "edge") == "edge"
+    assert store.claim_node_name("a" * 16, "other") == "edge", "a node keeps its name"
+    assert store.claim_node_name("b" * 16, "edge") == "edge-2"
+    assert store.claim_node_name("c" * 16, "edge") == "edge", "names are per network"
+    assert store.claim_node_name("d" * 16, "edge") == "", "no node, no name"
+    assert [store.node(t).name for t in ("a" * 16, "b" * 16, "c" * 16)] == ["edge", "edge-2", "edge"]
+    with pytest.raises(ncctl.BadRequest, match="is named 'edge'"):
+        store.rename_node("b" * 16, "edge")
+    store.rename_node("b" * 16, "gateway")
+    store.rename_node("a" * 16, "edge")  # its own name again: no clash with itself
+    assert store.node("b" * 16).name == "gateway"
+    with pytest.raises(ncctl.BadRequest, match="cannot name a node"):
+        store.rename_node("b" * 16, "Bad_Name")
+    with pytest.raises(ncctl.BadRequest, match="not registered"):
+        store.rename_node("d" * 16, "new")
+    assert store.claim_node_name("b" * 16, "") == "gateway"
+
+
 def test_networks(store: ncctl.Datastore) -> None:
     spec = ncctl.NetworkSpec("lab", "10.7.0.0/16", True)
     store.put_config_network(spec, "t" * 16)
@@ -555,3 +579,31 @@ def test_etcd_a_lost_fence_stops_leader_only_writes(etcd: LocalEtcd) -> None:
             store.ensure_reserved_node("10.1.0.2")
     finally:
         store.close()
+
+
+def test_etcd_snapshot_loads_into_an_empty_etcd_whole(etcd: LocalEtcd) -> None:
+    """`nc adm backup` on replicas: nc's keys at one revision, without leased ones (a
+    replica's heartbeat); `nc adm restore` puts them into an empty prefix and refuses a
+    prefix that holds nc's keys already."""
+    stores = Stores("etcd", Path("/nonexistent"), etcd)
+    source = stores.open()
+    empty = ncctl.Etcd(etcd.endpoint, prefix=f"/nc-restored-{secrets.token_hex(4)}/")  # no store opened on it yet
+    try:
+        admitted(source, "a" * 16)
+        lease = source.etcd.grant(30)
+        source.etcd.txn([], [source.etcd.put_op(source.etcd.key("replica", "x"), b"{}", lease=lease)])
+        pairs = ncctl.etcd_snapshot(source.etcd)
+        assert pairs and all(key.startswith(source.etcd.prefix) for key, _ in pairs)
+        assert source.etcd.key("replica", "x") not in dict(pairs)
+        moved = [(empty.prefix + key[len(source.etcd.prefix) :], value) for key, value in pairs]
+        assert ncctl.etcd_load(empty, moved) == len(pairs)
+        restored = ncctl.EtcdStore(etcd.endpoint, prefix=empty.prefix.decode())
+        try:
+            assert restored.node("a" * 16) == source.node("a" * 16)
+        finally:
+            restored.close()
+        with pytest.raises(ncctl.StoreError, match="only into an empty one"):
+            ncctl.etcd_load(empty, moved)
+    finally:
+        source.close()
+        empty.close()

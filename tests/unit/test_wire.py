@@ -160,6 +160,18 @@ def test_hello_round_trip(token: str, version: str, caps: tuple[str, ...], proto
     assert ncctl.Hello.decode(payload_of(hello.encode(), ncctl.FRAME_HELLO)) == hello
 
 
+def test_hello_carries_the_name_a_node_asks_for_and_an_older_hello_none() -> None:
+    """The name is an optional hello field: sent only when set (an older server ignores
+    it), absent from an older node's hello (the server then names it by hostName)."""
+    named = ncctl.Hello("a" * 16, host_name="vm", name="edge-7")
+    assert ncctl.Hello.decode(payload_of(named.encode(), ncctl.FRAME_HELLO)).name == "edge-7"
+    older = ncctl.Hello("a" * 16, host_name="vm")
+    assert b'"name"' not in older.encode()
+    assert ncctl.Hello.decode(payload_of(older.encode(), ncctl.FRAME_HELLO)).name == ""
+    with pytest.raises(ncctl.ProtocolError, match="name must be a string"):
+        ncctl.Hello.decode(json.dumps({"proto": 1, "nodeToken": "a" * 16, "name": 7}).encode())
+
+
 @st.composite
 def usable_welcomes(draw: st.DrawFn) -> ncctl.Welcome:
     """Welcomes a node can configure: two distinct hosts of a subnet clear of the

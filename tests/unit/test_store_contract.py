@@ -583,27 +583,31 @@ def test_etcd_a_lost_fence_stops_leader_only_writes(etcd: LocalEtcd) -> None:
 
 def test_etcd_snapshot_loads_into_an_empty_etcd_whole(etcd: LocalEtcd) -> None:
     """`nc adm backup` on replicas: nc's keys at one revision, without leased ones (a
-    replica's heartbeat); `nc adm restore` puts them into an empty prefix and refuses a
-    prefix that holds nc's keys already."""
+    replica's heartbeat); `nc adm restore` puts them back into an emptied etcd (the MACs
+    are bound to the key names, so to the same prefix) and refuses one that holds nc's keys."""
     stores = Stores("etcd", Path("/nonexistent"), etcd)
     source = stores.open()
-    empty = ncctl.Etcd(etcd.endpoint, prefix=f"/nc-restored-{secrets.token_hex(4)}/")  # no store opened on it yet
+    prefix = source.etcd.prefix
     try:
         admitted(source, "a" * 16)
+        before = source.node("a" * 16)
         lease = source.etcd.grant(30)
         source.etcd.txn([], [source.etcd.put_op(source.etcd.key("replica", "x"), b"{}", lease=lease)])
         pairs = ncctl.etcd_snapshot(source.etcd)
-        assert pairs and all(key.startswith(source.etcd.prefix) for key, _ in pairs)
+        assert pairs and all(key.startswith(prefix) for key, _ in pairs)
         assert source.etcd.key("replica", "x") not in dict(pairs)
-        moved = [(empty.prefix + key[len(source.etcd.prefix) :], value) for key, value in pairs]
-        assert ncctl.etcd_load(empty, moved) == len(pairs)
-        restored = ncctl.EtcdStore(etcd.endpoint, prefix=empty.prefix.decode())
+        source.etcd.txn([], [source.etcd.delete_op(prefix, whole_prefix=True)])  # the lost cluster
+    finally:
+        source.close()
+    empty = ncctl.Etcd(etcd.endpoint, prefix=prefix.decode())  # no store opened on it yet
+    try:
+        assert ncctl.etcd_load(empty, pairs) == len(pairs)
+        restored = ncctl.EtcdStore(etcd.endpoint, CLUSTER_TOKEN, prefix=prefix.decode())
         try:
-            assert restored.node("a" * 16) == source.node("a" * 16)
+            assert restored.node("a" * 16) == before
         finally:
             restored.close()
         with pytest.raises(ncctl.StoreError, match="only into an empty one"):
-            ncctl.etcd_load(empty, moved)
+            ncctl.etcd_load(empty, pairs)
     finally:
-        source.close()
         empty.close()

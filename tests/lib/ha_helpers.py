@@ -56,23 +56,29 @@ LAYOUT1_COMMIT = "a97ea62b3f2dc028b06fbd6c15313a98a8977eef"
 
 
 def layout1_nc(lab: Lab) -> str:
-    """That build's ncctl.py, from the repo's history, run from source (with this repo's
-    generated proto modules): the path of a program that behaves as its ./nc."""
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{LAYOUT1_COMMIT}:ncctl.py"], capture_output=True, text=True, check=False
-    )
-    if source.returncode != 0:
-        raise AssertionError(
-            f"the upgrade test needs the repo's history (commit {LAYOUT1_COMMIT[:12]}, the last build of etcd "
-            f"key layout 1): {source.stderr.strip()}"
-        )
+    """That build's ncctl.py and protocol files, from the repo's history, run from source
+    (its proto modules generated as build.sh does): a program that behaves as its ./nc."""
     directory = lab.dir / "layout1-nc"
-    directory.mkdir()
-    (directory / "ncctl.py").write_text(source.stdout)
+    (directory / "proto").mkdir(parents=True)
+    for name in ("ncctl.py", "proto/__init__.py", "proto/nc.proto", "proto/etcd.proto"):
+        (directory / name).write_text(git_show(LAYOUT1_COMMIT, name))
+    protoc = [str(ROOT / ".build/tools/bin/python"), "-m", "grpc_tools.protoc", "-I.", "--python_out=."]
+    protoc += ["--grpc_python_out=.", "proto/nc.proto", "proto/etcd.proto"]
+    subprocess.run(protoc, cwd=directory, check=True)
     program = directory / "nc"
-    program.write_text(f'#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} {directory / "ncctl.py"} "$@"\n')
+    program.write_text(f'#!/bin/sh\nPYTHONPATH={directory} exec {sys.executable} {directory / "ncctl.py"} "$@"\n')
     program.chmod(0o755)
     return str(program)
+
+
+def git_show(commit: str, path: str) -> str:
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise AssertionError(
+            f"the upgrade test needs the repo's history (commit {commit[:12]}, the last build of etcd "
+            f"key layout 1): {shown.stderr.strip()}"
+        )
+    return shown.stdout
 
 
 def etcd_dump(host: Host, endpoints: str) -> bytes:

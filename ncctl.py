@@ -119,6 +119,9 @@ DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9441"
 
 
+NODE_TUN_NAME = "nc0"  # the node's TUN device: one nc client per host
+
+
 MAX_JOIN_REPLICAS = 16  # replica addresses one join string lists at most: a node tries each in turn
 
 
@@ -214,18 +217,34 @@ MIN_CLUSTER_TOKEN_LEN = 16
 RPC_TIMEOUT_S = 10.0
 
 
+# nc's exit codes, as `nc --help` and the README list them.
+EXIT_OK = 0
+
+
+EXIT_FAILURE = 1  # a failure that may pass: the server unreachable, a full disk, a bug
+
+
+EXIT_USAGE = 2  # the command line or a config file is wrong: fix it before trying again
+
+
+EXIT_REFUSED = 3  # the server refused this node for good (unregistered, a bad token): join again
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it
+
+
 class NcError(Exception):
     """An error the user can act on; str(error) is the one line printed on stderr."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class ConfigError(NcError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UsageError(NcError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class StoreError(NcError):
@@ -991,6 +1010,33 @@ class MemoryTrimmer(threading.Thread):
             low = min(low, free)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (a set of files written as one);
+    one that came meanwhile acts as the block ends. Handlers, not a signal mask: with
+    other threads running, the kernel hands a masked signal to one of them."""
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if came:
+            signal.raise_signal(came[0])
+
+
+def reload_once_running(mode: str) -> None:
+    """SIGHUP before the server or client runs (starting, joining) is not the end of it,
+    as its default action would be: nothing is read yet that could be read again."""
+
+    def early(_signum: int, _frame: Any) -> None:
+        log.info("SIGHUP: nc %s is still starting; nothing re-read (send it again once it runs)", mode)
+
+    signal.signal(signal.SIGHUP, early)
+
+
 def check_root(mode: str) -> None:
     if os.geteuid() != 0:
         raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
@@ -1026,6 +1072,9 @@ def service_unit(
         "SyslogIdentifier=nc",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
+        # exit 2 (a config or usage error) and 3 (refused by the server) stay so until a
+        # person acts: restarting would only repeat them every RestartSec
+        f"RestartPreventExitStatus={EXIT_USAGE} {EXIT_REFUSED}",
         "RestartSec=2s",
         "TimeoutStartSec=90s",
         "WatchdogSec=30s",
@@ -8052,13 +8101,20 @@ RENEW_CHECK_S = 60.0  # how often at most the client looks at its certificates' 
 CERTS_RENEWED = "certificates renewed"  # a session ended by this reconnects at once
 
 
+TRANSPORT_CHANGED = "client.yml names another transport"  # SIGHUP: reconnect at once to apply it
+
+
+# What SIGHUP applies to a running client; any other field of client.yml needs a restart.
+CLIENT_RELOADABLE_FIELDS = ("debug", "transport", "server_addr")
+
+
 UNEXPECTED_CONNECT_ERROR = "unexpected error while connecting"  # a bug: logged, retried with backoff
 
 
 class Refused(NcError):
     """The server ended the session and said reconnecting will not help."""
 
-    exit_code = 3
+    exit_code = EXIT_REFUSED
 
     def __init__(self, message: str, code: str = "") -> None:
         super().__init__(message)
@@ -8112,6 +8168,16 @@ class ServerFollower:
             self.servers.extend(learned)
             log.info("server replicas: %s", ", ".join(self.servers))
 
+    def reset(self, servers: list[str], connected: bool) -> None:
+        """The replica list client.yml names now (SIGHUP). A live session stays where it
+        is; the next connect goes to a listed replica."""
+        self.servers = servers
+        if self.server not in servers:
+            if connected:
+                self.leader_hint = servers[0]  # follow() moves there when this session ends
+            else:
+                self.server = servers[0]
+
     def session_lasted(self, seconds: float) -> None:
         if seconds > STABLE_SESSION_S:
             self.backoff = 0.5
@@ -8141,7 +8207,7 @@ class NodeInterface:
         self.gso = CAP_GSO in welcome.caps
         self.server_mtu = welcome.mtu
         if self.tun is None:
-            self.tun = Tun("nc0", offload=self.gso)
+            self.tun = Tun(NODE_TUN_NAME, offload=self.gso)
             self.reader = TunReader(self.tun)
         return self.tun
 
@@ -8244,6 +8310,8 @@ class NodeSession:
                     with contextlib.suppress(OSError):
                         os.read(client.wake_r, 64)
                     return CERTS_RENEWED
+                if client.reload_if_asked():
+                    return TRANSPORT_CHANGED
                 for fd, events in poller.poll(0.25 if udp is not None else 1.0):
                     if fd == tun_fd:
                         self._read_tun(1 if poller.woke else 256)
@@ -8405,6 +8473,9 @@ class NetworkClient:
         self.link: Link | None = None  # the live session, for `nc status`
         self.connected_since = 0.0  # epoch seconds; 0 while not connected
         self.last_error = ""
+        self.config_path = str(Path(config.work_dir) / "client.yml")  # what SIGHUP re-reads
+        self.reload_wanted = threading.Event()
+        self.wake = threading.Event()  # ends a wait between attempts early: a stop or a reload
 
     def _tls_context(self) -> ssl.SSLContext:
         certs = Path(self.config.network_cert_dir)
@@ -8425,10 +8496,35 @@ class NetworkClient:
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"!")
 
+    def request_reload(self) -> None:
+        """Signal handler (SIGHUP): re-read client.yml at the loop's next turn."""
+        self.reload_wanted.set()
+        self.wake.set()
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"!")
+
+    def reload_if_asked(self) -> bool:
+        """Apply a pending SIGHUP; True when the session must reconnect to apply it."""
+        if not self.reload_wanted.is_set():
+            return False
+        self.reload_wanted.clear()
+        with contextlib.suppress(OSError):
+            os.read(self.wake_r, 64)
+        return reload_client_config(self.config, self.config_path, self.follower, self.link is not None)
+
+    def _pause(self, seconds: float) -> None:
+        """The wait between attempts: a stop ends it, a reload is applied at once."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.wake.wait(left)
+            self.wake.clear()
+            self.reload_if_asked()
+
     def request_stop(self) -> None:
         """Signal handler: stop now. A connect in progress may block for seconds
         (an unreachable server), so it is interrupted rather than waited for."""
         self.stop.set()
+        self.wake.set()
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"!")
         if self.connecting:
@@ -8440,11 +8536,12 @@ class NetworkClient:
         while, so a server that accepts and drops at once is not hammered."""
         try:
             while not self.stop.is_set():
+                self.reload_if_asked()
                 reason, session_ended = self._one_attempt()
                 if reason is None:
                     break  # asked to stop
-                if reason == CERTS_RENEWED:
-                    log.info("reconnecting with the renewed certificates")
+                if reason in (CERTS_RENEWED, TRANSPORT_CHANGED):
+                    log.info("reconnecting: %s", reason)
                     continue
                 if reason != UNEXPECTED_CONNECT_ERROR and self.follower.follow():
                     if session_ended:
@@ -8452,12 +8549,12 @@ class NetworkClient:
                         log.warning("%s; trying replica %s", reason, self.follower.server)
                     else:
                         log.info("%s; trying replica %s", reason, self.follower.server)
-                        self.stop.wait(random.uniform(0.05, 0.2))  # another replica: no backoff
+                        self._pause(random.uniform(0.05, 0.2))  # another replica: no backoff
                     continue
                 self.last_error = reason
                 delay = self.follower.next_delay()
                 log.warning("%s; retrying in %.1f s", reason, delay)
-                self.stop.wait(delay)
+                self._pause(delay)
         finally:
             self.stop.set()
             self.interface.close()
@@ -8498,7 +8595,7 @@ class NetworkClient:
             self.link, self.connected_since = None, 0.0
             link.close()
             self._close_datagram_path()
-        if reason is None or reason == CERTS_RENEWED:
+        if reason is None or reason in (CERTS_RENEWED, TRANSPORT_CHANGED):
             return reason, True
         self.follower.session_lasted(time.monotonic() - started)
         log.debug("session counters %s", dict(self.counters))
@@ -8644,6 +8741,33 @@ class NetworkClient:
         for network in (welcome.interface.network, *map(ipaddress.IPv4Network, welcome.routes)):
             if server in network:
                 raise ProtocolError(f"the welcome routes {network}, the server's own address, into the tunnel")
+
+
+def reload_client_config(config: ClientConfig, path: str, follower: ServerFollower, connected: bool) -> bool:
+    """SIGHUP: re-read client.yml, apply debug, transport and the replica list
+    (serverAddr), and say in one line what was applied and what needs a restart.
+    True when the session must reconnect to apply it (another transport)."""
+    try:
+        fresh: ClientConfig = load_config(path, "client")
+    except ConfigError as e:
+        log.error("SIGHUP: %s; the running configuration stays", e)
+        return False
+    changed = [f.name for f in dataclasses.fields(ClientConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
+    for name in changed:
+        if name in CLIENT_RELOADABLE_FIELDS:
+            setattr(config, name, getattr(fresh, name))
+    logging.getLogger("nc").setLevel(logging.DEBUG if config.debug else logging.INFO)
+    if "server_addr" in changed:
+        follower.reset(server_addresses(config.server_addr), connected)
+    applied = [camel(name) for name in changed if name in CLIENT_RELOADABLE_FIELDS]
+    restart = [camel(name) for name in changed if name not in CLIENT_RELOADABLE_FIELDS]
+    log.info(
+        "SIGHUP: re-read %s; applied: %s; needs a restart: %s",
+        path,
+        ", ".join(applied) or "nothing changed",
+        ", ".join(restart) or "nothing",
+    )
+    return "transport" in changed and connected
 
 
 def node_credential_files(config: ClientConfig) -> dict[str, Path]:
@@ -9625,6 +9749,15 @@ def tls12_certificates(records: bytes) -> list[bytes] | None:
     return None
 
 
+class UntrustedServer(RemoteError):
+    """The server is not the one the join string pins: waiting will not change that."""
+
+
+class JoinRefused(Refused):
+    """The bootstrap service answered, and said no (a bad, used or expired token, a full
+    network): trying again with the same join string cannot help."""
+
+
 def fetch_server_ca(target: JoinTarget) -> bytes:
     """The server's gRPC CA, taken from its TLS chain and checked against the pin.
 
@@ -9648,7 +9781,7 @@ def fetch_server_ca(target: JoinTarget) -> bytes:
         candidates = [c for c in certs if hmac.compare_digest(spki_pin(c), target.pin)]
         if not candidates:
             seen = ", ".join(spki_pin(c) for c in certs[1:]) or "none"
-            raise RemoteError(
+            raise UntrustedServer(
                 f"the server at {target.address} is not the one in the join string: CA pin {target.pin} expected, "
                 f"server offered {seen}; the token was not sent"
             )
@@ -9657,7 +9790,7 @@ def fetch_server_ca(target: JoinTarget) -> bytes:
         try:
             leaf.verify_directly_issued_by(ca)
         except Exception:
-            raise RemoteError(
+            raise UntrustedServer(
                 f"the server at {target.address} presented a certificate its CA did not sign; the token was not sent"
             ) from None
     return cert_pem(ca)
@@ -9735,20 +9868,61 @@ def check_work_dir_usable(work_dir: Path) -> None:
         )
 
 
+def check_interface_free(name: str = NODE_TUN_NAME) -> None:
+    """No interface of the node's name yet: a second nc client on this host (another work
+    dir) would otherwise spend its token and then fail to make the device."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return
+    raise TunError(
+        f"interface {name} already exists on this host: another nc client runs here (nc status --work-dir DIR "
+        "shows it) or a leftover device; stop it or remove the interface first; the token was not spent"
+    )
+
+
 UNPINNED_JOIN = (
     "the join string has no CA pin (#sha256:...), so nothing proves the server is yours; copy the whole "
     "string from `nc adm token create`, or add --unsafe-skip-ca-pin to trust the server on first use"
 )
 
 
-def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> ClientConfig:
+DEFAULT_JOIN_TIMEOUT_S = 300  # how long `nc client --join` waits for a server that is down or not ready
+
+
+JOIN_BACKOFF_CAP_S = 10.0  # the longest wait between two join attempts
+
+
+def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, timeout_s: float = 0) -> ClientConfig:
     """Fetch this node's token and certificates with a bootstrap token and save them;
     with several replicas in the join string, from the first one that answers. Like
-    kubeadm, a join string without a CA pin needs the explicit unsafe flag."""
+    kubeadm, a join string without a CA pin needs the explicit unsafe flag, and a server
+    that cannot be reached (down, starting, failing over) is tried again, one line per
+    attempt, for timeout_s; one that refuses the token fails at once."""
     listed = parse_join_string(join_string)
     if listed.pin is None and not unsafe_skip_ca_pin:
         raise UsageError(UNPINNED_JOIN)
     check_work_dir_usable(work_dir)
+    deadline, backoff, attempt = time.monotonic() + timeout_s, 0.5, 0
+    while True:
+        attempt += 1
+        try:
+            return join_once(listed, work_dir)
+        except UntrustedServer:
+            raise
+        except RemoteError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" (tried {attempt} times in {format_duration(int(timeout_s))}, --join-timeout)"
+                raise RemoteError(f"{e}{waited if timeout_s else ''}") from None
+            backoff = min(backoff * 2, JOIN_BACKOFF_CAP_S)
+            delay = min(random.uniform(0.75, 1.0) * backoff, left)
+            log.info("join attempt %d: %s; trying again in %.0f s (gives up in %.0f s)", attempt, e, delay, left)
+            time.sleep(delay)
+
+
+def join_once(listed: JoinTarget, work_dir: Path) -> ClientConfig:
+    """One join attempt: each replica the join string lists, in order."""
     *others, last = listed.alternatives()
     for target in others:
         try:
@@ -9769,8 +9943,10 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientCon
             pb.GetTokenRequest(bootStrapToken=target.token),
             target.address,
         )
-    if response.code != CODE_OK:
-        raise BadRequest(f"join refused: {response.message}")
+    if response.code == CODE_BAD_REQUEST:
+        raise JoinRefused(f"join refused: {loggable(response.message)}", "join")
+    if response.code != CODE_OK:  # the server could not answer now (a store being failed over)
+        raise RemoteError(f"{target.address} could not admit the node now: {loggable(response.message)}")
     if not valid_node_token(response.token):
         raise RemoteError("server answered with an invalid node-token")
     files = node_files(work_dir)
@@ -9788,6 +9964,21 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientCon
             decoded[name] = base64.b64decode(value, validate=True)
         except ValueError:
             raise RemoteError(f"server sent an undecodable {name}") from None
+    with signals_held():  # Ctrl-C now would leave half a set: it takes effect after the last file
+        config = save_node_credentials(files, decoded, target, listed, response, work_dir)
+    log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
+    return config
+
+
+def save_node_credentials(
+    files: dict[str, Path],
+    decoded: dict[str, bytes],
+    target: JoinTarget,
+    listed: JoinTarget,
+    response: Any,
+    work_dir: Path,
+) -> ClientConfig:
+    """The certificates, then client.yml: a work dir holds all of them or no client.yml."""
     for name, data in decoded.items():
         write_private(files[name], data, 0o600 if name.endswith("key") else 0o644)
     server_hosts = [response.networkServerIp or target.host, *listed.hosts] if listed.others else []
@@ -9800,7 +9991,6 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientCon
         work_dir=str(work_dir),
     ).resolve()
     write_private(files["config"], client_yaml(config).encode(), 0o600)
-    log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
     return config
 
 
@@ -10242,14 +10432,16 @@ class StoreWatch(threading.Thread):
 # ============================================================================
 
 
-def run_client(config: ClientConfig) -> int:
+def run_client(config: ClientConfig, config_path: str | None = None) -> int:
     if os.geteuid() != 0:
         raise NcError("nc client must run as root (it creates a TUN device and routes)")
     os.umask(0o077)
     client = NetworkClient(config)
+    client.config_path = config_path or client.config_path
     renewer = CertRenewer(config, client.stop, client.on_renewed)
     signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
     signal.signal(signal.SIGINT, lambda *_: client.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: client.request_reload())
     log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
     status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
     status.start()
@@ -10257,6 +10449,11 @@ def run_client(config: ClientConfig) -> int:
     renewer.start()
     try:
         return client.run()
+    except Refused as e:
+        if e.code != "unregistered":
+            raise
+        again = f"nc client --join '<join string from nc adm token create>' --work-dir {shlex.quote(config.work_dir)}"
+        raise Refused(f"{e}; to join again: {again}", e.code) from None
     finally:
         status.close()
         if renewer.is_alive():
@@ -11210,8 +11407,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.join:
         work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
         setup_logging(None, None, False)
+        timeout_s = parse_duration(args.join_timeout, "--join-timeout", shortest=0, error=UsageError)
         with work_dir_lock(work_dir, "client"):
-            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin)
+            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin, timeout_s)
     if args.config:
         config = load_config(args.config, "client")
     elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
@@ -11219,10 +11417,10 @@ def cmd_client(args: argparse.Namespace) -> int:
     else:
         raise UsageError("nc client needs --join '<join string>' on first start, or --config client.yml after")
     with work_dir_lock(Path(config.work_dir), "client"):
-        return run_joined_client(config)
+        return run_joined_client(config, args.config)
 
 
-def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False) -> int:
+def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, timeout_s: float = 0) -> int:
     """`nc client --join`: join unless the work dir already holds credentials, then run.
     Credentials of a node the server no longer knows (unregistered) are replaced by a
     join with this join string, so `--join NEW` after an unregister just works."""
@@ -11230,7 +11428,8 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
         if parse_join_string(join_string).pin is None and not unsafe_skip_ca_pin:
             raise UsageError(UNPINNED_JOIN)
         check_tun_device()  # the rest of what a node needs is checked by join(), before the token is spent
-        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
+        check_interface_free()
+        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, timeout_s))
     log.info("%s already holds credentials; not joining again", work_dir)
     config = load_config(str(work_dir / "client.yml"), "client")
     try:
@@ -11239,14 +11438,14 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
         if e.code != "unregistered":
             raise
         log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
-    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin))
+    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, timeout_s))
 
 
-def run_joined_client(config: ClientConfig) -> int:
+def run_joined_client(config: ClientConfig, config_path: str | None = None) -> int:
     setup_logging("client", config.log_dir, config.debug)
     if not config.server_addr or not config.token:
         raise ConfigError("client config needs client.serverAddr and client.token; join first with --join")
-    return run_client(config)
+    return run_client(config, config_path)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -11278,8 +11477,9 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     config_path = Path(args.config).resolve() if args.config else default_config
     if config_path is not None and any(ch in str(config_path) for ch in "\n\r\0"):
         raise UsageError("--config: a path with a line break cannot go into a unit file")
-    if mode == "client" and config_path is not None and not config_path.exists() and not args.print:
-        raise UsageError(f"{config_path}: no such file; join first (nc client --join ...) or pass --config")
+    if config_path is not None and not config_path.exists() and not args.print:
+        fix = "join first (nc client --join ...) or pass --config" if mode == "client" else "write it first"
+        raise UsageError(f"{config_path}: no such file, so the service could not start; {fix} (--print shows the unit)")
     config = load_config(str(config_path), mode) if config_path and config_path.exists() else load_config(None, mode)
     if any(ch in config.work_dir for ch in "\n\r\0"):
         raise UsageError(f"{mode}.workDir: a path with a line break cannot go into a unit file")
@@ -11385,6 +11585,12 @@ def add_server_and_client_commands(commands: Any) -> None:
         "--work-dir", metavar="DIR", help=f"where credentials and client.yml live (default {DEFAULT_CLIENT_WORK_DIR})"
     )
     client.add_argument("--config", metavar="FILE", help="client.yml written by a previous join")
+    client.add_argument(
+        "--join-timeout",
+        default=format_duration(DEFAULT_JOIN_TIMEOUT_S),
+        metavar="DURATION",
+        help="how long to keep trying a server that is down or not ready: 30s, 5m, 1h; 0s tries once (default 5m)",
+    )
     add_unsafe_skip_ca_pin_flag(client)
     client.set_defaults(func=cmd_client)
 
@@ -11583,10 +11789,14 @@ def main(argv: list[str] | None = None) -> int:
         use_bundled_set()
     except (NcError, OSError, KeyError, ValueError, EOFError) as e:  # a truncated or damaged file
         print(f"nc: error: cannot unpack the packages this nc carries: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # the scratch directory is gone already; the next start unpacks again
+        return EXIT_INTERRUPTED
     name_process()
     tidy_shiv_root()
     args = build_parser().parse_args(argv)
+    if args.command in ("server", "client"):
+        reload_once_running(args.command)
     if args.command == "adm":
         setup_logging(None, None, False, quiet_stdout=True)
     try:
@@ -11602,7 +11812,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 1
     except OSError as e:  # a file nc needs: missing, read-only, or on a full disk

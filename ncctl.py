@@ -39,6 +39,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import errno
 import fcntl
 import functools
@@ -555,8 +556,9 @@ def config_from_doc(doc: Any, path: str, mode: str, base: Path) -> Any:
     for key, value in section.items():
         field = fields.get(key)
         if field is None:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{path}: {mode}.{key}: unknown field; known fields are {known}")
+            closest = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            fix = f"did you mean {closest[0]}?" if closest else f"known fields are {', '.join(sorted(fields))}"
+            raise ConfigError(f"{path}: {mode}.{key}: unknown field; {fix}")
         if value is None:
             continue  # an empty value means "use the default"
         values[field.name] = check_field(path, mode, key, field, value, base)
@@ -6712,14 +6714,16 @@ class DatagramPath:
             if now - self.since > UDP_PROBE_S:
                 log.info(
                     "UDP to %s does not answer; data stays on TLS/TCP, probing again in %.0f s",
-                    self.server[0],
+                    unmapped(self.server[0]),
                     UDP_RETRY_S,
                 )
                 return self._become(self.DOWN, now)
             self.send([encode_frame(FRAME_KEEPALIVE)])
         elif self.state == self.UP:
             if now - self.last_rx > UDP_SILENT_S:
-                log.warning("UDP to %s silent for %.0f s; data moves to TLS/TCP", self.server[0], UDP_SILENT_S)
+                log.warning(
+                    "UDP to %s silent for %.0f s; data moves to TLS/TCP", unmapped(self.server[0]), UDP_SILENT_S
+                )
                 return self._become(self.DOWN, now)
             if now - self.last_tx >= UDP_PING_S or now - self.last_rx >= UDP_PING_S:
                 # Also while data only leaves: the server answers each keepalive, so a
@@ -6733,7 +6737,7 @@ class DatagramPath:
     def _become(self, state: str, now: float) -> str | None:
         self.state, self.since = state, now
         if state == self.UP:
-            log.info("data path: UDP to %s", self.server[0])
+            log.info("data path: UDP to %s", unmapped(self.server[0]))
             return "udp"
         return "tcp" if state == self.DOWN and self.mode != "udp" else None
 
@@ -9936,13 +9940,23 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path) -> ClientCon
     _, pb, pb_grpc = grpc_modules()
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
-        response = call(
-            channel,
-            pb_grpc.LiteKubeNCBootstrapServiceStub,
-            "GetToken",
-            pb.GetTokenRequest(bootStrapToken=target.token),
-            target.address,
-        )
+        try:
+            response = call(
+                channel,
+                pb_grpc.LiteKubeNCBootstrapServiceStub,
+                "GetToken",
+                pb.GetTokenRequest(bootStrapToken=target.token),
+                target.address,
+            )
+        except RemoteError:
+            if target.port != DEFAULT_GRPC_PORT:
+                raise
+            # It spoke TLS with the pinned CA and would not take the call: the control port,
+            # which wants a node's certificate. Waiting would not change that.
+            raise UsageError(
+                f"{target.address} is nc's control port, not its bootstrap port; a join string names the "
+                f"bootstrap port (default {DEFAULT_BOOTSTRAP_PORT}): copy it whole from `nc adm token create`"
+            ) from None
     if response.code == CODE_BAD_REQUEST:
         raise JoinRefused(f"join refused: {loggable(response.message)}", "join")
     if response.code != CODE_OK:  # the server could not answer now (a store being failed over)
@@ -10013,6 +10027,7 @@ def admin_target(args: argparse.Namespace) -> AdminTarget:
         if not host or not port_text.isdigit():
             raise UsageError(f"--server {args.server!r}: expected HOST:PORT of the control service")
         host, grpc_port = host.strip("[]"), int(port_text)
+    host, grpc_port = getattr(args, "ip", None) or host, getattr(args, "port", None) or grpc_port  # the original's
     admin = config.admin_dir
     return AdminTarget(
         address=host_port(host, grpc_port),
@@ -11051,9 +11066,59 @@ def adm_token_delete(args: argparse.Namespace) -> int:
 
 def adm_join(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
-    config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin)
+    config = join(original_join_string(args), work_dir, args.unsafe_skip_ca_pin)
+    copies = {"network": args.network_certs_dir, "grpc": args.grpc_certs_dir}
+    for kind, directory in copies.items():
+        if directory:
+            copy_as_original(work_dir / "tls" / kind, Path(directory))
     document = {"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")}
     show(args, document, config.token)
+    return 0
+
+
+def original_join_string(args: argparse.Namespace) -> str:
+    """JOIN, or the original's `--ip IP get-token --bootstrap-token T`: T at the bootstrap
+    port of IP, pinned to the gRPC CA in --cacert (the admin's) when that file is here."""
+    if args.join_string and args.bootstrap_token:
+        raise UsageError("give a join string or --bootstrap-token, not both")
+    if args.join_string:
+        return args.join_string
+    if not args.bootstrap_token:
+        raise UsageError("give the join string from `nc adm token create` (or the original's --bootstrap-token)")
+    target = admin_target(args)
+    ca = target.ca if target.ca.exists() else None
+    pin = f"#{spki_pin(load_cert_file(ca))}" if ca is not None else ""
+    return f"{args.bootstrap_token}@{target.bootstrap_address}{pin}"
+
+
+ORIGINAL_CREDENTIAL_NAMES = {"ca.crt": "ca.pem", "client.crt": "client.pem", "client.key": "client-key.pem"}
+
+
+def copy_as_original(source: Path, directory: Path) -> None:
+    """get-token --network-certs-dir / --grpc-certs-dir: the credentials also where the
+    original wrote them, under its file names."""
+    for name, original in ORIGINAL_CREDENTIAL_NAMES.items():
+        write_private(directory / original, (source / name).read_bytes(), 0o600 if name.endswith("key") else 0o644)
+
+
+def adm_config_check(args: argparse.Namespace) -> int:
+    """Validate a server.yml or client.yml (its `mode:` says which) as a start would, without
+    starting anything, like `nginx -t`: prints ok, or the one error line and exits 2."""
+    path = args.config
+    if path is None:
+        show(args, {"ok": True, "config": None}, "ok (no --config: the embedded defaults)")
+        return 0
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        doc = None  # load_config says what is wrong with the file
+    mode = doc.get("mode") if isinstance(doc, dict) else None
+    if mode not in ("server", "client"):
+        mode = "client" if isinstance(doc, dict) and "client" in doc else "server"
+    load_config(path, mode)
+    show(args, {"ok": True, "config": path, "mode": mode}, f"ok: {path} is a valid {mode} config")
     return 0
 
 
@@ -11553,11 +11618,22 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}    done (nc status: connected)
+  {EXIT_FAILURE}    failed, may pass on its own: the server unreachable, a full disk (nc status: not connected)
+  {EXIT_USAGE}    the command line or a config file is wrong: fix it first (the unit does not restart)
+  {EXIT_REFUSED}    refused for good: the token is bad, used or expired, or the node was unregistered
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nc",
         description="LiteKube network controller: a TLS overlay network with stable IPs and bootstrap tokens.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"nc {VERSION}", help="print nc's version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     add_server_and_client_commands(commands)
@@ -11610,6 +11686,40 @@ def add_adm_commands(commands: Any) -> None:
     add_adm_network_commands(adm_cmds, output)
     add_adm_node_commands(adm_cmds, output)
     add_adm_server_commands(adm_cmds, output)
+    add_adm_config_commands(adm_cmds)
+    accept_flags_after_the_command(adm)
+
+
+def add_adm_config_commands(adm_cmds: Any) -> None:
+    config = adm_cmds.add_parser("config", help="config files: check")
+    config_cmds = config.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
+    config_cmds.add_parser(
+        "check",
+        help="validate a server.yml or client.yml (--config) without starting anything",
+        description=adm_config_check.__doc__,
+    ).set_defaults(func=adm_config_check)
+
+
+def accept_flags_after_the_command(adm: argparse.ArgumentParser) -> None:
+    """`nc adm node list --config F` as well as `nc adm --config F node list`: each flag of
+    `adm` itself also on every command under it, where it overrides only when given."""
+    flags = [a for a in adm._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    for leaf in leaf_parsers(adm):
+        for action in flags:
+            if any(option in leaf._option_string_actions for option in action.option_strings):
+                continue  # the command's own flag of that name (-o) wins
+            copy = argparse.Action.__new__(type(action))
+            copy.__dict__.update(action.__dict__, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            leaf._add_action(copy)
+
+
+def leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of every command under parser that has no subcommands (aliases once)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    unique = {id(sub): sub for action in subs for sub in action.choices.values()}
+    return [leaf for sub in unique.values() for leaf in leaf_parsers(sub)]
 
 
 def add_adm_token_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
@@ -11630,7 +11740,12 @@ def add_adm_token_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> No
     join_cmd = adm_cmds.add_parser(
         "join", aliases=["get-token"], parents=[output], help="fetch and save node credentials only"
     )
-    join_cmd.add_argument("join_string", metavar="JOIN", help="join string from `nc adm token create`")
+    join_cmd.add_argument("join_string", metavar="JOIN", nargs="?", help="join string from `nc adm token create`")
+    join_cmd.add_argument(
+        "--bootstrap-token", metavar="T", help="the original's form: a token for --ip's bootstrap port"
+    )
+    join_cmd.add_argument("--network-certs-dir", metavar="DIR", help="also save the network credentials here (.pem)")
+    join_cmd.add_argument("--grpc-certs-dir", metavar="DIR", help="also save the gRPC credentials here (.pem)")
     join_cmd.add_argument(
         "--work-dir",
         default=DEFAULT_CLIENT_WORK_DIR,
@@ -11751,9 +11866,15 @@ def add_admin_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="the server's server.yml (default: embedded defaults)")
     parser.add_argument("--server", metavar="HOST:PORT", help="control service address (default 127.0.0.1:<grpcPort>)")
     parser.add_argument(
-        "--bootstrap-port", type=int, metavar="PORT", help="bootstrap port for `health` (default <bootstrapPort>)"
+        "--bootstrap-port",
+        "--bootport",
+        type=int,
+        metavar="PORT",
+        help="bootstrap port for `health` (default <bootstrapPort>)",
     )
-    parser.add_argument("--ca", metavar="FILE", help="gRPC CA certificate (default <tlsDir>/admin/ca.crt)")
+    parser.add_argument("--ip", metavar="HOST", help="the server's address, as the original ncadm takes it")
+    parser.add_argument("--port", type=int, metavar="PORT", help="its control port, as the original takes it")
+    parser.add_argument("--ca", "--cacert", metavar="FILE", help="gRPC CA certificate (default <tlsDir>/admin/ca.crt)")
     parser.add_argument("--cert", metavar="FILE", help="admin client certificate (default <tlsDir>/admin/client.crt)")
     parser.add_argument("--key", metavar="FILE", help="admin client key (default <tlsDir>/admin/client.key)")
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")

@@ -74,7 +74,8 @@ def test_a_join_waits_for_a_server_that_is_down_and_connects_once_it_is_up(lab: 
     process.wait_for_output("connected to ", timeout=60, what="the node to connect once the server is up")
     attempts = [line for line in process.log().splitlines() if "join attempt" in line]
     assert len(attempts) < 12, "one line per attempt, with a growing wait between attempts"
-    assert process.alive()
+    process.wait_for_output("data path: UDP to 198.18.0.1\n", timeout=30, what="the UDP path")
+    assert "::ffff:" not in process.log() and process.alive()
 
 
 def test_a_join_gives_up_after_its_timeout_and_a_refused_token_fails_at_once(lab: Lab) -> None:
@@ -130,3 +131,13 @@ def test_a_second_client_on_the_host_fails_before_it_spends_its_token(lab: Lab) 
     assert node_tokens(server) == before and first.process.alive()
     other = lab.add_host("other")
     assert start_client(other, join).token() in node_tokens(server), "the token still admits a node"
+
+
+def test_a_join_string_naming_the_control_port_says_so(lab: Lab) -> None:
+    server = start_server(lab.add_host("server"))
+    join = server.join_string().replace(":6439#", ":6440#")
+    node = lab.add_host("node")
+    done = node.nc("client", "--join", join, "--work-dir", str(lab.dir / "w"), check=False, timeout=60)
+    line = one_error_line(done)
+    assert done.returncode == 2 and "6440 is nc's control port, not its bootstrap port" in line, line
+    assert "default 6439" in line and not (lab.dir / "w" / "client.yml").exists()

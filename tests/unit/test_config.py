@@ -241,3 +241,24 @@ def test_token_life_is_minutes_or_a_duration(text: str, minutes: int) -> None:
 def test_a_bad_token_life_is_a_usage_error_naming_the_flag(text: str, says: str) -> None:
     with pytest.raises(ncctl.UsageError, match=f"^--life: '{text}' .*{says}"):
         ncctl.token_life_minutes(text)
+
+
+@pytest.mark.parametrize(
+    ("mode", "key", "hint"),
+    [
+        ("server", "grpcport", "did you mean grpcPort?"),
+        ("server", "netwrokAddr", "did you mean networkAddr?"),
+        ("client", "serverIp", "did you mean serverAddr?"),
+        ("client", "transprot", "did you mean transport?"),
+    ],
+)
+def test_an_unknown_field_names_the_closest_known_one(tmp_path: Path, mode: str, key: str, hint: str) -> None:
+    with pytest.raises(ncctl.ConfigError) as info:
+        ncctl.config_from_doc({mode: {key: 1}}, "f.yml", mode, tmp_path)
+    assert str(info.value) == f"f.yml: {mode}.{key}: unknown field; {hint}"
+
+
+def test_a_field_like_none_still_lists_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ncctl.ConfigError) as info:
+        ncctl.config_from_doc({"client": {"zzz": 1}}, "f.yml", "client", tmp_path)
+    assert "known fields are debug, grpcPort" in str(info.value)

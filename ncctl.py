@@ -910,13 +910,18 @@ class Supervisor:
 
 
 def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor, tick: Callable[[], None] = lambda: None) -> int:
+    """0 after SIGTERM (a service stopped), 130 after Ctrl-C, 1 when a part died."""
+    received: list[int] = []
+
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return supervisor.wait(stop, tick)
+    code = supervisor.wait(stop, tick)
+    return EXIT_INTERRUPTED if code == EXIT_OK and signal.SIGINT in received else code
 
 
 class Watchdog:
@@ -8756,6 +8761,9 @@ def reload_client_config(config: ClientConfig, path: str, follower: ServerFollow
     except ConfigError as e:
         log.error("SIGHUP: %s; the running configuration stays", e)
         return False
+    except Exception:  # a bug in a reload must not end a node that runs
+        log.exception("SIGHUP: cannot re-read %s; the running configuration stays", path)
+        return False
     changed = [f.name for f in dataclasses.fields(ClientConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
     for name in changed:
         if name in CLIENT_RELOADABLE_FIELDS:
@@ -10454,8 +10462,9 @@ def run_client(config: ClientConfig, config_path: str | None = None) -> int:
     client = NetworkClient(config)
     client.config_path = config_path or client.config_path
     renewer = CertRenewer(config, client.stop, client.on_renewed)
+    interrupted = threading.Event()  # Ctrl-C, not SIGTERM: exit 130
     signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: client.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: (interrupted.set(), client.request_stop()))
     signal.signal(signal.SIGHUP, lambda *_: client.request_reload())
     log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
     status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
@@ -10463,7 +10472,8 @@ def run_client(config: ClientConfig, config_path: str | None = None) -> int:
     sd_notify("READY=1\nSTATUS=connecting")  # the client runs and answers `nc status`; it connects on its own
     renewer.start()
     try:
-        return client.run()
+        code = client.run()
+        return EXIT_INTERRUPTED if interrupted.is_set() else code
     except Refused as e:
         if e.code != "unregistered":
             raise

@@ -99,7 +99,8 @@ def test_a_join_gives_up_after_its_timeout_and_a_refused_token_fails_at_once(lab
 
 def test_ctrl_c_ends_a_join_at_once_and_leaves_nothing_behind(lab: Lab) -> None:
     """While waiting for a server that is down, and inside a TLS handshake the server
-    never answers: exit 130 within a second, no credentials, no client.yml."""
+    never answers: exit 130 within a second, no credentials, no client.yml; and once
+    the node runs, 130 as well."""
     server = start_server(lab.add_host("server"))
     join = server.join_string()
     server.process.stop()
@@ -117,6 +118,12 @@ def test_ctrl_c_ends_a_join_at_once_and_leaves_nothing_behind(lab: Lab) -> None:
     assert code == 130 and took < 1.0, (code, took, stalled.log())
     for work_dir in (lab.dir / "w1", lab.dir / "w2"):
         assert not (work_dir / "client.yml").exists() and not (work_dir / "tls").exists(), list(work_dir.rglob("*"))
+    silent.stop()
+    server.start()
+    running = spawn_join(node, join, lab.dir / "w3")
+    running.wait_for_output("connected to ", timeout=30, what="the node to connect")
+    code, took = stop_and_time(running)  # a node that runs: Ctrl-C is 130 too, and takes its TUN along
+    assert code == 130 and took < 1.0 and not node.has_link("nc0"), (code, took, running.log())
 
 
 def test_a_second_client_on_the_host_fails_before_it_spends_its_token(lab: Lab) -> None:

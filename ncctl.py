@@ -8764,6 +8764,9 @@ def reload_client_config(config: ClientConfig, path: str, follower: ServerFollow
     except Exception:  # a bug in a reload must not end a node that runs
         log.exception("SIGHUP: cannot re-read %s; the running configuration stays", path)
         return False
+    if not server_addresses(fresh.server_addr):
+        log.error("SIGHUP: %s: client.serverAddr is empty; the running configuration stays", path)
+        return False
     changed = [f.name for f in dataclasses.fields(ClientConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
     for name in changed:
         if name in CLIENT_RELOADABLE_FIELDS:
@@ -11512,7 +11515,7 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
     except Refused as e:
         if e.code != "unregistered":
             raise
-        log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
+        log.warning("the server no longer knows node %s (unregistered); joining again with --join", config.token)
     return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, timeout_s))
 
 

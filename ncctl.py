@@ -8869,6 +8869,8 @@ class StatusSocket(threading.Thread):
 
     def close(self) -> None:
         self.stopping.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept now: Ctrl-C ends the client at once
         if self.is_alive():
             self.join(timeout=2.0)
         self.sock.close()

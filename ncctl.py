@@ -39,6 +39,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import errno
 import fcntl
 import functools
@@ -118,6 +119,9 @@ DEFAULT_CLIENT_WORK_DIR = "/var/lib/nc-client"
 
 
 DEFAULT_METRICS_ADDR = "127.0.0.1:9441"
+
+
+NODE_TUN_NAME = "nc0"  # the node's TUN device: one nc client per host
 
 
 MAX_JOIN_REPLICAS = 16  # replica addresses one join string lists at most: a node tries each in turn
@@ -215,18 +219,34 @@ MIN_CLUSTER_TOKEN_LEN = 16
 RPC_TIMEOUT_S = 10.0
 
 
+# nc's exit codes, as `nc --help` and the README list them.
+EXIT_OK = 0
+
+
+EXIT_FAILURE = 1  # a failure that may pass: the server unreachable, a full disk, a bug
+
+
+EXIT_USAGE = 2  # the command line or a config file is wrong: fix it before trying again
+
+
+EXIT_REFUSED = 3  # the server refused this node for good (unregistered, a bad token): join again
+
+
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it
+
+
 class NcError(Exception):
     """An error the user can act on; str(error) is the one line printed on stderr."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILURE
 
 
 class ConfigError(NcError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UsageError(NcError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class StoreError(NcError):
@@ -552,8 +572,9 @@ def config_from_doc(doc: Any, path: str, mode: str, base: Path) -> Any:
     for key, value in section.items():
         field = fields.get(key)
         if field is None:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{path}: {mode}.{key}: unknown field; known fields are {known}")
+            closest = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            fix = f"did you mean {closest[0]}?" if closest else f"known fields are {', '.join(sorted(fields))}"
+            raise ConfigError(f"{path}: {mode}.{key}: unknown field; {fix}")
         if value is None:
             continue  # an empty value means "use the default"
         values[field.name] = check_field(path, mode, key, field, value, base)
@@ -951,13 +972,18 @@ class Supervisor:
 
 
 def wait_for_stop_signal(stop: threading.Event, supervisor: Supervisor, tick: Callable[[], None] = lambda: None) -> int:
+    """0 after SIGTERM (a service stopped), 130 after Ctrl-C, 1 when a part died."""
+    received: list[int] = []
+
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return supervisor.wait(stop, tick)
+    code = supervisor.wait(stop, tick)
+    return EXIT_INTERRUPTED if code == EXIT_OK and signal.SIGINT in received else code
 
 
 class Watchdog:
@@ -1053,6 +1079,33 @@ class MemoryTrimmer(threading.Thread):
             low = min(low, free)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (a set of files written as one);
+    one that came meanwhile acts as the block ends. Handlers, not a signal mask: with
+    other threads running, the kernel hands a masked signal to one of them."""
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: came.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if came:
+            signal.raise_signal(came[0])
+
+
+def reload_once_running(mode: str) -> None:
+    """SIGHUP before the server or client runs (starting, joining) is not the end of it,
+    as its default action would be: nothing is read yet that could be read again."""
+
+    def early(_signum: int, _frame: Any) -> None:
+        log.info("SIGHUP: nc %s is still starting; nothing re-read (send it again once it runs)", mode)
+
+    signal.signal(signal.SIGHUP, early)
+
+
 def check_root(mode: str) -> None:
     if os.geteuid() != 0:
         raise NcError(f"nc {mode} must run as root (it creates a TUN device and routes); run it with sudo or as root")
@@ -1088,6 +1141,9 @@ def service_unit(
         "SyslogIdentifier=nc",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "Restart=on-failure",
+        # exit 2 (a config or usage error) and 3 (refused by the server) stay so until a
+        # person acts: restarting would only repeat them every RestartSec
+        f"RestartPreventExitStatus={EXIT_USAGE} {EXIT_REFUSED}",
         "RestartSec=2s",
         "TimeoutStartSec=90s",
         "WatchdogSec=30s",
@@ -7220,14 +7276,16 @@ class DatagramPath:
             if now - self.since > UDP_PROBE_S:
                 log.info(
                     "UDP to %s does not answer; data stays on TLS/TCP, probing again in %.0f s",
-                    self.server[0],
+                    unmapped(self.server[0]),
                     UDP_RETRY_S,
                 )
                 return self._become(self.DOWN, now)
             self._ping(now)
         elif self.state == self.UP:
             if now - self.last_rx > UDP_SILENT_S:
-                log.warning("UDP to %s silent for %.0f s; data moves to TLS/TCP", self.server[0], UDP_SILENT_S)
+                log.warning(
+                    "UDP to %s silent for %.0f s; data moves to TLS/TCP", unmapped(self.server[0]), UDP_SILENT_S
+                )
                 return self._become(self.DOWN, now)
             quiet = now - self.last_tx >= UDP_PING_S or now - self.last_rx >= UDP_PING_S
             if quiet or now - self.pinged_at >= UDP_RTT_PING_S:
@@ -7242,7 +7300,7 @@ class DatagramPath:
     def _become(self, state: str, now: float) -> str | None:
         self.state, self.since = state, now
         if state == self.UP:
-            log.info("data path: UDP to %s", self.server[0])
+            log.info("data path: UDP to %s", unmapped(self.server[0]))
             return "udp"
         return "tcp" if state == self.DOWN and self.mode != "udp" else None
 
@@ -8614,13 +8672,20 @@ RENEW_CHECK_S = 60.0  # how often at most the client looks at its certificates' 
 CERTS_RENEWED = "certificates renewed"  # a session ended by this reconnects at once
 
 
+TRANSPORT_CHANGED = "client.yml names another transport"  # SIGHUP: reconnect at once to apply it
+
+
+# What SIGHUP applies to a running client; any other field of client.yml needs a restart.
+CLIENT_RELOADABLE_FIELDS = ("debug", "transport", "server_addr")
+
+
 UNEXPECTED_CONNECT_ERROR = "unexpected error while connecting"  # a bug: logged, retried with backoff
 
 
 class Refused(NcError):
     """The server ended the session and said reconnecting will not help."""
 
-    exit_code = 3
+    exit_code = EXIT_REFUSED
 
     def __init__(self, message: str, code: str = "") -> None:
         super().__init__(message)
@@ -8674,6 +8739,16 @@ class ServerFollower:
             self.servers.extend(learned)
             log.info("server replicas: %s", ", ".join(self.servers))
 
+    def reset(self, servers: list[str], connected: bool) -> None:
+        """The replica list client.yml names now (SIGHUP). A live session stays where it
+        is; the next connect goes to a listed replica."""
+        self.servers = servers
+        if self.server not in servers:
+            if connected:
+                self.leader_hint = servers[0]  # follow() moves there when this session ends
+            else:
+                self.server = servers[0]
+
     def session_lasted(self, seconds: float) -> None:
         if seconds > STABLE_SESSION_S:
             self.backoff = 0.5
@@ -8703,7 +8778,7 @@ class NodeInterface:
         self.gso = CAP_GSO in welcome.caps
         self.server_mtu = welcome.mtu
         if self.tun is None:
-            self.tun = Tun("nc0", offload=self.gso)
+            self.tun = Tun(NODE_TUN_NAME, offload=self.gso)
             self.reader = TunReader(self.tun)
         return self.tun
 
@@ -8806,6 +8881,8 @@ class NodeSession:
                     with contextlib.suppress(OSError):
                         os.read(client.wake_r, 64)
                     return CERTS_RENEWED
+                if client.reload_if_asked():
+                    return TRANSPORT_CHANGED
                 for fd, events in poller.poll(0.25 if udp is not None else 1.0):
                     if fd == tun_fd:
                         self._read_tun(1 if poller.woke else 256)
@@ -8945,6 +9022,21 @@ class NodeSession:
             self.counters["dropped-tun-write"] += 1
 
 
+def node_tls_context(config: ClientConfig) -> ssl.SSLContext:
+    """The node's TLS 1.3 context for the data port: its network certificate, the network CA."""
+    certs = Path(config.network_cert_dir)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        context.load_verify_locations(cafile=str(certs / "ca.crt"))
+        context.load_cert_chain(certs / "client.crt", certs / "client.key")
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(
+            f"{certs}: cannot load the network certificates ({e}); join again or fix client.networkCertDir"
+        ) from None
+    return context
+
+
 class NetworkClient:
     """`nc client`'s connection to the server: connect (TLS, hello, welcome, the UDP path's
     keys), run a NodeSession on the node's interface, and reconnect forever, following
@@ -8961,25 +9053,15 @@ class NetworkClient:
         self.counters: collections.Counter[str] = collections.Counter()
         self.follower = ServerFollower(config.server_addr, config.port, self.counters)
         finish_credential_update(config)
-        self.context = self._tls_context()
+        self.context = node_tls_context(self.config)
         self.renewed = threading.Event()  # the renewer saved new certificates: reconnect with them
         self.server_ip = ""  # serverAddr as resolved for the current session
         self.link: Link | None = None  # the live session, for `nc status`
         self.connected_since = 0.0  # epoch seconds; 0 while not connected
         self.last_error = ""
-
-    def _tls_context(self) -> ssl.SSLContext:
-        certs = Path(self.config.network_cert_dir)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-        try:
-            context.load_verify_locations(cafile=str(certs / "ca.crt"))
-            context.load_cert_chain(certs / "client.crt", certs / "client.key")
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(
-                f"{certs}: cannot load the network certificates ({e}); join again or fix client.networkCertDir"
-            ) from None
-        return context
+        self.config_path = str(Path(config.work_dir) / "client.yml")  # what SIGHUP re-reads
+        self.reload_wanted = threading.Event()
+        self.wake = threading.Event()  # ends a wait between attempts early: a stop or a reload
 
     def on_renewed(self) -> None:
         """Called by the renewer: the next session uses the new certificates."""
@@ -8987,10 +9069,35 @@ class NetworkClient:
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"!")
 
+    def request_reload(self) -> None:
+        """Signal handler (SIGHUP): re-read client.yml at the loop's next turn."""
+        self.reload_wanted.set()
+        self.wake.set()
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"!")
+
+    def reload_if_asked(self) -> bool:
+        """Apply a pending SIGHUP; True when the session must reconnect to apply it."""
+        if not self.reload_wanted.is_set():
+            return False
+        self.reload_wanted.clear()
+        with contextlib.suppress(OSError):
+            os.read(self.wake_r, 64)
+        return reload_client_config(self.config, self.config_path, self.follower, self.link is not None)
+
+    def _pause(self, seconds: float) -> None:
+        """The wait between attempts: a stop ends it, a reload is applied at once."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self.wake.wait(left)
+            self.wake.clear()
+            self.reload_if_asked()
+
     def request_stop(self) -> None:
         """Signal handler: stop now. A connect in progress may block for seconds
         (an unreachable server), so it is interrupted rather than waited for."""
         self.stop.set()
+        self.wake.set()
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"!")
         if self.connecting:
@@ -9002,11 +9109,12 @@ class NetworkClient:
         while, so a server that accepts and drops at once is not hammered."""
         try:
             while not self.stop.is_set():
+                self.reload_if_asked()
                 reason, session_ended = self._one_attempt()
                 if reason is None:
                     break  # asked to stop
-                if reason == CERTS_RENEWED:
-                    log.info("reconnecting with the renewed certificates")
+                if reason in (CERTS_RENEWED, TRANSPORT_CHANGED):
+                    log.info("reconnecting: %s", reason)
                     continue
                 if reason != UNEXPECTED_CONNECT_ERROR and self.follower.follow():
                     if session_ended:
@@ -9014,12 +9122,12 @@ class NetworkClient:
                         log.warning("%s; trying replica %s", reason, self.follower.server)
                     else:
                         log.info("%s; trying replica %s", reason, self.follower.server)
-                        self.stop.wait(random.uniform(0.05, 0.2))  # another replica: no backoff
+                        self._pause(random.uniform(0.05, 0.2))  # another replica: no backoff
                     continue
                 self.last_error = reason
                 delay = self.follower.next_delay()
                 log.warning("%s; retrying in %.1f s", reason, delay)
-                self.stop.wait(delay)
+                self._pause(delay)
         finally:
             self.stop.set()
             self.interface.close()
@@ -9031,7 +9139,7 @@ class NetworkClient:
         check_certificate_alive(self.config)
         if self.renewed.is_set():
             self.renewed.clear()
-            self.context = self._tls_context()
+            self.context = node_tls_context(self.config)
         try:
             self.connecting = True
             try:
@@ -9060,7 +9168,7 @@ class NetworkClient:
             self.link, self.connected_since = None, 0.0
             link.close()
             self._close_datagram_path()
-        if reason is None or reason == CERTS_RENEWED:
+        if reason is None or reason in (CERTS_RENEWED, TRANSPORT_CHANGED):
             return reason, True
         self.follower.session_lasted(time.monotonic() - started)
         log.debug("session counters %s", dict(self.counters))
@@ -9220,6 +9328,39 @@ class NetworkClient:
                 raise ProtocolError(f"the welcome routes {network}, the server's own address, into the tunnel")
 
 
+def reload_client_config(config: ClientConfig, path: str, follower: ServerFollower, connected: bool) -> bool:
+    """SIGHUP: re-read client.yml, apply debug, transport and the replica list
+    (serverAddr), and say in one line what was applied and what needs a restart.
+    True when the session must reconnect to apply it (another transport)."""
+    try:
+        fresh: ClientConfig = load_config(path, "client")
+    except ConfigError as e:
+        log.error("SIGHUP: %s; the running configuration stays", e)
+        return False
+    except Exception:  # a bug in a reload must not end a node that runs
+        log.exception("SIGHUP: cannot re-read %s; the running configuration stays", path)
+        return False
+    if not server_addresses(fresh.server_addr):
+        log.error("SIGHUP: %s: client.serverAddr is empty; the running configuration stays", path)
+        return False
+    changed = [f.name for f in dataclasses.fields(ClientConfig) if getattr(fresh, f.name) != getattr(config, f.name)]
+    for name in changed:
+        if name in CLIENT_RELOADABLE_FIELDS:
+            setattr(config, name, getattr(fresh, name))
+    logging.getLogger("nc").setLevel(logging.DEBUG if config.debug else logging.INFO)
+    if "server_addr" in changed:
+        follower.reset(server_addresses(config.server_addr), connected)
+    applied = [camel(name) for name in changed if name in CLIENT_RELOADABLE_FIELDS]
+    restart = [camel(name) for name in changed if name not in CLIENT_RELOADABLE_FIELDS]
+    log.info(
+        "SIGHUP: re-read %s; applied: %s; needs a restart: %s",
+        path,
+        ", ".join(applied) or "nothing changed",
+        ", ".join(restart) or "nothing",
+    )
+    return "transport" in changed and connected
+
+
 def node_credential_files(config: ClientConfig) -> dict[str, Path]:
     grpc_dir, network_dir = config.grpc_cert_dir, Path(config.network_cert_dir)
     return {
@@ -9304,6 +9445,8 @@ class StatusSocket(threading.Thread):
 
     def close(self) -> None:
         self.stopping.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept now: Ctrl-C ends the client at once
         if self.is_alive():
             self.join(timeout=2.0)
         self.sock.close()
@@ -10208,6 +10351,15 @@ def tls12_certificates(records: bytes) -> list[bytes] | None:
     return None
 
 
+class UntrustedServer(RemoteError):
+    """The server is not the one the join string pins: waiting will not change that."""
+
+
+class JoinRefused(Refused):
+    """The bootstrap service answered, and said no (a bad, used or expired token, a full
+    network): trying again with the same join string cannot help."""
+
+
 def fetch_server_ca(target: JoinTarget) -> bytes:
     """The server's gRPC CA, taken from its TLS chain and checked against the pin.
 
@@ -10231,7 +10383,7 @@ def fetch_server_ca(target: JoinTarget) -> bytes:
         candidates = [c for c in certs if hmac.compare_digest(spki_pin(c), target.pin)]
         if not candidates:
             seen = ", ".join(spki_pin(c) for c in certs[1:]) or "none"
-            raise RemoteError(
+            raise UntrustedServer(
                 f"the server at {target.address} is not the one in the join string: CA pin {target.pin} expected, "
                 f"server offered {seen}; the token was not sent"
             )
@@ -10240,7 +10392,7 @@ def fetch_server_ca(target: JoinTarget) -> bytes:
         try:
             leaf.verify_directly_issued_by(ca)
         except Exception:
-            raise RemoteError(
+            raise UntrustedServer(
                 f"the server at {target.address} presented a certificate its CA did not sign; the token was not sent"
             ) from None
     return cert_pem(ca)
@@ -10318,20 +10470,63 @@ def check_work_dir_usable(work_dir: Path) -> None:
         )
 
 
+def check_interface_free(name: str = NODE_TUN_NAME) -> None:
+    """No interface of the node's name yet: a second nc client on this host (another work
+    dir) would otherwise spend its token and then fail to make the device."""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return
+    raise TunError(
+        f"interface {name} already exists on this host: another nc client runs here (nc status --work-dir DIR "
+        "shows it) or a leftover device; stop it or remove the interface first; the token was not spent"
+    )
+
+
 UNPINNED_JOIN = (
     "the join string has no CA pin (#sha256:...), so nothing proves the server is yours; copy the whole "
     "string from `nc adm token create`, or add --unsafe-skip-ca-pin to trust the server on first use"
 )
 
 
-def join(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, name: str = "") -> ClientConfig:
+DEFAULT_JOIN_TIMEOUT_S = 300  # how long `nc client --join` waits for a server that is down or not ready
+
+
+JOIN_BACKOFF_CAP_S = 10.0  # the longest wait between two join attempts
+
+
+def join(
+    join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, timeout_s: float = 0, name: str = ""
+) -> ClientConfig:
     """Fetch this node's token and certificates with a bootstrap token and save them;
     with several replicas in the join string, from the first one that answers. Like
-    kubeadm, a join string without a CA pin needs the explicit unsafe flag."""
+    kubeadm, a join string without a CA pin needs the explicit unsafe flag, and a server
+    that cannot be reached (down, starting, failing over) is tried again, one line per
+    attempt, for timeout_s; one that refuses the token fails at once."""
     listed = parse_join_string(join_string)
     if listed.pin is None and not unsafe_skip_ca_pin:
         raise UsageError(UNPINNED_JOIN)
     check_work_dir_usable(work_dir)
+    deadline, backoff, attempt = time.monotonic() + timeout_s, 0.5, 0
+    while True:
+        attempt += 1
+        try:
+            return join_once(listed, work_dir, name)
+        except UntrustedServer:
+            raise
+        except RemoteError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                waited = f" (tried {attempt} times in {format_duration(int(timeout_s))}, --join-timeout)"
+                raise RemoteError(f"{e}{waited if timeout_s else ''}") from None
+            backoff = min(backoff * 2, JOIN_BACKOFF_CAP_S)
+            delay = min(random.uniform(0.75, 1.0) * backoff, left)
+            log.info("join attempt %d: %s; trying again in %.0f s (gives up in %.0f s)", attempt, e, delay, left)
+            time.sleep(delay)
+
+
+def join_once(listed: JoinTarget, work_dir: Path, name: str = "") -> ClientConfig:
+    """One join attempt: each replica the join string lists, in order."""
     *others, last = listed.alternatives()
     for target in others:
         try:
@@ -10345,15 +10540,27 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path, node_name: s
     _, pb, pb_grpc = grpc_modules()
     ca = fetch_server_ca(target)
     with secure_channel(target.address, ca) as channel:
-        response = call(
-            channel,
-            pb_grpc.LiteKubeNCBootstrapServiceStub,
-            "GetToken",
-            pb.GetTokenRequest(bootStrapToken=target.token),
-            target.address,
-        )
-    if response.code != CODE_OK:
-        raise BadRequest(f"join refused: {response.message}")
+        try:
+            response = call(
+                channel,
+                pb_grpc.LiteKubeNCBootstrapServiceStub,
+                "GetToken",
+                pb.GetTokenRequest(bootStrapToken=target.token),
+                target.address,
+            )
+        except RemoteError:
+            if target.port != DEFAULT_GRPC_PORT:
+                raise
+            # It spoke TLS with the pinned CA and would not take the call: the control port,
+            # which wants a node's certificate. Waiting would not change that.
+            raise UsageError(
+                f"{target.address} is nc's control port, not its bootstrap port; a join string names the "
+                f"bootstrap port (default {DEFAULT_BOOTSTRAP_PORT}): copy it whole from `nc adm token create`"
+            ) from None
+    if response.code == CODE_BAD_REQUEST:
+        raise JoinRefused(f"join refused: {loggable(response.message)}", "join")
+    if response.code != CODE_OK:  # the server could not answer now (a store being failed over)
+        raise RemoteError(f"{target.address} could not admit the node now: {loggable(response.message)}")
     if not valid_node_token(response.token):
         raise RemoteError("server answered with an invalid node-token")
     files = node_files(work_dir)
@@ -10371,6 +10578,22 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path, node_name: s
             decoded[name] = base64.b64decode(value, validate=True)
         except ValueError:
             raise RemoteError(f"server sent an undecodable {name}") from None
+    with signals_held():  # Ctrl-C now would leave half a set: it takes effect after the last file
+        config = save_node_credentials(files, decoded, target, listed, response, work_dir, node_name)
+    log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
+    return config
+
+
+def save_node_credentials(
+    files: dict[str, Path],
+    decoded: dict[str, bytes],
+    target: JoinTarget,
+    listed: JoinTarget,
+    response: Any,
+    work_dir: Path,
+    node_name: str = "",
+) -> ClientConfig:
+    """The certificates, then client.yml: a work dir holds all of them or no client.yml."""
     for name, data in decoded.items():
         write_private(files[name], data, 0o600 if name.endswith("key") else 0o644)
     server_hosts = [response.networkServerIp or target.host, *listed.hosts] if listed.others else []
@@ -10384,7 +10607,6 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path, node_name: s
         name=node_name,  # asked for in the hello (GetToken is the original's message, with no room for it)
     ).resolve()
     write_private(files["config"], client_yaml(config).encode(), 0o600)
-    log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
     return config
 
 
@@ -10407,6 +10629,7 @@ def admin_target(args: argparse.Namespace) -> AdminTarget:
         if not host or not port_text.isdigit():
             raise UsageError(f"--server {args.server!r}: expected HOST:PORT of the control service")
         host, grpc_port = host.strip("[]"), int(port_text)
+    host, grpc_port = getattr(args, "ip", None) or host, getattr(args, "port", None) or grpc_port  # the original's
     admin = config.admin_dir
     return AdminTarget(
         address=host_port(host, grpc_port),
@@ -10826,21 +11049,30 @@ class StoreWatch(threading.Thread):
 # ============================================================================
 
 
-def run_client(config: ClientConfig) -> int:
+def run_client(config: ClientConfig, config_path: str | None = None) -> int:
     if os.geteuid() != 0:
         raise NcError("nc client must run as root (it creates a TUN device and routes)")
     os.umask(0o077)
     client = NetworkClient(config)
+    client.config_path = config_path or client.config_path
     renewer = CertRenewer(config, client.stop, client.on_renewed)
+    interrupted = threading.Event()  # Ctrl-C, not SIGTERM: exit 130
     signal.signal(signal.SIGTERM, lambda *_: client.request_stop())
-    signal.signal(signal.SIGINT, lambda *_: client.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: (interrupted.set(), client.request_stop()))
+    signal.signal(signal.SIGHUP, lambda *_: client.request_reload())
     log.info("nc %s client: node %s, server %s", VERSION, config.token, host_port(config.server_addr, config.port))
     status = StatusSocket(Path(config.work_dir) / STATUS_SOCKET, client.status)
     status.start()
     sd_notify("READY=1\nSTATUS=connecting")  # the client runs and answers `nc status`; it connects on its own
     renewer.start()
     try:
-        return client.run()
+        code = client.run()
+        return EXIT_INTERRUPTED if interrupted.is_set() else code
+    except Refused as e:
+        if e.code != "unregistered":
+            raise
+        again = f"nc client --join '<join string from nc adm token create>' --work-dir {shlex.quote(config.work_dir)}"
+        raise Refused(f"{e}; to join again: {again}", e.code) from None
     finally:
         status.close()
         if renewer.is_alive():
@@ -11522,9 +11754,59 @@ def adm_token_delete(args: argparse.Namespace) -> int:
 
 def adm_join(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir).resolve()
-    config = join(args.join_string, work_dir, args.unsafe_skip_ca_pin, args.name or "")
+    config = join(original_join_string(args), work_dir, args.unsafe_skip_ca_pin, name=args.name or "")
+    copies = {"network": args.network_certs_dir, "grpc": args.grpc_certs_dir}
+    for kind, directory in copies.items():
+        if directory:
+            copy_as_original(work_dir / "tls" / kind, Path(directory))
     document = {"nodeToken": config.token, "workDir": str(work_dir), "config": str(work_dir / "client.yml")}
     show(args, document, config.token)
+    return 0
+
+
+def original_join_string(args: argparse.Namespace) -> str:
+    """JOIN, or the original's `--ip IP get-token --bootstrap-token T`: T at the bootstrap
+    port of IP, pinned to the gRPC CA in --cacert (the admin's) when that file is here."""
+    if args.join_string and args.bootstrap_token:
+        raise UsageError("give a join string or --bootstrap-token, not both")
+    if args.join_string:
+        return args.join_string
+    if not args.bootstrap_token:
+        raise UsageError("give the join string from `nc adm token create` (or the original's --bootstrap-token)")
+    target = admin_target(args)
+    ca = target.ca if target.ca.exists() else None
+    pin = f"#{spki_pin(load_cert_file(ca))}" if ca is not None else ""
+    return f"{args.bootstrap_token}@{target.bootstrap_address}{pin}"
+
+
+ORIGINAL_CREDENTIAL_NAMES = {"ca.crt": "ca.pem", "client.crt": "client.pem", "client.key": "client-key.pem"}
+
+
+def copy_as_original(source: Path, directory: Path) -> None:
+    """get-token --network-certs-dir / --grpc-certs-dir: the credentials also where the
+    original wrote them, under its file names."""
+    for name, original in ORIGINAL_CREDENTIAL_NAMES.items():
+        write_private(directory / original, (source / name).read_bytes(), 0o600 if name.endswith("key") else 0o644)
+
+
+def adm_config_check(args: argparse.Namespace) -> int:
+    """Validate a server.yml or client.yml (its `mode:` says which) as a start would, without
+    starting anything, like `nginx -t`: prints ok, or the one error line and exits 2."""
+    path = args.config
+    if path is None:
+        show(args, {"ok": True, "config": None}, "ok (no --config: the embedded defaults)")
+        return 0
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        doc = None  # load_config says what is wrong with the file
+    mode = doc.get("mode") if isinstance(doc, dict) else None
+    if mode not in ("server", "client"):
+        mode = "client" if isinstance(doc, dict) and "client" in doc else "server"
+    load_config(path, mode)
+    show(args, {"ok": True, "config": path, "mode": mode}, f"ok: {path} is a valid {mode} config")
     return 0
 
 
@@ -12138,8 +12420,9 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.join:
         work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
         setup_logging(None, None, False)
+        timeout_s = parse_duration(args.join_timeout, "--join-timeout", shortest=0, error=UsageError)
         with work_dir_lock(work_dir, "client"):
-            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin, args.name or "")
+            return join_and_run(args.join, work_dir, args.unsafe_skip_ca_pin, timeout_s, args.name or "")
     if args.config:
         config = load_config(args.config, "client")
     elif args.work_dir and (Path(args.work_dir) / "client.yml").exists():
@@ -12147,10 +12430,12 @@ def cmd_client(args: argparse.Namespace) -> int:
     else:
         raise UsageError("nc client needs --join '<join string>' on first start, or --config client.yml after")
     with work_dir_lock(Path(config.work_dir), "client"):
-        return run_joined_client(config)
+        return run_joined_client(config, args.config)
 
 
-def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, name: str = "") -> int:
+def join_and_run(
+    join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = False, timeout_s: float = 0, name: str = ""
+) -> int:
     """`nc client --join`: join unless the work dir already holds credentials, then run.
     Credentials of a node the server no longer knows (unregistered) are replaced by a
     join with this join string, so `--join NEW` after an unregister just works."""
@@ -12158,7 +12443,8 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
         if parse_join_string(join_string).pin is None and not unsafe_skip_ca_pin:
             raise UsageError(UNPINNED_JOIN)
         check_tun_device()  # the rest of what a node needs is checked by join(), before the token is spent
-        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, name))
+        check_interface_free()
+        return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, timeout_s, name))
     log.info("%s already holds credentials; not joining again", work_dir)
     config = load_config(str(work_dir / "client.yml"), "client")
     try:
@@ -12166,15 +12452,15 @@ def join_and_run(join_string: str, work_dir: Path, unsafe_skip_ca_pin: bool = Fa
     except Refused as e:
         if e.code != "unregistered":
             raise
-        log.warning("the server no longer knows node %s (%s); joining again", config.token, e)
-    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, name or config.name))
+        log.warning("the server no longer knows node %s (unregistered); joining again with --join", config.token)
+    return run_joined_client(join(join_string, work_dir, unsafe_skip_ca_pin, timeout_s, name or config.name))
 
 
-def run_joined_client(config: ClientConfig) -> int:
+def run_joined_client(config: ClientConfig, config_path: str | None = None) -> int:
     setup_logging("client", config.log_dir, config.debug)
     if not config.server_addr or not config.token:
         raise ConfigError("client config needs client.serverAddr and client.token; join first with --join")
-    return run_client(config)
+    return run_client(config, config_path)
 
 
 RTT_SOURCES = {"udp-echo": " (UDP keepalive echo)", "tcp-estimate": " (TCP estimate of the TLS channel)"}
@@ -12209,8 +12495,9 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     config_path = Path(args.config).resolve() if args.config else default_config
     if config_path is not None and any(ch in str(config_path) for ch in "\n\r\0"):
         raise UsageError("--config: a path with a line break cannot go into a unit file")
-    if mode == "client" and config_path is not None and not config_path.exists() and not args.print:
-        raise UsageError(f"{config_path}: no such file; join first (nc client --join ...) or pass --config")
+    if config_path is not None and not config_path.exists() and not args.print:
+        fix = "join first (nc client --join ...) or pass --config" if mode == "client" else "write it first"
+        raise UsageError(f"{config_path}: no such file, so the service could not start; {fix} (--print shows the unit)")
     config = load_config(str(config_path), mode) if config_path and config_path.exists() else load_config(None, mode)
     if any(ch in config.work_dir for ch in "\n\r\0"):
         raise UsageError(f"{mode}.workDir: a path with a line break cannot go into a unit file")
@@ -12284,11 +12571,22 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}    done (nc status: connected)
+  {EXIT_FAILURE}    failed, may pass on its own: the server unreachable, a full disk (nc status: not connected)
+  {EXIT_USAGE}    the command line or a config file is wrong: fix it first (the unit does not restart)
+  {EXIT_REFUSED}    refused for good: the token is bad, used or expired, or the node was unregistered
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nc",
         description="LiteKube network controller: a TLS overlay network with stable IPs and bootstrap tokens.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"nc {VERSION}", help="print nc's version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     add_server_and_client_commands(commands)
@@ -12317,6 +12615,12 @@ def add_server_and_client_commands(commands: Any) -> None:
     )
     client.add_argument("--config", metavar="FILE", help="client.yml written by a previous join")
     add_node_name_flag(client)
+    client.add_argument(
+        "--join-timeout",
+        default=format_duration(DEFAULT_JOIN_TIMEOUT_S),
+        metavar="DURATION",
+        help="how long to keep trying a server that is down or not ready: 30s, 5m, 1h; 0s tries once (default 5m)",
+    )
     add_unsafe_skip_ca_pin_flag(client)
     client.set_defaults(func=cmd_client)
 
@@ -12336,6 +12640,40 @@ def add_adm_commands(commands: Any) -> None:
     add_adm_network_commands(adm_cmds, output)
     add_adm_node_commands(adm_cmds, output)
     add_adm_server_commands(adm_cmds, output)
+    add_adm_config_commands(adm_cmds)
+    accept_flags_after_the_command(adm)
+
+
+def add_adm_config_commands(adm_cmds: Any) -> None:
+    config = adm_cmds.add_parser("config", help="config files: check")
+    config_cmds = config.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
+    config_cmds.add_parser(
+        "check",
+        help="validate a server.yml or client.yml (--config) without starting anything",
+        description=adm_config_check.__doc__,
+    ).set_defaults(func=adm_config_check)
+
+
+def accept_flags_after_the_command(adm: argparse.ArgumentParser) -> None:
+    """`nc adm node list --config F` as well as `nc adm --config F node list`: each flag of
+    `adm` itself also on every command under it, where it overrides only when given."""
+    flags = [a for a in adm._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    for leaf in leaf_parsers(adm):
+        for action in flags:
+            if any(option in leaf._option_string_actions for option in action.option_strings):
+                continue  # the command's own flag of that name (-o) wins
+            copy = argparse.Action.__new__(type(action))
+            copy.__dict__.update(action.__dict__, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            leaf._add_action(copy)
+
+
+def leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of every command under parser that has no subcommands (aliases once)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    unique = {id(sub): sub for action in subs for sub in action.choices.values()}
+    return [leaf for sub in unique.values() for leaf in leaf_parsers(sub)]
 
 
 def add_adm_token_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
@@ -12356,7 +12694,12 @@ def add_adm_token_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> No
     join_cmd = adm_cmds.add_parser(
         "join", aliases=["get-token"], parents=[output], help="fetch and save node credentials only"
     )
-    join_cmd.add_argument("join_string", metavar="JOIN", help="join string from `nc adm token create`")
+    join_cmd.add_argument("join_string", metavar="JOIN", nargs="?", help="join string from `nc adm token create`")
+    join_cmd.add_argument(
+        "--bootstrap-token", metavar="T", help="the original's form: a token for --ip's bootstrap port"
+    )
+    join_cmd.add_argument("--network-certs-dir", metavar="DIR", help="also save the network credentials here (.pem)")
+    join_cmd.add_argument("--grpc-certs-dir", metavar="DIR", help="also save the gRPC credentials here (.pem)")
     join_cmd.add_argument(
         "--work-dir",
         default=DEFAULT_CLIENT_WORK_DIR,
@@ -12494,9 +12837,15 @@ def add_admin_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="the server's server.yml (default: embedded defaults)")
     parser.add_argument("--server", metavar="HOST:PORT", help="control service address (default 127.0.0.1:<grpcPort>)")
     parser.add_argument(
-        "--bootstrap-port", type=int, metavar="PORT", help="bootstrap port for `health` (default <bootstrapPort>)"
+        "--bootstrap-port",
+        "--bootport",
+        type=int,
+        metavar="PORT",
+        help="bootstrap port for `health` (default <bootstrapPort>)",
     )
-    parser.add_argument("--ca", metavar="FILE", help="gRPC CA certificate (default <tlsDir>/admin/ca.crt)")
+    parser.add_argument("--ip", metavar="HOST", help="the server's address, as the original ncadm takes it")
+    parser.add_argument("--port", type=int, metavar="PORT", help="its control port, as the original takes it")
+    parser.add_argument("--ca", "--cacert", metavar="FILE", help="gRPC CA certificate (default <tlsDir>/admin/ca.crt)")
     parser.add_argument("--cert", metavar="FILE", help="admin client certificate (default <tlsDir>/admin/client.crt)")
     parser.add_argument("--key", metavar="FILE", help="admin client key (default <tlsDir>/admin/client.key)")
     parser.add_argument("-o", "--output", choices=["text", "json"], default="text", help="output format")
@@ -12549,10 +12898,14 @@ def main(argv: list[str] | None = None) -> int:
         use_bundled_set()
     except (NcError, OSError, KeyError, ValueError, EOFError) as e:  # a truncated or damaged file
         print(f"nc: error: cannot unpack the packages this nc carries: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # the scratch directory is gone already; the next start unpacks again
+        return EXIT_INTERRUPTED
     name_process()
     tidy_shiv_root()
     args = build_parser().parse_args(argv)
+    if args.command in ("server", "client"):
+        reload_once_running(args.command)
     if args.command == "adm":
         setup_logging(None, None, False, quiet_stdout=True)
     try:
@@ -12567,7 +12920,7 @@ def main(argv: list[str] | None = None) -> int:
             1,
         )
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 1
     except OSError as e:  # a file nc needs: missing, read-only, or on a full disk

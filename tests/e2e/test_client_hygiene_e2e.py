@@ -79,6 +79,10 @@ def test_join_again_after_unregister_replaces_the_old_credentials(lab: Lab) -> N
     old_token = client.token()
     server.adm("node", "unregister", "--node-token", old_token)
     assert wait_exit(client.process) == 3, "an unregistered node is told not to come back"
+    said = client.process.log().strip().splitlines()[-1]
+    assert said.endswith(
+        f"to join again: nc client --join '<join string from nc adm token create>' --work-dir {client.work_dir}"
+    )
     rejoin = host.spawn_nc("client", "--join", server.join_string(), "--work-dir", str(client.work_dir), name="rejoin")
     again = NcClient(host, rejoin, client.work_dir)
     wait_for(lambda: again.token() != old_token, what="the new join to replace the credentials")

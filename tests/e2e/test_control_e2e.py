@@ -258,14 +258,14 @@ def test_original_join_string_without_pin_needs_the_unsafe_flag(lab: Lab) -> Non
 
 
 def test_single_use_token_raced_by_parallel_joins_admits_one(lab: Lab) -> None:
-    """Six joins race one single-use token: exactly one succeeds, the others get a one-line refusal."""
+    """Six joins race one single-use token: exactly one succeeds, the others get a one-line refusal (exit 3)."""
     server = start_server(lab.add_host("server"))
     node = lab.add_host("node")
     join = server.join_string("--single-use")
     before = node_tokens(server)
     procs = [node.spawn_nc("adm", "join", join, "--work-dir", str(lab.dir / f"r{i}"), name=f"r{i}") for i in range(6)]
     codes = [p.popen.wait(60) for p in procs]
-    assert sorted(codes) == [0, 1, 1, 1, 1, 1], [p.log() for p in procs]
+    assert sorted(codes) == [0, 3, 3, 3, 3, 3], [p.log() for p in procs]  # 3: refused for good
     winner = procs[codes.index(0)].log().strip()
     assert node_tokens(server) == before | {winner}
     for p, code in zip(procs, codes):

@@ -1,6 +1,7 @@
 """nc as a system service: a unit systemd accepts, READY=1 and watchdog pings over a
-fake NOTIFY_SOCKET, SIGHUP reloading without dropping sessions, one line per record
-under journald."""
+fake NOTIFY_SOCKET, SIGHUP reloading without dropping sessions (server and client, and
+never an exit), units that do not restart on a config error, one line per record under
+journald."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netlab import NC, SCRIPTS, Host, Lab, NcServer, Process, start_client, start_server, wait_for
+import yaml
+from netlab import NC, SCRIPTS, Host, Lab, NcClient, NcServer, Process, start_client, start_server, wait_for
 from overlay_helpers import wait_connected
 
 
@@ -113,3 +115,63 @@ def test_under_journald_each_record_is_one_line_without_a_timestamp(lab: Lab) ->
     assert not any("2026-" in line[:12] or line[3:7].isdigit() for line in lines), lines[:5]
     ready = [line for line in lines if "nc server ready" in line]
     assert len(ready) == 1 and ready[0].startswith("<6>INFO MainThread: nc server ready"), ready
+
+
+def client_status(client: NcClient) -> dict:
+    done = client.host.nc("status", "--work-dir", str(client.work_dir), "-o", "json", check=False)
+    return json.loads(done.stdout) if done.stdout.strip() else {}
+
+
+def test_client_sighup_applies_debug_transport_and_replicas_and_never_exits(lab: Lab) -> None:
+    """`systemctl reload nc-client`: one line says what was applied and what needs a
+    restart; the node stays up (TUN, status socket), and a broken file changes nothing."""
+    server: NcServer = start_server(lab.add_host("server"))
+    client = start_client(lab.add_host("node"), server.join_string())
+    ip = wait_connected(server, client)
+    wait_for(lambda: client_status(client).get("transport") == "udp", what="the UDP path to carry")
+    doc = yaml.safe_load(client.config.read_text())
+    doc["client"].update({"debug": True, "transport": "tcp", "mtu": 1300})
+    doc["client"]["serverAddr"] = [server.host.ip, "198.18.0.99"]
+    client.config.write_text(yaml.safe_dump(doc))
+    client.process.send_signal(signal.SIGHUP)
+    client.process.wait_for_output("SIGHUP: re-read", what="the reload line")
+    line = next(line for line in client.process.log().splitlines() if "SIGHUP: re-read" in line)
+    assert "applied: serverAddr, debug, transport" in line and "needs a restart: mtu" in line, line
+    wait_for(lambda: client_status(client).get("transport") == "tcp", what="the node to reconnect over TLS only")
+    assert wait_connected(server, client) == ip and client.host.ping("10.1.1.1", count=2)
+    client.config.write_text("mode: client\nclient:\n  transport: [\n")
+    client.process.send_signal(signal.SIGHUP)
+    client.process.wait_for_output("the running configuration stays", what="a refused reload")
+    assert client.process.alive() and client_status(client).get("state") == "connected"
+    assert client.process.stop() == 0
+    assert not (client.work_dir / "nc-client.sock").exists() and not client.host.has_link("nc0")
+
+
+def test_server_sighup_while_starting_does_not_end_it(lab: Lab) -> None:
+    host = lab.add_host("server")
+    process, _ = spawn_server_with_env(host, {})
+    process.wait_for_output("starting: advertised address", what="the start to begin")
+    process.send_signal(signal.SIGHUP)  # still starting (or, on a fast machine, just ready)
+    wait_for(lambda: "nc server ready" in process.log() or not process.alive(), timeout=30, what="the start")
+    assert process.alive(), process.log()
+    process.send_signal(signal.SIGHUP)
+    process.wait_for_output("SIGHUP: re-read", what="the reload once running")
+    assert process.alive()
+
+
+def test_install_service_refuses_a_config_that_does_not_exist(tmp_path: Path) -> None:
+    missing = Path("/etc/nc-test-missing") / f"server-{os.getpid()}.yml"
+    for mode in ("server", "client"):
+        done = subprocess.run(
+            [str(NC), "install-service", mode, "--config", str(missing), "--root", str(tmp_path / "image")],
+            capture_output=True,
+            text=True,
+        )
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and "no such file" in lines[0], done.stderr
+        assert lines[0].startswith(f"nc: error: {missing}: ")
+        assert not (tmp_path / "image").exists()
+    shown = subprocess.run(
+        [str(NC), "install-service", "server", "--config", str(missing), "--print"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "RestartPreventExitStatus=2 3" in shown.stdout.splitlines()

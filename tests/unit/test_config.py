@@ -290,3 +290,24 @@ def test_a_clashing_name_gets_the_first_free_suffix() -> None:
     assert ncctl.free_node_name("edge", {"edge", "edge-2"}) == "edge-3"
     assert ncctl.free_node_name("a" * 16, set()) == "a" * 16 + "-2"  # not readable as a node-token
     assert len(ncctl.free_node_name("x" * 63, {"x" * 63})) <= 63
+
+
+@pytest.mark.parametrize(
+    ("mode", "key", "hint"),
+    [
+        ("server", "grpcport", "did you mean grpcPort?"),
+        ("server", "netwrokAddr", "did you mean networkAddr?"),
+        ("client", "serverIp", "did you mean serverAddr?"),
+        ("client", "transprot", "did you mean transport?"),
+    ],
+)
+def test_an_unknown_field_names_the_closest_known_one(tmp_path: Path, mode: str, key: str, hint: str) -> None:
+    with pytest.raises(ncctl.ConfigError) as info:
+        ncctl.config_from_doc({mode: {key: 1}}, "f.yml", mode, tmp_path)
+    assert str(info.value) == f"f.yml: {mode}.{key}: unknown field; {hint}"
+
+
+def test_a_field_like_none_still_lists_the_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ncctl.ConfigError) as info:
+        ncctl.config_from_doc({"client": {"zzz": 1}}, "f.yml", "client", tmp_path)
+    assert "known fields are debug, grpcPort" in str(info.value)

@@ -35,3 +35,12 @@ def test_an_interpreter_the_sandbox_hides_falls_back_to_python3_and_says_so(
     words, warning = ncctl.service_interpreter()
     assert words == () and warning is not None
     assert warning.startswith(f"this Python ({where}) is under /") and "hidden from the service" in warning
+
+
+def test_a_config_error_or_a_refusal_does_not_restart_the_unit() -> None:
+    """Exit 2 (config, usage) and 3 (refused for good) repeat until a person acts."""
+    for mode in ("server", "client"):
+        unit = ncctl.service_unit(mode, ncctl.SERVICE_EXECUTABLE, None, "/var/lib/nc", ())
+        assert "RestartPreventExitStatus=2 3" in unit.splitlines() and "Restart=on-failure" in unit.splitlines()
+    assert (ncctl.ConfigError.exit_code, ncctl.UsageError.exit_code, ncctl.Refused.exit_code) == (2, 2, 3)
+    assert ncctl.JoinRefused.exit_code == 3

@@ -227,10 +227,10 @@ def bench_nc(
                 use_transport(clients, NC_MODES[column], target)
                 wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{column}: node1 to reach node2")
                 measure_round(samples[column], nodes[0], target, peer, args, f"{column} round {attempt}/{args.repeat}")
-        for client in clients:
-            for line in client.process.log().splitlines():
-                if "auto:" in line or "data path:" in line:
-                    progress(f"{client.host.name}: {line.strip()}")
+                for client in clients:  # what auto chose, and when
+                    for line in client.process.log().splitlines():
+                        if "auto:" in line or "data path:" in line:
+                            progress(f"  {client.host.name}: {line.strip()}")
         return {column: samples[column].figures() for column in columns}
     finally:
         for client in clients:

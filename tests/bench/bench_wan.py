@@ -5,28 +5,34 @@ bridge with nftables (`numgen random mod 1000 < N drop` in a bridge-family forwa
 chain inside the lab namespace; this kernel has no netem) and an optional rate limit
 with tbf on the bridge ports. A veth hands a GSO super-packet on whole, so by default
 one dropped frame may be up to 64 datagrams or TCP segments of a path that sends with
-offload (nc; wireguard-go's Debian build does not), and a queue may hold megabytes in
-a few entries; --wire makes each host's eth0 act as a NIC on a wire instead: segments
-leave one by one (gso_max_segs 1) and are coalesced on arrival (GRO), so loss and
-queues count packets. In one run, one after the other on the same topology:
+offload (nc, the modern wireguard-go; Debian's wireguard-go does not), and a queue may
+hold megabytes in a few entries; --wire makes each host's eth0 act as a NIC on a wire
+instead: segments leave one by one (gso_max_segs 1) and are coalesced on arrival (GRO),
+so loss and queues count packets. In one run, one after the other on the same topology:
 
-    underlay     iperf3 and ping straight over the bridge
-    nc UDP       ./nc server + two clients, transport auto (the encrypted UDP data path)
-    nc TCP       the same, server transport tcp (the TLS/TCP stream)
-    wireguard-go Debian's userspace WireGuard, in the namespaces (no kernel module); hub
-                 and spoke like nc: the server has both nodes as peers and routes
-                 between them (ip_forward in its namespace only)
-    OpenVPN UDP  2.6, AES-256-GCM, tun-mtu 1400, client-to-client
-    OpenVPN TCP  the same over TCP (tests/bench/bench_throughput.py's setup)
+    underlay       iperf3 and ping straight over the bridge
+    nc auto        ./nc server (transport auto) + two clients on transport auto, the default
+    nc TCP         the same clients on transport tcp (the TLS/TCP stream)
+    nc UDP         the same clients on transport udp (the encrypted UDP data path)
+                   (the three interleaved round by round, the clients restarted each time)
+    wireguard-go   Debian's userspace WireGuard, in the namespaces (no kernel module); hub
+                   and spoke like nc: the server has both nodes as peers and routes
+                   between them (ip_forward in its namespace only)
+    wg-go 9eb3221  the same with the binary --wireguard-go names: a modern wireguard-go
+                   with TUN and UDP offload (tests/bench/build_wireguard_go.sh builds it)
+    OpenVPN UDP    2.6, AES-256-GCM, tun-mtu 1400, client-to-client
+    OpenVPN TCP    the same over TCP (tests/bench/bench_throughput.py's setup)
 
-For each: iperf3 TCP throughput node1->server, server->node1 (-R) and node1->node2
-(through the server on every tunnel, so across the lossy bridge twice; directly
-across it once on the underlay), ping p50/p99 at 5/s while the node1->server load
-runs, and the idle RTT node1->server (median of 20 pings at 5/s). Each throughput is
-the median of --repeat runs. Prints one table with the ratios to wireguard-go;
-progress goes to stderr.
+For each, --repeat rounds of: the idle RTT node1->server (20 pings at 5/s), iperf3 TCP
+node1->server with ping at 5/s beside it (and the inner TCP's retransmissions),
+server->node1 (-R) and node1->node2 (through the server on every tunnel, so across the
+lossy bridge twice; directly across it once on the underlay). Throughputs are medians of
+the rounds, ping percentiles over all rounds' pings. Prints one table with auto's ratios
+to forced TCP, forced UDP and the newest wireguard-go measured; progress (and each auto
+round's choices, from the node's log) goes to stderr.
 
     tests/bench.sh wan [--loss PCT] [--rate MBIT] [--wire] [--seconds S] [--repeat N] [--only PATH]
+                       [--wireguard-go PATH]
 """
 
 from __future__ import annotations

@@ -404,7 +404,6 @@ class ServerConfig:
     transport: str = "auto"  # auto or udp: offer nodes the UDP data path; tcp: TLS only
     udp_port: int = DEFAULT_NETWORK_PORT  # where the UDP data path listens (TCP keeps `port`)
     keepalive: int = 10  # seconds between keepalives; a peer silent 3x this is dropped
-    busy_poll_us: int = 0  # after traffic, poll this long before sleeping: a lower idle RTT for CPU; 0: off
     source_prefix6: int = DEFAULT_SOURCE_PREFIX6  # per-source limits count an IPv6 /N as one source
     networks: list[NetworkSpec] = dataclasses.field(default_factory=list)  # more overlays, by net-token
     nodes_may_mint: bool = True  # a node may mint bootstrap tokens into its own network (the "trusted node" flow)
@@ -457,7 +456,6 @@ class ClientConfig:
     offload: bool = True  # offer 64 KiB TSO/GSO frames to the server
     transport: str = "auto"  # auto: UDP when it works, else TLS/TCP; udp: UDP for data; tcp: TLS only
     udp_port: int = DEFAULT_NETWORK_PORT  # the server's UDP port; at the default, the one its welcome names
-    busy_poll_us: int = 0  # after traffic, poll this long before sleeping: a lower idle RTT for CPU; 0: off
 
     def resolve(self) -> ClientConfig:
         work = Path(self.work_dir)
@@ -468,9 +466,6 @@ class ClientConfig:
     @property
     def grpc_cert_dir(self) -> Path:
         return Path(self.work_dir) / "tls" / "grpc"
-
-
-MAX_BUSY_POLL_US = 10_000  # busyPollUs: past a few hundred microseconds it only burns CPU
 
 
 PORT_FIELDS = {"port", "grpc_port", "bootstrap_port", "udp_port"}
@@ -638,8 +633,6 @@ def check_config(config: Any, path: str, mode: str) -> None:
         raise ConfigError(
             f"{where}.transport: {config.transport!r} is not one of {', '.join(TRANSPORTS)} (default auto)"
         )
-    if not 0 <= config.busy_poll_us <= MAX_BUSY_POLL_US:
-        raise ConfigError(f"{where}.busyPollUs: use 0-{MAX_BUSY_POLL_US} microseconds (default 0: off)")
     if isinstance(config, ServerConfig):
         try:
             iface = ipaddress.IPv4Interface(config.network_addr)
@@ -6122,22 +6115,17 @@ class Poller:
     reading on until EAGAIN (an exception in Python, and time on the latency
     path). Under load events are ready at once, and handlers read in batches.
     Whether it slept is read off the clock around the one epoll wait, not asked
-    of the kernel with a second epoll_wait(0). It spins only when asked
-    (busyPollUs, off by default): on two cores a spinning loop takes the CPU
-    that ping, iperf3 or the peer process needs.
+    of the kernel with a second epoll_wait(0). It never spins: on two cores a
+    spinning loop takes the CPU that ping, iperf3 or the peer process needs,
+    which costs far more latency than it saves.
     """
 
     SLEPT_S = 50e-6  # a wait this long was a real sleep, not events already queued
 
-    def __init__(self, busy_poll_s: float = 0.0) -> None:
+    def __init__(self) -> None:
         self.epoll = select.epoll()
         self.woke = False
         self.now = time.monotonic()  # when the last wait returned
-        # busyPollUs: for this long after events the loop asks epoll without sleeping, so the
-        # answer to a packet (a ping's reply through the kernel) is picked up without a
-        # wake-up. Off by default: an idle loop must cost nothing.
-        self.busy_poll_s = busy_poll_s
-        self.busy_until = 0.0
 
     def register(self, fd: int, mask: int) -> None:
         self.epoll.register(fd, mask)
@@ -6153,28 +6141,10 @@ class Poller:
 
     def poll(self, timeout: float) -> list[tuple[int, int]]:
         before = time.monotonic()
-        if before < self.busy_until and (events := self._spin(before)):
-            return events
         events = self.epoll.poll(timeout)
         self.now = time.monotonic()
         self.woke = self.now - before > self.SLEPT_S
-        if events and self.busy_poll_s:
-            self.busy_until = self.now + self.busy_poll_s
         return events
-
-    def _spin(self, before: float) -> list[tuple[int, int]]:
-        """Ask without sleeping until something is ready or the busy-poll time is over;
-        events found after a spin count as a wake-up (sparse traffic: read once)."""
-        poll, clock, until = self.epoll.poll, time.monotonic, self.busy_until
-        while True:
-            events = poll(0)
-            self.now = clock()
-            if events:
-                self.woke = self.now - before > self.SLEPT_S
-                self.busy_until = self.now + self.busy_poll_s
-                return events
-            if self.now >= until:
-                return []
 
 
 class PeerClosed(Exception):
@@ -7999,7 +7969,7 @@ class NetworkServer(Sessions):
         self.overlays = control.overlays
         self.counters: collections.Counter[str] = collections.Counter()
         self.note = RateLimitedLog()
-        self.epoll = Poller(config.busy_poll_us / 1e6)
+        self.epoll = Poller()
         self.commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.worker = StoreWorker(self.call_soon)
         self.stopping = threading.Event()
@@ -8416,7 +8386,7 @@ class NodeSession:
     def pump(self) -> str | None:
         """Move packets until the session ends; returns why (None when stopping)."""
         link, udp, client = self.link, self.udp, self.client
-        poller = Poller(client.config.busy_poll_us / 1e6)
+        poller = Poller()
         tun_fd = self.tun.fd
         try:
             poller.register(link.fd, select.EPOLLIN)

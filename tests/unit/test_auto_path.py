@@ -6,10 +6,7 @@ after a wait that doubles. Also the two counter sources: the datagram counters' 
 
 from __future__ import annotations
 
-import os
-import select
 import socket
-import threading
 import time
 
 from test_datagram import TOKEN, frame, session_pair
@@ -210,26 +207,3 @@ def test_tcp_info_counts_a_streams_bytes() -> None:
     finally:
         for sock in (client, server, listener):
             sock.close()
-
-
-def test_busy_poll_picks_up_an_answer_without_sleeping_and_is_off_by_default() -> None:
-    """busyPollUs: after events the poller asks epoll without sleeping for a while, and
-    finds what arrives then; at 0 (the default) it never spins."""
-    read_end, write_end = os.pipe2(os.O_NONBLOCK)
-    for spin, spins in ((0.5, True), (0.0, False)):
-        poller = ncctl.Poller(spin)
-        try:
-            poller.register(read_end, select.EPOLLIN)
-            os.write(write_end, b"x")
-            assert poller.poll(1.0) == [(read_end, select.EPOLLIN)]
-            os.read(read_end, 1)
-            assert (poller.busy_until > poller.now) is spins
-            later = threading.Timer(0.05, os.write, (write_end, b"y"))
-            later.start()
-            assert poller.poll(2.0) == [(read_end, select.EPOLLIN)]  # found by the spin, or after a sleep
-            later.join()
-            os.read(read_end, 1)
-        finally:
-            poller.close()
-    os.close(read_end)
-    os.close(write_end)

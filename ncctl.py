@@ -6753,7 +6753,7 @@ AUTO_MIN_DATAGRAMS = 1000  # datagrams one judgement of the datagram path needs
 AUTO_LOSSY_RESENT = 0.005  # on the stream: this share of bytes sent again is loss
 
 
-AUTO_MIN_BYTES = 32 << 20  # bytes sent one judgement needs (one lost 64 KiB TSO segment is 0.2 % of it)
+AUTO_MIN_BYTES = 64 << 20  # bytes sent one judgement needs (one lost 64 KiB TSO segment is 0.1 % of it)
 
 
 # On the stream: this share of segments received out of order is loss. A lost segment puts
@@ -6779,9 +6779,9 @@ AUTO_STREAM_AGAIN_MAX_S = 600.0
 AUTO_STREAM_PROVEN_S = 300.0  # a stream that ran clean this long before a loss starts the wait afresh
 
 
-# struct tcp_info (linux/tcp.h) from tcpi_data_segs_in to tcpi_rcv_ooopack: data segments
-# in, bytes sent, bytes retransmitted, segments received out of order (Linux 5.4 on).
-TCP_INFO_COUNTERS = struct.Struct("=152xI44xQQ8xI")
+# struct tcp_info (linux/tcp.h): tcpi_snd_mss, tcpi_data_segs_in, tcpi_bytes_sent,
+# tcpi_bytes_retrans, tcpi_dsack_dups, tcpi_rcv_ooopack (all there from Linux 5.4 on).
+TCP_INFO_COUNTERS = struct.Struct("=16xI132xI44xQQI4xI")
 
 
 @dataclasses.dataclass
@@ -6790,19 +6790,22 @@ class StreamCounters:
 
     segments_in: int = 0
     bytes_sent: int = 0
-    bytes_resent: int = 0
+    bytes_resent: int = 0  # less what the peer reported as duplicates (D-SACK): those were not lost
     out_of_order: int = 0
 
 
 def stream_counters(sock: socket.socket) -> StreamCounters | None:
-    """The stream socket's TCP_INFO counters; None where the kernel has not all of them."""
+    """The stream socket's TCP_INFO counters; None where the kernel has not all of them.
+    A retransmission the peer then reports as a duplicate was spurious (a timer that fired
+    while a busy host held the ACKs back), not a loss: its bytes do not count as resent."""
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_COUNTERS.size)
     except OSError:
         return None
     if len(info) < TCP_INFO_COUNTERS.size:
         return None
-    return StreamCounters(*TCP_INFO_COUNTERS.unpack(info))
+    mss, segments_in, sent, resent, duplicates, out_of_order = TCP_INFO_COUNTERS.unpack(info)
+    return StreamCounters(segments_in, sent, max(0, resent - duplicates * mss), out_of_order)
 
 
 class PathChooser:

@@ -6753,7 +6753,7 @@ AUTO_MIN_DATAGRAMS = 1000  # datagrams one judgement of the datagram path needs
 AUTO_LOSSY_RESENT = 0.005  # on the stream: this share of bytes sent again is loss
 
 
-AUTO_MIN_BYTES = 64 << 20  # bytes sent one judgement needs (one lost 64 KiB TSO segment is 0.1 % of it)
+AUTO_MIN_BYTES = 32 << 20  # bytes sent one judgement needs (one lost 64 KiB TSO segment is 0.2 % of it)
 
 
 # On the stream: this share of segments received out of order is loss. A lost segment puts

@@ -6586,9 +6586,8 @@ class DatagramPath:
         self.node_token = node_token
         self.state = self.PROBING
         self.preferred = True  # auto: datagrams carry while up (False: the link is clean, TLS carries more)
-        self.counted: dict[
-            int, tuple[int, int]
-        ] = {}  # per session id: (newest counter, opened) at the last loss_sample
+        # Per session id: (newest counter, datagrams opened) at the last loss_sample.
+        self.counted: dict[int, tuple[int, int]] = {}
         now = time.monotonic()
         self.since = now  # when the state began
         self.last_rx = 0.0

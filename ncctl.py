@@ -6292,6 +6292,7 @@ class DatagramKeys:
         self.opener = AESGCM(receive_key)
         self.sent = 0  # the next counter to seal with
         self.window = ReplayWindow()
+        self.received = 0  # datagrams opened (the node counts them: with window.top, how many never came)
         self.born = time.monotonic()
 
     @classmethod
@@ -7163,7 +7164,8 @@ def udp_address(sock: socket.socket, host: str, port: int) -> tuple:
 class DatagramPath:
     """The node's side of the UDP data path: its socket, keys, and whether data travels
     on it now. In auto it is probed after the welcome and used only while authenticated
-    datagrams flow both ways; it gives way to the TLS stream when they stop."""
+    datagrams flow both ways and the node's PathChooser prefers it (`preferred`); it gives
+    way to the TLS stream when they stop."""
 
     PROBING, UP, DOWN = "probing", "up", "down"
     name = "udp"
@@ -7178,6 +7180,9 @@ class DatagramPath:
         self.mode = mode
         self.node_token = node_token
         self.state = self.PROBING
+        self.preferred = True  # auto: datagrams carry while up (False: the link is clean, TLS carries more)
+        # Per session id: (newest counter, datagrams opened) at the last loss_sample.
+        self.counted: dict[int, tuple[int, int]] = {}
         now = time.monotonic()
         self.since = now  # when the state began
         self.last_rx = 0.0
@@ -7194,7 +7199,22 @@ class DatagramPath:
     @property
     def carrying(self) -> bool:
         """Data goes out as datagrams now (in udp mode whenever there are keys)."""
-        return self.state == self.UP or self.mode == "udp"
+        return (self.state == self.UP and self.preferred) or self.mode == "udp"
+
+    def loss_sample(self) -> tuple[int, int]:
+        """(datagrams the server sent, of them opened here) since the last call: the
+        counters are consecutive, so the newest one seen says how many were sent, and every
+        counter below it that never opened was lost on the way (or is still reordered)."""
+        sent = opened = 0
+        counted: dict[int, tuple[int, int]] = {}
+        for session_id, keys in self.openers.items():
+            top, received = keys.window.top, keys.received
+            last_top, last_received = self.counted.get(session_id, (-1, 0))
+            sent += top - last_top
+            opened += received - last_received
+            counted[session_id] = (top, received)
+        self.counted = counted
+        return sent, opened
 
     def close(self) -> None:
         self.sock.close()
@@ -7239,8 +7259,9 @@ class DatagramPath:
         counted and dropped."""
         frames: list[bytes] = []
         for datagrams, _source, _local in self.sock.receive(limit):
-            for _keys, opened, size in open_datagrams(datagrams, self.openers.get, self._dropped):
+            for keys, opened, size in open_datagrams(datagrams, self.openers.get, self._dropped):
                 frames += opened
+                keys.received += len(opened)
                 self.rx_bytes += size
         if frames:
             self.last_rx = time.monotonic()
@@ -7300,7 +7321,6 @@ class DatagramPath:
     def _become(self, state: str, now: float) -> str | None:
         self.state, self.since = state, now
         if state == self.UP:
-            log.info("data path: UDP to %s", unmapped(self.server[0]))
             return "udp"
         return "tcp" if state == self.DOWN and self.mode != "udp" else None
 
@@ -7325,6 +7345,151 @@ class DatagramPath:
         self.keys = keys
         self.openers[session] = keys
         self.retired_at = now + UDP_OLD_KEYS_S
+
+
+# -- auto: which path carries ------------------------------------------------------------
+# On a clean link the TLS stream carries about twice what datagrams do (the kernel's TCP and
+# one AES-GCM call per 16 KiB record, against a Python-driven seal per datagram); under loss
+# it stalls behind every retransmission while datagrams carry more at a fraction of the
+# latency. A node on auto measures which link it has and says where data goes with the
+# TRANSPORT frame every server already obeys: the datagram counters tell exactly how many
+# of the server's datagrams never came, TCP_INFO how many bytes the stream sent again and
+# how many segments came out of order. It starts on datagrams (safe under loss), moves to
+# the stream once enough traffic shows a clean link, and back at the first sign of loss;
+# a stream that proved lossy is tried again only after a wait that doubles each time.
+
+
+AUTO_CLEAN_LOSS = 0.0005  # at most this share of the server's datagrams missing: the link is clean
+
+
+AUTO_MIN_DATAGRAMS = 1000  # datagrams one judgement of the datagram path needs
+
+
+AUTO_LOSSY_RESENT = 0.005  # on the stream: this share of bytes sent again is loss
+
+
+AUTO_MIN_BYTES = 32 << 20  # bytes sent one judgement needs (one lost 64 KiB TSO segment is 0.2 % of it)
+
+
+# On the stream: this share of segments received out of order is loss. A lost segment puts
+# what follows it until the retransmission out of order, so the share grows with the loss
+# rate and the window: measured here 7 % at 3 % loss, up to 1.5 % on a clean but busy
+# host (drops in its own queues). A download alone leaves the stream only under heavy
+# loss; the bytes the node sends again show it exactly.
+AUTO_LOSSY_OUT_OF_ORDER = 0.05
+
+
+AUTO_MIN_SEGMENTS = 4000  # segments received that one judgement of the stream's receiving needs
+
+
+AUTO_EVIDENCE_S = 10.0  # a judgement gathers its traffic within this long, or starts again
+
+
+AUTO_STREAM_AGAIN_S = 30.0  # after the stream proved lossy, the wait before trying it again; doubled each time
+
+
+AUTO_STREAM_AGAIN_MAX_S = 600.0
+
+
+AUTO_STREAM_PROVEN_S = 300.0  # a stream that ran clean this long before a loss starts the wait afresh
+
+
+# struct tcp_info (linux/tcp.h): tcpi_snd_mss, tcpi_data_segs_in, tcpi_bytes_sent,
+# tcpi_bytes_retrans, tcpi_dsack_dups, tcpi_rcv_ooopack (all there from Linux 5.4 on).
+TCP_INFO_COUNTERS = struct.Struct("=16xI132xI44xQQI4xI")
+
+
+@dataclasses.dataclass
+class StreamCounters:
+    """The TLS stream's TCP counters (cumulative), as TCP_INFO has them."""
+
+    segments_in: int = 0
+    bytes_sent: int = 0
+    bytes_resent: int = 0  # less what the peer reported as duplicates (D-SACK): those were not lost
+    out_of_order: int = 0
+
+
+def stream_counters(sock: socket.socket) -> StreamCounters | None:
+    """The stream socket's TCP_INFO counters; None where the kernel has not all of them.
+    A retransmission the peer then reports as a duplicate was spurious (a timer that fired
+    while a busy host held the ACKs back), not a loss: its bytes do not count as resent."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_COUNTERS.size)
+    except OSError:
+        return None
+    if len(info) < TCP_INFO_COUNTERS.size:
+        return None
+    mss, segments_in, sent, resent, duplicates, out_of_order = TCP_INFO_COUNTERS.unpack(info)
+    return StreamCounters(segments_in, sent, max(0, resent - duplicates * mss), out_of_order)
+
+
+class PathChooser:
+    """auto's choice between datagrams and the TLS stream, from counters fed each tick
+    (observe). Judgements need enough traffic: an idle or slow link keeps its path."""
+
+    def __init__(self, now: float) -> None:
+        self.datagrams = True  # data goes as datagrams (while the UDP path is up)
+        self.since = now  # when the current choice was made
+        self.stream_after = now  # no move to the stream before this
+        self.wait = AUTO_STREAM_AGAIN_S
+        self.last: StreamCounters | None = None  # the stream's counters at the last tick
+        self.evidence = StreamCounters()  # this judgement's stream deltas
+        self.sent = self.opened = 0  # this judgement's datagrams: the server's, and opened here
+        self.started = now
+
+    def observe(self, now: float, datagrams: tuple[int, int], stream: StreamCounters | None) -> str | None:
+        """One tick's datagram sample (DatagramPath.loss_sample) and the stream's cumulative
+        counters (None: unknown, and then the stream is never chosen); a line saying why when
+        the choice changed, else None."""
+        self.sent, self.opened = self.sent + datagrams[0], self.opened + datagrams[1]
+        if stream is not None and self.last is not None:
+            for field in dataclasses.fields(StreamCounters):
+                name = field.name
+                delta = getattr(stream, name) - getattr(self.last, name)
+                setattr(self.evidence, name, getattr(self.evidence, name) + max(0, delta))
+        self.last = stream
+        why = self._judge_datagrams(now, stream is not None) if self.datagrams else self._judge_stream(now)
+        if why is None and now - self.started >= AUTO_EVIDENCE_S:
+            self._forget(now)  # too little traffic to judge: start again
+        return why
+
+    def _judge_datagrams(self, now: float, stream_known: bool) -> str | None:
+        if self.sent < AUTO_MIN_DATAGRAMS:
+            return None
+        loss = max(0, self.sent - self.opened) / self.sent
+        self._forget(now)
+        if loss > AUTO_CLEAN_LOSS or now < self.stream_after or not stream_known:
+            return None
+        self._choose(False, now)
+        return f"the link is clean ({loss:.2%} of datagrams lost)"
+
+    def _judge_stream(self, now: float) -> str | None:
+        seen = self.evidence
+        resent = seen.bytes_resent / seen.bytes_sent if seen.bytes_sent >= AUTO_MIN_BYTES else 0.0
+        disordered = seen.out_of_order / seen.segments_in if seen.segments_in >= AUTO_MIN_SEGMENTS else 0.0
+        if resent < AUTO_LOSSY_RESENT and disordered < AUTO_LOSSY_OUT_OF_ORDER:
+            if seen.bytes_sent >= AUTO_MIN_BYTES or seen.segments_in >= AUTO_MIN_SEGMENTS:
+                self._forget(now)
+            return None
+        if now - self.since >= AUTO_STREAM_PROVEN_S:
+            self.wait = AUTO_STREAM_AGAIN_S
+        self.stream_after = now + self.wait
+        why = (
+            f"the link loses packets ({resent:.2%} of the stream's bytes sent again, {disordered:.2%} of its"
+            f" segments out of order); the stream is tried again in {self.wait:.0f} s"
+        )
+        self.wait = min(2 * self.wait, AUTO_STREAM_AGAIN_MAX_S)
+        self._choose(True, now)
+        return why
+
+    def _choose(self, datagrams: bool, now: float) -> None:
+        self.datagrams, self.since = datagrams, now
+        self._forget(now)
+
+    def _forget(self, now: float) -> None:
+        self.evidence = StreamCounters()
+        self.sent = self.opened = 0
+        self.started = now
 
 
 class ServerDatagramPath:
@@ -8854,6 +9019,8 @@ class NodeSession:
         self.gso, self.server_mtu = interface.gso, interface.server_mtu
         self.client = client  # its stop and renewal events, wake pipe, counters, refusal handling
         self.counters = client.counters
+        self.chooser = PathChooser(time.monotonic())  # auto: datagrams or the stream, by what the link shows
+        self.told = "tcp"  # where the server was last told to send data (a session starts on the stream)
 
     def pump(self) -> str | None:
         """Move packets until the session ends; returns why (None when stopping)."""
@@ -8868,9 +9035,7 @@ class NodeSession:
             if udp is not None:
                 udp_fd = udp.fd
                 poller.register(udp_fd, select.EPOLLIN)
-                if udp.mode == "udp":
-                    link.queue(encode_control(FRAME_TRANSPORT, {"transport": "udp"}))
-                udp.tick(time.monotonic())  # the first probe
+                self._tick_datagram_path(udp, time.monotonic())  # the first probe (udp mode: the TRANSPORT frame)
             keepalive = self.welcome.keepalive
             next_tick = time.monotonic() + 1.0
             next_udp_tick = time.monotonic() + 0.25
@@ -8924,10 +9089,24 @@ class NodeSession:
             poller.close()
 
     def _tick_datagram_path(self, udp: DatagramPath, now: float) -> None:
-        """Probe, switch and rekey the UDP path; the server hears of each over TLS."""
-        transport = udp.tick(now)
-        if transport is not None:
-            self.link.queue(encode_control(FRAME_TRANSPORT, {"transport": transport}))
+        """Probe and rekey the UDP path, and in auto choose where data goes while it is up;
+        the server hears of each change over TLS."""
+        udp.tick(now)
+        if udp.mode == "auto" and udp.state == DatagramPath.UP:
+            why = self.chooser.observe(now, udp.loss_sample(), stream_counters(self.link.sock))
+            # Datagrams the full socket still holds go first: packets of one flow that took
+            # the stream past them would arrive reordered, and cost it retransmissions.
+            udp.preferred = self.chooser.datagrams or (udp.preferred and bool(udp.backlog))
+            if why is not None:
+                log.info("auto: %s", why)
+        wanted = "udp" if udp.carrying else "tcp"
+        if wanted != self.told:
+            self.told = wanted
+            self.link.queue(encode_control(FRAME_TRANSPORT, {"transport": wanted}))
+            if wanted == "udp":
+                log.info("data path: UDP to %s", unmapped(udp.server[0]))
+            elif udp.state == DatagramPath.UP:
+                log.info("data path: TLS/TCP to %s (the UDP path stays up, probed)", unmapped(udp.server[0]))
         if (rekey := udp.rekey_request(now)) is not None:
             self.link.queue(rekey)
 

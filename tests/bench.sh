@@ -6,10 +6,11 @@
 #   hostile     ping p99 while one node floods malicious GSO     (tests/bench/bench_hostile.py)
 #   floods      1000 idle connections per port from one address  (tests/bench/bench_floods.py)
 #   ha          replicas on etcd: failovers, one holder, 200 joins (tests/bench/bench_ha.py)
-#   wan         nc UDP and TCP vs wireguard-go and OpenVPN UDP/TCP on a lossy,
-#               rate-limited underlay; node to server, back, and node to node:
+#   wan         nc auto, TCP and UDP vs wireguard-go (Debian's, and a modern build given
+#               by --wireguard-go PATH) and OpenVPN UDP/TCP on a lossy, rate-limited
+#               underlay; node to server, back, and node to node:
 #               [--loss PCT] [--rate MBIT] [--wire] [--seconds S] [--repeat N] [--only PATH]
-#               (tests/bench/bench_wan.py; not part of "all")
+#               [--wireguard-go PATH] (tests/bench/bench_wan.py; not part of "all")
 #   fallback    UDP blocked before the join and mid-session: time to TCP and back
 #               (tests/bench/bench_fallback.py; not part of "all")
 #   portable    the file's size, first and later start, unpacked size, per CPython
@@ -33,7 +34,7 @@ case "$what" in
         fi
         ;;
     -h | --help)
-        sed -n '2,21s/^# \{0,1\}//p' "$0"
+        sed -n '2,22s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)

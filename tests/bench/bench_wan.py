@@ -5,34 +5,41 @@ bridge with nftables (`numgen random mod 1000 < N drop` in a bridge-family forwa
 chain inside the lab namespace; this kernel has no netem) and an optional rate limit
 with tbf on the bridge ports. A veth hands a GSO super-packet on whole, so by default
 one dropped frame may be up to 64 datagrams or TCP segments of a path that sends with
-offload (nc; wireguard-go's Debian build does not), and a queue may hold megabytes in
-a few entries; --wire makes each host's eth0 act as a NIC on a wire instead: segments
-leave one by one (gso_max_segs 1) and are coalesced on arrival (GRO), so loss and
-queues count packets. In one run, one after the other on the same topology:
+offload (nc, the modern wireguard-go; Debian's wireguard-go does not), and a queue may
+hold megabytes in a few entries; --wire makes each host's eth0 act as a NIC on a wire
+instead: segments leave one by one (gso_max_segs 1) and are coalesced on arrival (GRO),
+so loss and queues count packets. In one run, one after the other on the same topology:
 
-    underlay     iperf3 and ping straight over the bridge
-    nc UDP       ./nc server + two clients, transport auto (the encrypted UDP data path)
-    nc TCP       the same, server transport tcp (the TLS/TCP stream)
-    wireguard-go Debian's userspace WireGuard, in the namespaces (no kernel module); hub
-                 and spoke like nc: the server has both nodes as peers and routes
-                 between them (ip_forward in its namespace only)
-    OpenVPN UDP  2.6, AES-256-GCM, tun-mtu 1400, client-to-client
-    OpenVPN TCP  the same over TCP (tests/bench/bench_throughput.py's setup)
+    underlay       iperf3 and ping straight over the bridge
+    nc auto        ./nc server (transport auto) + two clients on transport auto, the default
+    nc TCP         the same clients on transport tcp (the TLS/TCP stream)
+    nc UDP         the same clients on transport udp (the encrypted UDP data path)
+                   (the three interleaved round by round, the clients restarted each time)
+    wireguard-go   Debian's userspace WireGuard, in the namespaces (no kernel module); hub
+                   and spoke like nc: the server has both nodes as peers and routes
+                   between them (ip_forward in its namespace only)
+    wg-go 9eb3221  the same with the binary --wireguard-go names: a modern wireguard-go
+                   with TUN and UDP offload (tests/bench/build_wireguard_go.sh builds it)
+    OpenVPN UDP    2.6, AES-256-GCM, tun-mtu 1400, client-to-client
+    OpenVPN TCP    the same over TCP (tests/bench/bench_throughput.py's setup)
 
-For each: iperf3 TCP throughput node1->server, server->node1 (-R) and node1->node2
-(through the server on every tunnel, so across the lossy bridge twice; directly
-across it once on the underlay), ping p50/p99 at 5/s while the node1->server load
-runs, and the idle RTT node1->server (median of 20 pings at 5/s). Each throughput is
-the median of --repeat runs. Prints one table with the ratios to wireguard-go;
-progress goes to stderr.
+For each, --repeat rounds of: the idle RTT node1->server (20 pings at 5/s), iperf3 TCP
+node1->server with ping at 5/s beside it (and the inner TCP's retransmissions),
+server->node1 (-R) and node1->node2 (through the server on every tunnel, so across the
+lossy bridge twice; directly across it once on the underlay). Throughputs are medians of
+the rounds, ping percentiles over all rounds' pings. Prints one table with auto's ratios
+to forced TCP, forced UDP and the newest wireguard-go measured; progress (and each auto
+round's choices, from the node's log) goes to stderr.
 
     tests/bench.sh wan [--loss PCT] [--rate MBIT] [--wire] [--seconds S] [--repeat N] [--only PATH]
+                       [--wireguard-go PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import shutil
 import statistics
@@ -44,7 +51,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab and the helpers
 
-import bench_throughput
 from bench_throughput import (
     COMMON_OPENVPN,
     MTU,
@@ -73,6 +79,35 @@ class Figures:
     load_p99: float | None = None
     load_lost: int = 0  # pings unanswered while loaded
     idle: float | None = None  # median RTT, ms, no load
+    resent: float | None = None  # the inner TCP's retransmitted segments per node -> server run (median)
+
+
+@dataclasses.dataclass
+class Samples:
+    """Every run's figures of one path, gathered round by round; figures() sums them up."""
+
+    ups: list[float] = dataclasses.field(default_factory=list)
+    downs: list[float] = dataclasses.field(default_factory=list)
+    node_to_node: list[float] = dataclasses.field(default_factory=list)
+    resent: list[int] = dataclasses.field(default_factory=list)
+    loaded: list[float] = dataclasses.field(default_factory=list)  # ping ms under load, all rounds
+    lost: int = 0
+    idle: list[float] = dataclasses.field(default_factory=list)
+
+    def figures(self) -> Figures:
+        def median(values: list) -> float | None:
+            return statistics.median(values) if values else None
+
+        return Figures(
+            up=median(self.ups),
+            down=median(self.downs),
+            node_to_node=median(self.node_to_node),
+            load_p50=percentile(self.loaded, 0.5) if self.loaded else None,
+            load_p99=percentile(self.loaded, 0.99) if self.loaded else None,
+            load_lost=self.lost,
+            idle=median(self.idle),
+            resent=median(self.resent),
+        )
 
 
 # -- the lossy underlay ----------------------------------------------------------------
@@ -81,18 +116,35 @@ class Figures:
 # -- measurements ------------------------------------------------------------------------
 
 
-def iperf_mbps(client: Host, target: str, seconds: int, reverse: bool = False) -> float:
-    """bench_throughput's iperf3 run, again after a moment while the server still ends the
-    last test: it answers "busy", or on a stalled tunnel (nc TCP at 3 % loss) may reset
-    the new control connection."""
+def iperf_once(client: Host, target: str, seconds: int, reverse: bool = False) -> tuple[float, int]:
+    """One iperf3 TCP run: (Mbit/s received, segments the sender retransmitted)."""
+    args = ["iperf3", "-c", target, "-t", str(seconds), "-J", "--connect-timeout", "5000", *(["-R"] if reverse else [])]
+    done = client.run(*args, check=False, timeout=seconds + 60)
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        report = {"error": done.stderr.strip() or "no JSON output"}
+    if done.returncode != 0 or "error" in report:
+        raise BenchError(f"iperf3 {' '.join(args[1:])} in {client.name}: {report.get('error', done.stderr.strip())}")
+    return report["end"]["sum_received"]["bits_per_second"] / 1e6, int(report["end"]["sum_sent"].get("retransmits", 0))
+
+
+def iperf_run(client: Host, target: str, seconds: int, reverse: bool = False) -> tuple[float, int]:
+    """iperf_once, again after a moment while the server still ends the last test: it
+    answers "busy", or on a stalled tunnel (nc TCP at 3 % loss) may reset the new control
+    connection."""
     for _ in range(10):
         try:
-            return bench_throughput.iperf_mbps(client, target, seconds, reverse)
+            return iperf_once(client, target, seconds, reverse)
         except BenchError as e:
             if "busy" not in str(e) and "reset by peer" not in str(e):
                 raise
             time.sleep(1.0)
     raise BenchError(f"iperf3 server on {target} stayed busy")
+
+
+def iperf_mbps(client: Host, target: str, seconds: int, reverse: bool = False) -> float:
+    return iperf_run(client, target, seconds, reverse)[0]
 
 
 def ping_times(host: Host, target: str, count: int, interval: float) -> tuple[list[float], int]:
@@ -104,61 +156,88 @@ def ping_times(host: Host, target: str, count: int, interval: float) -> tuple[li
     return times, count - len(times)
 
 
-def median_of(runs: int, what: str, one: Callable[[], float]) -> float:
-    values = []
-    for attempt in range(1, runs + 1):
-        values.append(one())
-        progress(f"{what}: run {attempt}/{runs}: {values[-1]:,.0f} Mbit/s")
-    return statistics.median(values)
-
-
-def measure(node: Host, target: str, peer: str, args: argparse.Namespace, label: str) -> Figures:
-    """From node: to and from the server at target, then to the other node at peer."""
+def measure_round(samples: Samples, node: Host, target: str, peer: str, args: argparse.Namespace, label: str) -> None:
+    """One round from node: idle pings, node->server with pings beside it, server->node,
+    node->node (to the other node at peer)."""
     node.run("ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target, check=False)  # warm up ARP and paths
-    idle, _ = ping_times(node, target, 20, 0.2)
-    figures = Figures(idle=statistics.median(idle) if idle else None)
+    samples.idle += ping_times(node, target, 20, 0.2)[0]
     loaded: dict[str, tuple[list[float], int]] = {}
     pinger = threading.Thread(
         target=lambda: loaded.update(run=ping_times(node, target, max(5, int(args.seconds * 5) - 5), 0.2))
     )
     pinger.start()
-    first_up = iperf_mbps(node, target, args.seconds)
+    up, resent = iperf_run(node, target, args.seconds)
     pinger.join()
     times, lost = loaded["run"]
-    if times:
-        figures.load_p50, figures.load_p99 = percentile(times, 0.5), percentile(times, 0.99)
-    figures.load_lost = lost
-    progress(f"{label} node->server: run 1/{args.repeat}: {first_up:,.0f} Mbit/s, ping under load p50 "
-             f"{fmt(figures.load_p50, 2)} p99 {fmt(figures.load_p99, 2)} ms, {lost} lost")  # fmt: skip
-    ups = [first_up] + [iperf_mbps(node, target, args.seconds) for _ in range(args.repeat - 1)]
-    figures.up = statistics.median(ups)
-    figures.down = median_of(args.repeat, f"{label} server->node", lambda: iperf_mbps(node, target, args.seconds, True))
-    figures.node_to_node = median_of(args.repeat, f"{label} node->node", lambda: iperf_mbps(node, peer, args.seconds))
-    return figures
+    samples.ups.append(up)
+    samples.resent.append(resent)
+    samples.loaded += times
+    samples.lost += lost
+    samples.downs.append(iperf_mbps(node, target, args.seconds, True))
+    samples.node_to_node.append(iperf_mbps(node, peer, args.seconds))
+    progress(
+        f"{label}: node->server {up:,.0f} Mbit/s ({resent} resent), ping under load p50 "
+        f"{fmt(percentile(times, 0.5) if times else None, 2)} p99 {fmt(percentile(times, 0.99) if times else None, 2)}"
+        f" ms, {lost} lost; server->node {samples.downs[-1]:,.0f}; node->node {samples.node_to_node[-1]:,.0f}"
+    )
+
+
+def measure(node: Host, target: str, peer: str, args: argparse.Namespace, label: str) -> Figures:
+    """--repeat rounds of measure_round on one path."""
+    samples = Samples()
+    for _ in range(args.repeat):
+        measure_round(samples, node, target, peer, args, label)
+    return samples.figures()
 
 
 # -- the paths ---------------------------------------------------------------------------
 
 
-def bench_nc(server_host: Host, nodes: tuple[Host, Host], args: argparse.Namespace, transport: str) -> Figures:
-    """Both nodes join one nc server, which switches node1 -> node2 traffic itself."""
-    label = f"nc {transport.upper()}"
-    progress(f"{label}: starting server and two clients")
-    fields = {"ip": server_host.ip, "networkAddr": NC_OVERLAY, "transport": "auto" if transport == "udp" else "tcp"}
-    server = start_server(server_host, **fields)
+NC_MODES = {"nc auto": "auto", "nc TCP": "tcp", "nc UDP": "udp"}  # column: the nodes' client.yml transport
+
+
+def use_transport(clients: list[NcClient], transport: str, server_ip: str) -> None:
+    """Restart both nodes with `transport` in client.yml and wait until they reach the
+    server (on udp: until the datagram path carries)."""
+    for client in clients:
+        client.process.stop()
+        client.config.write_text(
+            re.sub(r"(?m)^(\s*)transport: \w+$", rf"\1transport: {transport}", client.config.read_text())
+        )
+        client.restart()
+    for client in clients:
+        wait_for(lambda c=client: c.host.ping(server_ip), timeout=30, what=f"nc {transport}: {client.host.name} back")
+        if transport != "tcp":
+            wait_for(lambda c=client: "data path: UDP" in c.process.log(), timeout=20,
+                     what=f"nc {transport}: the UDP data path on {client.host.name}")  # fmt: skip
+
+
+def bench_nc(
+    server_host: Host, nodes: tuple[Host, Host], args: argparse.Namespace, columns: list[str]
+) -> dict[str, Figures]:
+    """Both nodes join one nc server (transport auto, which offers datagrams), which
+    switches node1 -> node2 traffic itself. Each round restarts the nodes once per column's
+    transport, interleaved (auto, tcp, udp, auto, ...), so a busy machine weighs on all alike
+    and auto starts afresh each time, as after a restart."""
+    progress("nc: starting server and two clients")
+    server = start_server(server_host, ip=server_host.ip, networkAddr=NC_OVERLAY, transport="auto")
     clients: list[NcClient] = []
+    samples = {column: Samples() for column in columns}
     try:
         join = server.join_string()
         for node in nodes:
             clients.append(start_client(node, join))
         target, peer = NC_OVERLAY.split("/")[0], str(clients[1].overlay_ip())
-        wait_for(lambda: nodes[0].ping(target), timeout=20, what=f"{label}: node1 to reach the server")
-        wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{label}: node1 to reach node2")
-        if transport == "udp":
-            for client in clients:
-                wait_for(lambda: "data path: UDP" in client.process.log(), timeout=20,
-                         what=f"nc: the UDP data path on {client.host.name}")  # fmt: skip
-        return measure(nodes[0], target, peer, args, label)
+        for attempt in range(1, args.repeat + 1):
+            for column in columns:
+                use_transport(clients, NC_MODES[column], target)
+                wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{column}: node1 to reach node2")
+                measure_round(samples[column], nodes[0], target, peer, args, f"{column} round {attempt}/{args.repeat}")
+                for client in clients:  # what auto chose, and when
+                    for line in client.process.log().splitlines():
+                        if "auto:" in line or "data path:" in line:
+                            progress(f"  {client.host.name}: {line.strip()}")
+        return {column: samples[column].figures() for column in columns}
     finally:
         for client in clients:
             stop(client.process, f"nc client on {client.host.name}")
@@ -182,12 +261,13 @@ class WgPeer:
     endpoint: str
 
 
-def start_wireguard(host: Host, work: Path, index: int, private: str, peers: list[WgPeer]) -> Process:
-    """wireguard-go on host with overlay address WG_NET.<index>/24 and the given peers."""
+def start_wireguard(host: Host, work: Path, index: int, private: str, peers: list[WgPeer], binary: str) -> Process:
+    """wireguard-go (the binary at `binary`) on host with overlay address WG_NET.<index>/24
+    and the given peers."""
     # The UAPI socket (/var/run/wireguard/<name>.sock) is shared by every namespace: one
     # name per device of this lab.
     device = f"wg{host.lab.id}{index}"
-    process = host.spawn("wireguard-go", "-f", device, name=f"wireguard-go-{host.name}")
+    process = host.spawn(binary, "-f", device, name=f"wireguard-go-{host.name}")
     wait_for(lambda: host.has_link(device), timeout=10, what=f"wireguard-go on {host.name} to make {device}")
     key = work / f"wg-{host.name}.key"
     key.write_text(private + "\n")
@@ -201,9 +281,18 @@ def start_wireguard(host: Host, work: Path, index: int, private: str, peers: lis
     return process
 
 
-def bench_wireguard(server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace) -> Figures:
+def offload_note(host: Host, device: str) -> str:
+    """What the TUN's offload features say (a modern wireguard-go turns TSO on)."""
+    features = host.run("ethtool", "-k", device, check=False).stdout
+    wanted = ("tx-tcp-segmentation", "generic-receive-offload", "tx-udp-segmentation")
+    return ", ".join(line.strip() for line in features.splitlines() if line.strip().split(":")[0] in wanted)
+
+
+def bench_wireguard(
+    server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace, binary: str, label: str
+) -> Figures:
     """Hub and spoke: each node's one peer is the server, which forwards node1 -> node2."""
-    progress("wireguard-go: starting on the server and both nodes")
+    progress(f"{label}: starting {binary} on the server and both nodes")
     indexes = (2, 3)  # the nodes' host parts in WG_NET; the server is .1
     server_private, server_public = wg_keys(server_host)
     node_keys = [wg_keys(node) for node in nodes]
@@ -214,13 +303,14 @@ def bench_wireguard(server_host: Host, nodes: tuple[Host, Host], work: Path, arg
     processes = []
     server_host.run("sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     try:
-        processes.append(start_wireguard(server_host, work, 1, server_private, spokes))
+        processes.append(start_wireguard(server_host, work, 1, server_private, spokes, binary))
         for index, node, (private, _) in zip(indexes, nodes, node_keys):
-            processes.append(start_wireguard(node, work, index, private, [hub]))
+            processes.append(start_wireguard(node, work, index, private, [hub], binary))
         target, peer = f"{WG_NET}.1", f"{WG_NET}.{indexes[1]}"
-        wait_for(lambda: nodes[0].ping(target), timeout=20, what="wireguard-go: node1 to reach the server")
-        wait_for(lambda: nodes[0].ping(peer), timeout=20, what="wireguard-go: node1 to reach node2")
-        return measure(nodes[0], target, peer, args, "wireguard-go")
+        wait_for(lambda: nodes[0].ping(target), timeout=20, what=f"{label}: node1 to reach the server")
+        wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{label}: node1 to reach node2")
+        progress(f"{label}: node1's TUN: {offload_note(nodes[0], f'wg{nodes[0].lab.id}{indexes[0]}')}")
+        return measure(nodes[0], target, peer, args, label)
     finally:
         for process in reversed(processes):
             stop(process, "wireguard-go")
@@ -279,27 +369,33 @@ ROWS = [
     ("ping p50 under load", "ms", "load_p50", 2),
     ("ping p99 under load", "ms", "load_p99", 2),
     ("pings lost under load", "", "load_lost", 0),
+    ("inner TCP resent / run", "", "resent", 0),
     ("idle RTT", "ms", "idle", 3),
 ]
-COLUMNS = ["underlay", "nc UDP", "nc TCP", "wireguard-go", "OpenVPN UDP", "OpenVPN TCP"]
-REFERENCE = "wireguard-go"
-COMPARED = ["nc UDP", "nc TCP"]  # each gets a ratio column: its figure over REFERENCE's
+MODERN_WG = "wg-go 9eb3221"  # the column of --wireguard-go PATH
+COLUMNS = ["underlay", *NC_MODES, "wireguard-go", MODERN_WG, "OpenVPN UDP", "OpenVPN TCP"]
+# Ratio columns: auto over each forced path and over the newest wireguard-go measured.
+RATIOS = [("nc auto", "nc TCP"), ("nc auto", "nc UDP"), ("nc auto", "wg")]
 
 
 def table(results: dict[str, Figures], args: argparse.Namespace) -> str:
+    reference = MODERN_WG if MODERN_WG in results else "wireguard-go"
+    columns = [c for c in COLUMNS if c in results]
     rows = []
     for label, unit, key, digits in ROWS:
-        value = {c: getattr(results[c], key) if c in results else None for c in COLUMNS}
-        wg = value[REFERENCE]
-        comparable = unit != ""  # a count of lost pings has no meaningful ratio
-        ratios = [fmt(value[c] / wg, 2) + "x" if comparable and value[c] is not None and wg else "-" for c in COMPARED]
-        rows.append([label, unit, *(fmt(value[c], digits) for c in COLUMNS), *ratios])
+        value = {c: getattr(results[c], key) for c in columns}
+        ratios = []
+        for top, bottom in RATIOS:
+            a, b = value.get(top), value.get(reference if bottom == "wg" else bottom)
+            ratios.append(fmt(a / b, 2) + "x" if unit != "" and a is not None and b else "-")
+        rows.append([label, unit, *(fmt(value[c], digits) for c in columns), *ratios])
     title = (
         f"WAN: loss {args.loss} %{' per packet (--wire)' if args.wire else ''}, rate {args.rate or 'unlimited'} Mbit/s — iperf3 TCP median of {args.repeat} x "
-        f"{args.seconds} s, node->node through the server (underlay: direct); ping at 5/s during node->server; "
-        f"idle RTT median of 20 pings; MTU {MTU}"
+        f"{args.seconds} s (nc's transports interleaved, nodes restarted each round), node->node through the server "
+        f"(underlay: direct); ping at 5/s during node->server, p50/p99 over all rounds; idle RTT median of 20 pings a "
+        f"round; MTU {MTU}; wg = {reference}"
     )
-    headers = ["path", "unit", *COLUMNS, *(f"{c}/wg" for c in COMPARED)]
+    headers = ["path", "unit", *columns, *(f"{a.split()[1]}/{b.split()[-1]}" for a, b in RATIOS)]
     return format_table(headers, rows, title)
 
 
@@ -312,7 +408,10 @@ def set_up(lab: Lab, args: argparse.Namespace) -> tuple[Host, tuple[Host, Host]]
 
 def run(args: argparse.Namespace) -> int:
     ensure_tools()
-    for command, package in (("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools"), ("ethtool", "ethtool")):
+    wanted = set(args.only or COLUMNS) - ({MODERN_WG} if not args.wireguard_go else set())
+    needs = [("wg", "wireguard-tools"), ("ethtool", "ethtool")]
+    needs += [("wireguard-go", "wireguard-go")] if "wireguard-go" in wanted else []
+    for command, package in needs:
         if shutil.which(command) is None:
             raise BenchError(f"{command} is missing: apt-get install {package}")
     progress(f"before: {machine_note()}")
@@ -321,18 +420,22 @@ def run(args: argparse.Namespace) -> int:
         lab = Lab(work / "lab")
         try:
             server_host, nodes = set_up(lab, args)
+            modes = [c for c in NC_MODES if c in wanted]
             stages: list[tuple[str, Callable[[], Figures]]] = [
                 ("underlay", lambda: measure(nodes[0], server_host.ip, nodes[1].ip, args, "underlay")),
-                ("nc UDP", lambda: bench_nc(server_host, nodes, args, "udp")),
-                ("nc TCP", lambda: bench_nc(server_host, nodes, args, "tcp")),
-                ("wireguard-go", lambda: bench_wireguard(server_host, nodes, work, args)),
+                (
+                    "wireguard-go",
+                    lambda: bench_wireguard(server_host, nodes, work, args, "wireguard-go", "wireguard-go"),
+                ),
+                (MODERN_WG, lambda: bench_wireguard(server_host, nodes, work, args, args.wireguard_go, MODERN_WG)),
                 ("OpenVPN UDP", lambda: bench_openvpn(server_host, nodes, work, args, "udp")),
                 ("OpenVPN TCP", lambda: bench_openvpn(server_host, nodes, work, args, "tcp")),
             ]
             for name, stage in stages:
-                if args.only and name not in args.only:
-                    continue
-                results[name] = stage()
+                if name in wanted:
+                    results[name] = stage()
+                if name == "underlay" and modes:
+                    results.update(bench_nc(server_host, nodes, args, modes))
         finally:
             lab.close()
     progress(f"after: {machine_note()}")
@@ -350,7 +453,18 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10, help="length of each iperf3 run (default 10)")
     parser.add_argument("--repeat", type=int, default=3, help="iperf3 runs per figure; the median (default 3)")
     parser.add_argument("--only", action="append", choices=COLUMNS, help="measure only these paths (repeatable)")
+    parser.add_argument(
+        "--wireguard-go",
+        metavar="PATH",
+        help=f"a modern wireguard-go for the column {MODERN_WG!r} (tests/bench/build_wireguard_go.sh builds it)",
+    )
     args = parser.parse_args()
+    if args.wireguard_go:
+        args.wireguard_go = str(Path(args.wireguard_go).resolve())
+        if not Path(args.wireguard_go).is_file():
+            parser.error(f"--wireguard-go {args.wireguard_go}: no such file")
+    elif args.only and MODERN_WG in args.only:
+        parser.error(f"--only {MODERN_WG!r} needs --wireguard-go PATH")
     if args.seconds < 1 or args.repeat < 1 or not 0 <= args.loss < 100 or args.rate < 0:
         parser.error("--seconds and --repeat must be at least 1, --loss 0-99, --rate not negative")
     return run_lab_bench("bench_wan", lambda: run(args))

@@ -1,0 +1,56 @@
+"""auto picks the data path by what the link shows, end to end with the real ./nc in
+namespaces and random loss on the lab's bridge (nftables `numgen random mod 1000 < N drop`,
+netlab's shape_underlay): under loss a node keeps its data on datagrams, on a clean link
+it moves it to the TLS stream while a bulk flow runs, and back to datagrams when loss
+appears; every flow that crosses a switch arrives whole. No timed assertions: waits are
+generous bounds (tests/bench.sh wan measures)."""
+
+from __future__ import annotations
+
+from netlab import Lab, wait_for
+from overlay_helpers import SERVER_OVERLAY_IP, build_overlay, ping_counts, tcp_transfer
+
+BULK = 48 * 1024 * 1024  # more than one judgement needs (AUTO_MIN_BYTES, AUTO_MIN_DATAGRAMS)
+
+
+def test_auto_keeps_datagrams_under_loss_takes_the_stream_when_clean_and_leaves_it_on_loss(lab: Lab) -> None:
+    overlay = build_overlay(lab, 1, keepalive=5)
+    client, node, server = overlay.clients[0], overlay.hosts[0], overlay.server
+    wait_for(lambda: "data path: UDP" in client.process.log(), timeout=15, what="the UDP data path")
+
+    def transport() -> str:
+        return server.node(client.token())["transport"]
+
+    # 2 % of the packets on the wire dropped: a bulk flow each way stays on datagrams. On
+    # a wire (as NICs do, netlab's `wire`), not as a veth hands over a GSO batch: one
+    # dropped frame of 64 datagrams leaves most batches whole, a loss too rare to judge by.
+    lab.shape_underlay(loss_pct=2, wire=True)
+    tcp_transfer(node, overlay.server_host, SERVER_OVERLAY_IP, BULK)
+    tcp_transfer(overlay.server_host, node, client.overlay_ip(), BULK)
+    assert "auto: the link is clean" not in client.process.log()
+    assert transport() == "udp"
+
+    # A clean link: the download that proves it (every datagram of it counted) moves to the
+    # stream while it runs, and arrives whole; an upload then runs on the stream.
+    lab.clear_underlay()
+    tcp_transfer(overlay.server_host, node, client.overlay_ip(), BULK)
+    wait_for(lambda: "auto: the link is clean" in client.process.log(), timeout=30, what="auto to choose the stream")
+    wait_for(lambda: transport() == "tcp", timeout=15, what="the server to send on the stream")
+    assert "data path: TLS/TCP" in client.process.log()
+    tcp_transfer(node, overlay.server_host, SERVER_OVERLAY_IP, BULK)
+    assert transport() == "tcp"
+    sent, answered = ping_counts(node, SERVER_OVERLAY_IP, 10, 0.05)
+    assert answered == sent
+
+    # Loss again: an upload on the stream shows it (bytes sent again), data goes back to
+    # datagrams mid-flow, and the flow still arrives whole.
+    lab.shape_underlay(loss_pct=3)
+    tcp_transfer(node, overlay.server_host, SERVER_OVERLAY_IP, 2 * BULK)  # twice what one judgement needs
+    wait_for(
+        lambda: "auto: the link loses packets" in client.process.log(), timeout=30, what="auto to leave the stream"
+    )
+    wait_for(lambda: transport() == "udp", timeout=15, what="the server to send datagrams again")
+    lab.clear_underlay()
+    tcp_transfer(node, overlay.server_host, SERVER_OVERLAY_IP, 4 * 1024 * 1024)  # too soon to try the stream again
+    assert transport() == "udp"
+    assert client.process.log().count("auto: the link is clean") == 1

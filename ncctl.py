@@ -7856,6 +7856,21 @@ class PeerIntroductions:
     def __init__(self, dirty: set[ServerSession]) -> None:
         self.dirty = dirty
         self.told: dict[ServerSession, set[ServerSession]] = {}  # a session -> the peers that know of it
+        self.last: dict[ServerSession, float] = {}  # when each was last introduced
+        self.pending: set[ServerSession] = set()  # moved again within a second: introduced at the next tick
+
+    def moved(self, session: ServerSession, now: float) -> None:
+        """The session's datagrams come from a new address: its peers learn it, at most
+        once a second per session (a node that hops ports costs its peers no more)."""
+        if now - self.last.get(session, -1.0) < 1.0:
+            self.pending.add(session)
+        else:
+            self.introduce(session, now)
+
+    def tick(self, now: float) -> None:
+        pending, self.pending = self.pending, set()
+        for session in pending:
+            self.introduce(session, now)
 
     @staticmethod
     def reachable(session: ServerSession) -> bool:
@@ -7870,10 +7885,11 @@ class PeerIntroductions:
             endpoints.append((unmapped(str(seen[0])), seen[1]))
         return PeerInfo(session.ip, session.direct_key, tuple(endpoints[:MAX_PEER_ENDPOINTS]), session.gso)
 
-    def introduce(self, session: ServerSession) -> None:
+    def introduce(self, session: ServerSession, now: float) -> None:
         plane = session.plane
         if plane is None or not plane.overlay.interconnection or not self.reachable(session):
             return
+        self.last[session] = now
         peers = [p for p in plane.by_ip.values() if p is not session and self.reachable(p)]
         if not peers:
             return
@@ -7891,6 +7907,8 @@ class PeerIntroductions:
     def withdraw(self, session: ServerSession) -> None:
         """Every peer told of this session forgets it (and it is no longer told of them)."""
         gone = {"remove": [str(ipaddress.IPv4Address(session.ip))]}
+        self.last.pop(session, None)
+        self.pending.discard(session)
         for peer in self.told.pop(session, set()):
             self.told.get(peer, set()).discard(session)
             if not peer.detached:
@@ -8105,7 +8123,7 @@ class SessionLifecycle:
             token = session.node_token
             self.control.budgets.control_frames.spend(token, f"node {token}", now=self.epoll.now)
             session.endpoints = decode_endpoints(message.get("endpoints"))
-            self.introductions.introduce(session)
+            self.introductions.introduce(session, self.epoll.now)
 
     def _on_admitted(
         self, session: ServerSession, result: tuple[str, ipaddress.IPv4Address] | None, error: BaseException | None
@@ -8230,6 +8248,7 @@ class SessionLifecycle:
                 elif now - session.last_tx >= self.keepalive:
                     session.queue(encode_frame(FRAME_KEEPALIVE))
                     self.dirty.add(session)
+        self.introductions.tick(now)
         self.flush_dirty()
 
     def refuse_token(self, token: str, refusal: Refusal) -> None:
@@ -8319,7 +8338,7 @@ class NetworkServer(Sessions):
             config, control, self.switch, self.worker, self.stopping, self.counters, self.note
         )
         self.switch.refuse = self.lifecycle.refuse
-        self.switch.addressed = self.lifecycle.introductions.introduce
+        self.switch.addressed = lambda session: self.lifecycle.introductions.moved(session, self.epoll.now)
         self.planes = self.switch.planes  # the same table: run_server reports how many
         self.next_report = 0.0  # when the debug log gets the counters next
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)

@@ -6693,6 +6693,11 @@ def udp_address(sock: socket.socket, host: str, port: int) -> tuple:
     return (host, port)
 
 
+# Between frames of different senders (the server, each peer) in one read: coalesce_pieces
+# joins a run under its first piece's headers, so no run may span two senders.
+RUN_BREAK = encode_frame(FRAME_KEEPALIVE)
+
+
 class DatagramPath:
     """The node's side of the UDP data path: its socket, keys, and whether data travels
     on it now. In auto it is probed after the welcome and used only while authenticated
@@ -6770,7 +6775,7 @@ class DatagramPath:
         counted and dropped."""
         frames: list[bytes] = []
         direct: list[bytes] = []  # from peers: they say nothing of the server path's liveness
-        peers = self.peers
+        peers, last = self.peers, None
         for datagrams, source, _local in self.sock.receive(limit):
             if peers is None:
                 for _keys, opened, size in open_datagrams(datagrams, self.openers.get, self._dropped):
@@ -6782,7 +6787,12 @@ class DatagramPath:
                     frames += opened
                     self.rx_bytes += size
                 else:
-                    direct += peers.accept(keys, opened, size, source, newest)
+                    owner = peers.by_id.get(keys.session_id)
+                    passed = peers.accept(keys, opened, size, source, newest)
+                    if passed and owner is not last:  # no TSO piece run joins two senders' pieces
+                        direct.append(RUN_BREAK)
+                        last = owner
+                    direct += passed
         if frames:
             self.last_rx = time.monotonic()
         return frames + direct if direct else frames

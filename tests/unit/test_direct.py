@@ -138,3 +138,38 @@ def test_frame_addresses_reads_every_data_frame_kind() -> None:
     gso = ncctl.encode_frame(ncctl.FRAME_GSO_PACKET, ncctl.ZERO_VNET_HDR + frame[4:])
     assert ncctl.frame_addresses(gso) == ncctl.frame_addresses(frame)
     assert ncctl.frame_addresses(ncctl.encode_frame(ncctl.FRAME_KEEPALIVE)) is None
+
+
+def tcp_piece(src: int, dst: int, burst: int, index: int) -> bytes:
+    segment = bytearray(packet(src, dst, b"p" * 600)[4:])
+    segment[9], segment[32] = 6, 0x50  # TCP, a 20-byte header
+    return ncctl.encode_frame(ncctl.FRAME_TSO_PIECE, ncctl.PIECE_TAG.pack(burst, index) + bytes(segment))
+
+
+def test_a_peers_pieces_never_join_a_run_of_the_servers() -> None:
+    """A read holding the server's TSO pieces and a peer's keeps them apart: a run is joined
+    under its first piece's headers, so a peer's piece continuing the server's burst would
+    otherwise pass its payload off as sent by the server's sender."""
+    send, receive = ncctl.secrets.token_bytes(32), ncctl.secrets.token_bytes(32)
+    server_keys = ncctl.DatagramKeys.for_server(99, send, receive)
+    path = ncctl.DatagramPath("127.0.0.1", 9, ncctl.DatagramKeys.for_node(99, send, receive), "auto", "t")
+    server, a = ncctl.DatagramSocket(), Node(A_IP)
+    try:
+        port = path.sock.sock.getsockname()[1]
+        b_private, b_share = ncctl.new_x25519()
+        path.peers = ncctl.PeerTable(path.sock, b_private, b_share, B_IP, ncctl.collections.Counter())
+        path.peers.add(a.info(), 0.0)
+        a.table.add(ncctl.PeerInfo(B_IP, b_share, (("127.0.0.1", port),), False), 0.0)
+        to_path = ncctl.udp_address(server.sock, "127.0.0.1", port)
+        server.send(server_keys.seal([tcp_piece(C_IP, B_IP, 0, 0)]), to_path)
+        a.table.peers[B_IP].send_to([tcp_piece(A_IP, B_IP, 0, 1)], ncctl.udp_address(a.sock.sock, "127.0.0.1", port))
+        frames: list[bytes] = []
+        deadline = ncctl.time.monotonic() + 2
+        while len(frames) < 3 and ncctl.time.monotonic() < deadline:
+            frames += path.receive(8)
+        assert ncctl.RUN_BREAK in frames
+        assert len([f for f in ncctl.coalesce_pieces(frames) if f[0] == ncctl.FRAME_GSO_PACKET]) == 2
+    finally:
+        path.close()
+        server.close()
+        a.sock.close()

@@ -6993,6 +6993,7 @@ class DirectPeer:
         self.last_pong = self.last_ping = 0.0
         self.handshake = 0.0  # wall-clock time of the latest pong, for `nc status`
         self.rx_bytes = self.tx_bytes = 0
+        self.dropped = 0  # datagrams the full socket did not take
 
     def _keep(self, epoch: int) -> None:
         if epoch not in self.epochs:
@@ -7028,6 +7029,7 @@ class DirectPeer:
         except (OSError, BadDatagram):
             return 0
         self.tx_bytes += sum(map(len, sealed[:sent]))
+        self.dropped += len(sealed) - sent
         return sent
 
     def probe(self, kind: int, address: Any) -> None:
@@ -7094,6 +7096,7 @@ class DirectPeer:
             ),
             "rxBytes": self.rx_bytes,
             "txBytes": self.tx_bytes,
+            "dropped": self.dropped,
         }
 
 

@@ -478,6 +478,7 @@ class ClientConfig:
     transport: str = "auto"  # auto: UDP when it works, else TLS/TCP; udp: UDP for data; tcp: TLS only
     udp_port: int = DEFAULT_NETWORK_PORT  # the server's UDP port; at the default, the one its welcome names
     name: str = ""  # the name this node asks for at its first session (--name); empty: its host name
+    direct_paths: bool = True  # offer "direct": datagrams straight to peers the server introduces
 
     def resolve(self) -> ClientConfig:
         work = Path(self.work_dir)
@@ -5584,13 +5585,25 @@ FRAME_TRANSPORT = 0x81  # node -> server over TLS (capability "udp"): the path i
 FRAME_REKEY = 0x82  # either way over TLS (capability "udp"): fresh X25519 shares for the datagram keys
 
 
+FRAME_PEERS = 0x83  # over TLS (capability "direct"): node -> server its endpoints; server -> node peers added/removed
+
+
 CAP_GSO = "gso"
 
 
 CAP_UDP = "udp"  # the encrypted UDP data path; its keys travel in HELLO/WELCOME (udpKey, udpSession)
 
 
-CAPABILITIES: tuple[str, ...] = (CAP_GSO, CAP_UDP)  # negotiated per peer: offered in HELLO, agreed in WELCOME
+CAP_DIRECT = (
+    "direct"  # node-to-node datagrams (with "udp"): the node's share for pair keys travels in HELLO (directKey)
+)
+
+
+CAPABILITIES: tuple[str, ...] = (
+    CAP_GSO,
+    CAP_UDP,
+    CAP_DIRECT,
+)  # negotiated per peer: offered in HELLO, agreed in WELCOME
 
 
 # struct virtio_net_hdr (host byte order), as TUN with IFF_VNET_HDR reads and writes it.
@@ -5691,9 +5704,12 @@ class Hello:
     host_name: str = ""  # optional, for the operator's node list
     udp_key: bytes = b""  # the node's X25519 share for the datagram keys (with capability "udp")
     name: str = ""  # the name the node asks for (--name at its join); older nodes send none: their host name is used
+    direct_key: bytes = b""  # the node's X25519 share for its peers' pair keys (with capability "direct")
 
     def encode(self) -> bytes:
         message = {"proto": self.proto, "nodeToken": self.node_token, "version": self.version, "caps": list(self.caps)}
+        if self.direct_key:
+            message["directKey"] = base64.b64encode(self.direct_key).decode()
         if self.net_token:
             message["netToken"] = self.net_token
         if self.host_name:
@@ -5726,8 +5742,11 @@ class Hello:
         udp_key = decode_x25519_share(m.get("udpKey"))
         if CAP_UDP in caps and not udp_key:
             caps = [c for c in caps if c != CAP_UDP]  # no share, no datagram keys: the TLS path only
-        version = str(m.get("version", "?"))[:32]
-        return cls(token, version, tuple(caps[:32]), proto, net_token, host_name[:64], udp_key, name[:63])
+        direct_key = decode_x25519_share(m.get("directKey"))
+        if CAP_DIRECT in caps and (not direct_key or CAP_UDP not in caps):
+            caps = [c for c in caps if c != CAP_DIRECT]  # direct paths ride the datagram path, keyed by this share
+        fields = (str(m.get("version", "?"))[:32], tuple(caps[:32]), proto, net_token, host_name[:64], udp_key)
+        return cls(token, *fields, name=name[:63], direct_key=direct_key)
 
 
 def decode_x25519_share(value: Any) -> bytes:
@@ -6624,6 +6643,114 @@ def coalesce_pieces(frames: list[Any]) -> list[Any]:
     return out
 
 
+# -- direct paths: node-to-node datagrams (capability "direct") ---------------------------
+# Two nodes the server introduced seal datagrams for each other under keys only they hold:
+# HKDF over the X25519 secret of their session shares (each sent to the server in its
+# hello, handed to the other over TLS), salted with both shares and both overlay
+# addresses. Keys come in epochs (HKDF info), each with its own session id and replay
+# window: a sender moves to the next epoch when its keys are worn, as the server path
+# rekeys, and the receiver always holds the next epoch's keys ready.
+
+FRAME_DIRECT_PROBE = 0x14  # inside direct datagrams only: one byte, DIRECT_PING or DIRECT_PONG
+
+
+DIRECT_PING, DIRECT_PONG = 0, 1
+
+
+MAX_PEER_ENDPOINTS = 4  # candidate endpoints per peer (its LAN addresses, the address the server sees)
+
+
+MAX_PEERS_PER_FRAME = 12  # peer entries in one FRAME_PEERS, well within MAX_CONTROL_PAYLOAD
+
+
+class PairKeys:
+    """One node pair's datagram keys, epoch by epoch, from the pair's X25519 secret."""
+
+    def __init__(self, private: Any, my_share: bytes, peer_share: bytes, my_ip: int, peer_ip: int) -> None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+        try:
+            self.secret = private.exchange(X25519PublicKey.from_public_bytes(peer_share))
+        except ValueError:
+            raise BadDatagram("bad-share") from None
+        low, high = sorted(((my_ip, my_share), (peer_ip, peer_share)))
+        self.salt = hashlib.sha256(b"nc-direct|" + low[1] + high[1] + struct.pack("!II", low[0], high[0])).digest()
+        self.low = my_ip < peer_ip  # the lower address sends with the first key
+
+    def epoch(self, number: int) -> DatagramKeys:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        info = b"nc direct path v1 epoch " + number.to_bytes(4, "big")
+        okm = HKDF(algorithm=hashes.SHA256(), length=68, salt=self.salt, info=info).derive(self.secret)
+        session_id = int.from_bytes(okm[64:], "big") or 1
+        up, down = okm[:32], okm[32:64]
+        return DatagramKeys(session_id, up, down) if self.low else DatagramKeys(session_id, down, up)
+
+
+def decode_endpoints(value: Any) -> tuple[tuple[str, int], ...]:
+    """Candidate endpoints from a control message ([[address, port], ...]): well-formed
+    unicast ones only, at most MAX_PEER_ENDPOINTS; anything else is left out."""
+    endpoints: list[tuple[str, int]] = []
+    for item in value if isinstance(value, list) else ():
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str):
+            continue
+        port = item[1]
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
+            continue
+        try:
+            address = ipaddress.ip_address(item[0])
+        except ValueError:
+            continue
+        if address.is_unspecified or address.is_multicast or address.is_loopback:
+            continue
+        if (str(address), port) not in endpoints:
+            endpoints.append((str(address), port))
+    return tuple(endpoints[:MAX_PEER_ENDPOINTS])
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerInfo:
+    """A peer the server introduced: its overlay address, share, endpoints, and whether it takes GSO frames."""
+
+    ip: int
+    share: bytes
+    endpoints: tuple[tuple[str, int], ...]
+    gso: bool
+
+    def encode(self) -> dict:
+        return {
+            "ip": str(ipaddress.IPv4Address(self.ip)),
+            "key": base64.b64encode(self.share).decode(),
+            "endpoints": [list(e) for e in self.endpoints],
+            "gso": self.gso,
+        }
+
+    @classmethod
+    def decode(cls, entry: Any) -> PeerInfo | None:
+        """None for a malformed entry (ignored, as unknown keys are)."""
+        if not isinstance(entry, dict) or not isinstance(entry.get("ip"), str):
+            return None
+        share = decode_x25519_share(entry.get("key"))
+        try:
+            ip = int(ipaddress.IPv4Address(entry["ip"]))
+        except ValueError:
+            return None
+        return cls(ip, share, decode_endpoints(entry.get("endpoints")), entry.get("gso") is True) if share else None
+
+
+def frame_addresses(frame: Any) -> tuple[bytes, bytes] | None:
+    """(source, destination) IPv4 address bytes of a data frame opened from a datagram
+    (PACKET, GSO_PACKET, TSO piece), else None: what a direct peer's frames are checked by."""
+    kind = frame[0]
+    start = 4 if kind == FRAME_PACKET else 4 + VNET_HDR_LEN if kind == FRAME_GSO_PACKET else PIECE_START
+    if kind not in (FRAME_PACKET, FRAME_GSO_PACKET, FRAME_TSO_PIECE) or len(frame) < start + 20:
+        return None
+    if frame[start] >> 4 != 4:
+        return None
+    return bytes(frame[start + 12 : start + 16]), bytes(frame[start + 16 : start + 20])
+
+
 # ============================================================================
 # 10. Transport
 #    A secured path to a peer (PeerPath), shared by server and client: the TLS
@@ -7161,6 +7288,11 @@ def udp_address(sock: socket.socket, host: str, port: int) -> tuple:
     return (host, port)
 
 
+# Between frames of different senders (the server, each peer) in one read: coalesce_pieces
+# joins a run under its first piece's headers, so no run may span two senders.
+RUN_BREAK = encode_frame(FRAME_KEEPALIVE)
+
+
 class DatagramPath:
     """The node's side of the UDP data path: its socket, keys, and whether data travels
     on it now. In auto it is probed after the welcome and used only while authenticated
@@ -7195,6 +7327,7 @@ class DatagramPath:
         self.ping_at = 0.0  # when the keepalive now awaiting its echo went out (0: none)
         self.pinged_at = 0.0  # when the last keepalive went out
         self.rtt_s: float | None = None  # smoothed round trip of keepalive echoes (as TCP's srtt: 1/8 a sample)
+        self.peers: PeerTable | None = None  # direct paths over this socket (capability "direct")
 
     @property
     def carrying(self) -> bool:
@@ -7258,16 +7391,36 @@ class DatagramPath:
         """The frames of the authenticated datagrams in up to `limit` reads; the rest are
         counted and dropped."""
         frames: list[bytes] = []
-        for datagrams, _source, _local in self.sock.receive(limit):
-            for keys, opened, size in open_datagrams(datagrams, self.openers.get, self._dropped):
-                frames += opened
-                keys.received += len(opened)
-                self.rx_bytes += size
+        direct: list[bytes] = []  # from peers: they say nothing of the server path's liveness
+        peers, last = self.peers, None
+        for datagrams, source, _local in self.sock.receive(limit):
+            if peers is None:
+                for keys, opened, size in open_datagrams(datagrams, self.openers.get, self._dropped):
+                    frames += opened
+                    keys.received += len(opened)
+                    self.rx_bytes += size
+                continue
+            for keys, opened, size, newest in open_newest(datagrams, self._opener, self._dropped):
+                if self.openers.get(keys.session_id) is keys:
+                    frames += opened
+                    keys.received += len(opened)
+                    self.rx_bytes += size
+                else:
+                    owner = peers.by_id.get(keys.session_id)
+                    passed = peers.accept(keys, opened, size, source, newest)
+                    if passed and owner is not last:  # no TSO piece run joins two senders' pieces
+                        direct.append(RUN_BREAK)
+                        last = owner
+                    direct += passed
         if frames:
             self.last_rx = time.monotonic()
             if self.ping_at:  # the server answers each keepalive with one: the first back is its echo
                 self._time_echo(frames, self.last_rx)
-        return frames
+        return frames + direct if direct else frames
+
+    def _opener(self, session_id: int) -> DatagramKeys | None:
+        keys = self.openers.get(session_id)
+        return keys if keys is not None or self.peers is None else self.peers.opener(session_id)
 
     def _time_echo(self, frames: list[bytes], now: float) -> None:
         if any(frame[0] == FRAME_KEEPALIVE for frame in frames):
@@ -7557,6 +7710,290 @@ class ServerDatagramPath:
         return len(frames)
 
 
+# -- direct paths to peers ----------------------------------------------------------------
+# Design. The server stays the one authority on who may talk to whom: a node that agreed on
+# "direct" (with "udp") gives its X25519 share in the hello and, over TLS (FRAME_PEERS), its
+# LAN endpoint (the address it reaches the server from, and its datagram socket's port).
+# To each such node the server introduces every peer the switch would forward to (same
+# network, interconnection on, also "direct"): the peer's overlay address, share, and
+# candidate endpoints (its LAN endpoint, and the address the server sees its datagrams
+# come from: its NAT mapping), and tells both at the same moment, so both probe at once
+# and each one's probes open its own NAT for the other's (hole punching). When a session
+# is detached (unregister, revocation, a network deleted, a reconnect) every peer told of
+# it hears FRAME_PEERS "remove" on the same loop turn and forgets its keys: its datagrams
+# find no keys from then on. Pair keys are PairKeys (section 9): per pair, per epoch.
+#
+# A node keeps a PeerTable beside its server DatagramPath, sharing its socket (so the NAT
+# mapping the server saw is the one peers reach). A peer's path (DirectPeer) is used only
+# once a pong came back for a ping (authenticated datagrams both ways), and left for the
+# server path after DIRECT_SILENT_S without a pong; probing repeats with backoff. A direct
+# datagram is opened only by that peer's keys (its replay window), and each frame must carry
+# the peer's overlay address as source and this node's as destination, else it is dropped:
+# the server's anti-spoofing rule, applied by the receiving node. The switch's question
+# "which path for this destination" is PeerTable.path_for: a DirectPeer, or None for the
+# server path as before.
+
+DIRECT_PROBE_S = 3.0  # a round of pings to a peer's candidates lasts this long
+
+
+DIRECT_PROBE_EVERY_S = 0.5  # pings in a round, and pings on an up path
+
+
+DIRECT_SILENT_S = 2.0  # no pong for this long: data to the peer goes through the server again
+
+
+DIRECT_RETRY_S = 2.0  # the first wait after a failed round; it doubles
+
+
+DIRECT_RETRY_MAX_S = 30.0
+
+
+DIRECT_REPORT_S = 5.0  # how often at most a node tells the server its direct bytes (metrics)
+
+
+class DirectPeer:
+    """One peer's direct path (a PeerPath): its keys by epoch, candidate endpoints, the
+    endpoint that answered, and whether data goes this way now."""
+
+    PROBING, UP, DOWN = "probing", "up", "down"
+    name = "direct"
+
+    def __init__(self, info: PeerInfo, pair: PairKeys, sock: DatagramSocket, now: float) -> None:
+        self.ip, self.share, self.gso, self.pair, self.sock = info.ip, info.share, info.gso, pair, sock
+        self.address = str(ipaddress.IPv4Address(info.ip))
+        self.ip_bytes = info.ip.to_bytes(4, "big")
+        self.endpoints = [udp_address(sock.sock, host, port) for host, port in info.endpoints]
+        self.epochs: dict[int, DatagramKeys] = {}  # by epoch; opened by session id through `ids`
+        self.ids: dict[int, int] = {}  # session id -> epoch
+        self.send_epoch = self.receive_epoch = 0
+        for epoch in (0, 1):
+            self._keep(epoch)
+        self.endpoint: Any = None  # where the latest pong came from
+        self.state, self.since, self.next_probe = self.PROBING, now, now
+        self.backoff = DIRECT_RETRY_S
+        self.last_pong = self.last_ping = 0.0
+        self.handshake = 0.0  # wall-clock time of the latest pong, for `nc status`
+        self.rx_bytes = self.tx_bytes = 0
+        self.dropped = 0  # datagrams the full socket did not take
+
+    def _keep(self, epoch: int) -> None:
+        if epoch not in self.epochs:
+            keys = self.pair.epoch(epoch)
+            self.epochs[epoch], self.ids[keys.session_id] = keys, epoch
+
+    @property
+    def sealer(self) -> DatagramKeys:
+        return self.epochs[self.send_epoch]
+
+    def received(self, session_id: int) -> None:
+        """A datagram opened under this session id: a newer epoch of the peer's makes the
+        next one ready and lets the ones before the previous go."""
+        epoch = self.ids[session_id]
+        if epoch <= self.receive_epoch:
+            return
+        self.receive_epoch = epoch
+        self._keep(epoch + 1)
+        for old in [e for e in self.epochs if e < epoch - 1 and e != self.send_epoch]:
+            del self.ids[self.epochs.pop(old).session_id]
+
+    def send(self, frames: list[bytes]) -> int:
+        return self.send_to(frames, self.endpoint)
+
+    def send_to(self, frames: list[bytes], address: Any) -> int:
+        """Seal and send; what the full socket does not take is dropped (the inner flow's
+        own congestion control answers that). Returns how many frames went."""
+        if address is None:
+            return 0
+        try:
+            sealed = self.sealer.seal(frames)
+            sent = self.sock.send(sealed, address)
+        except (OSError, BadDatagram):
+            return 0
+        self.tx_bytes += sum(map(len, sealed[:sent]))
+        self.dropped += len(sealed) - sent
+        return sent
+
+    def probe(self, kind: int, address: Any) -> None:
+        self.send_to([encode_frame(FRAME_DIRECT_PROBE, bytes((kind,)))], address)
+
+    def tick(self, now: float) -> str | None:
+        """Pings, rekeys and state changes; returns a line for the log when the path changed."""
+        if self.sealer.worn(now):
+            self.send_epoch += 1
+            self._keep(self.send_epoch)
+        if self.state == self.UP:
+            if now - self.last_pong > DIRECT_SILENT_S:
+                self._down(now, DIRECT_RETRY_S)
+                return f"direct path to {self.address} silent for {DIRECT_SILENT_S:.0f} s; through the server"
+            if now - self.last_ping >= DIRECT_PROBE_EVERY_S:
+                self.last_ping = now
+                self.probe(DIRECT_PING, self.endpoint)
+        elif self.state == self.PROBING:
+            if now - self.since > DIRECT_PROBE_S:
+                self._down(now, self.backoff)
+                self.backoff = min(2 * self.backoff, DIRECT_RETRY_MAX_S)
+            elif now >= self.next_probe:
+                self.next_probe = now + DIRECT_PROBE_EVERY_S
+                for address in dict.fromkeys([*self.endpoints, self.endpoint]):
+                    self.probe(DIRECT_PING, address)
+        elif now >= self.next_probe:
+            self.restart(now)
+        return None
+
+    def _down(self, now: float, wait: float) -> None:
+        self.state, self.since, self.next_probe = self.DOWN, now, now + wait
+
+    def restart(self, now: float) -> None:
+        """A new round of probes now (unless the path is up)."""
+        if self.state != self.UP:
+            self.state, self.since, self.next_probe = self.PROBING, now, now
+
+    def on_probe(self, kind: int, source: Any, newest: bool, now: float) -> str | None:
+        """A ping is answered where it came from (and, while not up, pinged back there:
+        the peer's NAT mapping toward us may be one the server never saw); a pong, the
+        newest datagram yet, proves both ways and names the endpoint."""
+        if kind == DIRECT_PING:
+            self.probe(DIRECT_PONG, source)
+            if self.state != self.UP:
+                self.probe(DIRECT_PING, source)
+            return None
+        if kind != DIRECT_PONG or not newest:
+            return None
+        self.last_pong, self.handshake, self.endpoint = now, time.time(), source
+        self.backoff = DIRECT_RETRY_S
+        if self.state == self.UP:
+            return None
+        self.state, self.since, self.last_ping = self.UP, now, now
+        return f"direct path to {self.address} via {unmapped(str(source[0]))}:{source[1]}"
+
+    def status(self) -> dict[str, Any]:
+        up = self.state == self.UP
+        return {
+            "ip": self.address,
+            "path": "direct" if up else "relayed",
+            "endpoint": f"{unmapped(str(self.endpoint[0]))}:{self.endpoint[1]}" if up else "",
+            "lastHandshake": (
+                datetime.datetime.fromtimestamp(self.handshake).isoformat(timespec="seconds") if self.handshake else ""
+            ),
+            "rxBytes": self.rx_bytes,
+            "txBytes": self.tx_bytes,
+            "dropped": self.dropped,
+        }
+
+
+class PeerTable:
+    """A node's direct paths, by overlay address and by datagram session id, over the
+    server DatagramPath's socket: what the server introduced, and which path a packet
+    for a destination takes (path_for; None: the server's)."""
+
+    def __init__(self, sock: DatagramSocket, private: Any, share: bytes, ip: int, counters: collections.Counter[str]):
+        self.sock, self.private, self.share, self.ip = sock, private, share, ip
+        self.ip_bytes = ip.to_bytes(4, "big")
+        self.counters = counters
+        self.peers: dict[int, DirectPeer] = {}  # by overlay address
+        self.by_id: dict[int, DirectPeer] = {}  # by datagram session id, every epoch kept
+        self.gone_tx = 0  # bytes sent to peers since removed
+        self.report: bytes | None = None  # the LAN endpoint for the server, sent once
+        self.reported, self.next_report = 0, 0.0  # direct bytes sent, as last told to the server
+
+    def bytes_report(self, now: float) -> bytes | None:
+        """Every DIRECT_REPORT_S, if it changed: what went out on direct paths, for the server's metrics."""
+        sent = sum(peer.tx_bytes for peer in self.peers.values()) + self.gone_tx
+        if now < self.next_report or sent == self.reported:
+            return None
+        self.reported, self.next_report = sent, now + DIRECT_REPORT_S
+        return encode_control(FRAME_PEERS, {"directBytes": sent})
+
+    def update(self, message: dict, now: float) -> None:
+        """A FRAME_PEERS from the server: peers added (or their endpoints updated), peers removed."""
+        for address in message.get("remove", []) if isinstance(message.get("remove"), list) else ():
+            with contextlib.suppress(ValueError, TypeError):
+                self.remove(int(ipaddress.IPv4Address(address)))
+        for entry in message.get("add", []) if isinstance(message.get("add"), list) else ():
+            info = PeerInfo.decode(entry)
+            if info is not None and info.ip != self.ip:
+                self.add(info, now)
+
+    def add(self, info: PeerInfo, now: float) -> None:
+        peer = self.peers.get(info.ip)
+        if peer is not None and peer.share == info.share:
+            peer.endpoints = [udp_address(self.sock.sock, host, port) for host, port in info.endpoints]
+            peer.gso = info.gso
+            peer.restart(now)  # the server says: probe now (the other side does too)
+            return
+        if peer is not None:
+            self.remove(info.ip)
+        try:
+            peer = DirectPeer(info, PairKeys(self.private, self.share, info.share, self.ip, info.ip), self.sock, now)
+        except BadDatagram:
+            self.counters["direct-bad-share"] += 1
+            return
+        self.peers[info.ip] = peer
+        self._index(peer)
+        log.debug("peer %s introduced: endpoints %s", peer.address, list(info.endpoints))
+
+    def _index(self, peer: DirectPeer) -> None:
+        for session_id in [i for i, p in self.by_id.items() if p is peer and i not in peer.ids]:
+            del self.by_id[session_id]
+        for session_id in peer.ids:
+            self.by_id[session_id] = peer
+
+    def remove(self, ip: int) -> None:
+        """The server withdrew the peer: its keys go at once, and with them its datagrams."""
+        peer = self.peers.pop(ip, None)
+        if peer is None:
+            return
+        self.gone_tx += peer.tx_bytes
+        for session_id in [i for i, p in self.by_id.items() if p is peer]:
+            del self.by_id[session_id]
+        log.info("peer %s removed by the server; its datagrams are refused from now on", peer.address)
+
+    def opener(self, session_id: int) -> DatagramKeys | None:
+        peer = self.by_id.get(session_id)
+        return peer.epochs[peer.ids[session_id]] if peer is not None else None
+
+    def path_for(self, destination: bytes) -> DirectPeer | None:
+        """The direct path for a packet to this overlay address (4 bytes), if one is up."""
+        peer = self.peers.get(int.from_bytes(destination, "big"))
+        return peer if peer is not None and peer.state == DirectPeer.UP else None
+
+    def path_for_any(self) -> bool:
+        """Some peer's direct path is up (the TUN's packets are then sorted by destination)."""
+        return any(peer.state == DirectPeer.UP for peer in self.peers.values())
+
+    def accept(self, keys: DatagramKeys, frames: list[bytes], size: int, source: Any, newest: bool) -> list[bytes]:
+        """A peer's authenticated frames: probes answered here, data frames passed on only
+        with the peer's overlay address as source and this node's as destination."""
+        peer = self.by_id.get(keys.session_id)
+        if peer is None:
+            return []
+        now = time.monotonic()
+        peer.received(keys.session_id)
+        self._index(peer)
+        peer.rx_bytes += size
+        passed = []
+        for frame in frames:
+            if frame[0] == FRAME_DIRECT_PROBE:
+                if (line := peer.on_probe(frame[4] if len(frame) > 4 else -1, source, newest, now)) is not None:
+                    log.info("%s", line)
+            elif frame_addresses(frame) == (peer.ip_bytes, self.ip_bytes):
+                passed.append(frame)
+            else:
+                self.counters["dropped-direct-spoofed"] += 1
+        return passed
+
+    def tick(self, now: float) -> None:
+        for peer in list(self.peers.values()):
+            epochs = len(peer.ids)
+            if (line := peer.tick(now)) is not None:
+                log.warning("%s", line)
+            if len(peer.ids) != epochs:
+                self._index(peer)
+
+    def status(self) -> list[dict[str, Any]]:
+        return [peer.status() for peer in sorted(list(self.peers.values()), key=lambda p: p.ip)]
+
+
 # ============================================================================
 # 11. Network server
 #    One epoll loop (NetworkServer) owns the sockets, the server's TUNs and
@@ -7616,6 +8053,9 @@ class ServerSession(Link):
         self.host_name = self.version = self.asked_name = ""  # what the node's hello said
         self.since = time.time()
         self.udp: ServerDatagramPath | None = None  # the UDP data path, when the hello agreed on "udp"
+        self.direct_key = b""  # the node's share for pair keys, when the hello agreed on "direct"
+        self.endpoints: tuple[tuple[str, int], ...] = ()  # the LAN endpoints the node reported (FRAME_PEERS)
+        self.direct_bytes = 0  # bytes the node reports it sent on direct paths (FRAME_PEERS), for the metrics
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
@@ -7628,6 +8068,7 @@ def session_traffic(session: ServerSession) -> dict[str, int]:
         "tx_bytes": sum(path.tx_bytes for path in paths),
         "rx_packets": session.rx_packets,
         "tx_packets": session.tx_packets,
+        "direct_tx_bytes": session.direct_bytes,  # what the node reports it sent straight to peers
     }
 
 
@@ -7928,6 +8369,7 @@ class Switch:
         self.udp_out: dict[ServerSession, list[bytes]] = {}  # frames for nodes on UDP, sent at the end of the turn
         # The lifecycle's: a node whose datagrams break the rules is refused like one whose frames do.
         self.refuse: Callable[[ServerSession, Refusal], None] = lambda _session, _refusal: None
+        self.addressed: Callable[[ServerSession], None] = lambda _s: None  # the lifecycle's: peers learn a NAT mapping
 
     def attach_plane(self, plane: Plane) -> None:
         self.planes[plane.name] = plane
@@ -7979,6 +8421,7 @@ class Switch:
     def _forward(self, peer: ServerSession, view: memoryview, kind: int, start: int, end: int) -> None:
         """Queue a node's frame for another node, as-is when the peer can take it."""
         as_is = kind == FRAME_PACKET or peer.gso
+        self.counters["relayed-bytes"] += end - start
         self._queue_frames(peer, [bytes(view[start - 4 : end])] if as_is else plain_frames(view[start:end]))
 
     def _queue_frames(self, peer: ServerSession, frames: list[bytes]) -> None:
@@ -8152,7 +8595,10 @@ class Switch:
         if arrived.path is not None:
             if udp.addr is not None and arrived.path[0] != udp.addr:
                 self.note("udp-moved:" + token, "node %s: UDP now from %s", token, unmapped(str(arrived.path[0][0])))
+            moved = arrived.path[0] != udp.addr
             udp.addr, udp.local = arrived.path
+            if moved and session.direct_key:
+                self.addressed(session)
         udp.last_rx = session.last_rx = self.epoll.now
         udp.rx_bytes += arrived.size
         session.rx_packets += len(frames)  # less the keepalives, below
@@ -8193,6 +8639,75 @@ class Switch:
             plane.close()
         self.planes.clear()
         self.tun_planes.clear()
+
+
+class PeerIntroductions:
+    """Which nodes may reach which directly, as the switch decides who may talk to whom:
+    two established sessions of one network with interconnection on, both on "direct".
+    Each is introduced to the other (FRAME_PEERS "add", both in the same loop turn, so
+    both probe at once); a session detached is withdrawn from every peer told of it."""
+
+    def __init__(self, dirty: set[ServerSession]) -> None:
+        self.dirty = dirty
+        self.told: dict[ServerSession, set[ServerSession]] = {}  # a session -> the peers that know of it
+        self.last: dict[ServerSession, float] = {}  # when each was last introduced
+        self.pending: set[ServerSession] = set()  # moved again within a second: introduced at the next tick
+
+    def moved(self, session: ServerSession, now: float) -> None:
+        """The session's datagrams come from a new address: its peers learn it, at most
+        once a second per session (a node that hops ports costs its peers no more)."""
+        if now - self.last.get(session, -1.0) < 1.0:
+            self.pending.add(session)
+        else:
+            self.introduce(session, now)
+
+    def tick(self, now: float) -> None:
+        pending, self.pending = self.pending, set()
+        for session in pending:
+            self.introduce(session, now)
+
+    @staticmethod
+    def reachable(session: ServerSession) -> bool:
+        return bool(session.direct_key) and session.phase == Phase.ESTABLISHED and not session.detached
+
+    @staticmethod
+    def info(session: ServerSession) -> PeerInfo:
+        """The session as its peers learn it: LAN endpoints, then the address the server sees."""
+        seen = session.udp.addr if session.udp is not None else None
+        endpoints = list(session.endpoints)
+        if seen is not None and (unmapped(str(seen[0])), seen[1]) not in endpoints:
+            endpoints.append((unmapped(str(seen[0])), seen[1]))
+        return PeerInfo(session.ip, session.direct_key, tuple(endpoints[:MAX_PEER_ENDPOINTS]), session.gso)
+
+    def introduce(self, session: ServerSession, now: float) -> None:
+        plane = session.plane
+        if plane is None or not plane.overlay.interconnection or not self.reachable(session):
+            return
+        self.last[session] = now
+        peers = [p for p in plane.by_ip.values() if p is not session and self.reachable(p)]
+        if not peers:
+            return
+        mine = {"add": [self.info(session).encode()]}
+        for peer in peers:
+            peer.queue(encode_control(FRAME_PEERS, mine))
+            self.dirty.add(peer)
+            self.told.setdefault(session, set()).add(peer)
+            self.told.setdefault(peer, set()).add(session)
+        for start in range(0, len(peers), MAX_PEERS_PER_FRAME):
+            chunk = peers[start : start + MAX_PEERS_PER_FRAME]
+            session.queue(encode_control(FRAME_PEERS, {"add": [self.info(p).encode() for p in chunk]}))
+        self.dirty.add(session)
+
+    def withdraw(self, session: ServerSession) -> None:
+        """Every peer told of this session forgets it (and it is no longer told of them)."""
+        gone = {"remove": [str(ipaddress.IPv4Address(session.ip))]}
+        self.last.pop(session, None)
+        self.pending.discard(session)
+        for peer in self.told.pop(session, set()):
+            self.told.get(peer, set()).discard(session)
+            if not peer.detached:
+                peer.queue(encode_control(FRAME_PEERS, gone))
+                self.dirty.add(peer)
 
 
 class SessionRecords:
@@ -8280,6 +8795,7 @@ class SessionLifecycle:
         self.records = SessionRecords(control.store, worker)
         self.closed_traffic: collections.Counter[str] = collections.Counter()  # of sessions gone (metrics)
         self.replicas: Callable[[], tuple[str, ...]] = tuple  # replicas on etcd: their addresses, for the welcome
+        self.introductions = PeerIntroductions(self.dirty)
 
     def adopt(self, tls: ssl.SSLSocket, peer: str) -> None:
         if self.stopping.is_set():
@@ -8325,6 +8841,8 @@ class SessionLifecycle:
                         self.switch.bad_frame(session, e)
                 elif kind in (FRAME_TRANSPORT, FRAME_REKEY) and session.udp is not None:
                     self._on_udp_control(session, session.udp, kind, decode_control(view[start:end]))
+                elif kind == FRAME_PEERS and session.direct_key:
+                    self._on_endpoints(session, decode_control(view[start:end]))
                 elif kind == FRAME_KEEPALIVE or kind >= FRAME_OPTIONAL:
                     continue
                 else:
@@ -8358,6 +8876,9 @@ class SessionLifecycle:
             session.udp = self.switch.agree_udp(session, hello.udp_key, self.counters, self.note)
             if session.udp is None:  # the node's share is unusable: no UDP for this session
                 session.caps = tuple(c for c in session.caps if c != CAP_UDP)
+        if CAP_UDP not in session.caps:
+            session.caps = tuple(c for c in session.caps if c != CAP_DIRECT)
+        session.direct_key = hello.direct_key if CAP_DIRECT in session.caps else b""
         log.debug(
             "hello from %s: node %s, nc %s, offered %s, agreed %s",
             session.peer,
@@ -8388,6 +8909,19 @@ class SessionLifecycle:
             return
         session.queue(encode_control(FRAME_REKEY, self.switch.rekey_udp(session, udp, message.get("udpKey"))))
         self.dirty.add(session)
+
+    def _on_endpoints(self, session: ServerSession, message: dict) -> None:
+        """Over TLS: the bytes the node sent on direct paths (a counter, costs nothing), or
+        its LAN endpoints: it is introduced to its peers now, which is spent from the
+        node's control-frame budget like TRANSPORT and REKEY."""
+        sent = message.get("directBytes")
+        if isinstance(sent, int) and not isinstance(sent, bool) and 0 <= sent < 1 << 63:
+            session.direct_bytes = sent
+        if "endpoints" in message:
+            token = session.node_token
+            self.control.budgets.control_frames.spend(token, f"node {token}", now=self.epoll.now)
+            session.endpoints = decode_endpoints(message.get("endpoints"))
+            self.introductions.introduce(session, self.epoll.now)
 
     def _on_admitted(
         self, session: ServerSession, result: tuple[str, ipaddress.IPv4Address] | None, error: BaseException | None
@@ -8512,6 +9046,7 @@ class SessionLifecycle:
                 elif now - session.last_tx >= self.keepalive:
                     session.queue(encode_frame(FRAME_KEEPALIVE))
                     self.dirty.add(session)
+        self.introductions.tick(now)
         self.flush_dirty()
 
     def refuse_token(self, token: str, refusal: Refusal) -> None:
@@ -8540,6 +9075,7 @@ class SessionLifecycle:
         if not token or session.detached:
             return
         session.detached = True
+        self.introductions.withdraw(session)
         for session_id in session.udp.openers if session.udp is not None else ():
             if self.switch.udp_sessions.get(session_id) is session:
                 del self.switch.udp_sessions[session_id]
@@ -8600,6 +9136,7 @@ class NetworkServer(Sessions):
             config, control, self.switch, self.worker, self.stopping, self.counters, self.note
         )
         self.switch.refuse = self.lifecycle.refuse
+        self.switch.addressed = lambda session: self.lifecycle.introductions.moved(session, self.epoll.now)
         self.planes = self.switch.planes  # the same table: run_server reports how many
         self.next_report = 0.0  # when the debug log gets the counters next
         self.thread = threading.Thread(target=self._run, name="network-server", daemon=True)
@@ -9001,6 +9538,58 @@ class NodeInterface:
             log.info("removed TUN device and routes")
 
 
+def peer_table(udp: DatagramPath, private: Any, share: bytes, welcome: Welcome, server_ip: str) -> PeerTable:
+    """The session's direct paths over its datagram socket, and the LAN endpoint the
+    server is to hear first: the address this host reaches the server from, the socket's port."""
+    peers = PeerTable(udp.sock, private, share, int(ipaddress.IPv4Address(welcome.ip)), udp.counters)
+    endpoints = []
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(server_ip).version == 6 else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((server_ip, udp.server[1]))
+            endpoints.append([unmapped(probe.getsockname()[0]), udp.sock.sock.getsockname()[1]])
+    except (OSError, ValueError):
+        pass  # no LAN candidate: peers try the address the server sees
+    peers.report = encode_control(FRAME_PEERS, {"endpoints": endpoints})
+    return peers
+
+
+def send_tun_split(session: NodeSession, peers: PeerTable, limit: int) -> None:
+    """_read_tun while some peer's direct path is up: up to `limit` packets from the TUN,
+    each to its destination's direct path, the rest on the server path as before
+    (datagrams while it carries, else the TLS stream), in batches of UDP_SEND_BATCH."""
+    reader, offload, udp, mtu = session.reader, session.tun.offload, session.udp, session.server_mtu
+    carrying = udp is not None and udp.carrying
+    offset = VNET_HDR_LEN + 16 if offload else 16  # the destination address in what the TUN gives
+    batches: dict[Any, list[bytes]] = {}
+    for _ in range(limit):
+        if udp is not None and udp.backlog:
+            break
+        try:
+            length = reader.read()
+        except (BlockingIOError, InterruptedError):
+            break
+        packet = reader.packet(length)
+        peer: Any = peers.path_for(bytes(packet[offset : offset + 4])) if length >= offset + 4 else None
+        if peer is None and not carrying:
+            session.link.send(reader.frames(length, session.gso))
+            continue
+        path = peer if peer is not None else udp
+        frames = batches.setdefault(path, [])
+        gso = peer.gso if peer is not None else session.gso
+        if offload:  # each burst named by the counter its first piece will get
+            keys = peer.sealer if peer is not None else udp.keys  # type: ignore[union-attr]
+            frames += datagram_frames(packet, mtu, gso, keys.sent + len(frames))
+        else:
+            frames.append(reader.frame(FRAME_PACKET, length))
+        if len(frames) >= UDP_SEND_BATCH:
+            path.send(frames)
+            batches[path] = []
+    for path, frames in batches.items():
+        if frames:
+            path.send(frames)
+
+
 class NodeSession:
     """One session's packet pump: TUN to server and back over the TLS link, or over the
     UDP path while it carries; keepalives, the UDP path's probes and rekeys."""
@@ -9107,6 +9696,13 @@ class NodeSession:
                 log.info("data path: UDP to %s", unmapped(udp.server[0]))
             elif udp.state == DatagramPath.UP:
                 log.info("data path: TLS/TCP to %s (the UDP path stays up, probed)", unmapped(udp.server[0]))
+        if udp.peers is not None:
+            if udp.peers.report is not None:
+                self.link.queue(udp.peers.report)
+                udp.peers.report = None
+            udp.peers.tick(now)
+            if (report := udp.peers.bytes_report(now)) is not None:
+                self.link.queue(report)
         if (rekey := udp.rekey_request(now)) is not None:
             self.link.queue(rekey)
 
@@ -9132,6 +9728,9 @@ class NodeSession:
         self.counters["dropped-tun-write"] += 1
 
     def _read_tun(self, limit: int) -> None:
+        if self.udp is not None and self.udp.peers is not None and self.udp.peers.path_for_any():
+            send_tun_split(self, self.udp.peers, limit)
+            return
         udp = self.udp if self.udp is not None and self.udp.carrying else None
         if udp is not None:
             self._send_tun_datagrams(udp, limit)
@@ -9193,6 +9792,8 @@ class NodeSession:
                 raise PeerClosed("server ended the session")
             elif kind == FRAME_REKEY and self.udp is not None:
                 self.udp.on_rekey(decode_control(view[start:end]), time.monotonic())
+            elif kind == FRAME_PEERS and self.udp is not None and self.udp.peers is not None:
+                self.udp.peers.update(decode_control(view[start:end]), time.monotonic())
             elif kind != FRAME_KEEPALIVE and kind < FRAME_OPTIONAL:
                 raise ProtocolError(f"unexpected frame type {kind:#x}")
         except BadFrame as e:  # the kernel never sees a virtio_net_hdr it was not meant to
@@ -9384,6 +9985,7 @@ class NetworkClient:
             "txBytes": sum(path.tx_bytes for path in paths),
             "lastError": "" if connected else self.last_error,
             "version": VERSION,
+            "peers": udp.peers.status() if connected and udp is not None and udp.peers is not None else [],
         }
 
     def _round_trip(self, carrying: PeerPath | None) -> dict[str, Any]:
@@ -9411,9 +10013,12 @@ class NetworkClient:
             caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
             share = b""
             if self.config.transport == "tcp":
-                caps = tuple(c for c in caps if c != CAP_UDP)
+                caps = tuple(c for c in caps if c not in (CAP_UDP, CAP_DIRECT))
             else:
                 self.udp_private, share = new_x25519()
+            direct_private, direct_share = new_x25519() if CAP_UDP in caps else (None, b"")
+            if not self.config.direct_paths or not direct_share:
+                caps, direct_share = tuple(c for c in caps if c != CAP_DIRECT), b""
             hello = Hello(
                 self.config.token,
                 caps=caps,
@@ -9421,11 +10026,14 @@ class NetworkClient:
                 host_name=socket.gethostname(),
                 udp_key=share,
                 name=self.config.name,
+                direct_key=direct_share,
             )
             sock.sendall(hello.encode())
             welcome = self._await_welcome(link)
             self._check_welcome(welcome)
             self.udp = self._datagram_path(share, welcome)
+            if self.udp is not None and CAP_DIRECT in welcome.caps and direct_share:
+                self.udp.peers = peer_table(self.udp, direct_private, direct_share, welcome, self.server_ip)
         except BaseException:
             link.close()
             raise
@@ -11575,6 +12183,13 @@ class ServerMetrics:
             packets.add_metric([direction], traffic[f"{direction}_packets"])
         yield data
         yield packets
+        between = CounterMetricFamily(
+            "nc_node_to_node", "Node-to-node traffic: relayed by this server, or direct (as nodes report)",
+            labels=["path"], unit="bytes",
+        )  # fmt: skip
+        between.add_metric(["relayed"], network.counters["relayed-bytes"] if network else 0)
+        between.add_metric(["direct"], traffic["direct_tx_bytes"])
+        yield between
         counters = collections.Counter(network.counters if network else ())
         if network is not None and network.handshaker is not None:
             counters.update(network.handshaker.counters)
@@ -12645,6 +13260,21 @@ def run_joined_client(config: ClientConfig, config_path: str | None = None) -> i
 RTT_SOURCES = {"udp-echo": " (UDP keepalive echo)", "tcp-estimate": " (TCP estimate of the TLS channel)"}
 
 
+def peer_lines(peers: list[dict[str, Any]]) -> str:
+    """`nc status`'s peer table: each peer the server introduced, direct or relayed."""
+    if not peers:
+        return ""
+    rows = [("PEER", "PATH", "ENDPOINT", "LAST HANDSHAKE", "RX / TX")]
+    for peer in peers:
+        traffic = f"{human_bytes(peer.get('rxBytes', 0))} / {human_bytes(peer.get('txBytes', 0))}"
+        fields = (peer.get("ip"), peer.get("path"), peer.get("endpoint") or "-", peer.get("lastHandshake") or "-")
+        rows.append((*(loggable(str(f)) for f in fields), traffic))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n\npeers:\n" + "\n".join(
+        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4] for row in rows
+    )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """The running client's state; exit 1 when it is not connected (scripts wait on it)."""
     work_dir = Path(args.work_dir or DEFAULT_CLIENT_WORK_DIR).resolve()
@@ -12662,7 +13292,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     if status.get("lastError"):
         lines.append(("last error", status["lastError"]))
-    show(args, status, "\n".join(f"{name + ':':12} {loggable(value)}" for name, value in lines))
+    text = "\n".join(f"{name + ':':12} {loggable(value)}" for name, value in lines)
+    show(args, status, text + peer_lines(status.get("peers") or []))
     return 0 if status.get("state") == "connected" else 1
 
 

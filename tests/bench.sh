@@ -13,6 +13,9 @@
 #               [--wireguard-go PATH] (tests/bench/bench_wan.py; not part of "all")
 #   fallback    UDP blocked before the join and mid-session: time to TCP and back
 #               (tests/bench/bench_fallback.py; not part of "all")
+#   direct      direct node-to-node paths vs the server relay, two sites behind NATs:
+#               iperf3, ping and the server's CPU [--seconds S] (tests/bench/bench_direct.py;
+#               not part of "all")
 #   portable    the file's size, first and later start, unpacked size, per CPython
 #               3.9-3.13 beside the bare interpreter's start (tests/bench/bench_portable.py)
 #   all         all of them, one after the other (default)
@@ -26,7 +29,7 @@ cd "$(dirname "$0")/.."
 what=${1:-all}
 [ $# -gt 0 ] && shift
 case "$what" in
-    throughput | scale | pool | hostile | floods | ha | wan | fallback | portable) ;;
+    throughput | scale | pool | hostile | floods | ha | wan | fallback | direct | portable) ;;
     all)
         if [ $# -gt 0 ]; then
             echo "tests/bench.sh: extra arguments need one benchmark name (throughput, scale, pool, hostile, floods or ha)" >&2
@@ -34,11 +37,11 @@ case "$what" in
         fi
         ;;
     -h | --help)
-        sed -n '2,22s/^# \{0,1\}//p' "$0"
+        sed -n '2,25s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)
-        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha, wan, fallback, portable or all" >&2
+        echo "tests/bench.sh: unknown benchmark '$what'; use throughput, scale, pool, hostile, floods, ha, wan, fallback, direct, portable or all" >&2
         exit 2
         ;;
 esac

@@ -310,4 +310,4 @@ def test_an_unknown_field_names_the_closest_known_one(tmp_path: Path, mode: str,
 def test_a_field_like_none_still_lists_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(ncctl.ConfigError) as info:
         ncctl.config_from_doc({"client": {"zzz": 1}}, "f.yml", "client", tmp_path)
-    assert "known fields are debug, grpcPort" in str(info.value)
+    assert "known fields are debug, directPaths, grpcPort" in str(info.value)

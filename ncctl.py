@@ -2353,7 +2353,7 @@ ETCD_LAYOUT_VERSION = 1
 ETCD_RPC_TIMEOUT_S = 5.0
 
 
-ETCD_ATTEMPT_S = 1.0  # one attempt of a call; a silent member is then tried no longer
+ETCD_ATTEMPT_S = 2.0  # one attempt of a call; a silent member is then tried no longer, a slow one waited for
 
 
 ETCD_TXN_ATTEMPTS = 100
@@ -2488,8 +2488,8 @@ class Etcd:
 
     # -- leases and watches ---------------------------------------------------------
 
-    def grant(self, ttl: int) -> int:
-        return self.call(self.lease_stub.LeaseGrant, self.pb.LeaseGrantRequest(TTL=ttl)).ID
+    def grant(self, ttl: int, timeout: float = ETCD_RPC_TIMEOUT_S) -> int:
+        return self.call(self.lease_stub.LeaseGrant, self.pb.LeaseGrantRequest(TTL=ttl), timeout).ID
 
     def revoke(self, lease: int) -> None:
         with contextlib.suppress(StoreError):
@@ -4776,6 +4776,15 @@ class Tun:
         # which cuts and seals each segment). Best effort: without tc it stays pfifo.
         with contextlib.suppress(TunError):
             run_tool("tc", "qdisc", "replace", "dev", self.name, "root", "fq_codel")
+
+    def withdraw(self) -> None:
+        """Down and without its address, while the fd (another thread may read it) stays
+        open: the address is given up at once, the device goes with the fd later."""
+        for args in (("link", "set", "dev", self.name, "down"), ("addr", "flush", "dev", self.name)):
+            try:
+                run_ip(*args)
+            except TunError as e:
+                log.warning("%s", e)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -7822,6 +7831,7 @@ class NetworkServer(Sessions):
         self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
         self.handshaker: Handshaker | None = None
         self.wake_r = self.wake_w = -1
+        self.released = False  # release() ran: addresses and port given up
 
     @property
     def replicas(self) -> Callable[[], tuple[str, ...]]:
@@ -7870,19 +7880,31 @@ class NetworkServer(Sessions):
             len(self.planes),
         )
 
-    def stop(self) -> None:
-        """Undo start(), a partial one too: only what exists is stopped or closed."""
+    def release(self) -> None:
+        """Give up what another server may need to take over at once, whatever the loop is
+        doing: the server addresses (the TUNs go down) and the port (its listener closes).
+        The loop is told to end; stop() waits for it and closes the rest."""
+        if self.released:
+            return
+        self.released = True
+        self.stopping.set()
+        for plane in list(self.switch.planes.values()):
+            plane.tun.withdraw()
         if self.handshaker is not None:
             self.handshaker.stop()
-        self.stopping.set()
+        if self.listener is not None:
+            self.listener.close()
         if self.thread.is_alive():
             self._wake()
+
+    def stop(self) -> None:
+        """Undo start(), a partial one too: only what exists is stopped or closed."""
+        self.release()
+        if self.thread.is_alive():
             self.thread.join(timeout=10.0)
         if self.worker.is_alive():
             self.worker.stop()
         self._close_planes()
-        if self.listener is not None:
-            self.listener.close()
         if self.switch.udp is not None:
             self.switch.udp.close()
         self.epoll.close()
@@ -9888,16 +9910,29 @@ def control_rpc(args: argparse.Namespace, method: str, request: Any) -> Any:
 # Every replica serves both gRPC ports from etcd (active/active). One, the leader,
 # holds the data plane: the TUNs with the server's overlay addresses and port 6441
 # (active/passive). It leads while its campaign key, bound to its lease, is in
-# etcd; it stops its data plane FENCE_AFTER_S after the last renewal it sent, while
+# etcd; it gives its data plane up FENCE_AFTER_S after the last renewal that went
+# through, at once (addresses and port first, the loop ends in the background), while
 # the lease (LEADER_LEASE_TTL_S from that renewal) still keeps everyone else out.
+# Like Kubernetes' leader election (lease 15 s, renew deadline 10 s), the margins
+# are seconds: an etcd answering in a second or two costs no leadership, and a dead
+# leader is replaced about LEADER_LEASE_TTL_S after its last renewal.
 
-LEADER_LEASE_TTL_S = 5
+LEADER_LEASE_TTL_S = 10
 
 
 LEASE_RENEW_EVERY_S = 1.0
 
 
-FENCE_AFTER_S = 3.5  # < LEADER_LEASE_TTL_S, with 1.5 s to take the TUNs down
+LEASE_RENEW_TIMEOUT_S = 4.5  # one renewal, in attempts of 1.5 s: a slow etcd is waited for
+
+
+FENCE_AFTER_S = 7.0  # < LEADER_LEASE_TTL_S: the data plane is given up 3 s before the lease can lapse
+
+
+LEADER_PROVEN_S = 5.0  # a leader is named to nodes while its heartbeat was seen changing this recently
+
+
+HA_CALL_TIMEOUT_S = 3.0  # the role's own etcd calls (campaign, key check, heartbeat)
 
 
 REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
@@ -9959,10 +9994,86 @@ class StandbySessions(Sessions):
         return self.role.is_alive() and not self.role.stop.is_set() and self.role.standby is not None
 
 
+class ReplicaLease(threading.Thread):
+    """This replica's lease, granted and renewed on a thread of its own, so no other etcd
+    call (a slow campaign, a heartbeat) delays a renewal. The role reads how fresh it is;
+    a lease the role will not lead on is abandoned and revoked, never kept alive."""
+
+    def __init__(self, etcd: Etcd, stop: threading.Event, lost: Callable[[int], None]) -> None:
+        super().__init__(name="replica-lease", daemon=True)
+        self.etcd, self.stop, self.lost = etcd, stop, lost
+        self.id = 0
+        self.renewed_at = 0.0  # monotonic time the last renewal that went through was sent
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            ok = self.renew()
+            self.stop.wait(LEASE_RENEW_EVERY_S if ok else LEASE_RENEW_EVERY_S / 4)
+
+    def renew(self) -> bool:
+        lease, sent = self.id, time.monotonic()
+        try:
+            if not lease:
+                granted = self.etcd.grant(LEADER_LEASE_TTL_S, timeout=HA_CALL_TIMEOUT_S)
+                with self._lock:
+                    self.id, self.renewed_at = granted, sent
+                return True
+            ttl = self.etcd.keep_alive(lease, timeout=LEASE_RENEW_TIMEOUT_S)
+        except StoreError as e:
+            log.warning("%s", e)
+            return False
+        if ttl <= 0:
+            log.warning("lease %x expired in etcd", lease)
+            self.lost(lease)
+            return False
+        with self._lock:
+            if self.id == lease:
+                self.renewed_at = max(self.renewed_at, sent)
+        return True
+
+    def fresh(self, lease: int = 0, within: float = FENCE_AFTER_S) -> bool:
+        """The lease (this one, if given) exists and was renewed within the last `within` s."""
+        with self._lock:
+            current, renewed_at = self.id, self.renewed_at
+        return bool(current) and lease in (0, current) and time.monotonic() - renewed_at <= within
+
+    def abandon(self, lease: int = 0) -> None:
+        """Drop the lease (this one, if given): revoked in the background, so whoever
+        gives its data plane up never waits on etcd; the next one is granted anew."""
+        with self._lock:
+            if not self.id or lease not in (0, self.id):
+                return
+            lease, self.id = self.id, 0
+        threading.Thread(target=self.etcd.revoke, args=(lease,), name="lease-revoke", daemon=True).start()
+
+
+class LeaderSightings:
+    """What a replica saw of the others' heartbeat entries: a leader is named to nodes
+    only while its entry is seen changing. A mute leader's campaign key outlives it by
+    its lease; naming it would send nodes to a replica that answers nothing."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[int, float]] = {}  # address -> (mod revision, when it changed)
+
+    def observe(self, entries: list[tuple[dict, int]], now: float) -> None:
+        for entry, revision in entries:
+            address = str(entry.get("address", ""))
+            before = self.seen.get(address)
+            if before is None:
+                self.seen[address] = (revision, float("-inf"))  # first seen: not proven alive yet
+            elif before[0] != revision:
+                self.seen[address] = (revision, now)
+
+    def alive(self, address: str, now: float) -> bool:
+        seen = self.seen.get(address)
+        return seen is not None and now - seen[1] <= LEADER_PROVEN_S
+
+
 class ReplicaRole(threading.Thread):
     """Campaigns for leadership, runs the data plane while leading (a StandbyPort
     otherwise), heartbeats this replica's entry for `nc adm replica list`, and fences:
-    a leader that cannot renew its lease stops its data plane before the lease ends."""
+    a leader that cannot renew its lease gives its data plane up before the lease ends."""
 
     def __init__(self, store: EtcdStore, config: ServerConfig, advertised: str, stop: threading.Event) -> None:
         super().__init__(name="replica-role", daemon=True)
@@ -9972,11 +10083,12 @@ class ReplicaRole(threading.Thread):
         self.advertised, self.stop = advertised, stop
         self.campaign_key = self.etcd.key("leader")
         self.campaign_value = json.dumps({"address": advertised, "port": config.port}).encode()  # what it puts there
-        self.lease = 0
-        self.renewed_at = 0.0  # monotonic time the last successful renewal was sent
+        self.lease = ReplicaLease(self.etcd, stop, self._lease_lost)
         self.network: NetworkServer | None = None
+        self.retiring: threading.Thread | None = None  # a data plane given up, its loop ending
         self.standby: StandbyPort | None = None
-        self.leader_address = ""
+        self.leader_address = ""  # what the campaign key names
+        self.sightings = LeaderSightings()
         self.became = threading.Event()  # set once the first role (leader or standby) is taken
         self._lock = threading.RLock()  # one role change at a time: the loop's or the fence's
         self.heartbeat_at = 0.0
@@ -9986,6 +10098,13 @@ class ReplicaRole(threading.Thread):
     @property
     def leading(self) -> bool:
         return self.network is not None
+
+    def named_leader(self) -> str:
+        """The leader a standby names to nodes: the campaign key's, once it proved alive."""
+        if self.leading:
+            return self.advertised
+        address = self.leader_address
+        return address if address and self.sightings.alive(address, time.monotonic()) else ""
 
     # -- its ServerRole part: what serve() asks of it ------------------------------
 
@@ -10016,117 +10135,144 @@ class ReplicaRole(threading.Thread):
         try:
             self._become_standby()
             self.became.set()
+            self.lease.start()
             self.fence_watch.start()
             while not self.stop.is_set():
-                self._renew()
-                if not self.leading and self.lease:
+                if not self.leading and self.lease.fresh():
                     self._campaign()
                 self._check_data_plane()
                 self._check_campaign_key()
                 self._heartbeat()
-                # A leader whose last renewal failed tries again at once (an etcd election is short).
-                behind = time.monotonic() - self.renewed_at > LEASE_RENEW_EVERY_S * 1.5
-                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading and not behind else LEASE_RENEW_EVERY_S / 4)
+                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading else LEASE_RENEW_EVERY_S / 4)
         finally:
-            if self.fence_watch.is_alive():
-                self.fence_watch.join(timeout=5.0)
-            if self.leading:
-                self._step_down(abandon_lease=False)
-            if self.standby is not None:
-                self.standby.stop()
-                self.standby = None
-            if self.lease:
-                self.etcd.revoke(self.lease)  # the others need not wait for the TTL
+            self._finish()
+
+    def _finish(self) -> None:
+        """Shutdown: the data plane is given up first, then the lease is revoked, so the
+        others need not wait for its TTL."""
+        if self.leading:
+            with self._lock:
+                self._step_down()
+        for thread in (self.fence_watch, self.lease):
+            if thread.is_alive():
+                thread.join(timeout=5.0)
+        if self.retiring is not None:
+            self.retiring.join(timeout=15.0)
+        if self.standby is not None:
+            self.standby.stop()
+            self.standby = None
+        if self.lease.id:
+            self.etcd.revoke(self.lease.id)
 
     def _fence_watch(self) -> None:
-        """Apart from the loop, whose etcd calls may block: the data plane stops
-        FENCE_AFTER_S after the last renewal sent, whatever the loop is waiting for."""
+        """Apart from the loop and the renewals, whose etcd calls may block: the data plane
+        is given up FENCE_AFTER_S after the last renewal, whatever anything else waits for."""
         while not self.stop.wait(0.1):
-            if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
+            if self.leading and not self.lease.fresh():
                 with self._lock:
-                    if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                        log.warning("lease not renewed for %.1f s: stopping the data plane (fencing)", FENCE_AFTER_S)
-                        self._step_down(abandon_lease=True)
+                    if self.leading and not self.lease.fresh():
+                        log.warning("lease not renewed for %.1f s: giving the data plane up (fencing)", FENCE_AFTER_S)
+                        self._step_down()
+                        self.lease.abandon()
 
-    def _renew(self) -> None:
-        sent = time.monotonic()
-        try:
-            if not self.lease:
-                self.lease = self.etcd.grant(LEADER_LEASE_TTL_S)
-                self.renewed_at = sent
-                return
-            if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9:
-                return
-            if self.etcd.keep_alive(self.lease, timeout=1.8) > 0:
-                self.renewed_at = sent
-            else:
-                log.warning("lease %x expired in etcd", self.lease)
-                with self._lock:
-                    if self.leading:
-                        self._step_down(abandon_lease=True)
-                    self.lease = 0
-        except StoreError as e:
-            log.warning("%s", e)
+    def _lease_lost(self, lease: int) -> None:
+        with self._lock:
+            if self.leading and self.lease.id == lease:
+                self._step_down()
+            self.lease.abandon(lease)
 
     def _campaign(self) -> None:
-        pb = self.etcd.pb
+        """Put the campaign key if absent. A key already there on this replica's own lease
+        is this replica's: an earlier campaign whose answer was lost went through."""
+        pb, lease = self.etcd.pb, self.lease.id
         absent = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=self.campaign_key, create_revision=0)
         get = pb.RequestOp(request_range=pb.RangeRequest(key=self.campaign_key))
         try:
             request = pb.TxnRequest(
-                compare=[absent], success=[self.etcd.put_op(self.campaign_key, self.campaign_value, self.lease)]
+                compare=[absent], success=[self.etcd.put_op(self.campaign_key, self.campaign_value, lease)]
             )
             request.failure.append(get)
-            response = self.etcd.call(self.etcd.kv.Txn, request, timeout=1.0)
+            response = self.etcd.call(self.etcd.kv.Txn, request, timeout=HA_CALL_TIMEOUT_S)
         except StoreError as e:
             log.warning("%s", e)
             return
+        revision = response.header.revision
         if not response.succeeded:
             kvs = response.responses[0].response_range.kvs
-            self.leader_address = json.loads(kvs[0].value)["address"] if kvs else ""
+            if not (kvs and kvs[0].lease == lease and kvs[0].value == self.campaign_value):
+                self.leader_address = json.loads(kvs[0].value).get("address", "") if kvs else ""
+                return
+            revision = kvs[0].create_revision
+            log.info("the campaign key is this replica's own (an earlier campaign went through)")
+        self._lead(lease, revision)
+
+    def _lead(self, lease: int, revision: int) -> None:
+        if not self.lease.fresh(lease):
+            log.warning("elected with a lease too old to lead on; revoking it and campaigning again")
+            self.lease.abandon(lease)
             return
+        self.store.lead((self.campaign_key, revision))
+        log.info("elected leader (campaign revision %d): taking the data plane", revision)
+        self._prepare_store()
         with self._lock:
-            if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                return  # won with a lease too old to lead on; the fence lets it lapse
-            self.store.lead((self.campaign_key, response.header.revision))
+            if not self.lease.fresh(lease):
+                self.store.follow()
+                self.lease.abandon(lease)
+                return
             self.leader_address = self.advertised
-            log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
             try:
                 self._become_leader()
             except NcError as e:
                 log.error("cannot take the data plane: %s; giving the leadership up", e)
-                self._step_down(abandon_lease=True)
+                self._step_down()
+                self.lease.abandon(lease)
+
+    def _prepare_store(self) -> None:
+        """The old leader's sessions are gone; the reserved node is bound. Outside the role
+        lock (etcd may be slow), and not worth a leadership when etcd cannot take it now."""
+        server_ip = str(self.config.server_overlay_ip)
+        try:
+            self.store.reset_states(STATE_CONNECTED)
+            if self.store.ensure_reserved_node(server_ip):
+                log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
+        except NotLeader:
+            pass
+        except StoreError as e:
+            log.warning("%s; the connection states are reset later", e)
 
     def _become_leader(self) -> None:
+        if self.retiring is not None:  # the last data plane's TUNs and ports are this one's
+            self.retiring.join(timeout=30.0)
+            if self.retiring.is_alive():
+                raise NcError("the previous data plane has not ended yet")
+            self.retiring = None
         if self.standby is not None:
             self.standby.stop()
             self.standby = None
-        store, server_ip = self.store, str(self.config.server_overlay_ip)
-        with contextlib.suppress(NotLeader):
-            store.reset_states(STATE_CONNECTED)  # the old leader's sessions are gone
-            if store.ensure_reserved_node(server_ip):
-                log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
         network = NetworkServer(self.config, self.control)
         network.replicas = lambda: self.replicas  # refreshed by the heartbeat: no etcd call on the packet loop
         network.start()
         self.network = network
         self.control.sessions = network
 
-    def _step_down(self, abandon_lease: bool) -> None:
+    def _step_down(self) -> None:
+        """At once, whatever the packet loop does: the addresses and the port are given up
+        first, the loop ends in the background; nothing here waits on etcd."""
         network, self.network = self.network, None
         self.store.follow()
+        self.leader_address = ""
         self.control.sessions = StandbySessions(self)
         if network is not None:
-            network.stop()
-            log.info("data plane stopped; this replica is a standby")
-        if abandon_lease:
-            self.lease = 0  # its campaign key lapses with it; campaign again on a new one
+            network.release()
+            log.info("data plane given up (addresses and port); this replica is a standby")
+            self.retiring = threading.Thread(target=network.stop, name="data-plane-stop", daemon=True)
+            self.retiring.start()
         if not self.stop.is_set():
             self._become_standby()
 
     def _become_standby(self) -> None:
         try:
-            self.standby = StandbyPort(self.config, self.control.pki, lambda: self.leader_address)
+            self.standby = StandbyPort(self.config, self.control.pki, self.named_leader)
             self.standby.start()
             self.control.sessions = StandbySessions(self)
         except OSError as e:
@@ -10144,11 +10290,11 @@ class ReplicaRole(threading.Thread):
         if not self.leading:
             return
         try:
-            kv = self.etcd.call(self.etcd.kv.Range, self.etcd.pb.RangeRequest(key=self.campaign_key), timeout=0.5)
+            request = self.etcd.pb.RangeRequest(key=self.campaign_key)
+            kvs = self.etcd.call(self.etcd.kv.Range, request, timeout=HA_CALL_TIMEOUT_S).kvs
         except StoreError:
             return
-        kvs = kv.kvs
-        if kvs and kvs[0].lease == self.lease and kvs[0].value == self.campaign_value:
+        if kvs and kvs[0].lease == self.lease.id and kvs[0].value == self.campaign_value:
             return
         found = f"lease {kvs[0].lease:x}, {loggable(kvs[0].value.decode(errors='replace'))}" if kvs else "no key"
         log.warning(
@@ -10158,10 +10304,10 @@ class ReplicaRole(threading.Thread):
         )
         with self._lock:
             if self.leading:
-                self._step_down(abandon_lease=False)
+                self._step_down()
 
     def _heartbeat(self) -> None:
-        if not self.lease or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:
+        if not self.lease.id or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:
             return
         self.heartbeat_at = time.monotonic()
         entry = {
@@ -10173,19 +10319,26 @@ class ReplicaRole(threading.Thread):
             "bootstrapPort": self.config.bootstrap_port,
         }
         key = self.etcd.key("replica", self.advertised)
-        with contextlib.suppress(StoreError):  # short timeouts: the loop renews the lease too
-            self.replicas = tuple(r["address"] for r in replica_entries(self.etcd, timeout=0.5)) or (self.advertised,)
+        with contextlib.suppress(StoreError):
+            entries = replica_entries_seen(self.etcd, timeout=HA_CALL_TIMEOUT_S)
+            self.sightings.observe(entries, time.monotonic())
+            self.replicas = tuple(entry["address"] for entry, _ in entries) or (self.advertised,)
             self.etcd.call(
                 self.etcd.kv.Put,
-                self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease),
-                timeout=0.5,
+                self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease.id),
+                timeout=HA_CALL_TIMEOUT_S,
             )
 
 
-def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dict]:
+def replica_entries_seen(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[tuple[dict, int]]:
+    """Every replica's heartbeat entry with its mod revision, by address."""
     prefix = etcd.key("replica", "")
     response = etcd.call(etcd.kv.Range, etcd.pb.RangeRequest(key=prefix, range_end=prefix_end(prefix)), timeout)
-    return sorted((json.loads(kv.value) for kv in response.kvs), key=lambda r: r["address"])
+    return sorted(((json.loads(kv.value), kv.mod_revision) for kv in response.kvs), key=lambda e: e[0]["address"])
+
+
+def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dict]:
+    return [entry for entry, _ in replica_entries_seen(etcd, timeout)]
 
 
 class StoreWatch(threading.Thread):

@@ -9,7 +9,7 @@ import signal
 
 import yaml
 from etcd_cluster import EtcdCluster
-from ha_helpers import CLUSTER_TOKEN, Replicas, sample_holders
+from ha_helpers import CLUSTER_TOKEN, Replicas, sample_holders, sample_until
 from netlab import Lab, start_client, start_server, wait_for
 
 
@@ -144,7 +144,8 @@ def test_a_leader_cut_off_from_etcd_stops_its_data_plane_before_another_takes_ov
     leader = replicas.leader()
     standby = next(name for name in replicas.servers if name != leader)
     replicas.servers[leader].host.run("ip", "link", "set", "eth0", "down")
-    samples = sample_holders(replicas, seconds=10)
+    samples = sample_until(replicas, lambda held: held == [standby], timeout=30)
+    samples += sample_holders(replicas, seconds=1)
     assert all(len(held) <= 1 for held in samples), samples
     assert [standby] in samples and samples[-1] == [standby], samples
     gap = samples.index([standby]) - max(i for i, held in enumerate(samples) if held == [leader])

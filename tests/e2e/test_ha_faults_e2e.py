@@ -1,0 +1,62 @@
+"""Replicas when etcd misbehaves, on a real three-member etcd in namespaces: a leader
+cut off from etcd (and only from etcd) gives the server overlay address up before
+another replica takes it, so no sample every 100 ms ever finds two holders."""
+
+from __future__ import annotations
+
+from ha_helpers import (
+    Replicas,
+    cut_from_etcd,
+    heal_etcd,
+    reconnect_to_etcd,
+    sample_holders,
+    sample_until,
+    slow_etcd,
+    two_holders,
+)
+from netlab import Lab, start_client, wait_for
+
+
+def test_a_leader_cut_off_from_etcd_only_is_never_a_second_holder(lab: Lab) -> None:
+    replicas = Replicas(lab, count=3)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    old = replicas.leader() or ""
+    nodes = [start_client(lab.add_host(f"n{i}"), replicas.servers[old].join_string()) for i in range(2)]
+    addresses = [node.overlay_ip() for node in nodes]
+    assert nodes[0].host.ping(addresses[1], count=3)
+
+    cut_from_etcd(replicas.servers[old].host)
+    samples = sample_until(replicas, lambda held: held not in ([], [old]), timeout=30)
+    samples += sample_holders(replicas, seconds=2)
+    assert not two_holders(samples), samples
+    new = samples[-1][0]
+    last_old = max(i for i, held in enumerate(samples) if held == [old])
+    assert samples.index([new]) > last_old + 1, "the new leader took over in the sample the old one let go"
+    log = replicas.servers[old].process.log()
+    assert "fencing" in log and "data plane given up" in log
+    assert replicas.servers[old].process.alive()
+
+    # etcd back: the fenced replica is a standby; the new leader keeps the data plane.
+    reconnect_to_etcd(replicas.servers[old].host)
+    samples = sample_holders(replicas, seconds=5)
+    assert all(held == [new] for held in samples), samples
+    for node, address in zip(nodes, addresses):
+        wait_for(lambda n=node, a=address: n.overlay_ip() == a, timeout=30, what="the node back on its address")
+    wait_for(lambda: nodes[0].host.ping(addresses[1]), timeout=30, what="node-to-node traffic on the new leader")
+
+
+def test_a_slow_etcd_never_makes_two_holders_and_one_leads_soon_after(lab: Lab) -> None:
+    """etcd answering in seconds (a slow link, large writes): renewals that time out on
+    the replica but are applied in etcd, campaigns whose answer is lost. Never two
+    holders; within 15 s of etcd being fast again exactly one replica leads, and stays."""
+    replicas = Replicas(lab, count=3)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    writer = slow_etcd(replicas, rate_kbit=1000)
+    try:
+        samples = sample_holders(replicas, seconds=30)
+    finally:
+        heal_etcd(replicas, writer)
+    samples += sample_until(replicas, lambda held: len(held) == 1, timeout=15)
+    after = sample_holders(replicas, seconds=5)
+    assert not two_holders(samples + after), samples + after
+    assert all(held == samples[-1] for held in after), after  # one leader, and it stays

@@ -1,0 +1,118 @@
+"""The replica role's election against a real etcd (one member on loopback): a campaign
+whose answer was lost is recognised as won by its own lease, a lease too old to lead on
+is revoked rather than kept alive, and a leader is named to nodes only once seen alive.
+
+The data plane is replaced by a marker: these tests make no TUN and open no port."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from etcd_member import LocalEtcd
+from waiting import wait_for
+
+import ncctl
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
+    member = LocalEtcd(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield member
+    finally:
+        member.stop()
+
+
+class Elected(ncctl.Sessions):
+    """Stands for the data plane a won campaign starts."""
+
+
+@pytest.fixture
+def role(etcd: LocalEtcd, tmp_path: Path) -> Iterator[ncctl.ReplicaRole]:
+    store = ncctl.EtcdStore(etcd.endpoint, prefix=f"/nc-test-{secrets.token_hex(4)}/")
+    config = ncctl.ServerConfig(work_dir=str(tmp_path)).resolve()
+    role = ncctl.ReplicaRole(store, config, "198.18.0.1", threading.Event())
+
+    def become_leader() -> None:
+        role.network = Elected()  # type: ignore[assignment]
+
+    role._become_leader = become_leader  # type: ignore[method-assign]
+    try:
+        yield role
+    finally:
+        store.close()
+
+
+def own_lease(role: ncctl.ReplicaRole, renewed_ago: float = 0.0) -> int:
+    lease = role.etcd.grant(ncctl.LEADER_LEASE_TTL_S)
+    role.lease.id, role.lease.renewed_at = lease, time.monotonic() - renewed_ago
+    return lease
+
+
+def put_campaign_key(role: ncctl.ReplicaRole, value: bytes, lease: int) -> int:
+    """What an earlier campaign's Txn did in etcd though its answer never came back."""
+    role.etcd.txn([], [role.etcd.put_op(role.campaign_key, value, lease)])
+    return role.etcd.get(role.campaign_key).create_revision
+
+
+def test_a_campaign_applied_but_unanswered_is_won_by_its_own_lease(role: ncctl.ReplicaRole) -> None:
+    lease = own_lease(role)
+    revision = put_campaign_key(role, role.campaign_value, lease)
+    role._campaign()
+    assert role.leading and role.leader_address == "198.18.0.1"
+    assert role.store._fence == (role.campaign_key, revision)  # leader-only writes fenced on that key
+
+
+def test_a_campaign_key_on_another_lease_is_the_other_leader(role: ncctl.ReplicaRole) -> None:
+    own_lease(role)
+    other = role.etcd.grant(ncctl.LEADER_LEASE_TTL_S)
+    put_campaign_key(role, b'{"address": "198.18.0.2", "port": 6441}', other)
+    role._campaign()
+    assert not role.leading and role.leader_address == "198.18.0.2"
+    # The same address under this replica's value but another lease (an earlier run) is not its own.
+    role.etcd.txn([], [role.etcd.delete_op(role.campaign_key)])
+    put_campaign_key(role, role.campaign_value, other)
+    role._campaign()
+    assert not role.leading
+
+
+def test_a_lease_too_old_to_lead_on_is_revoked_and_its_key_goes(role: ncctl.ReplicaRole) -> None:
+    lease = own_lease(role, renewed_ago=ncctl.FENCE_AFTER_S + 1)
+    role._campaign()  # wins the key, but will not lead on this lease
+    assert not role.leading and role.lease.id == 0
+    wait_for(lambda: role.etcd.get(role.campaign_key) is None, timeout=5, what="the revoked lease's key to go")
+    assert role.etcd.keep_alive(lease, timeout=3.0) == 0  # gone in etcd, not kept alive
+    own_lease(role)
+    role._campaign()  # a fresh lease wins at once: nothing stale is left in the way
+    assert role.leading
+
+
+def test_the_lease_renews_apart_and_abandoning_it_revokes_it(role: ncctl.ReplicaRole) -> None:
+    assert role.lease.renew() and role.lease.id and role.lease.fresh()  # granted
+    lease = role.lease.id
+    role.lease.renewed_at -= 3.0
+    assert role.lease.renew() and time.monotonic() - role.lease.renewed_at < 1.0  # renewed
+    role.lease.abandon(lease + 1)  # not this lease: kept
+    assert role.lease.id == lease
+    role.lease.abandon()
+    assert role.lease.id == 0 and not role.lease.fresh()
+    wait_for(lambda: role.etcd.keep_alive(lease, timeout=3.0) == 0, timeout=5, what="the lease revoked")
+
+
+def test_a_leader_is_named_only_while_its_heartbeat_is_seen_changing() -> None:
+    sightings = ncctl.LeaderSightings()
+    entry = {"address": "198.18.0.2"}
+    sightings.observe([(entry, 10)], now=100.0)
+    assert not sightings.alive("198.18.0.2", 100.0)  # a key seen once may be a mute leader's
+    sightings.observe([(entry, 10)], now=101.0)
+    assert not sightings.alive("198.18.0.2", 101.0)
+    sightings.observe([(entry, 12)], now=102.0)
+    assert sightings.alive("198.18.0.2", 102.0)
+    assert sightings.alive("198.18.0.2", 102.0 + ncctl.LEADER_PROVEN_S)
+    assert not sightings.alive("198.18.0.2", 102.1 + ncctl.LEADER_PROVEN_S)  # went mute
+    assert not sightings.alive("198.18.0.9", 102.0)

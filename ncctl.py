@@ -2413,6 +2413,7 @@ class Etcd:
         from proto import etcd_pb2, etcd_pb2_grpc
 
         self.grpc, self.pb, self.endpoints, self.prefix = grpc, etcd_pb2, endpoints, prefix.encode()
+        self.pb_grpc = etcd_pb2_grpc
         tls = tls or EtcdTls()
         target, secure, name = etcd_target(endpoints)
         options = [
@@ -2433,15 +2434,41 @@ class Etcd:
             except OSError as e:
                 raise ConfigError(os_error_line(e, "fix datastoreCAFile/CertFile/KeyFile")) from None
             creds = grpc.ssl_channel_credentials(ca, key, cert)
-            self.channel = grpc.secure_channel(target, creds, [*options, ("grpc.ssl_target_name_override", name)])
+            secure_options = [*options, ("grpc.ssl_target_name_override", name)]
+            self.open_channel: Callable[[str], Any] = lambda t: grpc.secure_channel(t, creds, secure_options)
         else:
-            self.channel = grpc.insecure_channel(target, options)
+            self.open_channel = lambda t: grpc.insecure_channel(t, options)
+        self.channel = self.open_channel(target)
         self.kv = etcd_pb2_grpc.KVStub(self.channel)
         self.watch_stub = etcd_pb2_grpc.WatchStub(self.channel)
         self.lease_stub = etcd_pb2_grpc.LeaseStub(self.channel)
+        self.members = target.removeprefix("ipv4:").split(",")
+        self._member_stubs: dict[str, tuple[Any, Any]] = {}  # a channel and stub per member, for member_state()
 
     def close(self) -> None:
         self.channel.close()
+        for channel, _ in self._member_stubs.values():
+            channel.close()
+
+    def member_state(self, address: str, timeout: float) -> str:
+        """One member's own word, asked directly (not round robin): "led" (it has a raft
+        leader), "leaderless", "down" (its host refuses the connection: nothing listens)
+        or "silent" (no answer: dead link, partition, overload; it may be in a quorum)."""
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except ConnectionRefusedError:
+            return "down"
+        except OSError:
+            return "silent"
+        if address not in self._member_stubs:
+            channel = self.open_channel(f"ipv4:{address}")
+            self._member_stubs[address] = (channel, self.pb_grpc.MaintenanceStub(channel))
+        try:
+            status = self._member_stubs[address][1].Status(self.pb.StatusRequest(), timeout=timeout)
+        except self.grpc.RpcError:
+            return "silent"
+        return "led" if status.leader else "leaderless"
 
     def key(self, *parts: str) -> bytes:
         return self.prefix + "/".join(parts).encode()
@@ -9935,6 +9962,15 @@ LEADER_PROVEN_S = 5.0  # a leader is named to nodes while its heartbeat was seen
 HA_CALL_TIMEOUT_S = 3.0  # the role's own etcd calls (campaign, key check, heartbeat)
 
 
+QUORUM_PROBE_EVERY_S = 0.5  # how often a leader whose renewals fail asks the etcd members
+
+
+# A "no quorum" found at time P counts as a renewal sent at P: whenever etcd gets a quorum
+# back it elects a raft leader, which gives every lease its whole TTL again, so no other
+# replica can win before P + LEADER_LEASE_TTL_S. The leader keeps its renew deadline from P.
+QUORUM_PROOF_S = FENCE_AFTER_S
+
+
 REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
 
 
@@ -10048,6 +10084,43 @@ class ReplicaLease(threading.Thread):
         threading.Thread(target=self.etcd.revoke, args=(lease,), name="lease-revoke", daemon=True).start()
 
 
+class QuorumProbe(threading.Thread):
+    """While the leader's renewals fail, asks each etcd member directly whether it has a
+    raft leader. A majority down (refusing connections) or leaderless means etcd has no
+    quorum: no lease is granted or renewed anywhere, so no other replica can be elected,
+    and the leader may keep its data plane through the outage. A member that does not
+    answer (a partition, a dead link) proves nothing: then the fence goes ahead."""
+
+    def __init__(self, etcd: Etcd, stop: threading.Event, wanted: Callable[[], bool]) -> None:
+        super().__init__(name="quorum-probe", daemon=True)
+        self.etcd, self.stop, self.wanted = etcd, stop, wanted
+        self.proved_at = float("-inf")  # when the last probe that found no quorum began
+
+    def run(self) -> None:
+        while not self.stop.wait(QUORUM_PROBE_EVERY_S):
+            if self.wanted():
+                began = time.monotonic()
+                if self.quorum_lost():
+                    self.proved_at = began
+
+    def quorum_lost(self) -> bool:
+        states: dict[str, str] = {}
+
+        def ask(address: str) -> None:
+            states[address] = self.etcd.member_state(address, timeout=QUORUM_PROBE_EVERY_S)
+
+        askers = [threading.Thread(target=ask, args=(a,), daemon=True) for a in self.etcd.members]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join(timeout=QUORUM_PROBE_EVERY_S * 2)
+        without = sum(1 for state in states.values() if state in ("down", "leaderless"))
+        return without >= len(self.etcd.members) // 2 + 1 and "led" not in states.values()
+
+    def proves_no_quorum(self) -> bool:
+        return time.monotonic() - self.proved_at <= QUORUM_PROOF_S
+
+
 class LeaderSightings:
     """What a replica saw of the others' heartbeat entries: a leader is named to nodes
     only while its entry is seen changing. A mute leader's campaign key outlives it by
@@ -10093,6 +10166,9 @@ class ReplicaRole(threading.Thread):
         self._lock = threading.RLock()  # one role change at a time: the loop's or the fence's
         self.heartbeat_at = 0.0
         self.fence_watch = threading.Thread(target=self._fence_watch, name="replica-fence", daemon=True)
+        # From 3 s before the fence, a leader whose renewals fail asks etcd's members why.
+        wanted = lambda: self.leading and not self.lease.fresh(within=FENCE_AFTER_S - 3.0)  # noqa: E731
+        self.quorum = QuorumProbe(self.etcd, stop, wanted)
         self.replicas: tuple[str, ...] = (advertised,)
 
     @property
@@ -10136,6 +10212,7 @@ class ReplicaRole(threading.Thread):
             self._become_standby()
             self.became.set()
             self.lease.start()
+            self.quorum.start()
             self.fence_watch.start()
             while not self.stop.is_set():
                 if not self.leading and self.lease.fresh():
@@ -10166,14 +10243,25 @@ class ReplicaRole(threading.Thread):
 
     def _fence_watch(self) -> None:
         """Apart from the loop and the renewals, whose etcd calls may block: the data plane
-        is given up FENCE_AFTER_S after the last renewal, whatever anything else waits for."""
+        is given up FENCE_AFTER_S after the last renewal, whatever anything else waits for,
+        unless etcd is proved to have no quorum (then nobody else can be elected)."""
+        riding = False
         while not self.stop.wait(0.1):
-            if self.leading and not self.lease.fresh():
-                with self._lock:
-                    if self.leading and not self.lease.fresh():
-                        log.warning("lease not renewed for %.1f s: giving the data plane up (fencing)", FENCE_AFTER_S)
-                        self._step_down()
-                        self.lease.abandon()
+            if not (self.leading and not self.lease.fresh()):
+                if riding and self.leading:
+                    log.warning("etcd answers again; this replica kept the data plane through the outage")
+                riding = False
+                continue
+            if self.quorum.proves_no_quorum():
+                if not riding:
+                    log.warning("etcd has no quorum: no replica can be elected, so the data plane stays up")
+                riding = True
+                continue
+            with self._lock:
+                if self.leading and not self.lease.fresh():
+                    log.warning("lease not renewed for %.1f s: giving the data plane up (fencing)", FENCE_AFTER_S)
+                    self._step_down()
+                    self.lease.abandon()
 
     def _lease_lost(self, lease: int) -> None:
         with self._lock:
@@ -11154,14 +11242,20 @@ def adm_ca_status(args: argparse.Namespace) -> int:
 
 
 def adm_health(args: argparse.Namespace) -> int:
+    """Readiness (the default, --ready): every port answers, the control port through the
+    admin identity the store confirms, so a replica that cannot reach etcd is not ready.
+    Liveness (--live): the process works (the bootstrap port and the data port answer,
+    the data plane or the standby's port runs) without asking the store: an etcd outage
+    makes no replica look dead to a probe that would restart it."""
     _, pb, pb_grpc = grpc_modules()
     target = admin_target(args)
     results: dict[str, str] = {}
     with AdminClient(target) as client:
-        try:
-            results["control"] = check_code(client.control("HealthCheck", pb.HealthCheckRequest())).code
-        except NcError as e:
-            results["control"] = str(e)
+        if not args.live:
+            try:
+                results["control"] = check_code(client.control("HealthCheck", pb.HealthCheckRequest())).code
+            except NcError as e:
+                results["control"] = str(e)
         try:
             with secure_channel(target.bootstrap_address, client.ca) as channel:
                 response = call(
@@ -11181,8 +11275,11 @@ def adm_health(args: argparse.Namespace) -> int:
         "bootstrap": target.bootstrap_address,
         "data": host_port(*target.data_address),
     }
+    live = all(results[k] == CODE_OK for k in ("bootstrap", "data"))
     document = {
         "healthy": healthy,
+        "live": live,
+        **({} if args.live else {"ready": healthy}),
         **{k: {"address": addresses[k], "ok": v == CODE_OK, "detail": v} for k, v in results.items()},
     }
     lines = [f"{name:9} {addresses[name]:21} {'ok' if v == CODE_OK else 'FAILED: ' + v}" for name, v in results.items()]
@@ -11635,9 +11732,13 @@ def add_adm_node_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> Non
 
 def add_adm_server_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
     """The server itself: health, its CAs, its store (backup, restore, migrate) and replicas."""
-    adm_cmds.add_parser(
+    health = adm_cmds.add_parser(
         "health", aliases=["check-health"], parents=[output], help="check both gRPC ports and the data port"
-    ).set_defaults(func=adm_health)
+    )
+    probe = health.add_mutually_exclusive_group()
+    probe.add_argument("--ready", action="store_true", help="can it take joins: every port, the store too (default)")
+    probe.add_argument("--live", action="store_true", help="does the process work: no store asked (liveness probes)")
+    health.set_defaults(func=adm_health)
     ca = adm_cmds.add_parser("ca", help="certificate authorities: status")
     ca_cmds = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
     ca_cmds.add_parser(

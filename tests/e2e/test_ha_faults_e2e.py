@@ -4,14 +4,18 @@ another replica takes it, so no sample every 100 ms ever finds two holders."""
 
 from __future__ import annotations
 
+import time
+
 from ha_helpers import (
     Replicas,
     cut_from_etcd,
     heal_etcd,
+    ping_loss,
     reconnect_to_etcd,
     sample_holders,
     sample_until,
     slow_etcd,
+    start_pings,
     two_holders,
 )
 from netlab import Lab, start_client, wait_for
@@ -60,3 +64,46 @@ def test_a_slow_etcd_never_makes_two_holders_and_one_leads_soon_after(lab: Lab) 
     after = sample_holders(replicas, seconds=5)
     assert not two_holders(samples + after), samples + after
     assert all(held == samples[-1] for held in after), after  # one leader, and it stays
+
+
+def test_node_traffic_flows_through_an_etcd_quorum_loss(lab: Lab) -> None:
+    """Two of three etcd members killed for 25 s: no replica can be elected, so the
+    leader keeps its data plane and node-to-node traffic goes on (no re-join, same
+    addresses). Meanwhile every replica is live but not ready, and a join fails with
+    one line; with the quorum back the same leader goes on."""
+    replicas = Replicas(lab, count=3)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.leader()
+    join = replicas.servers[leader].join_string()
+    nodes = [start_client(lab.add_host(f"n{i}"), join) for i in range(2)]
+    addresses = [node.overlay_ip() for node in nodes]
+    assert nodes[0].host.ping(addresses[1], count=3)
+
+    pings = start_pings(nodes[0].host, addresses[1], seconds=40)
+    time.sleep(5)  # traffic flowing before the outage
+    killed = [h for h in replicas.hosts if h.name != leader]  # the leader's own member is the one left
+    for host in killed:
+        replicas.etcd.kill(host)
+    outage = time.monotonic()
+    wait_for(
+        lambda: "etcd has no quorum" in replicas.servers[leader].process.log(), timeout=20, what="the leader to ride it"
+    )
+    for server in replicas.servers.values():
+        assert server.adm("health", "--live", check=False).returncode == 0, server.host.name
+        ready = server.adm("health", "--ready", check=False)
+        assert ready.returncode != 0
+    late = lab.add_host("late")
+    refused = late.nc("adm", "join", join, "--work-dir", str(lab.dir / "late"), check=False, timeout=120)
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert refused.returncode != 0 and len(lines) == 1 and lines[0].startswith("nc: error: "), refused.stderr
+    time.sleep(max(0.0, 25 - (time.monotonic() - outage)))
+    for host in killed:
+        replicas.etcd.restart(host)
+    pings.popen.wait(timeout=60)
+    sent, lost = ping_loss(pings)
+    assert lost <= sent * 0.10, f"{lost} of {sent} pings lost through a 25 s quorum loss"
+    assert replicas.holders() == [leader]
+    for node, address in zip(nodes, addresses):
+        assert node.overlay_ip() == address
+        assert "disconnected" not in node.process.log()
+    assert "fencing" not in replicas.servers[leader].process.log()

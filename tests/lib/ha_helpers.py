@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -99,3 +100,17 @@ def heal_etcd(replicas: Replicas, writer: Process) -> None:
     writer.stop(signal.SIGKILL)
     for host in replicas.hosts:
         host.run("tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+
+
+def start_pings(source: Host, target: str, seconds: float, interval: float = 0.1) -> Process:
+    """ping every interval for seconds, in the background; ping_loss() reads the result."""
+    count = str(int(seconds / interval))
+    return source.spawn("ping", "-n", "-q", "-i", str(interval), "-W", "1", "-c", count, target, name="pings")
+
+
+def ping_loss(pings: Process) -> tuple[int, int]:
+    """(sent, lost) of a finished start_pings()."""
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", pings.log())
+    assert match, pings.log()
+    sent, received = int(match.group(1)), int(match.group(2))
+    return sent, sent - received

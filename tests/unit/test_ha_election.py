@@ -7,13 +7,14 @@ The data plane is replaced by a marker: these tests make no TUN and open no port
 from __future__ import annotations
 
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from etcd_member import LocalEtcd
+from etcd_member import LocalEtcd, free_port
 from waiting import wait_for
 
 import ncctl
@@ -116,3 +117,32 @@ def test_a_leader_is_named_only_while_its_heartbeat_is_seen_changing() -> None:
     assert sightings.alive("198.18.0.2", 102.0 + ncctl.LEADER_PROVEN_S)
     assert not sightings.alive("198.18.0.2", 102.1 + ncctl.LEADER_PROVEN_S)  # went mute
     assert not sightings.alive("198.18.0.9", 102.0)
+
+
+def test_etcd_members_are_asked_one_by_one_whether_they_have_a_leader(etcd: LocalEtcd) -> None:
+    """A live member with a leader, a port nobody listens on, a port that takes the
+    connection and never answers: "led", "down" (no quorum there) and "silent" (proves
+    nothing: a partitioned member may be in the quorum)."""
+    closed = f"127.0.0.1:{free_port()}"
+    mute_socket = socket.create_server(("127.0.0.1", 0))
+    mute = f"127.0.0.1:{mute_socket.getsockname()[1]}"
+    client = ncctl.Etcd(f"{etcd.endpoint},http://{closed},http://{mute}")
+    try:
+        live = etcd.endpoint.removeprefix("http://")
+        assert client.members == [live, closed, mute]
+        assert client.member_state(live, timeout=2.0) == "led"
+        assert client.member_state(closed, timeout=2.0) == "down"
+        assert client.member_state(mute, timeout=0.3) == "silent"
+        probe = ncctl.QuorumProbe(client, threading.Event(), lambda: True)
+        assert not probe.quorum_lost()  # one led member: a quorum may be elsewhere
+    finally:
+        client.close()
+        mute_socket.close()
+    down = ncctl.Etcd(f"http://{closed},http://127.0.0.1:{free_port()}")
+    try:
+        probe = ncctl.QuorumProbe(down, threading.Event(), lambda: True)
+        assert probe.quorum_lost() and not probe.proves_no_quorum()
+        probe.proved_at = time.monotonic()
+        assert probe.proves_no_quorum()
+    finally:
+        down.close()

@@ -928,6 +928,73 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+FD_RESERVE_DATA = 64  # descriptors a new data-plane connection must leave free (gRPC, nc adm, store, logs)
+
+
+FD_RESERVE_GRPC = 16  # and a new gRPC connection (three descriptors each, through the guard)
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close at once, with a reset: no FIN_WAIT lingers, the peer knows at once."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class FdBudget:
+    """Accepts that keep a reserve of file descriptors. A connection whose descriptor
+    falls in the reserve is refused at once (a reset), so the process never runs out:
+    `nc adm`, the store and the logs get theirs, and no peer waits in a backlog. Out of
+    descriptors anyway (another part took them), a spare one makes room to accept the
+    connection and refuse it. The limit is read at every accept (prlimit changes it
+    under a running process)."""
+
+    def __init__(self, reserve: int) -> None:
+        self.reserve = reserve
+        self.spare = self._open_spare()
+        self.refused = 0
+
+    @staticmethod
+    def _open_spare() -> int:
+        try:
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def ceiling(self) -> int:
+        """The lowest descriptor a new connection may not have (one cheap syscall)."""
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - self.reserve
+
+    def accept(self, listener: socket.socket) -> tuple[socket.socket, Any] | None:
+        """listener.accept(), or None for a connection refused for descriptors (counted).
+        BlockingIOError when none is waiting; other OSErrors as accept() raises them."""
+        try:
+            sock, address = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or self.spare < 0:
+                raise
+            os.close(self.spare)
+            try:
+                sock, _ = listener.accept()
+                reset_close(sock)
+            finally:
+                self.spare = self._open_spare()
+            self.refused += 1
+            return None
+        if sock.fileno() >= self.ceiling():
+            reset_close(sock)
+            self.refused += 1
+            return None
+        return sock, address
+
+    def close(self) -> None:
+        if self.spare >= 0:
+            os.close(self.spare)
+            self.spare = -1
+
+
 MALLINFO2_FIELDS = (
     "arena",
     "ordblks",
@@ -6970,6 +7037,7 @@ class Handshaker(threading.Thread):
         self.epoll = select.epoll()
         self.paused_until = 0.0  # accept() ran out of file descriptors; try again then
         self.observe: Callable[[float], None] = lambda _seconds: None  # a finished handshake's duration
+        self.fds = FdBudget(FD_RESERVE_DATA)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -6978,6 +7046,7 @@ class Handshaker(threading.Thread):
         for pending in list(self.pending.values()):
             self._drop(pending)
         self.epoll.close()
+        self.fds.close()
 
     def run(self) -> None:
         listener = self.listener.fileno()
@@ -7001,14 +7070,23 @@ class Handshaker(threading.Thread):
     def _accept(self) -> None:
         for _ in range(64):
             try:
-                sock, address = self.listener.accept()
+                accepted = self.fds.accept(self.listener)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and friends: pause accepting for a second, keep serving
+            except OSError as e:  # EMFILE and no spare: pause accepting for a second, keep serving
                 self.note("accept", "accept failed: %s; pausing new connections", e.strerror)
                 self.epoll.modify(self.listener.fileno(), 0)
                 self.paused_until = time.monotonic() + 1.0
                 return
+            if accepted is None:
+                self.counters["refused-fds"] += 1
+                self.note(
+                    "fds",
+                    "out of file descriptors (%d kept free for nc adm and the store): refusing new connections",
+                    self.fds.reserve,
+                )
+                continue
+            sock, address = accepted
             peer = unmapped(address[0])
             source = self.slots.key(peer)
             refusal = self.slots.take(source)
@@ -9364,6 +9442,7 @@ class GrpcGuard(threading.Thread):
         self.note = RateLimitedLog()
         self.paused_until = 0.0  # accept() ran out of file descriptors; listen again then
         self.refused = 0  # connections reset for a per-address or per-port limit (metrics)
+        self.fds = FdBudget(FD_RESERVE_GRPC)
 
     def listen(self, port: int, name: str, cap: int, field: str) -> GuardedPort:
         try:
@@ -9383,6 +9462,7 @@ class GrpcGuard(threading.Thread):
         for port in self.ports.values():
             port.listener.close()
         self.epoll.close()
+        self.fds.close()
 
     def run(self) -> None:
         for fd in self.ports:
@@ -9409,15 +9489,22 @@ class GrpcGuard(threading.Thread):
     def _accept(self, port: GuardedPort) -> None:
         for _ in range(64):
             try:
-                sock, address = port.listener.accept()
+                accepted = self.fds.accept(port.listener)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of file descriptors: stop listening for a second (epoll would spin)
+            except OSError as e:  # out of file descriptors, no spare: stop listening for a second (epoll would spin)
                 self.note("accept:" + port.name, "gRPC %s port: accept failed: %s; pausing", port.name, e.strerror)
                 for fd in self.ports:
                     self.epoll.modify(fd, 0)
                 self.paused_until = time.monotonic() + 1.0
                 return
+            if accepted is None:
+                self.refused += 1
+                self.note(
+                    "fds:" + port.name, "gRPC %s port: out of file descriptors; refusing new connections", port.name
+                )
+                continue
+            sock, address = accepted
             peer = unmapped(address[0])
             source = port.slots.key(peer)
             refusal = port.slots.take(source, unlimited=ipaddress.ip_address(peer).is_loopback)
@@ -11269,17 +11356,18 @@ def adm_health(args: argparse.Namespace) -> int:
         except NcError as e:
             results["bootstrap"] = str(e)
     results["data"] = probe_data_port(target.data_address)
-    healthy = all(v == CODE_OK for v in results.values())
+    ready = all(v == CODE_OK for v in results.values())
+    live = results["bootstrap"] == CODE_OK and results["data"] in (CODE_OK, DATA_PORT_REFUSING)
+    healthy = live if args.live else ready
     addresses = {
         "control": target.address,
         "bootstrap": target.bootstrap_address,
         "data": host_port(*target.data_address),
     }
-    live = all(results[k] == CODE_OK for k in ("bootstrap", "data"))
     document = {
         "healthy": healthy,
         "live": live,
-        **({} if args.live else {"ready": healthy}),
+        **({} if args.live else {"ready": ready}),
         **{k: {"address": addresses[k], "ok": v == CODE_OK, "detail": v} for k, v in results.items()},
     }
     lines = [f"{name:9} {addresses[name]:21} {'ok' if v == CODE_OK else 'FAILED: ' + v}" for name, v in results.items()]
@@ -11287,12 +11375,18 @@ def adm_health(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+DATA_PORT_REFUSING = "the data port resets new connections (out of file descriptors, or flooded); see the server log"
+
+
 def probe_data_port(address: tuple[str, int]) -> str:
     """The data port accepts connections (its TLS needs a node's certificate, which the
-    admin has not; whether the packet loop turns, the control HealthCheck says)."""
+    admin has not; whether the packet loop turns, the control HealthCheck says). One
+    that resets them is alive but full: not ready, still live."""
     try:
         with socket.create_connection(address, timeout=RPC_TIMEOUT_S):
             return CODE_OK
+    except ConnectionResetError:
+        return DATA_PORT_REFUSING
     except OSError as e:
         return f"cannot connect to the data port {host_port(*address)}: {e.strerror or e}"
 

@@ -30,7 +30,7 @@ def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
 
     replicas.servers[leader].process.stop(signal.SIGKILL)
     samples = sample_holders(replicas, seconds=0.5)
-    wait_for(lambda: replicas.leader() == standby, timeout=20, what="the standby to take over")
+    wait_for(lambda: replicas.leader() == standby, timeout=30, what="the standby to take over")
     samples += sample_holders(replicas, seconds=0.5)
     assert all(len(held) <= 1 for held in samples), samples
     for node, address in zip(nodes, addresses):

@@ -96,6 +96,9 @@ def test_node_traffic_flows_through_an_etcd_quorum_loss(lab: Lab) -> None:
     refused = late.nc("adm", "join", join, "--work-dir", str(lab.dir / "late"), check=False, timeout=120)
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode != 0 and len(lines) == 1 and lines[0].startswith("nc: error: "), refused.stderr
+    write = replicas.servers[leader].adm("token", "create", check=False)  # an admin write
+    lines = [line for line in write.stderr.splitlines() if line.strip()]
+    assert write.returncode != 0 and len(lines) == 1 and lines[0].startswith("nc: error: "), write.stderr
     time.sleep(max(0.0, 25 - (time.monotonic() - outage)))
     for host in killed:
         replicas.etcd.restart(host)

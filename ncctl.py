@@ -10171,23 +10171,129 @@ class ReplicaLease(threading.Thread):
         threading.Thread(target=self.etcd.revoke, args=(lease,), name="lease-revoke", daemon=True).start()
 
 
+WITNESS_MAGIC = b"ncw1"
+
+
+WITNESS_HOLDOFF_S = 2.0  # a replica that told a leader "no etcd here" campaigns only this much later
+
+
+WITNESS_REACH_S = 2.5  # "etcd here": a renewal went through this recently (one a second is sent)
+
+
+def witness_key(cluster_token: str) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"litekube-nc", info=b"nc replica witness v1").derive(
+        cluster_token.encode()
+    )
+
+
+def witness_mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()[:16]
+
+
+class ReplicaWitness(threading.Thread):
+    """A replica's answer to a leader whose renewals fail, "do you reach etcd?", on UDP
+    at the bootstrap port's number (UDP there has no other use), both ways authenticated
+    with a key derived from the clusterToken. A replica that answered "no" campaigns
+    only WITNESS_HOLDOFF_S later, so a leader riding out an outage on its "no" hears
+    "yes" (it asks every 0.5 s) before that replica could lead."""
+
+    def __init__(self, port: int, key: bytes, reaches: Callable[[], bool], stop: threading.Event) -> None:
+        super().__init__(name="replica-witness", daemon=True)
+        self.port, self.key, self.reaches, self.stop = port, key, reaches, stop
+        self.said_no_at = float("-inf")
+
+    def run(self) -> None:
+        try:
+            sock = bound_any(socket.SOCK_DGRAM, self.port)
+        except OSError as e:
+            log.warning(
+                "cannot listen on UDP :%d (%s): no leader can ask this replica about etcd", self.port, e.strerror
+            )
+            return
+        with sock:
+            sock.settimeout(0.5)
+            while not self.stop.is_set():
+                try:
+                    data, peer = sock.recvfrom(64)
+                except (TimeoutError, socket.timeout, OSError):
+                    continue
+                if len(data) != 36 or not data.startswith(WITNESS_MAGIC):
+                    continue
+                if not hmac.compare_digest(data[20:], witness_mac(self.key, data[:20])):
+                    continue
+                reaches = self.reaches()
+                if not reaches:
+                    self.said_no_at = time.monotonic()
+                body = data[:20] + bytes([reaches])
+                with contextlib.suppress(OSError):
+                    sock.sendto(body + witness_mac(self.key, body), peer)
+
+    def holding_off(self) -> bool:
+        return time.monotonic() - self.said_no_at < WITNESS_HOLDOFF_S
+
+
+def ask_witnesses(key: bytes, peers: list[str], port: int, timeout: float) -> dict[str, bool]:
+    """Each peer replica's answer (True: it reaches etcd); a peer that did not answer in
+    time is missing."""
+    answers: dict[str, bool] = {}
+    asks: dict[socket.socket, tuple[str, bytes]] = {}
+    try:
+        for peer in peers:
+            nonce = WITNESS_MAGIC + secrets.token_bytes(16)
+            with contextlib.suppress(OSError):
+                family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                asks[sock] = (peer, nonce)
+                sock.sendto(nonce + witness_mac(key, nonce), (peer, port))
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(asks) and (left := deadline - time.monotonic()) > 0:
+            for sock in select.select(list(asks), [], [], left)[0]:
+                peer, nonce = asks[sock]
+                with contextlib.suppress(OSError):
+                    data = sock.recv(64)
+                    if (
+                        len(data) == 37
+                        and data[:20] == nonce
+                        and hmac.compare_digest(data[21:], witness_mac(key, data[:21]))
+                    ):
+                        answers[peer] = bool(data[20])
+    finally:
+        for sock in asks:
+            sock.close()
+    return answers
+
+
+def no_quorum(answers: list[str], members: int) -> bool:
+    """The members' answers (Etcd.member_state) prove etcd has no quorum: a majority down
+    or leaderless, at least one saying so itself ("down" alone may be a firewall's
+    reject), and none led."""
+    without = sum(1 for state in answers if state in ("down", "leaderless"))
+    return without >= members // 2 + 1 and "leaderless" in answers and "led" not in answers
+
+
 class QuorumProbe(threading.Thread):
     """While the leader's renewals fail, asks each etcd member directly whether it has a
-    raft leader. A majority down (refusing connections) or leaderless means etcd has no
-    quorum: no lease is granted or renewed anywhere, so no other replica can be elected,
-    and the leader may keep its data plane through the outage. A member that does not
-    answer (a partition, a dead link) proves nothing: then the fence goes ahead."""
+    raft leader. A majority down (refusing connections) or leaderless, one of them saying
+    so itself, means etcd has no quorum: no lease is granted or renewed anywhere, so no
+    other replica can be elected, and the leader may keep its data plane through the
+    outage. A member that does not answer (a partition, a dead link) proves nothing, nor
+    do refusals alone (a firewall's reject looks the same): then the fence goes ahead."""
 
-    def __init__(self, etcd: Etcd, stop: threading.Event, wanted: Callable[[], bool]) -> None:
+    def __init__(
+        self, etcd: Etcd, stop: threading.Event, wanted: Callable[[], bool], peers_agree: Callable[[], bool]
+    ) -> None:
         super().__init__(name="quorum-probe", daemon=True)
-        self.etcd, self.stop, self.wanted = etcd, stop, wanted
+        self.etcd, self.stop, self.wanted, self.peers_agree = etcd, stop, wanted, peers_agree
         self.proved_at = float("-inf")  # when the last probe that found no quorum began
 
     def run(self) -> None:
         while not self.stop.wait(QUORUM_PROBE_EVERY_S):
             if self.wanted():
                 began = time.monotonic()
-                if self.quorum_lost():
+                if self.quorum_lost() and self.peers_agree():
                     self.proved_at = began
 
     def quorum_lost(self) -> bool:
@@ -10201,8 +10307,7 @@ class QuorumProbe(threading.Thread):
             asker.start()
         for asker in askers:
             asker.join(timeout=QUORUM_PROBE_EVERY_S * 2)
-        without = sum(1 for state in states.values() if state in ("down", "leaderless"))
-        return without >= len(self.etcd.members) // 2 + 1 and "led" not in states.values()
+        return no_quorum(list(states.values()), len(self.etcd.members))
 
     def proves_no_quorum(self) -> bool:
         return time.monotonic() - self.proved_at <= QUORUM_PROOF_S
@@ -10255,7 +10360,10 @@ class ReplicaRole(threading.Thread):
         self.fence_watch = threading.Thread(target=self._fence_watch, name="replica-fence", daemon=True)
         # From 3 s before the fence, a leader whose renewals fail asks etcd's members why.
         wanted = lambda: self.leading and not self.lease.fresh(within=FENCE_AFTER_S - 3.0)  # noqa: E731
-        self.quorum = QuorumProbe(self.etcd, stop, wanted)
+        self.quorum = QuorumProbe(self.etcd, stop, wanted, self._peers_reach_no_etcd)
+        self.witness_key = witness_key(config.cluster_token)
+        reaches = lambda: self.lease.fresh(within=WITNESS_REACH_S)  # noqa: E731
+        self.witness = ReplicaWitness(config.bootstrap_port, self.witness_key, reaches, stop)
         self.replicas: tuple[str, ...] = (advertised,)
 
     @property
@@ -10299,10 +10407,11 @@ class ReplicaRole(threading.Thread):
             self._become_standby()
             self.became.set()
             self.lease.start()
+            self.witness.start()
             self.quorum.start()
             self.fence_watch.start()
             while not self.stop.is_set():
-                if not self.leading and self.lease.fresh():
+                if not self.leading and self.lease.fresh() and not self.witness.holding_off():
                     self._campaign()
                 self._check_data_plane()
                 self._check_campaign_key()
@@ -10349,6 +10458,13 @@ class ReplicaRole(threading.Thread):
                     log.warning("lease not renewed for %.1f s: giving the data plane up (fencing)", FENCE_AFTER_S)
                     self._step_down()
                     self.lease.abandon()
+
+    def _peers_reach_no_etcd(self) -> bool:
+        """Every other replica this one knows answered, and none reaches etcd: none can be
+        elected (a partition that lets one reach a quorum makes it answer "yes")."""
+        peers = [address for address in self.replicas if address != self.advertised]
+        answers = ask_witnesses(self.witness_key, peers, self.config.bootstrap_port, timeout=QUORUM_PROBE_EVERY_S)
+        return len(answers) == len(peers) and not any(answers.values())
 
     def _lease_lost(self, lease: int) -> None:
         with self._lock:

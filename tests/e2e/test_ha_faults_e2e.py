@@ -4,6 +4,7 @@ another replica takes it, so no sample every 100 ms ever finds two holders."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from ha_helpers import (
@@ -15,6 +16,7 @@ from ha_helpers import (
     sample_holders,
     sample_until,
     slow_etcd,
+    split_with_own_member,
     start_pings,
     two_holders,
 )
@@ -110,3 +112,23 @@ def test_node_traffic_flows_through_an_etcd_quorum_loss(lab: Lab) -> None:
         assert node.overlay_ip() == address
         assert "disconnected" not in node.process.log()
     assert "fencing" not in replicas.servers[leader].process.log()
+
+
+def test_a_leader_left_with_a_minority_member_asks_the_others_before_riding_it_out(lab: Lab) -> None:
+    """The leader keeps only its own etcd member (leaderless) and gets resets from the
+    others: to it that looks like a quorum loss. The other replicas reach the majority
+    and say so when asked, so it fences as in a partition: never two holders."""
+    replicas = Replicas(lab, count=3)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    old = replicas.leader() or ""
+    wait_for(
+        lambda: len(json.loads(replicas.servers[old].adm("replica", "list", "-o", "json").stdout)) == 3,
+        timeout=20,
+        what="the leader to know the other replicas",
+    )
+    split_with_own_member(replicas, replicas.servers[old].host)
+    samples = sample_until(replicas, lambda held: held not in ([], [old]), timeout=40)
+    samples += sample_holders(replicas, seconds=2)
+    assert not two_holders(samples), samples
+    log = replicas.servers[old].process.log()
+    assert "fencing" in log and "etcd has no quorum" not in log

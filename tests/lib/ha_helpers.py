@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from etcd_cluster import EtcdCluster
 from etcd_member import CLIENT_PORT as ETCD_CLIENT_PORT
+from etcd_member import PEER_PORT as ETCD_PEER_PORT
 from netlab import Host, Lab, NcServer, Process, start_server
 
 SERVER_OVERLAY_IP = "10.1.1.1"
@@ -114,3 +115,20 @@ def ping_loss(pings: Process) -> tuple[int, int]:
     assert match, pings.log()
     sent, received = int(match.group(1)), int(match.group(2))
     return sent, sent - received
+
+
+def split_with_own_member(replicas: Replicas, host: Host) -> None:
+    """A split that leaves the host with its own etcd member only: the member loses its
+    peers (leaderless, a minority), and the host's connections to the other members'
+    client port are rejected with a reset, as a firewall's reject would. The other two
+    members keep their quorum; everything else (the replicas' own ports) still passes."""
+    others = ", ".join(h.ip for h in replicas.hosts if h is not host)
+    script = (
+        "table inet ncfault {\n"
+        "  chain out {\n    type filter hook output priority 0; policy accept;\n"
+        f"    tcp dport {ETCD_PEER_PORT} drop\n"
+        f"    ip daddr {{ {others} }} tcp dport {ETCD_CLIENT_PORT} reject with tcp reset\n  }}\n"
+        "  chain in {\n    type filter hook input priority 0; policy accept;\n"
+        f"    tcp dport {ETCD_PEER_PORT} drop\n  }}\n}}\n"
+    )
+    host.run("nft", "-f", "-", input=script)

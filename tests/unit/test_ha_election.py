@@ -133,16 +133,56 @@ def test_etcd_members_are_asked_one_by_one_whether_they_have_a_leader(etcd: Loca
         assert client.member_state(live, timeout=2.0) == "led"
         assert client.member_state(closed, timeout=2.0) == "down"
         assert client.member_state(mute, timeout=0.3) == "silent"
-        probe = ncctl.QuorumProbe(client, threading.Event(), lambda: True)
+        probe = ncctl.QuorumProbe(client, threading.Event(), lambda: True, lambda: True)
         assert not probe.quorum_lost()  # one led member: a quorum may be elsewhere
     finally:
         client.close()
         mute_socket.close()
     down = ncctl.Etcd(f"http://{closed},http://127.0.0.1:{free_port()}")
     try:
-        probe = ncctl.QuorumProbe(down, threading.Event(), lambda: True)
-        assert probe.quorum_lost() and not probe.proves_no_quorum()
+        probe = ncctl.QuorumProbe(down, threading.Event(), lambda: True, lambda: True)
+        assert not probe.quorum_lost()  # refusals alone: maybe a firewall, not dead members
+        assert not probe.proves_no_quorum()
         probe.proved_at = time.monotonic()
         assert probe.proves_no_quorum()
     finally:
         down.close()
+
+
+@pytest.mark.parametrize(
+    ("answers", "lost"),
+    [
+        (["down", "leaderless", "down"], True),  # two members killed: the one left says so
+        (["leaderless", "leaderless", "silent"], True),
+        (["down", "down", "down"], False),  # refusals alone: a firewall's reject looks the same
+        (["down", "leaderless", "silent"], True),  # the silent one alone is no majority
+        (["led", "leaderless", "leaderless"], False),  # answers of different moments: trust the led one
+        (["down", "silent", "silent"], False),
+        (["silent", "silent", "silent"], False),  # cut off: proves nothing
+        (["leaderless"], True),
+    ],
+)
+def test_no_quorum_needs_a_majority_and_one_member_saying_so(answers: list[str], lost: bool) -> None:
+    assert ncctl.no_quorum(answers, len(answers)) is lost
+
+
+def test_a_replica_tells_a_leader_whether_it_reaches_etcd_and_holds_off_after_no() -> None:
+    """Over UDP on loopback with the clusterToken's key: the answer follows the replica's
+    lease; a wrong key gets no answer; after a "no" the replica may not campaign for a while."""
+    key = ncctl.witness_key("the-cluster-token-0123456789")
+    port = free_port()
+    reaches, stop = [True], threading.Event()
+    witness = ncctl.ReplicaWitness(port, key, lambda: reaches[0], stop)
+    witness.start()
+    try:
+        wait_for(lambda: ncctl.ask_witnesses(key, ["127.0.0.1"], port, 0.5) == {"127.0.0.1": True}, timeout=5)
+        assert not witness.holding_off()
+        reaches[0] = False
+        assert ncctl.ask_witnesses(key, ["127.0.0.1"], port, 2.0) == {"127.0.0.1": False}
+        assert witness.holding_off()
+        other = ncctl.witness_key("another-cluster-token-0123456")
+        assert ncctl.ask_witnesses(other, ["127.0.0.1"], port, 0.5) == {}  # not answered
+        assert ncctl.ask_witnesses(key, ["127.0.0.1", "127.0.0.2"], port + 1, 0.3) == {}  # nobody there
+    finally:
+        stop.set()
+        witness.join(timeout=5)

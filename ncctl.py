@@ -952,7 +952,6 @@ class FdBudget:
     def __init__(self, reserve: int) -> None:
         self.reserve = reserve
         self.spare = self._open_spare()
-        self.refused = 0
 
     @staticmethod
     def _open_spare() -> int:
@@ -968,7 +967,7 @@ class FdBudget:
         return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - self.reserve
 
     def accept(self, listener: socket.socket) -> tuple[socket.socket, Any] | None:
-        """listener.accept(), or None for a connection refused for descriptors (counted).
+        """listener.accept(), or None for a connection refused for descriptors.
         BlockingIOError when none is waiting; other OSErrors as accept() raises them."""
         try:
             sock, address = listener.accept()
@@ -981,11 +980,9 @@ class FdBudget:
                 reset_close(sock)
             finally:
                 self.spare = self._open_spare()
-            self.refused += 1
             return None
         if sock.fileno() >= self.ceiling():
             reset_close(sock)
-            self.refused += 1
             return None
         return sock, address
 

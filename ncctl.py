@@ -1017,6 +1017,70 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+FD_RESERVE_DATA = 64  # descriptors a new data-plane connection must leave free (gRPC, nc adm, store, logs)
+
+
+FD_RESERVE_GRPC = 16  # and a new gRPC connection (three descriptors each, through the guard)
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close at once, with a reset: no FIN_WAIT lingers, the peer knows at once."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+class FdBudget:
+    """Accepts that keep a reserve of file descriptors. A connection whose descriptor
+    falls in the reserve is refused at once (a reset), so the process never runs out:
+    `nc adm`, the store and the logs get theirs, and no peer waits in a backlog. Out of
+    descriptors anyway (another part took them), a spare one makes room to accept the
+    connection and refuse it. The limit is read at every accept (prlimit changes it
+    under a running process)."""
+
+    def __init__(self, reserve: int) -> None:
+        self.reserve = reserve
+        self.spare = self._open_spare()
+
+    @staticmethod
+    def _open_spare() -> int:
+        try:
+            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def ceiling(self) -> int:
+        """The lowest descriptor a new connection may not have (one cheap syscall)."""
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0] - self.reserve
+
+    def accept(self, listener: socket.socket) -> tuple[socket.socket, Any] | None:
+        """listener.accept(), or None for a connection refused for descriptors.
+        BlockingIOError when none is waiting; other OSErrors as accept() raises them."""
+        try:
+            sock, address = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or self.spare < 0:
+                raise
+            os.close(self.spare)
+            try:
+                sock, _ = listener.accept()
+                reset_close(sock)
+            finally:
+                self.spare = self._open_spare()
+            return None
+        if sock.fileno() >= self.ceiling():
+            reset_close(sock)
+            return None
+        return sock, address
+
+    def close(self) -> None:
+        if self.spare >= 0:
+            os.close(self.spare)
+            self.spare = -1
+
+
 MALLINFO2_FIELDS = (
     "arena",
     "ordblks",
@@ -2590,7 +2654,7 @@ ETCD_LAYOUT_VERSION = 2
 ETCD_RPC_TIMEOUT_S = 5.0
 
 
-ETCD_ATTEMPT_S = 1.0  # one attempt of a call; a silent member is then tried no longer
+ETCD_ATTEMPT_S = 2.0  # one attempt of a call; a silent member is then tried no longer, a slow one waited for
 
 
 ETCD_TXN_ATTEMPTS = 100
@@ -2650,6 +2714,7 @@ class Etcd:
         from proto import etcd_pb2, etcd_pb2_grpc
 
         self.grpc, self.pb, self.endpoints, self.prefix = grpc, etcd_pb2, endpoints, prefix.encode()
+        self.pb_grpc = etcd_pb2_grpc
         tls = tls or EtcdTls()
         target, secure, name = etcd_target(endpoints)
         options = [
@@ -2670,15 +2735,41 @@ class Etcd:
             except OSError as e:
                 raise ConfigError(os_error_line(e, "fix datastoreCAFile/CertFile/KeyFile")) from None
             creds = grpc.ssl_channel_credentials(ca, key, cert)
-            self.channel = grpc.secure_channel(target, creds, [*options, ("grpc.ssl_target_name_override", name)])
+            secure_options = [*options, ("grpc.ssl_target_name_override", name)]
+            self.open_channel: Callable[[str], Any] = lambda t: grpc.secure_channel(t, creds, secure_options)
         else:
-            self.channel = grpc.insecure_channel(target, options)
+            self.open_channel = lambda t: grpc.insecure_channel(t, options)
+        self.channel = self.open_channel(target)
         self.kv = etcd_pb2_grpc.KVStub(self.channel)
         self.watch_stub = etcd_pb2_grpc.WatchStub(self.channel)
         self.lease_stub = etcd_pb2_grpc.LeaseStub(self.channel)
+        self.members = target.removeprefix("ipv4:").split(",")
+        self._member_stubs: dict[str, tuple[Any, Any]] = {}  # a channel and stub per member, for member_state()
 
     def close(self) -> None:
         self.channel.close()
+        for channel, _ in self._member_stubs.values():
+            channel.close()
+
+    def member_state(self, address: str, timeout: float) -> str:
+        """One member's own word, asked directly (not round robin): "led" (it has a raft
+        leader), "leaderless", "down" (its host refuses the connection: nothing listens)
+        or "silent" (no answer: dead link, partition, overload; it may be in a quorum)."""
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except ConnectionRefusedError:
+            return "down"
+        except OSError:
+            return "silent"
+        if address not in self._member_stubs:
+            channel = self.open_channel(f"ipv4:{address}")
+            self._member_stubs[address] = (channel, self.pb_grpc.MaintenanceStub(channel))
+        try:
+            status = self._member_stubs[address][1].Status(self.pb.StatusRequest(), timeout=timeout)
+        except self.grpc.RpcError:
+            return "silent"
+        return "led" if status.leader else "leaderless"
 
     def key(self, *parts: str) -> bytes:
         return self.prefix + "/".join(parts).encode()
@@ -2725,8 +2816,8 @@ class Etcd:
 
     # -- leases and watches ---------------------------------------------------------
 
-    def grant(self, ttl: int) -> int:
-        return self.call(self.lease_stub.LeaseGrant, self.pb.LeaseGrantRequest(TTL=ttl)).ID
+    def grant(self, ttl: int, timeout: float = ETCD_RPC_TIMEOUT_S) -> int:
+        return self.call(self.lease_stub.LeaseGrant, self.pb.LeaseGrantRequest(TTL=ttl), timeout).ID
 
     def revoke(self, lease: int) -> None:
         with contextlib.suppress(StoreError):
@@ -5362,6 +5453,15 @@ class Tun:
         # which cuts and seals each segment). Best effort: without tc it stays pfifo.
         with contextlib.suppress(TunError):
             run_tool("tc", "qdisc", "replace", "dev", self.name, "root", "fq_codel")
+
+    def withdraw(self) -> None:
+        """Down and without its address, while the fd (another thread may read it) stays
+        open: the address is given up at once, the device goes with the fd later."""
+        for args in (("link", "set", "dev", self.name, "down"), ("addr", "flush", "dev", self.name)):
+            try:
+                run_ip(*args)
+            except TunError as e:
+                log.warning("%s", e)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -8156,6 +8256,7 @@ class Handshaker(threading.Thread):
         self.epoll = select.epoll()
         self.paused_until = 0.0  # accept() ran out of file descriptors; try again then
         self.observe: Callable[[float], None] = lambda _seconds: None  # a finished handshake's duration
+        self.fds = FdBudget(FD_RESERVE_DATA)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -8164,6 +8265,7 @@ class Handshaker(threading.Thread):
         for pending in list(self.pending.values()):
             self._drop(pending)
         self.epoll.close()
+        self.fds.close()
 
     def run(self) -> None:
         listener = self.listener.fileno()
@@ -8187,14 +8289,23 @@ class Handshaker(threading.Thread):
     def _accept(self) -> None:
         for _ in range(64):
             try:
-                sock, address = self.listener.accept()
+                accepted = self.fds.accept(self.listener)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # EMFILE and friends: pause accepting for a second, keep serving
+            except OSError as e:  # EMFILE and no spare: pause accepting for a second, keep serving
                 self.note("accept", "accept failed: %s; pausing new connections", e.strerror)
                 self.epoll.modify(self.listener.fileno(), 0)
                 self.paused_until = time.monotonic() + 1.0
                 return
+            if accepted is None:
+                self.counters["refused-fds"] += 1
+                self.note(
+                    "fds",
+                    "out of file descriptors (%d kept free for nc adm and the store): refusing new connections",
+                    self.fds.reserve,
+                )
+                continue
+            sock, address = accepted
             peer = unmapped(address[0])
             source = self.slots.key(peer)
             refusal = self.slots.take(source)
@@ -9144,6 +9255,7 @@ class NetworkServer(Sessions):
         self.listener: socket.socket | None = None  # set by start(); stop() closes what start() made
         self.handshaker: Handshaker | None = None
         self.wake_r = self.wake_w = -1
+        self.released = False  # release() ran: addresses and port given up
 
     @property
     def replicas(self) -> Callable[[], tuple[str, ...]]:
@@ -9192,19 +9304,31 @@ class NetworkServer(Sessions):
             len(self.planes),
         )
 
-    def stop(self) -> None:
-        """Undo start(), a partial one too: only what exists is stopped or closed."""
+    def release(self) -> None:
+        """Give up what another server may need to take over at once, whatever the loop is
+        doing: the server addresses (the TUNs go down) and the port (its listener closes).
+        The loop is told to end; stop() waits for it and closes the rest."""
+        if self.released:
+            return
+        self.released = True
+        self.stopping.set()
+        for plane in list(self.switch.planes.values()):
+            plane.tun.withdraw()
         if self.handshaker is not None:
             self.handshaker.stop()
-        self.stopping.set()
+        if self.listener is not None:
+            self.listener.close()
         if self.thread.is_alive():
             self._wake()
+
+    def stop(self) -> None:
+        """Undo start(), a partial one too: only what exists is stopped or closed."""
+        self.release()
+        if self.thread.is_alive():
             self.thread.join(timeout=10.0)
         if self.worker.is_alive():
             self.worker.stop()
         self._close_planes()
-        if self.listener is not None:
-            self.listener.close()
         if self.switch.udp is not None:
             self.switch.udp.close()
         self.epoll.close()
@@ -10828,6 +10952,7 @@ class GrpcGuard(threading.Thread):
         self.note = RateLimitedLog()
         self.paused_until = 0.0  # accept() ran out of file descriptors; listen again then
         self.refused = 0  # connections reset for a per-address or per-port limit (metrics)
+        self.fds = FdBudget(FD_RESERVE_GRPC)
 
     def listen(self, port: int, name: str, cap: int, field: str) -> GuardedPort:
         try:
@@ -10847,6 +10972,7 @@ class GrpcGuard(threading.Thread):
         for port in self.ports.values():
             port.listener.close()
         self.epoll.close()
+        self.fds.close()
 
     def run(self) -> None:
         for fd in self.ports:
@@ -10873,15 +10999,22 @@ class GrpcGuard(threading.Thread):
     def _accept(self, port: GuardedPort) -> None:
         for _ in range(64):
             try:
-                sock, address = port.listener.accept()
+                accepted = self.fds.accept(port.listener)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of file descriptors: stop listening for a second (epoll would spin)
+            except OSError as e:  # out of file descriptors, no spare: stop listening for a second (epoll would spin)
                 self.note("accept:" + port.name, "gRPC %s port: accept failed: %s; pausing", port.name, e.strerror)
                 for fd in self.ports:
                     self.epoll.modify(fd, 0)
                 self.paused_until = time.monotonic() + 1.0
                 return
+            if accepted is None:
+                self.refused += 1
+                self.note(
+                    "fds:" + port.name, "gRPC %s port: out of file descriptors; refusing new connections", port.name
+                )
+                continue
+            sock, address = accepted
             peer = unmapped(address[0])
             source = port.slots.key(peer)
             refusal = port.slots.take(source, unlimited=ipaddress.ip_address(peer).is_loopback)
@@ -11482,16 +11615,38 @@ def control_rpc(args: argparse.Namespace, method: str, request: Any) -> Any:
 # Every replica serves both gRPC ports from etcd (active/active). One, the leader,
 # holds the data plane: the TUNs with the server's overlay addresses and port 6441
 # (active/passive). It leads while its campaign key, bound to its lease, is in
-# etcd; it stops its data plane FENCE_AFTER_S after the last renewal it sent, while
+# etcd; it gives its data plane up FENCE_AFTER_S after the last renewal that went
+# through, at once (addresses and port first, the loop ends in the background), while
 # the lease (LEADER_LEASE_TTL_S from that renewal) still keeps everyone else out.
+# Like Kubernetes' leader election (lease 15 s, renew deadline 10 s), the margins
+# are seconds: an etcd answering in a second or two costs no leadership, and a dead
+# leader is replaced about LEADER_LEASE_TTL_S after its last renewal.
 
-LEADER_LEASE_TTL_S = 5
+LEADER_LEASE_TTL_S = 10
 
 
 LEASE_RENEW_EVERY_S = 1.0
 
 
-FENCE_AFTER_S = 3.5  # < LEADER_LEASE_TTL_S, with 1.5 s to take the TUNs down
+LEASE_RENEW_TIMEOUT_S = 4.5  # one renewal, in attempts of 1.5 s: a slow etcd is waited for
+
+
+FENCE_AFTER_S = 7.0  # < LEADER_LEASE_TTL_S: the data plane is given up 3 s before the lease can lapse
+
+
+LEADER_PROVEN_S = 5.0  # a leader is named to nodes while its heartbeat was seen changing this recently
+
+
+HA_CALL_TIMEOUT_S = 3.0  # the role's own etcd calls (campaign, key check, heartbeat)
+
+
+QUORUM_PROBE_EVERY_S = 0.5  # how often a leader whose renewals fail asks the etcd members
+
+
+# A "no quorum" found at time P counts as a renewal sent at P: whenever etcd gets a quorum
+# back it elects a raft leader, which gives every lease its whole TTL again, so no other
+# replica can win before P + LEADER_LEASE_TTL_S. The leader keeps its renew deadline from P.
+QUORUM_PROOF_S = FENCE_AFTER_S
 
 
 REPLICA_ROLE_LEADER, REPLICA_ROLE_STANDBY = "leader", "standby"
@@ -11553,10 +11708,227 @@ class StandbySessions(Sessions):
         return self.role.is_alive() and not self.role.stop.is_set() and self.role.standby is not None
 
 
+class ReplicaLease(threading.Thread):
+    """This replica's lease, granted and renewed on a thread of its own, so no other etcd
+    call (a slow campaign, a heartbeat) delays a renewal. The role reads how fresh it is;
+    a lease the role will not lead on is abandoned and revoked, never kept alive."""
+
+    def __init__(self, etcd: Etcd, stop: threading.Event, lost: Callable[[int], None]) -> None:
+        super().__init__(name="replica-lease", daemon=True)
+        self.etcd, self.stop, self.lost = etcd, stop, lost
+        self.id = 0
+        self.renewed_at = 0.0  # monotonic time the last renewal that went through was sent
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            ok = self.renew()
+            self.stop.wait(LEASE_RENEW_EVERY_S if ok else LEASE_RENEW_EVERY_S / 4)
+
+    def renew(self) -> bool:
+        lease, sent = self.id, time.monotonic()
+        try:
+            if not lease:
+                granted = self.etcd.grant(LEADER_LEASE_TTL_S, timeout=HA_CALL_TIMEOUT_S)
+                with self._lock:
+                    self.id, self.renewed_at = granted, sent
+                return True
+            ttl = self.etcd.keep_alive(lease, timeout=LEASE_RENEW_TIMEOUT_S)
+        except StoreError as e:
+            log.warning("%s", e)
+            return False
+        if ttl <= 0:
+            log.warning("lease %x expired in etcd", lease)
+            self.lost(lease)
+            return False
+        with self._lock:
+            if self.id == lease:
+                self.renewed_at = max(self.renewed_at, sent)
+        return True
+
+    def fresh(self, lease: int = 0, within: float = FENCE_AFTER_S) -> bool:
+        """The lease (this one, if given) exists and was renewed within the last `within` s."""
+        with self._lock:
+            current, renewed_at = self.id, self.renewed_at
+        return bool(current) and lease in (0, current) and time.monotonic() - renewed_at <= within
+
+    def abandon(self, lease: int = 0) -> None:
+        """Drop the lease (this one, if given): revoked in the background, so whoever
+        gives its data plane up never waits on etcd; the next one is granted anew."""
+        with self._lock:
+            if not self.id or lease not in (0, self.id):
+                return
+            lease, self.id = self.id, 0
+        threading.Thread(target=self.etcd.revoke, args=(lease,), name="lease-revoke", daemon=True).start()
+
+
+WITNESS_MAGIC = b"ncw1"
+
+
+WITNESS_HOLDOFF_S = 2.0  # a replica that told a leader "no etcd here" campaigns only this much later
+
+
+WITNESS_REACH_S = 2.5  # "etcd here": a renewal went through this recently (one a second is sent)
+
+
+WITNESS_LABEL = b"nc replica witness v1"
+
+
+def witness_key(cluster_token: str) -> bytes:
+    """The key replicas authenticate their "do you reach etcd?" datagrams with."""
+    return cluster_key(cluster_token, WITNESS_LABEL)
+
+
+def witness_mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, body, hashlib.sha256).digest()[:16]
+
+
+class ReplicaWitness(threading.Thread):
+    """A replica's answer to a leader whose renewals fail, "do you reach etcd?", on UDP
+    at the bootstrap port's number (UDP there has no other use), both ways authenticated
+    with a key derived from the clusterToken. A replica that answered "no" campaigns
+    only WITNESS_HOLDOFF_S later, so a leader riding out an outage on its "no" hears
+    "yes" (it asks every 0.5 s) before that replica could lead."""
+
+    def __init__(self, port: int, key: bytes, reaches: Callable[[], bool], stop: threading.Event) -> None:
+        super().__init__(name="replica-witness", daemon=True)
+        self.port, self.key, self.reaches, self.stop = port, key, reaches, stop
+        self.said_no_at = float("-inf")
+
+    def run(self) -> None:
+        try:
+            sock = bound_any(socket.SOCK_DGRAM, self.port)
+        except OSError as e:
+            log.warning(
+                "cannot listen on UDP :%d (%s): no leader can ask this replica about etcd", self.port, e.strerror
+            )
+            return
+        with sock:
+            sock.settimeout(0.5)
+            while not self.stop.is_set():
+                try:
+                    data, peer = sock.recvfrom(64)
+                except (TimeoutError, socket.timeout, OSError):
+                    continue
+                if len(data) != 36 or not data.startswith(WITNESS_MAGIC):
+                    continue
+                if not hmac.compare_digest(data[20:], witness_mac(self.key, data[:20])):
+                    continue
+                reaches = self.reaches()
+                if not reaches:
+                    self.said_no_at = time.monotonic()
+                body = data[:20] + bytes([reaches])
+                with contextlib.suppress(OSError):
+                    sock.sendto(body + witness_mac(self.key, body), peer)
+
+    def holding_off(self) -> bool:
+        return time.monotonic() - self.said_no_at < WITNESS_HOLDOFF_S
+
+
+def ask_witnesses(key: bytes, peers: list[str], port: int, timeout: float) -> dict[str, bool]:
+    """Each peer replica's answer (True: it reaches etcd); a peer that did not answer in
+    time is missing."""
+    answers: dict[str, bool] = {}
+    asks: dict[socket.socket, tuple[str, bytes]] = {}
+    try:
+        for peer in peers:
+            nonce = WITNESS_MAGIC + secrets.token_bytes(16)
+            with contextlib.suppress(OSError):
+                family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                asks[sock] = (peer, nonce)
+                sock.sendto(nonce + witness_mac(key, nonce), (peer, port))
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(asks) and (left := deadline - time.monotonic()) > 0:
+            for sock in select.select(list(asks), [], [], left)[0]:
+                peer, nonce = asks[sock]
+                with contextlib.suppress(OSError):
+                    data = sock.recv(64)
+                    if (
+                        len(data) == 37
+                        and data[:20] == nonce
+                        and hmac.compare_digest(data[21:], witness_mac(key, data[:21]))
+                    ):
+                        answers[peer] = bool(data[20])
+    finally:
+        for sock in asks:
+            sock.close()
+    return answers
+
+
+def no_quorum(answers: list[str], members: int) -> bool:
+    """The members' answers (Etcd.member_state) prove etcd has no quorum: a majority down
+    or leaderless, at least one saying so itself ("down" alone may be a firewall's
+    reject), and none led."""
+    without = sum(1 for state in answers if state in ("down", "leaderless"))
+    return without >= members // 2 + 1 and "leaderless" in answers and "led" not in answers
+
+
+class QuorumProbe(threading.Thread):
+    """While the leader's renewals fail, asks each etcd member directly whether it has a
+    raft leader. A majority down (refusing connections) or leaderless, one of them saying
+    so itself, means etcd has no quorum: no lease is granted or renewed anywhere, so no
+    other replica can be elected, and the leader may keep its data plane through the
+    outage. A member that does not answer (a partition, a dead link) proves nothing, nor
+    do refusals alone (a firewall's reject looks the same): then the fence goes ahead."""
+
+    def __init__(
+        self, etcd: Etcd, stop: threading.Event, wanted: Callable[[], bool], peers_agree: Callable[[], bool]
+    ) -> None:
+        super().__init__(name="quorum-probe", daemon=True)
+        self.etcd, self.stop, self.wanted, self.peers_agree = etcd, stop, wanted, peers_agree
+        self.proved_at = float("-inf")  # when the last probe that found no quorum began
+
+    def run(self) -> None:
+        while not self.stop.wait(QUORUM_PROBE_EVERY_S):
+            if self.wanted():
+                began = time.monotonic()
+                if self.quorum_lost() and self.peers_agree():
+                    self.proved_at = began
+
+    def quorum_lost(self) -> bool:
+        states: dict[str, str] = {}
+
+        def ask(address: str) -> None:
+            states[address] = self.etcd.member_state(address, timeout=QUORUM_PROBE_EVERY_S)
+
+        askers = [threading.Thread(target=ask, args=(a,), daemon=True) for a in self.etcd.members]
+        for asker in askers:
+            asker.start()
+        for asker in askers:
+            asker.join(timeout=QUORUM_PROBE_EVERY_S * 2)
+        return no_quorum(list(states.values()), len(self.etcd.members))
+
+    def proves_no_quorum(self) -> bool:
+        return time.monotonic() - self.proved_at <= QUORUM_PROOF_S
+
+
+class LeaderSightings:
+    """What a replica saw of the others' heartbeat entries: a leader is named to nodes
+    only while its entry is seen changing. A mute leader's campaign key outlives it by
+    its lease; naming it would send nodes to a replica that answers nothing."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[int, float]] = {}  # address -> (mod revision, when it changed)
+
+    def observe(self, entries: list[tuple[dict, int]], now: float) -> None:
+        for entry, revision in entries:
+            address = str(entry.get("address", ""))
+            before = self.seen.get(address)
+            if before is None:
+                self.seen[address] = (revision, float("-inf"))  # first seen: not proven alive yet
+            elif before[0] != revision:
+                self.seen[address] = (revision, now)
+
+    def alive(self, address: str, now: float) -> bool:
+        seen = self.seen.get(address)
+        return seen is not None and now - seen[1] <= LEADER_PROVEN_S
+
+
 class ReplicaRole(threading.Thread):
     """Campaigns for leadership, runs the data plane while leading (a StandbyPort
     otherwise), heartbeats this replica's entry for `nc adm replica list`, and fences:
-    a leader that cannot renew its lease stops its data plane before the lease ends."""
+    a leader that cannot renew its lease gives its data plane up before the lease ends."""
 
     def __init__(self, store: EtcdStore, config: ServerConfig, advertised: str, stop: threading.Event) -> None:
         super().__init__(name="replica-role", daemon=True)
@@ -11566,20 +11938,34 @@ class ReplicaRole(threading.Thread):
         self.advertised, self.stop = advertised, stop
         self.campaign_key = self.etcd.key("leader")
         self.campaign_value = json.dumps({"address": advertised, "port": config.port}).encode()  # what it puts there
-        self.lease = 0
-        self.renewed_at = 0.0  # monotonic time the last successful renewal was sent
+        self.lease = ReplicaLease(self.etcd, stop, self._lease_lost)
         self.network: NetworkServer | None = None
+        self.retiring: threading.Thread | None = None  # a data plane given up, its loop ending
         self.standby: StandbyPort | None = None
-        self.leader_address = ""
+        self.leader_address = ""  # what the campaign key names
+        self.sightings = LeaderSightings()
         self.became = threading.Event()  # set once the first role (leader or standby) is taken
         self._lock = threading.RLock()  # one role change at a time: the loop's or the fence's
         self.heartbeat_at = 0.0
         self.fence_watch = threading.Thread(target=self._fence_watch, name="replica-fence", daemon=True)
+        # From 3 s before the fence, a leader whose renewals fail asks etcd's members why.
+        wanted = lambda: self.leading and not self.lease.fresh(within=FENCE_AFTER_S - 3.0)  # noqa: E731
+        self.quorum = QuorumProbe(self.etcd, stop, wanted, self._peers_reach_no_etcd)
+        self.witness_key = witness_key(config.cluster_token)
+        reaches = lambda: self.lease.fresh(within=WITNESS_REACH_S)  # noqa: E731
+        self.witness = ReplicaWitness(config.bootstrap_port, self.witness_key, reaches, stop)
         self.replicas: tuple[str, ...] = (advertised,)
 
     @property
     def leading(self) -> bool:
         return self.network is not None
+
+    def named_leader(self) -> str:
+        """The leader a standby names to nodes: the campaign key's, once it proved alive."""
+        if self.leading:
+            return self.advertised
+        address = self.leader_address
+        return address if address and self.sightings.alive(address, time.monotonic()) else ""
 
     # -- its ServerRole part: what serve() asks of it ------------------------------
 
@@ -11610,117 +11996,164 @@ class ReplicaRole(threading.Thread):
         try:
             self._become_standby()
             self.became.set()
+            self.lease.start()
+            self.witness.start()
+            self.quorum.start()
             self.fence_watch.start()
             while not self.stop.is_set():
-                self._renew()
-                if not self.leading and self.lease:
+                if not self.leading and self.lease.fresh() and not self.witness.holding_off():
                     self._campaign()
                 self._check_data_plane()
                 self._check_campaign_key()
                 self._heartbeat()
-                # A leader whose last renewal failed tries again at once (an etcd election is short).
-                behind = time.monotonic() - self.renewed_at > LEASE_RENEW_EVERY_S * 1.5
-                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading and not behind else LEASE_RENEW_EVERY_S / 4)
+                self.stop.wait(LEASE_RENEW_EVERY_S if self.leading else LEASE_RENEW_EVERY_S / 4)
         finally:
-            if self.fence_watch.is_alive():
-                self.fence_watch.join(timeout=5.0)
-            if self.leading:
-                self._step_down(abandon_lease=False)
-            if self.standby is not None:
-                self.standby.stop()
-                self.standby = None
-            if self.lease:
-                self.etcd.revoke(self.lease)  # the others need not wait for the TTL
+            self._finish()
+
+    def _finish(self) -> None:
+        """Shutdown: the data plane is given up first, then the lease is revoked, so the
+        others need not wait for its TTL."""
+        if self.leading:
+            with self._lock:
+                self._step_down()
+        for thread in (self.fence_watch, self.lease):
+            if thread.is_alive():
+                thread.join(timeout=5.0)
+        if self.retiring is not None:
+            self.retiring.join(timeout=15.0)
+        if self.standby is not None:
+            self.standby.stop()
+            self.standby = None
+        if self.lease.id:
+            self.etcd.revoke(self.lease.id)
 
     def _fence_watch(self) -> None:
-        """Apart from the loop, whose etcd calls may block: the data plane stops
-        FENCE_AFTER_S after the last renewal sent, whatever the loop is waiting for."""
+        """Apart from the loop and the renewals, whose etcd calls may block: the data plane
+        is given up FENCE_AFTER_S after the last renewal, whatever anything else waits for,
+        unless etcd is proved to have no quorum (then nobody else can be elected)."""
+        riding = False
         while not self.stop.wait(0.1):
-            if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                with self._lock:
-                    if self.leading and time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                        log.warning("lease not renewed for %.1f s: stopping the data plane (fencing)", FENCE_AFTER_S)
-                        self._step_down(abandon_lease=True)
+            if not (self.leading and not self.lease.fresh()):
+                if riding and self.leading:
+                    log.warning("etcd answers again; this replica kept the data plane through the outage")
+                riding = False
+                continue
+            if self.quorum.proves_no_quorum():
+                if not riding:
+                    log.warning("etcd has no quorum: no replica can be elected, so the data plane stays up")
+                riding = True
+                continue
+            with self._lock:
+                if self.leading and not self.lease.fresh():
+                    log.warning("lease not renewed for %.1f s: giving the data plane up (fencing)", FENCE_AFTER_S)
+                    self._step_down()
+                    self.lease.abandon()
 
-    def _renew(self) -> None:
-        sent = time.monotonic()
-        try:
-            if not self.lease:
-                self.lease = self.etcd.grant(LEADER_LEASE_TTL_S)
-                self.renewed_at = sent
-                return
-            if sent - self.renewed_at < LEASE_RENEW_EVERY_S * 0.9:
-                return
-            if self.etcd.keep_alive(self.lease, timeout=1.8) > 0:
-                self.renewed_at = sent
-            else:
-                log.warning("lease %x expired in etcd", self.lease)
-                with self._lock:
-                    if self.leading:
-                        self._step_down(abandon_lease=True)
-                    self.lease = 0
-        except StoreError as e:
-            log.warning("%s", e)
+    def _peers_reach_no_etcd(self) -> bool:
+        """Every other replica this one knows answered, and none reaches etcd: none can be
+        elected (a partition that lets one reach a quorum makes it answer "yes")."""
+        peers = [address for address in self.replicas if address != self.advertised]
+        answers = ask_witnesses(self.witness_key, peers, self.config.bootstrap_port, timeout=QUORUM_PROBE_EVERY_S)
+        return len(answers) == len(peers) and not any(answers.values())
+
+    def _lease_lost(self, lease: int) -> None:
+        with self._lock:
+            if self.leading and self.lease.id == lease:
+                self._step_down()
+            self.lease.abandon(lease)
 
     def _campaign(self) -> None:
-        pb = self.etcd.pb
+        """Put the campaign key if absent. A key already there on this replica's own lease
+        is this replica's: an earlier campaign whose answer was lost went through."""
+        pb, lease = self.etcd.pb, self.lease.id
         absent = pb.Compare(result=pb.Compare.EQUAL, target=pb.Compare.CREATE, key=self.campaign_key, create_revision=0)
         get = pb.RequestOp(request_range=pb.RangeRequest(key=self.campaign_key))
         try:
             request = pb.TxnRequest(
-                compare=[absent], success=[self.etcd.put_op(self.campaign_key, self.campaign_value, self.lease)]
+                compare=[absent], success=[self.etcd.put_op(self.campaign_key, self.campaign_value, lease)]
             )
             request.failure.append(get)
-            response = self.etcd.call(self.etcd.kv.Txn, request, timeout=1.0)
+            response = self.etcd.call(self.etcd.kv.Txn, request, timeout=HA_CALL_TIMEOUT_S)
         except StoreError as e:
             log.warning("%s", e)
             return
+        revision = response.header.revision
         if not response.succeeded:
             kvs = response.responses[0].response_range.kvs
-            self.leader_address = json.loads(kvs[0].value)["address"] if kvs else ""
+            if not (kvs and kvs[0].lease == lease and kvs[0].value == self.campaign_value):
+                self.leader_address = json.loads(kvs[0].value).get("address", "") if kvs else ""
+                return
+            revision = kvs[0].create_revision
+            log.info("the campaign key is this replica's own (an earlier campaign went through)")
+        self._lead(lease, revision)
+
+    def _lead(self, lease: int, revision: int) -> None:
+        if not self.lease.fresh(lease):
+            log.warning("elected with a lease too old to lead on; revoking it and campaigning again")
+            self.lease.abandon(lease)
             return
+        self.store.lead((self.campaign_key, revision))
+        log.info("elected leader (campaign revision %d): taking the data plane", revision)
+        self._prepare_store()
         with self._lock:
-            if time.monotonic() - self.renewed_at > FENCE_AFTER_S:
-                return  # won with a lease too old to lead on; the fence lets it lapse
-            self.store.lead((self.campaign_key, response.header.revision))
+            if not self.lease.fresh(lease):
+                self.store.follow()
+                self.lease.abandon(lease)
+                return
             self.leader_address = self.advertised
-            log.info("elected leader (campaign revision %d): taking the data plane", response.header.revision)
             try:
                 self._become_leader()
             except NcError as e:
                 log.error("cannot take the data plane: %s; giving the leadership up", e)
-                self._step_down(abandon_lease=True)
+                self._step_down()
+                self.lease.abandon(lease)
+
+    def _prepare_store(self) -> None:
+        """The old leader's sessions are gone; the reserved node is bound. Outside the role
+        lock (etcd may be slow), and not worth a leadership when etcd cannot take it now."""
+        server_ip = str(self.config.server_overlay_ip)
+        try:
+            self.store.reset_states(STATE_CONNECTED)
+            if self.store.ensure_reserved_node(server_ip):
+                log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
+        except NotLeader:
+            pass
+        except StoreError as e:
+            log.warning("%s; the connection states are reset later", e)
 
     def _become_leader(self) -> None:
+        if self.retiring is not None:  # the last data plane's TUNs and ports are this one's
+            self.retiring.join(timeout=30.0)
+            if self.retiring.is_alive():
+                raise NcError("the previous data plane has not ended yet")
+            self.retiring = None
         if self.standby is not None:
             self.standby.stop()
             self.standby = None
-        store, server_ip = self.store, str(self.config.server_overlay_ip)
-        with contextlib.suppress(NotLeader):
-            store.reset_states(STATE_CONNECTED)  # the old leader's sessions are gone
-            if store.ensure_reserved_node(server_ip):
-                log.info("reserved node-token %s bound to %s", RESERVED_NODE_TOKEN, server_ip)
         network = NetworkServer(self.config, self.control)
         network.replicas = lambda: self.replicas  # refreshed by the heartbeat: no etcd call on the packet loop
         network.start()
         self.network = network
         self.control.sessions = network
 
-    def _step_down(self, abandon_lease: bool) -> None:
+    def _step_down(self) -> None:
+        """At once, whatever the packet loop does: the addresses and the port are given up
+        first, the loop ends in the background; nothing here waits on etcd."""
         network, self.network = self.network, None
         self.store.follow()
+        self.leader_address = ""
         self.control.sessions = StandbySessions(self)
         if network is not None:
-            network.stop()
-            log.info("data plane stopped; this replica is a standby")
-        if abandon_lease:
-            self.lease = 0  # its campaign key lapses with it; campaign again on a new one
+            network.release()
+            log.info("data plane given up (addresses and port); this replica is a standby")
+            self.retiring = threading.Thread(target=network.stop, name="data-plane-stop", daemon=True)
+            self.retiring.start()
         if not self.stop.is_set():
             self._become_standby()
 
     def _become_standby(self) -> None:
         try:
-            self.standby = StandbyPort(self.config, self.control.pki, lambda: self.leader_address)
+            self.standby = StandbyPort(self.config, self.control.pki, self.named_leader)
             self.standby.start()
             self.control.sessions = StandbySessions(self)
         except OSError as e:
@@ -11738,11 +12171,11 @@ class ReplicaRole(threading.Thread):
         if not self.leading:
             return
         try:
-            kv = self.etcd.call(self.etcd.kv.Range, self.etcd.pb.RangeRequest(key=self.campaign_key), timeout=0.5)
+            request = self.etcd.pb.RangeRequest(key=self.campaign_key)
+            kvs = self.etcd.call(self.etcd.kv.Range, request, timeout=HA_CALL_TIMEOUT_S).kvs
         except StoreError:
             return
-        kvs = kv.kvs
-        if kvs and kvs[0].lease == self.lease and kvs[0].value == self.campaign_value:
+        if kvs and kvs[0].lease == self.lease.id and kvs[0].value == self.campaign_value:
             return
         found = f"lease {kvs[0].lease:x}, {loggable(kvs[0].value.decode(errors='replace'))}" if kvs else "no key"
         log.warning(
@@ -11752,10 +12185,10 @@ class ReplicaRole(threading.Thread):
         )
         with self._lock:
             if self.leading:
-                self._step_down(abandon_lease=False)
+                self._step_down()
 
     def _heartbeat(self) -> None:
-        if not self.lease or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:
+        if not self.lease.id or time.monotonic() - self.heartbeat_at < LEASE_RENEW_EVERY_S * 0.9:
             return
         self.heartbeat_at = time.monotonic()
         entry = {
@@ -11767,19 +12200,26 @@ class ReplicaRole(threading.Thread):
             "bootstrapPort": self.config.bootstrap_port,
         }
         key = self.etcd.key("replica", self.advertised)
-        with contextlib.suppress(StoreError):  # short timeouts: the loop renews the lease too
-            self.replicas = tuple(r["address"] for r in replica_entries(self.etcd, timeout=0.5)) or (self.advertised,)
+        with contextlib.suppress(StoreError):
+            entries = replica_entries_seen(self.etcd, timeout=HA_CALL_TIMEOUT_S)
+            self.sightings.observe(entries, time.monotonic())
+            self.replicas = tuple(entry["address"] for entry, _ in entries) or (self.advertised,)
             self.etcd.call(
                 self.etcd.kv.Put,
-                self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease),
-                timeout=0.5,
+                self.etcd.pb.PutRequest(key=key, value=json.dumps(entry).encode(), lease=self.lease.id),
+                timeout=HA_CALL_TIMEOUT_S,
             )
 
 
-def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dict]:
+def replica_entries_seen(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[tuple[dict, int]]:
+    """Every replica's heartbeat entry with its mod revision, by address."""
     prefix = etcd.key("replica", "")
     response = etcd.call(etcd.kv.Range, etcd.pb.RangeRequest(key=prefix, range_end=prefix_end(prefix)), timeout)
-    return sorted((json.loads(kv.value) for kv in response.kvs), key=lambda r: r["address"])
+    return sorted(((json.loads(kv.value), kv.mod_revision) for kv in response.kvs), key=lambda e: e[0]["address"])
+
+
+def replica_entries(etcd: Etcd, timeout: float = ETCD_RPC_TIMEOUT_S) -> list[dict]:
+    return [entry for entry, _ in replica_entries_seen(etcd, timeout)]
 
 
 class StoreWatch(threading.Thread):
@@ -12789,14 +13229,20 @@ def adm_ca_status(args: argparse.Namespace) -> int:
 
 
 def adm_health(args: argparse.Namespace) -> int:
+    """Readiness (the default, --ready): every port answers, the control port through the
+    admin identity the store confirms, so a replica that cannot reach etcd is not ready.
+    Liveness (--live): the process works (the bootstrap port and the data port answer,
+    the data plane or the standby's port runs) without asking the store: an etcd outage
+    makes no replica look dead to a probe that would restart it."""
     _, pb, pb_grpc = grpc_modules()
     target = admin_target(args)
     results: dict[str, str] = {}
     with AdminClient(target) as client:
-        try:
-            results["control"] = check_code(client.control("HealthCheck", pb.HealthCheckRequest())).code
-        except NcError as e:
-            results["control"] = str(e)
+        if not args.live:
+            try:
+                results["control"] = check_code(client.control("HealthCheck", pb.HealthCheckRequest())).code
+            except NcError as e:
+                results["control"] = str(e)
         try:
             with secure_channel(target.bootstrap_address, client.ca) as channel:
                 response = call(
@@ -12810,7 +13256,9 @@ def adm_health(args: argparse.Namespace) -> int:
         except NcError as e:
             results["bootstrap"] = str(e)
     results["data"] = probe_data_port(target.data_address)
-    healthy = all(v == CODE_OK for v in results.values())
+    ready = all(v == CODE_OK for v in results.values())
+    live = results["bootstrap"] == CODE_OK and results["data"] in (CODE_OK, DATA_PORT_REFUSING)
+    healthy = live if args.live else ready
     addresses = {
         "control": target.address,
         "bootstrap": target.bootstrap_address,
@@ -12818,6 +13266,8 @@ def adm_health(args: argparse.Namespace) -> int:
     }
     document = {
         "healthy": healthy,
+        "live": live,
+        **({} if args.live else {"ready": ready}),
         **{k: {"address": addresses[k], "ok": v == CODE_OK, "detail": v} for k, v in results.items()},
     }
     lines = [f"{name:9} {addresses[name]:21} {'ok' if v == CODE_OK else 'FAILED: ' + v}" for name, v in results.items()]
@@ -12825,12 +13275,18 @@ def adm_health(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+DATA_PORT_REFUSING = "the data port resets new connections (out of file descriptors, or flooded); see the server log"
+
+
 def probe_data_port(address: tuple[str, int]) -> str:
     """The data port accepts connections (its TLS needs a node's certificate, which the
-    admin has not; whether the packet loop turns, the control HealthCheck says)."""
+    admin has not; whether the packet loop turns, the control HealthCheck says). One
+    that resets them is alive but full: not ready, still live."""
     try:
         with socket.create_connection(address, timeout=RPC_TIMEOUT_S):
             return CODE_OK
+    except ConnectionResetError:
+        return DATA_PORT_REFUSING
     except OSError as e:
         return f"cannot connect to the data port {host_port(*address)}: {e.strerror or e}"
 
@@ -13574,9 +14030,13 @@ def add_adm_node_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> Non
 
 def add_adm_server_commands(adm_cmds: Any, output: argparse.ArgumentParser) -> None:
     """The server itself: health, its CAs, its store (backup, restore, migrate) and replicas."""
-    adm_cmds.add_parser(
+    health = adm_cmds.add_parser(
         "health", aliases=["check-health"], parents=[output], help="check both gRPC ports and the data port"
-    ).set_defaults(func=adm_health)
+    )
+    probe = health.add_mutually_exclusive_group()
+    probe.add_argument("--ready", action="store_true", help="can it take joins: every port, the store too (default)")
+    probe.add_argument("--live", action="store_true", help="does the process work: no store asked (liveness probes)")
+    health.set_defaults(func=adm_health)
     ca = adm_cmds.add_parser("ca", help="certificate authorities: status")
     ca_cmds = ca.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
     ca_cmds.add_parser(

@@ -11,7 +11,19 @@
                every new node connects to the leader: joins answered, addresses
                bound twice (store and welcomes; must be 0).
 
+etcd faults (--faults: these instead of the above), on a fresh lab each:
+5. partition   the leader cut off from etcd only (nft in its namespace, 30 s), N times
+               (default 3): seconds until it gave the address up, until another
+               replica held it, and samples with two holders (must be 0).
+6. quorum loss two of three etcd members killed for 25 s while two nodes ping each
+               other 10 times a second: pings lost, as seconds of outage (target:
+               <= 10 % loss), and whether the same leader goes on.
+7. slow etcd   tbf 1 Mbit on every member host and 100 KB writes for 30 s, then
+               healed: seconds until exactly one replica leads, and samples with two
+               holders meanwhile (must be 0).
+
     tests/bench.sh ha [--failovers 10] [--joins 200]
+    tests/bench.sh ha --faults [--partitions 3]
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,7 +46,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab a
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchlib import format_table, machine_note, median, progress, run_lab_bench, temp_dir
-from ha_helpers import Replicas
+from ha_helpers import (
+    Replicas,
+    cut_from_etcd,
+    heal_etcd,
+    ping_loss,
+    reconnect_to_etcd,
+    slow_etcd,
+    start_pings,
+)
 from netlab import Lab, NcClient, start_client, wait_for
 
 
@@ -180,6 +201,104 @@ def concurrent_joins(lab: Lab, replicas: Replicas, count: int) -> dict:
     return result
 
 
+def partition_once(replicas: Replicas) -> tuple[float, float, int, int]:
+    """(seconds until the old leader let go, until another held, two-holder samples, samples)."""
+    old = wait_for(replicas.leader, timeout=60, what="a leader")
+    sampler = HolderSampler(replicas)
+    sampler.start()
+    started = time.monotonic()
+    cut_from_etcd(replicas.servers[old].host)
+    wait_for(lambda: old not in replicas.holders(), timeout=60, interval=0.05, what="the old leader to let go")
+    released = time.monotonic() - started
+    wait_for(lambda: replicas.leader() not in (None, old), timeout=60, interval=0.05, what="another leader")
+    taken = time.monotonic() - started
+    time.sleep(max(0.0, 30 - (time.monotonic() - started)))
+    reconnect_to_etcd(replicas.servers[old].host)
+    time.sleep(5)
+    sampler.stop.set()
+    sampler.join()
+    return released, taken, len(sampler.doubles), sampler.samples
+
+
+def quorum_loss(lab: Lab, replicas: Replicas) -> tuple[int, int, bool]:
+    """(pings sent, lost) through a 25 s loss of two etcd members; whether the leader stayed."""
+    leader = wait_for(replicas.leader, timeout=60, what="a leader")
+    join = replicas.servers[leader].join_string()
+    nodes = [start_client(lab.add_host(f"q{i}"), join) for i in range(2)]
+    addresses = [n.overlay_ip() for n in nodes]
+    pings = start_pings(nodes[0].host, addresses[1] or "", seconds=40)
+    time.sleep(5)
+    killed = [h for h in replicas.hosts if h.name != leader]
+    for host in killed:
+        replicas.etcd.kill(host)
+    time.sleep(25)
+    for host in killed:
+        replicas.etcd.restart(host)
+    pings.popen.wait(timeout=60)
+    sent, lost = ping_loss(pings)
+    return sent, lost, replicas.holders() == [leader]
+
+
+def slow_then_healed(replicas: Replicas) -> tuple[float, int, int]:
+    """(seconds from healing until one replica leads for 5 s running, two-holder samples, samples)."""
+    wait_for(replicas.leader, timeout=60, what="a leader")
+    sampler = HolderSampler(replicas)
+    sampler.start()
+    writer = slow_etcd(replicas, rate_kbit=1000)
+    time.sleep(30)
+    heal_etcd(replicas, writer)
+    healed = time.monotonic()
+    steady_since, leader = time.monotonic(), replicas.leader()
+    while time.monotonic() - steady_since < 5:
+        now_leader = replicas.leader()
+        if now_leader is None or now_leader != leader:
+            steady_since, leader = time.monotonic(), now_leader
+        if time.monotonic() - healed > 120:
+            break
+        time.sleep(0.1)
+    sampler.stop.set()
+    sampler.join()
+    return steady_since - healed, len(sampler.doubles), sampler.samples
+
+
+def in_a_lab(directory: Path, name: str, body: Callable[[Lab, Replicas], Any]) -> Any:
+    lab = Lab(directory / name)
+    try:
+        replicas = Replicas(lab, count=3)
+        return body(lab, replicas)
+    finally:
+        lab.close()
+
+
+def run_faults(args: argparse.Namespace) -> int:
+    with temp_dir("nc-bench-ha-faults-") as directory:
+        runs = []
+        for n in range(args.partitions):
+            progress(f"partition {n + 1}/{args.partitions}: the leader cut off from etcd for 30 s")
+            runs.append(in_a_lab(directory, f"partition{n}", lambda _lab, r: partition_once(r)))
+        progress("quorum loss: two of three etcd members killed for 25 s")
+        sent, lost, stayed = in_a_lab(directory, "quorum", quorum_loss)
+        progress("slow etcd for 30 s, then healed")
+        steady, slow_doubles, slow_samples = in_a_lab(directory, "slow", lambda _lab, r: slow_then_healed(r))
+    released = [r[0] for r in runs]
+    taken = [r[1] for r in runs]
+    rows = [
+        ["partition: the old leader gave the address up after (max)", f"{max(released):.1f} s", "before the takeover"],
+        ["partition: another replica held it after (max)", f"{max(taken):.1f} s", "<= 15 s"],
+        [
+            f"partition: samples with two holders (of {sum(r[3] for r in runs)}, {len(runs)} runs)",
+            str(sum(r[2] for r in runs)),
+            "0",
+        ],
+        [f"quorum loss 25 s: pings lost (of {sent}, 10/s)", f"{lost} ({lost * 0.1:.1f} s)", "<= 10 %"],
+        ["quorum loss: the same leader after", "yes" if stayed else "no", "yes"],
+        ["slow etcd healed -> one leader, steady 5 s", f"{steady:.1f} s", "<= 15 s"],
+        [f"slow etcd: samples with two holders (of {slow_samples})", str(slow_doubles), "0"],
+    ]
+    print(format_table(["measure", "nc", "target"], rows, title="HA replicas, etcd faults " + machine_note()))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     with temp_dir("nc-bench-ha-") as directory:
         lab = Lab(directory / "lab")
@@ -225,11 +344,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--failovers", type=int, default=10)
     parser.add_argument("--joins", type=int, default=200)
+    parser.add_argument("--faults", action="store_true", help="etcd faults instead: partition, quorum loss, slow")
+    parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--join-worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.join_worker:
         return join_worker(args.join_worker)
-    return run_lab_bench("bench_ha", lambda: run(args))
+    return run_lab_bench("bench_ha", lambda: run_faults(args) if args.faults else run(args))
 
 
 if __name__ == "__main__":

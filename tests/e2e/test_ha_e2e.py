@@ -10,7 +10,7 @@ import signal
 import yaml
 from control_helpers import adm_join, join_node, one_error_line
 from etcd_cluster import EtcdCluster
-from ha_helpers import CLUSTER_TOKEN, Replicas, etcd_dump, layout1_nc, sample_holders
+from ha_helpers import CLUSTER_TOKEN, Replicas, etcd_dump, layout1_nc, sample_holders, sample_until
 from netlab import NC, Lab, start_client, start_server, wait_for
 
 
@@ -31,7 +31,7 @@ def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
 
     replicas.servers[leader].process.stop(signal.SIGKILL)
     samples = sample_holders(replicas, seconds=0.5)
-    wait_for(lambda: replicas.leader() == standby, timeout=20, what="the standby to take over")
+    wait_for(lambda: replicas.leader() == standby, timeout=30, what="the standby to take over")
     samples += sample_holders(replicas, seconds=0.5)
     assert all(len(held) <= 1 for held in samples), samples
     for node, address in zip(nodes, addresses):
@@ -145,7 +145,8 @@ def test_a_leader_cut_off_from_etcd_stops_its_data_plane_before_another_takes_ov
     leader = replicas.leader()
     standby = next(name for name in replicas.servers if name != leader)
     replicas.servers[leader].host.run("ip", "link", "set", "eth0", "down")
-    samples = sample_holders(replicas, seconds=10)
+    samples = sample_until(replicas, lambda held: held == [standby], timeout=30)
+    samples += sample_holders(replicas, seconds=1)
     assert all(len(held) <= 1 for held in samples), samples
     assert [standby] in samples and samples[-1] == [standby], samples
     gap = samples.index([standby]) - max(i for i, held in enumerate(samples) if held == [leader])

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from etcd_cluster import EtcdCluster
-from netlab import ROOT, Host, Lab, NcServer, start_server
+from etcd_member import CLIENT_PORT as ETCD_CLIENT_PORT
+from etcd_member import PEER_PORT as ETCD_PEER_PORT
+from netlab import ROOT, Host, Lab, NcServer, Process, start_server
 
 SERVER_OVERLAY_IP = "10.1.1.1"
 CLUSTER_TOKEN = "ha-test-cluster-token-0123456789"
@@ -86,3 +91,85 @@ def etcd_dump(host: Host, endpoints: str) -> bytes:
     done = host.run("etcdctl", f"--endpoints={endpoints}", "get", "--prefix", "/nc/", "-w", "json")
     kvs = json.loads(done.stdout).get("kvs", [])
     return b"\n".join(base64.b64decode(kv["key"]) + b" " + base64.b64decode(kv.get("value", "")) for kv in kvs)
+
+
+def cut_from_etcd(host: Host) -> None:
+    """The host's processes reach no etcd member's client port (its own member included);
+    the members still talk to each other, and everyone else reaches the host."""
+    script = (
+        "table inet ncfault {\n  chain out {\n    type filter hook output priority 0; policy accept;\n"
+        f"    tcp dport {ETCD_CLIENT_PORT} drop\n  }}\n}}\n"
+    )
+    host.run("nft", "-f", "-", input=script)
+
+
+def reconnect_to_etcd(host: Host) -> None:
+    host.run("nft", "delete", "table", "inet", "ncfault", check=False)
+
+
+def two_holders(samples: list[list[str]]) -> list[int]:
+    """The sample indexes at which more than one replica held the server overlay address."""
+    return [i for i, held in enumerate(samples) if len(held) > 1]
+
+
+def sample_until(
+    replicas: Replicas, done: Callable[[list[str]], bool], timeout: float, interval: float = 0.1
+) -> list[list[str]]:
+    """Who holds the overlay address, every interval, until done(the last sample); an
+    AssertionError with the samples after timeout."""
+    samples, end = [], time.monotonic() + timeout
+    while time.monotonic() < end:
+        samples.append(replicas.holders())
+        if done(samples[-1]):
+            return samples
+        time.sleep(interval)
+    raise AssertionError(f"no sample as wanted in {timeout} s: {samples}")
+
+
+def slow_etcd(replicas: Replicas, rate_kbit: int) -> Process:
+    """Every member host's eth0 sends at rate_kbit (tbf, a queue of up to 2 s: no netem in
+    this kernel), and a writer keeps etcd busy with 100 KB values: etcd answers in about a
+    second or more. Returns the writer, to stop by its PID."""
+    for host in replicas.hosts:
+        host.run("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+                 "rate", f"{rate_kbit}kbit", "burst", "32kb", "latency", "2s")  # fmt: skip
+    endpoints = replicas.etcd.endpoints
+    loop = f"while :; do head -c 75000 /dev/urandom | base64 -w0 | etcdctl --endpoints={endpoints} put /load/v; done"
+    return replicas.hosts[0].spawn("sh", "-c", loop, name="etcd-load")
+
+
+def heal_etcd(replicas: Replicas, writer: Process) -> None:
+    writer.stop(signal.SIGKILL)
+    for host in replicas.hosts:
+        host.run("tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+
+
+def start_pings(source: Host, target: str, seconds: float, interval: float = 0.1) -> Process:
+    """ping every interval for seconds, in the background; ping_loss() reads the result."""
+    count = str(int(seconds / interval))
+    return source.spawn("ping", "-n", "-q", "-i", str(interval), "-W", "1", "-c", count, target, name="pings")
+
+
+def ping_loss(pings: Process) -> tuple[int, int]:
+    """(sent, lost) of a finished start_pings()."""
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", pings.log())
+    assert match, pings.log()
+    sent, received = int(match.group(1)), int(match.group(2))
+    return sent, sent - received
+
+
+def split_with_own_member(replicas: Replicas, host: Host) -> None:
+    """A split that leaves the host with its own etcd member only: the member loses its
+    peers (leaderless, a minority), and the host's connections to the other members'
+    client port are rejected with a reset, as a firewall's reject would. The other two
+    members keep their quorum; everything else (the replicas' own ports) still passes."""
+    others = ", ".join(h.ip for h in replicas.hosts if h is not host)
+    script = (
+        "table inet ncfault {\n"
+        "  chain out {\n    type filter hook output priority 0; policy accept;\n"
+        f"    tcp dport {ETCD_PEER_PORT} drop\n"
+        f"    ip daddr {{ {others} }} tcp dport {ETCD_CLIENT_PORT} reject with tcp reset\n  }}\n"
+        "  chain in {\n    type filter hook input priority 0; policy accept;\n"
+        f"    tcp dport {ETCD_PEER_PORT} drop\n  }}\n}}\n"
+    )
+    host.run("nft", "-f", "-", input=script)

@@ -85,8 +85,9 @@ def test_node_mints_are_capped_counted_and_attributed(control: ncctl.ControlPlan
     assert len(minted) == 2 and {row.network for row in minted} == {"edge-b"}
     # A join with a node's token records who brought the newcomer in; unregistering the
     # minter deletes its tokens nobody used.
-    newcomer, _ = control.admit_join(minted[0].token)
+    newcomer, newcomer_creds = control.admit_join(minted[0].token)
     assert control.store.node(newcomer).minted_by == token
+    control.identify(cert_of(newcomer_creds.grpc), "grpc")  # heard from: the token's use counts
     control.unregister(ADMIN, token)
     left = [row for row in control.list_bootstrap_tokens(ADMIN) if row.minted_by == token]
     assert [row.token for row in left] == [minted[0].token], "only the used token stays"

@@ -2500,6 +2500,10 @@ class Store:
     def export_legacy_nodes(self) -> list[str]:
         return [r[0] for r in self._query("SELECT token FROM nc_legacy_node ORDER BY token")]
 
+    def export_pending_joins(self) -> dict[str, str]:
+        """node-token -> bootstrap token of every node not yet heard from."""
+        return dict(self._query("SELECT token, join_token FROM network_mgr WHERE join_token != ''"))
+
 
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
 
@@ -3744,9 +3748,11 @@ class EtcdStore:
             value["sealed_net_token"] = self.records.seal_secret(key, value.pop("net_token"))
             puts.append((key, value))
         puts.append((self._key("seq", "network"), {"last": max((r.id for r in networks), default=0)}))
-        tokens = source.list_bootstrap_tokens()
+        tokens, joins = source.list_bootstrap_tokens(), source.export_pending_joins()
+        pending = {join: node for node, join in joins.items()}  # a single-use token has one at most
         for t in tokens:
             value = {
+                "pending": pending.get(t.token, "") if t.single_use else "",
                 "expire_time": t.expire_time,
                 "create_time": t.create_time,
                 "update_time": t.create_time,
@@ -3768,6 +3774,8 @@ class EtcdStore:
                 "minted_by": n.minted_by,
                 "name": n.name,
             }
+            if n.token in joins:  # still pending: it counts once heard from, as it would have
+                value["join_token"] = self._token_key(joins[n.token]).decode()
             puts.append((self._key("node", n.token), value))
             if n.bind_ip:
                 puts.append((self._key("addr", n.network, n.bind_ip), {"token": n.token}))

@@ -647,3 +647,24 @@ def test_etcd_snapshot_loads_into_an_empty_etcd_whole(etcd: LocalEtcd) -> None:
             ncctl.etcd_load(empty, pairs)
     finally:
         empty.close()
+
+
+def test_a_pending_join_stays_pending_through_a_migration_into_etcd(etcd: LocalEtcd, tmp_path: Path) -> None:
+    """`nc adm datastore migrate`: a join not yet heard from keeps counting for nothing, and a
+    retry with its single-use token still supersedes it, on etcd as it would have on sqlite."""
+    source = ncctl.Store(str(tmp_path / "nc.db"))
+    target = ncctl.EtcdStore(etcd.endpoint, CLUSTER_TOKEN, prefix=f"/nc-test-{secrets.token_hex(4)}/")
+    try:
+        token = ncctl.new_bootstrap_token()
+        source.add_bootstrap_token(token, 60, single_use=True)
+        source.admit_node(token, "a" * 16)
+        target.import_store(source)
+        assert target.node("a" * 16).pending
+        assert target.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 0
+        target.admit_node(token, "b" * 16)
+        assert not target.node_token_exists("a" * 16)
+        assert target.confirm_node("b" * 16)
+        assert target.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1
+    finally:
+        source.close()
+        target.close()

@@ -3749,7 +3749,7 @@ class EtcdStore:
             puts.append((key, value))
         puts.append((self._key("seq", "network"), {"last": max((r.id for r in networks), default=0)}))
         tokens, joins = source.list_bootstrap_tokens(), source.export_pending_joins()
-        pending = {join: node for node, join in joins.items()}  # a single-use token has one at most
+        pending = {bootstrap: node for node, bootstrap in joins.items()}  # a single-use token has one at most
         for t in tokens:
             value = {
                 "pending": pending.get(t.token, "") if t.single_use else "",

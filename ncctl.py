@@ -11517,6 +11517,7 @@ DEFAULT_JOIN_TIMEOUT_S = 300  # how long `nc client --join` waits for a server t
 
 
 JOIN_BACKOFF_CAP_S = 10.0  # the longest wait between two join attempts
+JOIN_CONFIRM_TIMEOUT_S = 5.0  # the join's confirming call; unanswered, the node's first connect confirms
 
 
 def join(
@@ -11618,7 +11619,7 @@ def confirm_join(target: JoinTarget, response: Any, decoded: dict[str, bytes]) -
     address = host_port(target.host, int(response.GrpcServerPort or DEFAULT_GRPC_PORT))
     with secure_channel(address, decoded["grpc_ca"], decoded["grpc_key"], decoded["grpc_cert"]) as channel:
         try:
-            pb_grpc.LiteKubeNCServiceStub(channel).HealthCheck(pb.HealthCheckRequest(), timeout=RPC_TIMEOUT_S)
+            pb_grpc.LiteKubeNCServiceStub(channel).HealthCheck(pb.HealthCheckRequest(), timeout=JOIN_CONFIRM_TIMEOUT_S)
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAUTHENTICATED:
                 log.info("could not confirm the join at %s (%s); the first connect will", address, e.code().name)

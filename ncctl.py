@@ -1636,6 +1636,10 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE network_mgr ADD COLUMN name text not null default ''",
         "CREATE UNIQUE INDEX IF NOT EXISTS network_mgr_name ON network_mgr(network, name) WHERE name != ''",
     ],
+    [  # 6: a join counts once its node is first heard from; until then join_token names its token
+        # (existing nodes joined under an older build: '' = confirmed)
+        "ALTER TABLE network_mgr ADD COLUMN join_token text not null default ''",
+    ],
 ]
 
 
@@ -1660,12 +1664,17 @@ class NodeRow:
     node_version: str = ""
     last_seen: str = ""  # local time its last session started or ended; empty: never connected
     name: str = ""  # its human name, unique within its network; empty: not named yet
+    pending: bool = False  # joined, but never heard from since: its credentials may not have arrived
 
 
 NODE_COLUMNS = (
     "token, state, bind_ip, create_time, update_time, network, minted_by,"
-    " host_name, endpoint, transport, node_version, last_seen, name"
+    " host_name, endpoint, transport, node_version, last_seen, name, join_token != ''"
 )
+
+# A join whose node never makes an authenticated call (its reply lost, or its host gone
+# before it connected) is forgotten after this long; it never held an address or a use.
+UNCONFIRMED_JOIN_TTL_S = 24 * 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1776,9 +1785,21 @@ class Datastore(Protocol):
         ...
 
     def admit_node(self, bootstrap_token: str, node_token: str, certs: tuple[CertRecord, ...] = ()) -> str:
-        """Re-check the token (refuse_unusable_token), count its use, add the node idle and
-        unbound to the token's network (returned) and record its certificates, in one step.
+        """Re-check the token (refuse_unusable_token), add the node pending (idle, unbound,
+        its token's use not yet counted) to the token's network (returned) and record its
+        certificates, in one step. A single-use token's earlier pending node is purged:
+        a retried join supersedes one whose reply was lost, so at most one can confirm.
         BadRequest: the token is unknown, expired or used up; Conflict: the node-token exists."""
+        ...
+
+    def confirm_node(self, token: str) -> bool:
+        """The node was heard from (its first authenticated call): count its token's use
+        and make it a node like any other, in one step. True for a node already confirmed;
+        False when it is not registered (or was superseded, and is purged)."""
+        ...
+
+    def reclaim_unconfirmed_nodes(self, older_than_s: int) -> list[str]:
+        """Leader-only. Purge the pending nodes that joined longer than older_than_s ago; their node-tokens."""
         ...
 
     # -- certificates
@@ -2188,13 +2209,40 @@ class Store:
                 raise BadRequest("bootstrap token is unknown or was deleted")
             single_use, uses, expire_time, network, minted_by = row
             refuse_unusable_token(expire_time, bool(single_use), uses)
-            db.execute("UPDATE token_mgr SET uses = uses + 1 WHERE token = ?", (bootstrap_token,))
+            if single_use:
+                superseded = db.execute("SELECT token FROM network_mgr WHERE join_token = ?", (bootstrap_token,))
+                for (stale,) in superseded.fetchall():
+                    self._purge_node(db, stale)
             db.execute(
-                "INSERT INTO network_mgr (token, state, bind_ip, network, minted_by) VALUES (?, ?, '', ?, ?)",
-                (node_token, STATE_IDLE, network, minted_by),
+                "INSERT INTO network_mgr (token, state, bind_ip, network, minted_by, join_token) VALUES (?, ?, '', ?, ?, ?)",
+                (node_token, STATE_IDLE, network, minted_by, bootstrap_token),
             )
             self._record_certs(db, node_token, certs)
         return network
+
+    def confirm_node(self, token: str) -> bool:
+        with self.transaction() as db:
+            row = db.execute("SELECT join_token FROM network_mgr WHERE token = ?", (token,)).fetchone()
+            if row is None or not row[0]:
+                return row is not None
+            used = db.execute("SELECT single_use, uses FROM token_mgr WHERE token = ?", (row[0],)).fetchone()
+            if used is not None and used[0] and used[1] > 0:  # admit_node supersedes: a safeguard
+                self._purge_node(db, token)
+                return False
+            db.execute("UPDATE token_mgr SET uses = uses + 1 WHERE token = ?", (row[0],))
+            db.execute("UPDATE network_mgr SET join_token = '' WHERE token = ?", (token,))
+            return True
+
+    def reclaim_unconfirmed_nodes(self, older_than_s: int) -> list[str]:
+        self._leader_only()
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT token FROM network_mgr WHERE join_token != '' AND create_time <= ? ORDER BY id",
+                (local_time(-older_than_s),),
+            ).fetchall()
+            for (token,) in rows:
+                self._purge_node(db, token)
+            return [token for (token,) in rows]
 
     # -- certificates -----------------------------------------------------------
 
@@ -2451,6 +2499,10 @@ class Store:
 
     def export_legacy_nodes(self) -> list[str]:
         return [r[0] for r in self._query("SELECT token FROM nc_legacy_node ORDER BY token")]
+
+    def export_pending_joins(self) -> dict[str, str]:
+        """node-token -> bootstrap token of every node not yet heard from."""
+        return dict(self._query("SELECT token, join_token FROM network_mgr WHERE join_token != ''"))
 
 
 SQLITE_READONLY, SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB = 8, 10, 11, 14, 13, 26
@@ -3287,7 +3339,12 @@ class EtcdStore:
             refuse_unusable_token(row["expire_time"], row["single_use"], row["uses"])
             if txn.get(self._key("node", node_token)) is not None:
                 raise unique_conflict("node-token")
-            txn.put(token_key, {**row, "uses": row["uses"] + 1, "update_time": local_time()})
+            stale = row.get("pending", "")  # a single-use token's pending node: superseded
+            stale_node = txn.get(self._key("node", stale)) if stale else None
+            if stale_node is not None and stale_node.get("join_token"):
+                self._purge_node(txn, stale)
+            pending = node_token if row["single_use"] else ""
+            txn.put(token_key, {**row, "pending": pending, "update_time": local_time()})  # racing joins conflict here
             now = local_time()
             txn.put(
                 self._key("node", node_token),
@@ -3298,12 +3355,42 @@ class EtcdStore:
                     "update_time": now,
                     "network": row["network"],
                     "minted_by": row["minted_by"],
+                    "join_token": token_key.decode(),  # the token's key (a keyed hash), not the token
                 },
             )
             self._record_certs(txn, node_token, certs)
             return row["network"]
 
         return self.atomically(admit)
+
+    def confirm_node(self, token: str) -> bool:
+        node_key = self._key("node", token)
+
+        def confirm(txn: EtcdTxn) -> bool:
+            node = txn.get(node_key)
+            if node is None or not node.get("join_token"):
+                return node is not None
+            token_key = node["join_token"].encode()
+            row = txn.get(token_key)
+            if row is not None and row["single_use"] and row["uses"] > 0:  # admit_node supersedes: a safeguard
+                self._purge_node(txn, token)
+                return False
+            if row is not None:
+                txn.put(token_key, {**row, "uses": row["uses"] + 1, "pending": "", "update_time": local_time()})
+            txn.put(node_key, {k: v for k, v in node.items() if k != "join_token"})
+            return True
+
+        return self.atomically(confirm)
+
+    def reclaim_unconfirmed_nodes(self, older_than_s: int) -> list[str]:
+        cutoff = local_time(-older_than_s)
+        doomed = [r.token for r, _ in self._node_rows() if r.pending and r.create_time <= cutoff]
+
+        def reclaim(txn: EtcdTxn, token: str) -> bool:
+            node = txn.get(self._key("node", token))
+            return node is not None and bool(node.get("join_token")) and self._purge_node(txn, token)
+
+        return [t for t in doomed if self.atomically(functools.partial(reclaim, token=t), leader_only=True)]
 
     # -- certificates -----------------------------------------------------------
 
@@ -3418,6 +3505,7 @@ class EtcdStore:
             v["minted_by"],
             *(v.get(f, "") for f in SESSION_FIELDS),
             v.get("name", ""),  # absent on a node stored before names
+            bool(v.get("join_token")),  # absent on a node stored before joins were confirmed: confirmed
         )
 
     def _node_rows(self) -> list[tuple[NodeRow, int]]:
@@ -3660,9 +3748,11 @@ class EtcdStore:
             value["sealed_net_token"] = self.records.seal_secret(key, value.pop("net_token"))
             puts.append((key, value))
         puts.append((self._key("seq", "network"), {"last": max((r.id for r in networks), default=0)}))
-        tokens = source.list_bootstrap_tokens()
+        tokens, joins = source.list_bootstrap_tokens(), source.export_pending_joins()
+        pending = {bootstrap: node for node, bootstrap in joins.items()}  # a single-use token has one at most
         for t in tokens:
             value = {
+                "pending": pending.get(t.token, "") if t.single_use else "",
                 "expire_time": t.expire_time,
                 "create_time": t.create_time,
                 "update_time": t.create_time,
@@ -3684,6 +3774,8 @@ class EtcdStore:
                 "minted_by": n.minted_by,
                 "name": n.name,
             }
+            if n.token in joins:  # still pending: it counts once heard from, as it would have
+                value["join_token"] = self._token_key(joins[n.token]).decode()
             puts.append((self._key("node", n.token), value))
             if n.bind_ip:
                 puts.append((self._key("addr", n.network, n.bind_ip), {"token": n.token}))
@@ -4264,11 +4356,19 @@ class TokenSweeper(threading.Thread):
     def run(self) -> None:
         while True:
             try:
-                swept = 0
+                swept, reclaimed = 0, []
                 with contextlib.suppress(NotLeader):  # the leadership went since leads said yes
                     swept = self.store.delete_expired_bootstrap_tokens() if self.store.leads else 0
+                    if self.store.leads:
+                        reclaimed = self.store.reclaim_unconfirmed_nodes(UNCONFIRMED_JOIN_TTL_S)
                 if swept:
                     log.info("deleted %d expired bootstrap token(s)", swept)
+                if reclaimed:
+                    log.info(
+                        "forgot %d join(s) never confirmed in %s",
+                        len(reclaimed),
+                        format_duration(UNCONFIRMED_JOIN_TTL_S),
+                    )
                 self.store.prune_expired_certs(datetime.datetime.now(datetime.timezone.utc).isoformat())
             except Exception:
                 log.exception("expired-token sweep failed")
@@ -5042,8 +5142,12 @@ class ControlPlane:
         if token == RESERVED_NODE_TOKEN:
             return Identity(ADMIN, token, DEFAULT_NETWORK)
         node = self.store.node(token)
+        if node is not None and node.pending and not self.store.confirm_node(token):
+            node = None  # purged meanwhile: superseded by a later join with its single-use token
         if node is None:
             raise Unauthenticated("this certificate names no registered node (unregistered or reclaimed); join again")
+        if node.pending:
+            log.info("node %s confirmed its join (first authenticated call)", token)
         return Identity(NODE, token, node.network)
 
     def _retire_older_certs(self, token: str, kind: str, serial: int) -> None:
@@ -11413,6 +11517,7 @@ DEFAULT_JOIN_TIMEOUT_S = 300  # how long `nc client --join` waits for a server t
 
 
 JOIN_BACKOFF_CAP_S = 10.0  # the longest wait between two join attempts
+JOIN_CONFIRM_TIMEOUT_S = 5.0  # the join's confirming call; unanswered, the node's first connect confirms
 
 
 def join(
@@ -11498,10 +11603,31 @@ def join_at(target: JoinTarget, listed: JoinTarget, work_dir: Path, node_name: s
             decoded[name] = base64.b64decode(value, validate=True)
         except ValueError:
             raise RemoteError(f"server sent an undecodable {name}") from None
+    confirm_join(target, response, decoded)
     with signals_held():  # Ctrl-C now would leave half a set: it takes effect after the last file
         config = save_node_credentials(files, decoded, target, listed, response, work_dir, node_name)
     log.info("joined as node %s; credentials saved in %s", loggable(response.token), work_dir)
     return config
+
+
+def confirm_join(target: JoinTarget, response: Any, decoded: dict[str, bytes]) -> None:
+    """Tell the server the credentials arrived (one authenticated call on its control port),
+    so the token's use counts now. A server that refuses them (a later join with the same
+    single-use token superseded this one) refuses the join; one that cannot be asked (an
+    older server, a port not reachable from here) learns it at the node's first connect."""
+    grpc, pb, pb_grpc = grpc_modules()
+    address = host_port(target.host, int(response.GrpcServerPort or DEFAULT_GRPC_PORT))
+    with secure_channel(address, decoded["grpc_ca"], decoded["grpc_key"], decoded["grpc_cert"]) as channel:
+        try:
+            pb_grpc.LiteKubeNCServiceStub(channel).HealthCheck(pb.HealthCheckRequest(), timeout=JOIN_CONFIRM_TIMEOUT_S)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                log.info("could not confirm the join at %s (%s); the first connect will", address, e.code().name)
+                return
+            raise JoinRefused(
+                "join refused: bootstrap token was single-use and has already been used (by a join that raced this one)",
+                "join",
+            ) from None
 
 
 def save_node_credentials(

@@ -198,6 +198,8 @@ def concurrent_joins(lab: Lab, replicas: Replicas, count: int) -> dict:
     nodes = server.adm_json("node", "list")
     bound = [n["bindIp"] for n in nodes if n.get("bindIp")]
     result["store_duplicates"] = len(bound) - len(set(bound))
+    used = [t["uses"] for t in server.adm_json("token", "list") if t["tokenId"] == join.split(".")[0]]
+    result["token_uses"] = used[0] if used else -1  # a use counts once the node is heard from (its HELLO)
     return result
 
 
@@ -327,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
         ["node disconnects, one etcd member killed+restarted", str(member_disconnects), "0"],
         [f"joins answered (of {args.joins}, over 3 replicas)", str(joins["answered"]), str(args.joins)],
         ["nodes welcomed by the leader", str(joins["welcomed"]), str(args.joins)],
+        ["the join token's counted uses", str(joins["token_uses"]), "= nodes welcomed"],
         [
             "addresses bound twice (welcomes / store)",
             f"{joins['welcome_duplicates']} / {joins['store_duplicates']}",

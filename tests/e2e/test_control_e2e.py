@@ -28,7 +28,7 @@ from control_helpers import (
     one_error_line,
 )
 from cryptography import x509
-from netlab import NC, Host, Lab, Process, start_server, wait_for
+from netlab import NC, Host, Lab, Process, start_client, start_server, wait_for
 from server_db import db_execute
 
 import ncctl
@@ -271,6 +271,40 @@ def test_single_use_token_raced_by_parallel_joins_admits_one(lab: Lab) -> None:
     for p, code in zip(procs, codes):
         if code:
             assert "single-use" in p.log() and "Traceback" not in p.log(), p.log()
+
+
+def test_a_join_whose_reply_was_lost_is_retried_with_its_single_use_token(lab: Lab) -> None:
+    """A GetToken answered but never heard of again (its reply lost): the same single-use join
+    string still joins a node that connects, the lost credentials never work, the token counts
+    one use, and the node list holds only the node that arrived."""
+    server = start_server(lab.add_host("server"))
+    node = lab.add_host("node")
+    join = server.join_string("--single-use")
+    before = node_tokens(server)
+    ca = admin_tls(server)["ca"]
+    got = grpc_call(
+        node,
+        BOOTSTRAP,
+        "LiteKubeNCBootstrapService",
+        "GetToken",
+        "GetTokenRequest",
+        ca=ca,
+        bootStrapToken=join.split("@")[0],
+    )
+    assert got["ok"] and got["response"]["code"] == "200", got
+    lost = {"cert": lab.dir / "lost.crt", "key": lab.dir / "lost.key"}
+    lost["cert"].write_bytes(base64.b64decode(got["response"]["GrpcClientCert"]))
+    lost["key"].write_bytes(base64.b64decode(got["response"]["GrpcClientKey"]))
+    [listed] = server.adm_json("token", "list")
+    assert (listed["state"], listed["uses"]) == ("valid", 0), "a join nobody confirmed spends nothing"
+    client = start_client(node, join)
+    assert client.overlay_ip()
+    [listed] = server.adm_json("token", "list")
+    assert (listed["state"], listed["uses"]) == ("used", 1)
+    assert node_tokens(server) == before | {client.token()}
+    refused = grpc_call(node, CONTROL, "LiteKubeNCService", "HealthCheck", "HealthCheckRequest", ca=ca, **lost)
+    assert refused["ok"] is False, refused
+    assert "single-use" in one_error_line(adm_join(node, join, lab.dir / "late"))
 
 
 # -- mutual TLS on the control port --------------------------------------------------------

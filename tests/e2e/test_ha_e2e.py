@@ -4,11 +4,12 @@ with its address, and never do two replicas hold the server's overlay address.""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 
 import yaml
-from control_helpers import adm_join, join_node, one_error_line
+from control_helpers import adm_join, admin_tls, grpc_call, join_node, node_tokens, one_error_line
 from etcd_cluster import EtcdCluster
 from ha_helpers import CLUSTER_TOKEN, Replicas, etcd_dump, layout1_nc, sample_holders, sample_until
 from netlab import NC, Lab, start_client, start_server, wait_for
@@ -47,6 +48,41 @@ def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
         (replicas.servers[standby].host.ip, "leader"),
         (replicas.servers[leader].host.ip, "standby"),
     }
+
+
+def test_a_join_a_killed_replica_never_answered_is_retried_on_the_other(lab: Lab) -> None:
+    """A standby admits a join with a single-use token and is SIGKILLed before anyone hears
+    of it (the reply lost): the same join string joins a working node through the leader,
+    the lost join's credentials never work, and etcd counts the token used once."""
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.servers[replicas.leader()]
+    standby = next(server for server in replicas.servers.values() if server is not leader)
+    join = standby.join_string("--single-use")
+    node = lab.add_host("n1")
+    ca = admin_tls(leader)["ca"]
+    got = grpc_call(
+        node,
+        f"{standby.host.ip}:6439",
+        "LiteKubeNCBootstrapService",
+        "GetToken",
+        "GetTokenRequest",
+        ca=ca,
+        bootStrapToken=join.split("@")[0],
+    )
+    assert got["ok"] and got["response"]["code"] == "200", got
+    lost = {"cert": lab.dir / "lost.crt", "key": lab.dir / "lost.key"}
+    lost["cert"].write_bytes(base64.b64decode(got["response"]["GrpcClientCert"]))
+    lost["key"].write_bytes(base64.b64decode(got["response"]["GrpcClientKey"]))
+    standby.process.stop(signal.SIGKILL)
+    client = start_client(node, join)  # the standby first in the join string: unreachable, then the leader
+    assert node_tokens(leader) == {"reserverd", client.token()}
+    [listed] = leader.adm_json("token", "list")
+    assert (listed["state"], listed["uses"]) == ("used", 1), listed
+    refused = grpc_call(
+        node, f"{leader.host.ip}:6440", "LiteKubeNCService", "HealthCheck", "HealthCheckRequest", ca=ca, **lost
+    )
+    assert refused["ok"] is False, refused
 
 
 def test_standby_refusal_names_the_leader(lab: Lab) -> None:

@@ -460,7 +460,8 @@ def test_real_nodes_keep_their_addresses_across_the_upgrade_from_version_1(lab: 
     ips = {client.token(): wait_connected(server, client) for client in clients}
     assert server.process.stop() == 0
     path = server.work_dir / "nc.db"
-    statements = [  # undo migration 5, 4, 3, then migration 2
+    statements = [  # undo migration 6, 5, 4, 3, then migration 2
+        "ALTER TABLE network_mgr DROP COLUMN join_token",
         "DROP INDEX network_mgr_name",
         "ALTER TABLE network_mgr DROP COLUMN name",
         *(f"ALTER TABLE network_mgr DROP COLUMN {c}" for c in ("host_name", "endpoint", "transport", "node_version")),

@@ -67,6 +67,24 @@ def test_permission_table(control: ncctl.ControlPlane) -> None:
     assert {row.token for row in control.list_nodes(ADMIN)} >= {b_token, d_token}
 
 
+def test_a_join_whose_reply_was_lost_is_retried_with_its_single_use_token(control: ncctl.ControlPlane) -> None:
+    """The first reply never arrived: the retry gets a working node, the lost credentials
+    never work, and the token is spent only once the retry's node was heard from."""
+    bootstrap, _, _ = control.create_bootstrap_token(ADMIN, 10, single_use=True)
+    lost, lost_creds = control.admit_join(bootstrap)
+    retried, creds = control.admit_join(bootstrap)
+    assert [row.uses for row in control.list_bootstrap_tokens(ADMIN)] == [0]
+    with pytest.raises(ncctl.Unauthenticated, match="join again"):
+        control.identify(cert_of(lost_creds.network), "network")
+    overlay, ip = control.admit_session(cert_of(creds.network), retried, "")
+    assert overlay == ncctl.DEFAULT_NETWORK and control.store.node(retried).bind_ip == str(ip)
+    assert not control.store.node(retried).pending and control.store.node(lost) is None
+    assert [row.uses for row in control.list_bootstrap_tokens(ADMIN)] == [1]
+    with pytest.raises(ncctl.BadRequest, match="single-use"):
+        control.admit_join(bootstrap)
+    assert control.identify(cert_of(creds.grpc), "grpc").node_token == retried, "confirming again changes nothing"
+
+
 def test_node_mints_are_capped_counted_and_attributed(control: ncctl.ControlPlane) -> None:
     token, creds = join(control, "edge-b")
     node = control.identify(cert_of(creds.grpc), "grpc")
@@ -85,8 +103,9 @@ def test_node_mints_are_capped_counted_and_attributed(control: ncctl.ControlPlan
     assert len(minted) == 2 and {row.network for row in minted} == {"edge-b"}
     # A join with a node's token records who brought the newcomer in; unregistering the
     # minter deletes its tokens nobody used.
-    newcomer, _ = control.admit_join(minted[0].token)
+    newcomer, newcomer_creds = control.admit_join(minted[0].token)
     assert control.store.node(newcomer).minted_by == token
+    control.identify(cert_of(newcomer_creds.grpc), "grpc")  # heard from: the token's use counts
     control.unregister(ADMIN, token)
     left = [row for row in control.list_bootstrap_tokens(ADMIN) if row.minted_by == token]
     assert [row.token for row in left] == [minted[0].token], "only the used token stays"

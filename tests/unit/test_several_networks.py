@@ -247,6 +247,7 @@ def test_store_migrates_a_version_1_database_keeping_every_binding(tmp_path: Pat
         assert set(rows) == {*legacy, "reserverd"}
         for token, (state, ip) in legacy.items():
             assert (rows[token].state, rows[token].bind_ip, rows[token].network) == (state, ip, "default")
+            assert not rows[token].pending, "a node that joined under an older build counts as heard from"
         assert [t.network for t in store.list_bootstrap_tokens()] == ["default"]
         assert store.networks() == []
     finally:

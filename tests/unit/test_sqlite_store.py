@@ -228,10 +228,11 @@ def test_update_time_moves_when_token_expiry_changes(store: ncctl.Store, db_file
 
 
 def test_single_use_token_admits_once(store: ncctl.Store) -> None:
-    """A single-use token admits one node; the second admit is refused and adds nothing."""
+    """A single-use token admits one node; once it was heard from, a second admit is refused and adds nothing."""
     token = "dddddd.0123456789abcdef"
     store.add_bootstrap_token(token, 10, True)
     store.admit_node(token, "first00000000000")
+    assert store.confirm_node("first00000000000")
     with pytest.raises(ncctl.BadRequest, match="single-use"):
         store.admit_node(token, "second0000000000")
     assert [n.token for n in store.nodes()] == ["first00000000000"]
@@ -244,12 +245,15 @@ def test_multi_use_token_counts_uses(store: ncctl.Store) -> None:
     store.add_bootstrap_token(token, 10, False)
     for i in range(3):
         store.admit_node(token, f"multi{i:011d}")
+    assert store.bootstrap_tokens_with_id("eeeeee")[0].uses == 0, "a use counts once its node is heard from"
+    for i in range(3):
+        store.confirm_node(f"multi{i:011d}")
     assert store.bootstrap_tokens_with_id("eeeeee")[0].uses == 3
     assert {(n.state, n.bind_ip) for n in store.nodes()} == {(ncctl.STATE_IDLE, "")}
 
 
 def test_single_use_token_under_concurrency(store: ncctl.Store) -> None:
-    """Ten threads race one single-use token: exactly one node is admitted."""
+    """Ten threads race one single-use token, each confirming at once: exactly one node stays."""
     token = "ffffff.0123456789abcdef"
     store.add_bootstrap_token(token, 10, True)
     results: list[str] = []
@@ -259,7 +263,7 @@ def test_single_use_token_under_concurrency(store: ncctl.Store) -> None:
         barrier.wait()
         try:
             store.admit_node(token, f"race{i:012d}")
-            results.append("ok")
+            results.append("ok" if store.confirm_node(f"race{i:012d}") else "refused")
         except ncctl.BadRequest:
             results.append("refused")
 

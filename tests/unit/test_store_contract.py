@@ -75,10 +75,11 @@ def store(stores: Stores) -> ncctl.Datastore:
 
 
 def admitted(store: ncctl.Datastore, node: str, network: str = ncctl.DEFAULT_NETWORK, **token_args: object) -> str:
-    """A node admitted with a fresh multi-use token; returns the bootstrap token."""
+    """A node admitted (and heard from) with a fresh multi-use token; returns the bootstrap token."""
     token = ncctl.new_bootstrap_token()
     store.add_bootstrap_token(token, 60, False, network, **token_args)
     store.admit_node(token, node)
+    assert store.confirm_node(node)
     return token
 
 
@@ -138,13 +139,46 @@ def test_single_use_token_admits_once(store: ncctl.Datastore) -> None:
     token = ncctl.new_bootstrap_token()
     store.add_bootstrap_token(token, 60, single_use=True)
     assert store.admit_node(token, "a" * 16) == ncctl.DEFAULT_NETWORK
+    assert store.confirm_node("a" * 16)
     with pytest.raises(ncctl.BadRequest, match="already been used"):
         store.admit_node(token, "b" * 16)
     assert not store.node_token_exists("b" * 16)
 
 
+def test_a_lost_join_is_retried_with_its_single_use_token(store: ncctl.Datastore) -> None:
+    """A join whose reply was lost (never heard from) is superseded by the retry: the token
+    stays unused until the retry's node confirms, the lost node's certificates go with it."""
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, single_use=True)
+    lost = ncctl.CertRecord(0x10, "grpc", "2999-01-01T00:00:00+00:00")
+    store.admit_node(token, "a" * 16, (lost,))
+    assert store.node("a" * 16).pending
+    assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 0
+    store.admit_node(token, "b" * 16)
+    assert not store.node_token_exists("a" * 16) and store.cert_owner(0x10) is None
+    assert not store.confirm_node("a" * 16), "the lost reply's node can never connect"
+    assert store.confirm_node("b" * 16) and not store.node("b" * 16).pending
+    assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1
+    with pytest.raises(ncctl.BadRequest, match="already been used"):
+        store.admit_node(token, "c" * 16)
+    assert [n.token for n in store.nodes()] == ["b" * 16]
+
+
+def test_unconfirmed_joins_are_reclaimed_and_count_for_nothing(store: ncctl.Datastore) -> None:
+    token = ncctl.new_bootstrap_token()
+    store.add_bootstrap_token(token, 60, single_use=False)
+    store.admit_node(token, "a" * 16)
+    store.admit_node(token, "b" * 16)
+    assert store.confirm_node("b" * 16)
+    assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1, "only the node heard from counts"
+    assert store.reclaim_unconfirmed_nodes(3600) == [], "a fresh join is left to arrive"
+    assert store.reclaim_unconfirmed_nodes(-1) == ["a" * 16]
+    assert [n.token for n in store.nodes()] == ["b" * 16]
+    assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1
+
+
 def test_single_use_token_under_concurrency_across_handles(stores: Stores) -> None:
-    """Two replicas race for one single-use token: exactly one node gets in."""
+    """Two replicas race for one single-use token, each node confirming at once: exactly one gets in."""
     first, second = stores.open(), stores.open()
     token = ncctl.new_bootstrap_token()
     first.add_bootstrap_token(token, 60, single_use=True)
@@ -153,7 +187,7 @@ def test_single_use_token_under_concurrency_across_handles(stores: Stores) -> No
     def join(store: ncctl.Datastore, node: str) -> None:
         try:
             store.admit_node(token, node)
-            results.append("ok")
+            results.append("ok" if store.confirm_node(node) else "refused")
         except ncctl.BadRequest:
             results.append("refused")
 
@@ -170,6 +204,8 @@ def test_single_use_token_under_concurrency_across_handles(stores: Stores) -> No
 def test_multi_use_token_counts_uses(store: ncctl.Datastore) -> None:
     token = admitted(store, "a" * 16)
     store.admit_node(token, "b" * 16)
+    assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1, "b not heard from yet"
+    assert store.confirm_node("b" * 16) and store.confirm_node("b" * 16), "confirming twice counts once"
     assert store.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 2
 
 
@@ -611,3 +647,24 @@ def test_etcd_snapshot_loads_into_an_empty_etcd_whole(etcd: LocalEtcd) -> None:
             ncctl.etcd_load(empty, pairs)
     finally:
         empty.close()
+
+
+def test_a_pending_join_stays_pending_through_a_migration_into_etcd(etcd: LocalEtcd, tmp_path: Path) -> None:
+    """`nc adm datastore migrate`: a join not yet heard from keeps counting for nothing, and a
+    retry with its single-use token still supersedes it, on etcd as it would have on sqlite."""
+    source = ncctl.Store(str(tmp_path / "nc.db"))
+    target = ncctl.EtcdStore(etcd.endpoint, CLUSTER_TOKEN, prefix=f"/nc-test-{secrets.token_hex(4)}/")
+    try:
+        token = ncctl.new_bootstrap_token()
+        source.add_bootstrap_token(token, 60, single_use=True)
+        source.admit_node(token, "a" * 16)
+        target.import_store(source)
+        assert target.node("a" * 16).pending
+        assert target.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 0
+        target.admit_node(token, "b" * 16)
+        assert not target.node_token_exists("a" * 16)
+        assert target.confirm_node("b" * 16)
+        assert target.bootstrap_tokens_with_id(ncctl.token_id(token))[0].uses == 1
+    finally:
+        source.close()
+        target.close()

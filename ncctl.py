@@ -11557,7 +11557,7 @@ def join_once(listed: JoinTarget, work_dir: Path, name: str = "") -> ClientConfi
         try:
             return join_at(target, listed, work_dir, name)
         except RemoteError as e:  # unreachable: the next replica
-            log.warning("%s; trying the next replica", e)
+            log.info("%s; trying the next replica", e)  # progress: the last one says why it failed
     return join_at(last, listed, work_dir, name)
 
 

@@ -5057,10 +5057,11 @@ BAD_FRAME_LIMIT = 100
 BAD_FRAME_WINDOW_S = 10.0
 
 
-# REKEY and TRANSPORT frames, per node (across its reconnects). A well-behaved node
-# rekeys every 120 s (sooner only past 2^24 datagrams), and says TRANSPORT when its UDP
-# path comes up or fails: at most twice per 3 s of silence plus a 20 s wait, and once
-# per session; about 7 a minute at worst, 12 for one that also reconnects every 10 s.
+# REKEY, TRANSPORT and PEERS (endpoints) frames, per node (across its reconnects); the
+# first of each kind in a session is free. A well-behaved node rekeys every 120 s (sooner
+# only past 2^24 datagrams), and says TRANSPORT when its UDP path comes up or fails or auto
+# changes its mind: at most twice per 3 s of silence plus a 20 s wait; about 7 a minute
+# at worst.
 CONTROL_FRAME_BURST = 20
 
 
@@ -5086,7 +5087,10 @@ class Budgets:
             "bad-frames", "malformed frames", BAD_FRAME_LIMIT, BAD_FRAME_LIMIT / BAD_FRAME_WINDOW_S
         )
         self.control_frames = Budget(
-            "control-budget", "control frames (REKEY, TRANSPORT)", CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_MINUTE / 60
+            "control-budget",
+            "control frames (REKEY, TRANSPORT, PEERS)",
+            CONTROL_FRAME_BURST,
+            CONTROL_FRAMES_PER_MINUTE / 60,
         )
         self.renewals = Budget("renewal-budget", "certificate renewals", RENEWAL_BURST, RENEWALS_PER_HOUR / 3600)
 
@@ -8260,6 +8264,7 @@ class ServerSession(Link):
         self.direct_key = b""  # the node's share for pair keys, when the hello agreed on "direct"
         self.endpoints: tuple[tuple[str, int], ...] = ()  # the LAN endpoints the node reported (FRAME_PEERS)
         self.direct_bytes = 0  # bytes the node reports it sent on direct paths (FRAME_PEERS), for the metrics
+        self.said: set[int] = set()  # control frame kinds the node sent this session: the first of each is free
 
     def __repr__(self) -> str:
         return f"session({self.node_token or '?'} from {self.peer})"
@@ -9115,7 +9120,7 @@ class SessionLifecycle:
         is spent from the node's control-frame budget (OverBudget past it), and a change
         of path is logged at most once per interval."""
         token = session.node_token
-        self.control.budgets.control_frames.spend(token, f"node {token}", now=self.epoll.now)
+        self._spend_control_frame(session, kind)
         if kind == FRAME_TRANSPORT:
             wanted = message.get("transport") == "udp"
             if wanted != udp.wanted:
@@ -9125,6 +9130,15 @@ class SessionLifecycle:
         session.queue(encode_control(FRAME_REKEY, self.switch.rekey_udp(session, udp, message.get("udpKey"))))
         self.dirty.add(session)
 
+    def _spend_control_frame(self, session: ServerSession, kind: int) -> None:
+        """Charge the node's control-frame budget (OverBudget past it). The first frame of
+        each kind in a session is what the protocol needs (where data goes, the endpoints):
+        free, so a node that restarts in a loop is not refused for its restarts."""
+        if kind in session.said:
+            token = session.node_token
+            self.control.budgets.control_frames.spend(token, f"node {token}", now=self.epoll.now)
+        session.said.add(kind)
+
     def _on_endpoints(self, session: ServerSession, message: dict) -> None:
         """Over TLS: the bytes the node sent on direct paths (a counter, costs nothing), or
         its LAN endpoints: it is introduced to its peers now, which is spent from the
@@ -9133,8 +9147,7 @@ class SessionLifecycle:
         if isinstance(sent, int) and not isinstance(sent, bool) and 0 <= sent < 1 << 63:
             session.direct_bytes = sent
         if "endpoints" in message:
-            token = session.node_token
-            self.control.budgets.control_frames.spend(token, f"node {token}", now=self.epoll.now)
+            self._spend_control_frame(session, FRAME_PEERS)
             session.endpoints = decode_endpoints(message.get("endpoints"))
             self.introductions.introduce(session, self.epoll.now)
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from etcd_member import LocalEtcd
 
 import ncctl
 
@@ -26,3 +27,13 @@ def control(tmp_path: Path) -> Iterator[ncctl.ControlPlane]:
         yield plane
     finally:
         store.close()
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
+    """One real etcd member on loopback for the layer; each test keeps to its own key prefix."""
+    member = LocalEtcd(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield member
+    finally:
+        member.stop()

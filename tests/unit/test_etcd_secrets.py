@@ -26,15 +26,6 @@ LAYOUT1 = json.loads((Path(__file__).resolve().parents[1] / "data" / "etcd_layou
 CERT = ncctl.CertRecord(0xC1, "grpc", "2999-01-01T00:00:00+00:00")
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
-    member = LocalEtcd(tmp_path_factory.mktemp("etcd"))
-    try:
-        yield member
-    finally:
-        member.stop()
-
-
 class Tree:
     """One key prefix of the etcd: stores opened on it, and its raw keys and values."""
 

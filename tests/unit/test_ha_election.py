@@ -20,15 +20,6 @@ from waiting import wait_for
 import ncctl
 
 
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
-    member = LocalEtcd(tmp_path_factory.mktemp("etcd"))
-    try:
-        yield member
-    finally:
-        member.stop()
-
-
 class Elected(ncctl.Sessions):
     """Stands for the data plane a won campaign starts."""
 

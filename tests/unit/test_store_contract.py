@@ -21,15 +21,6 @@ CERT_A = ncctl.CertRecord(0xA1, "grpc", "2999-01-01T00:00:00+00:00")
 CERT_B = ncctl.CertRecord(0xA2, "network", "2999-01-01T00:00:00+00:00")
 
 
-@pytest.fixture(scope="session")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEtcd]:
-    member = LocalEtcd(tmp_path_factory.mktemp("etcd"))
-    try:
-        yield member
-    finally:
-        member.stop()
-
-
 class Stores:
     """Opens the store under test; open() again gives a second handle on the same data
     (a second replica for etcd, a second connection for sqlite)."""

@@ -23,6 +23,7 @@ from control_helpers import (
     db_path,
     grpc_call,
     join_node,
+    lost_join,
     node_tls,
     node_tokens,
     one_error_line,
@@ -282,19 +283,7 @@ def test_a_join_whose_reply_was_lost_is_retried_with_its_single_use_token(lab: L
     join = server.join_string("--single-use")
     before = node_tokens(server)
     ca = admin_tls(server)["ca"]
-    got = grpc_call(
-        node,
-        BOOTSTRAP,
-        "LiteKubeNCBootstrapService",
-        "GetToken",
-        "GetTokenRequest",
-        ca=ca,
-        bootStrapToken=join.split("@")[0],
-    )
-    assert got["ok"] and got["response"]["code"] == "200", got
-    lost = {"cert": lab.dir / "lost.crt", "key": lab.dir / "lost.key"}
-    lost["cert"].write_bytes(base64.b64decode(got["response"]["GrpcClientCert"]))
-    lost["key"].write_bytes(base64.b64decode(got["response"]["GrpcClientKey"]))
+    lost = lost_join(node, BOOTSTRAP, join, ca, lab.dir)
     [listed] = server.adm_json("token", "list")
     assert (listed["state"], listed["uses"]) == ("valid", 0), "a join nobody confirmed spends nothing"
     client = start_client(node, join)

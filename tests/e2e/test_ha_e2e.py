@@ -4,12 +4,11 @@ with its address, and never do two replicas hold the server's overlay address.""
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 
 import yaml
-from control_helpers import adm_join, admin_tls, grpc_call, join_node, node_tokens, one_error_line
+from control_helpers import adm_join, admin_tls, grpc_call, join_node, lost_join, node_tokens, one_error_line
 from etcd_cluster import EtcdCluster
 from ha_helpers import CLUSTER_TOKEN, Replicas, etcd_dump, layout1_nc, sample_holders, sample_until
 from netlab import NC, Lab, start_client, start_server, wait_for
@@ -61,19 +60,7 @@ def test_a_join_a_killed_replica_never_answered_is_retried_on_the_other(lab: Lab
     join = standby.join_string("--single-use")
     node = lab.add_host("n1")
     ca = admin_tls(leader)["ca"]
-    got = grpc_call(
-        node,
-        f"{standby.host.ip}:6439",
-        "LiteKubeNCBootstrapService",
-        "GetToken",
-        "GetTokenRequest",
-        ca=ca,
-        bootStrapToken=join.split("@")[0],
-    )
-    assert got["ok"] and got["response"]["code"] == "200", got
-    lost = {"cert": lab.dir / "lost.crt", "key": lab.dir / "lost.key"}
-    lost["cert"].write_bytes(base64.b64decode(got["response"]["GrpcClientCert"]))
-    lost["key"].write_bytes(base64.b64decode(got["response"]["GrpcClientKey"]))
+    lost = lost_join(node, f"{standby.host.ip}:6439", join, ca, lab.dir)
     standby.process.stop(signal.SIGKILL)
     client = start_client(node, join)  # the standby first in the join string: unreachable, then the leader
     assert node_tokens(leader) == {"reserverd", client.token()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import re
 import subprocess
@@ -41,6 +42,25 @@ def grpc_call(
     }
     done = host.run(sys.executable, str(SCRIPTS / "grpc_probe.py"), str(ROOT), json.dumps(args), timeout=30)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def lost_join(host: Host, bootstrap: str, join: str, ca: str, directory: Path) -> dict[str, Path]:
+    """A GetToken whose reply the joiner never used (as if lost on the way): the gRPC
+    client certificate and key it carried, saved as lost.crt and lost.key in directory."""
+    got = grpc_call(
+        host,
+        bootstrap,
+        "LiteKubeNCBootstrapService",
+        "GetToken",
+        "GetTokenRequest",
+        ca=ca,
+        bootStrapToken=join.split("@")[0],
+    )
+    assert got["ok"] and got["response"]["code"] == "200", got
+    lost = {"cert": directory / "lost.crt", "key": directory / "lost.key"}
+    lost["cert"].write_bytes(base64.b64decode(got["response"]["GrpcClientCert"]))
+    lost["key"].write_bytes(base64.b64decode(got["response"]["GrpcClientKey"]))
+    return lost
 
 
 def one_error_line(done: subprocess.CompletedProcess) -> str:

@@ -5807,10 +5807,14 @@ CAP_DIRECT = (
 )
 
 
+CAP_GROUPS = "groups"  # datagrams may carry a frame sealed once across several (with "udp" and "gso")
+
+
 CAPABILITIES: tuple[str, ...] = (
     CAP_GSO,
     CAP_UDP,
     CAP_DIRECT,
+    CAP_GROUPS,
 )  # negotiated per peer: offered in HELLO, agreed in WELCOME
 
 
@@ -6407,6 +6411,33 @@ DATAGRAM_TAG_LEN = 16
 DATAGRAM_MIN = DATAGRAM_HEADER.size + DATAGRAM_TAG_LEN + 4  # an empty frame, sealed: header, frame header, tag
 
 
+# A frame too big for one datagram (a TCP super-packet, capability "groups") is sealed once
+# and its sealed bytes cut into a group of datagrams, each naming its index and the group's
+# size in DATAGRAM_HEADER's spare bytes and its own counter; the group's nonce is its first
+# datagram's counter, and its associated data the header of index 0. The receiver opens a
+# group once all of it came, in order: one AEAD call and no segmenting per 64 KiB instead
+# of one each per segment. One datagram lost loses the group, so senders group only on a
+# clean link (GroupGate, section 10).
+DATAGRAM_GROUPED = 0x02
+
+
+GROUP_HEADER = struct.Struct("!BBBxIQ")  # type, index, count, session id, counter
+
+
+GROUP_MAX_COUNT = 255
+
+
+GROUP_MAX_SEALED = 4 + MAX_PAYLOAD + DATAGRAM_TAG_LEN  # the largest frame, sealed
+
+
+GROUP_CHUNK_EXTRA = 6 + 4 + DATAGRAM_TAG_LEN  # a group's datagram is as long as the longest TSO piece's
+
+
+def group_chunk(mtu: int) -> int:
+    """Sealed bytes per datagram of a group, for a path of this MTU."""
+    return mtu + GROUP_CHUNK_EXTRA
+
+
 X25519_SHARE_LEN = 32
 
 
@@ -6519,8 +6550,12 @@ class DatagramKeys:
         self.opener = AESGCM(receive_key)
         self.sent = 0  # the next counter to seal with
         self.window = ReplayWindow()
-        self.received = 0  # datagrams opened (the node counts them: with window.top, how many never came)
+        self.received = 0  # datagrams opened (with window.top: how many never came, LossMeter)
         self.born = time.monotonic()
+        # The group being received: its first counter, size in datagrams, sealed parts so far
+        # (copies: a read's buffer is reused), and the bytes of its datagrams.
+        self.group_first = self.group_count = self.group_size = 0
+        self.group_parts: list[bytes] = []
 
     @classmethod
     def for_node(cls, session_id: int, node_to_server: bytes, server_to_node: bytes) -> DatagramKeys:
@@ -6534,8 +6569,11 @@ class DatagramKeys:
         """Time to agree on fresh keys (over TLS)."""
         return self.sent >= REKEY_AFTER_DATAGRAMS or now - self.born >= REKEY_AFTER_S
 
-    def seal(self, frames: list[Any]) -> list[bytes]:
-        """Each frame as its own datagram, under consecutive counters."""
+    def seal(self, frames: list[Any], chunk: int = 0) -> list[bytes]:
+        """Each frame as its own datagram, under consecutive counters; with `chunk` (the
+        peer takes groups) a frame whose sealed form is longer goes as a group."""
+        if chunk and max(map(len, frames)) + DATAGRAM_TAG_LEN > chunk:
+            return self._seal_mixed(frames, chunk)
         counter, end = self.sent, self.sent + len(frames)
         if end > COUNTER_LIMIT:
             raise BadDatagram("counter-exhausted")
@@ -6546,6 +6584,41 @@ class DatagramKeys:
         bodies = map(self.sealer.encrypt, map(NONCE.pack, counters), frames, headers)
         self.sent = end
         return list(map(operator.add, headers, bodies))
+
+    def _seal_mixed(self, frames: list[Any], chunk: int) -> list[bytes]:
+        sealed: list[bytes] = []
+        small: list[Any] = []
+        for frame in frames:
+            if len(frame) + DATAGRAM_TAG_LEN <= chunk:
+                small.append(frame)
+                continue
+            if small:
+                sealed += self.seal(small)
+                small = []
+            sealed += self.seal_group(frame, chunk)
+        return sealed + self.seal(small) if small else sealed
+
+    def seal_group(self, frame: Any, chunk: int) -> list[bytes]:
+        """One frame sealed once, cut into datagrams of `chunk` sealed bytes (the last
+        maybe shorter) under consecutive counters."""
+        first, count = self.sent, -(-(len(frame) + DATAGRAM_TAG_LEN) // chunk)
+        if first + count > COUNTER_LIMIT:  # count: at most 110 (an MTU is at least 576)
+            raise BadDatagram("counter-exhausted")
+        aad = GROUP_HEADER.pack(DATAGRAM_GROUPED, 0, count, self.session_id, first)
+        sealed = memoryview(self.sealer.encrypt(NONCE.pack(first), bytes(frame), aad))
+        self.sent = first + count
+        repeat = itertools.repeat
+        headers = map(
+            GROUP_HEADER.pack,
+            repeat(DATAGRAM_GROUPED),
+            range(count),
+            repeat(count),
+            repeat(self.session_id),
+            range(first, first + count),
+        )
+        return list(
+            map(operator.add, headers, [sealed[start : start + chunk] for start in range(0, len(sealed), chunk)])
+        )
 
     def open_run(self, datagrams: list[Any], first: int) -> list[bytes] | None:
         """The frames of datagrams of this session whose headers name first, first + 1,
@@ -6567,6 +6640,7 @@ class DatagramKeys:
             )
         if frames:
             self.window.accept_run(first, len(frames))
+            self.received += len(frames)
         return frames
 
     def open(self, datagram: Any, counter: int) -> bytes:
@@ -6582,8 +6656,60 @@ class DatagramKeys:
         except self.forged:
             raise BadDatagram("forged") from None
         self.window.accept(counter)
+        self.received += 1
         if not one_frame(frame):
             raise BadDatagram("not-one-frame")  # authentic, so the peer is broken: counted, not fatal
+        return frame
+
+    def add_to_group(self, datagrams: list[Any], index: int, count: int, counter: int) -> tuple[bytes | None, int]:
+        """Consecutive datagrams of one group, the first of them `index` of `count` under
+        `counter`: (the group's frame once all of it came, else None; the bytes of all its
+        datagrams). Raises BadDatagram for a datagram that does not continue the group
+        being received (which is then given up) and for a group that does not open."""
+        first = counter - index
+        if index == 0:
+            if count > GROUP_MAX_COUNT or count < 2 or not self._fresh_run(first, count):
+                self.group_parts = []
+                raise BadDatagram("replayed" if count <= GROUP_MAX_COUNT else "malformed")
+            self.group_first, self.group_count, self.group_parts, self.group_size = first, count, [], 0
+        elif (first, count, index) != (
+            self.group_first,
+            self.group_count,
+            len(self.group_parts),
+        ) or not self.group_parts:
+            self.group_parts = []
+            raise BadDatagram("group-incomplete")
+        start = GROUP_HEADER.size
+        self.group_parts += [bytes(datagram[start:]) for datagram in datagrams]
+        self.group_size += sum(map(len, datagrams))
+        if len(self.group_parts) < count:
+            if self.group_size - len(self.group_parts) * start > GROUP_MAX_SEALED:
+                self.group_parts = []
+                raise BadDatagram("malformed")
+            return None, 0
+        parts, self.group_parts = self.group_parts, []
+        return self._open_group(first, count, b"".join(parts)), self.group_size
+
+    def _fresh_run(self, first: int, count: int) -> bool:
+        window = self.window
+        return first > window.top or all(map(window.fresh, range(first, first + count)))
+
+    def _open_group(self, first: int, count: int, sealed: bytes) -> bytes:
+        aad = GROUP_HEADER.pack(DATAGRAM_GROUPED, 0, count, self.session_id, first)
+        try:
+            frame = self.opener.decrypt(NONCE.pack(first), sealed, aad)
+        except self.forged:
+            raise BadDatagram("forged") from None
+        if not self._fresh_run(first, count):  # a rekey's or reordered datagrams came meanwhile
+            raise BadDatagram("replayed")
+        if first > self.window.top:
+            self.window.accept_run(first, count)
+        else:
+            for counter in range(first, first + count):
+                self.window.accept(counter)
+        self.received += count
+        if not one_frame(frame):
+            raise BadDatagram("not-one-frame")
         return frame
 
 
@@ -6620,6 +6746,24 @@ def one_run(datagrams: list[Any]) -> tuple[int, int] | None:
     return (session_id, first) if headers == list(expected) else None
 
 
+def group_run(datagrams: list[Any]) -> tuple[int, int, int, int] | None:
+    """(index, count, session id, counter) of the first datagram when all of a read are
+    consecutive datagrams of one group, else None; compared in C loops."""
+    if min(map(len, datagrams)) <= GROUP_HEADER.size:
+        return None
+    headers = list(map(GROUP_HEADER.unpack_from, datagrams))
+    _kind, index, count, session_id, counter = headers[0]
+    repeat, size = itertools.repeat, len(headers)
+    expected = zip(
+        repeat(DATAGRAM_GROUPED),
+        range(index, index + size),
+        repeat(count),
+        repeat(session_id),
+        range(counter, counter + size),
+    )
+    return headers[0][1:] if index + size <= count and headers == list(expected) else None
+
+
 def open_datagrams(
     datagrams: list[Any], keys_for: Callable[[int], DatagramKeys | None], dropped: Callable[[str], None]
 ) -> Iterator[tuple[DatagramKeys, list[bytes], int]]:
@@ -6627,7 +6771,19 @@ def open_datagrams(
     frames, bytes of their datagrams) for each run of one session; every other datagram
     goes to `dropped` with its reason, having cost one lookup and at most one tag check.
     A read usually holds one session's datagrams under new consecutive counters: those
-    open together."""
+    open together, and so do consecutive datagrams of one group."""
+    if len(datagrams[0]) > GROUP_HEADER.size and datagrams[0][0] == DATAGRAM_GROUPED:
+        run = group_run(datagrams)
+        keys = keys_for(run[2]) if run is not None else None
+        if run is not None and keys is not None:
+            try:
+                frame, size = keys.add_to_group(datagrams, run[0], run[1], run[3])
+            except BadDatagram as e:
+                dropped(e.reason)
+                return
+            if frame is not None:
+                yield keys, [frame], size
+            return
     whole = one_run(datagrams) if len(datagrams) > 1 else None
     keys = keys_for(whole[0]) if whole is not None else None
     opened = keys.open_run(datagrams, whole[1]) if keys is not None and whole is not None else None
@@ -6659,8 +6815,9 @@ def open_one_by_one(
     frames: list[bytes] = []
     size = 0
     for datagram in datagrams:
-        header = datagram_header(datagram)
-        opener = keys_for(header[0]) if header is not None else None
+        grouped = len(datagram) > GROUP_HEADER.size and datagram[0] == DATAGRAM_GROUPED
+        header = GROUP_HEADER.unpack_from(datagram)[1:] if grouped else datagram_header(datagram)
+        opener = keys_for(header[-2]) if header is not None else None
         if opener is None:
             dropped("malformed" if header is None else "unknown-session")
             continue
@@ -6669,6 +6826,13 @@ def open_one_by_one(
             frames, size = [], 0
         keys = opener
         try:
+            if grouped:
+                index, count, _session_id, counter = header  # type: ignore[misc]
+                frame, grown = opener.add_to_group([datagram], index, count, counter)
+                if frame is not None:
+                    frames.append(frame)
+                    size += grown
+                continue
             frames.append(opener.open(datagram, header[1]))  # type: ignore[index]
         except BadDatagram as e:
             dropped(e.reason)
@@ -6762,16 +6926,19 @@ def tso_pieces(packet: Any, mss: int, burst: int) -> list[bytes] | None:
     return pieces
 
 
-def datagram_frames(payload: Any, mtu: int, partial: bool, burst: int) -> list[bytes]:
+def datagram_frames(payload: Any, mtu: int, partial: bool, burst: int, whole: bool = False) -> list[bytes]:
     """Frames of about the MTU for datagrams, from a GSO frame payload (virtio_net_hdr +
     packet). partial (the peer agreed on "gso"): a TCP super-packet leaves as pieces of
-    burst `burst` (the counter its first datagram will carry), other packets as GSO
-    frames, and the receiving kernel completes TCP checksums, so the sender sums no
-    payload bytes; else all leave as plain PACKET frames with full checksums."""
+    burst `burst` (the counter its first datagram will carry), or with `whole` (the path
+    groups) as one GSO frame to be sealed as a group; other packets as GSO frames, and the
+    receiving kernel completes TCP checksums, so the sender sums no payload bytes; else all
+    leave as plain PACKET frames with full checksums."""
     if len(payload) < VNET_HDR_LEN:
         return []
     gso_type, gso_size = payload[1], VNET_HDR.unpack_from(payload)[3]
     packet = payload[VNET_HDR_LEN:]
+    if whole and partial and gso_type & ~GSO_ECN == GSO_TCPV4 and gso_size >= GSO_MIN_SIZE:
+        return [encode_frame(FRAME_GSO_PACKET, payload)]
     if not partial or gso_type & ~GSO_ECN != GSO_TCPV4 or gso_size < GSO_MIN_SIZE:
         if partial and gso_type == GSO_NONE and len(packet) <= mtu:
             return [encode_frame(FRAME_GSO_PACKET, bytes(payload))]
@@ -6919,12 +7086,14 @@ def decode_endpoints(value: Any) -> tuple[tuple[str, int], ...]:
 
 @dataclasses.dataclass(frozen=True)
 class PeerInfo:
-    """A peer the server introduced: its overlay address, share, endpoints, and whether it takes GSO frames."""
+    """A peer the server introduced: its overlay address, share, endpoints, and whether it
+    takes GSO frames and groups."""
 
     ip: int
     share: bytes
     endpoints: tuple[tuple[str, int], ...]
     gso: bool
+    groups: bool = False
 
     def encode(self) -> dict:
         return {
@@ -6932,6 +7101,7 @@ class PeerInfo:
             "key": base64.b64encode(self.share).decode(),
             "endpoints": [list(e) for e in self.endpoints],
             "gso": self.gso,
+            "groups": self.groups,
         }
 
     @classmethod
@@ -6944,7 +7114,10 @@ class PeerInfo:
             ip = int(ipaddress.IPv4Address(entry["ip"]))
         except ValueError:
             return None
-        return cls(ip, share, decode_endpoints(entry.get("endpoints")), entry.get("gso") is True) if share else None
+        if not share:
+            return None
+        gso = entry.get("gso") is True
+        return cls(ip, share, decode_endpoints(entry.get("endpoints")), gso, gso and entry.get("groups") is True)
 
 
 def frame_addresses(frame: Any) -> tuple[bytes, bytes] | None:
@@ -7521,9 +7694,10 @@ class DatagramPath:
         self.node_token = node_token
         self.state = self.PROBING
         self.preferred = True  # auto: datagrams carry while up (False: the link is clean, TLS carries more)
-        # Per session id: (newest counter, datagrams opened) at the last loss_sample.
-        self.counted: dict[int, tuple[int, int]] = {}
+        self.meter = LossMeter()  # the server's datagrams lost, for auto's PathChooser
         now = time.monotonic()
+        self.groups = 0  # the server takes groups: their chunk (group_chunk of the MTU)
+        self.gate = GroupGate(now)
         self.since = now  # when the state began
         self.last_rx = 0.0
         self.last_tx = 0.0
@@ -7543,19 +7717,13 @@ class DatagramPath:
         return (self.state == self.UP and self.preferred) or self.mode == "udp"
 
     def loss_sample(self) -> tuple[int, int]:
-        """(datagrams the server sent, of them opened here) since the last call: the
-        counters are consecutive, so the newest one seen says how many were sent, and every
-        counter below it that never opened was lost on the way (or is still reordered)."""
-        sent = opened = 0
-        counted: dict[int, tuple[int, int]] = {}
-        for session_id, keys in self.openers.items():
-            top, received = keys.window.top, keys.received
-            last_top, last_received = self.counted.get(session_id, (-1, 0))
-            sent += top - last_top
-            opened += received - last_received
-            counted[session_id] = (top, received)
-        self.counted = counted
-        return sent, opened
+        """(datagrams the server sent, of them opened here) since the last call."""
+        return self.meter.sample(self.openers.values())
+
+    @property
+    def chunk(self) -> int:
+        """Big frames leave as groups of datagrams of this many sealed bytes (0: never)."""
+        return self.groups if self.gate.on else 0
 
     def close(self) -> None:
         self.sock.close()
@@ -7565,7 +7733,7 @@ class DatagramPath:
         a short backlog (the caller stops reading the TUN until it drains), past which it
         is dropped and counted. Returns how many frames were sent or held."""
         try:
-            sealed = self.keys.seal(frames)
+            sealed = self.keys.seal(frames, self.chunk)
         except BadDatagram:
             self.counters["dropped-udp-send"] += 1
             return 0
@@ -7603,15 +7771,13 @@ class DatagramPath:
         peers, last = self.peers, None
         for datagrams, source, _local in self.sock.receive(limit):
             if peers is None:
-                for keys, opened, size in open_datagrams(datagrams, self.openers.get, self._dropped):
+                for _keys, opened, size in open_datagrams(datagrams, self.openers.get, self._dropped):
                     frames += opened
-                    keys.received += len(opened)
                     self.rx_bytes += size
                 continue
             for keys, opened, size, newest in open_newest(datagrams, self._opener, self._dropped):
                 if self.openers.get(keys.session_id) is keys:
                     frames += opened
-                    keys.received += len(opened)
                     self.rx_bytes += size
                 else:
                     owner = peers.by_id.get(keys.session_id)
@@ -7652,6 +7818,8 @@ class DatagramPath:
         if self.retired_at and now >= self.retired_at:
             self.openers = {self.keys.session_id: self.keys}
             self.retired_at = 0.0
+        if self.groups and (line := self.gate.observe(now, self.openers.values())) is not None:
+            log.info("UDP to %s: %s", unmapped(self.server[0]), line)
         if self.state == self.PROBING:
             if self.last_rx >= self.since:
                 return self._become(self.UP, now)
@@ -7853,6 +8021,85 @@ class PathChooser:
         self.started = now
 
 
+class LossMeter:
+    """How many datagrams a peer sent and how many of them opened here, from the keys'
+    counters: they are consecutive, so the newest one seen says how many were sent, and
+    every counter below it that never opened was lost on the way (or is still reordered)."""
+
+    def __init__(self) -> None:
+        self.counted: dict[int, tuple[int, int]] = {}  # per session id: (newest counter, opened) at the last sample
+
+    def sample(self, openers: Iterable[DatagramKeys]) -> tuple[int, int]:
+        """(sent, opened) since the last call."""
+        sent = opened = 0
+        counted: dict[int, tuple[int, int]] = {}
+        for keys in openers:
+            top, received = keys.window.top, keys.received
+            last_top, last_received = self.counted.get(keys.session_id, (-1, 0))
+            sent += top - last_top
+            opened += received - last_received
+            counted[keys.session_id] = (top, received)
+        self.counted = counted
+        return sent, opened
+
+
+GROUP_AGAIN_S = 5.0  # after loss ended grouping on a path, the wait before it may group again; doubled each time
+
+
+GROUP_AGAIN_MAX_S = 300.0
+
+
+# Datagrams missing that end grouping before a judgement has its AUTO_MIN_DATAGRAMS: under
+# loss grouped flows slow down, and their acks may never add up to a judgement.
+GROUP_LOSS_SEEN = 3
+
+
+class GroupGate:
+    """Whether a path seals its big frames as groups (capability "groups"): one datagram
+    lost loses a whole group, so only while the datagrams the path receives show a clean
+    link (as auto judges it: AUTO_MIN_DATAGRAMS with at most AUTO_CLEAN_LOSS missing), and
+    not again for a while after loss ended it. Receiving stands in for sending: the peer's
+    datagrams cross the same link back. A path that only sends hears the acks."""
+
+    def __init__(self, now: float) -> None:
+        self.on = False
+        self.meter = LossMeter()
+        self.sent = self.opened = 0
+        self.started = self.after = self.since = self.next_sample = now
+        self.wait = GROUP_AGAIN_S
+
+    def observe(self, now: float, openers: Iterable[DatagramKeys]) -> str | None:
+        """Sample the openers (at most every 0.25 s); a line for the log when grouping
+        starts or stops."""
+        if now < self.next_sample:
+            return None
+        self.next_sample = now + 0.25
+        sent, opened = self.meter.sample(openers)
+        self.sent, self.opened = self.sent + sent, self.opened + opened
+        missing = max(0, self.sent - self.opened)
+        lossy = missing > self.sent * AUTO_CLEAN_LOSS
+        if self.sent < AUTO_MIN_DATAGRAMS and not (self.on and lossy and missing >= GROUP_LOSS_SEEN):
+            if now - self.started >= AUTO_EVIDENCE_S:
+                self._forget(now)
+            return None
+        loss = missing / self.sent
+        self._forget(now)
+        if self.on and lossy:
+            if now - self.since >= AUTO_STREAM_PROVEN_S:
+                self.wait = GROUP_AGAIN_S
+            self.on, self.since, self.after = False, now, now + self.wait
+            self.wait = min(2 * self.wait, GROUP_AGAIN_MAX_S)
+            return f"{loss:.2%} of datagrams lost: one seal per segment again"
+        if not self.on and not lossy and now >= self.after:
+            self.on, self.since = True, now
+            return f"the link is clean ({loss:.2%} of datagrams lost): one seal per 64 KiB"
+        return None
+
+    def _forget(self, now: float) -> None:
+        self.sent = self.opened = 0
+        self.started = now
+
+
 class ServerDatagramPath:
     """The server's side of one node's UDP data path, sending through the server's one
     socket: the node's keys by session id (a rekey adds one), the keys that seal, the
@@ -7886,6 +8133,19 @@ class ServerDatagramPath:
         self.counters = counters
         self.note = note
         self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
+        self.groups = 0  # the node takes groups: their chunk (group_chunk of the MTU)
+        self.gate = GroupGate(time.monotonic())
+
+    @property
+    def chunk(self) -> int:
+        return self.groups if self.gate.on else 0
+
+    def heard(self, now: float, size: int) -> None:
+        """Authenticated datagrams of `size` bytes came: the path is alive, and says how clean the link is."""
+        self.last_rx = now
+        self.rx_bytes += size
+        if self.groups and (line := self.gate.observe(now, self.openers.values())) is not None:
+            log.debug("node %s: %s", self.node_token, line)
 
     def carrying(self, now: float) -> bool:
         """Data for this node goes out as datagrams: it asked, and its datagrams keep coming."""
@@ -7899,13 +8159,14 @@ class ServerDatagramPath:
         if address is None:
             return 0
         pieces: list[bytes] = []
+        chunk = self.chunk
         for frame in frames:
-            if frame[0] == FRAME_GSO_PACKET:  # each burst named by the counter its first piece will get
+            if frame[0] == FRAME_GSO_PACKET and not chunk:  # each burst named by the counter its first piece will get
                 pieces += datagram_frames(memoryview(frame)[4:], self.mtu, self.gso, keys.sent + len(pieces))
             else:
                 pieces.append(frame)
         try:
-            sealed = keys.seal(pieces)
+            sealed = keys.seal(pieces, chunk)
             sent = sock.send(sealed, address, self.local)
         except (OSError, BadDatagram) as e:
             self.counters["dropped-udp-send"] += 1
@@ -7966,8 +8227,10 @@ class DirectPeer:
     PROBING, UP, DOWN = "probing", "up", "down"
     name = "direct"
 
-    def __init__(self, info: PeerInfo, pair: PairKeys, sock: DatagramSocket, now: float) -> None:
+    def __init__(self, info: PeerInfo, pair: PairKeys, sock: DatagramSocket, now: float, mtu: int) -> None:
         self.ip, self.share, self.gso, self.pair, self.sock = info.ip, info.share, info.gso, pair, sock
+        self.groups = group_chunk(mtu) if info.groups else 0  # the peer takes groups: their chunk
+        self.gate = GroupGate(now)
         self.address = str(ipaddress.IPv4Address(info.ip))
         self.ip_bytes = info.ip.to_bytes(4, "big")
         self.endpoints = [udp_address(sock.sock, host, port) for host, port in info.endpoints]
@@ -7993,6 +8256,10 @@ class DirectPeer:
     def sealer(self) -> DatagramKeys:
         return self.epochs[self.send_epoch]
 
+    @property
+    def chunk(self) -> int:
+        return self.groups if self.gate.on else 0
+
     def received(self, session_id: int) -> None:
         """A datagram opened under this session id: a newer epoch of the peer's makes the
         next one ready and lets the ones before the previous go."""
@@ -8013,7 +8280,7 @@ class DirectPeer:
         if address is None:
             return 0
         try:
-            sealed = self.sealer.seal(frames)
+            sealed = self.sealer.seal(frames, self.chunk)
             sent = self.sock.send(sealed, address)
         except (OSError, BadDatagram):
             return 0
@@ -8029,6 +8296,8 @@ class DirectPeer:
         if self.sealer.worn(now):
             self.send_epoch += 1
             self._keep(self.send_epoch)
+        if self.groups and (line := self.gate.observe(now, self.epochs.values())) is not None:
+            log.info("direct path to %s: %s", self.address, line)
         if self.state == self.UP:
             if now - self.last_pong > DIRECT_SILENT_S:
                 self._down(now, DIRECT_RETRY_S)
@@ -8098,6 +8367,7 @@ class PeerTable:
         self.sock, self.private, self.share, self.ip = sock, private, share, ip
         self.ip_bytes = ip.to_bytes(4, "big")
         self.counters = counters
+        self.mtu = DEFAULT_MTU  # the network's (the welcome's): what a group's datagrams are cut to
         self.peers: dict[int, DirectPeer] = {}  # by overlay address
         self.by_id: dict[int, DirectPeer] = {}  # by datagram session id, every epoch kept
         self.gone_tx = 0  # bytes sent to peers since removed
@@ -8126,13 +8396,14 @@ class PeerTable:
         peer = self.peers.get(info.ip)
         if peer is not None and peer.share == info.share:
             peer.endpoints = [udp_address(self.sock.sock, host, port) for host, port in info.endpoints]
-            peer.gso = info.gso
+            peer.gso, peer.groups = info.gso, group_chunk(self.mtu) if info.groups else 0
             peer.restart(now)  # the server says: probe now (the other side does too)
             return
         if peer is not None:
             self.remove(info.ip)
         try:
-            peer = DirectPeer(info, PairKeys(self.private, self.share, info.share, self.ip, info.ip), self.sock, now)
+            pair = PairKeys(self.private, self.share, info.share, self.ip, info.ip)
+            peer = DirectPeer(info, pair, self.sock, now, self.mtu)
         except BadDatagram:
             self.counters["direct-bad-share"] += 1
             return
@@ -8819,8 +9090,8 @@ class Switch:
             udp.addr, udp.local = arrived.path
             if moved and session.direct_key:
                 self.addressed(session)
-        udp.last_rx = session.last_rx = self.epoll.now
-        udp.rx_bytes += arrived.size
+        session.last_rx = self.epoll.now
+        udp.heard(self.epoll.now, arrived.size)
         session.rx_packets += len(frames)  # less the keepalives, below
         for frame in coalesce_pieces(frames):
             if session.detached:
@@ -8897,7 +9168,8 @@ class PeerIntroductions:
         endpoints = list(session.endpoints)
         if seen is not None and (unmapped(str(seen[0])), seen[1]) not in endpoints:
             endpoints.append((unmapped(str(seen[0])), seen[1]))
-        return PeerInfo(session.ip, session.direct_key, tuple(endpoints[:MAX_PEER_ENDPOINTS]), session.gso)
+        groups = CAP_GROUPS in session.caps
+        return PeerInfo(session.ip, session.direct_key, tuple(endpoints[:MAX_PEER_ENDPOINTS]), session.gso, groups)
 
     def introduce(self, session: ServerSession, now: float) -> None:
         plane = session.plane
@@ -9087,7 +9359,7 @@ class SessionLifecycle:
         # A node refused for its control frames comes back refused until its budget has room
         # again: a reconnect loop costs no admission and no log line per session.
         self.control.budgets.control_frames.spend(hello.node_token, f"node {hello.node_token}", cost=0)
-        offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO}
+        offered = set(CAPABILITIES) if self.config.offload else set(CAPABILITIES) - {CAP_GSO, CAP_GROUPS}
         if self.switch.udp is None:
             offered.discard(CAP_UDP)
         session.caps = tuple(c for c in hello.caps if c in offered)
@@ -9096,8 +9368,12 @@ class SessionLifecycle:
             session.udp = self.switch.agree_udp(session, hello.udp_key, self.counters, self.note)
             if session.udp is None:  # the node's share is unusable: no UDP for this session
                 session.caps = tuple(c for c in session.caps if c != CAP_UDP)
+        if CAP_UDP not in session.caps or not session.gso:
+            session.caps = tuple(c for c in session.caps if c != CAP_GROUPS)
         if CAP_UDP not in session.caps:
             session.caps = tuple(c for c in session.caps if c != CAP_DIRECT)
+        if session.udp is not None and CAP_GROUPS in session.caps:
+            session.udp.groups = group_chunk(self.config.mtu)
         session.direct_key = hello.direct_key if CAP_DIRECT in session.caps else b""
         log.debug(
             "hello from %s: node %s, nc %s, offered %s, agreed %s",
@@ -9783,6 +10059,7 @@ def peer_table(udp: DatagramPath, private: Any, share: bytes, welcome: Welcome, 
     """The session's direct paths over its datagram socket, and the LAN endpoint the
     server is to hear first: the address this host reaches the server from, the socket's port."""
     peers = PeerTable(udp.sock, private, share, int(ipaddress.IPv4Address(welcome.ip)), udp.counters)
+    peers.mtu = welcome.mtu
     endpoints = []
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(server_ip).version == 6 else socket.AF_INET
@@ -9820,7 +10097,7 @@ def send_tun_split(session: NodeSession, peers: PeerTable, limit: int) -> None:
         gso = peer.gso if peer is not None else session.gso
         if offload:  # each burst named by the counter its first piece will get
             keys = peer.sealer if peer is not None else udp.keys  # type: ignore[union-attr]
-            frames += datagram_frames(packet, mtu, gso, keys.sent + len(frames))
+            frames += datagram_frames(packet, mtu, gso, keys.sent + len(frames), path.chunk > 0)
         else:
             frames.append(reader.frame(FRAME_PACKET, length))
         if len(frames) >= UDP_SEND_BATCH:
@@ -9997,7 +10274,8 @@ class NodeSession:
             except (BlockingIOError, InterruptedError):
                 break
             if offload:  # each burst named by the counter its first piece will get
-                frames += datagram_frames(reader.packet(length), self.server_mtu, self.gso, udp.keys.sent + len(frames))
+                packet, burst = reader.packet(length), udp.keys.sent + len(frames)
+                frames += datagram_frames(packet, self.server_mtu, self.gso, burst, udp.chunk > 0)
             else:
                 frames.append(reader.frame(FRAME_PACKET, length))
             if len(frames) >= UDP_SEND_BATCH:
@@ -10251,10 +10529,14 @@ class NetworkClient:
         link = Link(sock, follower.address, counters=self.counters)
         self._close_datagram_path()  # a failed connect's
         try:
-            caps = CAPABILITIES if self.config.offload else tuple(c for c in CAPABILITIES if c != CAP_GSO)
+            caps = (
+                CAPABILITIES
+                if self.config.offload
+                else tuple(c for c in CAPABILITIES if c not in (CAP_GSO, CAP_GROUPS))
+            )
             share = b""
             if self.config.transport == "tcp":
-                caps = tuple(c for c in caps if c not in (CAP_UDP, CAP_DIRECT))
+                caps = tuple(c for c in caps if c not in (CAP_UDP, CAP_DIRECT, CAP_GROUPS))
             else:
                 self.udp_private, share = new_x25519()
             direct_private, direct_share = new_x25519() if CAP_UDP in caps else (None, b"")
@@ -10298,7 +10580,7 @@ class NetworkClient:
             self.config.transport,
             self.config.token,
         )
-        path.counters = self.counters
+        path.counters, path.groups = self.counters, group_chunk(welcome.mtu) if CAP_GROUPS in welcome.caps else 0
         return path
 
     def _close_datagram_path(self) -> None:
@@ -12638,6 +12920,7 @@ DROP_REASONS = (  # every nc_drops_total reason, there (at 0) from the first scr
     *("queue-full", "udp-send", "udp-full", "spoofed", "interconnection", "no-route", "tun-write"),  # the loop's
     *("oversized", "not-ipv4", "runt", "gso-type", "gso-hdr-len", "gso-csum", "gso-size", "gso-segments"),  # BadFrame
     *("udp-malformed", "udp-unknown-session", "udp-forged", "udp-replayed", "udp-not-one-frame", "udp-not-a-packet"),
+    "udp-group-incomplete",  # a datagram that does not continue the group being received (one before it lost)
 )
 
 

@@ -6,15 +6,14 @@ import base64
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 from etcd_cluster import EtcdCluster
 from etcd_member import CLIENT_PORT as ETCD_CLIENT_PORT
 from etcd_member import PEER_PORT as ETCD_PEER_PORT
-from netlab import ROOT, Host, Lab, NcServer, Process, start_server
+from netlab import Host, Lab, NcServer, Process, start_server
+from releases import nc_of_commit
 
 SERVER_OVERLAY_IP = "10.1.1.1"
 CLUSTER_TOKEN = "ha-test-cluster-token-0123456789"
@@ -61,29 +60,8 @@ LAYOUT1_COMMIT = "a97ea62b3f2dc028b06fbd6c15313a98a8977eef"
 
 
 def layout1_nc(lab: Lab) -> str:
-    """That build's ncctl.py and protocol files, from the repo's history, run from source
-    (its proto modules generated as build.sh does): a program that behaves as its ./nc."""
-    directory = lab.dir / "layout1-nc"
-    (directory / "proto").mkdir(parents=True)
-    for name in ("ncctl.py", "proto/__init__.py", "proto/nc.proto", "proto/etcd.proto"):
-        (directory / name).write_text(git_show(LAYOUT1_COMMIT, name))
-    protoc = [str(ROOT / ".build/tools/bin/python"), "-m", "grpc_tools.protoc", "-I.", "--python_out=."]
-    protoc += ["--grpc_python_out=.", "proto/nc.proto", "proto/etcd.proto"]
-    subprocess.run(protoc, cwd=directory, check=True)
-    program = directory / "nc"
-    program.write_text(f'#!/bin/sh\nPYTHONPATH={directory} exec {sys.executable} {directory / "ncctl.py"} "$@"\n')
-    program.chmod(0o755)
-    return str(program)
-
-
-def git_show(commit: str, path: str) -> str:
-    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"], capture_output=True, text=True)
-    if shown.returncode != 0:
-        raise AssertionError(
-            f"the upgrade test needs the repo's history (commit {commit[:12]}, the last build of etcd "
-            f"key layout 1): {shown.stderr.strip()}"
-        )
-    return shown.stdout
+    """That build's nc, run from source: a program that behaves as its ./nc."""
+    return nc_of_commit(lab, LAYOUT1_COMMIT, "the last build of etcd key layout 1")
 
 
 def etcd_dump(host: Host, endpoints: str) -> bytes:

@@ -173,3 +173,53 @@ def test_a_peers_pieces_never_join_a_run_of_the_servers() -> None:
         path.close()
         server.close()
         a.sock.close()
+
+
+class FakeSession:
+    """What PeerIntroductions reads and writes of a ServerSession."""
+
+    def __init__(self, ip: int) -> None:
+        self.ip, self.detached, self.direct_peers, self.sent = ip, False, (), []
+
+    def queue(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+
+def test_the_server_keeps_of_a_direct_peers_report_only_peers_it_introduced() -> None:
+    """The node list shows what a node reports, but only addresses of peers the server
+    introduced to that node: a foreign, malformed or repeated entry is left out, and a
+    report that is not a list, or longer than a node ever sends, changes nothing."""
+    a, b, c, stranger = (FakeSession(ip) for ip in (A_IP, B_IP, C_IP, C_IP + 1))
+    introductions = ncctl.PeerIntroductions(set())
+    for peer in (b, c):
+        introductions.told.setdefault(a, set()).add(peer)
+        introductions.told.setdefault(peer, set()).add(a)
+    known = introductions.introduced(a)
+    assert known == {"10.1.1.3", "10.1.1.4"}
+    reported = ["10.1.1.3", "10.1.1.3", "10.1.1.5", "10.1.1.2", "010.1.1.4", " 10.1.1.4", 7, None, ["10.1.1.4"], {}]
+    assert ncctl.reported_direct_peers(reported, known) == ("10.1.1.3",)
+    assert ncctl.reported_direct_peers(["10.1.1.4", "10.1.1.3"], known) == ("10.1.1.4", "10.1.1.3")
+    assert ncctl.reported_direct_peers([], known) == ()
+    for junk in ("10.1.1.3", {"10.1.1.3": 1}, 3, None, ["10.1.1.3"] * (ncctl.MAX_DIRECT_PEERS_REPORTED + 1)):
+        assert ncctl.reported_direct_peers(junk, known) is None
+    assert ncctl.reported_direct_peers(["10.1.1.3"], introductions.introduced(stranger)) == ()
+    a.direct_peers, b.direct_peers = ("10.1.1.3", "10.1.1.4"), ("10.1.1.2",)
+    introductions.withdraw(c)  # c's session ended: no one shows a direct path to it
+    assert a.direct_peers == ("10.1.1.3",) and introductions.introduced(a) == {"10.1.1.3"}
+    introductions.withdraw(a)
+    assert a.direct_peers == () and b.direct_peers == ()
+
+
+def test_a_node_reports_its_direct_peers_when_they_change_at_most_every_second(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    assert b.table.direct_report(0.0) is None  # nothing sent, nothing direct: nothing to say
+    pong = ncctl.encode_frame(ncctl.FRAME_DIRECT_PROBE, bytes((ncctl.DIRECT_PONG,)))
+    deliver(a, b, [pong])
+    report = b.table.direct_report(0.5)
+    assert report is not None
+    assert ncctl.decode_control(report[4:]) == {"directBytes": 0, "directPeers": ["10.1.1.2"]}
+    assert b.table.direct_report(0.6) is None  # unchanged
+    b.table.peers[A_IP].state = ncctl.DirectPeer.DOWN
+    assert b.table.direct_report(1.0) is None  # changed, but within DIRECT_PEERS_REPORT_S of the last
+    report = b.table.direct_report(0.5 + ncctl.DIRECT_PEERS_REPORT_S)
+    assert report is not None and ncctl.decode_control(report[4:])["directPeers"] == []

@@ -8305,14 +8305,15 @@ def session_traffic(session: ServerSession) -> dict[str, int]:
     }
 
 
-def reported_direct_peers(value: Any, introduced: set[str]) -> tuple[str, ...] | None:
+def reported_direct_peers(value: Any, introduced: Callable[[str], bool]) -> tuple[str, ...] | None:
     """A node's `directPeers` as the node list shows them: those of its entries that are
-    the overlay address (canonical dotted quad) of a peer the server introduced to it, each
-    once; anything else in the list is left out. None (keep what it said before) for
-    anything but a list of at most MAX_DIRECT_PEERS_REPORTED."""
+    the overlay address of a peer the server introduced to it (`introduced`), each once;
+    anything else in the list is left out. None (keep what it said before) for anything
+    but a list of at most MAX_DIRECT_PEERS_REPORTED: the work is bounded by the list,
+    whatever the size of the network."""
     if not isinstance(value, list) or len(value) > MAX_DIRECT_PEERS_REPORTED:
         return None
-    return tuple(dict.fromkeys(a for a in value if isinstance(a, str) and a in introduced))
+    return tuple(dict.fromkeys(a for a in value if isinstance(a, str) and introduced(a)))
 
 
 RESERVE_SHARE = 4  # a source holding fewer slots than this may still take one of a port's last eighth
@@ -8952,9 +8953,15 @@ class PeerIntroductions:
             session.queue(encode_control(FRAME_PEERS, {"add": [self.info(p).encode() for p in chunk]}))
         self.dirty.add(session)
 
-    def introduced(self, session: ServerSession) -> set[str]:
-        """The overlay addresses of the peers this session was told of (and not withdrawn)."""
-        return {str(ipaddress.IPv4Address(peer.ip)) for peer in self.told.get(session, ())}
+    def introduced(self, session: ServerSession, address: str) -> bool:
+        """`address` (a canonical dotted quad) is that of a peer this session was told of
+        and that was not withdrawn since."""
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except ValueError:
+            return False
+        peer = session.plane.by_ip.get(int(ip)) if session.plane is not None else None
+        return str(ip) == address and peer is not None and peer in self.told.get(session, ())
 
     def withdraw(self, session: ServerSession) -> None:
         """Every peer told of this session forgets it (and it is no longer told of them);
@@ -9190,7 +9197,8 @@ class SessionLifecycle:
         if isinstance(sent, int) and not isinstance(sent, bool) and 0 <= sent < 1 << 63:
             session.direct_bytes = sent
         if "directPeers" in message:
-            direct = reported_direct_peers(message["directPeers"], self.introductions.introduced(session))
+            introduced = functools.partial(self.introductions.introduced, session)
+            direct = reported_direct_peers(message["directPeers"], introduced)
             session.direct_peers = session.direct_peers if direct is None else direct
         if "endpoints" in message:
             self._spend_control_frame(session, FRAME_PEERS)

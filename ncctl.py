@@ -4893,7 +4893,7 @@ class Sessions:
         return False
 
     def live(self) -> dict[str, dict[str, Any]]:
-        """Connected nodes: node-token -> since (epoch seconds), rx_bytes, tx_bytes."""
+        """Connected nodes: node-token -> since (epoch seconds), rx_bytes, tx_bytes, direct_peers."""
         return {}
 
     def transports(self) -> dict[str, str]:
@@ -8220,6 +8220,12 @@ DIRECT_RETRY_MAX_S = 30.0
 DIRECT_REPORT_S = 5.0  # how often at most a node tells the server its direct bytes (metrics)
 
 
+DIRECT_PEERS_REPORT_S = 1.0  # how often at most it tells which peers it reaches directly (node list), on a change
+
+
+MAX_DIRECT_PEERS_REPORTED = 128  # peers named in one report: ~2.3 KB, well within MAX_CONTROL_PAYLOAD
+
+
 class DirectPeer:
     """One peer's direct path (a PeerPath): its keys by epoch, candidate endpoints, the
     endpoint that answered, and whether data goes this way now."""
@@ -8373,14 +8379,31 @@ class PeerTable:
         self.gone_tx = 0  # bytes sent to peers since removed
         self.report: bytes | None = None  # the LAN endpoint for the server, sent once
         self.reported, self.next_report = 0, 0.0  # direct bytes sent, as last told to the server
+        self.reported_peers: list[str] = []  # the peers reached directly, as last told to the server
+        self.next_peers_report = 0.0
 
-    def bytes_report(self, now: float) -> bytes | None:
-        """Every DIRECT_REPORT_S, if it changed: what went out on direct paths, for the server's metrics."""
+    def direct_peers(self) -> list[str]:
+        """The peers whose direct path is up, by overlay address, lowest first (at most MAX_DIRECT_PEERS_REPORTED)."""
+        up = sorted(ip for ip, peer in self.peers.items() if peer.state == DirectPeer.UP)
+        return [str(ipaddress.IPv4Address(ip)) for ip in up[:MAX_DIRECT_PEERS_REPORTED]]
+
+    def direct_report(self, now: float) -> bytes | None:
+        """What went out on direct paths (the server's metrics: every DIRECT_REPORT_S at most,
+        if it changed) and which peers run direct (the node list: when that changed, every
+        DIRECT_PEERS_REPORT_S at most, so a path that goes down leaves the list within
+        seconds): one FRAME_PEERS with both, or None. A server without the list ignores it."""
         sent = sum(peer.tx_bytes for peer in self.peers.values()) + self.gone_tx
-        if now < self.next_report or sent == self.reported:
+        bytes_due = now >= self.next_report and sent != self.reported
+        direct = self.direct_peers() if now >= self.next_peers_report else self.reported_peers
+        peers_due = direct != self.reported_peers
+        if not (bytes_due or peers_due):
             return None
-        self.reported, self.next_report = sent, now + DIRECT_REPORT_S
-        return encode_control(FRAME_PEERS, {"directBytes": sent})
+        if bytes_due:
+            self.next_report = now + DIRECT_REPORT_S
+        if peers_due:
+            self.next_peers_report = now + DIRECT_PEERS_REPORT_S
+        self.reported, self.reported_peers = sent, direct
+        return encode_control(FRAME_PEERS, {"directBytes": sent, "directPeers": direct})
 
     def update(self, message: dict, now: float) -> None:
         """A FRAME_PEERS from the server: peers added (or their endpoints updated), peers removed."""
@@ -8535,6 +8558,7 @@ class ServerSession(Link):
         self.direct_key = b""  # the node's share for pair keys, when the hello agreed on "direct"
         self.endpoints: tuple[tuple[str, int], ...] = ()  # the LAN endpoints the node reported (FRAME_PEERS)
         self.direct_bytes = 0  # bytes the node reports it sent on direct paths (FRAME_PEERS), for the metrics
+        self.direct_peers: tuple[str, ...] = ()  # introduced peers it reports it reaches directly, for the node list
         self.said: set[int] = set()  # control frame kinds the node sent this session: the first of each is free
 
     def __repr__(self) -> str:
@@ -8550,6 +8574,17 @@ def session_traffic(session: ServerSession) -> dict[str, int]:
         "tx_packets": session.tx_packets,
         "direct_tx_bytes": session.direct_bytes,  # what the node reports it sent straight to peers
     }
+
+
+def reported_direct_peers(value: Any, introduced: Callable[[str], bool]) -> tuple[str, ...] | None:
+    """A node's `directPeers` as the node list shows them: those of its entries that are
+    the overlay address of a peer the server introduced to it (`introduced`), each once;
+    anything else in the list is left out. None (keep what it said before) for anything
+    but a list of at most MAX_DIRECT_PEERS_REPORTED: the work is bounded by the list,
+    whatever the size of the network."""
+    if not isinstance(value, list) or len(value) > MAX_DIRECT_PEERS_REPORTED:
+        return None
+    return tuple(dict.fromkeys(a for a in value if isinstance(a, str) and introduced(a)))
 
 
 RESERVE_SHARE = 4  # a source holding fewer slots than this may still take one of a port's last eighth
@@ -9190,13 +9225,27 @@ class PeerIntroductions:
             session.queue(encode_control(FRAME_PEERS, {"add": [self.info(p).encode() for p in chunk]}))
         self.dirty.add(session)
 
+    def introduced(self, session: ServerSession, address: str) -> bool:
+        """`address` (a canonical dotted quad) is that of a peer this session was told of
+        and that was not withdrawn since."""
+        try:
+            ip = ipaddress.IPv4Address(address)
+        except ValueError:
+            return False
+        peer = session.plane.by_ip.get(int(ip)) if session.plane is not None else None
+        return str(ip) == address and peer is not None and peer in self.told.get(session, ())
+
     def withdraw(self, session: ServerSession) -> None:
-        """Every peer told of this session forgets it (and it is no longer told of them)."""
-        gone = {"remove": [str(ipaddress.IPv4Address(session.ip))]}
+        """Every peer told of this session forgets it (and it is no longer told of them);
+        the node list shows no direct path to it from now on."""
+        address = str(ipaddress.IPv4Address(session.ip))
+        gone = {"remove": [address]}
         self.last.pop(session, None)
         self.pending.discard(session)
+        session.direct_peers = ()
         for peer in self.told.pop(session, set()):
             self.told.get(peer, set()).discard(session)
+            peer.direct_peers = tuple(a for a in peer.direct_peers if a != address)
             if not peer.detached:
                 peer.queue(encode_control(FRAME_PEERS, gone))
                 self.dirty.add(peer)
@@ -9416,12 +9465,17 @@ class SessionLifecycle:
         session.said.add(kind)
 
     def _on_endpoints(self, session: ServerSession, message: dict) -> None:
-        """Over TLS: the bytes the node sent on direct paths (a counter, costs nothing), or
-        its LAN endpoints: it is introduced to its peers now, which is spent from the
-        node's control-frame budget like TRANSPORT and REKEY."""
+        """Over TLS: the bytes the node sent on direct paths and the peers it reaches
+        directly (for the metrics and the node list; cost nothing), or its LAN endpoints:
+        it is introduced to its peers now, which is spent from the node's control-frame
+        budget like TRANSPORT and REKEY."""
         sent = message.get("directBytes")
         if isinstance(sent, int) and not isinstance(sent, bool) and 0 <= sent < 1 << 63:
             session.direct_bytes = sent
+        if "directPeers" in message:
+            introduced = functools.partial(self.introductions.introduced, session)
+            direct = reported_direct_peers(message["directPeers"], introduced)
+            session.direct_peers = session.direct_peers if direct is None else direct
         if "endpoints" in message:
             self._spend_control_frame(session, FRAME_PEERS)
             session.endpoints = decode_endpoints(message.get("endpoints"))
@@ -9490,6 +9544,7 @@ class SessionLifecycle:
         for token, session in list(self.by_token.items()):
             traffic = session_traffic(session)
             live[token] = {"since": session.since, "rx_bytes": traffic["rx_bytes"], "tx_bytes": traffic["tx_bytes"]}
+            live[token]["direct_peers"] = list(session.direct_peers)
         return live
 
     def traffic(self) -> collections.Counter[str]:
@@ -10219,7 +10274,7 @@ class NodeSession:
                 self.link.queue(udp.peers.report)
                 udp.peers.report = None
             udp.peers.tick(now)
-            if (report := udp.peers.bytes_report(now)) is not None:
+            if (report := udp.peers.direct_report(now)) is not None:
                 self.link.queue(report)
         if (rekey := udp.rekey_request(now)) is not None:
             self.link.queue(rekey)
@@ -11210,6 +11265,7 @@ class AdminService:
                     nodeVersion=r.node_version,
                     reserved=r.token == RESERVED_NODE_TOKEN,
                     name=r.name,
+                    directPeers=session.get("direct_peers", []),
                 )
             )
         return pb.ListNodesResponse(code=CODE_OK, message="ok", nodes=nodes)
@@ -13473,8 +13529,9 @@ def adm_node_list(args: argparse.Namespace) -> int:
     nodes = list(response.nodes)
     if getattr(args, "output", "text") == "wide":
         header = ["NAME", "NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "HOST", "ENDPOINT", "TRANSPORT", "LAST-SEEN"]
-        header += ["RX", "TX", "VERSION", "UPDATED", "MINTED-BY"]
-        rows = [[n.name or "-", *node_cells(n, wide=True)] for n in nodes]
+        header += ["RX", "TX", "DIRECT", "VERSION", "UPDATED", "MINTED-BY"]
+        names = {(n.network, n.bindIp): n.name for n in nodes if n.name}
+        rows = [[n.name or "-", *node_cells(n, wide=True, names=names)] for n in nodes]
     else:
         header = ["NAME", "NODE-TOKEN", "NETWORK", "BIND-IP", "STATE", "TRANSPORT", "LAST-SEEN"]
         rows = [[clip(n.name or "-", 16), *node_cells(n, wide=False)] for n in nodes]
@@ -13482,7 +13539,7 @@ def adm_node_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def node_cells(n: Any, wide: bool) -> list[str]:
+def node_cells(n: Any, wide: bool, names: dict[tuple[str, str], str] | None = None) -> list[str]:
     """A node's row after its name: the identity and state columns, then (wide) the rest."""
     state = "reserved" if n.reserved else STATE_NAMES.get(n.connState, str(n.connState))
     seen = (short_time(n.lastSeen) if n.lastSeen else "never") if wide else time_ago(n.lastSeen, n.connState)
@@ -13490,7 +13547,16 @@ def node_cells(n: Any, wide: bool) -> list[str]:
     if not wide:
         return [*cells, n.transport or "-", seen]
     cells += [n.hostName or "-", n.endpoint or "-", n.transport or "-", seen, human_bytes(n.rxBytes)]
-    return [*cells, human_bytes(n.txBytes), n.nodeVersion or "-", short_time(n.updateTime), n.mintedBy or "admin"]
+    cells += [human_bytes(n.txBytes), direct_cell(n, names or {})]
+    return [*cells, n.nodeVersion or "-", short_time(n.updateTime), n.mintedBy or "admin"]
+
+
+def direct_cell(n: Any, names: dict[tuple[str, str], str]) -> str:
+    """The peers a node reaches directly now, by name (an unnamed one by its IP): three, then how many more."""
+    shown = [names.get((n.network, ip)) or ip for ip in n.directPeers]
+    if not shown:
+        return "-"
+    return ",".join(shown[:3]) + (f"+{len(shown) - 3}" if len(shown) > 3 else "")
 
 
 def clip(text: str, width: int) -> str:

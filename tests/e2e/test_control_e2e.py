@@ -40,6 +40,7 @@ BOOTSTRAP = f"{SERVER_IP}:6439"
 NODE_KEYS = {"nodeToken", "bindIp", "connState", "createTime", "updateTime", "network", "mintedBy"}
 NODE_KEYS |= {"hostName", "endpoint", "transport", "lastSeen", "rxBytes", "txBytes", "nodeVersion", "reserved"}
 NODE_KEYS |= {"connStateName", "name"}  # the CLI's JSON names the state beside its code; the node's name
+NODE_KEYS |= {"directPeers"}  # connected: the peers it reaches directly
 
 
 def ca_pin_of(path: Path) -> str:

@@ -14,12 +14,13 @@ import threading
 import time
 
 from direct_helpers import add_site, cut_between
-from netlab import Host, Lab, NcClient, start_client, start_server, wait_for
+from netlab import Host, Lab, NcClient, NcServer, start_client, start_server, wait_for
 from overlay_helpers import (
     assert_all_lost,
     assert_reaches,
     build_overlay,
     create_network,
+    nodes,
     ping_counts,
     scrape,
     start_clients,
@@ -47,6 +48,20 @@ def wait_path(client: NcClient, peer_ip: str, path: str, timeout: float = 30) ->
     )
 
 
+def listed_direct(server: NcServer, client: NcClient) -> list[str]:
+    """The peers `nc adm node list -o json` shows the client reaching directly."""
+    return nodes(server)[client.token()]["directPeers"]
+
+
+def wait_listed_direct(server: NcServer, client: NcClient, expected: list[str], timeout: float = 10) -> None:
+    wait_for(
+        lambda: listed_direct(server, client) == expected,
+        timeout=timeout,
+        interval=0.2,
+        what=f"the node list to show {client.host.name} direct to {expected}",
+    )
+
+
 def udp_bytes_to(host: Host, address: str) -> int:
     """Bytes of UDP the host's counting rule saw leave for `address`."""
     listing = host.run("iptables", "-w", "-L", "OUTPUT", "-v", "-x", "-n").stdout
@@ -68,12 +83,19 @@ def count_udp_to(host: Host, address: str) -> None:
 def test_two_nodes_on_one_segment_talk_directly(lab: Lab) -> None:
     """(a) Both nodes and the server on one bridge: once pongs flow both ways the nodes'
     traffic to each other leaves straight for the peer, not for the server; `nc status`
-    lists the peer as direct with its endpoint, a handshake and traffic."""
+    lists the peer as direct with its endpoint, a handshake and traffic; `nc adm node list`
+    shows each one's direct peer, and no longer once that peer is gone."""
     overlay = build_overlay(lab, 2, keepalive=5)
     first, second = overlay.clients
     ips = [c.overlay_ip() for c in overlay.clients]
     found = wait_path(first, ips[1], "direct")
     wait_path(second, ips[0], "direct")
+    wait_listed_direct(overlay.server, first, [ips[1]])
+    wait_listed_direct(overlay.server, second, [ips[0]])
+    wide = overlay.server.adm("node", "list", "-o", "wide").stdout.splitlines()
+    assert "DIRECT" in wide[0].split(), wide
+    row = next(line for line in wide if first.token() in line.split())
+    assert nodes(overlay.server)[second.token()]["name"] in row.split(), wide
     assert found["endpoint"].startswith(second.host.ip + ":"), found
     assert found["lastHandshake"], found
     count_udp_to(first.host, second.host.ip)
@@ -89,13 +111,16 @@ def test_two_nodes_on_one_segment_talk_directly(lab: Lab) -> None:
     metric = lambda path: value(scrape(overlay.server_host), "nc_node_to_node_bytes_total", path=path)  # noqa: E731
     wait_for(lambda: metric("direct") > size, timeout=20, what="the nodes' direct bytes in the server's metrics")
     assert metric("relayed") < size // 20
+    second.process.stop()
+    wait_listed_direct(overlay.server, first, [], timeout=5)  # withdrawn with the peer's session
 
 
 def test_through_two_endpoint_independent_nats_and_back_to_the_server_when_cut(lab: Lab) -> None:
     """(b) Each node behind its own masquerading router: the server's introduction makes
     both probe at once and the path goes direct through both NATs, to the peer's NAT
     mapping. (d) Then nftables drops everything between the routers in the middle of a
-    transfer: it completes through the server, the nodes keep their sessions and IPs."""
+    transfer: it completes through the server, the nodes keep their sessions and IPs, and
+    within seconds `nc adm node list` no longer shows the pair direct."""
     server_host = lab.add_host("server")
     server = start_server(server_host, keepalive=5)
     join = server.join_string()
@@ -106,6 +131,8 @@ def test_through_two_endpoint_independent_nats_and_back_to_the_server_when_cut(l
     found = wait_path(first, ips[1], "direct")
     wait_path(second, ips[0], "direct")
     assert found["endpoint"].startswith(router2.ip + ":"), found  # the peer's NAT mapping
+    wait_listed_direct(server, first, [ips[1]])
+    wait_listed_direct(server, second, [ips[0]])
     count_udp_to(site1, router2.ip)
     size = 8 * 1024 * 1024
     tcp_transfer(site1, site2, ips[1], size)
@@ -121,6 +148,8 @@ def test_through_two_endpoint_independent_nats_and_back_to_the_server_when_cut(l
     sent, answered = pings[0]
     assert sent - answered <= 30, pings  # pings every 0.1 s: at most 3 s without an answer
     wait_path(first, ips[1], "relayed", timeout=10)
+    for client in (first, second):  # the nodes report the path down: the node list shows it relayed within seconds
+        wait_listed_direct(server, client, [], timeout=5)
     assert first.overlay_ip() == ips[0] and second.overlay_ip() == ips[1]
     for client in (first, second):
         assert client.process.log().count("connected to ") == 1, client.process.log()[-3000:]

@@ -6,6 +6,7 @@ source and this node's as destination; nothing of a peer once the server withdre
 from __future__ import annotations
 
 import ipaddress
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -173,3 +174,55 @@ def test_a_peers_pieces_never_join_a_run_of_the_servers() -> None:
         path.close()
         server.close()
         a.sock.close()
+
+
+class FakeSession:
+    """What PeerIntroductions reads and writes of a ServerSession."""
+
+    def __init__(self, ip: int, plane: object) -> None:
+        self.ip, self.plane, self.detached, self.direct_peers, self.sent = ip, plane, False, (), []
+
+    def queue(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+
+def test_the_server_keeps_of_a_direct_peers_report_only_peers_it_introduced() -> None:
+    """The node list shows what a node reports, but only addresses of peers the server
+    introduced to that node: a foreign, malformed or repeated entry is left out, and a
+    report that is not a list, or longer than a node ever sends, changes nothing."""
+    plane = types.SimpleNamespace(by_ip={})
+    a, b, c, stranger = (FakeSession(ip, plane) for ip in (A_IP, B_IP, C_IP, C_IP + 1))
+    plane.by_ip.update({s.ip: s for s in (a, b, c, stranger)})
+    introductions = ncctl.PeerIntroductions(set())
+    for peer in (b, c):
+        introductions.told.setdefault(a, set()).add(peer)
+        introductions.told.setdefault(peer, set()).add(a)
+    known = ncctl.functools.partial(introductions.introduced, a)
+    reported = ["10.1.1.3", "10.1.1.3", "10.1.1.5", "10.1.1.2", "10.1.1.9", "010.1.1.4", " 10.1.1.4", "::1"]
+    reported += [7, None, ["10.1.1.4"], {}, "x" * 100]
+    assert ncctl.reported_direct_peers(reported, known) == ("10.1.1.3",)  # 10.1.1.5: on the network, not introduced
+    assert ncctl.reported_direct_peers(["10.1.1.4", "10.1.1.3"], known) == ("10.1.1.4", "10.1.1.3")
+    assert ncctl.reported_direct_peers([], known) == ()
+    for junk in ("10.1.1.3", {"10.1.1.3": 1}, 3, None, ["10.1.1.3"] * (ncctl.MAX_DIRECT_PEERS_REPORTED + 1)):
+        assert ncctl.reported_direct_peers(junk, known) is None
+    assert ncctl.reported_direct_peers(["10.1.1.3"], ncctl.functools.partial(introductions.introduced, stranger)) == ()
+    a.direct_peers, b.direct_peers = ("10.1.1.3", "10.1.1.4"), ("10.1.1.2",)
+    introductions.withdraw(c)  # c's session ended: no one shows a direct path to it
+    assert a.direct_peers == ("10.1.1.3",) and ncctl.reported_direct_peers(["10.1.1.4"], known) == ()
+    introductions.withdraw(a)
+    assert a.direct_peers == () and b.direct_peers == ()
+
+
+def test_a_node_reports_its_direct_peers_when_they_change_at_most_every_second(pair: tuple[Node, Node]) -> None:
+    a, b = pair
+    assert b.table.direct_report(0.0) is None  # nothing sent, nothing direct: nothing to say
+    pong = ncctl.encode_frame(ncctl.FRAME_DIRECT_PROBE, bytes((ncctl.DIRECT_PONG,)))
+    deliver(a, b, [pong])
+    report = b.table.direct_report(0.5)
+    assert report is not None
+    assert ncctl.decode_control(report[4:]) == {"directBytes": 0, "directPeers": ["10.1.1.2"]}
+    assert b.table.direct_report(0.6) is None  # unchanged
+    b.table.peers[A_IP].state = ncctl.DirectPeer.DOWN
+    assert b.table.direct_report(1.0) is None  # changed, but within DIRECT_PEERS_REPORT_S of the last
+    report = b.table.direct_report(0.5 + ncctl.DIRECT_PEERS_REPORT_S)
+    assert report is not None and ncctl.decode_control(report[4:])["directPeers"] == []

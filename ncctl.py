@@ -7198,6 +7198,16 @@ UDP_DATAGRAMS_PER_TURN = 128
 UDP_SEND_BATCH = 64
 
 
+# Bytes likewise: a frame sealed as a group is 46 datagrams, and a send of many would
+# overrun the socket's buffer (whose excess the server and direct paths drop).
+UDP_SEND_BYTES = UDP_SEND_BATCH * 1500
+
+
+def batch_full(frames: list[bytes]) -> bool:
+    """Frames for one peer that are to go now, not at the end of the turn."""
+    return len(frames) >= UDP_SEND_BATCH or sum(map(len, frames)) >= UDP_SEND_BYTES
+
+
 class PeerPath(Protocol):
     """A secured path to a peer, as server and client pick one to send on: the TLS stream
     (Link) or a UDP datagram path (the node's DatagramPath, the server's ServerDatagramPath).
@@ -9065,7 +9075,7 @@ class Switch:
         of a bulk flow from the TUN go out in one send instead of one each."""
         pending = self.udp_out.setdefault(session, [])
         pending += frames
-        if len(pending) >= UDP_SEND_BATCH:
+        if batch_full(pending):
             self._send_datagrams(session, self.udp_out.pop(session))
 
     def flush_datagrams(self) -> None:
@@ -10155,7 +10165,7 @@ def send_tun_split(session: NodeSession, peers: PeerTable, limit: int) -> None:
             frames += datagram_frames(packet, mtu, gso, keys.sent + len(frames), path.chunk > 0)
         else:
             frames.append(reader.frame(FRAME_PACKET, length))
-        if len(frames) >= UDP_SEND_BATCH:
+        if batch_full(frames):
             path.send(frames)
             batches[path] = []
     for path, frames in batches.items():
@@ -10333,7 +10343,7 @@ class NodeSession:
                 frames += datagram_frames(packet, self.server_mtu, self.gso, burst, udp.chunk > 0)
             else:
                 frames.append(reader.frame(FRAME_PACKET, length))
-            if len(frames) >= UDP_SEND_BATCH:
+            if batch_full(frames):
                 udp.send(frames)
                 frames = []
         if frames:

@@ -191,3 +191,11 @@ def test_the_gate_stops_grouping_on_a_few_losses_before_a_whole_judgement() -> N
     assert gate.observe(now + 2, [keys]) is None and gate.on  # one or two: not yet
     keys.arrive(40, 1)
     assert gate.observe(now + 3, [keys]) is not None and not gate.on
+
+
+def test_whole_super_packets_go_out_a_few_at_a_time_not_a_socket_buffer_at_once() -> None:
+    """A batch is sent once it holds UDP_SEND_BATCH frames or UDP_SEND_BYTES: two 64 KiB
+    frames (92 datagrams as groups) are enough, 63 acks are not."""
+    assert ncctl.batch_full([big_frame(), big_frame()])
+    assert not ncctl.batch_full([frame(b"a" * 60)] * (ncctl.UDP_SEND_BATCH - 1))
+    assert ncctl.batch_full([frame(b"a" * 60)] * ncctl.UDP_SEND_BATCH)

@@ -14,7 +14,7 @@
 #   fallback    UDP blocked before the join and mid-session: time to TCP and back
 #               (tests/bench/bench_fallback.py; not part of "all")
 #   direct      direct node-to-node paths vs the server relay, two sites behind NATs:
-#               iperf3, ping and the server's CPU [--seconds S] (tests/bench/bench_direct.py;
+#               iperf3, ping and the server's CPU [--seconds S] [--repeat N] (tests/bench/bench_direct.py;
 #               not part of "all")
 #   portable    the file's size, first and later start, unpacked size, per CPython
 #               3.9-3.13 beside the bare interpreter's start (tests/bench/bench_portable.py)

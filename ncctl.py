@@ -6550,7 +6550,8 @@ class DatagramKeys:
         self.opener = AESGCM(receive_key)
         self.sent = 0  # the next counter to seal with
         self.window = ReplayWindow()
-        self.received = 0  # datagrams opened (with window.top: how many never came, LossMeter)
+        self.received = 0  # datagrams opened or come in a group (with window.top: how many never came, LossMeter)
+        self.gaps = 0  # times a datagram came past the newest + 1: loss events (a burst of losses is one)
         self.born = time.monotonic()
         # The group being received: its first counter, size in datagrams, sealed parts so far
         # (copies: a read's buffer is reused), and the bytes of its datagrams.
@@ -6639,6 +6640,7 @@ class DatagramKeys:
                 )
             )
         if frames:
+            self.gaps += first > self.window.top + 1
             self.window.accept_run(first, len(frames))
             self.received += len(frames)
         return frames
@@ -6655,6 +6657,7 @@ class DatagramKeys:
             )
         except self.forged:
             raise BadDatagram("forged") from None
+        self.gaps += counter > self.window.top + 1
         self.window.accept(counter)
         self.received += 1
         if not one_frame(frame):
@@ -6672,13 +6675,17 @@ class DatagramKeys:
                 self.group_parts = []
                 raise BadDatagram("replayed" if count <= GROUP_MAX_COUNT else "malformed")
             self.group_first, self.group_count, self.group_parts, self.group_size = first, count, [], 0
-        elif (first, count, index) != (
+        elif not self.group_parts or (first, count, index) != (
             self.group_first,
             self.group_count,
             len(self.group_parts),
-        ) or not self.group_parts:
+        ):
             self.group_parts = []
+            self.received += len(datagrams)  # they came: one before them did not
             raise BadDatagram("group-incomplete")
+        # Counted as they come, not when the group opens: the loss a LossMeter sees is of
+        # datagrams on the link, not a lost one times its group's size.
+        self.received += len(datagrams)
         start = GROUP_HEADER.size
         self.group_parts += [bytes(datagram[start:]) for datagram in datagrams]
         self.group_size += sum(map(len, datagrams))
@@ -6703,11 +6710,11 @@ class DatagramKeys:
         if not self._fresh_run(first, count):  # a rekey's or reordered datagrams came meanwhile
             raise BadDatagram("replayed")
         if first > self.window.top:
+            self.gaps += first > self.window.top + 1
             self.window.accept_run(first, count)
         else:
             for counter in range(first, first + count):
                 self.window.accept(counter)
-        self.received += count
         if not one_frame(frame):
             raise BadDatagram("not-one-frame")
         return frame
@@ -7027,6 +7034,11 @@ def coalesce_pieces(frames: list[Any]) -> list[Any]:
 # rekeys, and the receiver always holds the next epoch's keys ready.
 
 FRAME_DIRECT_PROBE = 0x14  # inside direct datagrams only: one byte, DIRECT_PING or DIRECT_PONG
+
+
+# Inside datagrams only, to a peer that agreed on "groups": one byte, the receiver's verdict
+# on the datagrams it gets from that peer (GroupGate): 1, whole enough to group; 0, not.
+FRAME_LINK_REPORT = 0x15
 
 
 DIRECT_PING, DIRECT_PONG = 0, 1
@@ -7707,7 +7719,8 @@ class DatagramPath:
         self.meter = LossMeter()  # the server's datagrams lost, for auto's PathChooser
         now = time.monotonic()
         self.groups = 0  # the server takes groups: their chunk (group_chunk of the MTU)
-        self.gate = GroupGate(now)
+        self.gate = GroupGate(now)  # judges what the server sends, for the server
+        self.may_group = False  # the server's latest verdict on what this node sends
         self.since = now  # when the state began
         self.last_rx = 0.0
         self.last_tx = 0.0
@@ -7728,12 +7741,20 @@ class DatagramPath:
 
     def loss_sample(self) -> tuple[int, int]:
         """(datagrams the server sent, of them opened here) since the last call."""
-        return self.meter.sample(self.openers.values())
+        sent, opened, _gaps = self.meter.sample(self.openers.values())
+        return sent, opened
 
     @property
     def chunk(self) -> int:
         """Big frames leave as groups of datagrams of this many sealed bytes (0: never)."""
-        return self.groups if self.gate.on else 0
+        return self.groups if self.may_group else 0
+
+    def on_report(self, frame: Any) -> None:
+        """The server's verdict on this node's datagrams."""
+        if self.groups and len(frame) > 4:
+            if (line := grouping_change(self.may_group, frame[4] == 1)) is not None:
+                log.info("UDP to %s: %s", unmapped(self.server[0]), line)
+            self.may_group = frame[4] == 1
 
     def close(self) -> None:
         self.sock.close()
@@ -7828,8 +7849,11 @@ class DatagramPath:
         if self.retired_at and now >= self.retired_at:
             self.openers = {self.keys.session_id: self.keys}
             self.retired_at = 0.0
-        if self.groups and (line := self.gate.observe(now, self.openers.values())) is not None:
-            log.info("UDP to %s: %s", unmapped(self.server[0]), line)
+        if self.groups:
+            if (line := self.gate.observe(now, self.openers.values())) is not None:
+                log.debug("UDP from %s: %s", unmapped(self.server[0]), line)
+            if (report := self.gate.report()) is not None:
+                self.send([report])
         if self.state == self.PROBING:
             if self.last_rx >= self.since:
                 return self._become(self.UP, now)
@@ -8037,20 +8061,22 @@ class LossMeter:
     every counter below it that never opened was lost on the way (or is still reordered)."""
 
     def __init__(self) -> None:
-        self.counted: dict[int, tuple[int, int]] = {}  # per session id: (newest counter, opened) at the last sample
+        # Per session id: (newest counter, opened, gaps) at the last sample.
+        self.counted: dict[int, tuple[int, int, int]] = {}
 
-    def sample(self, openers: Iterable[DatagramKeys]) -> tuple[int, int]:
-        """(sent, opened) since the last call."""
-        sent = opened = 0
-        counted: dict[int, tuple[int, int]] = {}
+    def sample(self, openers: Iterable[DatagramKeys]) -> tuple[int, int, int]:
+        """(sent, opened, loss events) since the last call."""
+        sent = opened = gaps = 0
+        counted: dict[int, tuple[int, int, int]] = {}
         for keys in openers:
-            top, received = keys.window.top, keys.received
-            last_top, last_received = self.counted.get(keys.session_id, (-1, 0))
+            top, received, jumps = keys.window.top, keys.received, keys.gaps
+            last_top, last_received, last_jumps = self.counted.get(keys.session_id, (-1, 0, 0))
             sent += top - last_top
             opened += received - last_received
-            counted[keys.session_id] = (top, received)
+            gaps += jumps - last_jumps
+            counted[keys.session_id] = (top, received, jumps)
         self.counted = counted
-        return sent, opened
+        return sent, opened, gaps
 
 
 GROUP_AGAIN_S = 5.0  # after loss ended grouping on a path, the wait before it may group again; doubled each time
@@ -8059,55 +8085,74 @@ GROUP_AGAIN_S = 5.0  # after loss ended grouping on a path, the wait before it m
 GROUP_AGAIN_MAX_S = 300.0
 
 
-# Datagrams missing that end grouping before a judgement has its AUTO_MIN_DATAGRAMS: under
-# loss grouped flows slow down, and their acks may never add up to a judgement.
+# Loss events that end grouping before a judgement has its AUTO_MIN_DATAGRAMS: under loss
+# grouped flows slow down, and their datagrams may never add up to a judgement.
 GROUP_LOSS_SEEN = 3
 
 
 class GroupGate:
-    """Whether a path seals its big frames as groups (capability "groups"): one datagram
-    lost loses a whole group, so only while the datagrams the path receives show a clean
-    link (as auto judges it: AUTO_MIN_DATAGRAMS with at most AUTO_CLEAN_LOSS missing), and
-    not again for a while after loss ended it. Receiving stands in for sending: the peer's
-    datagrams cross the same link back. A path that only sends hears the acks."""
+    """Whether a peer may seal its big frames to us as groups (capability "groups"): one
+    datagram lost loses a whole group, so only while the datagrams we receive from it show
+    a clean link (AUTO_MIN_DATAGRAMS with loss events, gaps in the counters, in at most
+    AUTO_CLEAN_LOSS of them), and not again for a while after loss ended it. Events, not
+    datagrams: a burst lost at once (a GRO read the receiving socket had no room for, up
+    to 64 datagrams) costs the inner TCP one loss whether or not the datagrams were
+    grouped, where random loss on a link costs it one per datagram lost. The receiver
+    judges, since only it sees every loss on the way, and tells the sender its verdict
+    (FRAME_LINK_REPORT) after each judgement: at once at the first few losses, and again
+    while they go on, so a lost report is soon replaced."""
 
     def __init__(self, now: float) -> None:
-        self.on = False
+        self.on = False  # the verdict: the peer may group
         self.meter = LossMeter()
-        self.sent = self.opened = 0
+        self.sent = self.opened = self.gaps = 0
         self.started = self.after = self.since = self.next_sample = now
         self.wait = GROUP_AGAIN_S
+        self.report_due = False
 
     def observe(self, now: float, openers: Iterable[DatagramKeys]) -> str | None:
-        """Sample the openers (at most every 0.25 s); a line for the log when grouping
-        starts or stops."""
+        """Sample the openers (at most every 0.25 s); a line for the log when the verdict changed."""
         if now < self.next_sample:
             return None
         self.next_sample = now + 0.25
-        sent, opened = self.meter.sample(openers)
-        self.sent, self.opened = self.sent + sent, self.opened + opened
-        missing = max(0, self.sent - self.opened)
-        lossy = missing > self.sent * AUTO_CLEAN_LOSS
-        if self.sent < AUTO_MIN_DATAGRAMS and not (self.on and lossy and missing >= GROUP_LOSS_SEEN):
+        sent, opened, gaps = self.meter.sample(openers)
+        self.sent, self.opened, self.gaps = self.sent + sent, self.opened + opened, self.gaps + gaps
+        lossy = self.gaps > self.sent * AUTO_CLEAN_LOSS
+        if self.sent < AUTO_MIN_DATAGRAMS and not (lossy and self.gaps >= GROUP_LOSS_SEEN):
             if now - self.started >= AUTO_EVIDENCE_S:
                 self._forget(now)
             return None
-        loss = missing / self.sent
+        loss = f"{max(0, self.sent - self.opened) / max(1, self.sent):.2%} lost in {self.gaps} gaps"
         self._forget(now)
+        self.report_due = True
         if self.on and lossy:
             if now - self.since >= AUTO_STREAM_PROVEN_S:
                 self.wait = GROUP_AGAIN_S
             self.on, self.since, self.after = False, now, now + self.wait
             self.wait = min(2 * self.wait, GROUP_AGAIN_MAX_S)
-            return f"{loss:.2%} of datagrams lost: one seal per segment again"
+            return f"{loss}: not whole enough to group"
         if not self.on and not lossy and now >= self.after:
             self.on, self.since = True, now
-            return f"the link is clean ({loss:.2%} of datagrams lost): one seal per 64 KiB"
+            return f"{loss}: whole enough to group"
         return None
 
+    def report(self) -> bytes | None:
+        """The verdict for the peer, once per judgement."""
+        if not self.report_due:
+            return None
+        self.report_due = False
+        return encode_frame(FRAME_LINK_REPORT, b"\x01" if self.on else b"\x00")
+
     def _forget(self, now: float) -> None:
-        self.sent = self.opened = 0
+        self.sent = self.opened = self.gaps = 0
         self.started = now
+
+
+def grouping_change(before: bool, after: bool) -> str | None:
+    """The line a sender logs when the peer's verdict changes what it does."""
+    if after == before:
+        return None
+    return "the link is clean: one seal per 64 KiB" if after else "datagrams lost: one seal per segment again"
 
 
 class ServerDatagramPath:
@@ -8144,18 +8189,40 @@ class ServerDatagramPath:
         self.note = note
         self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
         self.groups = 0  # the node takes groups: their chunk (group_chunk of the MTU)
-        self.gate = GroupGate(time.monotonic())
+        self.gate = GroupGate(time.monotonic())  # judges what the node sends, for the node
+        self.may_group = False  # the node's latest verdict on what this server sends
 
     @property
     def chunk(self) -> int:
-        return self.groups if self.gate.on else 0
+        return self.groups if self.may_group else 0
 
-    def heard(self, now: float, size: int) -> None:
-        """Authenticated datagrams of `size` bytes came: the path is alive, and says how clean the link is."""
+    def heard(self, now: float, size: int) -> bytes | None:
+        """Authenticated datagrams of `size` bytes came: the path is alive. Returns a
+        FRAME_LINK_REPORT for the node when the gate has a verdict on its datagrams."""
         self.last_rx = now
         self.rx_bytes += size
-        if self.groups and (line := self.gate.observe(now, self.openers.values())) is not None:
+        if not self.groups:
+            return None
+        if (line := self.gate.observe(now, self.openers.values())) is not None:
+            log.debug("node %s: datagrams from it: %s", self.node_token, line)
+        return self.gate.report()
+
+    def on_report(self, frame: Any) -> bool:
+        """The node's verdict on this server's datagrams (False: not a report, from a node that agreed on groups)."""
+        if frame[0] != FRAME_LINK_REPORT or not self.groups or len(frame) < 5:
+            return False
+        if (line := grouping_change(self.may_group, frame[4] == 1)) is not None:
             log.debug("node %s: %s", self.node_token, line)
+        self.may_group = frame[4] == 1
+        return True
+
+    def retire_all_but(self, keys: DatagramKeys) -> list[int]:
+        """Seal with `keys` and open only with them from now on; the session ids let go."""
+        gone = [i for i in self.openers if i != keys.session_id]
+        for session_id in gone:
+            del self.openers[session_id]
+        self.sealer = keys
+        return gone
 
     def carrying(self, now: float) -> bool:
         """Data for this node goes out as datagrams: it asked, and its datagrams keep coming."""
@@ -8246,7 +8313,8 @@ class DirectPeer:
     def __init__(self, info: PeerInfo, pair: PairKeys, sock: DatagramSocket, now: float, mtu: int) -> None:
         self.ip, self.share, self.gso, self.pair, self.sock = info.ip, info.share, info.gso, pair, sock
         self.groups = group_chunk(mtu) if info.groups else 0  # the peer takes groups: their chunk
-        self.gate = GroupGate(now)
+        self.gate = GroupGate(now)  # judges what the peer sends, for the peer
+        self.may_group = False  # the peer's latest verdict on what this node sends
         self.address = str(ipaddress.IPv4Address(info.ip))
         self.ip_bytes = info.ip.to_bytes(4, "big")
         self.endpoints = [udp_address(sock.sock, host, port) for host, port in info.endpoints]
@@ -8274,7 +8342,13 @@ class DirectPeer:
 
     @property
     def chunk(self) -> int:
-        return self.groups if self.gate.on else 0
+        return self.groups if self.may_group else 0
+
+    def on_report(self, frame: Any) -> None:
+        if self.groups and len(frame) > 4:
+            if (line := grouping_change(self.may_group, frame[4] == 1)) is not None:
+                log.info("direct path to %s: %s", self.address, line)
+            self.may_group = frame[4] == 1
 
     def received(self, session_id: int) -> None:
         """A datagram opened under this session id: a newer epoch of the peer's makes the
@@ -8312,8 +8386,11 @@ class DirectPeer:
         if self.sealer.worn(now):
             self.send_epoch += 1
             self._keep(self.send_epoch)
-        if self.groups and (line := self.gate.observe(now, self.epochs.values())) is not None:
-            log.info("direct path to %s: %s", self.address, line)
+        if self.groups:
+            if (line := self.gate.observe(now, self.epochs.values())) is not None:
+                log.debug("direct path from %s: %s", self.address, line)
+            if (report := self.gate.report()) is not None:
+                self.send([report])
         if self.state == self.UP:
             if now - self.last_pong > DIRECT_SILENT_S:
                 self._down(now, DIRECT_RETRY_S)
@@ -8488,6 +8565,8 @@ class PeerTable:
             if frame[0] == FRAME_DIRECT_PROBE:
                 if (line := peer.on_probe(frame[4] if len(frame) > 4 else -1, source, newest, now)) is not None:
                     log.info("%s", line)
+            elif frame[0] == FRAME_LINK_REPORT:
+                peer.on_report(frame)
             elif frame_addresses(frame) == (peer.ip_bytes, self.ip_bytes):
                 passed.append(frame)
             else:
@@ -9043,8 +9122,7 @@ class Switch:
             keys = DatagramKeys.for_server(session_id, *datagram_keys(private, node_share, transcript))
         except BadDatagram:
             raise ProtocolError("rekey with an unusable udpKey") from None
-        for old_id in [i for i in udp.openers if i != udp.sealer.session_id]:
-            del udp.openers[old_id]
+        for old_id in udp.retire_all_but(udp.sealer):
             self.udp_sessions.pop(old_id, None)
         udp.openers[session_id] = keys
         self.udp_sessions[session_id] = session
@@ -9126,7 +9204,8 @@ class Switch:
         if not arrived.frames or udp is None:
             return
         if arrived.keys is not udp.sealer:  # the node uses a rekey's keys: the old ones retire
-            self._retire_udp_keys(udp, arrived.keys)
+            for old_id in udp.retire_all_but(arrived.keys):
+                self.udp_sessions.pop(old_id, None)
         frames, token = arrived.frames, session.node_token
         if arrived.path is not None:
             if udp.addr is not None and arrived.path[0] != udp.addr:
@@ -9136,7 +9215,8 @@ class Switch:
             if moved and session.direct_key:
                 self.addressed(session)
         session.last_rx = self.epoll.now
-        udp.heard(self.epoll.now, arrived.size)
+        if (report := udp.heard(self.epoll.now, arrived.size)) is not None:
+            self._queue_datagrams(session, [report])  # the node learns whether it may group
         session.rx_packets += len(frames)  # less the keepalives, below
         for frame in coalesce_pieces(frames):
             if session.detached:
@@ -9154,14 +9234,8 @@ class Switch:
             elif kind == FRAME_KEEPALIVE:
                 session.rx_packets -= 1
                 self._queue_datagrams(session, [encode_frame(FRAME_KEEPALIVE)])  # the node's probe, answered
-            else:
+            elif not udp.on_report(frame):
                 self._drop_datagram("not-a-packet", udp.addr or ("?", 0))
-
-    def _retire_udp_keys(self, udp: ServerDatagramPath, keys: DatagramKeys) -> None:
-        for old_id in [i for i in udp.openers if i != keys.session_id]:
-            del udp.openers[old_id]
-            self.udp_sessions.pop(old_id, None)
-        udp.sealer = keys
 
     def drop_plane(self, plane: Plane) -> None:
         """A deleted network's TUN leaves the loop (its sessions were refused first)."""
@@ -10301,6 +10375,8 @@ class NodeSession:
                     buffers.append(ZERO_VNET_HDR + view)
                 elif kind == FRAME_GSO_PACKET and self.gso:
                     buffers.append(gso_header(view, self.server_mtu) + view[VNET_HDR_LEN:])
+                elif kind == FRAME_LINK_REPORT:  # the server's: peers' reports stay in PeerTable.accept
+                    udp.on_report(frame)
             except BadFrame as e:
                 self.counters["dropped-" + e.reason] += 1
         write_tun_batch(self.tun, buffers, self._tun_write_failed)

@@ -11,7 +11,7 @@ import os
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_datagram import SESSION_ID, frame, open_read, session_pair
+from test_datagram import SESSION_ID, TOKEN, frame, open_read, session_pair
 
 import ncctl
 
@@ -82,8 +82,9 @@ def test_a_lost_datagram_loses_its_group_only_and_the_loss_is_seen(data: st.Data
     opened, dropped = open_reads(server, [*reads, kept])
     assert opened == [second]
     assert set(dropped) <= {"group-incomplete"} and (dropped or gone == len(lost_group) - 1)
-    sent, received = meter.sample([server])
-    assert (sent, received) == (len(lost_group) + len(kept), len(kept))  # the whole group counts as lost
+    sent, received, _gaps = meter.sample([server])
+    # The link lost one datagram, and that is what the loss counters say (not the group's size).
+    assert (sent, received) == (len(lost_group) + len(kept), len(lost_group) - 1 + len(kept))
 
 
 def test_a_replayed_or_forged_group_delivers_nothing_and_the_session_goes_on() -> None:
@@ -131,29 +132,55 @@ def test_a_group_far_longer_than_any_frame_is_given_up_before_it_is_whole() -> N
 
 
 class Counted:
-    """Keys whose counters say `sent` datagrams came and `lost` of them never opened."""
+    """Keys whose counters say `sent` datagrams came and `lost` of them never opened, in
+    `events` gaps (each lost on its own, unless told)."""
 
     def __init__(self) -> None:
-        self.session_id, self.received = 1, 0
+        self.session_id, self.received, self.gaps = 1, 0, 0
         self.window = ncctl.ReplayWindow()
 
-    def arrive(self, sent: int, lost: int) -> None:
+    def arrive(self, sent: int, lost: int, events: int | None = None) -> None:
         self.window.top += sent
         self.received += sent - lost
+        self.gaps += lost if events is None else events
 
 
-def test_the_gate_groups_after_a_clean_judgement_and_stops_at_the_first_loss() -> None:
+def test_loss_events_are_gaps_in_the_counters_a_burst_being_one() -> None:
+    node, server = session_pair()
+    singles = node.seal([frame(bytes([i]) * 100) for i in range(20)])
+    group = node.seal([big_frame(40000)], CHUNK)
+    after = node.seal([frame(b"z" * 100)] * 3)
+    arriving = singles[:5] + singles[6:9] + singles[15:]  # 1 lost, then a burst of 6
+    opened, _dropped = open_reads(server, [[d] for d in arriving] + [group[:7] + group[8:]] + [after])
+    assert server.gaps == 3  # the single, the burst, the group's datagram
+    assert len(opened) == len(arriving) + 3
+
+
+def verdict(gate: ncctl.GroupGate) -> int | None:
+    """The FRAME_LINK_REPORT byte the gate has for the peer now, if any."""
+    report = gate.report()
+    if report is None:
+        return None
+    assert report[0] == ncctl.FRAME_LINK_REPORT and ncctl.one_frame(report)
+    return report[4]
+
+
+def test_the_gate_lets_the_peer_group_after_a_clean_judgement_and_stops_it_at_the_first_loss() -> None:
     keys, now = Counted(), 100.0
     gate = ncctl.GroupGate(now)
     gate.observe(now, [keys])
     keys.arrive(ncctl.AUTO_MIN_DATAGRAMS - 10, 0)
     assert gate.observe(now + 1, [keys]) is None and not gate.on  # too little to judge
+    assert verdict(gate) is None
     keys.arrive(20, 0)
-    assert "clean" in (gate.observe(now + 2, [keys]) or "") and gate.on
+    assert "whole enough to group" in (gate.observe(now + 2, [keys]) or "") and gate.on
+    assert verdict(gate) == 1 and verdict(gate) is None  # once per judgement
     keys.arrive(ncctl.AUTO_MIN_DATAGRAMS, 5)
-    assert "lost" in (gate.observe(now + 3, [keys]) or "") and not gate.on
+    assert "not whole enough" in (gate.observe(now + 3, [keys]) or "") and not gate.on
+    assert verdict(gate) == 0
     keys.arrive(ncctl.AUTO_MIN_DATAGRAMS, 0)
     assert gate.observe(now + 4, [keys]) is None and not gate.on  # not again before GROUP_AGAIN_S
+    assert verdict(gate) == 0  # a judgement all the same: the peer hears it again
     keys.arrive(ncctl.AUTO_MIN_DATAGRAMS, 0)
     assert gate.observe(now + 3 + ncctl.GROUP_AGAIN_S, [keys]) is not None and gate.on
     keys.arrive(ncctl.AUTO_MIN_DATAGRAMS, 50)
@@ -161,13 +188,60 @@ def test_the_gate_groups_after_a_clean_judgement_and_stops_at_the_first_loss() -
     assert not gate.on and gate.after == pytest.approx(now + 10 + 3 * ncctl.GROUP_AGAIN_S)  # the wait doubled
 
 
-def test_the_gate_never_groups_under_steady_loss() -> None:
+def test_the_gate_never_lets_the_peer_group_under_steady_loss_and_keeps_saying_so() -> None:
     keys, now = Counted(), 0.0
     gate = ncctl.GroupGate(now)
-    for second in range(1, 300):
-        keys.arrive(ncctl.AUTO_MIN_DATAGRAMS, 10)  # 1 %
-        gate.observe(now + second, [keys])
+    reports = []
+    for quarter in range(1, 1200):
+        keys.arrive(ncctl.AUTO_MIN_DATAGRAMS // 4, 3)  # 1.2 %
+        gate.observe(now + quarter / 4, [keys])
         assert not gate.on
+        reports.append(verdict(gate))
+    assert set(reports) <= {0, None} and reports.count(0) > 100  # a lost report is soon replaced
+
+
+def test_bursts_lost_at_once_are_one_event_each_and_leave_the_link_clean() -> None:
+    """A GRO read the receiving socket had no room for loses up to 64 datagrams at once:
+    one loss to the inner TCP, grouped or not."""
+    keys, now = Counted(), 0.0
+    gate = ncctl.GroupGate(now)
+    gate.observe(now, [keys])
+    keys.arrive(4 * ncctl.AUTO_MIN_DATAGRAMS, 90, events=2)
+    assert gate.observe(now + 1, [keys]) is not None and gate.on
+
+
+def test_the_gate_stops_grouping_on_a_few_losses_before_a_whole_judgement() -> None:
+    """Under loss a grouped flow slows down and its datagrams may never add up to a judgement."""
+    keys, now = Counted(), 0.0
+    gate = ncctl.GroupGate(now)
+    gate.observe(now, [keys])
+    keys.arrive(ncctl.AUTO_MIN_DATAGRAMS, 0)
+    gate.observe(now + 1, [keys])
+    assert gate.on and verdict(gate) == 1
+    keys.arrive(40, ncctl.GROUP_LOSS_SEEN - 1)
+    assert gate.observe(now + 2, [keys]) is None and gate.on  # one or two: not yet
+    assert verdict(gate) is None
+    keys.arrive(40, 1)
+    assert gate.observe(now + 3, [keys]) is not None and not gate.on
+    assert verdict(gate) == 0
+
+
+def test_a_sender_groups_only_on_its_peers_word() -> None:
+    """The verdict travels in FRAME_LINK_REPORT; a path groups (chunk) only after a 1 came,
+    and only if the peer agreed on groups."""
+    node, _server = session_pair()
+    path = ncctl.DatagramPath("127.0.0.1", 9, node, "udp", TOKEN)
+    try:
+        path.on_report(ncctl.encode_frame(ncctl.FRAME_LINK_REPORT, b"\x01"))
+        assert path.chunk == 0  # the server never agreed on groups
+        path.groups = CHUNK
+        assert path.chunk == 0
+        path.on_report(ncctl.encode_frame(ncctl.FRAME_LINK_REPORT, b"\x01"))
+        assert path.chunk == CHUNK
+        path.on_report(ncctl.encode_frame(ncctl.FRAME_LINK_REPORT, b"\x00"))
+        assert path.chunk == 0
+    finally:
+        path.close()
 
 
 def test_groups_are_agreed_only_with_udp_and_gso_and_peers_learn_it() -> None:
@@ -177,20 +251,6 @@ def test_groups_are_agreed_only_with_udp_and_gso_and_peers_learn_it() -> None:
     assert ncctl.PeerInfo.decode(old_entry).groups is False
     no_gso = dict(info.encode(), gso=False)
     assert ncctl.PeerInfo.decode(no_gso).groups is False  # a group's frame is a GSO frame
-
-
-def test_the_gate_stops_grouping_on_a_few_losses_before_a_whole_judgement() -> None:
-    """Under loss a grouped flow slows down and its acks may never add up to a judgement."""
-    keys, now = Counted(), 0.0
-    gate = ncctl.GroupGate(now)
-    gate.observe(now, [keys])
-    keys.arrive(ncctl.AUTO_MIN_DATAGRAMS, 0)
-    gate.observe(now + 1, [keys])
-    assert gate.on
-    keys.arrive(40, ncctl.GROUP_LOSS_SEEN - 1)
-    assert gate.observe(now + 2, [keys]) is None and gate.on  # one or two: not yet
-    keys.arrive(40, 1)
-    assert gate.observe(now + 3, [keys]) is not None and not gate.on
 
 
 def test_whole_super_packets_go_out_a_few_at_a_time_not_a_socket_buffer_at_once() -> None:

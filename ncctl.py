@@ -9262,6 +9262,14 @@ class PeerIntroductions:
         self.told: dict[ServerSession, set[ServerSession]] = {}  # a session -> the peers that know of it
         self.last: dict[ServerSession, float] = {}  # when each was last introduced
         self.pending: set[ServerSession] = set()  # moved again within a second: introduced at the next tick
+        self.said: dict[ServerSession, list] = {}  # directPeers reports, checked at the next tick
+
+    def said_direct(self, session: ServerSession, value: Any) -> None:
+        """A node's directPeers report (a list of at most MAX_DIRECT_PEERS_REPORTED, else
+        ignored), checked against what it was told at the next tick: a node that floods
+        reports costs the loop one check a second."""
+        if isinstance(value, list) and len(value) <= MAX_DIRECT_PEERS_REPORTED:
+            self.said[session] = value
 
     def moved(self, session: ServerSession, now: float) -> None:
         """The session's datagrams come from a new address: its peers learn it, at most
@@ -9275,6 +9283,10 @@ class PeerIntroductions:
         pending, self.pending = self.pending, set()
         for session in pending:
             self.introduce(session, now)
+        said, self.said = self.said, {}
+        for session, value in said.items():
+            if not session.detached:
+                session.direct_peers = reported_direct_peers(value, functools.partial(self.introduced, session)) or ()
 
     @staticmethod
     def reachable(session: ServerSession) -> bool:
@@ -9326,6 +9338,7 @@ class PeerIntroductions:
         gone = {"remove": [address]}
         self.last.pop(session, None)
         self.pending.discard(session)
+        self.said.pop(session, None)
         session.direct_peers = ()
         for peer in self.told.pop(session, set()):
             self.told.get(peer, set()).discard(session)
@@ -9557,9 +9570,7 @@ class SessionLifecycle:
         if isinstance(sent, int) and not isinstance(sent, bool) and 0 <= sent < 1 << 63:
             session.direct_bytes = sent
         if "directPeers" in message:
-            introduced = functools.partial(self.introductions.introduced, session)
-            direct = reported_direct_peers(message["directPeers"], introduced)
-            session.direct_peers = session.direct_peers if direct is None else direct
+            self.introductions.said_direct(session, message["directPeers"])
         if "endpoints" in message:
             self._spend_control_frame(session, FRAME_PEERS)
             session.endpoints = decode_endpoints(message.get("endpoints"))

@@ -226,3 +226,24 @@ def test_a_node_reports_its_direct_peers_when_they_change_at_most_every_second(p
     assert b.table.direct_report(1.0) is None  # changed, but within DIRECT_PEERS_REPORT_S of the last
     report = b.table.direct_report(0.5 + ncctl.DIRECT_PEERS_REPORT_S)
     assert report is not None and ncctl.decode_control(report[4:])["directPeers"] == []
+
+
+def test_a_flood_of_direct_peers_reports_costs_one_check_a_second() -> None:
+    """Reports are kept as said and checked at the next tick (once a second): the last one
+    counts, and a node that sends thousands costs the loop no more than one."""
+    plane = types.SimpleNamespace(by_ip={})
+    a, b = FakeSession(A_IP, plane), FakeSession(B_IP, plane)
+    plane.by_ip.update({s.ip: s for s in (a, b)})
+    introductions = ncctl.PeerIntroductions(set())
+    introductions.told.setdefault(a, set()).add(b)
+    introductions.told.setdefault(b, set()).add(a)
+    checks = []
+    real = introductions.introduced
+    introductions.introduced = lambda session, address: checks.append(address) or real(session, address)  # type: ignore[method-assign]
+    for _ in range(5000):
+        introductions.said_direct(a, ["10.1.1.9"] * ncctl.MAX_DIRECT_PEERS_REPORTED)
+    introductions.said_direct(a, ["10.1.1.3"])
+    introductions.said_direct(a, "not a list")  # ignored: the report before it stands
+    assert checks == [] and a.direct_peers == ()
+    introductions.tick(0.0)
+    assert checks == ["10.1.1.3"] and a.direct_peers == ("10.1.1.3",)

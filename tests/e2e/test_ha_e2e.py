@@ -191,9 +191,22 @@ def test_a_node_learns_a_replica_added_after_its_join(lab: Lab) -> None:
         timeout=20,
         what="three replicas listed",
     )
-    node.process.stop()
-    node.restart()  # its client.yml names s1 and s2 only; the leader's WELCOME adds s3
-    wait_for(lambda: "server replicas:" in node.process.log(), timeout=30, what="the node to learn the replicas")
+
+    def restarted_and_learned() -> bool:
+        """Its client.yml names s1 and s2 only; the leader's WELCOME adds s3 once the leader's
+        own heartbeat (every second) saw it: a node that connected before learns nothing."""
+        node.process.stop()
+        node.restart()
+        try:
+            wait_for(lambda: "server replicas:" in node.process.log(), timeout=20, what="the replicas")
+        except AssertionError:
+            return False
+        return True
+
+    try:
+        wait_for(restarted_and_learned, timeout=60, interval=0, what="the node to learn the replicas")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the node's log:\n{node.process.log()[-3000:]}") from None
     assert replicas.hosts[2].ip in node.process.log().split("server replicas:")[1].splitlines()[0]
     for name in ("s1", "s2"):
         replicas.servers[name].process.stop(signal.SIGKILL)

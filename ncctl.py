@@ -7718,9 +7718,7 @@ class DatagramPath:
         self.preferred = True  # auto: datagrams carry while up (False: the link is clean, TLS carries more)
         self.meter = LossMeter()  # the server's datagrams lost, for auto's PathChooser
         now = time.monotonic()
-        self.groups = 0  # the server takes groups: their chunk (group_chunk of the MTU)
-        self.gate = GroupGate(now)  # judges what the server sends, for the server
-        self.may_group = False  # the server's latest verdict on what this node sends
+        self.grouping = Grouping(now)
         self.since = now  # when the state began
         self.last_rx = 0.0
         self.last_tx = 0.0
@@ -7746,15 +7744,12 @@ class DatagramPath:
 
     @property
     def chunk(self) -> int:
-        """Big frames leave as groups of datagrams of this many sealed bytes (0: never)."""
-        return self.groups if self.may_group else 0
+        return self.grouping.chunk
 
     def on_report(self, frame: Any) -> None:
         """The server's verdict on this node's datagrams."""
-        if self.groups and len(frame) > 4:
-            if (line := grouping_change(self.may_group, frame[4] == 1)) is not None:
-                log.info("UDP to %s: %s", unmapped(self.server[0]), line)
-            self.may_group = frame[4] == 1
+        if (line := self.grouping.on_report(frame)) is not None:
+            log.info("UDP to %s: %s", unmapped(self.server[0]), line)
 
     def close(self) -> None:
         self.sock.close()
@@ -7849,11 +7844,11 @@ class DatagramPath:
         if self.retired_at and now >= self.retired_at:
             self.openers = {self.keys.session_id: self.keys}
             self.retired_at = 0.0
-        if self.groups:
-            if (line := self.gate.observe(now, self.openers.values())) is not None:
-                log.debug("UDP from %s: %s", unmapped(self.server[0]), line)
-            if (report := self.gate.report()) is not None:
-                self.send([report])
+        line, report = self.grouping.judge(now, self.openers.values())
+        if line is not None:
+            log.debug("UDP from %s: %s", unmapped(self.server[0]), line)
+        if report is not None:
+            self.send([report])
         if self.state == self.PROBING:
             if self.last_rx >= self.since:
                 return self._become(self.UP, now)
@@ -8155,6 +8150,36 @@ def grouping_change(before: bool, after: bool) -> str | None:
     return "the link is clean: one seal per 64 KiB" if after else "datagrams lost: one seal per segment again"
 
 
+class Grouping:
+    """One path's groups, the same on the node's server path, the server's path to a node
+    and a direct path: their chunk once the peer agreed on them (`size`; 0: never), the
+    gate judging what the peer sends, and the peer's verdict on what this side sends."""
+
+    def __init__(self, now: float) -> None:
+        self.size = 0
+        self.gate = GroupGate(now)
+        self.may_group = False
+
+    @property
+    def chunk(self) -> int:
+        """Big frames leave as groups of datagrams of this many sealed bytes (0: never)."""
+        return self.size if self.may_group else 0
+
+    def on_report(self, frame: Any) -> str | None:
+        """The peer's FRAME_LINK_REPORT; a line for the log when it changes what this side sends."""
+        if not self.size or len(frame) < 5:
+            return None
+        line = grouping_change(self.may_group, frame[4] == 1)
+        self.may_group = frame[4] == 1
+        return line
+
+    def judge(self, now: float, openers: Iterable[DatagramKeys]) -> tuple[str | None, bytes | None]:
+        """(a line when the gate's verdict changed, a FRAME_LINK_REPORT for the peer), both None without groups."""
+        if not self.size:
+            return None, None
+        return self.gate.observe(now, openers), self.gate.report()
+
+
 class ServerDatagramPath:
     """The server's side of one node's UDP data path, sending through the server's one
     socket: the node's keys by session id (a rekey adds one), the keys that seal, the
@@ -8188,32 +8213,28 @@ class ServerDatagramPath:
         self.counters = counters
         self.note = note
         self.rx_bytes = self.tx_bytes = 0  # authenticated datagrams in, datagrams sent
-        self.groups = 0  # the node takes groups: their chunk (group_chunk of the MTU)
-        self.gate = GroupGate(time.monotonic())  # judges what the node sends, for the node
-        self.may_group = False  # the node's latest verdict on what this server sends
+        self.grouping = Grouping(time.monotonic())
 
     @property
     def chunk(self) -> int:
-        return self.groups if self.may_group else 0
+        return self.grouping.chunk
 
     def heard(self, now: float, size: int) -> bytes | None:
         """Authenticated datagrams of `size` bytes came: the path is alive. Returns a
         FRAME_LINK_REPORT for the node when the gate has a verdict on its datagrams."""
         self.last_rx = now
         self.rx_bytes += size
-        if not self.groups:
-            return None
-        if (line := self.gate.observe(now, self.openers.values())) is not None:
+        line, report = self.grouping.judge(now, self.openers.values())
+        if line is not None:
             log.debug("node %s: datagrams from it: %s", self.node_token, line)
-        return self.gate.report()
+        return report
 
     def on_report(self, frame: Any) -> bool:
         """The node's verdict on this server's datagrams (False: not a report, from a node that agreed on groups)."""
-        if frame[0] != FRAME_LINK_REPORT or not self.groups or len(frame) < 5:
+        if frame[0] != FRAME_LINK_REPORT or not self.grouping.size or len(frame) < 5:
             return False
-        if (line := grouping_change(self.may_group, frame[4] == 1)) is not None:
+        if (line := self.grouping.on_report(frame)) is not None:
             log.debug("node %s: %s", self.node_token, line)
-        self.may_group = frame[4] == 1
         return True
 
     def retire_all_but(self, keys: DatagramKeys) -> list[int]:
@@ -8312,9 +8333,8 @@ class DirectPeer:
 
     def __init__(self, info: PeerInfo, pair: PairKeys, sock: DatagramSocket, now: float, mtu: int) -> None:
         self.ip, self.share, self.gso, self.pair, self.sock = info.ip, info.share, info.gso, pair, sock
-        self.groups = group_chunk(mtu) if info.groups else 0  # the peer takes groups: their chunk
-        self.gate = GroupGate(now)  # judges what the peer sends, for the peer
-        self.may_group = False  # the peer's latest verdict on what this node sends
+        self.grouping = Grouping(now)
+        self.grouping.size = group_chunk(mtu) if info.groups else 0
         self.address = str(ipaddress.IPv4Address(info.ip))
         self.ip_bytes = info.ip.to_bytes(4, "big")
         self.endpoints = [udp_address(sock.sock, host, port) for host, port in info.endpoints]
@@ -8342,13 +8362,11 @@ class DirectPeer:
 
     @property
     def chunk(self) -> int:
-        return self.groups if self.may_group else 0
+        return self.grouping.chunk
 
     def on_report(self, frame: Any) -> None:
-        if self.groups and len(frame) > 4:
-            if (line := grouping_change(self.may_group, frame[4] == 1)) is not None:
-                log.info("direct path to %s: %s", self.address, line)
-            self.may_group = frame[4] == 1
+        if (line := self.grouping.on_report(frame)) is not None:
+            log.info("direct path to %s: %s", self.address, line)
 
     def received(self, session_id: int) -> None:
         """A datagram opened under this session id: a newer epoch of the peer's makes the
@@ -8386,11 +8404,11 @@ class DirectPeer:
         if self.sealer.worn(now):
             self.send_epoch += 1
             self._keep(self.send_epoch)
-        if self.groups:
-            if (line := self.gate.observe(now, self.epochs.values())) is not None:
-                log.debug("direct path from %s: %s", self.address, line)
-            if (report := self.gate.report()) is not None:
-                self.send([report])
+        line, report = self.grouping.judge(now, self.epochs.values())
+        if line is not None:
+            log.debug("direct path from %s: %s", self.address, line)
+        if report is not None:
+            self.send([report])
         if self.state == self.UP:
             if now - self.last_pong > DIRECT_SILENT_S:
                 self._down(now, DIRECT_RETRY_S)
@@ -8506,7 +8524,7 @@ class PeerTable:
         peer = self.peers.get(info.ip)
         if peer is not None and peer.share == info.share:
             peer.endpoints = [udp_address(self.sock.sock, host, port) for host, port in info.endpoints]
-            peer.gso, peer.groups = info.gso, group_chunk(self.mtu) if info.groups else 0
+            peer.gso, peer.grouping.size = info.gso, group_chunk(self.mtu) if info.groups else 0
             peer.restart(now)  # the server says: probe now (the other side does too)
             return
         if peer is not None:
@@ -9519,7 +9537,7 @@ class SessionLifecycle:
         if CAP_UDP not in session.caps:
             session.caps = tuple(c for c in session.caps if c != CAP_DIRECT)
         if session.udp is not None and CAP_GROUPS in session.caps:
-            session.udp.groups = group_chunk(self.config.mtu)
+            session.udp.grouping.size = group_chunk(self.config.mtu)
         session.direct_key = hello.direct_key if CAP_DIRECT in session.caps else b""
         log.debug(
             "hello from %s: node %s, nc %s, offered %s, agreed %s",
@@ -10732,7 +10750,7 @@ class NetworkClient:
             self.config.transport,
             self.config.token,
         )
-        path.counters, path.groups = self.counters, group_chunk(welcome.mtu) if CAP_GROUPS in welcome.caps else 0
+        path.counters, path.grouping.size = self.counters, group_chunk(welcome.mtu) if CAP_GROUPS in welcome.caps else 0
         return path
 
     def _close_datagram_path(self) -> None:

@@ -234,7 +234,7 @@ def test_a_sender_groups_only_on_its_peers_word() -> None:
     try:
         path.on_report(ncctl.encode_frame(ncctl.FRAME_LINK_REPORT, b"\x01"))
         assert path.chunk == 0  # the server never agreed on groups
-        path.groups = CHUNK
+        path.grouping.size = CHUNK
         assert path.chunk == 0
         path.on_report(ncctl.encode_frame(ncctl.FRAME_LINK_REPORT, b"\x01"))
         assert path.chunk == CHUNK

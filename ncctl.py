@@ -7663,6 +7663,9 @@ class DatagramSocket:
             except OSError:  # an ICMP error for an earlier send; liveness tells what it meant
                 limit -= 1
                 continue
+            if not count:  # an empty datagram carries nothing (and would make no run of datagrams)
+                limit -= 1
+                continue
             size, local = count, None
             for level, kind, data in ancillary:
                 if level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:

@@ -559,3 +559,22 @@ def test_only_a_datagram_newer_than_any_seen_is_the_sessions_newest() -> None:
     assert newest_runs(server, [held]) == [(1, False)]  # authentic, unseen, older: opened, not newest
     assert newest_runs(server, node.seal([frame(b"next")])) == [(1, True)]
     assert newest_runs(server, [held]) == []  # and once seen, a replay
+
+
+def test_an_empty_datagram_is_read_past_and_the_next_one_arrives() -> None:
+    """A zero-length datagram (anyone may send one to the data port) carries nothing: the
+    read goes on to the next datagram instead of failing the loop's receive."""
+    receiver, sender = ncctl.DatagramSocket(), ncctl.DatagramSocket()
+    try:
+        address = ncctl.udp_address(sender.sock, "127.0.0.1", receiver.sock.getsockname()[1])
+        sender.sock.sendto(b"", address)
+        sender.sock.sendto(b"after", address)
+        got: list[bytes] = []
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            got += [bytes(d) for datagrams, _source, _local in receiver.receive(64) for d in datagrams]
+            time.sleep(0.01)
+        assert got == [b"after"]
+    finally:
+        receiver.close()
+        sender.close()

@@ -218,3 +218,23 @@ def test_transport_tcp_on_either_side_keeps_data_on_the_stream(lab: Lab) -> None
     assert "6441" in server_host.run("ss", "-uln").stdout
     assert server.node(client.token())["transport"] == "tcp"
     assert "UDP" not in client.process.log()
+
+
+def test_an_empty_datagram_ends_neither_the_server_nor_a_node(lab: Lab) -> None:
+    """Anyone may send a zero-length datagram to the data port or to a node's datagram
+    socket: both read past it and the overlay keeps working (before, it ended the packet
+    loop, and with it the process)."""
+    overlay = build_overlay(lab, 1, keepalive=5)
+    client, node = overlay.clients[0], overlay.hosts[0]
+    wait_for(lambda: "data path: UDP" in client.process.log(), timeout=15, what="the UDP data path")
+    node_ports = {line.split()[3].rsplit(":", 1)[1] for line in node.run("ss", "-Huan").stdout.splitlines()}
+    stranger = lab.add_host("stranger")
+    send_empty = "import socket, sys\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    send_empty += "for port in sys.argv[2:]:\n    s.sendto(b'', (sys.argv[1], int(port)))\n"
+    stranger.run("python3", "-c", send_empty, overlay.server_host.ip, UDP_PORT)
+    stranger.run("python3", "-c", send_empty, node.ip, *sorted(node_ports))
+    assert_reaches(node, SERVER_OVERLAY_IP)
+    sent, answered = ping_counts(node, SERVER_OVERLAY_IP, 10, 0.05)
+    assert answered == sent == 10
+    assert overlay.server.process.alive() and client.process.alive()
+    assert "Traceback" not in overlay.server.process.log() + client.process.log()

@@ -6742,15 +6742,21 @@ def whole_frames(frames: list[bytes]) -> bool:
     return words == [length - 4 for length in map(len, frames)]
 
 
-def one_run(datagrams: list[Any]) -> tuple[int, int] | None:
-    """(session id, first counter) when every datagram of a read is sealed for one
-    session under consecutive counters, else None; compared in C loops."""
+def split_runs(datagrams: list[Any]) -> tuple[int, list[tuple[int, int, int]]] | None:
+    """A read of one session's sealed datagrams as (session id, [(start, end, first
+    counter) of each run under consecutive counters]): usually one run, and a datagram
+    lost on the way splits it in two; None for a read holding anything else. Compared
+    in C loops but for the one step per datagram that finds the breaks."""
     if min(map(len, datagrams)) < DATAGRAM_MIN:
         return None
     headers = list(map(DATAGRAM_HEADER.unpack_from, datagrams))
-    _kind, session_id, first = headers[0]
-    expected = zip(itertools.repeat(DATAGRAM_SEALED), itertools.repeat(session_id), range(first, first + len(headers)))
-    return (session_id, first) if headers == list(expected) else None
+    session_id = headers[0][1]
+    if list(map(operator.itemgetter(0, 1), headers)) != [(DATAGRAM_SEALED, session_id)] * len(headers):
+        return None
+    counters = list(map(operator.itemgetter(2), headers))
+    breaks = [index for index, step in enumerate(map(operator.sub, counters[1:], counters), 1) if step != 1]
+    bounds = [0, *breaks, len(datagrams)]
+    return session_id, [(start, end, counters[start]) for start, end in zip(bounds, bounds[1:])]
 
 
 def group_run(datagrams: list[Any]) -> tuple[int, int, int, int] | None:
@@ -6778,7 +6784,8 @@ def open_datagrams(
     frames, bytes of their datagrams) for each run of one session; every other datagram
     goes to `dropped` with its reason, having cost one lookup and at most one tag check.
     A read usually holds one session's datagrams under new consecutive counters: those
-    open together, and so do consecutive datagrams of one group."""
+    open together (each run of them, where loss broke the counters), and so do
+    consecutive datagrams of one group."""
     if len(datagrams[0]) > GROUP_HEADER.size and datagrams[0][0] == DATAGRAM_GROUPED:
         run = group_run(datagrams)
         keys = keys_for(run[2]) if run is not None else None
@@ -6791,9 +6798,25 @@ def open_datagrams(
             if frame is not None:
                 yield keys, [frame], size
             return
-    whole = one_run(datagrams) if len(datagrams) > 1 else None
-    keys = keys_for(whole[0]) if whole is not None else None
-    opened = keys.open_run(datagrams, whole[1]) if keys is not None and whole is not None else None
+    runs = split_runs(datagrams) if len(datagrams) > 1 else None
+    if runs is None:
+        yield from open_one_by_one(datagrams, keys_for, dropped)
+        return
+    session_id, pieces = runs
+    for start, end, first in pieces:
+        yield from open_one_run(datagrams[start:end], (session_id, first), keys_for, dropped)
+
+
+def open_one_run(
+    datagrams: list[Any],
+    whole: tuple[int, int],
+    keys_for: Callable[[int], DatagramKeys | None],
+    dropped: Callable[[str], None],
+) -> Iterator[tuple[DatagramKeys, list[bytes], int]]:
+    """open_datagrams() for datagrams of one session (`whole`: its id, the first counter)
+    under consecutive counters."""
+    keys = keys_for(whole[0])
+    opened = keys.open_run(datagrams, whole[1]) if keys is not None else None
     if keys is not None and opened is not None:
         if len(opened) == len(datagrams) and whole_frames(opened):
             yield keys, opened, sum(map(len, datagrams))

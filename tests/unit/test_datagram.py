@@ -578,3 +578,19 @@ def test_an_empty_datagram_is_read_past_and_the_next_one_arrives() -> None:
     finally:
         receiver.close()
         sender.close()
+
+
+@given(st.sets(st.integers(1, 62), max_size=6))
+@settings(max_examples=40, deadline=None)
+def test_a_read_with_lost_datagrams_opens_run_by_run_in_order(lost: set[int]) -> None:
+    """A GRO read whose counters jump where datagrams were lost on the way opens as its
+    runs of consecutive counters, each together, in order (not one datagram at a time)."""
+    node, server = session_pair()
+    frames = [frame(bytes([i]) * 1300) for i in range(64)]
+    arrived = [d for i, d in enumerate(node.seal(frames)) if i not in lost]
+    runs = list(ncctl.open_datagrams([memoryview(d) for d in arrived], {SESSION_ID: server}.get, print))
+    breaks = len([i for i in lost if i - 1 not in lost])  # each stretch of lost datagrams starts a new run
+    assert len(runs) == 1 + breaks
+    assert [f for _keys, opened, _size in runs for f in opened] == [f for i, f in enumerate(frames) if i not in lost]
+    assert sum(size for _keys, _opened, size in runs) == sum(map(len, arrived))
+    assert (server.received, server.gaps) == (64 - len(lost), breaks)

@@ -7208,7 +7208,10 @@ UDP_RTT_PING_S = 5.0  # a keepalive at least this often, also while data flows b
 UDP_OLD_KEYS_S = 10.0  # keys replaced by a rekey still open late datagrams this long
 
 
-UDP_RECEIVE_SIZE = 65536
+UDP_RECEIVE_SIZE = 65536  # room for one read: a GRO run of up to 64 KiB
+
+
+UDP_RECEIVE_BUFFER = 4 * UDP_RECEIVE_SIZE  # reads from one source fill it in turn before they are opened together
 
 
 # Socket buffers. Sending: room for a few 64 KiB super-packets in flight, no more (a deeper
@@ -7620,8 +7623,7 @@ class DatagramSocket:
                 self.sock.setsockopt(level, enable, 1)
                 self.pktinfo = (level, kind)
         self.cmsg_space = GRO_CMSG_SPACE + (PKTINFO_CMSG_SPACE if self.pktinfo else 0)
-        self.buf = bytearray(UDP_RECEIVE_SIZE)
-        self.view = memoryview(self.buf)
+        self.view = memoryview(bytearray(UDP_RECEIVE_BUFFER))
 
     @property
     def family(self) -> int:
@@ -7675,14 +7677,23 @@ class DatagramSocket:
 
     def receive(self, limit: int) -> Iterator[tuple[list[memoryview], Any, tuple | None]]:
         """(datagrams, source address, local address as a cmsg for send, if asked for) for
-        each read of what is waiting (with GRO one read holds a run from one source), until
-        `limit` datagrams came; the views are valid until the next read."""
-        sock, buf, view, space, pktinfo = self.sock, self.buf, self.view, self.cmsg_space, self.pktinfo
+        what is waiting, until `limit` datagrams came: consecutive reads from one source
+        together, each read into the buffer after the last (with GRO a read holds a run;
+        where the host's GRO found little to join, one datagram), so they open as one
+        batch. The views are valid until the next batch."""
+        sock, view, space, pktinfo = self.sock, self.view, self.cmsg_space, self.pktinfo
+        batch: list[memoryview] = []
+        source: tuple[Any, tuple | None] = (None, None)
+        offset = 0
         while limit > 0:
+            if offset + UDP_RECEIVE_SIZE > len(view):  # no room for another read: the batch goes
+                if batch:
+                    yield batch, source[0], source[1]
+                batch, offset = [], 0
             try:
-                count, ancillary, _flags, address = sock.recvmsg_into([buf], space)
+                count, ancillary, _flags, address = sock.recvmsg_into([view[offset : offset + UDP_RECEIVE_SIZE]], space)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError:  # an ICMP error for an earlier send; liveness tells what it meant
                 limit -= 1
                 continue
@@ -7695,10 +7706,17 @@ class DatagramSocket:
                     size = struct.unpack("=i", data[:4])[0] or count
                 elif (level, kind) == pktinfo:
                     local = local_source(level, kind, data)
-            read = view[:count]  # slices of it end where the read ends
+            if batch and (address, local) != source:
+                yield batch, source[0], source[1]
+                batch = []
+            source = (address, local)
+            read = view[offset : offset + count]  # slices of it end where the read ends
             datagrams = [read[start : start + size] for start in range(0, count, size)]
+            batch += datagrams
             limit -= len(datagrams)
-            yield datagrams, address, local
+            offset += count
+        if batch:
+            yield batch, source[0], source[1]
 
 
 def local_source(level: int, kind: int, pktinfo: bytes) -> tuple | None:

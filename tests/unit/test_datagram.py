@@ -594,3 +594,26 @@ def test_a_read_with_lost_datagrams_opens_run_by_run_in_order(lost: set[int]) ->
     assert [f for _keys, opened, _size in runs for f in opened] == [f for i, f in enumerate(frames) if i not in lost]
     assert sum(size for _keys, _opened, size in runs) == sum(map(len, arrived))
     assert (server.received, server.gaps) == (64 - len(lost), breaks)
+
+
+def test_reads_from_one_source_come_as_one_batch_and_each_source_apart() -> None:
+    """Datagrams the host's GRO did not join (one per read) come from receive() together
+    while one source sent them, each exactly as sent and in order; another source's
+    datagrams start a batch of their own, and more than the buffer holds still arrive."""
+    receiver, first, second = ncctl.DatagramSocket(), ncctl.DatagramSocket(), ncctl.DatagramSocket()
+    try:
+        address = ncctl.udp_address(first.sock, "127.0.0.1", receiver.sock.getsockname()[1])
+        plan = [(first, b"a1"), (first, b"a2" * 700), (first, b"a3"), (second, b"b1"), (second, b"b2"), (first, b"a4")]
+        for sender, payload in plan:
+            sender.sock.sendto(payload, address)
+        time.sleep(0.05)
+        batches = [[bytes(d) for d in datagrams] for datagrams, _source, _local in receiver.receive(64)]
+        assert batches == [[b"a1", b"a2" * 700, b"a3"], [b"b1", b"b2"], [b"a4"]]
+        big = [bytes([i % 256]) * 60000 for i in range(9)]  # past the buffer: it is used again
+        for payload in big:
+            first.sock.sendto(payload, address)
+        time.sleep(0.05)
+        assert [bytes(d) for datagrams, _s, _l in receiver.receive(64) for d in datagrams] == big
+    finally:
+        for sock in (receiver, first, second):
+            sock.close()

@@ -14334,15 +14334,18 @@ def peer_lines(peers: list[dict[str, Any]]) -> str:
     """`nc status`'s peer table: each peer the server introduced, direct or relayed."""
     if not peers:
         return ""
-    rows = [("PEER", "PATH", "ENDPOINT", "LAST HANDSHAKE", "RX / TX")]
-    for peer in peers:
-        traffic = f"{human_bytes(peer.get('rxBytes', 0))} / {human_bytes(peer.get('txBytes', 0))}"
-        fields = (peer.get("ip"), peer.get("path"), peer.get("endpoint") or "-", peer.get("lastHandshake") or "-")
-        rows.append((*(loggable(str(f)) for f in fields), traffic))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n\npeers:\n" + "\n".join(
-        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4] for row in rows
-    )
+    rows = [
+        [
+            peer.get("ip"),
+            peer.get("path"),
+            peer.get("endpoint") or "-",
+            peer.get("lastHandshake") or "-",
+            f"{human_bytes(peer.get('rxBytes', 0))} / {human_bytes(peer.get('txBytes', 0))}",
+        ]
+        for peer in peers
+    ]
+    table = Table(["PEER", "PATH", "ENDPOINT", "LAST HANDSHAKE", "RX / TX"], rows)  # escapes what peers wrote
+    return "\n\npeers:\n" + "\n".join("  " + line for line in table.lines())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

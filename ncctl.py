@@ -1185,6 +1185,17 @@ SERVICE_EXECUTABLE = Path("/usr/local/lib/nc/nc")  # off PATH: `nc` there is net
 SERVICE_CACHE = "/var/cache/nc"  # where the unit's nc unpacks its libraries (ProtectHome hides ~/.shiv)
 
 
+def unit_path_problem(what: str, path: str) -> str | None:
+    """Why `path` cannot go into a unit file, or None: a control character there (a line
+    break adds a directive of its own, others reach systemd's parser and the journal as is)."""
+    bad = sorted({ch for ch in path if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0})
+    if not bad:
+        return None
+    kind = "a line break" if any(ch in "\n\r" for ch in bad) else "a control character"
+    shown = ", ".join(repr(ch)[1:-1] for ch in bad)
+    return f"{what}: a path with {kind} ({shown}) cannot go into a unit file"
+
+
 def service_unit(
     mode: str, executable: Path, config: Path | None, work_dir: str, interpreter: tuple[str, ...] = ()
 ) -> str:
@@ -14367,15 +14378,18 @@ def peer_lines(peers: list[dict[str, Any]]) -> str:
     """`nc status`'s peer table: each peer the server introduced, direct or relayed."""
     if not peers:
         return ""
-    rows = [("PEER", "PATH", "ENDPOINT", "LAST HANDSHAKE", "RX / TX")]
-    for peer in peers:
-        traffic = f"{human_bytes(peer.get('rxBytes', 0))} / {human_bytes(peer.get('txBytes', 0))}"
-        fields = (peer.get("ip"), peer.get("path"), peer.get("endpoint") or "-", peer.get("lastHandshake") or "-")
-        rows.append((*(loggable(str(f)) for f in fields), traffic))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    return "\n\npeers:\n" + "\n".join(
-        "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4] for row in rows
-    )
+    rows = [
+        [
+            peer.get("ip"),
+            peer.get("path"),
+            peer.get("endpoint") or "-",
+            peer.get("lastHandshake") or "-",
+            f"{human_bytes(peer.get('rxBytes', 0))} / {human_bytes(peer.get('txBytes', 0))}",
+        ]
+        for peer in peers
+    ]
+    table = Table(["PEER", "PATH", "ENDPOINT", "LAST HANDSHAKE", "RX / TX"], rows)  # escapes what peers wrote
+    return "\n\npeers:\n" + "\n".join("  " + line for line in table.lines())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -14406,14 +14420,14 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     mode = args.mode
     default_config = Path(DEFAULT_CLIENT_WORK_DIR) / "client.yml" if mode == "client" else None
     config_path = Path(args.config).resolve() if args.config else default_config
-    if config_path is not None and any(ch in str(config_path) for ch in "\n\r\0"):
-        raise UsageError("--config: a path with a line break cannot go into a unit file")
+    if config_path is not None and (problem := unit_path_problem("--config", str(config_path))):
+        raise UsageError(problem)
     if config_path is not None and not config_path.exists() and not args.print:
         fix = "join first (nc client --join ...) or pass --config" if mode == "client" else "write it first"
         raise UsageError(f"{config_path}: no such file, so the service could not start; {fix} (--print shows the unit)")
     config = load_config(str(config_path), mode) if config_path and config_path.exists() else load_config(None, mode)
-    if any(ch in config.work_dir for ch in "\n\r\0"):
-        raise UsageError(f"{mode}.workDir: a path with a line break cannot go into a unit file")
+    if problem := unit_path_problem(f"{mode}.workDir", config.work_dir):
+        raise UsageError(problem)
     problems = [
         f"{path}: the service's sandbox hides {hidden}, so it could not use {what}; "
         "move it (for example under /etc/nc or /var/lib) and run install-service again"

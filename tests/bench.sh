@@ -4,6 +4,8 @@
 #   scale       one nc server, 1000 simulated nodes              (tests/bench/bench_scale.py)
 #   pool        full /16 address pool, LRU reclaim               (tests/bench/bench_pool.py)
 #   hostile     ping p99 while one node floods malicious GSO     (tests/bench/bench_hostile.py)
+#               [--flood control]: REKEY, then TRANSPORT floods of [--seconds 10] each: the
+#               other pair's ping loss and p99, the server's log lines (issue 20's targets)
 #   floods      1000 idle connections per port from one address  (tests/bench/bench_floods.py)
 #   ha          replicas on etcd: failovers, one holder, 200 joins (tests/bench/bench_ha.py)
 #   wan         nc auto, TCP and UDP vs wireguard-go (Debian's, and a modern build given
@@ -37,7 +39,7 @@ case "$what" in
         fi
         ;;
     -h | --help)
-        sed -n '2,25s/^# \{0,1\}//p' "$0"
+        sed -n '2,27s/^# \{0,1\}//p' "$0"
         exit 0
         ;;
     *)

@@ -1,4 +1,5 @@
-"""Other nodes' latency while one node floods the server with malicious GSO frames.
+"""Other nodes' latency while one node floods the server with malicious GSO frames, or
+with control frames.
 
 One lab: a server and three nodes. node1's certificate goes to a raw TLS client that
 announces gso and sends malicious GSO frames as fast as TLS takes them (GSO bombs with
@@ -8,7 +9,15 @@ bomb addressed to it is what the server would have to segment in software). Prin
 ping p50/p99 between node2 and node3 without and with the flood, and their ratio; the
 target is p99 with the flood at most 2x the unloaded value.
 
+--flood control: two nodes' certificates go to control-frame flooders (REKEY, then
+TRANSPORT udp/tcp flips, each as fast as TLS takes them for --seconds, reconnecting at
+once whenever the server refuses the session); a third node pings a fourth through the
+server the whole time. Prints, per flood, the other pair's ping loss and p50/p99, the
+server's log lines and CPU, the sessions the flooder got and how they ended. Targets
+(issue 20): loss <= 2 %, p99 <= 50 ms, <= 200 log lines for a 10 s flood.
+
     .build/venv/bin/python tests/bench/bench_hostile.py [--pings 1000] [--interval 0.01]
+        [--flood gso|control] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import re
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,9 +46,14 @@ from benchlib import (
     run_lab_bench,
     temp_dir,
 )
-from hostile_helpers import hostile_result, spawn_hostile_node
+from hostile_helpers import hostile_result, spawn_control_flood, spawn_hostile_node
 from netlab import Host, NcClient, lab
-from overlay_helpers import build_overlay, stop_client, wait_connected, wait_exit
+from overlay_helpers import Overlay, build_overlay, scrape, stop_client, value, wait_connected, wait_exit
+
+import ncctl
+
+CONTROL_FLOODS = ("rekey", "transport")
+TARGET_LOSS, TARGET_P99_MS, TARGET_LOG_LINES = 0.02, 50.0, 200
 
 
 def ping_rtts(host: Host, target: str, count: int, interval: float) -> tuple[list[float], int]:
@@ -120,12 +135,125 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def control_flood(
+    overlay: Overlay, flooder: NcClient, kind: str, pinger: Host, target_ip: str, args: argparse.Namespace
+) -> dict:
+    """One control-frame flood of `kind` from flooder for args.seconds, pinger -> target_ip
+    pinging from half a second before it to half a second after it."""
+    server = overlay.server
+    lines_before = len(server.process.log().splitlines())
+    refused_before = value(scrape(overlay.server_host), "nc_refusals_total", reason="control-budget")
+    cpu_before = cpu_seconds(python_pid(server.process.pid))
+    count = round((args.seconds + 1.0) / args.interval)
+    pings: dict[str, tuple[list[float], int]] = {}
+    ping = threading.Thread(target=lambda: pings.update(run=ping_rtts(pinger, target_ip, count, args.interval)))
+    ping.start()
+    time.sleep(0.6 + 0.5)  # ping_rtts's warm-up, then half a second of pings before the flood
+    attacker = spawn_control_flood(
+        flooder.host,
+        overlay.server_host.ip,
+        flooder.work_dir / "tls" / "network",
+        flooder.token(),
+        kind=kind,
+        seconds=args.seconds,
+        rounds=1_000_000,  # reconnect for as long as the flood lasts
+    )
+    wait_exit(attacker, timeout=args.seconds + 60)
+    ping.join()
+    rtts, sent = pings["run"]
+    rounds = hostile_result(attacker)
+    if not server.process.alive():
+        raise BenchError(f"the server died under the {kind} flood:\n{server.process.log()[-2000:]}")
+    refused = value(scrape(overlay.server_host), "nc_refusals_total", reason="control-budget") - refused_before
+    return {
+        "kind": kind,
+        "sent": sent,
+        "rtts": rtts,
+        "log_lines": len(server.process.log().splitlines()) - lines_before,
+        "cpu": cpu_seconds(python_pid(server.process.pid)) - cpu_before,
+        "frames": sum(r.get("sent", 0) for r in rounds),
+        "answers": sum(r.get("answers", 0) for r in rounds),
+        "sessions": len(rounds),
+        "admitted": sum(1 for r in rounds if "sent" in r and not r.get("at_hello")),
+        "refused_in_session": sum(1 for r in rounds if r.get("refusal") and not r.get("at_hello")),
+        "refused_at_hello": sum(1 for r in rounds if r.get("at_hello")),
+        "errors": sum(1 for r in rounds if "error" in r),
+        "refusals_counted": refused,
+    }
+
+
+def control_rows(quiet: list[float], quiet_sent: int, floods: list[dict]) -> list[list[str]]:
+    def loss(answered: int, sent: int) -> str:
+        return f"{100 * (sent - answered) / sent:.1f} %" if sent else "-"
+
+    rows = [
+        ["pings answered", f"{len(quiet)}/{quiet_sent}", *(f"{len(f['rtts'])}/{f['sent']}" for f in floods)],
+        ["ping loss (target <= 2 %)", loss(len(quiet), quiet_sent), *(loss(len(f["rtts"]), f["sent"]) for f in floods)],
+        ["ping p50 (ms)", fmt(pct(quiet, 0.50), 3), *(fmt(pct(f["rtts"], 0.50), 3) for f in floods)],
+        ["ping p99 (ms, target <= 50)", fmt(pct(quiet, 0.99), 3), *(fmt(pct(f["rtts"], 0.99), 3) for f in floods)],
+        ["ping max (ms)", fmt(max(quiet, default=None), 3), *(fmt(max(f["rtts"], default=None), 3) for f in floods)],
+        ["server log lines (target <= 200)", "", *(str(f["log_lines"]) for f in floods)],
+        ["server CPU (s)", "", *(f"{f['cpu']:.1f}" for f in floods)],
+        ["frames sent by the flooder", "", *(f"{f['frames']:,}" for f in floods)],
+        ["REKEY answers it got", "", *(str(f["answers"]) if f["kind"] == "rekey" else "-" for f in floods)],
+        ["its sessions tried", "", *(str(f["sessions"]) for f in floods)],
+        ["  admitted, refused mid-session", "", *(f"{f['admitted']}, {f['refused_in_session']}" for f in floods)],
+        ["  refused at the hello", "", *(str(f["refused_at_hello"]) for f in floods)],
+        ["  connection errors", "", *(str(f["errors"]) for f in floods)],
+        ["nc_refusals_total{control-budget} +", "", *(f"{f['refusals_counted']:.0f}" for f in floods)],
+    ]
+    return rows
+
+
+def run_control(args: argparse.Namespace) -> int:
+    with temp_dir("nc-bench-control-") as work, lab(work / "lab") as the_lab:
+        progress("lab: server and four nodes (two flooders, a pinging pair)")
+        overlay = build_overlay(the_lab, 4, keepalive=2)
+        *flooders, pinger, target = overlay.clients
+        for flooder in flooders:  # their certificates now belong to the flooding scripts
+            stop_client(flooder)
+        target_ip = wait_connected(overlay.server, target)
+        count = round(args.seconds / args.interval)
+        progress(f"unloaded: {count} pings node3 -> node4, {args.interval} s apart")
+        quiet, quiet_sent = ping_rtts(pinger.host, target_ip, count, args.interval)
+        floods = []
+        for kind, flooder in zip(CONTROL_FLOODS, flooders):
+            progress(f"{kind} flood for {args.seconds} s from {flooder.host.name}, reconnecting whenever refused")
+            floods.append(control_flood(overlay, flooder, kind, pinger.host, target_ip, args))
+    print(
+        format_table(
+            ["", "unloaded", *(f"{f['kind'].upper()} flood" for f in floods)],
+            control_rows(quiet, quiet_sent, floods),
+            title=f"nc control-frame floods of {args.seconds:g} s, pings {args.interval} s apart "
+            f"(budget {ncctl.CONTROL_FRAME_BURST} at once, {ncctl.CONTROL_FRAMES_PER_MINUTE} a minute); "
+            f"{machine_note()}",
+        )
+    )
+    met = all(
+        f["sent"]
+        and (f["sent"] - len(f["rtts"])) / f["sent"] <= TARGET_LOSS
+        and pct(f["rtts"], 0.99) is not None
+        and pct(f["rtts"], 0.99) <= TARGET_P99_MS
+        and f["log_lines"] <= TARGET_LOG_LINES
+        for f in floods
+    )
+    print(f"targets (loss <= 2 %, p99 <= 50 ms, <= 200 log lines): {'met' if met else 'NOT met'}")
+    return 0 if met else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pings", type=int, default=1000, help="echo requests per measurement (default 1000)")
     parser.add_argument("--interval", type=float, default=0.01, help="seconds between them (default 0.01)")
+    parser.add_argument(
+        "--flood",
+        choices=("gso", "control"),
+        default="gso",
+        help="malicious GSO frames (default), or REKEY then TRANSPORT control-frame floods",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each control-frame flood (default 10)")
     args = parser.parse_args()
-    return run_lab_bench("bench_hostile", lambda: run(args))
+    return run_lab_bench("bench_hostile", lambda: run_control(args) if args.flood == "control" else run(args))
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def children(pid: int) -> list[int]:
 
 def python_pid(pid: int) -> int:
     """The python process that runs ./nc: `ip netns exec` and `/usr/bin/env` exec
-    in place, but look through children too in case a launcher forks."""
+    in place, but look through children too in case a launcher forks. nc names its
+    process "nc" (PR_SET_NAME), an interpreter running anything else is "python..."."""
     todo = [pid]
     while todo:
         current = todo.pop(0)
@@ -144,7 +145,7 @@ def python_pid(pid: int) -> int:
             comm = Path(f"/proc/{current}/comm").read_text().strip()
         except OSError:
             continue
-        if comm.startswith("python"):
+        if comm == "nc" or comm.startswith("python"):
             return current
         todo += children(current)
     raise RuntimeError(f"no python process under PID {pid}")

@@ -45,3 +45,24 @@ def test_every_drop_reason_in_the_code_is_a_metric_series_from_the_start() -> No
     counted |= {"udp-" + r for r in re.findall(r'BadDatagram\("([a-z-]+)"\)', source)} - sealing
     counted -= {r for r in counted if r.startswith("direct-")}  # a node's own, in `nc status`, not the server's
     assert counted and counted <= set(ncctl.DROP_REASONS), counted - set(ncctl.DROP_REASONS)
+
+
+def test_status_escapes_what_a_peer_wrote_and_json_keeps_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nc status` shows the server's refusal text and the peers' fields through the same
+    escaping as the tables: no control character reaches the terminal; -o json is exact."""
+    status = {
+        "state": "connecting",
+        "nodeToken": "abc",
+        "lastError": HOSTILE,
+        "peers": [{"ip": "10.1.1.3", "path": "direct", "endpoint": HOSTILE, "rxBytes": 1, "txBytes": 2}],
+    }
+    monkeypatch.setattr(ncctl, "ask_status", lambda _work_dir: status)
+    assert ncctl.cmd_status(argparse.Namespace(work_dir="/nonexistent", output="text")) == 1
+    out = capsys.readouterr().out
+    assert not any(ch in out for ch in "\x1b\x07\r"), out
+    assert "reserverd" not in "".join(line.split()[0] for line in out.splitlines() if line.strip()), out
+    assert out.count("\\x1b[2J") == 2 and "peers:" in out, out
+    ncctl.cmd_status(argparse.Namespace(work_dir="/nonexistent", output="json"))
+    assert json.loads(capsys.readouterr().out) == status

@@ -3,6 +3,8 @@ unit carries nothing but what it means to (a path is one line)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -44,3 +46,31 @@ def test_a_config_error_or_a_refusal_does_not_restart_the_unit() -> None:
         assert "RestartPreventExitStatus=2 3" in unit.splitlines() and "Restart=on-failure" in unit.splitlines()
     assert (ncctl.ConfigError.exit_code, ncctl.UsageError.exit_code, ncctl.Refused.exit_code) == (2, 2, 3)
     assert ncctl.JoinRefused.exit_code == 3
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "/x.yml\nExecStartPre=/bin/touch /tmp/pwned",
+        "/etc/nc/server.yml\rExecStartPre=/bin/true",
+        "/etc/nc/\x1b]0;owned\x07server.yml",
+        "/etc/nc/server.yml\tExecStartPre=/bin/true",
+        "/etc/nc/server\x7f.yml",
+        "/etc/nc/server\x85.yml",
+    ],
+)
+def test_install_service_refuses_a_control_character_in_its_paths(forged: str, tmp_path: Path) -> None:
+    """A path goes into the unit as is: any control character is refused, not only line breaks."""
+    args = argparse.Namespace(mode="server", config=forged, print=True, root=None)
+    with pytest.raises(ncctl.UsageError, match="cannot go into a unit file"):
+        ncctl.cmd_install_service(args)
+    config = tmp_path / "server.yml"
+    config.write_text(json.dumps({"mode": "server", "server": {"workDir": "/var/lib/" + forged.lstrip("/")}}))
+    args = argparse.Namespace(mode="server", config=str(config), print=True, root=None)
+    with pytest.raises(ncctl.UsageError, match=r"server\.workDir: a path with a (line break|control character)"):
+        ncctl.cmd_install_service(args)
+
+
+def test_an_ordinary_path_has_no_unit_problem() -> None:
+    assert ncctl.unit_path_problem("--config", "/etc/nc/server 1.yml") is None
+    assert ncctl.unit_path_problem("--config", "/etc/nc/sérvér.yml") is None

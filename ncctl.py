@@ -8461,7 +8461,9 @@ class DirectPeer:
             "path": "direct" if up else "relayed",
             "endpoint": f"{unmapped(str(self.endpoint[0]))}:{self.endpoint[1]}" if up else "",
             "lastHandshake": (
-                datetime.datetime.fromtimestamp(self.handshake).isoformat(timespec="seconds") if self.handshake else ""
+                datetime.datetime.fromtimestamp(self.handshake).astimezone().isoformat(timespec="seconds")
+                if self.handshake
+                else None  # never reached: null, as every time nc prints
             ),
             "rxBytes": self.rx_bytes,
             "txBytes": self.tx_bytes,
@@ -10668,7 +10670,7 @@ class NetworkClient:
             "transport": carrying.name if connected and carrying is not None else "",
             "connectedSince": datetime.datetime.fromtimestamp(since).astimezone().isoformat(timespec="seconds")
             if connected
-            else "",
+            else None,  # a time never reached is null in nc's JSON
             **self._round_trip(carrying if connected else None),
             "rxBytes": sum(path.rx_bytes for path in paths),
             "txBytes": sum(path.tx_bytes for path in paths),

@@ -34,6 +34,10 @@ def test_status_of_a_connected_node_and_of_one_that_lost_its_server(lab: Lab) ->
         lambda: client.host.nc("status", "--work-dir", str(client.work_dir), check=False).returncode == 1,
         what="status to report the node as not connected",
     )
+    connecting = json.loads(
+        client.host.nc("status", "--work-dir", str(client.work_dir), "-o", "json", check=False).stdout
+    )
+    assert connecting["state"] == "connecting" and connecting["connectedSince"] is None, connecting  # never: null
     client.process.stop()
     gone = client.host.nc("status", "--work-dir", str(client.work_dir), check=False)
     assert "no nc client is running" in one_error_line(gone)

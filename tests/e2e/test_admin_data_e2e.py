@@ -91,6 +91,12 @@ def test_a_failing_command_under_json_prints_an_error_object(lab: Lab) -> None:
     assert done.stderr.startswith("nc: error: ")
     text = server.adm("node", "state", "--node-token", "a" * 16, check=False)
     assert text.stdout == "" and text.returncode == done.returncode  # only JSON output gets the object
+    usage = server.adm("node", "state", "-o", "json", check=False)  # refused by the command line itself
+    assert usage.returncode == 2 and json.loads(usage.stdout) == {
+        "error": "nc adm node state: the following arguments are required: --node-token",
+        "code": 2,
+    }, usage.stdout
+    assert "error: the following arguments are required: --node-token" in usage.stderr
 
 
 def test_a_backup_recovers_a_lost_server_host(lab: Lab) -> None:

@@ -45,3 +45,24 @@ def test_every_drop_reason_in_the_code_is_a_metric_series_from_the_start() -> No
     counted |= {"udp-" + r for r in re.findall(r'BadDatagram\("([a-z-]+)"\)', source)} - sealing
     counted -= {r for r in counted if r.startswith("direct-")}  # a node's own, in `nc status`, not the server's
     assert counted and counted <= set(ncctl.DROP_REASONS), counted - set(ncctl.DROP_REASONS)
+
+
+def test_a_refused_command_line_keeps_argparses_words_and_gives_main_the_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse's refusal reads as before on stderr; main() gets the line for `-o json`'s error object."""
+    with pytest.raises(ncctl.CommandLineRefused) as info:
+        ncctl.build_parser().parse_args(["adm", "node", "state", "-o", "json"])
+    assert info.value.code == ncctl.EXIT_USAGE
+    assert info.value.line == "nc adm node state: the following arguments are required: --node-token"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "nc adm node state: error: the following arguments are required: --node-token"
+    )
+    for argv, wanted in (
+        (["adm", "node", "list", "-o", "json"], True),
+        (["adm", "--output=json", "node", "list"], True),
+        (["adm", "-ojson", "node", "list"], True),
+        (["adm", "node", "list", "-o", "wide"], False),
+        (["adm", "token", "create", "--net", "json"], False),
+    ):
+        assert ncctl.asks_for_json(argv) is wanted, argv

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from control_helpers import JOIN_RE, admin_tls, node_tokens, one_error_line
-from netlab import NC, SCRIPTS, Host, Lab, Process, start_client, start_server
+from netlab import NC, SCRIPTS, Host, Lab, Process, start_client, start_server, wait_for
 from ops_helpers import grpcurl_json, mtls_flags
 
 CONTROL = "198.18.0.1:6440"
@@ -112,9 +112,9 @@ def test_a_join_gives_up_after_its_timeout_and_a_refused_token_fails_at_once(lab
 
 
 def test_ctrl_c_ends_a_join_at_once_and_leaves_nothing_behind(lab: Lab) -> None:
-    """While waiting for a server that is down, and inside a TLS handshake the server
-    never answers: exit 130 within a second, no credentials, no client.yml; and once
-    the node runs, 130 as well."""
+    """While waiting for a server that is down, inside a TLS handshake the server never
+    answers, and inside the GetToken call past TLS: exit 130 within a second, no
+    credentials, no client.yml; and once the node runs, 130 as well."""
     server = start_server(lab.add_host("server"))
     join = server.join_string()
     server.process.stop()
@@ -132,9 +132,27 @@ def test_ctrl_c_ends_a_join_at_once_and_leaves_nothing_behind(lab: Lab) -> None:
     code, took = stop_and_time(stalled)
     assert code == 130 and took < 1.0, (code, took, stalled.log())
     print(f"measured: Ctrl-C inside a TLS handshake the server never answers: exit {code} in {took:.3f} s")
-    for work_dir in (lab.dir / "w1", lab.dir / "w2"):
-        assert not (work_dir / "client.yml").exists() and not (work_dir / "tls").exists(), list(work_dir.rglob("*"))
     silent.stop()
+    # Past TLS, inside the GetToken call: a listener with the server's own chain (the pin
+    # matches) completes each handshake and then answers nothing.
+    grpc_dir = server.work_dir / "tls" / "grpc"
+    chain = lab.dir / "chain.pem"
+    chain.write_bytes((grpc_dir / "server.crt").read_bytes() + (grpc_dir / "ca.crt").read_bytes())
+    stalling = server.host.spawn(
+        sys.executable, str(SCRIPTS / "stall_after_tls.py"), "6439", str(chain), str(grpc_dir / "server.key"),
+        name="stalling",
+    )  # fmt: skip
+    stalling.wait_for_output("listening", what="the stalling listener")
+    in_call = spawn_join(node, join, lab.dir / "w4", "--join-timeout", "5m")
+    wait_for(lambda: stalling.log().count("handshake done") >= 2, timeout=30, what="the CA fetch and gRPC's TLS")
+    time.sleep(0.5)  # inside the call now: its deadline (10 s) is far off
+    assert in_call.alive() and "join attempt" not in in_call.log(), in_call.log()  # the first attempt still runs
+    code, took = stop_and_time(in_call)
+    assert code == 130 and took < 1.0, (code, took, in_call.log())
+    print(f"measured: Ctrl-C inside the GetToken call (TLS done, no answer): exit {code} in {took:.3f} s")
+    stalling.stop()
+    for work_dir in (lab.dir / "w1", lab.dir / "w2", lab.dir / "w4"):
+        assert not (work_dir / "client.yml").exists() and not (work_dir / "tls").exists(), list(work_dir.rglob("*"))
     server.start()
     running = spawn_join(node, join, lab.dir / "w3")
     running.wait_for_output("connected to ", timeout=30, what="the node to connect")

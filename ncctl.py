@@ -70,7 +70,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 log = logging.getLogger("nc")
 
@@ -8516,7 +8516,9 @@ class DirectPeer:
             "path": "direct" if up else "relayed",
             "endpoint": f"{unmapped(str(self.endpoint[0]))}:{self.endpoint[1]}" if up else "",
             "lastHandshake": (
-                datetime.datetime.fromtimestamp(self.handshake).isoformat(timespec="seconds") if self.handshake else ""
+                datetime.datetime.fromtimestamp(self.handshake).astimezone().isoformat(timespec="seconds")
+                if self.handshake
+                else None  # never reached: null, as every time nc prints
             ),
             "rxBytes": self.rx_bytes,
             "txBytes": self.tx_bytes,
@@ -10723,7 +10725,7 @@ class NetworkClient:
             "transport": carrying.name if connected and carrying is not None else "",
             "connectedSince": datetime.datetime.fromtimestamp(since).astimezone().isoformat(timespec="seconds")
             if connected
-            else "",
+            else None,  # a time never reached is null in nc's JSON
             **self._round_trip(carrying if connected else None),
             "rxBytes": sum(path.rx_bytes for path in paths),
             "txBytes": sum(path.tx_bytes for path in paths),
@@ -14506,8 +14508,34 @@ EXIT_CODES_HELP = f"""exit codes:
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
 
+class CommandLineRefused(SystemExit):
+    """argparse refused the command line (exit 2): what it said, for a JSON error object."""
+
+    def __init__(self, line: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.line = line
+
+
+class CommandLine(argparse.ArgumentParser):
+    """nc's argparse: a refused command line reads on stderr as argparse writes it, and
+    main() also gets the line, to give it as a JSON error object under `-o json`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self._print_message(f"{self.prog}: error: {message}\n", sys.stderr)
+        raise CommandLineRefused(f"{self.prog}: {message}")
+
+
+def asks_for_json(argv: list[str]) -> bool:
+    """-o json anywhere on the command line, as argparse would read it."""
+    pairs = zip(argv, argv[1:])
+    return any(a in ("-o", "--output") and b == "json" for a, b in pairs) or bool(
+        {"-ojson", "--output=json"} & set(argv)
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLine(
         prog="nc",
         description="LiteKube network controller: a TLS overlay network with stable IPs and bootstrap tokens.",
         epilog=EXIT_CODES_HELP,
@@ -14834,7 +14862,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     name_process()
     tidy_shiv_root()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except CommandLineRefused as e:  # argparse said why on stderr; a script reading JSON sees it too
+        if asks_for_json(argv):
+            print(json.dumps({"error": one_line(e.line), "code": EXIT_USAGE}))
+        return EXIT_USAGE
     if args.command in ("server", "client"):
         reload_once_running(args.command)
     if args.command == "adm":

@@ -9,6 +9,7 @@ a shared machine, not measurements (tests/bench.sh measures)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 import time
@@ -97,7 +98,7 @@ def test_two_nodes_on_one_segment_talk_directly(lab: Lab) -> None:
     row = next(line for line in wide if first.token() in line.split())
     assert nodes(overlay.server)[second.token()]["name"] in row.split(), wide
     assert found["endpoint"].startswith(second.host.ip + ":"), found
-    assert found["lastHandshake"], found
+    assert datetime.datetime.fromisoformat(found["lastHandshake"]).tzinfo is not None, found  # RFC 3339, zoned
     count_udp_to(first.host, second.host.ip)
     count_udp_to(first.host, overlay.server_host.ip)
     size = 8 * 1024 * 1024

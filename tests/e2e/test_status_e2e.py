@@ -34,6 +34,10 @@ def test_status_of_a_connected_node_and_of_one_that_lost_its_server(lab: Lab) ->
         lambda: client.host.nc("status", "--work-dir", str(client.work_dir), check=False).returncode == 1,
         what="status to report the node as not connected",
     )
+    connecting = json.loads(
+        client.host.nc("status", "--work-dir", str(client.work_dir), "-o", "json", check=False).stdout
+    )
+    assert connecting["state"] == "connecting" and connecting["connectedSince"] is None, connecting  # never: null
     client.process.stop()
     gone = client.host.nc("status", "--work-dir", str(client.work_dir), check=False)
     assert "no nc client is running" in one_error_line(gone)
@@ -63,6 +67,9 @@ def test_round_trip_is_timed_on_the_path_in_use(lab: Lab) -> None:
         what="a round trip timed over UDP",
     )
     assert 0 < on_udp["rttMs"] < 500, on_udp
+    pinged = client.host.run("ping", "-c", "5", "-i", "0.2", "-q", "10.1.1.1").stdout
+    average = float(pinged.rsplit("=", 1)[1].split("/")[1])
+    print(f"measured: nc status round trip on UDP {on_udp['rttMs']} ms (udp-echo); ping over the overlay {average} ms")
     text = client.host.nc("status", "--work-dir", str(client.work_dir)).stdout
     assert "(UDP keepalive echo)" in text, text
 
@@ -71,3 +78,4 @@ def test_round_trip_is_timed_on_the_path_in_use(lab: Lab) -> None:
     wait_connected(tls_server, tls_client)
     on_tls = wait_for(lambda: (s := status_of(tls_client)).get("rttMs") and s, what="a round trip on TLS")
     assert on_tls["transport"] == "tcp" and on_tls["rttSource"] == "tcp-estimate", on_tls
+    print(f"measured: nc status round trip on TLS {on_tls['rttMs']} ms (tcp-estimate)")

@@ -66,3 +66,52 @@ def test_status_escapes_what_a_peer_wrote_and_json_keeps_it(
     assert out.count("\\x1b[2J") == 2 and "peers:" in out, out
     ncctl.cmd_status(argparse.Namespace(work_dir="/nonexistent", output="json"))
     assert json.loads(capsys.readouterr().out) == status
+
+
+def test_a_refused_command_line_keeps_argparses_words_and_gives_main_the_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """argparse's refusal reads as before on stderr; main() gets the line for `-o json`'s error object."""
+    with pytest.raises(ncctl.CommandLineRefused) as info:
+        ncctl.build_parser().parse_args(["adm", "node", "state", "-o", "json"])
+    assert info.value.code == ncctl.EXIT_USAGE
+    assert info.value.line == "nc adm node state: the following arguments are required: --node-token"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "nc adm node state: error: the following arguments are required: --node-token"
+    )
+    for argv, wanted in (
+        (["adm", "node", "list", "-o", "json"], True),
+        (["adm", "--output=json", "node", "list"], True),
+        (["adm", "-ojson", "node", "list"], True),
+        (["adm", "node", "list", "-o", "wide"], False),
+        (["adm", "token", "create", "--net", "json"], False),
+    ):
+        assert ncctl.asks_for_json(argv) is wanted, argv
+
+
+def test_the_node_list_fits_100_columns_at_its_widest(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The longest of everything the narrow table shows: a 63-character name, a long network
+    name, a 15-character address, an idle node last seen years ago; -o wide shows them whole."""
+    pb = ncctl.grpc_modules()[1]
+    widest = pb.NodeInfo(
+        name="n" * 63,
+        nodeToken="a" * 16,
+        network="edge-" + "x" * 58,
+        bindIp="100.100.100.100",
+        connState=ncctl.STATE_IDLE,
+        transport="tcp",
+        lastSeen="2001-01-01T00:00:00+00:00",
+        hostName="h" * 200,
+        endpoint="[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535",
+    )
+    connected = pb.NodeInfo(name="edge", nodeToken="b" * 16, network="default", bindIp="10.1.1.2", connState=3)
+    response = pb.ListNodesResponse(nodes=[widest, connected])
+    monkeypatch.setattr(ncctl, "admin_rpc", lambda *_args: response)
+    ncctl.adm_node_list(argparse.Namespace(output="text"))
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and max(len(line) for line in lines) <= 100, "\n".join(lines)
+    assert lines[1].split()[4:6] == ["idle", "tcp"] and lines[1].endswith("d ago"), lines[1]
+    ncctl.adm_node_list(argparse.Namespace(output="wide"))
+    assert "n" * 63 in capsys.readouterr().out

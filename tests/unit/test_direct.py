@@ -5,7 +5,9 @@ source and this node's as destination; nothing of a peer once the server withdre
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
+import time
 import types
 from collections.abc import Iterator
 
@@ -91,11 +93,15 @@ def test_a_withdrawn_peer_finds_no_keys(pair: tuple[Node, Node]) -> None:
 def test_a_pong_proves_both_ways_and_names_the_endpoint(pair: tuple[Node, Node]) -> None:
     a, b = pair
     assert b.table.path_for(A_IP.to_bytes(4, "big")) is None  # probing: data still goes to the server
+    assert b.table.status()[0]["lastHandshake"] is None  # no handshake yet: null, as every time never reached
     pong = ncctl.encode_frame(ncctl.FRAME_DIRECT_PROBE, bytes((ncctl.DIRECT_PONG,)))
     assert deliver(a, b, [pong]) == []
     peer = b.table.path_for(A_IP.to_bytes(4, "big"))
     assert peer is not None and peer.endpoint == ("::ffff:127.0.0.1", 1, 0, 0)
-    assert b.table.status()[0]["path"] == "direct"
+    shown = b.table.status()[0]
+    assert shown["path"] == "direct" and shown["endpoint"] == "127.0.0.1:1", shown
+    handshake = datetime.datetime.fromisoformat(shown["lastHandshake"])
+    assert handshake.tzinfo is not None and abs(time.time() - handshake.timestamp()) < 60, shown  # RFC 3339, zoned
     peer.tick(peer.last_pong + ncctl.DIRECT_SILENT_S + 0.1)  # no pong since: back to the server
     assert b.table.path_for(A_IP.to_bytes(4, "big")) is None
 

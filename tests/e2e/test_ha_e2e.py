@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import yaml
 from control_helpers import adm_join, admin_tls, grpc_call, join_node, lost_join, node_tokens, one_error_line
@@ -29,9 +30,12 @@ def test_failover_keeps_node_addresses_and_one_holder(lab: Lab) -> None:
         listed = yaml.safe_load(node.config.read_text())["client"]["serverAddr"]
         assert sorted(listed) == sorted(h.ip for h in replicas.hosts[:2])
 
+    killed = time.monotonic()
     replicas.servers[leader].process.stop(signal.SIGKILL)
     samples = sample_holders(replicas, seconds=0.5)
     wait_for(lambda: replicas.leader() == standby, timeout=30, what="the standby to take over")
+    taken = time.monotonic() - killed
+    assert taken <= 15, f"the standby led {taken:.1f} s after the leader was killed (failover target 15 s)"
     samples += sample_holders(replicas, seconds=0.5)
     assert all(len(held) <= 1 for held in samples), samples
     for node, address in zip(nodes, addresses):

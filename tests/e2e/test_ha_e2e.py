@@ -9,7 +9,17 @@ import signal
 import time
 
 import yaml
-from control_helpers import adm_join, admin_tls, grpc_call, join_node, lost_join, node_tokens, one_error_line
+from control_helpers import (
+    NODE_TOKEN_RE,
+    adm_join,
+    admin_tls,
+    grpc_call,
+    join_node,
+    lost_join,
+    node_tls,
+    node_tokens,
+    one_error_line,
+)
 from etcd_cluster import EtcdCluster
 from ha_helpers import CLUSTER_TOKEN, Replicas, etcd_dump, layout1_nc, sample_holders, sample_until
 from netlab import NC, Lab, start_client, start_server, wait_for
@@ -74,6 +84,41 @@ def test_a_join_a_killed_replica_never_answered_is_retried_on_the_other(lab: Lab
         node, f"{leader.host.ip}:6440", "LiteKubeNCService", "HealthCheck", "HealthCheckRequest", ca=ca, **lost
     )
     assert refused["ok"] is False, refused
+
+
+def test_a_standby_killed_during_concurrent_joins_loses_no_delivered_join(lab: Lab) -> None:
+    """Twenty `nc adm join` at once, the standby first in the join string, SIGKILLed once a
+    few joins are in etcd: every join succeeds (on the leader if not on the standby), every
+    delivered node's credentials work, and the token counts exactly the nodes heard from,
+    not the joins the standby admitted whose reply never left it."""
+    replicas = Replicas(lab, count=2)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    leader = replicas.servers[replicas.leader()]
+    standby = next(server for server in replicas.servers.values() if server is not leader)
+    join = standby.join_string("--life", "60")
+    node = lab.add_host("joiner")
+    works = [lab.dir / f"j{i}" for i in range(20)]
+    joins = [node.spawn_nc("adm", "join", join, "--work-dir", str(w), name=f"j{i}") for i, w in enumerate(works)]
+
+    def admitted() -> int:  # node records in etcd, the reserved one included
+        done = node.run("etcdctl", f"--endpoints={replicas.etcd.endpoints}", "get", "--prefix", "/nc/node/",
+                        "--count-only", "-w", "json")  # fmt: skip
+        return int(json.loads(done.stdout).get("count", 0))
+
+    wait_for(lambda: admitted() >= 4, timeout=60, interval=0.05, what="a few joins admitted")
+    standby.process.stop(signal.SIGKILL)
+    codes = [j.popen.wait(120) for j in joins]
+    assert codes == [0] * 20, [j.log()[-500:] for j, c in zip(joins, codes) if c]
+    printed = [next(x for x in j.log().splitlines() if NODE_TOKEN_RE.match(x)) for j in joins]
+    assert len(set(printed)) == 20, printed
+    ca = admin_tls(leader)["ca"]
+    for work in works:
+        tls = node_tls(work, "grpc")
+        checked = grpc_call(node, f"{leader.host.ip}:6440", "LiteKubeNCService", "HealthCheck", "HealthCheckRequest",
+                            ca=ca, cert=tls["cert"], key=tls["key"])  # fmt: skip
+        assert checked["ok"] and checked["response"]["code"] == "200", (work, checked)
+    [listed] = leader.adm_json("token", "list")
+    assert listed["uses"] == 20, listed  # a join whose reply was lost counts nothing
 
 
 def test_standby_refusal_names_the_leader(lab: Lab) -> None:

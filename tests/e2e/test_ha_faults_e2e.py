@@ -5,6 +5,7 @@ another replica takes it, so no sample every 100 ms ever finds two holders."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 from ha_helpers import (
@@ -165,3 +166,28 @@ def test_a_leader_left_with_a_minority_member_asks_the_others_before_riding_it_o
     assert not two_holders(samples), samples
     log = replicas.servers[old].process.log()
     assert "fencing" in log and "etcd has no quorum" not in log
+
+
+def test_a_leader_stopped_while_cut_off_from_etcd_gives_the_address_up_at_once(lab: Lab) -> None:
+    """SIGTERM to a leader cut off from etcd, before it fenced: its role loop hangs on etcd
+    calls for seconds, but the address and port go at once, long before its lease can
+    lapse; another replica leads after that, and never do two hold the address."""
+    replicas = Replicas(lab, count=3)
+    wait_for(replicas.leader, timeout=30, what="one replica to lead")
+    old = replicas.leader() or ""
+    server = replicas.servers[old]
+    cut = time.monotonic()
+    cut_from_etcd(server.host)
+    time.sleep(3)  # its etcd calls hang now; the fence is 4 s away
+    server.process.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    samples = sample_until(replicas, lambda held: old not in held, timeout=10)
+    released = time.monotonic() - stopped
+    samples += sample_until(replicas, lambda held: len(held) == 1, timeout=30)
+    taken = time.monotonic() - cut
+    samples += sample_holders(replicas, seconds=2)
+    assert released <= 1.5, f"the stopped leader held the address {released:.1f} s after SIGTERM"
+    assert not two_holders(samples), samples
+    assert taken <= 15, f"another replica led {taken:.1f} s after the cut"
+    assert "fencing" not in server.process.log()
+    assert server.process.popen.wait(timeout=60) == 0  # SIGTERM: a clean stop

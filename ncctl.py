@@ -12679,7 +12679,9 @@ class ReplicaRole(threading.Thread):
     def _fence_watch(self) -> None:
         """Apart from the loop and the renewals, whose etcd calls may block: the data plane
         is given up FENCE_AFTER_S after the last renewal, whatever anything else waits for,
-        unless etcd is proved to have no quorum (then nobody else can be elected)."""
+        unless etcd is proved to have no quorum (then nobody else can be elected). At
+        shutdown it is given up at once, here: the loop may wait seconds on an etcd call,
+        and once stopping nothing else fences before the lease can lapse."""
         riding = False
         while not self.stop.wait(0.1):
             if not (self.leading and not self.lease.fresh()):
@@ -12697,6 +12699,9 @@ class ReplicaRole(threading.Thread):
                     log.warning("lease not renewed for %.1f s: giving the data plane up (fencing)", FENCE_AFTER_S)
                     self._step_down()
                     self.lease.abandon()
+        with self._lock:
+            if self.leading:
+                self._step_down()
 
     def _peers_reach_no_etcd(self) -> bool:
         """Every other replica this one knows answered, and none reaches etcd: none can be

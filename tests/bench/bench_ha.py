@@ -19,8 +19,11 @@ etcd faults (--faults: these instead of the above), on a fresh lab each:
                other 10 times a second: pings lost, as seconds of outage (target:
                <= 10 % loss), and whether the same leader goes on.
 7. slow etcd   tbf 1 Mbit on every member host and 100 KB writes for 30 s, then
-               healed: seconds until exactly one replica leads, and samples with two
-               holders meanwhile (must be 0).
+               healed: seconds until exactly one replica leads, samples with two
+               holders meanwhile (must be 0), failovers (at most 1).
+8. late etcd   every replica's etcd calls answered 0.9 s late (a delaying proxy) for
+               30 s: failovers and samples with no holder (must be 0: leadership
+               survives an etcd answering within a second).
 
     tests/bench.sh ha [--failovers 10] [--joins 200]
     tests/bench.sh ha --faults [--partitions 3]
@@ -49,6 +52,7 @@ from benchlib import format_table, machine_note, median, progress, run_lab_bench
 from ha_helpers import (
     Replicas,
     cut_from_etcd,
+    delayed_replicas,
     heal_etcd,
     ping_loss,
     reconnect_to_etcd,
@@ -59,13 +63,15 @@ from netlab import Lab, NcClient, start_client, wait_for
 
 
 class HolderSampler(threading.Thread):
-    """Samples the overlay-address holders every 100 ms until stopped."""
+    """Samples the overlay-address holders every 100 ms until stopped: samples with two,
+    samples with none, and failovers (the address held by another replica than before)."""
 
     def __init__(self, replicas: Replicas) -> None:
         super().__init__(name="holder-sampler", daemon=True)
         self.replicas, self.stop = replicas, threading.Event()
-        self.samples = 0
+        self.samples = self.empty = self.failovers = 0
         self.doubles: list[list[str]] = []
+        self.last = ""
 
     def run(self) -> None:
         while not self.stop.wait(0.1):
@@ -73,6 +79,11 @@ class HolderSampler(threading.Thread):
             self.samples += 1
             if len(held) > 1:
                 self.doubles.append(held)
+            elif not held:
+                self.empty += 1
+            else:
+                self.failovers += bool(self.last) and held[0] != self.last
+                self.last = held[0]
 
 
 def back(nodes: list[NcClient], addresses: list[str]) -> bool:
@@ -241,8 +252,30 @@ def quorum_loss(lab: Lab, replicas: Replicas) -> tuple[int, int, bool]:
     return sent, lost, replicas.holders() == [leader]
 
 
-def slow_then_healed(replicas: Replicas) -> tuple[float, int, int]:
-    """(seconds from healing until one replica leads for 5 s running, two-holder samples, samples)."""
+def late_etcd(directory: Path) -> HolderSampler:
+    """Every replica reaches etcd through a proxy holding each byte 0.45 s each way (each
+    call answered about 0.9 s late) for 30 s, then 3 s fast again: the holder samples."""
+    lab = Lab(directory / "late")
+    try:
+        delay = lab.dir / "etcd-delay"
+        replicas = delayed_replicas(lab, delay)
+        wait_for(replicas.leader, timeout=60, what="a leader")
+        sampler = HolderSampler(replicas)
+        sampler.start()
+        delay.write_text("0.45")
+        time.sleep(30)
+        delay.write_text("0")
+        time.sleep(3)
+        sampler.stop.set()
+        sampler.join()
+        return sampler
+    finally:
+        lab.close()
+
+
+def slow_then_healed(replicas: Replicas) -> tuple[float, int, int, int]:
+    """(seconds from healing until one replica leads for 5 s running, two-holder samples,
+    samples, failovers through the fault and the recovery)."""
     wait_for(replicas.leader, timeout=60, what="a leader")
     sampler = HolderSampler(replicas)
     sampler.start()
@@ -260,7 +293,7 @@ def slow_then_healed(replicas: Replicas) -> tuple[float, int, int]:
         time.sleep(0.1)
     sampler.stop.set()
     sampler.join()
-    return steady_since - healed, len(sampler.doubles), sampler.samples
+    return steady_since - healed, len(sampler.doubles), sampler.samples, sampler.failovers
 
 
 def in_a_lab(directory: Path, name: str, body: Callable[[Lab, Replicas], Any]) -> Any:
@@ -281,7 +314,11 @@ def run_faults(args: argparse.Namespace) -> int:
         progress("quorum loss: two of three etcd members killed for 25 s")
         sent, lost, stayed = in_a_lab(directory, "quorum", quorum_loss)
         progress("slow etcd for 30 s, then healed")
-        steady, slow_doubles, slow_samples = in_a_lab(directory, "slow", lambda _lab, r: slow_then_healed(r))
+        steady, slow_doubles, slow_samples, slow_failovers = in_a_lab(
+            directory, "slow", lambda _lab, r: slow_then_healed(r)
+        )
+        progress("etcd answering 0.9 s late for 30 s")
+        late = late_etcd(directory)
     released = [r[0] for r in runs]
     taken = [r[1] for r in runs]
     rows = [
@@ -296,6 +333,12 @@ def run_faults(args: argparse.Namespace) -> int:
         ["quorum loss: the same leader after", "yes" if stayed else "no", "yes"],
         ["slow etcd healed -> one leader, steady 5 s", f"{steady:.1f} s", "<= 15 s"],
         [f"slow etcd: samples with two holders (of {slow_samples})", str(slow_doubles), "0"],
+        ["slow etcd: failovers (fault and recovery)", str(slow_failovers), "<= 1"],
+        [
+            f"etcd 0.9 s late, 30 s: failovers / samples with no holder (of {late.samples})",
+            f"{late.failovers} / {late.empty}",
+            "0 / 0",
+        ],
     ]
     print(format_table(["measure", "nc", "target"], rows, title="HA replicas, etcd faults " + machine_note()))
     return 0

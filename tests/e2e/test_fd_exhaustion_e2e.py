@@ -1,7 +1,8 @@
 """The server's file descriptors near their limit (lowered with prlimit on its PID):
 new data-plane connections are refused at once (a reset, not a wait in the backlog)
 and a reserve stays free, so `nc adm health` still answers; with none left at all, a
-spare descriptor still lets the listener refuse at once."""
+spare descriptor still lets the listener refuse at once; the gRPC ports (joins) refuse
+at once too, past their own smaller reserve."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from netlab import SCRIPTS, Lab, start_server, wait_for
 
 RESERVE = 64  # FD_RESERVE_DATA in ncctl.py
+GRPC_RESERVE = 16  # FD_RESERVE_GRPC
 
 
 def soft_limit(pid: int) -> int:
@@ -56,3 +58,22 @@ def test_out_of_descriptors_refuses_at_once_and_admin_still_answers(lab: Lab) ->
     assert json.loads(probe.log().splitlines()[0]) == {"held": 0, "refused": 5}
     set_soft_limit(pid, original)
     assert server.healthy()
+
+
+def test_a_grpc_port_out_of_descriptors_refuses_joins_at_once(lab: Lab) -> None:
+    """The bootstrap port (joins) near the limit: a connection whose descriptor falls in
+    the gRPC ports' reserve (16) is reset at once, not left waiting for a handshake."""
+    server = start_server(lab.add_host("server"))
+    pid = server.process.popen.pid
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    original = soft_limit(pid)
+    set_soft_limit(pid, in_use + GRPC_RESERVE + 6)  # room for about two spliced connections (three each)
+
+    probe = lab.add_host("probe").spawn(sys.executable, str(SCRIPTS / "fd_probe.py"), server.host.ip, "6439", "10")
+    probe.wait_for_output('"refused"', timeout=30, what="the probe's counts")
+    counts = json.loads(probe.log().splitlines()[0])
+    assert counts["held"] >= 1 and counts["refused"] >= 5, counts
+    assert "gRPC bootstrap port: out of file descriptors" in server.process.log()
+    probe.popen.wait(timeout=30)
+    set_soft_limit(pid, original)
+    wait_for(server.healthy, timeout=30, what="the server to answer again")

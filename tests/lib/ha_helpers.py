@@ -6,13 +6,15 @@ import base64
 import json
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from etcd_cluster import EtcdCluster
 from etcd_member import CLIENT_PORT as ETCD_CLIENT_PORT
 from etcd_member import PEER_PORT as ETCD_PEER_PORT
-from netlab import Host, Lab, NcServer, Process, start_server
+from netlab import SCRIPTS, Host, Lab, NcServer, Process, start_server
 from releases import nc_of_commit
 
 SERVER_OVERLAY_IP = "10.1.1.1"
@@ -151,3 +153,31 @@ def split_with_own_member(replicas: Replicas, host: Host) -> None:
         f"    tcp dport {ETCD_PEER_PORT} drop\n  }}\n}}\n"
     )
     host.run("nft", "-f", "-", input=script)
+
+
+DELAY_PROXY_PORT = 23790  # + the member's number: a replica's proxy to that member, on its loopback
+
+
+def delayed_replicas(lab: Lab, delay_file: Path) -> Replicas:
+    """Three replicas that reach etcd only through a delay_proxy on their own host's
+    loopback: every byte to and from etcd is held the seconds delay_file says, one way
+    (0 at first). etcd itself stays fast; its members talk to each other directly."""
+    delay_file.write_text("0")
+    replicas = Replicas(lab, count=0)
+    members = list(enumerate(replicas.hosts, 1))
+    specs = [f"{DELAY_PROXY_PORT + i}:{member.ip}:{ETCD_CLIENT_PORT}" for i, member in members]
+    endpoints = ",".join(f"http://127.0.0.1:{DELAY_PROXY_PORT + i}" for i, _ in members)
+    for host in replicas.hosts:
+        proxy = host.spawn(
+            sys.executable, str(SCRIPTS / "delay_proxy.py"), str(delay_file), *specs, name=f"etcd-delay-{host.name}"
+        )
+        proxy.wait_for_output("ready", timeout=20, what="the delay proxy")
+        replicas.start(host, datastoreEndpoint=endpoints)
+    return replicas
+
+
+def failovers(samples: list[list[str]]) -> int:
+    """How often the overlay address went from one replica to another in the samples
+    (a gap with no holder between the two counts once; the same one back counts too)."""
+    held = [h[0] for h in samples if len(h) == 1]
+    return sum(1 for before, after in zip(held, held[1:]) if before != after)

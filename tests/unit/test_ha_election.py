@@ -10,6 +10,7 @@ import secrets
 import socket
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +83,38 @@ def test_a_lease_too_old_to_lead_on_is_revoked_and_its_key_goes(role: ncctl.Repl
     own_lease(role)
     role._campaign()  # a fresh lease wins at once: nothing stale is left in the way
     assert role.leading
+
+
+class ReleasedPlane:
+    """Stands for a leader's data plane: records when its addresses and port are given up."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def stop(self) -> None:
+        self.release()
+
+
+def test_a_stopping_leader_gives_its_data_plane_up_at_once_whatever_its_loop_waits_for(
+    role: ncctl.ReplicaRole,
+) -> None:
+    """Shutdown while the role loop hangs on an etcd call (etcd cut off): the fence watch
+    gives the data plane up as soon as stop is set, not when that call times out, which
+    may be after the lease lapsed and another replica took the address."""
+    own_lease(role)  # fresh: nothing to fence for
+    plane = ReleasedPlane()
+    role.control = types.SimpleNamespace(sessions=None)  # type: ignore[assignment]
+    role.network = plane  # type: ignore[assignment]
+    watch = threading.Thread(target=role._fence_watch, daemon=True)
+    watch.start()
+    assert not plane.released.wait(0.5) and role.leading
+    role.stop.set()  # the role loop itself is not running: as if stuck in etcd
+    assert plane.released.wait(2.0), "the data plane was kept after stop"
+    assert not role.leading
+    watch.join(timeout=2.0)
 
 
 def test_the_lease_renews_apart_and_abandoning_it_revokes_it(role: ncctl.ReplicaRole) -> None:

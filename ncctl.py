@@ -6770,6 +6770,24 @@ def split_runs(datagrams: list[Any]) -> tuple[int, list[tuple[int, int, int]]] |
     return session_id, [(start, end, counters[start]) for start, end in zip(bounds, bounds[1:])]
 
 
+def cut_at_groups(datagrams: list[Any]) -> list[list[Any]]:
+    """A batch of reads cut where each group's datagrams begin and end (by the first one's
+    index and count), so each part is one group's or holds none: a batch may hold several
+    groups, each a GRO read of its own."""
+    parts: list[list[Any]] = []
+    start = index = 0
+    while index < len(datagrams):
+        datagram = datagrams[index]
+        if len(datagram) <= GROUP_HEADER.size or datagram[0] != DATAGRAM_GROUPED:
+            index += 1
+            continue
+        _kind, position, count, _session_id, _counter = GROUP_HEADER.unpack_from(datagram)
+        end = min(len(datagrams), index + max(1, count - position))
+        parts += [datagrams[start:index], datagrams[index:end]] if start < index else [datagrams[index:end]]
+        start = index = end
+    return [*parts, datagrams[start:]] if start < len(datagrams) else parts
+
+
 def group_run(datagrams: list[Any]) -> tuple[int, int, int, int] | None:
     """(index, count, session id, counter) of the first datagram when all of a read are
     consecutive datagrams of one group, else None; compared in C loops."""
@@ -6811,7 +6829,11 @@ def open_datagrams(
             return
     runs = split_runs(datagrams) if len(datagrams) > 1 else None
     if runs is None:
-        yield from open_one_by_one(datagrams, keys_for, dropped)
+        parts = cut_at_groups(datagrams) if len(datagrams) > 1 else [datagrams]
+        if len(parts) == 1:
+            yield from open_one_by_one(datagrams, keys_for, dropped)
+        for part in parts if len(parts) > 1 else ():
+            yield from open_datagrams(part, keys_for, dropped)
         return
     session_id, pieces = runs
     for start, end, first in pieces:

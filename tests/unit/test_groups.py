@@ -259,3 +259,22 @@ def test_whole_super_packets_go_out_a_few_at_a_time_not_a_socket_buffer_at_once(
     assert ncctl.batch_full([big_frame(), big_frame()])
     assert not ncctl.batch_full([frame(b"a" * 60)] * (ncctl.UDP_SEND_BATCH - 1))
     assert ncctl.batch_full([frame(b"a" * 60)] * ncctl.UDP_SEND_BATCH)
+
+
+@given(st.lists(st.integers(0, 3), min_size=2, max_size=6))
+@settings(max_examples=30, deadline=None)
+def test_a_batch_of_several_groups_and_singles_opens_each_group_whole_in_order(smalls: list[int]) -> None:
+    """Reads from one source come as one batch: several groups, each with singles before
+    it, open in order, each group together (one yield), not one datagram at a time."""
+    node, server = session_pair()
+    sent: list[bytes] = []
+    batch: list[bytes] = []
+    for count in smalls:
+        small = [frame(bytes([count])) for _ in range(count)]
+        big = big_frame(20000)
+        batch += (node.seal(small, CHUNK) if small else []) + node.seal([big], CHUNK)
+        sent += [*small, big]
+    runs = list(ncctl.open_datagrams([memoryview(d) for d in batch], {SESSION_ID: server}.get, print))
+    assert [f for _keys, opened, _size in runs for f in opened] == sent
+    assert sum(len(opened) == 1 and len(opened[0]) > 20000 for _k, opened, _s in runs) == len(smalls)
+    assert len(runs) == len(smalls) + sum(1 for count in smalls if count)

@@ -6832,8 +6832,9 @@ def open_datagrams(
         parts = cut_at_groups(datagrams) if len(datagrams) > 1 else [datagrams]
         if len(parts) == 1:
             yield from open_one_by_one(datagrams, keys_for, dropped)
-        for part in parts if len(parts) > 1 else ():
-            yield from open_datagrams(part, keys_for, dropped)
+        else:
+            for part in parts:
+                yield from open_datagrams(part, keys_for, dropped)
         return
     session_id, pieces = runs
     for start, end, first in pieces:

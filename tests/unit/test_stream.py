@@ -1,0 +1,153 @@
+"""The TLS stream's send side (Link): a packet read from the TUN is written at once from
+the reader's buffer when nothing waits before it, and queued as a copy otherwise. Run over
+a real TLS connection on a socket pair, with a pipe standing in for the TUN."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import ncctl
+
+
+class PipeTun:
+    """What TunReader needs of a TUN: a descriptor to read packets from."""
+
+    def __init__(self) -> None:
+        self.fd, self.writer = os.pipe()
+        self.offload = False
+
+
+@pytest.fixture
+def tls_pair(tmp_path: Path) -> Iterator[tuple[ssl.SSLSocket, ssl.SSLSocket]]:
+    """A non-blocking client TLS socket (the sender) and a blocking server one (the reader)."""
+    authority = ncctl.CertAuthority(tmp_path / "ca", "test")
+    authority.load_or_create()
+    authority.ensure_server_cert(("127.0.0.1",))
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(authority.server_chain_pem())
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(chain, authority.server_key_path)
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    a, b = socket.socketpair()
+    for sock in (a, b):  # small buffers, so a test can fill them
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+    server: list[ssl.SSLSocket] = []
+    accepting = threading.Thread(target=lambda: server.append(server_context.wrap_socket(b, server_side=True)))
+    accepting.start()
+    client = client_context.wrap_socket(a)
+    accepting.join()
+    client.setblocking(False)
+    try:
+        yield client, server[0]
+    finally:
+        client.close()
+        server[0].close()
+
+
+def packets(count: int, size: int) -> list[bytes]:
+    return [bytes([n % 251]) * (size - 1) + bytes([n % 256]) for n in range(count)]
+
+
+def read_frames(sock: ssl.SSLSocket, count: int) -> list[bytes]:
+    """`count` frames off the stream, each as sent (header and payload)."""
+    buffer, frames = bytearray(), []
+    sock.settimeout(5)
+    while len(frames) < count:
+        buffer += sock.recv(1 << 20)
+        while (frame := ncctl.next_frame(buffer, 0, len(buffer))) is not None:
+            frames.append(bytes(buffer[: frame[2]]))
+            del buffer[: frame[2]]
+    return frames
+
+
+def send_from_tun(link: ncctl.Link, reader: ncctl.TunReader, tun: PipeTun, packet: bytes) -> int:
+    os.write(tun.writer, packet)
+    return link.send_read(reader, reader.read(), gso=False)
+
+
+def test_packets_arrive_in_order_whether_written_at_once_or_queued_behind_others(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    client, server = tls_pair
+    link, tun = ncctl.Link(client, "server"), PipeTun()
+    reader = ncctl.TunReader(tun)  # type: ignore[arg-type]
+    first, queued, behind, last = packets(4, 1400)
+    try:
+        assert send_from_tun(link, reader, tun, first) == 1
+        assert link.tx_bytes == 4 + len(first) and link.queued == 0  # written, nothing kept
+        assert link.send([ncctl.encode_frame(ncctl.FRAME_PACKET, queued)]) == 1
+        assert send_from_tun(link, reader, tun, behind) == 1  # waits behind the queued frame
+        assert link.queued == 2 * (4 + 1400)
+        assert link.flush()
+        assert send_from_tun(link, reader, tun, last) == 1
+    finally:
+        os.close(tun.fd)
+        os.close(tun.writer)
+    expected = [ncctl.encode_frame(ncctl.FRAME_PACKET, p) for p in (first, queued, behind, last)]
+    assert read_frames(server, 4) == expected
+    assert link.queued == 0 and link.tx_bytes == sum(map(len, expected))
+
+
+def test_a_write_the_full_socket_refuses_keeps_a_copy_that_later_reads_do_not_change(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    """The reader's buffer is reused by the next read: what the socket could not take
+    must go out as it was read, after the socket drains, and before anything newer. The
+    packets span several TLS records: OpenSSL seals a record only as it writes it, so the
+    records after the one the socket refused are sealed from the kept bytes."""
+    client, server = tls_pair
+    link, tun = ncctl.Link(client, "server"), PipeTun()
+    reader = ncctl.TunReader(tun)  # type: ignore[arg-type]
+    sent = packets(60, 40000)
+    try:
+        count = 0
+        while link.pending is None:  # the peer reads nothing: the socket fills up
+            assert count < len(sent), "the socket never filled"
+            assert send_from_tun(link, reader, tun, sent[count]) == 1
+            count += 1
+        assert link.queued == 4 + 40000
+        for packet in sent[count:]:  # newer reads overwrite the buffer the refused write came from
+            assert send_from_tun(link, reader, tun, packet) == 1
+        received: list[bytes] = []
+        draining = threading.Thread(target=lambda: received.extend(read_frames(server, len(sent))))
+        draining.start()
+        while not link.flush():
+            threading.Event().wait(0.001)
+        draining.join(10)
+    finally:
+        os.close(tun.fd)
+        os.close(tun.writer)
+    assert received == [ncctl.encode_frame(ncctl.FRAME_PACKET, p) for p in sent]
+    assert link.queued == 0
+
+
+def test_a_broken_connection_is_not_raised_by_the_read_but_by_the_flush_after_it(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    """The TUN read goes on (the packet is kept); the owner's flush, which already ends
+    the session on a broken socket, hears of it."""
+    client, server = tls_pair
+    link, tun = ncctl.Link(client, "server"), PipeTun()
+    reader = ncctl.TunReader(tun)  # type: ignore[arg-type]
+    server.close()
+    try:
+        for packet in packets(50, 9000):
+            assert send_from_tun(link, reader, tun, packet) == 1
+            if link.pending is not None:
+                break
+    finally:
+        os.close(tun.fd)
+        os.close(tun.writer)
+    assert link.pending is not None, "writes to a closed peer kept succeeding"
+    with pytest.raises((OSError, ssl.SSLError)):
+        link.flush()

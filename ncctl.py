@@ -6394,6 +6394,16 @@ class FrameBuffer:
     def commit(self, count: int) -> None:
         self.end += count
 
+    def ready(self) -> bool:
+        """Whether frames() has news: a whole frame, or a header to refuse or a control
+        frame's (parsed at once, as before). A 64 KiB frame spans four TLS records; the
+        stream hands it over once, not once a record."""
+        size = self.end - self.start
+        if size < 4:
+            return False
+        word = FRAME_HEADER.unpack_from(self.buf, self.start)[0]
+        return size >= 4 + (word & 0xFFFFFF) or word >> 24 < FRAME_PACKET or word & 0xFFFFFF > MAX_PAYLOAD
+
     def frames(self) -> Iterator[tuple[int, int, int]]:
         """(type, payload_start, payload_end) offsets into self.view, consumed as yielded."""
         while (frame := next_frame(self.buf, self.start, self.end)) is not None:
@@ -7592,7 +7602,8 @@ class Link:
                     raise PeerClosed("closed the connection")
                 rx.commit(count)
                 got += count
-                handle_frames(self)
+                if rx.ready():
+                    handle_frames(self)
                 if once and not self.closed and not self.tls.pending():
                     break
         finally:

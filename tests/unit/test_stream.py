@@ -1,6 +1,7 @@
-"""The TLS stream's send side (Link): a packet read from the TUN is written at once from
-the reader's buffer when nothing waits before it, and queued as a copy otherwise. Run over
-a real TLS connection on a socket pair, with a pipe standing in for the TUN."""
+"""The TLS stream (Link). Sending: a packet read from the TUN is written at once from the
+reader's buffer when nothing waits before it, and queued as a copy otherwise. Receiving:
+frames are handed over when whole, not once per TLS record. Run over a real TLS
+connection on a socket pair, with a pipe standing in for the TUN."""
 
 from __future__ import annotations
 
@@ -151,3 +152,46 @@ def test_a_broken_connection_is_not_raised_by_the_read_but_by_the_flush_after_it
     assert link.pending is not None, "writes to a closed peer kept succeeding"
     with pytest.raises((OSError, ssl.SSLError)):
         link.flush()
+
+
+def test_a_frame_spread_over_several_records_is_handed_over_once_when_whole(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    client, server = tls_pair
+    link = ncctl.Link(client, "server")
+    frame = ncctl.encode_frame(ncctl.FRAME_PACKET, bytes(range(256)) * 200)  # 51 KB: four TLS records
+    for start in range(0, len(frame), 16384):
+        server.sendall(frame[start : start + 16384])
+    handed: list[list[bytes]] = []
+
+    def handle(link: ncctl.Link) -> None:
+        handed.append([bytes(link.rx.view[start - 4 : end]) for _, start, end in link.rx.frames()])
+
+    for _ in range(100):  # until the last record is in
+        link.receive(handle)
+        if handed:
+            break
+        threading.Event().wait(0.01)
+    assert handed == [[frame]]
+
+
+def test_the_buffer_is_ready_for_a_whole_frame_a_refused_header_or_any_control_frame() -> None:
+    rx = ncctl.FrameBuffer()
+
+    def holding(data: bytes) -> ncctl.FrameBuffer:
+        rx.start, rx.end = 0, len(data)
+        rx.buf[: len(data)] = data
+        return rx
+
+    packet = ncctl.encode_frame(ncctl.FRAME_PACKET, b"x" * 5000)
+    assert not holding(packet[:3]).ready()
+    assert not holding(packet[:-1]).ready()
+    assert holding(packet).ready()
+    oversized = ncctl.FRAME_HEADER.pack(ncctl.FRAME_PACKET << 24 | (ncctl.MAX_PAYLOAD + 1))
+    assert holding(oversized).ready()  # refused at once, not after 64 KiB more
+    with pytest.raises(ncctl.ProtocolError):
+        list(rx.frames())
+    control = ncctl.FRAME_HEADER.pack((ncctl.FRAME_PACKET - 1) << 24 | (ncctl.MAX_CONTROL_PAYLOAD + 1))
+    assert holding(control).ready()  # a control frame's own limit, checked at its header as before
+    with pytest.raises(ncctl.ProtocolError):
+        list(rx.frames())

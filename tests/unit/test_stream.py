@@ -195,3 +195,20 @@ def test_the_buffer_is_ready_for_a_whole_frame_a_refused_header_or_any_control_f
     assert holding(control).ready()  # a control frame's own limit, checked at its header as before
     with pytest.raises(ncctl.ProtocolError):
         list(rx.frames())
+
+
+def test_a_frame_from_a_reused_buffer_goes_as_it_was_when_sent(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    """send_now, as the server relays a node's frame out of its receive buffer: written
+    at once, or copied; never read again from the buffer after it returns."""
+    client, server = tls_pair
+    link = ncctl.Link(client, "server")
+    buffer = bytearray(ncctl.encode_frame(ncctl.FRAME_PACKET, b"a" * 40000))
+    link.send([ncctl.encode_frame(ncctl.FRAME_PACKET, b"first")])  # queued: the next one waits behind it
+    assert link.send_now(memoryview(buffer)) == 1
+    buffer[4:] = b"b" * 40000
+    assert link.send_now(memoryview(buffer)) == 1
+    assert link.flush()
+    frames = read_frames(server, 3)
+    assert frames[1:] == [ncctl.encode_frame(ncctl.FRAME_PACKET, c * 40000) for c in (b"a", b"b")]

@@ -10390,7 +10390,7 @@ def send_tun_split(session: NodeSession, peers: PeerTable, limit: int) -> None:
         packet = reader.packet(length)
         peer: Any = peers.path_for(bytes(packet[offset : offset + 4])) if length >= offset + 4 else None
         if peer is None and not carrying:
-            session.link.send(reader.frames(length, session.gso))
+            session.link.send_read(reader, length, session.gso)
             continue
         path = peer if peer is not None else udp
         frames = batches.setdefault(path, [])

@@ -6395,14 +6395,13 @@ class FrameBuffer:
         self.end += count
 
     def ready(self) -> bool:
-        """Whether frames() has news: a whole frame, or a header to refuse or a control
-        frame's (parsed at once, as before). A 64 KiB frame spans four TLS records; the
-        stream hands it over once, not once a record."""
-        size = self.end - self.start
-        if size < 4:
-            return False
-        word = FRAME_HEADER.unpack_from(self.buf, self.start)[0]
-        return size >= 4 + (word & 0xFFFFFF) or word >> 24 < FRAME_PACKET or word & 0xFFFFFF > MAX_PAYLOAD
+        """Whether frames() has news: a whole frame, or a header next_frame refuses (frames()
+        raises it). A 64 KiB frame spans four TLS records; the stream hands it over once,
+        not once a record."""
+        try:
+            return next_frame(self.buf, self.start, self.end) is not None
+        except ProtocolError:
+            return True
 
     def frames(self) -> Iterator[tuple[int, int, int]]:
         """(type, payload_start, payload_end) offsets into self.view, consumed as yielded."""

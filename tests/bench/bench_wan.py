@@ -8,13 +8,15 @@ one dropped frame may be up to 64 datagrams or TCP segments of a path that sends
 offload (nc, the modern wireguard-go; Debian's wireguard-go does not), and a queue may
 hold megabytes in a few entries; --wire makes each host's eth0 act as a NIC on a wire
 instead: segments leave one by one (gso_max_segs 1) and are coalesced on arrival (GRO),
-so loss and queues count packets. In one run, one after the other on the same topology:
+so loss and queues count packets. In one run, on the same topology, every round measures
+each of these once, in this order (so a busy host weighs on all alike):
 
     underlay       iperf3 and ping straight over the bridge
     nc auto        ./nc server (transport auto) + two clients on transport auto, the default
     nc TCP         the same clients on transport tcp (the TLS/TCP stream)
     nc UDP         the same clients on transport udp (the encrypted UDP data path)
-                   (the three interleaved round by round, the clients restarted each time)
+                   (the clients restarted on their transport each round; the server and
+                   both clients stay up, idle, while the other columns run)
     wireguard-go   Debian's userspace WireGuard, in the namespaces (no kernel module); hub
                    and spoke like nc: the server has both nodes as peers and routes
                    between them (ip_forward in its namespace only)
@@ -38,6 +40,7 @@ round's choices, from the node's log) goes to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
@@ -46,7 +49,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))  # netlab and the helpers
@@ -182,14 +185,6 @@ def measure_round(samples: Samples, node: Host, target: str, peer: str, args: ar
     )
 
 
-def measure(node: Host, target: str, peer: str, args: argparse.Namespace, label: str) -> Figures:
-    """--repeat rounds of measure_round on one path."""
-    samples = Samples()
-    for _ in range(args.repeat):
-        measure_round(samples, node, target, peer, args, label)
-    return samples.figures()
-
-
 # -- the paths ---------------------------------------------------------------------------
 
 
@@ -212,38 +207,46 @@ def use_transport(clients: list[NcClient], transport: str, server_ip: str) -> No
                      what=f"nc {transport}: the UDP data path on {client.host.name}")  # fmt: skip
 
 
-def bench_nc(
-    server_host: Host, nodes: tuple[Host, Host], args: argparse.Namespace, columns: list[str]
-) -> dict[str, Figures]:
+@dataclasses.dataclass
+class NcOverlay:
+    """The nc server and both nodes, up for the whole run: each round picks a transport."""
+
+    clients: list[NcClient]
+    target: str  # the server's overlay address
+    peer: str  # node2's overlay address
+
+
+@contextlib.contextmanager
+def nc_overlay(server_host: Host, nodes: tuple[Host, Host]) -> Iterator[NcOverlay]:
     """Both nodes join one nc server (transport auto, which offers datagrams), which
-    switches node1 -> node2 traffic itself. Each round restarts the nodes once per column's
-    transport, interleaved (auto, tcp, udp, auto, ...), so a busy machine weighs on all alike
-    and auto starts afresh each time, as after a restart."""
+    switches node1 -> node2 traffic itself."""
     progress("nc: starting server and two clients")
     server = start_server(server_host, ip=server_host.ip, networkAddr=NC_OVERLAY, transport="auto")
     clients: list[NcClient] = []
-    samples = {column: Samples() for column in columns}
     try:
         join = server.join_string()
         for node in nodes:
             clients.append(start_client(node, join))
-        target, peer = NC_OVERLAY.split("/")[0], str(clients[1].overlay_ip())
-        for attempt in range(1, args.repeat + 1):
-            for column in columns:
-                use_transport(clients, NC_MODES[column], target)
-                wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{column}: node1 to reach node2")
-                measure_round(samples[column], nodes[0], target, peer, args, f"{column} round {attempt}/{args.repeat}")
-                for client in clients:  # what auto chose, and when
-                    for line in client.process.log().splitlines():
-                        if "auto:" in line or "data path:" in line:
-                            progress(f"  {client.host.name}: {line.strip()}")
-        return {column: samples[column].figures() for column in columns}
+        yield NcOverlay(clients, NC_OVERLAY.split("/")[0], str(clients[1].overlay_ip()))
     finally:
         for client in clients:
             stop(client.process, f"nc client on {client.host.name}")
             shutil.rmtree(client.work_dir, ignore_errors=True)
         stop(server.process, "nc server")
         shutil.rmtree(server.work_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def nc_path(nc: NcOverlay, column: str) -> Iterator[tuple[str, str]]:
+    """The nodes restarted on the column's transport, so auto starts afresh each round, as
+    after a restart; afterwards, what auto chose and when (from the nodes' logs)."""
+    use_transport(nc.clients, NC_MODES[column], nc.target)
+    wait_for(lambda: nc.clients[0].host.ping(nc.peer), timeout=20, what=f"{column}: node1 to reach node2")
+    yield nc.target, nc.peer
+    for client in nc.clients:
+        for line in client.process.log().splitlines():
+            if "auto:" in line or "data path:" in line:
+                progress(f"  {client.host.name}: {line.strip()}")
 
 
 def wg_keys(host: Host) -> tuple[str, str]:
@@ -288,11 +291,11 @@ def offload_note(host: Host, device: str) -> str:
     return ", ".join(line.strip() for line in features.splitlines() if line.strip().split(":")[0] in wanted)
 
 
-def bench_wireguard(
-    server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace, binary: str, label: str
-) -> Figures:
+@contextlib.contextmanager
+def wireguard_path(
+    server_host: Host, nodes: tuple[Host, Host], work: Path, binary: str, label: str
+) -> Iterator[tuple[str, str]]:
     """Hub and spoke: each node's one peer is the server, which forwards node1 -> node2."""
-    progress(f"{label}: starting {binary} on the server and both nodes")
     indexes = (2, 3)  # the nodes' host parts in WG_NET; the server is .1
     server_private, server_public = wg_keys(server_host)
     node_keys = [wg_keys(node) for node in nodes]
@@ -309,8 +312,8 @@ def bench_wireguard(
         target, peer = f"{WG_NET}.1", f"{WG_NET}.{indexes[1]}"
         wait_for(lambda: nodes[0].ping(target), timeout=20, what=f"{label}: node1 to reach the server")
         wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{label}: node1 to reach node2")
-        progress(f"{label}: node1's TUN: {offload_note(nodes[0], f'wg{nodes[0].lab.id}{indexes[0]}')}")
-        return measure(nodes[0], target, peer, args, label)
+        progress(f"{label}: {binary}, node1's TUN: {offload_note(nodes[0], f'wg{nodes[0].lab.id}{indexes[0]}')}")
+        yield target, peer
     finally:
         for process in reversed(processes):
             stop(process, "wireguard-go")
@@ -337,27 +340,55 @@ def openvpn_confs(work: Path, pki: Path, proto: str, server_host: Host, nodes: t
     return confs
 
 
-def bench_openvpn(
-    server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace, proto: str
-) -> Figures:
+@contextlib.contextmanager
+def openvpn_path(server_host: Host, nodes: tuple[Host, Host], work: Path, proto: str) -> Iterator[tuple[str, str]]:
     label = f"OpenVPN {proto.upper()}"
     pki = work / f"openvpn-pki-{proto}"
-    pki.mkdir()
-    write_openvpn_pki(pki, [node.name for node in nodes])
+    if not pki.exists():  # made once, in the first round
+        pki.mkdir()
+        write_openvpn_pki(pki, [node.name for node in nodes])
     confs = openvpn_confs(work, pki, proto, server_host, nodes)
     processes = []
     try:
-        progress(f"{label}: starting server and two clients")
         for host, conf in zip((server_host, *nodes), confs):
             processes.append(start_openvpn(host, conf, f"openvpn-{host.name}-{proto}"))
         target = str(wait_for(lambda: server_host.ipv4_address("tun0"), timeout=20, what=f"{label}: server tun0"))
         peer = str(wait_for(lambda: nodes[1].ipv4_address("tun0"), timeout=20, what=f"{label}: node2 tun0"))
         wait_for(lambda: nodes[0].ping(target), timeout=20, what=f"{label}: node1 to reach the server")
         wait_for(lambda: nodes[0].ping(peer), timeout=20, what=f"{label}: node1 to reach node2")
-        return measure(nodes[0], target, peer, args, label)
+        yield target, peer
     finally:
         for process in reversed(processes):
             stop(process, "openvpn")
+
+
+# -- the rounds --------------------------------------------------------------------------
+
+
+def measure_all(
+    server_host: Host, nodes: tuple[Host, Host], work: Path, args: argparse.Namespace, columns: list[str]
+) -> dict[str, Figures]:
+    """--repeat rounds, each of which measures every column once in turn (measure_round),
+    so the host's ups and downs over the run weigh on all alike and the ratios compare
+    figures taken minutes apart, not a whole run apart."""
+    samples = {column: Samples() for column in columns}
+    with contextlib.ExitStack() as stack:
+        nc = stack.enter_context(nc_overlay(server_host, nodes)) if set(NC_MODES) & set(columns) else None
+        paths: dict[str, Callable[[], contextlib.AbstractContextManager[tuple[str, str]]]] = {
+            "underlay": lambda: contextlib.nullcontext((server_host.ip, nodes[1].ip)),
+            "wireguard-go": lambda: wireguard_path(server_host, nodes, work, "wireguard-go", "wireguard-go"),
+            MODERN_WG: lambda: wireguard_path(server_host, nodes, work, args.wireguard_go, MODERN_WG),
+            "OpenVPN UDP": lambda: openvpn_path(server_host, nodes, work, "udp"),
+            "OpenVPN TCP": lambda: openvpn_path(server_host, nodes, work, "tcp"),
+        }
+        for column in NC_MODES:
+            paths[column] = lambda column=column: nc_path(nc, column)  # type: ignore[arg-type]
+        for attempt in range(1, args.repeat + 1):
+            for column in columns:
+                with paths[column]() as (target, peer):
+                    label = f"{column} round {attempt}/{args.repeat}"
+                    measure_round(samples[column], nodes[0], target, peer, args, label)
+    return {column: samples[column].figures() for column in columns}
 
 
 # -- the table ---------------------------------------------------------------------------
@@ -391,7 +422,7 @@ def table(results: dict[str, Figures], args: argparse.Namespace) -> str:
         rows.append([label, unit, *(fmt(value[c], digits) for c in columns), *ratios])
     title = (
         f"WAN: loss {args.loss} %{' per packet (--wire)' if args.wire else ''}, rate {args.rate or 'unlimited'} Mbit/s — iperf3 TCP median of {args.repeat} x "
-        f"{args.seconds} s (nc's transports interleaved, nodes restarted each round), node->node through the server "
+        f"{args.seconds} s (every column once a round, in turn; nc's nodes restarted each round), node->node through the server "
         f"(underlay: direct); ping at 5/s during node->server, p50/p99 over all rounds; idle RTT median of 20 pings a "
         f"round; MTU {MTU}; wg = {reference}"
     )
@@ -408,6 +439,7 @@ def set_up(lab: Lab, args: argparse.Namespace) -> tuple[Host, tuple[Host, Host]]
 
 def run(args: argparse.Namespace) -> int:
     ensure_tools()
+    results: dict[str, Figures] = {}
     wanted = set(args.only or COLUMNS) - ({MODERN_WG} if not args.wireguard_go else set())
     needs = [("wg", "wireguard-tools"), ("ethtool", "ethtool")]
     needs += [("wireguard-go", "wireguard-go")] if "wireguard-go" in wanted else []
@@ -415,27 +447,11 @@ def run(args: argparse.Namespace) -> int:
         if shutil.which(command) is None:
             raise BenchError(f"{command} is missing: apt-get install {package}")
     progress(f"before: {machine_note()}")
-    results: dict[str, Figures] = {}
     with temp_dir("nc-bench-wan-") as work:
         lab = Lab(work / "lab")
         try:
             server_host, nodes = set_up(lab, args)
-            modes = [c for c in NC_MODES if c in wanted]
-            stages: list[tuple[str, Callable[[], Figures]]] = [
-                ("underlay", lambda: measure(nodes[0], server_host.ip, nodes[1].ip, args, "underlay")),
-                (
-                    "wireguard-go",
-                    lambda: bench_wireguard(server_host, nodes, work, args, "wireguard-go", "wireguard-go"),
-                ),
-                (MODERN_WG, lambda: bench_wireguard(server_host, nodes, work, args, args.wireguard_go, MODERN_WG)),
-                ("OpenVPN UDP", lambda: bench_openvpn(server_host, nodes, work, args, "udp")),
-                ("OpenVPN TCP", lambda: bench_openvpn(server_host, nodes, work, args, "tcp")),
-            ]
-            for name, stage in stages:
-                if name in wanted:
-                    results[name] = stage()
-                if name == "underlay" and modes:
-                    results.update(bench_nc(server_host, nodes, args, modes))
+            results = measure_all(server_host, nodes, work, args, [c for c in COLUMNS if c in wanted])
         finally:
             lab.close()
     progress(f"after: {machine_note()}")

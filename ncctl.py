@@ -7278,7 +7278,7 @@ UDP_DATAGRAMS_PER_TURN = 128
 # When data moves from datagrams to the stream, the datagrams sent before the move wait in
 # the receiving socket, and the stream's first packets must not overtake them: they are
 # one flow's, and a flow that sees them reordered sends them again (measured: 48-722
-# segments in 4 of 12 switches). The receiver reads what is waiting at once, up to what a
+# segments in 8 of 30 moves). The receiver reads what is waiting at once, up to what a
 # full socket holds (SO_RCVBUF, UDP_BUFFERS), before it delivers from the stream.
 UDP_SETTLE_DATAGRAMS = 2048
 

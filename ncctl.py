@@ -10618,23 +10618,19 @@ class NodeSession:
             udp.send(frames)
 
     def _deliver(self, link: Link) -> None:
-        if self.settling:
-            self._deliver_settling(link)
-            return
-        view = link.rx.view
-        for kind, start, end in link.rx.frames():
+        view, frames = link.rx.view, link.rx.frames()
+        for kind, start, end in self._settled(frames) if self.settling else frames:
             self._deliver_frame(view, kind, start, end)
 
-    def _deliver_settling(self, link: Link) -> None:
-        """_deliver while data has just moved to the stream: the first packet on it comes
-        after the server's switch, so the datagrams it sent before are here already; they
-        are delivered first (UDP_SETTLE_DATAGRAMS)."""
-        view = link.rx.view
-        for kind, start, end in link.rx.frames():
-            if self.settling and kind in (FRAME_PACKET, FRAME_GSO_PACKET):
+    def _settled(self, frames: Iterator[tuple[int, int, int]]) -> Iterator[tuple[int, int, int]]:
+        """frames, while data has just moved to the stream: the first packet on it comes after
+        the server's switch, so the datagrams it sent before are here already; they are
+        delivered ahead of it (UDP_SETTLE_DATAGRAMS)."""
+        for frame in frames:
+            if self.settling and frame[0] in (FRAME_PACKET, FRAME_GSO_PACKET):
                 self.settling = False
                 self._read_datagrams(UDP_SETTLE_DATAGRAMS)
-            self._deliver_frame(view, kind, start, end)
+            yield frame
 
     def _deliver_frame(self, view: memoryview, kind: int, start: int, end: int) -> None:
         """One frame from the server, off the TLS stream or out of a datagram."""

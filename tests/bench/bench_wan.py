@@ -439,7 +439,6 @@ def set_up(lab: Lab, args: argparse.Namespace) -> tuple[Host, tuple[Host, Host]]
 
 def run(args: argparse.Namespace) -> int:
     ensure_tools()
-    results: dict[str, Figures] = {}
     wanted = set(args.only or COLUMNS) - ({MODERN_WG} if not args.wireguard_go else set())
     needs = [("wg", "wireguard-tools"), ("ethtool", "ethtool")]
     needs += [("wireguard-go", "wireguard-go")] if "wireguard-go" in wanted else []

@@ -70,15 +70,10 @@ SWITCH_ROUNDS = 10  # per direction: before the settle, 8 of 30 switches (a quar
 
 def udp_receive_drops(host: Host) -> int:
     """Datagrams the host's UDP sockets had no room for (IPv4 and IPv6, this namespace)."""
-    drops = 0
-    for table, field in (("/proc/net/snmp", "RcvbufErrors"), ("/proc/net/snmp6", "Udp6RcvbufErrors")):
-        lines = host.run("cat", table).stdout.splitlines()
-        if table.endswith("6"):
-            drops += sum(int(line.split()[1]) for line in lines if line.split()[:1] == [field])
-            continue
-        names, values = (line.split() for line in lines if line.startswith("Udp:"))
-        drops += int(values[names.index(field)])
-    return drops
+    snmp = host.run("cat", "/proc/net/snmp").stdout.splitlines()
+    names, values = (line.split() for line in snmp if line.startswith("Udp:"))
+    snmp6 = dict(line.split()[:2] for line in host.run("cat", "/proc/net/snmp6").stdout.splitlines() if line.strip())
+    return int(values[names.index("RcvbufErrors")]) + int(snmp6.get("Udp6RcvbufErrors", 0))
 
 
 def test_a_flow_that_crosses_the_move_to_the_stream_keeps_its_order(lab: Lab) -> None:

@@ -1,15 +1,19 @@
 """The TLS stream (Link). Sending: a packet read from the TUN is written at once from the
 reader's buffer when nothing waits before it, and queued as a copy otherwise. Receiving:
-frames are handed over when whole, not once per TLS record. Run over a real TLS
+frames are handed over when whole, not once per TLS record, and records OpenSSL read
+ahead of what was asked are never left where epoll cannot see them. Run over a real TLS
 connection on a socket pair, with a pipe standing in for the TUN."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import socket
 import ssl
+import termios
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -212,3 +216,100 @@ def test_a_frame_from_a_reused_buffer_goes_as_it_was_when_sent(
     assert link.flush()
     frames = read_frames(server, 3)
     assert frames[1:] == [ncctl.encode_frame(ncctl.FRAME_PACKET, c * 40000) for c in (b"a", b"b")]
+
+
+def records_in_socket(server: ssl.SSLSocket, client: ssl.SSLSocket, frames: list[bytes]) -> None:
+    """Send each frame as its own TLS record and wait until all of them are in client's socket."""
+    for frame in frames:
+        server.sendall(frame)
+    expected = sum(len(frame) + 22 for frame in frames)  # TLS 1.3: 5-byte header, type byte, 16-byte tag
+    for _ in range(500):
+        if in_socket(client) >= expected:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("the records did not arrive")
+
+
+def in_socket(sock: ssl.SSLSocket) -> int:
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), "little")
+
+
+def socket_readable(sock: ssl.SSLSocket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def collector() -> tuple[list[bytes], Callable[[ncctl.Link], None]]:
+    got: list[bytes] = []
+
+    def handle(link: ncctl.Link) -> None:
+        got.extend(bytes(link.rx.view[start - 4 : end]) for _, start, end in link.rx.frames())
+
+    return got, handle
+
+
+def test_the_stream_reads_ahead_and_a_single_read_after_a_sleep_still_takes_every_record_read(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    """After a sleep the loop reads once (once=True) unless OpenSSL holds more. With
+    read-ahead OpenSSL takes all of the socket in one read, so 'holds more' must count
+    records it has read but not opened, or they wait for the next packet to arrive."""
+    client, server = tls_pair
+    link = ncctl.Link(client, "server")
+    assert link.holds_bytes != link.tls.pending, "read-ahead was not set on this Python"
+    frames = [ncctl.encode_frame(ncctl.FRAME_PACKET, bytes([n]) * 2000) for n in range(6)]
+    records_in_socket(server, client, frames)
+    got, handle = collector()
+    assert link.receive(handle, once=True) is False
+    assert got == frames
+    assert not socket_readable(client)
+
+
+def test_a_receive_that_stops_at_its_budget_says_openssl_holds_the_rest(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget ends a read with records in OpenSSL's buffer and none in the socket:
+    receive says so (the loop holds the fd in its Poller), and the next receive delivers them."""
+    client, server = tls_pair
+    monkeypatch.setattr(ncctl, "RECEIVE_BUDGET", 5000)
+    link = ncctl.Link(client, "server")
+    frames = [ncctl.encode_frame(ncctl.FRAME_PACKET, bytes([n]) * 4000) for n in range(8)]
+    records_in_socket(server, client, frames)
+    got, handle = collector()
+    assert link.receive(handle) is True
+    assert 0 < len(got) < len(frames)
+    assert not socket_readable(client), "the rest is in OpenSSL, where epoll cannot see it"
+    rounds = 1
+    while link.receive(handle):
+        rounds += 1
+    assert got == frames and rounds > 1
+
+
+def test_a_held_descriptor_is_reported_readable_at_once_and_only_once() -> None:
+    poller = ncctl.Poller()
+    quiet, writer = os.pipe()
+    try:
+        poller.register(quiet, select.EPOLLIN)
+        poller.hold(quiet)
+        assert poller.poll(5.0) == [(quiet, select.EPOLLIN)]
+        assert poller.poll(0) == []
+        poller.hold(quiet)
+        os.write(writer, b"x")
+        assert poller.poll(5.0) == [(quiet, select.EPOLLIN)]  # once, though both said so
+        poller.hold(quiet)
+        poller.unregister(quiet)  # its fd may be reused: a hold does not outlive it
+        assert poller.poll(0) == []
+    finally:
+        poller.close()
+        os.close(quiet)
+        os.close(writer)
+
+
+def test_read_ahead_is_not_set_where_the_openssl_connection_cannot_be_told_for_certain(
+    tls_pair: tuple[ssl.SSLSocket, ssl.SSLSocket],
+) -> None:
+    client, _ = tls_pair
+    assert ncctl.read_tls_ahead(client, client.fileno()) is None  # the Python-level socket
+    assert ncctl.read_tls_ahead(client._sslobj, client.fileno() + 1000) is None  # another fd
+    memory = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
+    assert ncctl.read_tls_ahead(memory._sslobj, -1) is None  # no socket: OpenSSL names none
+    assert ncctl.read_tls_ahead(object(), client.fileno()) is None

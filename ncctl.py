@@ -7501,10 +7501,10 @@ def listen_any(port: int) -> socket.socket:
 
 # OpenSSL reads a record's 5-byte header and then its body, two reads per 16 KiB record:
 # a third of a receiving server's system calls. Reading ahead lets one read take this
-# much, records not yet asked for included (node -> server on a clean link, 5 pairs of
-# runs: median 4 418 -> 5 030 Mbit/s, the server's reads 4.5 times fewer; 64 KiB gave
-# most of it, 256 KiB a little more). The buffer is OpenSSL's, held only while it holds
-# bytes: CPython sets SSL_MODE_RELEASE_BUFFERS.
+# much, records not yet asked for included (forced TCP node -> server, 6 interleaved
+# pairs of runs: median 4 643 -> 4 972 Mbit/s, the server's reads 3.3 times fewer; a
+# trial of sizes gave 17 KiB 4 424, 64 KiB 4 960, 256 KiB 5 040). The buffer is
+# OpenSSL's, held only while it holds bytes: CPython sets SSL_MODE_RELEASE_BUFFERS.
 TLS_READ_AHEAD = 128 * 1024
 
 

@@ -11,6 +11,7 @@ import random
 import socket
 import struct
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -617,3 +618,83 @@ def test_reads_from_one_source_come_as_one_batch_and_each_source_apart() -> None
     finally:
         for sock in (receiver, first, second):
             sock.close()
+
+
+def one_by_one(sock: ncctl.DatagramSocket) -> ncctl.DatagramSocket:
+    """The socket reading a datagram per recvmsg, as where recvmmsg cannot be used."""
+    sock.many = None
+    sock.view = memoryview(bytearray(ncctl.UDP_RECEIVE_BUFFER))
+    return sock
+
+
+def received(receiver: ncctl.DatagramSocket, expected: int) -> list[tuple[list[bytes], Any, Any]]:
+    batches: list[tuple[list[bytes], Any, Any]] = []
+    deadline = time.monotonic() + 5
+    while sum(len(b) for b, _s, _l in batches) < expected and time.monotonic() < deadline:
+        batches += [([bytes(d) for d in ds], source, local) for ds, source, local in receiver.receive(256)]
+        time.sleep(0.01)
+    return batches
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_recvmmsg_reads_what_recvmsg_reads_addresses_local_addresses_and_gro_runs_included(host: str) -> None:
+    """The same traffic read both ways: a GRO run ending in a shorter datagram, two
+    sources interleaved, on the server's socket that also names each read's local address."""
+    results = []
+    for batched in (True, False):
+        receiver = ncctl.DatagramSocket(local_source=True)
+        assert receiver.many is not None, "recvmmsg is not used on this host"
+        receiver = receiver if batched else one_by_one(receiver)
+        senders = [ncctl.DatagramSocket(), ncctl.DatagramSocket()]
+        try:
+            address = ncctl.udp_address(senders[0].sock, host, receiver.sock.getsockname()[1])
+            run = [bytes([i]) * 1446 for i in range(20)] + [b"\xee" * 130]
+            assert senders[0].send(run, address) == len(run)
+            for n in range(30):
+                senders[n % 3 == 2].sock.sendto(b"%d" % n, address)
+            time.sleep(0.05)
+            got = received(receiver, len(run) + 30)
+            ports = {s.sock.getsockname()[1]: f"sender{i}" for i, s in enumerate(senders)}
+            results.append([(datagrams, source[0], ports[source[1]], local) for datagrams, source, local in got])
+        finally:
+            for sock in (receiver, *senders):
+                sock.close()
+    batched_reads, one_by_one_reads = results
+    flat = [(d, h, p, loc) for datagrams, h, p, loc in batched_reads for d in datagrams]
+    assert flat == [(d, h, p, loc) for datagrams, h, p, loc in one_by_one_reads for d in datagrams]
+    assert flat[0][1] in ("::ffff:127.0.0.1", "::1", "127.0.0.1") and flat[0][3] is not None
+    assert [d for d, _h, p, _l in flat if p == "sender1"] == [b"%d" % n for n in range(30) if n % 3 == 2]
+
+
+def test_more_reads_than_one_recvmmsg_takes_arrive_in_order_in_batches_no_larger() -> None:
+    """A batch holds the reads of one system call (the next one reuses the buffers)."""
+    receiver, sender = ncctl.DatagramSocket(), ncctl.DatagramSocket()
+    try:
+        address = ncctl.udp_address(sender.sock, "127.0.0.1", receiver.sock.getsockname()[1])
+        sent = [b"%d" % n * 300 for n in range(3 * ncctl.UDP_RECEIVE_SLOTS + 5)]
+        for payload in sent:
+            sender.sock.sendto(payload, address)
+        time.sleep(0.05)
+        batches = received(receiver, len(sent))
+        assert [d for datagrams, _s, _l in batches for d in datagrams] == sent
+        assert max(len(datagrams) for datagrams, _s, _l in batches) <= ncctl.UDP_RECEIVE_SLOTS
+    finally:
+        receiver.close()
+        sender.close()
+
+
+def test_an_ipv4_socket_reads_its_sources_as_python_names_them() -> None:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("127.0.0.1", 0))
+        sender.bind(("127.0.0.1", 0))
+        many = ncctl.ManyMessages(receiver.fileno(), 0, lambda cmsgs: cmsgs)
+        sender.sendto(b"one", receiver.getsockname())
+        time.sleep(0.05)
+        [(data, source, ancillary)] = many.read(8)
+        assert (bytes(data), source, ancillary) == (b"one", sender.getsockname(), [])
+        assert many.read(8) == []
+    finally:
+        receiver.close()
+        sender.close()

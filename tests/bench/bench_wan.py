@@ -119,9 +119,10 @@ class Samples:
 # -- measurements ------------------------------------------------------------------------
 
 
-def iperf_once(client: Host, target: str, seconds: int, reverse: bool = False) -> tuple[float, int]:
+def iperf_once(client: Host, target: str, seconds: int, reverse: bool = False, port: int = 5201) -> tuple[float, int]:
     """One iperf3 TCP run: (Mbit/s received, segments the sender retransmitted)."""
-    args = ["iperf3", "-c", target, "-t", str(seconds), "-J", "--connect-timeout", "5000", *(["-R"] if reverse else [])]
+    args = ["iperf3", "-c", target, "-p", str(port), "-t", str(seconds), "-J", "--connect-timeout", "5000"]
+    args += ["-R"] if reverse else []
     done = client.run(*args, check=False, timeout=seconds + 60)
     try:
         report = json.loads(done.stdout)
@@ -132,22 +133,32 @@ def iperf_once(client: Host, target: str, seconds: int, reverse: bool = False) -
     return report["end"]["sum_received"]["bits_per_second"] / 1e6, int(report["end"]["sum_sent"].get("retransmits", 0))
 
 
-def iperf_run(client: Host, target: str, seconds: int, reverse: bool = False) -> tuple[float, int]:
+IPERF_PORTS: dict[str, int] = {}  # host name: the port of its iperf3 server, if not iperf_lab's 5201
+
+
+def iperf_run(client: Host, target: str, seconds: int, server: Host, reverse: bool = False) -> tuple[float, int]:
     """iperf_once, again after a moment while the server still ends the last test: it
     answers "busy", or on a stalled tunnel (nc TCP at 3 % loss) may reset the new control
-    connection."""
-    for _ in range(10):
+    connection. A server still busy after 5 s is left (a test whose end was lost with the
+    tunnel it ran through, torn down since, can hold it for minutes) for a fresh one."""
+    for attempt in range(10):
+        port = IPERF_PORTS.get(server.name, 5201)
         try:
-            return iperf_once(client, target, seconds, reverse)
+            return iperf_once(client, target, seconds, reverse, port)
         except BenchError as e:
             if "busy" not in str(e) and "reset by peer" not in str(e):
                 raise
+            if attempt == 4:
+                progress(f"iperf3 on {server.name} (port {port}) stays busy: a fresh one on {port + 1}")
+                server.spawn("iperf3", "-s", "-p", str(port + 1), name=f"iperf3-{server.name}-{port + 1}")
+                wait_for(lambda: f":{port + 1} " in server.run("ss", "-ltn").stdout, what="the fresh iperf3 server")
+                IPERF_PORTS[server.name] = port + 1
             time.sleep(1.0)
     raise BenchError(f"iperf3 server on {target} stayed busy")
 
 
-def iperf_mbps(client: Host, target: str, seconds: int, reverse: bool = False) -> float:
-    return iperf_run(client, target, seconds, reverse)[0]
+def iperf_mbps(client: Host, target: str, seconds: int, server: Host, reverse: bool = False) -> float:
+    return iperf_run(client, target, seconds, server, reverse)[0]
 
 
 def ping_times(host: Host, target: str, count: int, interval: float) -> tuple[list[float], int]:
@@ -159,9 +170,12 @@ def ping_times(host: Host, target: str, count: int, interval: float) -> tuple[li
     return times, count - len(times)
 
 
-def measure_round(samples: Samples, node: Host, target: str, peer: str, args: argparse.Namespace, label: str) -> None:
-    """One round from node: idle pings, node->server with pings beside it, server->node,
-    node->node (to the other node at peer)."""
+def measure_round(
+    samples: Samples, hosts: tuple[Host, Host, Host], target: str, peer: str, args: argparse.Namespace, label: str
+) -> None:
+    """One round from node (hosts: the node, the server, the other node): idle pings,
+    node->server with pings beside it, server->node, node->node (to the other node at peer)."""
+    node, server_host, peer_host = hosts
     node.run("ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", target, check=False)  # warm up ARP and paths
     samples.idle += ping_times(node, target, 20, 0.2)[0]
     loaded: dict[str, tuple[list[float], int]] = {}
@@ -169,15 +183,15 @@ def measure_round(samples: Samples, node: Host, target: str, peer: str, args: ar
         target=lambda: loaded.update(run=ping_times(node, target, max(5, int(args.seconds * 5) - 5), 0.2))
     )
     pinger.start()
-    up, resent = iperf_run(node, target, args.seconds)
+    up, resent = iperf_run(node, target, args.seconds, server_host)
     pinger.join()
     times, lost = loaded["run"]
     samples.ups.append(up)
     samples.resent.append(resent)
     samples.loaded += times
     samples.lost += lost
-    samples.downs.append(iperf_mbps(node, target, args.seconds, True))
-    samples.node_to_node.append(iperf_mbps(node, peer, args.seconds))
+    samples.downs.append(iperf_mbps(node, target, args.seconds, server_host, reverse=True))
+    samples.node_to_node.append(iperf_mbps(node, peer, args.seconds, peer_host))
     progress(
         f"{label}: node->server {up:,.0f} Mbit/s ({resent} resent), ping under load p50 "
         f"{fmt(percentile(times, 0.5) if times else None, 2)} p99 {fmt(percentile(times, 0.99) if times else None, 2)}"
@@ -387,7 +401,7 @@ def measure_all(
             for column in columns:
                 with paths[column]() as (target, peer):
                     label = f"{column} round {attempt}/{args.repeat}"
-                    measure_round(samples[column], nodes[0], target, peer, args, label)
+                    measure_round(samples[column], (nodes[0], server_host, nodes[1]), target, peer, args, label)
     return {column: samples[column].figures() for column in columns}
 
 

@@ -7536,12 +7536,10 @@ def openssl_connection(tls: Any, fd: int) -> int | None:
     context's word must be the context object, and OpenSSL must name the socket's fd."""
     import ctypes
 
-    words = 3
-    if type(tls).__module__ != "_ssl" or type(tls).__basicsize__ < object.__basicsize__ + words * ctypes.sizeof(
-        ctypes.c_void_p
-    ):
+    layout_type = ctypes.c_void_p * 3
+    if type(tls).__module__ != "_ssl" or type(tls).__basicsize__ < object.__basicsize__ + ctypes.sizeof(layout_type):
         return None
-    layout = (ctypes.c_void_p * words).from_address(id(tls) + object.__basicsize__)
+    layout = layout_type.from_address(id(tls) + object.__basicsize__)
     connection, context = layout[1], layout[2]
     lib = libssl()
     if lib is None or fd < 0 or not connection or context != id(tls.context) or lib.SSL_get_fd(connection) != fd:
@@ -7785,6 +7783,7 @@ class ManyMessages:
         self.call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
         self.get_errno = ctypes.get_errno
         self.fd, self.slots, self.control, self.meaning = fd, slots, control, meaning
+        # Kept as attributes: the kernel writes through their addresses.
         self.data = memoryview(bytearray(slots * UDP_RECEIVE_SIZE))
         self.names = bytearray(slots * self.NAME)
         self.controls = bytearray(slots * control or 1)

@@ -7961,14 +7961,21 @@ class DatagramSocket:
         what is waiting, until `limit` datagrams came: consecutive reads from one source
         together (with GRO a read holds a run; where the host's GRO found little to join,
         one datagram), so they open as one batch. The views are valid until the next batch."""
-        if self.many is not None:
-            return self._receive_many(limit)
-        return self._receive_one_by_one(limit)
+        rounds = self._read_many(limit) if self.many is not None else self._read_one_by_one(limit)
+        for reads in rounds:
+            batch: list[memoryview] = []
+            source: tuple[Any, tuple | None] = (None, None)
+            for read, address, (size, local) in reads:
+                if batch and (address, local) != source:
+                    yield batch, source[0], source[1]
+                    batch = []
+                source = (address, local)
+                batch += [read] if not size or size >= len(read) else gro_run(read, size)
+            if batch:
+                yield batch, source[0], source[1]
 
-    def _receive_many(self, limit: int) -> Iterator[tuple[list[memoryview], Any, tuple | None]]:
-        """receive through recvmmsg: a batch never outlives the call that filled it."""
-        batch: list[memoryview] = []
-        source: tuple[Any, tuple | None] = (None, None)
+    def _read_many(self, limit: int) -> Iterator[list[tuple[memoryview, Any, tuple[int, tuple | None]]]]:
+        """The reads of each recvmmsg, non-empty ones, as (data, source, _meaning); valid until the next call."""
         while limit > 0:
             try:
                 reads = self.many.read(limit)  # type: ignore[union-attr]
@@ -7976,21 +7983,33 @@ class DatagramSocket:
                 limit -= 1
                 continue
             if not reads:
+                return
+            limit -= sum(datagrams_in(len(read), size) for read, _address, (size, _local) in reads)
+            yield [entry for entry in reads if entry[0]]  # an empty datagram carries nothing
+
+    def _read_one_by_one(self, limit: int) -> Iterator[list[tuple[memoryview, Any, tuple[int, tuple | None]]]]:
+        """The same through recvmsg, each read into the buffer after the last, until it is full."""
+        sock, view, space = self.sock, self.view, self.cmsg_space
+        reads: list[tuple[memoryview, Any, tuple[int, tuple | None]]] = []
+        offset = 0
+        while limit > 0:
+            if offset + UDP_RECEIVE_SIZE > len(view):  # no room for another read: these go
+                yield reads
+                reads, offset = [], 0
+            try:
+                count, ancillary, _flags, address = sock.recvmsg_into([view[offset : offset + UDP_RECEIVE_SIZE]], space)
+            except (BlockingIOError, InterruptedError):
                 break
-            for read, address, (size, local) in reads:
-                if not read:  # an empty datagram carries nothing (and would make no run of datagrams)
-                    limit -= 1
-                    continue
-                datagrams = [read] if not size or size >= len(read) else gro_run(read, size)
-                if batch and (address, local) != source:
-                    yield batch, source[0], source[1]
-                    batch = []
-                source = (address, local)
-                batch += datagrams
-                limit -= len(datagrams)
-            if batch:
-                yield batch, source[0], source[1]
-                batch = []
+            except OSError:  # an ICMP error for an earlier send; liveness tells what it meant
+                limit -= 1
+                continue
+            meaning = self._meaning(ancillary)
+            limit -= datagrams_in(count, meaning[0])
+            if count:  # an empty datagram carries nothing (and would make no run of datagrams)
+                reads.append((view[offset : offset + count], address, meaning))
+                offset += count
+        if reads:
+            yield reads
 
     def _meaning(self, ancillary: Cmsgs) -> tuple[int, tuple | None]:
         """What a read's cmsgs say: the size its GRO run is cut at (0: one datagram) and
@@ -8003,39 +8022,10 @@ class DatagramSocket:
                 local = local_source(level, kind, data)
         return size, local
 
-    def _receive_one_by_one(self, limit: int) -> Iterator[tuple[list[memoryview], Any, tuple | None]]:
-        """receive through recvmsg, each read into the buffer after the last."""
-        sock, view, space = self.sock, self.view, self.cmsg_space
-        batch: list[memoryview] = []
-        source: tuple[Any, tuple | None] = (None, None)
-        offset = 0
-        while limit > 0:
-            if offset + UDP_RECEIVE_SIZE > len(view):  # no room for another read: the batch goes
-                if batch:
-                    yield batch, source[0], source[1]
-                batch, offset = [], 0
-            try:
-                count, ancillary, _flags, address = sock.recvmsg_into([view[offset : offset + UDP_RECEIVE_SIZE]], space)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:  # an ICMP error for an earlier send; liveness tells what it meant
-                limit -= 1
-                continue
-            if not count:  # an empty datagram carries nothing (and would make no run of datagrams)
-                limit -= 1
-                continue
-            size, local = self._meaning(ancillary)
-            read = view[offset : offset + count]
-            datagrams = [read] if not size or size >= count else gro_run(read, size)
-            if batch and (address, local) != source:
-                yield batch, source[0], source[1]
-                batch = []
-            source = (address, local)
-            batch += datagrams
-            limit -= len(datagrams)
-            offset += count
-        if batch:
-            yield batch, source[0], source[1]
+
+def datagrams_in(length: int, size: int) -> int:
+    """How many datagrams a read of `length` bytes cut at `size` holds (an empty one counts one)."""
+    return -(-length // size) if 0 < size < length else 1
 
 
 def gro_run(read: memoryview, size: int) -> list[memoryview]:

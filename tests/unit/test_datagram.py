@@ -597,11 +597,14 @@ def test_a_read_with_lost_datagrams_opens_run_by_run_in_order(lost: set[int]) ->
     assert (server.received, server.gaps) == (64 - len(lost), breaks)
 
 
-def test_reads_from_one_source_come_as_one_batch_and_each_source_apart() -> None:
+@pytest.mark.parametrize("batched", [True, False])
+def test_reads_from_one_source_come_as_one_batch_and_each_source_apart(batched: bool) -> None:
     """Datagrams the host's GRO did not join (one per read) come from receive() together
     while one source sent them, each exactly as sent and in order; another source's
-    datagrams start a batch of their own, and more than the buffer holds still arrive."""
+    datagrams start a batch of their own, and more than the buffer holds still arrive
+    (through recvmmsg, and one recvmsg a read)."""
     receiver, first, second = ncctl.DatagramSocket(), ncctl.DatagramSocket(), ncctl.DatagramSocket()
+    receiver = receiver if batched else one_by_one(receiver)
     try:
         address = ncctl.udp_address(first.sock, "127.0.0.1", receiver.sock.getsockname()[1])
         plan = [(first, b"a1"), (first, b"a2" * 700), (first, b"a3"), (second, b"b1"), (second, b"b2"), (first, b"a4")]
